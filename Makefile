@@ -1,0 +1,26 @@
+# The two entry points of the README. Each one sets up everything it needs on
+# a fresh machine: the virtual environment, the local servers, topics and the
+# Cassandra schema.
+FEEDBEAM := .venv/bin/feedbeam
+PYTEST_ARGS ?=
+
+.PHONY: demo test bootstrap stack down
+
+bootstrap:
+	@bash infra/bootstrap.sh
+
+stack: bootstrap
+	$(FEEDBEAM) infra up
+	$(FEEDBEAM) topics create
+	$(FEEDBEAM) migrate
+
+# README command 1: the whole system, as far as it exists, on the local stack.
+demo: bootstrap
+	$(FEEDBEAM) demo
+
+# README command 2: unit and integration tests against the real servers.
+test: stack
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+down: bootstrap
+	$(FEEDBEAM) infra down

@@ -1,0 +1,1 @@
+"""Beam pipelines of feedbeam: one module per pipeline, IO under ``pipelines.io``."""

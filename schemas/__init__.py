@@ -1,0 +1,1 @@
+"""Event schemas, the Confluent wire codec, the CQL schema and the Redis key layout."""

@@ -1,0 +1,281 @@
+"""The Cassandra schema: versioned migrations, table names and time buckets.
+
+Migrations are the numbered files ``schemas/cql/NNNN_name.cql``. ``migrate()``
+creates the keyspace if needed, then applies each file not yet recorded in
+``<keyspace>.schema_migrations`` (statements split on ``;``) and records its
+version, name and SHA-256 checksum. Running it again is a no-op; a file whose
+checksum differs from the recorded one is an error (add a new file instead of
+editing an applied one). Statements must be idempotent (``IF NOT EXISTS``) so a
+file interrupted half-way is simply re-applied on the next run.
+
+    from cassandra.cluster import Cluster
+    session = Cluster(["127.0.0.1"]).connect()
+    migrate(session, "feedbeam", replication_factor=1)
+
+Table names and the feed bucket function are defined here once for the
+pipelines (writers) and serving (readers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CQL_DIR = Path(__file__).resolve().parent / "cql"
+DEFAULT_KEYSPACE = "feedbeam"
+MIGRATIONS_TABLE = "schema_migrations"
+DDL_TIMEOUT_S = 120.0
+
+# Table names (see cql/0001_init.cql for keys and partitioning).
+FOLLOWERS_BY_USER = "followers_by_user"
+FOLLOWING_BY_USER = "following_by_user"
+FOLLOWER_COUNTS = "follower_counts"
+POSTS = "posts"
+HOME_FEED_BY_USER = "home_feed_by_user"
+AUTHOR_TIMELINE = "author_timeline"
+USER_ACTIVITY = "user_activity"
+POST_FEATURES = "post_features"
+AUTHOR_FEATURES = "author_features"
+VIEWER_AUTHOR_AFFINITY = "viewer_author_affinity"
+VIEWER_CONTENT_AFFINITY = "viewer_content_affinity"
+STORIES_BY_AUTHOR = "stories_by_author"
+STORY_VIEWS = "story_views"
+STORIES_SEEN_BY_VIEWER = "stories_seen_by_viewer"
+RANKED_FEEDS = "ranked_feeds"
+
+TABLES: tuple[str, ...] = (
+    FOLLOWERS_BY_USER, FOLLOWING_BY_USER, FOLLOWER_COUNTS, POSTS, HOME_FEED_BY_USER,
+    AUTHOR_TIMELINE, USER_ACTIVITY, POST_FEATURES, AUTHOR_FEATURES, VIEWER_AUTHOR_AFFINITY,
+    VIEWER_CONTENT_AFFINITY, STORIES_BY_AUTHOR, STORY_VIEWS, STORIES_SEEN_BY_VIEWER,
+    RANKED_FEEDS,
+)
+
+#: Width of a feed/timeline partition: one week of ``created_at`` (epoch weeks).
+FEED_BUCKET_MS = 7 * 24 * 3600 * 1000
+
+_IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+_MIGRATION_FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.cql$")
+
+
+def new_cluster(host: str, port: int, **options):
+    """A driver ``Cluster`` for one local-DC contact point, token-aware, protocol v5.
+
+    Every client of feedbeam (migrations, pipelines, serving, tests) connects
+    through here, so they agree on the protocol and routing. ``options`` pass
+    through to ``Cluster`` (e.g. ``connect_timeout``).
+    """
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+
+    profile = ExecutionProfile(load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()))
+    return Cluster([host], port=port, protocol_version=5,
+                   execution_profiles={EXEC_PROFILE_DEFAULT: profile}, **options)
+
+
+def time_bucket(time_ms: int) -> int:
+    """Partition bucket of a post created at ``time_ms`` (ms since the epoch)."""
+    return time_ms // FEED_BUCKET_MS
+
+
+def buckets_back(now_ms: int, count: int) -> list[int]:
+    """The ``count`` newest buckets up to ``now_ms``, newest first (for feed reads)."""
+    newest = time_bucket(now_ms)
+    return [newest - i for i in range(count)]
+
+
+def event_timestamp_us(event_time_ms: int) -> int:
+    """The ``USING TIMESTAMP`` value for an event time: latest event time wins."""
+    return event_time_ms * 1000
+
+
+def check_keyspace_name(keyspace: str) -> str:
+    """``keyspace`` if it is a plain lower-case CQL identifier, else ``ValueError``."""
+    if not _IDENTIFIER.match(keyspace):
+        raise ValueError(
+            f"bad keyspace name {keyspace!r}: use lower-case letters, digits and _, "
+            "starting with a letter, at most 48 characters")
+    return keyspace
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+class MigrationError(Exception):
+    """The migrations cannot be applied as they are (message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """One numbered ``.cql`` file."""
+
+    version: int
+    name: str
+    text: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    @property
+    def statements(self) -> list[str]:
+        return split_statements(self.text)
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationResult:
+    version: int
+    name: str
+    status: str  # "applied" or "already_applied"
+
+
+def load_migrations(directory: Path = CQL_DIR) -> list[Migration]:
+    """The migration files of ``directory``, by version; duplicate versions are an error."""
+    migrations: dict[int, Migration] = {}
+    for path in sorted(directory.glob("*.cql")):
+        m = _MIGRATION_FILE.match(path.name)
+        if not m:
+            raise MigrationError(f"{path.name}: migration files are named NNNN_name.cql")
+        version = int(m["version"])
+        if version in migrations:
+            raise MigrationError(f"two migrations with version {version}")
+        migrations[version] = Migration(version, m["name"], path.read_text(encoding="utf-8"))
+    return [migrations[v] for v in sorted(migrations)]
+
+
+def split_statements(text: str) -> list[str]:
+    """CQL statements of ``text``, split on ``;`` outside quotes and comments.
+
+    ``--`` and ``//`` line comments and ``/* */`` block comments are dropped.
+    """
+    statements: list[str] = []
+    current: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        two = text[i:i + 2]
+        if two in ("--", "//"):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        elif two == "/*":
+            end = text.find("*/", i + 2)
+            if end < 0:
+                raise MigrationError("unterminated /* comment")
+            i = end + 2
+        elif c in ("'", '"'):
+            j = i + 1
+            while True:
+                j = text.find(c, j)
+                if j < 0:
+                    raise MigrationError(f"unterminated {c} quote")
+                if text[j + 1:j + 2] == c:  # doubled quote escapes itself
+                    j += 2
+                    continue
+                break
+            current.append(text[i:j + 1])
+            i = j + 1
+        elif c == ";":
+            stmt = "".join(current).strip()
+            if stmt:
+                statements.append(stmt)
+            current = []
+            i += 1
+        else:
+            current.append(c)
+            i += 1
+    tail = "".join(current).strip()
+    if tail:
+        statements.append(tail)
+    return statements
+
+
+def _local_datacenter(session) -> str:
+    row = session.execute("SELECT data_center FROM system.local").one()
+    return row.data_center
+
+
+def create_keyspace(session, keyspace: str, replication_factor: int = 1) -> None:
+    """Create ``keyspace`` (NetworkTopologyStrategy in the local DC) if it does not exist."""
+    check_keyspace_name(keyspace)
+    if replication_factor < 1:
+        raise ValueError("replication factor must be at least 1")
+    dc = _local_datacenter(session)
+    session.execute(
+        f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
+        f"{{'class': 'NetworkTopologyStrategy', '{dc}': {replication_factor}}}",
+        timeout=DDL_TIMEOUT_S,
+    )
+    session.execute(
+        f"CREATE TABLE IF NOT EXISTS {keyspace}.{MIGRATIONS_TABLE} ("
+        "version int PRIMARY KEY, name text, checksum text, applied_at timestamp)",
+        timeout=DDL_TIMEOUT_S,
+    )
+
+
+def applied_migrations(session, keyspace: str) -> dict[int, tuple[str, str]]:
+    """``version -> (name, checksum)`` recorded in ``keyspace``."""
+    check_keyspace_name(keyspace)
+    rows = session.execute(
+        f"SELECT version, name, checksum FROM {keyspace}.{MIGRATIONS_TABLE}",
+        timeout=DDL_TIMEOUT_S,
+    )
+    return {r.version: (r.name, r.checksum) for r in rows}
+
+
+def migrate(
+    session,
+    keyspace: str = DEFAULT_KEYSPACE,
+    replication_factor: int = 1,
+    migrations: list[Migration] | None = None,
+) -> list[MigrationResult]:
+    """Bring ``keyspace`` up to date; returns what happened to each migration.
+
+    ``session`` is any connected session; it is not bound to the keyspace (a
+    short-lived session of the same cluster is, for the unqualified DDL).
+    Raises ``MigrationError`` if an applied file changed.
+    """
+    migrations = load_migrations() if migrations is None else migrations
+    create_keyspace(session, keyspace, replication_factor)
+    applied = applied_migrations(session, keyspace)
+    # Check everything before changing anything: an edited applied file stops the run.
+    for m in migrations:
+        if m.version in applied and applied[m.version][1] != m.checksum:
+            raise MigrationError(
+                f"migration {m.version:04d}_{m.name}.cql changed after it was applied to "
+                f"keyspace {keyspace} (checksum {m.checksum[:12]}, recorded "
+                f"{applied[m.version][1][:12]}); add a new migration instead of editing it")
+    results: list[MigrationResult] = []
+    pending = [m for m in migrations if m.version not in applied]
+    if not pending:
+        return [MigrationResult(m.version, m.name, "already_applied") for m in migrations]
+    ks_session = session.cluster.connect(keyspace)
+    try:
+        for m in migrations:
+            if m.version in applied:
+                results.append(MigrationResult(m.version, m.name, "already_applied"))
+                continue
+            log.info("applying %04d_%s to %s", m.version, m.name, keyspace)
+            for statement in m.statements:
+                ks_session.execute(statement, timeout=DDL_TIMEOUT_S)
+            _record(ks_session, keyspace, m)
+            results.append(MigrationResult(m.version, m.name, "applied"))
+    finally:
+        ks_session.shutdown()
+    return results
+
+
+def _record(session, keyspace: str, m: Migration) -> None:
+    # LWT: if another runner recorded this version meanwhile, its checksum must match.
+    result = session.execute(
+        f"INSERT INTO {keyspace}.{MIGRATIONS_TABLE} (version, name, checksum, applied_at) "
+        "VALUES (%s, %s, %s, %s) IF NOT EXISTS",
+        (m.version, m.name, m.checksum, datetime.now(timezone.utc)),
+        timeout=DDL_TIMEOUT_S,
+    )
+    if not result.was_applied and result.one().checksum != m.checksum:
+        raise MigrationError(
+            f"migration {m.version:04d} was recorded concurrently with another checksum")

@@ -1,0 +1,138 @@
+"""The Redis key layout, defined once for the pipelines (writers) and serving (readers).
+
+Every key is ``<prefix>:<kind>:{<tag>}[:<sub>]``; the prefix (default ``fb``)
+isolates deployments and tests. Timelines hold ids only; posts and stories are
+hydrated from their hashes at read time.
+
+Redis Cluster hash tags: the part in braces picks the slot. Everything keyed
+by one user carries the tag ``{u:<user_id>}`` (home feed, ranked feed and its
+staging key, last read, seen stories, affinities, follower caches, author
+timeline, author features, story tray of the author), so one user's keys share
+a slot and a MULTI/Lua over them works in cluster mode: the ranking job swaps
+``ranked`` + ``ranked_meta`` atomically, and a feed rebuild can
+``RENAME`` a staging key onto the live one. Post keys use ``{p:<post_id>}``,
+story keys ``{s:<story_id>}`` (metadata and viewers go together on delete).
+Keys of different users are never combined server-side (the pull of
+celebrity timelines is merged in the client), so no wider co-location is needed.
+
+Scores that are times are milliseconds since the epoch (exact in a double up
+to 2**53). Members that are ids are decimal strings.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyLayout:
+    """Key names under ``prefix``; methods return ``str`` keys."""
+
+    prefix: str = "fb"
+
+    def __post_init__(self):
+        if not self.prefix or any(c in self.prefix for c in "{}: \t\n*?[]"):
+            raise ValueError(f"bad Redis key prefix {self.prefix!r}")
+
+    def pattern(self) -> str:
+        """Glob matching every key of this layout (for SCAN in tools and tests)."""
+        return f"{self.prefix}:*"
+
+    # -- feeds -----------------------------------------------------------------
+
+    def home_feed(self, user_id: int) -> str:
+        """ZSET: pushed posts of ``user_id``'s home feed; member post_id, score created_at ms.
+
+        Capped (ZREMRANGEBYRANK) to the newest N entries; ZADD is idempotent,
+        so a re-delivered post never appears twice.
+        """
+        return f"{self.prefix}:feed:{{u:{user_id}}}"
+
+    def home_feed_staging(self, user_id: int) -> str:
+        """ZSET: a feed being rebuilt, RENAMEd onto ``home_feed`` when complete."""
+        return f"{self.prefix}:feed_tmp:{{u:{user_id}}}"
+
+    def author_timeline(self, author_id: int) -> str:
+        """ZSET: recent posts by ``author_id`` (pulled for celebrities); member post_id, score created_at ms."""
+        return f"{self.prefix}:timeline:{{u:{author_id}}}"
+
+    def ranked_feed(self, user_id: int) -> str:
+        """ZSET: ``user_id``'s ranked feed; member post_id, score = rank score (higher first).
+
+        Replaced as a whole together with ``ranked_meta`` in one MULTI (same slot).
+        """
+        return f"{self.prefix}:ranked:{{u:{user_id}}}"
+
+    def ranked_meta(self, user_id: int) -> str:
+        """HASH: about the ranked feed: ``model_version``, ``generated_at`` (ms)."""
+        return f"{self.prefix}:ranked_meta:{{u:{user_id}}}"
+
+    def ranked_feed_staging(self, user_id: int) -> str:
+        """ZSET: a ranked feed being written, RENAMEd onto ``ranked_feed``."""
+        return f"{self.prefix}:ranked_tmp:{{u:{user_id}}}"
+
+    def last_read(self, user_id: int) -> str:
+        """STRING: when ``user_id`` last read a feed (ms); absent or old means inactive."""
+        return f"{self.prefix}:last_read:{{u:{user_id}}}"
+
+    # -- posts and graph -------------------------------------------------------
+
+    def post(self, post_id: int) -> str:
+        """HASH: post metadata: author_id, created_at, media_type, caption_length, deleted."""
+        return f"{self.prefix}:post:{{p:{post_id}}}"
+
+    def followers(self, user_id: int) -> str:
+        """SET: cached follower ids of ``user_id`` (the durable copy is in Cassandra)."""
+        return f"{self.prefix}:followers:{{u:{user_id}}}"
+
+    def following(self, user_id: int) -> str:
+        """SET: cached ids of the users ``user_id`` follows (to pull celebrity timelines)."""
+        return f"{self.prefix}:following:{{u:{user_id}}}"
+
+    # -- features (online copy, with TTLs) -------------------------------------
+
+    def post_features(self, post_id: int) -> str:
+        """HASH: features of a post; field = feature name (e.g. ``like_1h``), value a number."""
+        return f"{self.prefix}:feat:post:{{p:{post_id}}}"
+
+    def author_features(self, author_id: int) -> str:
+        """HASH: features of an author; field = feature name, value a number."""
+        return f"{self.prefix}:feat:author:{{u:{author_id}}}"
+
+    def author_affinity(self, viewer_id: int) -> str:
+        """HASH: viewer-author affinity; field = author_id, value = decayed score (one HMGET per candidate set)."""
+        return f"{self.prefix}:feat:aff_author:{{u:{viewer_id}}}"
+
+    def content_affinity(self, viewer_id: int) -> str:
+        """HASH: viewer content-type affinity; field = media type (``PHOTO``...), value = decayed score."""
+        return f"{self.prefix}:feat:aff_media:{{u:{viewer_id}}}"
+
+    # -- stories ---------------------------------------------------------------
+
+    def author_stories(self, author_id: int) -> str:
+        """ZSET: stories of ``author_id``; member story_id, score expires_at ms.
+
+        Readers take ``ZRANGEBYSCORE key (now +inf`` so expired stories are
+        never served, whatever the expiry pipeline's lag.
+        """
+        return f"{self.prefix}:stories:{{u:{author_id}}}"
+
+    def story(self, story_id: int) -> str:
+        """HASH: story metadata: author_id, created_at, expires_at, media_type, views."""
+        return f"{self.prefix}:story:{{s:{story_id}}}"
+
+    def story_viewers(self, story_id: int) -> str:
+        """SET: viewer ids who saw ``story_id`` (SCARD = unique views); EXPIREAT the story's expiry."""
+        return f"{self.prefix}:story_viewers:{{s:{story_id}}}"
+
+    def seen_stories(self, viewer_id: int) -> str:
+        """ZSET: stories ``viewer_id`` has seen; member story_id, score expires_at ms.
+
+        Scored by expiry so ``ZREMRANGEBYSCORE -inf now`` trims it.
+        """
+        return f"{self.prefix}:seen:{{u:{viewer_id}}}"
+
+    # -- dedup -----------------------------------------------------------------
+
+    def dedup(self, scope: str, event_id: str) -> str:
+        """STRING: marker that ``event_id`` was applied in ``scope`` (SET NX EX <window>)."""
+        return f"{self.prefix}:dedup:{scope}:{event_id}"

@@ -1,0 +1,50 @@
+"""Distribution for feedbeam.
+
+Beam ships multi-module pipelines to remote workers by building this
+distribution (``--setup_file ./setup.py``), so every package the pipelines
+import at run time must be listed here and nothing may be loaded from the
+working tree implicitly.
+"""
+from setuptools import setup
+
+# Pinned so a pipeline submitted from a laptop runs the same code on a
+# worker; bumped deliberately, together with the lock of the test run.
+RUNTIME = [
+    "apache-beam==2.77.0",
+    "confluent-kafka==2.16.1",
+    "redis[hiredis]==8.1.0",
+    "cassandra-driver==3.30.1",
+    "pyarrow==25.0.1",
+    "xgboost==3.2.0",
+    "fastavro==1.13.1",
+    "tqdm==4.70.1",
+]
+
+TEST = [
+    "pytest==9.2.0",
+    "pytest-timeout==2.4.0",
+    "hypothesis==6.170.15",
+]
+
+setup(
+    name="feedbeam",
+    version="0.1.0",
+    description="Streaming feed materialization on Apache Beam: fan-out, "
+    "features, stories and ranked feeds from Kafka into Redis and Cassandra.",
+    python_requires=">=3.11,<3.12",
+    packages=[
+        "pipelines",
+        "pipelines.io",
+        "schemas",
+        "serving",
+        "jobs",
+        "infra",
+    ],
+    package_data={
+        "schemas": ["avro/*.avsc", "cql/*.cql"],
+        "infra": ["*.xml", "*.yaml", "*.properties", "*.sh", "*.yml"],
+    },
+    install_requires=RUNTIME,
+    extras_require={"test": TEST, "dev": TEST},
+    entry_points={"console_scripts": ["feedbeam = jobs.cli:main"]},
+)

@@ -1,0 +1,131 @@
+"""Shared fixtures: the real local stack, isolated per test.
+
+Integration tests (marked ``integration``) talk to the Kafka, Cassandra and
+Redis that ``feedbeam infra up`` started. Nothing here starts or stops them:
+the test command does that before pytest runs. When a server does not answer,
+the test fails with a message naming it; it is never skipped.
+
+Isolation: every test gets its own Kafka topics, Cassandra keyspace and Redis
+key prefix, all removed afterwards, so tests can run in any order.
+"""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from infra.settings import StackSettings
+from schemas.cassandra import new_cluster
+
+_READY_TIMEOUT_S = 10.0
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "integration: needs the real Kafka, Cassandra and Redis")
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def _check_kafka(settings: StackSettings) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin.list_topics(timeout=_READY_TIMEOUT_S)
+
+
+def _check_redis(settings: StackSettings) -> None:
+    import redis
+
+    redis.Redis.from_url(settings.redis_url, socket_timeout=_READY_TIMEOUT_S).ping()
+
+
+def _check_cassandra(settings: StackSettings) -> None:
+    cluster = new_cluster(settings.host, settings.cassandra_port,
+                          connect_timeout=_READY_TIMEOUT_S)
+    try:
+        cluster.connect().execute("SELECT release_version FROM system.local")
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack() -> StackSettings:
+    """The running local stack; fails (not skips) if any server is down."""
+    settings = StackSettings.from_env()
+    problems = []
+    for name, check in (("Kafka", _check_kafka), ("Redis", _check_redis),
+                        ("Cassandra", _check_cassandra)):
+        try:
+            check(settings)
+        except Exception as exc:  # report every server that is down at once
+            problems.append(f"{name}: {type(exc).__name__}: {exc}")
+    if problems:
+        pytest.fail(
+            "the local stack is not answering; start it with "
+            "`feedbeam infra up` (or run the README's test command):\n  "
+            + "\n  ".join(problems), pytrace=False)
+    return settings
+
+
+@pytest.fixture
+def redis_client(stack):
+    import redis
+
+    client = redis.Redis.from_url(stack.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def key_prefix(redis_client) -> str:
+    """A Redis key prefix owned by this test; its keys are deleted afterwards."""
+    prefix = _unique("t")
+    yield prefix
+    keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        redis_client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def cassandra_session(stack):
+    cluster = new_cluster(stack.host, stack.cassandra_port)
+    session = cluster.connect()
+    yield session
+    cluster.shutdown()
+
+
+@pytest.fixture
+def keyspace(cassandra_session) -> str:
+    """A keyspace name owned by this test (not created); dropped afterwards."""
+    name = _unique("t_")
+    yield name
+    cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=60)
+
+
+@pytest.fixture
+def kafka_topic(stack):
+    """Factory: ``kafka_topic(partitions=3, name=None) -> str`` creates a topic.
+
+    Every topic it created is deleted when the test ends.
+    """
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    created: list[str] = []
+
+    def create(partitions: int = 3, name: str | None = None) -> str:
+        topic = name or _unique("t.")
+        futures = admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+            operation_timeout=30)
+        futures[topic].result(timeout=60)
+        created.append(topic)
+        return topic
+
+    yield create
+    if created:
+        for future in admin.delete_topics(created, operation_timeout=30).values():
+            future.result(timeout=60)
