@@ -188,7 +188,9 @@ class KafkaEventSink:
         value = self.codec.encode(event, target)
         while True:
             try:
-                self._producer.produce(target, value, key)
+                # The record timestamp is the event time, so replays by time
+                # range (offsets_for_times) select simulated time, not wall time.
+                self._producer.produce(target, value, key, timestamp=event.event_time)
                 break
             except BufferError:  # local queue full: let deliveries drain
                 self._producer.poll(0.05)

@@ -78,6 +78,7 @@ def test_generated_workload_round_trips_through_kafka(stack, kafka_topic, capsys
         topic = msg.topic().removeprefix(prefix)
         event = codec.decode(msg.value(), TOPIC_TYPES[topic])
         assert msg.key() == event.key
+        assert msg.timestamp()[1] == event.event_time  # replays by time select event time
         got[(topic, msg.key())].append((msg.partition(), msg.offset(), event))
     assert collections.Counter({t: sum(len(v) for (tt, _), v in got.items() if tt == t)
                                 for t in TOPICS}) == expected_counts
