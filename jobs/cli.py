@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "jobs.migrate",
     "jobs.generate",
     "jobs.demo",
+    "jobs.replay",
 )
 
 

@@ -433,6 +433,41 @@ class WireCodec:
             ) from exc
 
 
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    """An Avro long (zigzag varint) at ``pos``: ``(value, next position)``."""
+    result = shift = 0
+    while True:
+        byte = data[pos]  # IndexError past the end
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def peek_event_time(data: bytes | None) -> int | None:
+    """The ``event_time`` of wire bytes without decoding the record; None if unreadable.
+
+    Every event schema starts with ``event_id`` (string) then ``event_time``
+    (long), a rule ``tests/unit/test_codec.py`` holds the ``.avsc`` files to,
+    so the time sits right after one length-prefixed string. The Kafka source
+    uses this to timestamp records by event time for about a microsecond each;
+    bytes it cannot read are left to the decode step to dead-letter.
+    """
+    if data is None or len(data) < HEADER_SIZE + 2 or data[0] != MAGIC_BYTE:
+        return None
+    try:
+        id_length, pos = _read_long(data, HEADER_SIZE)
+        if id_length < 0:
+            return None
+        event_time, _ = _read_long(data, pos + id_length)
+        return event_time
+    except (IndexError, ValueError):
+        return None
+
+
 def _rebuild_codec(source, reader_overrides):
     return WireCodec(source, reader_schemas=reader_overrides)
 

@@ -303,3 +303,35 @@ def test_registry_down_is_not_a_malformed_record():
 def test_source_and_registry_url_are_exclusive():
     with pytest.raises(ValueError):
         WireCodec(StaticSchemaSource(), registry_url="http://x")
+
+
+# --------------------------------------------------------------- peek_event_time
+
+
+def test_every_event_schema_starts_with_event_id_then_event_time():
+    # peek_event_time relies on this layout of every schema version.
+    from schemas.codec import AVRO_DIR
+
+    for path in sorted(AVRO_DIR.glob("*.avsc")):
+        fields = json.loads(path.read_text())["fields"]
+        assert [(f["name"], f["type"]) for f in fields[:2]] == [
+            ("event_id", "string"), ("event_time", "long")], path.name
+
+
+@given(st.text(max_size=80), st.integers(min_value=-(2**63), max_value=2**63 - 1))
+def test_peek_event_time_matches_the_decoded_event(event_id, event_time):
+    from schemas.codec import peek_event_time
+    from schemas.events import FollowEvent, FollowKind
+
+    event = FollowEvent(event_id=event_id, event_time=event_time, kind=FollowKind.FOLLOW,
+                        follower_id=1, followee_id=2)
+    data = WireCodec().encode(event)
+    assert peek_event_time(data) == event_time == WireCodec().decode(data).event_time
+
+
+@pytest.mark.parametrize("data", [None, b"", b"\x00\x00\x00\x00\x01", b"\x01\x00\x00\x00\x01\x02a\x02",
+                                  b"\x00\x00\x00\x00\x01\x7f", b"\x00\x00\x00\x00\x01\x02a\xff\xff"])
+def test_peek_event_time_is_none_for_unreadable_bytes(data):
+    from schemas.codec import peek_event_time
+
+    assert peek_event_time(data) is None

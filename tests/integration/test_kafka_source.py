@@ -1,0 +1,225 @@
+"""The Kafka source on a real broker and a real runner (Prism).
+
+Streaming jobs never finish by themselves: each test runs one, waits until the
+expected records are visible in Redis (bounded by a deadline), then cancels
+it. The kill test runs the job in its own process group and SIGKILLs it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms import userstate
+from apache_beam.transforms.timeutil import TimeDomain
+from confluent_kafka import Producer
+
+from infra.stack import prism_binary
+from pipelines.io.kafka import KafkaReadOptions, ReadFromKafka
+from tests.integration import kafka_to_redis
+
+pytestmark = pytest.mark.integration
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _produce(bootstrap: str, topic: str, count: int, partitions: list[int],
+             timestamp_ms: int | None = None) -> dict[int, list[int]]:
+    """Produce ``count`` records round-robin over ``partitions``; returns offsets per partition."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    offsets: dict[int, list[int]] = {p: [] for p in partitions}
+
+    def delivered(err, msg):
+        assert err is None, err
+        offsets[msg.partition()].append(msg.offset())
+
+    for i in range(count):
+        producer.produce(topic, value=f"v{i}".encode(), partition=partitions[i % len(partitions)],
+                         timestamp=timestamp_ms or 0, on_delivery=delivered)
+        if i % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+    return offsets
+
+
+def _options(stack, group: str, *extra: str) -> PipelineOptions:
+    return PipelineOptions([
+        "--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
+        "--environment_type=LOOPBACK", "--streaming",
+        f"--kafka_bootstrap={stack.kafka_bootstrap}", f"--consumer_group={group}", *extra])
+
+
+def _wait_for(predicate, timeout_s: float, what: str, result=None):
+    """Poll ``predicate`` until truthy; fail early if the job ``result`` ended."""
+    from apache_beam.runners.runner import PipelineState
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if result is not None and PipelineState.is_terminal(result.state):
+            raise AssertionError(f"the job ended ({result.state}) before {what}")
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def _seen(redis_client, prefix: str, partition: int) -> list[str]:
+    return [v.decode() for v in redis_client.lrange(f"{prefix}:seen:{partition}", 0, -1)]
+
+
+def _count(redis_client, prefix: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in redis_client.hgetall(f"{prefix}:count").items()}
+
+
+def test_reads_every_partition_completely_and_in_order(stack, kafka_topic, redis_client,
+                                                       key_prefix):
+    topic = kafka_topic(partitions=3)
+    produced = _produce(stack.kafka_bootstrap, topic, 3000, [0, 1, 2])
+    options = _options(stack, f"g-{uuid.uuid4().hex[:8]}", "--start_from=earliest")
+    pipeline = beam.Pipeline(options=options)
+    kafka_to_redis.build(pipeline, topic, options, stack.redis_url, key_prefix)
+    result = pipeline.run()
+    try:
+        _wait_for(lambda: len(_count(redis_client, key_prefix)) >= 3000, 120, "3000 records",
+                  result)
+    finally:
+        result.cancel()
+    for partition, offsets in produced.items():
+        seen = _seen(redis_client, key_prefix, partition)
+        # Every record once, in partition order (no restart here, so no repeats).
+        assert seen == [f"{partition}:{o}" for o in sorted(offsets)]
+    assert set(_count(redis_client, key_prefix).values()) == {1}
+
+
+class _FireAfter(beam.DoFn):
+    """Sets an event-time timer 10 s after the first record's timestamp; marks Redis when it fires."""
+
+    FIRST = userstate.ReadModifyWriteStateSpec("first", beam.coders.VarIntCoder())
+    TIMER = userstate.TimerSpec("timer", TimeDomain.WATERMARK)
+
+    def __init__(self, redis_url: str, key: str):
+        self._url = redis_url
+        self._key = key
+
+    def process(self, element, ts=beam.DoFn.TimestampParam,
+                first=beam.DoFn.StateParam(FIRST), timer=beam.DoFn.TimerParam(TIMER)):
+        if first.read() is None:
+            first.write(1)
+            timer.set(ts + 10)
+
+    @userstate.on_timer(TIMER)
+    def fired(self, ts=beam.DoFn.TimestampParam):
+        import redis
+
+        client = redis.Redis.from_url(self._url)
+        client.set(self._key, str(ts.micros // 1000))
+        client.close()
+
+
+def test_idle_partition_lets_the_watermark_pass_a_timer(stack, kafka_topic, redis_client,
+                                                        key_prefix):
+    # Records only on partition 0, stamped "now"; partitions 1 and 2 never get
+    # any. The timer 10 s after them fires only if the idle partitions (and
+    # partition 0 once it is caught up) advance the watermark on their own.
+    topic = kafka_topic(partitions=3)
+    now_ms = int(time.time() * 1000)
+    _produce(stack.kafka_bootstrap, topic, 20, [0], timestamp_ms=now_ms)
+    options = _options(stack, f"g-{uuid.uuid4().hex[:8]}", "--start_from=earliest",
+                       "--idle_skew_s=1")
+    config = options.view_as(KafkaReadOptions).source_config(default_group="unused")
+    fired_key = f"{key_prefix}:fired"
+    pipeline = beam.Pipeline(options=options)
+    (pipeline
+     | "Read" >> ReadFromKafka(config, [topic])
+     | "OneKey" >> beam.Map(lambda r: ("all", r.offset))
+     | "Timer" >> beam.ParDo(_FireAfter(stack.redis_url, fired_key)))
+    result = pipeline.run()
+    try:
+        fired_at = _wait_for(lambda: redis_client.get(fired_key), 90, "the event-time timer",
+                             result)
+    finally:
+        result.cancel()
+    assert int(fired_at) == now_ms + 10_000
+
+
+def _start_job(stack, topic: str, group: str, prefix: str) -> subprocess.Popen:
+    log = open(os.path.join(stack.state_dir, "logs", f"test-{prefix}.log"), "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.kafka_to_redis", "--topic", topic,
+         "--redis_url", stack.redis_url, "--redis_prefix", prefix,
+         f"--prism_location={prism_binary(stack)}", "--runner=PrismRunner",
+         "--environment_type=LOOPBACK", f"--kafka_bootstrap={stack.kafka_bootstrap}",
+         f"--consumer_group={group}", "--fallback_start=earliest"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    # The job, its Prism runner and its workers: the whole process group.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)],
+                                   timeout=10)
+        return {tp.partition: max(tp.offset, 0) for tp in found}
+    finally:
+        consumer.close()
+
+
+def test_kill_and_restart_loses_nothing(stack, kafka_topic, redis_client, key_prefix):
+    topic = kafka_topic(partitions=3)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    produced: dict[int, list[int]] = {}
+
+    def produce_steadily():  # 9000 records over about 9 s, while the job runs
+        for _ in range(9):
+            for partition, offsets in _produce(stack.kafka_bootstrap, topic, 1000,
+                                               [0, 1, 2]).items():
+                produced.setdefault(partition, []).extend(offsets)
+            time.sleep(1)
+
+    producer = threading.Thread(target=produce_steadily)
+    first = _start_job(stack, topic, group, key_prefix)
+    producer.start()
+    try:
+        _wait_for(lambda: sum(_committed(stack.kafka_bootstrap, group, topic, 3).values()) > 0
+                  and len(_count(redis_client, key_prefix)) >= 1000, 120,
+                  "the first job to store records and commit offsets")
+    finally:
+        _kill(first)  # mid-stream: no chance to flush or commit anything more
+    committed_at_kill = _committed(stack.kafka_bootstrap, group, topic, 3)
+    before_restart = len(_count(redis_client, key_prefix))
+    producer.join()
+    expected = {f"{p}:{o}" for p, offsets in produced.items() for o in offsets}
+    assert before_restart < len(expected), "the kill came after the last record"
+
+    second = _start_job(stack, topic, group, key_prefix)
+    try:
+        _wait_for(lambda: len(_count(redis_client, key_prefix)) >= len(expected), 120,
+                  f"all {len(expected)} records after the restart")
+    finally:
+        _kill(second)
+    counts = _count(redis_client, key_prefix)
+    assert set(counts) == expected  # nothing lost, nothing invented
+    # The restart resumed from the committed offsets: what lay below them was
+    # stored once; only records after them may have been read twice.
+    for key, count in counts.items():
+        partition, offset = map(int, key.split(":"))
+        if offset < committed_at_kill[partition]:
+            assert count == 1, key
