@@ -10,7 +10,7 @@ bootstrap:
 	@bash infra/bootstrap.sh
 
 stack: bootstrap
-	$(FEEDBEAM) infra up
+	$(FEEDBEAM) infra up --with-flink
 	$(FEEDBEAM) topics create
 	$(FEEDBEAM) migrate
 

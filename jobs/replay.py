@@ -282,8 +282,16 @@ class _Columns:
             table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
             hours = np.floor_divide(table.column("event_time").to_numpy(), parquet.HOUR_MS)
             unique = np.unique(hours)
-            for hour in unique:
-                part = table if len(unique) == 1 else table.take(np.flatnonzero(hours == hour))
+            in_order = bool(np.all(hours[1:] >= hours[:-1]))
+            firsts = np.searchsorted(hours, unique) if in_order else None
+            for i, hour in enumerate(unique):
+                if len(unique) == 1:
+                    part = table
+                elif in_order:  # the usual case: a contiguous run of offsets per hour
+                    end = firsts[i + 1] if i + 1 < len(unique) else len(hours)
+                    part = table.slice(firsts[i], end - firsts[i])
+                else:  # late events: pick the hour's rows, still in offset order
+                    part = table.take(np.flatnonzero(hours == hour))
                 directory = parquet.hive_dir(int(hour))
                 parquet.write_table(part, self.out / directory / name)
                 self.result.rows_per_dir[directory] += part.num_rows
@@ -440,40 +448,54 @@ def replay(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], out: 
                 continue
             last_progress = time.monotonic()
             n = 0
+            # Messages come in runs of one partition: its state and list
+            # appends are looked up once per run (and again after a chunk ends).
+            current = None
             for msg in messages:
-                state = states.get(msg.partition())
-                if state is None or state.done:
-                    continue
+                p = msg.partition()
+                if p != current:
+                    state = states.get(p)
+                    if state is None or state.done:
+                        current = None
+                        continue
+                    current, stop, chunk_end = p, state.stop, state.chunk_end
+                    add_row, add_offset = state.rows.append, state.offsets.append
+                    add_timestamp = state.timestamps.append
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
                         # The end offset is >= stop: offsets left are gaps.
                         finish(state)
+                        current = None
                         continue
-                    raise UserFacingError(f"reading {topic}[{state.partition}]: {err}")
+                    raise UserFacingError(f"reading {topic}[{p}]: {err}")
                 offset = msg.offset()
-                if offset >= state.stop:
+                if offset >= stop:
                     finish(state)
+                    current = None
                     continue
                 if offset < state.start:  # never expected after the seek; not in range
                     continue
-                if offset >= state.chunk_end:
+                if offset >= chunk_end:
                     state.next_chunk(columns, offset, batch)
+                    chunk_end = state.chunk_end
+                    add_row, add_offset = state.rows.append, state.offsets.append
+                    add_timestamp = state.timestamps.append
                 value = msg.value()
                 decoded = accept(value)
                 if decoded is not None:
-                    state.rows.append(decoded[1])
-                    state.offsets.append(offset)
-                    state.timestamps.append(msg.timestamp()[1])
+                    add_row(decoded[1])
+                    add_offset(offset)
+                    add_timestamp(msg.timestamp()[1])
                 else:
                     # Rejected: the shared decode step says why, as a dead letter.
                     state.dead.append(decode_record_dict(codec, KafkaRecord(
-                        topic, state.partition, offset, msg.key(), value, msg.timestamp()[1]),
-                        prefix))
+                        topic, p, offset, msg.key(), value, msg.timestamp()[1]), prefix))
                 state.read += 1
                 n += 1
-                if offset == state.stop - 1:
+                if offset == stop - 1:
                     finish(state)
+                    current = None
             for state in states.values():
                 state.stage(columns)
             bar.update(n)

@@ -56,6 +56,7 @@ import dataclasses
 import json
 import logging
 import struct
+import threading
 import time
 from typing import Iterable, Mapping, Sequence
 
@@ -122,6 +123,12 @@ class KafkaSourceConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_records_per_bundle < 1:
             raise ValueError("max_records_per_bundle must be >= 1")
+
+    def identity(self) -> tuple:
+        """A hashable value equal for equal configs (the client settings are a dict)."""
+        return tuple((f.name, tuple(sorted(getattr(self, f.name).items()))
+                      if f.name == "consumer_config" else getattr(self, f.name))
+                     for f in dataclasses.fields(self))
 
     def client_config(self) -> dict:
         """The librdkafka settings of every consumer the source creates."""
@@ -379,6 +386,59 @@ class _PartitionCursor:
     committed_offset: int = -1
 
 
+class _CursorPool:
+    """Process-wide consumers, one per (source config, partition).
+
+    Runners create DoFn instances freely (Flink one per bundle processor, and
+    many over a job's life), and every librdkafka client holds threads and
+    thread-local storage, so consumers are not owned by a DoFn instance: they
+    live here, are shared by every instance reading with the same config, and
+    are closed when the last such instance is torn down.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users: dict[tuple, int] = {}  # config identity -> DoFn instances
+        self._cursors: dict[tuple[tuple, str, int], _PartitionCursor] = {}
+
+    def attach(self, config: KafkaSourceConfig) -> None:
+        identity = config.identity()
+        with self._lock:
+            self._users[identity] = self._users.get(identity, 0) + 1
+
+    def detach(self, config: KafkaSourceConfig) -> None:
+        identity = config.identity()
+        with self._lock:
+            left = self._users.get(identity, 1) - 1
+            if left > 0:
+                self._users[identity] = left
+                return
+            self._users.pop(identity, None)
+            closing = [k for k in self._cursors if k[0] == identity]
+            cursors = [self._cursors.pop(k) for k in closing]
+        for cursor in cursors:
+            try:
+                cursor.consumer.close()
+            except RuntimeError:  # already closed
+                pass
+
+    def get(self, config: KafkaSourceConfig, topic: str, partition: int,
+            start: int) -> _PartitionCursor:
+        from confluent_kafka import Consumer, TopicPartition
+
+        key = (config.identity(), topic, partition)
+        with self._lock:
+            cursor = self._cursors.get(key)
+            if cursor is None:
+                consumer = Consumer(config.client_config())
+                consumer.assign([TopicPartition(topic, partition, start)])
+                cursor = self._cursors[key] = _PartitionCursor(consumer, start)
+            return cursor
+
+
+_CURSORS = _CursorPool()
+
+
 class _ReadPartitionFn(beam.DoFn):
     """Reads one partition's offset range; see the module docstring."""
 
@@ -386,30 +446,20 @@ class _ReadPartitionFn(beam.DoFn):
         self._config = config
 
     def setup(self):
-        self._cursors: dict[tuple[str, int], _PartitionCursor] = {}
+        _CURSORS.attach(self._config)
         self._records = Metrics.counter(_METRICS_NAMESPACE, "records_read")
         self._bytes = Metrics.counter(_METRICS_NAMESPACE, "bytes_read")
         self._commits = Metrics.counter(_METRICS_NAMESPACE, "offsets_committed")
         self._commit_failures = Metrics.counter(_METRICS_NAMESPACE, "offset_commit_failures")
 
     def teardown(self):
-        for cursor in getattr(self, "_cursors", {}).values():
-            try:
-                cursor.consumer.close()
-            except RuntimeError:  # already closed
-                pass
-        self._cursors = {}
+        _CURSORS.detach(self._config)
 
     def _cursor(self, element: PartitionRead, start: int) -> _PartitionCursor:
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import TopicPartition
 
-        key = (element.topic, element.partition)
-        cursor = self._cursors.get(key)
-        if cursor is None:
-            consumer = Consumer(self._config.client_config())
-            consumer.assign([TopicPartition(element.topic, element.partition, start)])
-            cursor = self._cursors[key] = _PartitionCursor(consumer, start)
-        elif cursor.next_offset != start:
+        cursor = _CURSORS.get(self._config, element.topic, element.partition, start)
+        if cursor.next_offset != start:
             # The restriction moved (a split, a retried bundle): reposition.
             cursor.consumer.seek(TopicPartition(element.topic, element.partition, start))
             cursor.next_offset = start

@@ -21,7 +21,7 @@ from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
 from confluent_kafka import Producer
 
-from infra.stack import prism_binary
+from infra.stack import flink_job_endpoint, flink_ready, prism_binary
 from pipelines.io.kafka import KafkaReadOptions, ReadFromKafka
 from tests.integration import kafka_to_redis
 
@@ -49,11 +49,40 @@ def _produce(bootstrap: str, topic: str, count: int, partitions: list[int],
     return offsets
 
 
-def _options(stack, group: str, *extra: str) -> PipelineOptions:
+def _runner_args(stack, runner: str) -> list[str]:
+    if runner == "flink":
+        return ["--runner=FlinkRunner", f"--job_endpoint={flink_job_endpoint(stack)}",
+                "--environment_type=LOOPBACK"]
+    return ["--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
+            "--environment_type=LOOPBACK"]
+
+
+def _options(stack, group: str, *extra: str, runner: str = "prism") -> PipelineOptions:
     return PipelineOptions([
-        "--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
-        "--environment_type=LOOPBACK", "--streaming",
+        *_runner_args(stack, runner), "--streaming",
         f"--kafka_bootstrap={stack.kafka_bootstrap}", f"--consumer_group={group}", *extra])
+
+
+def _cancel(result, timeout_s: float = 60.0) -> None:
+    """Cancel a streaming job and wait until the runner says it ended.
+
+    A job left running on the shared Flink job server would keep its task
+    slots and starve the next test's job.
+    """
+    from apache_beam.runners.runner import PipelineState
+
+    result.cancel()
+    deadline = time.monotonic() + timeout_s
+    while not PipelineState.is_terminal(result.state):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job still {result.state} {timeout_s:.0f}s after cancel")
+        time.sleep(0.5)
+
+
+def flink_ready_or_fail(stack) -> None:
+    if not flink_ready(stack):
+        pytest.fail("the Flink job server is not running; start it with "
+                    "`feedbeam infra up flink` (the test command does)", pytrace=False)
 
 
 def _wait_for(predicate, timeout_s: float, what: str, result=None):
@@ -79,19 +108,23 @@ def _count(redis_client, prefix: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in redis_client.hgetall(f"{prefix}:count").items()}
 
 
+@pytest.mark.parametrize("runner", ["prism", "flink"])
 def test_reads_every_partition_completely_and_in_order(stack, kafka_topic, redis_client,
-                                                       key_prefix):
+                                                       key_prefix, runner):
+    if runner == "flink":
+        flink_ready_or_fail(stack)
     topic = kafka_topic(partitions=3)
     produced = _produce(stack.kafka_bootstrap, topic, 3000, [0, 1, 2])
-    options = _options(stack, f"g-{uuid.uuid4().hex[:8]}", "--start_from=earliest")
+    options = _options(stack, f"g-{uuid.uuid4().hex[:8]}", "--start_from=earliest",
+                       runner=runner)
     pipeline = beam.Pipeline(options=options)
     kafka_to_redis.build(pipeline, topic, options, stack.redis_url, key_prefix)
     result = pipeline.run()
     try:
-        _wait_for(lambda: len(_count(redis_client, key_prefix)) >= 3000, 120, "3000 records",
+        _wait_for(lambda: len(_count(redis_client, key_prefix)) >= 3000, 180, "3000 records",
                   result)
     finally:
-        result.cancel()
+        _cancel(result)
     for partition, offsets in produced.items():
         seen = _seen(redis_client, key_prefix, partition)
         # Every record once, in partition order (no restart here, so no repeats).
@@ -146,7 +179,7 @@ def test_idle_partition_lets_the_watermark_pass_a_timer(stack, kafka_topic, redi
         fired_at = _wait_for(lambda: redis_client.get(fired_key), 90, "the event-time timer",
                              result)
     finally:
-        result.cancel()
+        _cancel(result)
     assert int(fired_at) == now_ms + 10_000
 
 

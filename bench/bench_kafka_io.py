@@ -1,0 +1,354 @@
+"""Benchmark: the Kafka IO paths against a raw consume + Avro decode loop, in one run.
+
+    .venv/bin/python bench/bench_kafka_io.py [--events 300000] [--partitions 3] [--runs 3]
+                                             [--skip replay,beam,streaming]
+
+Produces ``--events`` engagement events (wire format, record timestamps =
+event times over 6 hours) to a fresh topic on the local Kafka, then, on that
+same topic, measures ``--runs`` times each
+
+* raw: the physical limit of Python on this machine: one confluent-kafka
+  consumer with replay's consumer settings, ``consume(num_messages=...)``
+  batches, ``fastavro.schemaless_reader`` on the body after the 5-byte header,
+  no dataclass, nothing written;
+* replay: ``jobs.replay.replay()`` over the whole topic into a fresh
+  directory (decode with accept/reject checks, Arrow columns, Parquet files);
+* beam: a bounded ``ReadFromKafka`` over the whole topic (ranges from
+  ``pipelines.io.offsets``) into ``DecodeEvents`` and a sink counting per
+  bundle, on Prism (LOOPBACK): wall time of ``run().wait_until_finish()``.
+  The same pipeline over one record gives the job's fixed start-up cost, so
+  both the end-to-end rate and the rate excluding start-up are reported;
+* streaming: an unbounded ``ReadFromKafka`` of the topic from earliest into
+  ``DecodeEvents`` and a sink adding each bundle's count to a Redis counter;
+  the rate is records over the time from the first to the last record
+  counted (start-up excluded by construction); the job is then cancelled.
+
+Prints the median records/s of each and its ratio to raw (targets: beam
+>= 50%, replay >= 70%). The topic and Redis keys are deleted afterwards.
+Needs the local stack (``feedbeam infra up``) and the Prism binary.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastavro  # noqa: E402
+
+from infra.settings import StackSettings  # noqa: E402
+from jobs.generate import PRODUCER_CONFIG  # noqa: E402
+from jobs.replay import CONSUMER_CONFIG, replay  # noqa: E402
+from pipelines.io import offsets as kafka_offsets  # noqa: E402
+from schemas.codec import HEADER_SIZE, WireCodec  # noqa: E402
+from schemas.events import EngagementEvent, EngagementKind, MediaType  # noqa: E402
+
+T0 = 1_714_557_600_000  # 2024-05-01T10:00Z
+SPAN_MS = 6 * 3_600_000
+MEASURES = ("raw", "replay", "beam", "streaming")
+TARGETS = {"replay": 0.70, "beam": 0.50, "streaming": 0.50}
+COUNT_NAMESPACE = "bench"
+
+
+def _events(n: int):
+    kinds = list(EngagementKind)
+    media = list(MediaType)
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        profile = kind is EngagementKind.PROFILE_VIEW
+        yield EngagementEvent(
+            event_id=f"e-{i:016x}", event_time=T0 + i * SPAN_MS // n, kind=kind,
+            viewer_id=(i * 7919) % 100_000, author_id=(i * 104_729) % 20_000,
+            post_id=None if profile else (i * 31) % 1_000_000,
+            media_type=None if profile else media[i % len(media)],
+            dwell_ms=1500 + i % 5000 if kind is EngagementKind.VIEW else None)
+
+
+def produce(bootstrap: str, topic: str, n: int) -> None:
+    from confluent_kafka import Producer
+
+    codec = WireCodec()
+    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_CONFIG})
+    for event in _events(n):
+        value = codec.encode(event, topic)
+        while True:
+            try:
+                producer.produce(topic, value, event.key, timestamp=event.event_time)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(120):
+        raise RuntimeError("events were not all delivered")
+
+
+def raw_loop(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]]) -> int:
+    """Consume every range and decode each body with fastavro; returns records decoded."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    codec = WireCodec()
+    writer = codec._decoder(codec.schema_id_of(EngagementEvent)).writer
+    consumer = Consumer({"bootstrap.servers": bootstrap, **CONSUMER_CONFIG})
+    consumer.assign([TopicPartition(topic, p, s) for p, (s, e) in ranges.items() if e > s])
+    remaining = {p: e - s for p, (s, e) in ranges.items() if e > s}
+    n = 0
+    reader = fastavro.schemaless_reader
+    try:
+        while remaining:
+            for msg in consumer.consume(num_messages=10_000, timeout=1.0):
+                if msg.error() is not None:
+                    continue  # partition EOF
+                buf = io.BytesIO(msg.value())
+                buf.seek(HEADER_SIZE)
+                reader(buf, writer, None)
+                n += 1
+                p = msg.partition()
+                remaining[p] -= 1
+                if not remaining[p]:
+                    del remaining[p]
+    finally:
+        consumer.close()
+    return n
+
+
+# ------------------------------------------------------------------ Beam on Prism
+
+
+def _beam_options(prism: str, *extra: str):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism}",
+                            "--environment_type=LOOPBACK", *extra])
+
+
+def _source_config(bootstrap: str):
+    from pipelines.io.kafka import KafkaSourceConfig
+
+    # The big-fetch settings of replay and the raw loop, so only the code differs.
+    fetch = {k: v for k, v in CONSUMER_CONFIG.items()
+             if k.startswith(("fetch.", "max.partition.", "queued."))}
+    return KafkaSourceConfig(
+        consumer_config={"bootstrap.servers": bootstrap,
+                         "group.id": f"bench-{uuid.uuid4().hex[:8]}", **fetch},
+        start_from="earliest", commit_offsets=False)
+
+
+def _count_fn():
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics
+
+    class CountPerBundle(beam.DoFn):
+        """Counts elements; one metric update per bundle."""
+
+        def setup(self):
+            self._counter = Metrics.counter(COUNT_NAMESPACE, "counted")
+
+        def start_bundle(self):
+            self._n = 0
+
+        def process(self, element):
+            self._n += 1
+
+        def finish_bundle(self):
+            self._counter.inc(self._n)
+
+    return CountPerBundle()
+
+
+def beam_bounded(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
+                 prism: str) -> tuple[int, float]:
+    """Run ReadFromKafka(ranges) | DecodeEvents | count on Prism: ``(counted, seconds)``."""
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from pipelines.io.deadletter import DecodeEvents
+    from pipelines.io.kafka import ReadFromKafka
+
+    pipeline = beam.Pipeline(options=_beam_options(prism))
+    decoded = (pipeline
+               | "Read" >> ReadFromKafka(_source_config(bootstrap), ranges={topic: ranges})
+               | "Decode" >> DecodeEvents())
+    _ = decoded.events | "Count" >> beam.ParDo(_count_fn())
+    t0 = time.perf_counter()
+    result = pipeline.run()
+    result.wait_until_finish()
+    seconds = time.perf_counter() - t0
+    found = result.metrics().query(MetricsFilter().with_name("counted"))["counters"]
+    return sum(c.committed or 0 for c in found), seconds
+
+
+def _redis_count_fn(redis_url: str, key: str, total: int):
+    import apache_beam as beam
+
+    class CountToRedis(beam.DoFn):
+        """Adds each bundle's count to ``key``; stamps the first and the last bundle."""
+
+        def setup(self):
+            import redis
+
+            self._client = redis.Redis.from_url(redis_url)
+
+        def start_bundle(self):
+            self._n = 0
+
+        def process(self, element):
+            if not self._n:
+                self._client.set(f"{key}:first", time.time(), nx=True)
+            self._n += 1
+
+        def finish_bundle(self):
+            if self._n and self._client.incrby(key, self._n) >= total:
+                self._client.set(f"{key}:last", time.time(), nx=True)
+
+        def teardown(self):
+            self._client.close()
+
+    return CountToRedis()
+
+
+def beam_streaming(bootstrap: str, topic: str, total: int, prism: str, redis_url: str,
+                   timeout_s: float = 600.0) -> tuple[int, float]:
+    """Stream the topic from earliest until ``total`` are counted: ``(counted, seconds)``.
+
+    Seconds run from the first record's arrival in the sink to the bundle
+    that brings the count to ``total``; the job is cancelled afterwards.
+    """
+    import apache_beam as beam
+    import redis
+    from apache_beam.runners.runner import PipelineState
+
+    from pipelines.io.deadletter import DecodeEvents
+    from pipelines.io.kafka import ReadFromKafka
+
+    key = f"bench:{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    pipeline = beam.Pipeline(options=_beam_options(prism, "--streaming"))
+    decoded = (pipeline
+               | "Read" >> ReadFromKafka(_source_config(bootstrap), [topic])
+               | "Decode" >> DecodeEvents())
+    _ = decoded.events | "Count" >> beam.ParDo(_redis_count_fn(redis_url, key, total))
+    result = pipeline.run()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while client.get(f"{key}:last") is None:
+            if PipelineState.is_terminal(result.state) or time.monotonic() > deadline:
+                raise RuntimeError(f"streaming job {result.state}; counted "
+                                   f"{int(client.get(key) or 0)} of {total}")
+            time.sleep(0.05)
+        first, last = (float(client.get(f"{key}:{k}")) for k in ("first", "last"))
+        return int(client.get(key)), last - first
+    finally:
+        result.cancel()
+        deadline = time.monotonic() + 60
+        while not PipelineState.is_terminal(result.state) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client.delete(key, f"{key}:first", f"{key}:last")
+        client.close()
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--bootstrap", default=None)
+    parser.add_argument("--skip", default="",
+                        help="comma-separated measures to leave out: replay, beam, streaming")
+    args = parser.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(MEASURES[1:]):
+        parser.error(f"--skip takes {', '.join(MEASURES[1:])}")
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from infra.stack import prism_binary
+
+    settings = StackSettings.from_env()
+    bootstrap = args.bootstrap or settings.kafka_bootstrap
+    prism = str(prism_binary(settings))
+    topic = f"bench.{uuid.uuid4().hex[:8]}.engagement-events"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, args.partitions, 1)])[topic].result(timeout=60)
+    rates: dict[str, list[float]] = {m: [] for m in MEASURES if m not in skip}
+    startup: list[float] = []
+    steady: list[float] = []
+    try:
+        t0 = time.perf_counter()
+        produce(bootstrap, topic, args.events)
+        print(f"produced {args.events} engagement events to {topic} "
+              f"in {time.perf_counter() - t0:.1f}s")
+        ranges = kafka_offsets.resolve_offset_range({"bootstrap.servers": bootstrap}, topic,
+                                                    None, None)
+        total = kafka_offsets.total_records(ranges)
+        if "beam" in rates:
+            # Warm up (the Prism job server starts once per process), then the
+            # fixed cost of a job: the same pipeline over a single record.
+            one = {p: (s, s + 1) for p, (s, e) in list(ranges.items())[:1]}
+            beam_bounded(bootstrap, topic, one, prism)
+            for _ in range(args.runs):
+                n, seconds = beam_bounded(bootstrap, topic, one, prism)
+                assert n == 1, n
+                startup.append(seconds)
+            print(f"beam job start-up (1 record): "
+                  + "  ".join(f"{s:.2f}s" for s in startup))
+        with tempfile.TemporaryDirectory(prefix="bench-kafka-io-") as tmp:
+            for run in range(args.runs):
+                line = [f"run {run + 1}:"]
+                t0 = time.perf_counter()
+                n = raw_loop(bootstrap, topic, ranges)
+                rates["raw"].append(n / (time.perf_counter() - t0))
+                assert n == total, (n, total)
+                line.append(f"raw {rates['raw'][-1]:,.0f}")
+                if "replay" in rates:
+                    t0 = time.perf_counter()
+                    result = replay(bootstrap, topic, ranges, Path(tmp) / f"run{run}",
+                                    progress=False)
+                    rates["replay"].append(result.records_read / (time.perf_counter() - t0))
+                    assert result.reconciles and result.rows_written == total, \
+                        result.reconciliation()
+                    line.append(f"replay {rates['replay'][-1]:,.0f}")
+                if "beam" in rates:
+                    n, seconds = beam_bounded(bootstrap, topic, ranges, prism)
+                    assert n == total, (n, total)
+                    rates["beam"].append(n / seconds)
+                    steady.append(n / max(seconds - statistics.median(startup), 1e-9))
+                    line.append(f"beam {rates['beam'][-1]:,.0f} ({seconds:.1f}s; "
+                                f"{steady[-1]:,.0f} excl. start-up)")
+                if "streaming" in rates:
+                    n, seconds = beam_streaming(bootstrap, topic, total, prism,
+                                                settings.redis_url)
+                    assert n == total, (n, total)
+                    rates["streaming"].append(n / seconds)
+                    line.append(f"streaming {rates['streaming'][-1]:,.0f}")
+                print("  ".join(line) + "  rec/s", flush=True)
+    finally:
+        admin.delete_topics([topic])[topic].result(timeout=60)
+
+    raw = statistics.median(rates["raw"])
+    print(f"\nmedian of {args.runs} runs, {total:,} records, {args.partitions} partitions:")
+    print(f"  {'raw consume+decode (limit)':<36} {raw:>10,.0f} rec/s")
+    labels = {"replay": "replay to Parquet",
+              "beam": "beam source+decode, end-to-end",
+              "streaming": "beam streaming, first->last record"}
+    for name, label in labels.items():
+        if name not in rates:
+            continue
+        rate = statistics.median(rates[name])
+        print(f"  {label:<36} {rate:>10,.0f} rec/s  {rate / raw:>4.0%} of raw "
+              f"(target >= {TARGETS[name]:.0%})")
+        if name == "beam":
+            rate = statistics.median(steady)
+            print(f"  {'beam, excluding start-up':<36} {rate:>10,.0f} rec/s  "
+                  f"{rate / raw:>4.0%} of raw   (start-up {statistics.median(startup):.2f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
