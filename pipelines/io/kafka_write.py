@@ -208,6 +208,8 @@ class _KafkaWriteFn(beam.DoFn):
         return int(self._config["message.timeout.ms"]) / 1000 + 5.0
 
     def _flush(self) -> None:
+        if self._producer is None:
+            return  # torn down while the runner cancelled the job: nothing was produced since
         remaining = self._producer.flush(self._flush_timeout_s())
         if remaining:
             raise RuntimeError(
