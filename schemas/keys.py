@@ -6,8 +6,9 @@ hydrated from their hashes at read time.
 
 Redis Cluster hash tags: the part in braces picks the slot. Everything keyed
 by one user carries the tag ``{u:<user_id>}`` (home feed, ranked feed and its
-staging key, last read, seen stories, affinities, follower caches, author
-timeline, author features, story tray of the author), so one user's keys share
+staging key, last read, seen stories, affinities, followers and following with
+their edge versions, top followers, author timeline, author features, story tray
+of the author), so one user's keys share
 a slot and a MULTI/Lua over them works in cluster mode: the ranking job swaps
 ``ranked`` + ``ranked_meta`` atomically, and a feed rebuild can
 ``RENAME`` a staging key onto the live one. Post keys use ``{p:<post_id>}``,
@@ -77,16 +78,41 @@ class KeyLayout:
     # -- posts and graph -------------------------------------------------------
 
     def post(self, post_id: int) -> str:
-        """HASH: post metadata: author_id, created_at, media_type, caption_length, deleted."""
+        """HASH: post metadata: author_id, created_at, media_type, caption_length,
+        hashtags (JSON list), event_time; a tombstone keeps only author_id,
+        created_at, ``deleted`` = 1 and ``deleted_at`` (never removed, so a
+        replayed create cannot resurrect the post)."""
         return f"{self.prefix}:post:{{p:{post_id}}}"
 
     def followers(self, user_id: int) -> str:
-        """SET: cached follower ids of ``user_id`` (the durable copy is in Cassandra)."""
+        """ZSET: follower ids of ``user_id``; score = event time (ms) of the follow.
+
+        Ascending order is "oldest follower first". The durable copy is in Cassandra.
+        """
         return f"{self.prefix}:followers:{{u:{user_id}}}"
 
     def following(self, user_id: int) -> str:
-        """SET: cached ids of the users ``user_id`` follows (to pull celebrity timelines)."""
+        """ZSET: ids of the users ``user_id`` follows (to pull celebrity timelines); score = follow time ms."""
         return f"{self.prefix}:following:{{u:{user_id}}}"
+
+    def follower_edges(self, user_id: int) -> str:
+        """HASH: newer-wins state of the edges *into* ``user_id``: field = follower_id,
+        value = edge version (``event_time * 2 + is_unfollow``) of the last applied event.
+
+        Lives beside ``followers`` (same tag) so one Lua script checks and applies.
+        """
+        return f"{self.prefix}:edges_in:{{u:{user_id}}}"
+
+    def following_edges(self, user_id: int) -> str:
+        """HASH: the same edge versions seen from the follower: field = followee_id."""
+        return f"{self.prefix}:edges_out:{{u:{user_id}}}"
+
+    def top_followers(self, user_id: int) -> str:
+        """ZSET: engagement of followers with ``user_id``; member follower_id, score higher = more engaged.
+
+        Read filtered by current membership of ``followers`` (same tag, one Lua call).
+        """
+        return f"{self.prefix}:top_followers:{{u:{user_id}}}"
 
     # -- features (online copy, with TTLs) -------------------------------------
 

@@ -1,0 +1,517 @@
+"""The Redis copy of feeds, timelines, posts and the social graph, for pipelines and serving.
+
+``RedisFeedStore`` is the one place that reads and writes the keys of
+``schemas.keys.KeyLayout``; the fan-out pipeline writes through it and the
+serving layer reads through it, so both agree on encodings. It knows nothing of
+Beam: a sink DoFn builds one in ``setup()`` (``RedisFeedStore.from_url``) and
+closes it in ``teardown()``.
+
+Every write is idempotent, so a retried bundle or a replayed topic leaves the
+same state:
+
+* graph edges carry a version (``edge_version``: event time, an unfollow
+  winning a tie, as in Cassandra) checked and applied by one Lua script per key
+  tag, so out-of-order and re-delivered follow events converge;
+* a post hash becomes a tombstone on delete and a Lua script refuses to write
+  a create over it;
+* feeds and timelines are sorted sets (``ZADD`` of the same member is a no-op),
+  trimmed to the newest ``cap`` entries by rank;
+* ``last_read`` only moves forward (Lua).
+
+Scripts touch only keys of one hash tag, so the layout works on Redis Cluster;
+multi-key reads of different users (``last_reads``) use ``MGET`` and need a
+standalone server (or a cluster client's non-atomic ``mget``).
+
+    store = RedisFeedStore.from_url("redis://127.0.0.1:6379/0")
+    store.push([7, 8], post_id=101, score_ms=1_700_000_000_000, cap=1000)
+    store.feed(7, limit=20)  # [(101, 1700000000000)]
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from schemas.events import FollowEvent, FollowKind, PostEvent
+from schemas.keys import KeyLayout
+
+#: Keys per pipeline round trip (fan-out chunks, MGET batches).
+DEFAULT_CHUNK = 1000
+
+# -- Lua scripts ------------------------------------------------------------------
+# Each touches the keys of one hash tag only (cluster-safe) and is atomic.
+
+# KEYS[1] edge-version hash, KEYS[2] membership zset of the same user.
+# ARGV: other user id, edge version, '1' follow / '0' unfollow, event time ms.
+# Returns -1 if not newer than the stored version (no-op), else 1 when
+# membership changed and 0 when it did not (e.g. a newer FOLLOW refreshing the score).
+_APPLY_EDGE = """
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if stored and tonumber(stored) >= tonumber(ARGV[2]) then
+  return -1
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then
+  return redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+end
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+# KEYS[1] post hash. ARGV: event time ms, then field/value pairs.
+# Returns 0 (writes nothing) on a tombstone, 1 otherwise; an older create than
+# the stored one is a no-op, so a stale replay cannot undo a newer rewrite.
+_PUT_POST = """
+if redis.call('HGET', KEYS[1], 'deleted') == '1' then
+  return 0
+end
+local stored = redis.call('HGET', KEYS[1], 'event_time')
+if stored and tonumber(stored) > tonumber(ARGV[1]) then
+  return 1
+end
+redis.call('HSET', KEYS[1], 'event_time', ARGV[1], unpack(ARGV, 2))
+return 1
+"""
+
+# KEYS[1] post hash. ARGV: delete event time ms, author_id, created_at (from the event).
+# Replaces the hash by a tombstone that keeps what cleanup needs; returns the
+# hash as it was before (flat field/value list). Re-applying gives the same hash.
+_TOMBSTONE_POST = """
+local before = redis.call('HGETALL', KEYS[1])
+local author = redis.call('HGET', KEYS[1], 'author_id') or ARGV[2]
+local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[3]
+local deleted_at = ARGV[1]
+local prev = redis.call('HGET', KEYS[1], 'deleted_at')
+if prev and tonumber(prev) > tonumber(deleted_at) then
+  deleted_at = prev
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'author_id', author, 'created_at', created,
+           'deleted', '1', 'deleted_at', deleted_at)
+return before
+"""
+
+# KEYS[1] last-read string. ARGV[1] time ms. Only moves forward.
+_SET_LAST_READ = """
+local stored = redis.call('GET', KEYS[1])
+if stored and tonumber(stored) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS[1] top-followers zset, KEYS[2] followers zset (same user). ARGV[1] n.
+# The n most engaged members of KEYS[1] that still follow.
+_TOP_FOLLOWERS = """
+local n = tonumber(ARGV[1])
+local out = {}
+local batch = math.max(n * 2, 64)
+local start = 0
+while #out < n do
+  local ids = redis.call('ZREVRANGE', KEYS[1], start, start + batch - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if redis.call('ZSCORE', KEYS[2], id) then
+      out[#out + 1] = id
+      if #out >= n then break end
+    end
+  end
+  start = start + batch
+end
+return out
+"""
+
+
+class PostMeta(TypedDict):
+    """Post metadata as stored (hydration record)."""
+
+    post_id: int
+    author_id: int
+    created_at: int
+    media_type: str | None
+    caption_length: int | None
+    hashtags: tuple[str, ...]
+    deleted: bool
+
+
+# -- pure helpers (unit tested without Redis) ---------------------------------------
+
+
+def edge_version(edge: FollowEvent) -> int:
+    """Total order of the events of one edge: later event time wins, and at equal
+    times an UNFOLLOW beats a FOLLOW (as a Cassandra tombstone beats a write of the
+    same timestamp), so both stores agree whatever the arrival order."""
+    return edge.event_time * 2 + (1 if edge.kind is FollowKind.UNFOLLOW else 0)
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    if size < 1:
+        raise ValueError("chunk size must be at least 1")
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def post_fields(post: PostEvent) -> dict[str, str]:
+    """The hash fields of a created post (event_time aside)."""
+    return {
+        "author_id": str(post.author_id),
+        "created_at": str(post.created_at),
+        "media_type": post.media_type.value,
+        "caption_length": str(post.caption_length),
+        "hashtags": json.dumps(list(post.hashtags), separators=(",", ":")),
+    }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_post(post_id: int, fields: Mapping[bytes | str, bytes | str]) -> PostMeta | None:
+    """A ``PostMeta`` from a post hash as Redis returns it; None for an empty hash."""
+    if not fields:
+        return None
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    caption = f.get("caption_length")
+    return PostMeta(
+        post_id=post_id,
+        author_id=int(f["author_id"]),
+        created_at=int(f["created_at"]),
+        media_type=f.get("media_type"),
+        caption_length=None if caption is None else int(caption),
+        hashtags=tuple(json.loads(f["hashtags"])) if "hashtags" in f else (),
+        deleted=f.get("deleted") == "1",
+    )
+
+
+def post_meta_from_event(post: PostEvent) -> PostMeta:
+    """What a post event itself says about its post."""
+    return PostMeta(
+        post_id=post.post_id, author_id=post.author_id, created_at=post.created_at,
+        media_type=post.media_type.value, caption_length=post.caption_length,
+        hashtags=tuple(post.hashtags), deleted=False)
+
+
+def trim_stop(cap: int) -> int:
+    """``ZREMRANGEBYRANK key 0 <stop>`` keeps the ``cap`` highest scores."""
+    if cap < 1:
+        raise ValueError("cap must be at least 1")
+    return -(cap + 1)
+
+
+def _ids_with_scores(pairs: Iterable[tuple[bytes, float]]) -> list[tuple[int, int]]:
+    return [(int(member), int(score)) for member, score in pairs]
+
+
+# -- the store ------------------------------------------------------------------
+
+
+class RedisFeedStore:
+    """Feeds, timelines, post metadata, graph and activity in Redis (see module doc)."""
+
+    def __init__(self, client: "redis.Redis", keys: KeyLayout):
+        self.client = client
+        self.keys = keys
+        self._apply_edge = client.register_script(_APPLY_EDGE)
+        self._put_post = client.register_script(_PUT_POST)
+        self._tombstone_post = client.register_script(_TOMBSTONE_POST)
+        self._set_last_read = client.register_script(_SET_LAST_READ)
+        self._top_followers = client.register_script(_TOP_FOLLOWERS)
+
+    @classmethod
+    def from_url(cls, url: str, key_prefix: str = "fb") -> "RedisFeedStore":
+        """A store on a new client for ``url``.
+
+        The client retries commands that failed on a dropped connection or a
+        timeout, with exponential backoff; that is safe because every write
+        here is idempotent.
+        """
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        return cls(client, KeyLayout(key_prefix))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _pipeline(self):
+        return self.client.pipeline(transaction=False)
+
+    # -- social graph -------------------------------------------------------------
+
+    def apply_edges(self, edges: Sequence[FollowEvent]) -> list[bool]:
+        """Apply follow/unfollow events, newest event time per edge winning.
+
+        Two script calls per edge, one round trip in all: one on the followee's
+        keys (``followers`` + its edge versions), one on the follower's
+        (``following`` + its edge versions). Each side decides newer-wins on
+        its own version, so both converge to the same edge state. Returns per
+        edge whether the followee's follower set changed.
+        """
+        if not edges:
+            return []
+        k = self.keys
+        pipe = self._pipeline()
+        for e in edges:
+            version = edge_version(e)
+            follow = "1" if e.kind is FollowKind.FOLLOW else "0"
+            self._apply_edge(keys=[k.follower_edges(e.followee_id), k.followers(e.followee_id)],
+                             args=[e.follower_id, version, follow, e.event_time], client=pipe)
+            self._apply_edge(keys=[k.following_edges(e.follower_id), k.following(e.follower_id)],
+                             args=[e.followee_id, version, follow, e.event_time], client=pipe)
+        results = pipe.execute()
+        return [r == 1 for r in results[0::2]]
+
+    def followers(self, user_id: int) -> list[int]:
+        """Follower ids of ``user_id``, oldest follow first."""
+        return [int(m) for m in self.client.zrange(self.keys.followers(user_id), 0, -1)]
+
+    def iter_followers(self, user_id: int, batch_size: int = 10_000) -> Iterator[list[int]]:
+        """Follower ids of ``user_id`` in batches, oldest first (for large accounts).
+
+        Pages by rank, so an edge applied meanwhile can shift a follower into
+        the next page twice or skip it; callers push idempotently.
+        """
+        key, start = self.keys.followers(user_id), 0
+        while True:
+            page = self.client.zrange(key, start, start + batch_size - 1)
+            if not page:
+                return
+            yield [int(m) for m in page]
+            start += batch_size
+
+    def top_followers(self, user_id: int, n: int) -> list[int]:
+        """The ``n`` followers of ``user_id`` most engaged with them, most engaged first.
+
+        Ranked by ``set_follower_engagement`` scores; users who no longer
+        follow are skipped. Empty until engagement was recorded.
+        """
+        if n < 1:
+            return []
+        ids = self._top_followers(keys=[self.keys.top_followers(user_id),
+                                        self.keys.followers(user_id)], args=[n])
+        return [int(m) for m in ids]
+
+    def set_follower_engagement(self, user_id: int, scores: Mapping[int, float],
+                                keep: int = 10_000) -> None:
+        """Record engagement scores of (would-be) followers with ``user_id`` (absolute
+        values, so idempotent), keeping the ``keep`` highest."""
+        if not scores:
+            return
+        key = self.keys.top_followers(user_id)
+        pipe = self._pipeline()
+        pipe.zadd(key, {str(f): float(s) for f, s in scores.items()})
+        pipe.zremrangebyrank(key, 0, trim_stop(keep))
+        pipe.execute()
+
+    def follower_count(self, user_id: int) -> int:
+        return self.client.zcard(self.keys.followers(user_id))
+
+    def following(self, user_id: int) -> list[int]:
+        """Ids ``user_id`` follows, oldest follow first."""
+        return [int(m) for m in self.client.zrange(self.keys.following(user_id), 0, -1)]
+
+    # -- posts --------------------------------------------------------------------
+
+    def put_post(self, post: PostEvent) -> bool:
+        """Store a created post's metadata; False (nothing written) if it is tombstoned."""
+        args: list[Any] = [post.event_time]
+        for field, value in post_fields(post).items():
+            args += [field, value]
+        return self._put_post(keys=[self.keys.post(post.post_id)], args=args) == 1
+
+    def tombstone_post(self, post: PostEvent) -> PostMeta | None:
+        """Mark ``post`` deleted forever (keeping author_id and created_at).
+
+        Returns the metadata stored before, or what the DELETED event says when
+        nothing was stored. A re-delivered delete returns it again, so a retried
+        bundle redoes its cleanup (``deleted`` is then True). Never None in
+        practice; the Optional is kept for callers written against it.
+        """
+        before = self._tombstone_post(
+            keys=[self.keys.post(post.post_id)],
+            args=[post.event_time, post.author_id, post.created_at])
+        fields = dict(zip(before[0::2], before[1::2]))
+        return parse_post(post.post_id, fields) or post_meta_from_event(post)
+
+    def deleted(self, post_ids: Sequence[int]) -> list[bool]:
+        """Per post id whether it is tombstoned, one round trip."""
+        if not post_ids:
+            return []
+        pipe = self._pipeline()
+        for pid in post_ids:
+            pipe.hget(self.keys.post(pid), "deleted")
+        return [v == b"1" for v in pipe.execute()]
+
+    def posts(self, post_ids: Sequence[int]) -> list[PostMeta | None]:
+        """Metadata per post id, one round trip; None for unknown or deleted posts."""
+        if not post_ids:
+            return []
+        pipe = self._pipeline()
+        for pid in post_ids:
+            pipe.hgetall(self.keys.post(pid))
+        out: list[PostMeta | None] = []
+        for pid, fields in zip(post_ids, pipe.execute()):
+            meta = parse_post(pid, fields)
+            out.append(None if meta is None or meta["deleted"] else meta)
+        return out
+
+    # -- feeds and timelines ------------------------------------------------------
+
+    def push(self, user_ids: Sequence[int], post_id: int, score_ms: int, cap: int,
+             chunk_size: int = DEFAULT_CHUNK) -> int:
+        """Add ``post_id`` to each user's home feed, keeping the newest ``cap``.
+
+        One non-transactional pipeline per ``chunk_size`` users (ZADD + trim by
+        rank). Returns the number of feeds written.
+        """
+        stop = trim_stop(cap)
+        member = {str(post_id): score_ms}
+        for chunk in chunks(user_ids, chunk_size):
+            pipe = self._pipeline()
+            for uid in chunk:
+                key = self.keys.home_feed(uid)
+                pipe.zadd(key, member)
+                pipe.zremrangebyrank(key, 0, stop)
+            pipe.execute()
+        return len(user_ids)
+
+    def push_many(self, entries: Sequence[tuple[int, int, int]], cap: int,
+                  chunk_size: int = DEFAULT_CHUNK) -> int:
+        """Add ``(user_id, post_id, score_ms)`` entries, one ZADD + trim per user.
+
+        Returns the number of entries written.
+        """
+        stop = trim_stop(cap)
+        by_user: dict[int, dict[str, int]] = {}
+        for uid, pid, score in entries:
+            by_user.setdefault(uid, {})[str(pid)] = score
+        for chunk in chunks(sorted(by_user), chunk_size):
+            pipe = self._pipeline()
+            for uid in chunk:
+                key = self.keys.home_feed(uid)
+                pipe.zadd(key, by_user[uid])
+                pipe.zremrangebyrank(key, 0, stop)
+            pipe.execute()
+        return len(entries)
+
+    def remove_from_feeds(self, user_ids: Sequence[int], post_ids: Sequence[int],
+                          chunk_size: int = DEFAULT_CHUNK) -> None:
+        """Remove every one of ``post_ids`` from each user's home feed."""
+        if not post_ids:
+            return
+        members = [str(p) for p in post_ids]
+        for chunk in chunks(user_ids, chunk_size):
+            pipe = self._pipeline()
+            for uid in chunk:
+                pipe.zrem(self.keys.home_feed(uid), *members)
+            pipe.execute()
+
+    def merge_into_feed(self, user_id: int, entries: Sequence[tuple[int, int]], cap: int) -> None:
+        """Add ``(post_id, score_ms)`` entries to one feed (e.g. a new follow's recent posts)."""
+        if not entries:
+            return
+        key = self.keys.home_feed(user_id)
+        pipe = self._pipeline()
+        pipe.zadd(key, {str(pid): score for pid, score in entries})
+        pipe.zremrangebyrank(key, 0, trim_stop(cap))
+        pipe.execute()
+
+    def feed(self, user_id: int, limit: int, max_score: float | None = None,
+             exclusive: bool = False) -> list[tuple[int, int]]:
+        """Up to ``limit`` ``(post_id, score_ms)`` of the home feed, newest first.
+
+        ``max_score`` bounds the scores (inclusive; ``exclusive=True`` for
+        strictly below), for cursor pages.
+        """
+        if limit < 1:
+            return []
+        top = "+inf" if max_score is None else (f"({max_score}" if exclusive else max_score)
+        pairs = self.client.zrevrangebyscore(self.keys.home_feed(user_id), top, "-inf",
+                                             start=0, num=limit, withscores=True)
+        return _ids_with_scores(pairs)
+
+    def add_to_timeline(self, author_id: int, post_id: int, score_ms: int, cap: int) -> None:
+        """Add a post to its author's timeline, keeping the newest ``cap``."""
+        key = self.keys.author_timeline(author_id)
+        pipe = self._pipeline()
+        pipe.zadd(key, {str(post_id): score_ms})
+        pipe.zremrangebyrank(key, 0, trim_stop(cap))
+        pipe.execute()
+
+    def remove_from_timeline(self, author_id: int, post_ids: Sequence[int]) -> None:
+        if post_ids:
+            self.client.zrem(self.keys.author_timeline(author_id), *[str(p) for p in post_ids])
+
+    def timeline(self, author_id: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` ``(post_id, score_ms)`` of the author's timeline, newest first."""
+        if limit < 1:
+            return []
+        pairs = self.client.zrevrange(self.keys.author_timeline(author_id), 0, limit - 1,
+                                      withscores=True)
+        return _ids_with_scores(pairs)
+
+    # -- activity -----------------------------------------------------------------
+
+    def set_last_read(self, user_id: int, at_ms: int) -> None:
+        """Record a feed read at ``at_ms``; an older time than the stored one is a no-op."""
+        self._set_last_read(keys=[self.keys.last_read(user_id)], args=[at_ms])
+
+    def last_reads(self, user_ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK) -> list[int | None]:
+        """Last feed read (ms) per user, None if never recorded; MGET per chunk."""
+        out: list[int | None] = []
+        for chunk in chunks(user_ids, chunk_size):
+            values = self.client.mget([self.keys.last_read(u) for u in chunk])
+            out.extend(None if v is None else int(v) for v in values)
+        return out
+
+    # -- tests and tools ----------------------------------------------------------
+
+    def dump(self) -> dict[str, Any]:
+        """Every key under the layout's prefix with its value, deterministically.
+
+        zsets become ``[(member, score), ...]`` sorted by member, hashes sorted
+        dicts, sets sorted lists, strings ``str``. For tests comparing two runs.
+        """
+        keys = sorted(_text(k) for k in self.client.scan_iter(match=self.keys.pattern(), count=1000))
+        if not keys:
+            return {}
+        pipe = self._pipeline()
+        for key in keys:
+            pipe.type(key)
+        types = [_text(t) for t in pipe.execute()]
+        pipe = self._pipeline()
+        readers = {
+            "string": lambda k: pipe.get(k),
+            "hash": lambda k: pipe.hgetall(k),
+            "zset": lambda k: pipe.zrange(k, 0, -1, withscores=True),
+            "set": lambda k: pipe.smembers(k),
+            "list": lambda k: pipe.lrange(k, 0, -1),
+        }
+        present = [(k, t) for k, t in zip(keys, types) if t in readers]  # "none": gone meanwhile
+        unsupported = sorted({t for t in types if t not in readers and t != "none"})
+        if unsupported:
+            raise TypeError(f"dump() does not know Redis types {unsupported}")
+        for key, kind in present:
+            readers[kind](key)
+        out: dict[str, Any] = {}
+        for (key, kind), value in zip(present, pipe.execute()):
+            if kind == "string":
+                out[key] = _text(value)
+            elif kind == "hash":
+                out[key] = dict(sorted((_text(f), _text(v)) for f, v in value.items()))
+            elif kind == "zset":
+                out[key] = sorted((_text(m), s) for m, s in value)
+            elif kind == "set":
+                out[key] = sorted(_text(m) for m in value)
+            else:
+                out[key] = [_text(v) for v in value]
+        return out

@@ -1,0 +1,267 @@
+"""The feed stores against the real Redis and Cassandra: newer-wins graph edges,
+tombstones, capped feeds, bucketed pages and idempotent replays.
+
+Run: ``.venv/bin/python -m pytest tests/integration/test_feed_stores.py``
+"""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.io.cassandra_store import CassandraFeedStore
+from pipelines.io.redis_store import RedisFeedStore
+from schemas.cassandra import FEED_BUCKET_MS, migrate, time_bucket
+from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
+from schemas.keys import KeyLayout
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+FOLLOW, UNFOLLOW = FollowKind.FOLLOW, FollowKind.UNFOLLOW
+
+
+def edge(kind: FollowKind, follower: int, followee: int, t: int) -> FollowEvent:
+    return FollowEvent(f"f-{kind.value}-{follower}-{followee}-{t}", t, kind, follower, followee)
+
+
+def post(kind: PostEventKind, post_id: int, author: int = 3, created: int = T0,
+         t: int | None = None) -> PostEvent:
+    return PostEvent(f"p-{kind.value}-{post_id}", created if t is None else t, kind, post_id,
+                     author, created, MediaType.VIDEO, 12, ("cats", "dogs"))
+
+
+@pytest.fixture
+def redis_store(redis_client, key_prefix) -> RedisFeedStore:
+    return RedisFeedStore(redis_client, KeyLayout(key_prefix))
+
+
+@pytest.fixture
+def cassandra_store(cassandra_session, keyspace) -> CassandraFeedStore:
+    migrate(cassandra_session, keyspace)
+    return CassandraFeedStore(cassandra_session, keyspace)
+
+
+@pytest.fixture(params=["redis", "cassandra"])
+def store(request):
+    """Each backend in turn, for behaviour both must share."""
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+# -- social graph -------------------------------------------------------------------
+
+
+def test_edges_converge_out_of_order_and_on_redelivery(store):
+    # UNFOLLOW@t2 arrives before the FOLLOW@t1 it cancels: not following.
+    store.apply_edges([edge(UNFOLLOW, 10, 1, T0 + 2)])
+    store.apply_edges([edge(FOLLOW, 10, 1, T0 + 1)])
+    assert store.followers(1) == [] and store.following(10) == []
+    # A later FOLLOW@t3 wins.
+    store.apply_edges([edge(FOLLOW, 10, 1, T0 + 3)])
+    assert store.followers(1) == [10] and store.following(10) == [1]
+    # Redelivery of everything, newest first, changes nothing.
+    store.apply_edges([edge(FOLLOW, 10, 1, T0 + 3), edge(UNFOLLOW, 10, 1, T0 + 2),
+                       edge(FOLLOW, 10, 1, T0 + 1)])
+    assert store.followers(1) == [10] and store.following(10) == [1]
+    # Same event time: the unfollow wins, whichever comes first (as Cassandra's tombstone).
+    store.apply_edges([edge(FOLLOW, 11, 1, T0 + 5), edge(UNFOLLOW, 11, 1, T0 + 5)])
+    store.apply_edges([edge(UNFOLLOW, 12, 1, T0 + 5), edge(FOLLOW, 12, 1, T0 + 5)])
+    assert store.followers(1) == [10]
+    # Oldest follow first, counts, both directions.
+    store.apply_edges([edge(FOLLOW, 14, 1, T0 + 9), edge(FOLLOW, 13, 1, T0 + 8),
+                       edge(FOLLOW, 10, 2, T0 + 9)])
+    assert store.followers(1) == [10, 13, 14]
+    assert store.follower_count(1) == 3 and store.follower_count(99) == 0
+    assert store.following(10) == [1, 2]
+
+
+def test_redis_edges_report_membership_changes(redis_store):
+    changed = redis_store.apply_edges([
+        edge(FOLLOW, 10, 1, T0 + 1),    # new follower
+        edge(FOLLOW, 10, 1, T0 + 1),    # redelivered: no-op
+        edge(FOLLOW, 10, 1, T0 + 4),    # newer follow: applied, membership unchanged
+        edge(UNFOLLOW, 10, 1, T0 + 2),  # older than the last applied: no-op
+        edge(UNFOLLOW, 10, 1, T0 + 6),  # removes
+    ])
+    assert changed == [True, False, False, False, True]
+    assert redis_store.apply_edges([]) == []
+
+
+def test_redis_top_followers_skip_users_who_no_longer_follow(redis_store):
+    redis_store.apply_edges([edge(FOLLOW, f, 1, T0 + f) for f in (10, 11, 12, 13)])
+    assert redis_store.top_followers(1, 3) == []  # no engagement recorded yet
+    redis_store.set_follower_engagement(1, {10: 1.0, 11: 5.0, 12: 3.0, 13: 4.0, 99: 9.0})
+    redis_store.apply_edges([edge(UNFOLLOW, 13, 1, T0 + 50)])
+    assert redis_store.top_followers(1, 2) == [11, 12]  # 99 never followed, 13 left
+    assert redis_store.top_followers(1, 10) == [11, 12, 10]
+    assert redis_store.top_followers(1, 0) == []
+
+
+def test_cassandra_stored_follower_count_newer_wins(cassandra_store):
+    cassandra_store.apply_edges([edge(FOLLOW, f, 1, T0) for f in (10, 11)])
+    assert cassandra_store.follower_count(1) == 2  # counted: nothing stored yet
+    cassandra_store.set_follower_count(1, 40_000, at_ms=T0 + 10)
+    cassandra_store.set_follower_count(1, 39_000, at_ms=T0 + 5)  # older: ignored
+    assert cassandra_store.follower_count(1) == 40_000
+
+
+# -- posts ----------------------------------------------------------------------------
+
+
+def test_tombstone_wins_over_a_replayed_create(store):
+    created = post(PostEventKind.CREATED, 100, created=T0)
+    redis = isinstance(store, RedisFeedStore)  # only Redis reports whether it wrote
+    assert store.put_post(created) is (True if redis else None)
+    assert store.deleted([100, 101]) == [False, False]
+    store.tombstone_post(post(PostEventKind.DELETED, 100, created=T0, t=T0 + 60_000))
+    assert store.put_post(created) is (False if redis else None)  # replay after the delete
+    assert store.deleted([100]) == [True]
+    assert store.posts([100]) == [None]
+    # A delete that arrives before its create also sticks.
+    store.tombstone_post(post(PostEventKind.DELETED, 101, t=T0 + 60_000))
+    store.put_post(post(PostEventKind.CREATED, 101))
+    assert store.deleted([100, 101, 102]) == [True, True, False]
+
+
+def test_post_metadata_hydrates_the_same_from_both_stores(redis_store, cassandra_store):
+    created = post(PostEventKind.CREATED, 100, author=4, created=T0 + 7)
+    for s in (redis_store, cassandra_store):
+        s.put_post(created)
+    expected = {"post_id": 100, "author_id": 4, "created_at": T0 + 7, "media_type": "VIDEO",
+                "caption_length": 12, "hashtags": ("cats", "dogs"), "deleted": False}
+    assert redis_store.posts([100, 5]) == [expected, None]
+    assert cassandra_store.posts([100, 5]) == [expected, None]
+
+
+def test_redis_tombstone_returns_what_cleanup_needs(redis_store):
+    redis_store.put_post(post(PostEventKind.CREATED, 100, author=4, created=T0))
+    deleted = post(PostEventKind.DELETED, 100, author=4, created=T0, t=T0 + 5)
+    before = redis_store.tombstone_post(deleted)
+    assert before["author_id"] == 4 and before["created_at"] == T0 and not before["deleted"]
+    again = redis_store.tombstone_post(deleted)  # a retried bundle can redo its cleanup
+    assert (again["author_id"], again["created_at"], again["deleted"]) == (4, T0, True)
+    unknown = redis_store.tombstone_post(post(PostEventKind.DELETED, 200, author=6, created=T0))
+    assert (unknown["author_id"], unknown["created_at"]) == (6, T0)
+
+
+# -- feeds, timelines, activity (Redis) ---------------------------------------------------
+
+
+def test_redis_push_caps_to_the_newest(redis_store):
+    users = list(range(1, 26))
+    for i in range(5):
+        assert redis_store.push(users, 100 + i, T0 + i, cap=3, chunk_size=7) == 25
+    redis_store.push(users, 104, T0 + 4, cap=3)  # re-delivered: no duplicate
+    for uid in (1, 13, 25):
+        assert redis_store.feed(uid, 10) == [(104, T0 + 4), (103, T0 + 3), (102, T0 + 2)]
+    redis_store.push(users, 90, T0 - 100, cap=3)  # older than everything kept: trimmed away
+    assert redis_store.feed(5, 10)[-1] == (102, T0 + 2)
+    assert redis_store.feed(5, 2) == [(104, T0 + 4), (103, T0 + 3)]
+    assert redis_store.feed(5, 10, max_score=T0 + 3) == [(103, T0 + 3), (102, T0 + 2)]
+    assert redis_store.feed(5, 10, max_score=T0 + 3, exclusive=True) == [(102, T0 + 2)]
+    assert redis_store.feed(999, 10) == []
+
+
+def test_redis_push_many_remove_and_merge(redis_store):
+    assert redis_store.push_many([(1, 100, T0), (1, 101, T0 + 1), (2, 100, T0)], cap=10) == 3
+    redis_store.remove_from_feeds([1, 2, 3], [100, 555])
+    assert redis_store.feed(1, 10) == [(101, T0 + 1)] and redis_store.feed(2, 10) == []
+    redis_store.merge_into_feed(1, [(200, T0 + 20), (201, T0 + 21), (202, T0 - 5)], cap=3)
+    assert redis_store.feed(1, 10) == [(201, T0 + 21), (200, T0 + 20), (101, T0 + 1)]
+
+
+def test_redis_timeline_and_last_reads(redis_store):
+    for i in range(4):
+        redis_store.add_to_timeline(3, 100 + i, T0 + i, cap=3)
+    redis_store.remove_from_timeline(3, [102])
+    assert redis_store.timeline(3, 10) == [(103, T0 + 3), (101, T0 + 1)]
+    assert redis_store.timeline(3, 1) == [(103, T0 + 3)]
+    redis_store.set_last_read(1, T0 + 10)
+    redis_store.set_last_read(1, T0 + 5)  # older read arriving late: ignored
+    redis_store.set_last_read(3, T0)
+    assert redis_store.last_reads([1, 2, 3]) == [T0 + 10, None, T0]
+    assert redis_store.last_reads(list(range(1, 2500)))[:3] == [T0 + 10, None, T0]
+
+
+# -- feeds, timelines, activity (Cassandra) -------------------------------------------------
+
+
+def test_cassandra_feed_pages_across_buckets(cassandra_store):
+    now = T0 + 2 * FEED_BUCKET_MS
+    old_week, new_week = now - FEED_BUCKET_MS, now  # two different buckets
+    assert time_bucket(old_week) != time_bucket(new_week)
+    posts = [(100, old_week), (101, old_week + 1), (102, new_week - 2), (103, new_week - 1)]
+    for pid, created in posts:
+        cassandra_store.push([1, 2], pid, author_id=pid % 7, created_at_ms=created)
+    cassandra_store.push([1], 103, author_id=103 % 7, created_at_ms=new_week - 1)  # redelivered
+
+    page1 = cassandra_store.feed_page(1, 3, before=None, now_ms=now)
+    assert page1 == [(103, new_week - 1, 5), (102, new_week - 2, 4), (101, old_week + 1, 3)]
+    page2 = cassandra_store.feed_page(1, 3, before=page1[-1][:2], now_ms=now)
+    assert page2 == [(100, old_week, 2)]
+    assert cassandra_store.feed_page(1, 3, before=page2[-1][:2], now_ms=now) == []
+    assert cassandra_store.feed_page(1, 10, before=None, now_ms=now, max_buckets=1) == page1[:2]
+
+    # Unfollow/delete removes; a replayed push does not bring it back, a later event does.
+    cassandra_store.remove_from_feeds([1, 2], 102, created_at_ms=new_week - 2, at_ms=now)
+    cassandra_store.push([1], 102, author_id=4, created_at_ms=new_week - 2)
+    assert [p for p, _, _ in cassandra_store.feed_page(1, 10, None, now)] == [103, 101, 100]
+    cassandra_store.push([1], 102, author_id=4, created_at_ms=new_week - 2, at_ms=now + 1)
+    assert [p for p, _, _ in cassandra_store.feed_page(1, 10, None, now)] == [103, 102, 101, 100]
+    assert [p for p, _, _ in cassandra_store.feed_page(2, 10, None, now)] == [103, 101, 100]
+
+
+def test_cassandra_timeline_and_last_reads(cassandra_store):
+    now = T0 + FEED_BUCKET_MS
+    for pid, created in ((100, T0), (101, T0 + 1), (102, now - 1)):
+        cassandra_store.add_to_timeline(3, pid, created, MediaType.PHOTO.value)
+    cassandra_store.remove_from_timeline(3, 101, T0 + 1)
+    cassandra_store.add_to_timeline(3, 101, T0 + 1, "PHOTO")  # replayed create: stays removed
+    assert cassandra_store.timeline(3, 10, now_ms=now) == [(102, now - 1), (100, T0)]
+    assert cassandra_store.timeline(3, 1, now_ms=now) == [(102, now - 1)]
+    assert cassandra_store.timeline(3, 10, now_ms=now, max_buckets=1) == [(102, now - 1)]
+    cassandra_store.set_last_read(1, T0 + 10)
+    cassandra_store.set_last_read(1, T0 + 5)
+    assert cassandra_store.last_reads([1, 2]) == [T0 + 10, None]
+
+
+# -- replay idempotency -----------------------------------------------------------------
+
+
+def _apply_workload(redis_store: RedisFeedStore, cassandra_store: CassandraFeedStore,
+                    reverse: bool) -> None:
+    edges = [edge(FOLLOW, 10, 1, T0), edge(FOLLOW, 11, 1, T0 + 1), edge(UNFOLLOW, 10, 1, T0 + 2),
+             edge(FOLLOW, 10, 2, T0 + 3), edge(FOLLOW, 12, 1, T0 + 4)]
+    created = [post(PostEventKind.CREATED, 100 + i, created=T0 + i) for i in range(3)]
+    deleted = post(PostEventKind.DELETED, 101, created=T0 + 1, t=T0 + 50)
+    if reverse:
+        edges.reverse()
+    for s in (redis_store, cassandra_store):
+        s.apply_edges(edges)
+        for p in created:
+            s.put_post(p)
+        s.tombstone_post(deleted)
+        s.set_last_read(11, T0 + 9)
+    for p in created:
+        redis_store.push([11, 12], p.post_id, p.created_at, cap=2)
+        redis_store.add_to_timeline(3, p.post_id, p.created_at, cap=10)
+        cassandra_store.push([11, 12], p.post_id, 3, p.created_at)
+        cassandra_store.add_to_timeline(3, p.post_id, p.created_at, "VIDEO")
+    redis_store.remove_from_feeds([11, 12], [101])
+    redis_store.remove_from_timeline(3, [101])
+    cassandra_store.remove_from_feeds([11, 12], 101, T0 + 1, at_ms=T0 + 50)
+    cassandra_store.remove_from_timeline(3, 101, T0 + 1, at_ms=T0 + 50)
+    cassandra_store.set_follower_count(1, 2, at_ms=T0 + 4)
+
+
+def test_replaying_the_same_operations_leaves_identical_dumps(redis_store, cassandra_store):
+    _apply_workload(redis_store, cassandra_store, reverse=False)
+    first_redis, first_cassandra = redis_store.dump(), cassandra_store.dump()
+    assert first_redis[redis_store.keys.followers(1)] == [("11", T0 + 1), ("12", T0 + 4)]
+    # cap 2 kept 101 and 102, then the delete removed 101
+    assert first_redis[redis_store.keys.home_feed(11)] == [("102", T0 + 2)]
+    assert len(first_cassandra["home_feed_by_user"]) == 4
+    assert {r["follower_id"] for r in first_cassandra["followers_by_user"] if r["user_id"] == 1} \
+        == {11, 12}
+
+    _apply_workload(redis_store, cassandra_store, reverse=True)  # replay, edges out of order
+    assert redis_store.dump() == first_redis
+    assert cassandra_store.dump() == first_cassandra
