@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 n, seconds = beam_bounded(bootstrap, topic, one, prism)
                 assert n == 1, n
                 startup.append(seconds)
-            print(f"beam job start-up (1 record): "
+            print("beam job start-up (1 record): "
                   + "  ".join(f"{s:.2f}s" for s in startup))
         with tempfile.TemporaryDirectory(prefix="bench-kafka-io-") as tmp:
             for run in range(args.runs):

@@ -28,14 +28,14 @@ from pipelines.io.cassandra_store import CassandraFeedStore
 from pipelines.io.redis_store import RedisFeedStore
 from schemas.cassandra import migrate
 from schemas.codec import WireCodec
-from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
+from schemas.events import FollowEvent, PostEvent
+from tests.integration.fanout_events import U, create, delete, follow
 from tests.integration.test_kafka_source import _cancel, _kill, _wait_for
 
 pytestmark = pytest.mark.integration
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTITIONS = 2
-F, U = FollowKind.FOLLOW, FollowKind.UNFOLLOW
 
 
 class Topics:
@@ -106,18 +106,6 @@ def env(stack, kafka_topic, cassandra_session, keyspace, key_prefix):
     cassandra_store = CassandraFeedStore(cassandra_session, keyspace)
     yield topics, redis_store, cassandra_store, key_prefix, keyspace
     redis_store.close()
-
-
-def follow(follower, followee, t, kind=F):
-    return FollowEvent(f"{kind.value}-{follower}-{followee}-{t}", t, kind, follower, followee)
-
-
-def create(pid, author, t):
-    return PostEvent(f"c{pid}", t, PostEventKind.CREATED, pid, author, t, MediaType.PHOTO)
-
-
-def delete(pid, author, created, t):
-    return PostEvent(f"d{pid}", t, PostEventKind.DELETED, pid, author, created, MediaType.PHOTO)
 
 
 def feed_ids(redis: RedisFeedStore, user: int) -> list[int]:

@@ -17,24 +17,11 @@ from pipelines.fanout_logic import DAY_MS, FanoutPolicy
 from pipelines.io.cassandra_store import CassandraFeedStore
 from pipelines.io.redis_store import RedisFeedStore
 from schemas.cassandra import migrate
-from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
+from tests.integration.fanout_events import U, create, delete, follow
 
 pytestmark = pytest.mark.integration
 
 T0 = 1_700_000_000_000
-F, U = FollowKind.FOLLOW, FollowKind.UNFOLLOW
-
-
-def follow(follower, followee, t, kind=F):
-    return FollowEvent(f"{kind.value}-{follower}-{followee}-{t}", t, kind, follower, followee)
-
-
-def create(pid, author, t):
-    return PostEvent(f"c{pid}", t, PostEventKind.CREATED, pid, author, t, MediaType.PHOTO)
-
-
-def delete(pid, author, created, t):
-    return PostEvent(f"d{pid}", t, PostEventKind.DELETED, pid, author, created, MediaType.PHOTO)
 
 
 @pytest.fixture
