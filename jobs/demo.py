@@ -1,42 +1,120 @@
 """``feedbeam demo``: the whole system, as far as it exists, on the local stack.
 
 Brings the local servers up, creates the topics, applies the Cassandra schema,
-produces a synthetic workload to Kafka and prints what landed there: events
-per topic and partition, dead-letter counts, and a decoded sample of each
-topic. Every step is the same code path as the matching subcommand, so the
-demo shows exactly what a data engineer would get running them one by one.
+produces a synthetic workload to Kafka, runs the fan-out pipeline on Prism
+until it has applied that workload, and prints what came out: events and dead
+letters per topic, home feeds in Redis and rows in Cassandra, freshness from
+the job's log, one user's home feed hydrated from post metadata and a
+celebrity's timeline. Every step is the same code path as the matching
+subcommand or ``python -m pipelines.fanout``, so the demo shows exactly what a
+data engineer would get running them one by one.
+
+Re-running: topics and migrations that exist are kept. Each run generates the
+same graph (same ``--seed``) over a new two-hour window ending now, so its
+event ids and post ids are new: the second run adds posts, and its FOLLOW
+events re-apply the same edges (idempotent, newer event time wins). Before
+the job starts, the demo's consumer group (``feedbeam-demo-fanout``) is moved
+to where the topics ended before this run's workload, so the job applies
+exactly this run's events; what earlier runs left in Redis and Cassandra stays.
+Anything else in the topics (an interrupted demo's backlog, a big ``feedbeam
+generate``) is not the demo's to wait for; ``python -m pipelines.fanout``
+processes it. With ``--skip-generate`` the group is not moved: the job resumes
+from its committed offsets (earliest for a new group) and the demo waits until
+it has caught up.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime as dt
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from infra import stack
-from infra.settings import StackSettings
+from infra.settings import REPO_ROOT, StackSettings
 from jobs.errors import UserFacingError
-from schemas.events import TOPICS, dlq_topic
+from schemas.events import TOPICS, FollowEvent, PostEvent, dlq_topic
 
-# A workload that shows every feature (celebrities above the push threshold,
-# active stories) yet is produced in well under a minute on two cores.
-DEMO_GENERATE_ARGS = [
-    "--seed", "7", "--users", "5000", "--avg-following", "60",
-    "--celebrities", "2", "--push-threshold", "1000", "--duration", "2h",
-    "--posts-per-day", "2", "--stories-per-day", "1",
-]
+DEMO_GROUP = "feedbeam-demo-fanout"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoWorkload:
+    """The demo's ``feedbeam generate`` options.
+
+    Sized for a two-core machine: the fan-out job on Prism applies 150-400
+    follow events per second there (each FOLLOW reads the followee's
+    timeline to merge recent posts), so the graph (~30 k edges) dominates the
+    demo's run time (two to three minutes). Two celebrities sit above the push
+    threshold (pulled at read time, their top followers still pushed), and
+    posts are frequent enough that a feed has tens of entries.
+    """
+
+    seed: int = 7
+    users: int = 2000
+    avg_following: float = 15.0
+    celebrities: int = 2
+    push_threshold: int = 1000
+    duration: str = "2h"
+    posts_per_day: float = 12.0
+    stories_per_day: float = 1.0
+
+    def generate_args(self, start_ms: int, topic_prefix: str = "") -> list[str]:
+        """``feedbeam generate`` arguments for a window starting at ``start_ms``."""
+        return [
+            "--seed", str(self.seed), "--users", str(self.users),
+            "--avg-following", f"{self.avg_following:g}", "--celebrities", str(self.celebrities),
+            "--push-threshold", str(self.push_threshold), "--duration", self.duration,
+            "--posts-per-day", f"{self.posts_per_day:g}",
+            "--stories-per-day", f"{self.stories_per_day:g}",
+            "--start", str(start_ms), "--topic-prefix", topic_prefix,
+        ]
 
 
 def register(subparsers) -> None:
+    d = DemoWorkload()
     p = subparsers.add_parser(
-        "demo", help="set up the local stack, produce a workload, show what landed",
-        description=__doc__.split("\n\n")[1])
+        "demo", help="set up the local stack, produce a workload, run the fan-out job, "
+        "show the feeds", description=__doc__.split("\n\n")[1])
     p.add_argument("--partitions", type=int, default=3,
                    help="partitions per topic when the topics are created (default 3)")
     p.add_argument("--samples", type=int, default=2,
                    help="decoded events to show per topic (default 2)")
     p.add_argument("--skip-generate", action="store_true",
-                   help="do not produce a new workload; only show what is in Kafka")
+                   help="do not produce a new workload; run the job over what the demo group "
+                   "has not applied yet")
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the fan-out job running after the summary (new events are "
+                   "applied as they arrive) until Ctrl-C")
+    p.add_argument("--timeout", type=float, default=900.0, metavar="S",
+                   help="give up if the job has not caught up after S seconds (default 900)")
+    p.add_argument("--seed", type=int, default=d.seed, help="workload seed (default %(default)s)")
+    p.add_argument("--users", type=int, default=d.users,
+                   help="users in the workload (default %(default)s)")
+    # Knobs for tests and experiments (a tiny workload, isolated names).
+    hidden = argparse.SUPPRESS
+    p.add_argument("--avg-following", type=float, default=d.avg_following, help=hidden)
+    p.add_argument("--celebrities", type=int, default=d.celebrities, help=hidden)
+    p.add_argument("--push-threshold", type=int, default=d.push_threshold, help=hidden)
+    p.add_argument("--posts-per-day", type=float, default=d.posts_per_day, help=hidden)
+    p.add_argument("--topic-prefix", default="", help=hidden)
+    p.add_argument("--redis-key-prefix", default="fb", help=hidden)
+    p.add_argument("--keyspace", default=None, help=hidden)
+    p.add_argument("--group", default=DEMO_GROUP, help=hidden)
     p.set_defaults(handler=run_demo)
+
+
+def workload_of(args: argparse.Namespace) -> DemoWorkload:
+    return dataclasses.replace(
+        DemoWorkload(), seed=args.seed, users=args.users, avg_following=args.avg_following,
+        celebrities=args.celebrities, push_threshold=args.push_threshold,
+        posts_per_day=args.posts_per_day)
 
 
 def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
@@ -44,33 +122,77 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     from schemas.cassandra import DEFAULT_KEYSPACE, migrate, new_cluster
 
     started = time.monotonic()
-    _step("1/4 local stack: Kafka, Cassandra, Redis (installs on first run)")
+    keyspace = args.keyspace or DEFAULT_KEYSPACE
+    prefix = args.topic_prefix
+    workload = workload_of(args)
+    read_topics = [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC]
+
+    _step("1/6 local stack: Kafka, Cassandra, Redis (installs on first run)")
     for service in stack.up(settings):
         print("   " + service.line())
+    prism = stack.prism_binary(settings)
 
-    _step("2/4 topics and their dead-letter twins")
+    _step("2/6 topics and their dead-letter twins")
     created = topics.create_topics(
-        settings.kafka_bootstrap, topics.feed_topics(), partitions=args.partitions)
+        settings.kafka_bootstrap, topics.feed_topics(prefix), partitions=args.partitions)
     print("   " + ", ".join(f"{name} ({state})" for name, state in created.items()))
 
-    _step(f"3/4 Cassandra schema (keyspace {DEFAULT_KEYSPACE})")
+    _step(f"3/6 Cassandra schema (keyspace {keyspace})")
     cluster = new_cluster(settings.host, settings.cassandra_port)
     try:
-        for result in migrate(cluster.connect(), DEFAULT_KEYSPACE):
+        for result in migrate(cluster.connect(), keyspace):
             print(f"   {result.version:04d} {result.name}: {result.status}")
     finally:
         cluster.shutdown()
 
-    if not args.skip_generate:
-        _step("4/4 synthetic workload -> Kafka")
+    if args.skip_generate:
+        _step("4/6 synthetic workload: skipped (--skip-generate)")
+    else:
+        _step("4/6 synthetic workload -> Kafka")
         from jobs.cli import build_parser
 
-        gen_args = build_parser().parse_args(["generate", *DEMO_GENERATE_ARGS])
+        # Where this run's events begin: the job starts there (module docstring).
+        mark = end_offsets(settings.kafka_bootstrap, read_topics)
+        commit_offsets(settings.kafka_bootstrap, args.group, mark)
+        duration_ms = generate.parse_duration(workload.duration)
+        start_ms = int(time.time() * 1000) - duration_ms
+        print(f"   seed {workload.seed}, {workload.users} users, --start {start_ms} "
+              f"(a new window, so new event and post ids; the same graph)")
+        gen_args = build_parser().parse_args(
+            ["generate", *workload.generate_args(start_ms, prefix)])
         generate.run_generate(gen_args, settings)
 
-    _step("what is in Kafka now")
-    _print_topics(settings)
-    _print_samples(settings, args.samples)
+    _step(f"5/6 fan-out pipeline on Prism (consumer group {args.group})")
+    log_path = settings.state_dir / "logs" / f"{args.group}.log"
+    job = FanoutJob.start(settings, prism, log_path, [
+        f"--consumer_group={args.group}", "--fallback_start=earliest",
+        f"--topic_prefix={prefix}", f"--redis_key_prefix={args.redis_key_prefix}",
+        f"--cassandra_keyspace={keyspace}", f"--push_threshold={workload.push_threshold}",
+        "--freshness_log_s=5",
+    ])
+    try:
+        print(f"   pid {job.process.pid}, log {log_path}")
+        caught_up_in = wait_until_applied(settings.kafka_bootstrap, args.group, read_topics,
+                                          job, args.timeout)
+        print(f"   caught up in {caught_up_in:.0f}s")
+
+        _step("6/6 what came out")
+        _print_topics(settings, prefix)
+        _print_stores(settings, args.redis_key_prefix, keyspace, workload, log_path)
+        _print_samples(settings, args.samples, prefix)
+        if args.keep_running:
+            print(f"\nthe fan-out job keeps running (pid {job.process.pid}, log {log_path}): "
+                  f"events produced to {' and '.join(read_topics)} land in the feeds. "
+                  f"Ctrl-C stops it.", flush=True)
+            try:
+                while job.process.poll() is None:
+                    time.sleep(1.0)
+                raise UserFacingError(f"the fan-out job exited (code {job.process.returncode});"
+                                      f" see {log_path}")
+            except KeyboardInterrupt:
+                print("\nstopping the fan-out job")
+    finally:
+        job.stop()
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The servers keep "
           "running; `.venv/bin/feedbeam infra down` stops them.")
     return 0
@@ -80,22 +202,310 @@ def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def _print_topics(settings: StackSettings) -> None:
+# ---------------------------------------------------------------- the job
+
+
+@dataclasses.dataclass
+class FanoutJob:
+    """``python -m pipelines.fanout`` on Prism in its own process group."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    @classmethod
+    def start(cls, settings: StackSettings, prism: Path, log_path: Path,
+              extra: list[str]) -> "FanoutJob":
+        argv = [
+            sys.executable, "-m", "pipelines.fanout",
+            "--runner=PrismRunner", f"--prism_location={prism}",
+            "--environment_type=LOOPBACK", "--streaming",
+            f"--kafka_bootstrap={settings.kafka_bootstrap}", f"--redis_url={settings.redis_url}",
+            f"--cassandra_host={settings.host}", f"--cassandra_port={settings.cassandra_port}",
+            *extra,
+        ]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log.write(f"\n--- feedbeam demo {dt.datetime.now().isoformat()}: "
+                      f"{' '.join(argv[1:])}\n".encode())
+            log.flush()
+            # Its own session: stop() signals the job, its Prism and its workers together.
+            process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        return cls(process, log_path)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to the process group, SIGKILL if it is still there after ``grace_s``."""
+        if self.process.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("     " + line for line in text[-lines:])
+
+
+# ---------------------------------------------------------------- consumer lag
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    """High watermark per ``(topic, partition)``."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from pipelines.io.offsets import partitions_of
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "feedbeam-demo-offsets",
+                         "enable.auto.commit": False})
+    try:
+        return {(t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+                for t in topics for p in partitions_of(consumer, t)}
+    finally:
+        consumer.close()
+
+
+def commit_offsets(bootstrap: str, group: str, offsets: dict[tuple[str, int], int]) -> None:
+    """Set ``group``'s committed offsets (the source assigns partitions: no members to fence)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                        asynchronous=False)
+    finally:
+        consumer.close()
+
+
+class GroupLag:
+    """Lag of a consumer group per topic: end offsets less committed offsets."""
+
+    def __init__(self, bootstrap: str, group: str, topics: list[str]):
+        from confluent_kafka import Consumer, TopicPartition
+
+        from pipelines.io.offsets import partitions_of
+
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                                   "enable.auto.commit": False})
+        self.topics = topics
+        self._parts = [TopicPartition(t, p) for t in topics
+                       for p in partitions_of(self._consumer, t)]
+
+    def __call__(self) -> dict[str, int]:
+        from confluent_kafka import TopicPartition
+
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in self._consumer.committed(self._parts, timeout=10)}
+        lag = dict.fromkeys(self.topics, 0)
+        for tp in self._parts:
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(tp.topic, tp.partition), timeout=10)
+            at = committed[(tp.topic, tp.partition)]
+            lag[tp.topic] += max(high - (at if at >= 0 else low), 0)
+        return lag
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def wait_until_applied(bootstrap: str, group: str, topics: list[str], job: FanoutJob,
+                       timeout_s: float) -> float:
+    """Wait until ``group`` has no lag on ``topics``; returns the seconds it took.
+
+    The source commits a bundle's offsets only after its writes are done, so
+    zero lag means every event in the topics is in the stores. Prints the lag
+    as it goes down; raises ``UserFacingError`` (pointing at the job's log) if
+    the job exits or ``timeout_s`` passes first.
+    """
+    tty = sys.stdout.isatty()
+    lag_of = GroupLag(bootstrap, group, topics)
+    started = time.monotonic()
+    last_print = None
+    first = None
+    try:
+        while True:
+            lag = lag_of()
+            total = sum(lag.values())
+            first = total if first is None else max(first, total)
+            now = time.monotonic()
+            elapsed = now - started
+            line = ("   lag " + ", ".join(f"{t} {n:,}" for t, n in lag.items())
+                    + f"   applied {first - total:,} of {first:,}"
+                    + (f" ({(first - total) / elapsed:,.0f} ev/s)" if elapsed >= 1 else "")
+                    + f", {elapsed:.0f}s")
+            if tty:  # one line, rewritten in place
+                print("\r" + line + "\x1b[K", end="\n" if total == 0 else "", flush=True)
+            elif total == 0 or last_print is None or now - last_print >= 10:
+                print(line, flush=True)
+                last_print = now
+            if total == 0:
+                return elapsed
+            if job.process.poll() is not None:
+                raise UserFacingError(
+                    f"the fan-out job exited (code {job.process.returncode}) with "
+                    f"{total:,} events not applied; its log is {job.log_path}:\n"
+                    + job.log_tail())
+            if elapsed > timeout_s:
+                raise UserFacingError(
+                    f"the fan-out job did not catch up within {timeout_s:.0f}s ({total:,} "
+                    f"events left; --timeout raises the limit); its log is {job.log_path}")
+            time.sleep(1.0)
+    except BaseException:
+        if tty:
+            print(flush=True)  # end the progress line before the error
+        raise
+    finally:
+        lag_of.close()
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _print_topics(settings: StackSettings, prefix: str = "") -> None:
     from jobs.topics import describe_topics
 
     described = {name: (parts, total) for name, parts, total in
-                 describe_topics(settings.kafka_bootstrap)}
-    missing = [t for t in TOPICS if t not in described]
+                 describe_topics(settings.kafka_bootstrap, prefix)}
+    missing = [prefix + t for t in TOPICS if prefix + t not in described]
     if missing:
         raise UserFacingError(f"topics missing after creation: {missing}")
     print(f"   {'topic':<20} {'partitions':>10} {'events':>10} {'dead letters':>13}")
     for topic in TOPICS:
-        parts, total = described[topic]
-        dead = described.get(dlq_topic(topic), (0, 0))[1]
+        parts, total = described[prefix + topic]
+        dead = described.get(dlq_topic(prefix + topic), (0, 0))[1]
         print(f"   {topic:<20} {parts:>10} {total:>10} {dead:>13}")
 
 
-def _print_samples(settings: StackSettings, per_topic: int) -> None:
+_FRESHNESS = re.compile(r"fanout freshness over the last \d+s: (\d+) posts pushed, "
+                        r"p50 (\d+) ms, p99 (\d+) ms")
+
+
+def freshness_from_log(log_path: Path) -> tuple[int, int, int] | None:
+    """``(posts, p50 ms, p99 ms)`` of the job's freshness lines in this run's part of the log.
+
+    The job logs one line per window and worker; the figures combine them as
+    a post-weighted mean of p50 and the largest p99 (an upper bound).
+    """
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    text = text.rsplit("--- feedbeam demo ", 1)[-1]
+    windows = [tuple(int(x) for x in m.groups()) for m in _FRESHNESS.finditer(text)]
+    if not windows:
+        return None
+    posts = sum(n for n, _, _ in windows)
+    p50 = sum(n * p for n, p, _ in windows) / max(posts, 1)
+    return posts, int(p50), max(p for _, _, p in windows)
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
+
+
+def _print_stores(settings: StackSettings, key_prefix: str, keyspace: str,
+                  workload: DemoWorkload, log_path: Path) -> None:
+    from pipelines.io.redis_store import RedisFeedStore
+
+    redis = RedisFeedStore.from_url(settings.redis_url, key_prefix=key_prefix)
+    try:
+        users = range(1, workload.users + 1)
+        pipe = redis.client.pipeline(transaction=False)
+        for u in users:
+            pipe.zcard(redis.keys.home_feed(u))
+            pipe.zcard(redis.keys.followers(u))
+        counts = pipe.execute()
+        feed_sizes = dict(zip(users, counts[0::2]))
+        follower_counts = dict(zip(users, counts[1::2]))
+        materialized = sum(1 for n in feed_sizes.values() if n)
+        entries = sum(feed_sizes.values())
+        print(f"\n   home feeds in Redis: {materialized:,} of {workload.users:,} users "
+              f"({entries:,} entries, {entries / max(materialized, 1):.1f} per feed)")
+        for table, rows in _cassandra_counts(settings, keyspace).items():
+            print(f"   Cassandra {keyspace}.{table}: "
+                  + (f"{rows:,} rows" if rows is not None else "not counted (timed out)"))
+        fresh = freshness_from_log(log_path)
+        if fresh:
+            posts, p50, p99 = fresh
+            print(f"   freshness (job log, event time -> in Redis): {posts:,} posts pushed, "
+                  f"p50 {p50:,} ms, p99 {p99:,} ms. The workload's event times span the "
+                  f"{workload.duration} before the run, so this is mostly their age when "
+                  f"produced, not the pipeline's latency")
+        else:
+            print("   freshness: no freshness lines in the job's log yet")
+
+        celebrities = sorted((u for u, n in follower_counts.items()
+                              if n >= workload.push_threshold),
+                             key=lambda u: (-follower_counts[u], u))
+        # The sample: the user with the largest feed who is no celebrity.
+        user = max((u for u in users if u not in celebrities),
+                   key=lambda u: (feed_sizes[u], -u), default=None)
+        if user is not None and feed_sizes[user]:
+            following = set(redis.following(user))
+            followed_celebs = [c for c in celebrities if c in following]
+            print(f"\n   home feed of user {user} (follows {len(following)} accounts"
+                  + (f", among them celebrit{'ies' if len(followed_celebs) > 1 else 'y'} "
+                     f"{', '.join(map(str, followed_celebs))}, pulled at read time unless "
+                     f"this user is a top follower" if followed_celebs else "")
+                  + f"), newest 10 of {feed_sizes[user]}:")
+            _print_entries(redis, redis.feed(user, 10))
+        else:
+            print("\n   no home feed materialized yet")
+        for celeb in celebrities[:1]:
+            timeline = redis.timeline(celeb, 5)
+            print(f"\n   timeline of celebrity {celeb} ({follower_counts[celeb]:,} followers, "
+                  f"above the push threshold {workload.push_threshold:,}: pulled at read "
+                  f"time, only top followers get a push), newest {len(timeline)}:")
+            _print_entries(redis, timeline)
+    finally:
+        redis.close()
+
+
+def _print_entries(redis, entries: list[tuple[int, int]]) -> None:
+    metas = redis.posts([p for p, _ in entries])
+    for (post_id, score), meta in zip(entries, metas):
+        if meta is None:
+            print(f"     {_iso(score)}  post {post_id}  (deleted or unknown)")
+        else:
+            print(f"     {_iso(meta['created_at'])}  post {post_id}  by user "
+                  f"{meta['author_id']:<6} {meta['media_type'] or '?'}")
+
+
+def _cassandra_counts(settings: StackSettings, keyspace: str) -> dict[str, int | None]:
+    """Row counts of the fan-out tables (full scans: fine at demo scale, bounded by a timeout)."""
+    from schemas.cassandra import new_cluster
+
+    import logging
+
+    cluster = new_cluster(settings.host, settings.cassandra_port)
+    out: dict[str, int | None] = {}
+    # Cassandra warns about an aggregation without a partition key: that is the point here.
+    logging.getLogger("cassandra.protocol").setLevel(logging.ERROR)
+    try:
+        session = cluster.connect()
+        for table in ("home_feed_by_user", "author_timeline", "posts"):
+            try:
+                out[table] = session.execute(f"SELECT COUNT(*) FROM {keyspace}.{table}",
+                                             timeout=60).one()[0]
+            except Exception:  # a count is decoration: report it missing, keep the demo going
+                out[table] = None
+    finally:
+        cluster.shutdown()
+    return out
+
+
+def _print_samples(settings: StackSettings, per_topic: int, prefix: str = "") -> None:
     """Decode the first ``per_topic`` records of partition 0 of each topic."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -111,7 +521,7 @@ def _print_samples(settings: StackSettings, per_topic: int) -> None:
     })
     try:
         for topic in TOPICS:
-            consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+            consumer.assign([TopicPartition(prefix + topic, 0, OFFSET_BEGINNING)])
             messages = consumer.consume(num_messages=per_topic, timeout=5.0)
             print(f"\n   {topic} (partition 0, first {len(messages)}):")
             for message in messages:

@@ -41,8 +41,30 @@ order; no file carries a wall-clock time (dead letters omit ``failed_at``).
 Memory: all partitions are read at once; decoded rows are turned into Arrow
 columns after every fetch, and a chunk is written as soon as its partition
 moves past it, so about ``partitions x --batch`` rows are held, as Arrow.
-``--pipeline`` (re-running a Beam pipeline over the range) is not offered
-yet: no pipeline exists to run.
+
+Pipeline re-runs
+----------------
+``--pipeline fanout`` re-runs the fan-out pipeline over the range instead of
+writing Parquet::
+
+    feedbeam replay post-events --from 2024-05-01T10:00Z --to 2024-05-01T12:00Z --pipeline fanout
+    feedbeam replay t1.follow-events --partition-offsets "0:0-" --pipeline fanout \
+        --redis_key_prefix=t1 --cassandra_keyspace=t1 --push_threshold=1000
+
+The range is resolved exactly as for Parquet and handed to the pipeline as
+``--replay_ranges``; it runs in batch mode (Prism by default, or the runner
+given after the pipeline's name, with any other Beam or pipeline option),
+reads only that range of TOPIC and commits no offsets, so the live job's
+consumer group does not move. A pipeline reads several topics (fanout: post-events and
+follow-events); TOPIC must be one of them and only its range is replayed.
+Its effects depend on what the other topic already put in the stores: replay
+post-events over a graph that is in the stores (replaying follow-events, or
+running the live job, puts it there). Every fan-out write is idempotent, so
+replaying a range the live job already applied leaves the same state. Dead
+letters of the range go to ``<TOPIC>.dlq`` again (the pipeline's read step
+always writes them; they carry the source offset, so repeats are
+recognizable). Printed at the end: records in the range = events decoded +
+dead letters (from the pipeline's counters), then every fan-out counter.
 """
 from __future__ import annotations
 
@@ -50,6 +72,7 @@ import argparse
 import collections
 import dataclasses
 import datetime as dt
+import logging
 import re
 import shutil
 import sys
@@ -63,6 +86,8 @@ from pipelines.io.records import (
     DeadLetter, KafkaRecord, base_topic, decode_record_dict, dict_decoder,
 )
 from schemas.events import TOPIC_TYPES, TOPICS, dlq_topic
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 50_000
 MANIFEST = "_replay.json"
@@ -527,9 +552,181 @@ def resolve_ranges(bootstrap: str, topic: str, spec: RangeSpec) -> dict[int, tup
         raise UserFacingError(str(exc)) from None
 
 
+# ---------------------------------------------------------------- pipeline re-runs
+
+#: Pipelines ``--pipeline`` re-runs: name -> (module with ``build(pipeline,
+#: options, ranges=...)``, the event topics it reads, less any prefix).
+PIPELINES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fanout": ("pipelines.fanout", ("post-events", "follow-events")),
+}
+#: Options ``replay`` sets itself; given after ``--`` they would contradict the range.
+_RESERVED_BEAM_ARGS = ("--replay_ranges", "--streaming", "--topic_prefix")
+
+
+@dataclasses.dataclass
+class PipelineReplayResult:
+    """Counts of a pipeline re-run, from the pipeline's Beam counters."""
+
+    topic: str
+    ranges: dict[int, tuple[int, int]]
+    counters: dict[str, int] | None  # "namespace:name" -> value; None: runner gave none
+
+    def get(self, name: str) -> int | None:
+        return None if self.counters is None else self.counters.get(name, 0)
+
+    @property
+    def records_in_range(self) -> int:
+        return kafka_offsets.total_records(self.ranges)
+
+    @property
+    def reconciles(self) -> bool | None:
+        """records read = decoded + dead letters <= records in range; None without counters."""
+        if self.counters is None:
+            return None
+        read, decoded, dead = (self.get("feedbeam.kafka:records_read"),
+                               self.get("feedbeam.decode:decoded"),
+                               self.get("feedbeam.decode:dead_letter"))
+        return read == decoded + dead and read <= self.records_in_range
+
+    def reconciliation(self) -> str:
+        if self.counters is None:
+            return (f"records in range {self.records_in_range}; the runner reported no "
+                    f"counters, so the events decoded and dead letters are unknown")
+        read, decoded, dead = (self.get("feedbeam.kafka:records_read"),
+                               self.get("feedbeam.decode:decoded"),
+                               self.get("feedbeam.decode:dead_letter"))
+        line = f"records in range {self.records_in_range} = events decoded {decoded} " \
+               f"+ dead letters {dead}"
+        gaps = self.records_in_range - read
+        if gaps:
+            line += f" + offsets without a record {gaps}"
+        return line + ("" if self.reconciles else f"  MISMATCH: {read} records were read")
+
+
+def pipeline_argv(pipeline: str, topic: str, prefix: str, ranges: dict[int, tuple[int, int]],
+                  bootstrap: str, settings: StackSettings, beam_args: list[str]) -> list[str]:
+    """The pipeline's argv: local-stack defaults, then ``beam_args``, then the range.
+
+    Defaults: the local Kafka, Redis and Cassandra, and Prism (LOOPBACK) unless
+    ``beam_args`` name a ``--runner``; later arguments win, so ``beam_args``
+    override any default.
+    """
+    import json
+
+    if pipeline not in PIPELINES:
+        raise UserFacingError(f"--pipeline {pipeline!r}: choose one of {', '.join(PIPELINES)}")
+    reads = PIPELINES[pipeline][1]
+    if base_topic(topic, prefix) not in reads:
+        raise UserFacingError(
+            f"the {pipeline} pipeline reads {' and '.join(prefix + t for t in reads)}, not "
+            f"{topic}; replay one of those (one topic's range per run)")
+    for arg in beam_args:
+        if arg.split("=", 1)[0] in _RESERVED_BEAM_ARGS:
+            raise UserFacingError(f"{arg.split('=', 1)[0]} is set by replay from TOPIC and "
+                                  f"the range; do not pass it to the pipeline")
+    argv = [f"--kafka_bootstrap={bootstrap}", f"--redis_url={settings.redis_url}",
+            f"--cassandra_host={settings.host}", f"--cassandra_port={settings.cassandra_port}"]
+    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+        from infra.stack import prism_binary
+
+        argv += ["--runner=PrismRunner", f"--prism_location={prism_binary(settings)}",
+                 "--environment_type=LOOPBACK"]
+    ranges_json = json.dumps({topic: {str(p): [s, e] for p, (s, e) in sorted(ranges.items())}},
+                             separators=(",", ":"))
+    return argv + list(beam_args) + [f"--topic_prefix={prefix}",
+                                      f"--replay_ranges={ranges_json}"]
+
+
+def run_pipeline(pipeline: str, topic: str, ranges: dict[int, tuple[int, int]],
+                 argv: list[str]) -> PipelineReplayResult:
+    """Run ``pipeline`` in batch over ``ranges`` of ``topic`` and wait for it to end.
+
+    ``argv`` are the pipeline's options (``pipeline_argv``). Raises
+    ``UserFacingError`` if the job does not end DONE.
+    """
+    import importlib
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.runners.runner import PipelineState
+
+    module = importlib.import_module(PIPELINES[pipeline][0])
+    options = PipelineOptions(argv)
+    options.view_as(StandardOptions).streaming = False
+    p = beam.Pipeline(options=options)
+    module.build(p, options, ranges={topic: ranges})
+    result = p.run()
+    state = result.wait_until_finish()
+    if state != PipelineState.DONE:
+        raise UserFacingError(f"the {pipeline} re-run ended {state}, not DONE")
+    return PipelineReplayResult(topic, dict(sorted(ranges.items())), _counters(result))
+
+
+def _counters(result) -> dict[str, int] | None:
+    """``namespace:name`` -> value summed over steps (committed, else attempted)."""
+    try:
+        found = result.metrics().query()["counters"]
+    except Exception as exc:  # a runner without a metrics service: say so, do not fail
+        log.warning("no counters from the runner: %s", exc)
+        return None
+    out: collections.Counter = collections.Counter()
+    for r in found:
+        value = r.committed if r.committed is not None else r.attempted
+        out[f"{r.key.metric.namespace}:{r.key.metric.name}"] += int(value or 0)
+    return dict(out)
+
+
+def run_pipeline_replay(args: argparse.Namespace, settings: StackSettings, pipeline: str,
+                        beam_args: list[str]) -> int:
+    spec = range_from_args(args)
+    record_type, prefix = event_type_for_topic(args.topic, args.topic_prefix)
+    bootstrap = args.bootstrap or settings.kafka_bootstrap
+    if args.overwrite or args.dlq_to_kafka or args.schema_registry:
+        raise UserFacingError("--overwrite, --dlq-to-kafka and --schema-registry are for "
+                              "Parquet replays; with --pipeline, pipeline options follow its "
+                              "name")
+    ranges = resolve_ranges(bootstrap, args.topic, spec)
+    argv = pipeline_argv(pipeline, args.topic, prefix, ranges, bootstrap, settings, beam_args)
+    total = kafka_offsets.total_records(ranges)
+    print(f"replay {args.topic} ({record_type.__name__}) from {bootstrap} through the "
+          f"{pipeline} pipeline ({_runner_of(argv)}, batch)")
+    print("  --partition-offsets " + ",".join(f"{p}:{s}-{e}" for p, (s, e) in ranges.items())
+          + f"   ({total} offsets)")
+    if total == 0:
+        print("nothing to replay: the range is empty")
+        return 0
+    started = time.perf_counter()
+    result = run_pipeline(pipeline, args.topic, ranges, argv)
+    elapsed = time.perf_counter() - started
+    print(f"{pipeline} re-run of {total} offsets in {elapsed:.1f}s")
+    for name, value in sorted((result.counters or {}).items()):
+        # The pipeline's own counters; the read and decode ones are in the line below.
+        if name.startswith("feedbeam.") and not name.startswith(("feedbeam.kafka:",
+                                                                  "feedbeam.decode:")):
+            print(f"  {name:<40} {value:>10}")
+    print(result.reconciliation())
+    return 0 if result.reconciles is not False else 1
+
+
+def _runner_of(argv: list[str]) -> str:
+    runner = "PrismRunner"
+    for a in argv:
+        if a.startswith("--runner="):
+            runner = a.split("=", 1)[1]
+    return runner
+
+
 def run_replay(args: argparse.Namespace, settings: StackSettings) -> int:
     from schemas.codec import WireCodec
 
+    if args.pipeline is not None:
+        if not args.pipeline or args.pipeline[0] not in PIPELINES:
+            raise UserFacingError(f"--pipeline needs a pipeline name first: one of "
+                                  f"{', '.join(sorted(PIPELINES))}")
+        name, beam_args = args.pipeline[0], args.pipeline[1:]
+        if beam_args[:1] == ["--"]:
+            beam_args = beam_args[1:]
+        return run_pipeline_replay(args, settings, name, beam_args)
     spec = range_from_args(args)
     if args.batch < 1:
         raise UserFacingError("--batch must be >= 1")
@@ -568,7 +765,8 @@ def run_replay(args: argparse.Namespace, settings: StackSettings) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "replay", help="replay a topic's time or offset range into Parquet",
+        "replay", help="replay a topic's time or offset range into Parquet or a pipeline",
+        usage="%(prog)s TOPIC RANGE (--out DIR | --pipeline fanout [BEAM_ARGS ...])",
         description="Read a time or offset range of an event topic and write it as a Parquet "
         "dataset partitioned by event date and hour (date=YYYY-MM-DD/hour=HH, UTC). Records "
         "that do not decode go to DIR/_dead_letters/. The same range always gives the same "
@@ -577,7 +775,9 @@ def register(subparsers) -> None:
         "record with timestamp >= --from to the first with timestamp >= --to (Kafka's time "
         "index; timestamps here are event times, which are not ordered in a partition, so a "
         "few records in the range may lie outside the times). The resolved offsets are "
-        "printed: pass them as --partition-offsets to repeat the replay exactly.")
+        "printed: pass them as --partition-offsets to repeat the replay exactly. "
+        "With --pipeline, the range is re-run through a Beam pipeline in batch instead "
+        "(see --pipeline).")
     p.add_argument("topic", metavar="TOPIC", help="event topic, e.g. post-events or "
                    "test1.post-events")
     g = p.add_argument_group("range (one kind)")
@@ -593,7 +793,18 @@ def register(subparsers) -> None:
     g.add_argument("--partition-offsets", default=None, metavar="SPEC",
                    help="explicit ranges, e.g. '0:10-200,1:0-' (end exclusive; an empty side "
                    "is open); only these partitions are read; out-of-range offsets are errors")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (empty or new)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", default=None, metavar="DIR",
+                        help="output directory (empty or new) of a Parquet replay")
+    target.add_argument("--pipeline", nargs=argparse.REMAINDER, default=None,
+                   metavar="NAME [BEAM_ARGS]",
+                   help="last on the line: instead of Parquet, re-run pipeline NAME ("
+                   + ", ".join(sorted(PIPELINES)) + ") over the range in batch, committing no "
+                   "offsets; everything after NAME is its Beam and pipeline options (--runner "
+                   "(default Prism), --redis_key_prefix, --cassandra_keyspace, --push_threshold, "
+                   "...). fanout reads post-events and follow-events: TOPIC must be one of them "
+                   "and only its range is read, so the other topic's effects (the follow graph, "
+                   "for post-events) must already be in the stores")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier replay in DIR (only a directory with _replay.json)")
     p.add_argument("--topic-prefix", default=None,
@@ -614,6 +825,7 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run_replay)
 
 
-__all__ = ["register", "run_replay", "replay", "resolve_ranges", "range_from_args",
+__all__ = ["register", "run_replay", "replay", "run_pipeline", "pipeline_argv",
+           "PipelineReplayResult", "PIPELINES", "resolve_ranges", "range_from_args",
            "RangeSpec", "ReplayResult", "event_type_for_topic", "check_out_dir", "parse_time",
            "KafkaDeadLetterSink", "CONSUMER_CONFIG", "DEFAULT_BATCH"]

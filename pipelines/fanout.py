@@ -22,6 +22,11 @@ durable) through ``FanOutToFollowerFeeds``:
 * post DELETED: tombstone, out of the timeline and out of every feed a push or
   merge could have reached (``FanoutPolicy.delete_scope``).
 
+Bounded re-runs: ``--replay_ranges '{"post-events": {"0": [0, 500]}}'`` (or
+``build(..., ranges=...)``) reads exactly those offsets once, in batch mode,
+committing nothing; ``feedbeam replay TOPIC ... --pipeline fanout`` resolves a
+time or offset range and passes it. Only the topics in the ranges are read.
+
 Decisions live in ``pipelines.fanout_logic``; this module orchestrates store
 calls (``FeedFanout``) and adapts them to Beam.
 
@@ -133,6 +138,12 @@ class FanoutOptions(PipelineOptions):
         parser.add_argument("--cassandra_host", default="127.0.0.1")
         parser.add_argument("--cassandra_port", type=int, default=9042)
         parser.add_argument("--cassandra_keyspace", default="feedbeam")
+        parser.add_argument("--replay_ranges", default=None, metavar="JSON",
+                            help="re-run over bounded offset ranges instead of following the "
+                                 "topics: {\"<topic>\": {\"<partition>\": [start, stop]}} "
+                                 "(stop exclusive, topic names with their prefix); the job "
+                                 "runs in batch mode and commits no offsets "
+                                 "(`feedbeam replay TOPIC ... --pipeline fanout` builds it)")
 
     def policy(self) -> FanoutPolicy:
         return FanoutPolicy(
@@ -144,6 +155,43 @@ class FanoutOptions(PipelineOptions):
     def stores(self) -> "StoreConfig":
         return StoreConfig(self.redis_url, self.redis_key_prefix, self.cassandra_host,
                            self.cassandra_port, self.cassandra_keyspace)
+
+    def ranges(self) -> "dict[str, dict[int, tuple[int, int]]] | None":
+        """``--replay_ranges`` parsed (``parse_replay_ranges``); None when not given."""
+        return None if self.replay_ranges is None else parse_replay_ranges(self.replay_ranges)
+
+
+def parse_replay_ranges(text: str) -> dict[str, dict[int, tuple[int, int]]]:
+    """``{"topic": {"0": [start, stop]}}`` JSON -> ``{topic: {0: (start, stop)}}``.
+
+    ``ValueError`` names what is wrong; an empty mapping is an error too (a
+    bounded job over nothing is almost certainly a mistake in the caller).
+    """
+    import json
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--replay_ranges is not JSON: {exc}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("--replay_ranges must be a non-empty JSON object of topics")
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for topic, parts in raw.items():
+        if not isinstance(parts, dict):
+            raise ValueError(f"--replay_ranges[{topic!r}] must map partitions to [start, stop]")
+        out[topic] = {}
+        for partition, bounds in parts.items():
+            try:
+                start, stop = (int(b) for b in bounds)
+                p = int(partition)
+            except (TypeError, ValueError):
+                raise ValueError(f"--replay_ranges[{topic!r}][{partition!r}] must be "
+                                 f"[start, stop], got {bounds!r}") from None
+            if p < 0 or start < 0 or stop < start:
+                raise ValueError(f"--replay_ranges[{topic!r}][{partition!r}]: bad range "
+                                 f"[{start}, {stop})")
+            out[topic][p] = (start, stop)
+    return out
 
 
 # --------------------------------------------------------------------------- stores
@@ -545,23 +593,43 @@ class FanOutToFollowerFeeds(beam.PTransform):
                 .with_output_types(FanoutOutcome))
 
 
-def build(pipeline: beam.Pipeline, options: PipelineOptions):
-    """Wire the fan-out job into ``pipeline``; returns the outcomes PCollection."""
+def build(pipeline: beam.Pipeline, options: PipelineOptions,
+          ranges: "dict[str, dict[int, tuple[int, int]]] | None" = None):
+    """Wire the fan-out job into ``pipeline``; returns the outcomes PCollection.
+
+    Without ``ranges`` (and without ``--replay_ranges``) the job follows
+    ``post-events`` and ``follow-events`` from the consumer group's offsets:
+    the streaming job. With ``ranges`` (``{topic: {partition: (start, stop)}}``,
+    as ``pipelines.io.offsets`` resolves them; ``ranges`` wins over the option)
+    it reads exactly those offsets once, a bounded re-run whose effects are the
+    same idempotent writes; topics not in ``ranges`` are not read at all.
+    """
     kafka = options.view_as(KafkaReadOptions)
     fanout = options.view_as(FanoutOptions)
     config = kafka.source_config(default_group=DEFAULT_GROUP)
     prefix = kafka.topic_prefix
-    topics = [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC]
+    if ranges is None:
+        ranges = fanout.ranges()
+    if ranges is not None:
+        read = ReadEvents(config, ranges=ranges, topic_prefix=prefix)
+    else:
+        read = ReadEvents(config, [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC],
+                          topic_prefix=prefix)
     return (pipeline
-            | "ReadPostAndFollowEvents" >> ReadEvents(config, topics, topic_prefix=prefix)
+            | "ReadPostAndFollowEvents" >> read
             | "FanOutToFollowerFeeds" >> FanOutToFollowerFeeds(
                 fanout.stores(), fanout.policy(), fanout.max_batch, fanout.freshness_log_s))
 
 
 def run(argv=None):
-    """Parse options, build the pipeline and run it (streaming) until it ends or is cancelled."""
+    """Parse options, build the pipeline and run it until it ends or is cancelled.
+
+    Streaming unless ``--replay_ranges`` is given; then a batch job over those
+    ranges that ends when they are read (``feedbeam replay --pipeline fanout``).
+    """
     options = PipelineOptions(argv)
-    options.view_as(StandardOptions).streaming = True
+    bounded = options.view_as(FanoutOptions).ranges() is not None
+    options.view_as(StandardOptions).streaming = not bounded
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
     result = pipeline.run()
@@ -570,7 +638,9 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO,
+    # force: importing Beam already configured the root logger (at WARNING),
+    # which would silence the freshness lines.
+    logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cassandra").setLevel(logging.WARNING)
     run(sys.argv[1:])

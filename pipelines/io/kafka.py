@@ -339,15 +339,17 @@ def resolve_start_offsets(config: KafkaSourceConfig, topics: Sequence[str],
 
 
 class _OffsetTracker(OffsetRestrictionTracker):
-    """Offset-range tracker that only checkpoints an unbounded range.
+    """Offset-range tracker that only checkpoints, never splits a range in parts.
 
-    A fractional split of ``[start, 2**63)`` would hand a worker offsets far
-    beyond the end of the partition; runners (Prism does) ask for such splits
-    to parallelise, so refuse them and let a partition stay on one reader.
+    A fractional split of an unbounded ``[start, 2**63)`` would hand a worker
+    offsets far beyond the end of the partition, and two parts of a bounded
+    range would read through the same pooled consumer of that partition at
+    once. Runners (Prism does) ask for such splits to parallelise; refusing
+    them keeps one reader per partition, Kafka's own unit of parallelism.
     """
 
     def try_split(self, fraction_of_remainder):
-        if fraction_of_remainder != 0 and self._range.stop == UNBOUNDED_STOP:
+        if fraction_of_remainder != 0:
             return None
         return super().try_split(fraction_of_remainder)
 

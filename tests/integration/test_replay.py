@@ -238,3 +238,101 @@ def test_dead_letters_to_kafka_only_when_asked(stack, kafka_topic, tmp_path):
             (topic, 0, 1, "wrong_magic", b"\x05garbage", b"k2")
     finally:
         consumer.close()
+
+
+# ---------------------------------------------------------------- --pipeline fanout
+
+
+def _cli_replay(stack, topic: str, *args: str) -> str:
+    """``feedbeam replay`` as a user runs it (its own process: the job runs in it); stdout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "replay", topic, "--bootstrap", stack.kafka_bootstrap,
+         *args], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+        timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_pipeline_fanout_replays_a_range_into_the_stores(
+        stack, kafka_topic, cassandra_session, keyspace, key_prefix):
+    """Graph, then posts, each replayed by range through the fan-out pipeline on Prism.
+
+    The post range ends before the last post, so that post must not be pushed;
+    a malformed record in the range is counted as a dead letter and reaches the DLQ.
+    """
+    from confluent_kafka import Producer
+
+    from pipelines.fanout_logic import FanoutPolicy, expected_state
+    from pipelines.io.redis_store import RedisFeedStore
+    from schemas.cassandra import migrate
+    from tests.integration.fanout_events import create, follow
+
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    posts_topic = kafka_topic(2, name=prefix + "post-events")
+    follows_topic = kafka_topic(2, name=prefix + "follow-events")
+    dlq = kafka_topic(1, name=posts_topic + ".dlq")
+    migrate(cassandra_session, keyspace)
+    policy = FanoutPolicy(push_threshold=4, celebrity_top_n=1)
+    t = T0
+    celeb, authors = 100, (101, 102, 103)
+    graph = [follow(u, celeb, t + u) for u in range(1, 7)]  # 6 followers: pulled, top 1 pushed
+    graph += [follow(u, a, t + 10 + u) for a in authors for u in range(1, 7) if (u + a) % 2]
+    posts = [create(1000 + i, (celeb, *authors)[i % 4], t + 1000 + i) for i in range(12)]
+    codec = WireCodec()
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+    for e in graph:
+        producer.produce(follows_topic, codec.encode(e, follows_topic), e.key,
+                         timestamp=e.event_time)
+    # Posts in partition 0 only, so an offset range selects a known prefix of them.
+    for e in posts[:-1]:
+        producer.produce(posts_topic, codec.encode(e, posts_topic), e.key, partition=0,
+                         timestamp=e.event_time)
+    producer.produce(posts_topic, b"\x05garbage", b"bad", partition=0, timestamp=t + 2000)
+    producer.produce(posts_topic, codec.encode(posts[-1], posts_topic), posts[-1].key,
+                     partition=0, timestamp=posts[-1].event_time)
+    assert producer.flush(30) == 0
+
+    store_args = [f"--redis_key_prefix={key_prefix}", f"--cassandra_keyspace={keyspace}",
+                  f"--push_threshold={policy.push_threshold}",
+                  f"--celebrity_top_n={policy.celebrity_top_n}"]
+    out = _cli_replay(stack, follows_topic, "--from-offset", "0", "--pipeline", "fanout",
+                      *store_args)
+    assert f"records in range {len(graph)} = events decoded {len(graph)} + dead letters 0" in out
+
+    # Offsets 0..12 of partition 0: 11 posts and the malformed record, not the last post.
+    out = _cli_replay(stack, posts_topic, "--partition-offsets", "0:0-12", "--pipeline",
+                      "fanout", *store_args)
+    assert "records in range 12 = events decoded 11 + dead letters 1" in out
+    assert "feedbeam.fanout:events_push" in out
+
+    expected = expected_state(graph + posts[:-1], policy)
+    redis = RedisFeedStore.from_url(stack.redis_url, key_prefix=key_prefix)
+    try:
+        feeds = {u: redis.feed(u, 100) for u in range(1, 7)}
+        assert feeds == {u: expected.feeds.get(u, []) for u in range(1, 7)}
+        assert any(feeds.values())
+        assert all(p != posts[-1].post_id for f in feeds.values() for p, _ in f)
+        assert redis.timeline(celeb, 100) == expected.timelines[celeb]
+    finally:
+        redis.close()
+    # Nothing was committed for the live job's group.
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "feedbeam-fanout"})
+    try:
+        committed = consumer.committed([TopicPartition(posts_topic, 0)], timeout=10)
+        assert committed[0].offset < 0
+        assert consumer.get_watermark_offsets(TopicPartition(dlq, 0), timeout=10)[1] == 1
+    finally:
+        consumer.close()
+
+
+def test_pipeline_replay_refuses_a_topic_the_pipeline_does_not_read(stack, kafka_topic, capsys):
+    topic = kafka_topic(1, name=f"t{uuid.uuid4().hex[:8]}.engagement-events")
+    assert main(["replay", topic, "--from-offset", "0", "--bootstrap", stack.kafka_bootstrap,
+                 "--pipeline", "fanout"]) == 2
+    err = capsys.readouterr().err
+    assert "fanout pipeline reads" in err and "post-events and" in err

@@ -1,0 +1,88 @@
+"""``feedbeam demo`` end to end with a tiny workload on isolated topics, keys and keyspace.
+
+The demo runs the fan-out job on Prism until it has applied the workload; the
+test then checks the printed summary against the generator's own graph.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from jobs.cli import build_parser, main
+from jobs.demo import DemoWorkload
+from jobs.generate import config_from_args
+from jobs.topics import feed_topics
+from jobs.workload import Workload
+from schemas.events import FollowEvent, FollowKind
+
+pytestmark = pytest.mark.integration
+
+TINY = ["--users", "300", "--avg-following", "8", "--celebrities", "1",
+        "--push-threshold", "50", "--posts-per-day", "12"]
+
+
+def _final_following(workload: Workload) -> dict[int, set[int]]:
+    """Who follows whom after every follow event of the workload (newest per edge wins)."""
+    latest: dict[tuple[int, int], FollowEvent] = {}
+    for _, _, e in workload.events():
+        if isinstance(e, FollowEvent):
+            pair = (e.follower_id, e.followee_id)
+            if pair not in latest or (e.event_time, e.kind is FollowKind.UNFOLLOW) >= \
+                    (latest[pair].event_time, latest[pair].kind is FollowKind.UNFOLLOW):
+                latest[pair] = e
+    out: dict[int, set[int]] = {}
+    for (follower, followee), e in latest.items():
+        if e.kind is FollowKind.FOLLOW:
+            out.setdefault(follower, set()).add(followee)
+    return out
+
+
+@pytest.fixture
+def demo_topics(stack):
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    yield prefix
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    for future in admin.delete_topics(feed_topics(prefix), operation_timeout=30).values():
+        try:
+            future.result(timeout=60)
+        except Exception:  # a topic the demo never got to create
+            pass
+
+
+def test_demo_materializes_feeds_of_followed_authors(stack, demo_topics, keyspace, key_prefix,
+                                                     capsys):
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    rc = main(["demo", *TINY, "--partitions", "2", "--samples", "1", "--timeout", "120",
+               "--topic-prefix", demo_topics, "--redis-key-prefix", key_prefix,
+               "--keyspace", keyspace, "--group", group])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert rc == 0, out + captured.err
+    (stack.state_dir / "logs" / f"{group}.log").unlink(missing_ok=True)
+
+    materialized = int(re.search(r"home feeds in Redis: ([\d,]+) of", out)[1].replace(",", ""))
+    assert materialized > 0
+    rows = int(re.search(r"home_feed_by_user: ([\d,]+) rows", out)[1].replace(",", ""))
+    assert rows > 0
+
+    # Rebuild the workload the demo generated (its --start is printed) and
+    # check the sample feed against the graph.
+    start = int(re.search(r"--start (\d+)", out)[1])
+    d = DemoWorkload()
+    args = build_parser().parse_args(
+        ["generate", *DemoWorkload(users=300, avg_following=8, celebrities=1, push_threshold=50,
+                                   posts_per_day=12, seed=d.seed).generate_args(start)])
+    following = _final_following(Workload(config_from_args(args)))
+    sample = re.search(r"home feed of user (\d+) \(follows (\d+) accounts.*?\n((?:     .*\n)+)",
+                       out)
+    assert sample, out
+    user = int(sample[1])
+    assert int(sample[2]) == len(following[user])
+    authors = [int(a) for a in re.findall(r"by user (\d+)", sample[3])]
+    assert authors, sample[0]
+    assert set(authors) <= following[user], (user, authors, sorted(following[user]))
+    assert "caught up in" in out and "timeline of celebrity" in out
