@@ -64,12 +64,17 @@ class StackSettings:
             raw = env.get("FEEDBEAM_" + field.name.upper())
             if raw is None or raw == "":
                 continue
-            if field.name.endswith("_dir"):
-                overrides[field.name] = Path(raw).expanduser().resolve()
-            elif field.name in ("host",):
-                overrides[field.name] = raw
-            elif field.name.endswith("_s"):
-                overrides[field.name] = float(raw)
-            else:
-                overrides[field.name] = int(raw)
+            try:
+                if field.name.endswith("_dir"):
+                    overrides[field.name] = Path(raw).expanduser().resolve()
+                elif field.name in ("host",):
+                    overrides[field.name] = raw
+                elif field.name.endswith("_s"):
+                    overrides[field.name] = float(raw)
+                else:
+                    overrides[field.name] = int(raw)
+            except ValueError:
+                raise ValueError(
+                    f"FEEDBEAM_{field.name.upper()}={raw!r} is not a valid "
+                    f"{'number' if not field.name.endswith('_dir') else 'path'}") from None
         return cls(**overrides)

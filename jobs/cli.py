@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         # The Cassandra driver logs routine connection details at INFO.
         logging.getLogger("cassandra").setLevel(logging.WARNING)
     try:
-        settings = StackSettings.from_env()
+        try:
+            settings = StackSettings.from_env()
+        except ValueError as exc:
+            raise UserFacingError(str(exc)) from None
         return int(args.handler(args, settings) or 0)
     except UserFacingError as exc:
         print(f"feedbeam: error: {exc}", file=sys.stderr)
