@@ -44,6 +44,7 @@ Results: a summary block and ``bench/results/fanout.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import bisect
 import json
 import os
@@ -413,6 +414,9 @@ def in_process(ctx, posts: list[Post], with_cassandra: bool) -> dict:
     class NoCassandra:
         def __getattr__(self, name):
             return lambda *a, **k: None
+
+        def deferred(self):
+            return contextlib.nullcontext()
 
     r = RedisFeedStore.from_url(ctx.settings.redis_url, key_prefix=ctx.key_prefix)
     c = (CassandraFeedStore.connect(ctx.settings.host, ctx.settings.cassandra_port, ctx.keyspace)
