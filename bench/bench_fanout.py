@@ -444,7 +444,7 @@ def freshness(ctx, rates: list[int], step_s: float, runs: int) -> dict:
     producer = Producer(ctx.settings.kafka_bootstrap, prefix + PostEvent.TOPIC, linger_ms=0)
     producer.on_delivered = tracker.add
     job = Job(ctx.settings, ctx.prism, prefix, ctx.key_prefix, ctx.keyspace,
-              ctx.log_dir / "fanout-freshness.log")
+              ctx.log_dir / "fanout-freshness.log", extra=["--freshness_log_s=5"])
     rng = np.random.default_rng(7)
     next_id = ctx.next_post_id(10_000_000)
     stop_poller = threading.Event()
