@@ -98,6 +98,7 @@ from pipelines.fanout_logic import (
 )
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import ReadEvents
+from pipelines.runtime import run_until_done
 from schemas.events import FollowEvent, PostEvent, PostEventKind
 
 log = logging.getLogger(__name__)
@@ -681,7 +682,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions,
 
 
 def run(argv=None):
-    """Parse options, build the pipeline and run it until it ends or is cancelled.
+    """Parse options, build the pipeline and run it until it ends or is cancelled
+    (SIGTERM or Ctrl-C cancel the job on the runner, see ``pipelines.runtime``).
 
     Streaming unless ``--replay_ranges`` is given; then a batch job over those
     ranges that ends when they are read (``feedbeam replay --pipeline fanout``).
@@ -691,9 +693,7 @@ def run(argv=None):
     options.view_as(StandardOptions).streaming = not bounded
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
-    result = pipeline.run()
-    result.wait_until_finish()
-    return result
+    return run_until_done(pipeline)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,21 @@ from schemas.events import FollowEvent, FollowKind, PostEvent
 log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1)
+
+
+class _UnloggedBatchWarnings(logging.Filter):
+    """Drops the server's warning about unlogged multi-partition batches.
+
+    Cassandra warns on every such batch by default (threshold 10 partitions);
+    this store sends them on purpose (see the module doc), and one warning line
+    per 50 rows would bury everything else in a pipeline's log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unlogged batch covering" not in record.getMessage()
+
+
+logging.getLogger("cassandra.protocol").addFilter(_UnloggedBatchWarnings())
 _MS = timedelta(milliseconds=1)
 
 #: Tables ``dump()`` snapshots (what the fan-out and graph pipelines write).
