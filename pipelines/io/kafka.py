@@ -94,6 +94,25 @@ _GLOBAL_WINDOWS = (GlobalWindow(),)
 # --------------------------------------------------------------------------- config
 
 
+def recoverable(error) -> bool:
+    """Whether a ``KafkaError`` from ``consume`` is one the client recovers from.
+
+    Broker connection trouble (a broker down or restarting, all brokers
+    down, name resolution, timeouts) is reported as an event, not retriable
+    in librdkafka's sense, yet the client reconnects and the read resumes
+    where it was: the job waits instead of failing. Fatal errors and
+    partition errors (e.g. an unknown topic) end the read.
+    """
+    from confluent_kafka import KafkaError
+
+    if error.fatal():
+        return False
+    return error.retriable() or error.code() in (
+        KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE,
+        KafkaError._TIMED_OUT, KafkaError._MSG_TIMED_OUT, KafkaError.NOT_COORDINATOR,
+        KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION)
+
+
 @dataclasses.dataclass(frozen=True)
 class KafkaSourceConfig:
     """How to read: client settings and the source's time and offset policy.
@@ -516,7 +535,7 @@ class _ReadPartitionFn(beam.DoFn):
             for message in messages:
                 error = message.error()
                 if error is not None:
-                    if error.fatal() or not error.retriable():
+                    if not recoverable(error):
                         raise RuntimeError(
                             f"Kafka read of {element.topic}[{element.partition}] failed: {error}")
                     log.warning("kafka source: transient error on %s[%d]: %s",

@@ -90,3 +90,4 @@ def test_lag_of_a_partition_never_committed_is_unknown():
     assert submit.PartitionLag("t", 0, None, 10).lag is None
     assert submit.PartitionLag("t", 0, 4, 10).lag == 6
     assert submit.PartitionLag("t", 0, 12, 10).lag == 0  # end read before the commit
+
