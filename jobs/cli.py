@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "jobs.demo",
     "jobs.replay",
     "jobs.submit",
+    "jobs.rebuild",
 )
 
 

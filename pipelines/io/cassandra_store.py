@@ -46,10 +46,10 @@ import threading
 import time
 import weakref
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from schemas import cassandra as cs
-from schemas.events import FollowEvent, FollowKind, PostEvent
+from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
 
 log = logging.getLogger(__name__)
 
@@ -537,6 +537,60 @@ class CassandraFeedStore:
             row = rs.one()
             out.append(None if row is None else to_ms(row.last_feed_read_at))
         return out
+
+    # -- full scans (``feedbeam rebuild``) -------------------------------------------
+
+    def _scan(self, cql: str, fetch_size: int = 5000):
+        """Every row of a table query, paged (a full scan: tools only)."""
+        from cassandra.query import SimpleStatement
+
+        return self.session.execute(SimpleStatement(cql, fetch_size=fetch_size), timeout=120)
+
+    def scan_follow_edges(self) -> Iterator[FollowEvent]:
+        """Every live edge as the FOLLOW event that made it (time = ``since``)."""
+        for r in self._scan(f"SELECT user_id, follower_id, since FROM "
+                            f"{self.keyspace}.{cs.FOLLOWERS_BY_USER}"):
+            t = to_ms(r.since)
+            yield FollowEvent(f"rebuild-{r.follower_id}-{r.user_id}", t, FollowKind.FOLLOW,
+                              r.follower_id, r.user_id)
+
+    def scan_posts(self) -> Iterator[PostEvent]:
+        """Every post as the event that last wrote it: CREATED (at its write time) or
+        DELETED (at the delete's write time) for tombstones."""
+        for r in self._scan(
+                f"SELECT post_id, author_id, created_at, media_type, caption_length, hashtags, "
+                f"deleted, writetime(media_type) AS created_us, writetime(deleted) AS deleted_us "
+                f"FROM {self.keyspace}.{cs.POSTS}"):
+            if r.author_id is None or r.created_at is None:
+                continue  # a tombstone of a post never created here: nothing to restore
+            created = to_ms(r.created_at)
+            if r.deleted:
+                yield PostEvent(f"rebuild-d{r.post_id}", r.deleted_us // 1000,
+                                PostEventKind.DELETED, r.post_id, r.author_id, created)
+            elif r.media_type is not None:
+                yield PostEvent(f"rebuild-c{r.post_id}", (r.created_us or created * 1000) // 1000,
+                                PostEventKind.CREATED, r.post_id, r.author_id, created,
+                                MediaType(r.media_type), r.caption_length or 0,
+                                tuple(r.hashtags or ()))
+
+    def scan_home_feeds(self) -> Iterator[tuple[int, int, int]]:
+        """``(user_id, post_id, created_at_ms)`` of every durable feed entry."""
+        for r in self._scan(f"SELECT user_id, post_id, created_at FROM "
+                            f"{self.keyspace}.{cs.HOME_FEED_BY_USER}"):
+            yield r.user_id, r.post_id, to_ms(r.created_at)
+
+    def scan_timelines(self) -> Iterator[tuple[int, int, int]]:
+        """``(author_id, post_id, created_at_ms)`` of every timeline entry."""
+        for r in self._scan(f"SELECT author_id, post_id, created_at FROM "
+                            f"{self.keyspace}.{cs.AUTHOR_TIMELINE}"):
+            yield r.author_id, r.post_id, to_ms(r.created_at)
+
+    def scan_last_reads(self) -> Iterator[tuple[int, int]]:
+        """``(user_id, last_feed_read_ms)`` of every user with a recorded read."""
+        for r in self._scan(f"SELECT user_id, last_feed_read_at FROM "
+                            f"{self.keyspace}.{cs.USER_ACTIVITY}"):
+            if r.last_feed_read_at is not None:
+                yield r.user_id, to_ms(r.last_feed_read_at)
 
     # -- tests and tools ----------------------------------------------------------
 
