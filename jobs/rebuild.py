@@ -12,7 +12,7 @@ pipelines and the API use, so the API answers as it did before the loss:
 * ``graph``: followers/following sorted sets and their edge versions
   (re-applied as the FOLLOW events that made the live edges);
 * ``posts``: post metadata hashes and tombstones (so a replayed create still
-  cannot resurrect a deleted post);
+  cannot resurrect a deleted post), and the authors' deleted-posts sets;
 * ``timelines``: authors' timelines, capped at ``--timeline-cap``;
 * ``feeds``: home feeds, the newest ``--feed-cap`` entries of each user;
 * ``activity``: last feed reads (the fan-out's inactivity rule);
@@ -82,6 +82,8 @@ def rebuild_posts(ctx: RebuildContext, bar) -> int:
         for p in posts:
             if p.kind is PostEventKind.DELETED:
                 ctx.redis.tombstone_post(p)
+                ctx.redis.remove_from_timeline(p.author_id, [(p.post_id, p.created_at)],
+                                               ctx.timeline_cap)
         n += len(posts)
         bar.update(len(posts))
     return n

@@ -55,6 +55,12 @@ and an UNFOLLOW removes them. Races between bundles running concurrently:
   Closed, at the cost of a second follower read per post.
 * merge vs DELETE: a merge re-checks the merged posts' tombstones after writing
   and removes any that turned deleted meanwhile. Closed.
+* DELETE vs UNFOLLOW: the delete may read the followers after the edge went
+  and the unfollow read the timeline after the post left it, so neither
+  cleans that feed. The delete moves the post to the author's deleted set in
+  the same MULTI that takes it off the timeline, and the unfollow reads both
+  in one MULTI, so it always sees the post. Closed (found by the Kafka-broker
+  fault test, where both topics' backlogs are applied side by side).
 * not closed: an unfollow cleans only what the followee's timeline still holds
   (the newest ``timeline_cap`` posts; with ``timeline_cap >= feed_cap`` an
   older post is trimmed out of an active follower's Redis feed already); a
@@ -364,7 +370,10 @@ class FeedFanout:
 
     def _remove(self, e: FollowEvent) -> FanoutOutcome:
         user, author = e.follower_id, e.followee_id
-        entries = self.redis.timeline(author, self.policy.timeline_cap)
+        # Deleted posts too: a delete running beside this unfollow may have
+        # missed this follower (read after the edge went) and taken the post
+        # off the timeline before we read it (timeline_deleted says more).
+        entries = self.redis.timeline_and_deleted(author, self.policy.timeline_cap)
         if entries:
             self.redis.remove_from_feeds([user], [p for p, _ in entries])
             # Stamped "now": beats every push and merge of the edge it ended
@@ -490,7 +499,8 @@ class FeedFanout:
         self.cassandra.tombstone_post(post)
         author = meta["author_id"] if meta else post.author_id
         created_at = meta["created_at"] if meta else post.created_at
-        self.redis.remove_from_timeline(author, [post.post_id])
+        self.redis.remove_from_timeline(author, [(post.post_id, created_at)],
+                                        self.policy.timeline_cap)
         self.cassandra.remove_from_timeline(author, post.post_id, created_at)
         users = self._oldest_followers(author, self.policy.delete_scope)
         engaged = [u for u in self.redis.top_followers(author, self.policy.celebrity_top_n)

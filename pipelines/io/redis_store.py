@@ -515,9 +515,30 @@ class RedisFeedStore:
         if entries:
             pipe.execute()
 
-    def remove_from_timeline(self, author_id: int, post_ids: Sequence[int]) -> None:
-        if post_ids:
-            self.client.zrem(self.keys.author_timeline(author_id), *[str(p) for p in post_ids])
+    def remove_from_timeline(self, author_id: int, posts: Sequence[tuple[int, int]],
+                             cap: int) -> None:
+        """Move ``(post_id, created_at_ms)`` from the author's timeline to its
+        deleted-posts set (newest ``cap`` kept), atomically (see ``timeline_deleted``)."""
+        if not posts:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.keys.author_timeline(author_id), *[str(p) for p, _ in posts])
+        deleted = self.keys.timeline_deleted(author_id)
+        pipe.zadd(deleted, {str(p): c for p, c in posts})
+        pipe.zremrangebyrank(deleted, 0, trim_stop(cap))
+        pipe.execute()
+
+    def timeline_and_deleted(self, author_id: int, limit: int) -> list[tuple[int, int]]:
+        """The newest ``limit`` posts of the timeline and of its deleted set, read
+        atomically; newest first. What an unfollow takes out of a feed."""
+        if limit < 1:
+            return []
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrevrange(self.keys.author_timeline(author_id), 0, limit - 1, withscores=True)
+        pipe.zrevrange(self.keys.timeline_deleted(author_id), 0, limit - 1, withscores=True)
+        live, deleted = pipe.execute()
+        return sorted(set(_ids_with_scores(live)) | set(_ids_with_scores(deleted)),
+                      key=lambda e: (-e[1], -e[0]))
 
     def timeline(self, author_id: int, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` ``(post_id, score_ms)`` of the author's timeline, newest first."""
