@@ -171,11 +171,14 @@ class ViewResult:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Removal:
     """What a removal found: the story as stored (None if unknown or a tombstone),
-    whether it was tombstoned, and the viewers whose seen entries it cleaned."""
+    whether it was tombstoned, the viewers whose seen entries it cleaned, and
+    the author and expiry it used (the stored ones, else the caller's)."""
 
     story: StoryMeta | None
     tombstoned: bool
     viewers: tuple[int, ...]
+    author_id: int
+    expires_at: int
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -317,7 +320,7 @@ class RedisStoryStore:
             args=["1" if deleted else "0", author, expires,
                   redis_expire_at_ms(expires, self.policy)], client=pipe)
         pipe.execute()
-        return Removal(story, fields.get("deleted") == "1", viewers)
+        return Removal(story, fields.get("deleted") == "1", viewers, author, expires)
 
     # -- reads --------------------------------------------------------------------
 
