@@ -175,19 +175,30 @@ def test_delete_removes_everything_and_blocks_a_replayed_publish(stores, reader)
     assert (redis_dump(stores), stores.cassandra.dump()) == snapshot
 
 
-def test_expiry_removal_leaves_nothing(stores):
+def test_expiry_removal_leaves_only_a_tombstone(stores):
     t = now_ms()
     pub = published(11, 1, t - MIN)
     stores.publish([pub], t)
     stores.view([viewed(11, 1, 7, t)], t)
     expired = stores.expire(11, 1, pub.expires_at, t + 5)
     assert (expired.story_id, expired.author_id, expired.removed_at) == (11, 1, t + 5)
-    assert redis_dump(stores) == {}
+    story_key = stores.redis.keys.story(11)
+    assert redis_dump(stores) == {story_key: {
+        "author_id": "1", "expires_at": str(pub.expires_at), "removed": "expired"}}
+    assert 0 < stores.redis.client.pttl(story_key) <= pub.expires_at + POLICY.grace_ms - t
     assert all(rows == [] for rows in stores.cassandra.dump().values())
-    # A Cassandra write replayed after the removal is shadowed by its timestamp.
+    # Replays after the removal (the watermark ran ahead of the wall clock)
+    # bring nothing back: Redis refuses, Cassandra's writes are shadowed.
+    assert stores.publish([pub], t + 6) == ["tombstoned"]
+    assert stores.view([viewed(11, 1, 8, t)], t + 6) == ["view_expired"]
     stores.cassandra.publish([pub], t)
     stores.cassandra.record_views([(viewed(11, 1, 7, t), 1, pub.expires_at)], t)
     assert all(rows == [] for rows in stores.cassandra.dump().values())
+    # An expiry after a delete keeps the delete's tombstone.
+    stores.publish([published(12, 1, t)], t)
+    stores.delete(12, 1, t + 1)
+    stores.expire(12, 1, t + 30 * MIN, t + 2)
+    assert redis_dump(stores)[stores.redis.keys.story(12)]["removed"] == "deleted"
 
 
 def test_keys_and_rows_expire_with_the_story(stores):
