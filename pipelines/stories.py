@@ -93,10 +93,14 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+# Registers FanoutOptions before StoriesOptions: it adds the shared store flags
+# (--redis_url, ...) unconditionally, so it must come first for ``_add_once``
+# below to skip them rather than clash with it in whichever order both load.
+import pipelines.fanout  # noqa: F401
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
 from pipelines.io.source import ReadEvents
-from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry
+from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry, timer_step
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
 
@@ -418,18 +422,16 @@ class _ExpiryTimerFn(beam.DoFn):
                 deleted=beam.DoFn.StateParam(DELETED), expiry=beam.DoFn.TimerParam(EXPIRY),
                 gc=beam.DoFn.TimerParam(GC)):
         _, cmd = element
-        if cmd.cancel:
+        step = timer_step(cmd, armed.read(), bool(deleted.read()))
+        if step == "cancel":
             deleted.write(True)
             armed.clear()
             expiry.clear()
             gc.set(_timestamp(cmd.expires_at + self._config.policy.grace_ms))
-            self._counters.inc("timers_cancelled")
-        elif deleted.read():
-            self._counters.inc("arms_ignored_deleted")
-        elif armed.read() != (cmd.author_id, cmd.expires_at):
+        elif step == "arm":
             armed.write((cmd.author_id, cmd.expires_at))
             expiry.set(_timestamp(cmd.expires_at))
-            self._counters.inc("timers_armed")
+        self._counters.inc(f"timer_{step}")
 
     @userstate.on_timer(EXPIRY)
     def on_expiry(self, key=beam.DoFn.KeyParam, armed=beam.DoFn.StateParam(ARMED)):
