@@ -7,8 +7,9 @@ In one run it measures:
 
 * (a) limits: a raw confluent-kafka consume + Avro decode of the backlog
   (events/s: the read limit), and ``StoryWriter.apply`` in this process over
-  the decoded events in batches of 500 against a fresh Redis prefix and
-  keyspace (the store limit: the same writes the job does, no Beam, no Kafka);
+  the decoded events, one thread and writer per partition, in batches of 500,
+  against a fresh Redis prefix and keyspace (the store limit: the same writes
+  the job does, no Beam, no Kafka);
 * (b) backlog drain: ``--stories`` PUBLISHED events (expiring in 24 h) with
   ``--views-per-story`` VIEWED events each on average (1% of the stories also
   deleted) are queued in a fresh ``story-events`` topic; then
@@ -139,8 +140,10 @@ def committed(bootstrap: str, group: str, topic: str, partitions: list[int]) -> 
 # ------------------------------------------------------------------ measures
 
 
-def raw_loop(bootstrap: str, topic: str, ends: dict[int, int]) -> tuple[list[StoryEvent], float]:
-    """Consume the topic from the start and decode every record; (events, seconds)."""
+def raw_loop(bootstrap: str, topic: str,
+             ends: dict[int, int]) -> tuple[dict[int, list[StoryEvent]], float]:
+    """Consume the topic from the start and decode every record; (events by partition,
+    seconds)."""
     from confluent_kafka import Consumer, TopicPartition
 
     from jobs.replay import CONSUMER_CONFIG
@@ -149,14 +152,14 @@ def raw_loop(bootstrap: str, topic: str, ends: dict[int, int]) -> tuple[list[Sto
     consumer = Consumer({"bootstrap.servers": bootstrap, **CONSUMER_CONFIG})
     consumer.assign([TopicPartition(topic, p, 0) for p, end in ends.items() if end > 0])
     remaining = {p: end for p, end in ends.items() if end > 0}
-    out: list[StoryEvent] = []
+    out: dict[int, list[StoryEvent]] = {p: [] for p in remaining}
     t = time.perf_counter()
     try:
         while remaining:
             for msg in consumer.consume(num_messages=10_000, timeout=1.0):
                 if msg.error() is not None:
                     continue  # partition EOF
-                out.append(codec.decode(msg.value()))
+                out[msg.partition()].append(codec.decode(msg.value()))
                 remaining[msg.partition()] -= 1
                 if not remaining[msg.partition()]:
                     del remaining[msg.partition()]
@@ -165,21 +168,33 @@ def raw_loop(bootstrap: str, topic: str, ends: dict[int, int]) -> tuple[list[Sto
     return out, time.perf_counter() - t
 
 
-def in_process(ctx, events: list[StoryEvent], tag: str) -> float:
-    """``StoryWriter.apply`` over ``events`` in batches of 500; returns seconds."""
+def in_process(ctx, by_partition: dict[int, list[StoryEvent]], tag: str) -> float:
+    """``StoryWriter.apply`` over each partition's events in batches of 500, one thread
+    and writer per partition (as the job has one reader per partition); seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipelines.stories import StoryStoreConfig
 
     key_prefix, keyspace = ctx.key_prefix + tag, ctx.keyspace + tag
     ctx.migrate(keyspace)
-    writer = StoryStoreConfig(ctx.settings.redis_url, key_prefix, ctx.settings.host,
-                              ctx.settings.cassandra_port, keyspace, ctx.policy).open()
-    try:
-        t = time.perf_counter()
+    config = StoryStoreConfig(ctx.settings.redis_url, key_prefix, ctx.settings.host,
+                              ctx.settings.cassandra_port, keyspace, ctx.policy)
+    writers = [config.open() for _ in by_partition]
+
+    def apply_all(writer, events):
         for i in range(0, len(events), 500):
             writer.apply(events[i:i + 500])
+
+    try:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(len(writers)) as pool:
+            for f in [pool.submit(apply_all, w, es)
+                      for w, es in zip(writers, by_partition.values())]:
+                f.result()
         return time.perf_counter() - t
     finally:
-        writer.close()
+        for w in writers:
+            w.close()
 
 
 def check_sample(client: redis.Redis, keys: KeyLayout, backlog: Backlog, rng: random.Random,
@@ -371,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             if job is not None:
                 job.stop()   # nothing of ours runs while the limits are measured
-            events, raw_s = raw_loop(settings.kafka_bootstrap, topic, ends)
-            assert len(events) == len(backlog.events)
-            raw.append(len(events) / raw_s)
-            store_s = in_process(ctx, events, f"w{run}")
-            stores.append({"events_per_s": len(events) / store_s,
+            by_partition, raw_s = raw_loop(settings.kafka_bootstrap, topic, ends)
+            n_events = sum(len(es) for es in by_partition.values())
+            assert n_events == len(backlog.events)
+            raw.append(n_events / raw_s)
+            store_s = in_process(ctx, by_partition, f"w{run}")
+            stores.append({"events_per_s": n_events / store_s,
                            "stories_per_s": len(backlog.ids) / store_s})
             res, job, keys = drain_once(ctx, run, backlog, ends)
             drains.append(res)

@@ -233,19 +233,18 @@ class StoryWriter:
     def _delete(self, event: StoryEvent) -> StoryOutcome:
         durable = self.cassandra.story(event.story_id)
         fallback = durable.expires_at if durable else event.event_time + STORY_TTL_MS
-        viewers = self.cassandra.viewers(event.story_id)
+        # Redis first: if we crash before Cassandra's removal, the retry still
+        # finds the viewers in Cassandra's rows (removed last).
         removal = self.redis.remove(event.story_id, event.author_id, fallback, deleted=True)
         self.cassandra.remove(event.story_id, removal.author_id, removal.expires_at,
-                              set(viewers) | set(removal.viewers))
+                              removal.viewers)
         return StoryOutcome(event.event_id, "deleted", event.story_id, removal.author_id,
                             removal.expires_at, event.event_time)
 
     def expire(self, story_id: int, author_id: int, expires_at: int) -> StoryExpired:
         """Remove an expired story from both stores (idempotent)."""
-        viewers = self.cassandra.viewers(story_id)
         removal = self.redis.remove(story_id, author_id, expires_at, deleted=False)
-        self.cassandra.remove(story_id, removal.author_id, removal.expires_at,
-                              set(viewers) | set(removal.viewers))
+        self.cassandra.remove(story_id, removal.author_id, removal.expires_at, removal.viewers)
         return StoryExpired(story_id, removal.author_id, removal.expires_at, self._clock())
 
 

@@ -63,9 +63,9 @@ class Env:
         self.log = open(os.path.join(stack.state_dir, "logs", f"test-stories-{key_prefix}.log"),
                         "ab")
 
-    def start(self) -> subprocess.Popen:
+    def start(self, *extra: str) -> subprocess.Popen:
         """The job in its own process group (so a test can SIGKILL it and its runner)."""
-        args = [
+        args = [*extra,
             "--runner=PrismRunner", f"--prism_location={prism_binary(self.stack)}",
             "--environment_type=LOOPBACK", "--streaming",
             f"--kafka_bootstrap={self.stack.kafka_bootstrap}", f"--consumer_group={self.group}",
@@ -197,7 +197,7 @@ def test_tray_order_and_unseen_counts_from_both_stores(env):
         assert reader.story(41) is None
 
 
-def test_expired_never_served_while_stopped_and_restart_converges(env):
+def test_expired_never_served_while_stopped_and_restart_converges(env, kafka_topic):
     rng = random.Random(6)
     t0 = now_ms()
     short, long_ = t0 + 45_000, t0 + 2 * 3600_000
@@ -244,7 +244,8 @@ def test_expired_never_served_while_stopped_and_restart_converges(env):
     late = [story(VIEWED, a * 100, a, now, viewer=999) for a in authors]
     env.topic.send(late)
 
-    job = env.start()
+    expired_topic = kafka_topic(1, name=env.topic.prefix + "stories-expired")
+    job = env.start("--expired_topic=stories-expired")
     try:
         _wait_for(env.drained, 120, "the restarted job to drain the backlog")
         expected = expected_stories(env.topic.events, now_ms(), POLICY)
@@ -257,3 +258,33 @@ def test_expired_never_served_while_stopped_and_restart_converges(env):
     assert_matches(cassandra_state(env), expected, tombstones=False)
     # The short stories of the backlog expired before the restart read them: never written.
     assert not env.redis.client.exists(env.keys.story(103))
+    # Each removal by a timer (re-armed by the sweep) was announced on the topic.
+    announced = {r["story_id"]: r for r in read_json(env.stack, expired_topic)}
+    assert set(announced) >= {a * 100 for a in authors}
+    assert all(r["removed_at"] >= r["expires_at"] == short for s, r in announced.items()
+               if s % 100 == 0)
+
+
+def read_json(stack, topic: str) -> list[dict]:
+    """Every record of ``topic`` (one partition) as JSON."""
+    import json
+
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap,
+                         "group.id": f"read-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.partition.eof": True})
+    consumer.subscribe([topic])
+    out: list[dict] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                break   # end of the partition
+            out.append(json.loads(msg.value()))
+    finally:
+        consumer.close()
+    return out
