@@ -154,11 +154,14 @@ class KeyLayout:
         return f"{self.prefix}:stories:{{u:{author_id}}}"
 
     def story(self, story_id: int) -> str:
-        """HASH: story metadata: author_id, created_at, expires_at, media_type, views."""
+        """HASH: story metadata: author_id, created_at, expires_at, media_type, views
+        (unique viewers). After a delete or expiry, a tombstone: author_id,
+        expires_at and ``removed`` (``deleted``/``expired``) until expires_at + grace."""
         return f"{self.prefix}:story:{{s:{story_id}}}"
 
     def story_viewers(self, story_id: int) -> str:
-        """SET: viewer ids who saw ``story_id`` (SCARD = unique views); EXPIREAT the story's expiry."""
+        """SET: viewer ids who saw ``story_id`` (SCARD = unique views); EXPIREAT the story's
+        expiry + grace."""
         return f"{self.prefix}:story_viewers:{{s:{story_id}}}"
 
     def seen_stories(self, viewer_id: int) -> str:
