@@ -100,6 +100,7 @@ import pipelines.fanout  # noqa: F401
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
 from pipelines.io.source import ReadEvents
+from pipelines.runtime import run_until_done
 from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry, timer_step
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
@@ -536,14 +537,13 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> StoryResults:
 
 
 def run(argv=None):
-    """Parse options, build the streaming job and run it until it is cancelled."""
+    """Parse options, build the streaming job and run it until it is cancelled
+    (SIGTERM or Ctrl-C cancel it on the runner, see ``pipelines.runtime``)."""
     options = PipelineOptions(argv)
     options.view_as(StandardOptions).streaming = True
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
-    result = pipeline.run()
-    result.wait_until_finish()
-    return result
+    return run_until_done(pipeline)
 
 
 if __name__ == "__main__":
