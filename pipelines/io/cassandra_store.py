@@ -73,6 +73,19 @@ def to_ms(value: datetime | None) -> int | None:
 
 
 
+def post_from_row(row) -> dict | None:
+    """A ``posts`` row as ``PostMeta`` (the shape of ``RedisFeedStore.posts``);
+    None for no row, a tombstone or a row with no create yet."""
+    if row is None or row.deleted or row.author_id is None:
+        return None
+    return {
+        "post_id": row.post_id, "author_id": row.author_id,
+        "created_at": to_ms(row.created_at), "media_type": row.media_type,
+        "caption_length": row.caption_length, "hashtags": tuple(row.hashtags or ()),
+        "deleted": False,
+    }
+
+
 def plan_buckets(start_ms: int, max_buckets: int) -> list[int]:
     """Buckets to read for a page starting at ``start_ms``, newest first."""
     return cs.buckets_back(start_ms, max_buckets)
@@ -242,6 +255,11 @@ class CassandraFeedStore:
             pending = [i for i, _ in failed]
         return results
 
+    def statement(self, name: str):
+        """The prepared statement ``name`` of this store (for asynchronous readers
+        that execute it themselves: ``pipelines.io.aio_cassandra``)."""
+        return self._stmt(name)
+
     def prepare(self, cql: str):
         """``cql`` prepared (once per session) as an idempotent statement, for the
         other store modules (ranked feeds, ...) that share this execution path."""
@@ -331,19 +349,8 @@ class CassandraFeedStore:
     def posts(self, post_ids: Sequence[int]) -> list[dict | None]:
         """Metadata per post id, the shape of ``RedisFeedStore.posts`` (``PostMeta``);
         None for unknown or deleted posts (serving fallback, Redis rebuild)."""
-        out: list[dict | None] = []
-        for rs in self._execute_many("get_post", ((p,) for p in post_ids)):
-            row = rs.one()
-            if row is None or row.deleted or row.author_id is None:
-                out.append(None)
-                continue
-            out.append({
-                "post_id": row.post_id, "author_id": row.author_id,
-                "created_at": to_ms(row.created_at), "media_type": row.media_type,
-                "caption_length": row.caption_length, "hashtags": tuple(row.hashtags or ()),
-                "deleted": False,
-            })
-        return out
+        return [post_from_row(rs.one())
+                for rs in self._execute_many("get_post", ((p,) for p in post_ids))]
 
     # -- feeds and timelines ------------------------------------------------------
 
