@@ -271,6 +271,12 @@ class CassandraFeedStore:
         (result,) = self._execute([(stmt, params)])
         return list(result)
 
+    def execute_cql(self, work: Sequence[tuple[str, Any]]) -> list:
+        """Execute ``(cql, params)`` pairs with this store's statement cache,
+        concurrency and retries (``_execute``); result sets in order. For the
+        sibling stores of ``pipelines.io`` (stories) sharing one session."""
+        return self._execute([(_prepare(self.session, cql), params) for cql, params in work])
+
     def _execute_one(self, name: str, params: tuple) -> list:
         """Rows of one statement (all pages), with the same retry rules."""
         (result,) = self._execute([(self._stmt(name), params)])
@@ -448,12 +454,13 @@ class CassandraFeedStore:
 
     # -- tests and tools ----------------------------------------------------------
 
-    def dump(self) -> dict[str, list[dict]]:
-        """Every row of the graph, post, feed, timeline and activity tables, as
-        ``{table: [row dict, ...]}`` sorted, times in ms. A full scan: for tests
-        comparing replays on small keyspaces, not for production tables."""
+    def dump(self, tables: Sequence[str] = DUMP_TABLES) -> dict[str, list[dict]]:
+        """Every row of ``tables`` (default: the graph, post, feed, timeline and
+        activity tables), as ``{table: [row dict, ...]}`` sorted, times in ms. A
+        full scan: for tests comparing replays on small keyspaces, not for
+        production tables."""
         out: dict[str, list[dict]] = {}
-        for table in DUMP_TABLES:
+        for table in tables:
             (rs,) = self._execute([(f"SELECT * FROM {self.keyspace}.{table}", None)])
             rows = [{k: _plain(v) for k, v in sorted(row._asdict().items())} for row in rs]
             out[table] = sorted(rows, key=_sort_key)
