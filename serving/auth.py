@@ -18,6 +18,8 @@ import jwt
 ALGORITHM = "HS256"
 #: Seconds of clock skew tolerated on ``exp``/``iat``.
 LEEWAY_S = 5
+#: RFC 7518 3.2: an HS256 key at least as long as the hash.
+MIN_KEY_BYTES = 32
 
 
 class AuthError(Exception):
@@ -36,8 +38,8 @@ class TokenAuth:
     """Verifies bearer tokens with ``key`` (see module doc)."""
 
     def __init__(self, key: str, cache_size: int = 100_000, clock: Callable[[], float] = time.time):
-        if len(key) < 16:
-            raise ValueError("the JWT key must be at least 16 characters")
+        if len(key.encode()) < MIN_KEY_BYTES:
+            raise ValueError(f"the JWT key must be at least {MIN_KEY_BYTES} bytes")
         self._key = key
         self._cache: dict[str, tuple[int, float]] = {}
         self._cache_size = cache_size

@@ -132,6 +132,24 @@ class FeedService:
             lambda: self._ranked_redis(user_id, limit, cursor),
             lambda: self._ranked_cassandra(user_id, limit, cursor))
 
+    async def followees(self, user_id: int) -> list[int]:
+        """Whom the user follows (cached graph), from Redis or else Cassandra."""
+        redis_error = "circuit open after repeated failures"
+        if self.redis_breaker.allow():
+            try:
+                graph = await self._graph_redis(user_id)
+            except RedisUnavailable as exc:
+                self.redis_breaker.failure()
+                redis_error = str(exc)
+            else:
+                self.redis_breaker.success()
+                return graph.followees
+        try:
+            return (await self._graph_cassandra(user_id)).followees
+        except CassandraUnavailable as exc:
+            raise StoresUnavailable(f"cannot read whom user {user_id} follows: Redis: "
+                                    f"{redis_error}; Cassandra: {exc}") from None
+
     def status(self) -> dict[str, Any]:
         """What readiness reports: each store's breaker and connection."""
         return {
@@ -248,7 +266,7 @@ class FeedService:
                 if await self._rebuild(user_id, graph):
                     source = "rebuilt"
                     page, _, _ = await self._chrono_redis_page(user_id, graph, n, limit, after)
-            if page.entries or page.next_position is None:
+            if page.entries or not page.short:
                 break
         items = await self._hydrate_redis(user_id, page.entries)
         cursor = None if page.next_position is None else ChronoCursor(user_id, page.next_position)
@@ -371,12 +389,19 @@ class FeedService:
         if scripts:
             self._remember_read(self._last_read_redis, user_id, now_s)
             self._record_read_durable(user_id, int(now_s * 1000))
-        out = []
-        for (pid, _), reply in zip(entries, replies):
+        metas: list[dict | None] = []
+        missing = []  # no hash at all (not a tombstone): a lost cache, try the durable copy
+        for i, ((pid, _), reply) in enumerate(zip(entries, replies)):
             meta = self.cmd.post_meta(pid, reply)
-            if meta is not None:
-                out.append(dict(meta))
-        return out
+            metas.append(None if meta is None else dict(meta))
+            if all(v is None for v in reply):
+                missing.append(i)
+        if missing:
+            durable = await self._cassandra_extra(
+                lambda: self.cassandra.posts([entries[i][0] for i in missing]), [])
+            for i, meta in zip(missing, durable):
+                metas[i] = meta
+        return [m for m in metas if m is not None]
 
     async def _hydrate_cassandra(self, entries: Sequence[tuple[int, int]]) -> list[dict]:
         metas = await self.cassandra.posts([pid for pid, _ in entries])

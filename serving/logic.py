@@ -53,10 +53,16 @@ class SourceBatch(NamedTuple):
 
 
 class Page(NamedTuple):
-    """Entries of a page and the position to continue after (None: the end)."""
+    """Entries of a page and the position to continue after (None: the end).
+
+    ``short`` is True when the page holds fewer entries than asked because a
+    full source's boundary cut it (a long tie): reading more per source gives
+    more; with no entries at all, the caller must read more to make progress.
+    """
 
     entries: list[tuple[int, int]]
     next_position: Position | None
+    short: bool = False
 
 
 def merge_page(batches: Iterable[SourceBatch], after: Position | None, limit: int) -> Page:
@@ -84,10 +90,12 @@ def merge_page(batches: Iterable[SourceBatch], after: Position | None, limit: in
         trusted = ordered
     page = trusted[:limit]
     more = floor is not None or len(trusted) > limit
+    short = floor is not None and len(page) < limit
     if not page:
-        return Page([], None if not more else after)
+        return Page([], after if more else None, short)
     last = page[-1]
-    return Page([(pid, ms) for ms, pid in page], Position(last[0], last[1]) if more else None)
+    return Page([(pid, ms) for ms, pid in page], Position(last[0], last[1]) if more else None,
+                short)
 
 
 def fresh_entries(batches: Iterable[SourceBatch], generated_at_ms: int,

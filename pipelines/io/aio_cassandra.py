@@ -47,11 +47,12 @@ class AioCassandra:
     """See the module doc."""
 
     def __init__(self, host: str, port: int, keyspace: str, timeout_s: float = 0.5,
-                 connect_retry_s: float = 2.0):
+                 connect_retry_s: float = 2.0, max_connect_retry_s: float = 30.0):
         self.host, self.port = host, port
         self.keyspace = cs.check_keyspace_name(keyspace)
         self.timeout_s = timeout_s
         self.connect_retry_s = connect_retry_s
+        self.max_connect_retry_s = max_connect_retry_s
         self.store: CassandraFeedStore | None = None
         self._ranked: RankedFeedStore | None = None
         self._connector: asyncio.Task | None = None
@@ -78,6 +79,7 @@ class AioCassandra:
 
     async def _connect_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        delay = self.connect_retry_s
         while not self._closed:
             try:
                 store = await loop.run_in_executor(
@@ -90,8 +92,9 @@ class AioCassandra:
             except Exception as exc:  # any failure: log, retry later; serving runs on Redis
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("cassandra at %s:%d not available (%s); retrying in %.0fs",
-                            self.host, self.port, self.last_error, self.connect_retry_s)
-                await asyncio.sleep(self.connect_retry_s)
+                            self.host, self.port, self.last_error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_connect_retry_s)
                 continue
             if self._closed:
                 store.close()
