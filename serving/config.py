@@ -29,7 +29,7 @@ class ServingConfig:
     default_limit: int = 20
     max_limit: int = 100
     #: One Redis round trip; past it the read falls back to Cassandra.
-    redis_timeout_s: float = 0.05
+    redis_timeout_s: float = 0.1
     #: One Cassandra read.
     cassandra_timeout_s: float = 0.5
     #: A whole request; past it the answer is 503 (nothing hangs).

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Sequence
 import hiredis
 
 from pipelines.io.aio_cassandra import AioCassandra, CassandraUnavailable
-from pipelines.io.aio_redis import AioRedis, RedisUnavailable, is_noscript
+from pipelines.io.aio_redis import AioRedis, RedisUnavailable, is_noscript, pack_command
 from pipelines.io.ranked_store import READ_PAGE_SCRIPT, page_args, page_keys, parse_page
 from pipelines.io.redis_store import FeedCommands
 from schemas.keys import KeyLayout
@@ -109,6 +109,7 @@ class FeedService:
         self._ranked_script = redis.register_script(READ_PAGE_SCRIPT)
         self._last_read_script = redis.register_script(FeedCommands.last_read_script)
         self._graphs: dict[int, _Graph] = {}
+        self._packed_posts: dict[int, bytes] = {}
         self._last_read_redis: dict[int, float] = {}
         self._last_read_cassandra: dict[int, float] = {}
         self._background: set[asyncio.Task] = set()
@@ -254,31 +255,46 @@ class FeedService:
 
     # -- chronological ---------------------------------------------------------------
 
-    async def _chrono_redis(self, user_id: int, limit: int, after: Position | None) -> FeedResult:
+    async def _chrono_redis(self, user_id: int, limit: int, after: Position | None,
+                            first_replies: list | None = None) -> FeedResult:
+        """A chronological page from Redis. ``first_replies``: the replies of
+        ``_page_commands`` for ``after=None`` already read by the caller (the
+        ranked path reads them in its own round trip)."""
         graph = await self._graph_redis(user_id)
         source = "redis"
         count = limit + SLACK
         for growth in (1,) + _GROWTH:
             n = count * growth
-            page, last_read, size = await self._chrono_redis_page(user_id, graph, n, limit, after)
+            if growth == 1 and first_replies is not None:
+                replies = first_replies
+            else:
+                replies = await self._pipeline(self._page_commands(user_id, graph, n, after))
+            page, last_read, size = await self._page_from(user_id, replies, n, limit, after)
             if after is None and growth == 1 and needs_rebuild(
                     last_read, size, _now_ms(), self.config.inactive_ms):
                 if await self._rebuild(user_id, graph):
                     source = "rebuilt"
-                    page, _, _ = await self._chrono_redis_page(user_id, graph, n, limit, after)
+                    replies = await self._pipeline(self._page_commands(user_id, graph, n, after))
+                    page, _, _ = await self._page_from(user_id, replies, n, limit, after)
             if page.entries or not page.short:
                 break
         items = await self._hydrate_redis(user_id, page.entries)
         cursor = None if page.next_position is None else ChronoCursor(user_id, page.next_position)
         return FeedResult(items, cursor, "chronological", source)
 
-    async def _chrono_redis_page(self, user_id: int, graph: _Graph, n: int, limit: int,
-                                 after: Position | None) -> tuple[Page, int | None, int]:
+    def _page_commands(self, user_id: int, graph: _Graph, n: int,
+                       after: Position | None) -> list[tuple]:
+        """Home feed (``n`` entries at or below the cursor), its size, the last read,
+        and each followed celebrity's timeline likewise: one round trip."""
         top = None if after is None else after.created_at
         commands = [self.cmd.feed(user_id, top, n), self.cmd.feed_size(user_id),
                     self.cmd.last_read(user_id)]
         commands += [self.cmd.timeline(c, top, n) for c in graph.celebrities]
-        replies = await self._pipeline(commands)
+        return commands
+
+    async def _page_from(self, user_id: int, replies: list, n: int, limit: int,
+                         after: Position | None) -> tuple[Page, int | None, int]:
+        """The page, the last read and the feed size from ``_page_commands``' replies."""
         home = self.cmd.entries(replies[0])
         size = int(replies[1])
         batches = [SourceBatch(home, len(home) >= n)]
@@ -321,15 +337,17 @@ class FeedService:
         keys, args = page_keys(self.keys, user_id), page_args(gen, start, limit)
         commands = [self._ranked_script.command(keys, args)]
         if first:
-            commands.append(self.cmd.feed(user_id, None, limit))
-            commands += [self.cmd.timeline(c, None, limit) for c in graph.celebrities]
+            # The first chronological page's reads ride along: they give the posts
+            # newer than the ranking, or the whole page when there is no ranking.
+            commands += self._page_commands(user_id, graph, limit + SLACK, None)
         replies = await self._pipeline(commands, {0: self._ranked_script})
         ranked = parse_page(replies[0], start)
         if ranked is None:
-            return await self._chrono_redis(user_id, limit, None)
+            return await self._chrono_redis(user_id, limit, None, replies[1:] if first else None)
         fresh: list[tuple[int, int]] = []
         if first:
-            batches = [SourceBatch(self.cmd.entries(r), False) for r in replies[1:]]
+            sources = [replies[1]] + replies[4:]  # home feed and celebrity timelines
+            batches = [SourceBatch(self.cmd.entries(r), False) for r in sources]
             fresh = fresh_entries(batches, ranked.generated_at_ms,
                                   (e.post_id for e in ranked.entries), limit)
         entries, cursor_out = self._ranked_slice(user_id, ranked, fresh, limit)
@@ -376,7 +394,15 @@ class FeedService:
     async def _hydrate_redis(self, user_id: int, entries: Sequence[tuple[int, int]]) -> list[dict]:
         """Post metadata of the page (one pipeline, with the last-read write when due);
         deleted or unknown posts are left out."""
-        commands = [self.cmd.post(pid) for pid, _ in entries]
+        packed = self._packed_posts
+        commands: list = []
+        for pid, _ in entries:
+            command = packed.get(pid)
+            if command is None:  # post keys never change: pack each HMGET once
+                if len(packed) >= 500_000:
+                    packed.clear()
+                command = packed[pid] = pack_command(self.cmd.post(pid))
+            commands.append(command)
         scripts = {}
         now_s = time.time()
         if now_s - self._last_read_redis.get(user_id, 0.0) >= self.config.last_read_redis_every_s:
@@ -389,12 +415,13 @@ class FeedService:
         if scripts:
             self._remember_read(self._last_read_redis, user_id, now_s)
             self._record_read_durable(user_id, int(now_s * 1000))
-        metas: list[dict | None] = []
+        metas: list = []
         missing = []  # no hash at all (not a tombstone): a lost cache, try the durable copy
+        post_meta = self.cmd.post_meta
         for i, ((pid, _), reply) in enumerate(zip(entries, replies)):
-            meta = self.cmd.post_meta(pid, reply)
-            metas.append(None if meta is None else dict(meta))
-            if all(v is None for v in reply):
+            meta = post_meta(pid, reply)
+            metas.append(meta)
+            if meta is None and reply[-1] is None and reply[1] is None:  # not even a tombstone
                 missing.append(i)
         if missing:
             durable = await self._cassandra_extra(

@@ -76,7 +76,7 @@ def merge_page(batches: Iterable[SourceBatch], after: Position | None, limit: in
     floor: int | None = None
     for batch in batches:
         if batch.full and batch.entries:
-            low = min(ms for _, ms in batch.entries)
+            low = batch.entries[-1][1]  # sources are newest first
             floor = low if floor is None else max(floor, low)
         for pid, ms in batch.entries:
             if after is not None and (ms, pid) >= (after.created_at, after.post_id):

@@ -84,6 +84,18 @@ class _Protocol(asyncio.Protocol):
                 w.future.set_exception(error)
 
 
+def pack_command(command: Sequence[Any]) -> bytes:
+    """``command`` in the wire format, for callers that reuse it: ``pipeline``
+    takes such bytes in place of a command tuple."""
+    return hiredis.pack_command(tuple(command))
+
+
+def _expire(future: asyncio.Future, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(RedisUnavailable(
+            f"Redis did not answer within {timeout_s * 1000:.0f} ms"))
+
+
 class AioScript:
     """A Lua script called like redis-py's ``Script``: ``await script(keys=..., args=...)``."""
 
@@ -162,16 +174,21 @@ class AioRedis:
 
     async def _send(self, protocol: _Protocol, commands: Sequence[Sequence[Any]],
                     timeout_s: float) -> list:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         protocol.waiters.append(_Waiter(future, len(commands)))
-        protocol.transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
+        protocol.transport.write(b"".join([c if c.__class__ is bytes else hiredis.pack_command(c)
+                                           for c in commands]))
+        # A timer instead of asyncio.wait_for: the same effect at a fraction of the cost.
+        timer = loop.call_later(timeout_s, _expire, future, timeout_s)
         try:
-            return await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
-            raise RedisUnavailable(f"Redis did not answer within {timeout_s * 1000:.0f} ms") from None
+            return await future
+        finally:
+            timer.cancel()
 
     async def pipeline(self, commands: Sequence[Sequence[Any]], timeout_s: float | None = None) -> list:
-        """Replies of ``commands``, sent in one write; error replies are in the list."""
+        """Replies of ``commands`` (tuples, or bytes from ``pack_command``), sent in
+        one write; error replies are in the list."""
         if not commands:
             return []
         protocol = await self._connection()

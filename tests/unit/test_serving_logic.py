@@ -132,3 +132,16 @@ def test_tokens():
         auth.user_id(f"Bearer {good}")
     with pytest.raises(ValueError):
         TokenAuth("short")
+
+
+def test_post_meta_fast_path_agrees_with_parse_post():
+    from pipelines.io.redis_store import POST_FIELDS, FeedCommands, parse_post, post_fields
+    from schemas.events import MediaType, PostEvent, PostEventKind
+
+    post = PostEvent("e", 5, PostEventKind.CREATED, 9, 3, 1000, MediaType.REEL, 12, ("a", "b"))
+    stored = {k.encode(): v.encode() for k, v in post_fields(post).items()}
+    reply = [stored.get(f.encode()) for f in POST_FIELDS]
+    assert FeedCommands.post_meta(9, reply) == parse_post(9, stored)
+    tombstone = [b"3", b"1000", None, None, None, b"1"]
+    assert FeedCommands.post_meta(9, tombstone) is None
+    assert FeedCommands.post_meta(9, [None] * len(POST_FIELDS)) is None
