@@ -282,10 +282,11 @@ class Tracker:
 
 
 class Job:
-    """``python -m pipelines.fanout`` on Prism in its own process group."""
+    """``python -m <module>`` (default the fan-out) on Prism in its own process group."""
 
     def __init__(self, settings: StackSettings, prism: str, topic_prefix: str, key_prefix: str,
-                 keyspace: str, log_path: Path, extra: list[str] = ()):
+                 keyspace: str, log_path: Path, extra: list[str] = (),
+                 module: str = "pipelines.fanout"):
         self.group = f"bench-fanout-{uuid.uuid4().hex[:8]}"
         args = [
             "--runner=PrismRunner", f"--prism_location={prism}",
@@ -296,7 +297,7 @@ class Job:
             f"--cassandra_host={settings.host}", f"--cassandra_port={settings.cassandra_port}",
             f"--cassandra_keyspace={keyspace}", *extra]
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.fanout", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

@@ -27,7 +27,7 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
-from schemas.stories import StoryMeta, TrayEntry, TrayStory
+from schemas.stories import ExpiryCommand, StoryMeta, TrayEntry, TrayStory
 
 HOUR_MS = 3600 * 1000
 
@@ -162,3 +162,80 @@ def sweep_buckets(now_ms: int, policy: StoryPolicy) -> list[int]:
 
 def is_publish(event: StoryEvent) -> bool:
     return event.kind is StoryEventKind.PUBLISHED
+
+
+# --------------------------------------------------------------------------- expiry timer
+
+
+def timer_step(cmd: ExpiryCommand, armed: tuple[int, int] | None, deleted: bool) -> str:
+    """What the expiry timer of one story does with ``cmd``, given its state (the
+    armed ``(author_id, expires_at)`` and the sticky deleted flag):
+
+    ``cancel`` (a delete: clear the timer, set the flag), ``ignore`` (an arm
+    after a delete: the publish was redelivered or the start-up sweep raced
+    the delete), ``arm`` (set the timer at ``expires_at``) or ``unchanged``
+    (already armed at that time: a redelivered publish).
+    """
+    if cmd.cancel:
+        return "cancel"
+    if deleted:
+        return "ignore"
+    return "unchanged" if armed == (cmd.author_id, cmd.expires_at) else "arm"
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+@dataclasses.dataclass
+class ExpectedStories:
+    """What the stores must hold after ``events`` were applied and every timer due
+    at ``now_ms`` has fired: the live stories (``views`` = unique viewers), their
+    viewers, each viewer's seen live stories, and the stories that were
+    published and then deleted or expired (nothing left of them but, in Redis,
+    a tombstone)."""
+
+    live: dict[int, StoryMeta]
+    viewers: dict[int, set[int]]
+    seen: dict[int, set[int]]
+    removed: set[int]
+
+
+def expected_stories(events: Iterable[StoryEvent], now_ms: int,
+                     policy: StoryPolicy) -> ExpectedStories:
+    """The oracle of the stories pipeline, recomputed from the topic.
+
+    ``events`` in partition order (a story's events share its author's
+    partition, so the order among one story's events is what matters). A view
+    counts if the story was published before it, not deleted before it, and
+    it happened before ``expires_at``; a publish after the story's delete or
+    expiry is refused.
+    """
+    stories: dict[int, StoryMeta] = {}
+    viewers: dict[int, set[int]] = {}
+    removed: set[int] = set()
+    for e in events:
+        if e.kind is StoryEventKind.PUBLISHED:
+            expires = story_expiry(e)
+            refused = expires <= e.event_time or expires - e.event_time > policy.max_life_ms
+            if e.story_id in removed or e.story_id in stories or refused:
+                continue
+            stories[e.story_id] = StoryMeta(e.story_id, e.author_id, story_created_at(e), expires,
+                                            None if e.media_type is None else e.media_type.value)
+        elif e.kind is StoryEventKind.VIEWED:
+            story = stories.get(e.story_id)
+            if story is not None and e.event_time < story.expires_at:
+                viewers.setdefault(e.story_id, set()).add(e.viewer_id)
+        elif e.story_id in stories:
+            del stories[e.story_id]
+            viewers.pop(e.story_id, None)
+            removed.add(e.story_id)
+    for story_id in [s for s, meta in stories.items() if not meta.active(now_ms)]:
+        del stories[story_id]
+        viewers.pop(story_id, None)
+        removed.add(story_id)
+    seen: dict[int, set[int]] = {}
+    for story_id, who in viewers.items():
+        for v in who:
+            seen.setdefault(v, set()).add(story_id)
+    live = {s: dataclasses.replace(m, views=len(viewers.get(s, ()))) for s, m in stories.items()}
+    return ExpectedStories(live, {s: v for s, v in viewers.items() if v}, seen, removed)

@@ -71,3 +71,33 @@ class StoryExpired:
     author_id: int
     expires_at: int
     removed_at: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoryOutcome:
+    """What applying one story event did (the stories pipeline's per-event output).
+
+    ``action``: for a publish ``published`` (written), ``tombstoned`` (deleted
+    before: nothing written), ``expired`` (already expired when applied) or
+    ``beyond_horizon``; for a view ``viewed`` (counted) or ``view_unknown``,
+    ``view_deleted``, ``view_late`` (event time at/after expiry),
+    ``view_expired`` (expired when applied); ``deleted`` for a delete.
+    ``expires_at`` is the story's, when known.
+    """
+
+    event_id: str
+    action: str
+    story_id: int
+    author_id: int
+    expires_at: int | None
+    event_time: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExpiryCommand:
+    """Input of the expiry timer for one story: arm at ``expires_at``, or ``cancel`` (deleted)."""
+
+    story_id: int
+    author_id: int
+    expires_at: int
+    cancel: bool = False

@@ -4,7 +4,7 @@ Two stores with the same read side, so serving can answer from either:
 
 * ``RedisStoryStore`` over the keys of ``schemas.keys.KeyLayout``:
   ``author_stories`` (ZSET story -> expires_at), ``story`` (HASH metadata +
-  ``views``, or a delete's tombstone), ``story_viewers`` (SET) and
+  ``views``, or after removal a tombstone), ``story_viewers`` (SET) and
   ``seen_stories`` (ZSET story -> expires_at per viewer). Every key gets
   ``PEXPIREAT`` at the newest expiry it holds plus the grace period.
 * ``CassandraStoryStore`` over ``stories_by_author``, ``story_views``,
@@ -30,9 +30,9 @@ Write side (the stories pipeline; ``pipelines.stories.StoryWriter`` calls
 both stores): ``publish``, ``record_views`` and ``remove`` (a delete or an
 expiry). Every write is idempotent:
 
-* a publish is refused when the story is tombstoned (deleted: the tombstone
-  lives until ``expires_at + grace``), already expired at ``now_ms``, or
-  expires beyond the policy's horizon; otherwise it rewrites the same fields;
+* a publish is refused when the story was removed before (its hash is then a
+  tombstone until ``expires_at + grace``), is already expired at ``now_ms``,
+  or expires beyond the policy's horizon; otherwise it rewrites the same fields;
 * a view is accepted only if the story exists, is not deleted, has not
   expired at ``now_ms`` and the view's event time is before ``expires_at``:
   a view never creates state for an unknown, deleted or expired story. The
@@ -87,9 +87,9 @@ VIEWED, UNKNOWN, DELETED, LATE = "viewed", "unknown", "deleted", "late"
 # -- Lua scripts ------------------------------------------------------------------
 
 # KEYS[1] story hash. ARGV: now ms, expires_at ms, PEXPIREAT ms, then field/value pairs.
-# 0 tombstoned (nothing written), -1 expired at now, 1 written.
+# 0 removed before (deleted or expired: nothing written), -1 expired at now, 1 written.
 _PUBLISH = """
-if redis.call('HGET', KEYS[1], 'deleted') == '1' then
+if redis.call('HEXISTS', KEYS[1], 'removed') == 1 then
   return 0
 end
 if tonumber(ARGV[2]) <= tonumber(ARGV[1]) then
@@ -115,38 +115,39 @@ return 1
 
 # KEYS[1] story hash, KEYS[2] viewers set. ARGV: viewer id, viewed_at ms, now ms, grace ms.
 # Returns {status, author_id, expires_at}: status 1 counted, 0 unknown story,
-# -1 deleted, -2 viewed at/after expiry (event time), -3 expired at now.
+# -1 deleted, -2 viewed at/after expiry (event time), -3 expired (at now, or removed).
 _VIEW = """
-local h = redis.call('HMGET', KEYS[1], 'author_id', 'expires_at', 'deleted')
+local h = redis.call('HMGET', KEYS[1], 'author_id', 'expires_at', 'removed')
 if not h[2] then return {0, 0, 0} end
-if h[3] == '1' then return {-1, h[1], h[2]} end
+if h[3] == 'deleted' then return {-1, h[1], h[2]} end
 local expires = tonumber(h[2])
 if tonumber(ARGV[2]) >= expires then return {-2, h[1], h[2]} end
-if tonumber(ARGV[3]) >= expires then return {-3, h[1], h[2]} end
+if h[3] or tonumber(ARGV[3]) >= expires then return {-3, h[1], h[2]} end
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('PEXPIREAT', KEYS[2], expires + tonumber(ARGV[4]))
 redis.call('HSET', KEYS[1], 'views', redis.call('SCARD', KEYS[2]))
 return {1, h[1], h[2]}
 """
 
-# KEYS[1] story hash, KEYS[2] viewers set. ARGV: '1' delete / '0' expiry,
-# author id, expires_at ms, PEXPIREAT ms. The last step of a removal: a delete
-# leaves a tombstone (so a replayed publish cannot resurrect the story) that
-# expires with the story; an expiry drops the hash unless it is a tombstone.
+# KEYS[1] story hash, KEYS[2] viewers set. ARGV: 'deleted' or 'expired',
+# author id, expires_at ms, PEXPIREAT ms. The last step of a removal: the hash
+# becomes a tombstone (author, expiry, how it was removed) that expires with
+# the story + grace, so a replayed publish or view cannot bring it back even
+# when the watermark ran ahead of the wall clock. A delete stays a delete.
 _FINISH_REMOVAL = """
 redis.call('DEL', KEYS[2])
-if ARGV[1] == '1' then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'author_id', ARGV[2], 'expires_at', ARGV[3], 'deleted', '1')
-  redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-elseif redis.call('HGET', KEYS[1], 'deleted') ~= '1' then
-  redis.call('DEL', KEYS[1])
+local how = ARGV[1]
+if redis.call('HGET', KEYS[1], 'removed') == 'deleted' then
+  how = 'deleted'
 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'author_id', ARGV[2], 'expires_at', ARGV[3], 'removed', how)
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
 return 1
 """
 
 _VIEW_STATUS = {1: VIEWED, 0: UNKNOWN, -1: DELETED, -2: LATE, -3: EXPIRED}
-_STORY_FIELDS = ("author_id", "created_at", "expires_at", "media_type", "views", "deleted")
+_STORY_FIELDS = ("author_id", "created_at", "expires_at", "media_type", "views", "removed")
 
 
 # -- records ------------------------------------------------------------------------
@@ -171,11 +172,15 @@ class ViewResult:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Removal:
     """What a removal found: the story as stored (None if unknown or a tombstone),
-    whether it was tombstoned, and the viewers whose seen entries it cleaned."""
+    whether it was a tombstone already (removed before), the viewers whose seen
+    entries it cleaned, and the author and expiry it used (the stored ones,
+    else the caller's)."""
 
     story: StoryMeta | None
     tombstoned: bool
     viewers: tuple[int, ...]
+    author_id: int
+    expires_at: int
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -191,11 +196,11 @@ def _int_or_none(value) -> int | None:
 
 def parse_story(story_id: int, fields: Mapping[Any, Any] | Sequence[Any]) -> StoryMeta | None:
     """A ``StoryMeta`` from a story hash (HGETALL dict, or HMGET of ``_STORY_FIELDS``);
-    None when missing or tombstoned."""
+    None when missing or a tombstone."""
     if not isinstance(fields, Mapping):
         fields = dict(zip(_STORY_FIELDS, fields))
     f = {_text(k): _text(v) for k, v in fields.items() if v is not None}
-    if f.get("deleted") == "1" or "expires_at" not in f or "created_at" not in f:
+    if "removed" in f or "expires_at" not in f or "created_at" not in f:
         return None
     return StoryMeta(story_id=story_id, author_id=int(f["author_id"]),
                      created_at=int(f["created_at"]), expires_at=int(f["expires_at"]),
@@ -294,9 +299,10 @@ class RedisStoryStore:
         return out
 
     def remove(self, story_id: int, author_id: int, expires_at: int, deleted: bool) -> Removal:
-        """Remove a story (``deleted``: a DELETED event, leaving a tombstone until
-        ``expires_at + grace``; else its expiry). ``author_id`` / ``expires_at``
-        are used when the hash no longer says (the stored values win)."""
+        """Remove a story (``deleted``: a DELETED event; else its expiry), leaving a
+        tombstone hash until ``expires_at + grace`` (a delete's stays a delete).
+        ``author_id`` / ``expires_at`` are used when the hash does not say (the
+        stored values win)."""
         pipe = self._pipeline()
         pipe.hgetall(self.keys.story(story_id))
         pipe.smembers(self.keys.story_viewers(story_id))
@@ -314,10 +320,10 @@ class RedisStoryStore:
             pipe.zrem(self.keys.author_stories(author_id), story_id)
         self._finish_removal(
             keys=[self.keys.story(story_id), self.keys.story_viewers(story_id)],
-            args=["1" if deleted else "0", author, expires,
+            args=["deleted" if deleted else "expired", author, expires,
                   redis_expire_at_ms(expires, self.policy)], client=pipe)
         pipe.execute()
-        return Removal(story, fields.get("deleted") == "1", viewers)
+        return Removal(story, "removed" in fields, viewers, author, expires)
 
     # -- reads --------------------------------------------------------------------
 

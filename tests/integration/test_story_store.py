@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.io.redis_store import RedisFeedStore
 from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
+from pipelines.stories import StoryWriter
 from pipelines.stories_logic import StoryPolicy
 from schemas.cassandra import migrate
 from schemas.events import MediaType, StoryEvent, StoryEventKind
@@ -38,29 +39,34 @@ def viewed(story: int, author: int, viewer: int, at: int) -> StoryEvent:
                       viewer_id=viewer)
 
 
+def deleted(story: int, author: int, at: int) -> StoryEvent:
+    return StoryEvent(f"del-{story}", at, StoryEventKind.DELETED, story, author)
+
+
 class Both:
-    """Applies writes to both stores the way the pipeline does (Redis decides
-    what is accepted, Cassandra follows), so each store's reads can be checked."""
+    """Writes through ``StoryWriter`` (as the pipeline does: Redis decides what is
+    accepted, Cassandra follows) at a given wall-clock time, so each store's
+    reads can be checked."""
 
     def __init__(self, redis_store: RedisStoryStore, cassandra_store: CassandraStoryStore):
         self.redis, self.cassandra = redis_store, cassandra_store
+        self.now = 0
+        self.writer = StoryWriter(redis_store, cassandra_store, clock=lambda: self.now)
 
-    def publish(self, events, now):
-        statuses = self.redis.publish(events, now)
-        self.cassandra.publish([e for e, s in zip(events, statuses) if s == "published"], now)
-        return statuses
+    def apply(self, events, now) -> list[str]:
+        self.now = now
+        return [o.action for o in self.writer.apply(events)]
 
-    def view(self, events, now):
-        results = self.redis.record_views(events, now)
-        self.cassandra.record_views([(e, r.author_id, r.expires_at)
-                                     for e, r in zip(events, results) if r.counted], now)
-        return [r.status for r in results]
+    publish = view = apply
 
-    def remove(self, story, author, expires, deleted):
-        viewers = self.cassandra.viewers(story)
-        removal = self.redis.remove(story, author, expires, deleted)
-        self.cassandra.remove(story, author, expires, set(viewers) | set(removal.viewers))
-        return removal
+    def delete(self, story, author, now):
+        self.now = now
+        (outcome,) = self.writer.apply([deleted(story, author, now)])
+        return outcome
+
+    def expire(self, story, author, expires, now):
+        self.now = now
+        return self.writer.expire(story, author, expires)
 
 
 @pytest.fixture
@@ -131,9 +137,9 @@ def test_views_never_create_state(stores):
         viewed(99, 1, 7, t),                  # unknown story
         viewed(11, 1, 7, t + 10 * MIN),       # at expires_at (event time): too late
     ], t)
-    assert statuses == ["unknown", "late"]
+    assert statuses == ["view_unknown", "view_late"]
     # Applied after the story expired (a backlog drained late): refused too.
-    assert stores.view([viewed(11, 1, 8, t)], t + 11 * MIN) == ["expired"]
+    assert stores.view([viewed(11, 1, 8, t)], t + 11 * MIN) == ["view_expired"]
     assert (redis_dump(stores), stores.cassandra.dump()) == before
 
 
@@ -151,37 +157,48 @@ def test_delete_removes_everything_and_blocks_a_replayed_publish(stores, reader)
     pub = published(11, 1, t - MIN)
     stores.publish([pub, published(12, 1, t)], t)
     stores.view([viewed(11, 1, 7, t), viewed(11, 1, 8, t), viewed(12, 1, 7, t)], t)
-    removal = stores.remove(11, 1, pub.expires_at, deleted=True)
-    assert removal.story.story_id == 11 and removal.viewers == (7, 8)
+    outcome = stores.delete(11, 1, t)
+    assert (outcome.action, outcome.author_id, outcome.expires_at) == ("deleted", 1, pub.expires_at)
     assert [s.story_id for s in reader.active_stories(1, t)] == [12]
     assert reader.story(11) is None and reader.viewers(11) == []
     assert reader.seen(7, t) == {12} and reader.seen(8, t) == set()
     # Redelivered publish and view: refused, nothing comes back.
     assert stores.publish([pub], t + 1) == ["tombstoned"]
-    assert stores.view([viewed(11, 1, 9, t + 1)], t + 1) == ["deleted"]
+    assert stores.view([viewed(11, 1, 9, t + 1)], t + 1) == ["view_deleted"]
     assert reader.story(11) is None and reader.viewers(11) == []
     # The tombstone expires with the story (+ grace).
     ttl_ms = stores.redis.client.pttl(stores.redis.keys.story(11))
     assert 0 < ttl_ms <= pub.expires_at + POLICY.grace_ms - t
-    # Removing again is a no-op.
+    # Deleting again (a redelivery, even with Cassandra's rows gone) is a no-op.
     snapshot = (redis_dump(stores), stores.cassandra.dump())
-    stores.remove(11, 1, pub.expires_at, deleted=True)
+    assert stores.delete(11, 1, t + 2).expires_at == pub.expires_at
     assert (redis_dump(stores), stores.cassandra.dump()) == snapshot
 
 
-def test_expiry_removal_leaves_nothing(stores):
+def test_expiry_removal_leaves_only_a_tombstone(stores):
     t = now_ms()
     pub = published(11, 1, t - MIN)
     stores.publish([pub], t)
     stores.view([viewed(11, 1, 7, t)], t)
-    removal = stores.remove(11, 1, pub.expires_at, deleted=False)
-    assert removal.viewers == (7,) and not removal.tombstoned
-    assert redis_dump(stores) == {}
+    expired = stores.expire(11, 1, pub.expires_at, t + 5)
+    assert (expired.story_id, expired.author_id, expired.removed_at) == (11, 1, t + 5)
+    story_key = stores.redis.keys.story(11)
+    assert redis_dump(stores) == {story_key: {
+        "author_id": "1", "expires_at": str(pub.expires_at), "removed": "expired"}}
+    assert 0 < stores.redis.client.pttl(story_key) <= pub.expires_at + POLICY.grace_ms - t
     assert all(rows == [] for rows in stores.cassandra.dump().values())
-    # A Cassandra write replayed after the removal is shadowed by its timestamp.
+    # Replays after the removal (the watermark ran ahead of the wall clock)
+    # bring nothing back: Redis refuses, Cassandra's writes are shadowed.
+    assert stores.publish([pub], t + 6) == ["tombstoned"]
+    assert stores.view([viewed(11, 1, 8, t)], t + 6) == ["view_expired"]
     stores.cassandra.publish([pub], t)
     stores.cassandra.record_views([(viewed(11, 1, 7, t), 1, pub.expires_at)], t)
     assert all(rows == [] for rows in stores.cassandra.dump().values())
+    # An expiry after a delete keeps the delete's tombstone.
+    stores.publish([published(12, 1, t)], t)
+    stores.delete(12, 1, t + 1)
+    stores.expire(12, 1, t + 30 * MIN, t + 2)
+    assert redis_dump(stores)[stores.redis.keys.story(12)]["removed"] == "deleted"
 
 
 def test_keys_and_rows_expire_with_the_story(stores):
@@ -219,5 +236,5 @@ def test_sweep_lists_indexed_stories_by_expiry(stores):
     swept = stores.cassandra.sweep(t)
     assert [(s.story_id, s.author_id, s.expires_at) for s in swept] == [
         (11, 1, t + 20 * MIN), (12, 2, t + 50 * MIN), (13, 1, t + 3 * 24 * 60 * MIN)]
-    stores.remove(12, 2, t + 50 * MIN, deleted=True)
+    stores.delete(12, 2, t)
     assert [s.story_id for s in stores.cassandra.sweep(t)] == [11, 13]

@@ -94,3 +94,35 @@ def test_policy_validation():
         StoryPolicy(grace_ms=10)
     with pytest.raises(ValueError):
         StoryPolicy(max_life_ms=1000)
+
+
+def story_event(kind: StoryEventKind, story: int, at: int, viewer: int | None = None,
+                expires: int | None = None) -> StoryEvent:
+    return StoryEvent(f"{kind.value}-{story}-{viewer}-{at}", at, kind, story, 1,
+                      viewer_id=viewer, created_at=at if kind is StoryEventKind.PUBLISHED else None,
+                      expires_at=expires)
+
+
+def test_oracle_follows_publish_view_delete_expiry():
+    from pipelines.stories_logic import expected_stories
+
+    P, V, D = StoryEventKind.PUBLISHED, StoryEventKind.VIEWED, StoryEventKind.DELETED
+    events = [
+        story_event(V, 1, T0, viewer=5),                 # before its publish: ignored
+        story_event(P, 1, T0, expires=T0 + 100),
+        story_event(V, 1, T0 + 1, viewer=5), story_event(V, 1, T0 + 2, viewer=5),
+        story_event(V, 1, T0 + 100, viewer=6),           # at expiry: late
+        story_event(P, 2, T0, expires=T0 + 100),
+        story_event(V, 2, T0 + 1, viewer=5),
+        story_event(D, 2, T0 + 3),
+        story_event(P, 2, T0, expires=T0 + 100),         # redelivered after delete
+        story_event(V, 2, T0 + 4, viewer=6),             # after delete
+        story_event(P, 3, T0, expires=T0 + 10),          # expires before now
+        story_event(V, 3, T0 + 1, viewer=5),
+        story_event(P, 4, T0, expires=T0 + 49 * HOUR_MS),  # beyond the horizon
+        story_event(D, 9, T0),                           # unknown
+    ]
+    got = expected_stories(events, T0 + 50, POLICY)
+    assert set(got.live) == {1} and got.live[1].views == 1
+    assert got.viewers == {1: {5}} and got.seen == {5: {1}}
+    assert got.removed == {2, 3}
