@@ -253,12 +253,17 @@ def measure_config(spec: str, ctx: dict, args) -> dict:
         runs = []
         for run in range(args.runs):
             rb = redis_benchmark(settings.host, settings.redis_port, keys, args.redis_benchmark_n)
+            before = server_events(server.base)
             api = loadgen(ctx["loadgen"], targets, args.rate, args.duration_s)
+            after = server_events(server.base)
+            api["server_events"] = {k: v - before.get(k, 0) for k, v in after.items()
+                                    if v != before.get(k, 0)}
             runs.append({"api": api, "redis_benchmark": rb})
             print(f"  {spec} run {run + 1}: API p50 {api['p50_ms']:.2f} ms p99 {api['p99_ms']:.2f} ms "
                   f"{api['achieved_rps']:,.0f} req/s (non-200 {_non200(api)}, errors {api['errors']}); "
                   f"redis-benchmark ZREVRANGEBYSCORE {rb['rps']:,.0f} req/s p50 {rb['p50_ms']:.3f} "
-                  f"p99 {rb['p99_ms']:.3f} ms", flush=True)
+                  f"p99 {rb['p99_ms']:.3f} ms; server events {api['server_events'] or '-'}",
+                  flush=True)
     finally:
         server.stop()
     return {"config": spec, "runs": runs,
@@ -268,6 +273,23 @@ def measure_config(spec: str, ctx: dict, args) -> dict:
             "redis_benchmark_rps": statistics.median(r["redis_benchmark"]["rps"] for r in runs),
             "redis_benchmark_p50_ms": statistics.median(r["redis_benchmark"]["p50_ms"] for r in runs),
             "redis_benchmark_p99_ms": statistics.median(r["redis_benchmark"]["p99_ms"] for r in runs)}
+
+
+def server_events(base: str) -> dict[str, float]:
+    """``feedbeam_serving_events_total`` by event, as one worker reports them
+    (empty if the server is too busy to answer within 30 s)."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("feedbeam_serving_events_total{"):
+            labels, value = line.rsplit(" ", 1)
+            event = labels.split('event="', 1)[1].split('"', 1)[0]
+            out[event] = out.get(event, 0) + float(value)
+    return out
 
 
 def _non200(api: dict) -> int:
@@ -340,6 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--outage-rate", type=float, default=500)
     parser.add_argument("--skip-outage", action="store_true")
     args = parser.parse_args(argv)
+    # Let `kill` (SIGTERM) run the clean-up below like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.users, args.feed_len, args.runs = min(args.users, 400), min(args.feed_len, 200), 1
         args.duration_s, args.warmup_s, args.outage_users = min(args.duration_s, 8), 3, 100

@@ -80,6 +80,7 @@ class FeedApp:
         self.stories: StoryService | None = None
         self._openapi = orjson.dumps(openapi(config.default_limit, config.max_limit))
         self._started = False
+        self._in_flight = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -129,7 +130,12 @@ class FeedApp:
         route = "unknown"
         content_type = _JSON
         extra: list[tuple[bytes, bytes]] = []
+        self._in_flight += 1
         try:
+            if self._in_flight > self.config.max_in_flight:
+                self.metrics.event("shed")
+                raise HttpError(503, f"overloaded: {self.config.max_in_flight} requests in "
+                                     "progress, retry shortly", [(b"retry-after", b"1")])
             async with asyncio.timeout(self.config.request_budget_s):
                 route, status, body, content_type = await self._dispatch(scope)
         except HttpError as exc:
@@ -142,6 +148,8 @@ class FeedApp:
         except Exception:  # a bug: log it, still answer with JSON, never crash the worker
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             status, body = 500, _error_body(500, "internal error")
+        finally:
+            self._in_flight -= 1
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", content_type),
                                 (b"content-length", str(len(body)).encode()), *extra]})

@@ -44,6 +44,15 @@ class ServingConfig:
     #: (fan-out's inactivity is measured in days; a write per request buys nothing).
     last_read_redis_every_s: float = 60.0
     last_read_cassandra_every_s: float = 3600.0
+    #: Requests a worker serves at once; past it, 503 at once (load shedding:
+    #: queueing more only makes every request late, and a late Redis reply
+    #: would read as a Redis failure).
+    max_in_flight: int = 256
+    #: Cassandra fallback reads at once per worker; past it, 503.
+    max_fallback_in_flight: int = 32
+    #: Seconds a hydrated post is reused by a worker (0: always read Redis);
+    #: bounds how long a just-deleted post can still show in a ranked page.
+    post_cache_s: float = 1.0
     breaker_failures: int = 3
     breaker_reset_s: float = 1.0
 
@@ -51,7 +60,7 @@ class ServingConfig:
         if not 1 <= self.default_limit <= self.max_limit:
             raise ValueError("need 1 <= default_limit <= max_limit")
         for name in ("push_threshold", "feed_cap", "rebuild_followees", "rebuild_per_followee",
-                     "breaker_failures"):
+                     "breaker_failures", "max_in_flight", "max_fallback_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("redis_timeout_s", "cassandra_timeout_s", "request_budget_s",

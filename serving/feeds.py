@@ -110,9 +110,12 @@ class FeedService:
         self._last_read_script = redis.register_script(FeedCommands.last_read_script)
         self._graphs: dict[int, _Graph] = {}
         self._packed_posts: dict[int, bytes] = {}
+        self._post_cache: dict[int, tuple[float, dict | None]] = {}
         self._last_read_redis: dict[int, float] = {}
         self._last_read_cassandra: dict[int, float] = {}
         self._background: set[asyncio.Task] = set()
+        self._fallbacks = 0  # Cassandra fallback reads in flight
+        self._author_counts: dict[int, tuple[int, float]] = {}  # follower counts read from Cassandra
 
     # -- public reads -----------------------------------------------------------------
 
@@ -178,11 +181,20 @@ class FeedService:
         if not self.cassandra_breaker.allow():
             raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: circuit open after "
                                     "repeated failures")
+        if self._fallbacks >= self.config.max_fallback_in_flight:
+            # A Cassandra read costs ~10x a Redis one: shed rather than let a Redis
+            # outage queue up every request behind the slow path.
+            self._count("fallback_shed")
+            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: fallback capacity "
+                                    f"({self.config.max_fallback_in_flight} reads) in use")
+        self._fallbacks += 1
         try:
             result = await on_cassandra()
         except CassandraUnavailable as exc:
             self.cassandra_breaker.failure()
             raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: {exc}") from None
+        finally:
+            self._fallbacks -= 1
         self.cassandra_breaker.success()
         self._count("fallback_reads")
         return result
@@ -236,12 +248,21 @@ class FeedService:
         return self._remember(user_id, followees, [int(c) for c in counts], now)
 
     async def _graph_cassandra(self, user_id: int) -> _Graph:
+        """The graph from Cassandra (Redis is failing). A cached graph is used even
+        when expired: slightly stale beats 1 + followees reads per request."""
         graph = self._graphs.get(user_id)
-        now = time.monotonic()
-        if graph is not None and graph.expires > now:
+        if graph is not None:
             return graph
+        now = time.monotonic()
         followees = await self.cassandra.following(user_id)
-        counts = await self.cassandra.follower_counts(followees)
+        cached = self._author_counts
+        unknown = [f for f in followees if f not in cached or cached[f][1] < now]
+        if unknown:
+            for f, n in zip(unknown, await self.cassandra.follower_counts(unknown)):
+                cached[f] = (n, now + self.config.graph_cache_s)
+            if len(cached) >= 500_000:
+                cached.clear()
+        counts = [cached[f][0] if f in cached else 0 for f in followees]
         return self._remember(user_id, followees, counts, now)
 
     def _remember(self, user_id: int, followees: list[int], counts: Sequence[int],
@@ -385,49 +406,63 @@ class FeedService:
     @staticmethod
     def _with_scores(metas: list[dict], entries: list[tuple[int, float | None]]) -> list[dict]:
         scores = dict(entries)
-        for m in metas:
-            m["score"] = scores.get(m["post_id"])
-        return metas
+        return [{**m, "score": scores.get(m["post_id"])} for m in metas]  # metas may be cached
 
     # -- hydration and last read --------------------------------------------------------
 
     async def _hydrate_redis(self, user_id: int, entries: Sequence[tuple[int, int]]) -> list[dict]:
         """Post metadata of the page (one pipeline, with the last-read write when due);
-        deleted or unknown posts are left out."""
-        packed = self._packed_posts
+        deleted or unknown posts are left out.
+
+        Posts read in the last ``post_cache_s`` come from a per-process cache:
+        a post's metadata never changes, only a delete does, and fan-out removes
+        a deleted post from feeds and timelines at once, so the cache can only
+        show a post deleted within that window (and only from a ranked list).
+        """
+        now_s = time.time()
+        cache, packed = self._post_cache, self._packed_posts
+        metas: list = [None] * len(entries)
+        wanted: list[int] = []  # indexes read from Redis
         commands: list = []
-        for pid, _ in entries:
+        for i, (pid, _) in enumerate(entries):
+            hit = cache.get(pid)
+            if hit is not None and hit[0] > now_s:
+                metas[i] = hit[1]
+                continue
             command = packed.get(pid)
             if command is None:  # post keys never change: pack each HMGET once
                 if len(packed) >= 500_000:
                     packed.clear()
                 command = packed[pid] = pack_command(self.cmd.post(pid))
+            wanted.append(i)
             commands.append(command)
         scripts = {}
-        now_s = time.time()
         if now_s - self._last_read_redis.get(user_id, 0.0) >= self.config.last_read_redis_every_s:
             scripts[len(commands)] = self._last_read_script
             commands.append(self._last_read_script.command(
                 [self.keys.last_read(user_id)], [int(now_s * 1000)]))
-        if not commands:
-            return []
-        replies = await self._pipeline(commands, scripts)
-        if scripts:
-            self._remember_read(self._last_read_redis, user_id, now_s)
-            self._record_read_durable(user_id, int(now_s * 1000))
-        metas: list = []
-        missing = []  # no hash at all (not a tombstone): a lost cache, try the durable copy
-        post_meta = self.cmd.post_meta
-        for i, ((pid, _), reply) in enumerate(zip(entries, replies)):
-            meta = post_meta(pid, reply)
-            metas.append(meta)
-            if meta is None and reply[-1] is None and reply[1] is None:  # not even a tombstone
-                missing.append(i)
-        if missing:
-            durable = await self._cassandra_extra(
-                lambda: self.cassandra.posts([entries[i][0] for i in missing]), [])
-            for i, meta in zip(missing, durable):
-                metas[i] = meta
+        if commands:
+            replies = await self._pipeline(commands, scripts)
+            if scripts:
+                self._remember_read(self._last_read_redis, user_id, now_s)
+                self._record_read_durable(user_id, int(now_s * 1000))
+            missing = []  # no hash at all (not a tombstone): a lost cache, try the durable copy
+            post_meta = self.cmd.post_meta
+            until = now_s + self.config.post_cache_s
+            if len(cache) >= 200_000:
+                cache.clear()
+            for i, reply in zip(wanted, replies):
+                pid = entries[i][0]
+                meta = metas[i] = post_meta(pid, reply)
+                if meta is None and reply[-1] is None and reply[1] is None:
+                    missing.append(i)
+                else:
+                    cache[pid] = (until, meta)
+            if missing:
+                durable = await self._cassandra_extra(
+                    lambda: self.cassandra.posts([entries[i][0] for i in missing]), [])
+                for i, meta in zip(missing, durable):
+                    metas[i] = meta
         return [m for m in metas if m is not None]
 
     async def _hydrate_cassandra(self, entries: Sequence[tuple[int, int]]) -> list[dict]:

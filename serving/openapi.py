@@ -31,7 +31,8 @@ _COMMON_ERRORS = {
     "400": _error("Bad input (limit out of range, bad cursor, bad id)."),
     "401": _error("Missing, malformed, forged or expired bearer token."),
     "403": _error("The token's user is not the user in the path."),
-    "503": _error("Neither Redis nor Cassandra could answer within the budget."),
+    "503": _error("Neither Redis nor Cassandra could answer within the budget, or the "
+                  "server is overloaded (Retry-After)."),
 }
 
 
