@@ -20,6 +20,10 @@ user's own token, latency measured from the request's *scheduled* send time
 every request, and per-user bearer tokens are the point of the API; a Python
 generator would take a core from the server it measures.
 
+Redis: by default a private ``redis-server`` of this run (``--redis private``),
+so what other work does to the shared Redis does not skew the figures; the
+API and redis-benchmark use the same one. ``--redis shared`` uses the stack's.
+
 Per server configuration (``server:workers``) and run: ``redis-benchmark``
 ZREVRANGEBYSCORE (the page read the API makes, 24 entries WITHSCORES) on the
 same feed keys, closed loop, then the API at the fixed rate. Reported: p50/p99
@@ -229,6 +233,40 @@ class Server:
         self.log.close()
 
 
+class PrivateRedis:
+    """A throwaway ``redis-server`` (Debian's binary) on a free port, no persistence."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.workdir = tempfile.mkdtemp(prefix="fb-bench-redis-")
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        client = RedisFeedStore.from_url(self.url).client
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.1)
+        client.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 def free_port() -> int:
     import socket
 
@@ -243,7 +281,7 @@ def free_port() -> int:
 def measure_config(spec: str, ctx: dict, args) -> dict:
     server_name, workers = spec.split(":")
     ds, settings = ctx["ds"], ctx["settings"]
-    server = Server(server_name, int(workers), free_port(), settings.redis_port, ctx["prefix"],
+    server = Server(server_name, int(workers), free_port(), ctx["redis_port"], ctx["prefix"],
                     ctx["keyspace"], ds.push_threshold, ctx["tmp"] / f"serve-{server_name}-{workers}.log")
     try:
         targets = ctx["tmp"] / "targets.tsv"
@@ -252,7 +290,7 @@ def measure_config(spec: str, ctx: dict, args) -> dict:
         keys = [ctx["layout"].home_feed(u) for u in ds.users[:8]]
         runs = []
         for run in range(args.runs):
-            rb = redis_benchmark(settings.host, settings.redis_port, keys, args.redis_benchmark_n)
+            rb = redis_benchmark(settings.host, ctx["redis_port"], keys, args.redis_benchmark_n)
             before = server_events(server.base)
             api = loadgen(ctx["loadgen"], targets, args.rate, args.duration_s)
             after = server_events(server.base)
@@ -299,35 +337,20 @@ def _non200(api: dict) -> int:
 def measure_outage(ctx: dict, args, spec: str) -> dict:
     """Fallback latency: the API on a private Redis that is killed under load."""
     ds = ctx["ds"]
-    binary = shutil.which("redis-server")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="fb-bench-redis-")
-    redis_proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", workdir],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    redis = PrivateRedis()
     server = None
     try:
-        store = RedisFeedStore.from_url(f"redis://127.0.0.1:{port}/0", ctx["prefix"])
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                store.client.ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        store = RedisFeedStore.from_url(redis.url, ctx["prefix"])
         users = ds.users[:args.outage_users]
         load_redis(ds, store, users)
         store.close()
         server_name, workers = spec.split(":")
-        server = Server(server_name, int(workers), free_port(), port, ctx["prefix"], ctx["keyspace"],
-                        ds.push_threshold, ctx["tmp"] / "serve-outage.log")
+        server = Server(server_name, int(workers), free_port(), redis.port, ctx["prefix"],
+                        ctx["keyspace"], ds.push_threshold, ctx["tmp"] / "serve-outage.log")
         targets = ctx["tmp"] / "targets-outage.tsv"
         write_targets(targets, server.base, users)
         healthy = loadgen(ctx["loadgen"], targets, args.outage_rate, args.warmup_s)
-        redis_proc.kill()
-        redis_proc.wait()
+        redis.kill()
         loadgen(ctx["loadgen"], targets, args.outage_rate, 2)  # breaker opens, graph caches refill
         down = loadgen(ctx["loadgen"], targets, args.outage_rate, args.duration_s)
         print(f"  outage ({spec}, {args.outage_rate}/s, {len(users)} users): healthy p99 "
@@ -339,10 +362,7 @@ def measure_outage(ctx: dict, args, spec: str) -> dict:
     finally:
         if server is not None:
             server.stop()
-        if redis_proc.poll() is None:
-            redis_proc.kill()
-            redis_proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        redis.stop()
 
 
 def main(argv=None) -> int:
@@ -361,6 +381,9 @@ def main(argv=None) -> int:
     parser.add_argument("--outage-users", type=int, default=200)
     parser.add_argument("--outage-rate", type=float, default=500)
     parser.add_argument("--skip-outage", action="store_true")
+    parser.add_argument("--redis", choices=("private", "shared"), default="private",
+                        help="private: a redis-server of this run (other work on the shared "
+                             "one does not skew the figures); shared: the stack's Redis")
     args = parser.parse_args(argv)
     # Let `kill` (SIGTERM) run the clean-up below like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -374,7 +397,10 @@ def main(argv=None) -> int:
     keyspace = f"bench_serving_{uuid.uuid4().hex[:10]}"
     cluster = new_cluster(settings.host, settings.cassandra_port)
     session = cluster.connect()
-    redis_store = RedisFeedStore.from_url(settings.redis_url, prefix)
+    private = PrivateRedis() if args.redis == "private" else None
+    redis_port = settings.redis_port if private is None else private.port
+    redis_store = RedisFeedStore.from_url(
+        settings.redis_url if private is None else private.url, prefix)
     results: dict = {"args": vars(args)}
     try:
         t0 = time.monotonic()
@@ -386,7 +412,8 @@ def main(argv=None) -> int:
               f"{args.celebrities} celebrities (pulled), ranked feeds for half the users; loaded in "
               f"{time.monotonic() - t0:.0f} s", flush=True)
         ctx = {"ds": ds, "settings": settings, "prefix": prefix, "keyspace": keyspace, "tmp": tmp,
-               "layout": redis_store.keys, "loadgen": build_loadgen(settings)}
+               "layout": redis_store.keys, "loadgen": build_loadgen(settings),
+               "redis_port": redis_port}
         results["configs"] = [measure_config(spec, ctx, args) for spec in args.configs.split(",")]
         best = min(results["configs"], key=lambda c: c["p99_ms"])
         if not args.skip_outage:
@@ -396,6 +423,8 @@ def main(argv=None) -> int:
         for i in range(0, len(keys), 5000):
             redis_store.client.delete(*keys[i:i + 5000])
         redis_store.close()
+        if private is not None:
+            private.stop()
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
         cluster.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

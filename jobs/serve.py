@@ -1,6 +1,6 @@
 """``feedbeam serve`` runs the serving API; ``feedbeam token USER`` prints a JWT for it.
 
-    feedbeam serve --port 8080 --jwt-key "$FEEDBEAM_JWT_KEY" [--workers 2] [--server uvicorn]
+    feedbeam serve --port 8080 --jwt-key "$FEEDBEAM_JWT_KEY" [--workers 2] [--server granian]
     curl -H "Authorization: Bearer $(feedbeam token 7 --jwt-key "$FEEDBEAM_JWT_KEY")" \\
          http://127.0.0.1:8080/v1/users/7/feed?limit=10
 
@@ -9,9 +9,9 @@ falls back to ``--jwt-key-file``; one of them is required (no built-in key).
 Worker processes get the settings as JSON in ``FEEDBEAM_SERVE_CONFIG``
 (``config_from_environment``), which this command sets for them.
 
-Servers: ``uvicorn`` (uvloop + httptools, the default: the lower p99 in
-bench/bench_serving.py on this machine) or ``granian`` (Rust HTTP, ASGI
-interface). Both run the same ``serving.app:create_app``.
+Servers: ``granian`` (Rust HTTP server, ASGI interface, uvloop; the default:
+more requests/s and the lower p99 in bench/bench_serving.py on this machine)
+or ``uvicorn`` (uvloop + httptools). Both run the same ``serving.app:create_app``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8080, help="listen port (default: %(default)s)")
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes (default: %(default)s; 2 uses both cores)")
-    serve.add_argument("--server", choices=SERVERS, default="uvicorn",
+    serve.add_argument("--server", choices=SERVERS, default="granian",
                        help="HTTP server (default: %(default)s)")
     _auth_args(serve)
     serve.add_argument("--keyspace", default=cql.DEFAULT_KEYSPACE)

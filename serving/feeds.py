@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 #: Extra entries read per source beyond the page, so ties at a page boundary
 #: rarely need a second read.
 SLACK = 4
+#: Seconds a cached post is still used while Redis is failing.
+STALE_POSTS_S = 60.0
 #: Read-size growth when a page came out empty because of a long tie.
 _GROWTH = (4, 32)
 
@@ -466,8 +468,27 @@ class FeedService:
         return [m for m in metas if m is not None]
 
     async def _hydrate_cassandra(self, entries: Sequence[tuple[int, int]]) -> list[dict]:
-        metas = await self.cassandra.posts([pid for pid, _ in entries])
-        return [dict(m) for m in metas if m is not None]
+        """Post metadata from Cassandra (Redis is failing). Posts hydrated within
+        ``STALE_POSTS_S`` are reused: degraded mode trades a minute of staleness
+        on deletes for a Cassandra read less per post."""
+        now_s = time.time()
+        cache = self._post_cache
+        metas: list = [None] * len(entries)
+        wanted = []
+        for i, (pid, _) in enumerate(entries):
+            hit = cache.get(pid)
+            if hit is not None and hit[0] > now_s - STALE_POSTS_S:
+                metas[i] = hit[1]
+            else:
+                wanted.append(i)
+        if wanted:
+            durable = await self.cassandra.posts([entries[i][0] for i in wanted])
+            until = now_s + self.config.post_cache_s
+            for i, meta in zip(wanted, durable):
+                metas[i] = meta
+                if meta is not None:
+                    cache[meta["post_id"]] = (until, meta)
+        return [m for m in metas if m is not None]
 
     @staticmethod
     def _remember_read(table: dict[int, float], user_id: int, now_s: float) -> None:

@@ -172,6 +172,8 @@ class CassandraFeedStore:
                          "author_id = ?, created_at = ? WHERE post_id = ?",
             "get_post": f"SELECT post_id, author_id, created_at, media_type, caption_length, "
                         f"hashtags, deleted FROM {ks}.{cs.POSTS} WHERE post_id = ?",
+            "get_posts": f"SELECT post_id, author_id, created_at, media_type, caption_length, "
+                         f"hashtags, deleted FROM {ks}.{cs.POSTS} WHERE post_id IN ?",
             "push": f"INSERT INTO {ks}.{cs.HOME_FEED_BY_USER} (user_id, bucket, created_at, "
                     "post_id, author_id) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
             "unpush": f"DELETE FROM {ks}.{cs.HOME_FEED_BY_USER} USING TIMESTAMP ? WHERE user_id = ? "
