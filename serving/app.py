@@ -32,7 +32,7 @@ from pipelines.io.aio_cassandra import AioCassandra
 from pipelines.io.aio_redis import AioRedis, RedisUnavailable
 from serving.auth import AuthError, TokenAuth
 from serving.config import ServingConfig
-from serving.feeds import FeedResult, FeedService, StoresUnavailable
+from serving.feeds import FeedResult, FeedService, Overloaded, StoresUnavailable
 from serving.logic import ChronoCursor, CursorCodec, CursorError, RankedCursor
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import Metrics
@@ -42,6 +42,36 @@ from serving.stories import StoryNotFound, StoryService
 log = logging.getLogger(__name__)
 
 _JSON = b"application/json"
+
+
+class LoopLag:
+    """How late this worker's event loop runs: a task asks to wake every
+    ``interval_s`` and records by how much it overslept (the time requests
+    wait before the loop gets to them)."""
+
+    def __init__(self, interval_s: float = 0.01):
+        self.interval_s = interval_s
+        self.lag_s = 0.0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(self.interval_s)
+            self.lag_s = max(0.0, loop.time() - started - self.interval_s)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def __call__(self) -> float:
+        return self.lag_s
 
 
 class HttpError(Exception):
@@ -76,7 +106,8 @@ class FeedApp:
         self.redis = AioRedis.from_url(config.redis_url, timeout_s=config.redis_timeout_s)
         self.cassandra = AioCassandra(config.cassandra_host, config.cassandra_port,
                                       config.keyspace, timeout_s=config.cassandra_timeout_s)
-        self.feeds = FeedService(config, self.redis, self.cassandra, self.metrics)
+        self.lag = LoopLag()
+        self.feeds = FeedService(config, self.redis, self.cassandra, self.metrics, self.lag)
         self.stories: StoryService | None = None
         self._openapi = orjson.dumps(openapi(config.default_limit, config.max_limit))
         self._started = False
@@ -89,11 +120,13 @@ class FeedApp:
             return
         self._started = True
         self.stories = StoryService(self.feeds)
+        self.lag.start()
         await self.cassandra.start()
         # Give Cassandra a moment so the first requests can use it; never block on it.
         await self.cassandra.wait_connected(wait_for_cassandra_s)
 
     async def shutdown(self) -> None:
+        self.lag.stop()
         if self.stories is not None:
             self.stories.close()
         await self.redis.close()
@@ -143,6 +176,8 @@ class FeedApp:
         except TimeoutError:
             status, body = 503, _error_body(503, "the request did not finish within "
                                                  f"{self.config.request_budget_s * 1000:.0f} ms")
+        except Overloaded as exc:
+            status, body, extra = 503, _error_body(503, str(exc)), [(b"retry-after", b"1")]
         except StoresUnavailable as exc:
             status, body = 503, _error_body(503, f"feed stores unavailable: {exc}")
         except Exception:  # a bug: log it, still answer with JSON, never crash the worker

@@ -47,7 +47,7 @@ class ServingConfig:
     #: Requests a worker serves at once; past it, 503 at once (load shedding:
     #: queueing more only makes every request late, and a late Redis reply
     #: would read as a Redis failure).
-    max_in_flight: int = 256
+    max_in_flight: int = 128
     #: Cassandra fallback reads at once per worker; past it, 503.
     max_fallback_in_flight: int = 32
     #: Seconds a hydrated post is reused by a worker (0: always read Redis);

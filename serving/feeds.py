@@ -67,6 +67,11 @@ class StoresUnavailable(Exception):
     """Neither Redis nor Cassandra could answer (HTTP 503); the message says why."""
 
 
+class Overloaded(StoresUnavailable):
+    """This worker is behind on its own work (HTTP 503 with Retry-After): a Redis
+    timeout then says more about us than about Redis, so no fallback either."""
+
+
 class FeedResult(NamedTuple):
     """A page of a feed, hydrated. ``kind`` is ``ranked`` or ``chronological``;
     ``source`` says where it came from: ``redis``, ``cassandra`` or ``rebuilt``."""
@@ -99,13 +104,14 @@ class FeedService:
     """See the module doc. One per process, used from one event loop."""
 
     def __init__(self, config: ServingConfig, redis: AioRedis, cassandra: AioCassandra,
-                 metrics=None):
+                 metrics=None, loop_lag_s=lambda: 0.0):
         self.config = config
         self.redis = redis
         self.cassandra = cassandra
         self.cmd = FeedCommands(KeyLayout(config.key_prefix))
         self.keys = self.cmd.keys
         self.metrics = metrics
+        self.loop_lag_s = loop_lag_s  # how late this worker's event loop runs (serving.app)
         self.redis_breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
         self.cassandra_breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
         self._ranked_script = redis.register_script(READ_PAGE_SCRIPT)
@@ -117,6 +123,7 @@ class FeedService:
         self._last_read_cassandra: dict[int, float] = {}
         self._background: set[asyncio.Task] = set()
         self._fallbacks = 0  # Cassandra fallback reads in flight
+        self._rebuilt: dict[int, float] = {}  # user -> when a rebuild was last tried
         self._author_counts: dict[int, tuple[int, float]] = {}  # follower counts read from Cassandra
 
     # -- public reads -----------------------------------------------------------------
@@ -173,6 +180,12 @@ class FeedService:
             try:
                 result = await on_redis()
             except RedisUnavailable as exc:
+                lag = self.loop_lag_s()
+                if lag > self.config.redis_timeout_s:
+                    # Our own backlog made the reply late: the slower Cassandra path
+                    # would only deepen it, and Redis is not to blame.
+                    self._count("overload_shed")
+                    raise Overloaded(f"overloaded: event loop {lag * 1000:.0f} ms behind") from None
                 self.redis_breaker.failure()
                 redis_error = str(exc)
                 self._count("redis_failures")
@@ -294,7 +307,7 @@ class FeedService:
                 replies = await self._pipeline(self._page_commands(user_id, graph, n, after))
             page, last_read, size = await self._page_from(user_id, replies, n, limit, after)
             if after is None and growth == 1 and needs_rebuild(
-                    last_read, size, _now_ms(), self.config.inactive_ms):
+                    last_read, size, _now_ms(), self.config.inactive_ms) and self._may_rebuild(user_id):
                 if await self._rebuild(user_id, graph):
                     source = "rebuilt"
                     replies = await self._pipeline(self._page_commands(user_id, graph, n, after))
@@ -506,6 +519,17 @@ class FeedService:
             lambda: self.cassandra.set_last_read(user_id, now_ms), None))
 
     # -- rebuild ------------------------------------------------------------------------
+
+    def _may_rebuild(self, user_id: int) -> bool:
+        """At most one rebuild per user per ``graph_cache_s``: a user whose followees
+        have no posts keeps an empty feed, and must not pay a rebuild per read."""
+        now = time.monotonic()
+        if self._rebuilt.get(user_id, -1e18) > now - self.config.graph_cache_s:
+            return False
+        if len(self._rebuilt) >= 200_000:
+            self._rebuilt.clear()
+        self._rebuilt[user_id] = now
+        return True
 
     async def _rebuild(self, user_id: int, graph: _Graph) -> bool:
         """Refill a cold or inactive user's Redis feed; whether anything was written."""
