@@ -18,12 +18,21 @@ RUNTIME = [
     "xgboost==3.2.0",
     "fastavro==1.13.1",
     "tqdm==4.70.1",
+    # serving API (serving/, jobs/serve.py)
+    "uvicorn==0.54.0",
+    "uvloop==0.23.0",
+    "httptools==0.9.0",
+    "granian==2.8.7",
+    "orjson==3.13.0",
+    "pyjwt==2.15.1",
+    "prometheus-client==0.26.0",
 ]
 
 TEST = [
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
     "hypothesis==6.170.15",
+    "schemathesis==4.32.5",
 ]
 
 setup(

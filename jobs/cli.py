@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "jobs.replay",
     "jobs.submit",
     "jobs.rebuild",
+    "jobs.serve",
 )
 
 

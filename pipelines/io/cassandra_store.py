@@ -128,6 +128,19 @@ def to_ms(value: datetime | None) -> int | None:
 
 
 
+def post_from_row(row) -> dict | None:
+    """A ``posts`` row as ``PostMeta`` (the shape of ``RedisFeedStore.posts``);
+    None for no row, a tombstone or a row with no create yet."""
+    if row is None or row.deleted or row.author_id is None:
+        return None
+    return {
+        "post_id": row.post_id, "author_id": row.author_id,
+        "created_at": to_ms(row.created_at), "media_type": row.media_type,
+        "caption_length": row.caption_length, "hashtags": tuple(row.hashtags or ()),
+        "deleted": False,
+    }
+
+
 def plan_buckets(start_ms: int, max_buckets: int) -> list[int]:
     """Buckets to read for a page starting at ``start_ms``, newest first."""
     return cs.buckets_back(start_ms, max_buckets)
@@ -222,6 +235,8 @@ class CassandraFeedStore:
                          "author_id = ?, created_at = ? WHERE post_id = ?",
             "get_post": f"SELECT post_id, author_id, created_at, media_type, caption_length, "
                         f"hashtags, deleted FROM {ks}.{cs.POSTS} WHERE post_id = ?",
+            "get_posts": f"SELECT post_id, author_id, created_at, media_type, caption_length, "
+                         f"hashtags, deleted FROM {ks}.{cs.POSTS} WHERE post_id IN ?",
             # One statement for many users (partition key IN): the coordinator
             # applies it to each partition, and the driver binds one list
             # instead of a statement per row (see the module doc). An UPDATE
@@ -346,6 +361,22 @@ class CassandraFeedStore:
         stmt = self._stmt(name)
         self._write([(stmt, p) for p in params], batchable)
 
+    def statement(self, name: str):
+        """The prepared statement ``name`` of this store (for asynchronous readers
+        that execute it themselves: ``pipelines.io.aio_cassandra``)."""
+        return self._stmt(name)
+
+    def prepare(self, cql: str):
+        """``cql`` prepared (once per session) as an idempotent statement, for the
+        other store modules (ranked feeds, ...) that share this execution path."""
+        return _prepare(self.session, cql)
+
+    def execute_rows(self, stmt, params: tuple) -> list:
+        """Rows of one prepared statement (all pages), transient failures re-executed
+        with backoff as every statement here."""
+        (result,) = self._execute([(stmt, params)])
+        return list(result)
+
     def execute_cql(self, work: Sequence[tuple[str, Any]]) -> list:
         """Execute ``(cql, params)`` pairs with this store's statement cache,
         concurrency and retries (``_execute``); result sets in order. For the
@@ -430,19 +461,8 @@ class CassandraFeedStore:
     def posts(self, post_ids: Sequence[int]) -> list[dict | None]:
         """Metadata per post id, the shape of ``RedisFeedStore.posts`` (``PostMeta``);
         None for unknown or deleted posts (serving fallback, Redis rebuild)."""
-        out: list[dict | None] = []
-        for rs in self._execute_many("get_post", ((p,) for p in post_ids)):
-            row = rs.one()
-            if row is None or row.deleted or row.author_id is None:
-                out.append(None)
-                continue
-            out.append({
-                "post_id": row.post_id, "author_id": row.author_id,
-                "created_at": to_ms(row.created_at), "media_type": row.media_type,
-                "caption_length": row.caption_length, "hashtags": tuple(row.hashtags or ()),
-                "deleted": False,
-            })
-        return out
+        return [post_from_row(rs.one())
+                for rs in self._execute_many("get_post", ((p,) for p in post_ids))]
 
     # -- feeds and timelines ------------------------------------------------------
 

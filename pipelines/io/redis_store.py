@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
 
+import orjson
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -607,3 +608,106 @@ class RedisFeedStore:
             else:
                 out[key] = [_text(v) for v in value]
         return out
+
+
+# -- commands for asynchronous readers (serving) -------------------------------------
+
+#: Post hash fields serving hydrates, in the order ``FeedCommands.post`` asks for them.
+POST_FIELDS: tuple[str, ...] = ("author_id", "created_at", "media_type", "caption_length",
+                                "hashtags", "deleted")
+
+
+def _pairs(flat: Sequence[bytes]) -> list[tuple[int, int]]:
+    """``[(member, score)]`` from a flat WITHSCORES reply ``[m1, s1, m2, s2, ...]``."""
+    return [(int(flat[i]), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+
+
+class FeedCommands:
+    """The reads (and the two writes) serving makes, as Redis command tuples plus
+    the parsers of their replies, for a client that batches commands of many
+    kinds into one pipelined round trip (``pipelines.io.aio_redis.AioRedis``).
+
+    Same keys and encodings as ``RedisFeedStore``; the scripts are its scripts
+    (``last_read_script`` for the client's ``register_script``).
+    """
+
+    last_read_script = _SET_LAST_READ
+
+    def __init__(self, keys: KeyLayout):
+        self.keys = keys
+
+    def feed(self, user_id: int, max_ms: int | None, count: int) -> tuple:
+        """Up to ``count`` home feed entries with score <= ``max_ms`` (all if None),
+        newest first; parse with ``entries``."""
+        top = "+inf" if max_ms is None else max_ms
+        return ("ZREVRANGEBYSCORE", self.keys.home_feed(user_id), top, "-inf",
+                "WITHSCORES", "LIMIT", 0, count)
+
+    def timeline(self, author_id: int, max_ms: int | None, count: int) -> tuple:
+        """The same over the author's timeline (celebrity pull); parse with ``entries``."""
+        top = "+inf" if max_ms is None else max_ms
+        return ("ZREVRANGEBYSCORE", self.keys.author_timeline(author_id), top, "-inf",
+                "WITHSCORES", "LIMIT", 0, count)
+
+    @staticmethod
+    def entries(reply: Sequence[bytes]) -> list[tuple[int, int]]:
+        """``[(post_id, score_ms)]`` of a ``feed``/``timeline`` reply."""
+        return _pairs(reply)
+
+    def feed_size(self, user_id: int) -> tuple:
+        return ("ZCARD", self.keys.home_feed(user_id))
+
+    def following(self, user_id: int) -> tuple:
+        """Ids ``user_id`` follows (parse with ``ids``)."""
+        return ("ZRANGE", self.keys.following(user_id), 0, -1)
+
+    @staticmethod
+    def ids(reply: Sequence[bytes]) -> list[int]:
+        return [int(m) for m in reply]
+
+    def follower_count(self, user_id: int) -> tuple:
+        return ("ZCARD", self.keys.followers(user_id))
+
+    def last_read(self, user_id: int) -> tuple:
+        """When the user last read (parse with ``optional_int``)."""
+        return ("GET", self.keys.last_read(user_id))
+
+    @staticmethod
+    def optional_int(reply: bytes | None) -> int | None:
+        return None if reply is None else int(reply)
+
+    def post(self, post_id: int) -> tuple:
+        """The post's hash fields (parse with ``post_meta``)."""
+        return ("HMGET", self.keys.post(post_id), *POST_FIELDS)
+
+    @staticmethod
+    def post_meta(post_id: int, reply: Sequence[bytes | None]) -> PostMeta | None:
+        """``PostMeta`` of a ``post`` reply; None for an unknown or deleted post.
+
+        The hot path of every feed read (a page hydrates ~20 posts), so it reads
+        the fixed field order directly instead of going through ``parse_post``
+        (same result: ``tests/unit/test_serving_logic.py``).
+        """
+        author, created, media, caption, hashtags, deleted = reply
+        if author is None or created is None or deleted == b"1":
+            return None
+        return PostMeta(
+            post_id=post_id, author_id=int(author), created_at=int(created),
+            media_type=None if media is None else media.decode(),
+            caption_length=None if caption is None else int(caption),
+            hashtags=() if hashtags is None else tuple(orjson.loads(hashtags)),
+            deleted=False)
+
+    def merge_feed(self, user_id: int, entries: Sequence[tuple[int, int]], cap: int) -> list[tuple]:
+        """A MULTI/EXEC batch that merges ``(post_id, score_ms)`` entries into the
+        home feed through its staging key (ZUNIONSTORE with the live feed at
+        EXEC time, so a push that landed meanwhile is kept), trimmed to ``cap``.
+        For feed rebuilds of cold and inactive users."""
+        staging, live = self.keys.home_feed_staging(user_id), self.keys.home_feed(user_id)
+        batch: list[tuple] = [("MULTI",), ("DEL", staging)]
+        if entries:
+            batch.append(("ZADD", staging, *[x for pid, ms in entries for x in (ms, pid)]))
+        batch += [("ZUNIONSTORE", staging, 2, staging, live, "AGGREGATE", "MAX"),
+                  ("ZREMRANGEBYRANK", staging, 0, trim_stop(cap)),
+                  ("RENAME", staging, live), ("EXEC",)]
+        return batch
