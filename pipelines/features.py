@@ -342,42 +342,31 @@ def _set_timer(timer, state, wanted: int | None) -> None:
         state.timer_at = wanted
 
 
-class _FirstStageFn(beam.DoFn):
-    """Dedup, lateness, unlike pairing and post windows (``FirstStage``), per post key."""
+class _KeyedStageFn(beam.DoFn):
+    """One keyed stage: its state object in keyed state, one event-time timer per key.
 
-    STATE = ReadModifyWriteStateSpec("post", coders.PickleCoder())
+    Subclasses build the stage logic in ``setup()`` (``self._stage``, with
+    ``fire``, ``next_timer`` and ``empty``) and say how an element applies.
+    """
+
+    STATE = ReadModifyWriteStateSpec("state", coders.PickleCoder())
     TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
 
-    def __init__(self, params: FeatureParams, topic_prefix: str):
+    def __init__(self, params: FeatureParams):
         self._params = params
-        self._topic_prefix = topic_prefix
 
-    def setup(self):
-        from schemas.codec import WireCodec
+    def _new_state(self):
+        raise NotImplementedError
 
-        self._stage = FirstStage(self._params)
-        self._codec = WireCodec()
-        self._counters: dict = {}
+    def _apply(self, state, key, value):
+        """Apply one element to ``state``; yields outputs."""
+        raise NotImplementedError
 
     def process(self, element, state=beam.DoFn.StateParam(STATE),
                 timer=beam.DoFn.TimerParam(TIMER)):
-        _, (event_id, item, raw) = element
-        s = state.read() or PostState()
-        outcome = self._stage.apply(s, event_id, item)
-        _counter(self._counters, f"events_{outcome.status}").inc()
-        if outcome.unmatched_unlike:
-            _counter(self._counters, "unlikes_unmatched").inc()
-        if outcome.status == TOO_LATE:
-            yield TaggedOutput(_DEAD_LETTERS, self._dead_letter(event_id, item, raw, s))
-            return
-        if outcome.status == "duplicate":
-            return
-        yield from outcome.features
-        for fwd in outcome.forward:
-            if fwd.kind in _TO_AUTHOR:
-                yield TaggedOutput(_TO_AUTHOR_TAG, (fwd.author, fwd))
-            if fwd.kind in _TO_VIEWER:
-                yield TaggedOutput(_TO_VIEWER_TAG, (fwd.viewer, fwd))
+        key, value = element
+        s = state.read() or self._new_state()
+        yield from self._apply(s, key, value)
         _set_timer(timer, s, self._stage.next_timer(s))
         state.write(s)
 
@@ -394,6 +383,40 @@ class _FirstStageFn(beam.DoFn):
             return
         _set_timer(timer, s, self._stage.next_timer(s))
         state.write(s)
+
+
+class _FirstStageFn(_KeyedStageFn):
+    """Dedup, lateness, unlike pairing and post windows (``FirstStage``), per post key."""
+
+    def __init__(self, params: FeatureParams, topic_prefix: str):
+        super().__init__(params)
+        self._topic_prefix = topic_prefix
+
+    def setup(self):
+        from schemas.codec import WireCodec
+
+        self._stage = FirstStage(self._params)
+        self._codec = WireCodec()
+        self._counters: dict = {}
+
+    def _new_state(self):
+        return PostState()
+
+    def _apply(self, s: PostState, key, value):
+        event_id, item, raw = value
+        outcome = self._stage.apply(s, event_id, item)
+        _counter(self._counters, f"events_{outcome.status}").inc()
+        if outcome.unmatched_unlike:
+            _counter(self._counters, "unlikes_unmatched").inc()
+        if outcome.status == TOO_LATE:
+            yield TaggedOutput(_DEAD_LETTERS, self._dead_letter(event_id, item, raw, s))
+            return
+        yield from outcome.features
+        for fwd in outcome.forward:
+            if fwd.kind in _TO_AUTHOR:
+                yield TaggedOutput(_TO_AUTHOR_TAG, (fwd.author, fwd))
+            if fwd.kind in _TO_VIEWER:
+                yield TaggedOutput(_TO_VIEWER_TAG, (fwd.viewer, fwd))
 
     def _dead_letter(self, event_id: str, item: Item, raw: bytes, s: PostState) -> DeadLetter:
         import time
@@ -412,74 +435,31 @@ class _FirstStageFn(beam.DoFn):
                           failed_at_ms=int(time.time() * 1000))
 
 
-class _AuthorStageFn(beam.DoFn):
+class _AuthorStageFn(_KeyedStageFn):
     """7-day author windows (``AuthorStage``), per author key."""
-
-    STATE = ReadModifyWriteStateSpec("author", coders.PickleCoder())
-    TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
-
-    def __init__(self, params: FeatureParams):
-        self._params = params
 
     def setup(self):
         self._stage = AuthorStage(self._params)
 
-    def process(self, element, state=beam.DoFn.StateParam(STATE),
-                timer=beam.DoFn.TimerParam(TIMER)):
-        author, item = element
-        s = state.read() or WindowState()
-        yield from self._stage.apply(s, author, item)
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+    def _new_state(self):
+        return WindowState()
 
-    @on_timer(TIMER)
-    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
-        s = state.read()
-        if s is None:
-            return
-        s.timer_at = None
-        yield from self._stage.fire(s, key, fired.micros // 1000)
-        if self._stage.empty(s):
-            state.clear()
-            return
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+    def _apply(self, s: WindowState, author, item):
+        return self._stage.apply(s, author, item)
 
 
-class _ViewerStageFn(beam.DoFn):
+class _ViewerStageFn(_KeyedStageFn):
     """Decayed affinities (``ViewerStage``), per viewer key."""
-
-    STATE = ReadModifyWriteStateSpec("viewer", coders.PickleCoder())
-    TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
-
-    def __init__(self, params: FeatureParams):
-        self._params = params
 
     def setup(self):
         self._stage = ViewerStage(self._params)
 
-    def process(self, element, state=beam.DoFn.StateParam(STATE),
-                timer=beam.DoFn.TimerParam(TIMER)):
-        _, item = element
-        s = state.read() or ViewerState()
-        self._stage.apply(s, item)
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+    def _new_state(self):
+        return ViewerState()
 
-    @on_timer(TIMER)
-    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
-        s = state.read()
-        if s is None:
-            return
-        s.timer_at = None
-        yield from self._stage.fire(s, key, fired.micros // 1000)
-        if self._stage.empty(s):
-            state.clear()
-            return
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+    def _apply(self, s: ViewerState, viewer, item):
+        self._stage.apply(s, item)
+        return ()
 
 
 class FeatureOutputs(NamedTuple):

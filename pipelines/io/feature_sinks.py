@@ -213,38 +213,36 @@ class _TopFollowersFn(_BatchedSinkFn):
         return written
 
 
-class WriteOnlineFeatures(beam.PTransform):
+class _StoreSink(beam.PTransform):
+    """``PCollection[FeatureValue]`` -> one store, through a ``_BatchedSinkFn``."""
+
+    _fn_class: type = _BatchedSinkFn
+
+    def __init__(self, config: FeatureSinkConfig, max_batch: int = 2000):
+        super().__init__()
+        self._fn = self._fn_class(config, max_batch)
+
+    def expand(self, values):
+        return values | f"Write_{self._fn.sink}" >> beam.ParDo(self._fn)
+
+
+class WriteOnlineFeatures(_StoreSink):
     """``PCollection[FeatureValue]`` -> the Redis online store (``OnlineFeatureStore``)."""
 
-    def __init__(self, config: FeatureSinkConfig, max_batch: int = 2000):
-        super().__init__()
-        self._fn = _OnlineFn(config, max_batch)
-
-    def expand(self, values):
-        return values | "WriteRedis" >> beam.ParDo(self._fn)
+    _fn_class = _OnlineFn
 
 
-class WriteDurableFeatures(beam.PTransform):
+class WriteDurableFeatures(_StoreSink):
     """``PCollection[FeatureValue]`` -> Cassandra (``CassandraFeatureStore``)."""
 
-    def __init__(self, config: FeatureSinkConfig, max_batch: int = 2000):
-        super().__init__()
-        self._fn = _DurableFn(config, max_batch)
-
-    def expand(self, values):
-        return values | "WriteCassandra" >> beam.ParDo(self._fn)
+    _fn_class = _DurableFn
 
 
-class UpdateTopFollowers(beam.PTransform):
+class UpdateTopFollowers(_StoreSink):
     """Viewer-author affinities -> ``RedisFeedStore.set_follower_engagement``: each
     author's ``top_followers`` ranks viewers by ``engagement_rank`` of their affinity."""
 
-    def __init__(self, config: FeatureSinkConfig, max_batch: int = 2000):
-        super().__init__()
-        self._fn = _TopFollowersFn(config, max_batch)
-
-    def expand(self, values):
-        return values | "WriteTopFollowers" >> beam.ParDo(self._fn)
+    _fn_class = _TopFollowersFn
 
 
 def log_shard(value: FeatureValue, shards: int) -> int:
