@@ -46,8 +46,11 @@ is computed only at the window ends where it can change (a bucket entering or
 leaving a window) and emitted only if it changed, so a post whose engagement
 stops gets a last emission of zeros.
 
-* **Lateness.** Each key knows the watermark up to its last fired timer
-  (every key with an event gets a timer at the end of the event's slide). An
+* **Lateness.** Beam gives a DoFn no watermark, but a fired event-time timer
+  proves the stage's input watermark passed its time: the first stage judges
+  an event against the latest timer fired on its key or, if later, on any key
+  of the same DoFn instance (every key with an event gets a timer at the end
+  of the event's slide, so this trails the watermark by about a slide). An
   event more than ``--allowed_lateness_s`` behind that is *too late*: counted
   (``events_too_late``) and dead-lettered with reason ``too_late``. The
   decoded event has no bytes any more: the dead letter holds the event
@@ -55,9 +58,8 @@ stops gets a last emission of zeros.
   written with the current schema), its key, ``partition``/``offset`` -1, and
   the times in the error text. An accepted late event updates its buckets and
   re-emits the change points it affects with the same ``valid_at`` and a
-  higher ``version``, which the stores and the log prefer. Caveat: a key with
-  no state (first event of a post, or after its state expired) knows no
-  watermark and accepts the event.
+  higher ``version``, which the stores and the log prefer. A worker that just
+  (re)started has seen no timer yet and accepts everything until one fires.
 * **Dedup.** The first stage remembers the ids of its key's events for
   ``--dedup_horizon_s`` of event time past the key's watermark (keyed state,
   forgotten by the key's timer); all duplicates of an event share its post, so
@@ -428,8 +430,8 @@ class _FirstStageFn(_KeyedStageFn):
             topic, key = self._topic_prefix + EngagementEvent.TOPIC, event.key
             raw = self._codec.encode(event, topic)
         error = (f"event time {item.t} is more than {self._params.allowed_lateness_ms} ms behind "
-                 f"the watermark {s.window.known_wm}; value re-encoded with WireCodec, source "
-                 f"partition and offset unknown")
+                 f"the watermark {self._stage.watermark(s)}; value re-encoded with WireCodec, "
+                 f"source partition and offset unknown")
         return DeadLetter(topic=topic, partition=-1, offset=-1, key=key, value=raw,
                           timestamp_ms=item.t, step=STEP, reason=TOO_LATE, error=error,
                           failed_at_ms=int(time.time() * 1000))

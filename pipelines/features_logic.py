@@ -23,8 +23,9 @@ calls these classes from its DoFns; the tests drive them directly too. See
   author's engagement, nor in the affinities. An unlike with no like to pair
   within the state's horizon changes nothing (counted).
 * **Lateness.** A key knows the watermark up to the last event-time timer it
-  saw fire (``known_wm``). An event with ``t + allowed_lateness < known_wm``
-  is *too late*: not counted anywhere, returned so the pipeline dead-letters
+  saw fire (``known_wm``); the stage instance knows it up to the last timer it
+  saw fire on any key (one input watermark for all keys). An event with
+  ``t + allowed_lateness`` below the greater of the two is *too late*: not counted anywhere, returned so the pipeline dead-letters
   it. A late event within the lateness updates its buckets and re-emits every
   change point already passed that it affects, with ``version + 1`` (same
   ``valid_at``, newer version: stores and the log prefer it).
@@ -420,9 +421,20 @@ class FirstStage:
     def __init__(self, params: FeatureParams):
         self.params = params
         self.spec = params.post_spec
+        # The latest timer this instance saw fire, on any key: the stage's input
+        # watermark is one for all keys, so it is past that too. It lets a key
+        # without state (a new post, or one whose state expired) judge lateness.
+        self.observed_wm: int | None = None
+
+    def watermark(self, state: PostState | None) -> int | None:
+        """The best known lower bound of the watermark for ``state``'s key."""
+        own = None if state is None else state.window.known_wm
+        if own is None or (self.observed_wm is not None and self.observed_wm > own):
+            return self.observed_wm
+        return own
 
     def too_late(self, state: PostState | None, t: int) -> bool:
-        wm = None if state is None else state.window.known_wm
+        wm = self.watermark(state)
         return wm is not None and t + self.params.allowed_lateness_ms < wm
 
     def apply(self, state: PostState, event_id: str, item: Item) -> Outcome:
@@ -435,9 +447,16 @@ class FirstStage:
         late = w.known_wm is not None and self.spec.bucket(item.t) + self.spec.slide <= w.known_wm
         status = "late" if late else "counted"
         kind = item.kind
-        if kind == POST_CREATED or kind == PROFILE_VIEW:
-            # Nothing to count here (the author and viewer stages do); a created
-            # post's first timer emits its zeros.
+        if kind == PROFILE_VIEW:
+            w.note(self.spec, item.t)  # nothing to count here: the other stages do
+            return Outcome(status, [], [item])
+        if kind == POST_CREATED:
+            # The post's features start at the end of its creation slide (zeros
+            # until engagement). Read after its engagement (another topic), that
+            # point may have passed: emit it now.
+            at = self.spec.bucket(item.t) + self.spec.slide
+            if w.known_wm is not None and at <= w.known_wm:
+                return Outcome(status, self._values_at(w, item.post, at), [item])
             w.note(self.spec, item.t)
             return Outcome(status, [], [item])
         entity = str(item.post)
@@ -457,6 +476,10 @@ class FirstStage:
                 feats += w.cancel(self.spec, 0, item.t, unlike_t, POST, entity)
                 forward.append(cancel)
         return Outcome(status, feats, forward)
+
+    def _values_at(self, w: WindowState, post: int, at: int) -> list[FeatureValue]:
+        return [FeatureValue(POST, str(post), name, value, at, w.version)
+                for name, value in w.values(self.spec, at).items()]
 
     @staticmethod
     def _pair_unlike(state: PostState, item: Item) -> int | None:
@@ -492,6 +515,8 @@ class FirstStage:
         return None
 
     def fire(self, state: PostState, key: int, at: int) -> list[FeatureValue]:
+        if self.observed_wm is None or at > self.observed_wm:
+            self.observed_wm = at
         w = state.window
         if key >= 0:
             out = w.fire(self.spec, at, POST, str(key))
@@ -595,6 +620,14 @@ def decay_add(entry: list | None, w: float, t: int, half_life_ms: int) -> list:
     return entry
 
 
+#: Affinities below this are rounding left over from cancelled likes: emitted as 0.
+AFFINITY_EPSILON = 1e-12
+
+
+def _clean(score: float) -> float:
+    return score if score > AFFINITY_EPSILON else 0.0
+
+
 class ViewerState:
     """Keyed state of one viewer: ``[score, valid_at, version]`` per author and per media
     type, and which of them changed since the last emission."""
@@ -653,11 +686,11 @@ class ViewerStage:
             for author in sorted(state.dirty_authors):
                 score, ref, version = state.authors[author]
                 out.append(FeatureValue(VIEWER_AUTHOR, f"{viewer}:{author}", AFFINITY,
-                                        max(score, 0.0), ref, version))
+                                        _clean(score), ref, version))
             for media in sorted(state.dirty_media):
                 score, ref, version = state.media[media]
                 out.append(FeatureValue(VIEWER_MEDIA, f"{viewer}:{MEDIA_BY_CODE[media].value}",
-                                        AFFINITY, max(score, 0.0), ref, version))
+                                        AFFINITY, _clean(score), ref, version))
             state.dirty_authors.clear()
             state.dirty_media.clear()
             state.flush_at = None

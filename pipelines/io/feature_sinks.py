@@ -290,7 +290,7 @@ class WriteFeatureLog(beam.PTransform):
                 | "KeyByShard" >> beam.Map(lambda v: (log_shard(v, shards), v))
                 | "Panes" >> beam.WindowInto(
                     window.GlobalWindows(),
-                    trigger=trigger.Repeatedly(trigger.AfterProcessingTime(self._flush_s)),
+                    trigger=trigger.Repeatedly(trigger.AfterProcessingTime(max(1, round(self._flush_s)))),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING)
                 | "GroupPerShard" >> beam.GroupByKey()
                 | "WriteParquet" >> beam.ParDo(_WriteLogFn(self._log_dir)))

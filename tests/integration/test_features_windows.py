@@ -58,6 +58,9 @@ def _stream():
             .add_elements(at(ON_TIME + [POST]))
             .advance_watermark_to((T0 + 30 * M) / 1000)
             .add_elements(at(AFTER_30_MIN))
+            # Late elements hold no watermark: the stage may see the next advance
+            # before them, so it stays within their lateness (4 + 60 > 50).
+            .advance_watermark_to((T0 + 50 * M) / 1000)
             .advance_watermark_to((T0 + 180 * M) / 1000)
             .add_elements(at(AFTER_3_H))
             .advance_watermark_to_infinity())

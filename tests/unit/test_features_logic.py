@@ -110,6 +110,18 @@ def test_on_time_counts_fire_at_window_ends_and_drain_to_zero():
     assert FirstStage.empty(d.state) or not d.state.window.buckets
 
 
+def test_a_key_without_state_judges_lateness_by_timers_of_other_keys():
+    d = Driver()
+    d.send("e1", item(LIKE, 1))
+    d.watermark(3 * 60)  # fires 5, 65 and the dedup expiry at 125
+    assert d.stage.observed_wm == T0 + 125 * M
+    other = PostState()
+    assert d.stage.apply(other, "x", item(LIKE, 10, post=200)).status == "too_late"
+    assert d.stage.apply(other, "y", item(LIKE, 70, post=200)).status == "counted"
+    fresh = Driver()
+    assert fresh.stage.apply(PostState(), "x", item(LIKE, 10, post=200)).status == "counted"
+
+
 def test_duplicate_event_id_counts_once():
     d = Driver()
     assert d.send("e1", item(LIKE, 1)) == "counted"
@@ -182,6 +194,12 @@ def test_profile_views_and_posts_pass_through_to_the_other_stages():
     post.send("p", item(POST_CREATED, 1, viewer=-1))
     post.watermark(5)
     assert by_name(post.out) == {name: 0.0 for name in POST_FEATURES}
+    # Creation read after the post's first engagement was emitted: its zeros still appear.
+    late = Driver()
+    late.send("v", item(VIEW, 12))
+    late.watermark(20)
+    late.send("p", item(POST_CREATED, 1, viewer=-1))
+    assert by_name(late.out, T0 + 5 * M) == {name: 0.0 for name in POST_FEATURES}
 
 
 def test_dedup_ids_are_forgotten_after_the_horizon_and_then_too_late():
