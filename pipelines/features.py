@@ -89,6 +89,7 @@ from __future__ import annotations
 import logging
 import struct
 import sys
+import time
 from typing import NamedTuple, Tuple
 
 import apache_beam as beam
@@ -357,6 +358,9 @@ class _KeyedStageFn(beam.DoFn):
     def __init__(self, params: FeatureParams):
         self._params = params
 
+    def start_bundle(self):
+        self._not_yet_valid = Metrics.counter(NAMESPACE, "values_not_yet_valid")
+
     def _new_state(self):
         raise NotImplementedError
 
@@ -379,7 +383,15 @@ class _KeyedStageFn(beam.DoFn):
         if s is None:
             return
         s.timer_at = None
-        yield from self._stage.fire(s, key, fired.micros // 1000)
+        now_ms = time.time() * 1000
+        for value in self._stage.fire(s, key, fired.micros // 1000):
+            # A bounded run ends with the watermark at infinity and drains every
+            # window; values valid after the wall clock are not facts yet (the live
+            # job will compute them from more events): keep them out of the stores.
+            if value.valid_at_ms <= now_ms:
+                yield value
+            else:
+                self._not_yet_valid.inc()
         if self._stage.empty(s):
             state.clear()
             return
@@ -421,8 +433,6 @@ class _FirstStageFn(_KeyedStageFn):
                 yield TaggedOutput(_TO_VIEWER_TAG, (fwd.viewer, fwd))
 
     def _dead_letter(self, event_id: str, item: Item, raw: bytes, s: PostState) -> DeadLetter:
-        import time
-
         if item.kind == POST_CREATED:
             topic, key = self._topic_prefix + PostEvent.TOPIC, str(item.author).encode()
         else:

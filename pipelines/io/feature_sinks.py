@@ -169,9 +169,9 @@ class _DurableFn(_BatchedSinkFn):
 
 
 def follower_scores(values: Sequence[FeatureValue],
-                    half_life_ms: int) -> dict[int, dict[int, float | None]]:
-    """``{author: {viewer: rank or None}}`` of the viewer-author affinities among ``values``
-    (the newest per pair; None: no positive affinity, leave the ranking)."""
+                    half_life_ms: int) -> dict[int, dict[int, tuple[float | None, int]]]:
+    """``{author: {viewer: (rank or None, write stamp)}}`` of the viewer-author affinities
+    among ``values``, the newest per pair (None: no positive affinity, leave the ranking)."""
     newest: dict[tuple[int, int], FeatureValue] = {}
     for v in values:
         if v.entity_type != VIEWER_AUTHOR:
@@ -181,10 +181,10 @@ def follower_scores(values: Sequence[FeatureValue],
         held = newest.get(pair)
         if held is None or (v.write_stamp_us, v.value) > (held.write_stamp_us, held.value):
             newest[pair] = v
-    out: dict[int, dict[int, float | None]] = {}
+    out: dict[int, dict[int, tuple[float | None, int]]] = {}
     for (author, viewer), v in newest.items():
-        out.setdefault(author, {})[viewer] = engagement_rank(v.value, v.valid_at_ms,
-                                                             half_life_ms)
+        rank = engagement_rank(v.value, v.valid_at_ms, half_life_ms)
+        out.setdefault(author, {})[viewer] = (rank, v.write_stamp_us)
     return out
 
 
@@ -203,14 +203,8 @@ class _TopFollowersFn(_BatchedSinkFn):
 
     def _write(self, batch):
         c = self._config
-        written = 0
-        for author, scores in follower_scores(batch, c.half_life_ms).items():
-            engaged = {v: s for v, s in scores.items() if s is not None}
-            gone = [v for v, s in scores.items() if s is None]
-            self._store.set_follower_engagement(author, engaged, keep=c.top_followers_keep)
-            self._store.forget_follower_engagement(author, gone)
-            written += len(scores)
-        return written
+        return self._store.apply_follower_engagement(follower_scores(batch, c.half_life_ms),
+                                                     keep=c.top_followers_keep)
 
 
 class _StoreSink(beam.PTransform):
@@ -239,8 +233,9 @@ class WriteDurableFeatures(_StoreSink):
 
 
 class UpdateTopFollowers(_StoreSink):
-    """Viewer-author affinities -> ``RedisFeedStore.set_follower_engagement``: each
-    author's ``top_followers`` ranks viewers by ``engagement_rank`` of their affinity."""
+    """Viewer-author affinities -> ``RedisFeedStore.apply_follower_engagement``: each
+    author's ``top_followers`` ranks viewers by ``engagement_rank`` of their affinity,
+    newer-wins per viewer by the affinity's write stamp."""
 
     _fn_class = _TopFollowersFn
 

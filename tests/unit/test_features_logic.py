@@ -140,8 +140,10 @@ def test_late_event_updates_its_windows_with_a_newer_version():
     assert d.send("late", item(LIKE, 3, viewer=3)) == "late"
     values = latest(d.out)
     # The windows ending at 5 and 10 were emitted; both are re-emitted including it.
-    re = [v for v in d.out if v.version == 1 and v.name == "like_1h"]
-    assert sorted((v.valid_at_ms, v.value) for v in re) == [(T0 + 5 * M, 2), (T0 + 10 * M, 3)]
+    like = sorted((v.valid_at_ms, v.version, v.value) for v in d.out if v.name == "like_1h")
+    # Versions count the events in the 24 h window: the late one raises them.
+    assert like == [(T0 + 5 * M, 1, 1), (T0 + 5 * M, 2, 2), (T0 + 10 * M, 2, 2),
+                    (T0 + 10 * M, 3, 3)]
     assert values[("post", "100", "like_1h")] == (T0 + 10 * M, 3)
     d.watermark(70)
     assert latest(d.out)[("post", "100", "like_1h")] == (T0 + 70 * M, 0)
@@ -230,9 +232,9 @@ def test_decay_add_is_a_decayed_sum():
     hl = 10
     e = decay_add(None, 8.0, 0, hl)
     decay_add(e, 1.0, 20, hl)
-    assert e[:2] == [pytest.approx(3.0), 20]
-    decay_add(e, 4.0, 10, hl)  # older: added decayed to valid_at, new version
-    assert e == [pytest.approx(5.0), 20, 1]
+    assert e == [pytest.approx(3.0), 20, 2]
+    decay_add(e, 4.0, 10, hl)  # older: added decayed to valid_at; one more event
+    assert e == [pytest.approx(5.0), 20, 3]
 
 
 def _affinity(items, params=P):
