@@ -137,6 +137,12 @@ class KeyLayout:
         """
         return f"{self.prefix}:top_followers:{{u:{user_id}}}"
 
+    def top_followers_stamps(self, user_id: int) -> str:
+        """HASH: newer-wins state of ``top_followers``: field = follower_id, value = write
+        stamp of the affinity its score came from (the features pipeline's replays never
+        roll a score back)."""
+        return f"{self.prefix}:top_followers_at:{{u:{user_id}}}"
+
     # -- features (online copy, with TTLs) -------------------------------------
 
     def post_features(self, post_id: int) -> str:

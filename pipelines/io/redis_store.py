@@ -144,6 +144,34 @@ return #KEYS
 """
 
 
+# KEYS[1] top-followers zset, KEYS[2] its stamps hash (same user). ARGV[1] how many to
+# keep, then (follower, score or '' to remove, stamp) triples. A triple applies only
+# if its stamp is later than the follower's stored one; the zset is then trimmed to
+# the highest ARGV[1] scores (their stamps leave with them). Returns how many applied.
+_APPLY_ENGAGEMENT = """
+local applied = 0
+for i = 2, #ARGV, 3 do
+  local stored = redis.call('HGET', KEYS[2], ARGV[i])
+  if not stored or tonumber(stored) < tonumber(ARGV[i + 2]) then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+    if ARGV[i + 1] == '' then
+      redis.call('ZREM', KEYS[1], ARGV[i])
+    else
+      redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    end
+    applied = applied + 1
+  end
+end
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  local gone = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+return applied
+"""
+
+
 class PostMeta(TypedDict):
     """Post metadata as stored (hydration record)."""
 
@@ -254,6 +282,7 @@ class RedisFeedStore:
         self._set_last_read = client.register_script(_SET_LAST_READ)
         self._top_followers = client.register_script(_TOP_FOLLOWERS)
         self._push = client.register_script(_PUSH)
+        self._apply_engagement = client.register_script(_APPLY_ENGAGEMENT)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "fb") -> "RedisFeedStore":
@@ -332,6 +361,28 @@ class RedisFeedStore:
         pipe.zadd(key, {str(f): float(s) for f, s in scores.items()})
         pipe.zremrangebyrank(key, 0, trim_stop(keep))
         pipe.execute()
+
+    def apply_follower_engagement(self, updates: Mapping[int, Mapping[int, tuple[float | None, int]]],
+                                  keep: int = 10_000) -> int:
+        """Newer-wins engagement scores: ``{user_id: {follower: (score or None, stamp)}}``.
+
+        A follower's score changes only for a later ``stamp`` than the one its
+        current score came from (None removes it from the ranking), so a replay
+        of older scores never rolls the ranking back; each user keeps the
+        ``keep`` highest. One script call per user, one round trip. Returns how
+        many updates applied.
+        """
+        if not updates:
+            return 0
+        pipe = self._pipeline()
+        for user_id, scores in updates.items():
+            args: list[Any] = [keep]
+            for follower, (score, stamp) in scores.items():
+                args += [follower, "" if score is None else repr(float(score)), stamp]
+            self._apply_engagement(keys=[self.keys.top_followers(user_id),
+                                         self.keys.top_followers_stamps(user_id)],
+                                   args=args, client=pipe)
+        return sum(pipe.execute())
 
     def follower_count(self, user_id: int) -> int:
         return self.client.zcard(self.keys.followers(user_id))
