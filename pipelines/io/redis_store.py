@@ -206,6 +206,19 @@ def _ids_with_scores(pairs: Iterable[tuple[bytes, float]]) -> list[tuple[int, in
     return [(int(member), int(score)) for member, score in pairs]
 
 
+def new_client(url: str) -> "redis.Redis":
+    """A client for ``url`` that retries commands failed on a dropped connection or a
+    timeout, with exponential backoff (safe for stores whose writes are idempotent)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=5.0,
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
 # -- the store ------------------------------------------------------------------
 
 
@@ -229,15 +242,7 @@ class RedisFeedStore:
         timeout, with exponential backoff; that is safe because every write
         here is idempotent.
         """
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=5.0,
-            socket_connect_timeout=5.0,
-            health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
-        return cls(client, KeyLayout(key_prefix))
+        return cls(new_client(url), KeyLayout(key_prefix))
 
     def close(self) -> None:
         self.client.close()

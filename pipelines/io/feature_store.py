@@ -1,0 +1,275 @@
+"""The online (Redis) copy of engagement features, for the features pipeline, ranking and serving.
+
+``OnlineFeatureStore`` is the one place that reads and writes the feature keys
+of ``schemas.keys.KeyLayout``; the features pipeline writes through it, the
+ranking pipeline and serving read through it, so all agree on encodings.
+
+Layout (one hash per entity, the field carries the feature):
+
+| entity_type | key | field |
+|---|---|---|
+| ``post`` | ``post_features(post_id)`` | feature name (``like_1h`` ...) |
+| ``author`` | ``author_features(author_id)`` | feature name |
+| ``viewer_author`` | ``author_affinity(viewer_id)`` | author id |
+| ``viewer_media`` | ``content_affinity(viewer_id)`` | media type (``PHOTO`` ...) |
+
+Each field holds ``"<value>@<write stamp us>"`` (``FeatureValue.write_stamp_us``:
+``valid_at_ms * 1000 + version``), so a reader knows how old a value is and a
+writer can refuse an older one.
+
+* Writes are newer-wins per field: one Lua script per key checks the stored
+  stamp and writes only a later one (equal stamps keep the greater value, so
+  the outcome does not depend on arrival order). A replayed topic or a retried
+  bundle never rolls a value back. Every written key gets ``PEXPIRE`` of its
+  entity type's TTL (processing time, refreshed by each write) so idle
+  entities leave Redis by themselves.
+* Reads ignore a value whose ``valid_at`` is older than its entity type's TTL
+  at the caller's ``now_ms``, even while Redis still holds the key (the key
+  TTL runs on processing time and is refreshed by any field's write).
+  Affinities are decayed from their ``valid_at`` to ``now_ms`` with the
+  store's half-life.
+* Each call is one round trip: a non-transactional pipeline (writes: script
+  calls, chunked by ``chunk_size`` keys; reads: HGETALL/HMGET).
+
+    store = OnlineFeatureStore.from_url("redis://127.0.0.1:6379/0")
+    store.write([FeatureValue("post", "101", "like_1h", 3.0, valid_at_ms=1_700_000_000_000)])
+    store.hydrate(viewer_id=7, post_ids=[101], author_ids=[45], now_ms=1_700_000_060_000)
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+from pipelines.io.redis_store import chunks, new_client
+from schemas.features import (
+    AUTHOR,
+    DEFAULT_HALF_LIFE_MS,
+    POST,
+    VIEWER_AUTHOR,
+    VIEWER_MEDIA,
+    CandidateFeatures,
+    FeatureTTLs,
+    FeatureValue,
+    decay,
+    split_pair,
+)
+from schemas.keys import KeyLayout
+
+#: Keys per write round trip.
+DEFAULT_CHUNK = 500
+
+# KEYS[1] a feature hash. ARGV[1] key TTL in ms, then (field, value, stamp) triples.
+# Writes a field only when its stamp is later than the stored one (or equal with
+# a greater value); returns how many fields were written.
+_WRITE_NEWER = """
+local applied = 0
+for i = 2, #ARGV, 3 do
+  local stamp = tonumber(ARGV[i + 2])
+  local stored = redis.call('HGET', KEYS[1], ARGV[i])
+  local write = true
+  if stored then
+    local at = string.find(stored, '@', 1, true)
+    local stored_stamp = tonumber(string.sub(stored, at + 1))
+    if stored_stamp > stamp then
+      write = false
+    elseif stored_stamp == stamp
+        and tonumber(string.sub(stored, 1, at - 1)) >= tonumber(ARGV[i + 1]) then
+      write = false
+    end
+  end
+  if write then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '@' .. ARGV[i + 2])
+    applied = applied + 1
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return applied
+"""
+
+
+# -- pure helpers (unit tested without Redis) ------------------------------------------
+
+
+def decode(raw: bytes | str) -> tuple[float, int]:
+    """``(value, valid_at_ms)`` of a stored field."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    value, _, stamp = text.partition("@")
+    return float(value), int(stamp) // 1000
+
+
+def fresh_fields(raw: Mapping[bytes | str, bytes | str], now_ms: int, ttl_ms: int,
+                 half_life_ms: int | None = None) -> dict[str, float]:
+    """The fields of a hash still readable at ``now_ms`` (decayed to it when a half-life is given)."""
+    out: dict[str, float] = {}
+    for field, stored in raw.items():
+        value, valid_at = decode(stored)
+        if now_ms - valid_at > ttl_ms:
+            continue
+        if half_life_ms is not None:
+            value = decay(value, valid_at, now_ms, half_life_ms)
+        out[field.decode() if isinstance(field, bytes) else field] = value
+    return out
+
+
+def fresh_value(stored: bytes | str | None, now_ms: int, ttl_ms: int,
+                half_life_ms: int | None = None) -> float | None:
+    """One stored field read like ``fresh_fields``; None when absent or too old."""
+    if stored is None:
+        return None
+    value, valid_at = decode(stored)
+    if now_ms - valid_at > ttl_ms:
+        return None
+    return value if half_life_ms is None else decay(value, valid_at, now_ms, half_life_ms)
+
+
+def _unique(ids: Sequence[int]) -> list[int]:
+    return list(dict.fromkeys(ids))
+
+
+class OnlineFeatureStore:
+    """Engagement features in Redis (see module doc).
+
+    ``ttls``: read TTL (and key TTL) per entity type; ``half_life_ms``: the
+    decay of affinities, the same as the pipeline that wrote them.
+    """
+
+    def __init__(self, client, keys: KeyLayout, ttls: FeatureTTLs | None = None,
+                 half_life_ms: int = DEFAULT_HALF_LIFE_MS, chunk_size: int = DEFAULT_CHUNK):
+        if half_life_ms < 1:
+            raise ValueError("half_life_ms must be at least 1")
+        self.client = client
+        self.keys = keys
+        self.ttls = ttls or FeatureTTLs()
+        self.half_life_ms = half_life_ms
+        self.chunk_size = chunk_size
+        self._write_newer = client.register_script(_WRITE_NEWER)
+
+    @classmethod
+    def from_url(cls, url: str, key_prefix: str = "fb", ttls: FeatureTTLs | None = None,
+                 half_life_ms: int = DEFAULT_HALF_LIFE_MS,
+                 chunk_size: int = DEFAULT_CHUNK) -> "OnlineFeatureStore":
+        """A store on a new client for ``url`` (retrying dropped connections; writes are
+        idempotent)."""
+        return cls(new_client(url), KeyLayout(key_prefix), ttls, half_life_ms, chunk_size)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _pipeline(self):
+        return self.client.pipeline(transaction=False)
+
+    # -- writes ---------------------------------------------------------------------
+
+    def key_and_field(self, v: FeatureValue) -> tuple[str, str]:
+        """Where ``v`` is stored: ``(redis key, hash field)``."""
+        k = self.keys
+        if v.entity_type == POST:
+            return k.post_features(int(v.entity_id)), v.name
+        if v.entity_type == AUTHOR:
+            return k.author_features(int(v.entity_id)), v.name
+        if v.entity_type == VIEWER_AUTHOR:
+            viewer, author = split_pair(v.entity_id)
+            return k.author_affinity(viewer), author
+        if v.entity_type == VIEWER_MEDIA:
+            viewer, media = split_pair(v.entity_id)
+            return k.content_affinity(viewer), media
+        raise ValueError(f"unknown entity type {v.entity_type!r}")
+
+    def write(self, values: Sequence[FeatureValue]) -> int:
+        """Store ``values`` newer-wins; returns how many fields were written (older or
+        equal ones are skipped). Within ``values`` the order does not matter: only the
+        winner of each (entity, name) is sent."""
+        by_key: dict[str, tuple[int, dict[str, tuple[int, float]]]] = {}
+        for v in values:
+            key, field = self.key_and_field(v)
+            entry = by_key.get(key)
+            if entry is None:
+                entry = by_key[key] = (self.ttls.of(v.entity_type), {})
+            candidate = (v.write_stamp_us, float(v.value))
+            held = entry[1].get(field)
+            if held is None or candidate > held:
+                entry[1][field] = candidate
+        written = 0
+        for chunk in chunks(list(by_key.items()), self.chunk_size):
+            pipe = self._pipeline()
+            for key, (ttl_ms, fields) in chunk:
+                args: list = [ttl_ms]
+                for field, (stamp, value) in fields.items():
+                    args += (field, repr(value), stamp)  # repr round-trips a float exactly
+                self._write_newer(keys=[key], args=args, client=pipe)
+            written += sum(pipe.execute())
+        return written
+
+    # -- reads ----------------------------------------------------------------------
+
+    def post_features(self, post_ids: Sequence[int], now_ms: int) -> list[dict[str, float]]:
+        """Feature dict per post id (fresh values only; ``{}`` when none), one round trip."""
+        return self.hydrate(None, post_ids, (), now_ms).posts
+
+    def author_features(self, author_ids: Sequence[int], now_ms: int) -> list[dict[str, float]]:
+        """Feature dict per author id (fresh values only; ``{}`` when none), one round trip."""
+        return self.hydrate(None, (), author_ids, now_ms).authors
+
+    def author_affinity(self, viewer_id: int, author_ids: Sequence[int],
+                        now_ms: int) -> list[float]:
+        """Affinity of ``viewer_id`` to each author, decayed to ``now_ms`` (0.0 when absent
+        or older than the TTL), one HMGET."""
+        if not author_ids:
+            return []
+        return self.hydrate(viewer_id, (), author_ids, now_ms, author_features=False).author_affinity
+
+    def content_affinity(self, viewer_id: int, now_ms: int) -> dict[str, float]:
+        """Affinity of ``viewer_id`` per media type, decayed to ``now_ms`` (fresh ones only)."""
+        return self.hydrate(viewer_id, (), (), now_ms).content_affinity
+
+    def hydrate(self, viewer_id: int | None, post_ids: Sequence[int], author_ids: Sequence[int],
+                now_ms: int, author_features: bool = True) -> CandidateFeatures:
+        """Post features, author features, the viewer's author affinities and content
+        affinity, all in ONE round trip (repeated ids are fetched once).
+
+        ``author_ids`` need not be aligned with ``post_ids`` (pass the candidates'
+        authors, repeated or not); the result lists follow the given orders.
+        ``viewer_id=None`` skips the viewer's keys (affinities are then 0.0 / ``{}``).
+        """
+        k, ttl, hl = self.keys, self.ttls, self.half_life_ms
+        posts, authors = _unique(post_ids), _unique(author_ids)
+        pipe = self._pipeline()
+        for pid in posts:
+            pipe.hgetall(k.post_features(pid))
+        if author_features:
+            for aid in authors:
+                pipe.hgetall(k.author_features(aid))
+        with_viewer = viewer_id is not None
+        if with_viewer:
+            if authors:
+                pipe.hmget(k.author_affinity(viewer_id), [str(a) for a in authors])
+            pipe.hgetall(k.content_affinity(viewer_id))
+        replies: Iterable = iter(pipe.execute() if len(pipe) else ())
+        post_map = {pid: fresh_fields(next(replies), now_ms, ttl.post_ms) for pid in posts}
+        author_map = ({aid: fresh_fields(next(replies), now_ms, ttl.author_ms) for aid in authors}
+                      if author_features else {})
+        affinity_map: dict[int, float] = {}
+        content: dict[str, float] = {}
+        if with_viewer:
+            if authors:
+                for aid, stored in zip(authors, next(replies)):
+                    value = fresh_value(stored, now_ms, ttl.viewer_author_ms, hl)
+                    affinity_map[aid] = 0.0 if value is None else value
+            content = fresh_fields(next(replies), now_ms, ttl.viewer_media_ms, hl)
+        return CandidateFeatures(
+            posts=[dict(post_map[pid]) for pid in post_ids],
+            authors=[dict(author_map.get(aid, {})) for aid in author_ids],
+            author_affinity=[affinity_map.get(aid, 0.0) for aid in author_ids],
+            content_affinity=content,
+        )
+
+    # -- tests and tools ------------------------------------------------------------
+
+    def raw(self, entity_type: str, entity_id: str) -> dict[str, tuple[float, int]]:
+        """What is stored for one entity (every field, ignoring TTLs): ``{field: (value,
+        valid_at_ms)}``. Pair entities return their viewer's whole hash."""
+        key, _ = self.key_and_field(FeatureValue(entity_type, entity_id, "", 0.0, 0))
+        return {f.decode(): decode(v) for f, v in self.client.hgetall(key).items()}
+
+
+__all__ = ["OnlineFeatureStore", "CandidateFeatures", "decode", "fresh_fields",
+           "fresh_value", "DEFAULT_CHUNK"]

@@ -1,0 +1,130 @@
+"""OnlineFeatureStore against the real Redis: newer-wins, TTL at read, decay, one round trip."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipelines.io.feature_store import OnlineFeatureStore
+from schemas.features import (
+    AFFINITY,
+    AUTHOR,
+    POST,
+    VIEWER_AUTHOR,
+    VIEWER_MEDIA,
+    FeatureTTLs,
+    FeatureValue,
+)
+
+pytestmark = pytest.mark.integration
+
+NOW = 1_700_000_000_000
+HOUR = 3_600_000
+HALF_LIFE = 10 * HOUR
+TTLS = FeatureTTLs(post_ms=48 * HOUR, author_ms=8 * 24 * HOUR, viewer_author_ms=30 * 24 * HOUR,
+                   viewer_media_ms=30 * 24 * HOUR)
+
+
+@pytest.fixture
+def store(stack, key_prefix):
+    s = OnlineFeatureStore.from_url(stack.redis_url, key_prefix=key_prefix, ttls=TTLS,
+                                    half_life_ms=HALF_LIFE)
+    yield s
+    s.close()
+
+
+class _RoundTrips:
+    """Counts pipeline executions and direct commands of a store's client."""
+
+    def __init__(self, store):
+        self.count = 0
+        original_pipeline, original_execute = store.client.pipeline, store.client.execute_command
+
+        def pipeline(*args, **kwargs):
+            pipe = original_pipeline(*args, **kwargs)
+            execute = pipe.execute
+
+            def counted(*a, **kw):
+                self.count += 1
+                return execute(*a, **kw)
+            pipe.execute = counted
+            return pipe
+
+        def command(*args, **kwargs):
+            self.count += 1
+            return original_execute(*args, **kwargs)
+
+        store.client.pipeline = pipeline
+        store.client.execute_command = command
+
+
+def test_hydrate_reads_everything_in_one_round_trip(store):
+    store.write([
+        FeatureValue(POST, "101", "like_1h", 3.0, NOW - HOUR),
+        FeatureValue(POST, "101", "engagement_rate_1h", 0.25, NOW - HOUR),
+        FeatureValue(POST, "102", "view_24h", 40.0, NOW - HOUR),
+        FeatureValue(AUTHOR, "45", "posts_7d", 4.0, NOW - HOUR),
+        FeatureValue(VIEWER_AUTHOR, "7:45", AFFINITY, 8.0, NOW - 2 * HALF_LIFE),
+        FeatureValue(VIEWER_AUTHOR, "8:45", AFFINITY, 5.0, NOW),  # another viewer
+        FeatureValue(VIEWER_MEDIA, "7:VIDEO", AFFINITY, 2.0, NOW - HALF_LIFE),
+    ])
+    trips = _RoundTrips(store)
+    got = store.hydrate(7, [101, 102, 103, 101], [45, 46, 45, 45], NOW)
+    assert trips.count == 1
+    assert got.posts == [{"like_1h": 3.0, "engagement_rate_1h": 0.25}, {"view_24h": 40.0}, {},
+                         {"like_1h": 3.0, "engagement_rate_1h": 0.25}]
+    assert got.authors == [{"posts_7d": 4.0}, {}, {"posts_7d": 4.0}, {"posts_7d": 4.0}]
+    assert got.author_affinity == pytest.approx([2.0, 0.0, 2.0, 2.0])
+    assert got.content_affinity == pytest.approx({"VIDEO": 1.0})
+    # The single-purpose reads agree with hydrate.
+    assert store.post_features([102, 101], NOW) == [got.posts[1], got.posts[0]]
+    assert store.author_features([46, 45], NOW) == [{}, {"posts_7d": 4.0}]
+    assert store.author_affinity(7, [46, 45], NOW) == pytest.approx([0.0, 2.0])
+    assert store.author_affinity(7, [], NOW) == []
+    assert store.content_affinity(7, NOW) == pytest.approx({"VIDEO": 1.0})
+    assert store.content_affinity(9, NOW) == {}
+
+
+def test_newer_wins_so_a_replay_never_rolls_back(store):
+    history = [FeatureValue(POST, "1", "like_1h", float(i), NOW + i * 60_000) for i in range(10)]
+    late_pane = FeatureValue(POST, "1", "like_1h", 99.0, NOW + 9 * 60_000, version=1)
+    assert store.write(history + [late_pane]) == 1  # only the winner of a batch is sent
+    assert store.raw(POST, "1") == {"like_1h": (99.0, NOW + 9 * 60_000)}
+    replay = history + [late_pane]
+    for _ in range(5):
+        random.shuffle(replay)
+        for v in replay:
+            store.write([v])
+        assert store.raw(POST, "1") == {"like_1h": (99.0, NOW + 9 * 60_000)}
+    # The same value again is no write at all.
+    assert store.write([late_pane]) == 0
+    # Same stamp, different values: the greater one, whatever the order.
+    a = FeatureValue(POST, "2", "save_1h", 1.0, NOW)
+    b = FeatureValue(POST, "2", "save_1h", 2.0, NOW)
+    store.write([b])
+    store.write([a])
+    assert store.raw(POST, "2") == {"save_1h": (2.0, NOW)}
+
+
+def test_reads_ignore_values_older_than_the_ttl_even_if_redis_holds_them(store, redis_client):
+    store.write([
+        FeatureValue(POST, "5", "like_1h", 1.0, NOW - TTLS.post_ms - 1),
+        FeatureValue(POST, "5", "like_24h", 2.0, NOW - TTLS.post_ms),
+        FeatureValue(VIEWER_AUTHOR, "7:45", AFFINITY, 1.0, NOW - TTLS.viewer_author_ms - 1),
+        FeatureValue(VIEWER_MEDIA, "7:PHOTO", AFFINITY, 1.0, NOW - TTLS.viewer_media_ms - 1),
+    ])
+    key = store.keys.post_features(5)
+    assert redis_client.hexists(key, "like_1h")
+    # Key TTL runs on processing time: set at the write, as long as the entity's TTL.
+    assert 0 < redis_client.pttl(key) <= TTLS.post_ms
+    got = store.hydrate(7, [5], [45], NOW)
+    assert got.posts == [{"like_24h": 2.0}]
+    assert got.author_affinity == [0.0]
+    assert got.content_affinity == {}
+
+
+def test_write_rejects_unknown_entities(store):
+    with pytest.raises(ValueError, match="entity type"):
+        store.write([FeatureValue("story", "1", "x", 1.0, NOW)])
+    with pytest.raises(ValueError, match="pair"):
+        store.write([FeatureValue(VIEWER_AUTHOR, "745", AFFINITY, 1.0, NOW)])

@@ -1,0 +1,68 @@
+"""Feature names, stamps, decay and the online store's stored form (no Redis)."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.io.feature_store import decode, fresh_fields, fresh_value
+from schemas.features import (
+    AUTHOR_FEATURES,
+    MAX_VERSION,
+    POST_FEATURES,
+    FeatureTTLs,
+    FeatureValue,
+    check_entity,
+    decay,
+    pair_id,
+    split_pair,
+    write_stamp_us,
+)
+
+
+def test_names_match_the_contract():
+    assert POST_FEATURES == (
+        "like_1h", "comment_1h", "share_1h", "save_1h", "view_1h",
+        "like_24h", "comment_24h", "share_24h", "save_24h", "view_24h",
+        "engagement_rate_1h", "engagement_rate_24h")
+    assert AUTHOR_FEATURES == ("engagement_rate_7d", "posts_7d")
+    check_entity("viewer_media", "affinity")
+    with pytest.raises(ValueError):
+        check_entity("post", "affinity")
+
+
+def test_write_stamp_orders_by_time_then_version():
+    assert write_stamp_us(5, 0) < write_stamp_us(5, 1) < write_stamp_us(6, 0)
+    assert write_stamp_us(5, MAX_VERSION + 10) == write_stamp_us(5, MAX_VERSION) < write_stamp_us(6)
+    assert FeatureValue("post", "1", "like_1h", 1.0, 5, 2).write_stamp_us == 5002
+    with pytest.raises(ValueError):
+        write_stamp_us(5, -1)
+
+
+def test_pairs_round_trip():
+    assert split_pair(pair_id(7, 45)) == (7, "45")
+    assert split_pair(pair_id(7, "REEL")) == (7, "REEL")
+    with pytest.raises(ValueError):
+        split_pair("7")
+
+
+def test_decay_halves_per_half_life_and_never_grows():
+    assert decay(8.0, 0, 20, half_life_ms=10) == pytest.approx(2.0)
+    assert decay(8.0, 20, 0, half_life_ms=10) == 8.0
+
+
+def test_ttls_validate_and_look_up():
+    ttls = FeatureTTLs(post_ms=1, author_ms=2, viewer_author_ms=3, viewer_media_ms=4)
+    assert [ttls.of(t) for t in ("post", "author", "viewer_author", "viewer_media")] == [1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        FeatureTTLs(post_ms=0)
+    with pytest.raises(ValueError):
+        ttls.of("story")
+
+
+def test_stored_form_reads_back_fresh_and_decayed():
+    assert decode(b"0.1@5000002") == (0.1, 5000)
+    raw = {b"like_1h": b"3.0@1000000", b"view_1h": b"4.0@2000000"}
+    assert fresh_fields(raw, now_ms=2500, ttl_ms=1000) == {"view_1h": 4.0}
+    assert fresh_fields(raw, now_ms=2000, ttl_ms=1000) == {"like_1h": 3.0, "view_1h": 4.0}
+    assert fresh_value(b"8.0@0", now_ms=20, ttl_ms=100, half_life_ms=10) == pytest.approx(2.0)
+    assert fresh_value(None, now_ms=20, ttl_ms=100) is None
+    assert fresh_value(b"8.0@0", now_ms=200, ttl_ms=100) is None
