@@ -57,19 +57,31 @@ class KeyLayout:
         return f"{self.prefix}:timeline:{{u:{author_id}}}"
 
     def ranked_feed(self, user_id: int) -> str:
-        """ZSET: ``user_id``'s ranked feed; member post_id, score = rank score (higher first).
+        """ZSET: ``user_id``'s ranked feed; member post_id, score = rank score (higher
+        first; ``pipelines.io.ranked_store`` writes ``count - rank``, the model's
+        scores and authors go in ``ranked_meta``).
 
         Replaced as a whole together with ``ranked_meta`` in one MULTI (same slot).
         """
         return f"{self.prefix}:ranked:{{u:{user_id}}}"
 
     def ranked_meta(self, user_id: int) -> str:
-        """HASH: about the ranked feed: ``model_version``, ``generated_at`` (ms)."""
+        """HASH: about the ranked feed: ``model_version``, ``generated_at`` (ms),
+        ``count``, and per post_id ``"<author_id>:<score>"``."""
         return f"{self.prefix}:ranked_meta:{{u:{user_id}}}"
 
     def ranked_feed_staging(self, user_id: int) -> str:
         """ZSET: a ranked feed being written, RENAMEd onto ``ranked_feed``."""
         return f"{self.prefix}:ranked_tmp:{{u:{user_id}}}"
+
+    def ranked_feed_previous(self, user_id: int) -> str:
+        """ZSET: the ranked feed replaced by the latest write, kept a few minutes
+        (with ``ranked_meta_previous``) so a reader paging through it can finish."""
+        return f"{self.prefix}:ranked_prev:{{u:{user_id}}}"
+
+    def ranked_meta_previous(self, user_id: int) -> str:
+        """HASH: ``ranked_meta`` of ``ranked_feed_previous``."""
+        return f"{self.prefix}:ranked_meta_prev:{{u:{user_id}}}"
 
     def last_read(self, user_id: int) -> str:
         """STRING: when ``user_id`` last read a feed (ms); absent or old means inactive."""

@@ -242,6 +242,17 @@ class CassandraFeedStore:
             pending = [i for i, _ in failed]
         return results
 
+    def prepare(self, cql: str):
+        """``cql`` prepared (once per session) as an idempotent statement, for the
+        other store modules (ranked feeds, ...) that share this execution path."""
+        return _prepare(self.session, cql)
+
+    def execute_rows(self, stmt, params: tuple) -> list:
+        """Rows of one prepared statement (all pages), transient failures re-executed
+        with backoff as every statement here."""
+        (result,) = self._execute([(stmt, params)])
+        return list(result)
+
     def _execute_one(self, name: str, params: tuple) -> list:
         """Rows of one statement (all pages), with the same retry rules."""
         (result,) = self._execute([(self._stmt(name), params)])

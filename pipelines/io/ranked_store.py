@@ -1,0 +1,326 @@
+"""Ranked feeds in Redis (hot) and Cassandra (durable), for the ranking pipeline and serving.
+
+The ranking pipeline writes a user's whole ranked feed at once
+(``RankedFeedStore.write``); serving reads it back a page at a time
+(``read_page``, or the async ``AsyncRankedReader``) and falls back to the
+durable copy (``read_durable``) when Redis is unavailable. Both sides go
+through this module, so they agree on the encoding.
+
+Redis (keys of ``schemas.keys.KeyLayout``, all under the user's hash tag):
+
+* ``ranked_feed``: ZSET, member post_id, score ``count - rank`` so that
+  ``ZREVRANGE`` returns rank order exactly, whatever the model's scores
+  (diversity re-ranking may put a lower score above a higher one);
+* ``ranked_meta``: HASH with ``model_version``, ``generated_at`` (ms),
+  ``count`` and, per post_id, ``"<author_id>:<model score>"``.
+
+One Lua script (``_SWAP``) does the write atomically: it refuses a ranking not
+newer than the stored one (``generated_at``), builds the staging ZSET, moves
+the live ZSET and meta to ``ranked_feed_previous`` / ``ranked_meta_previous``
+(expiring after ``keep_previous_s``, so a reader paging through the old
+version can finish it), RENAMEs the staging ZSET onto the live key and writes
+the new meta. A script rather than MULTI/EXEC because the newer-wins check
+must be atomic with the swap (MULTI cannot branch on a read without a
+WATCH/retry loop); building the staging key inside the script also keeps two
+concurrent writers of one user from interleaving on it. Re-writing the same
+ranking is a no-op, so a retried bundle leaves the same state.
+
+Cassandra: one ``ranked_feeds`` row per user, the whole list in one cell,
+written ``USING TIMESTAMP generated_at_us``: an older ranking never replaces a
+newer one, whatever the arrival order.
+
+    store = RankedFeedStore.connect("redis://127.0.0.1:6379/0", "fb",
+                                    "127.0.0.1", 9042, "feedbeam")
+    store.write(7, [RankedEntry(101, 3, 0.92), RankedEntry(99, 4, 0.95)], "xgb-3", now_ms)
+    store.read(7)            # RankedFeed(entries=(101, 99 ...), model_version='xgb-3', ...)
+    store.read_page(7, start=0, count=20)
+    store.close()
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import redis
+
+from pipelines.io.cassandra_store import CassandraFeedStore, to_ms
+from schemas import cassandra as cs
+from schemas.keys import KeyLayout
+from schemas.ranked import RankedEntry, RankedFeed, RankedPage
+
+#: Seconds the replaced ranking stays readable for readers paging through it.
+DEFAULT_KEEP_PREVIOUS_S = 900
+
+# Redis' Lua stack holds ~8000 values: ZADD/HSET in slices of this many entries.
+_LUA_BATCH = 1000
+
+# KEYS: staging, live, meta, previous, previous meta (one user's tag).
+# ARGV: generated_at ms, model_version, keep_previous_s, then per entry in
+# rank order: post_id, author_id, score. Returns 1 if written, 0 if the stored
+# ranking is as new or newer (nothing changed).
+_SWAP = """
+local stored = redis.call('HGET', KEYS[3], 'generated_at')
+if stored and tonumber(stored) >= tonumber(ARGV[1]) then
+  return 0
+end
+local n = (#ARGV - 3) / 3
+redis.call('DEL', KEYS[1])
+local members, fields = {}, {}
+for i = 0, n - 1 do
+  local pid = ARGV[4 + 3 * i]
+  members[#members + 1] = n - i
+  members[#members + 1] = pid
+  fields[#fields + 1] = pid
+  fields[#fields + 1] = ARGV[5 + 3 * i] .. ':' .. ARGV[6 + 3 * i]
+  if #members >= 2 * %(batch)d or i == n - 1 then
+    redis.call('ZADD', KEYS[1], unpack(members))
+    members = {}
+  end
+end
+redis.call('DEL', KEYS[4], KEYS[5])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('RENAME', KEYS[2], KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+if stored then
+  redis.call('RENAME', KEYS[3], KEYS[5])
+  redis.call('EXPIRE', KEYS[5], ARGV[3])
+end
+if n > 0 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+end
+redis.call('HSET', KEYS[3], 'model_version', ARGV[2], 'generated_at', ARGV[1], 'count', n)
+for s = 1, #fields, 2 * %(batch)d do
+  redis.call('HSET', KEYS[3], unpack(fields, s, math.min(s + 2 * %(batch)d - 1, #fields)))
+end
+return 1
+""" % {"batch": _LUA_BATCH}
+
+# KEYS: live, meta, previous, previous meta. ARGV: wanted generated_at ('' for
+# the current one), first rank, last rank (inclusive, ZREVRANGE semantics).
+# Returns {1 if the wanted version was found else 0, {model_version,
+# generated_at, count}, post ids, "<author>:<score>" per id}.
+_READ_PAGE = """
+local z, m, found = KEYS[1], KEYS[2], 1
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[2], 'generated_at') ~= ARGV[1] then
+  if redis.call('HGET', KEYS[4], 'generated_at') == ARGV[1] then
+    z, m = KEYS[3], KEYS[4]
+  else
+    found = 0
+  end
+end
+local head = redis.call('HMGET', m, 'model_version', 'generated_at', 'count')
+local ids = redis.call('ZREVRANGE', z, ARGV[2], ARGV[3])
+local info = {}
+if #ids > 0 then
+  info = redis.call('HMGET', m, unpack(ids))
+end
+return {found, head, ids, info}
+"""
+
+
+# -- pure helpers (unit tested without Redis) ------------------------------------------
+
+
+def check_entries(entries: Sequence[RankedEntry]) -> list[RankedEntry]:
+    """``entries`` as a list of ``RankedEntry``; ValueError on a repeated post id
+    or a score that is not a finite number."""
+    out: list[RankedEntry] = []
+    seen: set[int] = set()
+    for e in entries:
+        e = RankedEntry(int(e[0]), int(e[1]), float(e[2]))
+        if e.post_id in seen:
+            raise ValueError(f"post {e.post_id} appears twice in one ranked feed")
+        if not math.isfinite(e.score):
+            raise ValueError(f"post {e.post_id} has a non-finite score {e.score!r}")
+        seen.add(e.post_id)
+        out.append(e)
+    return out
+
+
+def swap_args(entries: Sequence[RankedEntry], model_version: str, generated_at_ms: int,
+              keep_previous_s: int) -> list[Any]:
+    """ARGV of ``_SWAP`` for ``entries`` (already checked)."""
+    if not model_version:
+        raise ValueError("model_version must not be empty")
+    args: list[Any] = [int(generated_at_ms), model_version, int(keep_previous_s)]
+    for e in entries:
+        args += [e.post_id, e.author_id, repr(e.score)]
+    return args
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_page(reply: Sequence[Any], start: int) -> RankedPage | None:
+    """A ``RankedPage`` from the reply of ``_READ_PAGE``; None when the user has no
+    ranked feed (nothing was ever written, or it expired)."""
+    found, head, ids, info = reply
+    model_version, generated_at, count = (_text(v) for v in head)
+    if generated_at is None:
+        return None
+    entries = []
+    for pid, detail in zip(ids, info):
+        if detail is None:  # cannot happen with the script's writes; skip rather than guess
+            continue
+        author, score = _text(detail).split(":", 1)
+        entries.append(RankedEntry(int(pid), int(author), float(score)))
+    return RankedPage(tuple(entries), start, int(count or 0), model_version or "",
+                      int(generated_at), bool(found))
+
+
+def page_args(generated_at_ms: int | None, start: int, count: int) -> list[Any]:
+    """ARGV of ``_READ_PAGE``: ranks ``start .. start+count-1`` of the wanted version."""
+    if start < 0 or count < 0:
+        raise ValueError("start and count must not be negative")
+    return ["" if generated_at_ms is None else int(generated_at_ms), start, start + count - 1]
+
+
+def page_keys(keys: KeyLayout, user_id: int) -> list[str]:
+    return [keys.ranked_feed(user_id), keys.ranked_meta(user_id),
+            keys.ranked_feed_previous(user_id), keys.ranked_meta_previous(user_id)]
+
+
+def feed_from_row(user_id: int, row) -> RankedFeed | None:
+    """A ``RankedFeed`` from a ``ranked_feeds`` row (None for no row)."""
+    if row is None or row.generated_at is None:
+        return None
+    entries = tuple(RankedEntry(int(e[0]), int(e[1]), float(e[2]))
+                    for e in (row.ranked_posts or ()))
+    return RankedFeed(user_id, entries, row.model_version or "", to_ms(row.generated_at))
+
+
+# -- the stores ----------------------------------------------------------------------
+
+
+class RankedFeedStore:
+    """Ranked feeds in Redis and/or Cassandra (see module doc).
+
+    Either backend may be None (e.g. serving's fallback reader only needs
+    Cassandra); ``write`` writes to each one present, Cassandra first so the
+    durable copy is never behind the hot one.
+    """
+
+    def __init__(self, redis_client: "redis.Redis | None", keys: KeyLayout,
+                 cassandra: CassandraFeedStore | None = None,
+                 keep_previous_s: int = DEFAULT_KEEP_PREVIOUS_S):
+        self.redis = redis_client
+        self.keys = keys
+        self.keep_previous_s = keep_previous_s
+        self._owns_clients = False
+        self._swap = self._read_page = None
+        if redis_client is not None:
+            self._swap = redis_client.register_script(_SWAP)
+            self._read_page = redis_client.register_script(_READ_PAGE)
+        # Statements run through CassandraFeedStore's execution path (prepared
+        # once per session, transient errors re-executed with backoff, stats).
+        self.cassandra = cassandra
+        self._insert = self._select = None
+        if cassandra is not None:
+            ks = cassandra.keyspace
+            self._insert = cassandra.prepare(
+                f"INSERT INTO {ks}.{cs.RANKED_FEEDS} (user_id, ranked_posts, model_version, "
+                "generated_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")
+            self._select = cassandra.prepare(
+                f"SELECT ranked_posts, model_version, generated_at FROM {ks}.{cs.RANKED_FEEDS} "
+                "WHERE user_id = ?")
+
+    @classmethod
+    def connect(cls, redis_url: str | None, key_prefix: str = "fb", cassandra_host: str | None = None,
+                cassandra_port: int = 9042, keyspace: str = cs.DEFAULT_KEYSPACE,
+                **options) -> "RankedFeedStore":
+        """A store on new clients (either side may be left out with None);
+        ``close()`` closes them."""
+        cassandra = None
+        if cassandra_host is not None:
+            cassandra = CassandraFeedStore.connect(cassandra_host, cassandra_port, keyspace)
+        client = None if redis_url is None else redis.Redis.from_url(
+            redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        try:
+            store = cls(client, KeyLayout(key_prefix), cassandra, **options)
+        except Exception:
+            if cassandra is not None:
+                cassandra.close()
+            raise
+        store._owns_clients = True
+        return store
+
+    def close(self) -> None:
+        """Close the clients ``connect()`` opened (given ones are left open)."""
+        if self._owns_clients:
+            self._owns_clients = False
+            if self.cassandra is not None:
+                self.cassandra.close()
+            if self.redis is not None:
+                self.redis.close()
+
+    # -- writing ------------------------------------------------------------------
+
+    def write(self, user_id: int, entries: Sequence[RankedEntry], model_version: str,
+              generated_at_ms: int) -> bool:
+        """Replace ``user_id``'s ranked feed by ``entries`` (rank order, best first)
+        unless a ranking generated at or after ``generated_at_ms`` is stored.
+
+        Returns whether Redis took it (True when there is no Redis side). The
+        Cassandra row is written in any case: its timestamp makes an older
+        ranking lose there by itself. ValueError for a repeated post id, a
+        non-finite score or an empty model version.
+        """
+        checked = check_entries(entries)
+        args = swap_args(checked, model_version, generated_at_ms, self.keep_previous_s)
+        if self._insert is not None:
+            self.cassandra.execute_rows(self._insert, (
+                user_id, [tuple(e) for e in checked], model_version, generated_at_ms,
+                cs.event_timestamp_us(generated_at_ms)))
+        if self._swap is None:
+            return True
+        k = self.keys
+        written = self._swap(keys=[k.ranked_feed_staging(user_id), k.ranked_feed(user_id),
+                                   k.ranked_meta(user_id), k.ranked_feed_previous(user_id),
+                                   k.ranked_meta_previous(user_id)], args=args)
+        return written == 1
+
+    # -- reading ------------------------------------------------------------------
+
+    def read(self, user_id: int) -> RankedFeed | None:
+        """The whole current ranked feed from Redis; None if there is none."""
+        page = self.read_page(user_id, 0, None)
+        if page is None:
+            return None
+        return RankedFeed(user_id, page.entries, page.model_version, page.generated_at_ms)
+
+    def read_page(self, user_id: int, start: int, count: int | None,
+                  generated_at_ms: int | None = None) -> RankedPage | None:
+        """Ranks ``start .. start+count-1`` (all from ``start`` with ``count=None``)
+        from Redis, of the version generated at ``generated_at_ms`` if it is still
+        the current or the previous one, else of the current one
+        (``requested_version`` False). None if the user has no ranked feed."""
+        if self._read_page is None:
+            raise RuntimeError("this RankedFeedStore has no Redis side")
+        args = page_args(generated_at_ms, start, 0 if count is None else count)
+        if count is None:
+            args[2] = -1
+        reply = self._read_page(keys=page_keys(self.keys, user_id), args=args)
+        return parse_page(reply, start)
+
+    def read_durable(self, user_id: int) -> RankedFeed | None:
+        """The ranked feed from Cassandra (the fallback when Redis is unavailable)."""
+        if self._select is None:
+            raise RuntimeError("this RankedFeedStore has no Cassandra side")
+        (row,) = self.cassandra.execute_rows(self._select, (user_id,)) or (None,)
+        return feed_from_row(user_id, row)
+
+
+class AsyncRankedReader:
+    """The Redis read of ``RankedFeedStore.read_page`` on an asyncio client (serving)."""
+
+    def __init__(self, client, keys: KeyLayout):
+        self.keys = keys
+        self._read_page = client.register_script(_READ_PAGE)
+
+    async def read_page(self, user_id: int, start: int, count: int,
+                        generated_at_ms: int | None = None) -> RankedPage | None:
+        reply = await self._read_page(keys=page_keys(self.keys, user_id),
+                                      args=page_args(generated_at_ms, start, count))
+        return parse_page(reply, start)
