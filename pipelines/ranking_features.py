@@ -24,16 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from schemas.events import MediaType
-
-MEDIA_TYPES: tuple[str, ...] = tuple(m.value for m in MediaType)
-
-# Mirrors schemas.features (POST_FEATURES, AUTHOR_FEATURES): the feature log's names.
-POST_FEATURES: tuple[str, ...] = tuple(
-    f"{kind}_{window}" for window in ("1h", "24h")
-    for kind in ("like", "comment", "share", "save", "view")) + (
-    "engagement_rate_1h", "engagement_rate_24h")
-AUTHOR_FEATURES: tuple[str, ...] = ("engagement_rate_7d", "posts_7d")
+from schemas.features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES
 
 FEATURE_NAMES: tuple[str, ...] = (
     tuple(f"post_{n}" for n in POST_FEATURES)

@@ -31,13 +31,8 @@ from typing import Iterable, Mapping, Protocol, Sequence, TypeVar
 import numpy as np
 
 from pipelines.fanout_logic import DAY_MS, is_active
-from schemas.events import (
-    EngagementEvent,
-    EngagementKind,
-    FollowEvent,
-    PostEvent,
-    PostEventKind,
-)
+from schemas.events import EngagementEvent, FollowEvent, PostEvent, PostEventKind
+from schemas.features import ENGAGING_KINDS
 from schemas.ranking import (
     ENGAGED,
     FOLLOW_CHANGED,
@@ -84,10 +79,6 @@ class RankingPolicy:
 
 # --------------------------------------------------------------------------- triggers
 
-#: Engagements that count as "engaged": they trigger a refresh of the viewer
-#: and are the positive label of training (TODO: schemas.features.ENGAGING_KINDS).
-ENGAGING_KINDS: frozenset[EngagementKind] = frozenset({
-    EngagementKind.LIKE, EngagementKind.COMMENT, EngagementKind.SHARE, EngagementKind.SAVE})
 
 
 def engagement_trigger(e: EngagementEvent) -> Trigger | None:
