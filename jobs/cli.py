@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "jobs.generate",
     "jobs.demo",
     "jobs.replay",
+    "jobs.train",
 )
 
 

@@ -134,6 +134,24 @@ def requests_from(user_id: int, triggers: Iterable[Trigger]) -> RefreshRequest:
     return RefreshRequest(user_id, changed_at, new_posts, frozenset(deleted), count)
 
 
+def merge_requests(requests: Iterable[RefreshRequest]) -> list[RefreshRequest]:
+    """One request per user (first-seen order): two refreshes of one user that meet in
+    a batch (a backlog catching up) are done once, covering both."""
+    merged: dict[int, RefreshRequest] = {}
+    for r in requests:
+        held = merged.get(r.user_id)
+        if held is None:
+            merged[r.user_id] = r
+            continue
+        deleted = held.deleted | r.deleted
+        posts = {c.post_id: c for c in held.new_posts + r.new_posts if c.post_id not in deleted}
+        merged[r.user_id] = RefreshRequest(
+            r.user_id, min(held.changed_at_ms, r.changed_at_ms),
+            tuple(sorted(posts.values(), key=lambda c: c.post_id)), deleted,
+            held.triggers + r.triggers)
+    return list(merged.values())
+
+
 # --------------------------------------------------------------------------- debounce
 
 
