@@ -34,7 +34,7 @@ group ``feedbeam-ranking``) and, through ``RefreshRankedFeeds``:
    change waits longer than ``max(settle, debounce)`` plus the watermark's
    lag. Event time (the source's watermark moves on idle partitions, so
    timers fire when traffic stops) keeps tests and replays deterministic.
-3. **Refresh** (batched per bundle, up to ``--max_batch`` users): candidates
+3. **Refresh** (batched per bundle, up to ``--refresh_batch`` users): candidates
    of all users in a few Redis round trips (``CandidateReader``: pushed feed +
    recent posts of followed celebrities, ~200 per user), features in one
    ``OnlineFeatureStore.hydrate`` per user, ONE ``inplace_predict`` over the
@@ -76,7 +76,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.fanout import StoreConfig, _transient_errors
+from pipelines.fanout import FanoutOptions, StoreConfig, _transient_errors
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import ReadEvents
 from pipelines.ranking_features import FEATURE_NAMES, feature_matrix, online_columns
@@ -134,12 +134,6 @@ class RankingOptions(PipelineOptions):
                             help="recent posts pulled per followed celebrity")
         parser.add_argument("--max_age_days", type=float, default=p.max_age_days,
                             help="older candidates are not ranked")
-        parser.add_argument("--push_threshold", type=int, default=p.push_threshold,
-                            help="the fan-out's threshold: followees with at least this many "
-                                 "followers are pulled from their timelines")
-        parser.add_argument("--inactive_days", type=float, default=p.inactive_days,
-                            help="followers without a feed read for this long are not refreshed "
-                                 "on a post (rebuilt on their next read)")
         parser.add_argument("--top_k", type=int, default=p.top_k,
                             help="the diversity cap applies to the top this many positions")
         parser.add_argument("--max_per_author", type=int, default=p.max_per_author,
@@ -149,19 +143,18 @@ class RankingOptions(PipelineOptions):
         parser.add_argument("--feature_half_life_days", type=float,
                             default=DEFAULT_HALF_LIFE_MS / 86_400_000,
                             help="affinity half-life of the features pipeline")
-        parser.add_argument("--max_batch", type=int, default=256,
+        parser.add_argument("--refresh_batch", type=int, default=256,
                             help="users refreshed (scored) together within a bundle")
-        parser.add_argument("--redis_url", default="redis://127.0.0.1:6379/0")
-        parser.add_argument("--redis_key_prefix", default="fb")
-        parser.add_argument("--cassandra_host", default="127.0.0.1")
-        parser.add_argument("--cassandra_port", type=int, default=9042)
-        parser.add_argument("--cassandra_keyspace", default="feedbeam")
+        # The stores (--redis_url, --redis_key_prefix, --cassandra_*), --push_threshold
+        # and --inactive_days are FanoutOptions': the same settings as the fan-out's
+        # (Beam parses one flat namespace, so they are declared once).
 
     def policy(self) -> RankingPolicy:
+        fanout = self.view_as(FanoutOptions)
         return RankingPolicy(
             max_candidates=self.max_candidates, pushed_limit=self.pushed_limit,
             celebrity_posts=self.celebrity_posts, max_age_days=self.max_age_days,
-            push_threshold=self.push_threshold, inactive_days=self.inactive_days,
+            push_threshold=fanout.push_threshold, inactive_days=fanout.inactive_days,
             top_k=self.top_k, max_per_author=self.max_per_author, no_adjacent=self.no_adjacent)
 
     def debounce(self) -> Debounce:
@@ -171,9 +164,7 @@ class RankingOptions(PipelineOptions):
         if self.model_dir is None:
             raise ValueError("--model_dir is not set (run() defaults it from FEEDBEAM_STATE_DIR)")
         return RankingConfig(
-            StoreConfig(self.redis_url, self.redis_key_prefix, self.cassandra_host,
-                        self.cassandra_port, self.cassandra_keyspace),
-            model_dir=self.model_dir, model_poll_s=self.model_poll_s,
+            self.view_as(FanoutOptions).stores(), model_dir=self.model_dir, model_poll_s=self.model_poll_s,
             half_life_ms=int(self.feature_half_life_days * 86_400_000))
 
 
@@ -519,7 +510,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
     return (pipeline
             | "ReadEvents" >> ReadEvents(config, topics, topic_prefix=prefix)
             | "RefreshRankedFeeds" >> RefreshRankedFeeds(
-                ranking.config(), ranking.policy(), debounce, ranking.max_batch))
+                ranking.config(), ranking.policy(), debounce, ranking.refresh_batch))
 
 
 def run(argv=None):
