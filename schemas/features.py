@@ -182,6 +182,21 @@ def is_fresh(valid_at_ms: int, now_ms: int, ttl_ms: int) -> bool:
     return now_ms - valid_at_ms <= ttl_ms
 
 
+def engagement_rank(affinity: float, valid_at_ms: int,
+                    half_life_ms: int = DEFAULT_HALF_LIFE_MS) -> float | None:
+    """The ``top_followers`` score of a viewer's affinity to an author:
+    ``log2(affinity) + valid_at / half_life``.
+
+    Decaying affinities to one common time multiplies each by a factor that
+    depends only on its ``valid_at``, so this form orders followers exactly as
+    their affinities decayed to any "now" would, and never needs rewriting as
+    time passes. None for a non-positive affinity (no engagement left).
+    """
+    if affinity <= 0.0:
+        return None
+    return math.log2(affinity) + valid_at_ms / half_life_ms
+
+
 def check_entity(entity_type: str, name: str) -> None:
     """``ValueError`` unless ``name`` is a feature of ``entity_type``."""
     names = FEATURES_BY_ENTITY.get(entity_type)
@@ -198,5 +213,5 @@ __all__ = [
     "VIEWER_MEDIA_FEATURES", "FEATURES_BY_ENTITY", "MEDIA_TYPES", "ENGAGING_KINDS", "DAY_MS",
     "DEFAULT_HALF_LIFE_MS", "DEFAULT_TTL_MS", "MAX_VERSION", "FeatureValue", "CandidateFeatures",
     "FeatureTTLs", "write_stamp_us", "pair_id", "split_pair", "decay", "is_fresh",
-    "check_entity",
+    "engagement_rank", "check_entity",
 ]

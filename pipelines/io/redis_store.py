@@ -317,6 +317,11 @@ class RedisFeedStore:
         pipe.zremrangebyrank(key, 0, trim_stop(keep))
         pipe.execute()
 
+    def forget_follower_engagement(self, user_id: int, follower_ids: Sequence[int]) -> None:
+        """Drop followers from ``user_id``'s engagement ranking (no engagement left)."""
+        if follower_ids:
+            self.client.zrem(self.keys.top_followers(user_id), *[str(f) for f in follower_ids])
+
     def follower_count(self, user_id: int) -> int:
         return self.client.zcard(self.keys.followers(user_id))
 

@@ -58,6 +58,9 @@ _CONSUMER_ONLY = ("group.id", "group.instance.id", "auto.offset.reset", "enable.
                   "fetch.wait.max.ms", "partition.assignment.strategy")
 
 
-def _producer_config_of(config: KafkaSourceConfig) -> dict:
+def producer_config_of(config: KafkaSourceConfig) -> dict:
     """The consumer's connection and security settings, reused for the DLQ producer."""
     return {k: v for k, v in config.consumer_config.items() if k not in _CONSUMER_ONLY}
+
+
+_producer_config_of = producer_config_of

@@ -1,0 +1,593 @@
+"""features: engagement features for ranking, online (Redis), durable (Cassandra), offline (Parquet).
+
+    python -m pipelines.features --runner=PrismRunner --prism_location=<prism> \\
+        --environment_type=LOOPBACK --streaming [--slide_s 300 --allowed_lateness_s 3600 ...]
+
+reads ``engagement-events`` and ``post-events`` (``ReadEvents``; consumer group
+``feedbeam-features``) and computes, per ``schemas.features``:
+
+* per post: like/comment/share/save/view counts over 1 h and 24 h windows
+  sliding every ``--slide_s`` (an UNLIKE cancels the like it undoes), and the
+  engagement rate (likes + comments + shares + saves over views) of each;
+* per author: engagement rate and number of posts created over 7 days,
+  sliding every ``--author_slide_s`` (post frequency needs ``post-events``);
+* per viewer-author pair and per viewer-media type: time-decayed affinity
+  (weights per kind ``--affinity_weights``, views scaled by dwell, half-life
+  ``--half_life_days``);
+
+and writes every value to Redis (``WriteOnlineFeatures``, TTL per entity
+type, newer-wins), Cassandra (``WriteDurableFeatures``), the Parquet log
+(``WriteFeatureLog`` under ``--feature_log_dir``) and keeps each author's
+``top_followers`` ranking (``UpdateTopFollowers``) for the fan-out's celebrity
+push. ``--sinks`` picks a subset. Bounded re-runs: ``--replay_ranges`` as in
+``pipelines.fanout``.
+
+Design
+------
+Three keyed stateful stages (``AggregateEngagementFeatures``), each state in
+Beam's keyed state with one event-time timer per key; plain logic in
+``pipelines.features_logic``:
+
+1. **First stage, keyed by post** (profile views by author, post events by
+   post): drops repeated ``event_id``s, decides lateness, pairs unlikes with
+   likes, and keeps the post's windows. Accepted events go on to stages 2
+   and 3 as compact ``Item`` tuples (an unlike as a ``CANCEL`` carrying its
+   like's time); too-late ones go to the dead-letter topic.
+2. **Author stage, keyed by author**: 7-day windows of engagements, views and
+   created posts.
+3. **Viewer stage, keyed by viewer**: decayed sums per author and media type,
+   emitted once per slide per changed pair.
+
+Why not Beam's ``SlidingWindows`` + ``CombinePerKey``: a 24 h window sliding
+by 5 min puts every event in 288 windows (7 days by 1 h: 168), and Beam drops
+data past the allowed lateness inside the runner, where no dead-letter output
+can see it. Here windows are buckets of ``slide`` in keyed state; a value
+is computed only at the window ends where it can change (a bucket entering or
+leaving a window) and emitted only if it changed, so a post whose engagement
+stops gets a last emission of zeros.
+
+* **Lateness.** Each key knows the watermark up to its last fired timer
+  (every key with an event gets a timer at the end of the event's slide). An
+  event more than ``--allowed_lateness_s`` behind that is *too late*: counted
+  (``events_too_late``) and dead-lettered with reason ``too_late``. The
+  decoded event has no bytes any more: the dead letter holds the event
+  re-encoded with ``WireCodec`` (the same bytes as the original when it was
+  written with the current schema), its key, ``partition``/``offset`` -1, and
+  the times in the error text. An accepted late event updates its buckets and
+  re-emits the change points it affects with the same ``valid_at`` and a
+  higher ``version``, which the stores and the log prefer. Caveat: a key with
+  no state (first event of a post, or after its state expired) knows no
+  watermark and accepts the event.
+* **Dedup.** The first stage remembers the ids of its key's events for
+  ``--dedup_horizon_s`` of event time past the key's watermark (keyed state,
+  forgotten by the key's timer); all duplicates of an event share its post, so
+  they meet at one key. With the horizon at least the allowed lateness
+  (default 2 h vs 1 h), every duplicate of a counted event is either caught
+  or too late.
+* **Unlikes** cancel the viewer's latest earlier like of the post, in either
+  arrival order, for windows ending after the unlike, the author's
+  engagement and the affinities. An unlike with no like within the post
+  state's horizon (24 h + slide) changes nothing (``unlikes_unmatched``).
+* **Per-element work** is small: a decode to a 8-int tuple with a struct
+  coder (``ItemCoder``), a dict update in keyed state, and at most one timer
+  set per key per bundle; values are computed per key per change point.
+* **Writes** are newer-wins by ``valid_at_ms * 1000 + version`` in Redis (Lua)
+  and Cassandra (``USING TIMESTAMP``), so replays never roll a value back.
+  The Parquet log is idempotent by content-addressed file names and dedup at
+  read (``pipelines.io.feature_log``).
+* **Restarts.** The aggregation state is Beam state: Flink with checkpoints
+  restores it; Prism has no durable state, so the job rewinds its source by
+  the state horizon (``--rewind_s``, default the affinity TTL: 30 days, or the
+  whole topic) and recomputes; the re-emitted values are the same and the
+  writes idempotent. A shorter rewind restarts affinities and windows from
+  what it re-reads.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+from typing import NamedTuple, Tuple
+
+import apache_beam as beam
+from apache_beam.coders import coders
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pvalue import PCollection, TaggedOutput
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from pipelines.fanout import parse_replay_ranges
+from pipelines.features_logic import (
+    CANCEL,
+    COMMENT,
+    LIKE,
+    POST_CREATED,
+    PROFILE_VIEW,
+    SAVE,
+    SHARE,
+    VIEW,
+    AuthorStage,
+    FeatureParams,
+    FirstStage,
+    Item,
+    PostState,
+    ViewerStage,
+    ViewerState,
+    WindowState,
+    engagement_item,
+    event_of,
+    first_stage_key,
+    parse_weights,
+    post_item,
+)
+from pipelines.io.feature_sinks import (
+    FeatureSinkConfig,
+    UpdateTopFollowers,
+    WriteDurableFeatures,
+    WriteFeatureLog,
+    WriteOnlineFeatures,
+)
+from pipelines.io.kafka import KafkaReadOptions
+from pipelines.io.records import DeadLetter
+from pipelines.io.deadletter import WriteDeadLetters
+from pipelines.io.source import ReadEvents, producer_config_of
+from schemas.events import EngagementEvent, PostEvent, PostEventKind
+from schemas.features import DAY_MS, FeatureTTLs, FeatureValue
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "feedbeam.features"
+DEFAULT_GROUP = "feedbeam-features"
+STEP = "features"
+TOO_LATE = "too_late"
+SINKS = ("redis", "cassandra", "log", "top_followers")
+
+_TO_AUTHOR = frozenset({LIKE, COMMENT, SHARE, SAVE, VIEW, CANCEL, POST_CREATED})
+_TO_VIEWER = frozenset({LIKE, COMMENT, SHARE, SAVE, VIEW, PROFILE_VIEW, CANCEL})
+
+
+# --------------------------------------------------------------------------- coders
+
+
+class ItemCoder(coders.Coder):
+    """Eight signed 64-bit ints: an ``Item`` in 64 bytes, no pickling."""
+
+    _S = struct.Struct(">8q")
+
+    def encode(self, item: Item) -> bytes:
+        return self._S.pack(*item)
+
+    def decode(self, data: bytes) -> Item:
+        return Item._make(self._S.unpack(data))
+
+    def is_deterministic(self) -> bool:
+        return True
+
+    def to_type_hint(self):
+        return Item
+
+
+class FeatureValueCoder(coders.Coder):
+    """``FeatureValue`` as ``type|id|name`` text plus value, valid_at and version."""
+
+    _S = struct.Struct(">dqqH")
+
+    def encode(self, v: FeatureValue) -> bytes:
+        text = f"{v.entity_type}|{v.entity_id}|{v.name}".encode()
+        return self._S.pack(v.value, v.valid_at_ms, v.version, len(text)) + text
+
+    def decode(self, data: bytes) -> FeatureValue:
+        value, valid_at, version, n = self._S.unpack_from(data)
+        entity_type, entity_id, name = data[self._S.size:self._S.size + n].decode().split("|")
+        return FeatureValue(entity_type, entity_id, name, value, valid_at, version)
+
+    def is_deterministic(self) -> bool:
+        return True
+
+    def to_type_hint(self):
+        return FeatureValue
+
+
+beam.coders.registry.register_coder(Item, ItemCoder)
+beam.coders.registry.register_coder(FeatureValue, FeatureValueCoder)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _add_shared(parser, flag: str, **kwargs) -> None:
+    """``parser.add_argument(flag, ...)`` unless another options class already added it."""
+    if flag not in parser._option_string_actions:  # argparse has no public "has option"
+        parser.add_argument(flag, **kwargs)
+
+
+class FeaturesOptions(PipelineOptions):
+    """Options of the features pipeline (Kafka settings are ``KafkaReadOptions``)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        d = FeatureParams()
+        t = FeatureTTLs()
+        parser.add_argument("--slide_s", type=float, default=d.slide_ms / 1000,
+                            help="slide of the 1 h and 24 h post windows (divides 1 h); also how "
+                                 "often a changed affinity is emitted")
+        parser.add_argument("--author_slide_s", type=float, default=d.author_slide_ms / 1000,
+                            help="slide of the 7-day author windows (divides 7 days)")
+        parser.add_argument("--allowed_lateness_s", type=float,
+                            default=d.allowed_lateness_ms / 1000,
+                            help="events up to this far behind the watermark still count; "
+                                 "later ones go to the DLQ as too_late")
+        parser.add_argument("--dedup_horizon_s", type=float, default=d.dedup_horizon_ms / 1000,
+                            help="how long (event time past the watermark) an event_id is "
+                                 "remembered; keep it >= the allowed lateness")
+        parser.add_argument("--half_life_days", type=float, default=d.half_life_ms / DAY_MS,
+                            help="half-life of the affinity decay")
+        parser.add_argument("--affinity_weights", default="",
+                            help="weights per kind, e.g. like=1,comment=2,share=3,save=2,"
+                                 "view=0.5,profile_view=1 (views scale with dwell up to "
+                                 "--dwell_ref_ms)")
+        parser.add_argument("--dwell_ref_ms", type=int, default=d.dwell_ref_ms,
+                            help="dwell at which a view has its full weight")
+        parser.add_argument("--post_ttl_h", type=float, default=t.post_ms / 3_600_000,
+                            help="online TTL of post features")
+        parser.add_argument("--author_ttl_h", type=float, default=t.author_ms / 3_600_000,
+                            help="online TTL of author features")
+        parser.add_argument("--affinity_ttl_days", type=float, default=t.viewer_author_ms / DAY_MS,
+                            help="online TTL of affinities, and how long the pipeline keeps a "
+                                 "pair without events")
+        parser.add_argument("--sinks", default=",".join(SINKS),
+                            help=f"where features go, comma-separated subset of {SINKS}")
+        parser.add_argument("--feature_log_dir", default="out/feature_log",
+                            help="root of the Parquet feature log (sink 'log')")
+        parser.add_argument("--log_shards", type=int, default=4,
+                            help="Parquet files per hour of valid_at per flush")
+        parser.add_argument("--log_flush_s", type=float, default=60.0,
+                            help="processing time between feature log flushes")
+        parser.add_argument("--top_followers_keep", type=int, default=10_000,
+                            help="followers kept per author in the top_followers ranking")
+        parser.add_argument("--sink_batch", type=int, default=2000,
+                            help="values buffered per sink before a write within a bundle")
+        # Flags every store-writing pipeline has: Beam parses the options of all
+        # imported pipelines with one parser, so whichever class comes first
+        # defines them (same names, same defaults, same meaning).
+        _add_shared(parser, "--redis_url", default="redis://127.0.0.1:6379/0")
+        _add_shared(parser, "--redis_key_prefix", default="fb")
+        _add_shared(parser, "--cassandra_host", default="127.0.0.1")
+        _add_shared(parser, "--cassandra_port", type=int, default=9042)
+        _add_shared(parser, "--cassandra_keyspace", default="feedbeam")
+        _add_shared(parser, "--replay_ranges", default=None, metavar="JSON",
+                    help="re-run over bounded offset ranges: {\"<topic>\": {\"<partition>\": "
+                         "[start, stop]}} (stop exclusive, prefixed topic names); batch mode, "
+                         "no offsets committed")
+
+    def params(self) -> FeatureParams:
+        ttls = self.ttls()
+        return FeatureParams(
+            slide_ms=int(self.slide_s * 1000), author_slide_ms=int(self.author_slide_s * 1000),
+            allowed_lateness_ms=int(self.allowed_lateness_s * 1000),
+            dedup_horizon_ms=int(self.dedup_horizon_s * 1000),
+            half_life_ms=int(self.half_life_days * DAY_MS), affinity_ttl_ms=ttls.viewer_author_ms,
+            weights=parse_weights(self.affinity_weights), dwell_ref_ms=self.dwell_ref_ms)
+
+    def ttls(self) -> FeatureTTLs:
+        affinity_ms = int(self.affinity_ttl_days * DAY_MS)
+        return FeatureTTLs(post_ms=int(self.post_ttl_h * 3_600_000),
+                           author_ms=int(self.author_ttl_h * 3_600_000),
+                           viewer_author_ms=affinity_ms, viewer_media_ms=affinity_ms)
+
+    def sink_config(self) -> FeatureSinkConfig:
+        return FeatureSinkConfig(
+            redis_url=self.redis_url, redis_key_prefix=self.redis_key_prefix,
+            cassandra_host=self.cassandra_host, cassandra_port=self.cassandra_port,
+            cassandra_keyspace=self.cassandra_keyspace, ttls=self.ttls(),
+            half_life_ms=int(self.half_life_days * DAY_MS),
+            top_followers_keep=self.top_followers_keep)
+
+    def sink_names(self) -> tuple[str, ...]:
+        names = tuple(s.strip() for s in self.sinks.split(",") if s.strip())
+        unknown = sorted(set(names) - set(SINKS))
+        if unknown:
+            raise ValueError(f"--sinks: unknown sinks {unknown}; choose from {SINKS}")
+        return names
+
+    def ranges(self) -> "dict[str, dict[int, tuple[int, int]]] | None":
+        return None if self.replay_ranges is None else parse_replay_ranges(self.replay_ranges)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+_DEAD_LETTERS = "dead_letters"
+_TO_AUTHOR_TAG = "author"
+_TO_VIEWER_TAG = "viewer"
+
+
+class _ToItemsFn(beam.DoFn):
+    """Events -> ``(first-stage key, (event_id, Item, post bytes))``; post bytes are the
+    re-encoded post event (empty for engagements), kept for a dead letter."""
+
+    def __init__(self, topic_prefix: str):
+        self._topic_prefix = topic_prefix
+
+    def setup(self):
+        from schemas.codec import WireCodec
+
+        self._codec = WireCodec()
+        self._ignored = Metrics.counter(NAMESPACE, "events_ignored")
+
+    def process(self, event):
+        if type(event) is EngagementEvent:
+            item = engagement_item(event)
+            yield first_stage_key(item), (event.event_id, item, b"")
+        elif type(event) is PostEvent and event.kind is PostEventKind.CREATED:
+            raw = self._codec.encode(event, self._topic_prefix + PostEvent.TOPIC)
+            yield event.post_id, (event.event_id, post_item(event), raw)
+        else:
+            self._ignored.inc()  # post deletions and other topics do not change features
+
+
+def _counter(cache: dict, name: str):
+    counter = cache.get(name)
+    if counter is None:
+        counter = cache[name] = Metrics.counter(NAMESPACE, name)
+    return counter
+
+
+def _set_timer(timer, state, wanted: int | None) -> None:
+    """Keep the key's one timer at ``wanted`` (ms), setting it only when it moves."""
+    if wanted is not None and wanted != state.timer_at:
+        timer.set(Timestamp(micros=wanted * 1000))
+        state.timer_at = wanted
+
+
+class _FirstStageFn(beam.DoFn):
+    """Dedup, lateness, unlike pairing and post windows (``FirstStage``), per post key."""
+
+    STATE = ReadModifyWriteStateSpec("post", coders.PickleCoder())
+    TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
+
+    def __init__(self, params: FeatureParams, topic_prefix: str):
+        self._params = params
+        self._topic_prefix = topic_prefix
+
+    def setup(self):
+        from schemas.codec import WireCodec
+
+        self._stage = FirstStage(self._params)
+        self._codec = WireCodec()
+        self._counters: dict = {}
+
+    def process(self, element, state=beam.DoFn.StateParam(STATE),
+                timer=beam.DoFn.TimerParam(TIMER)):
+        _, (event_id, item, raw) = element
+        s = state.read() or PostState()
+        outcome = self._stage.apply(s, event_id, item)
+        _counter(self._counters, f"events_{outcome.status}").inc()
+        if outcome.unmatched_unlike:
+            _counter(self._counters, "unlikes_unmatched").inc()
+        if outcome.status == TOO_LATE:
+            yield TaggedOutput(_DEAD_LETTERS, self._dead_letter(event_id, item, raw, s))
+            return
+        if outcome.status == "duplicate":
+            return
+        yield from outcome.features
+        for fwd in outcome.forward:
+            if fwd.kind in _TO_AUTHOR:
+                yield TaggedOutput(_TO_AUTHOR_TAG, (fwd.author, fwd))
+            if fwd.kind in _TO_VIEWER:
+                yield TaggedOutput(_TO_VIEWER_TAG, (fwd.viewer, fwd))
+        _set_timer(timer, s, self._stage.next_timer(s))
+        state.write(s)
+
+    @on_timer(TIMER)
+    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
+        s = state.read()
+        if s is None:
+            return
+        s.timer_at = None
+        yield from self._stage.fire(s, key, fired.micros // 1000)
+        if self._stage.empty(s):
+            state.clear()
+            return
+        _set_timer(timer, s, self._stage.next_timer(s))
+        state.write(s)
+
+    def _dead_letter(self, event_id: str, item: Item, raw: bytes, s: PostState) -> DeadLetter:
+        import time
+
+        if item.kind == POST_CREATED:
+            topic, key = self._topic_prefix + PostEvent.TOPIC, str(item.author).encode()
+        else:
+            event = event_of(event_id, item)
+            topic, key = self._topic_prefix + EngagementEvent.TOPIC, event.key
+            raw = self._codec.encode(event, topic)
+        error = (f"event time {item.t} is more than {self._params.allowed_lateness_ms} ms behind "
+                 f"the watermark {s.window.known_wm}; value re-encoded with WireCodec, source "
+                 f"partition and offset unknown")
+        return DeadLetter(topic=topic, partition=-1, offset=-1, key=key, value=raw,
+                          timestamp_ms=item.t, step=STEP, reason=TOO_LATE, error=error,
+                          failed_at_ms=int(time.time() * 1000))
+
+
+class _AuthorStageFn(beam.DoFn):
+    """7-day author windows (``AuthorStage``), per author key."""
+
+    STATE = ReadModifyWriteStateSpec("author", coders.PickleCoder())
+    TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
+
+    def __init__(self, params: FeatureParams):
+        self._params = params
+
+    def setup(self):
+        self._stage = AuthorStage(self._params)
+
+    def process(self, element, state=beam.DoFn.StateParam(STATE),
+                timer=beam.DoFn.TimerParam(TIMER)):
+        author, item = element
+        s = state.read() or WindowState()
+        yield from self._stage.apply(s, author, item)
+        _set_timer(timer, s, self._stage.next_timer(s))
+        state.write(s)
+
+    @on_timer(TIMER)
+    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
+        s = state.read()
+        if s is None:
+            return
+        s.timer_at = None
+        yield from self._stage.fire(s, key, fired.micros // 1000)
+        if self._stage.empty(s):
+            state.clear()
+            return
+        _set_timer(timer, s, self._stage.next_timer(s))
+        state.write(s)
+
+
+class _ViewerStageFn(beam.DoFn):
+    """Decayed affinities (``ViewerStage``), per viewer key."""
+
+    STATE = ReadModifyWriteStateSpec("viewer", coders.PickleCoder())
+    TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
+
+    def __init__(self, params: FeatureParams):
+        self._params = params
+
+    def setup(self):
+        self._stage = ViewerStage(self._params)
+
+    def process(self, element, state=beam.DoFn.StateParam(STATE),
+                timer=beam.DoFn.TimerParam(TIMER)):
+        _, item = element
+        s = state.read() or ViewerState()
+        self._stage.apply(s, item)
+        _set_timer(timer, s, self._stage.next_timer(s))
+        state.write(s)
+
+    @on_timer(TIMER)
+    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
+        s = state.read()
+        if s is None:
+            return
+        s.timer_at = None
+        yield from self._stage.fire(s, key, fired.micros // 1000)
+        if self._stage.empty(s):
+            state.clear()
+            return
+        _set_timer(timer, s, self._stage.next_timer(s))
+        state.write(s)
+
+
+class FeatureOutputs(NamedTuple):
+    """The outputs of ``AggregateEngagementFeatures``."""
+
+    features: PCollection  # PCollection[FeatureValue]
+    dead_letters: PCollection  # PCollection[DeadLetter] (too-late events)
+
+
+class AggregateEngagementFeatures(beam.PTransform):
+    """Engagement and post events -> feature values (see the module doc).
+
+    Args:
+      params: windows, lateness, dedup horizon, decay and weights (``FeatureParams``).
+      topic_prefix: prefix of the topic names, for the dead letters' topics.
+
+    Takes a ``PCollection`` of ``EngagementEvent`` and ``PostEvent`` (others are
+    counted and ignored). Returns ``FeatureOutputs``: every emitted
+    ``FeatureValue`` (post, author, viewer_author, viewer_media), and a
+    ``DeadLetter`` per too-late event.
+    """
+
+    def __init__(self, params: FeatureParams | None = None, topic_prefix: str = ""):
+        super().__init__()
+        self._params = params or FeatureParams()
+        self._prefix = topic_prefix
+
+    def expand(self, events) -> FeatureOutputs:
+        p = self._params
+        first = (events
+                 | "ToItems" >> beam.ParDo(_ToItemsFn(self._prefix))
+                 .with_output_types(Tuple[int, Tuple[str, Item, bytes]])
+                 | "DedupLatenessPostWindows" >> beam.ParDo(_FirstStageFn(p, self._prefix))
+                 .with_output_types(FeatureValue, **{_TO_AUTHOR_TAG: Tuple[int, Item],
+                                                     _TO_VIEWER_TAG: Tuple[int, Item],
+                                                     _DEAD_LETTERS: DeadLetter})
+                 .with_outputs(_TO_AUTHOR_TAG, _TO_VIEWER_TAG, _DEAD_LETTERS, main="posts"))
+        authors = (first[_TO_AUTHOR_TAG]
+                   | "AuthorWindows" >> beam.ParDo(_AuthorStageFn(p))
+                   .with_output_types(FeatureValue))
+        viewers = (first[_TO_VIEWER_TAG]
+                   | "ViewerAffinity" >> beam.ParDo(_ViewerStageFn(p))
+                   .with_output_types(FeatureValue))
+        features = ((first.posts, authors, viewers)
+                    | "AllFeatures" >> beam.Flatten().with_output_types(FeatureValue))
+        dead = first[_DEAD_LETTERS]
+        return FeatureOutputs(features, dead)
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions,
+          ranges: "dict[str, dict[int, tuple[int, int]]] | None" = None) -> FeatureOutputs:
+    """Wire the features job into ``pipeline``: read, aggregate, write to ``--sinks``.
+
+    Without ``ranges`` (nor ``--replay_ranges``) it follows ``engagement-events``
+    and ``post-events`` from the consumer group's offsets, rewinding on start
+    by the state horizon (``--rewind_s``, default the affinity TTL). With
+    ranges it reads exactly those offsets once (a bounded re-run).
+    """
+    kafka = options.view_as(KafkaReadOptions)
+    opts = options.view_as(FeaturesOptions)
+    params = opts.params()
+    sinks = opts.sink_names()
+    config = kafka.source_config(default_group=DEFAULT_GROUP,
+                                 default_rewind_s=params.affinity_ttl_ms / 1000)
+    prefix = kafka.topic_prefix
+    if ranges is None:
+        ranges = opts.ranges()
+    if ranges is not None:
+        read = ReadEvents(config, ranges=ranges, topic_prefix=prefix)
+    else:
+        read = ReadEvents(config, [prefix + EngagementEvent.TOPIC, prefix + PostEvent.TOPIC],
+                          topic_prefix=prefix)
+    events = pipeline | "ReadEngagementAndPostEvents" >> read
+    out = events | "AggregateEngagementFeatures" >> AggregateEngagementFeatures(params, prefix)
+    _ = out.dead_letters | "WriteTooLate" >> WriteDeadLetters(producer_config_of(config))
+    store = opts.sink_config()
+    if "redis" in sinks:
+        _ = out.features | "WriteOnlineFeatures" >> WriteOnlineFeatures(store, opts.sink_batch)
+    if "cassandra" in sinks:
+        _ = out.features | "WriteDurableFeatures" >> WriteDurableFeatures(store, opts.sink_batch)
+    if "top_followers" in sinks:
+        _ = out.features | "UpdateTopFollowers" >> UpdateTopFollowers(store, opts.sink_batch)
+    if "log" in sinks:
+        _ = out.features | "WriteFeatureLog" >> WriteFeatureLog(
+            opts.feature_log_dir, opts.log_shards, opts.log_flush_s)
+    return out
+
+
+def run(argv=None):
+    """Parse options, build the pipeline and run it until it ends or is cancelled.
+
+    Streaming unless ``--replay_ranges`` is given (then a batch job over them).
+    """
+    options = PipelineOptions(argv)
+    bounded = options.view_as(FeaturesOptions).ranges() is not None
+    options.view_as(StandardOptions).streaming = not bounded
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cassandra").setLevel(logging.WARNING)
+    run(sys.argv[1:])

@@ -1,0 +1,136 @@
+"""The durable (Cassandra) copy of engagement features, and the refill of Redis from it.
+
+``CassandraFeatureStore`` writes the same ``FeatureValue``s as the online store
+into the 0001 tables (``post_features``, ``author_features``,
+``viewer_author_affinity``, ``viewer_content_affinity``), each cell ``USING
+TIMESTAMP`` the value's write stamp (``valid_at_ms * 1000 + version``), so a
+replayed or re-delivered older value never overwrites a newer one and a late
+pane (same ``valid_at``, higher version) does. ``valid_at`` is stored beside
+the value; the version comes back from ``WRITETIME(...) % 1000``.
+
+``refill_online`` copies every feature of the chosen entity types to an
+``OnlineFeatureStore`` (after a Redis loss): the online store's newer-wins
+writes mean a refill racing the live pipeline never rolls a fresher value
+back.
+
+It shares ``CassandraFeedStore``'s session handling, prepared statements and
+retries of transient errors (concurrent execution, exponential backoff).
+
+    store = CassandraFeatureStore.connect("127.0.0.1", 9042, "feedbeam")
+    store.write(values)
+    refill_online(store, OnlineFeatureStore.from_url("redis://127.0.0.1:6379/0"))
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+from pipelines.io.cassandra_store import CassandraFeedStore, to_ms
+from schemas import cassandra as cs
+from schemas.features import (
+    AFFINITY,
+    AUTHOR,
+    ENTITY_TYPES,
+    MAX_VERSION,
+    POST,
+    VIEWER_AUTHOR,
+    VIEWER_MEDIA,
+    FeatureValue,
+    pair_id,
+    split_pair,
+)
+
+#: Per entity type: (table, partition column, clustering column or None, value column).
+_TABLES = {
+    POST: (cs.POST_FEATURES, "post_id", "name", "value"),
+    AUTHOR: (cs.AUTHOR_FEATURES, "author_id", "name", "value"),
+    VIEWER_AUTHOR: (cs.VIEWER_AUTHOR_AFFINITY, "viewer_id", "author_id", "score"),
+    VIEWER_MEDIA: (cs.VIEWER_CONTENT_AFFINITY, "viewer_id", "media_type", "score"),
+}
+
+
+def row_params(v: FeatureValue) -> tuple:
+    """The insert's bind values of ``v``: (partition, clustering, value, valid_at, stamp)."""
+    if v.entity_type in (POST, AUTHOR):
+        return (int(v.entity_id), v.name, float(v.value), v.valid_at_ms, v.write_stamp_us)
+    viewer, other = split_pair(v.entity_id)
+    if v.entity_type == VIEWER_AUTHOR:
+        other = int(other)
+    elif v.entity_type != VIEWER_MEDIA:
+        raise ValueError(f"unknown entity type {v.entity_type!r}")
+    if v.name != AFFINITY:
+        raise ValueError(f"{v.entity_type} has only the feature {AFFINITY!r}, not {v.name!r}")
+    return (viewer, other, float(v.value), v.valid_at_ms, v.write_stamp_us)
+
+
+def value_of(entity_type: str, partition: int, clustering, value: float, valid_at,
+             writetime_us: int | None) -> FeatureValue:
+    """A stored row back as a ``FeatureValue`` (the version from the write time)."""
+    version = 0 if writetime_us is None else min(writetime_us % 1000, MAX_VERSION)
+    if entity_type in (POST, AUTHOR):
+        return FeatureValue(entity_type, str(partition), clustering, value, to_ms(valid_at),
+                            version)
+    return FeatureValue(entity_type, pair_id(partition, clustering), AFFINITY, value,
+                        to_ms(valid_at), version)
+
+
+class CassandraFeatureStore(CassandraFeedStore):
+    """Features in Cassandra (see module doc); ``connect``/``close`` as ``CassandraFeedStore``."""
+
+    def __init__(self, session, keyspace: str, **options):
+        super().__init__(session, keyspace, **options)
+        ks = self.keyspace
+        for entity_type, (table, part, clust, value) in _TABLES.items():
+            self._cql[f"put_{entity_type}"] = (
+                f"INSERT INTO {ks}.{table} ({part}, {clust}, {value}, valid_at) "
+                "VALUES (?, ?, ?, ?) USING TIMESTAMP ?")
+            select = (f"SELECT {part}, {clust}, {value}, valid_at, WRITETIME({value}) "
+                      f"FROM {ks}.{table}")
+            self._cql[f"get_{entity_type}"] = f"{select} WHERE {part} = ?"
+            self._cql[f"scan_{entity_type}"] = select
+
+    def write(self, values: Sequence[FeatureValue]) -> int:
+        """Upsert ``values`` (newer write stamp wins per cell); returns how many were sent."""
+        work = [(self._stmt(f"put_{v.entity_type}"), row_params(v)) for v in values]
+        self._execute(work)
+        return len(work)
+
+    def read(self, entity_type: str, partitions: Sequence[int]) -> list[list[FeatureValue]]:
+        """Every stored value of each partition (a post, an author, or a viewer's pairs)."""
+        results = self._execute_many(f"get_{entity_type}", ((p,) for p in partitions))
+        return [[value_of(entity_type, *row) for row in rs] for rs in results]
+
+    def scan(self, entity_type: str, page_size: int = 5000) -> Iterator[FeatureValue]:
+        """Every stored value of ``entity_type`` (a full table scan, paged)."""
+        from cassandra.query import SimpleStatement
+
+        cql = self._cql[f"scan_{entity_type}"]
+        statement = SimpleStatement(cql, fetch_size=page_size)
+        for row in self.session.execute(statement, timeout=60):
+            yield value_of(entity_type, *row)
+
+
+def refill_online(durable: CassandraFeatureStore, online, entity_types: Iterable[str] = ENTITY_TYPES,
+                  batch_size: int = 2000) -> dict[str, int]:
+    """Copy the durable features into ``online`` (an ``OnlineFeatureStore``), newer-wins.
+
+    Returns per entity type how many values were read (``read.<type>``) and
+    written (``written.<type>``: the rest were older than what Redis held).
+    """
+    counts: dict[str, int] = {}
+    for entity_type in entity_types:
+        read = written = 0
+        batch: list[FeatureValue] = []
+        for value in durable.scan(entity_type):
+            batch.append(value)
+            read += 1
+            if len(batch) >= batch_size:
+                written += online.write(batch)
+                batch = []
+        if batch:
+            written += online.write(batch)
+        counts[f"read.{entity_type}"] = read
+        counts[f"written.{entity_type}"] = written
+    return counts
+
+
+__all__ = ["CassandraFeatureStore", "refill_online", "row_params", "value_of"]
