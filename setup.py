@@ -18,6 +18,8 @@ RUNTIME = [
     "xgboost==3.2.0",
     "fastavro==1.13.1",
     "tqdm==4.70.1",
+    # `feedbeam train` writes its evaluation plot (ROC, NDCG by position) as a PNG.
+    "matplotlib==3.11.2",
 ]
 
 TEST = [

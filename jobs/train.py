@@ -369,13 +369,14 @@ def run_train(args: argparse.Namespace, settings: StackSettings) -> int:
     label_window = parse_duration(args.label_window)
     set_config = TrainingSetConfig(label_window_ms=label_window,
                                    half_life_ms=parse_duration(args.half_life))
+    bars = lambda **kw: tqdm(dynamic_ncols=True, disable=None, **kw)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="feedbeam-train-") as scratch:
         feature_log = args.feature_log
         if args.synthetic:
             from jobs.synthetic import synthetic_training_inputs
 
             feature_log = feature_log or Path(scratch) / "features"
-            engagements, posts = synthetic_training_inputs(args, feature_log)
+            engagements, posts = synthetic_training_inputs(args, feature_log, bars)
         else:
             if feature_log is None:
                 raise UserFacingError("--feature-log is required (the features pipeline's "
@@ -400,7 +401,7 @@ def run_train(args: argparse.Namespace, settings: StackSettings) -> int:
             booster=BoosterConfig(rounds=args.rounds, max_depth=args.max_depth, eta=args.eta,
                                   seed=args.seed),
             set_config=set_config, promote=not args.no_promote,
-            progress_factory=lambda **kw: tqdm(dynamic_ncols=True, disable=None, **kw))
+            progress_factory=bars)
     print(report(result))
     return 0 if result.promoted or (args.no_promote and result.metadata.passed) else 1
 
