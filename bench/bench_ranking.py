@@ -1,7 +1,7 @@
 """Benchmark: ranking — training cost, candidates scored/s, change-to-refresh latency.
 
     .venv/bin/python bench/bench_ranking.py [--quick] [--impressions 1000000] [--runs 5]
-        [--rate 2] [--step-s 30] [--skip training,scoring,latency]
+        [--rates 0.25,0.5,1] [--step-s 30] [--skip latency]
 
 In one run:
 
@@ -14,22 +14,26 @@ In one run:
   child's ``ru_maxrss``) of the whole job (read, point-in-time join, fit,
   evaluate, plot, save), plus its held-out figures.
 * (b) scoring: the model from (a) scores feature rows of its training data,
-  tiled to ``users x 200`` candidates per call (the pipeline's batch), median
-  of ``--runs``: candidates/s batched (one ``inplace_predict`` per
-  ``--batch-users`` users), per user (one call per 200 candidates: what
-  batching saves), with the feature matrix built from online-store-shaped
-  dicts as the pipeline does (assembly + scoring), and the limit: one call
-  over all rows, XGBoost's own throughput on this machine in the same run.
-  Target: >= 1M candidates/s batched.
+  tiled to ``--score-rows``, with XGBoost on 1 thread and on all cores,
+  medians of ``--runs`` interleaved runs: candidates/s batched (one
+  ``inplace_predict`` per ``--batch-users`` x 200 candidates, the pipeline's
+  batch), per user (one call per 200 candidates: what batching saves), with
+  the feature matrix built from online-store-shaped dicts as the pipeline
+  does (assembly + scoring), and the limit: one call over all rows, XGBoost's
+  own throughput on this machine in the same run. Target: >= 1M candidates/s
+  batched.
 * (c) latency: ``python -m pipelines.ranking`` on Prism (own process, fresh
-  topics, keyspace and Redis prefix) over a graph of ``--users`` users loaded
-  into Redis with home feeds of ~150 posts each (so a refresh ranks ~200
-  candidates), model (a) promoted. Post CREATED events are produced at
-  ``--rate`` posts/s for ``--step-s`` with event_time = produce time; for each
-  post, a poller watches 3 of its author's followers' ranked feeds (ZSCORE
-  every 20 ms) and records event_time -> ranked. p50/p99 per configuration:
-  the defaults (settle 0.5 s, debounce 5 s, watermark idle skew 2 s) and a
-  low-latency one (settle 0.1 s, idle skew 0.3 s).
+  topics, keyspace and Redis prefix) over a graph of ``--users`` users (each
+  follows 60) loaded into Redis with home feeds of ~150 posts each (so a
+  refresh ranks ~200 candidates), model (a) promoted. Post CREATED events are
+  produced at each of ``--rates`` posts/s for ``--step-s`` (each post makes
+  its author's ~60 followers stale: refreshes/s = rate x 60), event_time =
+  produce time; for each post, 3 of its author's followers' ranked feeds are
+  polled (ZSCORE every 20 ms): event_time -> ranked, p50/p99 per rate, until
+  a rate the job does not keep up with (a post not ranked ``DRAIN_S`` after
+  the step). Configurations: the defaults (event-time debounce, settle
+  0.5 s, interval 5 s, watermark idle skew 2 s) and a low-latency one
+  (processing-time debounce, settle 0.1 s) at the first rate.
 
 Results: a summary block and ``bench/results/ranking.json``.
 """
@@ -39,7 +43,6 @@ import argparse
 import json
 import os
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
+from bench_fanout import Job as FanoutBenchJob  # noqa: E402
 from infra.settings import StackSettings  # noqa: E402
 from pipelines.fanout_logic import percentile_of  # noqa: E402
 from schemas.events import (  # noqa: E402
@@ -70,8 +74,9 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "ranking.json"
 TARGET_SCORED_PER_S = 1_000_000
 CANDIDATES = 200
-QUICK = dict(impressions=200_000, runs=3, users=1000, rate=2.0, step_s=20.0)
-FULL = dict(impressions=1_000_000, runs=5, users=2000, rate=2.0, step_s=40.0)
+DRAIN_S = 30.0
+QUICK = dict(impressions=200_000, runs=3, users=1000, rates="0.25,0.5,1", step_s=20.0)
+FULL = dict(impressions=1_000_000, runs=5, users=2000, rates="0.25,0.5,1,2", step_s=40.0)
 
 
 # ------------------------------------------------------------------ (a) training
@@ -169,6 +174,8 @@ def feature_rows(scratch: Path, limit: int = 200_000) -> np.ndarray:
 
 
 def scoring(model, pool: np.ndarray, runs: int, batch_users: int, total: int) -> dict:
+    """Candidates/s of the scoring variants (see the module docstring), interleaved run by
+    run so that load from elsewhere on the machine hits them alike; medians."""
     from pipelines.ranking_features import (
         AUTHOR_FEATURES,
         FEATURE_NAMES,
@@ -181,26 +188,23 @@ def scoring(model, pool: np.ndarray, runs: int, batch_users: int, total: int) ->
     rows = np.resize(pool, (total, pool.shape[1])).astype(np.float32)
     per_call = batch_users * CANDIDATES
 
-    def timed(fn) -> float:
-        samples = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t)
-        return total / statistics.median(samples)
-
     def batched():
         for i in range(0, total, per_call):
             model.inplace_predict(rows[i:i + per_call], validate_features=False)
+        return total
 
     def per_user():
-        for i in range(0, total // 10, CANDIDATES):
+        n = total // 20
+        for i in range(0, n, CANDIDATES):
             model.inplace_predict(rows[i:i + CANDIDATES], validate_features=False)
+        return n
 
     def one_call():
         model.inplace_predict(rows, validate_features=False)
+        return total
 
-    # Online-store-shaped inputs of one user (dicts per post/author), as hydrate returns.
+    # One user's candidates as the online store returns them (a dict per post and
+    # author), assembled into rows as the pipeline does, batch_users at a time.
     col = {n: i for i, n in enumerate(FEATURE_NAMES)}
     user = rows[:CANDIDATES]
     posts = [{n: float(r[col[f"post_{n}"]]) for n in POST_FEATURES} for r in user]
@@ -211,23 +215,29 @@ def scoring(model, pool: np.ndarray, runs: int, batch_users: int, total: int) ->
     age = user[:, col["post_age_min"]].astype(np.float64) * 60_000
 
     def assembled():
-        n_batches = max(1, total // (10 * per_call))
-        for _ in range(n_batches):
-            blocks = []
-            for _ in range(batch_users):
-                p, a = online_columns(posts, authors)
-                blocks.append(feature_matrix(p, a, affinity, content, media, age))
-            model.inplace_predict(np.concatenate(blocks), validate_features=False)
-        return n_batches * per_call
+        blocks = []
+        for _ in range(batch_users):
+            p, a = online_columns(posts, authors)
+            blocks.append(feature_matrix(p, a, affinity, content, media, age))
+        model.inplace_predict(np.concatenate(blocks), validate_features=False)
+        return per_call
 
-    samples = []
+    variants = {f"{name}_threads_{nt or 'all'}": (nt, fn)
+                for nt in (1, 0) for name, fn in (("batched", batched), ("per_user", per_user),
+                                                  ("one_call", one_call))}
+    variants["assembly_and_scoring_threads_1"] = (1, assembled)
+    samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(runs):
-        t = time.perf_counter()
-        n = assembled()
-        samples.append(n / (time.perf_counter() - t))
-    out = {"rows": total, "batch_users": batch_users, "batched_per_s": timed(batched),
-           "per_user_per_s": timed(per_user) / 10, "limit_one_call_per_s": timed(one_call),
-           "assembly_and_scoring_per_s": statistics.median(samples)}
+        for name, (nthread, fn) in variants.items():
+            model.set_param({"nthread": nthread or os.cpu_count()})
+            t = time.perf_counter()
+            n = fn()
+            samples[name].append(n / (time.perf_counter() - t))
+    out = {name: statistics.median(v) for name, v in samples.items()}
+    best = max(("threads_1", "threads_all"), key=lambda k: out[f"batched_{k}"])
+    out.update(rows=total, batch_users=batch_users, best_threads=best,
+               batched_per_s=out[f"batched_{best}"],
+               limit_one_call_per_s=max(out["one_call_threads_1"], out["one_call_threads_all"]))
     out["ratio_batched_to_limit"] = out["batched_per_s"] / out["limit_one_call_per_s"]
     return out
 
@@ -235,8 +245,9 @@ def scoring(model, pool: np.ndarray, runs: int, batch_users: int, total: int) ->
 # ------------------------------------------------------------------ (c) latency
 
 
-class Job:
-    """``python -m pipelines.ranking`` on Prism in its own process group."""
+class Job(FanoutBenchJob):
+    """``python -m pipelines.ranking`` on Prism in its own process group (stopped like
+    the fan-out benchmark's job)."""
 
     def __init__(self, settings, prism: str, prefix: str, key_prefix: str, keyspace: str,
                  model_dir: str, log_path: Path, extra: list[str]):
@@ -253,19 +264,6 @@ class Job:
         self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.ranking", *args],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-
-    def stop(self) -> None:
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self.log.close()
 
 
 def load_world(client: redis.Redis, keys: KeyLayout, users: int, rng) -> dict[int, list[int]]:
@@ -298,7 +296,37 @@ def load_world(client: redis.Redis, keys: KeyLayout, users: int, rng) -> dict[in
     return followers
 
 
-def latency(ctx, extra: list[str], label: str, rate: float, step_s: float) -> dict:
+class Watch:
+    """(user, post) pairs awaited in ranked feeds; ``poll()`` records event time -> seen."""
+
+    def __init__(self, client: redis.Redis, keys: KeyLayout):
+        self.client, self.keys = client, keys
+        self.pending: dict[tuple[int, int], int] = {}
+        self.seen: list[float] = []
+
+    def add(self, users, post: PostEvent) -> None:
+        for u in users:
+            self.pending[(u, post.post_id)] = post.event_time
+
+    def poll(self) -> None:
+        if not self.pending:
+            return
+        items = list(self.pending.items())
+        pipe = self.client.pipeline(transaction=False)
+        for (u, p), _ in items:
+            pipe.zscore(self.keys.ranked_feed(u), str(p))
+        now = time.time() * 1000
+        for (pair, t), score in zip(items, pipe.execute()):
+            if score is not None:
+                del self.pending[pair]
+                self.seen.append(now - t)
+
+
+def latency(ctx, extra: list[str], label: str, rates: list[float], step_s: float) -> list[dict]:
+    """One job; for each rate: posts for ``step_s``, then up to ``DRAIN_S`` to see them all.
+
+    Stops after a rate the job could not keep up with (not every post ranked
+    within the drain)."""
     from confluent_kafka import Producer
 
     from schemas.codec import WireCodec
@@ -306,36 +334,11 @@ def latency(ctx, extra: list[str], label: str, rate: float, step_s: float) -> di
     codec = WireCodec()
     producer = Producer({"bootstrap.servers": ctx.settings.kafka_bootstrap, "linger.ms": 1})
     topic = ctx.prefix + PostEvent.TOPIC
-    job = Job(ctx.settings, ctx.prism, ctx.prefix, ctx.key_prefix, ctx.keyspace, ctx.model_dir,
-              ctx.log_dir / f"bench-ranking-{label}.log", extra)
-    pending: dict[tuple[int, int], int] = {}  # (user, post) -> event time
-    seen: list[float] = []
-    lock = threading.Lock()
-    stop = threading.Event()
     authors = [a for a, fs in ctx.followers.items() if len(fs) >= 3]
-
-    def poller():
-        while not stop.is_set() or pending:
-            with lock:
-                items = list(pending.items())
-            if items:
-                pipe = ctx.client.pipeline(transaction=False)
-                for (u, p), _ in items:
-                    pipe.zscore(ctx.keys.ranked_feed(u), str(p))
-                now = time.time() * 1000
-                for ((u, p), t), score in zip(items, pipe.execute()):
-                    if score is not None:
-                        with lock:
-                            pending.pop((u, p), None)
-                        seen.append(now - t)
-            if stop.is_set() and time.time() > stop_deadline[0]:
-                break
-            time.sleep(0.02)
-
-    stop_deadline = [float("inf")]
+    fanout = float(np.mean([len(ctx.followers[a]) for a in authors]))
     post_id = [20_000_000 + int(uuid.uuid4().int % 1_000_000) * 1000]
 
-    def send_post():
+    def send_post() -> PostEvent:
         author = authors[int(ctx.rng.integers(len(authors)))]
         t = int(time.time() * 1000)
         post_id[0] += 1
@@ -345,47 +348,52 @@ def latency(ctx, extra: list[str], label: str, rate: float, step_s: float) -> di
         producer.flush(10)
         return p
 
+    job = Job(ctx.settings, ctx.prism, ctx.prefix, ctx.key_prefix, ctx.keyspace, ctx.model_dir,
+              ctx.log_dir / f"bench-ranking-{label}.log", extra)
+    out = []
     try:
-        # Warm up: the job is running once a post reaches its followers' ranked feeds
-        # (re-sent every 5 s: the job starts at the topics' ends, after the first ones).
+        # Warm up: the job runs once a post reaches its followers' ranked feeds (re-sent
+        # every 5 s: the job starts at the topics' ends, maybe after the first one).
         deadline = time.time() + 240
-        warm, sent_at = send_post(), time.time()
-        while True:
-            fs = ctx.followers[warm.author_id][:3]
-            if all(ctx.client.zscore(ctx.keys.ranked_feed(u), str(warm.post_id)) is not None
-                   for u in fs):
-                break
+        warm = Watch(ctx.client, ctx.keys)
+        while not warm.seen:
             if job.proc.poll() is not None:
                 raise RuntimeError(f"the ranking job exited ({job.proc.returncode})")
             if time.time() > deadline:
                 raise RuntimeError("the ranking job did not refresh a feed within 240 s")
-            if time.time() - sent_at > 5:
-                warm, sent_at = send_post(), time.time()
+            if not warm.pending or time.time() * 1000 - max(warm.pending.values()) > 5000:
+                p = send_post()
+                warm.add(ctx.followers[p.author_id][:1], p)
             time.sleep(0.2)
-        time.sleep(6)  # let the warm-up's cooldowns end
-        thread = threading.Thread(target=poller, daemon=True)
-        thread.start()
-        interval = 1.0 / rate
-        start = time.time()
-        sent = 0
-        while time.time() - start < step_s:
-            p = send_post()
-            sent += 1
-            with lock:
-                for u in ctx.followers[p.author_id][:3]:
-                    pending[(u, p.post_id)] = p.event_time
-            time.sleep(max(0.0, start + sent * interval - time.time()))
-        stop_deadline[0] = time.time() + 60
-        stop.set()
-        thread.join(timeout=90)
+            warm.poll()
+        for rate in rates:
+            time.sleep(6)  # earlier cooldowns end
+            watch = Watch(ctx.client, ctx.keys)
+            start, sent = time.time(), 0
+            while time.time() - start < step_s:
+                if time.time() >= start + sent / rate:
+                    p = send_post()
+                    sent += 1
+                    watch.add(ctx.followers[p.author_id][:3], p)
+                watch.poll()
+                time.sleep(0.02)
+            drain_until = time.time() + DRAIN_S
+            while watch.pending and time.time() < drain_until:
+                watch.poll()
+                time.sleep(0.02)
+            values = sorted(watch.seen)
+            r = {"label": label, "args": extra, "rate_posts_per_s": rate,
+                 "refreshes_per_s": rate * fanout, "posts": sent, "observed": len(values),
+                 "missing": len(watch.pending)}
+            if values:
+                r.update(p50_ms=percentile_of(values, 0.5), p99_ms=percentile_of(values, 0.99),
+                         max_ms=values[-1])
+            print(f"(c) {r}", flush=True)
+            out.append(r)
+            if watch.pending:
+                break
     finally:
         job.stop()
-    values = sorted(seen)
-    out = {"label": label, "args": extra, "posts": sent, "rate": rate,
-           "observed": len(values), "missing": len(pending)}
-    if values:
-        out.update(p50_ms=percentile_of(values, 0.5), p99_ms=percentile_of(values, 0.99),
-                   max_ms=values[-1])
     return out
 
 
@@ -402,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impressions", type=int)
     parser.add_argument("--runs", type=int)
     parser.add_argument("--users", type=int, help="users of the latency graph")
-    parser.add_argument("--rate", type=float, help="posts/s during the latency step")
+    parser.add_argument("--rates", help="comma-separated posts/s of the latency steps")
     parser.add_argument("--step-s", type=float)
     parser.add_argument("--batch-users", type=int, default=256)
     parser.add_argument("--score-rows", type=int, default=2_000_000)
@@ -432,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         sc["xgboost"] = xgb.__version__
         print(f"(b) scoring: {sc['batched_per_s']:,.0f} candidates/s batched vs limit "
               f"{sc['limit_one_call_per_s']:,.0f}/s", flush=True)
+        results["load_average"] = os.getloadavg()
         if "latency" not in skip:
             results["latency"] = run_latency(args, settings, tr["model_dir"])
     print_summary(results)
@@ -473,11 +482,10 @@ def run_latency(args, settings, model_dir: str) -> list[dict]:
         ctx.followers = load_world(ctx.client, ctx.keys, args.users, ctx.rng)
         print(f"(c) loaded {args.users:,} users' graph and feeds in "
               f"{time.perf_counter() - t:.0f}s", flush=True)
-        for label, extra in (("default", []),
-                             ("low-latency", ["--settle_s=0.1", "--idle_skew_s=0.3"])):
-            r = latency(ctx, extra, label, args.rate, args.step_s)
-            print(f"(c) {label}: {r}", flush=True)
-            out.append(r)
+        rates = [float(r) for r in args.rates.split(",")]
+        out += latency(ctx, [], "default", rates, args.step_s)
+        out += latency(ctx, ["--settle_s=0.1", "--debounce_clock=processing"], "low-latency",
+                       rates[:1], args.step_s)
     finally:
         AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(topics)
         session.execute(f"DROP KEYSPACE IF EXISTS {ctx.keyspace}", timeout=120)
@@ -492,6 +500,9 @@ def print_summary(r: dict) -> None:
     tr, sc = r["training"], r["scoring"]
     m = tr["metrics"]
     print("\n== ranking benchmark ==")
+    la = r.get("load_average")
+    print(f"machine: {r['cpus']} cores" + (f", load average {la[0]:.1f} / {la[1]:.1f} / "
+                                            f"{la[2]:.1f} during the run (shared)" if la else ""))
     print(f"training: {tr['impressions']:,} impressions ({tr['users']:,} users, "
           f"{tr['events']:,} events): feedbeam train {tr['train_wall_s']:.1f}s wall, "
           f"peak RSS {tr['train_peak_rss_mb']:,.0f} MB; {tr['trees']} trees; held out "
@@ -499,19 +510,26 @@ def print_summary(r: dict) -> None:
           f"(recency {m['baseline_ndcg@20']:.3f})")
     print(f"  (feature log for it, features pipeline logic: {tr['feature_log_s']:.0f}s; "
           f"workload generation {tr['generate_s']:.0f}s)")
-    print(f"scoring ({sc['trees']} trees, {sc['batch_users']} users x {CANDIDATES} per call): "
-          f"{sc['batched_per_s']:,.0f} candidates/s batched | limit (one call, all rows) "
-          f"{sc['limit_one_call_per_s']:,.0f}/s | ratio {sc['ratio_batched_to_limit']:.2f} | "
-          f"per-user calls {sc['per_user_per_s']:,.0f}/s | with feature assembly "
-          f"{sc['assembly_and_scoring_per_s']:,.0f}/s | target {TARGET_SCORED_PER_S:,}/s: "
+    print(f"scoring ({sc['trees']} trees, {sc['batch_users']} users x {CANDIDATES} per call, "
+          f"medians of interleaved runs):")
+    for threads in ("threads_1", "threads_all"):
+        print(f"  {threads.replace('_', ' ')}: batched {sc['batched_' + threads]:,.0f}/s | "
+              f"per-user calls {sc['per_user_' + threads]:,.0f}/s | one call over all "
+              f"{sc['rows']:,} rows {sc['one_call_' + threads]:,.0f}/s")
+    print(f"  batched {sc['batched_per_s']:,.0f}/s ({sc['best_threads'].replace('_', ' ')}) vs "
+          f"limit (one call) {sc['limit_one_call_per_s']:,.0f}/s: ratio "
+          f"{sc['ratio_batched_to_limit']:.2f}; with feature assembly from online-store dicts "
+          f"{sc['assembly_and_scoring_threads_1']:,.0f}/s; target {TARGET_SCORED_PER_S:,}/s "
           f"{'met' if sc['batched_per_s'] >= TARGET_SCORED_PER_S else 'NOT met'}")
     for lt in r.get("latency", []):
+        head = (f"change -> ranked feed ({lt['label']}, {lt['rate_posts_per_s']:g} posts/s = "
+                f"~{lt['refreshes_per_s']:.0f} refreshes/s, {lt['observed']} follower feeds)")
         if "p50_ms" in lt:
-            print(f"change -> ranked feed ({lt['label']}, {lt['rate']:g} posts/s, "
-                  f"{lt['observed']} follower feeds): p50 {lt['p50_ms']:.0f} ms, "
-                  f"p99 {lt['p99_ms']:.0f} ms, max {lt['max_ms']:.0f} ms, missing {lt['missing']}")
+            print(f"{head}: p50 {lt['p50_ms']:.0f} ms, p99 {lt['p99_ms']:.0f} ms, max "
+                  f"{lt['max_ms']:.0f} ms" + (f", NOT KEPT UP: {lt['missing']} not ranked "
+                                              f"{DRAIN_S:.0f}s after" if lt["missing"] else ""))
         else:
-            print(f"change -> ranked feed ({lt['label']}): nothing observed {lt}")
+            print(f"{head}: nothing observed")
 
 
 if __name__ == "__main__":

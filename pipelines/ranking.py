@@ -33,7 +33,9 @@ group ``feedbeam-ranking``) and, through ``RefreshRankedFeeds``:
    ends. So a user is refreshed at most once per ``--debounce_s``, and no
    change waits longer than ``max(settle, debounce)`` plus the watermark's
    lag. Event time (the source's watermark moves on idle partitions, so
-   timers fire when traffic stops) keeps tests and replays deterministic.
+   timers fire when traffic stops) keeps tests and replays deterministic;
+   ``--debounce_clock processing`` uses processing-time timers instead, which
+   saves the watermark's lag (about a second with the default idle skew).
 3. **Refresh** (batched per bundle, up to ``--refresh_batch`` users): candidates
    of all users in a few Redis round trips (``CandidateReader``: pushed feed +
    recent posts of followed celebrities, ~200 per user), features in one
@@ -106,6 +108,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "feedbeam.ranking"
 DEFAULT_GROUP = "feedbeam-ranking"
+#: Time domains of the debounce timers (``--debounce_clock``).
+CLOCKS = ("event", "processing")
 
 
 # --------------------------------------------------------------------------- options
@@ -126,6 +130,9 @@ class RankingOptions(PipelineOptions):
                             help="delay from a user's first change to the refresh")
         parser.add_argument("--debounce_s", type=float, default=d.interval_ms / 1000,
                             help="a user's ranked feed is refreshed at most once per this long")
+        parser.add_argument("--debounce_clock", choices=CLOCKS, default="event",
+                            help="time domain of the debounce timers: event time (watermark; "
+                                 "deterministic) or processing time (lower latency live)")
         parser.add_argument("--max_candidates", type=int, default=p.max_candidates,
                             help="candidates ranked per user (newest first)")
         parser.add_argument("--pushed_limit", type=int, default=p.pushed_limit,
@@ -145,6 +152,12 @@ class RankingOptions(PipelineOptions):
                             help="affinity half-life of the features pipeline")
         parser.add_argument("--refresh_batch", type=int, default=256,
                             help="users refreshed (scored) together within a bundle")
+        parser.add_argument("--score_threads", type=int, default=1,
+                            help="XGBoost threads per scoring call (0 = all cores); 1 leaves "
+                                 "the cores to the other bundles and the store I/O")
+        parser.add_argument("--io_threads", type=int, default=8,
+                            help="threads per worker overlapping a batch's per-user store "
+                                 "round trips (feature hydrate, ranked-feed write)")
         # The stores (--redis_url, --redis_key_prefix, --cassandra_*), --push_threshold
         # and --inactive_days are FanoutOptions': the same settings as the fan-out's
         # (Beam parses one flat namespace, so they are declared once).
@@ -187,6 +200,8 @@ class RankingConfig:
     model_dir: str
     model_poll_s: float = 10.0
     half_life_ms: int = DEFAULT_HALF_LIFE_MS
+    score_threads: int = 1
+    io_threads: int = 8
 
     def open(self, policy: RankingPolicy, clock: Callable[[], float] = time.time) -> "FeedRanker":
         """A ``FeedRanker`` on new clients (one Redis client and one Cassandra session
@@ -202,8 +217,9 @@ class RankingConfig:
             CandidateReader(feeds),
             OnlineFeatureStore(feeds.client, feeds.keys, half_life_ms=self.half_life_ms),
             RankedFeedStore(feeds.client, feeds.keys, stores.cassandra),
-            ModelWatcher(ModelRegistry(self.model_dir), FEATURE_NAMES, self.model_poll_s),
-            policy, clock, on_close=stores.close)
+            ModelWatcher(ModelRegistry(self.model_dir), FEATURE_NAMES, self.model_poll_s,
+                         nthread=self.score_threads),
+            policy, clock, on_close=stores.close, io_threads=self.io_threads)
 
 
 # --------------------------------------------------------------------------- refreshing
@@ -211,10 +227,19 @@ class RankingConfig:
 
 class FeedRanker:
     """Refreshes ranked feeds: candidates, features, one batched scoring, diversity,
-    write (no Beam; the DoFn adapts it). ``clock`` returns epoch seconds."""
+    write (no Beam; the DoFn adapts it). ``clock`` returns epoch seconds.
+
+    The per-user store calls (one feature hydrate, one ranked-feed write) of a
+    batch run on ``io_threads`` threads: they wait on the network, so their
+    round trips overlap instead of adding up. The stores' clients are
+    thread-safe (a Redis connection pool, one Cassandra session).
+    """
 
     def __init__(self, candidates, features, ranked, models, policy: RankingPolicy,
-                 clock: Callable[[], float] = time.time, on_close: Callable[[], None] = None):
+                 clock: Callable[[], float] = time.time, on_close: Callable[[], None] = None,
+                 io_threads: int = 8):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.candidates = candidates
         self.features = features
         self.ranked = ranked
@@ -222,9 +247,11 @@ class FeedRanker:
         self.policy = policy
         self._clock = clock
         self._on_close = on_close
+        self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="ranking-io")
         self.model_errors = 0
 
     def close(self) -> None:
+        self._io.shutdown(wait=True)
         if self._on_close is not None:
             self._on_close()
 
@@ -235,17 +262,16 @@ class FeedRanker:
         by_user = self.candidates.read(requests, now_ms, self.policy)
         users = [r.user_id for r in requests]
         version, scores = self.score(users, by_user, now_ms)
-        out = []
-        for r, user in zip(requests, users):
-            cands = by_user[user]
-            entries = diversify([RankedEntry(c.post_id, c.author_id, float(s))
-                                 for c, s in zip(cands, scores[user])],
-                                self.policy.top_k, self.policy.max_per_author,
-                                self.policy.no_adjacent)
-            self.ranked.write(user, entries, version, now_ms)
-            out.append(RefreshOutcome(user, version, len(entries), len(cands), r.changed_at_ms,
-                                      now_ms, r.triggers))
-        return out
+        ranked = {user: diversify([RankedEntry(c.post_id, c.author_id, float(s))
+                                   for c, s in zip(by_user[user], scores[user])],
+                                  self.policy.top_k, self.policy.max_per_author,
+                                  self.policy.no_adjacent)
+                  for user in users}
+        # list(): wait for every write (and raise the first error) before reporting.
+        list(self._io.map(lambda u: self.ranked.write(u, ranked[u], version, now_ms), users))
+        return [RefreshOutcome(r.user_id, version, len(ranked[r.user_id]),
+                               len(by_user[r.user_id]), r.changed_at_ms, now_ms, r.triggers)
+                for r in requests]
 
     def score(self, users: Sequence[int], by_user: dict[int, list[Candidate]], now_ms: int
               ) -> tuple[str, dict[int, np.ndarray]]:
@@ -257,7 +283,8 @@ class FeedRanker:
         """
         model = self.models.current() if self.models is not None else None
         if model is not None:
-            blocks = [self.features_of(u, by_user[u], now_ms) for u in users]
+            blocks = list(self._io.map(lambda u: self.features_of(u, by_user[u], now_ms),
+                                       users))
             try:
                 flat = model.predict(np.concatenate(blocks) if blocks else
                                      np.zeros((0, len(FEATURE_NAMES)), np.float32))
@@ -346,40 +373,55 @@ _TRIGGER_CODER = coders.TupleCoder([
     coders.VarIntCoder(), coders.VarIntCoder(), coders.StrUtf8Coder()])
 
 
-class _DebounceFn(beam.DoFn):
-    """Per user: collect triggers, emit one ``RefreshRequest`` per refresh (``Debounce``)."""
+def debounce_fn(debounce: Debounce, clock: str = "event") -> beam.DoFn:
+    """The per-user debounce step: collects triggers, emits one ``RefreshRequest`` per
+    refresh (``Debounce`` decides when).
 
-    PENDING = userstate.BagStateSpec("pending", _TRIGGER_CODER)
-    TIMER_AT = userstate.ReadModifyWriteStateSpec("timer_at", coders.VarIntCoder())
-    REFRESH = userstate.TimerSpec("refresh", TimeDomain.WATERMARK)
+    ``clock="event"``: timers in event time, set from the elements' timestamps
+    and fired by the watermark (deterministic under replays and in tests; the
+    watermark's lag behind the wall clock adds to the latency).
+    ``clock="processing"``: timers in processing time, set from the wall clock
+    when a trigger arrives (lower latency live; a replay coalesces by how fast
+    it runs, not by event time).
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, not {clock!r}")
+    domain = TimeDomain.WATERMARK if clock == "event" else TimeDomain.REAL_TIME
 
-    def __init__(self, debounce: Debounce):
-        self._debounce = debounce
+    class DebounceFn(beam.DoFn):
+        PENDING = userstate.BagStateSpec("pending", _TRIGGER_CODER)
+        TIMER_AT = userstate.ReadModifyWriteStateSpec("timer_at", coders.VarIntCoder())
+        REFRESH = userstate.TimerSpec("refresh", domain)
 
-    def process(self, element, ts=beam.DoFn.TimestampParam,
-                pending=beam.DoFn.StateParam(PENDING), timer_at=beam.DoFn.StateParam(TIMER_AT),
-                refresh=beam.DoFn.TimerParam(REFRESH)):
-        _, trigger = element
-        pending.add(tuple(trigger))
-        at = self._debounce.on_change(timer_at.read(), ts.micros // 1000)
-        if at is not None:
-            refresh.set(Timestamp(micros=at * 1000))
-            timer_at.write(at)
+        def process(self, element, ts=beam.DoFn.TimestampParam,
+                    pending=beam.DoFn.StateParam(PENDING),
+                    timer_at=beam.DoFn.StateParam(TIMER_AT),
+                    refresh=beam.DoFn.TimerParam(REFRESH)):
+            _, trigger = element
+            pending.add(tuple(trigger))
+            now_ms = ts.micros // 1000 if clock == "event" else int(time.time() * 1000)
+            at = debounce.on_change(timer_at.read(), now_ms)
+            if at is not None:
+                refresh.set(Timestamp(micros=at * 1000))
+                timer_at.write(at)
 
-    @userstate.on_timer(REFRESH)
-    def on_refresh(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
-                   pending=beam.DoFn.StateParam(PENDING), timer_at=beam.DoFn.StateParam(TIMER_AT),
-                   refresh=beam.DoFn.TimerParam(REFRESH)):
-        triggers = [Trigger(*t) for t in pending.read()]
-        now, next_at = self._debounce.on_timer(fired.micros // 1000, bool(triggers))
-        pending.clear()
-        if next_at is None:
-            timer_at.clear()
-        else:
-            refresh.set(Timestamp(micros=next_at * 1000))
-            timer_at.write(next_at)
-        if now:
-            yield requests_from(key, triggers)
+        @userstate.on_timer(REFRESH)
+        def on_refresh(self, key=beam.DoFn.KeyParam, pending=beam.DoFn.StateParam(PENDING),
+                       timer_at=beam.DoFn.StateParam(TIMER_AT),
+                       refresh=beam.DoFn.TimerParam(REFRESH)):
+            triggers = [Trigger(*t) for t in pending.read()]
+            # The time the timer was set for: the same in both domains.
+            now, next_at = debounce.on_timer(timer_at.read(), bool(triggers))
+            pending.clear()
+            if next_at is None:
+                timer_at.clear()
+            else:
+                refresh.set(Timestamp(micros=next_at * 1000))
+                timer_at.write(next_at)
+            if now:
+                yield requests_from(key, triggers)
+
+    return DebounceFn()
 
 
 class _RefreshFn(beam.DoFn):
@@ -471,6 +513,8 @@ class RefreshRankedFeeds(beam.PTransform):
       policy: candidates and diversity (``RankingPolicy``).
       debounce: settle delay and minimum interval per user (``Debounce``).
       max_batch: users scored together within a bundle.
+      clock: time domain of the debounce timers, ``"event"`` or ``"processing"``
+        (``debounce_fn``).
 
     Takes a ``PCollection`` of events (``PostEvent``, ``FollowEvent``,
     ``EngagementEvent``; others are counted and ignored), timestamped by event
@@ -478,18 +522,19 @@ class RefreshRankedFeeds(beam.PTransform):
     """
 
     def __init__(self, config: RankingConfig, policy: RankingPolicy = RankingPolicy(),
-                 debounce: Debounce = Debounce(), max_batch: int = 256):
+                 debounce: Debounce = Debounce(), max_batch: int = 256, clock: str = "event"):
         super().__init__()
         self._config = config
         self._policy = policy
         self._debounce = debounce
         self._max_batch = max_batch
+        self._clock = clock
 
     def expand(self, events):
         return (events
                 | "Triggers" >> beam.ParDo(_TriggersFn(self._config.stores, self._policy))
                 .with_output_types(beam.typehints.Tuple[int, Trigger])
-                | "Debounce" >> beam.ParDo(_DebounceFn(self._debounce))
+                | "Debounce" >> beam.ParDo(debounce_fn(self._debounce, self._clock))
                 .with_output_types(RefreshRequest)
                 | "Refresh" >> beam.ParDo(_RefreshFn(self._config, self._policy,
                                                      self._max_batch))
@@ -510,7 +555,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
     return (pipeline
             | "ReadEvents" >> ReadEvents(config, topics, topic_prefix=prefix)
             | "RefreshRankedFeeds" >> RefreshRankedFeeds(
-                ranking.config(), ranking.policy(), debounce, ranking.refresh_batch))
+                ranking.config(), ranking.policy(), debounce, ranking.refresh_batch,
+                ranking.debounce_clock))
 
 
 def run(argv=None):

@@ -2,7 +2,9 @@
 
 Watermark and element times are controlled, so the refresh times are exact:
 the same as ``simulate_debounce`` computes with a perfect clock. Needs only
-the Prism binary (no servers).
+the Prism binary (no servers). The processing-time clock reads the wall
+clock, which a TestStream does not drive: it runs end to end in
+``test_ranking_pipeline``.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from infra.stack import prism_binary
-from pipelines.ranking import _DebounceFn
+from pipelines.ranking import debounce_fn
 from pipelines.ranking_logic import Debounce, simulate_debounce
 from schemas.ranking import ENGAGED, POST_CREATED, POST_DELETED, Trigger
 
@@ -53,7 +55,7 @@ def test_refreshes_are_debounced_per_user(stack):
                     # Prism keys a stateful stage by the encoded key: give it a typed one.
                     | "Typed" >> beam.Map(lambda kv: kv).with_output_types(
                         beam.typehints.Tuple[int, Trigger])
-                    | "Debounce" >> beam.ParDo(_DebounceFn(debounce)))
+                    | "Debounce" >> beam.ParDo(debounce_fn(debounce, "event")))
         fired = requests | "When" >> beam.Map(
             lambda r, ts=beam.DoFn.TimestampParam: (
                 r.user_id, ts.micros // 1000, r.changed_at_ms, r.triggers,
@@ -67,3 +69,8 @@ def test_refreshes_are_debounced_per_user(stack):
     # The same refresh times as the pure model of the rule.
     assert [t for t, _ in simulate_debounce(debounce, [int(ms(s)) for s, _ in user1])] == [
         ms(0.5), ms(5.5), ms(20.5)]
+
+
+def test_unknown_clock_is_refused():
+    with pytest.raises(ValueError):
+        debounce_fn(Debounce(), "wall")

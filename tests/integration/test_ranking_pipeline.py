@@ -66,8 +66,9 @@ def post(pid, author, t, media=MediaType.PHOTO, kind=PostEventKind.CREATED):
     return PostEvent(f"{kind.value}-{pid}", t, kind, pid, author, t, media)
 
 
+@pytest.mark.parametrize("clock", ["event", "processing"])
 def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cassandra_session,
-                                                        keyspace, key_prefix, tmp_path):
+                                                        keyspace, key_prefix, tmp_path, clock):
     migrate(cassandra_session, keyspace)
     topics = Topics(stack, kafka_topic)
     model_dir = tmp_path / "models"
@@ -80,7 +81,7 @@ def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cass
         f"--cassandra_host={stack.host}", f"--cassandra_port={stack.cassandra_port}",
         f"--cassandra_keyspace={keyspace}", "--push_threshold=3", "--celebrity_top_n=0",
         f"--model_dir={model_dir}", "--model_poll_s=0.5", "--settle_s=0.2", "--debounce_s=1",
-        "--top_k=4", "--max_per_author=2",
+        "--top_k=4", "--max_per_author=2", f"--debounce_clock={clock}",
     ]
     options = PipelineOptions(args + [f"--consumer_group=g-{uuid.uuid4().hex[:8]}"])
     pipeline = beam.Pipeline(options=options)
