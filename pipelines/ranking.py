@@ -58,7 +58,8 @@ the previous one, newer generation time wins). Metrics in
 ``feedbeam.ranking``: ``triggers_<reason>``, ``refreshes``,
 ``refreshes_model``, ``refreshes_recency``, ``candidates`` and
 ``refresh_latency_ms`` (event time of the change to the write) distributions,
-``model_swaps``, batch retries.
+``model_swaps``, ``model_errors`` (scoring failed: ranked by recency), batch
+retries.
 """
 from __future__ import annotations
 
@@ -446,7 +447,7 @@ class _RefreshFn(beam.DoFn):
         self._counters = _Counters()
         self._latency = Metrics.distribution(NAMESPACE, "refresh_latency_ms")
         self._candidates = Metrics.distribution(NAMESPACE, "candidates")
-        self._swaps = 0
+        self._swaps = self._errors = 0
 
     def teardown(self):
         ranker = getattr(self, "_ranker", None)
@@ -475,9 +476,10 @@ class _RefreshFn(beam.DoFn):
             self._record(o)
             ts, w = stamps[o.user_id]
             yield WindowedValue(o, ts, [w])
-        swaps = self._ranker.models.swaps
+        swaps, errors = self._ranker.models.swaps, self._ranker.model_errors
         self._counters.inc("model_swaps", swaps - self._swaps)
-        self._swaps = swaps
+        self._counters.inc("model_errors", errors - self._errors)
+        self._swaps, self._errors = swaps, errors
 
     def _refresh_with_retries(self, requests: list[RefreshRequest]) -> list[RefreshOutcome]:
         for attempt in range(1, self._attempts + 1):

@@ -73,3 +73,44 @@ def test_replay_features_emits_what_the_pipeline_would():
     assert all(v.valid_at_ms <= T0 + 11 * MIN for v in values)  # nothing after the data
     with pytest.raises(ValueError):
         list(replay_features([view, like]))
+
+
+def test_trains_from_replayed_parquet(tmp_path, capsys):
+    # The inputs as `feedbeam replay` writes them: hive partitions, extra columns,
+    # and `_`-prefixed side files that are not events.
+    import argparse
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from jobs.synthetic import synthetic_training_inputs
+
+    args = argparse.Namespace(workload_seed=3, users=300, avg_following=20, days=2.0,
+                              posts_per_day=2.0)
+    engagements, posts = synthetic_training_inputs(args, tmp_path / "features")
+    for name, table in (("eng", engagements), ("posts", posts)):
+        table = table.append_column("_offset", pc.cast(table.column("event_time"), "int64"))
+        half = table.num_rows // 2
+        for i, part in enumerate((table.slice(0, half), table.slice(half))):
+            path = tmp_path / name / f"date=2026-01-0{i + 1}" / "hour=00" / "part-0.parquet"
+            path.parent.mkdir(parents=True)
+            pq.write_table(part, path)
+        (tmp_path / name / "_replay.json").write_text("{}")
+    code = cli.main(["train", "--feature-log", str(tmp_path / "features"),
+                     "--engagements", str(tmp_path / "eng"), "--posts", str(tmp_path / "posts"),
+                     "--model-dir", str(tmp_path / "models"), "--no-promote"])
+    out = capsys.readouterr().out
+    assert code in (0, 1), out
+    registry = ModelRegistry(tmp_path / "models")
+    (version,) = registry.versions()
+    rows = registry.metadata(version).rows
+    assert rows["train"] + rows["held_out"] > 1000 and registry.latest() is None
+
+
+def test_missing_inputs_are_a_clear_error(tmp_path, capsys):
+    assert cli.main(["train", "--feature-log", str(tmp_path), "--model-dir",
+                     str(tmp_path / "m")]) == 2
+    assert "--engagements and --posts" in capsys.readouterr().err
+    assert cli.main(["train", "--feature-log", str(tmp_path / "nope"), "--engagements",
+                     str(tmp_path / "e"), "--posts", str(tmp_path / "p")]) == 2
+    assert "does not exist" in capsys.readouterr().err
