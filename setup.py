@@ -26,6 +26,8 @@ RUNTIME = [
     "orjson==3.13.0",
     "pyjwt==2.15.1",
     "prometheus-client==0.26.0",
+    # `feedbeam train` writes its evaluation plot (ROC, NDCG by position) as a PNG.
+    "matplotlib==3.11.2",
 ]
 
 TEST = [

@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "jobs.submit",
     "jobs.rebuild",
     "jobs.serve",
+    "jobs.train",
 )
 
 

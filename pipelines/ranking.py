@@ -1,0 +1,586 @@
+"""ranking: keep every user's ranked feed fresh, debounced, in Redis and Cassandra.
+
+    python -m pipelines.ranking --runner=PrismRunner --prism_location=<prism> \\
+        --environment_type=LOOPBACK --streaming --model_dir .state/models \\
+        [--settle_s 0.5 --debounce_s 5 --max_candidates 200 --top_k 20 --max_per_author 3]
+
+Reads ``post-events``, ``engagement-events`` and ``follow-events`` (consumer
+group ``feedbeam-ranking``) and, through ``RefreshRankedFeeds``:
+
+1. **Triggers** (stateless, fused with the read): each event names the users
+   whose ranked feed it makes stale (``ranking_logic``):
+
+   * a post CREATED or DELETED: the author's active followers, every one of
+     them, below or above the push threshold: their candidates changed (a
+     pushed entry, or a pulled celebrity post). Followers are read from the
+     graph the fan-out keeps in Redis; the trigger carries the post, so the
+     refresh ranks a new post even if the fan-out has not pushed it yet, and
+     never ranks a deleted one the fan-out has not removed yet;
+   * a FOLLOW or UNFOLLOW: the follower (followees changed);
+   * a LIKE, COMMENT, SHARE or SAVE: the viewer, whose affinities (the
+     features that matter most) moved materially. Views, unlikes and profile
+     views do not trigger: they are most of the traffic and move features
+     little; the next refresh of the user reads them anyway. Post-level
+     features (counts, rates) are read fresh by every refresh.
+
+   Why events and not the derived stores: the topics are the one ordered,
+   replayable record of what changed; reading them needs no change feed from
+   the other pipelines, and a restarted job re-derives its triggers.
+2. **Debounce** (stateful, keyed by user, event-time timers): a user's first
+   change waits ``--settle_s`` (a burst coalesces, the fan-out writes
+   meanwhile), then the feed is refreshed and the user cools down for
+   ``--debounce_s``: changes in that time are refreshed together when it
+   ends. So a user is refreshed at most once per ``--debounce_s``, and no
+   change waits longer than ``max(settle, debounce)`` plus the watermark's
+   lag. Event time (the source's watermark moves on idle partitions, so
+   timers fire when traffic stops) keeps tests and replays deterministic;
+   ``--debounce_clock processing`` uses processing-time timers instead, which
+   saves the watermark's lag (about a second with the default idle skew).
+3. **Refresh** (batched per bundle, up to ``--refresh_batch`` users): candidates
+   of all users in a few Redis round trips (``CandidateReader``: pushed feed +
+   recent posts of followed celebrities, ~200 per user), features in one
+   ``OnlineFeatureStore.hydrate`` per user, ONE ``inplace_predict`` over the
+   candidates of every user in the batch, diversity re-ranking per user
+   (``--top_k``, ``--max_per_author``, ``--no_adjacent``), and
+   ``RankedFeedStore.write`` (Redis swap + Cassandra row, newer wins) with
+   the model version. With no model promoted yet (or none usable), the feed
+   is ranked by recency and its version is ``recency``.
+
+The model is whatever ``latest`` in ``--model_dir`` names
+(``pipelines.io.model_registry``); each worker re-reads the pointer every
+``--model_poll_s`` and swaps to a new version without a restart.
+
+Delivery: the stateful step follows a shuffle, so the source's offsets are
+committed once the triggers are in the runner's state, not when refreshed;
+``--rewind_s`` defaults to the debounce horizon so a restarted job re-reads
+what a lost state may have held. Refreshes are idempotent (a ranking replaces
+the previous one, newer generation time wins). Metrics in
+``feedbeam.ranking``: ``triggers_<reason>``, ``refreshes``,
+``refreshes_model``, ``refreshes_recency``, ``candidates`` and
+``refresh_latency_ms`` (event time of the change to the write) distributions,
+``model_swaps``, ``model_errors`` (scoring failed: ranked by recency), batch
+retries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from typing import Callable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.coders import coders
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms import userstate
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipelines.fanout import FanoutOptions, StoreConfig, _transient_errors
+from pipelines.io.kafka import KafkaReadOptions
+from pipelines.io.source import ReadEvents
+from pipelines.ranking_features import FEATURE_NAMES, feature_matrix, online_columns
+from pipelines.ranking_logic import (
+    Debounce,
+    RankingPolicy,
+    diversify,
+    engagement_trigger,
+    follow_trigger,
+    merge_requests,
+    post_triggers,
+    recency_scores,
+    requests_from,
+)
+from schemas.events import EngagementEvent, FollowEvent, PostEvent
+from schemas.features import DEFAULT_HALF_LIFE_MS
+from schemas.ranked import RankedEntry
+from schemas.ranking import (
+    RECENCY_VERSION,
+    Candidate,
+    RefreshOutcome,
+    RefreshRequest,
+    Trigger,
+)
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "feedbeam.ranking"
+DEFAULT_GROUP = "feedbeam-ranking"
+#: Time domains of the debounce timers (``--debounce_clock``).
+CLOCKS = ("event", "processing")
+
+
+# --------------------------------------------------------------------------- options
+
+
+class RankingOptions(PipelineOptions):
+    """Options of the ranking pipeline (Kafka settings are ``KafkaReadOptions``)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        p, d = RankingPolicy(), Debounce()
+        parser.add_argument("--model_dir", default=None,
+                            help="model directory of `feedbeam train` (default: "
+                                 "<FEEDBEAM_STATE_DIR>/models); its `latest` is used")
+        parser.add_argument("--model_poll_s", type=float, default=10.0,
+                            help="how often a worker checks `latest` for a new model version")
+        parser.add_argument("--settle_s", type=float, default=d.settle_ms / 1000,
+                            help="delay from a user's first change to the refresh")
+        parser.add_argument("--debounce_s", type=float, default=d.interval_ms / 1000,
+                            help="a user's ranked feed is refreshed at most once per this long")
+        parser.add_argument("--debounce_clock", choices=CLOCKS, default="event",
+                            help="time domain of the debounce timers: event time (watermark; "
+                                 "deterministic) or processing time (lower latency live)")
+        parser.add_argument("--max_candidates", type=int, default=p.max_candidates,
+                            help="candidates ranked per user (newest first)")
+        parser.add_argument("--pushed_limit", type=int, default=p.pushed_limit,
+                            help="newest home-feed entries read per user")
+        parser.add_argument("--celebrity_posts", type=int, default=p.celebrity_posts,
+                            help="recent posts pulled per followed celebrity")
+        parser.add_argument("--max_age_days", type=float, default=p.max_age_days,
+                            help="older candidates are not ranked")
+        parser.add_argument("--top_k", type=int, default=p.top_k,
+                            help="the diversity cap applies to the top this many positions")
+        parser.add_argument("--max_per_author", type=int, default=p.max_per_author,
+                            help="posts of one author allowed in the top --top_k")
+        parser.add_argument("--no_adjacent", type=_bool, default=p.no_adjacent,
+                            help="no two adjacent posts of one author (true/false)")
+        parser.add_argument("--feature_half_life_days", type=float,
+                            default=DEFAULT_HALF_LIFE_MS / 86_400_000,
+                            help="affinity half-life of the features pipeline")
+        parser.add_argument("--refresh_batch", type=int, default=256,
+                            help="users refreshed (scored) together within a bundle")
+        parser.add_argument("--score_threads", type=int, default=1,
+                            help="XGBoost threads per scoring call (0 = all cores); 1 leaves "
+                                 "the cores to the other bundles and the store I/O")
+        parser.add_argument("--io_threads", type=int, default=8,
+                            help="threads per worker overlapping a batch's per-user store "
+                                 "round trips (feature hydrate, ranked-feed write)")
+        # The stores (--redis_url, --redis_key_prefix, --cassandra_*), --push_threshold
+        # and --inactive_days are FanoutOptions': the same settings as the fan-out's
+        # (Beam parses one flat namespace, so they are declared once).
+
+    def policy(self) -> RankingPolicy:
+        fanout = self.view_as(FanoutOptions)
+        return RankingPolicy(
+            max_candidates=self.max_candidates, pushed_limit=self.pushed_limit,
+            celebrity_posts=self.celebrity_posts, max_age_days=self.max_age_days,
+            push_threshold=fanout.push_threshold, inactive_days=fanout.inactive_days,
+            top_k=self.top_k, max_per_author=self.max_per_author, no_adjacent=self.no_adjacent)
+
+    def debounce(self) -> Debounce:
+        return Debounce(settle_ms=int(self.settle_s * 1000), interval_ms=int(self.debounce_s * 1000))
+
+    def config(self) -> "RankingConfig":
+        if self.model_dir is None:
+            raise ValueError("--model_dir is not set (run() defaults it from FEEDBEAM_STATE_DIR)")
+        return RankingConfig(
+            self.view_as(FanoutOptions).stores(), model_dir=self.model_dir, model_poll_s=self.model_poll_s,
+            half_life_ms=int(self.feature_half_life_days * 86_400_000))
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+# --------------------------------------------------------------------------- stores
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingConfig:
+    """Where the stores and models are; pickled into the DoFns instead of clients."""
+
+    stores: StoreConfig
+    model_dir: str
+    model_poll_s: float = 10.0
+    half_life_ms: int = DEFAULT_HALF_LIFE_MS
+    score_threads: int = 1
+    io_threads: int = 8
+
+    def open(self, policy: RankingPolicy, clock: Callable[[], float] = time.time) -> "FeedRanker":
+        """A ``FeedRanker`` on new clients (one Redis client and one Cassandra session
+        shared by its stores); ``FeedRanker.close()`` closes them."""
+        from pipelines.io.candidates import CandidateReader
+        from pipelines.io.feature_store import OnlineFeatureStore
+        from pipelines.io.model_registry import ModelRegistry, ModelWatcher
+        from pipelines.io.ranked_store import RankedFeedStore
+
+        stores = self.stores.open()
+        feeds = stores.redis
+        return FeedRanker(
+            CandidateReader(feeds),
+            OnlineFeatureStore(feeds.client, feeds.keys, half_life_ms=self.half_life_ms),
+            RankedFeedStore(feeds.client, feeds.keys, stores.cassandra),
+            ModelWatcher(ModelRegistry(self.model_dir), FEATURE_NAMES, self.model_poll_s,
+                         nthread=self.score_threads),
+            policy, clock, on_close=stores.close, io_threads=self.io_threads)
+
+
+# --------------------------------------------------------------------------- refreshing
+
+
+class FeedRanker:
+    """Refreshes ranked feeds: candidates, features, one batched scoring, diversity,
+    write (no Beam; the DoFn adapts it). ``clock`` returns epoch seconds.
+
+    The per-user store calls (one feature hydrate, one ranked-feed write) of a
+    batch run on ``io_threads`` threads: they wait on the network, so their
+    round trips overlap instead of adding up. The stores' clients are
+    thread-safe (a Redis connection pool, one Cassandra session).
+    """
+
+    def __init__(self, candidates, features, ranked, models, policy: RankingPolicy,
+                 clock: Callable[[], float] = time.time, on_close: Callable[[], None] = None,
+                 io_threads: int = 8):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.candidates = candidates
+        self.features = features
+        self.ranked = ranked
+        self.models = models
+        self.policy = policy
+        self._clock = clock
+        self._on_close = on_close
+        self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="ranking-io")
+        self.model_errors = 0
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+        if self._on_close is not None:
+            self._on_close()
+
+    def refresh(self, requests: Sequence[RefreshRequest]) -> list[RefreshOutcome]:
+        """Rank and write the feed of every requested user (one outcome per user)."""
+        requests = merge_requests(requests)
+        now_ms = int(self._clock() * 1000)
+        by_user = self.candidates.read(requests, now_ms, self.policy)
+        users = [r.user_id for r in requests]
+        version, scores = self.score(users, by_user, now_ms)
+        ranked = {user: diversify([RankedEntry(c.post_id, c.author_id, float(s))
+                                   for c, s in zip(by_user[user], scores[user])],
+                                  self.policy.top_k, self.policy.max_per_author,
+                                  self.policy.no_adjacent)
+                  for user in users}
+        # list(): wait for every write (and raise the first error) before reporting.
+        list(self._io.map(lambda u: self.ranked.write(u, ranked[u], version, now_ms), users))
+        return [RefreshOutcome(r.user_id, version, len(ranked[r.user_id]),
+                               len(by_user[r.user_id]), r.changed_at_ms, now_ms, r.triggers)
+                for r in requests]
+
+    def score(self, users: Sequence[int], by_user: dict[int, list[Candidate]], now_ms: int
+              ) -> tuple[str, dict[int, np.ndarray]]:
+        """``(model version, scores per user aligned with its candidates)``.
+
+        All users' candidates go through the model in one ``inplace_predict``;
+        without a usable model (or if scoring fails) the scores are the
+        creation times and the version is ``RECENCY_VERSION``.
+        """
+        model = self.models.current() if self.models is not None else None
+        if model is not None:
+            blocks = list(self._io.map(lambda u: self.features_of(u, by_user[u], now_ms),
+                                       users))
+            try:
+                flat = model.predict(np.concatenate(blocks) if blocks else
+                                     np.zeros((0, len(FEATURE_NAMES)), np.float32))
+            except Exception as exc:  # a broken model must not stop the feeds: rank by recency
+                self.model_errors += 1
+                log.error("ranking: model %s failed to score, ranking by recency: %s",
+                          model.version, exc)
+            else:
+                offsets = np.cumsum([0] + [len(b) for b in blocks])
+                return model.version, {u: flat[offsets[i]:offsets[i + 1]]
+                                       for i, u in enumerate(users)}
+        return RECENCY_VERSION, {u: recency_scores(by_user[u]) for u in users}
+
+    def features_of(self, user: int, cands: Sequence[Candidate], now_ms: int) -> np.ndarray:
+        """The feature rows of one user's candidates (one hydrate round trip)."""
+        if not cands:
+            return np.zeros((0, len(FEATURE_NAMES)), np.float32)
+        authors = [c.author_id for c in cands]
+        hydrated = self.features.hydrate(user, [c.post_id for c in cands], authors, now_ms)
+        post_cols, author_cols = online_columns(hydrated.posts, hydrated.authors)
+        media = np.array([c.media_type for c in cands], dtype=object)
+        n = len(cands)
+        per_media = {m: np.full(n, v) for m, v in hydrated.content_affinity.items()}
+        age = now_ms - np.fromiter((c.created_at for c in cands), np.int64, count=n)
+        return feature_matrix(post_cols, author_cols, np.asarray(hydrated.author_affinity),
+                              per_media, media, age)
+
+
+# --------------------------------------------------------------------------- Beam
+
+
+class _Counters:
+    """Beam counters created on first use."""
+
+    def __init__(self):
+        self._counters = {}
+
+    def inc(self, name: str, n: int = 1) -> None:
+        if n:
+            counter = self._counters.get(name)
+            if counter is None:
+                counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
+            counter.inc(n)
+
+
+class _TriggersFn(beam.DoFn):
+    """Event -> ``(user_id, Trigger)`` for every user whose ranked feed it makes stale."""
+
+    def __init__(self, stores: StoreConfig, policy: RankingPolicy):
+        self._store_config = stores
+        self._policy = policy
+
+    def setup(self):
+        from pipelines.io.redis_store import RedisFeedStore
+
+        c = self._store_config
+        self._feeds = RedisFeedStore.from_url(c.redis_url, key_prefix=c.redis_key_prefix)
+        self._counters = _Counters()
+
+    def teardown(self):
+        feeds = getattr(self, "_feeds", None)
+        if feeds is not None:
+            feeds.close()
+
+    def process(self, event):
+        if isinstance(event, PostEvent):
+            followers = self._feeds.followers(event.author_id)
+            triggers = post_triggers(event, followers, self._feeds.last_reads(followers),
+                                     self._policy.inactive_ms)
+        elif isinstance(event, FollowEvent):
+            triggers = [follow_trigger(event)]
+        elif isinstance(event, EngagementEvent):
+            trigger = engagement_trigger(event)
+            triggers = [] if trigger is None else [trigger]
+        else:
+            triggers = []
+        if not triggers:
+            self._counters.inc("events_without_trigger")
+        for t in triggers:
+            self._counters.inc(f"triggers_{t.reason}")
+            yield t.user_id, t
+
+
+_TRIGGER_CODER = coders.TupleCoder([
+    coders.VarIntCoder(), coders.VarIntCoder(), coders.StrUtf8Coder(), coders.VarIntCoder(),
+    coders.VarIntCoder(), coders.VarIntCoder(), coders.StrUtf8Coder()])
+
+
+def debounce_fn(debounce: Debounce, clock: str = "event") -> beam.DoFn:
+    """The per-user debounce step: collects triggers, emits one ``RefreshRequest`` per
+    refresh (``Debounce`` decides when).
+
+    ``clock="event"``: timers in event time, set from the elements' timestamps
+    and fired by the watermark (deterministic under replays and in tests; the
+    watermark's lag behind the wall clock adds to the latency).
+    ``clock="processing"``: timers in processing time, set from the wall clock
+    when a trigger arrives (lower latency live; a replay coalesces by how fast
+    it runs, not by event time).
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, not {clock!r}")
+    domain = TimeDomain.WATERMARK if clock == "event" else TimeDomain.REAL_TIME
+
+    class DebounceFn(beam.DoFn):
+        PENDING = userstate.BagStateSpec("pending", _TRIGGER_CODER)
+        TIMER_AT = userstate.ReadModifyWriteStateSpec("timer_at", coders.VarIntCoder())
+        REFRESH = userstate.TimerSpec("refresh", domain)
+
+        def process(self, element, ts=beam.DoFn.TimestampParam,
+                    pending=beam.DoFn.StateParam(PENDING),
+                    timer_at=beam.DoFn.StateParam(TIMER_AT),
+                    refresh=beam.DoFn.TimerParam(REFRESH)):
+            _, trigger = element
+            pending.add(tuple(trigger))
+            now_ms = ts.micros // 1000 if clock == "event" else int(time.time() * 1000)
+            at = debounce.on_change(timer_at.read(), now_ms)
+            if at is not None:
+                refresh.set(Timestamp(micros=at * 1000))
+                timer_at.write(at)
+
+        @userstate.on_timer(REFRESH)
+        def on_refresh(self, key=beam.DoFn.KeyParam, pending=beam.DoFn.StateParam(PENDING),
+                       timer_at=beam.DoFn.StateParam(TIMER_AT),
+                       refresh=beam.DoFn.TimerParam(REFRESH)):
+            triggers = [Trigger(*t) for t in pending.read()]
+            # The time the timer was set for: the same in both domains.
+            now, next_at = debounce.on_timer(timer_at.read(), bool(triggers))
+            pending.clear()
+            if next_at is None:
+                timer_at.clear()
+            else:
+                refresh.set(Timestamp(micros=next_at * 1000))
+                timer_at.write(next_at)
+            if now:
+                yield requests_from(key, triggers)
+
+    return DebounceFn()
+
+
+class _RefreshFn(beam.DoFn):
+    """Buffers refresh requests and refreshes them in batches with ``FeedRanker``.
+
+    Clients are built in ``setup()`` from ``RankingConfig``. A batch that fails
+    with a transient store error is retried whole with exponential backoff
+    (refreshes are idempotent); after ``attempts`` the bundle fails.
+    """
+
+    def __init__(self, config: RankingConfig, policy: RankingPolicy, max_batch: int = 256,
+                 attempts: int = 4, backoff_s: float = 0.5):
+        self._config = config
+        self._policy = policy
+        self._max_batch = max_batch
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+
+    def setup(self):
+        self._ranker = self._config.open(self._policy)
+        self._transient = _transient_errors()
+        self._counters = _Counters()
+        self._latency = Metrics.distribution(NAMESPACE, "refresh_latency_ms")
+        self._candidates = Metrics.distribution(NAMESPACE, "candidates")
+        self._swaps = self._errors = 0
+
+    def teardown(self):
+        ranker = getattr(self, "_ranker", None)
+        if ranker is not None:
+            ranker.close()
+
+    def start_bundle(self):
+        self._pending: list[tuple[RefreshRequest, object, object]] = []
+
+    def process(self, request, timestamp=beam.DoFn.TimestampParam,
+                window=beam.DoFn.WindowParam):
+        self._pending.append((request, timestamp, window))
+        if len(self._pending) >= self._max_batch:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        yield from self._flush()
+
+    def _flush(self):
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        outcomes = self._refresh_with_retries([r for r, _, _ in pending])
+        stamps = {r.user_id: (ts, w) for r, ts, w in pending}
+        for o in outcomes:
+            self._record(o)
+            ts, w = stamps[o.user_id]
+            yield WindowedValue(o, ts, [w])
+        swaps, errors = self._ranker.models.swaps, self._ranker.model_errors
+        self._counters.inc("model_swaps", swaps - self._swaps)
+        self._counters.inc("model_errors", errors - self._errors)
+        self._swaps, self._errors = swaps, errors
+
+    def _refresh_with_retries(self, requests: list[RefreshRequest]) -> list[RefreshOutcome]:
+        for attempt in range(1, self._attempts + 1):
+            try:
+                outcomes = self._ranker.refresh(requests)
+                self._counters.inc("batches")
+                return outcomes
+            except self._transient as exc:
+                if attempt == self._attempts:
+                    self._counters.inc("batch_failures")
+                    raise
+                self._counters.inc("batch_retries")
+                delay = self._backoff_s * 2 ** (attempt - 1)
+                log.warning("ranking: transient store error (attempt %d/%d), retrying the batch "
+                            "of %d users in %.1fs: %s", attempt, self._attempts, len(requests),
+                            delay, exc)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _record(self, o: RefreshOutcome) -> None:
+        self._counters.inc("refreshes")
+        self._counters.inc("refreshes_recency" if o.model_version == RECENCY_VERSION
+                           else "refreshes_model")
+        self._candidates.update(o.candidates)
+        self._latency.update(max(0, o.generated_at_ms - o.changed_at_ms))
+
+
+class RefreshRankedFeeds(beam.PTransform):
+    """Keep the ranked feeds of the users that events concern fresh (see module doc).
+
+    Args:
+      config: stores and model directory (``RankingConfig``).
+      policy: candidates and diversity (``RankingPolicy``).
+      debounce: settle delay and minimum interval per user (``Debounce``).
+      max_batch: users scored together within a bundle.
+      clock: time domain of the debounce timers, ``"event"`` or ``"processing"``
+        (``debounce_fn``).
+
+    Takes a ``PCollection`` of events (``PostEvent``, ``FollowEvent``,
+    ``EngagementEvent``; others are counted and ignored), timestamped by event
+    time. Returns a ``PCollection[RefreshOutcome]``, one per refresh written.
+    """
+
+    def __init__(self, config: RankingConfig, policy: RankingPolicy = RankingPolicy(),
+                 debounce: Debounce = Debounce(), max_batch: int = 256, clock: str = "event"):
+        super().__init__()
+        self._config = config
+        self._policy = policy
+        self._debounce = debounce
+        self._max_batch = max_batch
+        self._clock = clock
+
+    def expand(self, events):
+        return (events
+                | "Triggers" >> beam.ParDo(_TriggersFn(self._config.stores, self._policy))
+                .with_output_types(beam.typehints.Tuple[int, Trigger])
+                | "Debounce" >> beam.ParDo(debounce_fn(self._debounce, self._clock))
+                .with_output_types(RefreshRequest)
+                | "Refresh" >> beam.ParDo(_RefreshFn(self._config, self._policy,
+                                                     self._max_batch))
+                .with_output_types(RefreshOutcome))
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions):
+    """Wire the ranking job into ``pipeline``; returns the outcomes PCollection."""
+    kafka = options.view_as(KafkaReadOptions)
+    ranking = options.view_as(RankingOptions)
+    debounce = ranking.debounce()
+    # Triggers live in runner state for up to max(settle, interval): re-read
+    # that much (plus a margin) after a restart.
+    rewind_s = max(debounce.settle_ms, debounce.interval_ms) / 1000 + 5.0
+    config = kafka.source_config(default_group=DEFAULT_GROUP, default_rewind_s=rewind_s)
+    prefix = kafka.topic_prefix
+    topics = [prefix + t.TOPIC for t in (PostEvent, EngagementEvent, FollowEvent)]
+    return (pipeline
+            | "ReadEvents" >> ReadEvents(config, topics, topic_prefix=prefix)
+            | "RefreshRankedFeeds" >> RefreshRankedFeeds(
+                ranking.config(), ranking.policy(), debounce, ranking.refresh_batch,
+                ranking.debounce_clock))
+
+
+def run(argv=None):
+    """Parse options, build the streaming pipeline and run it until it is cancelled."""
+    options = PipelineOptions(argv)
+    ranking = options.view_as(RankingOptions)
+    if ranking.model_dir is None:
+        from infra.settings import StackSettings
+
+        ranking.model_dir = str(StackSettings.from_env().state_dir / "models")
+    options.view_as(StandardOptions).streaming = True
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+if __name__ == "__main__":
+    # force: importing Beam already configured the root logger (at WARNING),
+    # which would silence the model-swap lines.
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cassandra").setLevel(logging.WARNING)
+    run(sys.argv[1:])

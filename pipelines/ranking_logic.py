@@ -1,0 +1,327 @@
+"""The ranking pipeline's decisions as plain functions (no Beam, no stores).
+
+``pipelines.ranking`` adapts these:
+
+* **Triggers** (``engagement_trigger``, ``follow_trigger``, ``post_triggers``):
+  which users an event concerns. A post's followers (their candidates
+  changed), a follow edge's follower, an engaging viewer (their affinities
+  moved). ``requests_from`` folds a user's pending triggers into one
+  ``RefreshRequest``.
+* **Debounce** (``Debounce``): when the next refresh of a user runs. A first
+  change waits ``settle_ms`` (a burst of changes coalesces, and the fan-out
+  has written the pushed entry meanwhile); after a refresh, the user is
+  cooling down for ``interval_ms``: changes then are collected and refreshed
+  together when it ends. So a user is refreshed at most once per interval,
+  and no change waits longer than ``max(settle, interval)`` plus the
+  watermark's delay.
+* **Candidates** (``merge_candidates``): pushed feed + pulled celebrity posts
+  + posts created meanwhile, minus deleted ones, newest ``limit``.
+* **Recency** (``recency_scores``): the ranking without a model.
+* **Diversity** (``diversify``): at most ``max_per_author`` posts of one
+  author in the top ``top_k``, no two adjacent posts of one author, greedy in
+  score order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import deque
+from typing import Iterable, Mapping, Protocol, Sequence, TypeVar
+
+import numpy as np
+
+from pipelines.fanout_logic import DAY_MS, is_active
+from schemas.events import EngagementEvent, FollowEvent, PostEvent, PostEventKind
+from schemas.features import ENGAGING_KINDS
+from schemas.ranking import (
+    ENGAGED,
+    FOLLOW_CHANGED,
+    POST_CREATED,
+    POST_DELETED,
+    Candidate,
+    RefreshRequest,
+    Trigger,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingPolicy:
+    """The knobs of ranking (``RankingOptions`` builds one)."""
+
+    max_candidates: int = 200
+    pushed_limit: int = 400
+    celebrity_posts: int = 50
+    max_age_days: float = 7.0
+    push_threshold: int = 10_000
+    inactive_days: float = 30.0
+    top_k: int = 20
+    max_per_author: int = 3
+    no_adjacent: bool = True
+
+    def __post_init__(self):
+        for name in ("max_candidates", "pushed_limit", "push_threshold", "top_k",
+                     "max_per_author"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.celebrity_posts < 0:
+            raise ValueError("celebrity_posts must be >= 0")
+        if self.max_age_days <= 0 or self.inactive_days <= 0:
+            raise ValueError("max_age_days and inactive_days must be > 0")
+
+    @property
+    def max_age_ms(self) -> int:
+        return int(self.max_age_days * DAY_MS)
+
+    @property
+    def inactive_ms(self) -> int:
+        return int(self.inactive_days * DAY_MS)
+
+
+# --------------------------------------------------------------------------- triggers
+
+
+
+def engagement_trigger(e: EngagementEvent) -> Trigger | None:
+    """A like, comment, share or save moves the viewer's affinities: refresh the viewer.
+
+    Views (the bulk of the traffic, with a small weight in the affinities),
+    unlikes and profile views do not trigger; their effect is picked up by
+    the viewer's next refresh.
+    """
+    if e.kind not in ENGAGING_KINDS:
+        return None
+    return Trigger(e.viewer_id, e.event_time, ENGAGED)
+
+
+def follow_trigger(e: FollowEvent) -> Trigger:
+    """A follow or unfollow changes the follower's candidates."""
+    return Trigger(e.follower_id, e.event_time, FOLLOW_CHANGED)
+
+
+def post_triggers(post: PostEvent, followers: Sequence[int],
+                  last_reads: Sequence[int | None], inactive_ms: int) -> list[Trigger]:
+    """A created or deleted post changes the candidates of each active follower.
+
+    Inactive followers (no feed read within ``inactive_ms`` of the post's
+    event time; never-read users count as active, as in the fan-out) are
+    skipped: their feeds are rebuilt on their next read.
+    """
+    reason = POST_DELETED if post.kind is PostEventKind.DELETED else POST_CREATED
+    media = post.media_type.value if post.media_type is not None else ""
+    return [Trigger(u, post.event_time, reason, post.post_id, post.author_id, post.created_at,
+                    media)
+            for u, last in zip(followers, last_reads)
+            if is_active(last, post.event_time, inactive_ms)]
+
+
+def requests_from(user_id: int, triggers: Iterable[Trigger]) -> RefreshRequest:
+    """Fold a user's pending triggers into one request (a deletion beats a creation)."""
+    created: dict[int, Candidate] = {}
+    deleted: set[int] = set()
+    changed_at = None
+    count = 0
+    for t in triggers:
+        count += 1
+        changed_at = t.event_time if changed_at is None else min(changed_at, t.event_time)
+        if t.reason == POST_DELETED:
+            deleted.add(t.post_id)
+        elif t.reason == POST_CREATED:
+            created[t.post_id] = Candidate(t.post_id, t.author_id, t.created_at, t.media_type)
+    if changed_at is None:
+        raise ValueError("a refresh request needs at least one trigger")
+    new_posts = tuple(sorted((c for pid, c in created.items() if pid not in deleted),
+                             key=lambda c: c.post_id))
+    return RefreshRequest(user_id, changed_at, new_posts, frozenset(deleted), count)
+
+
+def merge_requests(requests: Iterable[RefreshRequest]) -> list[RefreshRequest]:
+    """One request per user (first-seen order): two refreshes of one user that meet in
+    a batch (a backlog catching up) are done once, covering both."""
+    merged: dict[int, RefreshRequest] = {}
+    for r in requests:
+        held = merged.get(r.user_id)
+        if held is None:
+            merged[r.user_id] = r
+            continue
+        deleted = held.deleted | r.deleted
+        posts = {c.post_id: c for c in held.new_posts + r.new_posts if c.post_id not in deleted}
+        merged[r.user_id] = RefreshRequest(
+            r.user_id, min(held.changed_at_ms, r.changed_at_ms),
+            tuple(sorted(posts.values(), key=lambda c: c.post_id)), deleted,
+            held.triggers + r.triggers)
+    return list(merged.values())
+
+
+# --------------------------------------------------------------------------- debounce
+
+
+@dataclasses.dataclass(frozen=True)
+class Debounce:
+    """Per-user refresh timing (times in ms; see the module docstring).
+
+    A user is in one of three states: idle (no timer), pending (changes
+    waiting, timer at first change + ``settle_ms``) or cooling down (refreshed
+    at F, timer at F + ``interval_ms``). The DoFn keeps the timer time in its
+    state and asks these two methods what to do.
+    """
+
+    settle_ms: int = 500
+    interval_ms: int = 5_000
+
+    def __post_init__(self):
+        if self.settle_ms < 0 or self.interval_ms < 1:
+            raise ValueError("settle_ms must be >= 0 and interval_ms >= 1")
+
+    def on_change(self, timer_at: int | None, event_ms: int) -> int | None:
+        """A change at ``event_ms``: the timer to set, or None to keep the current one."""
+        return event_ms + self.settle_ms if timer_at is None else None
+
+    def on_timer(self, fired_at: int, pending: bool) -> tuple[bool, int | None]:
+        """The timer fired: ``(refresh now?, next timer or None for idle)``.
+
+        With changes pending: refresh and cool down until ``fired_at +
+        interval_ms``. Without (a cooldown that saw no change): go idle.
+        """
+        if pending:
+            return True, fired_at + self.interval_ms
+        return False, None
+
+
+def simulate_debounce(debounce: Debounce, event_times: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """Refreshes of one user for changes at ``event_times`` with a perfect clock.
+
+    Returns ``[(refresh_time, [event times it covers])]``. What the DoFn does
+    under a watermark that never lags; the property tests and the docs use it.
+    """
+    events = sorted(event_times)
+    timer: int | None = None
+    pending: list[int] = []
+    out: list[tuple[int, list[int]]] = []
+    i = 0
+    while i < len(events) or timer is not None:
+        if timer is not None and (i == len(events) or timer <= events[i]):
+            fired = timer
+            refresh, timer = debounce.on_timer(fired, bool(pending))
+            if refresh:
+                out.append((fired, pending))
+                pending = []
+            continue
+        pending.append(events[i])
+        new = debounce.on_change(timer, events[i])
+        if new is not None:
+            timer = new
+        i += 1
+    return out
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def merge_candidates(pushed: Sequence[tuple[int, int]], pulled: Sequence[tuple[int, int]],
+                     request: RefreshRequest, meta: Mapping[int, Mapping | None],
+                     tombstoned: frozenset | set, now_ms: int, policy: RankingPolicy
+                     ) -> list[Candidate]:
+    """The candidates of one user, newest first, at most ``policy.max_candidates``.
+
+    ``pushed``: ``(post_id, created_at)`` of the home feed; ``pulled``: the
+    same from followed celebrities' timelines; ``meta``: stored metadata
+    (``author_id``, ``created_at``, ``media_type``) per post id, None when
+    unknown; ``tombstoned``: ids whose metadata is a deletion tombstone.
+    Posts of ``request.new_posts`` the store does not know yet are taken from
+    the triggering events. Dropped: deleted (tombstoned or deleted by a
+    trigger), unknown, older than ``max_age_days``. A post both pushed and
+    pulled counts as pushed.
+    """
+    oldest = now_ms - policy.max_age_ms
+    gone = set(tombstoned) | set(request.deleted)
+    found: dict[int, Candidate] = {}
+    for entries, is_pulled in ((pushed, False), (pulled, True)):
+        for post_id, _ in entries:
+            if post_id in found or post_id in gone:
+                continue
+            m = meta.get(post_id)
+            if m is None:
+                continue
+            found[post_id] = Candidate(post_id, int(m["author_id"]), int(m["created_at"]),
+                                       m.get("media_type") or "", is_pulled)
+    for c in request.new_posts:
+        if c.post_id not in found and c.post_id not in gone:
+            found[c.post_id] = c
+    live = [c for c in found.values() if c.created_at >= oldest]
+    live.sort(key=lambda c: (-c.created_at, -c.post_id))
+    return live[:policy.max_candidates]
+
+
+def recency_scores(candidates: Sequence[Candidate]) -> np.ndarray:
+    """Scores of the recency ranking: the creation time (ms), newest highest."""
+    return np.fromiter((c.created_at for c in candidates), dtype=np.float64,
+                       count=len(candidates))
+
+
+# --------------------------------------------------------------------------- diversity
+
+
+class Scored(Protocol):
+    author_id: int
+    score: float
+
+
+E = TypeVar("E", bound=Scored)
+
+
+def diversify(entries: Sequence[E], top_k: int = 20, max_per_author: int = 3,
+              no_adjacent: bool = True) -> list[E]:
+    """Re-rank scored entries for author diversity; returns a permutation of ``entries``.
+
+    Greedy in score order (ties: input order): each position takes the
+    highest-scoring remaining entry whose author (a) is not the previous
+    position's author (with ``no_adjacent``) and (b) has fewer than
+    ``max_per_author`` entries in the top ``top_k`` so far (positions below
+    ``top_k`` are not capped). When no remaining entry satisfies both, the
+    rules give way in this order: the cap first (the highest entry of another
+    author than the previous one), then adjacency (the highest entry).
+
+    So the rules are broken only when the candidates leave no choice, and
+    then as little as the greedy order can: both hold in the top ``top_k``
+    whenever more than ``ceil(top_k / max_per_author)`` authors have at
+    least ``max_per_author`` entries each. An author's own entries keep their
+    score order, and the first entry is always the highest-scoring one.
+    """
+    if top_k < 0 or max_per_author < 1:
+        raise ValueError("top_k must be >= 0 and max_per_author >= 1")
+    order = sorted(range(len(entries)), key=lambda i: -entries[i].score)
+    queues: dict[int, deque[int]] = {}
+    for i in order:
+        queues.setdefault(entries[i].author_id, deque()).append(i)
+    rank = {i: r for r, i in enumerate(order)}
+    heads = [(rank[q[0]], a) for a, q in queues.items()]  # (rank of head, author)
+    heapq.heapify(heads)
+    in_top: dict[int, int] = {}
+    out: list[E] = []
+    prev = None
+    while heads:
+        position = len(out)
+        skipped: list[tuple[int, int]] = []
+        chosen = None
+        while heads:
+            head = heapq.heappop(heads)
+            author = head[1]
+            if ((not no_adjacent or author != prev)
+                    and (position >= top_k or in_top.get(author, 0) < max_per_author)):
+                chosen = head
+                break
+            skipped.append(head)
+        if chosen is None:  # skipped is in score order: relax the cap, then adjacency
+            chosen = next((h for h in skipped if not no_adjacent or h[1] != prev), skipped[0])
+            skipped.remove(chosen)
+        for h in skipped:
+            heapq.heappush(heads, h)
+        author = chosen[1]
+        queue = queues[author]
+        out.append(entries[queue.popleft()])
+        if position < top_k:
+            in_top[author] = in_top.get(author, 0) + 1
+        if queue:
+            heapq.heappush(heads, (rank[queue[0]], author))
+        prev = author
+    return out

@@ -1,0 +1,143 @@
+"""The ranking pipeline end to end: Kafka -> Prism (fan-out + ranking) -> Redis + Cassandra.
+
+One streaming job runs both the fan-out (pushes, timelines, graph) and the
+ranking pipeline (each with its own consumer group) over the test's own topics.
+The test produces a graph, posts, an engagement and a delete, and waits for
+each change to show in the ranked feed read back through ``RankedFeedStore``:
+first ranked by recency (no model), then by a model promoted into the model
+directory while the job runs (picked up without a restart).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from confluent_kafka import Producer
+
+from infra.stack import prism_binary
+from pipelines import fanout, ranking
+from pipelines.io.feature_store import OnlineFeatureStore
+from pipelines.io.model_registry import ModelRegistry
+from pipelines.io.ranked_store import RankedFeedStore
+from pipelines.io.redis_store import RedisFeedStore
+from pipelines.io.cassandra_store import CassandraFeedStore
+from schemas.cassandra import migrate
+from schemas.codec import WireCodec
+from schemas.events import (
+    EngagementEvent,
+    EngagementKind,
+    FollowEvent,
+    MediaType,
+    PostEvent,
+    PostEventKind,
+)
+from schemas.features import FeatureValue
+from schemas.ranking import RECENCY_VERSION
+from tests.integration.fanout_events import follow
+from tests.integration.ranking_models import promote_toy_model
+from tests.integration.test_kafka_source import _cancel, _wait_for
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 2
+VIEWER, CELEB = 1, 99
+
+
+class Topics:
+    def __init__(self, stack, kafka_topic):
+        self.prefix = f"t{uuid.uuid4().hex[:8]}."
+        for t in (PostEvent.TOPIC, FollowEvent.TOPIC, EngagementEvent.TOPIC):
+            kafka_topic(PARTITIONS, name=self.prefix + t)
+        self.codec = WireCodec()
+        self.producer = Producer({"bootstrap.servers": stack.kafka_bootstrap, "linger.ms": 5})
+
+    def send(self, events) -> None:
+        for e in events:
+            topic = self.prefix + e.TOPIC
+            self.producer.produce(topic, self.codec.encode(e, topic), e.key,
+                                  timestamp=e.event_time)
+        assert self.producer.flush(30) == 0
+
+
+def post(pid, author, t, media=MediaType.PHOTO, kind=PostEventKind.CREATED):
+    return PostEvent(f"{kind.value}-{pid}", t, kind, pid, author, t, media)
+
+
+@pytest.mark.parametrize("clock", ["event", "processing"])
+def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cassandra_session,
+                                                        keyspace, key_prefix, tmp_path, clock):
+    migrate(cassandra_session, keyspace)
+    topics = Topics(stack, kafka_topic)
+    model_dir = tmp_path / "models"
+    args = [
+        "--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
+        "--environment_type=LOOPBACK", "--streaming",
+        f"--kafka_bootstrap={stack.kafka_bootstrap}", f"--topic_prefix={topics.prefix}",
+        "--fallback_start=earliest", "--idle_skew_s=0.5",
+        f"--redis_url={stack.redis_url}", f"--redis_key_prefix={key_prefix}",
+        f"--cassandra_host={stack.host}", f"--cassandra_port={stack.cassandra_port}",
+        f"--cassandra_keyspace={keyspace}", "--push_threshold=3", "--celebrity_top_n=0",
+        f"--model_dir={model_dir}", "--model_poll_s=0.5", "--settle_s=0.2", "--debounce_s=1",
+        "--top_k=4", "--max_per_author=2", f"--debounce_clock={clock}",
+    ]
+    options = PipelineOptions(args + [f"--consumer_group=g-{uuid.uuid4().hex[:8]}"])
+    pipeline = beam.Pipeline(options=options)
+    fanout.build(pipeline, options)
+    # Its own consumer group: the two reads share the post and follow topics.
+    ranking_options = PipelineOptions(args + [f"--consumer_group=g-{uuid.uuid4().hex[:8]}"])
+    ranking.build(pipeline, ranking_options)
+
+    feeds = RedisFeedStore.from_url(stack.redis_url, key_prefix=key_prefix)
+    reader = RankedFeedStore(feeds.client, feeds.keys,
+                             CassandraFeedStore(cassandra_session, keyspace))
+    features = OnlineFeatureStore(feeds.client, feeds.keys)
+
+    def ranked_ids():
+        feed = reader.read(VIEWER)
+        return None if feed is None else [e.post_id for e in feed.entries]
+
+    now = int(time.time() * 1000)
+    result = pipeline.run()
+    try:
+        # The graph: the viewer follows 10, 11 and the celebrity 99 (3 followers).
+        topics.send([follow(VIEWER, a, now) for a in (10, 11, CELEB)]
+                    + [follow(u, CELEB, now + 1) for u in (2, 3)])
+        _wait_for(lambda: ranked_ids() == [], 120, "the follows' refresh (no posts yet)", result)
+        assert reader.read(VIEWER).model_version == RECENCY_VERSION
+
+        # Posts: 10 posts three times, 11 once (a REEL), the celebrity once
+        # (pulled from its timeline, never pushed to the viewer).
+        t = int(time.time() * 1000)
+        topics.send([post(110, 11, t, MediaType.REEL), post(990, CELEB, t + 1)]
+                    + [post(100 + i, 10, t + 10 + i) for i in range(3)])
+        _wait_for(lambda: sorted(ranked_ids() or []) == [100, 101, 102, 110, 990], 60,
+                  "the posts in the ranked feed", result)
+        feed = reader.read(VIEWER)
+        assert feed.model_version == RECENCY_VERSION
+        assert [e.post_id for e in feed.entries] == [102, 990, 101, 110, 100]  # newest, diverse
+        assert 990 not in [p for p, _ in feeds.feed(VIEWER, 100)]
+
+        # A model arrives in the directory; the viewer likes the REEL and gets
+        # an affinity to its author: the next refresh uses the new model.
+        version = promote_toy_model(ModelRegistry(model_dir), "viewer_author_affinity")
+        features.write([FeatureValue("viewer_author", f"{VIEWER}:11", "affinity", 0.9,
+                                     int(time.time() * 1000))])
+        t = int(time.time() * 1000)
+        topics.send([EngagementEvent(f"like-{t}", t, EngagementKind.LIKE, VIEWER, 11, 110,
+                                     MediaType.REEL)])
+        _wait_for(lambda: reader.read(VIEWER).model_version == version, 60,
+                  "a refresh with the promoted model", result)
+        assert ranked_ids()[0] == 110
+
+        # A delete leaves the ranked feed.
+        topics.send([post(101, 10, t + 5, kind=PostEventKind.DELETED)])
+        _wait_for(lambda: 101 not in ranked_ids(), 60, "the delete in the ranked feed", result)
+    finally:
+        _cancel(result)
+    durable = reader.read_durable(VIEWER)
+    assert durable == reader.read(VIEWER)
+    assert sorted(e.post_id for e in durable.entries) == [100, 102, 110, 990]
+    feeds.close()

@@ -1,0 +1,139 @@
+"""Ranking decisions without Beam or stores: triggers, debounce, candidates, recency."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.fanout_logic import DAY_MS
+from pipelines.ranking_logic import (
+    Debounce,
+    RankingPolicy,
+    engagement_trigger,
+    follow_trigger,
+    merge_candidates,
+    post_triggers,
+    recency_scores,
+    requests_from,
+    simulate_debounce,
+)
+from schemas.events import (
+    EngagementEvent,
+    EngagementKind,
+    FollowEvent,
+    FollowKind,
+    MediaType,
+    PostEvent,
+    PostEventKind,
+)
+from schemas.ranking import (
+    ENGAGED,
+    FOLLOW_CHANGED,
+    POST_CREATED,
+    POST_DELETED,
+    Candidate,
+    RefreshRequest,
+    Trigger,
+)
+
+T0 = 1_780_000_000_000
+
+
+def engagement(kind, viewer=1, t=T0):
+    return EngagementEvent(f"e-{kind.value}-{t}", t, kind, viewer, 9, 100, MediaType.PHOTO)
+
+
+def test_engaging_kinds_trigger_the_viewer_and_views_do_not():
+    for kind in (EngagementKind.LIKE, EngagementKind.COMMENT, EngagementKind.SHARE,
+                 EngagementKind.SAVE):
+        assert engagement_trigger(engagement(kind)) == Trigger(1, T0, ENGAGED)
+    for kind in (EngagementKind.VIEW, EngagementKind.UNLIKE, EngagementKind.PROFILE_VIEW):
+        assert engagement_trigger(engagement(kind)) is None
+
+
+def test_follow_and_post_triggers():
+    assert follow_trigger(FollowEvent("f", T0, FollowKind.UNFOLLOW, 3, 4)) == Trigger(
+        3, T0, FOLLOW_CHANGED)
+    post = PostEvent("p", T0, PostEventKind.CREATED, 100, 9, T0 - 5, MediaType.REEL)
+    # Follower 12 has not read for 31 days: inactive, skipped; 13 never read: active.
+    triggers = post_triggers(post, [11, 12, 13], [T0 - DAY_MS, T0 - 31 * DAY_MS, None],
+                             30 * DAY_MS)
+    assert triggers == [Trigger(11, T0, POST_CREATED, 100, 9, T0 - 5, "REEL"),
+                        Trigger(13, T0, POST_CREATED, 100, 9, T0 - 5, "REEL")]
+    gone = PostEvent("d", T0 + 1, PostEventKind.DELETED, 100, 9, T0 - 5, MediaType.REEL)
+    assert [t.reason for t in post_triggers(gone, [11], [None], DAY_MS)] == [POST_DELETED]
+
+
+def test_requests_fold_triggers_and_a_delete_wins():
+    req = requests_from(5, [
+        Trigger(5, T0 + 10, POST_CREATED, 100, 9, T0, "PHOTO"),
+        Trigger(5, T0 + 3, ENGAGED),
+        Trigger(5, T0 + 20, POST_CREATED, 101, 9, T0 + 20, "VIDEO"),
+        Trigger(5, T0 + 30, POST_DELETED, 100, 9, T0, "PHOTO"),
+    ])
+    assert req == RefreshRequest(5, T0 + 3, (Candidate(101, 9, T0 + 20, "VIDEO"),),
+                                 frozenset({100}), 4)
+    with pytest.raises(ValueError):
+        requests_from(5, [])
+
+
+def test_debounce_example():
+    d = Debounce(settle_ms=500, interval_ms=5_000)
+    # A burst at 0..300 settles into one refresh at 500; changes at 1000 and
+    # 4000 wait for the cooldown to end at 5500; the cooldown after that sees
+    # no change; a change at 20000 is refreshed 500 ms later.
+    assert simulate_debounce(d, [0, 100, 300, 1000, 4000, 20_000]) == [
+        (500, [0, 100, 300]), (5500, [1000, 4000]), (20_500, [20_000])]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 60_000), max_size=40), st.integers(0, 3_000),
+       st.integers(1, 10_000))
+def test_debounce_properties(times, settle, interval):
+    d = Debounce(settle, interval)
+    refreshes = simulate_debounce(d, times)
+    fired = [t for t, _ in refreshes]
+    # At most one refresh per interval.
+    assert all(b - a >= interval for a, b in zip(fired, fired[1:]))
+    # Every change is covered exactly once, by a refresh after it, and waits
+    # at most max(settle, interval).
+    covered = [e for _, events in refreshes for e in events]
+    assert sorted(covered) == sorted(times)
+    for t, events in refreshes:
+        assert events and all(e <= t <= e + max(settle, interval) for e in events)
+
+
+def meta(author, created, media="PHOTO"):
+    return {"author_id": author, "created_at": created, "media_type": media}
+
+
+def test_merge_candidates():
+    policy = RankingPolicy(max_candidates=4, max_age_days=1)
+    now = T0
+    pushed = [(1, now - 10), (2, now - 20), (3, now - 2 * DAY_MS), (4, now - 30), (5, now - 40)]
+    pulled = [(6, now - 15), (1, now - 10)]
+    req = RefreshRequest(7, now - 50, new_posts=(Candidate(8, 44, now - 5, "REEL"),
+                                                  Candidate(6, 33, now - 15, "VIDEO")),
+                         deleted=frozenset({4}))
+    m = {1: meta(11, now - 10), 2: meta(22, now - 20, "VIDEO"), 3: meta(11, now - 2 * DAY_MS),
+         4: meta(11, now - 30), 5: None, 6: meta(33, now - 15, "VIDEO")}
+    out = merge_candidates(pushed, pulled, req, m, tombstoned={2}, now_ms=now, policy=policy)
+    # 2 tombstoned, 3 too old, 4 deleted by a trigger, 5 unknown; 8 from the
+    # trigger (not stored yet); 1 pushed and pulled counts as pushed.
+    assert out == [Candidate(8, 44, now - 5, "REEL"), Candidate(1, 11, now - 10, "PHOTO"),
+                   Candidate(6, 33, now - 15, "VIDEO", pulled=True)]
+    assert len(merge_candidates([(i, now - i) for i in range(10)], [], req,
+                                {i: meta(1, now - i) for i in range(10)}, set(), now,
+                                policy)) == 4
+
+
+def test_recency_scores_order_newest_first():
+    c = [Candidate(1, 1, T0 - 5, "PHOTO"), Candidate(2, 1, T0, "PHOTO")]
+    assert list(recency_scores(c)) == [T0 - 5, T0]
+
+
+def test_policy_validation():
+    with pytest.raises(ValueError):
+        RankingPolicy(top_k=0)
+    with pytest.raises(ValueError):
+        Debounce(settle_ms=-1)
