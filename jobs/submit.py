@@ -68,7 +68,7 @@ PIPELINES: dict[str, PipelineSpec] = {
                              ("engagement-events", "post-events")),
     "stories": PipelineSpec("pipelines.stories", "feedbeam-stories", ("story-events",)),
     "ranking": PipelineSpec("pipelines.ranking", "feedbeam-ranking",
-                            ("post-events", "engagement-events")),
+                            ("post-events", "engagement-events", "follow-events")),
 }
 
 

@@ -136,6 +136,7 @@ from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.records import DeadLetter
 from pipelines.io.deadletter import WriteDeadLetters
 from pipelines.io.source import ReadEvents, producer_config_of
+from pipelines.runtime import run_until_done
 from schemas.events import EngagementEvent, PostEvent, PostEventKind
 from schemas.features import DAY_MS, FeatureTTLs, FeatureValue
 
@@ -573,9 +574,7 @@ def run(argv=None):
     options.view_as(StandardOptions).streaming = not bounded
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
-    result = pipeline.run()
-    result.wait_until_finish()
-    return result
+    return run_until_done(pipeline)
 
 
 if __name__ == "__main__":
