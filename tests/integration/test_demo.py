@@ -64,7 +64,7 @@ def demo_topics(stack):
 def test_demo_materializes_feeds_of_followed_authors(stack, demo_topics, keyspace, key_prefix,
                                                      capsys):
     group = f"g-{uuid.uuid4().hex[:8]}"
-    rc = main(["demo", *TINY, "--partitions", "2", "--samples", "1", "--timeout", "120",
+    rc = main(["demo", *TINY, "--partitions", "2", "--samples", "1", "--timeout", "420",
                "--topic-prefix", demo_topics, "--redis-key-prefix", key_prefix,
                "--keyspace", keyspace, "--group", group, "--exit",
                "--api-port", str(_free_port())])
