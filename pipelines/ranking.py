@@ -582,4 +582,8 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cassandra").setLevel(logging.WARNING)
-    run(sys.argv[1:])
+    # The importable module's run, not __main__'s: Beam pickles transforms and
+    # coders by reference to their module, and a worker cannot import __main__.
+    from pipelines import ranking as pipeline_module
+
+    pipeline_module.run(sys.argv[1:])
