@@ -107,6 +107,15 @@ from pipelines.io.source import ReadEvents
 from pipelines.runtime import run_until_done
 from schemas.events import FollowEvent, PostEvent, PostEventKind
 
+
+if __name__ == "__main__":
+    # `python -m pipelines.fanout`: run the importable module, not this __main__
+    # copy: Beam pickles transforms and coders by reference to their module, and
+    # options classes defined a second time would clash.
+    from pipelines.fanout import main
+
+    sys.exit(main())
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "feedbeam.fanout"
@@ -706,14 +715,12 @@ def run(argv=None):
     return run_until_done(pipeline)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """``python -m pipelines.fanout``: log at INFO, run until the job ends or is cancelled."""
     # force: importing Beam already configured the root logger (at WARNING),
     # which would silence the freshness lines.
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cassandra").setLevel(logging.WARNING)
-    # The importable module's run, not __main__'s: Beam pickles transforms and
-    # coders by reference to their module, and a worker cannot import __main__.
-    from pipelines import fanout as pipeline_module
-
-    pipeline_module.run(sys.argv[1:])
+    run(sys.argv[1:] if argv is None else argv)
+    return 0

@@ -140,6 +140,15 @@ from pipelines.runtime import run_until_done
 from schemas.events import EngagementEvent, PostEvent, PostEventKind
 from schemas.features import DAY_MS, FeatureTTLs, FeatureValue
 
+
+if __name__ == "__main__":
+    # `python -m pipelines.features`: run the importable module, not this __main__
+    # copy: Beam pickles transforms and coders by reference to their module, and
+    # options classes defined a second time would clash.
+    from pipelines.features import main
+
+    sys.exit(main())
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "feedbeam.features"
@@ -577,12 +586,10 @@ def run(argv=None):
     return run_until_done(pipeline)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """``python -m pipelines.features``: log at INFO, run until the job ends or is cancelled."""
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cassandra").setLevel(logging.WARNING)
-    # The importable module's run, not __main__'s: Beam pickles transforms and
-    # coders by reference to their module, and a worker cannot import __main__.
-    from pipelines import features as pipeline_module
-
-    pipeline_module.run(sys.argv[1:])
+    run(sys.argv[1:] if argv is None else argv)
+    return 0

@@ -105,6 +105,15 @@ from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry, timer_st
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
 
+
+if __name__ == "__main__":
+    # `python -m pipelines.stories`: run the importable module, not this __main__
+    # copy: Beam pickles transforms and coders by reference to their module, and
+    # options classes defined a second time would clash.
+    from pipelines.stories import main
+
+    sys.exit(main())
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "feedbeam.stories"
@@ -546,12 +555,10 @@ def run(argv=None):
     return run_until_done(pipeline)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """``python -m pipelines.stories``: log at INFO, run until the job ends or is cancelled."""
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cassandra").setLevel(logging.WARNING)
-    # The importable module's run, not __main__'s: Beam pickles transforms and
-    # coders by reference to their module, and a worker cannot import __main__.
-    from pipelines import stories as pipeline_module
-
-    pipeline_module.run(sys.argv[1:])
+    run(sys.argv[1:] if argv is None else argv)
+    return 0
