@@ -32,6 +32,9 @@ medians over ``--runs``. Then the outage: a private ``redis-server`` with the
 same data for the outage users, the API warmed on it, the Redis killed, and
 the fallback path (Cassandra) loaded at ``--outage-rate``.
 
+``--ladder`` then runs the best configuration once at each lower rate, to show
+where it stands below the target on the machine as it is.
+
 Results: a summary block and ``bench/results/serving.json``.
 """
 from __future__ import annotations
@@ -278,6 +281,28 @@ def free_port() -> int:
 # -- steps -----------------------------------------------------------------------------------
 
 
+def measure_ladder(spec: str, ctx: dict, args, rates: list[float]) -> list[dict]:
+    """One run of ``spec`` at each of ``rates``: where the API stands below the target."""
+    server_name, workers = spec.split(":")
+    ds = ctx["ds"]
+    server = Server(server_name, int(workers), free_port(), ctx["redis_port"], ctx["prefix"],
+                    ctx["keyspace"], ds.push_threshold, ctx["tmp"] / "serve-ladder.log")
+    out = []
+    try:
+        targets = ctx["tmp"] / "targets-ladder.tsv"
+        write_targets(targets, server.base, ds.users)
+        loadgen(ctx["loadgen"], targets, min(rates), args.warmup_s)
+        for rate in rates:
+            api = loadgen(ctx["loadgen"], targets, rate, args.duration_s)
+            out.append({"rate": rate, "api": api})
+            print(f"  ladder {spec} at {rate:,.0f} req/s: p50 {api['p50_ms']:.2f} ms p99 "
+                  f"{api['p99_ms']:.2f} ms achieved {api['achieved_rps']:,.0f} req/s "
+                  f"(non-200 {_non200(api)}, errors {api['errors']})", flush=True)
+    finally:
+        server.stop()
+    return out
+
+
 def measure_config(spec: str, ctx: dict, args) -> dict:
     server_name, workers = spec.split(":")
     ds, settings = ctx["ds"], ctx["settings"]
@@ -381,6 +406,9 @@ def main(argv=None) -> int:
     parser.add_argument("--outage-users", type=int, default=200)
     parser.add_argument("--outage-rate", type=float, default=500)
     parser.add_argument("--skip-outage", action="store_true")
+    parser.add_argument("--ladder", default="250,500,1000",
+                        help="rates (req/s) to run the best configuration at once each, "
+                             "comma-separated; empty to skip")
     parser.add_argument("--redis", choices=("private", "shared"), default="private",
                         help="private: a redis-server of this run (other work on the shared "
                              "one does not skew the figures); shared: the stack's Redis")
@@ -416,6 +444,9 @@ def main(argv=None) -> int:
                "redis_port": redis_port}
         results["configs"] = [measure_config(spec, ctx, args) for spec in args.configs.split(",")]
         best = min(results["configs"], key=lambda c: c["p99_ms"])
+        if args.ladder:
+            results["ladder"] = measure_ladder(best["config"], ctx, args,
+                                               [float(r) for r in args.ladder.split(",")])
         if not args.skip_outage:
             results["outage"] = measure_outage(ctx, args, best["config"])
     finally:
@@ -448,6 +479,10 @@ def print_summary(results: dict, args) -> None:
     verdict = "meets" if best["p99_ms"] <= 5 and best["achieved_rps"] >= 0.98 * args.rate else "misses"
     print(f"  best: {best['config']} p99 {best['p99_ms']:.2f} ms -> {verdict} the bar "
           f"(p99 <= 5 ms at {args.rate:,.0f} req/s)")
+    for step in results.get("ladder", []):
+        a = step["api"]
+        print(f"  ladder {step['rate']:>7,.0f} req/s: p50 {a['p50_ms']:.2f} ms p99 {a['p99_ms']:.2f} ms "
+              f"achieved {a['achieved_rps']:,.0f} req/s")
     if "outage" in results:
         o = results["outage"]
         print(f"  Redis outage ({o['config']}, {o['rate']:,.0f} req/s over {o['users']} users): "

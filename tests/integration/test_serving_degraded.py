@@ -35,7 +35,8 @@ def own_redis(stack, cassandra_session, keyspace):
 
 def test_redis_killed_answers_from_cassandra(stack, own_redis, keyspace):
     url, proc = own_redis
-    config = serving_config(stack, "fb", keyspace, redis_url=url, push_threshold=3)
+    config = serving_config(stack, "fb", keyspace, redis_url=url, push_threshold=3,
+                            breaker_failures=3)
     with running_app(config) as (api, app):
         status, body = api.get("/v1/users/1/feed/chronological", user=1)
         assert status == 200 and body["source"] == "redis" and ids(body) == EXPECTED
