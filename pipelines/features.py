@@ -90,7 +90,7 @@ import logging
 import struct
 import sys
 import time
-from typing import NamedTuple, Tuple
+from typing import List, NamedTuple, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import coders
@@ -100,6 +100,7 @@ from apache_beam.pvalue import PCollection, TaggedOutput
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.fanout import parse_replay_ranges
 from pipelines.features_logic import (
@@ -116,6 +117,7 @@ from pipelines.features_logic import (
     FirstStage,
     Item,
     PostState,
+    Shard,
     ViewerStage,
     ViewerState,
     WindowState,
@@ -124,6 +126,7 @@ from pipelines.features_logic import (
     first_stage_key,
     parse_weights,
     post_item,
+    shard_of,
 )
 from pipelines.io.feature_sinks import (
     FeatureSinkConfig,
@@ -156,6 +159,9 @@ DEFAULT_GROUP = "feedbeam-features"
 STEP = "features"
 TOO_LATE = "too_late"
 SINKS = ("redis", "cassandra", "log", "top_followers")
+DEFAULT_SHARDS = 16
+#: A bounded re-run's timer granularity: no shard fires before its input is read.
+BOUNDED_TIMER_GRANULARITY_MS = 100 * 365 * DAY_MS
 
 _TO_AUTHOR = frozenset({LIKE, COMMENT, SHARE, SAVE, VIEW, CANCEL, POST_CREATED})
 _TO_VIEWER = frozenset({LIKE, COMMENT, SHARE, SAVE, VIEW, PROFILE_VIEW, CANCEL})
@@ -260,6 +266,10 @@ class FeaturesOptions(PipelineOptions):
                             help="processing time between feature log flushes")
         parser.add_argument("--top_followers_keep", type=int, default=10_000,
                             help="followers kept per author in the top_followers ranking")
+        parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS,
+                            help="keys per aggregation stage: entities are grouped into this "
+                                 "many shards, each one keyed state and one timer (more "
+                                 "shards: more parallelism, more per-key overhead)")
         parser.add_argument("--sink_batch", type=int, default=2000,
                             help="values buffered per sink before a write within a bundle")
         # Flags every store-writing pipeline has: Beam parses the options of all
@@ -318,11 +328,12 @@ _TO_VIEWER_TAG = "viewer"
 
 
 class _ToItemsFn(beam.DoFn):
-    """Events -> ``(first-stage key, (event_id, Item, post bytes))``; post bytes are the
+    """Events -> ``(shard, (post key, (event_id, Item, post bytes)))``; post bytes are the
     re-encoded post event (empty for engagements), kept for a dead letter."""
 
-    def __init__(self, topic_prefix: str):
+    def __init__(self, topic_prefix: str, shards: int):
         self._topic_prefix = topic_prefix
+        self._shards = shards
 
     def setup(self):
         from schemas.codec import WireCodec
@@ -333,12 +344,40 @@ class _ToItemsFn(beam.DoFn):
     def process(self, event):
         if type(event) is EngagementEvent:
             item = engagement_item(event)
-            yield first_stage_key(item), (event.event_id, item, b"")
+            key = first_stage_key(item)
+            yield shard_of(key, self._shards), (key, (event.event_id, item, b""))
         elif type(event) is PostEvent and event.kind is PostEventKind.CREATED:
             raw = self._codec.encode(event, self._topic_prefix + PostEvent.TOPIC)
-            yield event.post_id, (event.event_id, post_item(event), raw)
+            yield (shard_of(event.post_id, self._shards),
+                   (event.post_id, (event.event_id, post_item(event), raw)))
         else:
             self._ignored.inc()  # post deletions and other topics do not change features
+
+
+class _GroupPerBundle(beam.DoFn):
+    """``(shard, value)`` -> ``(shard, [values])``, one per shard per bundle, in arrival
+    order: the next stage then reads and writes a shard's state once per bundle.
+    Emitted in ``finish_bundle`` with the group's earliest timestamp (the bundle's
+    elements hold the watermark until then)."""
+
+    def start_bundle(self):
+        self._groups: dict = {}
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam,
+                window=beam.DoFn.WindowParam):
+        key, value = element
+        group = self._groups.get(key)
+        if group is None:
+            self._groups[key] = [timestamp, window, [value]]
+        else:
+            group[2].append(value)
+            if timestamp < group[0]:
+                group[0] = timestamp
+
+    def finish_bundle(self):
+        groups, self._groups = self._groups, {}
+        for key, (timestamp, window, values) in groups.items():
+            yield WindowedValue((key, values), timestamp, [window])
 
 
 def _counter(cache: dict, name: str):
@@ -348,73 +387,103 @@ def _counter(cache: dict, name: str):
     return counter
 
 
-def _set_timer(timer, state, wanted: int | None) -> None:
-    """Keep the key's one timer at ``wanted`` (ms), setting it only when it moves."""
-    if wanted is not None and wanted != state.timer_at:
-        timer.set(Timestamp(micros=wanted * 1000))
-        state.timer_at = wanted
+class _ShardedStageFn(beam.DoFn):
+    """One keyed stage, keyed by shard: a ``Shard`` of entity states in keyed state and
+    one event-time timer per shard, at the earliest time any of its entities needs.
 
-
-class _KeyedStageFn(beam.DoFn):
-    """One keyed stage: its state object in keyed state, one event-time timer per key.
-
-    Subclasses build the stage logic in ``setup()`` (``self._stage``, with
-    ``fire``, ``next_timer`` and ``empty``) and say how an element applies.
+    Subclasses build the stage logic in ``setup()`` (``self._stage`` with
+    ``new_state``, ``fire``, ``next_timer`` and ``empty``) and say how one
+    ``(entity key, value)`` applies.
     """
 
-    STATE = ReadModifyWriteStateSpec("state", coders.PickleCoder())
+    STATE = ReadModifyWriteStateSpec("shard", coders.PickleCoder())
     TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
 
-    def __init__(self, params: FeatureParams):
+    def __init__(self, params: FeatureParams, timer_granularity_ms: int):
         self._params = params
+        self._granularity = timer_granularity_ms
 
     def start_bundle(self):
         self._not_yet_valid = Metrics.counter(NAMESPACE, "values_not_yet_valid")
 
-    def _new_state(self):
-        raise NotImplementedError
-
     def _apply(self, state, key, value):
-        """Apply one element to ``state``; yields outputs."""
+        """Apply one element to its entity's ``state``; yields outputs."""
         raise NotImplementedError
 
     def process(self, element, state=beam.DoFn.StateParam(STATE),
                 timer=beam.DoFn.TimerParam(TIMER)):
-        key, value = element
-        s = state.read() or self._new_state()
-        yield from self._apply(s, key, value)
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+        _, values = element
+        shard = state.read() or Shard()
+        stage = self._stage
+        touched = set()
+        for key, value in values:
+            s = shard.entities.get(key)
+            if s is None:
+                s = shard.entities[key] = stage.new_state()
+            yield from self._apply(s, key, value)
+            touched.add(key)
+        for key in touched:
+            self._reschedule(shard, key)
+        self._arm(shard, timer)
+        state.write(shard)
 
     @on_timer(TIMER)
-    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
-        s = state.read()
-        if s is None:
+    def on_tick(self, fired=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
+                timer=beam.DoFn.TimerParam(TIMER)):
+        shard = state.read()
+        if shard is None:
             return
-        s.timer_at = None
+        shard.timer_at = None
+        at = fired.micros // 1000
         now_ms = time.time() * 1000
-        for value in self._stage.fire(s, key, fired.micros // 1000):
-            # A bounded run ends with the watermark at infinity and drains every
-            # window; values valid after the wall clock are not facts yet (the live
-            # job will compute them from more events): keep them out of the stores.
-            if value.valid_at_ms <= now_ms:
-                yield value
-            else:
-                self._not_yet_valid.inc()
-        if self._stage.empty(s):
+        while shard.agenda:
+            # Earliest first, including times scheduled by the entities fired here.
+            when = min(shard.agenda)
+            if when > at:
+                break
+            for key in shard.due(when):
+                for value in self._stage.fire(shard.entities[key], key, when):
+                    # A bounded run ends with the watermark at infinity and drains
+                    # every window; values valid after the wall clock are not facts
+                    # yet (the live job will compute them from more events).
+                    if value.valid_at_ms <= now_ms:
+                        yield value
+                    else:
+                        self._not_yet_valid.inc()
+                self._reschedule(shard, key)
+        if not shard.entities:
             state.clear()
             return
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+        self._arm(shard, timer)
+        state.write(shard)
+
+    def _reschedule(self, shard: Shard, key) -> None:
+        s = shard.entities[key]
+        if self._stage.empty(s):
+            del shard.entities[key]
+            shard.schedule(key, None)
+        else:
+            shard.schedule(key, self._stage.next_timer(s))
+
+    def _arm(self, shard: Shard, timer) -> None:
+        """Keep the shard's one timer at its earliest agenda time, rounded up to the timer
+        granularity (set only when it moves); a firing handles every time up to its own."""
+        wanted = shard.next_time()
+        if wanted is not None:
+            wanted = -(-wanted // self._granularity) * self._granularity
+        if wanted is not None and wanted != shard.timer_at:
+            timer.set(Timestamp(micros=wanted * 1000))
+            shard.timer_at = wanted
 
 
-class _FirstStageFn(_KeyedStageFn):
-    """Dedup, lateness, unlike pairing and post windows (``FirstStage``), per post key."""
+class _FirstStageFn(_ShardedStageFn):
+    """Dedup, lateness, unlike pairing and post windows (``FirstStage``), per post."""
 
-    def __init__(self, params: FeatureParams, topic_prefix: str):
-        super().__init__(params)
+    def __init__(self, params: FeatureParams, timer_granularity_ms: int, topic_prefix: str,
+                 shards: int):
+        super().__init__(params, timer_granularity_ms)
         self._topic_prefix = topic_prefix
+        self._shards = shards
 
     def setup(self):
         from schemas.codec import WireCodec
@@ -422,9 +491,6 @@ class _FirstStageFn(_KeyedStageFn):
         self._stage = FirstStage(self._params)
         self._codec = WireCodec()
         self._counters: dict = {}
-
-    def _new_state(self):
-        return PostState()
 
     def _apply(self, s: PostState, key, value):
         event_id, item, raw = value
@@ -436,11 +502,14 @@ class _FirstStageFn(_KeyedStageFn):
             yield TaggedOutput(_DEAD_LETTERS, self._dead_letter(event_id, item, raw, s))
             return
         yield from outcome.features
+        shards = self._shards
         for fwd in outcome.forward:
             if fwd.kind in _TO_AUTHOR:
-                yield TaggedOutput(_TO_AUTHOR_TAG, (fwd.author, fwd))
+                yield TaggedOutput(_TO_AUTHOR_TAG, (shard_of(fwd.author, shards),
+                                                    (fwd.author, fwd)))
             if fwd.kind in _TO_VIEWER:
-                yield TaggedOutput(_TO_VIEWER_TAG, (fwd.viewer, fwd))
+                yield TaggedOutput(_TO_VIEWER_TAG, (shard_of(fwd.viewer, shards),
+                                                    (fwd.viewer, fwd)))
 
     def _dead_letter(self, event_id: str, item: Item, raw: bytes, s: PostState) -> DeadLetter:
         if item.kind == POST_CREATED:
@@ -457,27 +526,21 @@ class _FirstStageFn(_KeyedStageFn):
                           failed_at_ms=int(time.time() * 1000))
 
 
-class _AuthorStageFn(_KeyedStageFn):
-    """7-day author windows (``AuthorStage``), per author key."""
+class _AuthorStageFn(_ShardedStageFn):
+    """7-day author windows (``AuthorStage``), per author."""
 
     def setup(self):
         self._stage = AuthorStage(self._params)
-
-    def _new_state(self):
-        return WindowState()
 
     def _apply(self, s: WindowState, author, item):
         return self._stage.apply(s, author, item)
 
 
-class _ViewerStageFn(_KeyedStageFn):
-    """Decayed affinities (``ViewerStage``), per viewer key."""
+class _ViewerStageFn(_ShardedStageFn):
+    """Decayed affinities (``ViewerStage``), per viewer."""
 
     def setup(self):
         self._stage = ViewerStage(self._params)
-
-    def _new_state(self):
-        return ViewerState()
 
     def _apply(self, s: ViewerState, viewer, item):
         self._stage.apply(s, item)
@@ -497,6 +560,13 @@ class AggregateEngagementFeatures(beam.PTransform):
     Args:
       params: windows, lateness, dedup horizon, decay and weights (``FeatureParams``).
       topic_prefix: prefix of the topic names, for the dead letters' topics.
+      shards: keys per stage (``--shards``).
+      timer_granularity_ms: how far apart a shard's timers are (default the slide: values
+        appear as soon as the watermark passes their window end). Every change point is
+        still computed at its own time, in order; a coarser granularity only fires a
+        shard's timer less often (each firing costs a runner round trip). A bounded
+        re-run passes ``BOUNDED_TIMER_GRANULARITY_MS`` (a century): its shards fire
+        once, when the input is read, and work through all their windows then.
 
     Takes a ``PCollection`` of ``EngagementEvent`` and ``PostEvent`` (others are
     counted and ignored). Returns ``FeatureOutputs``: every emitted
@@ -504,26 +574,42 @@ class AggregateEngagementFeatures(beam.PTransform):
     ``DeadLetter`` per too-late event.
     """
 
-    def __init__(self, params: FeatureParams | None = None, topic_prefix: str = ""):
+    def __init__(self, params: FeatureParams | None = None, topic_prefix: str = "",
+                 shards: int = DEFAULT_SHARDS, timer_granularity_ms: int | None = None):
         super().__init__()
+        if shards < 1:
+            raise ValueError("shards must be at least 1")
         self._params = params or FeatureParams()
         self._prefix = topic_prefix
+        self._shards = shards
+        self._granularity = timer_granularity_ms or self._params.slide_ms
+        if self._granularity < 1:
+            raise ValueError("timer_granularity_ms must be at least 1")
 
     def expand(self, events) -> FeatureOutputs:
-        p = self._params
+        p, g = self._params, self._granularity
+        keyed = Tuple[int, Tuple[int, Item]]
+        grouped = Tuple[int, List[Tuple[int, Item]]]
         first = (events
-                 | "ToItems" >> beam.ParDo(_ToItemsFn(self._prefix))
-                 .with_output_types(Tuple[int, Tuple[str, Item, bytes]])
-                 | "DedupLatenessPostWindows" >> beam.ParDo(_FirstStageFn(p, self._prefix))
-                 .with_output_types(FeatureValue, **{_TO_AUTHOR_TAG: Tuple[int, Item],
-                                                     _TO_VIEWER_TAG: Tuple[int, Item],
+                 | "ToItems" >> beam.ParDo(_ToItemsFn(self._prefix, self._shards))
+                 .with_output_types(Tuple[int, Tuple[int, Tuple[str, Item, bytes]]])
+                 | "GroupByPostShard" >> beam.ParDo(_GroupPerBundle())
+                 .with_output_types(Tuple[int, List[Tuple[int, Tuple[str, Item, bytes]]]])
+                 | "DedupLatenessPostWindows" >> beam.ParDo(
+                     _FirstStageFn(p, g, self._prefix, self._shards))
+                 .with_output_types(FeatureValue, **{_TO_AUTHOR_TAG: keyed,
+                                                     _TO_VIEWER_TAG: keyed,
                                                      _DEAD_LETTERS: DeadLetter})
                  .with_outputs(_TO_AUTHOR_TAG, _TO_VIEWER_TAG, _DEAD_LETTERS, main="posts"))
         authors = (first[_TO_AUTHOR_TAG]
-                   | "AuthorWindows" >> beam.ParDo(_AuthorStageFn(p))
+                   | "GroupByAuthorShard" >> beam.ParDo(_GroupPerBundle())
+                   .with_output_types(grouped)
+                   | "AuthorWindows" >> beam.ParDo(_AuthorStageFn(p, g))
                    .with_output_types(FeatureValue))
         viewers = (first[_TO_VIEWER_TAG]
-                   | "ViewerAffinity" >> beam.ParDo(_ViewerStageFn(p))
+                   | "GroupByViewerShard" >> beam.ParDo(_GroupPerBundle())
+                   .with_output_types(grouped)
+                   | "ViewerAffinity" >> beam.ParDo(_ViewerStageFn(p, g))
                    .with_output_types(FeatureValue))
         features = ((first.posts, authors, viewers)
                     | "AllFeatures" >> beam.Flatten().with_output_types(FeatureValue))
@@ -558,7 +644,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions,
         read = ReadEvents(config, [prefix + EngagementEvent.TOPIC, prefix + PostEvent.TOPIC],
                           topic_prefix=prefix)
     events = pipeline | "ReadEngagementAndPostEvents" >> read
-    out = events | "AggregateEngagementFeatures" >> AggregateEngagementFeatures(params, prefix)
+    out = events | "AggregateEngagementFeatures" >> AggregateEngagementFeatures(
+        params, prefix, opts.shards,
+        timer_granularity_ms=BOUNDED_TIMER_GRANULARITY_MS if ranges else None)
     _ = out.dead_letters | "WriteTooLate" >> WriteDeadLetters(producer_config_of(config))
     store = opts.sink_config()
     if "redis" in sinks:

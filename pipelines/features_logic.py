@@ -54,6 +54,7 @@ from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent
 from schemas.features import (
     AFFINITY,
     AUTHOR,
+    DAY_MS,
     DEFAULT_HALF_LIFE_MS,
     DEFAULT_TTL_MS,
     ENGAGEMENT_RATE_7D,
@@ -246,7 +247,7 @@ class WindowState:
     stops counting in windows ending after the cancel time.
     """
 
-    __slots__ = ("buckets", "cancels", "due", "last", "last_at", "known_wm", "timer_at")
+    __slots__ = ("buckets", "cancels", "due", "last", "last_at", "known_wm")
 
     def __init__(self):
         self.buckets: dict[int, list[int]] = {}
@@ -255,7 +256,6 @@ class WindowState:
         self.last: dict[str, float] = {}
         self.last_at: int | None = None
         self.known_wm: int | None = None
-        self.timer_at: int | None = None  # the key's pending timer (set by the DoFn)
 
     def __getstate__(self):
         return tuple(getattr(self, s) for s in self.__slots__)
@@ -271,11 +271,8 @@ class WindowState:
         out = []
         for width in spec.widths:
             start = end - width
-            sums = [0] * spec.n
-            for s, counts in self.buckets.items():
-                if start <= s < end:
-                    for i, c in enumerate(counts):
-                        sums[i] += c
+            inside = [c for s, c in self.buckets.items() if start <= s < end]
+            sums = [sum(column) for column in zip(*inside)] if inside else [0] * spec.n
             for s, cancel_t, i in self.cancels:
                 if start <= s < end and cancel_t < end:
                     sums[i] -= 1
@@ -407,31 +404,61 @@ class Outcome(NamedTuple):
 class PostState:
     """Keyed state of one first-stage key (a post, or an author's profile views)."""
 
-    __slots__ = ("window", "seen", "likes", "unlikes")
+    __slots__ = ("window", "seen", "seen_by_bucket", "likes", "unlikes", "pairs_min")
 
     def __init__(self):
         self.window = WindowState()
-        self.seen: dict[str, int] = {}  # event_id -> event time
+        self.seen: set[str] = set()  # event ids within the dedup horizon
+        self.seen_by_bucket: dict[int, list[str]] = {}  # slide start -> ids (to forget them)
         self.likes: dict[int, list[int]] = {}  # viewer -> unpaired like times
         self.unlikes: dict[int, list[int]] = {}  # viewer -> unpaired unlike times
+        self.pairs_min: int | None = None  # the oldest time in likes / unlikes
 
     def __getstate__(self):
-        return (self.window, self.seen, self.likes, self.unlikes)
+        return (self.window, self.seen, self.seen_by_bucket, self.likes, self.unlikes,
+                self.pairs_min)
 
     def __setstate__(self, values):
-        self.window, self.seen, self.likes, self.unlikes = values
+        (self.window, self.seen, self.seen_by_bucket, self.likes, self.unlikes,
+         self.pairs_min) = values
 
-    @property
-    def timer_at(self) -> int | None:
-        return self.window.timer_at
+    def remember(self, event_id: str, bucket: int) -> None:
+        self.seen.add(event_id)
+        ids = self.seen_by_bucket.get(bucket)
+        if ids is None:
+            self.seen_by_bucket[bucket] = [event_id]
+        else:
+            ids.append(event_id)
 
-    @timer_at.setter
-    def timer_at(self, value: int | None) -> None:
-        self.window.timer_at = value
+    def forget_before(self, cutoff: int) -> None:
+        """Forget the ids of slides starting before ``cutoff``."""
+        for bucket in [b for b in self.seen_by_bucket if b < cutoff]:
+            self.seen.difference_update(self.seen_by_bucket.pop(bucket))
+
+    def hold_pair(self, table: dict, viewer: int, t: int) -> None:
+        table.setdefault(viewer, []).append(t)
+        if self.pairs_min is None or t < self.pairs_min:
+            self.pairs_min = t
+
+    def drop_pairs_before(self, cutoff: int) -> None:
+        if self.pairs_min is None or self.pairs_min >= cutoff:
+            return
+        oldest = None
+        for table in (self.likes, self.unlikes):
+            for viewer in list(table):
+                kept = [t for t in table[viewer] if t >= cutoff]
+                if kept:
+                    table[viewer] = kept
+                    oldest = min(kept) if oldest is None else min(oldest, min(kept))
+                else:
+                    del table[viewer]
+        self.pairs_min = oldest
 
 
 class FirstStage:
     """Dedup, lateness, unlike pairing and post windows for one key's events."""
+
+    new_state = PostState
 
     def __init__(self, params: FeatureParams):
         self.params = params
@@ -458,7 +485,7 @@ class FirstStage:
             return Outcome("duplicate", [], [])
         if self.too_late(state, item.t):
             return Outcome("too_late", [], [])
-        state.seen[event_id] = item.t
+        state.remember(event_id, self.spec.bucket(item.t))
         late = w.known_wm is not None and self.spec.bucket(item.t) + self.spec.slide <= w.known_wm
         status = "late" if late else "counted"
         kind = item.kind
@@ -502,7 +529,7 @@ class FirstStage:
         likes = state.likes.get(item.viewer)
         earlier = [t for t in likes or () if t <= item.t]
         if not earlier:
-            state.unlikes.setdefault(item.viewer, []).append(item.t)
+            state.hold_pair(state.unlikes, item.viewer, item.t)
             return None
         like_t = max(earlier)
         likes.remove(like_t)
@@ -525,7 +552,7 @@ class FirstStage:
                 if not unlikes:
                     del state.unlikes[item.viewer]
                 return unlike_t
-        state.likes.setdefault(item.viewer, []).append(item.t)
+        state.hold_pair(state.likes, item.viewer, item.t)
         return None
 
     def fire(self, state: PostState, key: int, at: int) -> list[FeatureValue]:
@@ -537,18 +564,10 @@ class FirstStage:
         else:  # an author's profile views: no post windows
             w.advance(at)
             out = []
-        # Forget ids past the dedup horizon and pairings past the window retention.
-        horizon = at - self.params.dedup_horizon_ms
-        if any(t < horizon for t in state.seen.values()):
-            state.seen = {e: t for e, t in state.seen.items() if t >= horizon}
-        pair_cutoff = at - self.spec.retention
-        for table in (state.likes, state.unlikes):
-            for viewer in [v for v, ts in table.items() if min(ts) < pair_cutoff]:
-                kept = [t for t in table[viewer] if t >= pair_cutoff]
-                if kept:
-                    table[viewer] = kept
-                else:
-                    del table[viewer]
+        # Forget ids past the dedup horizon (whole slides: an id is kept up to a
+        # slide longer) and pairings past the window retention.
+        state.forget_before(self.spec.bucket(at - self.params.dedup_horizon_ms))
+        state.drop_pairs_before(at - self.spec.retention)
         return out
 
     def next_timer(self, state: PostState) -> int | None:
@@ -558,13 +577,11 @@ class FirstStage:
         window = state.window.next_timer(self.spec)
         if window is not None:
             times.append(window)
-        if state.seen:
-            times.append(self._boundary(state, min(state.seen.values())
+        if state.seen_by_bucket:
+            times.append(self._boundary(state, min(state.seen_by_bucket) + self.spec.slide
                                         + self.params.dedup_horizon_ms))
-        for table in (state.likes, state.unlikes):
-            if table:
-                times.append(self._boundary(state, min(min(ts) for ts in table.values())
-                                            + self.spec.retention))
+        if state.pairs_min is not None:
+            times.append(self._boundary(state, state.pairs_min + self.spec.retention))
         return min(times) if times else None
 
     def _boundary(self, state: PostState, expiry: int) -> int:
@@ -575,7 +592,7 @@ class FirstStage:
 
     @staticmethod
     def empty(state: PostState) -> bool:
-        return (state.window.idle() and not state.seen and not state.likes
+        return (state.window.idle() and not state.seen_by_bucket and not state.likes
                 and not state.unlikes)
 
 
@@ -584,6 +601,8 @@ class FirstStage:
 
 class AuthorStage:
     """7-day engagement rate and post count of one author."""
+
+    new_state = WindowState
 
     def __init__(self, params: FeatureParams):
         self.spec = params.author_spec
@@ -646,7 +665,7 @@ class ViewerState:
     """Keyed state of one viewer: ``[score, valid_at, events]`` per author and per media
     type, and which of them changed since the last emission."""
 
-    __slots__ = ("authors", "media", "dirty_authors", "dirty_media", "flush_at", "timer_at")
+    __slots__ = ("authors", "media", "dirty_authors", "dirty_media", "flush_at")
 
     def __init__(self):
         self.authors: dict[int, list] = {}
@@ -654,7 +673,6 @@ class ViewerState:
         self.dirty_authors: set[int] = set()
         self.dirty_media: set[int] = set()
         self.flush_at: int | None = None
-        self.timer_at: int | None = None
 
     def __getstate__(self):
         return tuple(getattr(self, s) for s in self.__slots__)
@@ -670,6 +688,8 @@ class ViewerStage:
     A changed pair is emitted when the watermark passes the end of the slide
     its event fell in (one value per pair per slide, however many events).
     """
+
+    new_state = ViewerState
 
     def __init__(self, params: FeatureParams):
         self.params = params
@@ -720,10 +740,71 @@ class ViewerStage:
         refs = [e[1] for table in (state.authors, state.media) for e in table.values()]
         if not refs:
             return None
-        slide = self.params.slide_ms
+        # Rounded up to a day: expiries share timer times, which bounded re-runs
+        # (the watermark jumps to the end) fire one time at a time.
         expiry = min(refs) + self.params.affinity_ttl_ms
-        return expiry - expiry % slide + slide
+        return expiry - expiry % DAY_MS + DAY_MS
 
     @staticmethod
     def empty(state: ViewerState) -> bool:
         return not state.authors and not state.media and state.flush_at is None
+
+
+# -- shards ----------------------------------------------------------------------------------
+
+
+def shard_of(key: int, shards: int) -> int:
+    """The shard of an entity key (a multiplicative hash: consecutive ids spread out)."""
+    return (key * 2654435761) % 4294967296 % shards
+
+
+class Shard:
+    """Keyed state of one shard of a stage: its entities' states and when each needs the
+    watermark next (``agenda``: time -> keys), so one timer serves the whole shard.
+
+    Keying by shard rather than by entity: a runner pays per key and bundle (on
+    Prism, a state round trip and a bundle per key), far more than the Python
+    that updates an entity, so a few dozen shards per stage carry the same
+    work in far fewer, larger units.
+    """
+
+    __slots__ = ("entities", "agenda", "scheduled", "timer_at")
+
+    def __init__(self):
+        self.entities: dict = {}
+        self.agenda: dict[int, set] = {}
+        self.scheduled: dict = {}
+        self.timer_at: int | None = None  # the shard's pending timer (set by the DoFn)
+
+    def __getstate__(self):
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, values):
+        for s, v in zip(self.__slots__, values):
+            setattr(self, s, v)
+
+    def schedule(self, key, at: int | None) -> None:
+        """``key`` needs a timer at ``at`` (None: none)."""
+        old = self.scheduled.get(key)
+        if old == at:
+            return
+        if old is not None:
+            keys = self.agenda[old]
+            keys.discard(key)
+            if not keys:
+                del self.agenda[old]
+        if at is None:
+            self.scheduled.pop(key, None)
+        else:
+            self.scheduled[key] = at
+            self.agenda.setdefault(at, set()).add(key)
+
+    def due(self, at: int) -> list:
+        """The keys whose time is ``at``, sorted (taken off the agenda)."""
+        keys = sorted(self.agenda.pop(at, ()))
+        for key in keys:
+            del self.scheduled[key]
+        return keys
+
+    def next_time(self) -> int | None:
+        return min(self.agenda) if self.agenda else None

@@ -113,8 +113,8 @@ def test_on_time_counts_fire_at_window_ends_and_drain_to_zero():
 def test_a_key_without_state_judges_lateness_by_timers_of_other_keys():
     d = Driver()
     d.send("e1", item(LIKE, 1))
-    d.watermark(3 * 60)  # fires 5, 65 and the dedup expiry at 125
-    assert d.stage.observed_wm == T0 + 125 * M
+    d.watermark(3 * 60)  # fires 5, 65 and the dedup expiry at 130 (a slide after 125)
+    assert d.stage.observed_wm == T0 + 130 * M
     other = PostState()
     assert d.stage.apply(other, "x", item(LIKE, 10, post=200)).status == "too_late"
     assert d.stage.apply(other, "y", item(LIKE, 70, post=200)).status == "counted"
@@ -303,3 +303,18 @@ def test_items_round_trip_to_events():
     profile = EngagementEvent("y", T0, EngagementKind.PROFILE_VIEW, 7, 45)
     assert event_of("y", engagement_item(profile)) == profile
     assert list(itertools.islice(iter(engagement_item(profile)), 8))[4:7] == [-1, -1, -1]
+
+
+def test_shard_agenda_keeps_one_time_per_key():
+    from pipelines.features_logic import Shard, shard_of
+
+    shard = Shard()
+    shard.schedule(1, 10)
+    shard.schedule(2, 10)
+    shard.schedule(3, 5)
+    shard.schedule(3, 20)  # moved
+    assert shard.next_time() == 10 and shard.agenda == {10: {1, 2}, 20: {3}}
+    assert shard.due(10) == [1, 2] and shard.next_time() == 20
+    shard.schedule(3, None)
+    assert shard.next_time() is None and shard.scheduled == {}
+    assert sorted({shard_of(k, 16) for k in range(1000)}) == list(range(16))
