@@ -47,7 +47,7 @@ a periodic sweep instead of timers gives up event-time semantics. The sweep
 is one bounded read, O(live stories).
 
 **Keying and state.** Timer commands are keyed by ``story_id``; the state
-holds the armed ``(author_id, expires_at)`` and a sticky "deleted" flag.
+(one cell) holds the armed ``(author_id, expires_at)`` and a sticky "deleted" flag.
 Commands arrive in no particular order after the shuffle: a cancel before an
 arm leaves the flag set, so the late arm (a redelivered publish, or the
 sweep racing a delete) is ignored; the flag is garbage-collected by a second
@@ -87,7 +87,11 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import apache_beam as beam
 from apache_beam.coders import coders
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+)
 from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Timestamp
@@ -396,9 +400,9 @@ class _ExpiryTimerFn(beam.DoFn):
     (delete) clears the timer and sets a sticky flag that ignores later arms
     until a second timer at ``expires_at + grace`` garbage-collects the state."""
 
-    ARMED = userstate.ReadModifyWriteStateSpec(
-        "armed", coders.TupleCoder((coders.VarIntCoder(), coders.VarIntCoder())))
-    DELETED = userstate.ReadModifyWriteStateSpec("deleted", coders.BooleanCoder())
+    # One cell, so an arm costs one state read (each is a round trip to the runner).
+    STORY = userstate.ReadModifyWriteStateSpec("story", coders.TupleCoder(
+        (coders.VarIntCoder(), coders.VarIntCoder(), coders.BooleanCoder())))
     EXPIRY = userstate.TimerSpec("expiry", TimeDomain.WATERMARK)
     GC = userstate.TimerSpec("gc", TimeDomain.WATERMARK)
 
@@ -417,39 +421,36 @@ class _ExpiryTimerFn(beam.DoFn):
         if writer is not None:
             writer.close()
 
-    def process(self, element, armed=beam.DoFn.StateParam(ARMED),
-                deleted=beam.DoFn.StateParam(DELETED), expiry=beam.DoFn.TimerParam(EXPIRY),
-                gc=beam.DoFn.TimerParam(GC)):
+    def process(self, element, story=beam.DoFn.StateParam(STORY),
+                expiry=beam.DoFn.TimerParam(EXPIRY), gc=beam.DoFn.TimerParam(GC)):
         _, cmd = element
-        step = timer_step(cmd, armed.read(), bool(deleted.read()))
+        step = "cancel" if cmd.cancel else timer_step(cmd, story.read())
         if step == "cancel":
-            deleted.write(True)
-            armed.clear()
+            story.write((cmd.author_id, cmd.expires_at, True))
             expiry.clear()
             gc.set(_timestamp(cmd.expires_at + self._config.policy.grace_ms))
         elif step == "arm":
-            armed.write((cmd.author_id, cmd.expires_at))
+            story.write((cmd.author_id, cmd.expires_at, False))
             expiry.set(_timestamp(cmd.expires_at))
         self._counters.inc(f"timer_{step}")
 
     @userstate.on_timer(EXPIRY)
-    def on_expiry(self, key=beam.DoFn.KeyParam, armed=beam.DoFn.StateParam(ARMED)):
-        state = armed.read()
-        if state is None:
+    def on_expiry(self, key=beam.DoFn.KeyParam, story=beam.DoFn.StateParam(STORY)):
+        state = story.read()
+        if state is None or state[2]:
             return
-        author_id, expires_at = state
+        author_id, expires_at, _ = state
         expired = retrying(lambda: self._writer.expire(key, author_id, expires_at), "expire",
                            self._attempts, self._backoff_s,
                            lambda: self._counters.inc("expire_retries"))
-        armed.clear()
+        story.clear()
         self._counters.inc("stories_expired")
         self._delay.update(expired.removed_at - expired.expires_at)
         yield expired
 
     @userstate.on_timer(GC)
-    def on_gc(self, armed=beam.DoFn.StateParam(ARMED), deleted=beam.DoFn.StateParam(DELETED)):
-        armed.clear()
-        deleted.clear()
+    def on_gc(self, story=beam.DoFn.StateParam(STORY)):
+        story.clear()
 
 
 class StoryResults(NamedTuple):
@@ -535,10 +536,29 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> StoryResults:
     return results
 
 
-def run(argv=None):
-    """Parse options, build the streaming job and run it until it is cancelled."""
+#: Deadline of the launcher's watch on the job (``--job_server_timeout``). Beam's
+#: portable runner puts that option (default 300 s) on the job-state stream as
+#: a gRPC deadline, and ``wait_until_finish()`` raises when it passes: the
+#: launcher, with the LOOPBACK workers inside it, would end a streaming job on
+#: Prism after five minutes.
+WATCH_S = 365 * 24 * 3600
+
+
+def job_options(argv=None) -> PipelineOptions:
+    """The job's options: streaming, and (unless given) a job-server timeout that
+    lets the launcher watch a streaming job for as long as it runs."""
     options = PipelineOptions(argv)
     options.view_as(StandardOptions).streaming = True
+    given = any(a.split("=")[0] in ("--job_server_timeout", "--job-server-timeout")
+                for a in argv or ())
+    if not given:
+        options.view_as(PortableOptions).job_server_timeout = WATCH_S
+    return options
+
+
+def run(argv=None):
+    """Parse options, build the streaming job and run it until it is cancelled."""
+    options = job_options(argv)
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
     result = pipeline.run()

@@ -167,20 +167,22 @@ def is_publish(event: StoryEvent) -> bool:
 # --------------------------------------------------------------------------- expiry timer
 
 
-def timer_step(cmd: ExpiryCommand, armed: tuple[int, int] | None, deleted: bool) -> str:
-    """What the expiry timer of one story does with ``cmd``, given its state (the
-    armed ``(author_id, expires_at)`` and the sticky deleted flag):
+def timer_step(cmd: ExpiryCommand, state: tuple[int, int, bool] | None) -> str:
+    """What the expiry timer of one story does with ``cmd``, given its state
+    ``(author_id, expires_at, deleted)`` (None: nothing armed yet):
 
-    ``cancel`` (a delete: clear the timer, set the flag), ``ignore`` (an arm
-    after a delete: the publish was redelivered or the start-up sweep raced
-    the delete), ``arm`` (set the timer at ``expires_at``) or ``unchanged``
-    (already armed at that time: a redelivered publish).
+    ``cancel`` (a delete: clear the timer, remember the delete), ``ignore`` (an
+    arm after a delete: the publish was redelivered or the start-up sweep
+    raced the delete), ``arm`` (set the timer at ``expires_at``) or
+    ``unchanged`` (already armed at that time: a redelivered publish).
+    A cancel needs no state, so the DoFn reads none for it.
     """
     if cmd.cancel:
         return "cancel"
-    if deleted:
+    if state is not None and state[2]:
         return "ignore"
-    return "unchanged" if armed == (cmd.author_id, cmd.expires_at) else "arm"
+    armed = state is not None and (state[0], state[1]) == (cmd.author_id, cmd.expires_at)
+    return "unchanged" if armed else "arm"
 
 
 # --------------------------------------------------------------------------- oracle
