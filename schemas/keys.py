@@ -56,6 +56,17 @@ class KeyLayout:
         """ZSET: recent posts by ``author_id`` (pulled for celebrities); member post_id, score created_at ms."""
         return f"{self.prefix}:timeline:{{u:{author_id}}}"
 
+    def timeline_deleted(self, author_id: int) -> str:
+        """ZSET: posts deleted from ``author_id``'s timeline, newest ``timeline_cap`` kept;
+        member post_id, score created_at ms.
+
+        A delete moves the post from ``author_timeline`` to here in one MULTI
+        (same tag), and an unfollow reads both in one MULTI: whichever runs
+        first, the unfollow sees the post and takes it out of the ex-follower's
+        feed, even when the delete no longer saw that follower.
+        """
+        return f"{self.prefix}:timeline_del:{{u:{author_id}}}"
+
     def ranked_feed(self, user_id: int) -> str:
         """ZSET: ``user_id``'s ranked feed; member post_id, score = rank score (higher first).
 
