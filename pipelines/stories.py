@@ -104,6 +104,7 @@ import pipelines.fanout  # noqa: F401
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
 from pipelines.io.source import ReadEvents
+from pipelines.runtime import run_until_done
 from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry, timer_step
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
@@ -557,13 +558,12 @@ def job_options(argv=None) -> PipelineOptions:
 
 
 def run(argv=None):
-    """Parse options, build the streaming job and run it until it is cancelled."""
+    """Parse options, build the streaming job and run it until it is cancelled
+    (SIGTERM or Ctrl-C cancel the job on the runner, see ``pipelines.runtime``)."""
     options = job_options(argv)
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
-    result = pipeline.run()
-    result.wait_until_finish()
-    return result
+    return run_until_done(pipeline)
 
 
 if __name__ == "__main__":
