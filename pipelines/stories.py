@@ -47,12 +47,15 @@ a periodic sweep instead of timers gives up event-time semantics. The sweep
 is one bounded read, O(live stories).
 
 **Keying and state.** Timer commands are keyed by ``story_id``; the state
-(one cell) holds the armed ``(author_id, expires_at)`` and a sticky "deleted" flag.
-Commands arrive in no particular order after the shuffle: a cancel before an
-arm leaves the flag set, so the late arm (a redelivered publish, or the
-sweep racing a delete) is ignored; the flag is garbage-collected by a second
-timer at ``expires_at + grace``, when no event for the story can be accepted
-any more. Views never reach the stateful DoFn: whether a view counts is
+(one cell) holds the armed ``(author_id, expires_at)`` and whether a delete
+cancelled it. Commands are applied as blind writes (no state read: each read
+is a blocking round trip to the runner, and a drained backlog brings one
+command per story). They arrive in no particular order after the shuffle; a
+redelivered publish after a delete is refused by the store (tombstone), so
+only the start-up sweep racing a delete can arm after the cancel: the timer
+then fires, the store reports the story as deleted, and nothing is emitted.
+A cancelled key's state is garbage-collected by a second timer at
+``expires_at + grace``. Views never reach the stateful DoFn: whether a view counts is
 decided by the store against the story as stored (exists, not deleted, view
 event time before ``expires_at``, not yet expired at apply time), so a view
 of an unknown, deleted or expired story never recreates state.
@@ -105,7 +108,7 @@ from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
 from pipelines.io.source import ReadEvents
 from pipelines.runtime import run_until_done
-from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry, timer_step
+from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
 
@@ -246,10 +249,13 @@ class StoryWriter:
         return StoryOutcome(event.event_id, "deleted", event.story_id, removal.author_id,
                             removal.expires_at, event.event_time)
 
-    def expire(self, story_id: int, author_id: int, expires_at: int) -> StoryExpired:
-        """Remove an expired story from both stores (idempotent)."""
+    def expire(self, story_id: int, author_id: int, expires_at: int) -> StoryExpired | None:
+        """Remove an expired story from both stores (idempotent). None when the story
+        turns out to have been deleted (its timer was re-armed after the delete)."""
         removal = self.redis.remove(story_id, author_id, expires_at, deleted=False)
         self.cassandra.remove(story_id, removal.author_id, removal.expires_at, removal.viewers)
+        if removal.removed_as == "deleted":
+            return None
         return StoryExpired(story_id, removal.author_id, removal.expires_at, self._clock())
 
 
@@ -398,10 +404,18 @@ def _timestamp(ms: int) -> Timestamp:
 class _ExpiryTimerFn(beam.DoFn):
     """Keyed by story_id: arms a watermark timer at ``expires_at``; on firing removes
     the story (``StoryWriter.expire``) and emits ``StoryExpired``. A cancel
-    (delete) clears the timer and sets a sticky flag that ignores later arms
-    until a second timer at ``expires_at + grace`` garbage-collects the state."""
+    (delete) clears the timer and marks the state deleted until a second timer
+    at ``expires_at + grace`` garbage-collects it.
 
-    # One cell, so an arm costs one state read (each is a round trip to the runner).
+    Commands only write state, never read it: a read is a blocking round trip
+    to the runner (tens of ms on a loaded machine), and after a backlog there
+    is one command per story. The cost: an arm that reaches the key after its
+    cancel (the shuffle keeps no order; a redelivered publish is refused by the
+    store, so in practice only the start-up sweep racing a delete) re-arms the
+    timer; when it fires, the store's tombstone says the story was deleted and
+    nothing is emitted (``expired_after_delete``).
+    """
+
     STORY = userstate.ReadModifyWriteStateSpec("story", coders.TupleCoder(
         (coders.VarIntCoder(), coders.VarIntCoder(), coders.BooleanCoder())))
     EXPIRY = userstate.TimerSpec("expiry", TimeDomain.WATERMARK)
@@ -425,15 +439,14 @@ class _ExpiryTimerFn(beam.DoFn):
     def process(self, element, story=beam.DoFn.StateParam(STORY),
                 expiry=beam.DoFn.TimerParam(EXPIRY), gc=beam.DoFn.TimerParam(GC)):
         _, cmd = element
-        step = "cancel" if cmd.cancel else timer_step(cmd, story.read())
-        if step == "cancel":
-            story.write((cmd.author_id, cmd.expires_at, True))
+        story.write((cmd.author_id, cmd.expires_at, cmd.cancel))
+        if cmd.cancel:
             expiry.clear()
             gc.set(_timestamp(cmd.expires_at + self._config.policy.grace_ms))
-        elif step == "arm":
-            story.write((cmd.author_id, cmd.expires_at, False))
+            self._counters.inc("timers_cancelled")
+        else:
             expiry.set(_timestamp(cmd.expires_at))
-        self._counters.inc(f"timer_{step}")
+            self._counters.inc("timers_armed")
 
     @userstate.on_timer(EXPIRY)
     def on_expiry(self, key=beam.DoFn.KeyParam, story=beam.DoFn.StateParam(STORY)):
@@ -445,6 +458,9 @@ class _ExpiryTimerFn(beam.DoFn):
                            self._attempts, self._backoff_s,
                            lambda: self._counters.inc("expire_retries"))
         story.clear()
+        if expired is None:
+            self._counters.inc("expired_after_delete")
+            return
         self._counters.inc("stories_expired")
         self._delay.update(expired.removed_at - expired.expires_at)
         yield expired

@@ -27,7 +27,7 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
-from schemas.stories import ExpiryCommand, StoryMeta, TrayEntry, TrayStory
+from schemas.stories import StoryMeta, TrayEntry, TrayStory
 
 HOUR_MS = 3600 * 1000
 
@@ -162,27 +162,6 @@ def sweep_buckets(now_ms: int, policy: StoryPolicy) -> list[int]:
 
 def is_publish(event: StoryEvent) -> bool:
     return event.kind is StoryEventKind.PUBLISHED
-
-
-# --------------------------------------------------------------------------- expiry timer
-
-
-def timer_step(cmd: ExpiryCommand, state: tuple[int, int, bool] | None) -> str:
-    """What the expiry timer of one story does with ``cmd``, given its state
-    ``(author_id, expires_at, deleted)`` (None: nothing armed yet):
-
-    ``cancel`` (a delete: clear the timer, remember the delete), ``ignore`` (an
-    arm after a delete: the publish was redelivered or the start-up sweep
-    raced the delete), ``arm`` (set the timer at ``expires_at``) or
-    ``unchanged`` (already armed at that time: a redelivered publish).
-    A cancel needs no state, so the DoFn reads none for it.
-    """
-    if cmd.cancel:
-        return "cancel"
-    if state is not None and state[2]:
-        return "ignore"
-    armed = state is not None and (state[0], state[1]) == (cmd.author_id, cmd.expires_at)
-    return "unchanged" if armed else "arm"
 
 
 # --------------------------------------------------------------------------- oracle

@@ -14,7 +14,7 @@ from pipelines.stories import (
     expiry_command,
     job_options,
 )
-from pipelines.stories_logic import StoryPolicy, timer_step
+from pipelines.stories_logic import StoryPolicy
 from schemas.events import StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
 
@@ -45,16 +45,6 @@ def test_expiry_commands_of_outcomes():
     assert expiry_command(outcome("deleted")) == ExpiryCommand(5, 2, 1000, True)
     for action in ("tombstoned", "expired", "beyond_horizon", "viewed", "view_unknown"):
         assert expiry_command(outcome(action)) is None
-
-
-def test_timer_steps():
-    arm, cancel = ExpiryCommand(5, 2, 1000), ExpiryCommand(5, 2, 1000, cancel=True)
-    assert timer_step(arm, None) == "arm"
-    assert timer_step(arm, (2, 1000, False)) == "unchanged"
-    assert timer_step(arm, (2, 900, False)) == "arm"
-    assert timer_step(arm, (2, 1000, True)) == "ignore"       # arm after delete
-    assert timer_step(cancel, (2, 1000, False)) == "cancel"
-    assert timer_step(cancel, None) == "cancel"
 
 
 def test_expired_message_is_json_keyed_by_author():
