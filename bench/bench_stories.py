@@ -20,13 +20,17 @@ In one run it measures:
   writes are done); stories/s and events/s over it; start-up reported apart.
   A sample of stories is checked against what the events imply (present or
   deleted, unique view count). Median of ``--runs``;
-* (c) expiry delay under steady traffic: the last run's job keeps running
-  while this process produces ``--steady-rate`` events/s for ``--steady-s``
-  (a fifth publishes expiring 5-20 s later, the rest views of them), with
-  event time = produce time; a poller (every ``POLL_S``) stamps when each
-  story's hash turns into a tombstone. Delay = that time - ``expires_at``,
-  p50/p99 over the stories that expired while traffic was flowing (the
-  watermark follows the traffic, not the idle clock).
+  After each drain a sentinel story expiring 2 s later is published: its
+  removal time says when the expiry step (after the shuffle) had taken in the
+  backlog's timer commands, which the drain time (offsets) does not show;
+* (c) expiry delay under steady traffic: a fresh job (from the topic's end,
+  own prefix and keyspace) runs while this process produces
+  ``--steady-rate`` events/s for ``--steady-s`` (a fifth publishes expiring
+  5-20 s later, the rest views of them), with event time = produce time; a
+  poller (every ``POLL_S``) stamps when each story's hash turns into a
+  tombstone. Delay = that time - ``expires_at``, p50/p99 over the stories that
+  expired while traffic was flowing (the watermark follows the traffic, not
+  the idle clock).
 
 Topics, keyspaces and Redis keys are unique per run and removed at the end.
 Results: a summary block and ``bench/results/stories.json``.
@@ -241,16 +245,53 @@ def drain_once(ctx, run: int, backlog: Backlog,
     last = time.time()
     seconds = last - first
     checked = check_sample(ctx.client, keys, backlog, random.Random(run))
+    catch_up = timers_caught_up(ctx, keys, backlog.ids[-1] + 1 + run, deadline)
     n = len(backlog.ids)
     return ({"stories": n, "events": len(backlog.events), "seconds": seconds,
              "stories_per_s": n / seconds, "events_per_s": len(backlog.events) / seconds,
-             "startup_s": first - t_submit, "sample_checked": checked},
-            job, keys)
+             "startup_s": first - t_submit, "sample_checked": checked,
+             "timers_caught_up_s": catch_up}, job, keys)
+
+
+def timers_caught_up(ctx, keys: KeyLayout, story_id: int, deadline: float) -> float:
+    """Seconds after the drain until the expiry step has taken in the backlog's timer
+    commands: a sentinel story published now, expiring in 2 s, is removed only
+    once the step's input watermark passes it, which the pending commands
+    (timestamped before it) hold back."""
+    t = now_ms()
+    produce(ctx.settings.kafka_bootstrap, ctx.topic_prefix + StoryEvent.TOPIC, [StoryEvent(
+        f"sentinel{story_id}", t, PUBLISHED, story_id, 1, created_at=t, expires_at=t + 2000)])
+    while ctx.client.hget(keys.story(story_id), "removed") is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the expiry step did not catch up in time")
+        time.sleep(POLL_S)
+    return (now_ms() - t) / 1000
+
+
+def fresh_job(ctx, base_id: int) -> tuple[Job, KeyLayout]:
+    """A job on the topic from its end (``--start_from=latest``), with its own Redis
+    prefix and keyspace, answering once a probe publish is applied."""
+    key_prefix, keyspace = f"{ctx.key_prefix}s", f"{ctx.keyspace}s"
+    ctx.migrate(keyspace)
+    keys = KeyLayout(key_prefix)
+    job = Job(ctx.settings, ctx.prism, ctx.topic_prefix, key_prefix, keyspace,
+              ctx.log_dir / "stories-steady.log", extra=["--start_from=latest"],
+              module="pipelines.stories")
+    ctx.jobs.append(job)
+    deadline = time.monotonic() + 300
+    while not ctx.client.exists(keys.story(base_id)):
+        if job.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the steady-traffic job did not start; see its log")
+        t = now_ms()   # until the job has its partitions, a probe may land before them
+        produce(ctx.settings.kafka_bootstrap, ctx.topic_prefix + StoryEvent.TOPIC, [StoryEvent(
+            f"probe{t}", t, PUBLISHED, base_id, 1, created_at=t, expires_at=t + 600_000)])
+        time.sleep(2)
+    return job, keys
 
 
 def steady_expiry(ctx, keys: KeyLayout, rate: float, duration_s: float,
                   base_id: int) -> dict:
-    """Produce steady traffic into the running job; delay from expires_at to tombstone."""
+    """Produce steady traffic into a running job; delay from expires_at to tombstone."""
     from confluent_kafka import Producer
 
     topic = ctx.topic_prefix + StoryEvent.TOPIC
@@ -399,13 +440,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"StoryWriter {stores[-1]['events_per_s']:,.0f} events/s  pipeline drain "
                   f"{res['stories_per_s']:,.0f} stories/s ({res['events_per_s']:,.0f} events/s, "
                   f"{res['seconds']:.1f}s, start-up {res['startup_s']:.1f}s, "
-                  f"{res['sample_checked']} sampled stories checked)", flush=True)
+                  f"{res['sample_checked']} sampled stories checked; timers caught up "
+                  f"{res['timers_caught_up_s']:.1f}s later)", flush=True)
         results["raw_events_per_s"] = raw
         results["in_process"] = stores
         results["drain"] = drains
-        expiry = steady_expiry(ctx, keys, args.steady_rate, args.steady_s,
-                               ctx.base_id + args.stories + 1)
-        results["expiry"] = expiry
+        job.stop()
+        base = ctx.base_id + args.stories + 1000
+        job, keys = fresh_job(ctx, base)
+        results["expiry"] = steady_expiry(ctx, keys, args.steady_rate, args.steady_s, base + 1)
         job.stop()
         med = {
             "raw_events_per_s": statistics.median(raw),
@@ -414,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             "drain_stories_per_s": statistics.median(d["stories_per_s"] for d in drains),
             "drain_events_per_s": statistics.median(d["events_per_s"] for d in drains),
             "drain_s": statistics.median(d["seconds"] for d in drains),
+            "timers_caught_up_s": statistics.median(d["timers_caught_up_s"] for d in drains),
         }
         med["ratio_to_store"] = med["drain_events_per_s"] / med["store_events_per_s"]
         med["ratio_to_raw"] = med["drain_events_per_s"] / med["raw_events_per_s"]
@@ -430,9 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         for ks in ctx.keyspaces:
             ctx.session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
         cluster.shutdown()
-        for run in range(args.runs):
-            for p in (f"{ctx.key_prefix}r{run}", f"{ctx.key_prefix}w{run}"):
-                delete_prefix(client, p)
+        for p in [f"{ctx.key_prefix}{x}{run}" for run in range(args.runs) for x in "rw"] + [
+                f"{ctx.key_prefix}s"]:
+            delete_prefix(client, p)
 
     print_summary(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -453,6 +497,8 @@ def print_summary(r: dict) -> None:
           f"{s['store_events_per_s']:>10,.0f} events/s  ratio {s['ratio_to_store']:.2f}")
     print(f"limit: consume+decode:   {'':>10}            {s['raw_events_per_s']:>10,.0f} "
           f"events/s  ratio {s['ratio_to_raw']:.2f}")
+    print(f"expiry step caught up with the backlog's timers {s['timers_caught_up_s']:.1f}s "
+          f"after the drain")
     if e["p50_ms"] is not None:
         print(f"expiry delay at {e['rate']:.0f} events/s for {e['seconds']:.0f}s: "
               f"p50 {e['p50_ms']:.0f} ms, p99 {e['p99_ms']:.0f} ms, max {e['max_ms']:.0f} ms "

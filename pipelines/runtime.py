@@ -46,6 +46,23 @@ def cancel_and_wait(result, timeout_s: float = 60.0) -> str:
     return str(result.state)
 
 
+#: Deadline of the launcher's watch on a streaming job. Beam's portable runner
+#: puts ``--job_server_timeout`` (default 300 s) on the job-state stream as a
+#: gRPC deadline and ``wait_until_finish()`` raises when it passes: the
+#: launcher, with the LOOPBACK workers inside it, would end the job after five
+#: minutes.
+WATCH_S = 365 * 24 * 3600
+_BEAM_DEFAULT_JOB_SERVER_TIMEOUT_S = 300
+
+
+def _watch_for_as_long_as_it_runs(pipeline) -> None:
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    portable = pipeline.options.view_as(PortableOptions)
+    if portable.job_server_timeout == _BEAM_DEFAULT_JOB_SERVER_TIMEOUT_S:
+        portable.job_server_timeout = WATCH_S
+
+
 def run_until_done(pipeline, cancel_timeout_s: float = 60.0):
     """Run ``pipeline`` and wait until it ends; cancel it on SIGTERM or SIGINT.
 
@@ -53,6 +70,7 @@ def run_until_done(pipeline, cancel_timeout_s: float = 60.0):
     the main thread (tests may call this from another one; they cancel the
     result themselves).
     """
+    _watch_for_as_long_as_it_runs(pipeline)
     result = pipeline.run()
     if threading.current_thread() is not threading.main_thread():
         result.wait_until_finish()

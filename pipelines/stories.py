@@ -47,12 +47,15 @@ a periodic sweep instead of timers gives up event-time semantics. The sweep
 is one bounded read, O(live stories).
 
 **Keying and state.** Timer commands are keyed by ``story_id``; the state
-holds the armed ``(author_id, expires_at)`` and a sticky "deleted" flag.
-Commands arrive in no particular order after the shuffle: a cancel before an
-arm leaves the flag set, so the late arm (a redelivered publish, or the
-sweep racing a delete) is ignored; the flag is garbage-collected by a second
-timer at ``expires_at + grace``, when no event for the story can be accepted
-any more. Views never reach the stateful DoFn: whether a view counts is
+(one cell) holds the armed ``(author_id, expires_at)`` and whether a delete
+cancelled it. Commands are applied as blind writes (no state read: each read
+is a blocking round trip to the runner, and a drained backlog brings one
+command per story). They arrive in no particular order after the shuffle; a
+redelivered publish after a delete is refused by the store (tombstone), so
+only the start-up sweep racing a delete can arm after the cancel: the timer
+then fires, the store reports the story as deleted, and nothing is emitted.
+A cancelled key's state is garbage-collected by a second timer at
+``expires_at + grace``. Views never reach the stateful DoFn: whether a view counts is
 decided by the store against the story as stored (exists, not deleted, view
 event time before ``expires_at``, not yet expired at apply time), so a view
 of an unknown, deleted or expired story never recreates state.
@@ -87,7 +90,11 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import apache_beam as beam
 from apache_beam.coders import coders
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+)
 from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Timestamp
@@ -101,7 +108,7 @@ from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
 from pipelines.io.source import ReadEvents
 from pipelines.runtime import run_until_done
-from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry, timer_step
+from pipelines.stories_logic import HOUR_MS, StoryPolicy, story_expiry
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
 
@@ -251,10 +258,13 @@ class StoryWriter:
         return StoryOutcome(event.event_id, "deleted", event.story_id, removal.author_id,
                             removal.expires_at, event.event_time)
 
-    def expire(self, story_id: int, author_id: int, expires_at: int) -> StoryExpired:
-        """Remove an expired story from both stores (idempotent)."""
+    def expire(self, story_id: int, author_id: int, expires_at: int) -> StoryExpired | None:
+        """Remove an expired story from both stores (idempotent). None when the story
+        turns out to have been deleted (its timer was re-armed after the delete)."""
         removal = self.redis.remove(story_id, author_id, expires_at, deleted=False)
         self.cassandra.remove(story_id, removal.author_id, removal.expires_at, removal.viewers)
+        if removal.removed_as == "deleted":
+            return None
         return StoryExpired(story_id, removal.author_id, removal.expires_at, self._clock())
 
 
@@ -403,12 +413,20 @@ def _timestamp(ms: int) -> Timestamp:
 class _ExpiryTimerFn(beam.DoFn):
     """Keyed by story_id: arms a watermark timer at ``expires_at``; on firing removes
     the story (``StoryWriter.expire``) and emits ``StoryExpired``. A cancel
-    (delete) clears the timer and sets a sticky flag that ignores later arms
-    until a second timer at ``expires_at + grace`` garbage-collects the state."""
+    (delete) clears the timer and marks the state deleted until a second timer
+    at ``expires_at + grace`` garbage-collects it.
 
-    ARMED = userstate.ReadModifyWriteStateSpec(
-        "armed", coders.TupleCoder((coders.VarIntCoder(), coders.VarIntCoder())))
-    DELETED = userstate.ReadModifyWriteStateSpec("deleted", coders.BooleanCoder())
+    Commands only write state, never read it: a read is a blocking round trip
+    to the runner (tens of ms on a loaded machine), and after a backlog there
+    is one command per story. The cost: an arm that reaches the key after its
+    cancel (the shuffle keeps no order; a redelivered publish is refused by the
+    store, so in practice only the start-up sweep racing a delete) re-arms the
+    timer; when it fires, the store's tombstone says the story was deleted and
+    nothing is emitted (``expired_after_delete``).
+    """
+
+    STORY = userstate.ReadModifyWriteStateSpec("story", coders.TupleCoder(
+        (coders.VarIntCoder(), coders.VarIntCoder(), coders.BooleanCoder())))
     EXPIRY = userstate.TimerSpec("expiry", TimeDomain.WATERMARK)
     GC = userstate.TimerSpec("gc", TimeDomain.WATERMARK)
 
@@ -427,39 +445,38 @@ class _ExpiryTimerFn(beam.DoFn):
         if writer is not None:
             writer.close()
 
-    def process(self, element, armed=beam.DoFn.StateParam(ARMED),
-                deleted=beam.DoFn.StateParam(DELETED), expiry=beam.DoFn.TimerParam(EXPIRY),
-                gc=beam.DoFn.TimerParam(GC)):
+    def process(self, element, story=beam.DoFn.StateParam(STORY),
+                expiry=beam.DoFn.TimerParam(EXPIRY), gc=beam.DoFn.TimerParam(GC)):
         _, cmd = element
-        step = timer_step(cmd, armed.read(), bool(deleted.read()))
-        if step == "cancel":
-            deleted.write(True)
-            armed.clear()
+        story.write((cmd.author_id, cmd.expires_at, cmd.cancel))
+        if cmd.cancel:
             expiry.clear()
             gc.set(_timestamp(cmd.expires_at + self._config.policy.grace_ms))
-        elif step == "arm":
-            armed.write((cmd.author_id, cmd.expires_at))
+            self._counters.inc("timers_cancelled")
+        else:
             expiry.set(_timestamp(cmd.expires_at))
-        self._counters.inc(f"timer_{step}")
+            self._counters.inc("timers_armed")
 
     @userstate.on_timer(EXPIRY)
-    def on_expiry(self, key=beam.DoFn.KeyParam, armed=beam.DoFn.StateParam(ARMED)):
-        state = armed.read()
-        if state is None:
+    def on_expiry(self, key=beam.DoFn.KeyParam, story=beam.DoFn.StateParam(STORY)):
+        state = story.read()
+        if state is None or state[2]:
             return
-        author_id, expires_at = state
+        author_id, expires_at, _ = state
         expired = retrying(lambda: self._writer.expire(key, author_id, expires_at), "expire",
                            self._attempts, self._backoff_s,
                            lambda: self._counters.inc("expire_retries"))
-        armed.clear()
+        story.clear()
+        if expired is None:
+            self._counters.inc("expired_after_delete")
+            return
         self._counters.inc("stories_expired")
         self._delay.update(expired.removed_at - expired.expires_at)
         yield expired
 
     @userstate.on_timer(GC)
-    def on_gc(self, armed=beam.DoFn.StateParam(ARMED), deleted=beam.DoFn.StateParam(DELETED)):
-        armed.clear()
-        deleted.clear()
+    def on_gc(self, story=beam.DoFn.StateParam(STORY)):
+        story.clear()
 
 
 class StoryResults(NamedTuple):
@@ -545,11 +562,30 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> StoryResults:
     return results
 
 
-def run(argv=None):
-    """Parse options, build the streaming job and run it until it is cancelled
-    (SIGTERM or Ctrl-C cancel it on the runner, see ``pipelines.runtime``)."""
+#: Deadline of the launcher's watch on the job (``--job_server_timeout``). Beam's
+#: portable runner puts that option (default 300 s) on the job-state stream as
+#: a gRPC deadline, and ``wait_until_finish()`` raises when it passes: the
+#: launcher, with the LOOPBACK workers inside it, would end a streaming job on
+#: Prism after five minutes.
+WATCH_S = 365 * 24 * 3600
+
+
+def job_options(argv=None) -> PipelineOptions:
+    """The job's options: streaming, and (unless given) a job-server timeout that
+    lets the launcher watch a streaming job for as long as it runs."""
     options = PipelineOptions(argv)
     options.view_as(StandardOptions).streaming = True
+    given = any(a.split("=")[0] in ("--job_server_timeout", "--job-server-timeout")
+                for a in argv or ())
+    if not given:
+        options.view_as(PortableOptions).job_server_timeout = WATCH_S
+    return options
+
+
+def run(argv=None):
+    """Parse options, build the streaming job and run it until it is cancelled
+    (SIGTERM or Ctrl-C cancel the job on the runner, see ``pipelines.runtime``)."""
+    options = job_options(argv)
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
     return run_until_done(pipeline)

@@ -27,7 +27,7 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
-from schemas.stories import ExpiryCommand, StoryMeta, TrayEntry, TrayStory
+from schemas.stories import StoryMeta, TrayEntry, TrayStory
 
 HOUR_MS = 3600 * 1000
 
@@ -162,25 +162,6 @@ def sweep_buckets(now_ms: int, policy: StoryPolicy) -> list[int]:
 
 def is_publish(event: StoryEvent) -> bool:
     return event.kind is StoryEventKind.PUBLISHED
-
-
-# --------------------------------------------------------------------------- expiry timer
-
-
-def timer_step(cmd: ExpiryCommand, armed: tuple[int, int] | None, deleted: bool) -> str:
-    """What the expiry timer of one story does with ``cmd``, given its state (the
-    armed ``(author_id, expires_at)`` and the sticky deleted flag):
-
-    ``cancel`` (a delete: clear the timer, set the flag), ``ignore`` (an arm
-    after a delete: the publish was redelivered or the start-up sweep raced
-    the delete), ``arm`` (set the timer at ``expires_at``) or ``unchanged``
-    (already armed at that time: a redelivered publish).
-    """
-    if cmd.cancel:
-        return "cancel"
-    if deleted:
-        return "ignore"
-    return "unchanged" if armed == (cmd.author_id, cmd.expires_at) else "arm"
 
 
 # --------------------------------------------------------------------------- oracle

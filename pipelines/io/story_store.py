@@ -172,15 +172,19 @@ class ViewResult:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Removal:
     """What a removal found: the story as stored (None if unknown or a tombstone),
-    whether it was a tombstone already (removed before), the viewers whose seen
-    entries it cleaned, and the author and expiry it used (the stored ones,
-    else the caller's)."""
+    how it was removed before if it was a tombstone already (``deleted`` or
+    ``expired``, else None), the viewers whose seen entries it cleaned, and the
+    author and expiry it used (the stored ones, else the caller's)."""
 
     story: StoryMeta | None
-    tombstoned: bool
+    removed_as: str | None
     viewers: tuple[int, ...]
     author_id: int
     expires_at: int
+
+    @property
+    def tombstoned(self) -> bool:
+        return self.removed_as is not None
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -323,7 +327,7 @@ class RedisStoryStore:
             args=["deleted" if deleted else "expired", author, expires,
                   redis_expire_at_ms(expires, self.policy)], client=pipe)
         pipe.execute()
-        return Removal(story, "removed" in fields, viewers, author, expires)
+        return Removal(story, fields.get("removed"), viewers, author, expires)
 
     # -- reads --------------------------------------------------------------------
 

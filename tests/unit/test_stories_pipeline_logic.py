@@ -6,13 +6,15 @@ import json
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.stories import (
+    WATCH_S,
     StoriesOptions,
     StoryStoreConfig,
     _runs,
     expired_message,
     expiry_command,
+    job_options,
 )
-from pipelines.stories_logic import StoryPolicy, timer_step
+from pipelines.stories_logic import StoryPolicy
 from schemas.events import StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
 
@@ -45,18 +47,18 @@ def test_expiry_commands_of_outcomes():
         assert expiry_command(outcome(action)) is None
 
 
-def test_timer_steps():
-    arm, cancel = ExpiryCommand(5, 2, 1000), ExpiryCommand(5, 2, 1000, cancel=True)
-    assert timer_step(arm, None, False) == "arm"
-    assert timer_step(arm, (2, 1000), False) == "unchanged"
-    assert timer_step(arm, (2, 900), False) == "arm"
-    assert timer_step(arm, None, True) == "ignore"         # arm after delete
-    assert timer_step(cancel, (2, 1000), False) == "cancel"
-    assert timer_step(cancel, None, True) == "cancel"
-
-
 def test_expired_message_is_json_keyed_by_author():
     msg = expired_message("t.stories-expired", StoryExpired(5, 2, 1000, 1500))
     assert (msg.topic, msg.key, msg.timestamp_ms) == ("t.stories-expired", b"2", 1500)
     assert json.loads(msg.value) == {"story_id": 5, "author_id": 2, "expires_at": 1000,
                                      "removed_at": 1500}
+
+
+def test_job_options_keep_watching_a_streaming_job():
+    from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
+
+    options = job_options(["--grace_s=5"])
+    assert options.view_as(StandardOptions).streaming
+    assert options.view_as(PortableOptions).job_server_timeout == WATCH_S
+    assert job_options(["--job_server_timeout=60"]).view_as(
+        PortableOptions).job_server_timeout == 60
