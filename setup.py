@@ -18,6 +18,14 @@ RUNTIME = [
     "xgboost==3.2.0",
     "fastavro==1.13.1",
     "tqdm==4.70.1",
+    # serving API (serving/, jobs/serve.py)
+    "uvicorn==0.54.0",
+    "uvloop==0.23.0",
+    "httptools==0.9.0",
+    "granian==2.8.7",
+    "orjson==3.13.0",
+    "pyjwt==2.15.1",
+    "prometheus-client==0.26.0",
     # `feedbeam train` writes its evaluation plot (ROC, NDCG by position) as a PNG.
     "matplotlib==3.11.2",
 ]
@@ -26,6 +34,7 @@ TEST = [
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
     "hypothesis==6.170.15",
+    "schemathesis==4.32.5",
 ]
 
 setup(

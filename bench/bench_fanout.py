@@ -44,6 +44,7 @@ Results: a summary block and ``bench/results/fanout.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import bisect
 import json
 import os
@@ -282,10 +283,11 @@ class Tracker:
 
 
 class Job:
-    """``python -m pipelines.fanout`` on Prism in its own process group."""
+    """``python -m <module>`` (default the fan-out) on Prism in its own process group."""
 
     def __init__(self, settings: StackSettings, prism: str, topic_prefix: str, key_prefix: str,
-                 keyspace: str, log_path: Path, extra: list[str] = ()):
+                 keyspace: str, log_path: Path, extra: list[str] = (),
+                 module: str = "pipelines.fanout"):
         self.group = f"bench-fanout-{uuid.uuid4().hex[:8]}"
         args = [
             "--runner=PrismRunner", f"--prism_location={prism}",
@@ -296,7 +298,7 @@ class Job:
             f"--cassandra_host={settings.host}", f"--cassandra_port={settings.cassandra_port}",
             f"--cassandra_keyspace={keyspace}", *extra]
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.fanout", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -414,6 +416,9 @@ def in_process(ctx, posts: list[Post], with_cassandra: bool) -> dict:
         def __getattr__(self, name):
             return lambda *a, **k: None
 
+        def deferred(self):
+            return contextlib.nullcontext()
+
     r = RedisFeedStore.from_url(ctx.settings.redis_url, key_prefix=ctx.key_prefix)
     c = (CassandraFeedStore.connect(ctx.settings.host, ctx.settings.cassandra_port, ctx.keyspace)
          if with_cassandra else NoCassandra())
@@ -440,7 +445,7 @@ def freshness(ctx, rates: list[int], step_s: float, runs: int) -> dict:
     producer = Producer(ctx.settings.kafka_bootstrap, prefix + PostEvent.TOPIC, linger_ms=0)
     producer.on_delivered = tracker.add
     job = Job(ctx.settings, ctx.prism, prefix, ctx.key_prefix, ctx.keyspace,
-              ctx.log_dir / "fanout-freshness.log")
+              ctx.log_dir / "fanout-freshness.log", extra=["--freshness_log_s=5"])
     rng = np.random.default_rng(7)
     next_id = ctx.next_post_id(10_000_000)
     stop_poller = threading.Event()

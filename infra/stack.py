@@ -487,10 +487,11 @@ def _start_redis(settings: StackSettings) -> None:
     cmd = [
         _redis_server(), "--bind", settings.host, "--port", str(settings.redis_port),
         "--daemonize", "no", "--dir", str(home), "--logfile", "",
-        # A dev cache: no RDB snapshots and no AOF, so a restart (or the
-        # fault tests' kill -9) starts empty and the pipelines must rebuild
-        # state from Kafka, which they are designed to do idempotently.
-        "--save", "", "--appendonly", "no",
+        # Append-only file, fsynced every second: a restart keeps the
+        # materialized views; a crash loses at most the last second of
+        # writes, which `feedbeam rebuild` restores from Cassandra. No RDB
+        # snapshots (the AOF is the one copy on disk).
+        "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
         "--protected-mode", "yes",
     ]
     _spawn(settings, "redis", cmd)

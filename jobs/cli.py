@@ -23,6 +23,9 @@ _COMMAND_MODULES = (
     "jobs.generate",
     "jobs.demo",
     "jobs.replay",
+    "jobs.submit",
+    "jobs.rebuild",
+    "jobs.serve",
     "jobs.train",
 )
 
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # The Cassandra driver logs routine connection details at INFO.
         logging.getLogger("cassandra").setLevel(logging.WARNING)
+        # Importing Beam options logs optional GCP extras it cannot find.
+        logging.getLogger("apache_beam.io.gcp").setLevel(logging.WARNING)
     try:
         try:
             settings = StackSettings.from_env()

@@ -89,9 +89,11 @@ def register(subparsers) -> None:
     p.add_argument("--skip-generate", action="store_true",
                    help="do not produce a new workload; run the job over what the demo group "
                    "has not applied yet")
-    p.add_argument("--keep-running", action="store_true",
-                   help="leave the fan-out job running after the summary (new events are "
-                   "applied as they arrive) until Ctrl-C")
+    p.add_argument("--exit", action="store_true",
+                   help="stop the jobs and the API after the summary instead of serving "
+                   "until Ctrl-C")
+    p.add_argument("--api-port", type=int, default=8080,
+                   help="port of the API the demo starts (0: none; default %(default)s)")
     p.add_argument("--timeout", type=float, default=900.0, metavar="S",
                    help="give up if the job has not caught up after S seconds (default 900)")
     p.add_argument("--seed", type=int, default=d.seed, help="workload seed (default %(default)s)")
@@ -162,37 +164,54 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
             ["generate", *workload.generate_args(start_ms, prefix)])
         generate.run_generate(gen_args, settings)
 
-    _step(f"5/6 fan-out pipeline on Prism (consumer group {args.group})")
-    log_path = settings.state_dir / "logs" / f"{args.group}.log"
-    job = FanoutJob.start(settings, prism, log_path, [
-        f"--consumer_group={args.group}", "--fallback_start=earliest",
-        f"--topic_prefix={prefix}", f"--redis_key_prefix={args.redis_key_prefix}",
-        f"--cassandra_keyspace={keyspace}", f"--push_threshold={workload.push_threshold}",
-        "--freshness_log_s=5",
-    ])
+    names = available_pipelines()
+    _step(f"5/6 pipelines on Prism: {', '.join(names)}")
+    jobs: list[FanoutJob] = []
+    api = None
     try:
-        print(f"   pid {job.process.pid}, log {log_path}")
-        caught_up_in = wait_until_applied(settings.kafka_bootstrap, args.group, read_topics,
-                                          job, args.timeout)
-        print(f"   caught up in {caught_up_in:.0f}s")
+        for name in names:
+            group = group_of(args.group, name)
+            log_path = settings.state_dir / "logs" / f"{group}.log"
+            jobs.append(FanoutJob.start(settings, prism, log_path, [
+                f"--consumer_group={group}", "--fallback_start=earliest",
+                f"--topic_prefix={prefix}", f"--redis_key_prefix={args.redis_key_prefix}",
+                f"--cassandra_keyspace={keyspace}", *pipeline_extras(name, workload, settings),
+            ], pipeline=name))
+            print(f"   {name}: pid {jobs[-1].process.pid}, group {group}, log {log_path}")
+        for job in jobs:
+            topics_of = demo_topics(job.name, prefix)
+            caught_up_in = wait_until_applied(settings.kafka_bootstrap,
+                                              group_of(args.group, job.name), topics_of, job,
+                                              args.timeout)
+            print(f"   {job.name} caught up in {caught_up_in:.0f}s")
+        api = start_api(settings, args, keyspace, workload)
 
         _step("6/6 what came out")
         _print_topics(settings, prefix)
-        _print_stores(settings, args.redis_key_prefix, keyspace, workload, log_path)
+        _print_stores(settings, args.redis_key_prefix, keyspace, workload, jobs[0].log_path)
         _print_samples(settings, args.samples, prefix)
-        if args.keep_running:
-            print(f"\nthe fan-out job keeps running (pid {job.process.pid}, log {log_path}): "
-                  f"events produced to {' and '.join(read_topics)} land in the feeds. "
-                  f"Ctrl-C stops it.", flush=True)
+        if api is not None:
+            api.print_samples(settings, args.redis_key_prefix, workload)
+        if not args.exit:
+            print("\nthe pipelines keep applying new events and the API keeps serving; "
+                  "Ctrl-C stops what the demo started.", flush=True)
             try:
-                while job.process.poll() is None:
+                while True:
+                    for job in jobs:
+                        if job.process.poll() is not None:
+                            raise UserFacingError(
+                                f"the {job.name} job exited (code {job.process.returncode}); "
+                                f"see {job.log_path}")
+                    if api is not None and api.process.poll() is not None:
+                        raise UserFacingError(f"the API exited; see {api.log_path}")
                     time.sleep(1.0)
-                raise UserFacingError(f"the fan-out job exited (code {job.process.returncode});"
-                                      f" see {log_path}")
             except KeyboardInterrupt:
-                print("\nstopping the fan-out job")
+                print("\nstopping the jobs and the API")
     finally:
-        job.stop()
+        if api is not None:
+            api.stop()
+        for job in jobs:
+            job.stop()
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The servers keep "
           "running; `.venv/bin/feedbeam infra down` stops them.")
     return 0
@@ -205,24 +224,33 @@ def _step(text: str) -> None:
 # ---------------------------------------------------------------- the job
 
 
+#: The pipelines the demo runs, in start order, when this build has them.
+DEMO_PIPELINES = ("fanout", "stories", "features", "ranking")
+
+
+def available_pipelines() -> list[str]:
+    import importlib.util
+
+    from jobs.submit import PIPELINES
+
+    return [name for name in DEMO_PIPELINES
+            if importlib.util.find_spec(PIPELINES[name].module) is not None]
+
+
 @dataclasses.dataclass
 class FanoutJob:
-    """``python -m pipelines.fanout`` on Prism in its own process group."""
+    """A pipeline (``python -m pipelines.<name>``) on Prism in its own process group."""
 
     process: subprocess.Popen
     log_path: Path
+    name: str = "fanout"
 
     @classmethod
     def start(cls, settings: StackSettings, prism: Path, log_path: Path,
-              extra: list[str]) -> "FanoutJob":
-        argv = [
-            sys.executable, "-m", "pipelines.fanout",
-            "--runner=PrismRunner", f"--prism_location={prism}",
-            "--environment_type=LOOPBACK", "--streaming",
-            f"--kafka_bootstrap={settings.kafka_bootstrap}", f"--redis_url={settings.redis_url}",
-            f"--cassandra_host={settings.host}", f"--cassandra_port={settings.cassandra_port}",
-            *extra,
-        ]
+              extra: list[str], pipeline: str = "fanout") -> "FanoutJob":
+        from jobs.submit import build_command
+
+        argv = build_command(pipeline, "prism", settings, extra)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log.write(f"\n--- feedbeam demo {dt.datetime.now().isoformat()}: "
@@ -231,7 +259,7 @@ class FanoutJob:
             # Its own session: stop() signals the job, its Prism and its workers together.
             process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
-        return cls(process, log_path)
+        return cls(process, log_path, pipeline)
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to the process group, SIGKILL if it is still there after ``grace_s``."""
@@ -254,6 +282,120 @@ class FanoutJob:
         except OSError:
             return ""
         return "\n".join("     " + line for line in text[-lines:])
+
+
+def group_of(base: str, pipeline: str) -> str:
+    """The demo's consumer group of ``pipeline`` (the fan-out keeps ``base`` itself)."""
+    return base if pipeline == "fanout" else f"{base}-{pipeline}"
+
+
+def demo_topics(pipeline: str, prefix: str) -> list[str]:
+    from jobs.submit import PIPELINES
+
+    return [prefix + t for t in PIPELINES[pipeline].topics]
+
+
+def pipeline_extras(name: str, workload: "DemoWorkload", settings: StackSettings) -> list[str]:
+    """Options of one pipeline beyond the shared ones (names, stores)."""
+    if name == "fanout":
+        return [f"--push_threshold={workload.push_threshold}", "--freshness_log_s=5"]
+    if name == "features":
+        return [f"--feature_log_dir={settings.state_dir / 'demo' / 'feature-log'}"]
+    if name == "ranking":
+        return [f"--push_threshold={workload.push_threshold}",
+                f"--model_dir={settings.state_dir / 'demo' / 'models'}"]
+    return []
+
+
+@dataclasses.dataclass
+class ApiServer:
+    """``feedbeam serve`` in the background, with the key its tokens are signed with."""
+
+    process: subprocess.Popen
+    log_path: Path
+    port: int
+    jwt_key: str
+
+    def stop(self) -> None:
+        FanoutJob(self.process, self.log_path, "api").stop(grace_s=10.0)
+
+    def token(self, user: int) -> str:
+        from serving.auth import issue_token
+
+        return issue_token(self.jwt_key, user, ttl_s=3600)
+
+    def get(self, path: str, user: int) -> tuple[int, dict]:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
+                                         headers={"Authorization": f"Bearer {self.token(user)}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def print_samples(self, settings: StackSettings, key_prefix: str,
+                      workload: "DemoWorkload") -> None:
+        from pipelines.io.redis_store import RedisFeedStore
+
+        redis = RedisFeedStore.from_url(settings.redis_url, key_prefix=key_prefix)
+        try:
+            users = range(1, workload.users + 1)
+            pipe = redis.client.pipeline(transaction=False)
+            for u in users:
+                pipe.zcard(redis.keys.home_feed(u))
+            sizes = dict(zip(users, pipe.execute()))
+        finally:
+            redis.close()
+        user = max(users, key=lambda u: (sizes[u], -u))
+        print(f"\n   the API on http://127.0.0.1:{self.port} (log {self.log_path})")
+        for label, path in (("ranked feed", f"/v1/users/{user}/feed?limit=5"),
+                            ("story tray", f"/v1/users/{user}/stories/tray?limit=5")):
+            status, body = self.get(path, user)
+            print(f"\n   {label} of user {user} (GET {path} -> {status}):")
+            print("     " + json.dumps(body, separators=(",", ":"))[:900])
+        print(f"\n   try it (token valid for an hour):\n"
+              f"     TOKEN={self.token(user)}\n"
+              f"     curl -s -H \"Authorization: Bearer $TOKEN\" "
+              f"'http://127.0.0.1:{self.port}/v1/users/{user}/feed?limit=10'")
+
+
+def start_api(settings: StackSettings, args: argparse.Namespace, keyspace: str,
+              workload: "DemoWorkload") -> "ApiServer | None":
+    """Start the serving API on ``--api-port`` (0: skip) and wait until it answers."""
+    import importlib.util
+    import secrets
+    import urllib.request
+
+    if args.api_port == 0 or importlib.util.find_spec("serving.app") is None:
+        return None
+    key = secrets.token_urlsafe(32)
+    log_path = settings.state_dir / "logs" / "feedbeam-demo-api.log"
+    argv = [sys.executable, "-m", "jobs.cli", "serve", "--port", str(args.api_port),
+            "--jwt-key", key, "--key-prefix", args.redis_key_prefix, "--keyspace", keyspace,
+            "--push-threshold", str(workload.push_threshold)]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    api = ApiServer(process, log_path, args.api_port, key)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise UserFacingError(f"the API exited at start (code {process.returncode}); "
+                                  f"see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{args.api_port}/healthz",
+                                        timeout=2) as response:
+                if response.status == 200:
+                    return api
+        except OSError:
+            pass
+        time.sleep(0.5)
+    api.stop()
+    raise UserFacingError(f"the API did not answer on port {args.api_port} within 60s; "
+                          f"see {log_path}")
 
 
 # ---------------------------------------------------------------- consumer lag

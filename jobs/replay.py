@@ -558,6 +558,7 @@ def resolve_ranges(bootstrap: str, topic: str, spec: RangeSpec) -> dict[int, tup
 #: options, ranges=...)``, the event topics it reads, less any prefix).
 PIPELINES: dict[str, tuple[str, tuple[str, ...]]] = {
     "fanout": ("pipelines.fanout", ("post-events", "follow-events")),
+    "features": ("pipelines.features", ("engagement-events", "post-events")),
 }
 #: Options ``replay`` sets itself; given after ``--`` they would contradict the range.
 _RESERVED_BEAM_ARGS = ("--replay_ranges", "--streaming", "--topic_prefix")

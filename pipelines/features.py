@@ -46,8 +46,11 @@ is computed only at the window ends where it can change (a bucket entering or
 leaving a window) and emitted only if it changed, so a post whose engagement
 stops gets a last emission of zeros.
 
-* **Lateness.** Each key knows the watermark up to its last fired timer
-  (every key with an event gets a timer at the end of the event's slide). An
+* **Lateness.** Beam gives a DoFn no watermark, but a fired event-time timer
+  proves the stage's input watermark passed its time: the first stage judges
+  an event against the latest timer fired on its key or, if later, on any key
+  of the same DoFn instance (every key with an event gets a timer at the end
+  of the event's slide, so this trails the watermark by about a slide). An
   event more than ``--allowed_lateness_s`` behind that is *too late*: counted
   (``events_too_late``) and dead-lettered with reason ``too_late``. The
   decoded event has no bytes any more: the dead letter holds the event
@@ -55,9 +58,8 @@ stops gets a last emission of zeros.
   written with the current schema), its key, ``partition``/``offset`` -1, and
   the times in the error text. An accepted late event updates its buckets and
   re-emits the change points it affects with the same ``valid_at`` and a
-  higher ``version``, which the stores and the log prefer. Caveat: a key with
-  no state (first event of a post, or after its state expired) knows no
-  watermark and accepts the event.
+  higher ``version``, which the stores and the log prefer. A worker that just
+  (re)started has seen no timer yet and accepts everything until one fires.
 * **Dedup.** The first stage remembers the ids of its key's events for
   ``--dedup_horizon_s`` of event time past the key's watermark (keyed state,
   forgotten by the key's timer); all duplicates of an event share its post, so
@@ -87,6 +89,7 @@ from __future__ import annotations
 import logging
 import struct
 import sys
+import time
 from typing import NamedTuple, Tuple
 
 import apache_beam as beam
@@ -133,6 +136,7 @@ from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.records import DeadLetter
 from pipelines.io.deadletter import WriteDeadLetters
 from pipelines.io.source import ReadEvents, producer_config_of
+from pipelines.runtime import run_until_done
 from schemas.events import EngagementEvent, PostEvent, PostEventKind
 from schemas.features import DAY_MS, FeatureTTLs, FeatureValue
 
@@ -342,14 +346,65 @@ def _set_timer(timer, state, wanted: int | None) -> None:
         state.timer_at = wanted
 
 
-class _FirstStageFn(beam.DoFn):
-    """Dedup, lateness, unlike pairing and post windows (``FirstStage``), per post key."""
+class _KeyedStageFn(beam.DoFn):
+    """One keyed stage: its state object in keyed state, one event-time timer per key.
 
-    STATE = ReadModifyWriteStateSpec("post", coders.PickleCoder())
+    Subclasses build the stage logic in ``setup()`` (``self._stage``, with
+    ``fire``, ``next_timer`` and ``empty``) and say how an element applies.
+    """
+
+    STATE = ReadModifyWriteStateSpec("state", coders.PickleCoder())
     TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
 
-    def __init__(self, params: FeatureParams, topic_prefix: str):
+    def __init__(self, params: FeatureParams):
         self._params = params
+
+    def start_bundle(self):
+        self._not_yet_valid = Metrics.counter(NAMESPACE, "values_not_yet_valid")
+
+    def _new_state(self):
+        raise NotImplementedError
+
+    def _apply(self, state, key, value):
+        """Apply one element to ``state``; yields outputs."""
+        raise NotImplementedError
+
+    def process(self, element, state=beam.DoFn.StateParam(STATE),
+                timer=beam.DoFn.TimerParam(TIMER)):
+        key, value = element
+        s = state.read() or self._new_state()
+        yield from self._apply(s, key, value)
+        _set_timer(timer, s, self._stage.next_timer(s))
+        state.write(s)
+
+    @on_timer(TIMER)
+    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
+        s = state.read()
+        if s is None:
+            return
+        s.timer_at = None
+        now_ms = time.time() * 1000
+        for value in self._stage.fire(s, key, fired.micros // 1000):
+            # A bounded run ends with the watermark at infinity and drains every
+            # window; values valid after the wall clock are not facts yet (the live
+            # job will compute them from more events): keep them out of the stores.
+            if value.valid_at_ms <= now_ms:
+                yield value
+            else:
+                self._not_yet_valid.inc()
+        if self._stage.empty(s):
+            state.clear()
+            return
+        _set_timer(timer, s, self._stage.next_timer(s))
+        state.write(s)
+
+
+class _FirstStageFn(_KeyedStageFn):
+    """Dedup, lateness, unlike pairing and post windows (``FirstStage``), per post key."""
+
+    def __init__(self, params: FeatureParams, topic_prefix: str):
+        super().__init__(params)
         self._topic_prefix = topic_prefix
 
     def setup(self):
@@ -359,10 +414,11 @@ class _FirstStageFn(beam.DoFn):
         self._codec = WireCodec()
         self._counters: dict = {}
 
-    def process(self, element, state=beam.DoFn.StateParam(STATE),
-                timer=beam.DoFn.TimerParam(TIMER)):
-        _, (event_id, item, raw) = element
-        s = state.read() or PostState()
+    def _new_state(self):
+        return PostState()
+
+    def _apply(self, s: PostState, key, value):
+        event_id, item, raw = value
         outcome = self._stage.apply(s, event_id, item)
         _counter(self._counters, f"events_{outcome.status}").inc()
         if outcome.unmatched_unlike:
@@ -370,34 +426,14 @@ class _FirstStageFn(beam.DoFn):
         if outcome.status == TOO_LATE:
             yield TaggedOutput(_DEAD_LETTERS, self._dead_letter(event_id, item, raw, s))
             return
-        if outcome.status == "duplicate":
-            return
         yield from outcome.features
         for fwd in outcome.forward:
             if fwd.kind in _TO_AUTHOR:
                 yield TaggedOutput(_TO_AUTHOR_TAG, (fwd.author, fwd))
             if fwd.kind in _TO_VIEWER:
                 yield TaggedOutput(_TO_VIEWER_TAG, (fwd.viewer, fwd))
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
-
-    @on_timer(TIMER)
-    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
-        s = state.read()
-        if s is None:
-            return
-        s.timer_at = None
-        yield from self._stage.fire(s, key, fired.micros // 1000)
-        if self._stage.empty(s):
-            state.clear()
-            return
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
 
     def _dead_letter(self, event_id: str, item: Item, raw: bytes, s: PostState) -> DeadLetter:
-        import time
-
         if item.kind == POST_CREATED:
             topic, key = self._topic_prefix + PostEvent.TOPIC, str(item.author).encode()
         else:
@@ -405,81 +441,38 @@ class _FirstStageFn(beam.DoFn):
             topic, key = self._topic_prefix + EngagementEvent.TOPIC, event.key
             raw = self._codec.encode(event, topic)
         error = (f"event time {item.t} is more than {self._params.allowed_lateness_ms} ms behind "
-                 f"the watermark {s.window.known_wm}; value re-encoded with WireCodec, source "
-                 f"partition and offset unknown")
+                 f"the watermark {self._stage.watermark(s)}; value re-encoded with WireCodec, "
+                 f"source partition and offset unknown")
         return DeadLetter(topic=topic, partition=-1, offset=-1, key=key, value=raw,
                           timestamp_ms=item.t, step=STEP, reason=TOO_LATE, error=error,
                           failed_at_ms=int(time.time() * 1000))
 
 
-class _AuthorStageFn(beam.DoFn):
+class _AuthorStageFn(_KeyedStageFn):
     """7-day author windows (``AuthorStage``), per author key."""
-
-    STATE = ReadModifyWriteStateSpec("author", coders.PickleCoder())
-    TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
-
-    def __init__(self, params: FeatureParams):
-        self._params = params
 
     def setup(self):
         self._stage = AuthorStage(self._params)
 
-    def process(self, element, state=beam.DoFn.StateParam(STATE),
-                timer=beam.DoFn.TimerParam(TIMER)):
-        author, item = element
-        s = state.read() or WindowState()
-        yield from self._stage.apply(s, author, item)
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+    def _new_state(self):
+        return WindowState()
 
-    @on_timer(TIMER)
-    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
-        s = state.read()
-        if s is None:
-            return
-        s.timer_at = None
-        yield from self._stage.fire(s, key, fired.micros // 1000)
-        if self._stage.empty(s):
-            state.clear()
-            return
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+    def _apply(self, s: WindowState, author, item):
+        return self._stage.apply(s, author, item)
 
 
-class _ViewerStageFn(beam.DoFn):
+class _ViewerStageFn(_KeyedStageFn):
     """Decayed affinities (``ViewerStage``), per viewer key."""
-
-    STATE = ReadModifyWriteStateSpec("viewer", coders.PickleCoder())
-    TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
-
-    def __init__(self, params: FeatureParams):
-        self._params = params
 
     def setup(self):
         self._stage = ViewerStage(self._params)
 
-    def process(self, element, state=beam.DoFn.StateParam(STATE),
-                timer=beam.DoFn.TimerParam(TIMER)):
-        _, item = element
-        s = state.read() or ViewerState()
-        self._stage.apply(s, item)
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+    def _new_state(self):
+        return ViewerState()
 
-    @on_timer(TIMER)
-    def on_tick(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(TIMER)):
-        s = state.read()
-        if s is None:
-            return
-        s.timer_at = None
-        yield from self._stage.fire(s, key, fired.micros // 1000)
-        if self._stage.empty(s):
-            state.clear()
-            return
-        _set_timer(timer, s, self._stage.next_timer(s))
-        state.write(s)
+    def _apply(self, s: ViewerState, viewer, item):
+        self._stage.apply(s, item)
+        return ()
 
 
 class FeatureOutputs(NamedTuple):
@@ -581,9 +574,7 @@ def run(argv=None):
     options.view_as(StandardOptions).streaming = not bounded
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
-    result = pipeline.run()
-    result.wait_until_finish()
-    return result
+    return run_until_done(pipeline)
 
 
 if __name__ == "__main__":

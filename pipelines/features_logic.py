@@ -23,11 +23,19 @@ calls these classes from its DoFns; the tests drive them directly too. See
   author's engagement, nor in the affinities. An unlike with no like to pair
   within the state's horizon changes nothing (counted).
 * **Lateness.** A key knows the watermark up to the last event-time timer it
-  saw fire (``known_wm``). An event with ``t + allowed_lateness < known_wm``
-  is *too late*: not counted anywhere, returned so the pipeline dead-letters
-  it. A late event within the lateness updates its buckets and re-emits every
-  change point already passed that it affects, with ``version + 1`` (same
-  ``valid_at``, newer version: stores and the log prefer it).
+  saw fire (``known_wm``); the stage instance knows it up to the last timer it
+  saw fire on any key (one input watermark for all keys). An event with
+  ``t + allowed_lateness`` below the greater of the two is *too late*: not
+  counted anywhere, returned so the pipeline dead-letters it. A late event
+  within the lateness updates its buckets and re-emits every change point
+  already passed that it affects, with the same ``valid_at`` and a higher
+  version (stores and the log prefer it).
+* **Versions** are data, not arrival order: a window value's version is the
+  number of events (and cancels) in the widest window ending at its
+  ``valid_at``, an affinity's the number of events summed into it. Re-reading
+  the same events gives the same (valid_at, version, value), so a replay
+  rewrites nothing; a replay of fewer events (a partial range) has a lower
+  version at the same ``valid_at`` and loses; a late event raises it.
 * **Dedup.** ``event_id``s of a key are remembered for ``dedup_horizon`` of
   event time after the key's watermark passes them; a repeat within it is
   dropped (counted).
@@ -238,8 +246,7 @@ class WindowState:
     stops counting in windows ending after the cancel time.
     """
 
-    __slots__ = ("buckets", "cancels", "due", "last", "last_at", "version", "known_wm",
-                 "timer_at")
+    __slots__ = ("buckets", "cancels", "due", "last", "last_at", "known_wm", "timer_at")
 
     def __init__(self):
         self.buckets: dict[int, list[int]] = {}
@@ -247,7 +254,6 @@ class WindowState:
         self.due: set[int] = set()
         self.last: dict[str, float] = {}
         self.last_at: int | None = None
-        self.version = 0
         self.known_wm: int | None = None
         self.timer_at: int | None = None  # the key's pending timer (set by the DoFn)
 
@@ -279,6 +285,18 @@ class WindowState:
     def values(self, spec: WindowSpec, end: int) -> dict[str, float]:
         return spec.features(self.totals(spec, end))
 
+    def version(self, spec: WindowSpec, end: int) -> int:
+        """Events and cancels in the widest window ending at ``end``."""
+        start = end - max(spec.widths)
+        n = sum(sum(c) for s, c in self.buckets.items() if start <= s < end)
+        return n + sum(1 for s, cancel_t, _ in self.cancels if start <= s < end and cancel_t < end)
+
+    def emit(self, spec: WindowSpec, end: int, entity_type: str, entity_id: str,
+             values: dict[str, float]) -> list[FeatureValue]:
+        version = self.version(spec, end)
+        return [FeatureValue(entity_type, entity_id, name, value, end, version)
+                for name, value in values.items()]
+
     def change_points(self, spec: WindowSpec, s: int) -> list[int]:
         """Window ends where bucket ``s`` enters or leaves a window."""
         return [s + spec.slide] + [s + w + spec.slide for w in spec.widths]
@@ -303,14 +321,12 @@ class WindowState:
         if wm is None or spec.bucket(t) + spec.slide > wm:
             return []
         # Late: windows already emitted contain the change. Re-emit every passed
-        # change point it affects, all names, one version up.
-        self.version += 1
+        # change point it affects, all names (their version counts the change).
         horizon = spec.bucket(t) + max(spec.widths) + spec.slide
         passed = sorted(p for p in self._all_points(spec) if t < p <= wm and p <= horizon)
         out = []
         for p in passed:
-            for name, value in self.values(spec, p).items():
-                out.append(FeatureValue(entity_type, entity_id, name, value, p, self.version))
+            out += self.emit(spec, p, entity_type, entity_id, self.values(spec, p))
         if self.last_at is not None:
             self.last = self.values(spec, self.last_at)
         return out
@@ -361,8 +377,8 @@ class WindowState:
         if not self.advance(at):
             return []
         values = self.values(spec, at)
-        out = [FeatureValue(entity_type, entity_id, name, v, at, self.version)
-               for name, v in values.items() if self.last.get(name) != v]
+        out = self.emit(spec, at, entity_type, entity_id,
+                        {name: v for name, v in values.items() if self.last.get(name) != v})
         self.last, self.last_at = values, at
         cutoff = at - spec.retention
         if any(s <= cutoff for s in self.buckets):
@@ -420,9 +436,20 @@ class FirstStage:
     def __init__(self, params: FeatureParams):
         self.params = params
         self.spec = params.post_spec
+        # The latest timer this instance saw fire, on any key: the stage's input
+        # watermark is one for all keys, so it is past that too. It lets a key
+        # without state (a new post, or one whose state expired) judge lateness.
+        self.observed_wm: int | None = None
+
+    def watermark(self, state: PostState | None) -> int | None:
+        """The best known lower bound of the watermark for ``state``'s key."""
+        own = None if state is None else state.window.known_wm
+        if own is None or (self.observed_wm is not None and self.observed_wm > own):
+            return self.observed_wm
+        return own
 
     def too_late(self, state: PostState | None, t: int) -> bool:
-        wm = None if state is None else state.window.known_wm
+        wm = self.watermark(state)
         return wm is not None and t + self.params.allowed_lateness_ms < wm
 
     def apply(self, state: PostState, event_id: str, item: Item) -> Outcome:
@@ -435,9 +462,16 @@ class FirstStage:
         late = w.known_wm is not None and self.spec.bucket(item.t) + self.spec.slide <= w.known_wm
         status = "late" if late else "counted"
         kind = item.kind
-        if kind == POST_CREATED or kind == PROFILE_VIEW:
-            # Nothing to count here (the author and viewer stages do); a created
-            # post's first timer emits its zeros.
+        if kind == PROFILE_VIEW:
+            w.note(self.spec, item.t)  # nothing to count here: the other stages do
+            return Outcome(status, [], [item])
+        if kind == POST_CREATED:
+            # The post's features start at the end of its creation slide (zeros
+            # until engagement). Read after its engagement (another topic), that
+            # point may have passed: emit it now.
+            at = self.spec.bucket(item.t) + self.spec.slide
+            if w.known_wm is not None and at <= w.known_wm:
+                return Outcome(status, self._values_at(w, item.post, at), [item])
             w.note(self.spec, item.t)
             return Outcome(status, [], [item])
         entity = str(item.post)
@@ -457,6 +491,9 @@ class FirstStage:
                 feats += w.cancel(self.spec, 0, item.t, unlike_t, POST, entity)
                 forward.append(cancel)
         return Outcome(status, feats, forward)
+
+    def _values_at(self, w: WindowState, post: int, at: int) -> list[FeatureValue]:
+        return w.emit(self.spec, at, POST, str(post), w.values(self.spec, at))
 
     @staticmethod
     def _pair_unlike(state: PostState, item: Item) -> int | None:
@@ -492,6 +529,8 @@ class FirstStage:
         return None
 
     def fire(self, state: PostState, key: int, at: int) -> list[FeatureValue]:
+        if self.observed_wm is None or at > self.observed_wm:
+            self.observed_wm = at
         w = state.window
         if key >= 0:
             out = w.fire(self.spec, at, POST, str(key))
@@ -577,26 +616,34 @@ class AuthorStage:
 
 
 def decay_add(entry: list | None, w: float, t: int, half_life_ms: int) -> list:
-    """Add weight ``w`` at ``t`` to a ``[score, valid_at, version]`` entry (new list if None).
+    """Add weight ``w`` at ``t`` to a ``[score, valid_at, events]`` entry (new list if None).
 
     A newer ``t`` decays the score to ``t`` first and moves ``valid_at``; an
-    older or equal one adds its weight decayed to ``valid_at`` and bumps the
-    version (a new value for the same ``valid_at``).
+    older or equal one adds its weight decayed to ``valid_at``. ``events``
+    counts what was added (the value's version).
     """
     if entry is None:
-        return [w, t, 0]
-    score, ref, version = entry
+        return [w, t, 1]
+    score, ref, events = entry
     if t > ref:
         entry[0] = score * math.exp2(-(t - ref) / half_life_ms) + w
         entry[1] = t
     else:
         entry[0] = score + w * math.exp2(-(ref - t) / half_life_ms)
-        entry[2] = version + 1
+    entry[2] = events + 1
     return entry
 
 
+#: Affinities below this are rounding left over from cancelled likes: emitted as 0.
+AFFINITY_EPSILON = 1e-12
+
+
+def _clean(score: float) -> float:
+    return score if score > AFFINITY_EPSILON else 0.0
+
+
 class ViewerState:
-    """Keyed state of one viewer: ``[score, valid_at, version]`` per author and per media
+    """Keyed state of one viewer: ``[score, valid_at, events]`` per author and per media
     type, and which of them changed since the last emission."""
 
     __slots__ = ("authors", "media", "dirty_authors", "dirty_media", "flush_at", "timer_at")
@@ -653,11 +700,11 @@ class ViewerStage:
             for author in sorted(state.dirty_authors):
                 score, ref, version = state.authors[author]
                 out.append(FeatureValue(VIEWER_AUTHOR, f"{viewer}:{author}", AFFINITY,
-                                        max(score, 0.0), ref, version))
+                                        _clean(score), ref, version))
             for media in sorted(state.dirty_media):
                 score, ref, version = state.media[media]
                 out.append(FeatureValue(VIEWER_MEDIA, f"{viewer}:{MEDIA_BY_CODE[media].value}",
-                                        AFFINITY, max(score, 0.0), ref, version))
+                                        AFFINITY, _clean(score), ref, version))
             state.dirty_authors.clear()
             state.dirty_media.clear()
             state.flush_at = None

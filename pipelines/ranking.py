@@ -94,6 +94,7 @@ from pipelines.ranking_logic import (
     recency_scores,
     requests_from,
 )
+from pipelines.runtime import run_until_done
 from schemas.events import EngagementEvent, FollowEvent, PostEvent
 from schemas.features import DEFAULT_HALF_LIFE_MS
 from schemas.ranked import RankedEntry
@@ -572,9 +573,7 @@ def run(argv=None):
     options.view_as(StandardOptions).streaming = True
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
-    result = pipeline.run()
-    result.wait_until_finish()
-    return result
+    return run_until_done(pipeline)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,17 @@ class KeyLayout:
         """ZSET: recent posts by ``author_id`` (pulled for celebrities); member post_id, score created_at ms."""
         return f"{self.prefix}:timeline:{{u:{author_id}}}"
 
+    def timeline_deleted(self, author_id: int) -> str:
+        """ZSET: posts deleted from ``author_id``'s timeline, newest ``timeline_cap`` kept;
+        member post_id, score created_at ms.
+
+        A delete moves the post from ``author_timeline`` to here in one MULTI
+        (same tag), and an unfollow reads both in one MULTI: whichever runs
+        first, the unfollow sees the post and takes it out of the ex-follower's
+        feed, even when the delete no longer saw that follower.
+        """
+        return f"{self.prefix}:timeline_del:{{u:{author_id}}}"
+
     def ranked_feed(self, user_id: int) -> str:
         """ZSET: ``user_id``'s ranked feed; member post_id, score = rank score (higher
         first; ``pipelines.io.ranked_store`` writes ``count - rank``, the model's
@@ -126,6 +137,12 @@ class KeyLayout:
         """
         return f"{self.prefix}:top_followers:{{u:{user_id}}}"
 
+    def top_followers_stamps(self, user_id: int) -> str:
+        """HASH: newer-wins state of ``top_followers``: field = follower_id, value = write
+        stamp of the affinity its score came from (the features pipeline's replays never
+        roll a score back)."""
+        return f"{self.prefix}:top_followers_at:{{u:{user_id}}}"
+
     # -- features (online copy, with TTLs) -------------------------------------
 
     def post_features(self, post_id: int) -> str:
@@ -155,11 +172,14 @@ class KeyLayout:
         return f"{self.prefix}:stories:{{u:{author_id}}}"
 
     def story(self, story_id: int) -> str:
-        """HASH: story metadata: author_id, created_at, expires_at, media_type, views."""
+        """HASH: story metadata: author_id, created_at, expires_at, media_type, views
+        (unique viewers). After a delete or expiry, a tombstone: author_id,
+        expires_at and ``removed`` (``deleted``/``expired``) until expires_at + grace."""
         return f"{self.prefix}:story:{{s:{story_id}}}"
 
     def story_viewers(self, story_id: int) -> str:
-        """SET: viewer ids who saw ``story_id`` (SCARD = unique views); EXPIREAT the story's expiry."""
+        """SET: viewer ids who saw ``story_id`` (SCARD = unique views); EXPIREAT the story's
+        expiry + grace."""
         return f"{self.prefix}:story_viewers:{{s:{story_id}}}"
 
     def seen_stories(self, viewer_id: int) -> str:

@@ -169,9 +169,9 @@ class _DurableFn(_BatchedSinkFn):
 
 
 def follower_scores(values: Sequence[FeatureValue],
-                    half_life_ms: int) -> dict[int, dict[int, float | None]]:
-    """``{author: {viewer: rank or None}}`` of the viewer-author affinities among ``values``
-    (the newest per pair; None: no positive affinity, leave the ranking)."""
+                    half_life_ms: int) -> dict[int, dict[int, tuple[float | None, int]]]:
+    """``{author: {viewer: (rank or None, write stamp)}}`` of the viewer-author affinities
+    among ``values``, the newest per pair (None: no positive affinity, leave the ranking)."""
     newest: dict[tuple[int, int], FeatureValue] = {}
     for v in values:
         if v.entity_type != VIEWER_AUTHOR:
@@ -181,10 +181,10 @@ def follower_scores(values: Sequence[FeatureValue],
         held = newest.get(pair)
         if held is None or (v.write_stamp_us, v.value) > (held.write_stamp_us, held.value):
             newest[pair] = v
-    out: dict[int, dict[int, float | None]] = {}
+    out: dict[int, dict[int, tuple[float | None, int]]] = {}
     for (author, viewer), v in newest.items():
-        out.setdefault(author, {})[viewer] = engagement_rank(v.value, v.valid_at_ms,
-                                                             half_life_ms)
+        rank = engagement_rank(v.value, v.valid_at_ms, half_life_ms)
+        out.setdefault(author, {})[viewer] = (rank, v.write_stamp_us)
     return out
 
 
@@ -203,48 +203,41 @@ class _TopFollowersFn(_BatchedSinkFn):
 
     def _write(self, batch):
         c = self._config
-        written = 0
-        for author, scores in follower_scores(batch, c.half_life_ms).items():
-            engaged = {v: s for v, s in scores.items() if s is not None}
-            gone = [v for v, s in scores.items() if s is None]
-            self._store.set_follower_engagement(author, engaged, keep=c.top_followers_keep)
-            self._store.forget_follower_engagement(author, gone)
-            written += len(scores)
-        return written
+        return self._store.apply_follower_engagement(follower_scores(batch, c.half_life_ms),
+                                                     keep=c.top_followers_keep)
 
 
-class WriteOnlineFeatures(beam.PTransform):
+class _StoreSink(beam.PTransform):
+    """``PCollection[FeatureValue]`` -> one store, through a ``_BatchedSinkFn``."""
+
+    _fn_class: type = _BatchedSinkFn
+
+    def __init__(self, config: FeatureSinkConfig, max_batch: int = 2000):
+        super().__init__()
+        self._fn = self._fn_class(config, max_batch)
+
+    def expand(self, values):
+        return values | f"Write_{self._fn.sink}" >> beam.ParDo(self._fn)
+
+
+class WriteOnlineFeatures(_StoreSink):
     """``PCollection[FeatureValue]`` -> the Redis online store (``OnlineFeatureStore``)."""
 
-    def __init__(self, config: FeatureSinkConfig, max_batch: int = 2000):
-        super().__init__()
-        self._fn = _OnlineFn(config, max_batch)
-
-    def expand(self, values):
-        return values | "WriteRedis" >> beam.ParDo(self._fn)
+    _fn_class = _OnlineFn
 
 
-class WriteDurableFeatures(beam.PTransform):
+class WriteDurableFeatures(_StoreSink):
     """``PCollection[FeatureValue]`` -> Cassandra (``CassandraFeatureStore``)."""
 
-    def __init__(self, config: FeatureSinkConfig, max_batch: int = 2000):
-        super().__init__()
-        self._fn = _DurableFn(config, max_batch)
-
-    def expand(self, values):
-        return values | "WriteCassandra" >> beam.ParDo(self._fn)
+    _fn_class = _DurableFn
 
 
-class UpdateTopFollowers(beam.PTransform):
-    """Viewer-author affinities -> ``RedisFeedStore.set_follower_engagement``: each
-    author's ``top_followers`` ranks viewers by ``engagement_rank`` of their affinity."""
+class UpdateTopFollowers(_StoreSink):
+    """Viewer-author affinities -> ``RedisFeedStore.apply_follower_engagement``: each
+    author's ``top_followers`` ranks viewers by ``engagement_rank`` of their affinity,
+    newer-wins per viewer by the affinity's write stamp."""
 
-    def __init__(self, config: FeatureSinkConfig, max_batch: int = 2000):
-        super().__init__()
-        self._fn = _TopFollowersFn(config, max_batch)
-
-    def expand(self, values):
-        return values | "WriteTopFollowers" >> beam.ParDo(self._fn)
+    _fn_class = _TopFollowersFn
 
 
 def log_shard(value: FeatureValue, shards: int) -> int:
@@ -292,7 +285,7 @@ class WriteFeatureLog(beam.PTransform):
                 | "KeyByShard" >> beam.Map(lambda v: (log_shard(v, shards), v))
                 | "Panes" >> beam.WindowInto(
                     window.GlobalWindows(),
-                    trigger=trigger.Repeatedly(trigger.AfterProcessingTime(self._flush_s)),
+                    trigger=trigger.Repeatedly(trigger.AfterProcessingTime(max(1, round(self._flush_s)))),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING)
                 | "GroupPerShard" >> beam.GroupByKey()
                 | "WriteParquet" >> beam.ParDo(_WriteLogFn(self._log_dir)))

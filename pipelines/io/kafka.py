@@ -21,10 +21,15 @@ How it works
 * Restriction: an offset range ``[start, stop)``; unbounded reads use
   ``stop = 2**63 - 1``. The tracker refuses fractional splits of an unbounded
   range (they would invent offsets), so runners only checkpoint it.
-* Each ``process`` call polls up to ``max_records_per_bundle`` records, claims
-  and emits them, then checkpoints (``defer_remainder``) so the runner commits
-  the bundle and the read resumes from the next offset. An empty poll defers
-  with a short delay instead of spinning.
+* Each ``process`` call polls up to ``max_records_per_bundle`` records (or for
+  ``max_bundle_ms``), claims and emits them, then checkpoints
+  (``defer_remainder``) so the runner commits the bundle and the read resumes
+  from the next offset. Only the first poll of a bundle waits for records;
+  after that the bundle takes what the consumer has already fetched and ends
+  as soon as it is caught up, so under light traffic a record reaches the
+  sinks in one short bundle instead of waiting for a full one, and under
+  heavy traffic bundles grow to the limits. An empty first poll defers with
+  a short delay instead of spinning.
 * Event time: the Kafka timestamp, or the event's own ``event_time`` read
   from the wire bytes (``timestamp_policy``). The watermark is the largest
   timestamp seen minus ``max_out_of_orderness``. When a partition is caught up
@@ -89,6 +94,25 @@ _GLOBAL_WINDOWS = (GlobalWindow(),)
 # --------------------------------------------------------------------------- config
 
 
+def recoverable(error) -> bool:
+    """Whether a ``KafkaError`` from ``consume`` is one the client recovers from.
+
+    Broker connection trouble (a broker down or restarting, all brokers
+    down, name resolution, timeouts) is reported as an event, not retriable
+    in librdkafka's sense, yet the client reconnects and the read resumes
+    where it was: the job waits instead of failing. Fatal errors and
+    partition errors (e.g. an unknown topic) end the read.
+    """
+    from confluent_kafka import KafkaError
+
+    if error.fatal():
+        return False
+    return error.retriable() or error.code() in (
+        KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE,
+        KafkaError._TIMED_OUT, KafkaError._MSG_TIMED_OUT, KafkaError.NOT_COORDINATOR,
+        KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION)
+
+
 @dataclasses.dataclass(frozen=True)
 class KafkaSourceConfig:
     """How to read: client settings and the source's time and offset policy.
@@ -109,7 +133,7 @@ class KafkaSourceConfig:
     commit_offsets: bool = True
     max_records_per_bundle: int = 5_000
     max_bundle_ms: int = 1_000
-    poll_timeout_ms: int = 100
+    poll_timeout_ms: int = 20
     idle_resume_ms: int = 200
 
     def __post_init__(self):
@@ -500,16 +524,18 @@ class _ReadPartitionFn(beam.DoFn):
         emitted = size = 0
         max_ts = None
         done = False
+        timeout_s = config.poll_timeout_ms / 1000
         while emitted < config.max_records_per_bundle and time.monotonic() < deadline:
             messages = cursor.consumer.consume(
                 num_messages=min(1000, config.max_records_per_bundle - emitted),
-                timeout=config.poll_timeout_ms / 1000)
+                timeout=timeout_s)
             if not messages:
                 break
+            timeout_s = 0  # caught up once the fetched records are taken: end the bundle
             for message in messages:
                 error = message.error()
                 if error is not None:
-                    if error.fatal() or not error.retriable():
+                    if not recoverable(error):
                         raise RuntimeError(
                             f"Kafka read of {element.topic}[{element.partition}] failed: {error}")
                     log.warning("kafka source: transient error on %s[%d]: %s",

@@ -119,6 +119,10 @@ return {found, head, ids, info}
 """
 
 
+#: The page read, for clients that run it themselves (``register_script``).
+READ_PAGE_SCRIPT = _READ_PAGE
+
+
 # -- pure helpers (unit tested without Redis) ------------------------------------------
 
 
@@ -304,11 +308,16 @@ class RankedFeedStore:
         reply = self._read_page(keys=page_keys(self.keys, user_id), args=args)
         return parse_page(reply, start)
 
-    def read_durable(self, user_id: int) -> RankedFeed | None:
-        """The ranked feed from Cassandra (the fallback when Redis is unavailable)."""
+    def durable_query(self, user_id: int) -> tuple[Any, tuple]:
+        """The prepared statement and parameters that read ``user_id``'s row (for
+        asynchronous readers; turn the row into a feed with ``feed_from_row``)."""
         if self._select is None:
             raise RuntimeError("this RankedFeedStore has no Cassandra side")
-        (row,) = self.cassandra.execute_rows(self._select, (user_id,)) or (None,)
+        return self._select, (user_id,)
+
+    def read_durable(self, user_id: int) -> RankedFeed | None:
+        """The ranked feed from Cassandra (the fallback when Redis is unavailable)."""
+        (row,) = self.cassandra.execute_rows(*self.durable_query(user_id)) or (None,)
         return feed_from_row(user_id, row)
 
 

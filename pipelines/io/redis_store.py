@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
 
+import orjson
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -124,6 +125,52 @@ end
 return out
 """
 
+# KEYS: home feeds of many users. ARGV: post id, score, cap.
+# ZADD the post to each feed and trim it to the newest cap entries. One call
+# per chunk instead of two commands per feed: the fan-out's hot path is then
+# bound by Redis itself, not by building and parsing thousands of replies in
+# Python (measured about 8x faster for 200 feeds). The keys belong to
+# different users, so this needs a standalone server (on a cluster, call it
+# per hash slot).
+_PUSH = """
+local member, score, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, score, member)
+  if redis.call('ZCARD', key) > cap then
+    redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1)
+  end
+end
+return #KEYS
+"""
+
+
+# KEYS[1] top-followers zset, KEYS[2] its stamps hash (same user). ARGV[1] how many to
+# keep, then (follower, score or '' to remove, stamp) triples. A triple applies only
+# if its stamp is later than the follower's stored one; the zset is then trimmed to
+# the highest ARGV[1] scores (their stamps leave with them). Returns how many applied.
+_APPLY_ENGAGEMENT = """
+local applied = 0
+for i = 2, #ARGV, 3 do
+  local stored = redis.call('HGET', KEYS[2], ARGV[i])
+  if not stored or tonumber(stored) < tonumber(ARGV[i + 2]) then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+    if ARGV[i + 1] == '' then
+      redis.call('ZREM', KEYS[1], ARGV[i])
+    else
+      redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    end
+    applied = applied + 1
+  end
+end
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  local gone = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+return applied
+"""
+
 
 class PostMeta(TypedDict):
     """Post metadata as stored (hydration record)."""
@@ -207,8 +254,9 @@ def _ids_with_scores(pairs: Iterable[tuple[bytes, float]]) -> list[tuple[int, in
 
 
 def new_client(url: str) -> "redis.Redis":
-    """A client for ``url`` that retries commands failed on a dropped connection or a
-    timeout, with exponential backoff (safe for stores whose writes are idempotent)."""
+    """A client for ``url`` that retries commands failed on a dropped connection or
+    a timeout, with exponential backoff: safe only for stores whose every write is
+    idempotent (this one's and ``story_store``'s)."""
     return redis.Redis.from_url(
         url,
         socket_timeout=5.0,
@@ -233,15 +281,12 @@ class RedisFeedStore:
         self._tombstone_post = client.register_script(_TOMBSTONE_POST)
         self._set_last_read = client.register_script(_SET_LAST_READ)
         self._top_followers = client.register_script(_TOP_FOLLOWERS)
+        self._push = client.register_script(_PUSH)
+        self._apply_engagement = client.register_script(_APPLY_ENGAGEMENT)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "fb") -> "RedisFeedStore":
-        """A store on a new client for ``url``.
-
-        The client retries commands that failed on a dropped connection or a
-        timeout, with exponential backoff; that is safe because every write
-        here is idempotent.
-        """
+        """A store on a new client for ``url`` (``new_client``)."""
         return cls(new_client(url), KeyLayout(key_prefix))
 
     def close(self) -> None:
@@ -317,13 +362,44 @@ class RedisFeedStore:
         pipe.zremrangebyrank(key, 0, trim_stop(keep))
         pipe.execute()
 
-    def forget_follower_engagement(self, user_id: int, follower_ids: Sequence[int]) -> None:
-        """Drop followers from ``user_id``'s engagement ranking (no engagement left)."""
-        if follower_ids:
-            self.client.zrem(self.keys.top_followers(user_id), *[str(f) for f in follower_ids])
+    def apply_follower_engagement(self, updates: Mapping[int, Mapping[int, tuple[float | None, int]]],
+                                  keep: int = 10_000) -> int:
+        """Newer-wins engagement scores: ``{user_id: {follower: (score or None, stamp)}}``.
+
+        A follower's score changes only for a later ``stamp`` than the one its
+        current score came from (None removes it from the ranking), so a replay
+        of older scores never rolls the ranking back; each user keeps the
+        ``keep`` highest. One script call per user, one round trip. Returns how
+        many updates applied.
+        """
+        if not updates:
+            return 0
+        pipe = self._pipeline()
+        for user_id, scores in updates.items():
+            args: list[Any] = [keep]
+            for follower, (score, stamp) in scores.items():
+                args += [follower, "" if score is None else repr(float(score)), stamp]
+            self._apply_engagement(keys=[self.keys.top_followers(user_id),
+                                         self.keys.top_followers_stamps(user_id)],
+                                   args=args, client=pipe)
+        return sum(pipe.execute())
 
     def follower_count(self, user_id: int) -> int:
         return self.client.zcard(self.keys.followers(user_id))
+
+    def follower_counts(self, user_ids: Sequence[int]) -> list[int]:
+        """Follower count per user, one round trip."""
+        pipe = self._pipeline()
+        for uid in user_ids:
+            pipe.zcard(self.keys.followers(uid))
+        return pipe.execute() if user_ids else []
+
+    def followers_many(self, user_ids: Sequence[int]) -> list[list[int]]:
+        """``followers(u)`` for each user, one round trip."""
+        pipe = self._pipeline()
+        for uid in user_ids:
+            pipe.zrange(self.keys.followers(uid), 0, -1)
+        return [list(map(int, members)) for members in pipe.execute()] if user_ids else []
 
     def following(self, user_id: int) -> list[int]:
         """Ids ``user_id`` follows, oldest follow first."""
@@ -337,6 +413,16 @@ class RedisFeedStore:
         for field, value in post_fields(post).items():
             args += [field, value]
         return self._put_post(keys=[self.keys.post(post.post_id)], args=args) == 1
+
+    def put_posts(self, posts: Sequence[PostEvent]) -> list[bool]:
+        """``put_post`` for many posts, one round trip; per post False if tombstoned."""
+        pipe = self._pipeline()
+        for post in posts:
+            args: list[Any] = [post.event_time]
+            for field, value in post_fields(post).items():
+                args += [field, value]
+            self._put_post(keys=[self.keys.post(post.post_id)], args=args, client=pipe)
+        return [r == 1 for r in pipe.execute()] if posts else []
 
     def tombstone_post(self, post: PostEvent) -> PostMeta | None:
         """Mark ``post`` deleted forever (keeping author_id and created_at).
@@ -380,19 +466,33 @@ class RedisFeedStore:
              chunk_size: int = DEFAULT_CHUNK) -> int:
         """Add ``post_id`` to each user's home feed, keeping the newest ``cap``.
 
-        One non-transactional pipeline per ``chunk_size`` users (ZADD + trim by
-        rank). Returns the number of feeds written.
+        One script call per ``chunk_size`` users (ZADD, and a trim by rank
+        when the feed is over the cap). Returns the number of feeds written.
         """
-        stop = trim_stop(cap)
-        member = {str(post_id): score_ms}
+        trim_stop(cap)  # validates cap
+        home_feed = self.keys.home_feed
         for chunk in chunks(user_ids, chunk_size):
-            pipe = self._pipeline()
-            for uid in chunk:
-                key = self.keys.home_feed(uid)
-                pipe.zadd(key, member)
-                pipe.zremrangebyrank(key, 0, stop)
-            pipe.execute()
+            self._push(keys=[home_feed(uid) for uid in chunk], args=[post_id, score_ms, cap])
         return len(user_ids)
+
+    def push_posts(self, pushes: Sequence[tuple[Sequence[int], int, int]], cap: int,
+                   chunk_size: int = DEFAULT_CHUNK) -> int:
+        """``push(user_ids, post_id, score_ms)`` for each of ``pushes``, one round trip.
+
+        Returns the number of feeds written.
+        """
+        trim_stop(cap)  # validates cap
+        home_feed = self.keys.home_feed
+        pipe = self._pipeline()
+        written = 0
+        for user_ids, post_id, score_ms in pushes:
+            for chunk in chunks(user_ids, chunk_size):
+                self._push(keys=[home_feed(uid) for uid in chunk], args=[post_id, score_ms, cap],
+                           client=pipe)
+            written += len(user_ids)
+        if written:
+            pipe.execute()
+        return written
 
     def push_many(self, entries: Sequence[tuple[int, int, int]], cap: int,
                   chunk_size: int = DEFAULT_CHUNK) -> int:
@@ -457,9 +557,41 @@ class RedisFeedStore:
         pipe.zremrangebyrank(key, 0, trim_stop(cap))
         pipe.execute()
 
-    def remove_from_timeline(self, author_id: int, post_ids: Sequence[int]) -> None:
-        if post_ids:
-            self.client.zrem(self.keys.author_timeline(author_id), *[str(p) for p in post_ids])
+    def add_to_timelines(self, entries: Sequence[tuple[int, int, int]], cap: int) -> None:
+        """``add_to_timeline(author_id, post_id, score_ms)`` for each entry, one round trip."""
+        stop = trim_stop(cap)
+        pipe = self._pipeline()
+        for author_id, post_id, score_ms in entries:
+            key = self.keys.author_timeline(author_id)
+            pipe.zadd(key, {str(post_id): score_ms})
+            pipe.zremrangebyrank(key, 0, stop)
+        if entries:
+            pipe.execute()
+
+    def remove_from_timeline(self, author_id: int, posts: Sequence[tuple[int, int]],
+                             cap: int) -> None:
+        """Move ``(post_id, created_at_ms)`` from the author's timeline to its
+        deleted-posts set (newest ``cap`` kept), atomically (see ``timeline_deleted``)."""
+        if not posts:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.keys.author_timeline(author_id), *[str(p) for p, _ in posts])
+        deleted = self.keys.timeline_deleted(author_id)
+        pipe.zadd(deleted, {str(p): c for p, c in posts})
+        pipe.zremrangebyrank(deleted, 0, trim_stop(cap))
+        pipe.execute()
+
+    def timeline_and_deleted(self, author_id: int, limit: int) -> list[tuple[int, int]]:
+        """The newest ``limit`` posts of the timeline and of its deleted set, read
+        atomically; newest first. What an unfollow takes out of a feed."""
+        if limit < 1:
+            return []
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrevrange(self.keys.author_timeline(author_id), 0, limit - 1, withscores=True)
+        pipe.zrevrange(self.keys.timeline_deleted(author_id), 0, limit - 1, withscores=True)
+        live, deleted = pipe.execute()
+        return sorted(set(_ids_with_scores(live)) | set(_ids_with_scores(deleted)),
+                      key=lambda e: (-e[1], -e[0]))
 
     def timeline(self, author_id: int, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` ``(post_id, score_ms)`` of the author's timeline, newest first."""
@@ -476,12 +608,14 @@ class RedisFeedStore:
         self._set_last_read(keys=[self.keys.last_read(user_id)], args=[at_ms])
 
     def last_reads(self, user_ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK) -> list[int | None]:
-        """Last feed read (ms) per user, None if never recorded; MGET per chunk."""
-        out: list[int | None] = []
+        """Last feed read (ms) per user, None if never recorded; MGET per chunk, one round trip."""
+        if not user_ids:
+            return []
+        last_read = self.keys.last_read
+        pipe = self._pipeline()
         for chunk in chunks(user_ids, chunk_size):
-            values = self.client.mget([self.keys.last_read(u) for u in chunk])
-            out.extend(None if v is None else int(v) for v in values)
-        return out
+            pipe.mget([last_read(u) for u in chunk])
+        return [None if v is None else int(v) for values in pipe.execute() for v in values]
 
     # -- tests and tools ----------------------------------------------------------
 
@@ -525,3 +659,106 @@ class RedisFeedStore:
             else:
                 out[key] = [_text(v) for v in value]
         return out
+
+
+# -- commands for asynchronous readers (serving) -------------------------------------
+
+#: Post hash fields serving hydrates, in the order ``FeedCommands.post`` asks for them.
+POST_FIELDS: tuple[str, ...] = ("author_id", "created_at", "media_type", "caption_length",
+                                "hashtags", "deleted")
+
+
+def _pairs(flat: Sequence[bytes]) -> list[tuple[int, int]]:
+    """``[(member, score)]`` from a flat WITHSCORES reply ``[m1, s1, m2, s2, ...]``."""
+    return [(int(flat[i]), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+
+
+class FeedCommands:
+    """The reads (and the two writes) serving makes, as Redis command tuples plus
+    the parsers of their replies, for a client that batches commands of many
+    kinds into one pipelined round trip (``pipelines.io.aio_redis.AioRedis``).
+
+    Same keys and encodings as ``RedisFeedStore``; the scripts are its scripts
+    (``last_read_script`` for the client's ``register_script``).
+    """
+
+    last_read_script = _SET_LAST_READ
+
+    def __init__(self, keys: KeyLayout):
+        self.keys = keys
+
+    def feed(self, user_id: int, max_ms: int | None, count: int) -> tuple:
+        """Up to ``count`` home feed entries with score <= ``max_ms`` (all if None),
+        newest first; parse with ``entries``."""
+        top = "+inf" if max_ms is None else max_ms
+        return ("ZREVRANGEBYSCORE", self.keys.home_feed(user_id), top, "-inf",
+                "WITHSCORES", "LIMIT", 0, count)
+
+    def timeline(self, author_id: int, max_ms: int | None, count: int) -> tuple:
+        """The same over the author's timeline (celebrity pull); parse with ``entries``."""
+        top = "+inf" if max_ms is None else max_ms
+        return ("ZREVRANGEBYSCORE", self.keys.author_timeline(author_id), top, "-inf",
+                "WITHSCORES", "LIMIT", 0, count)
+
+    @staticmethod
+    def entries(reply: Sequence[bytes]) -> list[tuple[int, int]]:
+        """``[(post_id, score_ms)]`` of a ``feed``/``timeline`` reply."""
+        return _pairs(reply)
+
+    def feed_size(self, user_id: int) -> tuple:
+        return ("ZCARD", self.keys.home_feed(user_id))
+
+    def following(self, user_id: int) -> tuple:
+        """Ids ``user_id`` follows (parse with ``ids``)."""
+        return ("ZRANGE", self.keys.following(user_id), 0, -1)
+
+    @staticmethod
+    def ids(reply: Sequence[bytes]) -> list[int]:
+        return [int(m) for m in reply]
+
+    def follower_count(self, user_id: int) -> tuple:
+        return ("ZCARD", self.keys.followers(user_id))
+
+    def last_read(self, user_id: int) -> tuple:
+        """When the user last read (parse with ``optional_int``)."""
+        return ("GET", self.keys.last_read(user_id))
+
+    @staticmethod
+    def optional_int(reply: bytes | None) -> int | None:
+        return None if reply is None else int(reply)
+
+    def post(self, post_id: int) -> tuple:
+        """The post's hash fields (parse with ``post_meta``)."""
+        return ("HMGET", self.keys.post(post_id), *POST_FIELDS)
+
+    @staticmethod
+    def post_meta(post_id: int, reply: Sequence[bytes | None]) -> PostMeta | None:
+        """``PostMeta`` of a ``post`` reply; None for an unknown or deleted post.
+
+        The hot path of every feed read (a page hydrates ~20 posts), so it reads
+        the fixed field order directly instead of going through ``parse_post``
+        (same result: ``tests/unit/test_serving_logic.py``).
+        """
+        author, created, media, caption, hashtags, deleted = reply
+        if author is None or created is None or deleted == b"1":
+            return None
+        return PostMeta(
+            post_id=post_id, author_id=int(author), created_at=int(created),
+            media_type=None if media is None else media.decode(),
+            caption_length=None if caption is None else int(caption),
+            hashtags=() if hashtags is None else tuple(orjson.loads(hashtags)),
+            deleted=False)
+
+    def merge_feed(self, user_id: int, entries: Sequence[tuple[int, int]], cap: int) -> list[tuple]:
+        """A MULTI/EXEC batch that merges ``(post_id, score_ms)`` entries into the
+        home feed through its staging key (ZUNIONSTORE with the live feed at
+        EXEC time, so a push that landed meanwhile is kept), trimmed to ``cap``.
+        For feed rebuilds of cold and inactive users."""
+        staging, live = self.keys.home_feed_staging(user_id), self.keys.home_feed(user_id)
+        batch: list[tuple] = [("MULTI",), ("DEL", staging)]
+        if entries:
+            batch.append(("ZADD", staging, *[x for pid, ms in entries for x in (ms, pid)]))
+        batch += [("ZUNIONSTORE", staging, 2, staging, live, "AGGREGATE", "MAX"),
+                  ("ZREMRANGEBYRANK", staging, 0, trim_stop(cap)),
+                  ("RENAME", staging, live), ("EXEC",)]
+        return batch

@@ -38,7 +38,7 @@ def test_migrate_twice_then_changed_file(cassandra_session, keyspace):
 def test_new_migration_is_applied_and_tables_work(cassandra_session, keyspace):
     cql.migrate(cassandra_session, keyspace)
     extra = cql.Migration(
-        version=len(cql.load_migrations()) + 1, name="extra",
+        version=max(m.version for m in cql.load_migrations()) + 1, name="extra",
         text="CREATE TABLE IF NOT EXISTS extra_table (k int PRIMARY KEY, v text);")
     results = cql.migrate(cassandra_session, keyspace,
                           migrations=cql.load_migrations() + [extra])

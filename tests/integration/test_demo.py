@@ -39,6 +39,14 @@ def _final_following(workload: Workload) -> dict[int, set[int]]:
     return out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def demo_topics(stack):
     prefix = f"t{uuid.uuid4().hex[:8]}."
@@ -56,13 +64,23 @@ def demo_topics(stack):
 def test_demo_materializes_feeds_of_followed_authors(stack, demo_topics, keyspace, key_prefix,
                                                      capsys):
     group = f"g-{uuid.uuid4().hex[:8]}"
-    rc = main(["demo", *TINY, "--partitions", "2", "--samples", "1", "--timeout", "120",
+    rc = main(["demo", *TINY, "--partitions", "2", "--samples", "1", "--timeout", "420",
                "--topic-prefix", demo_topics, "--redis-key-prefix", key_prefix,
-               "--keyspace", keyspace, "--group", group])
+               "--keyspace", keyspace, "--group", group, "--exit",
+               "--api-port", str(_free_port())])
     captured = capsys.readouterr()
     out = captured.out
     assert rc == 0, out + captured.err
-    (stack.state_dir / "logs" / f"{group}.log").unlink(missing_ok=True)
+    for log in (stack.state_dir / "logs").glob(f"{group}*.log"):
+        log.unlink(missing_ok=True)
+    # Every pipeline of this build ran and caught up; the API answered the samples.
+    from jobs.demo import available_pipelines
+
+    for name in available_pipelines():
+        assert f"{name} caught up in" in out, out
+    assert re.search(r"ranked feed of user \d+ \(GET \S+ -> 200\)", out), out
+    assert re.search(r"story tray of user \d+ \(GET \S+ -> 200\)", out), out
+    assert "curl -s -H \"Authorization: Bearer $TOKEN\"" in out
 
     materialized = int(re.search(r"home feeds in Redis: ([\d,]+) of", out)[1].replace(",", ""))
     assert materialized > 0

@@ -60,18 +60,23 @@ class Topics:
 
     def done(self, group: str) -> bool:
         """Whether ``group`` has committed the end of every partition."""
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group})
-        try:
-            parts = [TopicPartition(t, p) for t in self.names for p in range(PARTITIONS)]
-            committed = {(tp.topic, tp.partition): tp.offset
-                         for tp in consumer.committed(parts, timeout=10)}
-            for tp in parts:
-                _, high = consumer.get_watermark_offsets(tp, timeout=10)
-                if high > 0 and committed[(tp.topic, tp.partition)] < high:
-                    return False
-            return True
-        finally:
-            consumer.close()
+        return group_done(self.bootstrap, self.names, PARTITIONS, group)
+
+
+def group_done(bootstrap: str, topics: list[str], partitions: int, group: str) -> bool:
+    """Whether ``group`` has committed the end of every partition of ``topics``."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in range(partitions)]
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in consumer.committed(parts, timeout=10)}
+        for tp in parts:
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            if high > 0 and committed[(tp.topic, tp.partition)] < high:
+                return False
+        return True
+    finally:
+        consumer.close()
 
 
 def job_args(stack, topics: Topics, key_prefix: str, keyspace: str, group: str,

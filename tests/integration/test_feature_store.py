@@ -128,3 +128,24 @@ def test_write_rejects_unknown_entities(store):
         store.write([FeatureValue("story", "1", "x", 1.0, NOW)])
     with pytest.raises(ValueError, match="pair"):
         store.write([FeatureValue(VIEWER_AUTHOR, "745", AFFINITY, 1.0, NOW)])
+
+
+def test_top_followers_are_newer_wins_and_trimmed(stack, key_prefix):
+    from pipelines.io.redis_store import RedisFeedStore
+
+    feed = RedisFeedStore.from_url(stack.redis_url, key_prefix=key_prefix)
+    try:
+        key = feed.keys.top_followers(45)
+        assert feed.apply_follower_engagement({45: {7: (3.0, 100), 8: (2.0, 100),
+                                                    9: (1.0, 100)}}, keep=10) == 3
+        # Older stamps (a replay) change nothing, newer ones do, None removes.
+        assert feed.apply_follower_engagement({45: {7: (0.5, 99), 8: (5.0, 101),
+                                                    9: (None, 101)}}, keep=10) == 2
+        assert feed.client.zrevrange(key, 0, -1, withscores=True) == [(b"8", 5.0), (b"7", 3.0)]
+        assert feed.apply_follower_engagement({45: {9: (1.0, 100)}}) == 0  # removal was newer
+        feed.apply_follower_engagement({45: {10: (4.0, 102), 11: (0.1, 102)}}, keep=2)
+        assert feed.client.zrevrange(key, 0, -1) == [b"8", b"10"]
+        assert sorted(feed.client.hkeys(feed.keys.top_followers_stamps(45))) == \
+            [b"10", b"8", b"9"]
+    finally:
+        feed.close()

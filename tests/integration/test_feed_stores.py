@@ -171,9 +171,14 @@ def test_redis_push_many_remove_and_merge(redis_store):
 def test_redis_timeline_and_last_reads(redis_store):
     for i in range(4):
         redis_store.add_to_timeline(3, 100 + i, T0 + i, cap=3)
-    redis_store.remove_from_timeline(3, [102])
+    redis_store.remove_from_timeline(3, [(102, T0 + 2)], cap=1)
     assert redis_store.timeline(3, 10) == [(103, T0 + 3), (101, T0 + 1)]
     assert redis_store.timeline(3, 1) == [(103, T0 + 3)]
+    # What an unfollow removes: the timeline and what was deleted from it.
+    assert redis_store.timeline_and_deleted(3, 10) == [(103, T0 + 3), (102, T0 + 2),
+                                                       (101, T0 + 1)]
+    redis_store.remove_from_timeline(3, [(101, T0 + 1)], cap=1)  # deleted set capped at 1
+    assert redis_store.timeline_and_deleted(3, 10) == [(103, T0 + 3), (102, T0 + 2)]
     redis_store.set_last_read(1, T0 + 10)
     redis_store.set_last_read(1, T0 + 5)  # older read arriving late: ignored
     redis_store.set_last_read(3, T0)
@@ -246,7 +251,7 @@ def _apply_workload(redis_store: RedisFeedStore, cassandra_store: CassandraFeedS
         cassandra_store.push([11, 12], p.post_id, 3, p.created_at)
         cassandra_store.add_to_timeline(3, p.post_id, p.created_at, "VIDEO")
     redis_store.remove_from_feeds([11, 12], [101])
-    redis_store.remove_from_timeline(3, [101])
+    redis_store.remove_from_timeline(3, [(101, T0 + 1)], cap=10)
     cassandra_store.remove_from_feeds([11, 12], 101, T0 + 1, at_ms=T0 + 50)
     cassandra_store.remove_from_timeline(3, 101, T0 + 1, at_ms=T0 + 50)
     cassandra_store.set_follower_count(1, 2, at_ms=T0 + 4)

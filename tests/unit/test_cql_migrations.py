@@ -27,7 +27,9 @@ def test_unterminated_quote_is_an_error():
 
 def test_shipped_migrations_are_numbered_and_idempotent():
     migrations = cql.load_migrations()
-    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    # Numbers are reserved per branch, so a branch may hold 0003 without 0002.
+    versions = [m.version for m in migrations]
+    assert versions[0] == 1 and versions == sorted(set(versions))
     for m in migrations:
         for statement in m.statements:
             assert "IF NOT EXISTS" in statement.upper() or "IF EXISTS" in statement.upper(), statement

@@ -110,6 +110,18 @@ def test_on_time_counts_fire_at_window_ends_and_drain_to_zero():
     assert FirstStage.empty(d.state) or not d.state.window.buckets
 
 
+def test_a_key_without_state_judges_lateness_by_timers_of_other_keys():
+    d = Driver()
+    d.send("e1", item(LIKE, 1))
+    d.watermark(3 * 60)  # fires 5, 65 and the dedup expiry at 125
+    assert d.stage.observed_wm == T0 + 125 * M
+    other = PostState()
+    assert d.stage.apply(other, "x", item(LIKE, 10, post=200)).status == "too_late"
+    assert d.stage.apply(other, "y", item(LIKE, 70, post=200)).status == "counted"
+    fresh = Driver()
+    assert fresh.stage.apply(PostState(), "x", item(LIKE, 10, post=200)).status == "counted"
+
+
 def test_duplicate_event_id_counts_once():
     d = Driver()
     assert d.send("e1", item(LIKE, 1)) == "counted"
@@ -128,8 +140,10 @@ def test_late_event_updates_its_windows_with_a_newer_version():
     assert d.send("late", item(LIKE, 3, viewer=3)) == "late"
     values = latest(d.out)
     # The windows ending at 5 and 10 were emitted; both are re-emitted including it.
-    re = [v for v in d.out if v.version == 1 and v.name == "like_1h"]
-    assert sorted((v.valid_at_ms, v.value) for v in re) == [(T0 + 5 * M, 2), (T0 + 10 * M, 3)]
+    like = sorted((v.valid_at_ms, v.version, v.value) for v in d.out if v.name == "like_1h")
+    # Versions count the events in the 24 h window: the late one raises them.
+    assert like == [(T0 + 5 * M, 1, 1), (T0 + 5 * M, 2, 2), (T0 + 10 * M, 2, 2),
+                    (T0 + 10 * M, 3, 3)]
     assert values[("post", "100", "like_1h")] == (T0 + 10 * M, 3)
     d.watermark(70)
     assert latest(d.out)[("post", "100", "like_1h")] == (T0 + 70 * M, 0)
@@ -182,6 +196,12 @@ def test_profile_views_and_posts_pass_through_to_the_other_stages():
     post.send("p", item(POST_CREATED, 1, viewer=-1))
     post.watermark(5)
     assert by_name(post.out) == {name: 0.0 for name in POST_FEATURES}
+    # Creation read after the post's first engagement was emitted: its zeros still appear.
+    late = Driver()
+    late.send("v", item(VIEW, 12))
+    late.watermark(20)
+    late.send("p", item(POST_CREATED, 1, viewer=-1))
+    assert by_name(late.out, T0 + 5 * M) == {name: 0.0 for name in POST_FEATURES}
 
 
 def test_dedup_ids_are_forgotten_after_the_horizon_and_then_too_late():
@@ -212,9 +232,9 @@ def test_decay_add_is_a_decayed_sum():
     hl = 10
     e = decay_add(None, 8.0, 0, hl)
     decay_add(e, 1.0, 20, hl)
-    assert e[:2] == [pytest.approx(3.0), 20]
-    decay_add(e, 4.0, 10, hl)  # older: added decayed to valid_at, new version
-    assert e == [pytest.approx(5.0), 20, 1]
+    assert e == [pytest.approx(3.0), 20, 2]
+    decay_add(e, 4.0, 10, hl)  # older: added decayed to valid_at; one more event
+    assert e == [pytest.approx(5.0), 20, 3]
 
 
 def _affinity(items, params=P):

@@ -162,3 +162,35 @@ def test_permanent_errors_and_exhausted_retries_raise(monkeypatch):
         store._execute([("a", ())])
     assert len(fake.calls) == 3  # first try + max_retries
     assert (store.stats.retried, store.stats.failed) == (2, 1)
+
+
+def test_writes_are_packed_into_unlogged_batches():
+    from cassandra.query import BatchStatement, BatchType
+
+    work = [("INSERT %s", (i,)) for i in range(5)]
+    packed = cstore.pack_batches(work, batch_rows=2)
+    assert [type(stmt) for stmt, _ in packed] == [BatchStatement, BatchStatement, str]
+    assert packed[2] == ("INSERT %s", (4,))
+    assert all(b.batch_type == BatchType.UNLOGGED and b.is_idempotent and p is None
+               for b, p in packed[:2])
+    assert [len(b._statements_and_parameters) for b, _ in packed[:2]] == [2, 2]
+    assert cstore.pack_batches(work, batch_rows=1) == work
+
+
+def test_deferred_writes_run_once_at_the_end_and_are_dropped_on_error(monkeypatch):
+    fake = _FlakyCassandra({})
+    store = _store_with(monkeypatch, fake)
+    store.batch_rows = 1
+    with store.deferred():
+        store._write([("a", (1,))])
+        with store.deferred():  # nested: joins the outer block
+            store._write([("b", (2,))])
+        assert fake.calls == []
+    assert fake.calls == [["a", "b"]]
+
+    with pytest.raises(RuntimeError):
+        with store.deferred():
+            store._write([("c", (3,))])
+            raise RuntimeError("batch failed")
+    store._write([("d", (4,))])  # not deferred any more: runs at once
+    assert fake.calls == [["a", "b"], ["d"]]

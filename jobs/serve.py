@@ -1,0 +1,153 @@
+"""``feedbeam serve`` runs the serving API; ``feedbeam token USER`` prints a JWT for it.
+
+    feedbeam serve --port 8080 --jwt-key "$FEEDBEAM_JWT_KEY" [--workers 2] [--server granian]
+    curl -H "Authorization: Bearer $(feedbeam token 7 --jwt-key "$FEEDBEAM_JWT_KEY")" \\
+         http://127.0.0.1:8080/v1/users/7/feed?limit=10
+
+The stores default to the local stack (``StackSettings``). ``--jwt-key``
+falls back to ``--jwt-key-file``; one of them is required (no built-in key).
+Worker processes get the settings as JSON in ``FEEDBEAM_SERVE_CONFIG``
+(``config_from_environment``), which this command sets for them.
+
+Servers: ``granian`` (Rust HTTP server, ASGI interface, uvloop; the default:
+more requests/s and the lower p99 in bench/bench_serving.py on this machine)
+or ``uvicorn`` (uvloop + httptools). Both run the same ``serving.app:create_app``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from infra.settings import StackSettings
+from jobs.errors import UserFacingError
+from schemas import cassandra as cql
+
+CONFIG_ENV = "FEEDBEAM_SERVE_CONFIG"
+SERVERS = ("uvicorn", "granian")
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the HTTP API over the materialized feeds",
+        description="Serve ranked and chronological feeds and story trays over HTTP.")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="listen port (default: %(default)s)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes (default: %(default)s; 2 uses both cores)")
+    serve.add_argument("--server", choices=SERVERS, default="granian",
+                       help="HTTP server (default: %(default)s)")
+    _auth_args(serve)
+    serve.add_argument("--keyspace", default=cql.DEFAULT_KEYSPACE)
+    serve.add_argument("--key-prefix", default="fb", help="Redis key prefix (default: %(default)s)")
+    serve.add_argument("--push-threshold", type=int, default=None,
+                       help="followers from which an author is pulled at read time; must match "
+                            "the fan-out pipeline's --push_threshold")
+    serve.add_argument("--feed-cap", type=int, default=None,
+                       help="Redis feed cap of the fan-out pipeline (--feed_cap)")
+    serve.add_argument("--redis-timeout-ms", type=float, default=None,
+                       help="budget of one Redis round trip before falling back to Cassandra")
+    serve.add_argument("--cassandra-timeout-ms", type=float, default=None)
+    serve.add_argument("--request-budget-ms", type=float, default=None,
+                       help="a request taking longer gets 503")
+    serve.set_defaults(handler=handle_serve)
+
+    token = subparsers.add_parser(
+        "token", help="print a bearer token (JWT) for a user, for local use",
+        description="Print a signed JWT whose subject is USER.")
+    token.add_argument("user", type=int, metavar="USER")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds valid (default: %(default)s)")
+    _auth_args(token)
+    token.set_defaults(handler=handle_token)
+
+
+def _auth_args(parser) -> None:
+    parser.add_argument("--jwt-key", default=None, help="HS256 signing key (32+ bytes)")
+    parser.add_argument("--jwt-key-file", type=Path, default=None,
+                        help="file holding the signing key (first line)")
+
+
+def _jwt_key(args) -> str:
+    from serving.auth import MIN_KEY_BYTES
+
+    key = args.jwt_key
+    if key is None and args.jwt_key_file is not None:
+        try:
+            key = args.jwt_key_file.read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise UserFacingError(f"cannot read --jwt-key-file {args.jwt_key_file}: {exc}") from None
+    if not key:
+        raise UserFacingError("give the signing key with --jwt-key or --jwt-key-file")
+    if len(key.encode()) < MIN_KEY_BYTES:
+        raise UserFacingError(f"the JWT key must be at least {MIN_KEY_BYTES} bytes (HS256)")
+    return key
+
+
+def build_config(args, settings: StackSettings):
+    from serving.config import ServingConfig
+
+    overrides = {}
+    for arg, field, scale in (("push_threshold", "push_threshold", None),
+                              ("feed_cap", "feed_cap", None),
+                              ("redis_timeout_ms", "redis_timeout_s", 1000),
+                              ("cassandra_timeout_ms", "cassandra_timeout_s", 1000),
+                              ("request_budget_ms", "request_budget_s", 1000)):
+        value = getattr(args, arg)
+        if value is not None:
+            overrides[field] = value / scale if scale else value
+    try:
+        cql.check_keyspace_name(args.keyspace)
+        return ServingConfig(
+            jwt_key=_jwt_key(args), redis_url=settings.redis_url, key_prefix=args.key_prefix,
+            cassandra_host=settings.host, cassandra_port=settings.cassandra_port,
+            keyspace=args.keyspace, **overrides)
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from None
+
+
+def config_from_environment(environ=None):
+    """The ``ServingConfig`` ``feedbeam serve`` handed to its workers."""
+    from serving.config import ServingConfig
+
+    raw = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if not raw:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: start the API with `feedbeam serve`")
+    return ServingConfig(**json.loads(raw))
+
+
+def handle_serve(args, settings: StackSettings) -> int:
+    if args.workers < 1:
+        raise UserFacingError("--workers must be at least 1")
+    if not 0 < args.port < 65536:
+        raise UserFacingError("--port must be between 1 and 65535")
+    config = build_config(args, settings)
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+    print(f"serving on http://{args.host}:{args.port} ({args.server}, {args.workers} worker(s)); "
+          f"Redis {config.redis_url}, Cassandra {config.cassandra_host}:{config.cassandra_port}/"
+          f"{config.keyspace}", flush=True)
+    if args.server == "granian":
+        from granian import Granian
+        from granian.constants import Interfaces, Loops
+
+        Granian("serving.app:create_app", address=args.host, port=args.port,
+                interface=Interfaces.ASGI, workers=args.workers, loop=Loops.uvloop,
+                factory=True, log_access=False).serve()
+        return 0
+    import uvicorn
+
+    uvicorn.run("serving.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, loop="uvloop", http="httptools", lifespan="on",
+                access_log=False, log_level="warning", backlog=2048)
+    return 0
+
+
+def handle_token(args, settings: StackSettings) -> int:
+    from serving.auth import issue_token
+
+    if args.user < 0:
+        raise UserFacingError("USER must be a non-negative user id")
+    if args.ttl < 1:
+        raise UserFacingError("--ttl must be at least 1 second")
+    print(issue_token(_jwt_key(args), args.user, args.ttl))
+    return 0

@@ -1,0 +1,208 @@
+"""Asynchronous reads of the durable feed tables, for serving's fallback and rebuild paths.
+
+Executes the prepared statements of ``CassandraFeedStore`` (and of
+``RankedFeedStore`` for ranked feeds) with the driver's ``execute_async``,
+bridged onto the asyncio loop, so a slow Cassandra never blocks the event
+loop and every call has its own timeout. No retries here: serving has a
+latency budget, and a failed read falls back or answers 503 instead.
+
+The connection is made in the background (``start``) and retried until it
+succeeds, so a server whose Cassandra is down starts anyway and serves from
+Redis; until connected every call raises ``CassandraUnavailable`` at once.
+
+    reader = AioCassandra("127.0.0.1", 9042, "feedbeam", timeout_s=0.5)
+    await reader.start()
+    rows = await reader.feed_page(7, limit=20, before=None, now_ms=now)
+    await reader.close()
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Sequence
+
+from pipelines.io.cassandra_store import CassandraFeedStore, plan_buckets, post_from_row, to_ms
+from pipelines.io.ranked_store import RankedFeedStore, feed_from_row
+from schemas import cassandra as cs
+from schemas.keys import KeyLayout
+from schemas.ranked import RankedFeed
+
+log = logging.getLogger(__name__)
+
+
+class CassandraUnavailable(Exception):
+    """Cassandra is not connected, or a read failed or timed out."""
+
+
+def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(CassandraUnavailable(f"{type(error).__name__}: {error}"))
+
+
+class AioCassandra:
+    """See the module doc."""
+
+    def __init__(self, host: str, port: int, keyspace: str, timeout_s: float = 0.5,
+                 connect_retry_s: float = 2.0, max_connect_retry_s: float = 30.0):
+        self.host, self.port = host, port
+        self.keyspace = cs.check_keyspace_name(keyspace)
+        self.timeout_s = timeout_s
+        self.connect_retry_s = connect_retry_s
+        self.max_connect_retry_s = max_connect_retry_s
+        self.store: CassandraFeedStore | None = None
+        self._ranked: RankedFeedStore | None = None
+        self._connector: asyncio.Task | None = None
+        self._closed = False
+        self.last_error: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.store is not None
+
+    async def start(self) -> None:
+        """Start connecting in the background (returns at once)."""
+        if self._connector is None:
+            self._connector = asyncio.ensure_future(self._connect_loop())
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the connection; whether it is there."""
+        if self._connector is not None and not self.connected:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._connector), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.connected
+
+    async def _connect_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.connect_retry_s
+        while not self._closed:
+            try:
+                store = await loop.run_in_executor(
+                    None, lambda: CassandraFeedStore.connect(self.host, self.port, self.keyspace))
+                ranked = RankedFeedStore(None, KeyLayout(), store)
+                # Prepare everything now (blocking) rather than on a request's path.
+                for name in ("get_posts", "feed", "feed_before", "timeline", "following",
+                             "get_count", "count_followers", "set_last_read", "last_read"):
+                    await loop.run_in_executor(None, store.statement, name)
+            except Exception as exc:  # any failure: log, retry later; serving runs on Redis
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("cassandra at %s:%d not available (%s); retrying in %.0fs",
+                            self.host, self.port, self.last_error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_connect_retry_s)
+                continue
+            if self._closed:
+                store.close()
+                return
+            self.store, self._ranked, self.last_error = store, ranked, None
+            log.info("cassandra connected at %s:%d, keyspace %s", self.host, self.port, self.keyspace)
+            return
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._connector is not None and not self._connector.done():
+            self._connector.cancel()
+        store, self.store = self.store, None
+        if store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, store.close)
+
+    # -- execution ------------------------------------------------------------------
+
+    def execute(self, stmt, params: tuple, timeout_s: float | None = None) -> asyncio.Future:
+        """A future of the rows (first page) of one prepared statement."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if self.store is None:
+            future.set_exception(CassandraUnavailable(
+                f"not connected to Cassandra ({self.last_error or 'connecting'})"))
+            return future
+        try:
+            response = self.store.session.execute_async(
+                stmt, params, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        except Exception as exc:  # e.g. NoHostAvailable raised synchronously
+            _settle(future, None, exc)
+            return future
+        response.add_callbacks(
+            lambda rows: loop.call_soon_threadsafe(_settle, future, rows, None),
+            lambda exc: loop.call_soon_threadsafe(_settle, future, None, exc))
+        return future
+
+    def _named(self, name: str, params: tuple) -> asyncio.Future:
+        if self.store is None:
+            return self.execute(None, params)  # raises CassandraUnavailable
+        return self.execute(self.store.statement(name), params)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def posts(self, post_ids: Sequence[int]) -> list[dict | None]:
+        """``PostMeta`` per id (None for unknown or deleted), in one ``IN`` query:
+        one request for the driver instead of one per post (the driver's
+        per-request cost dominates the fallback path's CPU)."""
+        if not post_ids:
+            return []
+        rows = await self._named("get_posts", (list(dict.fromkeys(post_ids)),))
+        by_id = {r.post_id: r for r in rows}
+        return [post_from_row(by_id.get(p)) for p in post_ids]
+
+    async def feed_page(self, user_id: int, limit: int, before: tuple[int, int] | None,
+                        now_ms: int, max_buckets: int = 8) -> list[tuple[int, int]]:
+        """Up to ``limit`` ``(post_id, created_at_ms)`` of the durable home feed,
+        newest first, strictly after ``before`` = ``(post_id, created_at_ms)``
+        (the rules of ``CassandraFeedStore.feed_page``)."""
+        start_ms = now_ms if before is None else before[1]
+        out: list[tuple[int, int]] = []
+        for i, bucket in enumerate(plan_buckets(start_ms, max_buckets)):
+            if len(out) >= limit:
+                break
+            want = limit - len(out)
+            if i == 0 and before is not None:
+                rows = await self._named("feed_before", (user_id, bucket, before[1], before[0], want))
+            else:
+                rows = await self._named("feed", (user_id, bucket, want))
+            out.extend((r.post_id, to_ms(r.created_at)) for r in rows)
+        return out
+
+    async def timeline(self, author_id: int, limit: int, now_ms: int,
+                       max_buckets: int = 2) -> list[tuple[int, int]]:
+        """Up to ``limit`` ``(post_id, created_at_ms)`` of the author's durable timeline."""
+        out: list[tuple[int, int]] = []
+        for bucket in plan_buckets(now_ms, max_buckets):
+            if len(out) >= limit:
+                break
+            rows = await self._named("timeline", (author_id, bucket, limit - len(out)))
+            out.extend((r.post_id, to_ms(r.created_at)) for r in rows)
+        return out
+
+    async def following(self, user_id: int) -> list[int]:
+        rows = await self._named("following", (user_id,))
+        return [r.followee_id for r in sorted(rows, key=lambda r: (r.since, r.followee_id))]
+
+    async def follower_counts(self, user_ids: Sequence[int]) -> list[int]:
+        """Follower count per user: the maintained count, else the rows counted."""
+        rows = await asyncio.gather(*(self._named("get_count", (u,)) for u in user_ids))
+        out = []
+        for uid, r in zip(user_ids, rows):
+            if r and r[0].followers is not None:
+                out.append(r[0].followers)
+            else:
+                out.append((await self._named("count_followers", (uid,)))[0].count)
+        return out
+
+    async def last_read(self, user_id: int) -> int | None:
+        rows = await self._named("last_read", (user_id,))
+        return to_ms(rows[0].last_feed_read_at) if rows else None
+
+    async def set_last_read(self, user_id: int, at_ms: int) -> None:
+        await self._named("set_last_read", (cs.event_timestamp_us(at_ms), at_ms, user_id))
+
+    async def ranked(self, user_id: int) -> RankedFeed | None:
+        """The durable ranked feed (``RankedFeedStore.read_durable``, asynchronously)."""
+        if self._ranked is None:
+            await self._named("last_read", (user_id,))  # raises CassandraUnavailable
+        rows = await self.execute(*self._ranked.durable_query(user_id))
+        return feed_from_row(user_id, rows[0] if rows else None)

@@ -1,0 +1,593 @@
+"""Story state in Redis (hot) and Cassandra (durable), for the stories pipeline and serving.
+
+Two stores with the same read side, so serving can answer from either:
+
+* ``RedisStoryStore`` over the keys of ``schemas.keys.KeyLayout``:
+  ``author_stories`` (ZSET story -> expires_at), ``story`` (HASH metadata +
+  ``views``, or after removal a tombstone), ``story_viewers`` (SET) and
+  ``seen_stories`` (ZSET story -> expires_at per viewer). Every key gets
+  ``PEXPIREAT`` at the newest expiry it holds plus the grace period.
+* ``CassandraStoryStore`` over ``stories_by_author``, ``story_views``,
+  ``stories_seen_by_viewer`` (0001) and ``stories_by_id``,
+  ``story_expiry_index`` (0003), every row written ``USING TTL`` up to
+  ``expires_at + grace`` and ``USING TIMESTAMP`` below ``expires_at``.
+
+Read side (both stores)::
+
+    tray(viewer_id, followee_ids, now_ms, limit) -> list[TrayEntry]
+    mark_seen(viewer_id, story_id, now_ms) -> bool
+    story(story_id) -> StoryMeta | None;  active_stories(author_id, now_ms)
+    viewers(story_id) -> list[int];  seen(viewer_id, now_ms) -> set[int]
+
+Reads filter on ``expires_at > now_ms`` themselves, so an expired story is
+never returned even while the expiry pipeline is stopped or behind. The
+viewer's followees come from ``RedisFeedStore.following`` /
+``CassandraFeedStore.following``. ``mark_seen`` is the serving layer's
+read-your-own-view: it records the story in the viewer's seen set at once
+(view counts come from the VIEWED events the stories pipeline consumes).
+
+Write side (the stories pipeline; ``pipelines.stories.StoryWriter`` calls
+both stores): ``publish``, ``record_views`` and ``remove`` (a delete or an
+expiry). Every write is idempotent:
+
+* a publish is refused when the story was removed before (its hash is then a
+  tombstone until ``expires_at + grace``), is already expired at ``now_ms``,
+  or expires beyond the policy's horizon; otherwise it rewrites the same fields;
+* a view is accepted only if the story exists, is not deleted, has not
+  expired at ``now_ms`` and the view's event time is before ``expires_at``:
+  a view never creates state for an unknown, deleted or expired story. The
+  viewer set is a SET (SADD), ``views`` is its cardinality;
+* a removal takes the satellites first (viewers' seen entries, the author's
+  index) and the story hash last, so a retry after a crash half-way still
+  finds the viewers; in Cassandra every removal is ``USING TIMESTAMP
+  expires_at`` (``stories_logic.removal_timestamp_us``), which shadows every
+  accepted write whatever the arrival order.
+
+Redis scripts touch one hash tag each (cluster-safe); a view is one script on
+the story's tag plus a ZADD on the viewer's, a publish one script on the
+story's tag plus one on the author's.
+
+    store = RedisStoryStore.from_url("redis://127.0.0.1:6379/0")
+    store.tray(7, followee_ids=[3, 4], now_ms=now, limit=20)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
+
+import redis
+
+from pipelines.io.cassandra_store import CassandraFeedStore, to_ms
+from pipelines.io.redis_store import new_client
+from pipelines.stories_logic import (
+    EXPIRY_SHARDS,
+    StoryPolicy,
+    assemble_tray,
+    expiry_bucket,
+    expiry_shard,
+    publish_refusal,
+    redis_expire_at_ms,
+    removal_timestamp_us,
+    story_created_at,
+    story_expiry,
+    sweep_buckets,
+    ttl_seconds,
+    write_timestamp_us,
+)
+from schemas import cassandra as cs
+from schemas.events import StoryEvent
+from schemas.keys import KeyLayout
+from schemas.stories import StoryMeta, TrayEntry
+
+#: Outcome of a publish: written, or why not.
+PUBLISHED, TOMBSTONED, EXPIRED, BEYOND_HORIZON = "published", "tombstoned", "expired", "beyond_horizon"
+#: Outcome of a view: counted, or why not.
+VIEWED, UNKNOWN, DELETED, LATE = "viewed", "unknown", "deleted", "late"
+
+# -- Lua scripts ------------------------------------------------------------------
+
+# KEYS[1] story hash. ARGV: now ms, expires_at ms, PEXPIREAT ms, then field/value pairs.
+# 0 removed before (deleted or expired: nothing written), -1 expired at now, 1 written.
+_PUBLISH = """
+if redis.call('HEXISTS', KEYS[1], 'removed') == 1 then
+  return 0
+end
+if tonumber(ARGV[2]) <= tonumber(ARGV[1]) then
+  return -1
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] a zset scored by expires_at (author's stories, viewer's seen stories).
+# ARGV: member, expires_at ms, grace ms, now ms. Adds the member, drops members
+# expired at now, and moves the key's expiry to its newest score + grace.
+_ZADD_EXPIRING = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if top[2] then
+  redis.call('PEXPIREAT', KEYS[1], tonumber(top[2]) + tonumber(ARGV[3]))
+end
+return 1
+"""
+
+# KEYS[1] story hash, KEYS[2] viewers set. ARGV: viewer id, viewed_at ms, now ms, grace ms.
+# Returns {status, author_id, expires_at}: status 1 counted, 0 unknown story,
+# -1 deleted, -2 viewed at/after expiry (event time), -3 expired (at now, or removed).
+_VIEW = """
+local h = redis.call('HMGET', KEYS[1], 'author_id', 'expires_at', 'removed')
+if not h[2] then return {0, 0, 0} end
+if h[3] == 'deleted' then return {-1, h[1], h[2]} end
+local expires = tonumber(h[2])
+if tonumber(ARGV[2]) >= expires then return {-2, h[1], h[2]} end
+if h[3] or tonumber(ARGV[3]) >= expires then return {-3, h[1], h[2]} end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('PEXPIREAT', KEYS[2], expires + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], 'views', redis.call('SCARD', KEYS[2]))
+return {1, h[1], h[2]}
+"""
+
+# KEYS[1] story hash, KEYS[2] viewers set. ARGV: 'deleted' or 'expired',
+# author id, expires_at ms, PEXPIREAT ms. The last step of a removal: the hash
+# becomes a tombstone (author, expiry, how it was removed) that expires with
+# the story + grace, so a replayed publish or view cannot bring it back even
+# when the watermark ran ahead of the wall clock. A delete stays a delete.
+_FINISH_REMOVAL = """
+redis.call('DEL', KEYS[2])
+local how = ARGV[1]
+if redis.call('HGET', KEYS[1], 'removed') == 'deleted' then
+  how = 'deleted'
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'author_id', ARGV[2], 'expires_at', ARGV[3], 'removed', how)
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+return 1
+"""
+
+_VIEW_STATUS = {1: VIEWED, 0: UNKNOWN, -1: DELETED, -2: LATE, -3: EXPIRED}
+_STORY_FIELDS = ("author_id", "created_at", "expires_at", "media_type", "views", "removed")
+
+
+# -- records ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ViewResult:
+    """What happened to one VIEWED event: ``status`` is ``viewed`` (counted) or why
+    not (``unknown``, ``deleted``, ``late``: viewed at/after expiry, ``expired``:
+    expired by the time it was applied). ``author_id`` / ``expires_at`` are the
+    story's, when known."""
+
+    status: str
+    author_id: int | None = None
+    expires_at: int | None = None
+
+    @property
+    def counted(self) -> bool:
+        return self.status == VIEWED
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Removal:
+    """What a removal found: the story as stored (None if unknown or a tombstone),
+    whether it was a tombstone already (removed before), the viewers whose seen
+    entries it cleaned, and the author and expiry it used (the stored ones,
+    else the caller's)."""
+
+    story: StoryMeta | None
+    tombstoned: bool
+    viewers: tuple[int, ...]
+    author_id: int
+    expires_at: int
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def parse_story(story_id: int, fields: Mapping[Any, Any] | Sequence[Any]) -> StoryMeta | None:
+    """A ``StoryMeta`` from a story hash (HGETALL dict, or HMGET of ``_STORY_FIELDS``);
+    None when missing or a tombstone."""
+    if not isinstance(fields, Mapping):
+        fields = dict(zip(_STORY_FIELDS, fields))
+    f = {_text(k): _text(v) for k, v in fields.items() if v is not None}
+    if "removed" in f or "expires_at" not in f or "created_at" not in f:
+        return None
+    return StoryMeta(story_id=story_id, author_id=int(f["author_id"]),
+                     created_at=int(f["created_at"]), expires_at=int(f["expires_at"]),
+                     media_type=f.get("media_type") or None, views=int(f.get("views", 0)))
+
+
+def story_fields(event: StoryEvent) -> dict[str, str]:
+    """The hash fields a PUBLISHED event writes (``views`` is kept by views)."""
+    out = {"author_id": str(event.author_id), "created_at": str(story_created_at(event)),
+           "expires_at": str(story_expiry(event))}
+    if event.media_type is not None:
+        out["media_type"] = event.media_type.value
+    return out
+
+
+def _unique(ids: Iterable[int]) -> list[int]:
+    return list(dict.fromkeys(ids))
+
+
+# -- Redis ------------------------------------------------------------------------
+
+
+class RedisStoryStore:
+    """Stories, viewers and seen sets in Redis (see module doc)."""
+
+    def __init__(self, client: "redis.Redis", keys: KeyLayout, policy: StoryPolicy = StoryPolicy()):
+        self.client = client
+        self.keys = keys
+        self.policy = policy
+        self._publish, self._zadd_expiring, self._view, self._finish_removal = (
+            client.register_script(src) for src in (_PUBLISH, _ZADD_EXPIRING, _VIEW,
+                                                    _FINISH_REMOVAL))
+
+    @classmethod
+    def from_url(cls, url: str, key_prefix: str = "fb",
+                 policy: StoryPolicy = StoryPolicy()) -> "RedisStoryStore":
+        """A store on a new client for ``url`` (``redis_store.new_client``)."""
+        client = new_client(url)
+        return cls(client, KeyLayout(key_prefix), policy)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _pipeline(self):
+        return self.client.pipeline(transaction=False)
+
+    def _add_expiring(self, pipe, key: str, member: int, expires_at: int, now_ms: int) -> None:
+        self._zadd_expiring(keys=[key], args=[member, expires_at, self.policy.grace_ms, now_ms],
+                            client=pipe)
+
+    # -- writes -------------------------------------------------------------------
+
+    def publish(self, events: Sequence[StoryEvent], now_ms: int) -> list[str]:
+        """Write PUBLISHED events (hash, then the author's index); one status per event:
+        ``published``, ``tombstoned``, ``expired`` or ``beyond_horizon``."""
+        statuses: list[str | None] = [publish_refusal(e, now_ms, self.policy) for e in events]
+        todo = [(i, e) for i, e in enumerate(events) if statuses[i] is None]
+        if todo:
+            pipe = self._pipeline()
+            for _, e in todo:
+                args: list[Any] = [now_ms, story_expiry(e),
+                                   redis_expire_at_ms(story_expiry(e), self.policy)]
+                for field, value in story_fields(e).items():
+                    args += [field, value]
+                self._publish(keys=[self.keys.story(e.story_id)], args=args, client=pipe)
+            results = pipe.execute()
+            pipe = self._pipeline()
+            for (i, e), r in zip(todo, results):
+                statuses[i] = {1: PUBLISHED, 0: TOMBSTONED}.get(r, EXPIRED)
+                if r == 1:
+                    self._add_expiring(pipe, self.keys.author_stories(e.author_id), e.story_id,
+                                       story_expiry(e), now_ms)
+            pipe.execute()
+        return [s for s in statuses if s is not None]
+
+    def record_views(self, events: Sequence[StoryEvent], now_ms: int) -> list[ViewResult]:
+        """Apply VIEWED events: viewer set + count on the story, then the viewer's seen set."""
+        if not events:
+            return []
+        pipe = self._pipeline()
+        for e in events:
+            self._view(keys=[self.keys.story(e.story_id), self.keys.story_viewers(e.story_id)],
+                       args=[e.viewer_id, e.event_time, now_ms, self.policy.grace_ms], client=pipe)
+        out = []
+        pipe2 = self._pipeline()
+        for e, (status, author, expires) in zip(events, pipe.execute()):
+            status = _VIEW_STATUS[int(status)]
+            if status == UNKNOWN:
+                out.append(ViewResult(status))
+                continue
+            out.append(ViewResult(status, int(author), int(expires)))
+            if status == VIEWED:
+                self._add_expiring(pipe2, self.keys.seen_stories(e.viewer_id), e.story_id,
+                                   int(expires), now_ms)
+        pipe2.execute()
+        return out
+
+    def remove(self, story_id: int, author_id: int, expires_at: int, deleted: bool) -> Removal:
+        """Remove a story (``deleted``: a DELETED event; else its expiry), leaving a
+        tombstone hash until ``expires_at + grace`` (a delete's stays a delete).
+        ``author_id`` / ``expires_at`` are used when the hash does not say (the
+        stored values win)."""
+        pipe = self._pipeline()
+        pipe.hgetall(self.keys.story(story_id))
+        pipe.smembers(self.keys.story_viewers(story_id))
+        fields, members = pipe.execute()
+        fields = {_text(k): _text(v) for k, v in fields.items()}
+        story = parse_story(story_id, fields)
+        author = int(fields.get("author_id", author_id))
+        expires = int(fields.get("expires_at", expires_at))
+        viewers = tuple(sorted(int(m) for m in members))
+        pipe = self._pipeline()
+        for v in viewers:
+            pipe.zrem(self.keys.seen_stories(v), story_id)
+        pipe.zrem(self.keys.author_stories(author), story_id)
+        if author != author_id:
+            pipe.zrem(self.keys.author_stories(author_id), story_id)
+        self._finish_removal(
+            keys=[self.keys.story(story_id), self.keys.story_viewers(story_id)],
+            args=["deleted" if deleted else "expired", author, expires,
+                  redis_expire_at_ms(expires, self.policy)], client=pipe)
+        pipe.execute()
+        return Removal(story, "removed" in fields, viewers, author, expires)
+
+    # -- reads --------------------------------------------------------------------
+
+    def stories(self, story_ids: Sequence[int]) -> list[StoryMeta | None]:
+        """Metadata per story id, one round trip; None for unknown or deleted
+        (expired ones are returned: check ``StoryMeta.active``)."""
+        if not story_ids:
+            return []
+        pipe = self._pipeline()
+        for sid in story_ids:
+            pipe.hmget(self.keys.story(sid), _STORY_FIELDS)
+        return [parse_story(sid, f) for sid, f in zip(story_ids, pipe.execute())]
+
+    def story(self, story_id: int) -> StoryMeta | None:
+        return self.stories([story_id])[0]
+
+    def _active_ids(self, pipe, key: str, now_ms: int) -> None:
+        pipe.zrangebyscore(key, f"({now_ms}", "+inf")
+
+    def active_stories(self, author_id: int, now_ms: int) -> list[StoryMeta]:
+        """The author's stories still active at ``now_ms``, oldest first."""
+        return self._active_by_author([author_id], now_ms)[0].get(author_id, [])
+
+    def _active_by_author(self, authors: Sequence[int], now_ms: int, seen_of: int | None = None
+                          ) -> tuple[dict[int, list[StoryMeta]], set[int]]:
+        """Active stories per author (only authors with some), and the active seen
+        set of viewer ``seen_of`` read in the same round trip; then one more for
+        the story hashes (a story whose hash is gone or tombstoned is skipped)."""
+        pipe = self._pipeline()
+        if seen_of is not None:
+            self._active_ids(pipe, self.keys.seen_stories(seen_of), now_ms)
+        for a in authors:
+            self._active_ids(pipe, self.keys.author_stories(a), now_ms)
+        results = pipe.execute()
+        seen = {int(m) for m in results.pop(0)} if seen_of is not None else set()
+        ids = {a: [int(m) for m in members] for a, members in zip(authors, results)}
+        flat = [sid for a in authors for sid in ids[a]]
+        metas = dict(zip(flat, self.stories(flat)))
+        out: dict[int, list[StoryMeta]] = {}
+        for a in authors:
+            live = [metas[s] for s in ids[a] if metas[s] is not None and metas[s].active(now_ms)]
+            if live:
+                out[a] = sorted(live, key=lambda s: (s.created_at, s.story_id))
+        return out, seen
+
+    def viewers(self, story_id: int) -> list[int]:
+        """Unique viewers of the story (empty once it is removed)."""
+        return sorted(int(m) for m in self.client.smembers(self.keys.story_viewers(story_id)))
+
+    def seen(self, viewer_id: int, now_ms: int) -> set[int]:
+        """Ids of the still-active stories ``viewer_id`` has seen."""
+        return self._active_by_author([], now_ms, seen_of=viewer_id)[1]
+
+    def tray(self, viewer_id: int, followee_ids: Sequence[int], now_ms: int,
+             limit: int) -> list[TrayEntry]:
+        """The viewer's story tray (``stories_logic.assemble_tray``) in two round
+        trips: the seen set with the followees' indexes, then the story hashes."""
+        if limit < 1:
+            return []
+        followees = _unique(followee_ids)
+        by_author, seen = self._active_by_author(followees, now_ms, seen_of=viewer_id)
+        return assemble_tray(followees, by_author, seen, now_ms, limit)
+
+    def mark_seen(self, viewer_id: int, story_id: int, now_ms: int) -> bool:
+        """Record that the viewer saw the story; False (nothing written) when the
+        story is unknown, deleted or expired at ``now_ms``."""
+        story = self.story(story_id)
+        if story is None or not story.active(now_ms):
+            return False
+        pipe = self._pipeline()
+        self._add_expiring(pipe, self.keys.seen_stories(viewer_id), story_id, story.expires_at,
+                           now_ms)
+        pipe.execute()
+        return True
+
+
+# -- Cassandra ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IndexedStory:
+    """A row of the expiry index: a story that was live when written."""
+
+    story_id: int
+    author_id: int
+    expires_at: int
+
+
+class CassandraStoryStore:
+    """Stories, viewers and seen rows in Cassandra (see module doc).
+
+    Statement execution (prepared once per session, concurrent, transient
+    errors retried with backoff, ``stats``) is ``CassandraFeedStore``'s.
+    """
+
+    def __init__(self, session, keyspace: str, policy: StoryPolicy = StoryPolicy(), **options):
+        self._db = CassandraFeedStore(session, keyspace, **options)
+        self.policy = policy
+        self.keyspace = ks = self._db.keyspace
+        self.stats = self._db.stats
+        cols = "story_id, author_id, created_at, expires_at, media_type"
+        self._cql = {
+            "put_by_author": f"INSERT INTO {ks}.{cs.STORIES_BY_AUTHOR} ({cols}) VALUES "
+                             "(?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
+            "put_by_id": f"INSERT INTO {ks}.{cs.STORIES_BY_ID} ({cols}) VALUES (?, ?, ?, ?, ?) "
+                         "USING TIMESTAMP ? AND TTL ?",
+            "put_index": f"INSERT INTO {ks}.{cs.STORY_EXPIRY_INDEX} (bucket, shard, expires_at, "
+                         "story_id, author_id) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
+            "put_view": f"INSERT INTO {ks}.{cs.STORY_VIEWS} (story_id, viewer_id, viewed_at) "
+                        "VALUES (?, ?, ?) USING TIMESTAMP ? AND TTL ?",
+            "put_seen": f"INSERT INTO {ks}.{cs.STORIES_SEEN_BY_VIEWER} (viewer_id, story_id, "
+                        "author_id, expires_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
+            "del_by_author": f"DELETE FROM {ks}.{cs.STORIES_BY_AUTHOR} USING TIMESTAMP ? "
+                             "WHERE author_id = ? AND story_id = ?",
+            "del_by_id": f"DELETE FROM {ks}.{cs.STORIES_BY_ID} USING TIMESTAMP ? WHERE story_id = ?",
+            "del_index": f"DELETE FROM {ks}.{cs.STORY_EXPIRY_INDEX} USING TIMESTAMP ? WHERE "
+                         "bucket = ? AND shard = ? AND expires_at = ? AND story_id = ?",
+            "del_views": f"DELETE FROM {ks}.{cs.STORY_VIEWS} USING TIMESTAMP ? WHERE story_id = ?",
+            "del_seen": f"DELETE FROM {ks}.{cs.STORIES_SEEN_BY_VIEWER} USING TIMESTAMP ? "
+                        "WHERE viewer_id = ? AND story_id = ?",
+            "by_author": f"SELECT {cols} FROM {ks}.{cs.STORIES_BY_AUTHOR} WHERE author_id = ?",
+            "by_id": f"SELECT {cols} FROM {ks}.{cs.STORIES_BY_ID} WHERE story_id = ?",
+            "viewers": f"SELECT viewer_id FROM {ks}.{cs.STORY_VIEWS} WHERE story_id = ?",
+            "seen": f"SELECT story_id, expires_at FROM {ks}.{cs.STORIES_SEEN_BY_VIEWER} "
+                    "WHERE viewer_id = ?",
+            "index": f"SELECT story_id, author_id, expires_at FROM {ks}.{cs.STORY_EXPIRY_INDEX} "
+                     "WHERE bucket = ? AND shard = ?",
+        }
+
+    @classmethod
+    def connect(cls, host: str, port: int, keyspace: str, policy: StoryPolicy = StoryPolicy(),
+                **options) -> "CassandraStoryStore":
+        """A store on a new cluster connection; ``close()`` shuts it."""
+        cluster = cs.new_cluster(host, port)
+        try:
+            store = cls(cluster.connect(), keyspace, policy, **options)
+        except Exception:
+            cluster.shutdown()
+            raise
+        store._db._cluster = cluster
+        return store
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _run(self, work: Sequence[tuple[str, tuple]]) -> list:
+        return self._db.execute_cql([(self._cql[name], params) for name, params in work])
+
+    def _rows(self, name: str, params: tuple) -> list:
+        (rs,) = self._run([(name, params)])
+        return list(rs)
+
+    # -- writes -------------------------------------------------------------------
+
+    def publish(self, events: Sequence[StoryEvent], now_ms: int) -> None:
+        """Write PUBLISHED events (the caller passes those Redis accepted) to the
+        author's stories, the by-id table and the expiry index."""
+        work = []
+        for e in events:
+            expires = story_expiry(e)
+            ttl = ttl_seconds(expires, now_ms, self.policy)
+            if ttl == 0:
+                continue
+            ts = write_timestamp_us(e.event_time, expires)
+            media = None if e.media_type is None else e.media_type.value
+            row = (e.story_id, e.author_id, story_created_at(e), expires, media, ts, ttl)
+            work += [("put_by_author", row), ("put_by_id", row),
+                     ("put_index", (expiry_bucket(expires), expiry_shard(e.story_id), expires,
+                                    e.story_id, e.author_id, ts, ttl))]
+        self._run(work)
+
+    def record_views(self, views: Sequence[tuple[StoryEvent, int, int]], now_ms: int) -> None:
+        """Write counted views, given as ``(event, author_id, expires_at)``: the
+        story's viewer row and the viewer's seen row."""
+        work = []
+        for e, author, expires in views:
+            ttl = ttl_seconds(expires, now_ms, self.policy)
+            if ttl == 0:
+                continue
+            ts = write_timestamp_us(e.event_time, expires)
+            work += [("put_view", (e.story_id, e.viewer_id, e.event_time, ts, ttl)),
+                     ("put_seen", (e.viewer_id, e.story_id, author, expires, ts, ttl))]
+        self._run(work)
+
+    def remove(self, story_id: int, author_id: int, expires_at: int,
+               viewers: Iterable[int] = ()) -> None:
+        """Remove a story at ``removal_timestamp_us(expires_at)``: seen rows of
+        ``viewers`` and of the story's stored viewers, the story rows and its index
+        row, then (last, so a retry still finds the viewers) its views partition."""
+        ts = removal_timestamp_us(expires_at)
+        everyone = set(viewers) | set(self.viewers(story_id))
+        work = [("del_seen", (ts, v, story_id)) for v in sorted(everyone)]
+        work += [("del_by_author", (ts, author_id, story_id)), ("del_by_id", (ts, story_id)),
+                 ("del_index", (ts, expiry_bucket(expires_at), expiry_shard(story_id),
+                                expires_at, story_id))]
+        self._run(work)
+        self._run([("del_views", (ts, story_id))])
+
+    def sweep(self, now_ms: int) -> list[IndexedStory]:
+        """Every story in the expiry index that may still need removing at ``now_ms``
+        (``stories_logic.sweep_buckets``), ordered by expiry: the start-up re-arm."""
+        buckets = sweep_buckets(now_ms, self.policy)
+        work = [("index", (b, s)) for b in buckets for s in range(EXPIRY_SHARDS)]
+        out = [IndexedStory(r.story_id, r.author_id, to_ms(r.expires_at))
+               for rs in self._run(work) for r in rs]
+        return sorted(out, key=lambda s: (s.expires_at, s.story_id))
+
+    # -- reads --------------------------------------------------------------------
+
+    @staticmethod
+    def _meta(row, views: int = 0) -> StoryMeta:
+        return StoryMeta(row.story_id, row.author_id, to_ms(row.created_at),
+                         to_ms(row.expires_at), row.media_type, views)
+
+    def story(self, story_id: int) -> StoryMeta | None:
+        """The story with its unique view count; None when unknown or removed
+        (expired ones may be returned until removed: check ``StoryMeta.active``)."""
+        rows = self._rows("by_id", (story_id,))
+        if not rows or rows[0].expires_at is None:
+            return None
+        return self._meta(rows[0], len(self.viewers(story_id)))
+
+    def active_stories(self, author_id: int, now_ms: int) -> list[StoryMeta]:
+        """The author's stories still active at ``now_ms``, oldest first."""
+        return self._active_by_author([author_id], now_ms).get(author_id, [])
+
+    def _active_by_author(self, authors: Sequence[int], now_ms: int) -> dict[int, list[StoryMeta]]:
+        out: dict[int, list[StoryMeta]] = {}
+        for a, rs in zip(authors, self._run([("by_author", (a,)) for a in authors])):
+            live = [self._meta(r) for r in rs if r.expires_at is not None]
+            live = [s for s in live if s.active(now_ms)]
+            if live:
+                out[a] = sorted(live, key=lambda s: (s.created_at, s.story_id))
+        return out
+
+    def viewers(self, story_id: int) -> list[int]:
+        return sorted(r.viewer_id for r in self._rows("viewers", (story_id,)))
+
+    def seen(self, viewer_id: int, now_ms: int) -> set[int]:
+        return {r.story_id for r in self._rows("seen", (viewer_id,))
+                if r.expires_at is not None and to_ms(r.expires_at) > now_ms}
+
+    def tray(self, viewer_id: int, followee_ids: Sequence[int], now_ms: int,
+             limit: int) -> list[TrayEntry]:
+        """The viewer's story tray from Cassandra (when Redis is down): one
+        partition read per followee, concurrently, plus the seen rows."""
+        if limit < 1:
+            return []
+        followees = _unique(followee_ids)
+        seen = self.seen(viewer_id, now_ms)
+        return assemble_tray(followees, self._active_by_author(followees, now_ms), seen,
+                             now_ms, limit)
+
+    def mark_seen(self, viewer_id: int, story_id: int, now_ms: int) -> bool:
+        """Record that the viewer saw the story; False when unknown, removed or expired."""
+        story = self.story(story_id)
+        if story is None or not story.active(now_ms):
+            return False
+        ttl = ttl_seconds(story.expires_at, now_ms, self.policy)
+        self._run([("put_seen", (viewer_id, story_id, story.author_id, story.expires_at,
+                                 write_timestamp_us(now_ms, story.expires_at), ttl))])
+        return True
+
+    def dump(self) -> dict[str, list[dict]]:
+        """Every row of the story tables (tests on small keyspaces only)."""
+        return self._db.dump((cs.STORIES_BY_AUTHOR, cs.STORIES_BY_ID, cs.STORY_EXPIRY_INDEX,
+                              cs.STORY_VIEWS, cs.STORIES_SEEN_BY_VIEWER))

@@ -1,0 +1,73 @@
+"""Settings of the serving API (``feedbeam serve`` builds one from its options)."""
+from __future__ import annotations
+
+import dataclasses
+
+from pipelines.fanout_logic import DAY_MS, FanoutPolicy
+
+_FANOUT = FanoutPolicy()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """Where the stores are, the auth key, and the budgets of a request.
+
+    ``push_threshold``, ``feed_cap`` and ``inactive_days`` must match the
+    fan-out pipeline's options: they say which followees are pulled at read
+    time, where the Redis feed is truncated, and who stopped getting pushes.
+    """
+
+    jwt_key: str
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "fb"
+    cassandra_host: str = "127.0.0.1"
+    cassandra_port: int = 9042
+    keyspace: str = "feedbeam"
+    push_threshold: int = _FANOUT.push_threshold
+    feed_cap: int = _FANOUT.feed_cap
+    inactive_days: float = _FANOUT.inactive_days
+    default_limit: int = 20
+    max_limit: int = 100
+    #: One Redis round trip; past it the read falls back to Cassandra.
+    redis_timeout_s: float = 0.1
+    #: One Cassandra read.
+    cassandra_timeout_s: float = 0.5
+    #: A whole request; past it the answer is 503 (nothing hangs).
+    request_budget_s: float = 1.5
+    #: A cold or inactive user's rebuild; past it the page is served without it.
+    rebuild_budget_s: float = 0.5
+    rebuild_followees: int = 500
+    rebuild_per_followee: int = 20
+    #: How long a user's followee list and celebrity set are reused.
+    graph_cache_s: float = 60.0
+    #: Last-read writes are skipped when a newer one was written this recently
+    #: (fan-out's inactivity is measured in days; a write per request buys nothing).
+    last_read_redis_every_s: float = 60.0
+    last_read_cassandra_every_s: float = 3600.0
+    #: Requests a worker serves at once; past it, 503 at once (load shedding:
+    #: queueing more only makes every request late, and a late Redis reply
+    #: would read as a Redis failure).
+    max_in_flight: int = 128
+    #: Cassandra fallback reads at once per worker; past it, 503.
+    max_fallback_in_flight: int = 32
+    #: Seconds a hydrated post is reused by a worker (0: always read Redis);
+    #: bounds how long a just-deleted post can still show in a ranked page.
+    post_cache_s: float = 1.0
+    breaker_failures: int = 3
+    breaker_reset_s: float = 1.0
+
+    def __post_init__(self):
+        if not 1 <= self.default_limit <= self.max_limit:
+            raise ValueError("need 1 <= default_limit <= max_limit")
+        for name in ("push_threshold", "feed_cap", "rebuild_followees", "rebuild_per_followee",
+                     "breaker_failures", "max_in_flight", "max_fallback_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("redis_timeout_s", "cassandra_timeout_s", "request_budget_s",
+                     "rebuild_budget_s", "inactive_days", "breaker_reset_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    @property
+    def inactive_ms(self) -> int:
+        return int(self.inactive_days * DAY_MS)

@@ -1,0 +1,567 @@
+"""Feed reads: Redis first, Cassandra when Redis is slow or down, 503 when both are.
+
+``FeedService`` answers the ranked and chronological feed endpoints from what
+the pipelines materialized, through the store modules they write with
+(``pipelines.io.redis_store.FeedCommands`` on the async Redis client,
+``pipelines.io.aio_cassandra.AioCassandra``, ``pipelines.io.ranked_store``).
+The decisions (merge, pages, cursors, breaker) are ``serving.logic``.
+
+A chronological read on the hot path is two Redis round trips: one pipeline
+reads the home feed page, its size, the last-read time and the timelines of
+followed celebrities; one hydrates the page's posts (HMGET each) and records
+the read. The followee list and celebrity set are cached per user for
+``graph_cache_s``. Pages past the Redis feed's cap continue in Cassandra.
+
+Cold and inactive users (empty Redis feed, or a last read older than fan-out's
+inactivity threshold) get their feed rebuilt first: the followees' recent
+posts (Redis timelines, else Cassandra's) and the durable home feed, merged
+into the Redis feed through its staging key, within ``rebuild_budget_s``.
+
+Failures: every Redis call is bounded by ``redis_timeout_s``; failures count
+on a circuit breaker, and while it is open reads go straight to Cassandra
+(bounded by ``cassandra_timeout_s`` per read). Cassandra failures on the Redis
+path only cost the extras (deep pages, rebuild sources, durable last read).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, NamedTuple, Sequence
+
+import hiredis
+
+from pipelines.io.aio_cassandra import AioCassandra, CassandraUnavailable
+from pipelines.io.aio_redis import AioRedis, RedisUnavailable, is_noscript, pack_command
+from pipelines.io.ranked_store import READ_PAGE_SCRIPT, page_args, page_keys, parse_page
+from pipelines.io.redis_store import FeedCommands
+from schemas.keys import KeyLayout
+from schemas.ranked import RankedEntry, RankedPage
+from serving.config import ServingConfig
+from serving.logic import (
+    ChronoCursor,
+    CircuitBreaker,
+    Page,
+    Position,
+    RankedCursor,
+    SourceBatch,
+    celebrities,
+    fresh_entries,
+    merge_page,
+    needs_rebuild,
+    rebuild_entries,
+)
+
+log = logging.getLogger(__name__)
+
+#: Extra entries read per source beyond the page, so ties at a page boundary
+#: rarely need a second read.
+SLACK = 4
+#: Seconds a cached post is still used while Redis is failing.
+STALE_POSTS_S = 60.0
+#: Read-size growth when a page came out empty because of a long tie.
+_GROWTH = (4, 32)
+
+
+class StoresUnavailable(Exception):
+    """Neither Redis nor Cassandra could answer (HTTP 503); the message says why."""
+
+
+class Overloaded(StoresUnavailable):
+    """This worker is behind on its own work (HTTP 503 with Retry-After): a Redis
+    timeout then says more about us than about Redis, so no fallback either."""
+
+
+class FeedResult(NamedTuple):
+    """A page of a feed, hydrated. ``kind`` is ``ranked`` or ``chronological``;
+    ``source`` says where it came from: ``redis``, ``cassandra`` or ``rebuilt``."""
+
+    items: list[dict]
+    next_cursor: ChronoCursor | RankedCursor | None
+    kind: str
+    source: str
+    model_version: str | None = None
+
+
+class _Graph(NamedTuple):
+    followees: list[int]
+    celebrities: list[int]
+    expires: float
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _check(replies: Sequence[Any]) -> Sequence[Any]:
+    for r in replies:
+        if isinstance(r, hiredis.ReplyError):
+            raise RedisUnavailable(f"Redis error reply: {r}")
+    return replies
+
+
+class FeedService:
+    """See the module doc. One per process, used from one event loop."""
+
+    def __init__(self, config: ServingConfig, redis: AioRedis, cassandra: AioCassandra,
+                 metrics=None, loop_lag_s=lambda: 0.0):
+        self.config = config
+        self.redis = redis
+        self.cassandra = cassandra
+        self.cmd = FeedCommands(KeyLayout(config.key_prefix))
+        self.keys = self.cmd.keys
+        self.metrics = metrics
+        self.loop_lag_s = loop_lag_s  # how late this worker's event loop runs (serving.app)
+        self.redis_breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
+        self.cassandra_breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
+        self._ranked_script = redis.register_script(READ_PAGE_SCRIPT)
+        self._last_read_script = redis.register_script(FeedCommands.last_read_script)
+        self._graphs: dict[int, _Graph] = {}
+        self._packed_posts: dict[int, bytes] = {}
+        self._post_cache: dict[int, tuple[float, dict | None]] = {}
+        self._last_read_redis: dict[int, float] = {}
+        self._last_read_cassandra: dict[int, float] = {}
+        self._background: set[asyncio.Task] = set()
+        self._fallbacks = 0  # Cassandra fallback reads in flight
+        self._rebuilt: dict[int, float] = {}  # user -> when a rebuild was last tried
+        self._author_counts: dict[int, tuple[int, float]] = {}  # follower counts read from Cassandra
+
+    # -- public reads -----------------------------------------------------------------
+
+    async def chronological(self, user_id: int, limit: int,
+                            cursor: ChronoCursor | None) -> FeedResult:
+        after = None if cursor is None else cursor.position
+        return await self._with_fallback(
+            lambda: self._chrono_redis(user_id, limit, after),
+            lambda: self._chrono_cassandra(user_id, limit, after))
+
+    async def feed(self, user_id: int, limit: int,
+                   cursor: ChronoCursor | RankedCursor | None) -> FeedResult:
+        """The ranked feed when the user has one, else the chronological feed; a
+        cursor keeps the kind its first page had."""
+        if isinstance(cursor, ChronoCursor):
+            return await self.chronological(user_id, limit, cursor)
+        return await self._with_fallback(
+            lambda: self._ranked_redis(user_id, limit, cursor),
+            lambda: self._ranked_cassandra(user_id, limit, cursor))
+
+    async def followees(self, user_id: int) -> list[int]:
+        """Whom the user follows (cached graph), from Redis or else Cassandra."""
+        redis_error = "circuit open after repeated failures"
+        if self.redis_breaker.allow():
+            try:
+                graph = await self._graph_redis(user_id)
+            except RedisUnavailable as exc:
+                self.redis_breaker.failure()
+                redis_error = str(exc)
+            else:
+                self.redis_breaker.success()
+                return graph.followees
+        try:
+            return (await self._graph_cassandra(user_id)).followees
+        except CassandraUnavailable as exc:
+            raise StoresUnavailable(f"cannot read whom user {user_id} follows: Redis: "
+                                    f"{redis_error}; Cassandra: {exc}") from None
+
+    def status(self) -> dict[str, Any]:
+        """What readiness reports: each store's breaker and connection."""
+        return {
+            "redis": {"breaker": self.redis_breaker.state},
+            "cassandra": {"breaker": self.cassandra_breaker.state,
+                          "connected": self.cassandra.connected,
+                          "error": self.cassandra.last_error},
+        }
+
+    # -- fallback plumbing ------------------------------------------------------------
+
+    async def _with_fallback(self, on_redis, on_cassandra) -> FeedResult:
+        redis_error = "circuit open after repeated failures"
+        if self.redis_breaker.allow():
+            try:
+                result = await on_redis()
+            except RedisUnavailable as exc:
+                lag = self.loop_lag_s()
+                if lag > self.config.redis_timeout_s:
+                    # Our own backlog made the reply late: the slower Cassandra path
+                    # would only deepen it, and Redis is not to blame.
+                    self._count("overload_shed")
+                    raise Overloaded(f"overloaded: event loop {lag * 1000:.0f} ms behind") from None
+                self.redis_breaker.failure()
+                redis_error = str(exc)
+                self._count("redis_failures")
+                log.debug("redis read failed, falling back to cassandra: %s", exc)
+            else:
+                self.redis_breaker.success()
+                return result
+        if not self.cassandra_breaker.allow():
+            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: circuit open after "
+                                    "repeated failures")
+        if self._fallbacks >= self.config.max_fallback_in_flight:
+            # A Cassandra read costs ~10x a Redis one: shed rather than let a Redis
+            # outage queue up every request behind the slow path.
+            self._count("fallback_shed")
+            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: fallback capacity "
+                                    f"({self.config.max_fallback_in_flight} reads) in use")
+        self._fallbacks += 1
+        try:
+            result = await on_cassandra()
+        except CassandraUnavailable as exc:
+            self.cassandra_breaker.failure()
+            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: {exc}") from None
+        finally:
+            self._fallbacks -= 1
+        self.cassandra_breaker.success()
+        self._count("fallback_reads")
+        return result
+
+    async def _cassandra_extra(self, make, default):
+        """An optional Cassandra read on the Redis path: ``default`` if it fails."""
+        if not self.cassandra_breaker.allow():
+            return default
+        try:
+            value = await make()
+        except CassandraUnavailable as exc:
+            self.cassandra_breaker.failure()
+            log.debug("cassandra extra read failed: %s", exc)
+            return default
+        self.cassandra_breaker.success()
+        return value
+
+    def _count(self, what: str) -> None:
+        if self.metrics is not None:
+            self.metrics.event(what)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _pipeline(self, commands: list[tuple], scripts: dict[int, Any] | None = None) -> list:
+        """One Redis round trip; commands at ``scripts``' indexes are EVALSHAs of
+        those scripts, re-run with EVAL if the server lost its script cache."""
+        replies = await self.redis.pipeline(commands)
+        for i, script in (scripts or {}).items():
+            if is_noscript(replies[i]):
+                _, _, nkeys, *rest = commands[i]
+                replies[i] = await script(keys=rest[:nkeys], args=rest[nkeys:])
+        return list(_check(replies))
+
+    # -- graph (cached) -----------------------------------------------------------------
+
+    async def _graph_redis(self, user_id: int) -> _Graph:
+        graph = self._graphs.get(user_id)
+        now = time.monotonic()
+        if graph is not None and graph.expires > now:
+            return graph
+        (following,) = await self._pipeline([self.cmd.following(user_id)])
+        followees = self.cmd.ids(following)
+        counts = await self._pipeline([self.cmd.follower_count(f) for f in followees])
+        if not followees:  # nothing in Redis: the graph may only be in Cassandra (lost cache)
+            followees = await self._cassandra_extra(lambda: self.cassandra.following(user_id), [])
+            counts = await self._cassandra_extra(
+                lambda: self.cassandra.follower_counts(followees), [0] * len(followees))
+        return self._remember(user_id, followees, [int(c) for c in counts], now)
+
+    async def _graph_cassandra(self, user_id: int) -> _Graph:
+        """The graph from Cassandra (Redis is failing). A cached graph is used even
+        when expired: slightly stale beats 1 + followees reads per request."""
+        graph = self._graphs.get(user_id)
+        if graph is not None:
+            return graph
+        now = time.monotonic()
+        followees = await self.cassandra.following(user_id)
+        cached = self._author_counts
+        unknown = [f for f in followees if f not in cached or cached[f][1] < now]
+        if unknown:
+            for f, n in zip(unknown, await self.cassandra.follower_counts(unknown)):
+                cached[f] = (n, now + self.config.graph_cache_s)
+            if len(cached) >= 500_000:
+                cached.clear()
+        counts = [cached[f][0] if f in cached else 0 for f in followees]
+        return self._remember(user_id, followees, counts, now)
+
+    def _remember(self, user_id: int, followees: list[int], counts: Sequence[int],
+                  now: float) -> _Graph:
+        graph = _Graph(followees, celebrities(followees, counts, self.config.push_threshold),
+                       now + self.config.graph_cache_s)
+        if len(self._graphs) >= 200_000:
+            self._graphs.clear()
+        self._graphs[user_id] = graph
+        return graph
+
+    # -- chronological ---------------------------------------------------------------
+
+    async def _chrono_redis(self, user_id: int, limit: int, after: Position | None,
+                            first_replies: list | None = None) -> FeedResult:
+        """A chronological page from Redis. ``first_replies``: the replies of
+        ``_page_commands`` for ``after=None`` already read by the caller (the
+        ranked path reads them in its own round trip)."""
+        graph = await self._graph_redis(user_id)
+        source = "redis"
+        count = limit + SLACK
+        for growth in (1,) + _GROWTH:
+            n = count * growth
+            if growth == 1 and first_replies is not None:
+                replies = first_replies
+            else:
+                replies = await self._pipeline(self._page_commands(user_id, graph, n, after))
+            page, last_read, size = await self._page_from(user_id, replies, n, limit, after)
+            if after is None and growth == 1 and needs_rebuild(
+                    last_read, size, _now_ms(), self.config.inactive_ms) and self._may_rebuild(user_id):
+                if await self._rebuild(user_id, graph):
+                    source = "rebuilt"
+                    replies = await self._pipeline(self._page_commands(user_id, graph, n, after))
+                    page, _, _ = await self._page_from(user_id, replies, n, limit, after)
+            if page.entries or not page.short:
+                break
+        items = await self._hydrate_redis(user_id, page.entries)
+        cursor = None if page.next_position is None else ChronoCursor(user_id, page.next_position)
+        return FeedResult(items, cursor, "chronological", source)
+
+    def _page_commands(self, user_id: int, graph: _Graph, n: int,
+                       after: Position | None) -> list[tuple]:
+        """Home feed (``n`` entries at or below the cursor), its size, the last read,
+        and each followed celebrity's timeline likewise: one round trip."""
+        top = None if after is None else after.created_at
+        commands = [self.cmd.feed(user_id, top, n), self.cmd.feed_size(user_id),
+                    self.cmd.last_read(user_id)]
+        commands += [self.cmd.timeline(c, top, n) for c in graph.celebrities]
+        return commands
+
+    async def _page_from(self, user_id: int, replies: list, n: int, limit: int,
+                         after: Position | None) -> tuple[Page, int | None, int]:
+        """The page, the last read and the feed size from ``_page_commands``' replies."""
+        home = self.cmd.entries(replies[0])
+        size = int(replies[1])
+        batches = [SourceBatch(home, len(home) >= n)]
+        if len(home) < n and size >= self.config.feed_cap:
+            # The Redis feed was trimmed at its cap: older entries live in Cassandra only.
+            before = None if after is None else (after.post_id, after.created_at)
+            durable = await self._cassandra_extra(
+                lambda: self.cassandra.feed_page(user_id, n, before, _now_ms()), None)
+            if durable is not None:
+                batches = [SourceBatch(home, False), SourceBatch(durable, len(durable) >= n)]
+        for reply in replies[3:]:
+            entries = self.cmd.entries(reply)
+            batches.append(SourceBatch(entries, len(entries) >= n))
+        return merge_page(batches, after, limit), self.cmd.optional_int(replies[2]), size
+
+    async def _chrono_cassandra(self, user_id: int, limit: int, after: Position | None) -> FeedResult:
+        graph = await self._graph_cassandra(user_id)
+        now = _now_ms()
+        n = limit + SLACK
+        before = None if after is None else (after.post_id, after.created_at)
+        home, *timelines = await asyncio.gather(
+            self.cassandra.feed_page(user_id, n, before, now),
+            *(self.cassandra.timeline(c, n, now) for c in graph.celebrities))
+        # Timelines are read newest first without a lower bound, so they say
+        # nothing about what lies below them: not "full" (see README limits).
+        batches = [SourceBatch(home, len(home) >= n)] + [SourceBatch(t, False) for t in timelines]
+        page = merge_page(batches, after, limit)
+        items = await self._hydrate_cassandra(page.entries)
+        self._record_read_durable(user_id, now)
+        cursor = None if page.next_position is None else ChronoCursor(user_id, page.next_position)
+        return FeedResult(items, cursor, "chronological", "cassandra")
+
+    # -- ranked ------------------------------------------------------------------------
+
+    async def _ranked_redis(self, user_id: int, limit: int, cursor: RankedCursor | None) -> FeedResult:
+        first = cursor is None
+        graph = await self._graph_redis(user_id) if first else None
+        start = 0 if first else cursor.offset
+        gen = None if first else cursor.generated_at_ms
+        keys, args = page_keys(self.keys, user_id), page_args(gen, start, limit)
+        commands = [self._ranked_script.command(keys, args)]
+        if first:
+            # The first chronological page's reads ride along: they give the posts
+            # newer than the ranking, or the whole page when there is no ranking.
+            commands += self._page_commands(user_id, graph, limit + SLACK, None)
+        replies = await self._pipeline(commands, {0: self._ranked_script})
+        ranked = parse_page(replies[0], start)
+        if ranked is None:
+            return await self._chrono_redis(user_id, limit, None, replies[1:] if first else None)
+        fresh: list[tuple[int, int]] = []
+        if first:
+            sources = [replies[1]] + replies[4:]  # home feed and celebrity timelines
+            batches = [SourceBatch(self.cmd.entries(r), False) for r in sources]
+            fresh = fresh_entries(batches, ranked.generated_at_ms,
+                                  (e.post_id for e in ranked.entries), limit)
+        entries, cursor_out = self._ranked_slice(user_id, ranked, fresh, limit)
+        metas = await self._hydrate_redis(user_id, [(pid, 0) for pid, _ in entries])
+        return FeedResult(self._with_scores(metas, entries), cursor_out, "ranked", "redis",
+                          ranked.model_version)
+
+    async def _ranked_cassandra(self, user_id: int, limit: int,
+                                cursor: RankedCursor | None) -> FeedResult:
+        feed = await self.cassandra.ranked(user_id)
+        if feed is None:
+            return await self._chrono_cassandra(user_id, limit, None)
+        start = 0 if cursor is None else cursor.offset
+        ranked = RankedPage(feed.entries[start:start + limit], start, len(feed.entries),
+                            feed.model_version, feed.generated_at_ms,
+                            cursor is None or cursor.generated_at_ms == feed.generated_at_ms)
+        entries, cursor_out = self._ranked_slice(user_id, ranked, [], limit)
+        metas = await self._hydrate_cassandra([(pid, 0) for pid, _ in entries])
+        self._record_read_durable(user_id, _now_ms())
+        return FeedResult(self._with_scores(metas, entries), cursor_out, "ranked", "cassandra",
+                          feed.model_version)
+
+    @staticmethod
+    def _ranked_slice(user_id: int, ranked: RankedPage, fresh: list[tuple[int, int]],
+                      limit: int) -> tuple[list[tuple[int, float | None]], RankedCursor | None]:
+        """``(post_id, score)`` of the page: fresh posts first (no score), then
+        ranked entries; the cursor continues at the next rank of this version."""
+        entries: list[tuple[int, float | None]] = [(pid, None) for pid, _ in fresh[:limit]]
+        taken: list[RankedEntry] = list(ranked.entries[:limit - len(entries)])
+        entries += [(e.post_id, e.score) for e in taken]
+        nxt = ranked.start + len(taken)
+        cursor = RankedCursor(user_id, ranked.generated_at_ms, nxt) if nxt < ranked.total else None
+        return entries, cursor
+
+    @staticmethod
+    def _with_scores(metas: list[dict], entries: list[tuple[int, float | None]]) -> list[dict]:
+        scores = dict(entries)
+        return [{**m, "score": scores.get(m["post_id"])} for m in metas]  # metas may be cached
+
+    # -- hydration and last read --------------------------------------------------------
+
+    async def _hydrate_redis(self, user_id: int, entries: Sequence[tuple[int, int]]) -> list[dict]:
+        """Post metadata of the page (one pipeline, with the last-read write when due);
+        deleted or unknown posts are left out.
+
+        Posts read in the last ``post_cache_s`` come from a per-process cache:
+        a post's metadata never changes, only a delete does, and fan-out removes
+        a deleted post from feeds and timelines at once, so the cache can only
+        show a post deleted within that window (and only from a ranked list).
+        """
+        now_s = time.time()
+        cache, packed = self._post_cache, self._packed_posts
+        metas: list = [None] * len(entries)
+        wanted: list[int] = []  # indexes read from Redis
+        commands: list = []
+        for i, (pid, _) in enumerate(entries):
+            hit = cache.get(pid)
+            if hit is not None and hit[0] > now_s:
+                metas[i] = hit[1]
+                continue
+            command = packed.get(pid)
+            if command is None:  # post keys never change: pack each HMGET once
+                if len(packed) >= 500_000:
+                    packed.clear()
+                command = packed[pid] = pack_command(self.cmd.post(pid))
+            wanted.append(i)
+            commands.append(command)
+        scripts = {}
+        if now_s - self._last_read_redis.get(user_id, 0.0) >= self.config.last_read_redis_every_s:
+            scripts[len(commands)] = self._last_read_script
+            commands.append(self._last_read_script.command(
+                [self.keys.last_read(user_id)], [int(now_s * 1000)]))
+        if commands:
+            replies = await self._pipeline(commands, scripts)
+            if scripts:
+                self._remember_read(self._last_read_redis, user_id, now_s)
+                self._record_read_durable(user_id, int(now_s * 1000))
+            missing = []  # no hash at all (not a tombstone): a lost cache, try the durable copy
+            post_meta = self.cmd.post_meta
+            until = now_s + self.config.post_cache_s
+            if len(cache) >= 200_000:
+                cache.clear()
+            for i, reply in zip(wanted, replies):
+                pid = entries[i][0]
+                meta = metas[i] = post_meta(pid, reply)
+                if meta is None and reply[-1] is None and reply[1] is None:
+                    missing.append(i)
+                else:
+                    cache[pid] = (until, meta)
+            if missing:
+                durable = await self._cassandra_extra(
+                    lambda: self.cassandra.posts([entries[i][0] for i in missing]), [])
+                for i, meta in zip(missing, durable):
+                    metas[i] = meta
+        return [m for m in metas if m is not None]
+
+    async def _hydrate_cassandra(self, entries: Sequence[tuple[int, int]]) -> list[dict]:
+        """Post metadata from Cassandra (Redis is failing). Posts hydrated within
+        ``STALE_POSTS_S`` are reused: degraded mode trades a minute of staleness
+        on deletes for a Cassandra read less per post."""
+        now_s = time.time()
+        cache = self._post_cache
+        metas: list = [None] * len(entries)
+        wanted = []
+        for i, (pid, _) in enumerate(entries):
+            hit = cache.get(pid)
+            if hit is not None and hit[0] > now_s - STALE_POSTS_S:
+                metas[i] = hit[1]
+            else:
+                wanted.append(i)
+        if wanted:
+            durable = await self.cassandra.posts([entries[i][0] for i in wanted])
+            until = now_s + self.config.post_cache_s
+            for i, meta in zip(wanted, durable):
+                metas[i] = meta
+                if meta is not None:
+                    cache[meta["post_id"]] = (until, meta)
+        return [m for m in metas if m is not None]
+
+    @staticmethod
+    def _remember_read(table: dict[int, float], user_id: int, now_s: float) -> None:
+        if len(table) >= 500_000:
+            table.clear()
+        table[user_id] = now_s
+
+    def _record_read_durable(self, user_id: int, now_ms: int) -> None:
+        """The durable last-read write, off the request path, throttled per user."""
+        now_s = now_ms / 1000
+        if now_s - self._last_read_cassandra.get(user_id, 0.0) < self.config.last_read_cassandra_every_s:
+            return
+        self._remember_read(self._last_read_cassandra, user_id, now_s)
+        self._spawn(self._cassandra_extra(
+            lambda: self.cassandra.set_last_read(user_id, now_ms), None))
+
+    # -- rebuild ------------------------------------------------------------------------
+
+    def _may_rebuild(self, user_id: int) -> bool:
+        """At most one rebuild per user per ``graph_cache_s``: a user whose followees
+        have no posts keeps an empty feed, and must not pay a rebuild per read."""
+        now = time.monotonic()
+        if self._rebuilt.get(user_id, -1e18) > now - self.config.graph_cache_s:
+            return False
+        if len(self._rebuilt) >= 200_000:
+            self._rebuilt.clear()
+        self._rebuilt[user_id] = now
+        return True
+
+    async def _rebuild(self, user_id: int, graph: _Graph) -> bool:
+        """Refill a cold or inactive user's Redis feed; whether anything was written."""
+        try:
+            entries = await asyncio.wait_for(self._rebuild_entries(user_id, graph),
+                                             self.config.rebuild_budget_s)
+        except asyncio.TimeoutError:
+            log.warning("feed rebuild of user %d exceeded %.0f ms; serving without it",
+                        user_id, self.config.rebuild_budget_s * 1000)
+            self._count("rebuild_timeouts")
+            return False
+        now_ms = _now_ms()
+        commands = self.cmd.merge_feed(user_id, entries, self.config.feed_cap) if entries else []
+        commands.append(self._last_read_script.command([self.keys.last_read(user_id)], [now_ms]))
+        await self._pipeline(commands, {len(commands) - 1: self._last_read_script})
+        self._remember_read(self._last_read_redis, user_id, now_ms / 1000)
+        self._record_read_durable(user_id, now_ms)
+        self._count("rebuilds")
+        return bool(entries)
+
+    async def _rebuild_entries(self, user_id: int, graph: _Graph) -> list[tuple[int, int]]:
+        cfg = self.config
+        followees = graph.followees[-cfg.rebuild_followees:]  # the most recent follows
+        per = cfg.rebuild_per_followee
+        now = _now_ms()
+        durable_task = asyncio.ensure_future(self._cassandra_extra(
+            lambda: self.cassandra.feed_page(user_id, cfg.feed_cap, None, now), []))
+        replies = await self._pipeline([self.cmd.timeline(f, None, per) for f in followees])
+        sources = [self.cmd.entries(r) for r in replies]
+        if followees and not any(sources):  # timelines not in Redis (lost cache): Cassandra's
+            sources = await self._cassandra_extra(
+                lambda: asyncio.gather(*(self.cassandra.timeline(f, per, now) for f in followees)),
+                [])
+        sources.append(await durable_task)
+        return rebuild_entries(sources, cfg.feed_cap)

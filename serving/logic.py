@@ -1,0 +1,250 @@
+"""The serving layer's decisions as plain functions: merging, paging, cursors, breakers.
+
+Nothing here does IO; ``serving.feeds`` feeds it what the stores returned.
+
+Chronological pages
+-------------------
+A feed is the union of sources, each newest first: the pushed home feed and
+the timelines of followed celebrities (pull). Entries are ordered by
+``(created_at ms, post_id)`` descending, and a page continues strictly after
+the cursor's ``Position``. New posts only ever appear *above* a cursor, so
+they never shift the pages a reader is scrolling through.
+
+Each source is read with ``score <= cursor ms`` (inclusive, because several
+posts can share a millisecond) and a count limit. When a source returns as
+many entries as asked (``full``), entries with its lowest score may be cut
+off in the middle of a tie, so the merge only trusts entries strictly above
+the highest such boundary (``merge_page``); the page may then be shorter
+than asked, but the cursor never skips an entry.
+
+Ranked pages
+------------
+A ranked page is a slice of one ranked-feed version by rank; the cursor keeps
+the version (``generated_at``) and the next rank, so a refresh of the ranking
+while the user scrolls does not reshuffle the pages (the store keeps the
+previous version for a while). The first page also shows posts that arrived
+after the ranking was generated (``fresh``), newest first.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import time
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import orjson
+
+
+class Position(NamedTuple):
+    """Where a chronological page ends: the last entry's time and post id."""
+
+    created_at: int
+    post_id: int
+
+
+class SourceBatch(NamedTuple):
+    """Entries ``(post_id, created_at_ms)`` one source returned, newest first, and
+    whether the source may hold more below them (it returned all it was asked for)."""
+
+    entries: Sequence[tuple[int, int]]
+    full: bool
+
+
+class Page(NamedTuple):
+    """Entries of a page and the position to continue after (None: the end).
+
+    ``short`` is True when the page holds fewer entries than asked because a
+    full source's boundary cut it (a long tie): reading more per source gives
+    more; with no entries at all, the caller must read more to make progress.
+    """
+
+    entries: list[tuple[int, int]]
+    next_position: Position | None
+    short: bool = False
+
+
+def merge_page(batches: Iterable[SourceBatch], after: Position | None, limit: int) -> Page:
+    """The next ``limit`` entries strictly after ``after`` from the union of the
+    sources, deduplicated by post id (a post pushed and pulled appears once).
+
+    Entries are trusted only above the highest boundary of a ``full`` source
+    (see the module doc); ``next_position`` is None when no source has more.
+    """
+    best: dict[int, int] = {}
+    floor: int | None = None
+    for batch in batches:
+        if batch.full and batch.entries:
+            low = batch.entries[-1][1]  # sources are newest first
+            floor = low if floor is None else max(floor, low)
+        for pid, ms in batch.entries:
+            if after is not None and (ms, pid) >= (after.created_at, after.post_id):
+                continue
+            if best.get(pid, -1) < ms:
+                best[pid] = ms
+    ordered = sorted(((ms, pid) for pid, ms in best.items()), reverse=True)
+    if floor is not None:
+        trusted = [e for e in ordered if e[0] > floor]
+    else:
+        trusted = ordered
+    page = trusted[:limit]
+    more = floor is not None or len(trusted) > limit
+    short = floor is not None and len(page) < limit
+    if not page:
+        return Page([], after if more else None, short)
+    last = page[-1]
+    return Page([(pid, ms) for ms, pid in page], Position(last[0], last[1]) if more else None,
+                short)
+
+
+def fresh_entries(batches: Iterable[SourceBatch], generated_at_ms: int,
+                  exclude: Iterable[int], limit: int) -> list[tuple[int, int]]:
+    """Up to ``limit`` entries created after the ranking was generated and not in
+    it, newest first, deduplicated (the head of a ranked feed's first page)."""
+    skip = set(exclude)
+    best: dict[int, int] = {}
+    for batch in batches:
+        for pid, ms in batch.entries:
+            if ms > generated_at_ms and pid not in skip and best.get(pid, -1) < ms:
+                best[pid] = ms
+    ordered = sorted(((ms, pid) for pid, ms in best.items()), reverse=True)[:limit]
+    return [(pid, ms) for ms, pid in ordered]
+
+
+def celebrities(followees: Sequence[int], follower_counts: Sequence[int],
+                push_threshold: int) -> list[int]:
+    """The followees whose posts are pulled at read time (``fanout_logic.is_push_author``
+    is False for them): at least ``push_threshold`` followers."""
+    return [u for u, n in zip(followees, follower_counts) if n >= push_threshold]
+
+
+def needs_rebuild(last_read_ms: int | None, feed_size: int, now_ms: int, inactive_ms: int) -> bool:
+    """Whether a read must rebuild the feed first: the Redis feed is empty (a
+    cold user, or a lost cache), or the user was inactive long enough that
+    fan-out stopped pushing to them (``fanout_logic.is_active``)."""
+    if feed_size == 0:
+        return True
+    return last_read_ms is not None and last_read_ms < now_ms - inactive_ms
+
+
+def rebuild_entries(sources: Iterable[Sequence[tuple[int, int]]], cap: int) -> list[tuple[int, int]]:
+    """The newest ``cap`` distinct ``(post_id, created_at_ms)`` of a rebuild's sources."""
+    best: dict[int, int] = {}
+    for entries in sources:
+        for pid, ms in entries:
+            if best.get(pid, -1) < ms:
+                best[pid] = ms
+    ordered = sorted(((ms, pid) for pid, ms in best.items()), reverse=True)[:cap]
+    return [(pid, ms) for ms, pid in ordered]
+
+
+# -- cursors -------------------------------------------------------------------------
+
+
+class CursorError(ValueError):
+    """A cursor that this server did not issue for this user and feed."""
+
+
+class ChronoCursor(NamedTuple):
+    user_id: int
+    position: Position
+
+
+class RankedCursor(NamedTuple):
+    user_id: int
+    generated_at_ms: int
+    offset: int
+
+
+class CursorCodec:
+    """Opaque cursors: the state as compact JSON, a keyed 8-byte BLAKE2b tag (so a
+    client cannot forge one, e.g. for another user), base64url without padding."""
+
+    _TAG = 8
+
+    def __init__(self, key: bytes):
+        if not key:
+            raise ValueError("the cursor key must not be empty")
+        self._key = hashlib.blake2b(key, digest_size=32, person=b"fb-cursor").digest()
+
+    def _tag(self, body: bytes) -> bytes:
+        return hashlib.blake2b(body, key=self._key, digest_size=self._TAG).digest()
+
+    def encode(self, cursor: ChronoCursor | RankedCursor) -> str:
+        if isinstance(cursor, ChronoCursor):
+            state = ["c", cursor.user_id, cursor.position.created_at, cursor.position.post_id]
+        else:
+            state = ["r", cursor.user_id, cursor.generated_at_ms, cursor.offset]
+        body = orjson.dumps(state)
+        return base64.urlsafe_b64encode(body + self._tag(body)).rstrip(b"=").decode()
+
+    def decode(self, text: str) -> ChronoCursor | RankedCursor:
+        """The cursor's state; ``CursorError`` for anything not issued by ``encode``."""
+        if not text or len(text) > 200:
+            raise CursorError("bad cursor: empty or too long")
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except ValueError:
+            raise CursorError("bad cursor: not base64url") from None
+        body, tag = raw[:-self._TAG], raw[-self._TAG:]
+        if len(raw) <= self._TAG or not hmac.compare_digest(tag, self._tag(body)):
+            raise CursorError("bad cursor: not issued by this server")
+        try:
+            kind, user_id, a, b = orjson.loads(body)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            raise CursorError("bad cursor: unreadable") from None
+        if kind == "c":
+            return ChronoCursor(int(user_id), Position(int(a), int(b)))
+        if kind == "r":
+            return RankedCursor(int(user_id), int(a), int(b))
+        raise CursorError("bad cursor: unknown kind")
+
+
+# -- circuit breaker ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CircuitBreaker:
+    """Stops calling a store that keeps failing, and probes it again later.
+
+    Closed: calls go through; ``failure_threshold`` failures in a row open it.
+    Open: ``allow()`` is False (callers go straight to the fallback) until
+    ``reset_after_s`` passed; then one call at a time is let through as a probe
+    (half-open) until one succeeds (closed again) or fails (open again).
+    """
+
+    failure_threshold: int = 3
+    reset_after_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    opened_at: float | None = None
+    probing_since: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.probing_since is not None else "open"
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        now = self.clock()
+        if now - self.opened_at < self.reset_after_s:
+            return False
+        # One probe at a time; a probe that never reported back frees the slot after a while.
+        if self.probing_since is not None and now - self.probing_since < self.reset_after_s:
+            return False
+        self.probing_since = now
+        return True
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = self.probing_since = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.opened_at is not None or self.failures >= self.failure_threshold:
+            self.opened_at = self.clock()
+            self.probing_since = None

@@ -1,0 +1,141 @@
+"""Helpers of the serving tests: the real app on a real port, HTTP calls, a private Redis.
+
+``running_app(config)`` starts ``serving.app.FeedApp`` under uvicorn in a
+thread on a free loopback port and stops it afterwards; ``private_redis()``
+starts a throwaway ``redis-server`` (Debian's binary) on a free port, so a
+test can kill it without touching the shared Redis.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Iterator
+
+import orjson
+
+from serving.app import FeedApp
+from serving.auth import issue_token
+from serving.config import ServingConfig
+
+JWT_KEY = "test-key-0123456789-0123456789-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout_s: float = 30.0, what: str = "condition"):
+    """Poll ``check()`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Client:
+    """Minimal HTTP client for the tests: ``(status, json)`` per call."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+
+    def call(self, method: str, path: str, user: int | None = None, token: str | None = None,
+             timeout_s: float = 10.0) -> tuple[int, Any]:
+        headers = {}
+        if user is not None:
+            token = issue_token(JWT_KEY, user)
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(self.base_url + path, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+        content = orjson.loads(body) if body[:1] in (b"{", b"[") else body.decode()
+        return status, content
+
+    def get(self, path: str, user: int | None = None, **kw) -> tuple[int, Any]:
+        return self.call("GET", path, user, **kw)
+
+    def pages(self, path: str, user: int, limit: int) -> list[dict]:
+        """Every page of a feed, following next_cursor."""
+        pages, cursor = [], None
+        while True:
+            sep = "&" if "?" in path else "?"
+            query = f"{sep}limit={limit}" + ("" if cursor is None else f"&cursor={cursor}")
+            status, body = self.get(path + query, user)
+            assert status == 200, body
+            pages.append(body)
+            cursor = body["next_cursor"]
+            if cursor is None:
+                return pages
+            assert len(pages) < 1000, "pagination does not end"
+
+
+@contextlib.contextmanager
+def running_app(config: ServingConfig) -> Iterator[tuple[Client, FeedApp]]:
+    import uvicorn
+
+    app = FeedApp(config)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop",
+                                           http="httptools", lifespan="on", log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 30, "the API to start")
+        yield Client(f"http://127.0.0.1:{port}"), app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def serving_config(stack, key_prefix: str, keyspace: str, **overrides) -> ServingConfig:
+    values = dict(jwt_key=JWT_KEY, redis_url=stack.redis_url, key_prefix=key_prefix,
+                  cassandra_host=stack.host, cassandra_port=stack.cassandra_port,
+                  keyspace=keyspace)
+    values.update(overrides)
+    return ServingConfig(**values)
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A throwaway redis-server on a free port (no persistence); killed afterwards."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (Debian package redis-server)"
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="fb-redis-") as workdir:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            import redis
+
+            client = redis.Redis(port=port, socket_timeout=1)
+
+            def ping():
+                try:
+                    return client.ping()
+                except redis.ConnectionError:
+                    return False
+
+            wait_until(ping, 15, "the private redis-server")
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0", proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=15)

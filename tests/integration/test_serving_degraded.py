@@ -1,0 +1,113 @@
+"""The serving API when a store is slow or down: Redis paused or killed -> answers from
+Cassandra within the budget; Cassandra unreachable -> answers from Redis; both -> 503
+with a clear body. The shared servers are never touched: Redis here is a private
+``redis-server`` on a free port, "Cassandra down" is a closed port.
+
+Run: ``python -m pytest tests/integration/test_serving_degraded.py``
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from pipelines.fanout import StoreConfig
+from schemas.cassandra import migrate
+from tests.integration.serving_harness import free_port, private_redis, running_app, serving_config
+from tests.integration.test_serving_api import graph_and_posts, ids
+
+pytestmark = pytest.mark.integration
+
+EXPECTED = [22, 21, 11]  # user 1's feed in graph_and_posts
+
+
+@pytest.fixture
+def own_redis(stack, cassandra_session, keyspace):
+    """A private Redis holding the fan-out's output (Cassandra's in ``keyspace``)."""
+    migrate(cassandra_session, keyspace)
+    with private_redis() as (url, proc):
+        config = StoreConfig(url, "fb", stack.host, stack.cassandra_port, keyspace)
+        graph_and_posts(config)
+        yield url, proc
+
+
+def test_redis_killed_answers_from_cassandra(stack, own_redis, keyspace):
+    url, proc = own_redis
+    config = serving_config(stack, "fb", keyspace, redis_url=url, push_threshold=3)
+    with running_app(config) as (api, app):
+        status, body = api.get("/v1/users/1/feed/chronological", user=1)
+        assert status == 200 and body["source"] == "redis" and ids(body) == EXPECTED
+        proc.kill()
+        proc.wait(timeout=15)
+        for _ in range(5):  # the breaker opens after the first failures; every answer is served
+            started = time.monotonic()
+            status, body = api.get("/v1/users/1/feed/chronological", user=1)
+            assert time.monotonic() - started < config.request_budget_s
+            assert status == 200 and body["source"] == "cassandra", body
+            assert ids(body) == EXPECTED
+            assert body["items"][0]["author_id"] == 200
+        assert app.feeds.redis_breaker.state in ("open", "half-open")
+        status, body = api.get("/v1/users/1/feed", user=1)
+        assert status == 200 and ids(body) == EXPECTED
+        status, tray = api.get("/v1/users/1/stories/tray", user=1)
+        assert status == 200 and tray["source"] == "cassandra"
+        status, ready = api.get("/readyz")
+        assert status == 200 and ready["status"] == "degraded" and ready["redis"]["ok"] is False
+
+
+def test_redis_paused_answers_from_cassandra_within_the_budget(stack, own_redis, keyspace):
+    url, proc = own_redis
+    config = serving_config(stack, "fb", keyspace, redis_url=url, push_threshold=3,
+                            redis_timeout_s=0.05)
+    with running_app(config) as (api, _):
+        assert api.get("/v1/users/1/feed/chronological", user=1)[1]["source"] == "redis"
+        os.kill(proc.pid, signal.SIGSTOP)  # alive but silent: the "slow Redis" case
+        try:
+            for _ in range(5):
+                started = time.monotonic()
+                status, body = api.get("/v1/users/1/feed/chronological", user=1)
+                assert time.monotonic() - started < config.request_budget_s
+                assert status == 200 and body["source"] == "cassandra" and ids(body) == EXPECTED
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+
+
+def test_cassandra_down_answers_from_redis(stack, stores_in_shared_redis):
+    config = serving_config(stack, stores_in_shared_redis.redis_key_prefix,
+                            stores_in_shared_redis.cassandra_keyspace,
+                            cassandra_port=free_port(), push_threshold=3)
+    with running_app(config) as (api, app):
+        assert not app.cassandra.connected
+        status, body = api.get("/v1/users/1/feed/chronological", user=1)
+        assert status == 200 and body["source"] == "redis" and ids(body) == EXPECTED
+        status, tray = api.get("/v1/users/1/stories/tray", user=1)
+        assert status == 200 and tray["source"] == "redis"
+        status, ready = api.get("/readyz")
+        assert status == 200 and ready["status"] == "degraded"
+        assert ready["cassandra"]["ok"] is False and ready["cassandra"]["error"]
+
+
+def test_both_down_is_a_clear_503(stack, own_redis, keyspace):
+    url, proc = own_redis
+    proc.kill()
+    proc.wait(timeout=15)
+    config = serving_config(stack, "fb", keyspace, redis_url=url, cassandra_port=free_port())
+    with running_app(config) as (api, _):
+        for path in ("/v1/users/1/feed", "/v1/users/1/feed/chronological",
+                     "/v1/users/1/stories/tray"):
+            status, body = api.get(path, user=1)
+            assert status == 503, (path, body)
+            message = body["error"]["message"]
+            assert "Redis" in message and "Cassandra" in message
+        status, ready = api.get("/readyz")
+        assert status == 503 and ready["status"] == "unavailable"
+
+
+@pytest.fixture
+def stores_in_shared_redis(stack, cassandra_session, keyspace, key_prefix) -> StoreConfig:
+    migrate(cassandra_session, keyspace)
+    config = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
+    graph_and_posts(config)
+    return config

@@ -1,0 +1,240 @@
+"""The story stores against the real Redis and Cassandra: publish, views, delete,
+expiry removal, tray order, read-time expiry filtering, mark_seen, the expiry
+index sweep, and idempotent redelivery. Both backends run the same read tests.
+
+Run: ``.venv/bin/python -m pytest tests/integration/test_story_store.py``
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipelines.io.redis_store import RedisFeedStore
+from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
+from pipelines.stories import StoryWriter
+from pipelines.stories_logic import StoryPolicy
+from schemas.cassandra import migrate
+from schemas.events import MediaType, StoryEvent, StoryEventKind
+from schemas.keys import KeyLayout
+
+pytestmark = pytest.mark.integration
+
+MIN = 60_000
+POLICY = StoryPolicy(grace_ms=10 * MIN)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def published(story: int, author: int, created: int, life_ms: int = 30 * MIN) -> StoryEvent:
+    return StoryEvent(f"pub-{story}", created, StoryEventKind.PUBLISHED, story, author,
+                      created_at=created, expires_at=created + life_ms,
+                      media_type=MediaType.PHOTO)
+
+
+def viewed(story: int, author: int, viewer: int, at: int) -> StoryEvent:
+    return StoryEvent(f"view-{story}-{viewer}-{at}", at, StoryEventKind.VIEWED, story, author,
+                      viewer_id=viewer)
+
+
+def deleted(story: int, author: int, at: int) -> StoryEvent:
+    return StoryEvent(f"del-{story}", at, StoryEventKind.DELETED, story, author)
+
+
+class Both:
+    """Writes through ``StoryWriter`` (as the pipeline does: Redis decides what is
+    accepted, Cassandra follows) at a given wall-clock time, so each store's
+    reads can be checked."""
+
+    def __init__(self, redis_store: RedisStoryStore, cassandra_store: CassandraStoryStore):
+        self.redis, self.cassandra = redis_store, cassandra_store
+        self.now = 0
+        self.writer = StoryWriter(redis_store, cassandra_store, clock=lambda: self.now)
+
+    def apply(self, events, now) -> list[str]:
+        self.now = now
+        return [o.action for o in self.writer.apply(events)]
+
+    publish = view = apply
+
+    def delete(self, story, author, now):
+        self.now = now
+        (outcome,) = self.writer.apply([deleted(story, author, now)])
+        return outcome
+
+    def expire(self, story, author, expires, now):
+        self.now = now
+        return self.writer.expire(story, author, expires)
+
+
+@pytest.fixture
+def stores(redis_client, key_prefix, cassandra_session, keyspace) -> Both:
+    migrate(cassandra_session, keyspace)
+    return Both(RedisStoryStore(redis_client, KeyLayout(key_prefix), POLICY),
+                CassandraStoryStore(cassandra_session, keyspace, POLICY))
+
+
+@pytest.fixture(params=["redis", "cassandra"])
+def reader(request, stores):
+    """Each backend's read side in turn."""
+    return getattr(stores, request.param)
+
+
+def redis_dump(stores: Both) -> dict:
+    return RedisFeedStore(stores.redis.client, stores.redis.keys).dump()
+
+
+def test_tray_orders_unseen_first_then_most_recent(stores, reader):
+    t = now_ms()
+    stores.publish([published(11, 1, t - 5 * MIN), published(12, 1, t - 4 * MIN),
+                    published(21, 2, t - 3 * MIN), published(31, 3, t - 2 * MIN),
+                    published(41, 4, t - 1 * MIN)], t)
+    # Viewer 9 saw everything of author 3 and one of author 1's two stories.
+    assert stores.view([viewed(31, 3, 9, t), viewed(11, 1, 9, t)], t) == ["viewed", "viewed"]
+    tray = reader.tray(9, [1, 2, 3, 5], t, limit=10)   # 4 not followed, 5 has nothing
+    assert [e.author_id for e in tray] == [2, 1, 3]
+    assert [(e.unseen, e.latest_created_at) for e in tray] == [
+        (1, t - 3 * MIN), (1, t - 4 * MIN), (0, t - 2 * MIN)]
+    assert [(s.story_id, s.seen) for s in tray[1].stories] == [(11, True), (12, False)]
+    assert [e.author_id for e in reader.tray(9, [1, 2, 3], t, limit=2)] == [2, 1]
+    assert reader.tray(9, [1, 2, 3], t, limit=0) == []
+
+
+def test_expired_stories_are_filtered_at_read_without_removal(stores, reader):
+    t = now_ms()
+    stores.publish([published(11, 1, t - 5 * MIN, life_ms=10 * MIN),
+                    published(12, 1, t - 1 * MIN, life_ms=10 * MIN)], t)
+    later = t + 6 * MIN   # 11 expired (at t + 5 min), 12 not; no removal has run
+    assert [s.story_id for s in reader.active_stories(1, later)] == [12]
+    assert [s.story_id for s in reader.tray(9, [1], later, 10)[0].stories] == [12]
+    assert reader.tray(9, [1], t + 9 * MIN, 10) == []   # both expired
+    # Exactly at expires_at the story is gone.
+    assert reader.tray(9, [1], t + 5 * MIN, 10)[0].stories[0].story_id == 12
+
+
+def test_publish_and_views_are_idempotent(stores, reader):
+    t = now_ms()
+    pub = published(11, 1, t - MIN)
+    views = [viewed(11, 1, 7, t), viewed(11, 1, 8, t), viewed(11, 1, 7, t + 1)]
+    assert stores.publish([pub], t) == ["published"]
+    assert stores.view(views, t) == ["viewed"] * 3
+    before = (redis_dump(stores), stores.cassandra.dump())
+    stores.publish([pub], t + 5)
+    stores.view(views, t + 5)
+    assert (redis_dump(stores), stores.cassandra.dump()) == before
+    assert reader.viewers(11) == [7, 8]
+    assert reader.story(11).views == 2
+    assert reader.seen(7, t) == {11} and reader.seen(8, t) == {11}
+
+
+def test_views_never_create_state(stores):
+    t = now_ms()
+    stores.publish([published(11, 1, t - 20 * MIN, life_ms=30 * MIN)], t)
+    before = (redis_dump(stores), stores.cassandra.dump())
+    statuses = stores.view([
+        viewed(99, 1, 7, t),                  # unknown story
+        viewed(11, 1, 7, t + 10 * MIN),       # at expires_at (event time): too late
+    ], t)
+    assert statuses == ["view_unknown", "view_late"]
+    # Applied after the story expired (a backlog drained late): refused too.
+    assert stores.view([viewed(11, 1, 8, t)], t + 11 * MIN) == ["view_expired"]
+    assert (redis_dump(stores), stores.cassandra.dump()) == before
+
+
+def test_publish_refusals(stores):
+    t = now_ms()
+    assert stores.publish([published(11, 1, t - 40 * MIN, life_ms=30 * MIN),
+                           published(12, 1, t, life_ms=8 * 24 * 60 * MIN)], t) == [
+        "expired", "beyond_horizon"]
+    assert redis_dump(stores) == {}
+    assert all(rows == [] for rows in stores.cassandra.dump().values())
+
+
+def test_delete_removes_everything_and_blocks_a_replayed_publish(stores, reader):
+    t = now_ms()
+    pub = published(11, 1, t - MIN)
+    stores.publish([pub, published(12, 1, t)], t)
+    stores.view([viewed(11, 1, 7, t), viewed(11, 1, 8, t), viewed(12, 1, 7, t)], t)
+    outcome = stores.delete(11, 1, t)
+    assert (outcome.action, outcome.author_id, outcome.expires_at) == ("deleted", 1, pub.expires_at)
+    assert [s.story_id for s in reader.active_stories(1, t)] == [12]
+    assert reader.story(11) is None and reader.viewers(11) == []
+    assert reader.seen(7, t) == {12} and reader.seen(8, t) == set()
+    # Redelivered publish and view: refused, nothing comes back.
+    assert stores.publish([pub], t + 1) == ["tombstoned"]
+    assert stores.view([viewed(11, 1, 9, t + 1)], t + 1) == ["view_deleted"]
+    assert reader.story(11) is None and reader.viewers(11) == []
+    # The tombstone expires with the story (+ grace).
+    ttl_ms = stores.redis.client.pttl(stores.redis.keys.story(11))
+    assert 0 < ttl_ms <= pub.expires_at + POLICY.grace_ms - t
+    # Deleting again (a redelivery, even with Cassandra's rows gone) is a no-op.
+    snapshot = (redis_dump(stores), stores.cassandra.dump())
+    assert stores.delete(11, 1, t + 2).expires_at == pub.expires_at
+    assert (redis_dump(stores), stores.cassandra.dump()) == snapshot
+
+
+def test_expiry_removal_leaves_only_a_tombstone(stores):
+    t = now_ms()
+    pub = published(11, 1, t - MIN)
+    stores.publish([pub], t)
+    stores.view([viewed(11, 1, 7, t)], t)
+    expired = stores.expire(11, 1, pub.expires_at, t + 5)
+    assert (expired.story_id, expired.author_id, expired.removed_at) == (11, 1, t + 5)
+    story_key = stores.redis.keys.story(11)
+    assert redis_dump(stores) == {story_key: {
+        "author_id": "1", "expires_at": str(pub.expires_at), "removed": "expired"}}
+    assert 0 < stores.redis.client.pttl(story_key) <= pub.expires_at + POLICY.grace_ms - t
+    assert all(rows == [] for rows in stores.cassandra.dump().values())
+    # Replays after the removal (the watermark ran ahead of the wall clock)
+    # bring nothing back: Redis refuses, Cassandra's writes are shadowed.
+    assert stores.publish([pub], t + 6) == ["tombstoned"]
+    assert stores.view([viewed(11, 1, 8, t)], t + 6) == ["view_expired"]
+    stores.cassandra.publish([pub], t)
+    stores.cassandra.record_views([(viewed(11, 1, 7, t), 1, pub.expires_at)], t)
+    assert all(rows == [] for rows in stores.cassandra.dump().values())
+    # An expiry after a delete keeps the delete's tombstone.
+    stores.publish([published(12, 1, t)], t)
+    stores.delete(12, 1, t + 1)
+    stores.expire(12, 1, t + 30 * MIN, t + 2)
+    assert redis_dump(stores)[stores.redis.keys.story(12)]["removed"] == "deleted"
+
+
+def test_keys_and_rows_expire_with_the_story(stores):
+    t = now_ms()
+    pub = published(11, 1, t - MIN)
+    stores.publish([pub], t)
+    stores.view([viewed(11, 1, 7, t)], t)
+    limit_ms = pub.expires_at + POLICY.grace_ms - t
+    keys = stores.redis.keys
+    for key in (keys.story(11), keys.story_viewers(11), keys.author_stories(1),
+                keys.seen_stories(7)):
+        assert 0 < stores.redis.client.pttl(key) <= limit_ms, key
+    ks = stores.cassandra.keyspace
+    session = stores.cassandra._db.session
+    ttl = session.execute(f"SELECT TTL(created_at) AS t FROM {ks}.stories_by_author "
+                          "WHERE author_id = 1 AND story_id = 11").one().t
+    assert 0 < ttl <= limit_ms / 1000 + 1
+
+
+def test_mark_seen(stores, reader):
+    t = now_ms()
+    stores.publish([published(11, 1, t - MIN, life_ms=10 * MIN)], t)
+    assert reader.mark_seen(7, 11, t) is True
+    assert reader.seen(7, t) == {11}
+    assert reader.tray(7, [1], t, 10)[0].unseen == 0
+    assert reader.mark_seen(7, 99, t) is False                 # unknown
+    assert reader.mark_seen(8, 11, t + 9 * MIN) is False       # expired at read time
+    assert reader.seen(8, t) == set()
+
+
+def test_sweep_lists_indexed_stories_by_expiry(stores):
+    t = now_ms()
+    stores.publish([published(12, 2, t, life_ms=50 * MIN), published(11, 1, t, life_ms=20 * MIN),
+                    published(13, 1, t, life_ms=3 * 24 * 60 * MIN)], t)
+    swept = stores.cassandra.sweep(t)
+    assert [(s.story_id, s.author_id, s.expires_at) for s in swept] == [
+        (11, 1, t + 20 * MIN), (12, 2, t + 50 * MIN), (13, 1, t + 3 * 24 * 60 * MIN)]
+    stores.delete(12, 2, t)
+    assert [s.story_id for s in stores.cassandra.sweep(t)] == [11, 13]

@@ -1,0 +1,46 @@
+"""``feedbeam token`` and ``feedbeam serve`` argument handling (no server started)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import cli
+from jobs.serve import CONFIG_ENV, build_config, config_from_environment
+from serving.auth import TokenAuth
+
+KEY = "cli-test-key-0123456789-0123456789"
+
+
+def test_token_prints_a_jwt_the_api_accepts(capsys):
+    assert cli.main(["token", "7", "--jwt-key", KEY, "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert TokenAuth(KEY).user_id(f"Bearer {token}") == 7
+
+
+def test_token_and_serve_refuse_bad_keys(capsys, tmp_path):
+    assert cli.main(["token", "7"]) == 2
+    assert "--jwt-key" in capsys.readouterr().err
+    assert cli.main(["token", "7", "--jwt-key", "short"]) == 2
+    assert "32 bytes" in capsys.readouterr().err
+    assert cli.main(["token", "7", "--jwt-key-file", str(tmp_path / "missing")]) == 2
+    assert cli.main(["serve", "--workers", "0", "--jwt-key", KEY]) == 2
+
+
+def test_serve_config_round_trips_to_workers(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    args = cli.build_parser().parse_args(
+        ["serve", "--jwt-key-file", str(key_file), "--keyspace", "ks1", "--key-prefix", "p1",
+         "--push-threshold", "50", "--redis-timeout-ms", "20"])
+    from infra.settings import StackSettings
+
+    config = build_config(args, StackSettings())
+    assert (config.jwt_key, config.keyspace, config.key_prefix, config.push_threshold,
+            config.redis_timeout_s) == (KEY, "ks1", "p1", 50, 0.02)
+    import dataclasses
+
+    env = {CONFIG_ENV: json.dumps(dataclasses.asdict(config))}
+    assert config_from_environment(env) == config
+    with pytest.raises(RuntimeError):
+        config_from_environment({})

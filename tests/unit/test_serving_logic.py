@@ -1,0 +1,147 @@
+"""serving.logic and serving.auth without servers: merging, paging across ties,
+cursors, the circuit breaker, rebuild decisions and tokens."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.auth import AuthError, TokenAuth, issue_token
+from serving.logic import (
+    ChronoCursor,
+    CircuitBreaker,
+    CursorCodec,
+    CursorError,
+    Position,
+    RankedCursor,
+    SourceBatch,
+    celebrities,
+    fresh_entries,
+    merge_page,
+    needs_rebuild,
+    rebuild_entries,
+)
+
+KEY = "unit-test-key-0123456789-0123456789"
+
+
+def fetch(source: list[tuple[int, int]], after: Position | None, n: int) -> SourceBatch:
+    """What a store returns: entries with score <= after's ms, newest first, at most n;
+    ties in an order unrelated to post id (as Redis orders members as strings)."""
+    ordered = sorted(source, key=lambda e: (-e[1], str(e[0])), reverse=False)
+    got = [e for e in ordered if after is None or e[1] <= after.created_at][:n]
+    return SourceBatch(got, len(got) >= n)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.integers(1, 60), st.integers(0, 8), max_size=40),
+       st.lists(st.lists(st.integers(1, 60), max_size=25), min_size=1, max_size=3),
+       st.integers(1, 6), st.integers(0, 4))
+def test_paging_visits_every_entry_once_in_order(created, picks, limit, slack):
+    # A post has one creation time; sources (home feed, timelines) overlap freely.
+    sources = [[(pid, created[pid]) for pid in dict.fromkeys(p) if pid in created] for p in picks]
+    best: dict[int, int] = {}
+    for s in sources:
+        for pid, ms in s:
+            best[pid] = max(best.get(pid, -1), ms)
+    expected = [pid for ms, pid in sorted(((ms, pid) for pid, ms in best.items()), reverse=True)]
+    seen, after = [], None
+    for _ in range(500):
+        n = limit + slack
+        page = merge_page([fetch(s, after, n) for s in sources], after, limit)
+        growth = 1
+        while not page.entries and page.short:  # as FeedService grows its reads
+            growth *= 4
+            page = merge_page([fetch(s, after, n * growth) for s in sources], after, limit)
+        assert len(page.entries) <= limit
+        seen += [pid for pid, _ in page.entries]
+        if page.next_position is None:
+            break
+        after = page.next_position
+    assert seen == expected
+
+
+def test_merge_dedupes_and_stops_at_a_full_sources_boundary():
+    home = SourceBatch([(5, 50), (4, 40), (3, 30)], full=True)
+    celeb = SourceBatch([(9, 45), (5, 50), (1, 10)], full=False)
+    page = merge_page([home, celeb], None, 10)
+    assert page.entries == [(5, 50), (9, 45), (4, 40)]   # 3@30 and 1@10 not trusted yet
+    assert page.next_position == Position(40, 4)
+    done = merge_page([SourceBatch([(2, 20)], False)], Position(40, 4), 10)
+    assert done == ([(2, 20)], None, False)
+
+
+def test_fresh_entries_and_rebuild_entries():
+    batches = [SourceBatch([(7, 70), (6, 60), (5, 50)], True), SourceBatch([(8, 80), (7, 70)], False)]
+    assert fresh_entries(batches, 55, exclude=[8], limit=5) == [(7, 70), (6, 60)]
+    assert rebuild_entries([[(1, 10), (2, 20)], [(2, 20), (3, 5)]], cap=2) == [(2, 20), (1, 10)]
+
+
+def test_celebrities_and_rebuild_decision():
+    assert celebrities([1, 2, 3], [5, 10, 11], push_threshold=10) == [2, 3]
+    day = 86_400_000
+    assert needs_rebuild(None, 0, 100 * day, 30 * day)            # cold: nothing in Redis
+    assert not needs_rebuild(None, 4, 100 * day, 30 * day)        # never read, has a feed
+    assert needs_rebuild(60 * day, 4, 100 * day, 30 * day)        # inactive for 40 days
+    assert not needs_rebuild(80 * day, 4, 100 * day, 30 * day)
+
+
+def test_cursors_round_trip_and_refuse_tampering():
+    codec = CursorCodec(KEY.encode())
+    for cursor in (ChronoCursor(7, Position(1_700_000_000_123, 2 ** 62)), RankedCursor(7, 99, 40)):
+        assert codec.decode(codec.encode(cursor)) == cursor
+    token = codec.encode(ChronoCursor(7, Position(1, 2)))
+    forged = CursorCodec(b"another key").encode(ChronoCursor(8, Position(1, 2)))
+    flipped = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    for bad in (forged, flipped, "", "!!!", "x" * 300, token[:5]):
+        with pytest.raises(CursorError):
+            codec.decode(bad)
+
+
+def test_circuit_breaker_opens_probes_and_closes():
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=2, reset_after_s=1.0, clock=lambda: now[0])
+    breaker.failure()
+    assert breaker.allow() and breaker.state == "closed"
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 1.5
+    assert breaker.allow() and breaker.state == "half-open"
+    assert not breaker.allow()                    # one probe at a time
+    breaker.failure()                              # probe failed: open again
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 3.0
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def test_tokens():
+    now = [1_000_000.0]
+    auth = TokenAuth(KEY, clock=lambda: now[0])
+    good = issue_token(KEY, 42, ttl_s=60)
+    assert auth.user_id(f"Bearer {good}") == 42
+    assert auth.user_id(f"bearer {good}") == 42    # cached path
+    for header, reason in ((None, "missing"), ("Basic abc", "malformed"), ("Bearer ", "malformed"),
+                           (f"Bearer {issue_token('x' * 40, 42)}", "invalid"),
+                           (f"Bearer {issue_token(KEY, 42, now_s=1)}", "expired")):
+        with pytest.raises(AuthError, match=reason):
+            auth.user_id(header)
+    now[0] += 10 ** 10                              # the cached token expires too
+    with pytest.raises(AuthError, match="expired"):
+        auth.user_id(f"Bearer {good}")
+    with pytest.raises(ValueError):
+        TokenAuth("short")
+
+
+def test_post_meta_fast_path_agrees_with_parse_post():
+    from pipelines.io.redis_store import POST_FIELDS, FeedCommands, parse_post, post_fields
+    from schemas.events import MediaType, PostEvent, PostEventKind
+
+    post = PostEvent("e", 5, PostEventKind.CREATED, 9, 3, 1000, MediaType.REEL, 12, ("a", "b"))
+    stored = {k.encode(): v.encode() for k, v in post_fields(post).items()}
+    reply = [stored.get(f.encode()) for f in POST_FIELDS]
+    assert FeedCommands.post_meta(9, reply) == parse_post(9, stored)
+    tombstone = [b"3", b"1000", None, None, None, b"1"]
+    assert FeedCommands.post_meta(9, tombstone) is None
+    assert FeedCommands.post_meta(9, [None] * len(POST_FIELDS)) is None
