@@ -217,14 +217,14 @@ def simulate_debounce(debounce: Debounce, event_times: Sequence[int]) -> list[tu
 # --------------------------------------------------------------------------- candidates
 
 
-def merge_candidates(pushed: Sequence[tuple[int, int]], pulled: Sequence[tuple[int, int]],
+def merge_candidates(pushed: Sequence[int], pulled: Sequence[int],
                      request: RefreshRequest, meta: Mapping[int, Mapping | None],
                      tombstoned: frozenset | set, now_ms: int, policy: RankingPolicy
                      ) -> list[Candidate]:
     """The candidates of one user, newest first, at most ``policy.max_candidates``.
 
-    ``pushed``: ``(post_id, created_at)`` of the home feed; ``pulled``: the
-    same from followed celebrities' timelines; ``meta``: stored metadata
+    ``pushed``: post ids of the home feed; ``pulled``: post ids from followed
+    celebrities' timelines; ``meta``: stored metadata
     (``author_id``, ``created_at``, ``media_type``) per post id, None when
     unknown; ``tombstoned``: ids whose metadata is a deletion tombstone.
     Posts of ``request.new_posts`` the store does not know yet are taken from
@@ -233,23 +233,26 @@ def merge_candidates(pushed: Sequence[tuple[int, int]], pulled: Sequence[tuple[i
     pulled counts as pushed.
     """
     oldest = now_ms - policy.max_age_ms
-    gone = set(tombstoned) | set(request.deleted)
-    found: dict[int, Candidate] = {}
-    for entries, is_pulled in ((pushed, False), (pulled, True)):
-        for post_id, _ in entries:
-            if post_id in found or post_id in gone:
+    deleted = request.deleted
+    found: dict[int, tuple[int, Mapping | Candidate, bool]] = {}  # id -> (created, source, pulled)
+    for ids, is_pulled in ((pushed, False), (pulled, True)):
+        for post_id in ids:
+            if post_id in found or post_id in tombstoned or post_id in deleted:
                 continue
             m = meta.get(post_id)
-            if m is None:
-                continue
-            found[post_id] = Candidate(post_id, int(m["author_id"]), int(m["created_at"]),
-                                       m.get("media_type") or "", is_pulled)
+            if m is not None and m["created_at"] >= oldest:
+                found[post_id] = (m["created_at"], m, is_pulled)
     for c in request.new_posts:
-        if c.post_id not in found and c.post_id not in gone:
-            found[c.post_id] = c
-    live = [c for c in found.values() if c.created_at >= oldest]
-    live.sort(key=lambda c: (-c.created_at, -c.post_id))
-    return live[:policy.max_candidates]
+        if (c.post_id not in found and c.post_id not in tombstoned and c.post_id not in deleted
+                and c.created_at >= oldest):
+            found[c.post_id] = (c.created_at, c, False)
+    # Candidates are built for the newest max_candidates only (a feed holds more).
+    newest = heapq.nlargest(policy.max_candidates, found.items(),
+                            key=lambda item: (item[1][0], item[0]))
+    return [source if isinstance(source, Candidate) else
+            Candidate(post_id, int(source["author_id"]), created, source.get("media_type") or "",
+                      is_pulled)
+            for post_id, (created, source, is_pulled) in newest]
 
 
 def recency_scores(candidates: Sequence[Candidate]) -> np.ndarray:
@@ -290,11 +293,10 @@ def diversify(entries: Sequence[E], top_k: int = 20, max_per_author: int = 3,
     if top_k < 0 or max_per_author < 1:
         raise ValueError("top_k must be >= 0 and max_per_author >= 1")
     order = sorted(range(len(entries)), key=lambda i: -entries[i].score)
-    queues: dict[int, deque[int]] = {}
-    for i in order:
-        queues.setdefault(entries[i].author_id, deque()).append(i)
-    rank = {i: r for r, i in enumerate(order)}
-    heads = [(rank[q[0]], a) for a, q in queues.items()]  # (rank of head, author)
+    queues: dict[int, deque[int]] = {}  # author -> ranks (positions in ``order``) of its entries
+    for r, i in enumerate(order):
+        queues.setdefault(entries[i].author_id, deque()).append(r)
+    heads = [(q[0], a) for a, q in queues.items()]  # (rank of the author's best left, author)
     heapq.heapify(heads)
     in_top: dict[int, int] = {}
     out: list[E] = []
@@ -318,10 +320,10 @@ def diversify(entries: Sequence[E], top_k: int = 20, max_per_author: int = 3,
             heapq.heappush(heads, h)
         author = chosen[1]
         queue = queues[author]
-        out.append(entries[queue.popleft()])
+        out.append(entries[order[queue.popleft()]])
         if position < top_k:
             in_top[author] = in_top.get(author, 0) + 1
         if queue:
-            heapq.heappush(heads, (rank[queue[0]], author))
+            heapq.heappush(heads, (queue[0], author))
         prev = author
     return out

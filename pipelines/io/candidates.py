@@ -92,27 +92,28 @@ class CandidateReader:
         users = list(dict.fromkeys(r.user_id for r in requests))
         pipe = self._pipeline()
         for u in users:
-            pipe.zrevrange(keys.home_feed(u), 0, policy.pushed_limit - 1, withscores=True)
+            # Ids only: the creation time comes with the metadata read below.
+            pipe.zrevrange(keys.home_feed(u), 0, policy.pushed_limit - 1)
             pipe.zrange(keys.following(u), 0, -1)
         replies = pipe.execute()
-        pushed = {u: [(int(m), int(s)) for m, s in replies[2 * i]] for i, u in enumerate(users)}
+        pushed = {u: [int(m) for m in replies[2 * i]] for i, u in enumerate(users)}
         following = {u: [int(m) for m in replies[2 * i + 1]] for i, u in enumerate(users)}
 
         counts = self.follower_counts([f for fs in following.values() for f in fs])
         celebrities = sorted({f for f, c in counts.items() if c >= policy.push_threshold})
-        timelines: dict[int, list[tuple[int, int]]] = {}
+        timelines: dict[int, list[int]] = {}
         if celebrities and policy.celebrity_posts:
             pipe = self._pipeline()
             oldest = now_ms - policy.max_age_ms
             for c in celebrities:
                 pipe.zrevrangebyscore(keys.author_timeline(c), "+inf", oldest, start=0,
-                                      num=policy.celebrity_posts, withscores=True)
-            timelines = {c: [(int(m), int(s)) for m, s in entries]
+                                      num=policy.celebrity_posts)
+            timelines = {c: [int(m) for m in entries]
                          for c, entries in zip(celebrities, pipe.execute())}
         pulled = {u: [e for f in following[u] for e in timelines.get(f, ())] for u in users}
 
         post_ids = list(dict.fromkeys(
-            [p for u in users for p, _ in pushed[u]] + [p for u in users for p, _ in pulled[u]]
+            [p for u in users for p in pushed[u]] + [p for u in users for p in pulled[u]]
             + [c.post_id for r in requests for c in r.new_posts]))
         meta, tombstoned = self.post_meta(post_ids)
         by_user = {r.user_id: r for r in requests}  # a user appears once per batch

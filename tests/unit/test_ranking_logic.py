@@ -110,8 +110,8 @@ def meta(author, created, media="PHOTO"):
 def test_merge_candidates():
     policy = RankingPolicy(max_candidates=4, max_age_days=1)
     now = T0
-    pushed = [(1, now - 10), (2, now - 20), (3, now - 2 * DAY_MS), (4, now - 30), (5, now - 40)]
-    pulled = [(6, now - 15), (1, now - 10)]
+    pushed = [1, 2, 3, 4, 5]
+    pulled = [6, 1]
     req = RefreshRequest(7, now - 50, new_posts=(Candidate(8, 44, now - 5, "REEL"),
                                                   Candidate(6, 33, now - 15, "VIDEO")),
                          deleted=frozenset({4}))
@@ -122,7 +122,7 @@ def test_merge_candidates():
     # trigger (not stored yet); 1 pushed and pulled counts as pushed.
     assert out == [Candidate(8, 44, now - 5, "REEL"), Candidate(1, 11, now - 10, "PHOTO"),
                    Candidate(6, 33, now - 15, "VIDEO", pulled=True)]
-    assert len(merge_candidates([(i, now - i) for i in range(10)], [], req,
+    assert len(merge_candidates(list(range(10)), [], req,
                                 {i: meta(1, now - i) for i in range(10)}, set(), now,
                                 policy)) == 4
 
