@@ -50,6 +50,7 @@ class _Stage:
         self.new_state = new_state
         self.index = index
         self.states: dict[int, object] = {}
+        self.timer_at: dict[int, int] = {}  # each key's pending timer
         self._timers = timers
 
     def state(self, key: int):
@@ -60,15 +61,15 @@ class _Stage:
 
     def schedule(self, key: int, state) -> None:
         wanted = self.logic.next_timer(state)
-        if wanted is not None and wanted != state.timer_at:
-            state.timer_at = wanted
+        if wanted is not None and wanted != self.timer_at.get(key):
+            self.timer_at[key] = wanted
             heapq.heappush(self._timers, (wanted, self.index, key))
 
     def fire(self, key: int, at: int) -> list[FeatureValue]:
         s = self.states.get(key)
-        if s is None or s.timer_at != at:
+        if s is None or self.timer_at.get(key) != at:
             return []  # a timer that was moved: stale
-        s.timer_at = None
+        del self.timer_at[key]
         out = self.logic.fire(s, key, at)
         if self.logic.empty(s):
             del self.states[key]
