@@ -647,7 +647,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions,
         _ = out.features | "UpdateTopFollowers" >> UpdateTopFollowers(store, opts.sink_batch)
     if "log" in sinks:
         _ = out.features | "WriteFeatureLog" >> WriteFeatureLog(
-            opts.feature_log_dir, opts.log_shards, opts.log_flush_s)
+            opts.feature_log_dir, opts.log_shards, opts.log_flush_s, bounded=ranges is not None)
     return out
 
 
