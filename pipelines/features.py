@@ -58,9 +58,10 @@ stops gets a last emission of zeros.
 
 * **Lateness.** Beam gives a DoFn no watermark, but a fired event-time timer
   proves the stage's input watermark passed its time: the first stage judges
-  an event against the latest timer fired for its entity or, if later, for any
-  entity of the same DoFn instance (every entity with an event needs a timer at the end
-  of the event's slide, so this trails the watermark by about a slide). An
+  an event against the latest timer fired for its entity or, if later, for
+  any entity of the same DoFn instance (every entity with an event needs a
+  timer at the end of the event's slide, so this trails the watermark by
+  about a slide). An
   event more than ``--allowed_lateness_s`` behind that is *too late*: counted
   (``events_too_late``) and dead-lettered with reason ``too_late``. The
   decoded event has no bytes any more: the dead letter holds the event
