@@ -99,17 +99,13 @@ def produce(bootstrap: str, prefix: str, events: list) -> None:
 
     codec = WireCodec()
     producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_CONFIG})
-    for e in events:
-        topic = prefix + e.TOPIC
-        value = codec.encode(e, topic)
-        while True:
-            try:
-                producer.produce(topic, value, e.key, timestamp=e.event_time)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    if producer.flush(120):
-        raise RuntimeError("events were not all delivered")
+    # Chunks well below the producer's queue limit, each flushed before the next.
+    for start in range(0, len(events), 20_000):
+        for e in events[start:start + 20_000]:
+            topic = prefix + e.TOPIC
+            producer.produce(topic, codec.encode(e, topic), e.key, timestamp=e.event_time)
+        if producer.flush(120):
+            raise RuntimeError("events were not all delivered")
 
 
 # ------------------------------------------------------------------ raw loop

@@ -24,19 +24,29 @@ push. ``--sinks`` picks a subset. Bounded re-runs: ``--replay_ranges`` as in
 
 Design
 ------
-Three keyed stateful stages (``AggregateEngagementFeatures``), each state in
-Beam's keyed state with one event-time timer per key; plain logic in
-``pipelines.features_logic``:
+Three keyed stateful stages (``AggregateEngagementFeatures``); plain logic in
+``pipelines.features_logic``, one state object per entity:
 
-1. **First stage, keyed by post** (profile views by author, post events by
+1. **First stage, per post** (profile views per author, post events per
    post): drops repeated ``event_id``s, decides lateness, pairs unlikes with
    likes, and keeps the post's windows. Accepted events go on to stages 2
    and 3 as compact ``Item`` tuples (an unlike as a ``CANCEL`` carrying its
    like's time); too-late ones go to the dead-letter topic.
-2. **Author stage, keyed by author**: 7-day windows of engagements, views and
+2. **Author stage, per author**: 7-day windows of engagements, views and
    created posts.
-3. **Viewer stage, keyed by viewer**: decayed sums per author and media type,
+3. **Viewer stage, per viewer**: decayed sums per author and media type,
    emitted once per slide per changed pair.
+
+Each stage is keyed by *shard* (``--shards``, an entity hash), not by entity:
+a shard's keyed state holds its entities' states and an agenda of when each
+needs the watermark, and one event-time timer per shard (at the earliest
+agenda time) serves them all. A runner pays per key and bundle (on Prism a
+bundle and state round trip per key: milliseconds, against microseconds of
+Python per event), so per-entity keys made the runner the bottleneck. Before
+each stage a bundle's elements are grouped per shard, so a shard's state is
+read and written once per bundle. A bounded re-run (``--replay_ranges``)
+arms timers a century apart: each shard fires once its input is read and
+works through every change point in order then.
 
 Why not Beam's ``SlidingWindows`` + ``CombinePerKey``: a 24 h window sliding
 by 5 min puts every event in 288 windows (7 days by 1 h: 168), and Beam drops
@@ -48,9 +58,10 @@ stops gets a last emission of zeros.
 
 * **Lateness.** Beam gives a DoFn no watermark, but a fired event-time timer
   proves the stage's input watermark passed its time: the first stage judges
-  an event against the latest timer fired on its key or, if later, on any key
-  of the same DoFn instance (every key with an event gets a timer at the end
-  of the event's slide, so this trails the watermark by about a slide). An
+  an event against the latest timer fired for its entity or, if later, for
+  any entity of the same DoFn instance (every entity with an event needs a
+  timer at the end of the event's slide, so this trails the watermark by
+  about a slide). An
   event more than ``--allowed_lateness_s`` behind that is *too late*: counted
   (``events_too_late``) and dead-lettered with reason ``too_late``. The
   decoded event has no bytes any more: the dead letter holds the event
@@ -60,6 +71,8 @@ stops gets a last emission of zeros.
   re-emits the change points it affects with the same ``valid_at`` and a
   higher ``version``, which the stores and the log prefer. A worker that just
   (re)started has seen no timer yet and accepts everything until one fires.
+  Caveat (Prism): a Kafka partition whose read has not started holds no
+  watermark, so while a backlog is read one topic can run ahead of the other.
 * **Dedup.** The first stage remembers the ids of its key's events for
   ``--dedup_horizon_s`` of event time past the key's watermark (keyed state,
   forgotten by the key's timer); all duplicates of an event share its post, so
@@ -70,11 +83,16 @@ stops gets a last emission of zeros.
   arrival order, for windows ending after the unlike, the author's
   engagement and the affinities. An unlike with no like within the post
   state's horizon (24 h + slide) changes nothing (``unlikes_unmatched``).
-* **Per-element work** is small: a decode to a 8-int tuple with a struct
-  coder (``ItemCoder``), a dict update in keyed state, and at most one timer
-  set per key per bundle; values are computed per key per change point.
+* **Per-element work** is small: a decode to an 8-int tuple with a struct
+  coder (``ItemCoder``), dict updates in the shard's state, and at most one
+  timer set per shard per bundle; values are computed per entity per change
+  point.
 * **Writes** are newer-wins by ``valid_at_ms * 1000 + version`` in Redis (Lua)
   and Cassandra (``USING TIMESTAMP``), so replays never roll a value back.
+  Versions count the events behind a value (``features_logic``), so the same
+  events give the same stamp and a replay rewrites nothing. A bounded run
+  drains every window at its end; values valid after the wall clock are not
+  emitted (``values_not_yet_valid``).
   The Parquet log is idempotent by content-addressed file names and dedup at
   read (``pipelines.io.feature_log``).
 * **Restarts.** The aggregation state is Beam state: Flink with checkpoints
@@ -657,7 +675,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions,
         _ = out.features | "UpdateTopFollowers" >> UpdateTopFollowers(store, opts.sink_batch)
     if "log" in sinks:
         _ = out.features | "WriteFeatureLog" >> WriteFeatureLog(
-            opts.feature_log_dir, opts.log_shards, opts.log_flush_s)
+            opts.feature_log_dir, opts.log_shards, opts.log_flush_s, bounded=ranges is not None)
     return out
 
 

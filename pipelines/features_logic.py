@@ -240,7 +240,20 @@ class WindowSpec:
 # -- windowed counts ---------------------------------------------------------------------
 
 
-class WindowState:
+class _Slots:
+    """Pickles a ``__slots__`` class as the tuple of its slots (compact keyed state)."""
+
+    __slots__ = ()
+
+    def __getstate__(self):
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, values):
+        for s, v in zip(self.__slots__, values):
+            setattr(self, s, v)
+
+
+class WindowState(_Slots):
     """Bucketed counters of one entity plus what is emitted and when (keyed state).
 
     ``cancels`` holds ``(like bucket start, cancel time, counter)``: the like
@@ -256,13 +269,6 @@ class WindowState:
         self.last: dict[str, float] = {}
         self.last_at: int | None = None
         self.known_wm: int | None = None
-
-    def __getstate__(self):
-        return tuple(getattr(self, s) for s in self.__slots__)
-
-    def __setstate__(self, values):
-        for s, v in zip(self.__slots__, values):
-            setattr(self, s, v)
 
     # -- reading
 
@@ -661,7 +667,7 @@ def _clean(score: float) -> float:
     return score if score > AFFINITY_EPSILON else 0.0
 
 
-class ViewerState:
+class ViewerState(_Slots):
     """Keyed state of one viewer: ``[score, valid_at, events]`` per author and per media
     type, and which of them changed since the last emission."""
 
@@ -673,13 +679,6 @@ class ViewerState:
         self.dirty_authors: set[int] = set()
         self.dirty_media: set[int] = set()
         self.flush_at: int | None = None
-
-    def __getstate__(self):
-        return tuple(getattr(self, s) for s in self.__slots__)
-
-    def __setstate__(self, values):
-        for s, v in zip(self.__slots__, values):
-            setattr(self, s, v)
 
 
 class ViewerStage:
@@ -758,7 +757,7 @@ def shard_of(key: int, shards: int) -> int:
     return (key * 2654435761) % 4294967296 % shards
 
 
-class Shard:
+class Shard(_Slots):
     """Keyed state of one shard of a stage: its entities' states and when each needs the
     watermark next (``agenda``: time -> keys), so one timer serves the whole shard.
 
@@ -775,13 +774,6 @@ class Shard:
         self.agenda: dict[int, set] = {}
         self.scheduled: dict = {}
         self.timer_at: int | None = None  # the shard's pending timer (set by the DoFn)
-
-    def __getstate__(self):
-        return tuple(getattr(self, s) for s in self.__slots__)
-
-    def __setstate__(self, values):
-        for s, v in zip(self.__slots__, values):
-            setattr(self, s, v)
 
     def schedule(self, key, at: int | None) -> None:
         """``key`` needs a timer at ``at`` (None: none)."""

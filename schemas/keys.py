@@ -146,19 +146,22 @@ class KeyLayout:
     # -- features (online copy, with TTLs) -------------------------------------
 
     def post_features(self, post_id: int) -> str:
-        """HASH: features of a post; field = feature name (e.g. ``like_1h``), value a number."""
+        """HASH: features of a post; field = feature name (e.g. ``like_1h``), value
+        ``<number>@<write stamp us>`` (read and written by ``OnlineFeatureStore``)."""
         return f"{self.prefix}:feat:post:{{p:{post_id}}}"
 
     def author_features(self, author_id: int) -> str:
-        """HASH: features of an author; field = feature name, value a number."""
+        """HASH: features of an author; field = feature name, value ``<number>@<stamp>``."""
         return f"{self.prefix}:feat:author:{{u:{author_id}}}"
 
     def author_affinity(self, viewer_id: int) -> str:
-        """HASH: viewer-author affinity; field = author_id, value = decayed score (one HMGET per candidate set)."""
+        """HASH: viewer-author affinity; field = author_id, value = ``<score>@<stamp>``, the
+        score decayed to its valid_at (one HMGET per candidate set)."""
         return f"{self.prefix}:feat:aff_author:{{u:{viewer_id}}}"
 
     def content_affinity(self, viewer_id: int) -> str:
-        """HASH: viewer content-type affinity; field = media type (``PHOTO``...), value = decayed score."""
+        """HASH: viewer content-type affinity; field = media type (``PHOTO``...), value =
+        ``<score>@<stamp>``."""
         return f"{self.prefix}:feat:aff_media:{{u:{viewer_id}}}"
 
     # -- stories ---------------------------------------------------------------

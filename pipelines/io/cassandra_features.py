@@ -89,8 +89,19 @@ class CassandraFeatureStore(CassandraFeedStore):
             self._cql[f"scan_{entity_type}"] = select
 
     def write(self, values: Sequence[FeatureValue]) -> int:
-        """Upsert ``values`` (newer write stamp wins per cell); returns how many were sent."""
-        work = [(self._stmt(f"put_{v.entity_type}"), row_params(v)) for v in values]
+        """Upsert ``values`` (newer write stamp wins per cell); returns how many were sent.
+
+        Only the winner of each (entity, name) among ``values`` is sent: the table
+        keeps the latest value only, and a batch of a bounded re-run holds many
+        window ends of one entity.
+        """
+        newest: dict[tuple[str, str, str], FeatureValue] = {}
+        for v in values:
+            key = (v.entity_type, v.entity_id, v.name)
+            held = newest.get(key)
+            if held is None or (v.write_stamp_us, v.value) > (held.write_stamp_us, held.value):
+                newest[key] = v
+        work = [(self._stmt(f"put_{v.entity_type}"), row_params(v)) for v in newest.values()]
         self._execute(work)
         return len(work)
 

@@ -268,25 +268,31 @@ class WriteFeatureLog(beam.PTransform):
 
     ``shards`` files per hour of ``valid_at`` per ``flush_s`` of processing
     time (the panes of a repeated processing-time trigger in the global
-    window, so no value is ever late).
+    window, so no value is ever late); ``bounded=True`` (a bounded re-run)
+    writes once per shard at the end instead.
     """
 
-    def __init__(self, log_dir: str, shards: int = 4, flush_s: float = 60.0):
+    def __init__(self, log_dir: str, shards: int = 4, flush_s: float = 60.0,
+                 bounded: bool = False):
         super().__init__()
         if shards < 1:
             raise ValueError("shards must be at least 1")
         self._log_dir = log_dir
         self._shards = shards
         self._flush_s = flush_s
+        self._bounded = bounded
 
     def expand(self, values):
         shards = self._shards
-        return (values
-                | "KeyByShard" >> beam.Map(lambda v: (log_shard(v, shards), v))
-                | "Panes" >> beam.WindowInto(
-                    window.GlobalWindows(),
-                    trigger=trigger.Repeatedly(trigger.AfterProcessingTime(max(1, round(self._flush_s)))),
-                    accumulation_mode=trigger.AccumulationMode.DISCARDING)
+        keyed = values | "KeyByShard" >> beam.Map(lambda v: (log_shard(v, shards), v))
+        if not self._bounded:
+            # A bounded run has one pane per shard at its end (the default trigger).
+            keyed = keyed | "Panes" >> beam.WindowInto(
+                window.GlobalWindows(),
+                trigger=trigger.Repeatedly(trigger.AfterProcessingTime(
+                    max(1, round(self._flush_s)))),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING)
+        return (keyed
                 | "GroupPerShard" >> beam.GroupByKey()
                 | "WriteParquet" >> beam.ParDo(_WriteLogFn(self._log_dir)))
 

@@ -96,17 +96,41 @@ def decode(raw: bytes | str) -> tuple[float, int]:
     return float(value), int(stamp) // 1000
 
 
+# Field names as str, decoded once (a few dozen names and ids recur in every read).
+_NAMES: dict[bytes, str] = {}
+
+
+def _name(field: bytes | str) -> str:
+    if not isinstance(field, bytes):
+        return field
+    name = _NAMES.get(field)
+    if name is None:
+        name = field.decode()
+        if len(_NAMES) < 100_000:
+            _NAMES[field] = name
+    return name
+
+
 def fresh_fields(raw: Mapping[bytes | str, bytes | str], now_ms: int, ttl_ms: int,
                  half_life_ms: int | None = None) -> dict[str, float]:
-    """The fields of a hash still readable at ``now_ms`` (decayed to it when a half-life is given)."""
+    """The fields of a hash still readable at ``now_ms`` (decayed to it when a half-life is given).
+
+    The hot path of every candidate read: bytes are split and parsed as they
+    come (``float``/``int`` take ASCII bytes), stamps compared in microseconds.
+    """
     out: dict[str, float] = {}
+    oldest_us = (now_ms - ttl_ms) * 1000
     for field, stored in raw.items():
-        value, valid_at = decode(stored)
-        if now_ms - valid_at > ttl_ms:
+        if not isinstance(stored, bytes):
+            stored = stored.encode()
+        value, _, stamp = stored.partition(b"@")
+        stamp_us = int(stamp)
+        if stamp_us < oldest_us:
             continue
+        number = float(value)
         if half_life_ms is not None:
-            value = decay(value, valid_at, now_ms, half_life_ms)
-        out[field.decode() if isinstance(field, bytes) else field] = value
+            number = decay(number, stamp_us // 1000, now_ms, half_life_ms)
+        out[_name(field)] = number
     return out
 
 
