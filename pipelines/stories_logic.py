@@ -164,6 +164,25 @@ def is_publish(event: StoryEvent) -> bool:
     return event.kind is StoryEventKind.PUBLISHED
 
 
+# --------------------------------------------------------------------------- expiry timers
+
+
+def timer_shard(story_id: int, shards: int) -> int:
+    """Key of a story's expiry timer: stories are spread over ``shards`` keys."""
+    return story_id % shards
+
+
+def timer_tag(story_id: int, author_id: int, expires_at: int) -> str:
+    """Dynamic timer tag of a story's expiry: all the firing needs, so no state is kept."""
+    return f"{story_id}:{author_id}:{expires_at}"
+
+
+def parse_timer_tag(tag: str) -> tuple[int, int, int]:
+    """``(story_id, author_id, expires_at)`` of a ``timer_tag``."""
+    story_id, author_id, expires_at = (int(part) for part in tag.split(":"))
+    return story_id, author_id, expires_at
+
+
 # --------------------------------------------------------------------------- oracle
 
 

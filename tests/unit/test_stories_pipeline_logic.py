@@ -14,7 +14,7 @@ from pipelines.stories import (
     expiry_command,
     job_options,
 )
-from pipelines.stories_logic import StoryPolicy
+from pipelines.stories_logic import StoryPolicy, parse_timer_tag, timer_shard, timer_tag
 from schemas.events import StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
 
@@ -62,3 +62,9 @@ def test_job_options_keep_watching_a_streaming_job():
     assert options.view_as(PortableOptions).job_server_timeout == WATCH_S
     assert job_options(["--job_server_timeout=60"]).view_as(
         PortableOptions).job_server_timeout == 60
+
+
+def test_timer_tags_round_trip_and_shards_spread():
+    assert parse_timer_tag(timer_tag(123456789012, 42, 1_800_000_000_000)) == (
+        123456789012, 42, 1_800_000_000_000)
+    assert {timer_shard(s, 64) for s in range(1000, 1640)} == set(range(64))
