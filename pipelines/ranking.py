@@ -58,14 +58,15 @@ the previous one, newer generation time wins). Metrics in
 ``feedbeam.ranking``: ``triggers_<reason>``, ``refreshes``,
 ``refreshes_model``, ``refreshes_recency``, ``candidates`` and
 ``refresh_latency_ms`` (event time of the change to the write) distributions,
-``model_swaps``, ``model_errors`` (scoring failed: ranked by recency), batch
-retries.
+gauges ``model_swaps`` and ``model_errors`` (scoring failed: ranked by
+recency) per worker process, batch retries.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import sys
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -426,12 +427,45 @@ def debounce_fn(debounce: Debounce, clock: str = "event") -> beam.DoFn:
     return DebounceFn()
 
 
+class _RankerPool:
+    """Reference-counted ``FeedRanker``s of this process, one per (config, policy)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rankers: dict[tuple, list] = {}  # key -> [ranker, holders]
+
+    def hold(self, config: RankingConfig, policy: RankingPolicy) -> "FeedRanker":
+        with self._lock:
+            entry = self._rankers.get((config, policy))
+            if entry is None:
+                entry = self._rankers[(config, policy)] = [config.open(policy), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, config: RankingConfig, policy: RankingPolicy) -> None:
+        with self._lock:
+            entry = self._rankers[(config, policy)]
+            entry[1] -= 1
+            if entry[1]:
+                return
+            del self._rankers[(config, policy)]
+        entry[0].close()
+
+
+_RANKERS = _RankerPool()
+
+
 class _RefreshFn(beam.DoFn):
     """Buffers refresh requests and refreshes them in batches with ``FeedRanker``.
 
-    Clients are built in ``setup()`` from ``RankingConfig``. A batch that fails
-    with a transient store error is retried whole with exponential backoff
-    (refreshes are idempotent); after ``attempts`` the bundle fails.
+    One ``FeedRanker`` per worker process and configuration, shared by every
+    instance of this DoFn there (``_RankerPool``): a runner runs several
+    bundles at once, each on its own DoFn instance, and a ranker holds a
+    model, a Cassandra session and a Redis pool that take seconds to build and
+    are thread-safe. The first ``setup()`` builds it from ``RankingConfig``,
+    the last ``teardown()`` closes it. A batch that fails with a transient
+    store error is retried whole with exponential backoff (refreshes are
+    idempotent); after ``attempts`` the bundle fails.
     """
 
     def __init__(self, config: RankingConfig, policy: RankingPolicy, max_batch: int = 256,
@@ -443,17 +477,18 @@ class _RefreshFn(beam.DoFn):
         self._backoff_s = backoff_s
 
     def setup(self):
-        self._ranker = self._config.open(self._policy)
+        self._ranker = _RANKERS.hold(self._config, self._policy)
         self._transient = _transient_errors()
         self._counters = _Counters()
         self._latency = Metrics.distribution(NAMESPACE, "refresh_latency_ms")
         self._candidates = Metrics.distribution(NAMESPACE, "candidates")
-        self._swaps = self._errors = 0
+        self._swaps = Metrics.gauge(NAMESPACE, "model_swaps")
+        self._errors = Metrics.gauge(NAMESPACE, "model_errors")
 
     def teardown(self):
-        ranker = getattr(self, "_ranker", None)
-        if ranker is not None:
-            ranker.close()
+        if getattr(self, "_ranker", None) is not None:
+            self._ranker = None
+            _RANKERS.release(self._config, self._policy)
 
     def start_bundle(self):
         self._pending: list[tuple[RefreshRequest, object, object]] = []
@@ -477,10 +512,9 @@ class _RefreshFn(beam.DoFn):
             self._record(o)
             ts, w = stamps[o.user_id]
             yield WindowedValue(o, ts, [w])
-        swaps, errors = self._ranker.models.swaps, self._ranker.model_errors
-        self._counters.inc("model_swaps", swaps - self._swaps)
-        self._counters.inc("model_errors", errors - self._errors)
-        self._swaps, self._errors = swaps, errors
+        # Gauges: the shared ranker's totals since the process started.
+        self._swaps.set(self._ranker.models.swaps)
+        self._errors.set(self._ranker.model_errors)
 
     def _refresh_with_retries(self, requests: list[RefreshRequest]) -> list[RefreshOutcome]:
         for attempt in range(1, self._attempts + 1):
