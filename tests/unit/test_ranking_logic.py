@@ -142,7 +142,7 @@ def test_policy_validation():
 def test_ranker_pool_shares_one_ranker_until_the_last_release():
     import dataclasses
 
-    from pipelines.ranking import _RankerPool
+    from pipelines.ranking_pool import RankerPool
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -157,7 +157,7 @@ def test_ranker_pool_shares_one_ranker_until_the_last_release():
         def close(self):
             self.closed = True
 
-    pool, policy = _RankerPool(), RankingPolicy()
+    pool, policy = RankerPool(), RankingPolicy()
     a = pool.hold(Config("x"), policy)
     assert pool.hold(Config("x"), policy) is a and pool.hold(Config("y"), policy) is not a
     pool.release(Config("x"), policy)
