@@ -259,7 +259,7 @@ class Job(FanoutBenchJob):
             "--fallback_start=latest", f"--redis_url={settings.redis_url}",
             f"--redis_key_prefix={key_prefix}", f"--cassandra_host={settings.host}",
             f"--cassandra_port={settings.cassandra_port}", f"--cassandra_keyspace={keyspace}",
-            f"--model_dir={model_dir}", *extra]
+            f"--model_dir={model_dir}", "--latency_log_s=10", *extra]
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.ranking", *args],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
@@ -414,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-s", type=float)
     parser.add_argument("--batch-users", type=int, default=256)
     parser.add_argument("--score-rows", type=int, default=2_000_000)
-    parser.add_argument("--skip", default="", help="comma-separated: latency")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: latency; training (also skips scoring, needs "
+                             "--model-dir)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="with --skip training: the model directory the latency job uses")
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -424,25 +428,30 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"preset": "quick" if args.quick else "full", "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="bench-ranking-") as tmp:
         scratch = Path(tmp)
-        results["training"] = tr = training(scratch, args.impressions, settings)
-        print(f"(a) training: {tr['impressions']:,} impressions, feedbeam train "
-              f"{tr['train_wall_s']:.1f}s wall, peak RSS {tr['train_peak_rss_mb']:,.0f} MB",
-              flush=True)
-        import xgboost as xgb
+        model_dir = args.model_dir
+        if "training" in skip:
+            if model_dir is None:
+                parser.error("--skip training needs --model-dir (a promoted model)")
+        else:
+            results["training"] = tr = training(scratch, args.impressions, settings)
+            print(f"(a) training: {tr['impressions']:,} impressions, feedbeam train "
+                  f"{tr['train_wall_s']:.1f}s wall, peak RSS {tr['train_peak_rss_mb']:,.0f} MB",
+                  flush=True)
+            import xgboost as xgb
 
-        from pipelines.io.model_registry import ModelRegistry
+            from pipelines.io.model_registry import ModelRegistry
 
-        model = ModelRegistry(tr["model_dir"]).load(tr["version"]).booster
-        pool = feature_rows(scratch)
-        results["scoring"] = sc = scoring(model, pool, args.runs, args.batch_users,
-                                          args.score_rows)
-        sc["trees"] = tr["trees"]
-        sc["xgboost"] = xgb.__version__
-        print(f"(b) scoring: {sc['batched_per_s']:,.0f} candidates/s batched vs limit "
-              f"{sc['limit_one_call_per_s']:,.0f}/s", flush=True)
-        results["load_average"] = os.getloadavg()
+            model_dir = tr["model_dir"]
+            model = ModelRegistry(model_dir).load(tr["version"]).booster
+            results["scoring"] = sc = scoring(model, feature_rows(scratch), args.runs,
+                                              args.batch_users, args.score_rows)
+            sc["trees"] = tr["trees"]
+            sc["xgboost"] = xgb.__version__
+            print(f"(b) scoring: {sc['batched_per_s']:,.0f} candidates/s batched vs limit "
+                  f"{sc['limit_one_call_per_s']:,.0f}/s", flush=True)
         if "latency" not in skip:
-            results["latency"] = run_latency(args, settings, tr["model_dir"])
+            results["latency"] = run_latency(args, settings, str(model_dir))
+        results["load_average"] = os.getloadavg()
     print_summary(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str))
@@ -497,30 +506,32 @@ def run_latency(args, settings, model_dir: str) -> list[dict]:
 
 
 def print_summary(r: dict) -> None:
-    tr, sc = r["training"], r["scoring"]
-    m = tr["metrics"]
     print("\n== ranking benchmark ==")
     la = r.get("load_average")
     print(f"machine: {r['cpus']} cores" + (f", load average {la[0]:.1f} / {la[1]:.1f} / "
-                                            f"{la[2]:.1f} during the run (shared)" if la else ""))
-    print(f"training: {tr['impressions']:,} impressions ({tr['users']:,} users, "
-          f"{tr['events']:,} events): feedbeam train {tr['train_wall_s']:.1f}s wall, "
-          f"peak RSS {tr['train_peak_rss_mb']:,.0f} MB; {tr['trees']} trees; held out "
-          f"AUC {m['auc']:.3f} (recency {m['baseline_auc']:.3f}), NDCG@20 {m['ndcg@20']:.3f} "
-          f"(recency {m['baseline_ndcg@20']:.3f})")
-    print(f"  (feature log for it, features pipeline logic: {tr['feature_log_s']:.0f}s; "
-          f"workload generation {tr['generate_s']:.0f}s)")
-    print(f"scoring ({sc['trees']} trees, {sc['batch_users']} users x {CANDIDATES} per call, "
-          f"medians of interleaved runs):")
-    for threads in ("threads_1", "threads_all"):
-        print(f"  {threads.replace('_', ' ')}: batched {sc['batched_' + threads]:,.0f}/s | "
-              f"per-user calls {sc['per_user_' + threads]:,.0f}/s | one call over all "
-              f"{sc['rows']:,} rows {sc['one_call_' + threads]:,.0f}/s")
-    print(f"  batched {sc['batched_per_s']:,.0f}/s ({sc['best_threads'].replace('_', ' ')}) vs "
-          f"limit (one call) {sc['limit_one_call_per_s']:,.0f}/s: ratio "
-          f"{sc['ratio_batched_to_limit']:.2f}; with feature assembly from online-store dicts "
-          f"{sc['assembly_and_scoring_threads_1']:,.0f}/s; target {TARGET_SCORED_PER_S:,}/s "
-          f"{'met' if sc['batched_per_s'] >= TARGET_SCORED_PER_S else 'NOT met'}")
+                                            f"{la[2]:.1f} at the end (shared)" if la else ""))
+    if "training" in r:
+        tr, sc = r["training"], r["scoring"]
+        m = tr["metrics"]
+        print(f"training: {tr['impressions']:,} impressions ({tr['users']:,} users, "
+              f"{tr['events']:,} events): feedbeam train {tr['train_wall_s']:.1f}s wall, "
+              f"peak RSS {tr['train_peak_rss_mb']:,.0f} MB; {tr['trees']} trees; held out "
+              f"AUC {m['auc']:.3f} (recency {m['baseline_auc']:.3f}), NDCG@20 "
+              f"{m['ndcg@20']:.3f} (recency {m['baseline_ndcg@20']:.3f})")
+        print(f"  (feature log for it, features pipeline logic: {tr['feature_log_s']:.0f}s; "
+              f"workload generation {tr['generate_s']:.0f}s)")
+        print(f"scoring ({sc['trees']} trees, {sc['batch_users']} users x {CANDIDATES} per "
+              f"call, medians of interleaved runs):")
+        for threads in ("threads_1", "threads_all"):
+            print(f"  {threads.replace('_', ' ')}: batched {sc['batched_' + threads]:,.0f}/s | "
+                  f"per-user calls {sc['per_user_' + threads]:,.0f}/s | one call over all "
+                  f"{sc['rows']:,} rows {sc['one_call_' + threads]:,.0f}/s")
+        print(f"  batched {sc['batched_per_s']:,.0f}/s ({sc['best_threads'].replace('_', ' ')}) "
+              f"vs limit (one call) {sc['limit_one_call_per_s']:,.0f}/s: ratio "
+              f"{sc['ratio_batched_to_limit']:.2f}; with feature assembly from online-store "
+              f"dicts {sc['assembly_and_scoring_threads_1']:,.0f}/s; target "
+              f"{TARGET_SCORED_PER_S:,}/s "
+              f"{'met' if sc['batched_per_s'] >= TARGET_SCORED_PER_S else 'NOT met'}")
     for lt in r.get("latency", []):
         head = (f"change -> ranked feed ({lt['label']}, {lt['rate_posts_per_s']:g} posts/s = "
                 f"~{lt['refreshes_per_s']:.0f} refreshes/s, {lt['observed']} follower feeds)")

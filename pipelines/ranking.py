@@ -38,8 +38,10 @@ group ``feedbeam-ranking``) and, through ``RefreshRankedFeeds``:
    saves the watermark's lag (about a second with the default idle skew).
 3. **Refresh** (batched per bundle, up to ``--refresh_batch`` users): candidates
    of all users in a few Redis round trips (``CandidateReader``: pushed feed +
-   recent posts of followed celebrities, ~200 per user), features in one
-   ``OnlineFeatureStore.hydrate`` per user, ONE ``inplace_predict`` over the
+   recent posts of followed celebrities, ~200 per user), features with
+   ``OnlineFeatureStore.hydrate``: the posts' and authors' once for the
+   batch (users share most candidates), each user's affinities in one read
+   per user; ONE ``inplace_predict`` over the
    candidates of every user in the batch, diversity re-ranking per user
    (``--top_k``, ``--max_per_author``, ``--no_adjacent``), and
    ``RankedFeedStore.write`` (Redis swap + Cassandra row, newer wins) with
@@ -58,8 +60,8 @@ the previous one, newer generation time wins). Metrics in
 ``feedbeam.ranking``: ``triggers_<reason>``, ``refreshes``,
 ``refreshes_model``, ``refreshes_recency``, ``candidates`` and
 ``refresh_latency_ms`` (event time of the change to the write) distributions,
-``model_swaps``, ``model_errors`` (scoring failed: ranked by recency), batch
-retries.
+gauges ``model_swaps`` and ``model_errors`` (scoring failed: ranked by
+recency) per worker process, batch retries.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.fanout import FanoutOptions, StoreConfig, _transient_errors
+from pipelines.fanout_logic import FreshnessHistogram
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import ReadEvents
 from pipelines.ranking_features import FEATURE_NAMES, feature_matrix, online_columns
@@ -163,6 +166,9 @@ class RankingOptions(PipelineOptions):
                             help="affinity half-life of the features pipeline")
         parser.add_argument("--refresh_batch", type=int, default=256,
                             help="users refreshed (scored) together within a bundle")
+        parser.add_argument("--latency_log_s", type=float, default=60.0,
+                            help="period of the log line with refresh counts, batch times and "
+                                 "change-to-ranked-feed p50/p99")
         parser.add_argument("--score_threads", type=int, default=1,
                             help="XGBoost threads per scoring call (0 = all cores); 1 leaves "
                                  "the cores to the other bundles and the store I/O")
@@ -294,8 +300,7 @@ class FeedRanker:
         """
         model = self.models.current() if self.models is not None else None
         if model is not None:
-            blocks = list(self._io.map(lambda u: self.features_of(u, by_user[u], now_ms),
-                                       users))
+            blocks = self.features_of(users, by_user, now_ms)
             try:
                 flat = model.predict(np.concatenate(blocks) if blocks else
                                      np.zeros((0, len(FEATURE_NAMES)), np.float32))
@@ -309,19 +314,40 @@ class FeedRanker:
                                        for i, u in enumerate(users)}
         return RECENCY_VERSION, {u: recency_scores(by_user[u]) for u in users}
 
-    def features_of(self, user: int, cands: Sequence[Candidate], now_ms: int) -> np.ndarray:
-        """The feature rows of one user's candidates (one hydrate round trip)."""
-        if not cands:
-            return np.zeros((0, len(FEATURE_NAMES)), np.float32)
-        authors = [c.author_id for c in cands]
-        hydrated = self.features.hydrate(user, [c.post_id for c in cands], authors, now_ms)
-        post_cols, author_cols = online_columns(hydrated.posts, hydrated.authors)
-        media = np.array([c.media_type for c in cands], dtype=object)
-        n = len(cands)
-        per_media = {m: np.full(n, v) for m, v in hydrated.content_affinity.items()}
-        age = now_ms - np.fromiter((c.created_at for c in cands), np.int64, count=n)
-        return feature_matrix(post_cols, author_cols, np.asarray(hydrated.author_affinity),
-                              per_media, media, age)
+    def features_of(self, users: Sequence[int], by_user: dict[int, list[Candidate]],
+                    now_ms: int) -> list[np.ndarray]:
+        """The feature rows of each user's candidates.
+
+        Post and author features do not depend on the viewer and the users of
+        a batch share most candidates, so they are read once for the batch (one
+        round trip); each user's own affinities are then one round trip per
+        user (on the I/O threads).
+        """
+        posts = list(dict.fromkeys(c.post_id for u in users for c in by_user[u]))
+        authors = list(dict.fromkeys(c.author_id for u in users for c in by_user[u]))
+        shared = self.features.hydrate(None, posts, authors, now_ms)
+        post_features = dict(zip(posts, shared.posts))
+        author_features = dict(zip(authors, shared.authors))
+
+        def rows(user: int) -> np.ndarray:
+            cands = by_user[user]
+            if not cands:
+                return np.zeros((0, len(FEATURE_NAMES)), np.float32)
+            mine = list(dict.fromkeys(c.author_id for c in cands))
+            viewer = self.features.hydrate(user, (), mine, now_ms, author_features=False)
+            affinity = dict(zip(mine, viewer.author_affinity))
+            post_cols, author_cols = online_columns(
+                [post_features[c.post_id] for c in cands],
+                [author_features[c.author_id] for c in cands])
+            n = len(cands)
+            media = np.array([c.media_type for c in cands], dtype=object)
+            per_media = {m: np.full(n, v) for m, v in viewer.content_affinity.items()}
+            age = now_ms - np.fromiter((c.created_at for c in cands), np.int64, count=n)
+            return feature_matrix(post_cols, author_cols,
+                                  np.array([affinity[c.author_id] for c in cands]), per_media,
+                                  media, age)
+
+        return list(self._io.map(rows, users))
 
 
 # --------------------------------------------------------------------------- Beam
@@ -438,31 +464,47 @@ def debounce_fn(debounce: Debounce, clock: str = "event") -> beam.DoFn:
 class _RefreshFn(beam.DoFn):
     """Buffers refresh requests and refreshes them in batches with ``FeedRanker``.
 
-    Clients are built in ``setup()`` from ``RankingConfig``. A batch that fails
-    with a transient store error is retried whole with exponential backoff
-    (refreshes are idempotent); after ``attempts`` the bundle fails.
+    One ``FeedRanker`` per worker process and configuration, shared by every
+    instance of this DoFn there (``pipelines.ranking_pool``): a runner runs several
+    bundles at once, each on its own DoFn instance, and a ranker holds a
+    model, a Cassandra session and a Redis pool that take seconds to build and
+    are thread-safe. The first ``setup()`` builds it from ``RankingConfig``,
+    the last ``teardown()`` closes it. A batch that fails with a transient
+    store error is retried whole with exponential backoff (refreshes are
+    idempotent); after ``attempts`` the bundle fails.
     """
 
     def __init__(self, config: RankingConfig, policy: RankingPolicy, max_batch: int = 256,
-                 attempts: int = 4, backoff_s: float = 0.5):
+                 attempts: int = 4, backoff_s: float = 0.5, latency_log_s: float = 60.0):
         self._config = config
         self._policy = policy
         self._max_batch = max_batch
         self._attempts = attempts
         self._backoff_s = backoff_s
+        self._latency_log_s = latency_log_s
 
     def setup(self):
-        self._ranker = self._config.open(self._policy)
+        # Imported here, not at module level: run as `python -m pipelines.ranking`
+        # this class lives in __main__ and is pickled by value with the globals
+        # it uses; the pool (live clients) must not be one of them.
+        from pipelines.ranking_pool import RANKERS
+
+        self._ranker = RANKERS.hold(self._config, self._policy)
         self._transient = _transient_errors()
         self._counters = _Counters()
         self._latency = Metrics.distribution(NAMESPACE, "refresh_latency_ms")
+        self._histogram = FreshnessHistogram(self._latency_log_s, now_s=time.monotonic())
+        self._batch_ms = FreshnessHistogram(self._latency_log_s, now_s=time.monotonic())
         self._candidates = Metrics.distribution(NAMESPACE, "candidates")
-        self._swaps = self._errors = 0
+        self._swaps = Metrics.gauge(NAMESPACE, "model_swaps")
+        self._errors = Metrics.gauge(NAMESPACE, "model_errors")
 
     def teardown(self):
-        ranker = getattr(self, "_ranker", None)
-        if ranker is not None:
-            ranker.close()
+        from pipelines.ranking_pool import RANKERS
+
+        if getattr(self, "_ranker", None) is not None:
+            self._ranker = None
+            RANKERS.release(self._config, self._policy)
 
     def start_bundle(self):
         self._pending: list[tuple[RefreshRequest, object, object]] = []
@@ -480,16 +522,29 @@ class _RefreshFn(beam.DoFn):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        started = time.monotonic()
         outcomes = self._refresh_with_retries([r for r, _, _ in pending])
+        self._batch_ms.add((time.monotonic() - started) * 1000)
         stamps = {r.user_id: (ts, w) for r, ts, w in pending}
         for o in outcomes:
             self._record(o)
             ts, w = stamps[o.user_id]
             yield WindowedValue(o, ts, [w])
-        swaps, errors = self._ranker.models.swaps, self._ranker.model_errors
-        self._counters.inc("model_swaps", swaps - self._swaps)
-        self._counters.inc("model_errors", errors - self._errors)
-        self._swaps, self._errors = swaps, errors
+        # Gauges: the shared ranker's totals since the process started.
+        self._swaps.set(self._ranker.models.swaps)
+        self._errors.set(self._ranker.model_errors)
+        self._maybe_log()
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if not self._histogram.due(now):
+            return
+        latency, batches = self._histogram.flush(now), self._batch_ms.flush(now)
+        if latency and batches:
+            log.info("ranking over the last %.0fs: %d refreshes in %d batches (batch p50 %.0f ms, "
+                     "p99 %.0f ms); change to ranked feed p50 %.0f ms, p99 %.0f ms",
+                     self._latency_log_s, latency[0], batches[0], batches[1], batches[2],
+                     latency[1], latency[2])
 
     def _refresh_with_retries(self, requests: list[RefreshRequest]) -> list[RefreshOutcome]:
         for attempt in range(1, self._attempts + 1):
@@ -514,7 +569,9 @@ class _RefreshFn(beam.DoFn):
         self._counters.inc("refreshes_recency" if o.model_version == RECENCY_VERSION
                            else "refreshes_model")
         self._candidates.update(o.candidates)
-        self._latency.update(max(0, o.generated_at_ms - o.changed_at_ms))
+        latency = max(0, o.generated_at_ms - o.changed_at_ms)
+        self._latency.update(latency)
+        self._histogram.add(latency)
 
 
 class RefreshRankedFeeds(beam.PTransform):
@@ -527,6 +584,7 @@ class RefreshRankedFeeds(beam.PTransform):
       max_batch: users scored together within a bundle.
       clock: time domain of the debounce timers, ``"event"`` or ``"processing"``
         (``debounce_fn``).
+      latency_log_s: period of the refresh log line (counts, batch times, latency).
 
     Takes a ``PCollection`` of events (``PostEvent``, ``FollowEvent``,
     ``EngagementEvent``; others are counted and ignored), timestamped by event
@@ -534,13 +592,15 @@ class RefreshRankedFeeds(beam.PTransform):
     """
 
     def __init__(self, config: RankingConfig, policy: RankingPolicy = RankingPolicy(),
-                 debounce: Debounce = Debounce(), max_batch: int = 256, clock: str = "event"):
+                 debounce: Debounce = Debounce(), max_batch: int = 256, clock: str = "event",
+                 latency_log_s: float = 60.0):
         super().__init__()
         self._config = config
         self._policy = policy
         self._debounce = debounce
         self._max_batch = max_batch
         self._clock = clock
+        self._latency_log_s = latency_log_s
 
     def expand(self, events):
         return (events
@@ -548,8 +608,8 @@ class RefreshRankedFeeds(beam.PTransform):
                 .with_output_types(beam.typehints.Tuple[int, Trigger])
                 | "Debounce" >> beam.ParDo(debounce_fn(self._debounce, self._clock))
                 .with_output_types(RefreshRequest)
-                | "Refresh" >> beam.ParDo(_RefreshFn(self._config, self._policy,
-                                                     self._max_batch))
+                | "Refresh" >> beam.ParDo(_RefreshFn(self._config, self._policy, self._max_batch,
+                                                     latency_log_s=self._latency_log_s))
                 .with_output_types(RefreshOutcome))
 
 
@@ -568,7 +628,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
             | "ReadEvents" >> ReadEvents(config, topics, topic_prefix=prefix)
             | "RefreshRankedFeeds" >> RefreshRankedFeeds(
                 ranking.config(), ranking.policy(), debounce, ranking.refresh_batch,
-                ranking.debounce_clock))
+                ranking.debounce_clock, ranking.latency_log_s))
 
 
 def run(argv=None):

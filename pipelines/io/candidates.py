@@ -72,13 +72,11 @@ class CandidateReader:
             else:
                 missing.append(u)
         if missing:
-            pipe = self._pipeline()
-            for u in missing:
-                pipe.zcard(self.feeds.keys.followers(u))
+            counts = self.feeds.follower_counts(missing)
             if len(self._counts) + len(missing) > self.max_cached:
                 self._counts.clear()
             expires = now + self.count_ttl_s
-            for u, count in zip(missing, pipe.execute()):
+            for u, count in zip(missing, counts):
                 out[u] = int(count)
                 self._counts[u] = (int(count), expires)
         return out

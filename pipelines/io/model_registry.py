@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -258,6 +259,7 @@ class ModelWatcher:
         self.poll_s = poll_s
         self.nthread = nthread
         self._clock = clock
+        self._lock = threading.Lock()  # several bundles' threads may share one watcher
         self._checked_at: float | None = None
         self._model: LoadedModel | None = None
         self._refused: set[str] = set()
@@ -268,8 +270,10 @@ class ModelWatcher:
         """The model to score with, or None (no usable promoted model: rank by recency)."""
         now = self._clock()
         if self._checked_at is None or now - self._checked_at >= self.poll_s:
-            self._checked_at = now
-            self._check()
+            with self._lock:
+                if self._checked_at is None or now - self._checked_at >= self.poll_s:
+                    self._checked_at = now
+                    self._check()
         return self._model
 
     def _check(self) -> None:

@@ -137,3 +137,31 @@ def test_policy_validation():
         RankingPolicy(top_k=0)
     with pytest.raises(ValueError):
         Debounce(settle_ms=-1)
+
+
+def test_ranker_pool_shares_one_ranker_until_the_last_release():
+    import dataclasses
+
+    from pipelines.ranking_pool import RankerPool
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        name: str
+
+        def open(self, policy):
+            return Ranker()
+
+    class Ranker:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    pool, policy = RankerPool(), RankingPolicy()
+    a = pool.hold(Config("x"), policy)
+    assert pool.hold(Config("x"), policy) is a and pool.hold(Config("y"), policy) is not a
+    pool.release(Config("x"), policy)
+    assert not a.closed
+    pool.release(Config("x"), policy)
+    assert a.closed
+    assert pool.hold(Config("x"), policy) is not a  # a new one after the last release
