@@ -3,8 +3,11 @@
 Executes the prepared statements of ``CassandraFeedStore`` (and of
 ``RankedFeedStore`` for ranked feeds) with the driver's ``execute_async``,
 bridged onto the asyncio loop, so a slow Cassandra never blocks the event
-loop and every call has its own timeout. No retries here: serving has a
-latency budget, and a failed read falls back or answers 503 instead.
+loop and every call has its own timeout. A call that times out client-side is
+sent once more (``timeout_retries``; every statement here is idempotent): a
+single slow reply, e.g. the first read of a cold table or a GC pause, should
+not turn a fallback into a 503 while the request budget still has room. Any
+other failure is final: serving falls back or answers 503 instead.
 
 The connection is made in the background (``start``) and retried until it
 succeeds, so a server whose Cassandra is down starts anyway and serves from
@@ -20,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any, Sequence
+
+from cassandra import OperationTimedOut
 
 from pipelines.io.cassandra_store import CassandraFeedStore, plan_buckets, post_from_row, to_ms
 from pipelines.io.ranked_store import RankedFeedStore, feed_from_row
@@ -47,10 +52,12 @@ class AioCassandra:
     """See the module doc."""
 
     def __init__(self, host: str, port: int, keyspace: str, timeout_s: float = 0.5,
-                 connect_retry_s: float = 2.0, max_connect_retry_s: float = 30.0):
+                 connect_retry_s: float = 2.0, max_connect_retry_s: float = 30.0,
+                 timeout_retries: int = 1):
         self.host, self.port = host, port
         self.keyspace = cs.check_keyspace_name(keyspace)
         self.timeout_s = timeout_s
+        self.timeout_retries = timeout_retries
         self.connect_retry_s = connect_retry_s
         self.max_connect_retry_s = max_connect_retry_s
         self.store: CassandraFeedStore | None = None
@@ -121,15 +128,26 @@ class AioCassandra:
             future.set_exception(CassandraUnavailable(
                 f"not connected to Cassandra ({self.last_error or 'connecting'})"))
             return future
-        try:
-            response = self.store.session.execute_async(
-                stmt, params, timeout=self.timeout_s if timeout_s is None else timeout_s)
-        except Exception as exc:  # e.g. NoHostAvailable raised synchronously
-            _settle(future, None, exc)
-            return future
-        response.add_callbacks(
-            lambda rows: loop.call_soon_threadsafe(_settle, future, rows, None),
-            lambda exc: loop.call_soon_threadsafe(_settle, future, None, exc))
+        session = self.store.session
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+
+        def send(retries_left: int) -> None:
+            try:
+                response = session.execute_async(stmt, params, timeout=timeout)
+            except Exception as exc:  # e.g. NoHostAvailable raised synchronously
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+                return
+
+            def failed(exc: BaseException) -> None:
+                if retries_left > 0 and isinstance(exc, OperationTimedOut) and not future.done():
+                    send(retries_left - 1)
+                else:
+                    loop.call_soon_threadsafe(_settle, future, None, exc)
+
+            response.add_callbacks(
+                lambda rows: loop.call_soon_threadsafe(_settle, future, rows, None), failed)
+
+        send(self.timeout_retries)
         return future
 
     def _named(self, name: str, params: tuple) -> asyncio.Future:
