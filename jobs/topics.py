@@ -63,7 +63,31 @@ def create_topics(
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
             status[name] = "exists"
+    wait_until_visible(admin, names, timeout_s)
     return status
+
+
+def wait_until_visible(admin, names: list[str], timeout_s: float = _TIMEOUT_S) -> None:
+    """Wait until the broker's metadata lists every topic of ``names`` with a leader for
+    each partition. With KRaft a topic's creation returns once the controller has it;
+    the broker's metadata cache catches up a moment later, and a producer or consumer
+    that asks in between is told the topic does not exist."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(names)
+    while True:
+        topics = admin.list_topics(timeout=max(1.0, deadline - time.monotonic())).topics
+        pending = [n for n in pending if not _ready(topics.get(n))]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics created but not visible in the broker's metadata after "
+                               f"{timeout_s:.0f}s: {', '.join(pending)}")
+        time.sleep(0.1)
+
+
+def _ready(topic) -> bool:
+    return (topic is not None and topic.error is None and bool(topic.partitions)
+            and all(p.leader >= 0 and p.error is None for p in topic.partitions.values()))
 
 
 def _settling(error) -> bool:

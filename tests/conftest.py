@@ -113,6 +113,8 @@ def kafka_topic(stack):
     """
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    from jobs.topics import wait_until_visible
+
     admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
     created: list[str] = []
 
@@ -123,6 +125,7 @@ def kafka_topic(stack):
             operation_timeout=30)
         futures[topic].result(timeout=60)
         created.append(topic)
+        wait_until_visible(admin, [topic], timeout_s=60)
         return topic
 
     yield create
