@@ -1,20 +1,25 @@
 """``feedbeam demo``: the whole system, as far as it exists, on the local stack.
 
 Brings the local servers up, creates the topics, applies the Cassandra schema,
-produces a synthetic workload to Kafka, runs the fan-out pipeline on Prism
-until it has applied that workload, and prints what came out: events and dead
-letters per topic, home feeds in Redis and rows in Cassandra, freshness from
-the job's log, one user's home feed hydrated from post metadata and a
-celebrity's timeline. Every step is the same code path as the matching
-subcommand or ``python -m pipelines.fanout``, so the demo shows exactly what a
-data engineer would get running them one by one.
+trains the feed ranker once (a synthetic history; the model is kept and reused
+by later runs), produces a synthetic workload to Kafka, runs the four
+pipelines (fan-out, stories, features, ranking) on Prism until each has
+applied that workload, starts the serving API and prints what came out:
+events and dead letters per topic, home feeds in Redis and rows in Cassandra,
+freshness from the fan-out's log, one user's home feed hydrated from post
+metadata, a celebrity's timeline, and that user's ranked feed and story tray
+as the API returns them, with a token and a curl command to ask it yourself.
+It then keeps the pipelines and the API running until Ctrl-C (``--exit``
+stops right after the summary). Every step is the same code path as the
+matching subcommand or ``python -m pipelines.<name>``, so the demo shows
+exactly what a data engineer would get running them one by one.
 
 Re-running: topics and migrations that exist are kept. Each run generates the
 same graph (same ``--seed``) over a new two-hour window ending now, so its
 event ids and post ids are new: the second run adds posts, and its FOLLOW
 events re-apply the same edges (idempotent, newer event time wins). Before
-the job starts, the demo's consumer group (``feedbeam-demo-fanout``) is moved
-to where the topics ended before this run's workload, so the job applies
+the jobs start, the fan-out's consumer group (``feedbeam-demo-fanout``) is
+moved to where the topics ended before this run's workload, so the job applies
 exactly this run's events; what earlier runs left in Redis and Cassandra stays.
 Anything else in the topics (an interrupted demo's backlog, a big ``feedbeam
 generate``) is not the demo's to wait for; ``python -m pipelines.fanout``
@@ -80,8 +85,8 @@ class DemoWorkload:
 def register(subparsers) -> None:
     d = DemoWorkload()
     p = subparsers.add_parser(
-        "demo", help="set up the local stack, produce a workload, run the fan-out job, "
-        "show the feeds", description=__doc__.split("\n\n")[1])
+        "demo", help="set up the local stack, produce a workload, run every pipeline and "
+        "the API, show the feeds", description=__doc__.split("\n\n")[1])
     p.add_argument("--partitions", type=int, default=3,
                    help="partitions per topic when the topics are created (default 3)")
     p.add_argument("--samples", type=int, default=2,
@@ -109,6 +114,9 @@ def register(subparsers) -> None:
     p.add_argument("--redis-key-prefix", default="fb", help=hidden)
     p.add_argument("--keyspace", default=None, help=hidden)
     p.add_argument("--group", default=DEMO_GROUP, help=hidden)
+    p.add_argument("--train-users", type=int, default=1200, help=hidden)
+    p.add_argument("--train-days", type=float, default=3.0, help=hidden)
+    p.add_argument("--model-dir", type=Path, default=None, help=hidden)
     p.set_defaults(handler=run_demo)
 
 
@@ -129,17 +137,17 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     workload = workload_of(args)
     read_topics = [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC]
 
-    _step("1/6 local stack: Kafka, Cassandra, Redis (installs on first run)")
+    _step("1/7 local stack: Kafka, Cassandra, Redis (installs on first run)")
     for service in stack.up(settings):
         print("   " + service.line())
     prism = stack.prism_binary(settings)
 
-    _step("2/6 topics and their dead-letter twins")
+    _step("2/7 topics and their dead-letter twins")
     created = topics.create_topics(
         settings.kafka_bootstrap, topics.feed_topics(prefix), partitions=args.partitions)
     print("   " + ", ".join(f"{name} ({state})" for name, state in created.items()))
 
-    _step(f"3/6 Cassandra schema (keyspace {keyspace})")
+    _step(f"3/7 Cassandra schema (keyspace {keyspace})")
     cluster = new_cluster(settings.host, settings.cassandra_port)
     try:
         for result in migrate(cluster.connect(), keyspace):
@@ -147,10 +155,14 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     finally:
         cluster.shutdown()
 
+    model_dir = args.model_dir or settings.state_dir / "demo" / "models"
+    _step(f"4/7 feed ranker (XGBoost) in {model_dir}")
+    ensure_model(args, settings, model_dir)
+
     if args.skip_generate:
-        _step("4/6 synthetic workload: skipped (--skip-generate)")
+        _step("5/7 synthetic workload: skipped (--skip-generate)")
     else:
-        _step("4/6 synthetic workload -> Kafka")
+        _step("5/7 synthetic workload -> Kafka")
         from jobs.cli import build_parser
 
         # Where this run's events begin: the job starts there (module docstring).
@@ -165,7 +177,7 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
         generate.run_generate(gen_args, settings)
 
     names = available_pipelines()
-    _step(f"5/6 pipelines on Prism: {', '.join(names)}")
+    _step(f"6/7 pipelines on Prism: {', '.join(names)}")
     jobs: list[FanoutJob] = []
     api = None
     try:
@@ -175,7 +187,8 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
             jobs.append(FanoutJob.start(settings, prism, log_path, [
                 f"--consumer_group={group}", "--fallback_start=earliest",
                 f"--topic_prefix={prefix}", f"--redis_key_prefix={args.redis_key_prefix}",
-                f"--cassandra_keyspace={keyspace}", *pipeline_extras(name, workload, settings),
+                f"--cassandra_keyspace={keyspace}",
+                *pipeline_extras(name, workload, settings, model_dir),
             ], pipeline=name))
             print(f"   {name}: pid {jobs[-1].process.pid}, group {group}, log {log_path}")
         for job in jobs:
@@ -186,7 +199,7 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
             print(f"   {job.name} caught up in {caught_up_in:.0f}s")
         api = start_api(settings, args, keyspace, workload)
 
-        _step("6/6 what came out")
+        _step("7/7 what came out")
         _print_topics(settings, prefix)
         _print_stores(settings, args.redis_key_prefix, keyspace, workload, jobs[0].log_path)
         _print_samples(settings, args.samples, prefix)
@@ -215,6 +228,30 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The servers keep "
           "running; `.venv/bin/feedbeam infra down` stops them.")
     return 0
+
+
+def ensure_model(args: argparse.Namespace, settings: StackSettings, model_dir: Path) -> None:
+    """Train and promote a ranker in ``model_dir`` unless one is promoted there already.
+
+    ``feedbeam train --synthetic``: a simulated history with planted preferences
+    through the features pipeline's logic, then XGBoost; it prints the model's
+    AUC and NDCG beside reverse-chronological order. About a minute of CPU."""
+    from jobs import train
+    from jobs.cli import build_parser
+    from pipelines.io.model_registry import ModelRegistry
+
+    version = ModelRegistry(model_dir).latest()
+    if version is not None:
+        print(f"   reusing model {version} (delete {model_dir} to train a new one)")
+        return
+    argv = ["train", "--synthetic", "--users", str(args.train_users), "--days",
+            f"{args.train_days:g}", "--model-dir", str(model_dir),
+            "--feature-log", str(model_dir.parent / "train-feature-log")]
+    print(f"   feedbeam {' '.join(argv)}", flush=True)
+    status = train.run_train(build_parser().parse_args(argv), settings)
+    if ModelRegistry(model_dir).latest() is None:
+        print(f"   the model was not promoted (exit {status}); the ranking pipeline ranks by "
+              "recency until one is")
 
 
 def _step(text: str) -> None:
@@ -295,7 +332,8 @@ def demo_topics(pipeline: str, prefix: str) -> list[str]:
     return [prefix + t for t in PIPELINES[pipeline].topics]
 
 
-def pipeline_extras(name: str, workload: "DemoWorkload", settings: StackSettings) -> list[str]:
+def pipeline_extras(name: str, workload: "DemoWorkload", settings: StackSettings,
+                    model_dir: Path) -> list[str]:
     """Options of one pipeline beyond the shared ones (names, stores)."""
     if name == "fanout":
         return [f"--push_threshold={workload.push_threshold}", "--freshness_log_s=5"]
@@ -303,7 +341,7 @@ def pipeline_extras(name: str, workload: "DemoWorkload", settings: StackSettings
         return [f"--feature_log_dir={settings.state_dir / 'demo' / 'feature-log'}"]
     if name == "ranking":
         return [f"--push_threshold={workload.push_threshold}",
-                f"--model_dir={settings.state_dir / 'demo' / 'models'}"]
+                f"--model_dir={model_dir}"]
     return []
 
 

@@ -1,7 +1,9 @@
 """``feedbeam demo`` end to end with a tiny workload on isolated topics, keys and keyspace.
 
-The demo runs the fan-out job on Prism until it has applied the workload; the
-test then checks the printed summary against the generator's own graph.
+The demo trains a small ranker, runs every pipeline on Prism until it has
+applied the workload and starts the API; the test then checks the printed
+summary against the generator's own graph, and that the ranked feed the API
+returned was scored by the model the demo promoted.
 """
 from __future__ import annotations
 
@@ -62,12 +64,13 @@ def demo_topics(stack):
 
 
 def test_demo_materializes_feeds_of_followed_authors(stack, demo_topics, keyspace, key_prefix,
-                                                     capsys):
+                                                     capsys, tmp_path):
     group = f"g-{uuid.uuid4().hex[:8]}"
     rc = main(["demo", *TINY, "--partitions", "2", "--samples", "1", "--timeout", "420",
                "--topic-prefix", demo_topics, "--redis-key-prefix", key_prefix,
                "--keyspace", keyspace, "--group", group, "--exit",
-               "--api-port", str(_free_port())])
+               "--api-port", str(_free_port()), "--model-dir", str(tmp_path / "models"),
+               "--train-users", "500", "--train-days", "2"])
     captured = capsys.readouterr()
     out = captured.out
     assert rc == 0, out + captured.err
@@ -78,7 +81,13 @@ def test_demo_materializes_feeds_of_followed_authors(stack, demo_topics, keyspac
 
     for name in available_pipelines():
         assert f"{name} caught up in" in out, out
-    assert re.search(r"ranked feed of user \d+ \(GET \S+ -> 200\)", out), out
+    ranked = re.search(r"ranked feed of user \d+ \(GET \S+ -> 200\):\n\s+(.*)\n", out)
+    assert ranked, out
+    # The demo trained and promoted a model, and the ranking pipeline scored with it.
+    version = re.search(r"promoted: latest -> (\S+)", out)
+    assert version, out
+    assert '"items":[]' not in ranked[1], ranked[1]
+    assert f'"model_version":"{version[1]}"' in ranked[1], ranked[1]
     assert re.search(r"story tray of user \d+ \(GET \S+ -> 200\)", out), out
     assert "curl -s -H \"Authorization: Bearer $TOKEN\"" in out
 
