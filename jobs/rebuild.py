@@ -16,13 +16,28 @@ pipelines and the API use, so the API answers as it did before the loss:
 * ``timelines``: authors' timelines, capped at ``--timeline-cap``;
 * ``feeds``: home feeds, the newest ``--feed-cap`` entries of each user;
 * ``activity``: last feed reads (the fan-out's inactivity rule);
-* ``features``, ``stories``, ``ranked``: feature hashes, active stories and
-  ranked feeds, when their pipelines are part of this build.
+* ``features``: the online feature hashes (posts, authors, viewer-author and
+  viewer-content affinities) through ``OnlineFeatureStore``'s newer-wins
+  writes, leaving out values its TTLs would no longer serve
+  (``--post-ttl-h`` ...: the features pipeline's); and the authors'
+  ``top_followers`` rankings, derived from every durable viewer-author
+  affinity as the features pipeline derives them (they do not expire);
+* ``stories``: the stories still active (``expires_at > now``), re-published
+  through ``RedisStoryStore`` (same ``PEXPIREAT`` expiry + ``--story-grace-s``),
+  then their viewer sets and view counts, then the viewers' seen sets. An
+  expired story is never written back (nor its views or seen entries); a
+  story the stories pipeline removes while the rebuild runs stays removed
+  (its Redis tombstone refuses the re-publish);
+* ``ranked``: ranked feeds, through ``RankedFeedStore``'s swap: newer-wins on
+  ``generated_at``, so a ranking the running pipeline wrote meanwhile stays.
 
 Every write is idempotent (sorted-set adds, newer-wins scripts), so the job can
 run while pipelines run, be interrupted and be run again. A progress bar per
 view counts the rows read. Scans read whole tables: fine for one node or a
-few million rows; for more, run it per token range (not built yet).
+few million rows; for more, run it per token range (not built yet). Not
+restored: story tombstones of deleted stories (Cassandra deletes the rows,
+so a replay of a deleted story's publish could show it again until it
+expires) and the previous ranked feed kept for readers paging through it.
 """
 from __future__ import annotations
 
@@ -31,13 +46,20 @@ import collections
 import dataclasses
 import heapq
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from infra.settings import StackSettings
 from jobs.errors import UserFacingError
 from pipelines.fanout_logic import FanoutPolicy
+from pipelines.io.cassandra_store import batched
+from pipelines.stories_logic import HOUR_MS, StoryPolicy
+from schemas.features import DAY_MS, DEFAULT_HALF_LIFE_MS, FeatureTTLs
 
 _BATCH = 2000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @dataclasses.dataclass
@@ -50,17 +72,15 @@ class RebuildContext:
     keyspace: str
     feed_cap: int
     timeline_cap: int
+    feature_ttls: FeatureTTLs = FeatureTTLs()
+    half_life_ms: int = DEFAULT_HALF_LIFE_MS
+    top_followers_keep: int = 10_000
+    story_policy: StoryPolicy = StoryPolicy()
+    clock: Callable[[], int] = _now_ms   # "now" in ms, read per batch (expiries, TTLs)
 
 
-def _batched(rows: Iterable, size: int = _BATCH) -> Iterator[list]:
-    batch = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _batched(rows: Iterable) -> Iterable[list]:
+    return batched(rows, _BATCH)
 
 
 def rebuild_graph(ctx: RebuildContext, bar) -> int:
@@ -127,6 +147,71 @@ def rebuild_activity(ctx: RebuildContext, bar) -> int:
     return n
 
 
+def rebuild_features(ctx: RebuildContext, bar) -> int:
+    """Online feature hashes (fresh values only) and the authors' top followers."""
+    from pipelines.io.cassandra_features import CassandraFeatureStore, refill_online
+    from pipelines.features_logic import follower_scores
+    from pipelines.io.feature_store import OnlineFeatureStore
+    from schemas.features import VIEWER_AUTHOR
+
+    online = OnlineFeatureStore(ctx.redis.client, ctx.redis.keys, ctx.feature_ttls,
+                                ctx.half_life_ms)
+
+    def after_batch(entity_type: str, values: list) -> None:
+        if entity_type == VIEWER_AUTHOR:
+            # Every affinity, expired ones too: the ranking keeps them (no TTL).
+            ctx.redis.apply_follower_engagement(follower_scores(values, ctx.half_life_ms),
+                                                keep=ctx.top_followers_keep)
+        bar.update(len(values))
+
+    counts = refill_online(CassandraFeatureStore(ctx.session, ctx.keyspace), online,
+                           batch_size=_BATCH, now_ms=ctx.clock(), on_batch=after_batch)
+    return sum(n for key, n in counts.items() if key.startswith("read."))
+
+
+def rebuild_stories(ctx: RebuildContext, bar) -> int:
+    """Active stories, then their views, then the seen sets (see the module doc)."""
+    from pipelines.io.story_store import PUBLISHED, CassandraStoryStore, RedisStoryStore
+    from pipelines.stories_logic import republished_event, reviewed_event
+
+    policy = ctx.story_policy
+    durable = CassandraStoryStore(ctx.session, ctx.keyspace, policy)
+    hot = RedisStoryStore(ctx.redis.client, ctx.redis.keys, policy)
+    restored: dict[int, int] = {}   # story id -> author, of the stories written back
+    n = 0
+    for rows in _batched(durable.scan_stories()):
+        now = ctx.clock()
+        live = [s for s in rows if s.active(now)]
+        statuses = hot.publish([republished_event(s, policy) for s in live], now)
+        restored.update((s.story_id, s.author_id) for s, status in zip(live, statuses)
+                        if status == PUBLISHED)
+        n += len(rows)
+        bar.update(len(rows))
+    for rows in _batched(durable.scan_views()):
+        hot.record_views([reviewed_event(sid, restored[sid], viewer, at)
+                          for sid, viewer, at in rows if sid in restored], ctx.clock())
+        n += len(rows)
+        bar.update(len(rows))
+    for rows in _batched(durable.scan_seen()):
+        hot.add_seen([row for row in rows if row[1] in restored], ctx.clock())
+        n += len(rows)
+        bar.update(len(rows))
+    return n
+
+
+def rebuild_ranked(ctx: RebuildContext, bar) -> int:
+    """Ranked feeds, newer-wins against what Redis holds."""
+    from pipelines.io.ranked_store import RankedFeedStore
+
+    store = RankedFeedStore(ctx.redis.client, ctx.redis.keys, ctx.cassandra)
+    n = 0
+    for feeds in _batched(store.scan_durable()):
+        store.restore(feeds)
+        n += len(feeds)
+        bar.update(len(feeds))
+    return n
+
+
 #: View name -> rebuild function, in the order they run (the graph and posts
 #: first: the rest reference them).
 VIEWS: dict[str, Callable[[RebuildContext, object], int]] = {
@@ -135,7 +220,23 @@ VIEWS: dict[str, Callable[[RebuildContext, object], int]] = {
     "timelines": rebuild_timelines,
     "feeds": rebuild_feeds,
     "activity": rebuild_activity,
+    "features": rebuild_features,
+    "stories": rebuild_stories,
+    "ranked": rebuild_ranked,
 }
+
+
+def parse_views(text: str) -> list[str]:
+    """The views named in ``--views`` (comma-separated; repeats once), in the
+    order they must run; ``UserFacingError`` for an unknown or no name."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in dict.fromkeys(names) if v not in VIEWS]
+    if unknown:
+        raise UserFacingError(f"unknown view(s) {', '.join(unknown)}; choose from "
+                              + ", ".join(VIEWS))
+    if not names:
+        raise UserFacingError("--views names no view; choose from " + ", ".join(VIEWS))
+    return [v for v in VIEWS if v in names]
 
 
 def rebuild(ctx: RebuildContext, views: Iterable[str], progress: bool = True) -> dict[str, int]:
@@ -160,6 +261,19 @@ def register(subparsers) -> None:
     d = FanoutPolicy()
     p.add_argument("--feed-cap", type=int, default=d.feed_cap)
     p.add_argument("--timeline-cap", type=int, default=d.timeline_cap)
+    t = FeatureTTLs()
+    p.add_argument("--post-ttl-h", type=float, default=t.post_ms / HOUR_MS,
+                   help="features: the features pipeline's --post_ttl_h")
+    p.add_argument("--author-ttl-h", type=float, default=t.author_ms / HOUR_MS,
+                   help="features: the features pipeline's --author_ttl_h")
+    p.add_argument("--affinity-ttl-days", type=float, default=t.viewer_author_ms / DAY_MS,
+                   help="features: the features pipeline's --affinity_ttl_days")
+    p.add_argument("--half-life-days", type=float, default=DEFAULT_HALF_LIFE_MS / DAY_MS,
+                   help="features: the features pipeline's --half_life_days")
+    p.add_argument("--top-followers-keep", type=int, default=RebuildContext.top_followers_keep,
+                   help="features: the features pipeline's --top_followers_keep")
+    p.add_argument("--story-grace-s", type=float, default=StoryPolicy().grace_ms / 1000,
+                   help="stories: the stories pipeline's --grace_s")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run_rebuild)
 
@@ -169,13 +283,20 @@ def run_rebuild(args: argparse.Namespace, settings: StackSettings) -> int:
     from pipelines.io.redis_store import RedisFeedStore
     from schemas.cassandra import new_cluster
 
-    views = [v for v in args.views.split(",") if v]
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown:
-        raise UserFacingError(f"unknown view(s) {', '.join(unknown)}; choose from "
-                              + ", ".join(VIEWS))
-    if args.feed_cap < 1 or args.timeline_cap < 1:
-        raise UserFacingError("--feed-cap and --timeline-cap must be >= 1")
+    views = parse_views(args.views)
+    if args.feed_cap < 1 or args.timeline_cap < 1 or args.top_followers_keep < 1:
+        raise UserFacingError("--feed-cap, --timeline-cap and --top-followers-keep must be >= 1")
+    try:
+        affinity_ms = int(args.affinity_ttl_days * DAY_MS)
+        ttls = FeatureTTLs(post_ms=int(args.post_ttl_h * HOUR_MS),
+                           author_ms=int(args.author_ttl_h * HOUR_MS),
+                           viewer_author_ms=affinity_ms, viewer_media_ms=affinity_ms)
+        half_life_ms = int(args.half_life_days * DAY_MS)
+        if half_life_ms < 1:
+            raise ValueError("--half-life-days must be positive")
+        story_policy = StoryPolicy(grace_ms=int(args.story_grace_s * 1000))
+    except ValueError as exc:
+        raise UserFacingError(f"bad option: {exc}") from None
     try:
         cluster = new_cluster(settings.host, settings.cassandra_port)
         session = cluster.connect()
@@ -192,7 +313,8 @@ def run_rebuild(args: argparse.Namespace, settings: StackSettings) -> int:
                 from None
         ctx = RebuildContext(redis, CassandraFeedStore(session, args.keyspace), settings.redis_url,
                              args.key_prefix, session, args.keyspace, args.feed_cap,
-                             args.timeline_cap)
+                             args.timeline_cap, ttls, half_life_ms, args.top_followers_keep,
+                             story_policy)
         started = time.monotonic()
         counts = rebuild(ctx, views, progress=not args.no_progress)
         print(f"rebuilt {', '.join(f'{v} {n:,}' for v, n in counts.items())} "

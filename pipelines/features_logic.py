@@ -64,6 +64,8 @@ from schemas.features import (
     VIEWER_MEDIA,
     WINDOW_MS,
     FeatureValue,
+    engagement_rank,
+    split_pair,
 )
 
 MINUTE_MS = 60_000
@@ -800,3 +802,26 @@ class Shard(_Slots):
 
     def next_time(self) -> int | None:
         return min(self.agenda) if self.agenda else None
+
+
+# -- top followers ------------------------------------------------------------------
+
+
+def follower_scores(values: Sequence[FeatureValue],
+                    half_life_ms: int) -> dict[int, dict[int, tuple[float | None, int]]]:
+    """``{author: {viewer: (rank or None, write stamp)}}`` of the viewer-author affinities
+    among ``values``, the newest per pair (None: no positive affinity, leave the ranking)."""
+    newest: dict[tuple[int, int], FeatureValue] = {}
+    for v in values:
+        if v.entity_type != VIEWER_AUTHOR:
+            continue
+        viewer, author = split_pair(v.entity_id)
+        pair = (int(author), viewer)
+        held = newest.get(pair)
+        if held is None or (v.write_stamp_us, v.value) > (held.write_stamp_us, held.value):
+            newest[pair] = v
+    out: dict[int, dict[int, tuple[float | None, int]]] = {}
+    for (author, viewer), v in newest.items():
+        rank = engagement_rank(v.value, v.valid_at_ms, half_life_ms)
+        out.setdefault(author, {})[viewer] = (rank, v.write_stamp_us)
+    return out

@@ -16,6 +16,9 @@
 * **Tray order** (``assemble_tray``): authors with at least one active story;
   those with an unseen story first, then the most recent story first, then
   author id; stories within an entry oldest first.
+* **Rebuild** (``republished_event``, ``reviewed_event``): durable rows back
+  as the events that wrote them, so ``feedbeam rebuild`` refills Redis
+  through the same write paths (and their refusals) as the pipeline.
 * **Expiry index buckets**: the durable index of live stories by expiry hour
   (``expiry_bucket``, ``sweep_buckets``) that the pipeline re-arms its timers
   from when it starts.
@@ -26,7 +29,7 @@ import dataclasses
 import math
 from typing import Iterable, Mapping, Sequence
 
-from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
+from schemas.events import STORY_TTL_MS, MediaType, StoryEvent, StoryEventKind
 from schemas.stories import StoryMeta, TrayEntry, TrayStory
 
 HOUR_MS = 3600 * 1000
@@ -162,6 +165,28 @@ def sweep_buckets(now_ms: int, policy: StoryPolicy) -> list[int]:
 
 def is_publish(event: StoryEvent) -> bool:
     return event.kind is StoryEventKind.PUBLISHED
+
+
+# --------------------------------------------------------------------------- rebuild
+
+
+def republished_event(story: StoryMeta, policy: StoryPolicy) -> StoryEvent:
+    """The PUBLISHED event that writes a durable story back through the stores'
+    publish path (``feedbeam rebuild``). Its event time is the creation time,
+    moved up to ``max_life_ms`` before the expiry when it lies further back: the
+    story passed the horizon check when it was first published, so the rebuild
+    must not refuse it now."""
+    media = None if story.media_type is None else MediaType(story.media_type)
+    return StoryEvent(f"rebuild-p{story.story_id}",
+                      max(story.created_at, story.expires_at - policy.max_life_ms),
+                      StoryEventKind.PUBLISHED, story.story_id, story.author_id,
+                      created_at=story.created_at, expires_at=story.expires_at, media_type=media)
+
+
+def reviewed_event(story_id: int, author_id: int, viewer_id: int, viewed_at: int) -> StoryEvent:
+    """The VIEWED event that writes a durable view row back (``feedbeam rebuild``)."""
+    return StoryEvent(f"rebuild-v{story_id}-{viewer_id}", viewed_at, StoryEventKind.VIEWED,
+                      story_id, author_id, viewer_id=viewer_id)
 
 
 # --------------------------------------------------------------------------- expiry timers

@@ -9,9 +9,10 @@ pane (same ``valid_at``, higher version) does. ``valid_at`` is stored beside
 the value; the version comes back from ``WRITETIME(...) % 1000``.
 
 ``refill_online`` copies every feature of the chosen entity types to an
-``OnlineFeatureStore`` (after a Redis loss): the online store's newer-wins
-writes mean a refill racing the live pipeline never rolls a fresher value
-back.
+``OnlineFeatureStore`` (after a Redis loss; ``feedbeam rebuild`` runs it),
+leaving out what the online store's TTLs would no longer serve: the online
+store's newer-wins writes mean a refill racing the live pipeline never rolls a
+fresher value back.
 
 It shares ``CassandraFeedStore``'s session handling, prepared statements and
 retries of transient errors (concurrent execution, exponential backoff).
@@ -22,9 +23,9 @@ retries of transient errors (concurrent execution, exponential backoff).
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from pipelines.io.cassandra_store import CassandraFeedStore, to_ms
+from pipelines.io.cassandra_store import CassandraFeedStore, batched, to_ms
 from schemas import cassandra as cs
 from schemas.features import (
     AFFINITY,
@@ -35,6 +36,7 @@ from schemas.features import (
     VIEWER_AUTHOR,
     VIEWER_MEDIA,
     FeatureValue,
+    is_fresh,
     pair_id,
     split_pair,
 )
@@ -112,36 +114,48 @@ class CassandraFeatureStore(CassandraFeedStore):
 
     def scan(self, entity_type: str, page_size: int = 5000) -> Iterator[FeatureValue]:
         """Every stored value of ``entity_type`` (a full table scan, paged)."""
-        from cassandra.query import SimpleStatement
-
-        cql = self._cql[f"scan_{entity_type}"]
-        statement = SimpleStatement(cql, fetch_size=page_size)
-        for row in self.session.execute(statement, timeout=60):
+        for row in self.scan_rows(self._cql[f"scan_{entity_type}"], page_size):
             yield value_of(entity_type, *row)
 
 
 def refill_online(durable: CassandraFeatureStore, online, entity_types: Iterable[str] = ENTITY_TYPES,
-                  batch_size: int = 2000) -> dict[str, int]:
+                  batch_size: int = 2000, now_ms: int | None = None,
+                  on_batch: Callable[[str, list[FeatureValue]], None] | None = None
+                  ) -> dict[str, int]:
     """Copy the durable features into ``online`` (an ``OnlineFeatureStore``), newer-wins.
 
-    Returns per entity type how many values were read (``read.<type>``) and
-    written (``written.<type>``: the rest were older than what Redis held).
+    ``now_ms``: leave out the values ``online`` would already read as expired
+    then (``valid_at`` older than its entity type's TTL, ``online_fresh``):
+    Cassandra keeps them longer (its table TTLs), Redis readers never serve
+    them. ``on_batch(entity_type, batch)`` is called after each batch of
+    ``batch_size`` values read (expired ones included) is written: progress,
+    and views derived from the same values (the rebuild's top followers).
+
+    Returns per entity type how many values were read (``read.<type>``),
+    left out as expired (``expired.<type>``) and written (``written.<type>``:
+    the rest were older than what Redis held).
     """
     counts: dict[str, int] = {}
     for entity_type in entity_types:
-        read = written = 0
-        batch: list[FeatureValue] = []
-        for value in durable.scan(entity_type):
-            batch.append(value)
-            read += 1
-            if len(batch) >= batch_size:
-                written += online.write(batch)
-                batch = []
-        if batch:
-            written += online.write(batch)
+        ttl_ms = online.ttls.of(entity_type)
+        read = expired = written = 0
+        for batch in batched(durable.scan(entity_type), batch_size):
+            fresh = batch if now_ms is None else online_fresh(batch, now_ms, ttl_ms)
+            expired += len(batch) - len(fresh)
+            if fresh:
+                written += online.write(fresh)
+            read += len(batch)
+            if on_batch is not None:
+                on_batch(entity_type, batch)
         counts[f"read.{entity_type}"] = read
+        counts[f"expired.{entity_type}"] = expired
         counts[f"written.{entity_type}"] = written
     return counts
 
 
-__all__ = ["CassandraFeatureStore", "refill_online", "row_params", "value_of"]
+def online_fresh(values: Sequence[FeatureValue], now_ms: int, ttl_ms: int) -> list[FeatureValue]:
+    """The values an online read at ``now_ms`` would still serve (``is_fresh``)."""
+    return [v for v in values if is_fresh(v.valid_at_ms, now_ms, ttl_ms)]
+
+
+__all__ = ["CassandraFeatureStore", "refill_online", "online_fresh", "row_params", "value_of"]

@@ -146,6 +146,20 @@ def plan_buckets(start_ms: int, max_buckets: int) -> list[int]:
     return cs.buckets_back(start_ms, max_buckets)
 
 
+def batched(rows: Iterable, size: int) -> Iterator[list]:
+    """``rows`` (say a paged scan) in lists of ``size``, the last one shorter."""
+    if size < 1:
+        raise ValueError("size must be at least 1")
+    batch: list = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return to_ms(value)
@@ -566,16 +580,17 @@ class CassandraFeedStore:
 
     # -- full scans (``feedbeam rebuild``) -------------------------------------------
 
-    def _scan(self, cql: str, fetch_size: int = 5000):
-        """Every row of a table query, paged (a full scan: tools only)."""
+    def scan_rows(self, cql: str, fetch_size: int = 5000):
+        """Every row of a table query, paged (a full scan: tools such as ``feedbeam
+        rebuild`` only; the sibling stores of ``pipelines.io`` scan through it too)."""
         from cassandra.query import SimpleStatement
 
         return self.session.execute(SimpleStatement(cql, fetch_size=fetch_size), timeout=120)
 
     def scan_follow_edges(self) -> Iterator[FollowEvent]:
         """Every live edge as the FOLLOW event that made it (time = ``since``)."""
-        for r in self._scan(f"SELECT user_id, follower_id, since FROM "
-                            f"{self.keyspace}.{cs.FOLLOWERS_BY_USER}"):
+        for r in self.scan_rows(f"SELECT user_id, follower_id, since FROM "
+                                f"{self.keyspace}.{cs.FOLLOWERS_BY_USER}"):
             t = to_ms(r.since)
             yield FollowEvent(f"rebuild-{r.follower_id}-{r.user_id}", t, FollowKind.FOLLOW,
                               r.follower_id, r.user_id)
@@ -583,7 +598,7 @@ class CassandraFeedStore:
     def scan_posts(self) -> Iterator[PostEvent]:
         """Every post as the event that last wrote it: CREATED (at its write time) or
         DELETED (at the delete's write time) for tombstones."""
-        for r in self._scan(
+        for r in self.scan_rows(
                 f"SELECT post_id, author_id, created_at, media_type, caption_length, hashtags, "
                 f"deleted, writetime(media_type) AS created_us, writetime(deleted) AS deleted_us "
                 f"FROM {self.keyspace}.{cs.POSTS}"):
@@ -601,20 +616,20 @@ class CassandraFeedStore:
 
     def scan_home_feeds(self) -> Iterator[tuple[int, int, int]]:
         """``(user_id, post_id, created_at_ms)`` of every durable feed entry."""
-        for r in self._scan(f"SELECT user_id, post_id, created_at FROM "
-                            f"{self.keyspace}.{cs.HOME_FEED_BY_USER}"):
+        for r in self.scan_rows(f"SELECT user_id, post_id, created_at FROM "
+                                f"{self.keyspace}.{cs.HOME_FEED_BY_USER}"):
             yield r.user_id, r.post_id, to_ms(r.created_at)
 
     def scan_timelines(self) -> Iterator[tuple[int, int, int]]:
         """``(author_id, post_id, created_at_ms)`` of every timeline entry."""
-        for r in self._scan(f"SELECT author_id, post_id, created_at FROM "
-                            f"{self.keyspace}.{cs.AUTHOR_TIMELINE}"):
+        for r in self.scan_rows(f"SELECT author_id, post_id, created_at FROM "
+                                f"{self.keyspace}.{cs.AUTHOR_TIMELINE}"):
             yield r.author_id, r.post_id, to_ms(r.created_at)
 
     def scan_last_reads(self) -> Iterator[tuple[int, int]]:
         """``(user_id, last_feed_read_ms)`` of every user with a recorded read."""
-        for r in self._scan(f"SELECT user_id, last_feed_read_at FROM "
-                            f"{self.keyspace}.{cs.USER_ACTIVITY}"):
+        for r in self.scan_rows(f"SELECT user_id, last_feed_read_at FROM "
+                                f"{self.keyspace}.{cs.USER_ACTIVITY}"):
             if r.last_feed_read_at is not None:
                 yield r.user_id, to_ms(r.last_feed_read_at)
 

@@ -32,20 +32,13 @@ import dataclasses
 import logging
 import time
 import zlib
-from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 
-from schemas.features import (
-    DEFAULT_HALF_LIFE_MS,
-    VIEWER_AUTHOR,
-    FeatureTTLs,
-    FeatureValue,
-    engagement_rank,
-    split_pair,
-)
+from pipelines.features_logic import follower_scores
+from schemas.features import DEFAULT_HALF_LIFE_MS, VIEWER_AUTHOR, FeatureTTLs, FeatureValue
 
 log = logging.getLogger(__name__)
 
@@ -166,26 +159,6 @@ class _DurableFn(_BatchedSinkFn):
 
     def _write(self, batch):
         return self._store.write(batch)
-
-
-def follower_scores(values: Sequence[FeatureValue],
-                    half_life_ms: int) -> dict[int, dict[int, tuple[float | None, int]]]:
-    """``{author: {viewer: (rank or None, write stamp)}}`` of the viewer-author affinities
-    among ``values``, the newest per pair (None: no positive affinity, leave the ranking)."""
-    newest: dict[tuple[int, int], FeatureValue] = {}
-    for v in values:
-        if v.entity_type != VIEWER_AUTHOR:
-            continue
-        viewer, author = split_pair(v.entity_id)
-        pair = (int(author), viewer)
-        held = newest.get(pair)
-        if held is None or (v.write_stamp_us, v.value) > (held.write_stamp_us, held.value):
-            newest[pair] = v
-    out: dict[int, dict[int, tuple[float | None, int]]] = {}
-    for (author, viewer), v in newest.items():
-        rank = engagement_rank(v.value, v.valid_at_ms, half_life_ms)
-        out.setdefault(author, {})[viewer] = (rank, v.write_stamp_us)
-    return out
 
 
 class _TopFollowersFn(_BatchedSinkFn):

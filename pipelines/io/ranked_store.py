@@ -29,6 +29,10 @@ Cassandra: one ``ranked_feeds`` row per user, the whole list in one cell,
 written ``USING TIMESTAMP generated_at_us``: an older ranking never replaces a
 newer one, whatever the arrival order.
 
+After a Redis loss, ``feedbeam rebuild`` reads every row (``scan_durable``)
+and writes them back with ``restore``: the same swap, so a ranking the running
+pipeline wrote meanwhile (newer) is never replaced by the durable one.
+
     store = RankedFeedStore.connect("redis://127.0.0.1:6379/0", "fb",
                                     "127.0.0.1", 9042, "feedbeam")
     store.write(7, [RankedEntry(101, 3, 0.92), RankedEntry(99, 4, 0.95)], "xgb-3", now_ms)
@@ -39,7 +43,7 @@ newer one, whatever the arrival order.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import redis
 
@@ -279,11 +283,29 @@ class RankedFeedStore:
                 cs.event_timestamp_us(generated_at_ms)))
         if self._swap is None:
             return True
+        return self._swap_into(self.redis, user_id, args) == 1
+
+    def _swap_into(self, client, user_id: int, args: list[Any]):
         k = self.keys
-        written = self._swap(keys=[k.ranked_feed_staging(user_id), k.ranked_feed(user_id),
-                                   k.ranked_meta(user_id), k.ranked_feed_previous(user_id),
-                                   k.ranked_meta_previous(user_id)], args=args)
-        return written == 1
+        return self._swap(keys=[k.ranked_feed_staging(user_id), k.ranked_feed(user_id),
+                                k.ranked_meta(user_id), k.ranked_feed_previous(user_id),
+                                k.ranked_meta_previous(user_id)], args=args, client=client)
+
+    def restore(self, feeds: Sequence[RankedFeed]) -> list[bool]:
+        """Write durable ranked feeds back to Redis only (``feedbeam rebuild``), through
+        the same newer-wins swap as ``write``, in one pipelined round trip. True per
+        feed Redis took; False where Redis holds a ranking generated at or after it
+        (the running pipeline wrote a newer one meanwhile, or this one already)."""
+        if self._swap is None:
+            raise RuntimeError("this RankedFeedStore has no Redis side")
+        if not feeds:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for f in feeds:
+            args = swap_args(check_entries(f.entries), f.model_version, f.generated_at_ms,
+                             self.keep_previous_s)
+            self._swap_into(pipe, f.user_id, args)
+        return [r == 1 for r in pipe.execute()]
 
     # -- reading ------------------------------------------------------------------
 
@@ -319,6 +341,18 @@ class RankedFeedStore:
         """The ranked feed from Cassandra (the fallback when Redis is unavailable)."""
         (row,) = self.cassandra.execute_rows(*self.durable_query(user_id)) or (None,)
         return feed_from_row(user_id, row)
+
+    def scan_durable(self, page_size: int = 500) -> Iterator[RankedFeed]:
+        """Every ranked feed in Cassandra (a full table scan, paged: ``feedbeam rebuild``)."""
+        if self.cassandra is None:
+            raise RuntimeError("this RankedFeedStore has no Cassandra side")
+        rows = self.cassandra.scan_rows(
+            f"SELECT user_id, ranked_posts, model_version, generated_at FROM "
+            f"{self.cassandra.keyspace}.{cs.RANKED_FEEDS}", page_size)
+        for row in rows:
+            feed = feed_from_row(row.user_id, row)
+            if feed is not None:
+                yield feed
 
 
 class AsyncRankedReader:

@@ -19,6 +19,10 @@ Read side (both stores)::
     story(story_id) -> StoryMeta | None;  active_stories(author_id, now_ms)
     viewers(story_id) -> list[int];  seen(viewer_id, now_ms) -> set[int]
 
+``CassandraStoryStore.scan_stories`` / ``scan_views`` / ``scan_seen`` read
+whole tables for ``feedbeam rebuild``, which writes them back through
+``RedisStoryStore.publish`` / ``record_views`` / ``add_seen``.
+
 Reads filter on ``expires_at > now_ms`` themselves, so an expired story is
 never returned even while the expiry pipeline is stopped or behind. The
 viewer's followees come from ``RedisFeedStore.following`` /
@@ -53,7 +57,7 @@ story's tag plus one on the author's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import redis
 
@@ -397,11 +401,20 @@ class RedisStoryStore:
         story = self.story(story_id)
         if story is None or not story.active(now_ms):
             return False
-        pipe = self._pipeline()
-        self._add_expiring(pipe, self.keys.seen_stories(viewer_id), story_id, story.expires_at,
-                           now_ms)
-        pipe.execute()
+        self.add_seen([(viewer_id, story_id, story.expires_at)], now_ms)
         return True
+
+    def add_seen(self, entries: Sequence[tuple[int, int, int]], now_ms: int) -> None:
+        """Put ``(viewer_id, story_id, expires_at)`` entries in the viewers' seen sets
+        (one round trip; the caller knows the stories are active: ``mark_seen``, and
+        ``feedbeam rebuild`` for the stories it has just republished)."""
+        if not entries:
+            return
+        pipe = self._pipeline()
+        for viewer_id, story_id, expires_at in entries:
+            self._add_expiring(pipe, self.keys.seen_stories(viewer_id), story_id, expires_at,
+                               now_ms)
+        pipe.execute()
 
 
 # -- Cassandra ----------------------------------------------------------------------
@@ -590,6 +603,31 @@ class CassandraStoryStore:
         self._run([("put_seen", (viewer_id, story_id, story.author_id, story.expires_at,
                                  write_timestamp_us(now_ms, story.expires_at), ttl))])
         return True
+
+    # -- scans (``feedbeam rebuild``: whole tables, tools only) -------------------------
+
+    def scan_stories(self) -> Iterator[StoryMeta]:
+        """Every story row of ``stories_by_author`` (expired ones not yet removed included;
+        ``views`` left 0: the views are ``scan_views``)."""
+        for r in self._db.scan_rows(f"SELECT story_id, author_id, created_at, expires_at, "
+                                    f"media_type FROM {self.keyspace}.{cs.STORIES_BY_AUTHOR}"):
+            if r.expires_at is not None and r.created_at is not None:
+                yield self._meta(r)
+
+    def scan_views(self) -> Iterator[tuple[int, int, int]]:
+        """``(story_id, viewer_id, viewed_at_ms)`` of every view row."""
+        for r in self._db.scan_rows(f"SELECT story_id, viewer_id, viewed_at FROM "
+                                    f"{self.keyspace}.{cs.STORY_VIEWS}"):
+            if r.viewed_at is not None:
+                yield r.story_id, r.viewer_id, to_ms(r.viewed_at)
+
+    def scan_seen(self) -> Iterator[tuple[int, int, int]]:
+        """``(viewer_id, story_id, expires_at_ms)`` of every seen row (views and
+        ``mark_seen``)."""
+        for r in self._db.scan_rows(f"SELECT viewer_id, story_id, expires_at FROM "
+                                    f"{self.keyspace}.{cs.STORIES_SEEN_BY_VIEWER}"):
+            if r.expires_at is not None:
+                yield r.viewer_id, r.story_id, to_ms(r.expires_at)
 
     def dump(self) -> dict[str, list[dict]]:
         """Every row of the story tables (tests on small keyspaces only)."""
