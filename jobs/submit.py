@@ -20,7 +20,9 @@ options the pipeline declares, unless given. Runners:
   server submit to a remote Flink cluster instead. The SDK harness is LOOPBACK
   here too (no Docker), so the submitting process hosts the Python workers;
   for a real cluster pass ``--environment_type=EXTERNAL|PROCESS`` and its
-  ``--environment_config``.
+  ``--environment_config``. Offsets are committed only when a Flink
+  checkpoint completes: pass ``--checkpointing_interval MS`` (the pipeline
+  adds the flag that needs, see ``pipelines.runtime``).
 * ``direct``: Beam's in-process runner (FnApiRunner); bounded runs only
   (``--replay_ranges``), for debugging.
 * ``dataflow``: Google Cloud Dataflow; needs ``--project``, ``--region`` and

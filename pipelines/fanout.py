@@ -104,7 +104,7 @@ from pipelines.fanout_logic import (
 )
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import ReadEvents
-from pipelines.runtime import run_until_done
+from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import FollowEvent, PostEvent, PostEventKind
 
 
@@ -707,7 +707,7 @@ def run(argv=None):
     Streaming unless ``--replay_ranges`` is given; then a batch job over those
     ranges that ends when they are read (``feedbeam replay --pipeline fanout``).
     """
-    options = PipelineOptions(argv)
+    options = pipeline_options(argv)
     bounded = options.view_as(FanoutOptions).ranges() is not None
     options.view_as(StandardOptions).streaming = not bounded
     pipeline = beam.Pipeline(options=options)

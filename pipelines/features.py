@@ -157,7 +157,7 @@ from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.records import DeadLetter
 from pipelines.io.deadletter import WriteDeadLetters
 from pipelines.io.source import ReadEvents, producer_config_of
-from pipelines.runtime import run_until_done
+from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import EngagementEvent, PostEvent, PostEventKind
 from schemas.features import DAY_MS, FeatureTTLs, FeatureValue
 
@@ -684,7 +684,7 @@ def run(argv=None):
 
     Streaming unless ``--replay_ranges`` is given (then a batch job over them).
     """
-    options = PipelineOptions(argv)
+    options = pipeline_options(argv)
     bounded = options.view_as(FeaturesOptions).ranges() is not None
     options.view_as(StandardOptions).streaming = not bounded
     pipeline = beam.Pipeline(options=options)

@@ -97,7 +97,7 @@ from pipelines.ranking_logic import (
     recency_scores,
     requests_from,
 )
-from pipelines.runtime import run_until_done
+from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import EngagementEvent, FollowEvent, PostEvent
 from schemas.features import DEFAULT_HALF_LIFE_MS
 from schemas.ranked import RankedEntry
@@ -633,7 +633,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
 
 def run(argv=None):
     """Parse options, build the streaming pipeline and run it until it is cancelled."""
-    options = PipelineOptions(argv)
+    options = pipeline_options(argv)
     ranking = options.view_as(RankingOptions)
     if ranking.model_dir is None:
         from infra.settings import StackSettings

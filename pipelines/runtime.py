@@ -9,15 +9,56 @@ runner without workers (on Flink it keeps its task slots and restarts
 forever). So a SIGTERM or SIGINT asks the runner to cancel the job and waits
 until the runner reports it ended (or ``cancel_timeout_s`` passes) before the
 process exits. ``feedbeam cancel`` sends that SIGTERM.
+
+    options = pipeline_options(argv)   # what every pipeline's run() parses
+
+``pipeline_options`` adds what a runner needs for our Kafka source to work
+(``runner_flags``): on Flink with ``--checkpointing_interval``, the flag
+``--finish_bundle_before_checkpointing``. Without it Beam's Flink runner
+(2.70) finishes a bundle that is open when a checkpoint starts with its
+output held in the operator's checkpointed buffer, and emits that buffer
+only when the operator next starts a bundle (an element, a watermark or a
+timer). The steps before the source's read (Impulse, partition listing,
+restriction pairing) see their few elements once and the Impulse never
+advances its watermark while checkpointing keeps it alive: the partitions
+stay in the buffer, the read never starts, nothing is emitted and no offset
+is committed. Finishing the bundle before the barrier flushes it instead;
+its finalization (the offset commit) then runs when the checkpoint completes.
 """
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 
 log = logging.getLogger(__name__)
+
+
+def _has_flag(args: list[str], name: str) -> bool:
+    return any(a == name or a.startswith(name + "=") for a in args)
+
+
+def runner_flags(args: list[str]) -> list[str]:
+    """``args`` (a pipeline's command line) plus the runner flags our source needs:
+    ``--finish_bundle_before_checkpointing`` on Flink with checkpointing (see the
+    module docstring), unless given."""
+    runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), "")
+    if "--runner" in args[:-1]:
+        runner = args[args.index("--runner") + 1]
+    if (runner.lower() in ("flink", "flinkrunner") and _has_flag(args, "--checkpointing_interval")
+            and not _has_flag(args, "--finish_bundle_before_checkpointing")):
+        return [*args, "--finish_bundle_before_checkpointing"]
+    return list(args)
+
+
+def pipeline_options(argv=None):
+    """The pipeline options of a job's command line (``sys.argv`` when None), with
+    ``runner_flags`` applied."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return PipelineOptions(runner_flags(list(sys.argv[1:] if argv is None else argv)))
 
 
 class _Stop(Exception):

@@ -112,7 +112,7 @@ import pipelines.fanout  # noqa: F401
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
 from pipelines.io.source import ReadEvents
-from pipelines.runtime import run_until_done
+from pipelines.runtime import pipeline_options, run_until_done
 from pipelines.stories_logic import (
     HOUR_MS,
     StoryPolicy,
@@ -583,7 +583,7 @@ WATCH_S = 365 * 24 * 3600
 def job_options(argv=None) -> PipelineOptions:
     """The job's options: streaming, and (unless given) a job-server timeout that
     lets the launcher watch a streaming job for as long as it runs."""
-    options = PipelineOptions(argv)
+    options = pipeline_options(argv)
     options.view_as(StandardOptions).streaming = True
     given = any(a.split("=")[0] in ("--job_server_timeout", "--job-server-timeout")
                 for a in argv or ())

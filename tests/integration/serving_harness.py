@@ -33,8 +33,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check, timeout_s: float = 30.0, what: str = "condition"):
-    """Poll ``check()`` until it returns something truthy; fail after ``timeout_s``."""
+def wait_until(check, timeout_s: float = 30.0, what: str = "condition",
+               interval_s: float = 0.05):
+    """Poll ``check()`` every ``interval_s`` until it returns something truthy (returned);
+    fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = check()
@@ -42,7 +44,7 @@ def wait_until(check, timeout_s: float = 30.0, what: str = "condition"):
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval_s)
 
 
 class Client:

@@ -39,13 +39,13 @@ PARTITIONS = 2
 
 
 class Topics:
-    """A test's two topics, a producer of typed events and the group-progress check."""
+    """A test's topics (by default the fan-out's two) under a unique prefix, a producer
+    of typed events and the group-progress check."""
 
-    def __init__(self, stack, kafka_topic):
+    def __init__(self, stack, kafka_topic, topics=(PostEvent.TOPIC, FollowEvent.TOPIC)):
         self.prefix = f"t{uuid.uuid4().hex[:8]}."
         self.bootstrap = stack.kafka_bootstrap
-        self.names = [kafka_topic(PARTITIONS, name=self.prefix + t)
-                      for t in (PostEvent.TOPIC, FollowEvent.TOPIC)]
+        self.names = [kafka_topic(PARTITIONS, name=self.prefix + t) for t in topics]
         self.codec = WireCodec()
         self.producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
         self.events: list[PostEvent | FollowEvent] = []

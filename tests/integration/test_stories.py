@@ -18,14 +18,12 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import Producer
 
 from infra.stack import prism_binary
 from pipelines.io.redis_store import RedisFeedStore
 from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
 from pipelines.stories_logic import ExpectedStories, StoryPolicy, expected_stories
 from schemas.cassandra import migrate
-from schemas.codec import WireCodec
 from schemas.events import FollowEvent, FollowKind, MediaType, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
 from tests.integration.test_fanout import Topics
@@ -43,13 +41,8 @@ class StoryTopic(Topics):
     """The test's ``story-events`` topic with a producer of typed events and the
     group-progress check of ``test_fanout.Topics``."""
 
-    def __init__(self, stack, kafka_topic):  # noqa: super() would create the fan-out topics
-        self.prefix = f"t{uuid.uuid4().hex[:8]}."
-        self.bootstrap = stack.kafka_bootstrap
-        self.names = [kafka_topic(PARTITIONS, name=self.prefix + StoryEvent.TOPIC)]
-        self.codec = WireCodec()
-        self.producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
-        self.events: list[StoryEvent] = []
+    def __init__(self, stack, kafka_topic):
+        super().__init__(stack, kafka_topic, (StoryEvent.TOPIC,))
 
 
 class Env:
