@@ -40,7 +40,8 @@ class StackSettings:
     flink_expansion_port: int = 8097
     cassandra_heap_mb: int = 1024
     kafka_heap_mb: int = 512
-    flink_heap_mb: int = 1024
+    #: The job server embeds a Flink mini-cluster: every job's tasks share this heap.
+    flink_heap_mb: int = 1536
     ready_timeout_s: float = 180.0
 
     @property
