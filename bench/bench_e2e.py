@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     mix_ratios = parse_mix(args.mix)
     out = args.out or REPO / "bench" / "results" / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
-    # SIGTERM runs the clean-up like Ctrl-C does.
+    # Ctrl-C (even if the shell started us with SIGINT ignored) and SIGTERM run the clean-up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from bench_serving import build_loadgen
