@@ -339,6 +339,7 @@ def ladder_run(ctx, run: int, producer, mix: Mix, graph: Graph, rng, steps: dict
         after = positions(ctx)
         step["pipelines"] = consumed(before, after, time.time() - t0)
         step["records_per_s"] = sum(v["records_per_s"] for v in step["pipelines"].values())
+        step["load1"] = os.getloadavg()[0]
         steps[rate].append(step)
         produced += posts
         print(f"  run {run + 1} {rate:>6g} posts/s: p50 {step['p50_ms']:6.0f} ms  p99 "
@@ -614,6 +615,9 @@ def plot(results: dict, out: Path) -> None:
 
     load = "load avg {:.1f} / {:.1f} (start / end), {} CPUs".format(
         results["load_average_start"][0], results["load_average_end"][0], results["cpus"])
+    during = [s["load1"] for r in results["freshness"]["rates"] for s in r["steps"] if "load1" in s]
+    if during:
+        load += f", {min(during):.1f}-{max(during):.1f} in the steps"
     config = results["config"]
     fresh = results["freshness"]
     rows = fresh["rates"]
@@ -638,8 +642,8 @@ def plot(results: dict, out: Path) -> None:
     _latency_plot(plt, out / "freshness.png", rows, "rate", FRESHNESS_P99_MS, "bar: p99 <= 1 s",
                   "offered post rate (posts/s; each post with its mix of other events)",
                   "post -> follower's Redis feed (ms)",
-                  f"Freshness, jobs {'+'.join(config['pipelines'])}, per post: {mix} "
-                  f"(median of {config['runs']} run(s))\n{load}", freshness_marks)
+                  f"Freshness, jobs {'+'.join(config['pipelines'])} (median of {config['runs']} "
+                  f"run(s))\nper post: {mix}\n{load}", freshness_marks)
 
     api = results["api"]["rows"]
 
@@ -670,7 +674,7 @@ def plot(results: dict, out: Path) -> None:
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals])
         ax.set_yscale("log")
         ax.set_title(f"{title}\nratio {r:.1%}" if r is not None else title, fontsize=10)
-    fig.suptitle(f"Throughput beside the limits measured in the same run ({load})", fontsize=10)
+    fig.suptitle(f"Throughput beside the limits measured in the same run\n{load}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=110)
     plt.close(fig)
@@ -681,6 +685,10 @@ def print_summary(r: dict) -> None:
     print(f"\n==== end-to-end benchmark ({r['preset']} preset, median of {c['runs']} run(s), "
           f"{r['seconds']:.0f}s; load avg {r['load_average_start'][0]:.2f} at start, "
           f"{r['load_average_end'][0]:.2f} at end, {r['cpus']} CPUs) ====")
+    loads = [s["load1"] for row in f["rates"] for s in row["steps"] if "load1" in s]
+    if loads:
+        print(f"load average (1 min) at the ends of the ladder steps: {min(loads):.2f} to "
+              f"{max(loads):.2f}")
     print(f"workload: {r['graph']['users']:,} users, {r['graph']['edges']:,} edges; per post "
           f"{r['mix_per_post']}; jobs {', '.join(c['pipelines'])}; sent {r.get('events_sent')}")
     print(f"freshness (post -> follower's Redis feed), {c['step_s']:g}s per rate:")
