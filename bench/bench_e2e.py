@@ -499,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                         "celebrities": list(graph.celebrities)}
     cluster = new_cluster(settings.host, settings.cassandra_port)
     session = cluster.connect()
-    steps: dict[float, list[dict]] = {r: [] for r in ctx.rates}
-    limits, api_runs = [], []
+    steps: dict[float, list[dict]] = {r: [] for r in ctx.rates}  # of the runs that finished
+    limits, api_runs, runs_done = [], [], 0
     stop_poller = threading.Event()
     try:
         start(ctx, graph, session)
@@ -517,16 +517,25 @@ def main(argv: list[str] | None = None) -> int:
         targets = Path(tempfile.mkstemp(prefix="targets-", suffix=".tsv", dir=out)[1])
         try:
             for run in range(args.runs):
-                posts = ladder_run(ctx, run, producer, mix, graph, rng, steps)
+                ctx.alive()
+                run_steps: dict[float, list[dict]] = {r: [] for r in ctx.rates}
+                posts = ladder_run(ctx, run, producer, mix, graph, rng, run_steps)
+                so_far = {rate: steps[rate] + got for rate, got in run_steps.items()}
                 limits.append(measure_limits(ctx))
                 lim = limits[-1]
                 print(f"  limits: redis-benchmark ZADD -P64 {lim['zadd_per_s']:,.0f}/s, raw "
                       f"consume+decode {lim['raw_records_per_s']:,.0f} records/s", flush=True)
                 n_users = api_targets(ctx, posts, graph, targets)
                 post_rate = args.api_post_rate or summarize_ladder(
-                    steps, run + 1, FRESHNESS_P99_MS)["headline_rate"] or min(ctx.rates)
-                api_runs.append(api_phase(ctx, producer, mix, graph, rng, targets, post_rate))
-                api_runs[-1]["users"] = n_users
+                    so_far, run + 1, FRESHNESS_P99_MS)["headline_rate"] or min(ctx.rates)
+                api_run = api_phase(ctx, producer, mix, graph, rng, targets, post_rate)
+                api_run["users"] = n_users
+                api_runs.append(api_run)
+                steps, runs_done = so_far, runs_done + 1
+        except RuntimeError as exc:  # a job died mid-run: keep and report the runs that finished
+            results["error"] = f"run {runs_done + 1} of {args.runs} failed: {exc}"
+            print(results["error"], flush=True)
+            del limits[runs_done:]
         finally:
             targets.unlink(missing_ok=True)
         results["events_sent"] = dict(mix.sent)
@@ -538,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster.shutdown()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    results.update(summarize(ctx, steps, limits, api_runs))
+    if not runs_done:
+        raise SystemExit(results.get("error", "no run finished"))
+    results["runs_done"] = runs_done
+    results.update(summarize(ctx, steps, limits, api_runs, runs_done))
     results["load_average_end"] = os.getloadavg()
     results["seconds"] = time.monotonic() - t_start
     (out / "e2e.json").write_text(json.dumps(results, indent=2, default=str))
@@ -548,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarize(ctx, steps: dict, limits: list[dict], api_runs: list[dict]) -> dict:
-    fresh = summarize_ladder(steps, ctx.args.runs, FRESHNESS_P99_MS)
+def summarize(ctx, steps: dict, limits: list[dict], api_runs: list[dict], runs: int) -> dict:
+    fresh = summarize_ladder(steps, runs, FRESHNESS_P99_MS)
     lim = median_fields(limits)
     rows = fresh["rates"]
     peak_inserts = max((r["feed_inserts_per_s"] for r in rows), default=None)
@@ -642,8 +654,8 @@ def plot(results: dict, out: Path) -> None:
     _latency_plot(plt, out / "freshness.png", rows, "rate", FRESHNESS_P99_MS, "bar: p99 <= 1 s",
                   "offered post rate (posts/s; each post with its mix of other events)",
                   "post -> follower's Redis feed (ms)",
-                  f"Freshness, jobs {'+'.join(config['pipelines'])} (median of {config['runs']} "
-                  f"run(s))\nper post: {mix}\n{load}", freshness_marks)
+                  f"Freshness, jobs {'+'.join(config['pipelines'])} (median of "
+                  f"{results['runs_done']} run(s))\nper post: {mix}\n{load}", freshness_marks)
 
     api = results["api"]["rows"]
 
@@ -682,9 +694,11 @@ def plot(results: dict, out: Path) -> None:
 
 def print_summary(r: dict) -> None:
     c, f, tp, api = r["config"], r["freshness"], r["throughput"], r["api"]
-    print(f"\n==== end-to-end benchmark ({r['preset']} preset, median of {c['runs']} run(s), "
+    print(f"\n==== end-to-end benchmark ({r['preset']} preset, median of {r['runs_done']} run(s), "
           f"{r['seconds']:.0f}s; load avg {r['load_average_start'][0]:.2f} at start, "
           f"{r['load_average_end'][0]:.2f} at end, {r['cpus']} CPUs) ====")
+    if r.get("error"):
+        print(f"NOTE: {r['error']} (figures are of the runs that finished)")
     loads = [s["load1"] for row in f["rates"] for s in row["steps"] if "load1" in s]
     if loads:
         print(f"load average (1 min) at the ends of the ladder steps: {min(loads):.2f} to "
@@ -724,7 +738,8 @@ def print_summary(r: dict) -> None:
     print("throughput vs limits measured in this run (peak ladder step; bounded by the offered "
           "load unless overloaded):")
     print(f"  fan-out feed inserts {fmt(tp['peak_feed_inserts_per_s']):>10}/s  vs redis-benchmark "
-          f"ZADD -P64 {fmt(tp['zadd_limit_per_s']):>10}/s  ratio {fmt(tp['feed_inserts_ratio'], '.2%')}")
+          f"ZADD -P64 {fmt(tp['zadd_limit_per_s']):>10}/s  ratio "
+          f"{fmt(tp['feed_inserts_ratio'], '.2%')}")
     print(f"  records consumed     {fmt(tp['peak_records_per_s']):>10}/s  vs raw consume+decode "
           f"{fmt(tp['raw_limit_records_per_s']):>10}/s  ratio {fmt(tp['records_ratio'], '.2%')}")
 
