@@ -64,7 +64,8 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
 from infra.settings import StackSettings  # noqa: E402
-from pipelines.fanout_logic import FanoutPolicy, percentile_of  # noqa: E402
+from bench.ladder import latency_summary, summarize_ladder  # noqa: E402
+from pipelines.fanout_logic import FanoutPolicy  # noqa: E402
 from schemas.events import FollowEvent, MediaType, PostEvent, PostEventKind, dlq_topic  # noqa: E402
 from schemas.keys import KeyLayout  # noqa: E402
 
@@ -96,6 +97,7 @@ class Graph:
         w = Workload(WorkloadConfig(start_ms=1_714_557_600_000, seed=seed, users=users,
                                     avg_following=avg_followers, celebrities=celebrities,
                                     push_threshold=policy.push_threshold))
+        self.workload = w
         self.users = users
         self.edges = w.edge_count
         self.celebrities = w.celebrities
@@ -111,18 +113,27 @@ class Graph:
             return fs
         return fs[:self.policy.celebrity_top_n]
 
-    def load(self, client: redis.Redis, keys: KeyLayout, batch: int = 200_000) -> float:
-        """ZADD every followers set in big pipelines; returns seconds."""
+    def load(self, client: redis.Redis, keys: KeyLayout, batch: int = 200_000,
+             following: bool = False) -> float:
+        """ZADD every followers set in big pipelines; returns seconds.
+
+        ``following``: also every user's following set (what the serving API reads
+        to find the celebrities to pull), scored by follow time like the followers.
+        """
+        sets = [(keys.followers(u), fs) for u, fs in self.followers.items()]
+        if following:
+            sets += [(keys.following(u), self.workload.following(u))
+                     for u in range(1, self.users + 1)]
         t = time.perf_counter()
         pipe, pending = client.pipeline(transaction=False), 0
-        for u, fs in self.followers.items():
-            if not len(fs):
+        for key, members in sets:
+            if not len(members):
                 continue
-            args = np.empty(2 * len(fs), dtype=np.int64)
-            args[0::2] = self.t0 + np.arange(len(fs))
-            args[1::2] = fs
-            pipe.execute_command("ZADD", keys.followers(u), *args.tolist())
-            pending += len(fs)
+            args = np.empty(2 * len(members), dtype=np.int64)
+            args[0::2] = self.t0 + np.arange(len(members))
+            args[1::2] = members
+            pipe.execute_command("ZADD", key, *args.tolist())
+            pending += len(members)
             if pending >= batch:
                 pipe.execute()
                 pipe, pending = client.pipeline(transaction=False), 0
@@ -198,11 +209,15 @@ class Producer:
             if self.on_delivered is not None:
                 self.on_delivered(post)
 
-        value = self.codec.encode(post.event, self.topic)
+        self.send_event(self.topic, post.event, on_delivery=delivered)
+
+    def send_event(self, topic: str, event, on_delivery=None) -> None:
+        """Produce any typed event to ``topic`` (record timestamp = its event time)."""
+        value = self.codec.encode(event, topic)
         while True:
             try:
-                self.producer.produce(self.topic, value, post.event.key,
-                                      timestamp=post.event.event_time, on_delivery=delivered)
+                self.producer.produce(topic, value, event.key, timestamp=event.event_time,
+                                      on_delivery=on_delivery)
                 break
             except BufferError:
                 self.producer.poll(0.05)
@@ -437,6 +452,58 @@ def in_process(ctx, posts: list[Post], with_cassandra: bool) -> dict:
             "inserts_per_s": inserts / seconds}
 
 
+def produce_step(producer: Producer, posts: list[Post], rate: float, timeout_s: float,
+                 alive=None, on_send=None, stop: threading.Event | None = None) -> dict:
+    """Produce ``posts`` at ``rate`` (event time = send time), wait until each is readable.
+
+    Returns the step's freshness (event time -> readable in its last target's
+    feed) and ``overloaded``: the backlog passed ``OVERLOAD_S`` and the step
+    stopped producing early (``posts`` is cut to what was sent). ``alive()``
+    raises if the job under test died; ``on_send(post)`` runs after each post
+    is sent (a mixed workload sends its other events there); ``stop`` set ends
+    the producing early (not counted as overloaded).
+    """
+    t0 = time.time()
+    overloaded, oldest, sent = False, 0, len(posts)
+    for i, p in enumerate(posts):
+        if stop is not None and stop.is_set():
+            sent = i
+            break
+        due = t0 + i / rate
+        while True:
+            now = time.time()
+            if now >= due:
+                break
+            producer.producer.poll(min(due - now, 0.01))
+        now_ms = int(time.time() * 1000)
+        p.event = PostEvent(p.event.event_id, now_ms, PostEventKind.CREATED,
+                            p.event.post_id, p.event.author_id, now_ms,
+                            MediaType.PHOTO, 80, ("travel",))
+        producer.send(p)
+        if on_send is not None:
+            on_send(p)
+        if i % 25 == 0 and time.time() - t0 > OVERLOAD_S:
+            while oldest < i and posts[oldest].done_s is not None:
+                oldest += 1
+            if time.time() - posts[oldest].event.event_time / 1000 > OVERLOAD_S:
+                overloaded, sent = True, i + 1
+                break
+    del posts[sent:]
+    producer.flush()
+    produced_s = time.time() - t0
+    deadline = time.monotonic() + timeout_s
+    while any(p.done_s is None for p in posts):
+        if alive is not None:
+            alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError("freshness step did not drain")
+        time.sleep(0.1)
+    step = {"rate": rate, "posts": len(posts), "achieved_rate": len(posts) / produced_s,
+            "overloaded": overloaded, "produced_s": produced_s}
+    step.update(latency_summary(p.done_s * 1000 - p.event.event_time for p in posts))
+    return step
+
+
 def freshness(ctx, rates: list[int], step_s: float, runs: int) -> dict:
     """One job; per run, a ladder of produce rates; per step, freshness of every post."""
     prefix = f"{ctx.prefix}f."
@@ -450,10 +517,9 @@ def freshness(ctx, rates: list[int], step_s: float, runs: int) -> dict:
     next_id = ctx.next_post_id(10_000_000)
     stop_poller = threading.Event()
 
-    def poller():
-        while not stop_poller.is_set():
-            tracker.poll()
-            time.sleep(POLL_S)
+    def alive():
+        if job.poll() is not None:
+            raise RuntimeError("the fan-out job exited; see its log")
 
     steps: dict[int, list[dict]] = {r: [] for r in rates}
     try:
@@ -464,73 +530,39 @@ def freshness(ctx, rates: list[int], step_s: float, runs: int) -> dict:
             producer.send(p)
         producer.flush()
         tracker.wait(ctx.args.timeout_s, job)
-        thread = threading.Thread(target=poller, daemon=True)
-        thread.start()
+        start_poller(tracker, stop_poller)
         for run in range(runs):
             for rate in rates:
                 n = int(rate * step_s)
                 posts = make_posts(ctx.graph, ctx.keys, rng, n, next_id)
                 next_id += n
-                t0 = time.time()
-                overloaded, oldest = False, 0
-                for i, p in enumerate(posts):
-                    due = t0 + i / rate
-                    while True:
-                        now = time.time()
-                        if now >= due:
-                            break
-                        producer.producer.poll(min(due - now, 0.01))
-                    now_ms = int(time.time() * 1000)
-                    p.event = PostEvent(p.event.event_id, now_ms, PostEventKind.CREATED,
-                                        p.event.post_id, p.event.author_id, now_ms,
-                                        MediaType.PHOTO, 80, ("travel",))
-                    producer.send(p)
-                    if i % 25 == 0 and time.time() - t0 > OVERLOAD_S:
-                        while oldest < i and posts[oldest].done_s is not None:
-                            oldest += 1
-                        if time.time() - posts[oldest].event.event_time / 1000 > OVERLOAD_S:
-                            overloaded = True
-                            posts = posts[:i + 1]
-                            break
-                producer.flush()
-                produced_s = time.time() - t0
-                deadline = time.monotonic() + ctx.args.timeout_s
-                while any(p.done_s is None for p in posts):
-                    if job.poll() is not None:
-                        raise RuntimeError("the fan-out job exited; see its log")
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("freshness step did not drain")
-                    time.sleep(0.1)
-                lat = sorted((p.done_s * 1000 - p.event.event_time) for p in posts)
-                step = {"rate": rate, "posts": len(posts), "achieved_rate": len(posts) / produced_s,
-                        "p50_ms": percentile_of(lat, 0.5), "p99_ms": percentile_of(lat, 0.99),
-                        "max_ms": lat[-1], "overloaded": overloaded}
+                step = produce_step(producer, posts, rate, ctx.args.timeout_s, alive)
                 steps[rate].append(step)
                 print(f"  freshness run {run + 1} {rate:>5}/s: {len(posts)} posts, "
                       f"p50 {step['p50_ms']:.0f} ms, p99 {step['p99_ms']:.0f} ms"
-                      + ("  OVERLOADED (stopped early)" if overloaded else ""), flush=True)
-                if overloaded:
+                      + ("  OVERLOADED (stopped early)" if step["overloaded"] else ""),
+                      flush=True)
+                if step["overloaded"]:
                     break
                 time.sleep(1.0)
     finally:
         stop_poller.set()
         job.stop()
-    summary = []
-    for rate in rates:
-        got = steps[rate]
-        if not got:
-            continue
-        summary.append({
-            "rate": rate, "runs": len(got),
-            "p50_ms": statistics.median(s["p50_ms"] for s in got),
-            "p99_ms": statistics.median(s["p99_ms"] for s in got),
-            "achieved_rate": statistics.median(s["achieved_rate"] for s in got),
-            "overloaded_runs": sum(s["overloaded"] for s in got),
-            "steps": got})
-    ok = [s["rate"] for s in summary
-          if s["p99_ms"] <= FRESHNESS_P99_MS and not s["overloaded_runs"] and s["runs"] == runs]
-    return {"step_s": step_s, "poll_s": POLL_S, "rates": summary,
-            "highest_rate_p99_le_1s": max(ok) if ok else None}
+    ladder = summarize_ladder(steps, runs, FRESHNESS_P99_MS)
+    return {"step_s": step_s, "poll_s": POLL_S, "rates": ladder["rates"],
+            "highest_rate_p99_le_1s": ladder["headline_rate"]}
+
+
+def start_poller(tracker: Tracker, stop: threading.Event) -> threading.Thread:
+    """A daemon thread polling ``tracker`` every ``POLL_S`` until ``stop`` is set."""
+    def poll():
+        while not stop.is_set():
+            tracker.poll()
+            time.sleep(POLL_S)
+
+    thread = threading.Thread(target=poll, daemon=True, name="freshness-poller")
+    thread.start()
+    return thread
 
 
 def memory(ctx, cap: int, sample: int = 200) -> dict:
@@ -626,13 +658,25 @@ class Ctx:
         return self._post_base + offset
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def graph_arguments(parser: argparse.ArgumentParser, quick: dict) -> None:
+    """``--quick`` and the follower graph's size (``None`` unless given: see ``apply_preset``)."""
     parser.add_argument("--quick", action="store_true",
-                        help=f"small preset for a few minutes: {QUICK}")
+                        help=f"small preset for a few minutes: {quick}")
     parser.add_argument("--users", type=int)
     parser.add_argument("--avg-followers", type=float)
     parser.add_argument("--celebrities", type=int)
+
+
+def apply_preset(args: argparse.Namespace, quick: dict, full: dict) -> None:
+    """Fill every option left ``None`` from the quick or the full preset."""
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    graph_arguments(parser, QUICK)
     parser.add_argument("--posts", type=int, help="posts per pipeline run")
     parser.add_argument("--runs", type=int)
     parser.add_argument("--rates", help="comma-separated produce rates (posts/s) for freshness")
@@ -643,10 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated: naive, freshness, memory, "
                                                    "diagnostic")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_preset(args, QUICK, FULL)
     skip = {s for s in args.skip.split(",") if s}
     rates = [int(r) for r in args.rates.split(",")]
 

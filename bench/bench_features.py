@@ -49,8 +49,8 @@ from jobs.generate import PRODUCER_CONFIG  # noqa: E402
 from jobs.replay import CONSUMER_CONFIG  # noqa: E402
 from pipelines.io import offsets as kafka_offsets  # noqa: E402
 from schemas.codec import HEADER_SIZE, WireCodec  # noqa: E402
-from schemas.events import (EngagementEvent, EngagementKind, MediaType, PostEvent,  # noqa: E402
-                            PostEventKind)
+from schemas.events import (EngagementEvent, EngagementKind, FollowEvent, MediaType,  # noqa: E402
+                            PostEvent, PostEventKind, StoryEvent)
 
 HOUR = 3_600_000
 TARGET = 0.50
@@ -111,14 +111,17 @@ def produce(bootstrap: str, prefix: str, events: list) -> None:
 # ------------------------------------------------------------------ raw loop
 
 
-def raw_loop(bootstrap: str, ranges: dict[str, dict[int, tuple[int, int]]]) -> int:
-    """Consume every range of both topics and decode each body; returns records decoded."""
+def raw_loop(bootstrap: str, ranges: dict[str, dict[int, tuple[int, int]]],
+             stamps: dict | None = None) -> int:
+    """Consume every range of the topics (any of the four event topics) and decode each
+    body with its schema; returns records decoded. ``stamps``, if given, gets the
+    ``perf_counter`` of the first and the last record (``"first"``, ``"last"``)."""
     from confluent_kafka import Consumer, TopicPartition
 
     codec = WireCodec()
+    types = (EngagementEvent, PostEvent, StoryEvent, FollowEvent)
     writers = {topic: codec._decoder(codec.schema_id_of(
-        EngagementEvent if topic.endswith(EngagementEvent.TOPIC) else PostEvent)).writer
-        for topic in ranges}
+        next(t for t in types if topic.endswith(t.TOPIC)))).writer for topic in ranges}
     consumer = Consumer({"bootstrap.servers": bootstrap, **CONSUMER_CONFIG})
     consumer.assign([TopicPartition(t, p, s) for t, parts in ranges.items()
                      for p, (s, e) in parts.items() if e > s])
@@ -134,6 +137,8 @@ def raw_loop(bootstrap: str, ranges: dict[str, dict[int, tuple[int, int]]]) -> i
                 buf = io.BytesIO(msg.value())
                 buf.seek(HEADER_SIZE)
                 reader(buf, writers[msg.topic()], None)
+                if not n and stamps is not None:
+                    stamps["first"] = time.perf_counter()
                 n += 1
                 key = (msg.topic(), msg.partition())
                 remaining[key] -= 1
@@ -141,6 +146,8 @@ def raw_loop(bootstrap: str, ranges: dict[str, dict[int, tuple[int, int]]]) -> i
                     del remaining[key]
     finally:
         consumer.close()
+    if stamps is not None:
+        stamps["last"] = time.perf_counter()
     return n
 
 

@@ -222,6 +222,7 @@ class Server:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()  # nobody else holds this object to stop it
                 raise RuntimeError(f"server did not start; see {log}")
             time.sleep(0.2)
 
