@@ -79,6 +79,42 @@ def new_cluster(host: str, port: int, **options):
                    execution_profiles={EXEC_PROFILE_DEFAULT: profile}, **options)
 
 
+def open_on_new_cluster(host: str, port: int, open_store, wait_s: float = 120.0,
+                        max_delay_s: float = 15.0):
+    """``open_store(session)`` on a new cluster connection; returns ``(cluster, store)``.
+
+    A pipeline's workers connect in their ``setup()``: a Cassandra that is
+    starting, restarting or briefly saturated (connects and prepares time
+    out) should delay the job, not fail it. ``NoHostAvailable`` and
+    ``OperationTimedOut`` are retried with exponential backoff for up to
+    ``wait_s`` seconds (0: one attempt), logging each failure; then, or on any
+    other error, the error is raised and the cluster shut down.
+    """
+    import time
+
+    from cassandra import OperationTimedOut
+    from cassandra.cluster import NoHostAvailable
+
+    deadline = time.monotonic() + wait_s
+    delay = 1.0
+    while True:
+        cluster = new_cluster(host, port)
+        try:
+            return cluster, open_store(cluster.connect())
+        except (NoHostAvailable, OperationTimedOut) as exc:
+            cluster.shutdown()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log.warning("cassandra at %s:%d not available (%s: %s); retrying in %.0fs",
+                        host, port, type(exc).__name__, exc, min(delay, left))
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, max_delay_s)
+        except BaseException:
+            cluster.shutdown()
+            raise
+
+
 def time_bucket(time_ms: int) -> int:
     """Partition bucket of a post created at ``time_ms`` (ms since the epoch)."""
     return time_ms // FEED_BUCKET_MS

@@ -90,7 +90,8 @@ class AioCassandra:
         while not self._closed:
             try:
                 store = await loop.run_in_executor(
-                    None, lambda: CassandraFeedStore.connect(self.host, self.port, self.keyspace))
+                    None, lambda: CassandraFeedStore.connect(self.host, self.port, self.keyspace,
+                                                           connect_wait_s=0))
                 ranked = RankedFeedStore(None, KeyLayout(), store)
                 # Prepare everything now (blocking) rather than on a request's path.
                 for name in ("get_posts", "feed", "feed_before", "timeline", "following",

@@ -277,14 +277,12 @@ class CassandraFeedStore:
         self._cql = q
 
     @classmethod
-    def connect(cls, host: str, port: int, keyspace: str, **options) -> "CassandraFeedStore":
-        """A store on a new cluster connection (``schemas.cassandra.new_cluster``); ``close()`` shuts it."""
-        cluster = cs.new_cluster(host, port)
-        try:
-            store = cls(cluster.connect(), keyspace, **options)
-        except Exception:
-            cluster.shutdown()
-            raise
+    def connect(cls, host: str, port: int, keyspace: str, connect_wait_s: float = 120.0,
+                **options) -> "CassandraFeedStore":
+        """A store on a new cluster connection; ``close()`` shuts it. An unreachable
+        Cassandra is retried for ``connect_wait_s`` (``schemas.cassandra.open_on_new_cluster``)."""
+        cluster, store = cs.open_on_new_cluster(
+            host, port, lambda session: cls(session, keyspace, **options), connect_wait_s)
         store._cluster = cluster
         return store
 

@@ -472,14 +472,11 @@ class CassandraStoryStore:
 
     @classmethod
     def connect(cls, host: str, port: int, keyspace: str, policy: StoryPolicy = StoryPolicy(),
-                **options) -> "CassandraStoryStore":
-        """A store on a new cluster connection; ``close()`` shuts it."""
-        cluster = cs.new_cluster(host, port)
-        try:
-            store = cls(cluster.connect(), keyspace, policy, **options)
-        except Exception:
-            cluster.shutdown()
-            raise
+                connect_wait_s: float = 120.0, **options) -> "CassandraStoryStore":
+        """A store on a new cluster connection (retried as ``CassandraFeedStore.connect``);
+        ``close()`` shuts it."""
+        cluster, store = cs.open_on_new_cluster(
+            host, port, lambda session: cls(session, keyspace, policy, **options), connect_wait_s)
         store._db._cluster = cluster
         return store
 

@@ -270,3 +270,16 @@ def test_replaying_the_same_operations_leaves_identical_dumps(redis_store, cassa
     _apply_workload(redis_store, cassandra_store, reverse=True)  # replay, edges out of order
     assert redis_store.dump() == first_redis
     assert cassandra_store.dump() == first_cassandra
+
+
+def test_connect_retries_an_unreachable_cassandra_then_raises(caplog):
+    from cassandra.cluster import NoHostAvailable
+
+    from tests.integration.serving_harness import free_port
+
+    port = free_port()  # nothing listens there
+    with caplog.at_level("WARNING", logger="schemas.cassandra"):
+        with pytest.raises(NoHostAvailable):
+            CassandraFeedStore.connect("127.0.0.1", port, "feedbeam", connect_wait_s=2.5)
+    retries = [r for r in caplog.records if "not available" in r.getMessage()]
+    assert len(retries) >= 2 and all(str(port) in r.getMessage() for r in retries)
