@@ -21,8 +21,9 @@ options the pipeline declares, unless given. Runners:
   here too (no Docker), so the submitting process hosts the Python workers;
   for a real cluster pass ``--environment_type=EXTERNAL|PROCESS`` and its
   ``--environment_config``. Offsets are committed only when a Flink
-  checkpoint completes: pass ``--checkpointing_interval MS`` (the pipeline
-  adds the flag that needs, see ``pipelines.runtime``).
+  checkpoint completes, so ``--checkpointing_interval`` defaults to
+  ``FLINK_CHECKPOINT_MS`` (the pipeline adds the flag that needs, see
+  ``pipelines.runtime``).
 * ``direct``: Beam's in-process runner (FnApiRunner); bounded runs only
   (``--replay_ranges``), for debugging.
 * ``dataflow``: Google Cloud Dataflow; needs ``--project``, ``--region`` and
@@ -51,6 +52,9 @@ from infra.settings import REPO_ROOT, StackSettings
 from jobs.errors import UserFacingError
 
 RUNNERS = ("prism", "flink", "direct", "dataflow")
+#: Flink checkpoint interval unless given: offsets are committed at each checkpoint, so
+#: this bounds what a restart re-reads (seconds of input, applied idempotently again).
+FLINK_CHECKPOINT_MS = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +117,9 @@ def runner_args(runner: str, settings: StackSettings, beam_args: list[str]) -> l
             out.append(f"--job_endpoint={endpoint}")
         if not _has_flag(beam_args, "--environment_type"):
             out.append("--environment_type=LOOPBACK")
+        if not _has_flag(beam_args, "--checkpointing_interval"):
+            # Without checkpoints Flink never finalizes bundles: no offset is committed.
+            out.append(f"--checkpointing_interval={FLINK_CHECKPOINT_MS}")
         return out
     if runner == "direct":
         if not _has_flag(beam_args, "--replay_ranges"):

@@ -59,6 +59,12 @@ def test_flink_uses_the_given_job_endpoint_and_passes_flink_master(settings):
                                 ["--job_endpoint=jm:8099", "--flink_master=jm:8081"])
     assert "--runner=FlinkRunner" in argv and "--job_endpoint=jm:8099" in argv
     assert argv.count("--job_endpoint=jm:8099") == 1 and "--flink_master=jm:8081" in argv
+    # Offsets are committed at checkpoints: on by default, the user's interval wins.
+    assert f"--checkpointing_interval={submit.FLINK_CHECKPOINT_MS}" in argv
+    argv = submit.build_command("fanout", "flink", settings,
+                                ["--job_endpoint=jm:8099", "--checkpointing_interval=500"])
+    assert [a for a in argv if a.startswith("--checkpointing_interval")] == [
+        "--checkpointing_interval=500"]
 
 
 def test_flink_without_a_job_server_is_a_clear_error(settings):
