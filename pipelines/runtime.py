@@ -40,17 +40,31 @@ def _has_flag(args: list[str], name: str) -> bool:
     return any(a == name or a.startswith(name + "=") for a in args)
 
 
+#: Flink restarts a failed job this many times, this far apart, then fails it. With
+#: checkpointing and no restart strategy Flink restarts forever, and a LOOPBACK job
+#: whose launcher died can never come back: it would hold its slots and memory for good.
+FLINK_RESTARTS = 3
+FLINK_RESTART_DELAY_MS = 5000
+
+
 def runner_flags(args: list[str]) -> list[str]:
-    """``args`` (a pipeline's command line) plus the runner flags our source needs:
-    ``--finish_bundle_before_checkpointing`` on Flink with checkpointing (see the
-    module docstring), unless given."""
+    """``args`` (a pipeline's command line) plus the runner flags our jobs need on
+    Flink, unless given: ``--finish_bundle_before_checkpointing`` with checkpointing
+    (see the module docstring) and a bounded restart strategy (``FLINK_RESTARTS``)."""
     runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), "")
     if "--runner" in args[:-1]:
         runner = args[args.index("--runner") + 1]
-    if (runner.lower() in ("flink", "flinkrunner") and _has_flag(args, "--checkpointing_interval")
+    out = list(args)
+    if runner.lower() not in ("flink", "flinkrunner"):
+        return out
+    if (_has_flag(args, "--checkpointing_interval")
             and not _has_flag(args, "--finish_bundle_before_checkpointing")):
-        return [*args, "--finish_bundle_before_checkpointing"]
-    return list(args)
+        out.append("--finish_bundle_before_checkpointing")
+    if not _has_flag(args, "--number_of_execution_retries"):
+        out.append(f"--number_of_execution_retries={FLINK_RESTARTS}")
+        if not _has_flag(args, "--execution_retry_delay"):
+            out.append(f"--execution_retry_delay={FLINK_RESTART_DELAY_MS}")
+    return out
 
 
 def pipeline_options(argv=None):

@@ -25,8 +25,19 @@ def cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _ended_states() -> set:
+    from apache_beam.portability.api import beam_job_api_pb2 as api
+
+    s = api.JobState
+    return {s.DONE, s.FAILED, s.CANCELLED, s.UPDATED, s.DRAINED}
+
+
+_ENDED = _ended_states()
+
+
 def flink_running_jobs(stack) -> set[str]:
-    """Names (``--job_name``) of the jobs the Flink job server reports RUNNING."""
+    """Names (``--job_name``) of the jobs the Flink job server has not ended: running,
+    starting, cancelling or restarting (a job whose workers are gone restarts)."""
     import grpc
     from apache_beam.portability.api import beam_job_api_pb2 as api
     from apache_beam.portability.api import beam_job_api_pb2_grpc as api_grpc
@@ -37,7 +48,7 @@ def flink_running_jobs(stack) -> set[str]:
         jobs = api_grpc.JobServiceStub(channel).GetJobs(api.GetJobsRequest(), timeout=30)
     # The portable runner names every job "job"; the option holds the name given.
     return {j.pipeline_options.fields["beam:option:job_name:v1"].string_value
-            for j in jobs.job_info if j.state == api.JobState.RUNNING}
+            for j in jobs.job_info if j.state not in _ENDED}
 
 
 def job_pid(env: dict, job_id: str) -> int:

@@ -6,21 +6,27 @@ import pytest
 from pipelines.runtime import pipeline_options, runner_flags
 
 FINISH = "--finish_bundle_before_checkpointing"
+RESTARTS = ["--number_of_execution_retries=3", "--execution_retry_delay=5000"]
 
 
 @pytest.mark.parametrize("runner", [["--runner=FlinkRunner"], ["--runner", "FlinkRunner"],
                                     ["--runner=flink"]])
 def test_flink_with_checkpointing_finishes_bundles_before_the_barrier(runner):
     args = [*runner, "--checkpointing_interval=2000", "--streaming"]
-    assert runner_flags(args) == [*args, FINISH]
+    assert runner_flags(args) == [*args, FINISH, *RESTARTS]
     spaced = [*runner, "--checkpointing_interval", "2000"]
-    assert runner_flags(spaced) == [*spaced, FINISH]
+    assert runner_flags(spaced) == [*spaced, FINISH, *RESTARTS]
+
+
+def test_flink_restarts_are_bounded_unless_the_user_says_otherwise():
+    assert runner_flags(["--runner=FlinkRunner"]) == ["--runner=FlinkRunner", *RESTARTS]
+    own = ["--runner=FlinkRunner", "--number_of_execution_retries=-1"]
+    assert runner_flags(own) == own
 
 
 @pytest.mark.parametrize("args", [
-    ["--runner=FlinkRunner", "--streaming"],                         # no checkpointing
-    ["--runner=FlinkRunner", "--checkpointing_interval=2000", FINISH],  # already given
-    ["--runner=PrismRunner", "--checkpointing_interval=2000"],       # not Flink's option
+    ["--runner=FlinkRunner", "--checkpointing_interval=2000", FINISH, *RESTARTS],  # all given
+    ["--runner=PrismRunner", "--checkpointing_interval=2000"],       # not Flink's options
     [],
 ])
 def test_other_command_lines_are_left_alone(args):
