@@ -53,10 +53,10 @@ DEMO_GROUP = "feedbeam-demo-fanout"
 class DemoWorkload:
     """The demo's ``feedbeam generate`` options.
 
-    Sized for a two-core machine: the fan-out job on Prism applies 150-400
-    follow events per second there (each FOLLOW reads the followee's
-    timeline to merge recent posts), so the graph (~30 k edges) dominates the
-    demo's run time (two to three minutes). Two celebrities sit above the push
+    Sized for a two-core machine: with the four jobs sharing it the fan-out
+    applies about 50 follow events per second (each FOLLOW reads the
+    followee's timeline to merge recent posts), so the graph (~30 k edges)
+    dominates the demo's run time (about ten minutes). Two celebrities sit above the push
     threshold (pulled at read time, their top followers still pushed), and
     posts are frequent enough that a feed has tens of entries.
     """
