@@ -15,7 +15,10 @@ group ``feedbeam-ranking``) and, through ``RefreshRankedFeeds``:
      pushed entry, or a pulled celebrity post). Followers are read from the
      graph the fan-out keeps in Redis; the trigger carries the post, so the
      refresh ranks a new post even if the fan-out has not pushed it yet, and
-     never ranks a deleted one the fan-out has not removed yet;
+     never ranks a deleted one the fan-out has not removed yet. The
+     followers are those the graph holds when the trigger runs: a post
+     that races its author's newest follow (edge not written yet) reaches
+     that follower's ranked feed at the follower's next refresh;
    * a FOLLOW or UNFOLLOW: the follower (followees changed);
    * a LIKE, COMMENT, SHARE or SAVE: the viewer, whose affinities (the
      features that matter most) moved materially. Views, unlikes and profile

@@ -85,8 +85,12 @@ def flink_ready_or_fail(stack) -> None:
                     "`feedbeam infra up flink` (the test command does)", pytrace=False)
 
 
-def _wait_for(predicate, timeout_s: float, what: str, result=None):
-    """Poll ``predicate`` until truthy; fail early if the job ``result`` ended."""
+def _wait_for(predicate, timeout_s: float, what: str, result=None, state=None):
+    """Poll ``predicate`` until truthy; fail early if the job ``result`` ended.
+
+    ``state``: a callable whose value is put in the failure message (what the
+    test saw when it gave up), so a CI failure says where the data stopped.
+    """
     from apache_beam.runners.runner import PipelineState
 
     deadline = time.monotonic() + timeout_s
@@ -97,7 +101,8 @@ def _wait_for(predicate, timeout_s: float, what: str, result=None):
         if result is not None and PipelineState.is_terminal(result.state):
             raise AssertionError(f"the job ended ({result.state}) before {what}")
         time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    seen = "" if state is None else f"; last seen: {state()!r}"
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{seen}")
 
 
 def _seen(redis_client, prefix: str, partition: int) -> list[str]:

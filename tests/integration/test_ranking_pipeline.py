@@ -107,6 +107,13 @@ def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cass
                     + [follow(u, CELEB, now + 1) for u in (2, 3)])
         _wait_for(lambda: ranked_ids() == [], 120, "the follows' refresh (no posts yet)", result)
         assert reader.read(VIEWER).model_version == RECENCY_VERSION
+        # The ranking reads a post's followers from the graph the fan-out
+        # keeps; the two run as separate stages, so the fan-out may still be
+        # applying the follows (a post racing its author's new follower is
+        # ranked at the follower's next change, as the module doc says).
+        _wait_for(lambda: all(VIEWER in feeds.followers(a) for a in (10, 11, CELEB)), 60,
+                  "the fan-out's graph", result,
+                  state=lambda: {a: feeds.followers(a) for a in (10, 11, CELEB)})
 
         # Posts: 10 posts three times, 11 once (a REEL), the celebrity once
         # (pulled from its timeline, never pushed to the viewer).
@@ -114,7 +121,8 @@ def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cass
         topics.send([post(110, 11, t, MediaType.REEL), post(990, CELEB, t + 1)]
                     + [post(100 + i, 10, t + 10 + i) for i in range(3)])
         _wait_for(lambda: sorted(ranked_ids() or []) == [100, 101, 102, 110, 990], 60,
-                  "the posts in the ranked feed", result)
+                  "the posts in the ranked feed", result,
+                  state=lambda: (ranked_ids(), feeds.feed(VIEWER, 100)))
         feed = reader.read(VIEWER)
         assert feed.model_version == RECENCY_VERSION
         assert [e.post_id for e in feed.entries] == [102, 990, 101, 110, 100]  # newest, diverse

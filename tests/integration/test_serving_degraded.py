@@ -15,7 +15,13 @@ import pytest
 
 from pipelines.fanout import StoreConfig
 from schemas.cassandra import migrate
-from tests.integration.serving_harness import free_port, private_redis, running_app, serving_config
+from tests.integration.serving_harness import (
+    PRODUCTION_BUDGETS,
+    free_port,
+    private_redis,
+    running_app,
+    serving_config,
+)
 from tests.integration.test_serving_api import graph_and_posts, ids
 
 pytestmark = pytest.mark.integration
@@ -36,7 +42,7 @@ def own_redis(stack, cassandra_session, keyspace):
 def test_redis_killed_answers_from_cassandra(stack, own_redis, keyspace):
     url, proc = own_redis
     config = serving_config(stack, "fb", keyspace, redis_url=url, push_threshold=3,
-                            breaker_failures=3)
+                            breaker_failures=3, **PRODUCTION_BUDGETS)
     with running_app(config) as (api, app):
         status, body = api.get("/v1/users/1/feed/chronological", user=1)
         assert status == 200 and body["source"] == "redis" and ids(body) == EXPECTED
@@ -61,7 +67,7 @@ def test_redis_killed_answers_from_cassandra(stack, own_redis, keyspace):
 def test_redis_paused_answers_from_cassandra_within_the_budget(stack, own_redis, keyspace):
     url, proc = own_redis
     config = serving_config(stack, "fb", keyspace, redis_url=url, push_threshold=3,
-                            redis_timeout_s=0.05)
+                            **{**PRODUCTION_BUDGETS, "redis_timeout_s": 0.05})
     with running_app(config) as (api, _):
         assert api.get("/v1/users/1/feed/chronological", user=1)[1]["source"] == "redis"
         os.kill(proc.pid, signal.SIGSTOP)  # alive but silent: the "slow Redis" case
@@ -78,7 +84,8 @@ def test_redis_paused_answers_from_cassandra_within_the_budget(stack, own_redis,
 def test_cassandra_down_answers_from_redis(stack, stores_in_shared_redis):
     config = serving_config(stack, stores_in_shared_redis.redis_key_prefix,
                             stores_in_shared_redis.cassandra_keyspace,
-                            cassandra_port=free_port(), push_threshold=3)
+                            cassandra_port=free_port(), push_threshold=3,
+                            **PRODUCTION_BUDGETS)
     with running_app(config) as (api, app):
         assert not app.cassandra.connected
         status, body = api.get("/v1/users/1/feed/chronological", user=1)
@@ -94,7 +101,8 @@ def test_both_down_is_a_clear_503(stack, own_redis, keyspace):
     url, proc = own_redis
     proc.kill()
     proc.wait(timeout=15)
-    config = serving_config(stack, "fb", keyspace, redis_url=url, cassandra_port=free_port())
+    config = serving_config(stack, "fb", keyspace, redis_url=url, cassandra_port=free_port(),
+                            **PRODUCTION_BUDGETS)
     with running_app(config) as (api, _):
         for path in ("/v1/users/1/feed", "/v1/users/1/feed/chronological",
                      "/v1/users/1/stories/tray"):
