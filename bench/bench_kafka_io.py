@@ -1,7 +1,7 @@
 """Benchmark: the Kafka IO paths against a raw consume + Avro decode loop, in one run.
 
     .venv/bin/python bench/bench_kafka_io.py [--events 300000] [--partitions 3] [--runs 3]
-                                             [--skip replay,beam,streaming]
+                                             [--skip replay,beam,floor,streaming]
 
 Produces ``--events`` engagement events (wire format, record timestamps =
 event times over 6 hours) to a fresh topic on the local Kafka, then, on that
@@ -18,13 +18,21 @@ same topic, measures ``--runs`` times each
   bundle, on Prism (LOOPBACK): wall time of ``run().wait_until_finish()``.
   The same pipeline over one record gives the job's fixed start-up cost, so
   both the end-to-end rate and the rate excluding start-up are reported;
+* floor: Beam's own per-element cost on Prism, with no Kafka: a splittable
+  DoFn that claims an offset per element and emits a ``KafkaRecord`` of one
+  constant engagement event (one restriction per partition), an identity
+  DoFn in decode's place, and the same counting sink; wall time less its
+  one-element start-up. A source + decode in Beam pays the raw loop's work
+  and this, so ``1 / (1/raw + 1/floor)`` bounds it. The same with the real
+  ``DecodeEvents`` (typed events, which the raw loop does not build) in the
+  identity's place: what a source + decode gets with Kafka free;
 * streaming: an unbounded ``ReadFromKafka`` of the topic from earliest into
   ``DecodeEvents`` and a sink adding each bundle's count to a Redis counter;
   the rate is records over the time from the first to the last record
   counted (start-up excluded by construction); the job is then cancelled.
 
 Prints the median records/s of each and its ratio to raw (targets: beam
->= 50%, replay >= 70%). The topic and Redis keys are deleted afterwards.
+>= 50%, replay >= 70%), and the ceiling the floor sets. The topic and Redis keys are deleted afterwards.
 Needs the local stack (``feedbeam infra up``) and the Prism binary.
 """
 from __future__ import annotations
@@ -51,7 +59,7 @@ from schemas.events import EngagementEvent, EngagementKind, MediaType  # noqa: E
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00Z
 SPAN_MS = 6 * 3_600_000
-MEASURES = ("raw", "replay", "beam", "streaming")
+MEASURES = ("raw", "replay", "beam", "floor", "streaming")  # floor: two measures
 TARGETS = {"replay": 0.70, "beam": 0.50, "streaming": 0.50}
 COUNT_NAMESPACE = "bench"
 
@@ -164,7 +172,6 @@ def beam_bounded(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
                  prism: str) -> tuple[int, float]:
     """Run ReadFromKafka(ranges) | DecodeEvents | count on Prism: ``(counted, seconds)``."""
     import apache_beam as beam
-    from apache_beam.metrics.metric import MetricsFilter
 
     from pipelines.io.deadletter import DecodeEvents
     from pipelines.io.kafka import ReadFromKafka
@@ -174,12 +181,65 @@ def beam_bounded(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
                | "Read" >> ReadFromKafka(_source_config(bootstrap), ranges={topic: ranges})
                | "Decode" >> DecodeEvents())
     _ = decoded.events | "Count" >> beam.ParDo(_count_fn())
+    return _run_counted(pipeline)
+
+
+def _run_counted(pipeline) -> tuple[int, float]:
+    """Run a bounded pipeline to the end: ``(elements counted by _count_fn, wall seconds)``."""
+    from apache_beam.metrics.metric import MetricsFilter
+
     t0 = time.perf_counter()
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - t0
     found = result.metrics().query(MetricsFilter().with_name("counted"))["counters"]
     return sum(c.committed or 0 for c in found), seconds
+
+
+def beam_floor(total: int, partitions: int, prism: str, decode: bool = False) -> tuple[int, float]:
+    """A splittable DoFn (``partitions`` restrictions) emitting ``total`` records
+    of one constant engagement event, | identity (or ``DecodeEvents`` if
+    ``decode``) | count, on Prism: ``(counted, seconds)``."""
+    import apache_beam as beam
+    from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+    from apache_beam.transforms.core import RestrictionProvider
+
+    from pipelines.io.deadletter import DecodeEvents
+    from pipelines.io.records import KafkaRecord
+
+    topic = EngagementEvent.TOPIC
+    value = WireCodec().encode(next(_events(1)), topic)
+
+    class Ranges(RestrictionProvider):
+        def initial_restriction(self, element):
+            return OffsetRange(*element)
+
+        def create_tracker(self, restriction):
+            return OffsetRestrictionTracker(restriction)
+
+        def restriction_size(self, element, restriction):
+            return restriction.size()
+
+        def split(self, element, restriction):
+            yield restriction  # one restriction per "partition", as the Kafka read
+
+    class Emit(beam.DoFn):
+        def process(self, element, tracker=beam.DoFn.RestrictionParam(Ranges())):
+            position = tracker.current_restriction().start
+            while tracker.try_claim(position):
+                yield KafkaRecord(topic, 0, position, b"k", value, T0 + position)
+                position += 1
+
+    per = -(-total // partitions)
+    starts = [(i * per, min(total, (i + 1) * per)) for i in range(partitions) if i * per < total]
+    pipeline = beam.Pipeline(options=_beam_options(prism))
+    records = (pipeline
+               | "Ranges" >> beam.Create(starts)
+               | "Emit" >> beam.ParDo(Emit()))
+    out = ((records | "Decode" >> DecodeEvents()).events if decode
+           else records | "Identity" >> beam.Map(lambda r: r))
+    _ = out | "Count" >> beam.ParDo(_count_fn())
+    return _run_counted(pipeline)
 
 
 def _redis_count_fn(redis_url: str, key: str, total: int):
@@ -298,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                 startup.append(seconds)
             print("beam job start-up (1 record): "
                   + "  ".join(f"{s:.2f}s" for s in startup))
+        floor_startup = 0.0
+        floors: dict[str, list[float]] = {"floor": [], "floor_decode": []}
+        if "floor" in rates:
+            beam_floor(1, 1, prism)
+            floor_startup = statistics.median(beam_floor(1, 1, prism)[1] for _ in range(2))
         with tempfile.TemporaryDirectory(prefix="bench-kafka-io-") as tmp:
             for run in range(args.runs):
                 line = [f"run {run + 1}:"]
@@ -321,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
                     steady.append(n / max(seconds - statistics.median(startup), 1e-9))
                     line.append(f"beam {rates['beam'][-1]:,.0f} ({seconds:.1f}s; "
                                 f"{steady[-1]:,.0f} excl. start-up)")
+                if "floor" in rates:
+                    for name, decode in (("floor", False), ("floor_decode", True)):
+                        n, seconds = beam_floor(total, args.partitions, prism, decode)
+                        assert n == total, (n, total)
+                        floors[name].append(n / max(seconds - floor_startup, 1e-9))
+                        line.append(f"{name} {floors[name][-1]:,.0f} ({seconds:.1f}s)")
                 if "streaming" in rates:
                     n, seconds = beam_streaming(bootstrap, topic, total, prism,
                                                 settings.redis_url)
@@ -337,6 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     labels = {"replay": "replay to Parquet",
               "beam": "beam source+decode, end-to-end",
               "streaming": "beam streaming, first->last record"}
+    if "floor" in rates:
+        floor = statistics.median(floors["floor"])
+        ceiling = 1 / (1 / raw + 1 / floor)
+        with_decode = statistics.median(floors["floor_decode"])
+        print(f"  {'beam floor (no Kafka, no decode)':<36} {floor:>10,.0f} rec/s  excl. start-up "
+              f"({floor_startup:.2f}s)")
+        print(f"  {'  -> ceiling for source+decode':<36} {ceiling:>10,.0f} rec/s  "
+              f"{ceiling / raw:>4.0%} of raw = 1 / (1/raw + 1/floor)")
+        print(f"  {'beam floor + DecodeEvents, no Kafka':<36} {with_decode:>10,.0f} rec/s  "
+              f"{with_decode / raw:>4.0%} of raw (typed events: the most a source+decode gets)")
     for name, label in labels.items():
         if name not in rates:
             continue

@@ -35,6 +35,12 @@ the fallback path (Cassandra) loaded at ``--outage-rate``.
 ``--ladder`` then runs the best configuration once at each lower rate, to show
 where it stands below the target on the machine as it is.
 
+The floor (``--floor-workers``, 0 to skip): ``bench/floor_app.py`` under
+granian with that many workers, at ``--rate`` with the same targets and load
+generator, ``--runs`` times: a constant page-sized body, no token check, no
+Redis. What it achieves is the most any Python ASGI app gets from this
+machine at that rate; the API's figures are read against it.
+
 Results: a summary block and ``bench/results/serving.json``.
 """
 from __future__ import annotations
@@ -50,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -237,6 +244,32 @@ class Server:
         self.log.close()
 
 
+class FloorServer:
+    """``bench/floor_app.py`` (granian, ``workers``) in its own process group."""
+
+    def __init__(self, workers: int, port: int, log: Path):
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "floor_app.py"), str(port), str(workers)],
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.base + "/", timeout=2).close()
+                break
+            except urllib.error.HTTPError:  # 401 without a token: it answers
+                break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"floor server did not start; see {log}")
+            time.sleep(0.2)
+
+    stop = Server.stop
+
+
 class PrivateRedis:
     """A throwaway ``redis-server`` (Debian's binary) on a free port, no persistence."""
 
@@ -339,6 +372,28 @@ def measure_config(spec: str, ctx: dict, args) -> dict:
             "redis_benchmark_p99_ms": statistics.median(r["redis_benchmark"]["p99_ms"] for r in runs)}
 
 
+def measure_floor(ctx: dict, args) -> dict:
+    """The HTTP floor (see the module doc) at ``--rate``, ``--runs`` times."""
+    server = FloorServer(args.floor_workers, free_port(), ctx["tmp"] / "floor.log")
+    try:
+        targets = ctx["tmp"] / "targets-floor.tsv"
+        write_targets(targets, server.base, ctx["ds"].users)
+        loadgen(ctx["loadgen"], targets, min(args.rate, 1000), args.warmup_s)
+        runs = []
+        for run in range(args.runs):
+            api = loadgen(ctx["loadgen"], targets, args.rate, args.duration_s)
+            runs.append(api)
+            print(f"  floor granian:{args.floor_workers} run {run + 1}: p50 {api['p50_ms']:.2f} ms "
+                  f"p99 {api['p99_ms']:.2f} ms {api['achieved_rps']:,.0f} req/s "
+                  f"(non-200 {_non200(api)}, errors {api['errors']})", flush=True)
+    finally:
+        server.stop()
+    return {"config": f"floor granian:{args.floor_workers}", "runs": runs,
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "achieved_rps": statistics.median(r["achieved_rps"] for r in runs)}
+
+
 def server_events(base: str) -> dict[str, float]:
     """``feedbeam_serving_events_total`` by event, as one worker reports them
     (empty if the server is too busy to answer within 30 s)."""
@@ -407,6 +462,8 @@ def main(argv=None) -> int:
     parser.add_argument("--outage-users", type=int, default=200)
     parser.add_argument("--outage-rate", type=float, default=500)
     parser.add_argument("--skip-outage", action="store_true")
+    parser.add_argument("--floor-workers", type=int, default=2,
+                        help="granian workers of the HTTP floor (bench/floor_app.py); 0 skips it")
     parser.add_argument("--ladder", default="250,500,1000",
                         help="rates (req/s) to run the best configuration at once each, "
                              "comma-separated; empty to skip")
@@ -443,6 +500,8 @@ def main(argv=None) -> int:
         ctx = {"ds": ds, "settings": settings, "prefix": prefix, "keyspace": keyspace, "tmp": tmp,
                "layout": redis_store.keys, "loadgen": build_loadgen(settings),
                "redis_port": redis_port}
+        if args.floor_workers:
+            results["floor"] = measure_floor(ctx, args)
         results["configs"] = [measure_config(spec, ctx, args) for spec in args.configs.split(",")]
         best = min(results["configs"], key=lambda c: c["p99_ms"])
         if args.ladder:
@@ -476,7 +535,15 @@ def print_summary(results: dict, args) -> None:
               f"achieved {c['achieved_rps']:7,.0f} req/s   | redis-benchmark ZREVRANGEBYSCORE "
               f"{c['redis_benchmark_rps']:9,.0f} req/s p50 {c['redis_benchmark_p50_ms']:.3f} ms "
               f"p99 {c['redis_benchmark_p99_ms']:.3f} ms  (API rate / Redis max = {ratio:.2f})")
+    floor = results.get("floor")
+    if floor is not None:
+        print(f"  {floor['config']:<11} p50 {floor['p50_ms']:6.2f} ms  p99 {floor['p99_ms']:6.2f} ms  "
+              f"achieved {floor['achieved_rps']:7,.0f} req/s   | constant body, no auth check, "
+              "no Redis: the most a Python ASGI app gets here")
     best = min(results["configs"], key=lambda c: c["p99_ms"])
+    if floor is not None and floor["achieved_rps"]:
+        print(f"  best API / floor: {best['achieved_rps'] / floor['achieved_rps']:.2f} of the "
+              f"floor's requests/s, p99 {best['p99_ms']:.2f} vs {floor['p99_ms']:.2f} ms")
     verdict = "meets" if best["p99_ms"] <= 5 and best["achieved_rps"] >= 0.98 * args.rate else "misses"
     print(f"  best: {best['config']} p99 {best['p99_ms']:.2f} ms -> {verdict} the bar "
           f"(p99 <= 5 ms at {args.rate:,.0f} req/s)")

@@ -286,6 +286,7 @@ class _Columns:
         n_avro = len(self.schema) - 1 - len(parquet.SOURCE_COLUMNS)
         self._struct = pa.struct(list(self.schema)[:n_avro])
         self._event_time_index = self.schema.get_field_index("event_time")
+        self._dictionary = parquet.enum_columns(self.schema)
 
     def table(self, partition: int, rows: list[dict], offsets: list[int],
               timestamps: list[int]):
@@ -318,7 +319,7 @@ class _Columns:
                 else:  # late events: pick the hour's rows, still in offset order
                     part = table.take(np.flatnonzero(hours == hour))
                 directory = parquet.hive_dir(int(hour))
-                parquet.write_table(part, self.out / directory / name)
+                parquet.write_table(part, self.out / directory / name, self._dictionary)
                 self.result.rows_per_dir[directory] += part.num_rows
                 self.result.files += 1
             self.result.rows_written += table.num_rows

@@ -47,8 +47,23 @@ class FollowKind(str, enum.Enum):
     UNFOLLOW = "UNFOLLOW"
 
 
-def _enum_or_none(enum_type, value):
-    return None if value is None else enum_type(value)
+def _members(enum_type, optional: bool = False) -> dict:
+    """``value -> member`` of ``enum_type`` (plus ``None -> None`` if ``optional``).
+
+    ``from_avro`` runs once per record on every read path; a dict lookup costs
+    a tenth of calling the enum, and an unknown value raises ``KeyError``,
+    which the codec reports as a record that does not fit its type.
+    """
+    members = {m.value: m for m in enum_type}
+    return {None: None, **members} if optional else members
+
+
+_POST_KINDS = _members(PostEventKind)
+_ENGAGEMENT_KINDS = _members(EngagementKind)
+_STORY_KINDS = _members(StoryEventKind)
+_FOLLOW_KINDS = _members(FollowKind)
+_MEDIA_TYPES = _members(MediaType)
+_MEDIA_TYPES_OR_NONE = _members(MediaType, optional=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,11 +105,11 @@ class PostEvent:
         return cls(
             event_id=d["event_id"],
             event_time=d["event_time"],
-            kind=PostEventKind(d["kind"]),
+            kind=_POST_KINDS[d["kind"]],
             post_id=d["post_id"],
             author_id=d["author_id"],
             created_at=d["created_at"],
-            media_type=MediaType(d["media_type"]),
+            media_type=_MEDIA_TYPES[d["media_type"]],
             caption_length=d["caption_length"],
             hashtags=tuple(d["hashtags"]),
         )
@@ -141,11 +156,11 @@ class EngagementEvent:
         return cls(
             event_id=d["event_id"],
             event_time=d["event_time"],
-            kind=EngagementKind(d["kind"]),
+            kind=_ENGAGEMENT_KINDS[d["kind"]],
             viewer_id=d["viewer_id"],
             author_id=d["author_id"],
             post_id=d["post_id"],
-            media_type=_enum_or_none(MediaType, d["media_type"]),
+            media_type=_MEDIA_TYPES_OR_NONE[d["media_type"]],
             dwell_ms=d["dwell_ms"],
         )
 
@@ -198,13 +213,13 @@ class StoryEvent:
         return cls(
             event_id=d["event_id"],
             event_time=d["event_time"],
-            kind=StoryEventKind(d["kind"]),
+            kind=_STORY_KINDS[d["kind"]],
             story_id=d["story_id"],
             author_id=d["author_id"],
             viewer_id=d["viewer_id"],
             created_at=d["created_at"],
             expires_at=d["expires_at"],
-            media_type=_enum_or_none(MediaType, d["media_type"]),
+            media_type=_MEDIA_TYPES_OR_NONE[d["media_type"]],
         )
 
 
@@ -239,7 +254,7 @@ class FollowEvent:
         return cls(
             event_id=d["event_id"],
             event_time=d["event_time"],
-            kind=FollowKind(d["kind"]),
+            kind=_FOLLOW_KINDS[d["kind"]],
             follower_id=d["follower_id"],
             followee_id=d["followee_id"],
         )

@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -142,11 +143,25 @@ def hive_dir(hour: int) -> str:
     return f"date={when:%Y-%m-%d}/hour={when:%H}"
 
 
-def write_table(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` deterministically (one row group, snappy, no clock)."""
+def enum_columns(schema: pa.Schema) -> list[str]:
+    """The top-level columns that hold an Avro enum (``avro.enum.symbols`` metadata)."""
+    return [f.name for f in schema
+            if f.metadata is not None and b"avro.enum.symbols" in f.metadata]
+
+
+def write_table(table: pa.Table, path: Path, dictionary: Sequence[str] | None = None) -> None:
+    """Write ``table`` to ``path`` deterministically (one row group, snappy, no clock).
+
+    ``dictionary``: the columns to dictionary-encode (None: every column,
+    pyarrow's default). Ids and times are nearly unique per row, where a
+    dictionary only costs: replay passes its enum columns, which writes a
+    file about three times faster and a quarter smaller (measured on
+    engagement events).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="snappy", row_group_size=max(1, table.num_rows),
-                   write_statistics=True)
+                   write_statistics=True,
+                   use_dictionary=True if dictionary is None else list(dictionary))
 
 
 def write_json(obj, path: Path) -> None:
@@ -155,6 +170,6 @@ def write_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["avro_to_arrow", "record_fields", "event_schema", "hour_of", "hive_dir",
-           "write_table", "write_json", "SOURCE_COLUMNS", "EVENT_TS", "DEAD_LETTER_SCHEMA",
+__all__ = ["avro_to_arrow", "record_fields", "event_schema", "enum_columns", "hour_of",
+           "hive_dir", "write_table", "write_json", "SOURCE_COLUMNS", "EVENT_TS", "DEAD_LETTER_SCHEMA",
            "HOUR_MS"]
