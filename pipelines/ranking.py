@@ -17,9 +17,15 @@ group ``feedbeam-ranking``) and, through ``RefreshRankedFeeds``:
      refresh ranks a new post even if the fan-out has not pushed it yet, and
      never ranks a deleted one the fan-out has not removed yet. The
      followers are those the graph holds when the trigger runs: a post
-     that races its author's newest follow (edge not written yet) reaches
-     that follower's ranked feed at the follower's next refresh;
-   * a FOLLOW or UNFOLLOW: the follower (followees changed);
+     that races its author's newest follow (edge not written yet) is not a
+     trigger for that follower; the follow's own refresh covers it (below);
+   * a FOLLOW or UNFOLLOW: the follower (followees changed). Its refresh
+     waits until the fan-out's graph in Redis holds the edge, plus
+     ``--follow_retry_s`` for the merge of the followee's recent posts that
+     follows it (checks back off to ``--follow_max_retry_s``; at most
+     ``--follow_wait_s`` of wall time, then it refreshes anyway): while the
+     fan-out is behind (a backlog), a refresh would otherwise rank a feed the
+     follows have not reached yet and nothing would refresh it again;
    * a LIKE, COMMENT, SHARE or SAVE: the viewer, whose affinities (the
      features that matter most) moved materially. Views, unlikes and profile
      views do not trigger: they are most of the traffic and move features
@@ -61,7 +67,8 @@ committed once the triggers are in the runner's state, not when refreshed;
 what a lost state may have held. Refreshes are idempotent (a ranking replaces
 the previous one, newer generation time wins). Metrics in
 ``feedbeam.ranking``: ``triggers_<reason>``, ``refreshes``,
-``refreshes_model``, ``refreshes_recency``, ``candidates`` and
+``refreshes_model``, ``refreshes_recency``, ``follow_waits``,
+``follow_wait_timeouts``, ``candidates`` and
 ``refresh_latency_ms`` (event time of the change to the write) distributions,
 gauges ``model_swaps`` and ``model_errors`` (scoring failed: ranked by
 recency) per worker process, batch retries.
@@ -90,10 +97,17 @@ from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import ReadEvents
 from pipelines.ranking_features import FEATURE_NAMES, feature_matrix, online_columns
 from pipelines.ranking_logic import (
+    GIVE_UP,
+    SETTLE,
+    WAIT,
     Debounce,
+    FollowWait,
     RankingPolicy,
     diversify,
+    edge_versions_wanted,
+    edges_not_applied,
     engagement_trigger,
+    follow_gate,
     follow_trigger,
     merge_requests,
     post_triggers,
@@ -150,6 +164,14 @@ class RankingOptions(PipelineOptions):
         parser.add_argument("--debounce_clock", choices=CLOCKS, default="event",
                             help="time domain of the debounce timers: event time (watermark; "
                                  "deterministic) or processing time (lower latency live)")
+        w = FollowWait()
+        parser.add_argument("--follow_wait_s", type=float, default=w.max_wait_ms / 1000,
+                            help="a refresh after a follow or unfollow waits up to this long "
+                                 "(wall clock) for the fan-out to apply the edge; 0: no wait")
+        parser.add_argument("--follow_retry_s", type=float, default=w.retry_ms / 1000,
+                            help="first delay before a waiting refresh checks the fan-out's "
+                                 "graph again (doubling up to --follow_max_retry_s)")
+        parser.add_argument("--follow_max_retry_s", type=float, default=w.max_retry_ms / 1000)
         parser.add_argument("--max_candidates", type=int, default=p.max_candidates,
                             help="candidates ranked per user (newest first)")
         parser.add_argument("--pushed_limit", type=int, default=p.pushed_limit,
@@ -192,6 +214,14 @@ class RankingOptions(PipelineOptions):
 
     def debounce(self) -> Debounce:
         return Debounce(settle_ms=int(self.settle_s * 1000), interval_ms=int(self.debounce_s * 1000))
+
+    def follow_wait(self) -> FollowWait | None:
+        if self.follow_wait_s <= 0:
+            return None
+        retry_ms = max(1, int(self.follow_retry_s * 1000))
+        return FollowWait(retry_ms=retry_ms,
+                          max_retry_ms=max(retry_ms, int(self.follow_max_retry_s * 1000)),
+                          max_wait_ms=int(self.follow_wait_s * 1000))
 
     def config(self) -> "RankingConfig":
         if self.model_dir is None:
@@ -413,9 +443,18 @@ _TRIGGER_CODER = coders.TupleCoder([
     coders.VarIntCoder(), coders.VarIntCoder(), coders.StrUtf8Coder()])
 
 
-def debounce_fn(debounce: Debounce, clock: str = "event") -> beam.DoFn:
+def debounce_fn(debounce: Debounce, clock: str = "event", follow_wait: FollowWait | None = None,
+                stores: StoreConfig | None = None) -> beam.DoFn:
     """The per-user debounce step: collects triggers, emits one ``RefreshRequest`` per
     refresh (``Debounce`` decides when).
+
+    ``follow_wait`` (needs ``stores``): a due refresh whose triggers include
+    follows or unfollows first checks that the fan-out's graph in Redis holds
+    those edges (``edges_not_applied``); if not, it is put off and checked
+    again every ``retry_ms`` (``follow_gate``), its triggers kept, up to
+    ``max_wait_ms`` of wall time. Without it, a backlog the ranking reads
+    faster than the fan-out ranks users before their follows' posts reach
+    their feeds, and nothing refreshes them again until their next change.
 
     ``clock="event"``: timers in event time, set from the elements' timestamps
     and fired by the watermark (deterministic under replays and in tests; the
@@ -426,12 +465,57 @@ def debounce_fn(debounce: Debounce, clock: str = "event") -> beam.DoFn:
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, not {clock!r}")
+    if follow_wait is not None and stores is None:
+        raise ValueError("follow_wait needs the stores (the fan-out's graph is read from Redis)")
     domain = TimeDomain.WATERMARK if clock == "event" else TimeDomain.REAL_TIME
 
     class DebounceFn(beam.DoFn):
         PENDING = userstate.BagStateSpec("pending", _TRIGGER_CODER)
         TIMER_AT = userstate.ReadModifyWriteStateSpec("timer_at", coders.VarIntCoder())
+        WAITING = userstate.ReadModifyWriteStateSpec("follow_wait_since", coders.VarIntCoder())
+        WAITS = userstate.ReadModifyWriteStateSpec("follow_waits", coders.VarIntCoder())
         REFRESH = userstate.TimerSpec("refresh", domain)
+
+        def setup(self):
+            self._graph = None
+            if follow_wait is not None:
+                from pipelines.io.redis_store import RedisFeedStore
+
+                self._graph = RedisFeedStore.from_url(stores.redis_url,
+                                                      key_prefix=stores.redis_key_prefix)
+                self._waits = Metrics.counter(NAMESPACE, "follow_waits")
+                self._give_ups = Metrics.counter(NAMESPACE, "follow_wait_timeouts")
+
+        def teardown(self):
+            if getattr(self, "_graph", None) is not None:
+                self._graph.close()
+                self._graph = None
+
+        def _gate(self, user_id: int, triggers: list[Trigger], waiting, waits) -> int | None:
+            """None: refresh now; else the delay (ms) before checking again."""
+            since = waiting.read()
+            wanted = edge_versions_wanted(triggers)
+            if not wanted and since is None:
+                return None
+            unapplied = edges_not_applied(
+                wanted, self._graph.following_edge_versions(user_id, list(wanted)))
+            decision = follow_gate(follow_wait, unapplied, since, int(time.time() * 1000))
+            if decision == WAIT:
+                self._waits.inc()
+                n = (waits.read() or 0) + 1
+                waits.write(n)
+                if since is None:
+                    waiting.write(int(time.time() * 1000))
+                return follow_wait.retry_delay(n)
+            waiting.clear()
+            waits.clear()
+            if decision == SETTLE:
+                return follow_wait.retry_ms
+            if decision == GIVE_UP:
+                self._give_ups.inc()
+                log.warning("ranking: user %d refreshed without the fan-out's edges to %s after "
+                            "waiting %.0f s", user_id, unapplied, follow_wait.max_wait_ms / 1000)
+            return None
 
         def process(self, element, ts=beam.DoFn.TimestampParam,
                     pending=beam.DoFn.StateParam(PENDING),
@@ -448,8 +532,17 @@ def debounce_fn(debounce: Debounce, clock: str = "event") -> beam.DoFn:
         @userstate.on_timer(REFRESH)
         def on_refresh(self, key=beam.DoFn.KeyParam, pending=beam.DoFn.StateParam(PENDING),
                        timer_at=beam.DoFn.StateParam(TIMER_AT),
+                       waiting=beam.DoFn.StateParam(WAITING),
+                       waits=beam.DoFn.StateParam(WAITS),
                        refresh=beam.DoFn.TimerParam(REFRESH)):
             triggers = [Trigger(*t) for t in pending.read()]
+            delay = (self._gate(key, triggers, waiting, waits)
+                     if triggers and self._graph is not None else None)
+            if delay is not None:
+                retry_at = timer_at.read() + delay  # the triggers stay pending
+                refresh.set(Timestamp(micros=retry_at * 1000))
+                timer_at.write(retry_at)
+                return
             # The time the timer was set for: the same in both domains.
             now, next_at = debounce.on_timer(timer_at.read(), bool(triggers))
             pending.clear()
@@ -588,6 +681,8 @@ class RefreshRankedFeeds(beam.PTransform):
       clock: time domain of the debounce timers, ``"event"`` or ``"processing"``
         (``debounce_fn``).
       latency_log_s: period of the refresh log line (counts, batch times, latency).
+      follow_wait: how a refresh after a follow waits for the fan-out to apply
+        it (``FollowWait``; None: it does not wait).
 
     Takes a ``PCollection`` of events (``PostEvent``, ``FollowEvent``,
     ``EngagementEvent``; others are counted and ignored), timestamped by event
@@ -596,7 +691,7 @@ class RefreshRankedFeeds(beam.PTransform):
 
     def __init__(self, config: RankingConfig, policy: RankingPolicy = RankingPolicy(),
                  debounce: Debounce = Debounce(), max_batch: int = 256, clock: str = "event",
-                 latency_log_s: float = 60.0):
+                 latency_log_s: float = 60.0, follow_wait: FollowWait | None = FollowWait()):
         super().__init__()
         self._config = config
         self._policy = policy
@@ -604,12 +699,14 @@ class RefreshRankedFeeds(beam.PTransform):
         self._max_batch = max_batch
         self._clock = clock
         self._latency_log_s = latency_log_s
+        self._follow_wait = follow_wait
 
     def expand(self, events):
         return (events
                 | "Triggers" >> beam.ParDo(_TriggersFn(self._config.stores, self._policy))
                 .with_output_types(beam.typehints.Tuple[int, Trigger])
-                | "Debounce" >> beam.ParDo(debounce_fn(self._debounce, self._clock))
+                | "Debounce" >> beam.ParDo(debounce_fn(self._debounce, self._clock,
+                                                       self._follow_wait, self._config.stores))
                 .with_output_types(RefreshRequest)
                 | "Refresh" >> beam.ParDo(_RefreshFn(self._config, self._policy, self._max_batch,
                                                      latency_log_s=self._latency_log_s))
@@ -631,7 +728,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
             | "ReadEvents" >> ReadEvents(config, topics, topic_prefix=prefix)
             | "RefreshRankedFeeds" >> RefreshRankedFeeds(
                 ranking.config(), ranking.policy(), debounce, ranking.refresh_batch,
-                ranking.debounce_clock, ranking.latency_log_s))
+                ranking.debounce_clock, ranking.latency_log_s, ranking.follow_wait()))
 
 
 def run(argv=None):

@@ -7,6 +7,8 @@
   changed), a follow edge's follower, an engaging viewer (their affinities
   moved). ``requests_from`` folds a user's pending triggers into one
   ``RefreshRequest``.
+* **Follow gate** (``edges_not_applied``, ``follow_gate``): a refresh with
+  follow triggers waits until the fan-out's graph holds those edges.
 * **Debounce** (``Debounce``): when the next refresh of a user runs. A first
   change waits ``settle_ms`` (a burst of changes coalesces, and the fan-out
   has written the pushed entry meanwhile); after a refresh, the user is
@@ -31,13 +33,14 @@ from typing import Iterable, Mapping, Protocol, Sequence, TypeVar
 import numpy as np
 
 from pipelines.fanout_logic import DAY_MS, is_active
-from schemas.events import EngagementEvent, FollowEvent, PostEvent, PostEventKind
+from schemas.events import EngagementEvent, FollowEvent, FollowKind, PostEvent, PostEventKind
 from schemas.features import ENGAGING_KINDS
 from schemas.ranking import (
     ENGAGED,
     FOLLOW_CHANGED,
     POST_CREATED,
     POST_DELETED,
+    UNFOLLOW_CHANGED,
     Candidate,
     RefreshRequest,
     Trigger,
@@ -94,8 +97,83 @@ def engagement_trigger(e: EngagementEvent) -> Trigger | None:
 
 
 def follow_trigger(e: FollowEvent) -> Trigger:
-    """A follow or unfollow changes the follower's candidates."""
-    return Trigger(e.follower_id, e.event_time, FOLLOW_CHANGED)
+    """A follow or unfollow changes the follower's candidates (``author_id``: the followee)."""
+    reason = UNFOLLOW_CHANGED if e.kind is FollowKind.UNFOLLOW else FOLLOW_CHANGED
+    return Trigger(e.follower_id, e.event_time, reason, author_id=e.followee_id)
+
+
+def edge_versions_wanted(triggers: Iterable[Trigger]) -> dict[int, int]:
+    """``followee -> edge version`` of the newest follow/unfollow trigger per followee.
+
+    Versions order one edge's events as the fan-out's graph does
+    (``pipelines.io.redis_store.edge_version``): later event time wins, and
+    at equal times an unfollow beats a follow.
+    """
+    wanted: dict[int, int] = {}
+    for t in triggers:
+        if t.reason == FOLLOW_CHANGED or t.reason == UNFOLLOW_CHANGED:
+            version = t.event_time * 2 + (1 if t.reason == UNFOLLOW_CHANGED else 0)
+            if version > wanted.get(t.author_id, -1):
+                wanted[t.author_id] = version
+    return wanted
+
+
+def edges_not_applied(wanted: Mapping[int, int],
+                      stored: Mapping[int, int | None]) -> list[int]:
+    """The followees of ``wanted`` whose edge the graph has not caught up with: no
+    stored version, or an older one. A stored version newer than wanted means a
+    later event of the edge was applied: caught up too (a replayed old edge)."""
+    return sorted(f for f, v in wanted.items() if (stored.get(f) or -1) < v)
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowWait:
+    """How a refresh with follow triggers waits for the fan-out (see ``follow_gate``).
+
+    The ranking reads candidates the fan-out writes (a follow merges the
+    followee's recent posts into the follower's feed; later posts are pushed
+    only to followers the graph holds). A refresh that ran before the fan-out
+    applied the follow would rank without those posts, and nothing would
+    refresh the user again until their next change. So such a refresh is put
+    off until the graph holds the edge (then ``retry_ms`` more, for the merge
+    that follows the edge), for at most ``max_wait_ms`` of wall-clock time.
+    Checks back off from ``retry_ms``, doubling up to ``max_retry_ms``
+    (``retry_delay``): with event-time timers a backlog moves the watermark
+    far faster than the wall clock, and a fixed event-time retry would fire
+    each waiting user's timer many times a second.
+    """
+
+    retry_ms: int = 2_000
+    max_retry_ms: int = 60_000
+    max_wait_ms: int = 1_800_000
+
+    def __post_init__(self):
+        if self.retry_ms < 1 or self.max_retry_ms < self.retry_ms or self.max_wait_ms < 0:
+            raise ValueError("need 1 <= retry_ms <= max_retry_ms and max_wait_ms >= 0")
+
+    def retry_delay(self, waits: int) -> int:
+        """The delay before the next check after ``waits`` checks found the edges missing."""
+        return min(self.max_retry_ms, self.retry_ms << min(max(waits - 1, 0), 30))
+
+
+WAIT, SETTLE, GO, GIVE_UP = "wait", "settle", "go", "give_up"
+
+
+def follow_gate(wait: FollowWait, unapplied: Sequence[int], waiting_since_ms: int | None,
+                now_ms: int) -> str:
+    """What a due refresh does about follow edges the fan-out may not have applied.
+
+    ``unapplied``: followees from ``edges_not_applied``; ``waiting_since_ms``:
+    wall time the refresh first waited (None if it has not). Returns ``GO``
+    (refresh now), ``WAIT`` (retry in ``retry_ms``), ``SETTLE`` (the edges just
+    arrived after a wait: one more ``retry_ms`` for the merge) or ``GIVE_UP``
+    (waited ``max_wait_ms``: refresh anyway).
+    """
+    if not unapplied:
+        return GO if waiting_since_ms is None else SETTLE
+    if waiting_since_ms is not None and now_ms - waiting_since_ms >= wait.max_wait_ms:
+        return GIVE_UP
+    return WAIT
 
 
 def post_triggers(post: PostEvent, followers: Sequence[int],

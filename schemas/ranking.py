@@ -22,9 +22,11 @@ RECENCY_VERSION = "recency"
 # Trigger reasons.
 POST_CREATED = "post_created"    # a followee posted: a new candidate
 POST_DELETED = "post_deleted"    # a followee deleted a post: a candidate is gone
-FOLLOW_CHANGED = "follow"        # the user followed or unfollowed: candidates change
+FOLLOW_CHANGED = "follow"        # the user followed someone: candidates change
+UNFOLLOW_CHANGED = "unfollow"    # the user unfollowed someone: candidates change
 ENGAGED = "engaged"              # the user engaged: their affinities moved
-REASONS: tuple[str, ...] = (POST_CREATED, POST_DELETED, FOLLOW_CHANGED, ENGAGED)
+REASONS: tuple[str, ...] = (POST_CREATED, POST_DELETED, FOLLOW_CHANGED, UNFOLLOW_CHANGED,
+                            ENGAGED)
 
 
 class Candidate(NamedTuple):
@@ -46,7 +48,9 @@ class Trigger(NamedTuple):
 
     For post triggers ``post_id``/``author_id``/``created_at``/``media_type``
     describe the post (so a refresh can include a post the fan-out has not
-    written yet, or drop one it has not removed yet); 0/"" otherwise.
+    written yet, or drop one it has not removed yet); for follow and unfollow
+    triggers ``author_id`` is the followee (the refresh waits until the
+    fan-out has applied the edge); 0/"" otherwise.
     """
 
     user_id: int

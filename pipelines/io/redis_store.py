@@ -405,6 +405,15 @@ class RedisFeedStore:
         """Ids ``user_id`` follows, oldest follow first."""
         return [int(m) for m in self.client.zrange(self.keys.following(user_id), 0, -1)]
 
+    def following_edge_versions(self, user_id: int,
+                                followees: Sequence[int]) -> dict[int, int | None]:
+        """The applied ``edge_version`` of each ``user_id -> followee`` edge (None:
+        never applied), as the follower's side of the graph holds it."""
+        if not followees:
+            return {}
+        values = self.client.hmget(self.keys.following_edges(user_id), [str(f) for f in followees])
+        return {f: None if v is None else int(v) for f, v in zip(followees, values)}
+
     # -- posts --------------------------------------------------------------------
 
     def put_post(self, post: PostEvent) -> bool:

@@ -149,3 +149,49 @@ def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cass
     assert durable == reader.read(VIEWER)
     assert sorted(e.post_id for e in durable.entries) == [100, 102, 110, 990]
     feeds.close()
+
+
+def test_a_follow_refresh_waits_for_the_fan_out(stack, kafka_topic, cassandra_session, keyspace,
+                                                key_prefix, tmp_path):
+    """The ranking job alone, ahead of a fan-out that has not applied a follow yet (a
+    backlog): the follower's refresh is held until the graph has the edge, then ranks
+    what the fan-out merged. Without the wait it would rank an empty feed and nothing
+    would refresh the user again."""
+    migrate(cassandra_session, keyspace)
+    topics = Topics(stack, kafka_topic)
+    options = PipelineOptions([
+        "--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
+        "--environment_type=LOOPBACK", "--streaming",
+        f"--kafka_bootstrap={stack.kafka_bootstrap}", f"--topic_prefix={topics.prefix}",
+        f"--consumer_group=g-{uuid.uuid4().hex[:8]}", "--fallback_start=earliest",
+        "--idle_skew_s=0.5", f"--redis_url={stack.redis_url}",
+        f"--redis_key_prefix={key_prefix}", f"--cassandra_host={stack.host}",
+        f"--cassandra_port={stack.cassandra_port}", f"--cassandra_keyspace={keyspace}",
+        f"--model_dir={tmp_path / 'models'}", "--settle_s=0.2", "--debounce_s=1",
+        "--follow_retry_s=0.5", "--follow_max_retry_s=1", "--debounce_clock=processing",
+    ])
+    pipeline = beam.Pipeline(options=options)
+    ranking.build(pipeline, options)
+    feeds = RedisFeedStore.from_url(stack.redis_url, key_prefix=key_prefix)
+    reader = RankedFeedStore(feeds.client, feeds.keys,
+                             CassandraFeedStore(cassandra_session, keyspace))
+    result = pipeline.run()
+    try:
+        t = int(time.time() * 1000)
+        edge, first = follow(VIEWER, 10, t), post(100, 10, t + 1)
+        topics.send([edge, first])
+        # The job reads both at once; the post finds no followers in the graph, the
+        # follow's refresh is due after 0.2 s but the edge is not there yet.
+        time.sleep(8)
+        assert reader.read(VIEWER) is None
+        # The fan-out catches up: the edge, then the merge of the followee's posts.
+        feeds.apply_edges([edge])
+        feeds.put_post(first)
+        feeds.merge_into_feed(VIEWER, [(first.post_id, first.created_at)], cap=100)
+        _wait_for(lambda: (reader.read(VIEWER) or None) and
+                  [e.post_id for e in reader.read(VIEWER).entries] == [100], 60,
+                  "the held refresh with the merged post", result,
+                  state=lambda: reader.read(VIEWER))
+    finally:
+        _cancel(result)
+        feeds.close()

@@ -6,10 +6,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.fanout_logic import DAY_MS
+from pipelines.io.redis_store import edge_version
 from pipelines.ranking_logic import (
+    GIVE_UP,
+    GO,
+    SETTLE,
+    WAIT,
     Debounce,
+    FollowWait,
     RankingPolicy,
+    edge_versions_wanted,
+    edges_not_applied,
     engagement_trigger,
+    follow_gate,
     follow_trigger,
     merge_candidates,
     post_triggers,
@@ -29,6 +38,7 @@ from schemas.events import (
 from schemas.ranking import (
     ENGAGED,
     FOLLOW_CHANGED,
+    UNFOLLOW_CHANGED,
     POST_CREATED,
     POST_DELETED,
     Candidate,
@@ -53,7 +63,9 @@ def test_engaging_kinds_trigger_the_viewer_and_views_do_not():
 
 def test_follow_and_post_triggers():
     assert follow_trigger(FollowEvent("f", T0, FollowKind.UNFOLLOW, 3, 4)) == Trigger(
-        3, T0, FOLLOW_CHANGED)
+        3, T0, UNFOLLOW_CHANGED, author_id=4)
+    assert follow_trigger(FollowEvent("f", T0, FollowKind.FOLLOW, 3, 4)) == Trigger(
+        3, T0, FOLLOW_CHANGED, author_id=4)
     post = PostEvent("p", T0, PostEventKind.CREATED, 100, 9, T0 - 5, MediaType.REEL)
     # Follower 12 has not read for 31 days: inactive, skipped; 13 never read: active.
     triggers = post_triggers(post, [11, 12, 13], [T0 - DAY_MS, T0 - 31 * DAY_MS, None],
@@ -165,3 +177,31 @@ def test_ranker_pool_shares_one_ranker_until_the_last_release():
     pool.release(Config("x"), policy)
     assert a.closed
     assert pool.hold(Config("x"), policy) is not a  # a new one after the last release
+
+
+def test_follow_gate_waits_for_the_newest_version_of_each_edge():
+    events = [FollowEvent("a", T0, FollowKind.FOLLOW, 3, 4),
+              FollowEvent("b", T0 + 5, FollowKind.UNFOLLOW, 3, 4),
+              FollowEvent("c", T0 + 1, FollowKind.FOLLOW, 3, 7)]
+    triggers = [follow_trigger(e) for e in events] + [Trigger(3, T0, ENGAGED)]
+    wanted = edge_versions_wanted(triggers)
+    # The fan-out's own order (pipelines.io.redis_store.edge_version).
+    assert wanted == {4: edge_version(events[1]), 7: edge_version(events[2])}
+    assert edges_not_applied(wanted, {}) == [4, 7]
+    # 4 applied only up to the follow: the unfollow is still missing.
+    assert edges_not_applied(wanted, {4: edge_version(events[0]), 7: None}) == [4, 7]
+    # A newer event of the edge counts as caught up (a replayed old edge).
+    assert edges_not_applied(wanted, {4: edge_version(events[1]), 7: wanted[7] + 2}) == []
+    assert edge_versions_wanted([Trigger(3, T0, ENGAGED)]) == {}
+
+
+def test_follow_gate_decisions_and_backoff():
+    wait = FollowWait(retry_ms=100, max_retry_ms=350, max_wait_ms=1_000)
+    assert follow_gate(wait, [], None, T0) == GO
+    assert follow_gate(wait, [4], None, T0) == WAIT
+    assert follow_gate(wait, [4], T0, T0 + 999) == WAIT
+    assert follow_gate(wait, [4], T0, T0 + 1_000) == GIVE_UP
+    assert follow_gate(wait, [], T0, T0 + 5) == SETTLE  # arrived after a wait: the merge
+    assert [wait.retry_delay(n) for n in range(1, 6)] == [100, 200, 350, 350, 350]
+    with pytest.raises(ValueError):
+        FollowWait(retry_ms=10, max_retry_ms=5)
