@@ -407,22 +407,28 @@ def start_api(settings: StackSettings, args: argparse.Namespace, keyspace: str,
     import secrets
     import urllib.request
 
+    from jobs.serve import KEY_ENV
+
     if args.api_port == 0 or importlib.util.find_spec("serving.app") is None:
         return None
     key = secrets.token_urlsafe(32)
     log_path = settings.state_dir / "logs" / "feedbeam-demo-api.log"
     argv = [sys.executable, "-m", "jobs.cli", "serve", "--port", str(args.api_port),
-            "--jwt-key", key, "--key-prefix", args.redis_key_prefix, "--keyspace", keyspace,
+            "--key-prefix", args.redis_key_prefix, "--keyspace", keyspace,
             "--push-threshold", str(workload.push_threshold)]
+    # The key goes by environment: one in 64 URL-safe keys starts with "-", which
+    # argparse reads as an option after --jwt-key (the API then exits with a usage error).
+    env = {**os.environ, KEY_ENV: key}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     api = ApiServer(process, log_path, args.api_port, key)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise UserFacingError(f"the API exited at start (code {process.returncode}); "
-                                  f"see {log_path}")
+                                  f"see {log_path}; it ends:\n"
+                                  + FanoutJob(process, log_path, "api").log_tail())
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{args.api_port}/healthz",
                                         timeout=2) as response:

@@ -1,11 +1,15 @@
 """``feedbeam serve`` runs the serving API; ``feedbeam token USER`` prints a JWT for it.
 
-    feedbeam serve --port 8080 --jwt-key "$FEEDBEAM_JWT_KEY" [--workers 2] [--server granian]
-    curl -H "Authorization: Bearer $(feedbeam token 7 --jwt-key "$FEEDBEAM_JWT_KEY")" \\
+    export FEEDBEAM_JWT_KEY=...   # 32+ bytes
+    feedbeam serve --port 8080 [--workers 2] [--server granian]
+    curl -H "Authorization: Bearer $(feedbeam token 7)" \\
          http://127.0.0.1:8080/v1/users/7/feed?limit=10
 
-The stores default to the local stack (``StackSettings``). ``--jwt-key``
-falls back to ``--jwt-key-file``; one of them is required (no built-in key).
+The stores default to the local stack (``StackSettings``). The signing key
+comes from ``--jwt-key``, else ``--jwt-key-file``, else the environment
+variable ``FEEDBEAM_JWT_KEY``; one of them is required (no built-in key).
+The environment keeps the key out of ``ps`` and out of argument parsing (a
+random URL-safe key starting with ``-`` reads as an option).
 Worker processes get the settings as JSON in ``FEEDBEAM_SERVE_CONFIG``
 (``config_from_environment``), which this command sets for them.
 
@@ -62,8 +66,12 @@ def register(subparsers) -> None:
     token.set_defaults(handler=handle_token)
 
 
+KEY_ENV = "FEEDBEAM_JWT_KEY"
+
+
 def _auth_args(parser) -> None:
-    parser.add_argument("--jwt-key", default=None, help="HS256 signing key (32+ bytes)")
+    parser.add_argument("--jwt-key", default=None,
+                        help=f"HS256 signing key (32+ bytes; default: ${KEY_ENV})")
     parser.add_argument("--jwt-key-file", type=Path, default=None,
                         help="file holding the signing key (first line)")
 
@@ -77,8 +85,10 @@ def _jwt_key(args) -> str:
             key = args.jwt_key_file.read_text(encoding="utf-8").splitlines()[0].strip()
         except (OSError, IndexError) as exc:
             raise UserFacingError(f"cannot read --jwt-key-file {args.jwt_key_file}: {exc}") from None
+    if key is None:
+        key = os.environ.get(KEY_ENV)
     if not key:
-        raise UserFacingError("give the signing key with --jwt-key or --jwt-key-file")
+        raise UserFacingError(f"give the signing key with --jwt-key, --jwt-key-file or ${KEY_ENV}")
     if len(key.encode()) < MIN_KEY_BYTES:
         raise UserFacingError(f"the JWT key must be at least {MIN_KEY_BYTES} bytes (HS256)")
     return key

@@ -18,7 +18,19 @@ def test_token_prints_a_jwt_the_api_accepts(capsys):
     assert TokenAuth(KEY).user_id(f"Bearer {token}") == 7
 
 
-def test_token_and_serve_refuse_bad_keys(capsys, tmp_path):
+def test_the_key_can_come_from_the_environment(capsys, monkeypatch):
+    # One in 64 URL-safe keys starts with "-": by environment it is not read as an option.
+    dashed = "-" + KEY
+    monkeypatch.setenv("FEEDBEAM_JWT_KEY", dashed)
+    assert cli.main(["token", "7"]) == 0
+    assert TokenAuth(dashed).user_id(f"Bearer {capsys.readouterr().out.strip()}") == 7
+    # A flag wins over the environment.
+    assert cli.main(["token", "7", "--jwt-key", KEY]) == 0
+    assert TokenAuth(KEY).user_id(f"Bearer {capsys.readouterr().out.strip()}") == 7
+
+
+def test_token_and_serve_refuse_bad_keys(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEEDBEAM_JWT_KEY", raising=False)
     assert cli.main(["token", "7"]) == 2
     assert "--jwt-key" in capsys.readouterr().err
     assert cli.main(["token", "7", "--jwt-key", "short"]) == 2
