@@ -19,6 +19,7 @@ from typing import Any, Callable
 import redis
 
 from pipelines.io.aio_redis import RedisUnavailable
+from pipelines.io.redis_store import ScriptSafeRedis
 from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
 from schemas.keys import KeyLayout
 from schemas.stories import TrayEntry
@@ -42,8 +43,10 @@ class StoryService:
         cfg = feeds.config
         self.feeds = feeds
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="stories")
-        client = redis.Redis.from_url(cfg.redis_url, socket_timeout=cfg.redis_timeout_s * 4,
-                                      socket_connect_timeout=cfg.redis_timeout_s * 4)
+        # Script-safe pipelines: a Redis restart between loading a script and running
+        # it retries the batch instead of failing the request.
+        client = ScriptSafeRedis.from_url(cfg.redis_url, socket_timeout=cfg.redis_timeout_s * 4,
+                                          socket_connect_timeout=cfg.redis_timeout_s * 4)
         self._redis = RedisStoryStore(client, KeyLayout(cfg.key_prefix))
         self._cassandra: CassandraStoryStore | None = None
 

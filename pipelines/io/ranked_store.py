@@ -48,6 +48,7 @@ from typing import Any, Iterator, Sequence
 import redis
 
 from pipelines.io.cassandra_store import CassandraFeedStore, to_ms
+from pipelines.io.redis_store import new_client
 from schemas import cassandra as cs
 from schemas.keys import KeyLayout
 from schemas.ranked import RankedEntry, RankedFeed, RankedPage
@@ -243,8 +244,7 @@ class RankedFeedStore:
         cassandra = None
         if cassandra_host is not None:
             cassandra = CassandraFeedStore.connect(cassandra_host, cassandra_port, keyspace)
-        client = None if redis_url is None else redis.Redis.from_url(
-            redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        client = None if redis_url is None else new_client(redis_url)
         try:
             store = cls(client, KeyLayout(key_prefix), cassandra, **options)
         except Exception:

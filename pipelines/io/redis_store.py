@@ -29,6 +29,7 @@ standalone server (or a cluster client's non-atomic ``mget``).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
 
 import orjson
@@ -38,6 +39,8 @@ from redis.retry import Retry
 
 from schemas.events import FollowEvent, FollowKind, PostEvent
 from schemas.keys import KeyLayout
+
+log = logging.getLogger(__name__)
 
 #: Keys per pipeline round trip (fan-out chunks, MGET batches).
 DEFAULT_CHUNK = 1000
@@ -253,11 +256,46 @@ def _ids_with_scores(pairs: Iterable[tuple[bytes, float]]) -> list[tuple[int, in
     return [(int(member), int(score)) for member, score in pairs]
 
 
+class ScriptSafePipeline(redis.client.Pipeline):
+    """A pipeline that outlives a Redis restart between loading its scripts and running them.
+
+    redis-py loads a pipeline's scripts (``SCRIPT LOAD``) once, then runs the
+    batch, retrying it on a dropped connection; a server restarted (or its
+    script cache flushed) in between answers the batch's ``EVALSHA`` with
+    ``NoScriptError``, and the bundle writing it failed (on Prism: the job).
+    Here the whole batch runs once more, scripts loaded again: the stores
+    using it write idempotently, so running commands twice is what a retried
+    bundle does anyway.
+    """
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        stack, scripts = list(self.command_stack), set(self.scripts)
+        try:
+            return super().execute(raise_on_error)
+        except redis.exceptions.NoScriptError:
+            if not scripts:
+                raise
+            log.warning("redis: the server lost its scripts mid-batch (a restart?); "
+                        "running the batch of %d commands again", len(stack))
+            self.command_stack, self.scripts = stack, scripts  # execute() reset them
+            return super().execute(raise_on_error)
+
+
+class ScriptSafeRedis(redis.Redis):
+    """``redis.Redis`` whose pipelines are ``ScriptSafePipeline``s."""
+
+    def pipeline(self, transaction: bool = True, shard_hint=None) -> ScriptSafePipeline:
+        return ScriptSafePipeline(self.connection_pool, self.response_callbacks, transaction,
+                                  shard_hint)
+
+
 def new_client(url: str) -> "redis.Redis":
     """A client for ``url`` that retries commands failed on a dropped connection or
-    a timeout, with exponential backoff: safe only for stores whose every write is
-    idempotent (this one's and ``story_store``'s)."""
-    return redis.Redis.from_url(
+    a timeout, with exponential backoff, and batches lost scripts in a restart
+    (``ScriptSafePipeline``): safe only for stores whose every write is
+    idempotent (this one's, ``story_store``'s, ``feature_store``'s and
+    ``ranked_store``'s)."""
+    return ScriptSafeRedis.from_url(
         url,
         socket_timeout=5.0,
         socket_connect_timeout=5.0,

@@ -283,3 +283,47 @@ def test_connect_retries_an_unreachable_cassandra_then_raises(caplog):
             CassandraFeedStore.connect("127.0.0.1", port, "feedbeam", connect_wait_s=2.5)
     retries = [r for r in caplog.records if "not available" in r.getMessage()]
     assert len(retries) >= 2 and all(str(port) in r.getMessage() for r in retries)
+
+
+# -- a Redis that loses its scripts mid-batch -----------------------------------------
+
+
+def test_a_batch_survives_the_server_losing_its_scripts(tmp_path):
+    """The server forgets its scripts (as in a restart) after the pipeline loaded them
+    and before it runs them: the batch is run again instead of failing the bundle."""
+    import threading
+    import time
+
+    import redis as redis_lib
+
+    from pipelines.io.redis_store import new_client
+    from tests.integration.test_faults import PrivateRedis
+
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    try:
+        def run_batch(client):
+            script = client.register_script("return redis.call('INCR', KEYS[1])")
+            pipe = client.pipeline(transaction=False)
+            pipe.blpop(["never-filled"], timeout=1)  # holds the batch on the server for 1 s
+            script(keys=["runs"], client=pipe)
+            flusher = threading.Timer(0.3, lambda: redis_lib.Redis.from_url(server.url)
+                                      .script_flush())
+            flusher.start()
+            try:
+                return pipe.execute()
+            finally:
+                flusher.join()
+
+        plain = redis_lib.Redis.from_url(server.url)
+        with pytest.raises(redis_lib.exceptions.NoScriptError):
+            run_batch(plain)  # redis-py alone: the bundle would fail
+        safe = new_client(server.url)
+        started = time.monotonic()
+        assert run_batch(safe) == [None, 1]
+        assert time.monotonic() - started >= 2.0  # it ran twice: BLPOP waited both times
+        assert int(safe.get("runs")) == 1
+        plain.close()
+        safe.close()
+    finally:
+        server.stop()
