@@ -22,7 +22,9 @@ pipelines and the API use, so the API answers as it did before the loss:
   (``--post-ttl-h`` ...: the features pipeline's); and the authors'
   ``top_followers`` rankings, derived from every durable viewer-author
   affinity as the features pipeline derives them (they do not expire);
-* ``stories``: the stories still active (``expires_at > now``), re-published
+* ``stories``: the tombstones of deleted stories (``story_deletions``, so a
+  replayed publish of one stays refused), then the stories still active
+  (``expires_at > now``), re-published
   through ``RedisStoryStore`` (same ``PEXPIREAT`` expiry + ``--story-grace-s``),
   then their viewer sets and view counts, then the viewers' seen sets. An
   expired story is never written back (nor its views or seen entries); a
@@ -35,9 +37,9 @@ Every write is idempotent (sorted-set adds, newer-wins scripts), so the job can
 run while pipelines run, be interrupted and be run again. A progress bar per
 view counts the rows read. Scans read whole tables: fine for one node or a
 few million rows; for more, run it per token range (not built yet). Not
-restored: story tombstones of deleted stories (Cassandra deletes the rows,
-so a replay of a deleted story's publish could show it again until it
-expires) and the previous ranked feed kept for readers paging through it.
+restored: the previous ranked feed kept for readers paging through it, and the
+tombstones of expired stories (a replayed publish of one is refused anyway:
+it is expired by the wall clock).
 """
 from __future__ import annotations
 
@@ -170,7 +172,7 @@ def rebuild_features(ctx: RebuildContext, bar) -> int:
 
 
 def rebuild_stories(ctx: RebuildContext, bar) -> int:
-    """Active stories, then their views, then the seen sets (see the module doc)."""
+    """Deletions, active stories, their views, then the seen sets (see the module doc)."""
     from pipelines.io.story_store import PUBLISHED, CassandraStoryStore, RedisStoryStore
     from pipelines.stories_logic import republished_event, reviewed_event
 
@@ -179,6 +181,10 @@ def rebuild_stories(ctx: RebuildContext, bar) -> int:
     hot = RedisStoryStore(ctx.redis.client, ctx.redis.keys, policy)
     restored: dict[int, int] = {}   # story id -> author, of the stories written back
     n = 0
+    for rows in _batched(durable.scan_deletions()):
+        hot.restore_deletions(rows, ctx.clock())
+        n += len(rows)
+        bar.update(len(rows))
     for rows in _batched(durable.scan_stories()):
         now = ctx.clock()
         live = [s for s in rows if s.active(now)]

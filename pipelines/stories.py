@@ -268,7 +268,7 @@ class StoryWriter:
         # finds the viewers in Cassandra's rows (removed last).
         removal = self.redis.remove(event.story_id, event.author_id, fallback, deleted=True)
         self.cassandra.remove(event.story_id, removal.author_id, removal.expires_at,
-                              removal.viewers)
+                              removal.viewers, deleted=True, now_ms=self._clock())
         return StoryOutcome(event.event_id, "deleted", event.story_id, removal.author_id,
                             removal.expires_at, event.event_time)
 

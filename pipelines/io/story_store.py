@@ -10,7 +10,9 @@ Two stores with the same read side, so serving can answer from either:
 * ``CassandraStoryStore`` over ``stories_by_author``, ``story_views``,
   ``stories_seen_by_viewer`` (0001) and ``stories_by_id``,
   ``story_expiry_index`` (0003), every row written ``USING TTL`` up to
-  ``expires_at + grace`` and ``USING TIMESTAMP`` below ``expires_at``.
+  ``expires_at + grace`` and ``USING TIMESTAMP`` below ``expires_at``; and
+  ``story_deletions`` (0004): each DELETED story until ``expires_at + grace``,
+  the durable twin of Redis' delete tombstones.
 
 Read side (both stores)::
 
@@ -19,9 +21,10 @@ Read side (both stores)::
     story(story_id) -> StoryMeta | None;  active_stories(author_id, now_ms)
     viewers(story_id) -> list[int];  seen(viewer_id, now_ms) -> set[int]
 
-``CassandraStoryStore.scan_stories`` / ``scan_views`` / ``scan_seen`` read
-whole tables for ``feedbeam rebuild``, which writes them back through
-``RedisStoryStore.publish`` / ``record_views`` / ``add_seen``.
+``CassandraStoryStore.scan_deletions`` / ``scan_stories`` / ``scan_views`` /
+``scan_seen`` read whole tables for ``feedbeam rebuild``, which writes them
+back through ``RedisStoryStore.restore_deletions`` / ``publish`` /
+``record_views`` / ``add_seen``.
 
 Reads filter on ``expires_at > now_ms`` themselves, so an expired story is
 never returned even while the expiry pipeline is stopped or behind. The
@@ -57,6 +60,7 @@ story's tag plus one on the author's.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import redis
@@ -333,6 +337,26 @@ class RedisStoryStore:
         pipe.execute()
         return Removal(story, fields.get("removed"), viewers, author, expires)
 
+    def restore_deletions(self, deletions: Sequence[tuple[int, int, int]], now_ms: int) -> int:
+        """Tombstones of deleted stories, ``(story_id, author_id, expires_at)`` as
+        ``CassandraStoryStore.scan_deletions`` gives them, exactly as ``remove``
+        leaves them (``feedbeam rebuild``); ones past ``expires_at + grace`` are
+        skipped. Returns how many were written."""
+        pipe = self._pipeline()
+        n = 0
+        for story_id, author, expires in deletions:
+            expire_at = redis_expire_at_ms(expires, self.policy)
+            if expire_at <= now_ms:
+                continue
+            pipe.zrem(self.keys.author_stories(author), story_id)
+            self._finish_removal(
+                keys=[self.keys.story(story_id), self.keys.story_viewers(story_id)],
+                args=["deleted", author, expires, expire_at], client=pipe)
+            n += 1
+        if n:
+            pipe.execute()
+        return n
+
     # -- reads --------------------------------------------------------------------
 
     def stories(self, story_ids: Sequence[int]) -> list[StoryMeta | None]:
@@ -453,6 +477,8 @@ class CassandraStoryStore:
                         "VALUES (?, ?, ?) USING TIMESTAMP ? AND TTL ?",
             "put_seen": f"INSERT INTO {ks}.{cs.STORIES_SEEN_BY_VIEWER} (viewer_id, story_id, "
                         "author_id, expires_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
+            "put_deletion": f"INSERT INTO {ks}.{cs.STORY_DELETIONS} (story_id, author_id, "
+                            "expires_at) VALUES (?, ?, ?) USING TIMESTAMP ? AND TTL ?",
             "del_by_author": f"DELETE FROM {ks}.{cs.STORIES_BY_AUTHOR} USING TIMESTAMP ? "
                              "WHERE author_id = ? AND story_id = ?",
             "del_by_id": f"DELETE FROM {ks}.{cs.STORIES_BY_ID} USING TIMESTAMP ? WHERE story_id = ?",
@@ -523,13 +549,21 @@ class CassandraStoryStore:
         self._run(work)
 
     def remove(self, story_id: int, author_id: int, expires_at: int,
-               viewers: Iterable[int] = ()) -> None:
+               viewers: Iterable[int] = (), deleted: bool = False,
+               now_ms: int | None = None) -> None:
         """Remove a story at ``removal_timestamp_us(expires_at)``: seen rows of
         ``viewers`` and of the story's stored viewers, the story rows and its index
-        row, then (last, so a retry still finds the viewers) its views partition."""
+        row, then (last, so a retry still finds the viewers) its views partition.
+        ``deleted`` (a DELETED event, not the expiry) also records the delete in
+        ``story_deletions`` until ``expires_at + grace`` (``scan_deletions``)."""
         ts = removal_timestamp_us(expires_at)
         everyone = set(viewers) | set(self.viewers(story_id))
         work = [("del_seen", (ts, v, story_id)) for v in sorted(everyone)]
+        if deleted:
+            now = int(time.time() * 1000) if now_ms is None else now_ms
+            ttl = ttl_seconds(expires_at, now, self.policy)
+            if ttl:
+                work.append(("put_deletion", (story_id, author_id, expires_at, ts, ttl)))
         work += [("del_by_author", (ts, author_id, story_id)), ("del_by_id", (ts, story_id)),
                  ("del_index", (ts, expiry_bucket(expires_at), expiry_shard(story_id),
                                 expires_at, story_id))]
@@ -625,6 +659,14 @@ class CassandraStoryStore:
                                     f"{self.keyspace}.{cs.STORIES_SEEN_BY_VIEWER}"):
             if r.expires_at is not None:
                 yield r.viewer_id, r.story_id, to_ms(r.expires_at)
+
+    def scan_deletions(self) -> Iterator[tuple[int, int, int]]:
+        """``(story_id, author_id, expires_at_ms)`` of every recorded delete (rows leave
+        with their TTL, at ``expires_at + grace``)."""
+        for r in self._db.scan_rows(f"SELECT story_id, author_id, expires_at FROM "
+                                    f"{self.keyspace}.{cs.STORY_DELETIONS}"):
+            if r.expires_at is not None and r.author_id is not None:
+                yield r.story_id, r.author_id, to_ms(r.expires_at)
 
     def dump(self) -> dict[str, list[dict]]:
         """Every row of the story tables (tests on small keyspaces only)."""

@@ -122,6 +122,12 @@ def _answers(stack, key_prefix: str, keyspace: str) -> dict:
         return {path: client.get(path, user) for path, user in REQUESTS}
 
 
+def after_tombstone(redis_client, key: str) -> str | None:
+    """How a story was removed, by its Redis tombstone (None: no tombstone)."""
+    how = redis_client.hget(key, "removed")
+    return None if how is None else how.decode()
+
+
 def _expiries(redis_client, keys: list[str]) -> dict[str, int]:
     return {k: redis_client.execute_command("PEXPIRETIME", k) for k in keys}
 
@@ -144,11 +150,12 @@ def _materialize_features(online, durable, redis, now: int) -> None:
     redis.apply_follower_engagement(follower_scores(values, DEFAULT_HALF_LIFE_MS), keep=10_000)
 
 
-def _materialize_stories(hot, durable, now: int) -> None:
+def _materialize_stories(hot, durable, now: int) -> StoryEvent:
     """What the stories pipeline writes: 501 (author 100) and 502 (101) active; 503
     (100) published two hours ago and expired a minute ago, its removal not run
-    (the expiry step is behind), with a view by user 2. User 1 and 3 viewed 502,
-    user 2 marked 501 seen through the API's read-your-own-view."""
+    (the expiry step is behind), with a view by user 2; 504 (100) published and
+    deleted (a tombstone in Redis). User 1 and 3 viewed 502, user 2 marked 501
+    seen through the API's read-your-own-view."""
     def published(sid, author, created, expires):
         return StoryEvent(f"p{sid}", created, StoryEventKind.PUBLISHED, sid, author,
                           created_at=created, expires_at=expires, media_type=MediaType.REEL)
@@ -169,6 +176,12 @@ def _materialize_stories(hot, durable, now: int) -> None:
         assert all(r.counted for r in results)
         durable.record_views([(v, r.author_id, r.expires_at) for v, r in zip(views, results)], at)
     assert hot.mark_seen(2, 501, now) and durable.mark_seen(2, 501, now)
+    deleted = published(504, 100, now - 9000, now + HOUR)
+    assert hot.publish([deleted], now) == ["published"]
+    durable.publish([deleted], now)
+    removal = hot.remove(504, 100, now + HOUR, deleted=True)
+    durable.remove(504, 100, removal.expires_at, removal.viewers, deleted=True, now_ms=now)
+    return deleted
 
 
 def test_rebuild_restores_features_stories_and_ranked_feeds(
@@ -183,7 +196,8 @@ def test_rebuild_restores_features_stories_and_ranked_feeds(
     online = OnlineFeatureStore(redis.client, redis.keys)
     _materialize_features(online, CassandraFeatureStore(cassandra_session, keyspace), redis, now)
     hot = RedisStoryStore(redis.client, redis.keys)
-    _materialize_stories(hot, CassandraStoryStore(cassandra_session, keyspace), now)
+    deleted_story = _materialize_stories(hot, CassandraStoryStore(cassandra_session, keyspace),
+                                         now)
     ranked = RankedFeedStore(redis.client, redis.keys, cassandra)
     # Generated before post 13: the API puts 13 first as a "fresh" post.
     ranked.write(1, [RankedEntry(12, 101, 0.9), RankedEntry(11, 100, 0.7)], "xgb-7", t0 + 200)
@@ -199,7 +213,8 @@ def test_rebuild_restores_features_stories_and_ranked_feeds(
     hydrate = online.hydrate(1, [11, 12, 13], [100, 101, 100], now)
     assert hydrate.posts[2] == {} and hydrate.author_affinity[1] == 0.0    # expired values
     k = redis.keys
-    story_keys = [k.story(501), k.story(502), k.story_viewers(502), k.author_stories(100),
+    story_keys = [k.story(501), k.story(502), k.story(504), k.story_viewers(502),
+                  k.author_stories(100),
                   k.author_stories(101), k.seen_stories(1), k.seen_stories(2), k.seen_stories(3)]
     expiries = _expiries(redis_client, story_keys)
     before = redis.dump()
@@ -220,6 +235,9 @@ def test_rebuild_restores_features_stories_and_ranked_feeds(
     assert online.hydrate(1, [11, 12, 13], [100, 101, 100], now) == hydrate
     assert _expiries(redis_client, story_keys) == expiries
     assert hot.viewers(502) == [1, 3] and hot.story(502).views == 2
+    # The deleted story's tombstone is back: a replay of its publish stays refused.
+    assert after_tombstone(redis_client, k.story(504)) == "deleted"
+    assert hot.publish([deleted_story], now) == ["tombstoned"]
 
     after = redis.dump()
     # Gone: the expired story (with its viewer set and seen entry) and the feature

@@ -239,3 +239,24 @@ def test_sweep_lists_indexed_stories_by_expiry(stores):
         (11, 1, t + 20 * MIN), (12, 2, t + 50 * MIN), (13, 1, t + 3 * 24 * 60 * MIN)]
     stores.delete(12, 2, t)
     assert [s.story_id for s in stores.cassandra.sweep(t)] == [11, 13]
+
+
+def test_deletes_are_recorded_so_a_lost_tombstone_can_be_restored(stores):
+    t = now_ms()
+    pub, other = published(11, 1, t - MIN), published(12, 1, t)
+    stores.publish([pub, other], t)
+    stores.delete(11, 1, t)
+    stores.expire(12, 1, other.expires_at, t + 1)  # an expiry is not recorded
+    assert list(stores.cassandra.scan_deletions()) == [(11, 1, pub.expires_at)]
+    key = stores.redis.keys.story(11)
+    tombstone, expire_at = redis_dump(stores)[key], stores.redis.client.pexpiretime(key)
+    # Redis loses the tombstone; a replayed publish would now be taken...
+    stores.redis.client.delete(key)
+    # ... unless the tombstone is restored from Cassandra first (feedbeam rebuild).
+    restored = stores.redis.restore_deletions(list(stores.cassandra.scan_deletions()), t + 2)
+    assert restored == 1 and redis_dump(stores)[key] == tombstone
+    assert stores.redis.client.pexpiretime(key) == expire_at
+    assert stores.publish([pub], t + 3) == ["tombstoned"]
+    # Past expiry + grace there is nothing left to restore.
+    assert stores.redis.restore_deletions([(11, 1, pub.expires_at)],
+                                          pub.expires_at + POLICY.grace_ms) == 0
