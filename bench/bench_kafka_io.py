@@ -14,9 +14,8 @@ same topic, measures ``--runs`` times each
 * replay: ``jobs.replay.replay()`` over the whole topic into a fresh
   directory (decode with accept/reject checks, Arrow columns, Parquet files);
 * beam: a bounded ``ReadFromKafka`` over the whole topic (ranges from
-  ``pipelines.io.offsets``) decoding in the read (``DecodeInRead``, as every
-  pipeline's ``ReadEvents`` does) into a sink counting per bundle, on Prism
-  (LOOPBACK): wall time of ``run().wait_until_finish()``.
+  ``pipelines.io.offsets``) into ``DecodeEvents`` and a sink counting per
+  bundle, on Prism (LOOPBACK): wall time of ``run().wait_until_finish()``.
   The same pipeline over one record gives the job's fixed start-up cost, so
   both the end-to-end rate and the rate excluding start-up are reported;
 * floor: Beam's own per-element cost on Prism, with no Kafka: a splittable
@@ -26,10 +25,9 @@ same topic, measures ``--runs`` times each
   one-element start-up. A source + decode in Beam pays the raw loop's work
   and this, so ``1 / (1/raw + 1/floor)`` bounds it. The same with the real
   ``DecodeEvents`` (typed events, which the raw loop does not build) in the
-  identity's place: what a source with a separate decode DoFn gets with Kafka
-  free (the read decoding records itself saves that second DoFn);
-* streaming: an unbounded ``ReadFromKafka`` of the topic from earliest,
-  decoding in the read, into a sink adding each bundle's count to a Redis counter;
+  identity's place: what a source + decode gets with Kafka free;
+* streaming: an unbounded ``ReadFromKafka`` of the topic from earliest into
+  ``DecodeEvents`` and a sink adding each bundle's count to a Redis counter;
   the rate is records over the time from the first to the last record
   counted (start-up excluded by construction); the job is then cancelled.
 
@@ -172,15 +170,16 @@ def _count_fn():
 
 def beam_bounded(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
                  prism: str) -> tuple[int, float]:
-    """Run ReadFromKafka(ranges, decode=DecodeInRead()) | count on Prism:
-    ``(counted, seconds)``."""
+    """Run ReadFromKafka(ranges) | DecodeEvents | count on Prism: ``(counted, seconds)``."""
     import apache_beam as beam
 
-    from pipelines.io.kafka import DecodeInRead, ReadFromKafka
+    from pipelines.io.deadletter import DecodeEvents
+    from pipelines.io.kafka import ReadFromKafka
 
     pipeline = beam.Pipeline(options=_beam_options(prism))
-    decoded = pipeline | "ReadAndDecode" >> ReadFromKafka(
-        _source_config(bootstrap), ranges={topic: ranges}, decode=DecodeInRead())
+    decoded = (pipeline
+               | "Read" >> ReadFromKafka(_source_config(bootstrap), ranges={topic: ranges})
+               | "Decode" >> DecodeEvents())
     _ = decoded.events | "Count" >> beam.ParDo(_count_fn())
     return _run_counted(pipeline)
 
@@ -283,13 +282,15 @@ def beam_streaming(bootstrap: str, topic: str, total: int, prism: str, redis_url
     import redis
     from apache_beam.runners.runner import PipelineState
 
-    from pipelines.io.kafka import DecodeInRead, ReadFromKafka
+    from pipelines.io.deadletter import DecodeEvents
+    from pipelines.io.kafka import ReadFromKafka
 
     key = f"bench:{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(redis_url)
     pipeline = beam.Pipeline(options=_beam_options(prism, "--streaming"))
-    decoded = pipeline | "ReadAndDecode" >> ReadFromKafka(
-        _source_config(bootstrap), [topic], decode=DecodeInRead())
+    decoded = (pipeline
+               | "Read" >> ReadFromKafka(_source_config(bootstrap), [topic])
+               | "Decode" >> DecodeEvents())
     _ = decoded.events | "Count" >> beam.ParDo(_redis_count_fn(redis_url, key, total))
     result = pipeline.run()
     try:
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'  -> ceiling for source+decode':<36} {ceiling:>10,.0f} rec/s  "
               f"{ceiling / raw:>4.0%} of raw = 1 / (1/raw + 1/floor)")
         print(f"  {'beam floor + DecodeEvents, no Kafka':<36} {with_decode:>10,.0f} rec/s  "
-              f"{with_decode / raw:>4.0%} of raw (typed events, decode in a second DoFn)")
+              f"{with_decode / raw:>4.0%} of raw (typed events: the most a source+decode gets)")
     for name, label in labels.items():
         if name not in rates:
             continue

@@ -30,9 +30,8 @@ from schemas.events import Event
 DECODE_NAMESPACE = "feedbeam.decode"
 DLQ_NAMESPACE = "feedbeam.dlq"
 
-#: Output tags of ``DecodeEvents`` (and of ``ReadFromKafka(..., decode=...)``).
-EVENTS = "events"
-DEAD_LETTERS = "dead_letters"
+_EVENTS = "events"
+_DEAD_LETTERS = "dead_letters"
 
 #: A codec, or a zero-argument callable (such as the ``WireCodec`` class) building one.
 CodecFactory = Union[WireCodec, Callable[[], WireCodec]]
@@ -53,25 +52,6 @@ def _build_codec(codec_factory: CodecFactory) -> WireCodec:
     return codec_factory
 
 
-class DecodeCounters:
-    """The ``feedbeam.decode`` counters of a decoding step (``DecodeEvents``, or the
-    Kafka read decoding records itself): ``decoded``, ``dead_letter`` and
-    ``dead_letter_<reason>``. Build in ``setup()`` (counters do not pickle)."""
-
-    def __init__(self):
-        self.decoded = Metrics.counter(DECODE_NAMESPACE, "decoded")
-        self._dead = Metrics.counter(DECODE_NAMESPACE, "dead_letter")
-        self._reasons: dict[str, Any] = {}
-
-    def dead_letter(self, dead: DeadLetter) -> None:
-        self._dead.inc()
-        counter = self._reasons.get(dead.reason)
-        if counter is None:
-            counter = self._reasons[dead.reason] = Metrics.counter(
-                DECODE_NAMESPACE, f"dead_letter_{dead.reason}")
-        counter.inc()
-
-
 class _DecodeFn(beam.DoFn):
     """``decode_record`` as a DoFn: events on the main output, dead letters tagged."""
 
@@ -83,21 +63,28 @@ class _DecodeFn(beam.DoFn):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_codec"] = None  # rebuilt in setup(); a registry client never travels
-        state.pop("_counters", None)
+        state.pop("_reason_counters", None)
         return state
 
     def setup(self):
         self._codec = _build_codec(self._codec_factory)
-        self._counters = DecodeCounters()
+        self._decoded = Metrics.counter(DECODE_NAMESPACE, "decoded")
+        self._dead = Metrics.counter(DECODE_NAMESPACE, "dead_letter")
+        self._reason_counters: dict[str, Any] = {}
 
     def process(self, record: KafkaRecord):
         # Yielding bare values keeps the input element's timestamp and window.
         result = decode_record(self._codec, record, self._topic_prefix)
         if isinstance(result, DeadLetter):
-            self._counters.dead_letter(result)
-            yield TaggedOutput(DEAD_LETTERS, result)
+            self._dead.inc()
+            counter = self._reason_counters.get(result.reason)
+            if counter is None:
+                counter = self._reason_counters[result.reason] = Metrics.counter(
+                    DECODE_NAMESPACE, f"dead_letter_{result.reason}")
+            counter.inc()
+            yield TaggedOutput(_DEAD_LETTERS, result)
         else:
-            self._counters.decoded.inc()
+            self._decoded.inc()
             yield result
 
 
@@ -133,10 +120,10 @@ class DecodeEvents(beam.PTransform):
             records
             | "Decode" >> beam.ParDo(_DecodeFn(self._codec_factory, self._topic_prefix))
             .with_input_types(KafkaRecord)
-            .with_output_types(Event, **{DEAD_LETTERS: DeadLetter})
-            .with_outputs(DEAD_LETTERS, main=EVENTS)
+            .with_output_types(Event, **{_DEAD_LETTERS: DeadLetter})
+            .with_outputs(_DEAD_LETTERS, main=_EVENTS)
         )
-        return DecodedEvents(events=outputs[EVENTS], dead_letters=outputs[DEAD_LETTERS])
+        return DecodedEvents(events=outputs[_EVENTS], dead_letters=outputs[_DEAD_LETTERS])
 
 
 def to_kafka_message(dead_letter: DeadLetter) -> KafkaMessage:

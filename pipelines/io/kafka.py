@@ -63,7 +63,7 @@ import logging
 import struct
 import threading
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import apache_beam as beam
 from apache_beam.coders import coders
@@ -71,16 +71,13 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.io.deadletter import DEAD_LETTERS, EVENTS, DecodeCounters, DecodedEvents
-from pipelines.io.records import DeadLetter, KafkaRecord, decode_record, event_decoder
-from schemas.codec import WireCodec, peek_event_time
-from schemas.events import Event
+from pipelines.io.records import KafkaRecord
+from schemas.codec import peek_event_time
 
 log = logging.getLogger(__name__)
 
@@ -230,23 +227,6 @@ class KafkaReadOptions(PipelineOptions):
             idle_skew_ms=int(self.idle_skew_s * 1000),
             rewind_ms=int(rewind_s * 1000),
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeInRead:
-    """Decode records in the read itself (``ReadFromKafka(..., decode=DecodeInRead())``).
-
-    The read then emits typed events and tags dead letters, exactly as
-    ``ReadFromKafka | DecodeEvents`` would (same accept/reject decisions,
-    ``decode_record``; same ``feedbeam.decode`` counters), without a
-    ``KafkaRecord`` per good record and a second DoFn invocation per element:
-    a third more records/s through source + decode on Prism
-    (``bench/bench_kafka_io.py``). ``codec_factory`` builds the ``WireCodec``
-    on the worker (a Schema Registry client never travels pickled).
-    """
-
-    topic_prefix: str = ""
-    codec_factory: Callable[[], WireCodec] = WireCodec
 
 
 # --------------------------------------------------------------------------- elements
@@ -494,16 +474,11 @@ _CURSORS = _CursorPool()
 class _ReadPartitionFn(beam.DoFn):
     """Reads one partition's offset range; see the module docstring."""
 
-    def __init__(self, config: KafkaSourceConfig, decode: DecodeInRead | None = None):
+    def __init__(self, config: KafkaSourceConfig):
         self._config = config
-        self._decode = decode
 
     def setup(self):
         _CURSORS.attach(self._config)
-        if self._decode is not None:
-            self._codec = self._decode.codec_factory()
-            self._accept: dict[str, Callable] = {}
-            self._decode_counters = DecodeCounters()
         self._records = Metrics.counter(_METRICS_NAMESPACE, "records_read")
         self._bytes = Metrics.counter(_METRICS_NAMESPACE, "bytes_read")
         self._commits = Metrics.counter(_METRICS_NAMESPACE, "offsets_committed")
@@ -541,29 +516,12 @@ class _ReadPartitionFn(beam.DoFn):
         # declares a finalizer, one more round trip per bundle.
         return self._read(element, tracker, watermark, None)
 
-    def _accept_path(self, topic: str):
-        """The topic's decode (``event_decoder``), or None when the read emits records."""
-        if self._decode is None:
-            return None
-        accept = self._accept.get(topic)
-        if accept is None:
-            accept = self._accept[topic] = event_decoder(self._codec, topic,
-                                                         self._decode.topic_prefix)
-        return accept
-
-    def _dead_letter(self, record: KafkaRecord) -> DeadLetter:
-        """The dead letter of a record ``event_decoder`` rejected, counted per reason."""
-        dead = decode_record(self._codec, record, self._decode.topic_prefix)
-        self._decode_counters.dead_letter(dead)
-        return dead
-
     def _read(self, element: PartitionRead, tracker, watermark, finalizer):
         restriction = tracker.current_restriction()
         cursor = self._cursor(element, restriction.start)
         config = self._config
-        accept = self._accept_path(element.topic)
         deadline = time.monotonic() + config.max_bundle_ms / 1000
-        emitted = size = decoded = 0
+        emitted = size = 0
         max_ts = None
         done = False
         timeout_s = config.poll_timeout_ms / 1000
@@ -589,29 +547,17 @@ class _ReadPartitionFn(beam.DoFn):
                     break
                 ts = self._timestamp_ms(message)
                 value = message.value()
+                record = KafkaRecord(element.topic, element.partition, offset, message.key(),
+                                     value, ts)
                 cursor.next_offset = offset + 1
                 emitted += 1
                 if value:
                     size += len(value)
                 if max_ts is None or ts > max_ts:
                     max_ts = ts
-                if accept is not None:
-                    event = accept(value)
-                    if event is not None:
-                        decoded += 1
-                        yield WindowedValue(event, Timestamp(micros=ts * 1000), _GLOBAL_WINDOWS)
-                        continue
-                record = KafkaRecord(element.topic, element.partition, offset, message.key(),
-                                     value, ts)
-                if accept is not None:
-                    yield TaggedOutput(DEAD_LETTERS, WindowedValue(
-                        self._dead_letter(record), Timestamp(micros=ts * 1000), _GLOBAL_WINDOWS))
-                    continue
                 yield WindowedValue(record, Timestamp(micros=ts * 1000), _GLOBAL_WINDOWS)
             if done:
                 break
-        if decoded:
-            self._decode_counters.decoded.inc(decoded)
         if emitted:
             self._records.inc(emitted)
             self._bytes.inc(size)
@@ -726,22 +672,17 @@ class ReadFromKafka(beam.PTransform):
         offset ranges to read once (a bounded PCollection), as resolved by
         ``pipelines.io.offsets`` for replays and backfills.
 
-      decode: decode in the read (``DecodeInRead``): the result is then
-        ``DecodedEvents(events, dead_letters)``, as ``| DecodeEvents()`` gives.
-
     Returns a ``PCollection[KafkaRecord]`` timestamped by event time.
     """
 
     def __init__(self, config: KafkaSourceConfig, topics: Sequence[str] = (),
-                 ranges: Mapping[str, Mapping[int, tuple[int, int]]] | None = None,
-                 decode: DecodeInRead | None = None):
+                 ranges: Mapping[str, Mapping[int, tuple[int, int]]] | None = None):
         super().__init__()
         if bool(topics) == bool(ranges):
             raise ValueError("give either topics (unbounded) or ranges (bounded)")
         self._config = config
         self._topics = tuple(topics)
         self._ranges = ranges
-        self._decode = decode
 
     def expand(self, pbegin):
         if self._ranges:
@@ -751,20 +692,13 @@ class ReadFromKafka(beam.PTransform):
             # Offsets of a bounded range are committed by no one: a replay
             # must not move the live pipeline's consumer group.
             config = dataclasses.replace(self._config, commit_offsets=False)
-            partitions = pbegin | "Partitions" >> beam.Create(reads)
-            read_fn = _ReadPartitionFn(config, self._decode)
-        else:
-            partitions = (pbegin
-                          | "Start" >> beam.Impulse()
-                          | "ResolvePartitions" >> beam.ParDo(
-                              _ResolvePartitions(self._config, self._topics))
-                          | "SpreadPartitions" >> beam.Reshuffle())
-            read_fn = _UnboundedReadPartitionFn(self._config, self._decode)
-        read = beam.ParDo(read_fn)
-        if self._decode is None:
-            return partitions | "ReadPartitions" >> read.with_output_types(KafkaRecord)
-        outputs = (partitions
-                   | "ReadPartitions" >> read
-                   .with_output_types(Event, **{DEAD_LETTERS: DeadLetter})
-                   .with_outputs(DEAD_LETTERS, main=EVENTS))
-        return DecodedEvents(events=outputs[EVENTS], dead_letters=outputs[DEAD_LETTERS])
+            return (pbegin
+                    | "Partitions" >> beam.Create(reads)
+                    | "ReadPartitions" >> beam.ParDo(_ReadPartitionFn(config))
+                    .with_output_types(KafkaRecord))
+        return (pbegin
+                | "Start" >> beam.Impulse()
+                | "ResolvePartitions" >> beam.ParDo(_ResolvePartitions(self._config, self._topics))
+                | "SpreadPartitions" >> beam.Reshuffle()
+                | "ReadPartitions" >> beam.ParDo(_UnboundedReadPartitionFn(self._config))
+                .with_output_types(KafkaRecord))

@@ -170,22 +170,10 @@ def dict_decoder(codec: WireCodec, topic: str,
     saves the per-record ``KafkaRecord`` and topic lookup, a third of the cost
     of replaying a topic to Parquet.
     """
-    return _accept_path(codec.decode_dict, topic, topic_prefix)
-
-
-def event_decoder(codec: WireCodec, topic: str,
-                  topic_prefix: str = "") -> Callable[[bytes | None], Event | None]:
-    """``decode_record``'s accept path bound to one topic: the typed event for exactly
-    the values ``decode_record`` accepts on ``topic``, None for the ones it rejects
-    (the caller then calls ``decode_record`` for the ``DeadLetter``). For the
-    Kafka source decoding in the read itself (``ReadEvents``)."""
-    return _accept_path(codec.decode, topic, topic_prefix)
-
-
-def _accept_path(decode, topic: str, topic_prefix: str):
     expected = TOPIC_TYPES.get(base_topic(topic, topic_prefix))
+    decode = codec.decode_dict
 
-    def accept(value: bytes | None):
+    def accept(value: bytes | None) -> tuple[type, dict] | None:
         if value is None:
             return None
         try:

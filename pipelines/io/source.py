@@ -2,13 +2,12 @@
 
     events = pipeline | 'ReadPostEvents' >> ReadEvents(config, ['post-events'])
 
-composes ``ReadFromKafka`` (``pipelines.io.kafka``), decoding in the read
-itself (``DecodeInRead``: the same decisions and counters as
-``DecodeEvents``, a third faster), and ``WriteDeadLetters``
-(``pipelines.io.deadletter``). Both are plain ParDos, so a runner fuses them
-into the read's stage: a bundle's dead letters are flushed before the bundle
-ends, and the offsets the source commits on bundle finalization never pass a
-record that is neither decoded nor in its ``<topic>.dlq``.
+composes ``ReadFromKafka`` (``pipelines.io.kafka``), ``DecodeEvents`` and
+``WriteDeadLetters`` (``pipelines.io.deadletter``). All three are plain
+ParDos, so a runner fuses them into the read's stage: a bundle's dead letters
+are flushed before the bundle ends, and the offsets the source commits on
+bundle finalization never pass a record that is neither decoded nor in its
+``<topic>.dlq``.
 """
 from __future__ import annotations
 
@@ -16,8 +15,8 @@ from typing import Mapping, Sequence
 
 import apache_beam as beam
 
-from pipelines.io.deadletter import WriteDeadLetters
-from pipelines.io.kafka import DecodeInRead, KafkaSourceConfig, ReadFromKafka
+from pipelines.io.deadletter import DecodeEvents, WriteDeadLetters
+from pipelines.io.kafka import KafkaSourceConfig, ReadFromKafka
 
 
 class ReadEvents(beam.PTransform):
@@ -46,8 +45,8 @@ class ReadEvents(beam.PTransform):
         self._producer_config = dict(producer_config or _producer_config_of(config))
 
     def expand(self, pbegin):
-        decoded = pbegin | "ReadAndDecode" >> ReadFromKafka(
-            self._config, self._topics, self._ranges, decode=DecodeInRead(self._prefix))
+        records = pbegin | "Read" >> ReadFromKafka(self._config, self._topics, self._ranges)
+        decoded = records | "Decode" >> DecodeEvents(topic_prefix=self._prefix)
         _ = decoded.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(self._producer_config)
         return decoded.events
 
