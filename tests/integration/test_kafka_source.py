@@ -225,8 +225,10 @@ def test_kill_and_restart_loses_nothing(stack, kafka_topic, redis_client, key_pr
     group = f"g-{uuid.uuid4().hex[:8]}"
     produced: dict[int, list[int]] = {}
 
-    def produce_steadily():  # 9000 records over about 9 s, while the job runs
-        for _ in range(9):
+    stop = threading.Event()
+
+    def produce_steadily():  # 1000 records a second from before the kill until after it
+        while not stop.is_set():
             for partition, offsets in _produce(stack.kafka_bootstrap, topic, 1000,
                                                [0, 1, 2]).items():
                 produced.setdefault(partition, []).extend(offsets)
@@ -236,14 +238,18 @@ def test_kill_and_restart_loses_nothing(stack, kafka_topic, redis_client, key_pr
     first = _start_job(stack, topic, group, key_prefix)
     producer.start()
     try:
-        _wait_for(lambda: sum(_committed(stack.kafka_bootstrap, group, topic, 3).values()) > 0
-                  and len(_count(redis_client, key_prefix)) >= 1000, 120,
-                  "the first job to store records and commit offsets")
+        try:
+            _wait_for(lambda: sum(_committed(stack.kafka_bootstrap, group, topic, 3).values()) > 0
+                      and len(_count(redis_client, key_prefix)) >= 1000, 120,
+                      "the first job to store records and commit offsets")
+        finally:
+            _kill(first)  # mid-stream: no chance to flush or commit anything more
+        committed_at_kill = _committed(stack.kafka_bootstrap, group, topic, 3)
+        before_restart = len(_count(redis_client, key_prefix))
+        time.sleep(2.5)  # records keep coming while no job runs
     finally:
-        _kill(first)  # mid-stream: no chance to flush or commit anything more
-    committed_at_kill = _committed(stack.kafka_bootstrap, group, topic, 3)
-    before_restart = len(_count(redis_client, key_prefix))
-    producer.join()
+        stop.set()
+        producer.join()
     expected = {f"{p}:{o}" for p, offsets in produced.items() for o in offsets}
     assert before_restart < len(expected), "the kill came after the last record"
 
