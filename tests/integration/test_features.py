@@ -158,14 +158,21 @@ def _durable_pairs(durable: CassandraFeatureStore) -> dict:
             for rows in durable.read(VIEWER_AUTHOR, list(VIEWERS)) for v in rows}
 
 
-def _pairs_complete(oracle: Oracle, online: OnlineFeatureStore) -> bool:
+def _missing_pairs(oracle: Oracle, online: OnlineFeatureStore) -> list[tuple]:
+    """``(viewer, author, stored version, oracle's version)`` of the affinities behind."""
+    missing = []
     for viewer in VIEWERS:
         stored = online.raw(VIEWER_AUTHOR, f"{viewer}:0")
         for author in range(1, 5):
             want = oracle.affinity(viewer, author=author)
-            if want is not None and stored.get(str(author), (None, 0))[1] < want[1]:
-                return False
-    return True
+            have = stored.get(str(author), (None, 0))[1]
+            if want is not None and have < want[1]:
+                missing.append((viewer, author, have, want[1]))
+    return missing
+
+
+def _pairs_complete(oracle: Oracle, online: OnlineFeatureStore) -> bool:
+    return not _missing_pairs(oracle, online)
 
 
 def _drained(online: OnlineFeatureStore, last_post_change: dict[int, int]) -> bool:
@@ -208,7 +215,9 @@ def test_pipeline_matches_the_oracle_in_every_store(stack, kafka_topic, cassandr
         last_change = {p: t - t % SLIDE + WINDOW_MS["24h"] + SLIDE for p, t in last.items()}
         _wait_for(lambda: _drained(online, last_change), 240, "every post window to drain",
                   result)
-        _wait_for(lambda: _pairs_complete(oracle, online), 60, "every affinity pair", result)
+        _wait_for(lambda: _pairs_complete(oracle, online), 60, "every affinity pair", result,
+                  state=lambda: (_missing_pairs(oracle, online)[:8], read_dead_letters(
+                      stack.kafka_bootstrap, topics.prefix + dlq_topic(EngagementEvent.TOPIC))))
         ranges_before_too_late = {
             topics.prefix + t: {p: (0, high) for p, (_, high) in kafka_offsets.watermarks(
                 {"bootstrap.servers": stack.kafka_bootstrap}, topics.prefix + t).items()}
