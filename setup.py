@@ -18,6 +18,8 @@ RUNTIME = [
     "xgboost==3.2.0",
     "fastavro==1.13.1",
     "tqdm==4.70.1",
+    # one retry policy for every store write (stores.retry): stop, backoff, which errors.
+    "tenacity==9.2.1",
     # serving API (serving/, jobs/serve.py)
     "uvicorn==0.54.0",
     "uvloop==0.23.0",
@@ -35,6 +37,8 @@ TEST = [
     "pytest-timeout==2.4.0",
     "hypothesis==6.170.15",
     "schemathesis==4.32.5",
+    # the layering contract (.importlinter), checked by `make test`
+    "import-linter==2.17",
 ]
 
 setup(
@@ -44,9 +48,15 @@ setup(
     "features, stories and ranked feeds from Kafka into Redis and Cassandra.",
     python_requires=">=3.11,<3.12",
     packages=[
+        "schemas",
+        "domain",
+        "stores",
+        "stores.redis",
+        "stores.cassandra",
+        "stores.files",
+        "stores.kafka",
         "pipelines",
         "pipelines.io",
-        "schemas",
         "serving",
         "jobs",
         "infra",

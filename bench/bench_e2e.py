@@ -72,7 +72,7 @@ from bench_fanout import (FRESHNESS_P99_MS, Graph, Job, Producer, Tracker,  # no
                           apply_preset, delete_prefix, graph_arguments, make_posts, produce_step,
                           redis_benchmark, start_poller)
 from infra.settings import StackSettings  # noqa: E402
-from pipelines.fanout_logic import FanoutPolicy  # noqa: E402
+from domain.fanout import FanoutPolicy  # noqa: E402
 from schemas.events import (EngagementEvent, EngagementKind, FollowEvent, FollowKind,  # noqa: E402
                             MediaType, PostEvent, StoryEvent, StoryEventKind, dlq_topic)
 from schemas.keys import KeyLayout  # noqa: E402
@@ -264,7 +264,7 @@ class Ctx:
 def start(ctx, graph: Graph, session) -> None:
     """Topics, keyspace, graph, jobs and the API server."""
     from jobs.topics import create_topics
-    from schemas.cassandra import migrate
+    from stores.cassandra.session import migrate
 
     names = []
     for t in (PostEvent.TOPIC, EngagementEvent.TOPIC, StoryEvent.TOPIC, FollowEvent.TOPIC):
@@ -356,7 +356,7 @@ def ladder_run(ctx, run: int, producer, mix: Mix, graph: Graph, rng, steps: dict
 
 def measure_limits(ctx) -> dict:
     from bench_features import raw_loop
-    from pipelines.io import offsets as kafka_offsets
+    from stores.kafka import offsets as kafka_offsets
 
     rb = redis_benchmark(ctx.settings.host, ctx.settings.redis_port, ctx.key_prefix,
                          ctx.args.benchmark_requests)
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from bench_serving import build_loadgen
-    from schemas.cassandra import new_cluster
+    from stores.cassandra.session import new_cluster
 
     settings = StackSettings.from_env()
     ctx = Ctx(args, settings, out)

@@ -69,7 +69,7 @@ import redis  # noqa: E402
 
 from infra.settings import StackSettings  # noqa: E402
 from bench.ladder import latency_summary, summarize_ladder  # noqa: E402
-from pipelines.fanout_logic import FanoutPolicy  # noqa: E402
+from domain.fanout import FanoutPolicy  # noqa: E402
 from schemas.events import FollowEvent, MediaType, PostEvent, PostEventKind, dlq_topic  # noqa: E402
 from schemas.keys import KeyLayout  # noqa: E402
 
@@ -147,7 +147,7 @@ class Graph:
 
 def check_layout(client: redis.Redis, graph: Graph, keys: KeyLayout, scratch: str) -> None:
     """The loaded followers sets equal what ``RedisFeedStore.apply_edges`` writes."""
-    from pipelines.io.redis_store import RedisFeedStore
+    from stores.redis.feeds import RedisFeedStore
     from schemas.events import FollowKind
 
     store = RedisFeedStore(client, KeyLayout(scratch))
@@ -447,8 +447,8 @@ def naive_loop(ctx, posts: list[Post]) -> dict:
 def in_process(ctx, posts: list[Post], with_cassandra: bool) -> dict:
     """``FeedFanout.apply`` on the posts without Beam/Kafka (diagnostic)."""
     from pipelines.fanout import FeedFanout
-    from pipelines.io.cassandra_store import CassandraFeedStore
-    from pipelines.io.redis_store import RedisFeedStore
+    from stores.cassandra.feeds import CassandraFeedStore
+    from stores.redis.feeds import RedisFeedStore
 
     class NoCassandra:
         def __getattr__(self, name):
@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     from confluent_kafka.admin import AdminClient
 
     from infra.stack import prism_binary
-    from schemas.cassandra import migrate, new_cluster
+    from stores.cassandra.session import migrate, new_cluster
 
     settings = StackSettings.from_env()
     prism = str(prism_binary(settings))

@@ -47,7 +47,7 @@ import fastavro  # noqa: E402
 from infra.settings import StackSettings  # noqa: E402
 from jobs.generate import PRODUCER_CONFIG  # noqa: E402
 from jobs.replay import CONSUMER_CONFIG  # noqa: E402
-from pipelines.io import offsets as kafka_offsets  # noqa: E402
+from stores.kafka import offsets as kafka_offsets  # noqa: E402
 from schemas.codec import HEADER_SIZE, WireCodec  # noqa: E402
 from schemas.events import (EngagementEvent, EngagementKind, FollowEvent, MediaType,  # noqa: E402
                             PostEvent, PostEventKind, StoryEvent)
@@ -183,7 +183,7 @@ def run_pipeline(settings: StackSettings, prism: str, prefix: str, ranges: dict,
 def read_latency(settings: StackSettings, key_prefix: str, events: list, reads: int,
                  candidates: int) -> dict[str, float]:
     """``hydrate`` of ``candidates`` posts for random viewers, ``reads`` times: ms percentiles."""
-    from pipelines.io.feature_store import OnlineFeatureStore
+    from stores.redis.features import OnlineFeatureStore
 
     rng = random.Random(5)
     posts = sorted({e.post_id for e in events if isinstance(e, EngagementEvent) and e.post_id})
@@ -221,7 +221,7 @@ def _cleanup(settings: StackSettings, key_prefix: str | None, keyspace: str | No
             client.delete(*keys[start:start + 5000])
         client.close()
     if keyspace:
-        from schemas.cassandra import new_cluster
+        from stores.cassandra.session import new_cluster
 
         cluster = new_cluster(settings.host, settings.cassandra_port)
         try:
@@ -231,7 +231,7 @@ def _cleanup(settings: StackSettings, key_prefix: str | None, keyspace: str | No
 
 
 def _new_keyspace(settings: StackSettings) -> str:
-    from schemas.cassandra import migrate, new_cluster
+    from stores.cassandra.session import migrate, new_cluster
 
     keyspace = f"bench_{uuid.uuid4().hex[:8]}"
     cluster = new_cluster(settings.host, settings.cassandra_port)

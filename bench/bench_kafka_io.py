@@ -14,7 +14,7 @@ same topic, measures ``--runs`` times each
 * replay: ``jobs.replay.replay()`` over the whole topic into a fresh
   directory (decode with accept/reject checks, Arrow columns, Parquet files);
 * beam: a bounded ``ReadFromKafka`` over the whole topic (ranges from
-  ``pipelines.io.offsets``) into ``DecodeEvents`` and a sink counting per
+  ``stores.kafka.offsets``) into ``DecodeEvents`` and a sink counting per
   bundle, on Prism (LOOPBACK): wall time of ``run().wait_until_finish()``.
   The same pipeline over one record gives the job's fixed start-up cost, so
   both the end-to-end rate and the rate excluding start-up are reported;
@@ -53,7 +53,7 @@ import fastavro  # noqa: E402
 from infra.settings import StackSettings  # noqa: E402
 from jobs.generate import PRODUCER_CONFIG  # noqa: E402
 from jobs.replay import CONSUMER_CONFIG, replay  # noqa: E402
-from pipelines.io import offsets as kafka_offsets  # noqa: E402
+from stores.kafka import offsets as kafka_offsets  # noqa: E402
 from schemas.codec import HEADER_SIZE, WireCodec  # noqa: E402
 from schemas.events import EngagementEvent, EngagementKind, MediaType  # noqa: E402
 
@@ -205,7 +205,7 @@ def beam_floor(total: int, partitions: int, prism: str, decode: bool = False) ->
     from apache_beam.transforms.core import RestrictionProvider
 
     from pipelines.io.deadletter import DecodeEvents
-    from pipelines.io.records import KafkaRecord
+    from schemas.records import KafkaRecord
 
     topic = EngagementEvent.TOPIC
     value = WireCodec().encode(next(_events(1)), topic)

@@ -58,7 +58,7 @@ import redis  # noqa: E402
 
 from bench_fanout import Job as FanoutBenchJob  # noqa: E402
 from infra.settings import StackSettings  # noqa: E402
-from pipelines.fanout_logic import percentile_of  # noqa: E402
+from domain.fanout import percentile_of  # noqa: E402
 from schemas.events import (  # noqa: E402
     EngagementEvent,
     FollowEvent,
@@ -104,7 +104,7 @@ def training(scratch: Path, impressions: int, settings: StackSettings) -> dict:
     from jobs.synthetic import replay_features
     from jobs.training_set import events_table
     from jobs.workload import Workload
-    from pipelines.io.feature_log import write_feature_log
+    from stores.files.feature_log import write_feature_log
 
     config = workload_for(impressions)
     t = time.perf_counter()
@@ -144,7 +144,7 @@ def training(scratch: Path, impressions: int, settings: StackSettings) -> dict:
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"feedbeam train failed ({proc.returncode}): {proc.stderr[-2000:]}")
     print(proc.stdout, flush=True)
-    from pipelines.io.model_registry import ModelRegistry
+    from stores.files.models import ModelRegistry
 
     registry = ModelRegistry(models)
     (version,) = registry.versions()
@@ -175,7 +175,7 @@ def feature_rows(scratch: Path, limit: int = 200_000) -> np.ndarray:
 def scoring(model, pool: np.ndarray, runs: int, batch_users: int, total: int) -> dict:
     """Candidates/s of the scoring variants (see the module docstring), interleaved run by
     run so that load from elsewhere on the machine hits them alike; medians."""
-    from pipelines.ranking_features import (
+    from domain.ranking_features import (
         AUTHOR_FEATURES,
         FEATURE_NAMES,
         MEDIA_TYPES,
@@ -269,7 +269,7 @@ def load_world(client: redis.Redis, keys: KeyLayout, users: int, rng) -> dict[in
     """Graph (each user follows ~60 others) and ~150 recent pushed posts per home feed.
 
     Returns followers by author."""
-    from pipelines.io.redis_store import RedisFeedStore
+    from stores.redis.feeds import RedisFeedStore
 
     store = RedisFeedStore(client, keys)
     now = int(time.time() * 1000)
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             import xgboost as xgb
 
-            from pipelines.io.model_registry import ModelRegistry
+            from stores.files.models import ModelRegistry
 
             model_dir = tr["model_dir"]
             model = ModelRegistry(model_dir).load(tr["version"]).booster
@@ -463,8 +463,8 @@ def run_latency(args, settings, model_dir: str) -> list[dict]:
 
     from jobs.topics import create_topics
     from infra.stack import prism_binary
-    from pipelines.io.model_registry import ModelRegistry
-    from schemas.cassandra import migrate, new_cluster
+    from stores.files.models import ModelRegistry
+    from stores.cassandra.session import migrate, new_cluster
 
     ctx = Ctx()
     tag = uuid.uuid4().hex[:8]

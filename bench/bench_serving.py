@@ -64,10 +64,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infra.settings import StackSettings  # noqa: E402
-from pipelines.io.cassandra_store import CassandraFeedStore  # noqa: E402
-from pipelines.io.ranked_store import RankedFeedStore  # noqa: E402
-from pipelines.io.redis_store import RedisFeedStore  # noqa: E402
-from schemas.cassandra import migrate, new_cluster  # noqa: E402
+from stores.cassandra.feeds import CassandraFeedStore  # noqa: E402
+from stores.ranked import RankedFeedStore  # noqa: E402
+from stores.redis.feeds import RedisFeedStore  # noqa: E402
+from stores.cassandra.session import migrate, new_cluster  # noqa: E402
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind  # noqa: E402
 from schemas.ranked import RankedEntry  # noqa: E402
 from serving.auth import issue_token  # noqa: E402

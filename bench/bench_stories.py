@@ -52,8 +52,8 @@ import redis  # noqa: E402
 
 from bench_fanout import Job, delete_prefix  # noqa: E402
 from infra.settings import StackSettings  # noqa: E402
-from pipelines.fanout_logic import percentile_of  # noqa: E402
-from pipelines.stories_logic import StoryPolicy  # noqa: E402
+from domain.fanout import percentile_of  # noqa: E402
+from domain.stories import StoryPolicy  # noqa: E402
 from schemas.codec import WireCodec  # noqa: E402
 from schemas.events import MediaType, StoryEvent, StoryEventKind, dlq_topic  # noqa: E402
 from schemas.keys import KeyLayout  # noqa: E402
@@ -125,7 +125,7 @@ def produce(bootstrap: str, topic: str, events: list[StoryEvent]) -> None:
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    from pipelines.io.offsets import watermarks
+    from stores.kafka.offsets import watermarks
 
     return {p: high for p, (_, high) in watermarks({"bootstrap.servers": bootstrap}, topic).items()}
 
@@ -377,7 +377,7 @@ class Ctx:
         self.base_id = int(tag[:6], 16) << 32
 
     def migrate(self, keyspace: str) -> None:
-        from schemas.cassandra import migrate
+        from stores.cassandra.session import migrate
 
         self.keyspaces.append(keyspace)
         migrate(self.session, keyspace)
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from infra.stack import prism_binary
     from jobs.topics import create_topics
-    from schemas.cassandra import new_cluster
+    from stores.cassandra.session import new_cluster
 
     settings = StackSettings.from_env()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=60)

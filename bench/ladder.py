@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Iterable, Mapping, Sequence
 
-from pipelines.fanout_logic import percentile_of
+from domain.fanout import percentile_of
 
 
 def latency_summary(latencies_ms: Iterable[float]) -> dict[str, float]:

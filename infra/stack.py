@@ -59,7 +59,7 @@ from infra.settings import (
     KAFKA_VERSION,
     StackSettings,
 )
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 
 log = logging.getLogger(__name__)
 

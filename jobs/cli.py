@@ -13,7 +13,7 @@ import logging
 import sys
 
 from infra.settings import StackSettings
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 
 # Modules that contribute subcommands, in the order ``--help`` lists them.
 _COMMAND_MODULES = (

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from infra import stack
 from infra.settings import REPO_ROOT, StackSettings
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from schemas.events import TOPICS, FollowEvent, PostEvent, dlq_topic
 
 DEMO_GROUP = "feedbeam-demo-fanout"
@@ -129,7 +129,8 @@ def workload_of(args: argparse.Namespace) -> DemoWorkload:
 
 def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     from jobs import generate, topics
-    from schemas.cassandra import DEFAULT_KEYSPACE, migrate, new_cluster
+    from schemas.cassandra import DEFAULT_KEYSPACE
+    from stores.cassandra.session import migrate, new_cluster
 
     started = time.monotonic()
     keyspace = args.keyspace or DEFAULT_KEYSPACE
@@ -238,7 +239,7 @@ def ensure_model(args: argparse.Namespace, settings: StackSettings, model_dir: P
     AUC and NDCG beside reverse-chronological order. About a minute of CPU."""
     from jobs import train
     from jobs.cli import build_parser
-    from pipelines.io.model_registry import ModelRegistry
+    from stores.files.models import ModelRegistry
 
     version = ModelRegistry(model_dir).latest()
     if version is not None:
@@ -376,7 +377,7 @@ class ApiServer:
 
     def print_samples(self, settings: StackSettings, key_prefix: str,
                       workload: "DemoWorkload") -> None:
-        from pipelines.io.redis_store import RedisFeedStore
+        from stores.redis.feeds import RedisFeedStore
 
         redis = RedisFeedStore.from_url(settings.redis_url, key_prefix=key_prefix)
         try:
@@ -449,7 +450,7 @@ def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]
     """High watermark per ``(topic, partition)``."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from pipelines.io.offsets import partitions_of
+    from stores.kafka.offsets import partitions_of
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "feedbeam-demo-offsets",
                          "enable.auto.commit": False})
@@ -479,7 +480,7 @@ class GroupLag:
     def __init__(self, bootstrap: str, group: str, topics: list[str]):
         from confluent_kafka import Consumer, TopicPartition
 
-        from pipelines.io.offsets import partitions_of
+        from stores.kafka.offsets import partitions_of
 
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                                    "enable.auto.commit": False})
@@ -602,7 +603,7 @@ def _iso(ms: int) -> str:
 
 def _print_stores(settings: StackSettings, key_prefix: str, keyspace: str,
                   workload: DemoWorkload, log_path: Path) -> None:
-    from pipelines.io.redis_store import RedisFeedStore
+    from stores.redis.feeds import RedisFeedStore
 
     redis = RedisFeedStore.from_url(settings.redis_url, key_prefix=key_prefix)
     try:
@@ -670,7 +671,7 @@ def _print_entries(redis, entries: list[tuple[int, int]]) -> None:
 
 def _cassandra_counts(settings: StackSettings, keyspace: str) -> dict[str, int | None]:
     """Row counts of the fan-out tables (full scans: fine at demo scale, bounded by a timeout)."""
-    from schemas.cassandra import new_cluster
+    from stores.cassandra.session import new_cluster
 
     import logging
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 from infra.settings import StackSettings
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from jobs.workload import Workload, WorkloadConfig
 from schemas.events import TOPIC_TYPES, TOPICS, Event
 

@@ -9,8 +9,9 @@ keyspace's ``schema_migrations`` table; re-running is a no-op. See
 from __future__ import annotations
 
 from infra.settings import StackSettings
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from schemas import cassandra as cql
+from stores.cassandra import session as cassandra_session
 
 
 def register(subparsers) -> None:
@@ -33,7 +34,7 @@ def handle(args, settings: StackSettings) -> int:
         raise UserFacingError(str(exc)) from exc
     if args.replication_factor < 1:
         raise UserFacingError("--replication-factor must be at least 1")
-    cluster = cql.new_cluster(settings.host, settings.cassandra_port)
+    cluster = cassandra_session.new_cluster(settings.host, settings.cassandra_port)
     try:
         try:
             session = cluster.connect()
@@ -42,7 +43,7 @@ def handle(args, settings: StackSettings) -> int:
                 f"Cassandra at {settings.host}:{settings.cassandra_port} does not answer "
                 f"({exc}); start it with `feedbeam infra up`") from exc
         try:
-            results = cql.migrate(session, args.keyspace, args.replication_factor)
+            results = cassandra_session.migrate(session, args.keyspace, args.replication_factor)
         except cql.MigrationError as exc:
             raise UserFacingError(str(exc)) from exc
     finally:

@@ -51,10 +51,10 @@ import time
 from typing import Callable, Iterable
 
 from infra.settings import StackSettings
-from jobs.errors import UserFacingError
-from pipelines.fanout_logic import FanoutPolicy
-from pipelines.io.cassandra_store import batched
-from pipelines.stories_logic import HOUR_MS, StoryPolicy
+from infra.errors import UserFacingError
+from domain.fanout import FanoutPolicy
+from stores.cassandra.feeds import batched
+from domain.stories import HOUR_MS, StoryPolicy
 from schemas.features import DAY_MS, DEFAULT_HALF_LIFE_MS, FeatureTTLs
 
 _BATCH = 2000
@@ -151,9 +151,9 @@ def rebuild_activity(ctx: RebuildContext, bar) -> int:
 
 def rebuild_features(ctx: RebuildContext, bar) -> int:
     """Online feature hashes (fresh values only) and the authors' top followers."""
-    from pipelines.io.cassandra_features import CassandraFeatureStore, refill_online
-    from pipelines.features_logic import follower_scores
-    from pipelines.io.feature_store import OnlineFeatureStore
+    from stores.cassandra.features import CassandraFeatureStore, refill_online
+    from domain.features import follower_scores
+    from stores.redis.features import OnlineFeatureStore
     from schemas.features import VIEWER_AUTHOR
 
     online = OnlineFeatureStore(ctx.redis.client, ctx.redis.keys, ctx.feature_ttls,
@@ -173,8 +173,9 @@ def rebuild_features(ctx: RebuildContext, bar) -> int:
 
 def rebuild_stories(ctx: RebuildContext, bar) -> int:
     """Deletions, active stories, their views, then the seen sets (see the module doc)."""
-    from pipelines.io.story_store import PUBLISHED, CassandraStoryStore, RedisStoryStore
-    from pipelines.stories_logic import republished_event, reviewed_event
+    from stores.cassandra.stories import CassandraStoryStore
+    from stores.redis.stories import PUBLISHED, RedisStoryStore
+    from domain.stories import republished_event, reviewed_event
 
     policy = ctx.story_policy
     durable = CassandraStoryStore(ctx.session, ctx.keyspace, policy)
@@ -207,7 +208,7 @@ def rebuild_stories(ctx: RebuildContext, bar) -> int:
 
 def rebuild_ranked(ctx: RebuildContext, bar) -> int:
     """Ranked feeds, newer-wins against what Redis holds."""
-    from pipelines.io.ranked_store import RankedFeedStore
+    from stores.ranked import RankedFeedStore
 
     store = RankedFeedStore(ctx.redis.client, ctx.redis.keys, ctx.cassandra)
     n = 0
@@ -285,9 +286,9 @@ def register(subparsers) -> None:
 
 
 def run_rebuild(args: argparse.Namespace, settings: StackSettings) -> int:
-    from pipelines.io.cassandra_store import CassandraFeedStore
-    from pipelines.io.redis_store import RedisFeedStore
-    from schemas.cassandra import new_cluster
+    from stores.cassandra.feeds import CassandraFeedStore
+    from stores.redis.feeds import RedisFeedStore
+    from stores.cassandra.session import new_cluster
 
     views = parse_views(args.views)
     if args.feed_cap < 1 or args.timeline_cap < 1 or args.top_followers_keep < 1:

@@ -5,14 +5,14 @@
     feedbeam replay test1.post-events --partition-offsets "0:10-200,2:0-" --out /tmp/posts
 
 What is read: the range is resolved to per-partition offset ranges
-``[start, stop)`` by ``pipelines.io.offsets`` (see there for how a time range
+``[start, stop)`` by ``stores.kafka.offsets`` (see there for how a time range
 maps to offsets through Kafka's time index), printed, and read exactly:
 each partition is assigned and seeked by itself (no consumer group, nothing
 committed) and consumed until its stop offset. Open ends are fixed at resolve
 time, so re-running with the printed ``--partition-offsets`` reproduces a
 replay even after producers wrote more.
 
-Decoding is ``pipelines.io.records.dict_decoder`` / ``decode_record_dict``,
+Decoding is ``schemas.records.dict_decoder`` / ``decode_record_dict``,
 the dict twins of the pipelines' ``decode_record``: the same records are
 accepted and rejected, and a rejected one becomes the same ``DeadLetter``.
 The topic's event type comes from its name less ``--topic-prefix`` (derived
@@ -26,7 +26,7 @@ Output, under ``--out``::
     _replay.json                                              topic, ranges and counts
 
 The ``date``/``hour`` (UTC) come from each event's ``event_time``; the columns
-are the Avro fields (Arrow types: ``pipelines.io.parquet``), ``_event_ts``
+are the Avro fields (Arrow types: ``stores.files.parquet``), ``_event_ts``
 and the source coordinates ``_partition``, ``_offset``, ``_kafka_timestamp``.
 Dead letters keep the original key and value bytes, the coordinates, the
 reason and the error. ``pyarrow.dataset.dataset(out, partitioning="hive")``
@@ -80,9 +80,9 @@ import time
 from pathlib import Path
 
 from infra.settings import StackSettings
-from jobs.errors import UserFacingError
-from pipelines.io import offsets as kafka_offsets
-from pipelines.io.records import (
+from infra.errors import UserFacingError
+from stores.kafka import offsets as kafka_offsets
+from schemas.records import (
     DeadLetter, KafkaRecord, base_topic, decode_record_dict, dict_decoder,
 )
 from schemas.events import TOPIC_TYPES, TOPICS, dlq_topic
@@ -275,7 +275,7 @@ class _Columns:
         import numpy as np
         import pyarrow as pa
 
-        from pipelines.io import parquet
+        from stores.files import parquet
         from schemas.codec import reader_schema
 
         self._np, self._pa, self._pq = np, pa, parquet
@@ -429,7 +429,7 @@ def replay(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], out: 
     from confluent_kafka import Consumer, KafkaError, TopicPartition
     from tqdm import tqdm
 
-    from pipelines.io.parquet import write_json
+    from stores.files.parquet import write_json
     from schemas.codec import WireCodec
 
     if batch < 1:

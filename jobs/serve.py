@@ -25,10 +25,9 @@ import os
 from pathlib import Path
 
 from infra.settings import StackSettings
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from schemas import cassandra as cql
 
-CONFIG_ENV = "FEEDBEAM_SERVE_CONFIG"
 SERVERS = ("uvicorn", "granian")
 
 
@@ -116,22 +115,14 @@ def build_config(args, settings: StackSettings):
         raise UserFacingError(str(exc)) from None
 
 
-def config_from_environment(environ=None):
-    """The ``ServingConfig`` ``feedbeam serve`` handed to its workers."""
-    from serving.config import ServingConfig
-
-    raw = (os.environ if environ is None else environ).get(CONFIG_ENV)
-    if not raw:
-        raise RuntimeError(f"{CONFIG_ENV} is not set: start the API with `feedbeam serve`")
-    return ServingConfig(**json.loads(raw))
-
-
 def handle_serve(args, settings: StackSettings) -> int:
     if args.workers < 1:
         raise UserFacingError("--workers must be at least 1")
     if not 0 < args.port < 65536:
         raise UserFacingError("--port must be between 1 and 65535")
     config = build_config(args, settings)
+    from serving.config import CONFIG_ENV
+
     os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     print(f"serving on http://{args.host}:{args.port} ({args.server}, {args.workers} worker(s)); "
           f"Redis {config.redis_url}, Cassandra {config.cassandra_host}:{config.cassandra_port}/"

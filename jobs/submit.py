@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 from infra.settings import REPO_ROOT, StackSettings
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 
 RUNNERS = ("prism", "flink", "direct", "dataflow")
 #: Flink checkpoint interval unless given: offsets are committed at each checkpoint, so
@@ -400,7 +400,7 @@ def group_offsets(bootstrap: str, group: str, topics: list[str]) -> list[Partiti
     """Committed and end offsets of ``group`` on each partition of ``topics`` (existing ones)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from pipelines.io.offsets import partitions_of
+    from stores.kafka.offsets import partitions_of
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                          "enable.auto.commit": False})

@@ -4,7 +4,7 @@
     for value in replay_features(events, FeatureParams()): ...
 
 ``replay_features`` runs the features pipeline's own logic
-(``pipelines.features_logic``: ``FirstStage``, ``AuthorStage``,
+(``domain.features``: ``FirstStage``, ``AuthorStage``,
 ``ViewerStage``) over events in event-time order, wired and timed the way
 ``pipelines.features`` wires its three keyed stateful stages: each key keeps
 one timer, and a timer fires once the watermark reaches it. The watermark
@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 # The stages' routing is the pipeline's own, so the replay cannot drift from it.
 from pipelines.features import _TO_AUTHOR, _TO_VIEWER
-from pipelines.features_logic import (
+from domain.features import (
     AuthorStage,
     FeatureParams,
     FirstStage,
@@ -133,10 +133,10 @@ def synthetic_training_inputs(args: argparse.Namespace, feature_log: str | Path,
                               progress_factory=None):
     """Generate the ``--synthetic`` workload, write its feature log under ``feature_log``,
     and return ``(engagements, posts)`` tables for ``build_training_set``."""
-    from jobs.errors import UserFacingError
+    from infra.errors import UserFacingError
     from jobs.training_set import events_table
     from jobs.workload import DAY_MS, Workload, WorkloadConfig
-    from pipelines.io.feature_log import write_feature_log
+    from stores.files.feature_log import write_feature_log
 
     config = WorkloadConfig(
         start_ms=SYNTHETIC_START_MS, seed=args.workload_seed, users=args.users,

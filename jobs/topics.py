@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from infra.settings import StackSettings
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from schemas.events import TOPICS, dlq_topic
 
 _TIMEOUT_S = 30.0

@@ -23,7 +23,7 @@ Steps (a progress bar follows the long ones):
    time: the feed without ranking); NDCG over query groups = one viewer's
    impressions in one ``--ndcg-group`` period. A PNG (ROC curves; NDCG@k for
    k = 1..``--k``) is written next to the model.
-5. **Registry** (``pipelines.io.model_registry``): the model and its metadata
+5. **Registry** (``stores.files.models``): the model and its metadata
    (feature names and order, training and held-out ranges, metrics, library
    versions, parameters) are saved as a new version under ``--model-dir``;
    ``latest`` moves to it only if it beat the baseline's NDCG by
@@ -54,7 +54,7 @@ from typing import Any, Callable
 import numpy as np
 
 from infra.settings import StackSettings
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from jobs.ranking_metrics import auc, log_loss, ndcg_at, roc_curve
 from jobs.training_set import (
     DAY_MS,
@@ -66,8 +66,8 @@ from jobs.training_set import (
     query_groups,
     time_split,
 )
-from pipelines.io.model_registry import ModelMetadata, ModelRegistry
-from pipelines.ranking_features import FEATURE_NAMES
+from stores.files.models import ModelMetadata, ModelRegistry
+from domain.ranking_features import FEATURE_NAMES
 
 OBJECTIVE = "binary:logistic"
 PLOT_FILE = "evaluation.png"

@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.io.feature_log import point_in_time_join
-from pipelines.ranking_features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES, feature_matrix
+from stores.files.feature_log import point_in_time_join
+from domain.ranking_features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES, feature_matrix
 from schemas.events import EngagementEvent, EngagementKind, PostEvent, PostEventKind
 from schemas.features import (
     AFFINITY,

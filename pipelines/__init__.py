@@ -1,1 +1,1 @@
-"""Beam pipelines of feedbeam: one module per pipeline, IO under ``pipelines.io``."""
+"""Beam pipelines of feedbeam: one module per pipeline, Beam IO under ``pipelines.io``."""

@@ -27,7 +27,7 @@ Bounded re-runs: ``--replay_ranges '{"post-events": {"0": [0, 500]}}'`` (or
 committing nothing; ``feedbeam replay TOPIC ... --pipeline fanout`` resolves a
 time or offset range and passes it. Only the topics in the ranges are read.
 
-Decisions live in ``pipelines.fanout_logic``; this module orchestrates store
+Decisions live in ``domain.fanout``; this module orchestrates store
 calls (``FeedFanout``) and adapts them to Beam.
 
 Delivery, idempotency, ordering
@@ -89,7 +89,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.fanout_logic import (
+from domain.fanout import (
     FanoutPolicy,
     FreshnessHistogram,
     active_users,
@@ -240,8 +240,8 @@ class StoreConfig:
     cassandra_keyspace: str = "feedbeam"
 
     def open(self) -> Stores:
-        from pipelines.io.cassandra_store import CassandraFeedStore
-        from pipelines.io.redis_store import RedisFeedStore
+        from stores.cassandra.feeds import CassandraFeedStore
+        from stores.redis.feeds import RedisFeedStore
 
         redis_store = RedisFeedStore.from_url(self.redis_url, key_prefix=self.redis_key_prefix)
         try:
@@ -679,7 +679,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions,
     Without ``ranges`` (and without ``--replay_ranges``) the job follows
     ``post-events`` and ``follow-events`` from the consumer group's offsets:
     the streaming job. With ``ranges`` (``{topic: {partition: (start, stop)}}``,
-    as ``pipelines.io.offsets`` resolves them; ``ranges`` wins over the option)
+    as ``stores.kafka.offsets`` resolves them; ``ranges`` wins over the option)
     it reads exactly those offsets once, a bounded re-run whose effects are the
     same idempotent writes; topics not in ``ranges`` are not read at all.
     """

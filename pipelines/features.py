@@ -25,7 +25,7 @@ push. ``--sinks`` picks a subset. Bounded re-runs: ``--replay_ranges`` as in
 Design
 ------
 Three keyed stateful stages (``AggregateEngagementFeatures``); plain logic in
-``pipelines.features_logic``, one state object per entity:
+``domain.features``, one state object per entity:
 
 1. **First stage, per post** (profile views per author, post events per
    post): drops repeated ``event_id``s, decides lateness, pairs unlikes with
@@ -94,7 +94,7 @@ stops gets a last emission of zeros.
   drains every window at its end; values valid after the wall clock are not
   emitted (``values_not_yet_valid``).
   The Parquet log is idempotent by content-addressed file names and dedup at
-  read (``pipelines.io.feature_log``).
+  read (``stores.files.feature_log``).
 * **Restarts.** The aggregation state is Beam state: Flink with checkpoints
   restores it; Prism has no durable state, so the job rewinds its source by
   the state horizon (``--rewind_s``, default the affinity TTL: 30 days, or the
@@ -121,7 +121,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.fanout import parse_replay_ranges
-from pipelines.features_logic import (
+from domain.features import (
     CANCEL,
     COMMENT,
     LIKE,
@@ -154,7 +154,7 @@ from pipelines.io.feature_sinks import (
     WriteOnlineFeatures,
 )
 from pipelines.io.kafka import KafkaReadOptions
-from pipelines.io.records import DeadLetter
+from schemas.records import DeadLetter
 from pipelines.io.deadletter import WriteDeadLetters
 from pipelines.io.source import ReadEvents, producer_config_of
 from pipelines.runtime import pipeline_options, run_until_done

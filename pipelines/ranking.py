@@ -58,7 +58,7 @@ group ``feedbeam-ranking``) and, through ``RefreshRankedFeeds``:
    is ranked by recency and its version is ``recency``.
 
 The model is whatever ``latest`` in ``--model_dir`` names
-(``pipelines.io.model_registry``); each worker re-reads the pointer every
+(``stores.files.models``); each worker re-reads the pointer every
 ``--model_poll_s`` and swaps to a new version without a restart.
 
 Delivery: the stateful step follows a shuffle, so the source's offsets are
@@ -92,11 +92,11 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.fanout import FanoutOptions, StoreConfig, _transient_errors
-from pipelines.fanout_logic import FreshnessHistogram
+from domain.fanout import FreshnessHistogram
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import ReadEvents
-from pipelines.ranking_features import FEATURE_NAMES, feature_matrix, online_columns
-from pipelines.ranking_logic import (
+from domain.ranking_features import FEATURE_NAMES, feature_matrix, online_columns
+from domain.ranking import (
     GIVE_UP,
     SETTLE,
     WAIT,
@@ -256,10 +256,10 @@ class RankingConfig:
     def open(self, policy: RankingPolicy, clock: Callable[[], float] = time.time) -> "FeedRanker":
         """A ``FeedRanker`` on new clients (one Redis client and one Cassandra session
         shared by its stores); ``FeedRanker.close()`` closes them."""
-        from pipelines.io.candidates import CandidateReader
-        from pipelines.io.feature_store import OnlineFeatureStore
-        from pipelines.io.model_registry import ModelRegistry, ModelWatcher
-        from pipelines.io.ranked_store import RankedFeedStore
+        from stores.redis.candidates import CandidateReader
+        from stores.redis.features import OnlineFeatureStore
+        from stores.files.models import ModelRegistry, ModelWatcher
+        from stores.ranked import RankedFeedStore
 
         stores = self.stores.open()
         feeds = stores.redis
@@ -408,7 +408,7 @@ class _TriggersFn(beam.DoFn):
         self._policy = policy
 
     def setup(self):
-        from pipelines.io.redis_store import RedisFeedStore
+        from stores.redis.feeds import RedisFeedStore
 
         c = self._store_config
         self._feeds = RedisFeedStore.from_url(c.redis_url, key_prefix=c.redis_key_prefix)
@@ -479,7 +479,7 @@ def debounce_fn(debounce: Debounce, clock: str = "event", follow_wait: FollowWai
         def setup(self):
             self._graph = None
             if follow_wait is not None:
-                from pipelines.io.redis_store import RedisFeedStore
+                from stores.redis.feeds import RedisFeedStore
 
                 self._graph = RedisFeedStore.from_url(stores.redis_url,
                                                       key_prefix=stores.redis_key_prefix)

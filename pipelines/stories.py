@@ -6,7 +6,7 @@
 reads ``story-events`` (``ReadEvents``) and, through ``MaterializeStories``:
 
 1. **applies** each bundle to the stores (``StoryWriter`` over
-   ``pipelines.io.story_store``): PUBLISHED writes the story (metadata, the
+   ``stores.redis.stories``): PUBLISHED writes the story (metadata, the
    author's active set scored by ``expires_at``, durable rows and the expiry
    index), VIEWED adds the viewer to the story's viewer set (unique view
    count) and the story to the viewer's seen set, DELETED removes all of it
@@ -113,7 +113,7 @@ from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
 from pipelines.io.source import ReadEvents
 from pipelines.runtime import pipeline_options, run_until_done
-from pipelines.stories_logic import (
+from domain.stories import (
     HOUR_MS,
     StoryPolicy,
     parse_timer_tag,
@@ -200,7 +200,8 @@ class StoryStoreConfig:
     policy: StoryPolicy = StoryPolicy()
 
     def open(self) -> "StoryWriter":
-        from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
+        from stores.cassandra.stories import CassandraStoryStore
+        from stores.redis.stories import RedisStoryStore
 
         redis_store = RedisStoryStore.from_url(self.redis_url, self.redis_key_prefix, self.policy)
         try:

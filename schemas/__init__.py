@@ -1,1 +1,1 @@
-"""Event schemas, the Confluent wire codec, the CQL schema and the Redis key layout."""
+"""Event schemas, the Confluent wire codec, Kafka records and dead letters, the CQL schema, the Redis key layout."""

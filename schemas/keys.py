@@ -69,7 +69,7 @@ class KeyLayout:
 
     def ranked_feed(self, user_id: int) -> str:
         """ZSET: ``user_id``'s ranked feed; member post_id, score = rank score (higher
-        first; ``pipelines.io.ranked_store`` writes ``count - rank``, the model's
+        first; ``stores.ranked`` writes ``count - rank``, the model's
         scores and authors go in ``ranked_meta``).
 
         Replaced as a whole together with ``ranked_meta`` in one MULTI (same slot).

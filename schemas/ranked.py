@@ -2,7 +2,7 @@
 
 A ranked feed is a user's candidate posts in the order the ranking job chose
 (model score, then diversity re-ranking), with the model version that scored
-it and the time it was generated. ``pipelines.io.ranked_store`` stores and
+it and the time it was generated. ``stores.ranked`` stores and
 reads it in Redis and Cassandra.
 """
 from __future__ import annotations

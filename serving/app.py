@@ -28,8 +28,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from pipelines.io.aio_cassandra import AioCassandra
-from pipelines.io.aio_redis import AioRedis, RedisUnavailable
+from stores.cassandra.aio import AioCassandra
+from stores.redis.aio import AioRedis, RedisUnavailable
 from serving.auth import AuthError, TokenAuth
 from serving.config import ServingConfig
 from serving.feeds import FeedResult, FeedService, Overloaded, StoresUnavailable
@@ -323,8 +323,9 @@ class FeedApp:
 
 def create_app(config: ServingConfig | None = None) -> FeedApp:
     """The app; without ``config``, one from ``FEEDBEAM_SERVE_*`` settings that
-    ``feedbeam serve`` passes to its worker processes (``jobs.serve``)."""
+    ``feedbeam serve`` passes to its worker processes (``config_from_environment``)."""
     if config is None:
-        from jobs.serve import config_from_environment
+        from serving.config import config_from_environment
+
         config = config_from_environment()
     return FeedApp(config)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
-from pipelines.fanout_logic import DAY_MS, FanoutPolicy
+from domain.fanout import DAY_MS, FanoutPolicy
 
 _FANOUT = FanoutPolicy()
 
@@ -75,3 +77,16 @@ class ServingConfig:
     @property
     def inactive_ms(self) -> int:
         return int(self.inactive_days * DAY_MS)
+
+
+#: The environment variable ``feedbeam serve`` hands the ``ServingConfig`` to its
+#: worker processes in (granian and uvicorn start workers by import string).
+CONFIG_ENV = "FEEDBEAM_SERVE_CONFIG"
+
+
+def config_from_environment(environ=None) -> ServingConfig:
+    """The ``ServingConfig`` ``feedbeam serve`` handed to its workers (``CONFIG_ENV``)."""
+    raw = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if not raw:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: start the API with `feedbeam serve`")
+    return ServingConfig(**json.loads(raw))

@@ -2,8 +2,8 @@
 
 ``FeedService`` answers the ranked and chronological feed endpoints from what
 the pipelines materialized, through the store modules they write with
-(``pipelines.io.redis_store.FeedCommands`` on the async Redis client,
-``pipelines.io.aio_cassandra.AioCassandra``, ``pipelines.io.ranked_store``).
+(``stores.redis.feeds.FeedCommands`` on the async Redis client,
+``stores.cassandra.aio.AioCassandra``, ``stores.ranked``).
 The decisions (merge, pages, cursors, breaker) are ``serving.logic``.
 
 A chronological read on the hot path is two Redis round trips: one pipeline
@@ -31,10 +31,10 @@ from typing import Any, NamedTuple, Sequence
 
 import hiredis
 
-from pipelines.io.aio_cassandra import AioCassandra, CassandraUnavailable
-from pipelines.io.aio_redis import AioRedis, RedisUnavailable, is_noscript, pack_command
-from pipelines.io.ranked_store import READ_PAGE_SCRIPT, page_args, page_keys, parse_page
-from pipelines.io.redis_store import FeedCommands
+from stores.cassandra.aio import AioCassandra, CassandraUnavailable
+from stores.redis.aio import AioRedis, RedisUnavailable, is_noscript, pack_command
+from stores.ranked import READ_PAGE_SCRIPT, page_args, page_keys, parse_page
+from stores.redis.feeds import FeedCommands
 from schemas.keys import KeyLayout
 from schemas.ranked import RankedEntry, RankedPage
 from serving.config import ServingConfig

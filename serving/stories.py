@@ -1,4 +1,4 @@
-"""Story tray and mark-seen, through the stories pipeline's store (``pipelines.io.story_store``).
+"""Story tray and mark-seen, through the stories pipeline's store (``stores.redis.stories``).
 
 That store is synchronous (redis-py, the Cassandra driver's blocking calls),
 so its calls run on a small thread pool, each bounded by the request budget;
@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 import redis
 
-from pipelines.io.aio_redis import RedisUnavailable
-from pipelines.io.redis_store import ScriptSafeRedis
-from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
+from stores.redis.aio import RedisUnavailable
+from stores.redis.client import ScriptSafeRedis
+from stores.cassandra.stories import CassandraStoryStore
+from stores.redis.stories import RedisStoryStore
 from schemas.keys import KeyLayout
 from schemas.stories import TrayEntry
 from serving.feeds import FeedService, StoresUnavailable

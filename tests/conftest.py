@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from infra.settings import StackSettings
-from schemas.cassandra import new_cluster
+from stores.cassandra.session import new_cluster
 
 _READY_TIMEOUT_S = 10.0
 

@@ -1,1 +1,1 @@
-"""Beam IO shared by every pipeline: Kafka source and sink, dead letters, stores."""
+"""Beam IO shared by every pipeline: Kafka source and sink, dead letters, the batching store sink."""

@@ -6,7 +6,7 @@
     decoded.events                  # PCollection[Event], input timestamps kept
     decoded.dead_letters | 'WriteDLQ' >> WriteDeadLetters({"bootstrap.servers": ...})
 
-``DecodeEvents`` adapts ``decode_record()`` (``pipelines/io/records.py``), so
+``DecodeEvents`` adapts ``decode_record()`` (``schemas/records.py``), so
 pipelines and ``feedbeam replay`` accept and reject exactly the same bytes.
 ``WriteDeadLetters`` writes each ``DeadLetter`` to ``<source topic>.dlq``
 with the original key and value untouched and the metadata in headers;
@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection, TaggedOutput
 
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
-from pipelines.io.records import DeadLetter, KafkaRecord, decode_record
+from schemas.records import DeadLetter, KafkaRecord, decode_record
 from schemas.codec import WireCodec
 from schemas.events import Event
 

@@ -24,7 +24,7 @@ The log sink groups values per ``log_shards`` shard in the global window and
 writes one content-addressed Parquet file per shard and hour every
 ``flush_s`` seconds of processing time (and at the end of a bounded run):
 a bounded number of files, and nothing is ever dropped as late (see
-``pipelines.io.feature_log`` for why rewrites and replays are idempotent).
+``stores.files.feature_log`` for why rewrites and replays are idempotent).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 
-from pipelines.features_logic import follower_scores
+from domain.features import follower_scores
 from schemas.features import DEFAULT_HALF_LIFE_MS, VIEWER_AUTHOR, FeatureTTLs, FeatureValue
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class _OnlineFn(_BatchedSinkFn):
     sink = "redis"
 
     def _open(self):
-        from pipelines.io.feature_store import OnlineFeatureStore
+        from stores.redis.features import OnlineFeatureStore
 
         c = self._config
         return OnlineFeatureStore.from_url(c.redis_url, key_prefix=c.redis_key_prefix,
@@ -151,7 +151,7 @@ class _DurableFn(_BatchedSinkFn):
     sink = "cassandra"
 
     def _open(self):
-        from pipelines.io.cassandra_features import CassandraFeatureStore
+        from stores.cassandra.features import CassandraFeatureStore
 
         c = self._config
         return CassandraFeatureStore.connect(c.cassandra_host, c.cassandra_port,
@@ -165,7 +165,7 @@ class _TopFollowersFn(_BatchedSinkFn):
     sink = "top_followers"
 
     def _open(self):
-        from pipelines.io.redis_store import RedisFeedStore
+        from stores.redis.feeds import RedisFeedStore
 
         c = self._config
         return RedisFeedStore.from_url(c.redis_url, key_prefix=c.redis_key_prefix)
@@ -227,7 +227,7 @@ class _WriteLogFn(beam.DoFn):
         self._files = Metrics.counter(NAMESPACE, "log_files")
 
     def process(self, element):
-        from pipelines.io.feature_log import write_feature_log
+        from stores.files.feature_log import write_feature_log
 
         _, values = element
         values = list(values)

@@ -76,7 +76,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.io.records import KafkaRecord
+from schemas.records import KafkaRecord
 from schemas.codec import peek_event_time
 
 log = logging.getLogger(__name__)
@@ -670,7 +670,7 @@ class ReadFromKafka(beam.PTransform):
       topics: topics to read from the start policy onward, forever.
       ranges: instead of ``topics``, ``{topic: {partition: (start, stop)}}``
         offset ranges to read once (a bounded PCollection), as resolved by
-        ``pipelines.io.offsets`` for replays and backfills.
+        ``stores.kafka.offsets`` for replays and backfills.
 
     Returns a ``PCollection[KafkaRecord]`` timestamped by event time.
     """

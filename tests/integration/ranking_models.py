@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.io.model_registry import ModelMetadata, ModelRegistry
-from pipelines.ranking_features import FEATURE_NAMES
+from stores.files.models import ModelMetadata, ModelRegistry
+from domain.ranking_features import FEATURE_NAMES
 
 
 def promote_toy_model(registry: ModelRegistry, feature: str, sign: float = 1.0,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.io.cassandra_features import CassandraFeatureStore, refill_online
-from pipelines.io.feature_store import OnlineFeatureStore
-from schemas.cassandra import migrate
+from stores.cassandra.features import CassandraFeatureStore, refill_online
+from stores.redis.features import OnlineFeatureStore
+from stores.cassandra.session import migrate
 from schemas.features import AFFINITY, AUTHOR, POST, VIEWER_AUTHOR, VIEWER_MEDIA, FeatureValue
 
 pytestmark = pytest.mark.integration

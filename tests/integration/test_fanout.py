@@ -23,10 +23,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from infra.stack import prism_binary
 from pipelines import fanout
-from pipelines.fanout_logic import DAY_MS, FanoutPolicy, expected_state
-from pipelines.io.cassandra_store import CassandraFeedStore
-from pipelines.io.redis_store import RedisFeedStore
-from schemas.cassandra import migrate
+from domain.fanout import DAY_MS, FanoutPolicy, expected_state
+from stores.cassandra.feeds import CassandraFeedStore
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
 from schemas.events import FollowEvent, PostEvent
 from tests.integration.fanout_events import U, create, delete, follow

@@ -13,10 +13,10 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.fanout import FanOutToFollowerFeeds, StoreConfig
-from pipelines.fanout_logic import DAY_MS, FanoutPolicy
-from pipelines.io.cassandra_store import CassandraFeedStore
-from pipelines.io.redis_store import RedisFeedStore
-from schemas.cassandra import migrate
+from domain.fanout import DAY_MS, FanoutPolicy
+from stores.cassandra.feeds import CassandraFeedStore
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.session import migrate
 from tests.integration.fanout_events import U, create, delete, follow
 
 pytestmark = pytest.mark.integration

@@ -34,11 +34,11 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from infra import stack as infra_stack
-from pipelines.fanout_logic import DAY_MS, FanoutPolicy, expected_state
-from pipelines.io.cassandra_store import CassandraFeedStore
+from domain.fanout import DAY_MS, FanoutPolicy, expected_state
+from stores.cassandra.feeds import CassandraFeedStore
 from pipelines.io.deadletter import read_dead_letters
-from pipelines.io.redis_store import RedisFeedStore
-from schemas.cassandra import migrate
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
 from schemas.events import FollowEvent, PostEvent, dlq_topic
 from tests.integration.test_fanout import REPO, _workload, durable_feeds, group_done, job_args

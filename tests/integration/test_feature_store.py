@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from pipelines.io.feature_store import OnlineFeatureStore
+from stores.redis.features import OnlineFeatureStore
 from schemas.features import (
     AFFINITY,
     AUTHOR,
@@ -131,7 +131,7 @@ def test_write_rejects_unknown_entities(store):
 
 
 def test_top_followers_are_newer_wins_and_trimmed(stack, key_prefix):
-    from pipelines.io.redis_store import RedisFeedStore
+    from stores.redis.feeds import RedisFeedStore
 
     feed = RedisFeedStore.from_url(stack.redis_url, key_prefix=key_prefix)
     try:

@@ -21,13 +21,13 @@ from confluent_kafka import Producer
 
 from infra.stack import prism_binary
 from pipelines import features
-from pipelines.io.cassandra_features import CassandraFeatureStore
+from stores.cassandra.features import CassandraFeatureStore
 from pipelines.io.deadletter import read_dead_letters
-from pipelines.io.feature_log import point_in_time_join, read_feature_log
-from pipelines.io import offsets as kafka_offsets
-from pipelines.io.feature_store import OnlineFeatureStore
-from pipelines.io.redis_store import RedisFeedStore
-from schemas.cassandra import migrate
+from stores.files.feature_log import point_in_time_join, read_feature_log
+from stores.kafka import offsets as kafka_offsets
+from stores.redis.features import OnlineFeatureStore
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
 from schemas.events import (EngagementEvent, EngagementKind, MediaType, PostEvent,
                             PostEventKind, dlq_topic)

@@ -17,7 +17,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from infra.stack import prism_binary
 from pipelines.features import AggregateEngagementFeatures
-from pipelines.features_logic import FeatureParams
+from domain.features import FeatureParams
 from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind
 
 pytestmark = pytest.mark.integration

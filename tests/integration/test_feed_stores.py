@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.io.cassandra_store import CassandraFeedStore
-from pipelines.io.redis_store import RedisFeedStore
-from schemas.cassandra import FEED_BUCKET_MS, migrate, time_bucket
+from stores.cassandra.feeds import CassandraFeedStore
+from stores.redis.feeds import RedisFeedStore
+from schemas.cassandra import FEED_BUCKET_MS, time_bucket
+from stores.cassandra.session import migrate
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
 from schemas.keys import KeyLayout
 
@@ -296,7 +297,7 @@ def test_a_batch_survives_the_server_losing_its_scripts(tmp_path):
 
     import redis as redis_lib
 
-    from pipelines.io.redis_store import new_client
+    from stores.redis.client import new_client
     from tests.integration.test_faults import PrivateRedis
 
     server = PrivateRedis(tmp_path / "redis")

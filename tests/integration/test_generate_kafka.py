@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from jobs import generate
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from jobs.generate import KafkaEventSink, config_from_args, pump
 from jobs.workload import Workload
 from schemas.codec import WireCodec

@@ -10,7 +10,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.io.deadletter import DLQ_NAMESPACE, WriteDeadLetters, read_dead_letters
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
-from pipelines.io.records import DECODE_STEP, DeadLetter, KafkaRecord
+from schemas.records import DECODE_STEP, DeadLetter, KafkaRecord
 
 pytestmark = pytest.mark.integration
 

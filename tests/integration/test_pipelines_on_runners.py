@@ -31,15 +31,16 @@ import uuid
 
 import pytest
 
-from pipelines.io.cassandra_features import CassandraFeatureStore
-from pipelines.io.cassandra_store import CassandraFeedStore
-from pipelines.io.feature_store import OnlineFeatureStore
-from pipelines.io.model_registry import ModelRegistry
-from pipelines.io.ranked_store import RankedFeedStore
-from pipelines.io.redis_store import RedisFeedStore
-from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
-from pipelines.stories_logic import StoryPolicy
-from schemas.cassandra import migrate
+from stores.cassandra.features import CassandraFeatureStore
+from stores.cassandra.feeds import CassandraFeedStore
+from stores.redis.features import OnlineFeatureStore
+from stores.files.models import ModelRegistry
+from stores.ranked import RankedFeedStore
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.stories import CassandraStoryStore
+from stores.redis.stories import RedisStoryStore
+from domain.stories import StoryPolicy
+from stores.cassandra.session import migrate
 from schemas.events import (EngagementEvent, EngagementKind, FollowEvent, MediaType, PostEvent,
                             PostEventKind, StoryEvent, StoryEventKind)
 from schemas.features import VIEWER_AUTHOR

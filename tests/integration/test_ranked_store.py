@@ -10,9 +10,9 @@ import asyncio
 
 import pytest
 
-from pipelines.io.cassandra_store import CassandraFeedStore
-from pipelines.io.ranked_store import AsyncRankedReader, RankedFeedStore
-from schemas.cassandra import migrate
+from stores.cassandra.feeds import CassandraFeedStore
+from stores.ranked import AsyncRankedReader, RankedFeedStore
+from stores.cassandra.session import migrate
 from schemas.keys import KeyLayout
 from schemas.ranked import RankedEntry, RankedFeed
 

@@ -17,7 +17,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from infra.stack import prism_binary
 from pipelines.ranking import debounce_fn
-from pipelines.ranking_logic import Debounce, simulate_debounce
+from domain.ranking import Debounce, simulate_debounce
 from schemas.ranking import ENGAGED, POST_CREATED, POST_DELETED, Trigger
 
 pytestmark = pytest.mark.integration

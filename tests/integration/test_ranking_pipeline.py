@@ -19,12 +19,12 @@ from confluent_kafka import Producer
 
 from infra.stack import prism_binary
 from pipelines import fanout, ranking
-from pipelines.io.feature_store import OnlineFeatureStore
-from pipelines.io.model_registry import ModelRegistry
-from pipelines.io.ranked_store import RankedFeedStore
-from pipelines.io.redis_store import RedisFeedStore
-from pipelines.io.cassandra_store import CassandraFeedStore
-from schemas.cassandra import migrate
+from stores.redis.features import OnlineFeatureStore
+from stores.files.models import ModelRegistry
+from stores.ranked import RankedFeedStore
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.feeds import CassandraFeedStore
+from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
 from schemas.events import (
     EngagementEvent,

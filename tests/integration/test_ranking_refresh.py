@@ -13,13 +13,13 @@ import time
 import pytest
 
 from pipelines.fanout import FeedFanout, StoreConfig
-from pipelines.fanout_logic import FanoutPolicy
-from pipelines.io.feature_store import OnlineFeatureStore
-from pipelines.io.model_registry import ModelRegistry
-from pipelines.io.ranked_store import RankedFeedStore
+from domain.fanout import FanoutPolicy
+from stores.redis.features import OnlineFeatureStore
+from stores.files.models import ModelRegistry
+from stores.ranked import RankedFeedStore
 from pipelines.ranking import RankingConfig
-from pipelines.ranking_logic import RankingPolicy
-from schemas.cassandra import migrate
+from domain.ranking import RankingPolicy
+from stores.cassandra.session import migrate
 from schemas.events import MediaType, PostEvent, PostEventKind
 from schemas.features import FeatureValue
 from schemas.ranking import RECENCY_VERSION, Candidate, RefreshRequest

@@ -24,12 +24,13 @@ import time
 
 import pytest
 
-from pipelines.fanout_logic import DAY_MS, FanoutPolicy
-from pipelines.features_logic import follower_scores
-from pipelines.io.cassandra_features import CassandraFeatureStore
-from pipelines.io.feature_store import OnlineFeatureStore
-from pipelines.io.ranked_store import RankedFeedStore
-from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
+from domain.fanout import DAY_MS, FanoutPolicy
+from domain.features import follower_scores
+from stores.cassandra.features import CassandraFeatureStore
+from stores.redis.features import OnlineFeatureStore
+from stores.ranked import RankedFeedStore
+from stores.cassandra.stories import CassandraStoryStore
+from stores.redis.stories import RedisStoryStore
 from schemas.events import MediaType, StoryEvent, StoryEventKind
 from schemas.features import (
     AFFINITY,

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipelines.io.records import DeadLetter
+from schemas.records import DeadLetter
 from schemas.codec import WireCodec, header
 from schemas.events import (
     EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind,
@@ -265,9 +265,9 @@ def test_pipeline_fanout_replays_a_range_into_the_stores(
     """
     from confluent_kafka import Producer
 
-    from pipelines.fanout_logic import FanoutPolicy, expected_state
-    from pipelines.io.redis_store import RedisFeedStore
-    from schemas.cassandra import migrate
+    from domain.fanout import FanoutPolicy, expected_state
+    from stores.redis.feeds import RedisFeedStore
+    from stores.cassandra.session import migrate
     from tests.integration.fanout_events import create, follow
 
     prefix = f"t{uuid.uuid4().hex[:8]}."

@@ -15,9 +15,10 @@ import time
 import pytest
 
 from pipelines.fanout import StoreConfig
-from pipelines.fanout_logic import DAY_MS, FanoutPolicy
-from pipelines.io.ranked_store import RankedFeedStore
-from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
+from domain.fanout import DAY_MS, FanoutPolicy
+from stores.ranked import RankedFeedStore
+from stores.cassandra.stories import CassandraStoryStore
+from stores.redis.stories import RedisStoryStore
 from schemas.events import StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
 from schemas.ranked import RankedEntry

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pipelines.fanout import StoreConfig
-from schemas.cassandra import migrate
+from stores.cassandra.session import migrate
 from tests.integration.serving_harness import (
     PRODUCTION_BUDGETS,
     free_port,

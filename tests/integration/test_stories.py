@@ -20,10 +20,11 @@ import uuid
 import pytest
 
 from infra.stack import prism_binary
-from pipelines.io.redis_store import RedisFeedStore
-from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
-from pipelines.stories_logic import ExpectedStories, StoryPolicy, expected_stories
-from schemas.cassandra import migrate
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.stories import CassandraStoryStore
+from stores.redis.stories import RedisStoryStore
+from domain.stories import ExpectedStories, StoryPolicy, expected_stories
+from stores.cassandra.session import migrate
 from schemas.events import FollowEvent, FollowKind, MediaType, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
 from tests.integration.test_fanout import Topics

@@ -20,11 +20,11 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from infra.stack import prism_binary
-from pipelines.io.redis_store import RedisFeedStore
-from pipelines.io.story_store import CassandraStoryStore
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.stories import CassandraStoryStore
 from pipelines.stories import MaterializeStories, StoryStoreConfig
-from pipelines.stories_logic import StoryPolicy
-from schemas.cassandra import migrate
+from domain.stories import StoryPolicy
+from stores.cassandra.session import migrate
 from schemas.events import MediaType, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
 

@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-from pipelines.io.redis_store import RedisFeedStore
-from pipelines.io.story_store import CassandraStoryStore, RedisStoryStore
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.stories import CassandraStoryStore
+from stores.redis.stories import RedisStoryStore
 from pipelines.stories import StoryWriter
-from pipelines.stories_logic import StoryPolicy
-from schemas.cassandra import migrate
+from domain.stories import StoryPolicy
+from stores.cassandra.session import migrate
 from schemas.events import MediaType, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
 

@@ -16,9 +16,9 @@ import uuid
 
 import pytest
 
-from pipelines.io.cassandra_store import CassandraFeedStore
-from pipelines.io.redis_store import RedisFeedStore
-from schemas.cassandra import migrate
+from stores.cassandra.feeds import CassandraFeedStore
+from stores.redis.feeds import RedisFeedStore
+from stores.cassandra.session import migrate
 from tests.integration.cli_jobs import cli, submitted
 from tests.integration.fanout_events import create, follow
 from tests.integration.test_fanout import Topics

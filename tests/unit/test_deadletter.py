@@ -14,7 +14,7 @@ from apache_beam.transforms.window import TimestampedValue
 from pipelines.io.deadletter import (
     DECODE_NAMESPACE, DecodeEvents, _DecodeFn, to_kafka_message,
 )
-from pipelines.io.records import DECODE_STEP, DeadLetter, KafkaRecord
+from schemas.records import DECODE_STEP, DeadLetter, KafkaRecord
 from schemas.codec import WireCodec, header
 from schemas.events import (
     EngagementEvent, EngagementKind, FollowEvent, FollowKind, MediaType, PostEvent,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.ranking_logic import diversify
+from domain.ranking import diversify
 
 
 class Entry(NamedTuple):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.fanout_logic import (
+from domain.fanout import (
     DAY_MS,
     FanoutPolicy,
     FreshnessHistogram,

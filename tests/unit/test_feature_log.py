@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.io.feature_log import (
+from stores.files.feature_log import (
     LOG_SCHEMA,
     asof_indices,
     point_in_time_join,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.io.feature_store import decode, fresh_fields, fresh_value
+from stores.redis.features import decode, fresh_fields, fresh_value
 from schemas.features import (
     AUTHOR_FEATURES,
     MAX_VERSION,

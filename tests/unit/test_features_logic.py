@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.features_logic import (
+from domain.features import (
     CANCEL,
     COMMENT,
     LIKE,
@@ -297,7 +297,7 @@ def test_params_and_weights_validate():
 
 def test_items_round_trip_to_events():
     e = EngagementEvent("x", T0, EngagementKind.VIEW, 7, 45, 100, MediaType.REEL, 1234)
-    from pipelines.features_logic import engagement_item
+    from domain.features import engagement_item
 
     assert event_of("x", engagement_item(e)) == e
     profile = EngagementEvent("y", T0, EngagementKind.PROFILE_VIEW, 7, 45)
@@ -306,7 +306,7 @@ def test_items_round_trip_to_events():
 
 
 def test_shard_agenda_keeps_one_time_per_key():
-    from pipelines.features_logic import Shard, shard_of
+    from domain.features import Shard, shard_of
 
     shard = Shard()
     shard.schedule(1, 10)

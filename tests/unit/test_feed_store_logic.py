@@ -7,8 +7,9 @@ from datetime import datetime
 
 import pytest
 
-from pipelines.io import cassandra_store as cstore
-from pipelines.io import redis_store as rstore
+from stores.cassandra import feeds as cstore
+from stores.redis import client as redis_client
+from stores.redis import feeds as rstore
 from schemas.cassandra import FEED_BUCKET_MS
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
 from schemas.keys import KeyLayout
@@ -51,10 +52,10 @@ def test_any_arrival_order_gives_the_same_edge(events, following):
 
 
 def test_chunks_and_trim_stop():
-    assert [list(c) for c in rstore.chunks([1, 2, 3, 4, 5], 2)] == [[1, 2], [3, 4], [5]]
-    assert list(rstore.chunks([], 3)) == []
+    assert [list(c) for c in redis_client.chunks([1, 2, 3, 4, 5], 2)] == [[1, 2], [3, 4], [5]]
+    assert list(redis_client.chunks([], 3)) == []
     with pytest.raises(ValueError):
-        list(rstore.chunks([1], 0))
+        list(redis_client.chunks([1], 0))
     assert rstore.trim_stop(1000) == -1001
     with pytest.raises(ValueError):
         rstore.trim_stop(0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jobs import generate
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from jobs.generate import (
     JsonLinesSink,
     TokenBucket,

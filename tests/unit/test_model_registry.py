@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from pipelines.io.model_registry import (
+from stores.files.models import (
     LATEST,
     ModelMetadata,
     ModelRegistry,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.io.ranked_store import check_entries, page_args, parse_page, swap_args
+from stores.ranked import check_entries, page_args, parse_page, swap_args
 from schemas.ranked import RankedEntry, RankedPage
 
 

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.fanout_logic import DAY_MS
-from pipelines.io.redis_store import edge_version
-from pipelines.ranking_logic import (
+from domain.fanout import DAY_MS
+from stores.redis.feeds import edge_version
+from domain.ranking import (
     GIVE_UP,
     GO,
     SETTLE,
@@ -185,7 +185,7 @@ def test_follow_gate_waits_for_the_newest_version_of_each_edge():
               FollowEvent("c", T0 + 1, FollowKind.FOLLOW, 3, 7)]
     triggers = [follow_trigger(e) for e in events] + [Trigger(3, T0, ENGAGED)]
     wanted = edge_versions_wanted(triggers)
-    # The fan-out's own order (pipelines.io.redis_store.edge_version).
+    # The fan-out's own order (stores.redis.feeds.edge_version).
     assert wanted == {4: edge_version(events[1]), 7: edge_version(events[2])}
     assert edges_not_applied(wanted, {}) == [4, 7]
     # 4 applied only up to the follow: the unfollow is still missing.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from jobs.rebuild import VIEWS, parse_views
-from pipelines.io.cassandra_features import online_fresh
-from pipelines.io.cassandra_store import batched
-from pipelines.stories_logic import (
+from stores.cassandra.features import online_fresh
+from stores.cassandra.feeds import batched
+from domain.stories import (
     HOUR_MS,
     StoryPolicy,
     publish_refusal,

@@ -6,12 +6,12 @@ import argparse
 import pyarrow as pa
 import pytest
 
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 from jobs.replay import (
     RangeSpec, check_out_dir, event_type_for_topic, parse_time, range_from_args, register,
 )
-from pipelines.io.offsets import OffsetRangeError, clamp_range, parse_partition_offsets
-from pipelines.io.parquet import avro_to_arrow, event_schema, hive_dir, hour_of
+from stores.kafka.offsets import OffsetRangeError, clamp_range, parse_partition_offsets
+from stores.files.parquet import avro_to_arrow, event_schema, hive_dir, hour_of
 from schemas.codec import WireCodec, reader_schema
 from schemas.events import (
     EVENT_TYPES, EngagementEvent, EngagementKind, FollowEvent, FollowKind, MediaType, PostEvent,

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from jobs import cli
-from jobs.serve import CONFIG_ENV, build_config, config_from_environment
+from jobs.serve import build_config
+from serving.config import CONFIG_ENV, config_from_environment
 from serving.auth import TokenAuth
 
 KEY = "cli-test-key-0123456789-0123456789"

@@ -135,7 +135,7 @@ def test_tokens():
 
 
 def test_post_meta_fast_path_agrees_with_parse_post():
-    from pipelines.io.redis_store import POST_FIELDS, FeedCommands, parse_post, post_fields
+    from stores.redis.feeds import POST_FIELDS, FeedCommands, parse_post, post_fields
     from schemas.events import MediaType, PostEvent, PostEventKind
 
     post = PostEvent("e", 5, PostEventKind.CREATED, 9, 3, 1000, MediaType.REEL, 12, ("a", "b"))

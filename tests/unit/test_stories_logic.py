@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipelines.stories_logic import (
+from domain.stories import (
     HOUR_MS,
     StoryPolicy,
     assemble_tray,
@@ -104,7 +104,7 @@ def story_event(kind: StoryEventKind, story: int, at: int, viewer: int | None = 
 
 
 def test_oracle_follows_publish_view_delete_expiry():
-    from pipelines.stories_logic import expected_stories
+    from domain.stories import expected_stories
 
     P, V, D = StoryEventKind.PUBLISHED, StoryEventKind.VIEWED, StoryEventKind.DELETED
     events = [

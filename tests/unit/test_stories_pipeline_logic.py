@@ -14,7 +14,7 @@ from pipelines.stories import (
     expiry_command,
     job_options,
 )
-from pipelines.stories_logic import StoryPolicy, parse_timer_tag, timer_shard, timer_tag
+from domain.stories import StoryPolicy, parse_timer_tag, timer_shard, timer_tag
 from schemas.events import StoryEvent, StoryEventKind
 from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
 

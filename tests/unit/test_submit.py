@@ -10,7 +10,7 @@ import pytest
 from infra.settings import StackSettings
 from infra.stack import _prism_path, prism_binary
 from jobs import submit
-from jobs.errors import UserFacingError
+from infra.errors import UserFacingError
 
 
 @pytest.fixture

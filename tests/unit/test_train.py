@@ -15,8 +15,8 @@ import pytest
 
 from jobs import cli
 from jobs.synthetic import replay_features
-from pipelines.io.model_registry import ModelRegistry
-from pipelines.ranking_features import FEATURE_NAMES
+from stores.files.models import ModelRegistry
+from domain.ranking_features import FEATURE_NAMES
 from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind
 
 T0 = 1_767_225_600_000

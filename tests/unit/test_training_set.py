@@ -13,8 +13,8 @@ from jobs.training_set import (
     impressions_and_labels,
     time_split,
 )
-from pipelines.io.feature_log import write_feature_log
-from pipelines.ranking_features import FEATURE_NAMES
+from stores.files.feature_log import write_feature_log
+from domain.ranking_features import FEATURE_NAMES
 from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind
 from schemas.features import FeatureValue
 

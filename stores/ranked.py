@@ -47,8 +47,8 @@ from typing import Any, Iterator, Sequence
 
 import redis
 
-from pipelines.io.cassandra_store import CassandraFeedStore, to_ms
-from pipelines.io.redis_store import new_client
+from stores.cassandra.feeds import CassandraFeedStore, to_ms
+from stores.redis.client import new_client
 from schemas import cassandra as cs
 from schemas.keys import KeyLayout
 from schemas.ranked import RankedEntry, RankedFeed, RankedPage

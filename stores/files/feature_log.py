@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipelines.io.parquet import hive_dir, hour_of, write_table
+from stores.files.parquet import hive_dir, hour_of, write_table
 from schemas.features import FEATURES_BY_ENTITY, FeatureValue
 
 LOG_SCHEMA = pa.schema([

@@ -18,7 +18,7 @@ What it does and no more:
   next call reconnects (connect timeout bounded);
 * scripts run by EVALSHA, falling back to EVAL once when the server does not
   know them (``register_script`` has redis-py's call signature, so
-  ``pipelines.io.ranked_store.AsyncRankedReader`` takes either client).
+  ``stores.ranked.AsyncRankedReader`` takes either client).
 
 Error replies come back as ``hiredis.ReplyError`` values inside the result
 list; ``call`` raises them.

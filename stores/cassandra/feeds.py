@@ -49,6 +49,7 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 from schemas import cassandra as cs
+from stores.cassandra import session as cassandra_session
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ class CassandraFeedStore:
                 **options) -> "CassandraFeedStore":
         """A store on a new cluster connection; ``close()`` shuts it. An unreachable
         Cassandra is retried for ``connect_wait_s`` (``schemas.cassandra.open_on_new_cluster``)."""
-        cluster, store = cs.open_on_new_cluster(
+        cluster, store = cassandra_session.open_on_new_cluster(
             host, port, lambda session: cls(session, keyspace, **options), connect_wait_s)
         store._cluster = cluster
         return store
@@ -375,7 +376,7 @@ class CassandraFeedStore:
 
     def statement(self, name: str):
         """The prepared statement ``name`` of this store (for asynchronous readers
-        that execute it themselves: ``pipelines.io.aio_cassandra``)."""
+        that execute it themselves: ``stores.cassandra.aio``)."""
         return self._stmt(name)
 
     def prepare(self, cql: str):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Sequence
 
-from pipelines.io.cassandra_store import CassandraFeedStore, batched, to_ms
+from stores.cassandra.feeds import CassandraFeedStore, batched, to_ms
 from schemas import cassandra as cs
 from schemas.features import (
     AFFINITY,

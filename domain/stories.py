@@ -1,6 +1,6 @@
 """The stories pipeline's rules as plain functions (no Beam, no stores).
 
-``pipelines.io.story_store`` (writers and readers) and ``pipelines.stories``
+``stores.redis.stories`` (writers and readers) and ``pipelines.stories``
 (the pipeline) adapt these:
 
 * **Lifetimes**: a story is served while ``now < expires_at``. Its Redis keys

@@ -32,7 +32,7 @@ from typing import Iterable, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 
-from pipelines.fanout_logic import DAY_MS, is_active
+from domain.fanout import DAY_MS, is_active
 from schemas.events import EngagementEvent, FollowEvent, FollowKind, PostEvent, PostEventKind
 from schemas.features import ENGAGING_KINDS
 from schemas.ranking import (
@@ -106,7 +106,7 @@ def edge_versions_wanted(triggers: Iterable[Trigger]) -> dict[int, int]:
     """``followee -> edge version`` of the newest follow/unfollow trigger per followee.
 
     Versions order one edge's events as the fan-out's graph does
-    (``pipelines.io.redis_store.edge_version``): later event time wins, and
+    (``stores.redis.feeds.edge_version``): later event time wins, and
     at equal times an unfollow beats a follow.
     """
     wanted: dict[int, int] = {}

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from pipelines.io.redis_store import chunks, new_client
+from stores.redis.client import chunks, new_client
 from schemas.features import (
     AUTHOR,
     DEFAULT_HALF_LIFE_MS,

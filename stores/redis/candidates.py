@@ -21,8 +21,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Mapping, Sequence
 
-from pipelines.io.redis_store import RedisFeedStore
-from pipelines.ranking_logic import RankingPolicy, merge_candidates
+from stores.redis.feeds import RedisFeedStore
+from domain.ranking import RankingPolicy, merge_candidates
 from schemas.ranking import Candidate, RefreshRequest
 
 _META_FIELDS = ("author_id", "created_at", "media_type", "deleted")

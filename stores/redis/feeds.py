@@ -34,11 +34,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
 
 import orjson
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from schemas.events import FollowEvent, FollowKind, PostEvent
 from schemas.keys import KeyLayout
+from stores.redis.client import chunks, new_client
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +196,6 @@ def edge_version(edge: FollowEvent) -> int:
     return edge.event_time * 2 + (1 if edge.kind is FollowKind.UNFOLLOW else 0)
 
 
-def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    """``items`` in consecutive slices of at most ``size``."""
-    if size < 1:
-        raise ValueError("chunk size must be at least 1")
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def post_fields(post: PostEvent) -> dict[str, str]:
     """The hash fields of a created post (event_time aside)."""
     return {
@@ -254,55 +245,6 @@ def trim_stop(cap: int) -> int:
 
 def _ids_with_scores(pairs: Iterable[tuple[bytes, float]]) -> list[tuple[int, int]]:
     return [(int(member), int(score)) for member, score in pairs]
-
-
-class ScriptSafePipeline(redis.client.Pipeline):
-    """A pipeline that outlives a Redis restart between loading its scripts and running them.
-
-    redis-py loads a pipeline's scripts (``SCRIPT LOAD``) once, then runs the
-    batch, retrying it on a dropped connection; a server restarted (or its
-    script cache flushed) in between answers the batch's ``EVALSHA`` with
-    ``NoScriptError``, and the bundle writing it failed (on Prism: the job).
-    Here the whole batch runs once more, scripts loaded again: the stores
-    using it write idempotently, so running commands twice is what a retried
-    bundle does anyway.
-    """
-
-    def execute(self, raise_on_error: bool = True) -> list:
-        stack, scripts = list(self.command_stack), set(self.scripts)
-        try:
-            return super().execute(raise_on_error)
-        except redis.exceptions.NoScriptError:
-            if not scripts:
-                raise
-            log.warning("redis: the server lost its scripts mid-batch (a restart?); "
-                        "running the batch of %d commands again", len(stack))
-            self.command_stack, self.scripts = stack, scripts  # execute() reset them
-            return super().execute(raise_on_error)
-
-
-class ScriptSafeRedis(redis.Redis):
-    """``redis.Redis`` whose pipelines are ``ScriptSafePipeline``s."""
-
-    def pipeline(self, transaction: bool = True, shard_hint=None) -> ScriptSafePipeline:
-        return ScriptSafePipeline(self.connection_pool, self.response_callbacks, transaction,
-                                  shard_hint)
-
-
-def new_client(url: str) -> "redis.Redis":
-    """A client for ``url`` that retries commands failed on a dropped connection or
-    a timeout, with exponential backoff, and batches lost scripts in a restart
-    (``ScriptSafePipeline``): safe only for stores whose every write is
-    idempotent (this one's, ``story_store``'s, ``feature_store``'s and
-    ``ranked_store``'s)."""
-    return ScriptSafeRedis.from_url(
-        url,
-        socket_timeout=5.0,
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
 
 
 # -- the store ------------------------------------------------------------------
@@ -723,7 +665,7 @@ def _pairs(flat: Sequence[bytes]) -> list[tuple[int, int]]:
 class FeedCommands:
     """The reads (and the two writes) serving makes, as Redis command tuples plus
     the parsers of their replies, for a client that batches commands of many
-    kinds into one pipelined round trip (``pipelines.io.aio_redis.AioRedis``).
+    kinds into one pipelined round trip (``stores.redis.aio.AioRedis``).
 
     Same keys and encodings as ``RedisFeedStore``; the scripts are its scripts
     (``last_read_script`` for the client's ``register_script``).

@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 from cassandra import OperationTimedOut
 
-from pipelines.io.cassandra_store import CassandraFeedStore, plan_buckets, post_from_row, to_ms
-from pipelines.io.ranked_store import RankedFeedStore, feed_from_row
+from stores.cassandra.feeds import CassandraFeedStore, plan_buckets, post_from_row, to_ms
+from stores.ranked import RankedFeedStore, feed_from_row
 from schemas import cassandra as cs
 from schemas.keys import KeyLayout
 from schemas.ranked import RankedFeed

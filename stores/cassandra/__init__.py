@@ -1,0 +1,1 @@
+"""Cassandra stores: one module per aggregate; connections and migrations in ``session``."""

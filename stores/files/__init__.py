@@ -1,0 +1,1 @@
+"""File stores: Parquet writers, the feature log, the model registry."""

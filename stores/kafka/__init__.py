@@ -1,0 +1,1 @@
+"""Kafka administration outside Beam: offset ranges, consumer-group lag."""

@@ -1,0 +1,1 @@
+"""Redis stores: one module per aggregate, one client (``client.new_client``)."""
