@@ -36,7 +36,7 @@ import time
 log = logging.getLogger(__name__)
 
 
-def _has_flag(args: list[str], name: str) -> bool:
+def has_flag(args: list[str], name: str) -> bool:
     return any(a == name or a.startswith(name + "=") for a in args)
 
 
@@ -57,12 +57,12 @@ def runner_flags(args: list[str]) -> list[str]:
     out = list(args)
     if runner.lower() not in ("flink", "flinkrunner"):
         return out
-    if (_has_flag(args, "--checkpointing_interval")
-            and not _has_flag(args, "--finish_bundle_before_checkpointing")):
+    if (has_flag(args, "--checkpointing_interval")
+            and not has_flag(args, "--finish_bundle_before_checkpointing")):
         out.append("--finish_bundle_before_checkpointing")
-    if not _has_flag(args, "--number_of_execution_retries"):
+    if not has_flag(args, "--number_of_execution_retries"):
         out.append(f"--number_of_execution_retries={FLINK_RESTARTS}")
-        if not _has_flag(args, "--execution_retry_delay"):
+        if not has_flag(args, "--execution_retry_delay"):
             out.append(f"--execution_retry_delay={FLINK_RESTART_DELAY_MS}")
     return out
 

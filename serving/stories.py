@@ -60,7 +60,7 @@ class StoryService:
         if store is None:
             return None
         if self._cassandra is None:
-            self._cassandra = CassandraStoryStore(store.session, store.keyspace, max_retries=0)
+            self._cassandra = CassandraStoryStore(store.session, store.keyspace)
         return self._cassandra
 
     async def _run(self, fn: Callable[[], Any]) -> Any:

@@ -49,11 +49,14 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 from schemas import cassandra as cs
+from stores.retry import RetryPolicy, is_transient
 from stores.cassandra import session as cassandra_session
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
 
 log = logging.getLogger(__name__)
 
+#: Stores make one attempt; the caller retries its batch (``stores.retry``).
+NO_RETRY = RetryPolicy(attempts=1)
 _EPOCH = datetime(1970, 1, 1)
 
 
@@ -80,21 +83,6 @@ DUMP_TABLES: tuple[str, ...] = (
 
 
 # -- pure helpers (unit tested without Cassandra) ------------------------------------
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether re-executing the (idempotent) statement may succeed."""
-    from cassandra import OperationTimedOut, Timeout, Unavailable
-    from cassandra.cluster import NoHostAvailable
-    from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
-
-    return isinstance(exc, (OperationTimedOut, Timeout, Unavailable, NoHostAvailable,
-                            OverloadedErrorMessage, IsBootstrappingErrorMessage))
-
-
-def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
-    """Delay before retry ``attempt`` (0-based): ``base * 2**attempt``, at most ``cap``."""
-    return min(cap_s, base_s * (2 ** attempt))
 
 
 def pack_batches(work: Sequence[tuple[Any, tuple]], batch_rows: int) -> list[tuple[Any, tuple | None]]:
@@ -211,9 +199,9 @@ class CassandraFeedStore:
     ``session`` need not be bound to ``keyspace``: statements are qualified.
     """
 
-    def __init__(self, session, keyspace: str, concurrency: int = 64, max_retries: int = 5,
-                 backoff_base_s: float = 0.05, backoff_cap_s: float = 2.0,
-                 batch_rows: int = 50, users_per_statement: int = 200):
+    def __init__(self, session, keyspace: str, concurrency: int = 64,
+                 retry: RetryPolicy = NO_RETRY, batch_rows: int = 50,
+                 users_per_statement: int = 200):
         if batch_rows < 1 or users_per_statement < 1:
             raise ValueError("batch_rows and users_per_statement must be >= 1")
         self.session = session
@@ -223,9 +211,7 @@ class CassandraFeedStore:
         self._deferred_single: list[tuple[Any, tuple]] | None = None
         self.keyspace = cs.check_keyspace_name(keyspace)
         self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
+        self.retry = retry
         self.stats = StoreStats()
         self._cluster = None  # set by connect(): the store then owns it
         ks = self.keyspace
@@ -301,15 +287,16 @@ class CassandraFeedStore:
     def _execute(self, work: Sequence[tuple[Any, tuple]]) -> list:
         """Execute ``(statement, params)`` pairs concurrently; results in order.
 
-        Transient failures are re-executed (only those) with exponential
-        backoff, up to ``max_retries`` rounds; the last such error, or any
-        other error, is raised.
+        Statements that failed transiently are executed again (only those) after
+        the waits of ``self.retry``; by default there are none, and the caller
+        retries its whole batch (``stores.retry``). The last transient error, or
+        any other error, is raised.
         """
         from cassandra.concurrent import execute_concurrent
 
         results: list = [None] * len(work)
         pending = list(range(len(work)))
-        attempt = 0
+        waits = iter(self.retry.delays())
         while pending:
             outcomes = execute_concurrent(
                 self.session, [work[i] for i in pending], concurrency=self.concurrency,
@@ -326,15 +313,14 @@ class CassandraFeedStore:
             self.stats.written += len(pending) - len(failed)
             if not failed:
                 break
-            if attempt >= self.max_retries:
+            delay = next(waits, None)
+            if delay is None:
                 self.stats.failed += len(failed)
                 raise failed[0][1]
             self.stats.retried += len(failed)
-            delay = backoff_s(attempt, self.backoff_base_s, self.backoff_cap_s)
-            log.warning("cassandra: %d statements failed transiently (%s), retry %d in %.2fs",
-                        len(failed), type(failed[0][1]).__name__, attempt + 1, delay)
+            log.warning("cassandra: %d statements failed transiently (%s), again in %.2fs",
+                        len(failed), type(failed[0][1]).__name__, delay)
             time.sleep(delay)
-            attempt += 1
             pending = [i for i, _ in failed]
         return results
 

@@ -2,9 +2,10 @@
 
     client = new_client("redis://127.0.0.1:6379/0")
 
-``new_client`` retries a command that failed on a dropped connection or a
-timeout and re-runs a batch whose scripts a restarted server lost
-(``ScriptSafePipeline``): safe because every store writes idempotently.
+``new_client`` makes one attempt per command (whoever applies a batch
+retries it whole, ``stores.retry``) and re-runs a batch whose scripts a
+restarted server lost (``ScriptSafePipeline``): safe because every store
+writes idempotently.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 from typing import Any, Iterator, Sequence
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,12 @@ class ScriptSafeRedis(redis.Redis):
 
 
 def new_client(url: str) -> "redis.Redis":
-    """A client for ``url`` that retries commands failed on a dropped connection or
-    a timeout, with exponential backoff, and batches lost scripts in a restart
-    (``ScriptSafePipeline``): safe only for stores whose every write is
-    idempotent (this one's, ``story_store``'s, ``feature_store``'s and
-    ``ranked_store``'s)."""
+    """A client for ``url`` that does not retry (``stores.retry`` does, per batch) and
+    survives lost scripts (``ScriptSafePipeline``)."""
     return ScriptSafeRedis.from_url(
         url,
         socket_timeout=5.0,
         socket_connect_timeout=5.0,
         health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        retry=Retry(NoBackoff(), retries=0),
     )

@@ -9,6 +9,7 @@ import pytest
 
 from stores.cassandra import feeds as cstore
 from stores.redis import client as redis_client
+from stores.retry import RetryPolicy, is_transient
 from stores.redis import feeds as rstore
 from schemas.cassandra import FEED_BUCKET_MS
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
@@ -86,18 +87,50 @@ def test_new_keys_share_the_users_tag():
 
 
 def test_transient_errors_are_retried_others_are_not():
+    import redis
     from cassandra import InvalidRequest, OperationTimedOut, Unavailable, WriteTimeout
     from cassandra.cluster import NoHostAvailable
 
-    assert cstore.is_transient(OperationTimedOut())
-    assert cstore.is_transient(WriteTimeout("slow", write_type=0))
-    assert cstore.is_transient(Unavailable("down"))
-    assert cstore.is_transient(NoHostAvailable("none", {}))
-    assert not cstore.is_transient(InvalidRequest("bad cql"))
-    assert not cstore.is_transient(ValueError())
-    delays = [cstore.backoff_s(a, 0.05, 1.0) for a in range(7)]
-    assert delays[:3] == [0.05, 0.1, 0.2] and delays[-1] == 1.0
-    assert delays == sorted(delays)
+    assert is_transient(OperationTimedOut())
+    assert is_transient(WriteTimeout("slow", write_type=0))
+    assert is_transient(Unavailable("down"))
+    assert is_transient(NoHostAvailable("none", {}))
+    assert is_transient(redis.ConnectionError("reset"))
+    assert not is_transient(InvalidRequest("bad cql"))
+    assert not is_transient(redis.ResponseError("WRONGTYPE"))
+    assert not is_transient(ValueError())
+    assert RetryPolicy(attempts=7, first_delay_s=0.05, max_delay_s=1.0).delays() == [
+        0.05, 0.1, 0.2, 0.4, 0.8, 1.0]
+    assert RetryPolicy(attempts=1).delays() == []
+
+
+def test_the_policy_retries_transient_errors_only_and_gives_up_after_its_attempts(monkeypatch):
+    import time
+
+    from cassandra import InvalidRequest, OperationTimedOut
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    policy = RetryPolicy(attempts=3, first_delay_s=0.0, max_delay_s=0.0)
+    calls, retried = [], []
+
+    def flaky(errors):
+        def call():
+            calls.append(1)
+            if errors:
+                raise errors.pop(0)
+            return "done"
+        return call
+
+    assert policy.call(flaky([OperationTimedOut()] * 2), on_retry=retried.append) == "done"
+    assert len(calls) == 3 and len(retried) == 2
+    calls.clear()
+    with pytest.raises(OperationTimedOut):
+        policy.call(flaky([OperationTimedOut()] * 3))
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(InvalidRequest):
+        policy.call(flaky([InvalidRequest("bad")]))
+    assert len(calls) == 1
 
 
 def test_timestamps_and_buckets():
@@ -135,7 +168,8 @@ def _store_with(monkeypatch, fake) -> cstore.CassandraFeedStore:
 
     monkeypatch.setattr(cassandra.concurrent, "execute_concurrent", fake)
     monkeypatch.setattr(cstore.time, "sleep", lambda s: None)
-    return cstore.CassandraFeedStore(object(), "ks", max_retries=2)
+    return cstore.CassandraFeedStore(
+        object(), "ks", retry=RetryPolicy(attempts=3, first_delay_s=0.0, max_delay_s=0.0))
 
 
 def test_only_transiently_failed_statements_are_re_executed(monkeypatch):
@@ -161,7 +195,7 @@ def test_permanent_errors_and_exhausted_retries_raise(monkeypatch):
     store = _store_with(monkeypatch, fake)
     with pytest.raises(OperationTimedOut):
         store._execute([("a", ())])
-    assert len(fake.calls) == 3  # first try + max_retries
+    assert len(fake.calls) == 3  # the policy's 3 attempts
     assert (store.stats.retried, store.stats.failed) == (2, 1)
 
 

@@ -1,0 +1,139 @@
+"""What every pipeline module shares: store options, replay ranges, counters, ``main``.
+
+    class FanoutOptions(PipelineOptions): ...      # the pipeline's own flags only
+    stores = options.view_as(StoreOptions).config()
+    ranges = options.view_as(ReplayOptions).ranges()
+
+    if __name__ == "__main__":
+        sys.exit(module_main("pipelines.fanout"))
+
+Beam parses the flags of every imported ``PipelineOptions`` subclass with one
+parser, so a flag shared by several pipelines is declared once, here.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from stores.config import (
+    DEFAULT_CASSANDRA_HOST,
+    DEFAULT_CASSANDRA_PORT,
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_KEYSPACE,
+    DEFAULT_REDIS_URL,
+    StoreConfig,
+)
+
+#: ``{topic: {partition: (start, stop)}}``: offsets a bounded re-run reads, stop exclusive.
+Ranges = dict[str, dict[int, tuple[int, int]]]
+
+
+class StoreOptions(PipelineOptions):
+    """Where Redis and Cassandra are: the flags of every store-writing pipeline."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("stores")
+        group.add_argument("--redis_url", default=DEFAULT_REDIS_URL,
+                           help="Redis the hot views are written to")
+        group.add_argument("--redis_key_prefix", default=DEFAULT_KEY_PREFIX,
+                           help="prefix of every Redis key (isolates a run's keys)")
+        group.add_argument("--cassandra_host", default=DEFAULT_CASSANDRA_HOST,
+                           help="Cassandra contact point")
+        group.add_argument("--cassandra_port", type=int, default=DEFAULT_CASSANDRA_PORT)
+        group.add_argument("--cassandra_keyspace", default=DEFAULT_KEYSPACE,
+                           help="keyspace of the durable views (created by `feedbeam migrate`)")
+
+    def config(self) -> StoreConfig:
+        return StoreConfig(self.redis_url, self.redis_key_prefix, self.cassandra_host,
+                           self.cassandra_port, self.cassandra_keyspace)
+
+
+class ReplayOptions(PipelineOptions):
+    """``--replay_ranges``: a bounded re-run over offsets instead of following the topics."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--replay_ranges", default=None, metavar="JSON",
+                            help="re-run over bounded offset ranges instead of following the "
+                                 "topics: {\"<topic>\": {\"<partition>\": [start, stop]}} "
+                                 "(stop exclusive, topic names with their prefix); the job "
+                                 "runs in batch mode and commits no offsets "
+                                 "(`feedbeam replay TOPIC ... --pipeline NAME` builds it)")
+
+    def ranges(self) -> Ranges | None:
+        """``--replay_ranges`` parsed (``parse_replay_ranges``); None when not given."""
+        return None if self.replay_ranges is None else parse_replay_ranges(self.replay_ranges)
+
+
+def parse_replay_ranges(text: str) -> Ranges:
+    """``{"topic": {"0": [start, stop]}}`` JSON -> ``{topic: {0: (start, stop)}}``.
+
+    ``ValueError`` names what is wrong; an empty mapping is an error too (a
+    bounded job over nothing is almost certainly a mistake in the caller).
+    """
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--replay_ranges is not JSON: {exc}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("--replay_ranges must be a non-empty JSON object of topics")
+    out: Ranges = {}
+    for topic, parts in raw.items():
+        if not isinstance(parts, dict):
+            raise ValueError(f"--replay_ranges[{topic!r}] must map partitions to [start, stop]")
+        out[topic] = {}
+        for partition, bounds in parts.items():
+            try:
+                start, stop = (int(b) for b in bounds)
+                p = int(partition)
+            except (TypeError, ValueError):
+                raise ValueError(f"--replay_ranges[{topic!r}][{partition!r}] must be "
+                                 f"[start, stop], got {bounds!r}") from None
+            if p < 0 or start < 0 or stop < start:
+                raise ValueError(f"--replay_ranges[{topic!r}][{partition!r}]: bad range "
+                                 f"[{start}, {stop})")
+            out[topic][p] = (start, stop)
+    return out
+
+
+class Counters:
+    """Beam counters of one namespace, made on first use (a DoFn builds one in ``setup``)."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self._made: dict[str, object] = {}
+
+    def inc(self, name: str, n: int = 1) -> None:
+        if not n:
+            return
+        counter = self._made.get(name)
+        if counter is None:
+            counter = self._made[name] = Metrics.counter(self.namespace, name)
+        counter.inc(n)
+
+
+def configure_logging() -> None:
+    """INFO to stderr. ``force``: importing Beam already configured the root logger at
+    WARNING, which would hide the pipelines' periodic progress lines."""
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cassandra").setLevel(logging.WARNING)
+
+
+def module_main(module: str, argv=None) -> int:
+    """``python -m pipelines.<name>``: log at INFO and call ``<module>.run(argv)``.
+
+    The module's ``__main__`` block calls this with its importable name, so the
+    job runs the imported module, not the ``__main__`` copy: Beam pickles
+    transforms and coders by reference to their module, and options classes
+    defined a second time would clash.
+    """
+    configure_logging()
+    importlib.import_module(module).run(sys.argv[1:] if argv is None else argv)
+    return 0
