@@ -18,8 +18,10 @@ stack: bootstrap
 demo: bootstrap
 	$(FEEDBEAM) demo
 
-# README command 2: unit and integration tests against the real servers.
+# README command 2: the layering contract, then unit and integration tests
+# against the real servers.
 test: stack
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 down: bootstrap

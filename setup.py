@@ -11,7 +11,7 @@ from setuptools import setup
 # worker; bumped deliberately, together with the lock of the test run.
 RUNTIME = [
     "apache-beam==2.77.0",
-    "confluent-kafka==2.16.1",
+    "confluent-kafka[schemaregistry]==2.16.1",
     "redis[hiredis]==8.1.0",
     "cassandra-driver==3.30.1",
     "pyarrow==25.0.1",

@@ -181,15 +181,14 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def positions(ctx) -> dict[str, dict[str, int]]:
     """Per job, per topic: records committed by its consumer group; and per topic the end."""
-    from bench_stories import committed, end_offsets
+    from stores.kafka.lag import committed_offsets, end_offsets, sum_by_topic
 
-    parts = list(range(ctx.args.partitions))
-    out = {"end": {t: sum(end_offsets(ctx.settings.kafka_bootstrap, ctx.prefix + t).values())
-                   for t in ctx.read_topics}}
+    bootstrap, prefix = ctx.settings.kafka_bootstrap, ctx.prefix
+    ends = sum_by_topic(end_offsets(bootstrap, [prefix + t for t in ctx.read_topics]))
+    out = {"end": {t: ends[prefix + t] for t in ctx.read_topics}}
     for name, (job, topics) in ctx.jobs.items():
-        out[name] = {t: sum(max(o, 0) for o in committed(
-            ctx.settings.kafka_bootstrap, job.group, ctx.prefix + t, parts).values())
-            for t in topics}
+        done = sum_by_topic(committed_offsets(bootstrap, job.group, [prefix + t for t in topics]))
+        out[name] = {t: done[prefix + t] for t in topics}
     return out
 
 
@@ -277,7 +276,7 @@ def start(ctx, graph: Graph, session) -> None:
     print(f"set-up: {graph.edges:,} edges (followers and following sets) loaded in "
           f"{load_s:.1f}s, keyspace "
           f"{ctx.keyspace}, topics {ctx.prefix}*", flush=True)
-    from infra.stack import prism_binary
+    from infra.install import prism_binary
 
     prism = str(prism_binary(ctx.settings))
     for name in ctx.args.pipelines:

@@ -393,17 +393,19 @@ def wait_committed(ctx, topic: str, job: Job, poll_s: float = 0.05) -> float:
     """When the job's group committed the end of ``topic`` (epoch s): a bundle's offsets
     are committed after its writes, Cassandra's included, so this is when every post
     is durable, not only readable in Redis."""
-    from bench_stories import committed, end_offsets
+    from stores.kafka.lag import GroupLag, caught_up, end_offsets
 
-    ends = end_offsets(ctx.settings.kafka_bootstrap, topic)
+    ends = end_offsets(ctx.settings.kafka_bootstrap, [topic])
     deadline = time.monotonic() + ctx.args.timeout_s
-    while True:
-        found = committed(ctx.settings.kafka_bootstrap, job.group, topic, list(ends))
-        if all(found.get(p, -1) >= end for p, end in ends.items()):
-            return time.time()
-        if job.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the job did not commit the end of {topic}: {found} of {ends}")
-        time.sleep(poll_s)
+    with GroupLag(ctx.settings.kafka_bootstrap, job.group, [topic]) as lag:
+        while True:
+            found = lag.committed()
+            if caught_up(found, ends):
+                return time.time()
+            if job.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the job did not commit the end of {topic}: "
+                                   f"{found} of {ends}")
+            time.sleep(poll_s)
 
 
 def verify_sample(ctx, posts: list[Post], rng: np.random.Generator, k: int = 30) -> int:
@@ -446,7 +448,7 @@ def naive_loop(ctx, posts: list[Post]) -> dict:
 
 def in_process(ctx, posts: list[Post], with_cassandra: bool) -> dict:
     """``FeedFanout.apply`` on the posts without Beam/Kafka (diagnostic)."""
-    from pipelines.fanout import FeedFanout
+    from stores.fanout import FeedFanout
     from stores.cassandra.feeds import CassandraFeedStore
     from stores.redis.feeds import RedisFeedStore
 
@@ -714,10 +716,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s for s in args.skip.split(",") if s}
     rates = [int(r) for r in args.rates.split(",")]
 
-    from cassandra.cluster import Cluster  # noqa: F401  (fail early if the driver is missing)
+    import cassandra.cluster  # noqa: F401  (fail early if the driver is missing)
     from confluent_kafka.admin import AdminClient
 
-    from infra.stack import prism_binary
+    from infra.install import prism_binary
     from stores.cassandra.session import migrate, new_cluster
 
     settings = StackSettings.from_env()

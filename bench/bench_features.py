@@ -46,7 +46,7 @@ import fastavro  # noqa: E402
 
 from infra.settings import StackSettings  # noqa: E402
 from jobs.generate import PRODUCER_CONFIG  # noqa: E402
-from jobs.replay import CONSUMER_CONFIG  # noqa: E402
+from jobs.replay_range import CONSUMER_CONFIG  # noqa: E402
 from stores.kafka import offsets as kafka_offsets  # noqa: E402
 from schemas.codec import HEADER_SIZE, WireCodec  # noqa: E402
 from schemas.events import (EngagementEvent, EngagementKind, FollowEvent, MediaType,  # noqa: E402
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from infra.stack import prism_binary
+    from infra.install import prism_binary
 
     settings = StackSettings.from_env()
     prism = str(prism_binary(settings))

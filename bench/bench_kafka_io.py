@@ -9,30 +9,35 @@ same topic, measures ``--runs`` times each
 
 * raw: the physical limit of Python on this machine: one confluent-kafka
   consumer with replay's consumer settings, ``consume(num_messages=...)``
-  batches, ``fastavro.schemaless_reader`` on the body after the 5-byte header,
-  no dataclass, nothing written;
+  batches, the project's typed decode (``WireCodec.decode``) of each value,
+  nothing written; ``raw_dict`` the same with ``fastavro.schemaless_reader``
+  on the body only (no dataclass): the limit of replay, which builds columns
+  from dicts;
 * replay: ``jobs.replay.replay()`` over the whole topic into a fresh
   directory (decode with accept/reject checks, Arrow columns, Parquet files);
 * beam: a bounded ``ReadFromKafka`` over the whole topic (ranges from
-  ``stores.kafka.offsets``) into ``DecodeEvents`` and a sink counting per
-  bundle, on Prism (LOOPBACK): wall time of ``run().wait_until_finish()``.
+  ``stores.kafka.offsets``; one element per partition poll) into
+  ``DecodeBatches`` and a sink counting per bundle, on Prism (LOOPBACK):
+  wall time of ``run().wait_until_finish()``; ``flink``: the same on the
+  Flink job server (``feedbeam infra up flink``; ``--skip flink`` without it).
   The same pipeline over one record gives the job's fixed start-up cost, so
   both the end-to-end rate and the rate excluding start-up are reported;
-* floor: Beam's own per-element cost on Prism, with no Kafka: a splittable
-  DoFn that claims an offset per element and emits a ``KafkaRecord`` of one
-  constant engagement event (one restriction per partition), an identity
-  DoFn in decode's place, and the same counting sink; wall time less its
-  one-element start-up. A source + decode in Beam pays the raw loop's work
-  and this, so ``1 / (1/raw + 1/floor)`` bounds it. The same with the real
-  ``DecodeEvents`` (typed events, which the raw loop does not build) in the
-  identity's place: what a source + decode gets with Kafka free;
+* floor: Beam's own cost on Prism, with no Kafka: a splittable DoFn that
+  claims an offset per record and emits ``RecordBatch``es of ``--batch``
+  copies of one constant engagement event (one restriction per partition),
+  an identity DoFn in decode's place, and the same counting sink; wall time
+  less its one-element start-up. A source + decode in Beam pays the raw
+  loop's work and this, so ``1 / (1/raw + 1/floor)`` bounds it. The same with
+  the real ``DecodeBatches`` in the identity's place: what a source + decode
+  gets with Kafka free;
 * streaming: an unbounded ``ReadFromKafka`` of the topic from earliest into
-  ``DecodeEvents`` and a sink adding each bundle's count to a Redis counter;
+  ``DecodeBatches`` and a sink adding each bundle's count to a Redis counter;
   the rate is records over the time from the first to the last record
   counted (start-up excluded by construction); the job is then cancelled.
 
 Prints the median records/s of each and its ratio to raw (targets: beam
->= 50%, replay >= 70%), and the ceiling the floor sets. The topic and Redis keys are deleted afterwards.
+>= 70% on Prism, >= 50% on Flink, streaming >= 60%, replay >= 70% of the
+dict limit), and the ceiling the floor sets. The topic and Redis keys are deleted afterwards.
 Needs the local stack (``feedbeam infra up``) and the Prism binary.
 """
 from __future__ import annotations
@@ -52,15 +57,16 @@ import fastavro  # noqa: E402
 
 from infra.settings import StackSettings  # noqa: E402
 from jobs.generate import PRODUCER_CONFIG  # noqa: E402
-from jobs.replay import CONSUMER_CONFIG, replay  # noqa: E402
+from jobs.replay_parquet import replay  # noqa: E402
+from jobs.replay_range import CONSUMER_CONFIG  # noqa: E402
 from stores.kafka import offsets as kafka_offsets  # noqa: E402
 from schemas.codec import HEADER_SIZE, WireCodec  # noqa: E402
 from schemas.events import EngagementEvent, EngagementKind, MediaType  # noqa: E402
 
 T0 = 1_714_557_600_000  # 2024-05-01T10:00Z
 SPAN_MS = 6 * 3_600_000
-MEASURES = ("raw", "replay", "beam", "floor", "streaming")  # floor: two measures
-TARGETS = {"replay": 0.70, "beam": 0.50, "streaming": 0.50}
+MEASURES = ("raw", "replay", "beam", "floor", "streaming", "flink")  # floor: two measures
+TARGETS = {"replay": 0.70, "beam": 0.70, "streaming": 0.60, "flink": 0.50}
 COUNT_NAMESPACE = "bench"
 
 
@@ -95,8 +101,10 @@ def produce(bootstrap: str, topic: str, n: int) -> None:
         raise RuntimeError("events were not all delivered")
 
 
-def raw_loop(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]]) -> int:
-    """Consume every range and decode each body with fastavro; returns records decoded."""
+def raw_loop(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
+             typed: bool = True) -> int:
+    """Consume every range and decode each value (typed events, or with ``typed=False``
+    fastavro dicts of the body only); returns records decoded."""
     from confluent_kafka import Consumer, TopicPartition
 
     codec = WireCodec()
@@ -106,14 +114,18 @@ def raw_loop(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]]) -> 
     remaining = {p: e - s for p, (s, e) in ranges.items() if e > s}
     n = 0
     reader = fastavro.schemaless_reader
+    decode = codec.decode
     try:
         while remaining:
             for msg in consumer.consume(num_messages=10_000, timeout=1.0):
                 if msg.error() is not None:
                     continue  # partition EOF
-                buf = io.BytesIO(msg.value())
-                buf.seek(HEADER_SIZE)
-                reader(buf, writer, None)
+                if typed:
+                    decode(msg.value(), EngagementEvent)
+                else:
+                    buf = io.BytesIO(msg.value())
+                    buf.seek(HEADER_SIZE)
+                    reader(buf, writer, None)
                 n += 1
                 p = msg.partition()
                 remaining[p] -= 1
@@ -127,10 +139,14 @@ def raw_loop(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]]) -> 
 # ------------------------------------------------------------------ Beam on Prism
 
 
-def _beam_options(prism: str, *extra: str):
+def _beam_options(runner: str, *extra: str):
+    """Prism (``runner`` is the binary's path) or ``flink:<job endpoint>``."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    return PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism}",
+    if runner.startswith("flink:"):
+        return PipelineOptions(["--runner=FlinkRunner", f"--job_endpoint={runner[6:]}",
+                                "--environment_type=LOOPBACK", *extra])
+    return PipelineOptions(["--runner=PrismRunner", f"--prism_location={runner}",
                             "--environment_type=LOOPBACK", *extra])
 
 
@@ -151,7 +167,7 @@ def _count_fn():
     from apache_beam.metrics import Metrics
 
     class CountPerBundle(beam.DoFn):
-        """Counts elements; one metric update per bundle."""
+        """Counts the records of the batches; one metric update per bundle."""
 
         def setup(self):
             self._counter = Metrics.counter(COUNT_NAMESPACE, "counted")
@@ -159,8 +175,8 @@ def _count_fn():
         def start_bundle(self):
             self._n = 0
 
-        def process(self, element):
-            self._n += 1
+        def process(self, batch):
+            self._n += len(batch)
 
         def finish_bundle(self):
             self._counter.inc(self._n)
@@ -170,16 +186,17 @@ def _count_fn():
 
 def beam_bounded(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
                  prism: str) -> tuple[int, float]:
-    """Run ReadFromKafka(ranges) | DecodeEvents | count on Prism: ``(counted, seconds)``."""
+    """Run ReadFromKafka(ranges) | DecodeBatches | count on Prism (or ``flink:<endpoint>``):
+    ``(counted, seconds)``."""
     import apache_beam as beam
 
-    from pipelines.io.deadletter import DecodeEvents
+    from pipelines.io.deadletter import DecodeBatches
     from pipelines.io.kafka import ReadFromKafka
 
     pipeline = beam.Pipeline(options=_beam_options(prism))
     decoded = (pipeline
                | "Read" >> ReadFromKafka(_source_config(bootstrap), ranges={topic: ranges})
-               | "Decode" >> DecodeEvents())
+               | "Decode" >> DecodeBatches())
     _ = decoded.events | "Count" >> beam.ParDo(_count_fn())
     return _run_counted(pipeline)
 
@@ -196,16 +213,18 @@ def _run_counted(pipeline) -> tuple[int, float]:
     return sum(c.committed or 0 for c in found), seconds
 
 
-def beam_floor(total: int, partitions: int, prism: str, decode: bool = False) -> tuple[int, float]:
-    """A splittable DoFn (``partitions`` restrictions) emitting ``total`` records
-    of one constant engagement event, | identity (or ``DecodeEvents`` if
-    ``decode``) | count, on Prism: ``(counted, seconds)``."""
+def beam_floor(total: int, partitions: int, prism: str, decode: bool = False,
+               batch: int = 1000) -> tuple[int, float]:
+    """A splittable DoFn (``partitions`` restrictions) claiming ``total`` offsets one by
+    one and emitting them as ``RecordBatch``es of ``batch`` records of one constant
+    engagement event, | identity (or ``DecodeBatches`` if ``decode``) | count, on
+    Prism: ``(counted, seconds)``."""
     import apache_beam as beam
     from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
     from apache_beam.transforms.core import RestrictionProvider
 
-    from pipelines.io.deadletter import DecodeEvents
-    from schemas.records import KafkaRecord
+    from pipelines.io.deadletter import DecodeBatches
+    from schemas.records import RecordBatch
 
     topic = EngagementEvent.TOPIC
     value = WireCodec().encode(next(_events(1)), topic)
@@ -226,9 +245,20 @@ def beam_floor(total: int, partitions: int, prism: str, decode: bool = False) ->
     class Emit(beam.DoFn):
         def process(self, element, tracker=beam.DoFn.RestrictionParam(Ranges())):
             position = tracker.current_restriction().start
+            offsets = []
             while tracker.try_claim(position):
-                yield KafkaRecord(topic, 0, position, b"k", value, T0 + position)
+                offsets.append(position)
                 position += 1
+                if len(offsets) == batch:
+                    yield _batch(offsets)
+                    offsets = []
+            if offsets:
+                yield _batch(offsets)
+
+    def _batch(offsets):
+        n = len(offsets)
+        return RecordBatch(topic, 0, offsets, [b"k"] * n, [value] * n,
+                           [T0 + o for o in offsets])
 
     per = -(-total // partitions)
     starts = [(i * per, min(total, (i + 1) * per)) for i in range(partitions) if i * per < total]
@@ -236,7 +266,7 @@ def beam_floor(total: int, partitions: int, prism: str, decode: bool = False) ->
     records = (pipeline
                | "Ranges" >> beam.Create(starts)
                | "Emit" >> beam.ParDo(Emit()))
-    out = ((records | "Decode" >> DecodeEvents()).events if decode
+    out = ((records | "Decode" >> DecodeBatches()).events if decode
            else records | "Identity" >> beam.Map(lambda r: r))
     _ = out | "Count" >> beam.ParDo(_count_fn())
     return _run_counted(pipeline)
@@ -256,10 +286,10 @@ def _redis_count_fn(redis_url: str, key: str, total: int):
         def start_bundle(self):
             self._n = 0
 
-        def process(self, element):
+        def process(self, batch):
             if not self._n:
                 self._client.set(f"{key}:first", time.time(), nx=True)
-            self._n += 1
+            self._n += len(batch)
 
         def finish_bundle(self):
             if self._n and self._client.incrby(key, self._n) >= total:
@@ -282,7 +312,7 @@ def beam_streaming(bootstrap: str, topic: str, total: int, prism: str, redis_url
     import redis
     from apache_beam.runners.runner import PipelineState
 
-    from pipelines.io.deadletter import DecodeEvents
+    from pipelines.io.deadletter import DecodeBatches
     from pipelines.io.kafka import ReadFromKafka
 
     key = f"bench:{uuid.uuid4().hex[:8]}"
@@ -290,7 +320,7 @@ def beam_streaming(bootstrap: str, topic: str, total: int, prism: str, redis_url
     pipeline = beam.Pipeline(options=_beam_options(prism, "--streaming"))
     decoded = (pipeline
                | "Read" >> ReadFromKafka(_source_config(bootstrap), [topic])
-               | "Decode" >> DecodeEvents())
+               | "Decode" >> DecodeBatches())
     _ = decoded.events | "Count" >> beam.ParDo(_redis_count_fn(redis_url, key, total))
     result = pipeline.run()
     try:
@@ -321,22 +351,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--bootstrap", default=None)
     parser.add_argument("--skip", default="",
-                        help="comma-separated measures to leave out: replay, beam, streaming")
+                        help="comma-separated measures to leave out: replay, beam, floor, "
+                             "streaming, flink")
     args = parser.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(MEASURES[1:]):
         parser.error(f"--skip takes {', '.join(MEASURES[1:])}")
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from infra.stack import prism_binary
+    from infra.install import prism_binary
 
     settings = StackSettings.from_env()
     bootstrap = args.bootstrap or settings.kafka_bootstrap
     prism = str(prism_binary(settings))
+    if "flink" in MEASURES and "flink" not in skip:
+        from infra.services import flink_job_endpoint, flink_ready
+
+        if not flink_ready(settings):
+            parser.error("the Flink job server is not answering: start it with "
+                         "`feedbeam infra up flink`, or --skip flink")
+        flink = f"flink:{flink_job_endpoint(settings)}"
     topic = f"bench.{uuid.uuid4().hex[:8]}.engagement-events"
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(topic, args.partitions, 1)])[topic].result(timeout=60)
     rates: dict[str, list[float]] = {m: [] for m in MEASURES if m not in skip}
+    rates["raw_dict"] = []
     startup: list[float] = []
     steady: list[float] = []
     try:
@@ -371,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
                 rates["raw"].append(n / (time.perf_counter() - t0))
                 assert n == total, (n, total)
                 line.append(f"raw {rates['raw'][-1]:,.0f}")
+                t0 = time.perf_counter()
+                n = raw_loop(bootstrap, topic, ranges, typed=False)
+                rates["raw_dict"].append(n / (time.perf_counter() - t0))
+                line.append(f"raw_dict {rates['raw_dict'][-1]:,.0f}")
                 if "replay" in rates:
                     t0 = time.perf_counter()
                     result = replay(bootstrap, topic, ranges, Path(tmp) / f"run{run}",
@@ -392,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                         assert n == total, (n, total)
                         floors[name].append(n / max(seconds - floor_startup, 1e-9))
                         line.append(f"{name} {floors[name][-1]:,.0f} ({seconds:.1f}s)")
+                if "flink" in rates:
+                    n, seconds = beam_bounded(bootstrap, topic, ranges, flink)
+                    assert n == total, (n, total)
+                    rates["flink"].append(n / seconds)
+                    line.append(f"flink {rates['flink'][-1]:,.0f} ({seconds:.1f}s)")
                 if "streaming" in rates:
                     n, seconds = beam_streaming(bootstrap, topic, total, prism,
                                                 settings.redis_url)
@@ -403,10 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         admin.delete_topics([topic])[topic].result(timeout=60)
 
     raw = statistics.median(rates["raw"])
+    raw_dict = statistics.median(rates["raw_dict"])
     print(f"\nmedian of {args.runs} runs, {total:,} records, {args.partitions} partitions:")
-    print(f"  {'raw consume+decode (limit)':<36} {raw:>10,.0f} rec/s")
+    print(f"  {'raw consume+typed decode (limit)':<36} {raw:>10,.0f} rec/s")
+    print(f"  {'raw consume+dict decode (limit)':<36} {raw_dict:>10,.0f} rec/s  (replay's limit)")
     labels = {"replay": "replay to Parquet",
-              "beam": "beam source+decode, end-to-end",
+              "beam": "beam source+decode on Prism",
+              "flink": "beam source+decode on Flink",
               "streaming": "beam streaming, first->last record"}
     if "floor" in rates:
         floor = statistics.median(floors["floor"])
@@ -416,13 +467,14 @@ def main(argv: list[str] | None = None) -> int:
               f"({floor_startup:.2f}s)")
         print(f"  {'  -> ceiling for source+decode':<36} {ceiling:>10,.0f} rec/s  "
               f"{ceiling / raw:>4.0%} of raw = 1 / (1/raw + 1/floor)")
-        print(f"  {'beam floor + DecodeEvents, no Kafka':<36} {with_decode:>10,.0f} rec/s  "
+        print(f"  {'beam floor + DecodeBatches, no Kafka':<36} {with_decode:>10,.0f} rec/s  "
               f"{with_decode / raw:>4.0%} of raw (typed events: the most a source+decode gets)")
     for name, label in labels.items():
         if name not in rates:
             continue
         rate = statistics.median(rates[name])
-        print(f"  {label:<36} {rate:>10,.0f} rec/s  {rate / raw:>4.0%} of raw "
+        limit, limit_name = (raw_dict, "raw dict") if name == "replay" else (raw, "raw")
+        print(f"  {label:<36} {rate:>10,.0f} rec/s  {rate / limit:>4.0%} of {limit_name} "
               f"(target >= {TARGETS[name]:.0%})")
         if name == "beam":
             rate = statistics.median(steady)

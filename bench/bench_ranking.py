@@ -462,7 +462,7 @@ def run_latency(args, settings, model_dir: str) -> list[dict]:
     from confluent_kafka.admin import AdminClient
 
     from jobs.topics import create_topics
-    from infra.stack import prism_binary
+    from infra.install import prism_binary
     from stores.files.models import ModelRegistry
     from stores.cassandra.session import migrate, new_cluster
 

@@ -57,6 +57,7 @@ from domain.stories import StoryPolicy  # noqa: E402
 from schemas.codec import WireCodec  # noqa: E402
 from schemas.events import MediaType, StoryEvent, StoryEventKind, dlq_topic  # noqa: E402
 from schemas.keys import KeyLayout  # noqa: E402
+from stores.kafka.lag import caught_up, committed_offsets, end_offsets  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "stories.json"
@@ -124,23 +125,6 @@ def produce(bootstrap: str, topic: str, events: list[StoryEvent]) -> None:
         raise RuntimeError("events were not all delivered")
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    from stores.kafka.offsets import watermarks
-
-    return {p: high for p, (_, high) in watermarks({"bootstrap.servers": bootstrap}, topic).items()}
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-        return {tp.partition: tp.offset for tp in found}
-    finally:
-        consumer.close()
-
-
 # ------------------------------------------------------------------ measures
 
 
@@ -150,7 +134,7 @@ def raw_loop(bootstrap: str, topic: str,
     seconds)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from jobs.replay import CONSUMER_CONFIG
+    from jobs.replay_range import CONSUMER_CONFIG
 
     codec = WireCodec()
     consumer = Consumer({"bootstrap.servers": bootstrap, **CONSUMER_CONFIG})
@@ -179,13 +163,14 @@ def in_process(ctx, by_partition: dict[int, list[StoryEvent]], tag: str) -> floa
     and writer per partition (as the job has one reader per partition); seconds."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.stories import StoryStoreConfig
+    from stores.config import StoreConfig
+    from stores.stories import open_story_writer
 
     key_prefix, keyspace = ctx.key_prefix + tag, ctx.keyspace + tag
     ctx.migrate(keyspace)
-    config = StoryStoreConfig(ctx.settings.redis_url, key_prefix, ctx.settings.host,
-                              ctx.settings.cassandra_port, keyspace, ctx.policy)
-    writers = [config.open() for _ in by_partition]
+    stores = StoreConfig(ctx.settings.redis_url, key_prefix, ctx.settings.host,
+                         ctx.settings.cassandra_port, keyspace)
+    writers = [open_story_writer(stores, ctx.policy) for _ in by_partition]
 
     def apply_all(writer, events):
         for i in range(0, len(events), 500):
@@ -240,8 +225,8 @@ def drain_once(ctx, run: int, backlog: Backlog,
         if first is None and any(ctx.client.exists(keys.story(s)) for s in backlog.first_ids):
             first = time.time()
         if first is not None:
-            done = committed(ctx.settings.kafka_bootstrap, job.group, topic, list(ends))
-            if all(done[p] >= end for p, end in ends.items() if end > 0):
+            done = committed_offsets(ctx.settings.kafka_bootstrap, job.group, [topic])
+            if caught_up(done, {(topic, p): end for p, end in ends.items()}):
                 break
         time.sleep(0.2)
     last = time.time()
@@ -401,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from confluent_kafka.admin import AdminClient
 
-    from infra.stack import prism_binary
+    from infra.install import prism_binary
     from jobs.topics import create_topics
     from stores.cassandra.session import new_cluster
 
@@ -420,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         backlog = Backlog(args.stories, args.views_per_story, ctx.base_id, random.Random(5))
         t = time.perf_counter()
         produce(settings.kafka_bootstrap, topic, backlog.events)
-        ends = end_offsets(settings.kafka_bootstrap, topic)
+        ends = {p: end for (_, p), end in end_offsets(settings.kafka_bootstrap, [topic]).items()}
         print(f"queued {len(backlog.ids):,} stories, {len(backlog.events):,} events in "
               f"{time.perf_counter() - t:.1f}s", flush=True)
 

@@ -4,20 +4,8 @@
 follower threshold, author timeline + top-N above it), who counts as active,
 how pushes are chunked, what a follow edge event does to feeds, the freshness
 histogram, and ``expected_state``: the oracle the integration tests compare the
-materialized Redis and Cassandra state with.
-
-Rules decided here (see ``pipelines/fanout.py`` for the why):
-
-* **Push or pull**: an author with fewer than ``push_threshold`` followers is
-  pushed to every active follower; at or above it the post goes to the
-  author's timeline (pulled at read time) and is pushed only to the author's
-  top ``celebrity_top_n`` active followers.
-* **Top N**: follower order (oldest follow first) until engagement features
-  exist; ``select_celebrity_targets`` is the one place to change that.
-* **Active**: a user whose last feed read is within ``inactive_ms`` of the
-  event being applied (the post's or the follow's event time, not the wall
-  clock, so a replay decides the same way), or who has never read at all
-  (no last-read signal yet: a new user must get a feed).
+materialized Redis and Cassandra state with. The rules and why:
+docs/architecture.md, "Decision rules", and docs/pipelines/fanout.md.
 """
 from __future__ import annotations
 

@@ -1,48 +1,12 @@
 """The features pipeline's aggregation as plain Python (no Beam, no stores).
 
 ``pipelines.features`` keeps one state object per key in Beam keyed state and
-calls these classes from its DoFns; the tests drive them directly too. See
-``pipelines/features.py`` for the design; the rules decided here:
-
-* **Items.** Events travel between stages as compact tuples (``Item``), cheap
-  to encode in a shuffle: ``(kind, t, viewer, author, post, media, dwell,
-  like_t)`` with small-int ``kind`` and ``media`` codes, -1 for "none".
-  ``CANCEL`` is an unlike paired with the like it cancels (``like_t``).
-* **Sliding windows as change points.** Counts live in buckets of ``slide``
-  (bucket ``[s, s + slide)``); the window of width ``W`` ending at ``E`` (a
-  multiple of ``slide``) holds the buckets starting in ``[E - W, E)``. A
-  window's value only changes at a bucket's end ``s + slide`` (it enters) and
-  at ``s + W + slide`` (it leaves), so values are computed and emitted at
-  those *change points* only, and only the names whose value changed
-  (``valid_at_ms`` = the window end). Every bucket leaves every window, so a
-  post whose engagement stops is emitted once more with zeros and never
-  stays stuck at its last non-zero count.
-* **Unlike.** An unlike cancels the viewer's latest earlier like of the post
-  (``PostState`` pairs them, in either arrival order): from the unlike's time
-  on, that like no longer counts in any window it is still in, nor in the
-  author's engagement, nor in the affinities. An unlike with no like to pair
-  within the state's horizon changes nothing (counted).
-* **Lateness.** A key knows the watermark up to the last event-time timer it
-  saw fire (``known_wm``); the stage instance knows it up to the last timer it
-  saw fire on any key (one input watermark for all keys). An event with
-  ``t + allowed_lateness`` below the greater of the two is *too late*: not
-  counted anywhere, returned so the pipeline dead-letters it. A late event
-  within the lateness updates its buckets and re-emits every change point
-  already passed that it affects, with the same ``valid_at`` and a higher
-  version (stores and the log prefer it).
-* **Versions** are data, not arrival order: a window value's version is the
-  number of events (and cancels) in the widest window ending at its
-  ``valid_at``, an affinity's the number of events summed into it. Re-reading
-  the same events gives the same (valid_at, version, value), so a replay
-  rewrites nothing; a replay of fewer events (a partial range) has a lower
-  version at the same ``valid_at`` and loses; a late event raises it.
-* **Dedup.** ``event_id``s of a key are remembered for ``dedup_horizon`` of
-  event time after the key's watermark passes them; a repeat within it is
-  dropped (counted).
-* **Affinity.** ``score(T) = sum(w * 2 ** -((T - t) / half_life))`` over the
-  pair's events up to ``T = valid_at`` (the pair's latest event). It is a
-  sum, so arrival order does not matter: an older event adds its weight
-  decayed to ``T``; a newer one decays the score to its time first.
+calls these classes from its DoFns; the tests drive them directly too. Events
+travel between stages as compact ``Item`` tuples ``(kind, t, viewer, author,
+post, media, dwell, like_t)`` with small-int ``kind`` and ``media`` codes and -1
+for "none" (``CANCEL``: an unlike paired with its like). The rules (windows as
+change points, unlikes, lateness, versions, dedup, affinity): docs/architecture.md,
+"Decision rules", and docs/pipelines/features.md.
 """
 from __future__ import annotations
 
@@ -50,7 +14,7 @@ import dataclasses
 import math
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
-from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind
+from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent
 from schemas.features import (
     AFFINITY,
     AUTHOR,
@@ -407,6 +371,12 @@ class Outcome(NamedTuple):
     features: list  # FeatureValue re-emitted by a late event
     forward: list  # Items for the author and viewer stages
     unmatched_unlike: bool = False
+
+
+#: Kinds of the forwarded ``Item``s the author stage takes (engagement, views, posts).
+TO_AUTHOR_STAGE = frozenset({LIKE, COMMENT, SHARE, SAVE, VIEW, CANCEL, POST_CREATED})
+#: Kinds of the forwarded ``Item``s the viewer stage takes (the affinities' events).
+TO_VIEWER_STAGE = frozenset({LIKE, COMMENT, SHARE, SAVE, VIEW, PROFILE_VIEW, CANCEL})
 
 
 class PostState:

@@ -1,27 +1,11 @@
 """The ranking pipeline's decisions as plain functions (no Beam, no stores).
 
-``pipelines.ranking`` adapts these:
-
-* **Triggers** (``engagement_trigger``, ``follow_trigger``, ``post_triggers``):
-  which users an event concerns. A post's followers (their candidates
-  changed), a follow edge's follower, an engaging viewer (their affinities
-  moved). ``requests_from`` folds a user's pending triggers into one
-  ``RefreshRequest``.
-* **Follow gate** (``edges_not_applied``, ``follow_gate``): a refresh with
-  follow triggers waits until the fan-out's graph holds those edges.
-* **Debounce** (``Debounce``): when the next refresh of a user runs. A first
-  change waits ``settle_ms`` (a burst of changes coalesces, and the fan-out
-  has written the pushed entry meanwhile); after a refresh, the user is
-  cooling down for ``interval_ms``: changes then are collected and refreshed
-  together when it ends. So a user is refreshed at most once per interval,
-  and no change waits longer than ``max(settle, interval)`` plus the
-  watermark's delay.
-* **Candidates** (``merge_candidates``): pushed feed + pulled celebrity posts
-  + posts created meanwhile, minus deleted ones, newest ``limit``.
-* **Recency** (``recency_scores``): the ranking without a model.
-* **Diversity** (``diversify``): at most ``max_per_author`` posts of one
-  author in the top ``top_k``, no two adjacent posts of one author, greedy in
-  score order.
+``pipelines.ranking`` adapts these: triggers (``engagement_trigger``,
+``follow_trigger``, ``post_triggers``, folded per user by ``requests_from``),
+the follow gate (``edges_not_applied``, ``follow_gate``), the per-user
+``Debounce``, ``merge_candidates``, ``recency_scores`` (the ranking without a
+model) and ``diversify``. What each decides: docs/architecture.md, "Decision
+rules", and docs/pipelines/ranking.md.
 """
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
 """The ranker's feature vector, defined once for training and for scoring.
 
-``FEATURE_NAMES`` is the column order of every model; ``feature_matrix``
-builds it from feature columns, and both sides only gather those columns:
-``feedbeam train`` from the point-in-time join over the offline feature log
-(``jobs.training_set``), the ranking pipeline from one online hydrate per
-user (``online_columns``). The same function then derives the rest, so a
+``FEATURE_NAMES`` is the column order of every model. ``feature_matrix`` builds
+it from feature columns, which ``feedbeam train`` gathers from the
+point-in-time join over the offline feature log (``jobs.training_set``) and the
+ranking pipeline from one online hydrate per user (``online_columns``), so a
 model never sees a feature computed one way in training and another in
-serving.
-
-| columns | from | missing |
-|---|---|---|
-| ``post_<name>`` for ``POST_FEATURES`` | post window counts and rates | NaN (XGBoost learns a default branch) |
-| ``author_<name>`` for ``AUTHOR_FEATURES`` | author 7-day rate and post count | NaN |
-| ``viewer_author_affinity`` | viewer's time-decayed affinity to the author | 0.0 (no engagement yet) |
-| ``viewer_media_affinity`` | viewer's affinity to the post's media type | 0.0 |
-| ``viewer_media_share`` | that affinity / the viewer's affinity over all media types | NaN when the viewer has none |
-| ``post_age_min`` | minutes from the post's creation to the ranking (or impression) time | never missing |
-| ``media_<TYPE>`` | one-hot media type | 0 |
+serving. The columns and their values when missing: docs/training.md.
 """
 from __future__ import annotations
 

@@ -1,27 +1,11 @@
 """The stories pipeline's rules as plain functions (no Beam, no stores).
 
-``stores.redis.stories`` (writers and readers) and ``pipelines.stories``
-(the pipeline) adapt these:
-
-* **Lifetimes**: a story is served while ``now < expires_at``. Its Redis keys
-  expire at ``expires_at + grace`` (``redis_expire_at_ms``) and its Cassandra
-  rows get ``USING TTL`` up to the same instant (``ttl_seconds``): if the
-  expiry pipeline is down, state outlives the story by at most ``grace``.
-* **Removal timestamp**: Cassandra removes a story (delete or expiry) with
-  ``USING TIMESTAMP expires_at`` in microseconds (``removal_timestamp_us``).
-  Every write the stores accept for a story has an event time before
-  ``expires_at`` (a publish or view at or after it is refused), so the removal
-  shadows all of them whatever the order they arrive in, and a replayed
-  publish or view can never bring a removed story back.
-* **Tray order** (``assemble_tray``): authors with at least one active story;
-  those with an unseen story first, then the most recent story first, then
-  author id; stories within an entry oldest first.
-* **Rebuild** (``republished_event``, ``reviewed_event``): durable rows back
-  as the events that wrote them, so ``feedbeam rebuild`` refills Redis
-  through the same write paths (and their refusals) as the pipeline.
-* **Expiry index buckets**: the durable index of live stories by expiry hour
-  (``expiry_bucket``, ``sweep_buckets``) that the pipeline re-arms its timers
-  from when it starts.
+The story stores and ``pipelines.stories`` adapt these: lifetimes
+(``redis_expire_at_ms``, ``ttl_seconds``), the Cassandra removal timestamp
+(``removal_timestamp_us``), tray order (``assemble_tray``), durable rows back as
+events for ``feedbeam rebuild`` (``republished_event``, ``reviewed_event``) and
+the expiry index buckets (``expiry_bucket``, ``sweep_buckets``). Why each rule:
+docs/architecture.md, "Decision rules", and docs/pipelines/stories.md.
 """
 from __future__ import annotations
 

@@ -38,6 +38,9 @@ class StackSettings:
     flink_job_port: int = 8099
     flink_artifact_port: int = 8098
     flink_expansion_port: int = 8097
+    #: Prism's job service (Beam's default port) and its web UI.
+    prism_job_port: int = 8073
+    prism_web_port: int = 8074
     cassandra_heap_mb: int = 1024
     kafka_heap_mb: int = 512
     #: The job server embeds a Flink mini-cluster: every job's tasks share this heap.

@@ -17,7 +17,7 @@ from infra.errors import UserFacingError
 
 # Modules that contribute subcommands, in the order ``--help`` lists them.
 _COMMAND_MODULES = (
-    "infra.stack",
+    "infra.cli",
     "jobs.topics",
     "jobs.migrate",
     "jobs.generate",

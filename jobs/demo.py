@@ -14,18 +14,9 @@ stops right after the summary). Every step is the same code path as the
 matching subcommand or ``python -m pipelines.<name>``, so the demo shows
 exactly what a data engineer would get running them one by one.
 
-Re-running: topics and migrations that exist are kept. Each run generates the
-same graph (same ``--seed``) over a new two-hour window ending now, so its
-event ids and post ids are new: the second run adds posts, and its FOLLOW
-events re-apply the same edges (idempotent, newer event time wins). Before
-the jobs start, the fan-out's consumer group (``feedbeam-demo-fanout``) is
-moved to where the topics ended before this run's workload, so the job applies
-exactly this run's events; what earlier runs left in Redis and Cassandra stays.
-Anything else in the topics (an interrupted demo's backlog, a big ``feedbeam
-generate``) is not the demo's to wait for; ``python -m pipelines.fanout``
-processes it. With ``--skip-generate`` the group is not moved: the job resumes
-from its committed offsets (earliest for a new group) and the demo waits until
-it has caught up.
+Re-running ``feedbeam demo`` keeps topics, migrations and what earlier runs
+stored, and the jobs apply only the new run's workload; ``docs/operations.md``
+explains how.
 """
 from __future__ import annotations
 
@@ -42,8 +33,8 @@ import time
 from pathlib import Path
 
 from infra import stack
-from infra.settings import REPO_ROOT, StackSettings
 from infra.errors import UserFacingError
+from infra.settings import REPO_ROOT, StackSettings
 from schemas.events import TOPICS, FollowEvent, PostEvent, dlq_topic
 
 DEMO_GROUP = "feedbeam-demo-fanout"
@@ -53,12 +44,11 @@ DEMO_GROUP = "feedbeam-demo-fanout"
 class DemoWorkload:
     """The demo's ``feedbeam generate`` options.
 
-    Sized for a two-core machine: with the four jobs sharing it the fan-out
-    applies about 50 follow events per second (each FOLLOW reads the
-    followee's timeline to merge recent posts), so the graph (~30 k edges)
-    dominates the demo's run time (about ten minutes). Two celebrities sit above the push
-    threshold (pulled at read time, their top followers still pushed), and
-    posts are frequent enough that a feed has tens of entries.
+    Sized for a two-core machine, where the follow graph dominates the run
+    time (each FOLLOW reads the followee's timeline to merge recent posts;
+    ``docs/operations.md`` has the figures). Two celebrities sit above the
+    push threshold (pulled at read time, their top followers still pushed),
+    and posts are frequent enough that a feed has tens of entries.
     """
 
     seed: int = 7
@@ -138,10 +128,9 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     workload = workload_of(args)
     read_topics = [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC]
 
-    _step("1/7 local stack: Kafka, Cassandra, Redis (installs on first run)")
+    _step("1/7 local stack: Kafka, Cassandra, Redis, Prism (installs on first run)")
     for service in stack.up(settings):
         print("   " + service.line())
-    prism = stack.prism_binary(settings)
 
     _step("2/7 topics and their dead-letter twins")
     created = topics.create_topics(
@@ -165,8 +154,9 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     else:
         _step("5/7 synthetic workload -> Kafka")
         from jobs.cli import build_parser
+        from stores.kafka.lag import commit_offsets, end_offsets
 
-        # Where this run's events begin: the job starts there (module docstring).
+        # Where this run's events begin: the job starts there (docs/operations.md).
         mark = end_offsets(settings.kafka_bootstrap, read_topics)
         commit_offsets(settings.kafka_bootstrap, args.group, mark)
         duration_ms = generate.parse_duration(workload.duration)
@@ -185,7 +175,7 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
         for name in names:
             group = group_of(args.group, name)
             log_path = settings.state_dir / "logs" / f"{group}.log"
-            jobs.append(FanoutJob.start(settings, prism, log_path, [
+            jobs.append(FanoutJob.start(settings, log_path, [
                 f"--consumer_group={group}", "--fallback_start=earliest",
                 f"--topic_prefix={prefix}", f"--redis_key_prefix={args.redis_key_prefix}",
                 f"--cassandra_keyspace={keyspace}",
@@ -236,7 +226,7 @@ def ensure_model(args: argparse.Namespace, settings: StackSettings, model_dir: P
 
     ``feedbeam train --synthetic``: a simulated history with planted preferences
     through the features pipeline's logic, then XGBoost; it prints the model's
-    AUC and NDCG beside reverse-chronological order. About a minute of CPU."""
+    AUC and NDCG beside reverse-chronological order."""
     from jobs import train
     from jobs.cli import build_parser
     from stores.files.models import ModelRegistry
@@ -284,7 +274,7 @@ class FanoutJob:
     name: str = "fanout"
 
     @classmethod
-    def start(cls, settings: StackSettings, prism: Path, log_path: Path,
+    def start(cls, settings: StackSettings, log_path: Path,
               extra: list[str], pipeline: str = "fanout") -> "FanoutJob":
         from jobs.submit import build_command
 
@@ -294,7 +284,7 @@ class FanoutJob:
             log.write(f"\n--- feedbeam demo {dt.datetime.now().isoformat()}: "
                       f"{' '.join(argv[1:])}\n".encode())
             log.flush()
-            # Its own session: stop() signals the job, its Prism and its workers together.
+            # Its own session: stop() signals the job and its workers together.
             process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         return cls(process, log_path, pipeline)
@@ -446,65 +436,6 @@ def start_api(settings: StackSettings, args: argparse.Namespace, keyspace: str,
 # ---------------------------------------------------------------- consumer lag
 
 
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    """High watermark per ``(topic, partition)``."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from stores.kafka.offsets import partitions_of
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "feedbeam-demo-offsets",
-                         "enable.auto.commit": False})
-    try:
-        return {(t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-                for t in topics for p in partitions_of(consumer, t)}
-    finally:
-        consumer.close()
-
-
-def commit_offsets(bootstrap: str, group: str, offsets: dict[tuple[str, int], int]) -> None:
-    """Set ``group``'s committed offsets (the source assigns partitions: no members to fence)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False})
-    try:
-        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                        asynchronous=False)
-    finally:
-        consumer.close()
-
-
-class GroupLag:
-    """Lag of a consumer group per topic: end offsets less committed offsets."""
-
-    def __init__(self, bootstrap: str, group: str, topics: list[str]):
-        from confluent_kafka import Consumer, TopicPartition
-
-        from stores.kafka.offsets import partitions_of
-
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                                   "enable.auto.commit": False})
-        self.topics = topics
-        self._parts = [TopicPartition(t, p) for t in topics
-                       for p in partitions_of(self._consumer, t)]
-
-    def __call__(self) -> dict[str, int]:
-        from confluent_kafka import TopicPartition
-
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in self._consumer.committed(self._parts, timeout=10)}
-        lag = dict.fromkeys(self.topics, 0)
-        for tp in self._parts:
-            low, high = self._consumer.get_watermark_offsets(
-                TopicPartition(tp.topic, tp.partition), timeout=10)
-            at = committed[(tp.topic, tp.partition)]
-            lag[tp.topic] += max(high - (at if at >= 0 else low), 0)
-        return lag
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
 def wait_until_applied(bootstrap: str, group: str, topics: list[str], job: FanoutJob,
                        timeout_s: float) -> float:
     """Wait until ``group`` has no lag on ``topics``; returns the seconds it took.
@@ -514,6 +445,8 @@ def wait_until_applied(bootstrap: str, group: str, topics: list[str], job: Fanou
     as it goes down; raises ``UserFacingError`` (pointing at the job's log) if
     the job exits or ``timeout_s`` passes first.
     """
+    from stores.kafka.lag import GroupLag
+
     tty = sys.stdout.isatty()
     lag_of = GroupLag(bootstrap, group, topics)
     started = time.monotonic()
@@ -521,7 +454,9 @@ def wait_until_applied(bootstrap: str, group: str, topics: list[str], job: Fanou
     first = None
     try:
         while True:
-            lag = lag_of()
+            lag = dict.fromkeys(topics, 0)
+            for partition in lag_of.read():
+                lag[partition.topic] += partition.remaining
             total = sum(lag.values())
             first = total if first is None else max(first, total)
             now = time.monotonic()

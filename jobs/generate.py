@@ -1,22 +1,13 @@
 """``feedbeam generate``: produce a synthetic workload to Kafka and/or a file.
 
-The workload itself (graph, planted preferences, event stream) is the pure
-model in ``jobs/workload.py``; this module adds the sinks, pacing and CLI::
-
     feedbeam generate --seed 42 --users 20000 --duration 2h          # to Kafka
     feedbeam generate --users 2000 --no-kafka --out /tmp/w.jsonl     # to a file
     feedbeam generate --rate 5000 --topic-prefix demo.               # paced
 
-Kafka values are Confluent wire format (``schemas.codec.WireCodec``), keys are
-the events' own keys. The topics (``<prefix>post-events`` ...) must exist.
-Delivery failures are counted per topic and reported loudly at the end (exit
-code 2). The same ``--seed``, options and ``--start`` reproduce the same events
-byte for byte; without ``--start`` the span ends now, and the summary prints
-the ``--start`` that reproduces the run.
-
-Files are JSON lines ``{"topic", "key", "event"}`` with canonical topic names
-(no prefix) and ``event = event.to_avro()``; ``read_workload_file`` reads them
-back.
+The workload is the pure model in ``jobs/workload.py``; this module adds the
+sinks, pacing and the CLI. The topics must exist; delivery failures end the run
+with exit code 2. Files are JSON lines ``{"topic", "key", "event"}``, read back
+by ``read_workload_file``. Details: docs/workload.md.
 """
 from __future__ import annotations
 

@@ -4,42 +4,10 @@
     feedbeam rebuild --views feeds,posts    # some of them
     feedbeam rebuild --key-prefix fb --keyspace feedbeam --feed-cap 1000
 
-Redis is the hot copy; every view the pipelines materialize is also in
-Cassandra (the durable copy), written with the same idempotent rules. This job
-scans those tables and writes them back through the same store modules the
-pipelines and the API use, so the API answers as it did before the loss:
-
-* ``graph``: followers/following sorted sets and their edge versions
-  (re-applied as the FOLLOW events that made the live edges);
-* ``posts``: post metadata hashes and tombstones (so a replayed create still
-  cannot resurrect a deleted post), and the authors' deleted-posts sets;
-* ``timelines``: authors' timelines, capped at ``--timeline-cap``;
-* ``feeds``: home feeds, the newest ``--feed-cap`` entries of each user;
-* ``activity``: last feed reads (the fan-out's inactivity rule);
-* ``features``: the online feature hashes (posts, authors, viewer-author and
-  viewer-content affinities) through ``OnlineFeatureStore``'s newer-wins
-  writes, leaving out values its TTLs would no longer serve
-  (``--post-ttl-h`` ...: the features pipeline's); and the authors'
-  ``top_followers`` rankings, derived from every durable viewer-author
-  affinity as the features pipeline derives them (they do not expire);
-* ``stories``: the tombstones of deleted stories (``story_deletions``, so a
-  replayed publish of one stays refused), then the stories still active
-  (``expires_at > now``), re-published
-  through ``RedisStoryStore`` (same ``PEXPIREAT`` expiry + ``--story-grace-s``),
-  then their viewer sets and view counts, then the viewers' seen sets. An
-  expired story is never written back (nor its views or seen entries); a
-  story the stories pipeline removes while the rebuild runs stays removed
-  (its Redis tombstone refuses the re-publish);
-* ``ranked``: ranked feeds, through ``RankedFeedStore``'s swap: newer-wins on
-  ``generated_at``, so a ranking the running pipeline wrote meanwhile stays.
-
-Every write is idempotent (sorted-set adds, newer-wins scripts), so the job can
-run while pipelines run, be interrupted and be run again. A progress bar per
-view counts the rows read. Scans read whole tables: fine for one node or a
-few million rows; for more, run it per token range (not built yet). Not
-restored: the previous ranked feed kept for readers paging through it, and the
-tombstones of expired stories (a replayed publish of one is refused anyway:
-it is expired by the wall clock).
+Scans the durable tables and writes them back through the store modules the
+pipelines and the API use. Every write is idempotent, so it can run beside the
+pipelines, be interrupted and run again. What each view restores, and what is
+not restored: docs/operations.md, "rebuild: refill Redis from Cassandra".
 """
 from __future__ import annotations
 

@@ -2,20 +2,13 @@
 
     export FEEDBEAM_JWT_KEY=...   # 32+ bytes
     feedbeam serve --port 8080 [--workers 2] [--server granian]
-    curl -H "Authorization: Bearer $(feedbeam token 7)" \\
+    curl -H "Authorization: Bearer $(feedbeam token 7)" \
          http://127.0.0.1:8080/v1/users/7/feed?limit=10
 
-The stores default to the local stack (``StackSettings``). The signing key
-comes from ``--jwt-key``, else ``--jwt-key-file``, else the environment
-variable ``FEEDBEAM_JWT_KEY``; one of them is required (no built-in key).
-The environment keeps the key out of ``ps`` and out of argument parsing (a
-random URL-safe key starting with ``-`` reads as an option).
-Worker processes get the settings as JSON in ``FEEDBEAM_SERVE_CONFIG``
-(``config_from_environment``), which this command sets for them.
-
-Servers: ``granian`` (Rust HTTP server, ASGI interface, uvloop; the default:
-more requests/s and the lower p99 in bench/bench_serving.py on this machine)
-or ``uvicorn`` (uvloop + httptools). Both run the same ``serving.app:create_app``.
+The stores default to the local stack. The key comes from ``--jwt-key``, else
+``--jwt-key-file``, else ``FEEDBEAM_JWT_KEY``; worker processes get the settings
+as JSON in ``FEEDBEAM_SERVE_CONFIG``. Servers: granian (default) or uvicorn,
+both running ``serving.app:create_app``; why: docs/serving.md.
 """
 from __future__ import annotations
 

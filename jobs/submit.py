@@ -7,32 +7,13 @@
     feedbeam status                                 # jobs, lag per partition, events/s
     feedbeam cancel fanout-20261121-101500
 
-``submit`` starts ``python -m pipelines.<name>`` with the runner's options in
-front and every option it does not know passed through unchanged, so any Beam
-or pipeline option works (``--push_threshold 5000``, ``--max_num_workers``...).
-The local stack's addresses (Kafka, Redis, Cassandra) are filled in for the
-options the pipeline declares, unless given. Runners:
-
-* ``prism`` (default): Beam's Prism runner, the binary ``feedbeam infra``
-  built; the SDK harness runs in the submitting process (LOOPBACK).
-* ``flink``: the Beam Flink job server ``feedbeam infra up flink`` started (it
-  runs an embedded local Flink); ``--flink_master HOST:PORT`` makes that job
-  server submit to a remote Flink cluster instead. The SDK harness is LOOPBACK
-  here too (no Docker), so the submitting process hosts the Python workers;
-  for a real cluster pass ``--environment_type=EXTERNAL|PROCESS`` and its
-  ``--environment_config``. Offsets are committed only when a Flink
-  checkpoint completes, so ``--checkpointing_interval`` defaults to
-  ``FLINK_CHECKPOINT_MS`` (the pipeline adds the flag that needs, see
-  ``pipelines.runtime``).
-* ``direct``: Beam's in-process runner (FnApiRunner); bounded runs only
-  (``--replay_ranges``), for debugging.
-* ``dataflow``: Google Cloud Dataflow; needs ``--project``, ``--region`` and
-  ``--temp_location``; the package ships to workers through ``setup.py``.
-
-A detached job (``--detach``) runs in its own session with its log under
-``<state_dir>/logs``; its record (pid, pipeline, runner, consumer group,
-topics) is kept in ``<state_dir>/jobs`` for ``status`` and ``cancel``. A
-foreground job is recorded too, while it runs.
+``submit`` starts ``python -m pipelines.<name>`` on a runner (``prism``, the
+default; ``flink``; ``direct`` for bounded runs; ``dataflow``) with the local
+stack's addresses filled in for the options the pipeline declares; every
+option it does not know goes to the pipeline and to Beam unchanged. A job's
+record (pid, runner, consumer group, topics, log) is kept in
+``<state_dir>/jobs`` for ``status`` and ``cancel``. ``docs/operations.md``
+covers the runners, detached jobs and what the lag means.
 """
 from __future__ import annotations
 
@@ -48,8 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-from infra.settings import REPO_ROOT, StackSettings
 from infra.errors import UserFacingError
+from infra.services import (
+    flink_job_endpoint,
+    flink_ready,
+    kafka_ready,
+    prism_job_endpoint,
+    prism_ready,
+)
+from infra.settings import REPO_ROOT, StackSettings
+from pipelines.runtime import has_flag
+from stores.kafka.lag import group_lag
 
 RUNNERS = ("prism", "flink", "direct", "dataflow")
 #: Flink checkpoint interval unless given: offsets are committed at each checkpoint, so
@@ -85,10 +75,6 @@ def jobs_dir(settings: StackSettings) -> Path:
 # ---------------------------------------------------------------- building the command
 
 
-def _has_flag(args: list[str], name: str) -> bool:
-    return any(a == name or a.startswith(name + "=") for a in args)
-
-
 def _flag_value(args: list[str], name: str) -> str | None:
     for i, a in enumerate(args):
         if a.startswith(name + "="):
@@ -100,36 +86,44 @@ def _flag_value(args: list[str], name: str) -> str | None:
 
 def runner_args(runner: str, settings: StackSettings, beam_args: list[str]) -> list[str]:
     """The options that select and configure ``runner`` (before the user's own)."""
-    from infra import stack
-
     if runner == "prism":
-        out = ["--runner=PrismRunner", f"--prism_location={stack.prism_binary(settings)}"]
-        if not _has_flag(beam_args, "--environment_type"):
+        out = ["--runner=PrismRunner"]
+        if not has_flag(beam_args, "--job_endpoint") and not has_flag(beam_args,
+                                                                        "--prism_location"):
+            # The stack's one Prism job server: jobs share it instead of each
+            # starting (and keeping busy) a Prism process of its own.
+            if not prism_ready(settings):
+                raise UserFacingError(
+                    f"the Prism job server is not answering at {prism_job_endpoint(settings)}; "
+                    "start it with `feedbeam infra up` (or pass --prism_location to run a "
+                    "private one)")
+            out.append(f"--job_endpoint={prism_job_endpoint(settings)}")
+        if not has_flag(beam_args, "--environment_type"):
             out.append("--environment_type=LOOPBACK")
         return out
     if runner == "flink":
-        endpoint = stack.flink_job_endpoint(settings)
-        if not _has_flag(beam_args, "--job_endpoint") and not stack.flink_ready(settings):
+        endpoint = flink_job_endpoint(settings)
+        if not has_flag(beam_args, "--job_endpoint") and not flink_ready(settings):
             raise UserFacingError(f"the Flink job server is not answering at {endpoint}; "
                                   "start it with `feedbeam infra up flink`")
         out = ["--runner=FlinkRunner"]
-        if not _has_flag(beam_args, "--job_endpoint"):
+        if not has_flag(beam_args, "--job_endpoint"):
             out.append(f"--job_endpoint={endpoint}")
-        if not _has_flag(beam_args, "--environment_type"):
+        if not has_flag(beam_args, "--environment_type"):
             out.append("--environment_type=LOOPBACK")
-        if not _has_flag(beam_args, "--checkpointing_interval"):
+        if not has_flag(beam_args, "--checkpointing_interval"):
             # Without checkpoints Flink never finalizes bundles: no offset is committed.
             out.append(f"--checkpointing_interval={FLINK_CHECKPOINT_MS}")
         return out
     if runner == "direct":
-        if not _has_flag(beam_args, "--replay_ranges"):
+        if not has_flag(beam_args, "--replay_ranges"):
             raise UserFacingError(
                 "the direct runner runs bounded work only: give --replay_ranges (or use "
                 "`feedbeam replay TOPIC ... --pipeline NAME`); stream with --runner prism or flink")
         return ["--runner=FnApiRunner"]
     if runner == "dataflow":
         missing = [f for f in ("--project", "--region", "--temp_location")
-                   if not _has_flag(beam_args, f)]
+                   if not has_flag(beam_args, f)]
         if missing:
             raise UserFacingError("--runner dataflow needs " + ", ".join(missing))
         return ["--runner=DataflowRunner", f"--setup_file={REPO_ROOT / 'setup.py'}"]
@@ -149,7 +143,7 @@ def stack_defaults(module: str, settings: StackSettings, beam_args: list[str]) -
         "cassandra_port": str(settings.cassandra_port),
     }
     return [f"--{name}={value}" for name, value in candidates.items()
-            if name in known and not _has_flag(beam_args, f"--{name}")]
+            if name in known and not has_flag(beam_args, f"--{name}")]
 
 
 def build_command(pipeline: str, runner: str, settings: StackSettings,
@@ -163,8 +157,8 @@ def build_command(pipeline: str, runner: str, settings: StackSettings,
         defaults = stack_defaults(spec.module, settings, beam_args)
     except ModuleNotFoundError as exc:
         raise UserFacingError(f"pipeline {pipeline!r} cannot be loaded ({exc})") from None
-    streaming = [] if (_has_flag(beam_args, "--replay_ranges")
-                       or _has_flag(beam_args, "--streaming")) else ["--streaming"]
+    streaming = [] if (has_flag(beam_args, "--replay_ranges")
+                       or has_flag(beam_args, "--streaming")) else ["--streaming"]
     return [sys.executable, "-m", spec.module, *runner_args(runner, settings, beam_args),
             *streaming, *defaults, *beam_args]
 
@@ -383,49 +377,8 @@ def run_cancel(args: argparse.Namespace, settings: StackSettings) -> int:
 # ---------------------------------------------------------------- status
 
 
-@dataclasses.dataclass(frozen=True)
-class PartitionLag:
-    topic: str
-    partition: int
-    committed: int | None
-    end: int
-
-    @property
-    def lag(self) -> int | None:
-        """Records after the committed offset; None if the group never committed here."""
-        return None if self.committed is None else max(self.end - self.committed, 0)
-
-
-def group_offsets(bootstrap: str, group: str, topics: list[str]) -> list[PartitionLag]:
-    """Committed and end offsets of ``group`` on each partition of ``topics`` (existing ones)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from stores.kafka.offsets import partitions_of
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False})
-    try:
-        existing = consumer.list_topics(timeout=10).topics
-        parts = [TopicPartition(t, p) for t in topics if t in existing
-                 for p in partitions_of(consumer, t)]
-        if not parts:
-            return []
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in consumer.committed(parts, timeout=10)}
-        out = []
-        for tp in parts:
-            _, end = consumer.get_watermark_offsets(tp, timeout=10)
-            at = committed[(tp.topic, tp.partition)]
-            out.append(PartitionLag(tp.topic, tp.partition, at if at >= 0 else None, end))
-        return out
-    finally:
-        consumer.close()
-
-
 def run_status(args: argparse.Namespace, settings: StackSettings) -> int:
-    from infra import stack
-
-    if not stack.kafka_ready(settings):
+    if not kafka_ready(settings):
         raise UserFacingError(f"Kafka is not answering at {settings.kafka_bootstrap}; "
                               "start the stack with `feedbeam infra up`")
     jobs = load_jobs(settings)
@@ -443,9 +396,12 @@ def run_status(args: argparse.Namespace, settings: StackSettings) -> int:
         groups.setdefault(spec.group, list(spec.topics))
     for extra in args.group:
         groups.setdefault(extra, sorted({t for s in PIPELINES.values() for t in s.topics}))
-    first = {g: group_offsets(settings.kafka_bootstrap, g, t) for g, t in groups.items()}
+    # Topics a group names that do not exist (yet) are left out, not an error.
+    first = {g: group_lag(settings.kafka_bootstrap, g, t, missing_ok=True)
+             for g, t in groups.items()}
     time.sleep(max(args.interval, 0.0))
-    second = {g: group_offsets(settings.kafka_bootstrap, g, t) for g, t in groups.items()}
+    second = {g: group_lag(settings.kafka_bootstrap, g, t, missing_ok=True)
+              for g, t in groups.items()}
     print(f"consumer groups (lag = end - committed offset; rates over {args.interval:.0f}s)")
     for group, parts in second.items():
         if not parts or all(p.committed is None for p in parts):

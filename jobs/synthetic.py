@@ -21,9 +21,11 @@ import heapq
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-# The stages' routing is the pipeline's own, so the replay cannot drift from it.
-from pipelines.features import _TO_AUTHOR, _TO_VIEWER
+# The stages' routing (TO_*_STAGE) is the one pipelines.features uses, so the replay
+# cannot drift from it.
 from domain.features import (
+    TO_AUTHOR_STAGE,
+    TO_VIEWER_STAGE,
     AuthorStage,
     FeatureParams,
     FirstStage,
@@ -117,11 +119,11 @@ def replay_features(events: Iterable[object], params: FeatureParams = FeaturePar
         yield from outcome.features
         first.schedule(key, state)
         for fwd in outcome.forward:
-            if fwd.kind in _TO_AUTHOR:
+            if fwd.kind in TO_AUTHOR_STAGE:
                 s = author.state(fwd.author)
                 yield from author.logic.apply(s, fwd.author, fwd)
                 author.schedule(fwd.author, s)
-            if fwd.kind in _TO_VIEWER:
+            if fwd.kind in TO_VIEWER_STAGE:
                 s = viewer.state(fwd.viewer)
                 viewer.logic.apply(s, fwd)
                 viewer.schedule(fwd.viewer, s)

@@ -4,41 +4,12 @@
     feedbeam train --feature-log out/features --workload workload.jsonl --model-dir models/
     feedbeam train --synthetic --users 3000 --days 4 --feature-log /tmp/fl   # self-contained
 
-Steps (a progress bar follows the long ones):
-
-1. **Training set** (``jobs.training_set``): impressions = first VIEW of a
-   (viewer, post); label = the viewer liked, commented, shared or saved the
-   post within ``--label-window`` after it; features from the offline feature
-   log with ``point_in_time_join`` as of just before the impression (the
-   online store's TTLs and half-life applied, so training sees what the
-   ranking pipeline would have read then).
-2. **Split by time**: the held-out period is the last ``--eval-days`` of
-   impressions (or starts at ``--split-at``); training uses only impressions
-   whose label window closed before it, so no event of the held-out period
-   reaches the model. The last ``--validation-fraction`` of the training rows
-   (by time) stops the boosting early.
-3. **Model**: XGBoost ``binary:logistic`` (see below).
-4. **Evaluation** on the held-out period: AUC, log loss and NDCG@``--k`` of the
-   model, beside the reverse-chronological baseline (score = post creation
-   time: the feed without ranking); NDCG over query groups = one viewer's
-   impressions in one ``--ndcg-group`` period. A PNG (ROC curves; NDCG@k for
-   k = 1..``--k``) is written next to the model.
-5. **Registry** (``stores.files.models``): the model and its metadata
-   (feature names and order, training and held-out ranges, metrics, library
-   versions, parameters) are saved as a new version under ``--model-dir``;
-   ``latest`` moves to it only if it beat the baseline's NDCG by
-   ``--min-ndcg-gain`` with an AUC above 0.5. Exit status 0 when promoted, 1
-   when saved but not promoted, 2 on bad input.
-
-Why ``binary:logistic`` and not a ranking objective: the label is a
-per-impression yes/no, and the pipeline scores the candidates of many users in
-one batch and stores the scores with the ranked feed; a calibrated P(engaged)
-means the same for every user and model version (log loss measures it, and
-serving can threshold or blend it), which a pairwise/listwise objective's
-scores do not. Query groups here are small (a viewer's impressions of one
-day) and most have no or only positives, which gives ``rank:ndcg`` little to
-learn from; pointwise loss uses every impression. NDCG is then measured, not
-optimized, and must beat the baseline for the model to be promoted.
+Builds the training set (``jobs.training_set``), splits it by time, trains
+XGBoost ``binary:logistic``, reports AUC, log loss and NDCG@k beside the
+reverse-chronological baseline (and a PNG), saves a version in the model
+directory (``stores.files.models``) and promotes it if it beat the baseline.
+Exit status 0 promoted, 1 saved but not promoted, 2 bad input. The steps and
+the choice of objective: docs/training.md.
 """
 from __future__ import annotations
 

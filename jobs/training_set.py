@@ -4,27 +4,9 @@
     ts.features  # float32 (rows, len(FEATURE_NAMES)), columns as the pipeline builds them
     ts.labels    # 1 = engaged within the label window after the impression
 
-Definitions (``jobs/train.py`` says why):
-
-* **Impression**: the first VIEW engagement event of a (viewer, post) pair.
-  Later views of the same pair are the same impression (one row per pair).
-  Events are deduplicated by ``event_id`` first.
-* **Label**: 1 if the viewer LIKEd, COMMENTed, SHAREd or SAVEd the post at a
-  time in ``[impression, impression + label_window_ms]``, else 0.
-* **Features as of the impression**: ``point_in_time_join`` over the offline
-  feature log at ``impression - 1 ms``: only values valid strictly before the
-  impression (the view itself and everything after it, including the
-  engagement that makes the label, cannot leak in). The join applies the
-  online store's TTLs and affinity half-life, so a value looks exactly as the
-  ranking pipeline's hydrate would have read it at that moment.
-* Impressions of posts without a CREATED event in ``posts`` (no creation
-  time, so no age and no recency baseline) are dropped and counted.
-
 Inputs are Arrow tables with the Avro field names (what ``feedbeam replay``
-writes, or ``events_table`` builds from event records): engagements need
-``event_id, event_time, kind, viewer_id, author_id, post_id, media_type``;
-posts ``event_id, event_time, kind, post_id, author_id, created_at,
-media_type``.
+writes, or ``events_table`` builds from event records). Impressions, labels,
+the point-in-time features and the columns needed: docs/training.md.
 """
 from __future__ import annotations
 

@@ -8,65 +8,9 @@ Kafka, files, pacing and the CLI)::
         ...
     workload.affinity(viewer_id, author_id)       # the planted ground truth
 
-Determinism: the same config (seed, options and ``start_ms``) gives the same
-events, byte for byte, on the same numpy version. Event ids, post ids and
-story ids are derived from a digest of the whole config plus a counter, so
-they are unique within a run and do not collide between runs that differ in
-any option (a later demo run with a new ``start_ms`` adds new posts instead of
-deduplicating against the old ones).
-
-The model
----------
-Users have ids ``1..users``.
-
-Graph (numpy, built once in ``Workload.__init__``): each user follows
-``out_degree ~ LogNormal`` accounts (mean ``avg_following``, sigma
-``OUT_DEGREE_SIGMA``), chosen with probability proportional to a popularity
-weight ``(1 + Lomax(POPULARITY_SHAPE)) * LogNormal(0, POPULARITY_SIGMA)``, so
-in-degrees are heavy-tailed: most users get tens to hundreds of followers. The
-weights are capped so that no ordinary user expects more than
-``ORDINARY_CAP_FRACTION * push_threshold`` followers; the ``celebrities`` most
-popular users instead get an explicit, uniformly drawn follower set of
-``U(CELEBRITY_MIN, CELEBRITY_MAX) * push_threshold`` users (capped by
-``users - 1``). The graph is emitted as FOLLOW events spread evenly over
-``graph_lead_ms`` before ``start_ms``, in a random edge order.
-
-Planted structure (what a ranker can learn):
-
-- ``preference(viewer, media_type)``: Dirichlet(``PREFERENCE_ALPHA``) per user
-  over PHOTO/VIDEO/CAROUSEL/REEL;
-- ``affinity(viewer, author)`` per follow edge: Beta(1.5, 8) (mean ~0.16),
-  except for ``1 + Poisson(2)`` (at most 8) "close" non-celebrity followees
-  per user with Beta(8, 2) (mean ~0.8); 0 when the viewer does not follow;
-- ``media_mix(author, media_type)``: Dirichlet(``MEDIA_MIX_ALPHA``) per author,
-  from which post media types are drawn; post quality ~ the author's
-  Beta(2, 3) quality plus Normal(0, 0.15) noise.
-
-A post's viewers are the author's followers, each seeing it with their
-activity probability (LogNormal around 0.25, clipped to [0.02, 0.95]), plus
-``Poisson(EXPLORE_VIEWS)`` random non-followers. Every impression is a VIEW
-with a dwell time; the viewer then engages with probability
-``engagement_probability = sigmoid(ENGAGE_BIAS + W_AFFINITY * affinity
-+ W_PREFERENCE * (preference - 1/4) + W_QUALITY * (quality - 1/2))``.
-Dwell times are ``base(media) * exp(DWELL_SLOPE * (logit - ENGAGE_BIAS) +
-Normal(0, DWELL_NOISE))``, so they correlate with the same signal. An
-engagement is a LIKE (85 %), COMMENT (12 %), SHARE (5 %), SAVE (7 %, at least
-one of them); 3 % of LIKEs are UNLIKEd minutes later; PROFILE_VIEWs follow 8 %
-of engagements and 0.5 % of plain views. 2 % of posts are DELETED (no
-engagement after that). Stories are PUBLISHED (expires_at = created + 24 h),
-VIEWED by followers with a probability rising with affinity, before expiry,
-and 3 % are DELETED. Posting and story rates per user are LogNormal-weighted
-around ``posts_per_user_day`` / ``stories_per_user_day`` (celebrities post 3x
-as often). During the run, ``churn_per_user_day`` follow changes per user:
-half FOLLOWs of new (popularity-weighted) accounts, half UNFOLLOWs, a quarter
-of which are refollowed minutes later. Engagement is drawn from the initial
-graph: churn does not change who sees a post.
-
-Event time: the stream is in nondecreasing event-time order (across topics,
-hence per topic), except that a ``late_fraction`` of the run's events is
-emitted up to ``max_lateness_ms`` later than its event time (with the same
-content: lateness only reorders). Nothing after ``start_ms + duration_ms`` is
-emitted.
+The same config (seed, options, ``start_ms``) gives the same events byte for
+byte on the same numpy. The model (graph, planted preferences, engagement,
+event time) and its constants: docs/workload.md.
 """
 from __future__ import annotations
 

@@ -1,110 +1,16 @@
-"""features: engagement features for ranking, online (Redis), durable (Cassandra), offline (Parquet).
+"""The features pipeline: engagement features for ranking, written to Redis (online),
+Cassandra (durable), the Parquet log (offline) and each author's top-followers ranking.
 
     python -m pipelines.features --runner=PrismRunner --prism_location=<prism> \\
         --environment_type=LOOPBACK --streaming [--slide_s 300 --allowed_lateness_s 3600 ...]
 
-reads ``engagement-events`` and ``post-events`` (``ReadEvents``; consumer group
-``feedbeam-features``) and computes, per ``schemas.features``:
-
-* per post: like/comment/share/save/view counts over 1 h and 24 h windows
-  sliding every ``--slide_s`` (an UNLIKE cancels the like it undoes), and the
-  engagement rate (likes + comments + shares + saves over views) of each;
-* per author: engagement rate and number of posts created over 7 days,
-  sliding every ``--author_slide_s`` (post frequency needs ``post-events``);
-* per viewer-author pair and per viewer-media type: time-decayed affinity
-  (weights per kind ``--affinity_weights``, views scaled by dwell, half-life
-  ``--half_life_days``);
-
-and writes every value to Redis (``WriteOnlineFeatures``, TTL per entity
-type, newer-wins), Cassandra (``WriteDurableFeatures``), the Parquet log
-(``WriteFeatureLog`` under ``--feature_log_dir``) and keeps each author's
-``top_followers`` ranking (``UpdateTopFollowers``) for the fan-out's celebrity
-push. ``--sinks`` picks a subset. Bounded re-runs: ``--replay_ranges`` as in
-``pipelines.fanout``.
-
-Design
-------
-Three keyed stateful stages (``AggregateEngagementFeatures``); plain logic in
-``domain.features``, one state object per entity:
-
-1. **First stage, per post** (profile views per author, post events per
-   post): drops repeated ``event_id``s, decides lateness, pairs unlikes with
-   likes, and keeps the post's windows. Accepted events go on to stages 2
-   and 3 as compact ``Item`` tuples (an unlike as a ``CANCEL`` carrying its
-   like's time); too-late ones go to the dead-letter topic.
-2. **Author stage, per author**: 7-day windows of engagements, views and
-   created posts.
-3. **Viewer stage, per viewer**: decayed sums per author and media type,
-   emitted once per slide per changed pair.
-
-Each stage is keyed by *shard* (``--shards``, an entity hash), not by entity:
-a shard's keyed state holds its entities' states and an agenda of when each
-needs the watermark, and one event-time timer per shard (at the earliest
-agenda time) serves them all. A runner pays per key and bundle (on Prism a
-bundle and state round trip per key: milliseconds, against microseconds of
-Python per event), so per-entity keys made the runner the bottleneck. Before
-each stage a bundle's elements are grouped per shard, so a shard's state is
-read and written once per bundle. A bounded re-run (``--replay_ranges``)
-arms timers a century apart: each shard fires once its input is read and
-works through every change point in order then.
-
-Why not Beam's ``SlidingWindows`` + ``CombinePerKey``: a 24 h window sliding
-by 5 min puts every event in 288 windows (7 days by 1 h: 168), and Beam drops
-data past the allowed lateness inside the runner, where no dead-letter output
-can see it. Here windows are buckets of ``slide`` in keyed state; a value
-is computed only at the window ends where it can change (a bucket entering or
-leaving a window) and emitted only if it changed, so a post whose engagement
-stops gets a last emission of zeros.
-
-* **Lateness.** Beam gives a DoFn no watermark, but a fired event-time timer
-  proves the stage's input watermark passed its time: the first stage judges
-  an event against the latest timer fired for its entity or, if later, for
-  any entity of the same DoFn instance (every entity with an event needs a
-  timer at the end of the event's slide, so this trails the watermark by
-  about a slide). An
-  event more than ``--allowed_lateness_s`` behind that is *too late*: counted
-  (``events_too_late``) and dead-lettered with reason ``too_late``. The
-  decoded event has no bytes any more: the dead letter holds the event
-  re-encoded with ``WireCodec`` (the same bytes as the original when it was
-  written with the current schema), its key, ``partition``/``offset`` -1, and
-  the times in the error text. An accepted late event updates its buckets and
-  re-emits the change points it affects with the same ``valid_at`` and a
-  higher ``version``, which the stores and the log prefer. A worker that just
-  (re)started has seen no timer yet and accepts everything until one fires.
-  Caveat (Prism): a Kafka partition whose read has not started holds no
-  watermark, so while a backlog is read one topic can run ahead of the other.
-* **Dedup.** The first stage remembers the ids of its key's events for
-  ``--dedup_horizon_s`` of event time past the key's watermark (keyed state,
-  forgotten by the key's timer); all duplicates of an event share its post, so
-  they meet at one key. With the horizon at least the allowed lateness
-  (default 2 h vs 1 h), every duplicate of a counted event is either caught
-  or too late.
-* **Unlikes** cancel the viewer's latest earlier like of the post, in either
-  arrival order, for windows ending after the unlike, the author's
-  engagement and the affinities. An unlike with no like within the post
-  state's horizon (24 h + slide) changes nothing (``unlikes_unmatched``).
-* **Per-element work** is small: a decode to an 8-int tuple with a struct
-  coder (``ItemCoder``), dict updates in the shard's state, and at most one
-  timer set per shard per bundle; values are computed per entity per change
-  point.
-* **Writes** are newer-wins by ``valid_at_ms * 1000 + version`` in Redis (Lua)
-  and Cassandra (``USING TIMESTAMP``), so replays never roll a value back.
-  Versions count the events behind a value (``features_logic``), so the same
-  events give the same stamp and a replay rewrites nothing. A bounded run
-  drains every window at its end; values valid after the wall clock are not
-  emitted (``values_not_yet_valid``).
-  The Parquet log is idempotent by content-addressed file names and dedup at
-  read (``stores.files.feature_log``).
-* **Restarts.** The aggregation state is Beam state: Flink with checkpoints
-  restores it; Prism has no durable state, so the job rewinds its source by
-  the state horizon (``--rewind_s``, default the affinity TTL: 30 days, or the
-  whole topic) and recomputes; the re-emitted values are the same and the
-  writes idempotent. A shorter rewind restarts affinities and windows from
-  what it re-reads.
+Reads ``engagement-events`` and ``post-events`` and computes the features of
+``schemas.features`` (``AggregateEngagementFeatures``); ``--sinks`` picks where
+they go, ``--replay_ranges`` makes it a bounded re-run. Design (state layout,
+windows, lateness, dedup, delivery, restarts): ``docs/pipelines/features.md``.
 """
 from __future__ import annotations
 
-import logging
 import struct
 import sys
 import time
@@ -120,16 +26,10 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.fanout import parse_replay_ranges
 from domain.features import (
-    CANCEL,
-    COMMENT,
-    LIKE,
     POST_CREATED,
-    PROFILE_VIEW,
-    SAVE,
-    SHARE,
-    VIEW,
+    TO_AUTHOR_STAGE,
+    TO_VIEWER_STAGE,
     AuthorStage,
     FeatureParams,
     FirstStage,
@@ -146,33 +46,30 @@ from domain.features import (
     post_item,
     shard_of,
 )
-from pipelines.io.feature_sinks import (
+from pipelines.common import Counters, Ranges, ReplayOptions, StoreOptions, module_main
+from pipelines.features_sinks import (
+    DEFAULT_SINK_BATCH,
+    NAMESPACE,
     FeatureSinkConfig,
     UpdateTopFollowers,
     WriteDurableFeatures,
     WriteFeatureLog,
     WriteOnlineFeatures,
 )
-from pipelines.io.kafka import KafkaReadOptions
-from schemas.records import DeadLetter
 from pipelines.io.deadletter import WriteDeadLetters
+from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import ReadEvents, producer_config_of
 from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import EngagementEvent, PostEvent, PostEventKind
 from schemas.features import DAY_MS, FeatureTTLs, FeatureValue
-
+from schemas.records import DeadLetter
+from stores.config import StoreConfig
 
 if __name__ == "__main__":
-    # `python -m pipelines.features`: run the importable module, not this __main__
-    # copy: Beam pickles transforms and coders by reference to their module, and
-    # options classes defined a second time would clash.
-    from pipelines.features import main
+    # Before anything is defined here: the job runs the imported module, and options
+    # classes defined a second time (in this __main__ copy) would clash.
+    sys.exit(module_main("pipelines.features"))
 
-    sys.exit(main())
-
-log = logging.getLogger(__name__)
-
-NAMESPACE = "feedbeam.features"
 DEFAULT_GROUP = "feedbeam-features"
 STEP = "features"
 TOO_LATE = "too_late"
@@ -180,9 +77,6 @@ SINKS = ("redis", "cassandra", "log", "top_followers")
 DEFAULT_SHARDS = 16
 #: A bounded re-run's timer granularity: no shard fires before its input is read.
 BOUNDED_TIMER_GRANULARITY_MS = 100 * 365 * DAY_MS
-
-_TO_AUTHOR = frozenset({LIKE, COMMENT, SHARE, SAVE, VIEW, CANCEL, POST_CREATED})
-_TO_VIEWER = frozenset({LIKE, COMMENT, SHARE, SAVE, VIEW, PROFILE_VIEW, CANCEL})
 
 
 # --------------------------------------------------------------------------- coders
@@ -234,14 +128,9 @@ beam.coders.registry.register_coder(FeatureValue, FeatureValueCoder)
 # --------------------------------------------------------------------------- options
 
 
-def _add_shared(parser, flag: str, **kwargs) -> None:
-    """``parser.add_argument(flag, ...)`` unless another options class already added it."""
-    if flag not in parser._option_string_actions:  # argparse has no public "has option"
-        parser.add_argument(flag, **kwargs)
-
-
 class FeaturesOptions(PipelineOptions):
-    """Options of the features pipeline (Kafka settings are ``KafkaReadOptions``)."""
+    """The features pipeline's own flags (Kafka: ``KafkaReadOptions``; stores:
+    ``StoreOptions``; ``--replay_ranges``: ``ReplayOptions``)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -288,20 +177,8 @@ class FeaturesOptions(PipelineOptions):
                             help="keys per aggregation stage: entities are grouped into this "
                                  "many shards, each one keyed state and one timer (more "
                                  "shards: more parallelism, more per-key overhead)")
-        parser.add_argument("--sink_batch", type=int, default=2000,
+        parser.add_argument("--sink_batch", type=int, default=DEFAULT_SINK_BATCH,
                             help="values buffered per sink before a write within a bundle")
-        # Flags every store-writing pipeline has: Beam parses the options of all
-        # imported pipelines with one parser, so whichever class comes first
-        # defines them (same names, same defaults, same meaning).
-        _add_shared(parser, "--redis_url", default="redis://127.0.0.1:6379/0")
-        _add_shared(parser, "--redis_key_prefix", default="fb")
-        _add_shared(parser, "--cassandra_host", default="127.0.0.1")
-        _add_shared(parser, "--cassandra_port", type=int, default=9042)
-        _add_shared(parser, "--cassandra_keyspace", default="feedbeam")
-        _add_shared(parser, "--replay_ranges", default=None, metavar="JSON",
-                    help="re-run over bounded offset ranges: {\"<topic>\": {\"<partition>\": "
-                         "[start, stop]}} (stop exclusive, prefixed topic names); batch mode, "
-                         "no offsets committed")
 
     def params(self) -> FeatureParams:
         ttls = self.ttls()
@@ -318,13 +195,10 @@ class FeaturesOptions(PipelineOptions):
                            author_ms=int(self.author_ttl_h * 3_600_000),
                            viewer_author_ms=affinity_ms, viewer_media_ms=affinity_ms)
 
-    def sink_config(self) -> FeatureSinkConfig:
-        return FeatureSinkConfig(
-            redis_url=self.redis_url, redis_key_prefix=self.redis_key_prefix,
-            cassandra_host=self.cassandra_host, cassandra_port=self.cassandra_port,
-            cassandra_keyspace=self.cassandra_keyspace, ttls=self.ttls(),
-            half_life_ms=int(self.half_life_days * DAY_MS),
-            top_followers_keep=self.top_followers_keep)
+    def sink_config(self, stores: StoreConfig) -> FeatureSinkConfig:
+        return FeatureSinkConfig(stores, ttls=self.ttls(),
+                                 half_life_ms=int(self.half_life_days * DAY_MS),
+                                 top_followers_keep=self.top_followers_keep)
 
     def sink_names(self) -> tuple[str, ...]:
         names = tuple(s.strip() for s in self.sinks.split(",") if s.strip())
@@ -332,9 +206,6 @@ class FeaturesOptions(PipelineOptions):
         if unknown:
             raise ValueError(f"--sinks: unknown sinks {unknown}; choose from {SINKS}")
         return names
-
-    def ranges(self) -> "dict[str, dict[int, tuple[int, int]]] | None":
-        return None if self.replay_ranges is None else parse_replay_ranges(self.replay_ranges)
 
 
 # --------------------------------------------------------------------------- stages
@@ -396,13 +267,6 @@ class _GroupPerBundle(beam.DoFn):
         groups, self._groups = self._groups, {}
         for key, (timestamp, window, values) in groups.items():
             yield WindowedValue((key, values), timestamp, [window])
-
-
-def _counter(cache: dict, name: str):
-    counter = cache.get(name)
-    if counter is None:
-        counter = cache[name] = Metrics.counter(NAMESPACE, name)
-    return counter
 
 
 class _ShardedStageFn(beam.DoFn):
@@ -508,24 +372,24 @@ class _FirstStageFn(_ShardedStageFn):
 
         self._stage = FirstStage(self._params)
         self._codec = WireCodec()
-        self._counters: dict = {}
+        self._counters = Counters(NAMESPACE)
 
     def _apply(self, s: PostState, key, value):
         event_id, item, raw = value
         outcome = self._stage.apply(s, event_id, item)
-        _counter(self._counters, f"events_{outcome.status}").inc()
+        self._counters.inc(f"events_{outcome.status}")
         if outcome.unmatched_unlike:
-            _counter(self._counters, "unlikes_unmatched").inc()
+            self._counters.inc("unlikes_unmatched")
         if outcome.status == TOO_LATE:
             yield TaggedOutput(_DEAD_LETTERS, self._dead_letter(event_id, item, raw, s))
             return
         yield from outcome.features
         shards = self._shards
         for fwd in outcome.forward:
-            if fwd.kind in _TO_AUTHOR:
+            if fwd.kind in TO_AUTHOR_STAGE:
                 yield TaggedOutput(_TO_AUTHOR_TAG, (shard_of(fwd.author, shards),
                                                     (fwd.author, fwd)))
-            if fwd.kind in _TO_VIEWER:
+            if fwd.kind in TO_VIEWER_STAGE:
                 yield TaggedOutput(_TO_VIEWER_TAG, (shard_of(fwd.viewer, shards),
                                                     (fwd.viewer, fwd)))
 
@@ -573,7 +437,7 @@ class FeatureOutputs(NamedTuple):
 
 
 class AggregateEngagementFeatures(beam.PTransform):
-    """Engagement and post events -> feature values (see the module doc).
+    """Engagement and post events -> feature values (``docs/pipelines/features.md``).
 
     Args:
       params: windows, lateness, dedup horizon, decay and weights (``FeatureParams``).
@@ -639,7 +503,7 @@ class AggregateEngagementFeatures(beam.PTransform):
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions,
-          ranges: "dict[str, dict[int, tuple[int, int]]] | None" = None) -> FeatureOutputs:
+          ranges: Ranges | None = None) -> FeatureOutputs:
     """Wire the features job into ``pipeline``: read, aggregate, write to ``--sinks``.
 
     Without ``ranges`` (nor ``--replay_ranges``) it follows ``engagement-events``
@@ -655,18 +519,15 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions,
                                  default_rewind_s=params.affinity_ttl_ms / 1000)
     prefix = kafka.topic_prefix
     if ranges is None:
-        ranges = opts.ranges()
-    if ranges is not None:
-        read = ReadEvents(config, ranges=ranges, topic_prefix=prefix)
-    else:
-        read = ReadEvents(config, [prefix + EngagementEvent.TOPIC, prefix + PostEvent.TOPIC],
-                          topic_prefix=prefix)
+        ranges = options.view_as(ReplayOptions).ranges()
+    read = ReadEvents(config, [prefix + EngagementEvent.TOPIC, prefix + PostEvent.TOPIC],
+                      ranges=ranges, topic_prefix=prefix)
     events = pipeline | "ReadEngagementAndPostEvents" >> read
     out = events | "AggregateEngagementFeatures" >> AggregateEngagementFeatures(
         params, prefix, opts.shards,
         timer_granularity_ms=BOUNDED_TIMER_GRANULARITY_MS if ranges else None)
     _ = out.dead_letters | "WriteTooLate" >> WriteDeadLetters(producer_config_of(config))
-    store = opts.sink_config()
+    store = opts.sink_config(options.view_as(StoreOptions).config())
     if "redis" in sinks:
         _ = out.features | "WriteOnlineFeatures" >> WriteOnlineFeatures(store, opts.sink_batch)
     if "cassandra" in sinks:
@@ -685,17 +546,9 @@ def run(argv=None):
     Streaming unless ``--replay_ranges`` is given (then a batch job over them).
     """
     options = pipeline_options(argv)
-    bounded = options.view_as(FeaturesOptions).ranges() is not None
+    bounded = options.view_as(ReplayOptions).ranges() is not None
     options.view_as(StandardOptions).streaming = not bounded
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
     return run_until_done(pipeline)
 
-
-def main(argv=None) -> int:
-    """``python -m pipelines.features``: log at INFO, run until the job ends or is cancelled."""
-    logging.basicConfig(level=logging.INFO, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("cassandra").setLevel(logging.WARNING)
-    run(sys.argv[1:] if argv is None else argv)
-    return 0

@@ -4,74 +4,11 @@
         --environment_type=LOOPBACK --streaming --model_dir .state/models \\
         [--settle_s 0.5 --debounce_s 5 --max_candidates 200 --top_k 20 --max_per_author 3]
 
-Reads ``post-events``, ``engagement-events`` and ``follow-events`` (consumer
-group ``feedbeam-ranking``) and, through ``RefreshRankedFeeds``:
-
-1. **Triggers** (stateless, fused with the read): each event names the users
-   whose ranked feed it makes stale (``ranking_logic``):
-
-   * a post CREATED or DELETED: the author's active followers, every one of
-     them, below or above the push threshold: their candidates changed (a
-     pushed entry, or a pulled celebrity post). Followers are read from the
-     graph the fan-out keeps in Redis; the trigger carries the post, so the
-     refresh ranks a new post even if the fan-out has not pushed it yet, and
-     never ranks a deleted one the fan-out has not removed yet. The
-     followers are those the graph holds when the trigger runs: a post
-     that races its author's newest follow (edge not written yet) is not a
-     trigger for that follower; the follow's own refresh covers it (below);
-   * a FOLLOW or UNFOLLOW: the follower (followees changed). Its refresh
-     waits until the fan-out's graph in Redis holds the edge, plus
-     ``--follow_retry_s`` for the merge of the followee's recent posts that
-     follows it (checks back off to ``--follow_max_retry_s``; at most
-     ``--follow_wait_s`` of wall time, then it refreshes anyway): while the
-     fan-out is behind (a backlog), a refresh would otherwise rank a feed the
-     follows have not reached yet and nothing would refresh it again;
-   * a LIKE, COMMENT, SHARE or SAVE: the viewer, whose affinities (the
-     features that matter most) moved materially. Views, unlikes and profile
-     views do not trigger: they are most of the traffic and move features
-     little; the next refresh of the user reads them anyway. Post-level
-     features (counts, rates) are read fresh by every refresh.
-
-   Why events and not the derived stores: the topics are the one ordered,
-   replayable record of what changed; reading them needs no change feed from
-   the other pipelines, and a restarted job re-derives its triggers.
-2. **Debounce** (stateful, keyed by user, event-time timers): a user's first
-   change waits ``--settle_s`` (a burst coalesces, the fan-out writes
-   meanwhile), then the feed is refreshed and the user cools down for
-   ``--debounce_s``: changes in that time are refreshed together when it
-   ends. So a user is refreshed at most once per ``--debounce_s``, and no
-   change waits longer than ``max(settle, debounce)`` plus the watermark's
-   lag. Event time (the source's watermark moves on idle partitions, so
-   timers fire when traffic stops) keeps tests and replays deterministic;
-   ``--debounce_clock processing`` uses processing-time timers instead, which
-   saves the watermark's lag (about a second with the default idle skew).
-3. **Refresh** (batched per bundle, up to ``--refresh_batch`` users): candidates
-   of all users in a few Redis round trips (``CandidateReader``: pushed feed +
-   recent posts of followed celebrities, ~200 per user), features with
-   ``OnlineFeatureStore.hydrate``: the posts' and authors' once for the
-   batch (users share most candidates), each user's affinities in one read
-   per user; ONE ``inplace_predict`` over the
-   candidates of every user in the batch, diversity re-ranking per user
-   (``--top_k``, ``--max_per_author``, ``--no_adjacent``), and
-   ``RankedFeedStore.write`` (Redis swap + Cassandra row, newer wins) with
-   the model version. With no model promoted yet (or none usable), the feed
-   is ranked by recency and its version is ``recency``.
-
-The model is whatever ``latest`` in ``--model_dir`` names
-(``stores.files.models``); each worker re-reads the pointer every
-``--model_poll_s`` and swaps to a new version without a restart.
-
-Delivery: the stateful step follows a shuffle, so the source's offsets are
-committed once the triggers are in the runner's state, not when refreshed;
-``--rewind_s`` defaults to the debounce horizon so a restarted job re-reads
-what a lost state may have held. Refreshes are idempotent (a ranking replaces
-the previous one, newer generation time wins). Metrics in
-``feedbeam.ranking``: ``triggers_<reason>``, ``refreshes``,
-``refreshes_model``, ``refreshes_recency``, ``follow_waits``,
-``follow_wait_timeouts``, ``candidates`` and
-``refresh_latency_ms`` (event time of the change to the write) distributions,
-gauges ``model_swaps`` and ``model_errors`` (scoring failed: ranked by
-recency) per worker process, batch retries.
+Reads post, engagement and follow events (consumer group ``feedbeam-ranking``)
+and, through ``RefreshRankedFeeds``, re-ranks the feed of each user they
+concern, at most once per ``--debounce_s``, with the model ``latest`` names in
+``--model_dir`` (by recency while there is none). Triggers, debounce, the
+follow gate and delivery: ``docs/pipelines/ranking.md``.
 """
 from __future__ import annotations
 
@@ -79,23 +16,17 @@ import dataclasses
 import logging
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.coders import coders
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Timestamp
-from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.fanout import FanoutOptions, StoreConfig, _transient_errors
 from domain.fanout import FreshnessHistogram
-from pipelines.io.kafka import KafkaReadOptions
-from pipelines.io.source import ReadEvents
-from domain.ranking_features import FEATURE_NAMES, feature_matrix, online_columns
 from domain.ranking import (
     GIVE_UP,
     SETTLE,
@@ -103,37 +34,31 @@ from domain.ranking import (
     Debounce,
     FollowWait,
     RankingPolicy,
-    diversify,
     edge_versions_wanted,
     edges_not_applied,
     engagement_trigger,
     follow_gate,
     follow_trigger,
-    merge_requests,
     post_triggers,
-    recency_scores,
     requests_from,
 )
+from pipelines.common import Counters, StoreOptions, module_main
+from pipelines.fanout import FanoutOptions
+from pipelines.io.kafka import KafkaReadOptions
+from pipelines.io.sink import ApplyInBatches
+from pipelines.io.source import ReadEvents
+from pipelines.ranking_pool import RANKERS
 from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import EngagementEvent, FollowEvent, PostEvent
 from schemas.features import DEFAULT_HALF_LIFE_MS
-from schemas.ranked import RankedEntry
-from schemas.ranking import (
-    RECENCY_VERSION,
-    Candidate,
-    RefreshOutcome,
-    RefreshRequest,
-    Trigger,
-)
-
+from schemas.ranking import RECENCY_VERSION, RefreshOutcome, RefreshRequest, Trigger
+from stores.config import StoreConfig
+from stores.ranker import FeedRanker, RankingConfig
 
 if __name__ == "__main__":
-    # `python -m pipelines.ranking`: run the importable module, not this __main__
-    # copy: Beam pickles transforms and coders by reference to their module, and
-    # options classes defined a second time would clash.
-    from pipelines.ranking import main
-
-    sys.exit(main())
+    # Before the definitions below: this __main__ copy must not declare the
+    # options a second time (see module_main).
+    sys.exit(module_main("pipelines.ranking"))
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +72,10 @@ CLOCKS = ("event", "processing")
 
 
 class RankingOptions(PipelineOptions):
-    """Options of the ranking pipeline (Kafka settings are ``KafkaReadOptions``)."""
+    """Options of the ranking pipeline. Kafka settings are ``KafkaReadOptions``', the
+    stores ``StoreOptions``', ``--push_threshold`` and ``--inactive_days`` the
+    fan-out's (``FanoutOptions``): Beam parses one flat namespace, so a flag
+    several pipelines read is declared once."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -200,9 +128,6 @@ class RankingOptions(PipelineOptions):
         parser.add_argument("--io_threads", type=int, default=8,
                             help="threads per worker overlapping a batch's per-user store "
                                  "round trips (feature hydrate, ranked-feed write)")
-        # The stores (--redis_url, --redis_key_prefix, --cassandra_*), --push_threshold
-        # and --inactive_days are FanoutOptions': the same settings as the fan-out's
-        # (Beam parses one flat namespace, so they are declared once).
 
     def policy(self) -> RankingPolicy:
         fanout = self.view_as(FanoutOptions)
@@ -223,12 +148,14 @@ class RankingOptions(PipelineOptions):
                           max_retry_ms=max(retry_ms, int(self.follow_max_retry_s * 1000)),
                           max_wait_ms=int(self.follow_wait_s * 1000))
 
-    def config(self) -> "RankingConfig":
+    def config(self) -> RankingConfig:
         if self.model_dir is None:
             raise ValueError("--model_dir is not set (run() defaults it from FEEDBEAM_STATE_DIR)")
         return RankingConfig(
-            self.view_as(FanoutOptions).stores(), model_dir=self.model_dir, model_poll_s=self.model_poll_s,
-            half_life_ms=int(self.feature_half_life_days * 86_400_000))
+            self.view_as(StoreOptions).config(), model_dir=self.model_dir,
+            model_poll_s=self.model_poll_s,
+            half_life_ms=int(self.feature_half_life_days * 86_400_000),
+            score_threads=self.score_threads, io_threads=self.io_threads)
 
 
 def _bool(text: str) -> bool:
@@ -239,165 +166,7 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
-# --------------------------------------------------------------------------- stores
-
-
-@dataclasses.dataclass(frozen=True)
-class RankingConfig:
-    """Where the stores and models are; pickled into the DoFns instead of clients."""
-
-    stores: StoreConfig
-    model_dir: str
-    model_poll_s: float = 10.0
-    half_life_ms: int = DEFAULT_HALF_LIFE_MS
-    score_threads: int = 1
-    io_threads: int = 8
-
-    def open(self, policy: RankingPolicy, clock: Callable[[], float] = time.time) -> "FeedRanker":
-        """A ``FeedRanker`` on new clients (one Redis client and one Cassandra session
-        shared by its stores); ``FeedRanker.close()`` closes them."""
-        from stores.redis.candidates import CandidateReader
-        from stores.redis.features import OnlineFeatureStore
-        from stores.files.models import ModelRegistry, ModelWatcher
-        from stores.ranked import RankedFeedStore
-
-        stores = self.stores.open()
-        feeds = stores.redis
-        return FeedRanker(
-            CandidateReader(feeds),
-            OnlineFeatureStore(feeds.client, feeds.keys, half_life_ms=self.half_life_ms),
-            RankedFeedStore(feeds.client, feeds.keys, stores.cassandra),
-            ModelWatcher(ModelRegistry(self.model_dir), FEATURE_NAMES, self.model_poll_s,
-                         nthread=self.score_threads),
-            policy, clock, on_close=stores.close, io_threads=self.io_threads)
-
-
-# --------------------------------------------------------------------------- refreshing
-
-
-class FeedRanker:
-    """Refreshes ranked feeds: candidates, features, one batched scoring, diversity,
-    write (no Beam; the DoFn adapts it). ``clock`` returns epoch seconds.
-
-    The per-user store calls (one feature hydrate, one ranked-feed write) of a
-    batch run on ``io_threads`` threads: they wait on the network, so their
-    round trips overlap instead of adding up. The stores' clients are
-    thread-safe (a Redis connection pool, one Cassandra session).
-    """
-
-    def __init__(self, candidates, features, ranked, models, policy: RankingPolicy,
-                 clock: Callable[[], float] = time.time, on_close: Callable[[], None] = None,
-                 io_threads: int = 8):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.candidates = candidates
-        self.features = features
-        self.ranked = ranked
-        self.models = models
-        self.policy = policy
-        self._clock = clock
-        self._on_close = on_close
-        self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="ranking-io")
-        self.model_errors = 0
-
-    def close(self) -> None:
-        self._io.shutdown(wait=True)
-        if self._on_close is not None:
-            self._on_close()
-
-    def refresh(self, requests: Sequence[RefreshRequest]) -> list[RefreshOutcome]:
-        """Rank and write the feed of every requested user (one outcome per user)."""
-        requests = merge_requests(requests)
-        now_ms = int(self._clock() * 1000)
-        by_user = self.candidates.read(requests, now_ms, self.policy)
-        users = [r.user_id for r in requests]
-        version, scores = self.score(users, by_user, now_ms)
-        ranked = {user: diversify([RankedEntry(c.post_id, c.author_id, float(s))
-                                   for c, s in zip(by_user[user], scores[user])],
-                                  self.policy.top_k, self.policy.max_per_author,
-                                  self.policy.no_adjacent)
-                  for user in users}
-        # list(): wait for every write (and raise the first error) before reporting.
-        list(self._io.map(lambda u: self.ranked.write(u, ranked[u], version, now_ms), users))
-        return [RefreshOutcome(r.user_id, version, len(ranked[r.user_id]),
-                               len(by_user[r.user_id]), r.changed_at_ms, now_ms, r.triggers)
-                for r in requests]
-
-    def score(self, users: Sequence[int], by_user: dict[int, list[Candidate]], now_ms: int
-              ) -> tuple[str, dict[int, np.ndarray]]:
-        """``(model version, scores per user aligned with its candidates)``.
-
-        All users' candidates go through the model in one ``inplace_predict``;
-        without a usable model (or if scoring fails) the scores are the
-        creation times and the version is ``RECENCY_VERSION``.
-        """
-        model = self.models.current() if self.models is not None else None
-        if model is not None:
-            blocks = self.features_of(users, by_user, now_ms)
-            try:
-                flat = model.predict(np.concatenate(blocks) if blocks else
-                                     np.zeros((0, len(FEATURE_NAMES)), np.float32))
-            except Exception as exc:  # a broken model must not stop the feeds: rank by recency
-                self.model_errors += 1
-                log.error("ranking: model %s failed to score, ranking by recency: %s",
-                          model.version, exc)
-            else:
-                offsets = np.cumsum([0] + [len(b) for b in blocks])
-                return model.version, {u: flat[offsets[i]:offsets[i + 1]]
-                                       for i, u in enumerate(users)}
-        return RECENCY_VERSION, {u: recency_scores(by_user[u]) for u in users}
-
-    def features_of(self, users: Sequence[int], by_user: dict[int, list[Candidate]],
-                    now_ms: int) -> list[np.ndarray]:
-        """The feature rows of each user's candidates.
-
-        Post and author features do not depend on the viewer and the users of
-        a batch share most candidates, so they are read once for the batch (one
-        round trip); each user's own affinities are then one round trip per
-        user (on the I/O threads).
-        """
-        posts = list(dict.fromkeys(c.post_id for u in users for c in by_user[u]))
-        authors = list(dict.fromkeys(c.author_id for u in users for c in by_user[u]))
-        shared = self.features.hydrate(None, posts, authors, now_ms)
-        post_features = dict(zip(posts, shared.posts))
-        author_features = dict(zip(authors, shared.authors))
-
-        def rows(user: int) -> np.ndarray:
-            cands = by_user[user]
-            if not cands:
-                return np.zeros((0, len(FEATURE_NAMES)), np.float32)
-            mine = list(dict.fromkeys(c.author_id for c in cands))
-            viewer = self.features.hydrate(user, (), mine, now_ms, author_features=False)
-            affinity = dict(zip(mine, viewer.author_affinity))
-            post_cols, author_cols = online_columns(
-                [post_features[c.post_id] for c in cands],
-                [author_features[c.author_id] for c in cands])
-            n = len(cands)
-            media = np.array([c.media_type for c in cands], dtype=object)
-            per_media = {m: np.full(n, v) for m, v in viewer.content_affinity.items()}
-            age = now_ms - np.fromiter((c.created_at for c in cands), np.int64, count=n)
-            return feature_matrix(post_cols, author_cols,
-                                  np.array([affinity[c.author_id] for c in cands]), per_media,
-                                  media, age)
-
-        return list(self._io.map(rows, users))
-
-
-# --------------------------------------------------------------------------- Beam
-
-
-class _Counters:
-    """Beam counters created on first use."""
-
-    def __init__(self):
-        self._counters = {}
-
-    def inc(self, name: str, n: int = 1) -> None:
-        if n:
-            counter = self._counters.get(name)
-            if counter is None:
-                counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
-            counter.inc(n)
+# --------------------------------------------------------------------------- triggers
 
 
 class _TriggersFn(beam.DoFn):
@@ -412,11 +181,12 @@ class _TriggersFn(beam.DoFn):
 
         c = self._store_config
         self._feeds = RedisFeedStore.from_url(c.redis_url, key_prefix=c.redis_key_prefix)
-        self._counters = _Counters()
+        self._counters = Counters(NAMESPACE)
 
     def teardown(self):
         feeds = getattr(self, "_feeds", None)
         if feeds is not None:
+            self._feeds = None
             feeds.close()
 
     def process(self, event):
@@ -436,6 +206,9 @@ class _TriggersFn(beam.DoFn):
         for t in triggers:
             self._counters.inc(f"triggers_{t.reason}")
             yield t.user_id, t
+
+
+# --------------------------------------------------------------------------- debounce
 
 
 _TRIGGER_CODER = coders.TupleCoder([
@@ -557,108 +330,66 @@ def debounce_fn(debounce: Debounce, clock: str = "event", follow_wait: FollowWai
     return DebounceFn()
 
 
-class _RefreshFn(beam.DoFn):
-    """Buffers refresh requests and refreshes them in batches with ``FeedRanker``.
 
-    One ``FeedRanker`` per worker process and configuration, shared by every
-    instance of this DoFn there (``pipelines.ranking_pool``): a runner runs several
-    bundles at once, each on its own DoFn instance, and a ranker holds a
-    model, a Cassandra session and a Redis pool that take seconds to build and
-    are thread-safe. The first ``setup()`` builds it from ``RankingConfig``,
-    the last ``teardown()`` closes it. A batch that fails with a transient
-    store error is retried whole with exponential backoff (refreshes are
-    idempotent); after ``attempts`` the bundle fails.
+# --------------------------------------------------------------------------- refresh
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshConfig:
+    """The refresh step's applier configuration (``pipelines.io.sink``): what it pickles.
+
+    ``open()`` holds the worker process's ``FeedRanker`` for ``ranking`` and
+    ``policy`` (``pipelines.ranking_pool``: built by the first holder, shared
+    by every bundle's instance, closed by the last ``close()``).
     """
 
-    def __init__(self, config: RankingConfig, policy: RankingPolicy, max_batch: int = 256,
-                 attempts: int = 4, backoff_s: float = 0.5, latency_log_s: float = 60.0):
+    ranking: RankingConfig
+    policy: RankingPolicy
+    latency_log_s: float = 60.0
+
+    def open(self) -> "FeedRefresher":
+        return FeedRefresher(self, RANKERS.hold(self.ranking, self.policy))
+
+
+class FeedRefresher:
+    """Refreshes a batch of requests with the shared ranker and records what it did:
+    counters ``refreshes``, ``refreshes_model``, ``refreshes_recency``,
+    distributions ``refresh_latency_ms`` (event time of the change to the write)
+    and ``candidates``, gauges ``model_swaps`` and ``model_errors`` (the worker's
+    totals), and every ``latency_log_s`` a log line of counts, batch times and
+    change-to-ranked-feed latency."""
+
+    def __init__(self, config: RefreshConfig, ranker: FeedRanker):
         self._config = config
-        self._policy = policy
-        self._max_batch = max_batch
-        self._attempts = attempts
-        self._backoff_s = backoff_s
-        self._latency_log_s = latency_log_s
-
-    def setup(self):
-        # Imported here, not at module level: run as `python -m pipelines.ranking`
-        # this class lives in __main__ and is pickled by value with the globals
-        # it uses; the pool (live clients) must not be one of them.
-        from pipelines.ranking_pool import RANKERS
-
-        self._ranker = RANKERS.hold(self._config, self._policy)
-        self._transient = _transient_errors()
-        self._counters = _Counters()
+        self._ranker = ranker
+        self._counters = Counters(NAMESPACE)
         self._latency = Metrics.distribution(NAMESPACE, "refresh_latency_ms")
-        self._histogram = FreshnessHistogram(self._latency_log_s, now_s=time.monotonic())
-        self._batch_ms = FreshnessHistogram(self._latency_log_s, now_s=time.monotonic())
         self._candidates = Metrics.distribution(NAMESPACE, "candidates")
         self._swaps = Metrics.gauge(NAMESPACE, "model_swaps")
         self._errors = Metrics.gauge(NAMESPACE, "model_errors")
+        now = time.monotonic()
+        self._latency_ms = FreshnessHistogram(config.latency_log_s, now_s=now)
+        self._batch_ms = FreshnessHistogram(config.latency_log_s, now_s=now)
 
-    def teardown(self):
-        from pipelines.ranking_pool import RANKERS
-
-        if getattr(self, "_ranker", None) is not None:
-            self._ranker = None
-            RANKERS.release(self._config, self._policy)
-
-    def start_bundle(self):
-        self._pending: list[tuple[RefreshRequest, object, object]] = []
-
-    def process(self, request, timestamp=beam.DoFn.TimestampParam,
-                window=beam.DoFn.WindowParam):
-        self._pending.append((request, timestamp, window))
-        if len(self._pending) >= self._max_batch:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        yield from self._flush()
-
-    def _flush(self):
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
+    def apply(self, requests: Sequence[RefreshRequest]) -> list[RefreshOutcome | None]:
+        """One output per request, in order: the user's outcome at the user's last request
+        in the batch, None at the others (``FeedRanker`` merges a user's requests)."""
         started = time.monotonic()
-        outcomes = self._refresh_with_retries([r for r, _, _ in pending])
+        outcomes = {o.user_id: o for o in self._ranker.refresh(requests)}
         self._batch_ms.add((time.monotonic() - started) * 1000)
-        stamps = {r.user_id: (ts, w) for r, ts, w in pending}
-        for o in outcomes:
+        for o in outcomes.values():
             self._record(o)
-            ts, w = stamps[o.user_id]
-            yield WindowedValue(o, ts, [w])
-        # Gauges: the shared ranker's totals since the process started.
         self._swaps.set(self._ranker.models.swaps)
         self._errors.set(self._ranker.model_errors)
         self._maybe_log()
+        last = {r.user_id: i for i, r in enumerate(requests)}
+        return [outcomes[r.user_id] if last[r.user_id] == i else None
+                for i, r in enumerate(requests)]
 
-    def _maybe_log(self) -> None:
-        now = time.monotonic()
-        if not self._histogram.due(now):
-            return
-        latency, batches = self._histogram.flush(now), self._batch_ms.flush(now)
-        if latency and batches:
-            log.info("ranking over the last %.0fs: %d refreshes in %d batches (batch p50 %.0f ms, "
-                     "p99 %.0f ms); change to ranked feed p50 %.0f ms, p99 %.0f ms",
-                     self._latency_log_s, latency[0], batches[0], batches[1], batches[2],
-                     latency[1], latency[2])
-
-    def _refresh_with_retries(self, requests: list[RefreshRequest]) -> list[RefreshOutcome]:
-        for attempt in range(1, self._attempts + 1):
-            try:
-                outcomes = self._ranker.refresh(requests)
-                self._counters.inc("batches")
-                return outcomes
-            except self._transient as exc:
-                if attempt == self._attempts:
-                    self._counters.inc("batch_failures")
-                    raise
-                self._counters.inc("batch_retries")
-                delay = self._backoff_s * 2 ** (attempt - 1)
-                log.warning("ranking: transient store error (attempt %d/%d), retrying the batch "
-                            "of %d users in %.1fs: %s", attempt, self._attempts, len(requests),
-                            delay, exc)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+    def close(self) -> None:
+        if self._ranker is not None:
+            self._ranker = None
+            RANKERS.release(self._config.ranking, self._config.policy)
 
     def _record(self, o: RefreshOutcome) -> None:
         self._counters.inc("refreshes")
@@ -667,11 +398,23 @@ class _RefreshFn(beam.DoFn):
         self._candidates.update(o.candidates)
         latency = max(0, o.generated_at_ms - o.changed_at_ms)
         self._latency.update(latency)
-        self._histogram.add(latency)
+        self._latency_ms.add(latency)
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if not self._latency_ms.due(now):
+            return
+        latency, batches = self._latency_ms.flush(now), self._batch_ms.flush(now)
+        if latency and batches:
+            log.info("ranking over the last %.0fs: %d refreshes in %d batches (batch p50 %.0f ms, "
+                     "p99 %.0f ms); change to ranked feed p50 %.0f ms, p99 %.0f ms",
+                     self._config.latency_log_s, latency[0], batches[0], batches[1], batches[2],
+                     latency[1], latency[2])
 
 
 class RefreshRankedFeeds(beam.PTransform):
-    """Keep the ranked feeds of the users that events concern fresh (see module doc).
+    """Keep the ranked feeds of the users that events concern fresh
+    (``docs/pipelines/ranking.md``).
 
     Args:
       config: stores and model directory (``RankingConfig``).
@@ -708,9 +451,10 @@ class RefreshRankedFeeds(beam.PTransform):
                 | "Debounce" >> beam.ParDo(debounce_fn(self._debounce, self._clock,
                                                        self._follow_wait, self._config.stores))
                 .with_output_types(RefreshRequest)
-                | "Refresh" >> beam.ParDo(_RefreshFn(self._config, self._policy, self._max_batch,
-                                                     latency_log_s=self._latency_log_s))
-                .with_output_types(RefreshOutcome))
+                | "Refresh" >> ApplyInBatches(
+                    RefreshConfig(self._config, self._policy, self._latency_log_s),
+                    namespace=NAMESPACE, max_batch=self._max_batch,
+                    output_type=RefreshOutcome))
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions):
@@ -743,14 +487,3 @@ def run(argv=None):
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
     return run_until_done(pipeline)
-
-
-def main(argv=None) -> int:
-    """``python -m pipelines.ranking``: log at INFO, run until the job ends or is cancelled."""
-    # force: importing Beam already configured the root logger (at WARNING),
-    # which would silence the model-swap lines.
-    logging.basicConfig(level=logging.INFO, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("cassandra").setLevel(logging.WARNING)
-    run(sys.argv[1:] if argv is None else argv)
-    return 0

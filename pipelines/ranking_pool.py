@@ -1,16 +1,15 @@
-"""Reference-counted ``FeedRanker``s of a worker process, shared by DoFn instances.
+"""Reference-counted ``FeedRanker``s of a worker process, shared by the refresh step.
 
 A runner runs several bundles of a stage at once, each on its own instance of
-``pipelines.ranking``'s refresh DoFn; a ranker holds a model, a Cassandra
+the sink DoFn (``pipelines.io.sink``); a ranker holds a model, a Cassandra
 session and a Redis pool that take seconds to build and are thread-safe, so
 one per process and configuration is enough. ``RANKERS.hold(config, policy)``
 returns it (built by ``config.open(policy)`` on first use), ``release`` gives
-it back and the last release closes it.
+it back and the last release closes it. ``pipelines.ranking.RefreshConfig``
+holds it in ``open()`` and releases it in its applier's ``close()``.
 
-A module of its own, with no Beam options: the DoFn imports it inside its
-methods, so pickling the DoFn by value (as Beam does for classes of
-``__main__`` when the pipeline runs as ``python -m pipelines.ranking``) never
-captures the pool and its live clients.
+A module of its own with no Beam in it: the pool is process state, never
+pickled (the refresh step pickles only its ``RefreshConfig``).
 """
 from __future__ import annotations
 

@@ -1,19 +1,12 @@
 """The Cassandra schema: versioned migrations, table names and time buckets.
 
-Migrations are the numbered files ``schemas/cql/NNNN_name.cql``;
-``stores.cassandra.session.migrate()`` applies them: it
-creates the keyspace if needed, then applies each file not yet recorded in
-``<keyspace>.schema_migrations`` (statements split on ``;``) and records its
-version, name and SHA-256 checksum. Running it again is a no-op; a file whose
-checksum differs from the recorded one is an error (add a new file instead of
-editing an applied one). Statements must be idempotent (``IF NOT EXISTS``) so a
-file interrupted half-way is simply re-applied on the next run.
+Migrations are the numbered files ``schemas/cql/NNNN_name.cql``, applied by
+``stores.cassandra.session.migrate()`` (``feedbeam migrate``); table names and
+the feed bucket function are defined here once for the pipelines (writers) and
+serving (readers). Migration rules: docs/architecture.md, "Cassandra schema".
 
     from stores.cassandra.session import migrate, new_cluster
     migrate(new_cluster("127.0.0.1", 9042).connect(), "feedbeam", replication_factor=1)
-
-Table names and the feed bucket function are defined here once for the
-pipelines (writers) and serving (readers).
 """
 from __future__ import annotations
 

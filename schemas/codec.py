@@ -1,31 +1,14 @@
 """Confluent wire format for the event topics: encode typed events, decode bytes back.
 
-A message value is ``0x00`` (magic byte), a 4-byte big-endian schema id, then
-the Avro binary body written with that schema (no container header)::
+A value is ``0x00``, a 4-byte big-endian schema id, then the Avro body::
 
-    codec = WireCodec()                       # static ids, no registry needed
-    data = codec.encode(event)                # -> b"\\x00\\x00\\x00\\x00\\x01..."
-    event = codec.decode(data)                # -> PostEvent(...)
+    codec = WireCodec()                                       # static ids (the default)
+    codec = WireCodec(registry_url="http://127.0.0.1:8081")   # ids from a Schema Registry
+    event = codec.decode(codec.encode(event))
 
-    codec = WireCodec(registry_url="http://127.0.0.1:8081")   # Schema Registry
-
-Schema ids come from a *schema source*: ``StaticSchemaSource`` (the fixed map
-``STATIC_SCHEMA_IDS``, the default) or ``RegistrySchemaSource`` (a Confluent
-Schema Registry, subjects ``<topic>-value``). Decoding resolves the writer
-schema (by id) to the reader schema (the newest ``.avsc`` of the record type),
-so records written with an older or newer compatible schema still decode.
-
-Every way a message can be undecodable raises a subclass of
-``MalformedRecordError`` with a short ``reason``; dead-letter code catches that
-one type. A registry that cannot be reached raises ``SchemaRegistryError``
-instead: that is not the record's fault and must not send it to the DLQ.
-
-Cost: parsed schemas are cached per id, so a decode is a header unpack plus
-one fastavro ``schemaless_reader`` call plus building the dataclass.
-``python -m schemas.codec`` measures it; on the 2-core dev machine an
-engagement event takes about 6 us to a dict (``decode_dict``) and 11 us to
-the typed event (``decode``), most of the difference being the frozen
-dataclass constructor and the Enum lookups in ``from_avro``.
+Undecodable bytes raise a ``MalformedRecordError`` subclass (for the DLQ), a
+failing registry ``SchemaRegistryError`` (retry). Design: ``docs/schemas.md``;
+``python -m schemas.codec`` benchmarks encode and decode.
 """
 from __future__ import annotations
 
@@ -33,10 +16,6 @@ import io
 import json
 import re
 import struct
-import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 from functools import cache
 from pathlib import Path
 from typing import Mapping, Protocol
@@ -206,73 +185,69 @@ class StaticSchemaSource:
         return (StaticSchemaSource, (self._given,))
 
 
-class SchemaRegistry:
-    """Minimal Confluent Schema Registry client (stdlib HTTP), with caches.
+# The registry's error code for "no schema with this id"; a 404 without it is
+# not the registry answering (a wrong URL path, say), so it is no verdict on a record.
+_SCHEMA_NOT_FOUND = 40403
 
-    Only what the codec needs: register a schema under a subject (idempotent
-    on the registry side: the same schema gets the same id) and fetch a
-    schema by id. Both answers are immutable, so caching them forever is safe.
+
+class SchemaRegistry:
+    """A Confluent Schema Registry through ``confluent_kafka``'s ``SchemaRegistryClient``.
+
+    Registers a schema under a subject (``register``) and fetches one by id
+    (``schema_by_id``); the client caches both answers. ``conf`` adds client
+    properties (``basic.auth.user.info``, ``ssl.ca.location``, ``max.retries``,
+    ...). Pickles as its configuration; the client is rebuilt where it lands.
     """
 
-    _CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
+    def __init__(self, url: str, timeout_s: float = 5.0, conf: Mapping[str, object] | None = None):
+        # Imported here, not at the top: codecs with static ids (the default)
+        # never need the client, and it brings a large HTTP stack with it.
+        from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    def __init__(self, url: str, timeout_s: float = 5.0):
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self._by_id: dict[int, dict] = {}
-        self._ids: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
-
-    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": self._CONTENT_TYPE, "Accept": self._CONTENT_TYPE},
-        )
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            return json.loads(resp.read())
+        self.conf = dict(conf or {})
+        self.client = SchemaRegistryClient({"timeout": timeout_s, **self.conf, "url": self.url})
+        # The subject each id was registered under by this process: looking the
+        # id up with it hits the client's per-subject cache, not the registry.
+        self._subjects: dict[int, str] = {}
 
     def register(self, subject: str, schema: dict) -> int:
-        """Register ``schema`` under ``subject``; returns its global id."""
+        """Register ``schema`` under ``subject`` (the same schema keeps its id); returns the id."""
+        from confluent_kafka.schema_registry import Schema
+
         text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
-        key = (subject, text)
-        sid = self._ids.get(key)
-        if sid is not None:
-            return sid
-        path = f"/subjects/{urllib.parse.quote(subject, safe='')}/versions"
         try:
-            answer = self._request("POST", path, {"schema": text})
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise SchemaRegistryError(f"registering {subject} at {self.url}: {exc}") from exc
-        sid = int(answer["id"])
-        with self._lock:
-            self._ids[key] = sid
-            self._by_id.setdefault(sid, schema)
+            sid = self.client.register_schema(subject, Schema(schema_str=text, schema_type="AVRO"))
+        except Exception as exc:  # see _failed
+            raise self._failed(f"registering {subject}", exc) from exc
+        self._subjects[sid] = subject
         return sid
 
     def schema_by_id(self, schema_id: int) -> dict | None:
-        """The schema with ``schema_id``, or None if the registry does not know it."""
-        schema = self._by_id.get(schema_id)
-        if schema is not None:
-            return schema
+        """The Avro schema with ``schema_id``; None if the registry has no such (Avro) schema."""
+        from confluent_kafka.schema_registry import SchemaRegistryError as ClientError
+
         try:
-            answer = self._request("GET", f"/schemas/ids/{schema_id}")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
+            schema = self.client.get_schema(schema_id, subject_name=self._subjects.get(schema_id))
+        except Exception as exc:  # see _failed
+            if (isinstance(exc, ClientError) and exc.http_status_code == 404
+                    and exc.error_code == _SCHEMA_NOT_FOUND):
                 return None
-            raise SchemaRegistryError(f"fetching schema {schema_id} from {self.url}: {exc}") from exc
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise SchemaRegistryError(f"fetching schema {schema_id} from {self.url}: {exc}") from exc
-        schema = json.loads(answer["schema"])
-        with self._lock:
-            self._by_id[schema_id] = schema
-        return schema
+            raise self._failed(f"fetching schema {schema_id}", exc) from exc
+        if schema.schema_type != "AVRO":
+            return None
+        writer = json.loads(schema.schema_str)
+        return writer if isinstance(writer, dict) else None
+
+    def _failed(self, doing: str, exc: Exception) -> SchemaRegistryError:
+        # The client raises its own SchemaRegistryError for an HTTP answer and
+        # lets its HTTP library's (httpx's or httpx2's) errors through, once its
+        # retries of transient failures are spent: all of them mean the same here.
+        return SchemaRegistryError(f"{doing} at {self.url}: {exc!r}")
 
     def __reduce__(self):
-        # Caches are rebuilt on the worker; only the address travels.
-        return (SchemaRegistry, (self.url, self.timeout_s))
+        return (SchemaRegistry, (self.url, self.timeout_s, self.conf))
 
 
 class RegistrySchemaSource:
@@ -453,8 +428,8 @@ def peek_event_time(data: bytes | None) -> int | None:
     Every event schema starts with ``event_id`` (string) then ``event_time``
     (long), a rule ``tests/unit/test_codec.py`` holds the ``.avsc`` files to,
     so the time sits right after one length-prefixed string. The Kafka source
-    uses this to timestamp records by event time for about a microsecond each;
-    bytes it cannot read are left to the decode step to dead-letter.
+    uses this to timestamp records by event time without decoding them; bytes
+    it cannot read are left to the decode step to dead-letter.
     """
     if data is None or len(data) < HEADER_SIZE + 2 or data[0] != MAGIC_BYTE:
         return None

@@ -1,24 +1,11 @@
 """Typed feature values and the feature names shared by the features pipeline, ranking and serving.
 
-A ``FeatureValue`` is one number about one entity, valid from an event time on:
-
-| entity_type | entity_id | names | valid_at_ms |
-|---|---|---|---|
-| ``post`` | post id (``"123"``) | ``POST_FEATURES``: ``<kind>_<window>`` counts, ``engagement_rate_<window>`` | end of the window |
-| ``author`` | author id (``"45"``) | ``AUTHOR_FEATURES``: ``engagement_rate_7d``, ``posts_7d`` | end of the window |
-| ``viewer_author`` | ``"<viewer>:<author>"`` | ``affinity`` | last engagement of the pair |
-| ``viewer_media`` | ``"<viewer>:<MEDIA>"`` | ``affinity`` | last engagement of the viewer with that media type |
-
-Affinities are time-decayed sums ``sum(weight * 2 ** -((valid_at - t) / half_life))``
-as of ``valid_at_ms``; a reader decays them forward to its own time with
-``decay()`` and the same half-life.
-
-``version`` breaks ties between two values of one (entity, name) valid at the
-same time: a window re-emitted because a late event arrived keeps its
-``valid_at_ms`` (the window end) and gets a higher version. Stores order values
-by ``write_stamp_us`` (``valid_at_ms * 1000 + version``, the microsecond part
-carrying the version, at most ``MAX_VERSION``), which is also the Cassandra
-``USING TIMESTAMP``: a newer value wins, a replayed older one never does.
+A ``FeatureValue`` is one number about one entity (``post``, ``author``,
+``viewer_author``, ``viewer_media``), valid from ``valid_at_ms`` on. ``version``
+breaks ties between values valid at the same time, and ``write_stamp_us``
+(``valid_at_ms * 1000 + version``) orders values in every store: newer wins.
+``decay()`` moves an affinity to a reader's time. The entities, names and stamp
+rules: docs/architecture.md, "Feature values".
 """
 from __future__ import annotations
 

@@ -1,23 +1,10 @@
 """The Redis key layout, defined once for the pipelines (writers) and serving (readers).
 
-Every key is ``<prefix>:<kind>:{<tag>}[:<sub>]``; the prefix (default ``fb``)
-isolates deployments and tests. Timelines hold ids only; posts and stories are
-hydrated from their hashes at read time.
-
-Redis Cluster hash tags: the part in braces picks the slot. Everything keyed
-by one user carries the tag ``{u:<user_id>}`` (home feed, ranked feed and its
-staging key, last read, seen stories, affinities, followers and following with
-their edge versions, top followers, author timeline, author features, story tray
-of the author), so one user's keys share
-a slot and a MULTI/Lua over them works in cluster mode: the ranking job swaps
-``ranked`` + ``ranked_meta`` atomically, and a feed rebuild can
-``RENAME`` a staging key onto the live one. Post keys use ``{p:<post_id>}``,
-story keys ``{s:<story_id>}`` (metadata and viewers go together on delete).
-Keys of different users are never combined server-side (the pull of
-celebrity timelines is merged in the client), so no wider co-location is needed.
-
-Scores that are times are milliseconds since the epoch (exact in a double up
-to 2**53). Members that are ids are decimal strings.
+Every key is ``<prefix>:<kind>:{<tag>}[:<sub>]``: the prefix (default ``fb``)
+isolates deployments and tests; the hash tag (``{u:<user_id>}``,
+``{p:<post_id>}``, ``{s:<story_id>}``) keeps the keys of one user, post or story
+in one Redis Cluster slot. Times are ms since the epoch, ids decimal strings.
+Why this layout: docs/architecture.md, "Redis key layout".
 """
 from __future__ import annotations
 

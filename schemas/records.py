@@ -1,11 +1,13 @@
 """Records that cross the Kafka IO boundary, and the one decode function.
 
-``KafkaRecord`` is what the Kafka source emits: the raw bytes plus where they
-came from. ``DeadLetter`` is what a failed step emits instead of its output:
-the original bytes, the source coordinates, the error and the step, so the
-record can be inspected and replayed from ``<topic>.dlq``. ``decode_record``
-is the decode step as a plain function, shared by the Beam decode transform
-and by ``feedbeam replay``, so both accept and reject exactly the same bytes.
+``RecordBatch`` is what the Kafka source emits: the raw bytes of consecutive
+records of one partition plus where they came from (``KafkaRecord`` is one of
+them). ``decode_batch`` turns it into an ``EventBatch`` of typed events and a
+``DeadLetter`` per record that is not a valid event: the original bytes, the
+source coordinates, the error and the step, so the record can be inspected
+and replayed from ``<topic>.dlq``. ``decode_record`` is the same decision for
+one record, shared with ``feedbeam replay``, so every reader accepts and
+rejects exactly the same bytes.
 
 On the dead-letter topic the value and key are the original bytes, untouched;
 everything else travels in headers (``DLQ_HEADERS``), so a consumer that only
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Union
+from typing import Callable, Iterator, Sequence, Union
 
 from schemas.codec import MalformedRecordError, WireCodec
 from schemas.events import TOPIC_TYPES, Event, dlq_topic
@@ -50,6 +52,59 @@ class KafkaRecord:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordBatch:
+    """Consecutive records of one partition, as one poll returned them, in columns.
+
+    ``offsets``, ``keys``, ``values`` and ``timestamps_ms`` are parallel, in
+    offset order; ``timestamps_ms`` are the element times the source chose
+    (Kafka timestamp or the event's own time).
+    """
+
+    topic: str
+    partition: int
+    offsets: Sequence[int]
+    keys: Sequence[bytes | None]
+    values: Sequence[bytes | None]
+    timestamps_ms: Sequence[int]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def record(self, i: int) -> KafkaRecord:
+        return KafkaRecord(self.topic, self.partition, self.offsets[i], self.keys[i],
+                           self.values[i], self.timestamps_ms[i])
+
+    def records(self) -> Iterator[KafkaRecord]:
+        return (self.record(i) for i in range(len(self.offsets)))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventBatch:
+    """The typed events decoded from one ``RecordBatch``, in offset order.
+
+    ``timestamps_ms[i]`` is the element time of ``events[i]``; ``offsets``,
+    ``keys`` and ``values`` keep each event's source coordinates and original
+    bytes, so a later step can still dead-letter one record of the batch.
+    """
+
+    topic: str
+    partition: int
+    events: Sequence[Event]
+    timestamps_ms: Sequence[int]
+    offsets: Sequence[int]
+    keys: Sequence[bytes | None]
+    values: Sequence[bytes | None]
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def record(self, i: int) -> KafkaRecord:
+        """The source record of ``events[i]`` (for its dead letter)."""
+        return KafkaRecord(self.topic, self.partition, self.offsets[i], self.keys[i],
+                           self.values[i], self.timestamps_ms[i])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -137,6 +192,37 @@ def decode_record(codec: WireCodec, record: KafkaRecord, topic_prefix: str = "")
         return codec.decode(record.value, expected)
     except MalformedRecordError as exc:
         return DeadLetter.of(record, DECODE_STEP, exc.reason, str(exc))
+
+
+def decode_batch(codec: WireCodec, batch: RecordBatch,
+                 topic_prefix: str = "") -> tuple[EventBatch, list[DeadLetter]]:
+    """``decode_record`` over a whole batch: the events it accepts, in order, and a
+    dead letter for each record it rejects. The expected type is looked up once."""
+    expected = TOPIC_TYPES.get(base_topic(batch.topic, topic_prefix))
+    decode = codec.decode
+    kept: list[int] = []
+    events: list[Event] = []
+    dead: list[DeadLetter] = []
+    for i, value in enumerate(batch.values):
+        if value is None:
+            dead.append(DeadLetter.of(batch.record(i), DECODE_STEP, "null_value",
+                                      "record has no value (tombstone)"))
+            continue
+        try:
+            events.append(decode(value, expected))
+        except MalformedRecordError as exc:
+            dead.append(DeadLetter.of(batch.record(i), DECODE_STEP, exc.reason, str(exc)))
+            continue
+        kept.append(i)
+    if len(kept) == len(batch):
+        decoded = EventBatch(batch.topic, batch.partition, events, batch.timestamps_ms,
+                             batch.offsets, batch.keys, batch.values)
+    else:
+        decoded = EventBatch(batch.topic, batch.partition, events,
+                             [batch.timestamps_ms[i] for i in kept],
+                             [batch.offsets[i] for i in kept], [batch.keys[i] for i in kept],
+                             [batch.values[i] for i in kept])
+    return decoded, dead
 
 
 def decode_record_dict(codec: WireCodec, record: KafkaRecord,

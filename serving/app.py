@@ -3,19 +3,8 @@
     feedbeam serve --port 8080 --jwt-key "$KEY"       # or:
     python -m granian --interface asgi serving.app:create_app --factory
 
-Routes (``serving.openapi`` describes them, served at ``/openapi.json``)::
-
-    GET  /v1/users/{user_id}/feed                  ranked when present, else chronological
-    GET  /v1/users/{user_id}/feed/chronological
-    GET  /v1/users/{user_id}/stories/tray
-    POST /v1/users/{user_id}/stories/{story_id}/seen
-    GET  /healthz  /readyz  /metrics  /openapi.json
-
-Why no framework: a feed read must cost well under a millisecond of CPU to
-reach 2,000 requests/s at p99 <= 5 ms on two shared cores; routing by
-splitting the path and answering with orjson bytes keeps the app's own share
-to a few tens of microseconds (the README's serving section has the
-measurements). Every request runs under ``request_budget_s``; any failure
+The routes are in ``serving.openapi`` (served at ``/openapi.json``) and
+docs/serving.md. Every request runs under ``request_budget_s``; any failure
 becomes a JSON error with a 4xx or 503 status, never an unhandled 500.
 """
 from __future__ import annotations

@@ -1,26 +1,11 @@
 """Feed reads: Redis first, Cassandra when Redis is slow or down, 503 when both are.
 
 ``FeedService`` answers the ranked and chronological feed endpoints from what
-the pipelines materialized, through the store modules they write with
+the pipelines materialized, through the stores they write with
 (``stores.redis.feeds.FeedCommands`` on the async Redis client,
-``stores.cassandra.aio.AioCassandra``, ``stores.ranked``).
-The decisions (merge, pages, cursors, breaker) are ``serving.logic``.
-
-A chronological read on the hot path is two Redis round trips: one pipeline
-reads the home feed page, its size, the last-read time and the timelines of
-followed celebrities; one hydrates the page's posts (HMGET each) and records
-the read. The followee list and celebrity set are cached per user for
-``graph_cache_s``. Pages past the Redis feed's cap continue in Cassandra.
-
-Cold and inactive users (empty Redis feed, or a last read older than fan-out's
-inactivity threshold) get their feed rebuilt first: the followees' recent
-posts (Redis timelines, else Cassandra's) and the durable home feed, merged
-into the Redis feed through its staging key, within ``rebuild_budget_s``.
-
-Failures: every Redis call is bounded by ``redis_timeout_s``; failures count
-on a circuit breaker, and while it is open reads go straight to Cassandra
-(bounded by ``cassandra_timeout_s`` per read). Cassandra failures on the Redis
-path only cost the extras (deep pages, rebuild sources, durable last read).
+``stores.cassandra.aio.AioCassandra``, ``stores.ranked``); the decisions (merge,
+pages, cursors, breaker) are ``serving.logic``. Round trips, cold-user rebuilds
+and fallbacks: docs/serving.md.
 """
 from __future__ import annotations
 

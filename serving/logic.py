@@ -1,29 +1,10 @@
 """The serving layer's decisions as plain functions: merging, paging, cursors, breakers.
 
 Nothing here does IO; ``serving.feeds`` feeds it what the stores returned.
-
-Chronological pages
--------------------
-A feed is the union of sources, each newest first: the pushed home feed and
-the timelines of followed celebrities (pull). Entries are ordered by
-``(created_at ms, post_id)`` descending, and a page continues strictly after
-the cursor's ``Position``. New posts only ever appear *above* a cursor, so
-they never shift the pages a reader is scrolling through.
-
-Each source is read with ``score <= cursor ms`` (inclusive, because several
-posts can share a millisecond) and a count limit. When a source returns as
-many entries as asked (``full``), entries with its lowest score may be cut
-off in the middle of a tie, so the merge only trusts entries strictly above
-the highest such boundary (``merge_page``); the page may then be shorter
-than asked, but the cursor never skips an entry.
-
-Ranked pages
-------------
-A ranked page is a slice of one ranked-feed version by rank; the cursor keeps
-the version (``generated_at``) and the next rank, so a refresh of the ranking
-while the user scrolls does not reshuffle the pages (the store keeps the
-previous version for a while). The first page also shows posts that arrived
-after the ranking was generated (``fresh``), newest first.
+Chronological pages merge the pushed feed with followed celebrities' timelines
+by ``(created_at ms, post_id)`` descending and continue strictly after the
+cursor's ``Position`` (``merge_page``); ranked pages slice one ranked-feed
+version by rank. Why pages never skip or shift: docs/serving.md, "Pages".
 """
 from __future__ import annotations
 

@@ -1,37 +1,13 @@
 """Ranked feeds in Redis (hot) and Cassandra (durable), for the ranking pipeline and serving.
 
 The ranking pipeline writes a user's whole ranked feed at once
-(``RankedFeedStore.write``); serving reads it back a page at a time
-(``read_page``, or the async ``AsyncRankedReader``) and falls back to the
-durable copy (``read_durable``) when Redis is unavailable. Both sides go
-through this module, so they agree on the encoding.
-
-Redis (keys of ``schemas.keys.KeyLayout``, all under the user's hash tag):
-
-* ``ranked_feed``: ZSET, member post_id, score ``count - rank`` so that
-  ``ZREVRANGE`` returns rank order exactly, whatever the model's scores
-  (diversity re-ranking may put a lower score above a higher one);
-* ``ranked_meta``: HASH with ``model_version``, ``generated_at`` (ms),
-  ``count`` and, per post_id, ``"<author_id>:<model score>"``.
-
-One Lua script (``_SWAP``) does the write atomically: it refuses a ranking not
-newer than the stored one (``generated_at``), builds the staging ZSET, moves
-the live ZSET and meta to ``ranked_feed_previous`` / ``ranked_meta_previous``
-(expiring after ``keep_previous_s``, so a reader paging through the old
-version can finish it), RENAMEs the staging ZSET onto the live key and writes
-the new meta. A script rather than MULTI/EXEC because the newer-wins check
-must be atomic with the swap (MULTI cannot branch on a read without a
-WATCH/retry loop); building the staging key inside the script also keeps two
-concurrent writers of one user from interleaving on it. Re-writing the same
-ranking is a no-op, so a retried bundle leaves the same state.
-
-Cassandra: one ``ranked_feeds`` row per user, the whole list in one cell,
-written ``USING TIMESTAMP generated_at_us``: an older ranking never replaces a
-newer one, whatever the arrival order.
-
-After a Redis loss, ``feedbeam rebuild`` reads every row (``scan_durable``)
-and writes them back with ``restore``: the same swap, so a ranking the running
-pipeline wrote meanwhile (newer) is never replaced by the durable one.
+(``RankedFeedStore.write``); serving reads it a page at a time (``read_page``,
+or the async ``AsyncRankedReader``) and falls back to the durable copy
+(``read_durable``); ``feedbeam rebuild`` copies it back (``scan_durable``,
+``restore``). In Redis one Lua script swaps in a newer ranking and keeps the
+previous one for readers paging through it; Cassandra holds one row per user
+``USING TIMESTAMP`` of its generation. Layout and why: docs/architecture.md,
+"Stores".
 
     store = RankedFeedStore.connect("redis://127.0.0.1:6379/0", "fb",
                                     "127.0.0.1", 9042, "feedbeam")

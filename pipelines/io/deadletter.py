@@ -1,12 +1,12 @@
-"""Decode Kafka records into typed events, with a dead-letter output, and the DLQ sink.
+"""Decode record batches into typed event batches, with a dead-letter output, and the DLQ sink.
 
 ::
 
-    decoded = records | 'DecodeEvents' >> DecodeEvents()
-    decoded.events                  # PCollection[Event], input timestamps kept
+    decoded = batches | 'DecodeBatches' >> DecodeBatches()
+    decoded.events                  # PCollection[EventBatch], input timestamps kept
     decoded.dead_letters | 'WriteDLQ' >> WriteDeadLetters({"bootstrap.servers": ...})
 
-``DecodeEvents`` adapts ``decode_record()`` (``schemas/records.py``), so
+``DecodeBatches`` adapts ``decode_batch()`` (``schemas/records.py``), so
 pipelines and ``feedbeam replay`` accept and reject exactly the same bytes.
 ``WriteDeadLetters`` writes each ``DeadLetter`` to ``<source topic>.dlq``
 with the original key and value untouched and the metadata in headers;
@@ -23,9 +23,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection, TaggedOutput
 
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
-from schemas.records import DeadLetter, KafkaRecord, decode_record
+from schemas.records import DeadLetter, EventBatch, RecordBatch, decode_batch
 from schemas.codec import WireCodec
-from schemas.events import Event
 
 DECODE_NAMESPACE = "feedbeam.decode"
 DLQ_NAMESPACE = "feedbeam.dlq"
@@ -38,9 +37,9 @@ CodecFactory = Union[WireCodec, Callable[[], WireCodec]]
 
 
 class DecodedEvents(NamedTuple):
-    """The two outputs of ``DecodeEvents``."""
+    """The two outputs of ``DecodeBatches``."""
 
-    events: PCollection        # PCollection[Event]
+    events: PCollection        # PCollection[EventBatch]
     dead_letters: PCollection  # PCollection[DeadLetter]
 
 
@@ -52,8 +51,8 @@ def _build_codec(codec_factory: CodecFactory) -> WireCodec:
     return codec_factory
 
 
-class _DecodeFn(beam.DoFn):
-    """``decode_record`` as a DoFn: events on the main output, dead letters tagged."""
+class _DecodeBatchFn(beam.DoFn):
+    """``decode_batch`` as a DoFn: event batches on the main output, dead letters tagged."""
 
     def __init__(self, codec_factory: CodecFactory, topic_prefix: str):
         self._codec_factory = codec_factory
@@ -72,29 +71,30 @@ class _DecodeFn(beam.DoFn):
         self._dead = Metrics.counter(DECODE_NAMESPACE, "dead_letter")
         self._reason_counters: dict[str, Any] = {}
 
-    def process(self, record: KafkaRecord):
+    def process(self, batch: RecordBatch):
         # Yielding bare values keeps the input element's timestamp and window.
-        result = decode_record(self._codec, record, self._topic_prefix)
-        if isinstance(result, DeadLetter):
-            self._dead.inc()
-            counter = self._reason_counters.get(result.reason)
+        events, dead = decode_batch(self._codec, batch, self._topic_prefix)
+        for letter in dead:
+            counter = self._reason_counters.get(letter.reason)
             if counter is None:
-                counter = self._reason_counters[result.reason] = Metrics.counter(
-                    DECODE_NAMESPACE, f"dead_letter_{result.reason}")
+                counter = self._reason_counters[letter.reason] = Metrics.counter(
+                    DECODE_NAMESPACE, f"dead_letter_{letter.reason}")
             counter.inc()
-            yield TaggedOutput(_DEAD_LETTERS, result)
-        else:
-            self._decoded.inc()
-            yield result
+            yield TaggedOutput(_DEAD_LETTERS, letter)
+        self._dead.inc(len(dead))
+        if events.events:
+            self._decoded.inc(len(events))
+            yield events
 
 
-class DecodeEvents(beam.PTransform):
-    """``PCollection[KafkaRecord]`` -> ``DecodedEvents(events, dead_letters)``.
+class DecodeBatches(beam.PTransform):
+    """``PCollection[RecordBatch]`` -> ``DecodedEvents(events, dead_letters)``.
 
-    ``events`` holds the typed events (``PostEvent`` ... ``FollowEvent``),
-    each with its input record's timestamp; ``dead_letters`` holds a
-    ``DeadLetter`` (step ``decode``) for every record that is not a valid
-    event for its topic. ``topic_prefix`` is stripped from topic names
+    ``events`` holds one ``EventBatch`` per input batch with at least one good
+    record (typed events in offset order, each with its record's time; the
+    element keeps the input's timestamp, its oldest record's); ``dead_letters``
+    holds a ``DeadLetter`` (step ``decode``) for every record that is not a
+    valid event for its topic. ``topic_prefix`` is stripped from topic names
     before the expected event type is looked up (test and tenant prefixes).
     Errors that are not the record's fault (an unreachable Schema Registry)
     are raised, so the bundle is retried rather than dead-lettered.
@@ -109,18 +109,15 @@ class DecodeEvents(beam.PTransform):
         self._codec_factory = codec_factory
         self._topic_prefix = topic_prefix
 
-    def expand(self, records) -> DecodedEvents:
-        # Tagged outputs rather than ParDo.with_exception_handling: the
-        # decision of what is a dead letter (MalformedRecordError only, with
-        # its reason) lives in decode_record(), and everything else must
-        # propagate to fail the bundle. with_exception_handling would turn
-        # every exception, transient ones included, into a
-        # (record, exception-info) pair we would have to map again.
+    def expand(self, batches) -> DecodedEvents:
+        # Tagged outputs rather than ParDo.with_exception_handling: what is a dead
+        # letter (MalformedRecordError only, with its reason) is decode_batch()'s
+        # decision, and everything else must propagate to fail the bundle.
         outputs = (
-            records
-            | "Decode" >> beam.ParDo(_DecodeFn(self._codec_factory, self._topic_prefix))
-            .with_input_types(KafkaRecord)
-            .with_output_types(Event, **{_DEAD_LETTERS: DeadLetter})
+            batches
+            | "Decode" >> beam.ParDo(_DecodeBatchFn(self._codec_factory, self._topic_prefix))
+            .with_input_types(RecordBatch)
+            .with_output_types(EventBatch, **{_DEAD_LETTERS: DeadLetter})
             .with_outputs(_DEAD_LETTERS, main=_EVENTS)
         )
         return DecodedEvents(events=outputs[_EVENTS], dead_letters=outputs[_DEAD_LETTERS])

@@ -1,59 +1,11 @@
 """Reading Kafka in Beam: a splittable DoFn on confluent-kafka.
 
-    records = pipeline | 'ReadPosts' >> ReadFromKafka(config, ['post-events'])
+    batches = pipeline | 'ReadPosts' >> ReadFromKafka(config, ['post-events'])
 
-emits one ``KafkaRecord`` per Kafka record, timestamped with the record's
-event time, on any portable runner (Prism locally, Flink for scale).
-
-Why a splittable DoFn and not Beam's ``ReadFromKafka``: the cross-language
-transform needs Beam's Java expansion service jar for the SDK's version, and
-the Maven Central our machines reach does not carry it (nor a Docker engine to
-run one). A Python SDF needs nothing but librdkafka, runs unchanged on Prism
-and Flink, and keeps decode and dead-lettering in one language. The cost: no
-dynamic re-partitioning of a partition's work (one partition is read by one
-worker at a time, as in Kafka itself) and partitions are discovered when the
-job starts (restart the job after adding partitions).
-
-How it works
-------------
-* Element: one ``PartitionRead`` per topic partition, with its start offset
-  resolved when the job starts and, for bounded reads, a stop offset.
-* Restriction: an offset range ``[start, stop)``; unbounded reads use
-  ``stop = 2**63 - 1``. The tracker refuses fractional splits of an unbounded
-  range (they would invent offsets), so runners only checkpoint it.
-* Each ``process`` call polls up to ``max_records_per_bundle`` records (or for
-  ``max_bundle_ms``), claims and emits them, then checkpoints
-  (``defer_remainder``) so the runner commits the bundle and the read resumes
-  from the next offset. Only the first poll of a bundle waits for records;
-  after that the bundle takes what the consumer has already fetched and ends
-  as soon as it is caught up, so under light traffic a record reaches the
-  sinks in one short bundle instead of waiting for a full one, and under
-  heavy traffic bundles grow to the limits. An empty first poll defers with
-  a short delay instead of spinning.
-* Event time: the Kafka timestamp, or the event's own ``event_time`` read
-  from the wire bytes (``timestamp_policy``). The watermark is the largest
-  timestamp seen minus ``max_out_of_orderness``. When a partition is caught up
-  and a poll is empty, its watermark keeps moving at wall-clock speed from its
-  last record (less ``idle_skew``): event-time timers downstream fire even when
-  traffic stops, and replayed history is not made late by the wall clock.
-
-Offsets and why nothing is lost
--------------------------------
-The source never uses Kafka's auto-commit. Each bundle registers a
-bundle-finalization callback that commits, for its partition, the offset after
-the last record the bundle emitted. A runner calls finalization only after it
-has durably committed the bundle's output; with the sinks fused into the read
-stage (feedbeam's stateless pipelines) that output includes the sinks' writes,
-which flush in ``finish_bundle``. So a committed offset is always behind
-records whose effects are stored, and a crash (kill -9) at any point restarts
-from an offset at or before the first record not yet stored: at-least-once,
-with idempotent sinks absorbing the repeats. Pipelines that hold records in
-runner state across bundles (windows, timers) lose that state in a crash of a
-runner without durable checkpoints (Prism); they set ``rewind`` to their state
-horizon, and on start the source rewinds each partition to the first record
-whose timestamp is within ``rewind`` of the committed position's timestamp
-(recorded in the commit's metadata), re-feeding that state. On Flink with
-checkpointing enabled the runner's own snapshots restore the restrictions.
+emits one ``RecordBatch`` per partition per poll (at most ``batch_records``
+records, or what arrived within ``batch_timeout_ms``), timestamped with the
+oldest record's event time, on any portable runner (Prism locally, Flink for
+scale). Design, offsets and event time: ``docs/pipelines/kafka-io.md``.
 """
 from __future__ import annotations
 
@@ -76,7 +28,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from schemas.records import KafkaRecord
+from schemas.records import RecordBatch
 from schemas.codec import peek_event_time
 
 log = logging.getLogger(__name__)
@@ -133,7 +85,8 @@ class KafkaSourceConfig:
     commit_offsets: bool = True
     max_records_per_bundle: int = 5_000
     max_bundle_ms: int = 1_000
-    poll_timeout_ms: int = 20
+    batch_records: int = 1_000
+    batch_timeout_ms: int = 20
     idle_resume_ms: int = 200
 
     def __post_init__(self):
@@ -151,8 +104,10 @@ class KafkaSourceConfig:
         for name in ("max_out_of_orderness_ms", "idle_skew_ms", "rewind_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        if self.max_records_per_bundle < 1:
-            raise ValueError("max_records_per_bundle must be >= 1")
+        if self.max_records_per_bundle < 1 or self.batch_records < 1:
+            raise ValueError("max_records_per_bundle and batch_records must be >= 1")
+        if self.batch_timeout_ms < 0:
+            raise ValueError("batch_timeout_ms must be >= 0")
 
     def identity(self) -> tuple:
         """A hashable value equal for equal configs (the client settings are a dict)."""
@@ -207,6 +162,11 @@ class KafkaReadOptions(PipelineOptions):
         parser.add_argument("--rewind_s", type=float, default=None,
                             help="on start, re-read this much event time before the committed "
                                  "offsets (the pipeline's state horizon)")
+        parser.add_argument("--batch_records", type=int, default=1000,
+                            help="records per element the source emits (one partition's poll)")
+        parser.add_argument("--batch_timeout_ms", type=int, default=20,
+                            help="a poll waits at most this long for --batch_records records: "
+                                 "the latency batching adds at low rates")
 
     def source_config(self, default_group: str, default_rewind_s: float = 0.0) -> KafkaSourceConfig:
         """A ``KafkaSourceConfig`` from these options; ``default_*`` are the pipeline's."""
@@ -226,6 +186,8 @@ class KafkaReadOptions(PipelineOptions):
             max_out_of_orderness_ms=int(self.max_out_of_orderness_s * 1000),
             idle_skew_ms=int(self.idle_skew_s * 1000),
             rewind_ms=int(rewind_s * 1000),
+            batch_records=self.batch_records,
+            batch_timeout_ms=self.batch_timeout_ms,
         )
 
 
@@ -242,39 +204,52 @@ class PartitionRead:
     stop: int | None = None
 
 
-class KafkaRecordCoder(coders.Coder):
-    """Compact, deterministic encoding of ``KafkaRecord`` (no pickling per element)."""
+class RecordBatchCoder(coders.Coder):
+    """Compact, deterministic encoding of ``RecordBatch`` (no pickling)."""
 
-    _FIXED = struct.Struct(">iqqii")  # partition, offset, timestamp, key len, value len
+    _HEAD = struct.Struct(">iI")  # partition, records
+    _RECORD = struct.Struct(">qqii")  # offset, timestamp, key len, value len
 
-    def encode(self, r: KafkaRecord) -> bytes:
-        topic = r.topic.encode()
-        key_len = -1 if r.key is None else len(r.key)
-        value_len = -1 if r.value is None else len(r.value)
-        return b"".join((
-            struct.pack(">H", len(topic)), topic,
-            self._FIXED.pack(r.partition, r.offset, r.timestamp_ms, key_len, value_len),
-            r.key or b"", r.value or b""))
+    def encode(self, b: RecordBatch) -> bytes:
+        topic = b.topic.encode()
+        parts = [struct.pack(">H", len(topic)), topic, self._HEAD.pack(b.partition, len(b))]
+        pack = self._RECORD.pack
+        for offset, key, value, ts in zip(b.offsets, b.keys, b.values, b.timestamps_ms):
+            parts.append(pack(offset, ts, -1 if key is None else len(key),
+                              -1 if value is None else len(value)))
+            if key:
+                parts.append(key)
+            if value:
+                parts.append(value)
+        return b"".join(parts)
 
-    def decode(self, data: bytes) -> KafkaRecord:
+    def decode(self, data: bytes) -> RecordBatch:
         (topic_len,) = struct.unpack_from(">H", data)
         pos = 2 + topic_len
         topic = data[2:pos].decode()
-        partition, offset, ts, key_len, value_len = self._FIXED.unpack_from(data, pos)
-        pos += self._FIXED.size
-        key = None if key_len < 0 else data[pos:pos + key_len]
-        pos += max(key_len, 0)
-        value = None if value_len < 0 else data[pos:pos + value_len]
-        return KafkaRecord(topic, partition, offset, key, value, ts)
+        partition, n = self._HEAD.unpack_from(data, pos)
+        pos += self._HEAD.size
+        offsets, keys, values, stamps = [], [], [], []
+        unpack, size = self._RECORD.unpack_from, self._RECORD.size
+        for _ in range(n):
+            offset, ts, key_len, value_len = unpack(data, pos)
+            pos += size
+            keys.append(None if key_len < 0 else data[pos:pos + key_len])
+            pos += max(key_len, 0)
+            values.append(None if value_len < 0 else data[pos:pos + value_len])
+            pos += max(value_len, 0)
+            offsets.append(offset)
+            stamps.append(ts)
+        return RecordBatch(topic, partition, offsets, keys, values, stamps)
 
     def is_deterministic(self) -> bool:
         return True
 
     def to_type_hint(self):
-        return KafkaRecord
+        return RecordBatch
 
 
-beam.coders.registry.register_coder(KafkaRecord, KafkaRecordCoder)
+beam.coders.registry.register_coder(RecordBatch, RecordBatchCoder)
 
 
 # --------------------------------------------------------------------------- offsets
@@ -524,14 +499,15 @@ class _ReadPartitionFn(beam.DoFn):
         emitted = size = 0
         max_ts = None
         done = False
-        timeout_s = config.poll_timeout_ms / 1000
+        timeout_s = config.batch_timeout_ms / 1000
         while emitted < config.max_records_per_bundle and time.monotonic() < deadline:
             messages = cursor.consumer.consume(
-                num_messages=min(1000, config.max_records_per_bundle - emitted),
+                num_messages=min(config.batch_records, config.max_records_per_bundle - emitted),
                 timeout=timeout_s)
             if not messages:
                 break
             timeout_s = 0  # caught up once the fetched records are taken: end the bundle
+            offsets, keys, values, stamps = [], [], [], []
             for message in messages:
                 error = message.error()
                 if error is not None:
@@ -545,17 +521,24 @@ class _ReadPartitionFn(beam.DoFn):
                 if not tracker.try_claim(offset):
                     done = True
                     break
-                ts = self._timestamp_ms(message)
                 value = message.value()
-                record = KafkaRecord(element.topic, element.partition, offset, message.key(),
-                                     value, ts)
-                cursor.next_offset = offset + 1
-                emitted += 1
+                offsets.append(offset)
+                keys.append(message.key())
+                values.append(value)
+                stamps.append(self._timestamp_ms(message))
                 if value:
                     size += len(value)
-                if max_ts is None or ts > max_ts:
-                    max_ts = ts
-                yield WindowedValue(record, Timestamp(micros=ts * 1000), _GLOBAL_WINDOWS)
+            if offsets:
+                cursor.next_offset = offsets[-1] + 1
+                emitted += len(offsets)
+                oldest, newest = min(stamps), max(stamps)
+                if max_ts is None or newest > max_ts:
+                    max_ts = newest
+                # Stamped with its oldest record: no record of the batch is behind the
+                # element's time, and each keeps its own time once the batch is opened.
+                yield WindowedValue(
+                    RecordBatch(element.topic, element.partition, offsets, keys, values, stamps),
+                    Timestamp(micros=oldest * 1000), _GLOBAL_WINDOWS)
             if done:
                 break
         if emitted:
@@ -672,7 +655,7 @@ class ReadFromKafka(beam.PTransform):
         offset ranges to read once (a bounded PCollection), as resolved by
         ``stores.kafka.offsets`` for replays and backfills.
 
-    Returns a ``PCollection[KafkaRecord]`` timestamped by event time.
+    Returns a ``PCollection[RecordBatch]``, each stamped with its oldest record's time.
     """
 
     def __init__(self, config: KafkaSourceConfig, topics: Sequence[str] = (),
@@ -695,10 +678,10 @@ class ReadFromKafka(beam.PTransform):
             return (pbegin
                     | "Partitions" >> beam.Create(reads)
                     | "ReadPartitions" >> beam.ParDo(_ReadPartitionFn(config))
-                    .with_output_types(KafkaRecord))
+                    .with_output_types(RecordBatch))
         return (pbegin
                 | "Start" >> beam.Impulse()
                 | "ResolvePartitions" >> beam.ParDo(_ResolvePartitions(self._config, self._topics))
                 | "SpreadPartitions" >> beam.Reshuffle()
                 | "ReadPartitions" >> beam.ParDo(_UnboundedReadPartitionFn(self._config))
-                .with_output_types(KafkaRecord))
+                .with_output_types(RecordBatch))

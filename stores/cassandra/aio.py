@@ -1,17 +1,10 @@
 """Asynchronous reads of the durable feed tables, for serving's fallback and rebuild paths.
 
-Executes the prepared statements of ``CassandraFeedStore`` (and of
-``RankedFeedStore`` for ranked feeds) with the driver's ``execute_async``,
-bridged onto the asyncio loop, so a slow Cassandra never blocks the event
-loop and every call has its own timeout. A call that times out client-side is
-sent once more (``timeout_retries``; every statement here is idempotent): a
-single slow reply, e.g. the first read of a cold table or a GC pause, should
-not turn a fallback into a 503 while the request budget still has room. Any
-other failure is final: serving falls back or answers 503 instead.
-
-The connection is made in the background (``start``) and retried until it
-succeeds, so a server whose Cassandra is down starts anyway and serves from
-Redis; until connected every call raises ``CassandraUnavailable`` at once.
+Runs the prepared statements of ``CassandraFeedStore`` (and ``RankedFeedStore``)
+with ``execute_async`` bridged onto the asyncio loop, each call with its own
+timeout and one resend after a client-side timeout (``timeout_retries``).
+``start`` connects in the background and keeps retrying; until it has, every
+call raises ``CassandraUnavailable``. Why: docs/serving.md, "Degradation".
 
     reader = AioCassandra("127.0.0.1", 9042, "feedbeam", timeout_s=0.5)
     await reader.start()

@@ -1,21 +1,10 @@
 """The durable (Cassandra) copy of engagement features, and the refill of Redis from it.
 
-``CassandraFeatureStore`` writes the same ``FeatureValue``s as the online store
-into the 0001 tables (``post_features``, ``author_features``,
-``viewer_author_affinity``, ``viewer_content_affinity``), each cell ``USING
-TIMESTAMP`` the value's write stamp (``valid_at_ms * 1000 + version``), so a
-replayed or re-delivered older value never overwrites a newer one and a late
-pane (same ``valid_at``, higher version) does. ``valid_at`` is stored beside
-the value; the version comes back from ``WRITETIME(...) % 1000``.
-
-``refill_online`` copies every feature of the chosen entity types to an
-``OnlineFeatureStore`` (after a Redis loss; ``feedbeam rebuild`` runs it),
-leaving out what the online store's TTLs would no longer serve: the online
-store's newer-wins writes mean a refill racing the live pipeline never rolls a
-fresher value back.
-
-It shares ``CassandraFeedStore``'s session handling, prepared statements and
-retries of transient errors (concurrent execution, exponential backoff).
+``CassandraFeatureStore`` writes the online store's ``FeatureValue``s into the
+0001 tables, each cell ``USING TIMESTAMP`` its write stamp, so newer wins as it
+does online. ``refill_online`` copies them into an ``OnlineFeatureStore``
+(``feedbeam rebuild``), leaving out what the online TTLs would not serve.
+Details: docs/architecture.md, "Stores".
 
     store = CassandraFeatureStore.connect("127.0.0.1", 9042, "feedbeam")
     store.write(values)

@@ -1,36 +1,14 @@
 """The durable Cassandra copy of feeds, timelines, posts and the social graph.
 
 ``CassandraFeedStore`` reads and writes the tables of ``schemas/cql/`` for the
-fan-out pipeline (writer), the rebuild job and the serving layer's fallback
-(readers), so every CQL statement is defined here once. It knows nothing of
-Beam: a sink DoFn builds one in ``setup()`` (``CassandraFeedStore.connect``),
-reads ``stats`` into its metrics and calls ``close()`` in ``teardown()``.
-
-Idempotence comes from Cassandra's last-write-wins with ``USING TIMESTAMP``
-set from event times (``schemas.cassandra.event_timestamp_us``): a follow is an
-INSERT and an unfollow a DELETE at the event's time, so the latest event wins
-whatever the arrival order (a DELETE wins a tie, as ``edge_version`` does in
-Redis). No counters, no read-before-write, no lightweight transactions.
-
-Statements are prepared once per session and executed with
-``cassandra.concurrent.execute_concurrent`` (bounded concurrency); statements
-that failed with a transient error (timeouts, unavailable, overloaded, no
-host) are re-executed with exponential backoff, anything else raises at once.
-
-Writes are packed into UNLOGGED batches of ``batch_rows`` statements: a fan-out
-writes one row per follower, each in its own partition, and the Python driver
-spends far more time per statement than Cassandra does, so one message per 50
-rows instead of one per row is about 9x the rows per second (measured on the
-local single node: 2.3k rows/s one by one, 21k rows/s in batches of 50). Feed
-pushes and removals go further: one statement per post and up to
-``users_per_statement`` followers (``WHERE user_id IN ?``), 53k rows/s. An
-unlogged batch gives no atomicity and needs none here (every write is an
-idempotent upsert or delete at a fixed timestamp, so a batch that failed is
-simply re-executed). On a multi-node cluster a batch spanning partitions is
-coordinated by one node; keep ``batch_rows`` small there (or 1 to send each
-row token-aware). ``deferred()`` collects the writes of a whole block (the
-fan-out's batch of events) and executes them together at its end: the rows
-carry their own timestamps, so their order does not matter.
+fan-out pipeline (writer), the rebuild job and serving's fallback (readers), so
+every CQL statement is defined here once. Writes are upserts and deletes
+``USING TIMESTAMP`` of the event time (idempotent), prepared once per session,
+packed into unlogged batches of ``batch_rows`` (feed rows: one ``IN`` statement
+per post and ``users_per_statement`` followers) and executed concurrently, one
+attempt per call (the caller retries its batch, ``stores.retry``);
+``deferred()`` holds a block's writes until its end. Why: docs/architecture.md,
+"Stores".
 
     store = CassandraFeedStore.connect("127.0.0.1", 9042, "feedbeam")
     store.push([7, 8], post_id=101, author_id=3, created_at_ms=1_700_000_000_000)

@@ -1,26 +1,11 @@
 """The offline feature log: every emitted feature value in Parquet, and point-in-time joins.
 
-Layout: a pyarrow dataset under ``log_dir`` with hive partitions of the value's
-``valid_at_ms`` (UTC) ``date=YYYY-MM-DD/hour=HH/part-<digest>.parquet`` and
-the columns of ``LOG_SCHEMA``: ``entity_type, entity_id, name, value,
-valid_at_ms`` and ``version`` (the tie-breaker of two values valid at the same
-time, see ``schemas.features``).
-
-Idempotent under replay, two ways:
-
-* file names are content addresses: ``write_feature_log`` sorts a batch's rows
-  of one hour and names the file after the SHA-256 of those rows, so writing
-  the same batch again (a retried bundle) rewrites the same file with the same
-  bytes. Files are written under a dot-name (hidden from dataset discovery)
-  and renamed into place, so a reader never sees half a file;
-* a replay that batches rows differently writes other files holding the same
-  rows; readers treat rows as a set: of the rows of one (entity, name,
-  valid_at_ms) they take the highest ``version`` (then the greater value,
-  the same tie rule as the online store), so duplicates change nothing.
-
-``point_in_time_join`` is what training uses: for each request row
-``(entity_id, ts_ms)`` it returns the newest value with ``valid_at_ms <= ts_ms``
-per feature name, never a later one.
+A pyarrow dataset under ``log_dir``, hive-partitioned by the value's
+``valid_at_ms`` (``date=YYYY-MM-DD/hour=HH/part-<digest>.parquet``, UTC), with
+the columns of ``LOG_SCHEMA``. Files are content-addressed and renamed into
+place, and readers treat rows as a set, so a retried or replayed write changes
+nothing (docs/architecture.md, "Stores"). ``point_in_time_join`` gives each
+request row ``(entity_id, ts_ms)`` the newest value valid at ``ts_ms``.
 
     write_feature_log("out/features", values)
     point_in_time_join("out/features", pa.table({"entity_id": ["101"], "ts_ms": [t]}), "post")

@@ -1,29 +1,11 @@
 """The model directory: versioned XGBoost rankers, their metadata, and the ``latest`` pointer.
 
-``feedbeam train`` saves every model it trains here; the ranking pipeline
-loads the one ``latest`` names and notices a new one without a restart.
-Layout under the directory given as ``--model_dir``::
-
-    versions/20260501T101500Z-3f2a9c1e/model.ubj       XGBoost model (UBJSON)
-    versions/20260501T101500Z-3f2a9c1e/metadata.json   feature names and order, training and
-                                                       evaluation ranges, metrics, library
-                                                       versions, whether it passed evaluation
-    latest                                             the version serving uses (one line)
-
-A version is ``<UTC time of saving>-<first 8 hex of the model's sha256>``, so
-names sort by time and the same model saved twice in the same second is the
-same version. Writes are atomic: a version is written into a temporary
-directory and renamed into ``versions/`` when complete, and ``latest`` is
-replaced by ``os.replace`` of a fully written temporary file, so a reader
-sees the old pointer or the new one, never a partial file or a version
-without its metadata. ``promote`` refuses a version whose evaluation did not
-pass, so ``latest`` only ever names a model that beat the baseline.
-
-``ModelWatcher`` is the reader side: ``current()`` returns the loaded model
-``latest`` names, re-reading the pointer at most every ``poll_s`` seconds
-(one small file read) and loading a new version when it changes. A version
-it cannot use (unreadable, or trained on other features than the pipeline
-builds) is logged and skipped; the previous model stays in use.
+``feedbeam train`` saves each model as ``versions/<UTC time>-<sha256[:8]>/``
+(``model.ubj``, ``metadata.json``) through ``ModelRegistry``, whose ``promote``
+points ``latest`` at a version that passed evaluation; the ranking pipeline's
+``ModelWatcher.current()`` re-reads ``latest`` at most every ``poll_s`` and
+swaps to a new version without a restart. Writes are atomic renames. Layout and
+rules: docs/training.md, "The model directory".
 """
 from __future__ import annotations
 

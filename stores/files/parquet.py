@@ -1,30 +1,10 @@
 """Arrow schemas derived from the Avro event schemas, and deterministic Parquet files.
 
-Used by ``feedbeam replay`` (topic to Parquet); meant for the features
-pipeline's offline log too, which is partitioned the same way.
-
-Type mapping (``avro_to_arrow``), chosen so a row round-trips to the event:
-
-| Avro | Arrow |
-|---|---|
-| ``long`` / ``int`` | ``int64`` / ``int32`` (times stay ms since the epoch, exactly as in Avro) |
-| ``string`` / ``bytes`` / ``fixed`` | ``string`` / ``binary`` / ``binary(size)`` |
-| ``boolean`` / ``float`` / ``double`` | ``bool`` / ``float32`` / ``float64`` |
-| ``enum`` | ``string`` (the symbol; Parquet dictionary-encodes it anyway); the symbols are kept in the field metadata ``avro.enum.symbols`` |
-| ``["null", T]`` | ``T``, nullable (fields are non-nullable otherwise) |
-| ``array`` / ``map`` / ``record`` | ``list`` / ``map<string, _>`` / ``struct`` |
-| ``timestamp-millis`` / ``-micros`` logical types | ``timestamp[ms|us, UTC]`` |
-
-Other unions have no faithful Arrow type and raise ``ValueError``.
-
-``event_schema`` adds derived and source columns to an event type's fields:
-``_event_ts`` (``event_time`` as ``timestamp[ms, UTC]``, for tools that want a
-time type), ``_partition``, ``_offset`` and ``_kafka_timestamp`` (ms). Hive
-directories (``date=YYYY-MM-DD/hour=HH``, UTC) come from ``event_time``.
-
-Determinism: ``write_table`` writes no wall-clock time; the only file
-metadata is the Arrow schema and pyarrow's ``created_by`` version string, so
-the same table gives the same bytes with the same pyarrow.
+Used by ``feedbeam replay`` (topic to Parquet). ``avro_to_arrow`` maps Avro types
+so that a row round-trips to the event (unions other than ``["null", T]`` raise
+``ValueError``); ``event_schema`` adds ``_event_ts``, ``_partition``, ``_offset``
+and ``_kafka_timestamp``; ``write_table`` gives the same bytes for the same
+table. The type mapping: docs/architecture.md, "Stores".
 """
 from __future__ import annotations
 

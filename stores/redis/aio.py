@@ -1,27 +1,12 @@
 """A small asyncio Redis client for the serving hot path: one pipelined connection, hiredis parsing.
 
-Why not ``redis.asyncio``: on this 2-core machine one command through it
-costs 0.6-0.9 ms of client CPU, a hiredis protocol on the event loop ~0.09 ms
-(measured side by side, see the README's serving section); at 2,000 feed reads
-a second with two or three round trips each, the first does not fit in two
-cores. The pipelines keep using redis-py (sync); only serving uses this.
-
-What it does and no more:
-
-* one TCP connection per client, shared by every request of the process:
-  Redis answers in order, so each batch of commands (``pipeline``) is written
-  at once and its future waits in a FIFO for that many replies;
-* per-call timeout: a reply that comes late is read and dropped (its future
-  is already done), so the stream stays in sync; the caller's circuit breaker
-  decides when to stop asking;
-* a lost connection fails every waiting call with ``RedisUnavailable`` and the
-  next call reconnects (connect timeout bounded);
-* scripts run by EVALSHA, falling back to EVAL once when the server does not
-  know them (``register_script`` has redis-py's call signature, so
-  ``stores.ranked.AsyncRankedReader`` takes either client).
-
-Error replies come back as ``hiredis.ReplyError`` values inside the result
-list; ``call`` raises them.
+One TCP connection per client, shared by every request of the process; a
+timeout per call (a late reply is read and dropped); a lost connection fails
+every waiting call with ``RedisUnavailable`` and the next call reconnects;
+scripts run by EVALSHA with an EVAL fallback (``register_script`` has redis-py's
+signature). Error replies come back as ``hiredis.ReplyError`` values in the
+result list; ``call`` raises them. Serving uses it, the pipelines keep redis-py;
+why: docs/serving.md, "Why no web framework and an own Redis client".
 
     client = AioRedis.from_url("redis://127.0.0.1:6379/0", timeout_s=0.05)
     zs, n = await client.pipeline([("ZREVRANGE", key, 0, 9), ("ZCARD", key)])

@@ -1,20 +1,11 @@
 """Reading the ranking candidates of many users from Redis in a few round trips.
 
 ``CandidateReader.read(requests, now_ms, policy)`` returns each user's
-candidates: the newest ``pushed_limit`` entries of the home feed, plus the
-posts of the last ``max_age_days`` (at most ``celebrity_posts`` each) of the
-followed accounts at or above ``push_threshold`` followers (their posts are
-pulled at read time, not pushed), plus the posts the request's triggers
-created, minus deleted ones (``ranking_logic.merge_candidates`` decides).
-
-It reads the keys the fan-out writes (``RedisFeedStore``'s layout) with one
-non-transactional pipeline per step, for all users of the batch at once:
-
-1. home feeds and followee lists of every user;
-2. follower counts (ZCARD) of followees not in the cache: which ones are
-   celebrities changes slowly, so counts are cached for ``count_ttl_s``;
-3. the timelines of the celebrities among them (each read once per batch);
-4. the metadata of every candidate post (HMGET author, time, media, deleted).
+candidates: the newest entries of the home feed, recent posts of followed
+accounts at or above the push threshold (pulled, not pushed) and the posts the
+triggers created, minus deleted ones (``domain.ranking.merge_candidates``
+decides). It reads the fan-out's keys with one pipeline per step for the whole
+batch; the steps: docs/architecture.md, "Stores".
 """
 from __future__ import annotations
 

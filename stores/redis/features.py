@@ -1,35 +1,11 @@
 """The online (Redis) copy of engagement features, for the features pipeline, ranking and serving.
 
 ``OnlineFeatureStore`` is the one place that reads and writes the feature keys
-of ``schemas.keys.KeyLayout``; the features pipeline writes through it, the
-ranking pipeline and serving read through it, so all agree on encodings.
-
-Layout (one hash per entity, the field carries the feature):
-
-| entity_type | key | field |
-|---|---|---|
-| ``post`` | ``post_features(post_id)`` | feature name (``like_1h`` ...) |
-| ``author`` | ``author_features(author_id)`` | feature name |
-| ``viewer_author`` | ``author_affinity(viewer_id)`` | author id |
-| ``viewer_media`` | ``content_affinity(viewer_id)`` | media type (``PHOTO`` ...) |
-
-Each field holds ``"<value>@<write stamp us>"`` (``FeatureValue.write_stamp_us``:
-``valid_at_ms * 1000 + version``), so a reader knows how old a value is and a
-writer can refuse an older one.
-
-* Writes are newer-wins per field: one Lua script per key checks the stored
-  stamp and writes only a later one (equal stamps keep the greater value, so
-  the outcome does not depend on arrival order). A replayed topic or a retried
-  bundle never rolls a value back. Every written key gets ``PEXPIRE`` of its
-  entity type's TTL (processing time, refreshed by each write) so idle
-  entities leave Redis by themselves.
-* Reads ignore a value whose ``valid_at`` is older than its entity type's TTL
-  at the caller's ``now_ms``, even while Redis still holds the key (the key
-  TTL runs on processing time and is refreshed by any field's write).
-  Affinities are decayed from their ``valid_at`` to ``now_ms`` with the
-  store's half-life.
-* Each call is one round trip: a non-transactional pipeline (writes: script
-  calls, chunked by ``chunk_size`` keys; reads: HGETALL/HMGET).
+of ``schemas.keys.KeyLayout``: one hash per entity, each field
+``"<value>@<write stamp us>"``. Writes are newer-wins per field and refresh a
+TTL per entity type; reads drop values older than that TTL and decay
+affinities to ``now_ms``; each call is one round trip. Layout and rules:
+docs/architecture.md, "Stores".
 
     store = OnlineFeatureStore.from_url("redis://127.0.0.1:6379/0")
     store.write([FeatureValue("post", "101", "like_1h", 3.0, valid_at_ms=1_700_000_000_000)])

@@ -1,26 +1,10 @@
 """The Redis copy of feeds, timelines, posts and the social graph, for pipelines and serving.
 
-``RedisFeedStore`` is the one place that reads and writes the keys of
-``schemas.keys.KeyLayout``; the fan-out pipeline writes through it and the
-serving layer reads through it, so both agree on encodings. It knows nothing of
-Beam: a sink DoFn builds one in ``setup()`` (``RedisFeedStore.from_url``) and
-closes it in ``teardown()``.
-
-Every write is idempotent, so a retried bundle or a replayed topic leaves the
-same state:
-
-* graph edges carry a version (``edge_version``: event time, an unfollow
-  winning a tie, as in Cassandra) checked and applied by one Lua script per key
-  tag, so out-of-order and re-delivered follow events converge;
-* a post hash becomes a tombstone on delete and a Lua script refuses to write
-  a create over it;
-* feeds and timelines are sorted sets (``ZADD`` of the same member is a no-op),
-  trimmed to the newest ``cap`` entries by rank;
-* ``last_read`` only moves forward (Lua).
-
-Scripts touch only keys of one hash tag, so the layout works on Redis Cluster;
-multi-key reads of different users (``last_reads``) use ``MGET`` and need a
-standalone server (or a cluster client's non-atomic ``mget``).
+``RedisFeedStore`` is the one place that reads and writes these keys of
+``schemas.keys.KeyLayout``: the fan-out pipeline writes through it, rebuild and
+serving read through it (``FeedCommands``: the same commands for the async
+client). Every write is idempotent (versioned edges, post tombstones, sorted
+sets, a last read that only moves forward); how: docs/architecture.md, "Stores".
 
     store = RedisFeedStore.from_url("redis://127.0.0.1:6379/0")
     store.push([7, 8], post_id=101, score_ms=1_700_000_000_000, cap=1000)

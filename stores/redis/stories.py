@@ -1,60 +1,12 @@
 """Story state in Redis (hot), for the stories pipeline and serving.
 
-``stores.cassandra.stories`` is the durable twin with the same read side.
-
-Two stores with the same read side, so serving can answer from either:
-
-* ``RedisStoryStore`` over the keys of ``schemas.keys.KeyLayout``:
-  ``author_stories`` (ZSET story -> expires_at), ``story`` (HASH metadata +
-  ``views``, or after removal a tombstone), ``story_viewers`` (SET) and
-  ``seen_stories`` (ZSET story -> expires_at per viewer). Every key gets
-  ``PEXPIREAT`` at the newest expiry it holds plus the grace period.
-* ``CassandraStoryStore`` over ``stories_by_author``, ``story_views``,
-  ``stories_seen_by_viewer`` (0001) and ``stories_by_id``,
-  ``story_expiry_index`` (0003), every row written ``USING TTL`` up to
-  ``expires_at + grace`` and ``USING TIMESTAMP`` below ``expires_at``; and
-  ``story_deletions`` (0004): each DELETED story until ``expires_at + grace``,
-  the durable twin of Redis' delete tombstones.
-
-Read side (both stores)::
-
-    tray(viewer_id, followee_ids, now_ms, limit) -> list[TrayEntry]
-    mark_seen(viewer_id, story_id, now_ms) -> bool
-    story(story_id) -> StoryMeta | None;  active_stories(author_id, now_ms)
-    viewers(story_id) -> list[int];  seen(viewer_id, now_ms) -> set[int]
-
-``CassandraStoryStore.scan_deletions`` / ``scan_stories`` / ``scan_views`` /
-``scan_seen`` read whole tables for ``feedbeam rebuild``, which writes them
-back through ``RedisStoryStore.restore_deletions`` / ``publish`` /
-``record_views`` / ``add_seen``.
-
-Reads filter on ``expires_at > now_ms`` themselves, so an expired story is
-never returned even while the expiry pipeline is stopped or behind. The
-viewer's followees come from ``RedisFeedStore.following`` /
-``CassandraFeedStore.following``. ``mark_seen`` is the serving layer's
-read-your-own-view: it records the story in the viewer's seen set at once
-(view counts come from the VIEWED events the stories pipeline consumes).
-
-Write side (the stories pipeline; ``pipelines.stories.StoryWriter`` calls
-both stores): ``publish``, ``record_views`` and ``remove`` (a delete or an
-expiry). Every write is idempotent:
-
-* a publish is refused when the story was removed before (its hash is then a
-  tombstone until ``expires_at + grace``), is already expired at ``now_ms``,
-  or expires beyond the policy's horizon; otherwise it rewrites the same fields;
-* a view is accepted only if the story exists, is not deleted, has not
-  expired at ``now_ms`` and the view's event time is before ``expires_at``:
-  a view never creates state for an unknown, deleted or expired story. The
-  viewer set is a SET (SADD), ``views`` is its cardinality;
-* a removal takes the satellites first (viewers' seen entries, the author's
-  index) and the story hash last, so a retry after a crash half-way still
-  finds the viewers; in Cassandra every removal is ``USING TIMESTAMP
-  expires_at`` (``stories_logic.removal_timestamp_us``), which shadows every
-  accepted write whatever the arrival order.
-
-Redis scripts touch one hash tag each (cluster-safe); a view is one script on
-the story's tag plus a ZADD on the viewer's, a publish one script on the
-story's tag plus one on the author's.
+``RedisStoryStore`` keeps each story's hash (metadata and ``views``, or a
+tombstone once removed), its viewer set, the author's active stories and each
+viewer's seen stories, each key expiring a grace period after the newest
+expiry it holds. Its read side matches ``CassandraStoryStore``'s
+(``stores.cassandra.stories``); the stories pipeline writes through
+``stores.stories.StoryWriter``. Layout, read-time expiry filtering and
+idempotence: ``docs/pipelines/stories.md``.
 
     store = RedisStoryStore.from_url("redis://127.0.0.1:6379/0")
     store.tray(7, followee_ids=[3, 4], now_ms=now, limit=20)
@@ -403,7 +355,7 @@ class RedisStoryStore:
 
     def tray(self, viewer_id: int, followee_ids: Sequence[int], now_ms: int,
              limit: int) -> list[TrayEntry]:
-        """The viewer's story tray (``stories_logic.assemble_tray``) in two round
+        """The viewer's story tray (``domain.stories.assemble_tray``) in two round
         trips: the seen set with the followees' indexes, then the story hashes."""
         if limit < 1:
             return []

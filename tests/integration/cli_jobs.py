@@ -42,7 +42,7 @@ def flink_running_jobs(stack) -> set[str]:
     from apache_beam.portability.api import beam_job_api_pb2 as api
     from apache_beam.portability.api import beam_job_api_pb2_grpc as api_grpc
 
-    from infra.stack import flink_job_endpoint
+    from infra.services import flink_job_endpoint
 
     with grpc.insecure_channel(flink_job_endpoint(stack)) as channel:
         jobs = api_grpc.JobServiceStub(channel).GetJobs(api.GetJobsRequest(), timeout=30)

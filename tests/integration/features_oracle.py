@@ -1,6 +1,6 @@
 """Feature values computed straight from a list of events (the end-to-end tests' oracle).
 
-Written from the rules in ``pipelines/features.py``, not from its code: every
+Written from the rules in ``docs/pipelines/features.md``, not from the code: every
 count is a filter over the whole event list. Events are assumed on time
 (nothing too late), produced in event-time order.
 """

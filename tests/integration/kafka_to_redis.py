@@ -1,6 +1,6 @@
 """A minimal streaming job for the Kafka source tests: Kafka -> Redis.
 
-For every record read it appends ``"<partition>:<offset>"`` to the Redis list
+For every record read (the source emits record batches) it appends ``"<partition>:<offset>"`` to the Redis list
 ``<prefix>:seen:<partition>`` (arrival order) and counts it in the hash
 ``<prefix>:count`` (so re-reads after a restart are visible). Run as a module
 so a test can start it in its own process group and kill it with SIGKILL:
@@ -34,8 +34,8 @@ class RecordToRedis(beam.DoFn):
     def start_bundle(self):
         self._pending = []
 
-    def process(self, record):
-        self._pending.append(record)
+    def process(self, batch):
+        self._pending.extend(batch.records())
 
     def finish_bundle(self):
         if not self._pending:

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from schemas import cassandra as cql
-from stores.cassandra import session as cassandra_session
+from stores.cassandra import session as cassandra_db
 
 pytestmark = pytest.mark.integration
 
@@ -18,30 +18,30 @@ def _tables(session, keyspace: str) -> set[str]:
 
 
 def test_migrate_twice_then_changed_file(cassandra_session, keyspace):
-    first = cassandra_session.migrate(cassandra_session, keyspace)
+    first = cassandra_db.migrate(cassandra_session, keyspace)
     assert first and all(r.status == "applied" for r in first)
     assert _tables(cassandra_session, keyspace) == set(cql.TABLES) | {cql.MIGRATIONS_TABLE}
 
-    recorded = cassandra_session.applied_migrations(cassandra_session, keyspace)
+    recorded = cassandra_db.applied_migrations(cassandra_session, keyspace)
     assert {v: c for v, (_, c) in recorded.items()} == {
         m.version: m.checksum for m in cql.load_migrations()}
 
-    second = cassandra_session.migrate(cassandra_session, keyspace)
+    second = cassandra_db.migrate(cassandra_session, keyspace)
     assert [r.status for r in second] == ["already_applied"] * len(first)
-    assert cassandra_session.applied_migrations(cassandra_session, keyspace) == recorded
+    assert cassandra_db.applied_migrations(cassandra_session, keyspace) == recorded
 
     edited = [dataclasses.replace(m, text=m.text + "\n-- edited\n") if m.version == 1 else m
               for m in cql.load_migrations()]
     with pytest.raises(cql.MigrationError, match="changed after it was applied"):
-        cassandra_session.migrate(cassandra_session, keyspace, migrations=edited)
+        cassandra_db.migrate(cassandra_session, keyspace, migrations=edited)
 
 
 def test_new_migration_is_applied_and_tables_work(cassandra_session, keyspace):
-    cassandra_session.migrate(cassandra_session, keyspace)
+    cassandra_db.migrate(cassandra_session, keyspace)
     extra = cql.Migration(
         version=max(m.version for m in cql.load_migrations()) + 1, name="extra",
         text="CREATE TABLE IF NOT EXISTS extra_table (k int PRIMARY KEY, v text);")
-    results = cassandra_session.migrate(cassandra_session, keyspace,
+    results = cassandra_db.migrate(cassandra_session, keyspace,
                           migrations=cql.load_migrations() + [extra])
     assert results[-1] == cql.MigrationResult(extra.version, "extra", "applied")
     assert {r.status for r in results[:-1]} == {"already_applied"}

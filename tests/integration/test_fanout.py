@@ -21,7 +21,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from infra.stack import prism_binary
+from infra.install import prism_binary
 from pipelines import fanout
 from domain.fanout import DAY_MS, FanoutPolicy, expected_state
 from stores.cassandra.feeds import CassandraFeedStore

@@ -12,11 +12,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.fanout import FanOutToFollowerFeeds, StoreConfig
+from pipelines.fanout import FanOutToFollowerFeeds
 from domain.fanout import DAY_MS, FanoutPolicy
 from stores.cassandra.feeds import CassandraFeedStore
 from stores.redis.feeds import RedisFeedStore
 from stores.cassandra.session import migrate
+from stores.config import StoreConfig
+from stores.fanout import FeedStores
 from tests.integration.fanout_events import U, create, delete, follow
 
 pytestmark = pytest.mark.integration
@@ -28,7 +30,7 @@ T0 = 1_700_000_000_000
 def stores(stack, cassandra_session, keyspace, key_prefix):
     migrate(cassandra_session, keyspace)
     config = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
-    opened = config.open()
+    opened = FeedStores.open(config)
     yield config, opened.redis, opened.cassandra
     opened.close()
 
@@ -127,3 +129,14 @@ def test_replaying_the_same_events_changes_nothing(stores):
     run_events(config, policy, events)
     run_events(config, policy, list(reversed(events))[:4])  # a partial, out-of-order replay
     assert (redis.dump(), cassandra.dump()) == first
+
+
+def test_an_edge_event_superseded_in_its_batch_has_no_outcome(stores):
+    config, redis, cassandra = stores
+    policy = FanoutPolicy(push_threshold=10)
+    run_events(config, policy, [create(11, 100, T0)])
+    edges = [follow(1, 100, T0 + 10), follow(2, 100, T0 + 10), follow(1, 100, T0 + 20, U)]
+    run_events(config, policy, edges, [(edges[1].event_id, "merge", 1),
+                                       (edges[2].event_id, "remove", 1)])
+    assert feed_ids(redis, 1) == [] and feed_ids(redis, 2) == [11]
+    assert redis.followers(100) == [2] and cassandra.follower_count(100) == 1

@@ -33,6 +33,7 @@ import redis as redis_lib
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from infra import processes, services
 from infra import stack as infra_stack
 from domain.fanout import DAY_MS, FanoutPolicy, expected_state
 from stores.cassandra.feeds import CassandraFeedStore
@@ -238,10 +239,10 @@ def test_kafka_broker_killed_mid_stream(stack, private_kafka, cassandra_session,
     (settings.state_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     def kill_broker():
-        pid = infra_stack._running_pid(settings, "kafka")
+        pid = processes.running_pid(settings, "kafka")
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: not infra_stack.kafka_ready(settings), 30, "the broker to die")
+        _wait_for(lambda: not services.kafka_ready(settings), 30, "the broker to die")
 
     run_with_a_fault(settings, settings.kafka_bootstrap, stack.redis_url, cassandra_session,
                      keyspace, kill_broker,

@@ -19,7 +19,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import Producer
 
-from infra.stack import prism_binary
+from infra.install import prism_binary
 from pipelines import features
 from stores.cassandra.features import CassandraFeatureStore
 from pipelines.io.deadletter import read_dead_letters
@@ -31,7 +31,7 @@ from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
 from schemas.events import (EngagementEvent, EngagementKind, MediaType, PostEvent,
                             PostEventKind, dlq_topic)
-from schemas.features import AFFINITY, VIEWER_AUTHOR, VIEWER_MEDIA, WINDOW_MS, FeatureTTLs
+from schemas.features import VIEWER_AUTHOR, VIEWER_MEDIA, WINDOW_MS, FeatureTTLs
 from schemas.keys import KeyLayout
 from tests.integration.features_oracle import Oracle
 from tests.integration.test_kafka_source import _cancel, _wait_for

@@ -15,7 +15,7 @@ from apache_beam.testing.test_stream import TestStream as BeamTestStream
 from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import TimestampedValue
 
-from infra.stack import prism_binary
+from infra.install import prism_binary
 from pipelines.features import AggregateEngagementFeatures
 from domain.features import FeatureParams
 from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind

@@ -13,6 +13,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
+from infra import install, services
 from infra import stack as infra_stack
 
 pytestmark = pytest.mark.integration
@@ -48,9 +49,9 @@ def test_status_reports_every_server_ready(stack):
 
 
 def test_readiness_probes(stack):
-    assert infra_stack.kafka_ready(stack)
-    assert infra_stack.cassandra_ready(stack)
-    assert infra_stack.redis_ready(stack)
+    assert services.kafka_ready(stack)
+    assert services.cassandra_ready(stack)
+    assert services.redis_ready(stack)
 
 
 def test_probes_say_no_on_a_closed_port(stack):
@@ -58,14 +59,14 @@ def test_probes_say_no_on_a_closed_port(stack):
 
     nowhere = dataclasses.replace(
         stack, kafka_port=1, cassandra_port=1, redis_port=1, flink_job_port=1)
-    assert not infra_stack.kafka_ready(nowhere)
-    assert not infra_stack.cassandra_ready(nowhere)
-    assert not infra_stack.redis_ready(nowhere)
-    assert not infra_stack.flink_ready(nowhere)
+    assert not services.kafka_ready(nowhere)
+    assert not services.cassandra_ready(nowhere)
+    assert not services.redis_ready(nowhere)
+    assert not services.flink_ready(nowhere)
 
 
 def test_pipeline_runs_on_prism(stack, tmp_path):
-    prism = infra_stack.prism_binary(stack)
+    prism = install.prism_binary(stack)
     assert os.access(prism, os.X_OK)
     options = PipelineOptions([
         "--runner=PrismRunner", f"--prism_location={prism}",
@@ -76,4 +77,4 @@ def test_pipeline_runs_on_prism(stack, tmp_path):
 
 
 def test_flink_job_endpoint_uses_settings(stack):
-    assert infra_stack.flink_job_endpoint(stack) == f"{stack.host}:{stack.flink_job_port}"
+    assert services.flink_job_endpoint(stack) == f"{stack.host}:{stack.flink_job_port}"

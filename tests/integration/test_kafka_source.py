@@ -21,7 +21,8 @@ from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
 from confluent_kafka import Producer
 
-from infra.stack import flink_job_endpoint, flink_ready, prism_binary
+from infra.install import prism_binary
+from infra.services import flink_job_endpoint, flink_ready
 from pipelines.io.kafka import KafkaReadOptions, ReadFromKafka
 from tests.integration import kafka_to_redis
 
@@ -177,7 +178,7 @@ def test_idle_partition_lets_the_watermark_pass_a_timer(stack, kafka_topic, redi
     pipeline = beam.Pipeline(options=options)
     (pipeline
      | "Read" >> ReadFromKafka(config, [topic])
-     | "OneKey" >> beam.Map(lambda r: ("all", r.offset))
+     | "OneKey" >> beam.FlatMap(lambda batch: [("all", o) for o in batch.offsets])
      | "Timer" >> beam.ParDo(_FireAfter(stack.redis_url, fired_key)))
     result = pipeline.run()
     try:

@@ -22,7 +22,7 @@ def _options(runner: str) -> PipelineOptions:
     # spares DirectRunner's attempt to download Prism (no GitHub access here).
     if runner == "prism":
         from infra.settings import StackSettings
-        from infra.stack import prism_binary
+        from infra.install import prism_binary
 
         return PipelineOptions([
             "--runner=PrismRunner",

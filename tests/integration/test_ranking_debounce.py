@@ -15,7 +15,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from infra.stack import prism_binary
+from infra.install import prism_binary
 from pipelines.ranking import debounce_fn
 from domain.ranking import Debounce, simulate_debounce
 from schemas.ranking import ENGAGED, POST_CREATED, POST_DELETED, Trigger

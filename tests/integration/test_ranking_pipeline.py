@@ -17,7 +17,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import Producer
 
-from infra.stack import prism_binary
+from infra.install import prism_binary
 from pipelines import fanout, ranking
 from stores.redis.features import OnlineFeatureStore
 from stores.files.models import ModelRegistry

@@ -12,12 +12,13 @@ import time
 
 import pytest
 
-from pipelines.fanout import FeedFanout, StoreConfig
+from stores.config import StoreConfig
+from stores.fanout import FeedFanout, FeedStores
 from domain.fanout import FanoutPolicy
 from stores.redis.features import OnlineFeatureStore
 from stores.files.models import ModelRegistry
 from stores.ranked import RankedFeedStore
-from pipelines.ranking import RankingConfig
+from stores.ranker import RankingConfig
 from domain.ranking import RankingPolicy
 from stores.cassandra.session import migrate
 from schemas.events import MediaType, PostEvent, PostEventKind
@@ -42,7 +43,7 @@ def world(stack, cassandra_session, keyspace, key_prefix, tmp_path):
     celebrity twice; the newest posts are author 10's."""
     migrate(cassandra_session, keyspace)
     stores = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
-    opened = stores.open()
+    opened = FeedStores.open(stores)
     fanout = FeedFanout(opened.redis, opened.cassandra, FanoutPolicy(
         push_threshold=3, celebrity_top_n=0))
     now = int(time.time() * 1000)

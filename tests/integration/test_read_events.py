@@ -9,7 +9,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import Producer
 
-from infra.stack import prism_binary
+from infra.install import prism_binary
 from pipelines.io.deadletter import read_dead_letters
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import ReadEvents

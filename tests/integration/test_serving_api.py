@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pipelines.fanout import StoreConfig
+from stores.config import StoreConfig
 from domain.fanout import DAY_MS, FanoutPolicy
 from stores.ranked import RankedFeedStore
 from stores.cassandra.stories import CassandraStoryStore

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pipelines.fanout import StoreConfig
+from stores.config import StoreConfig
 from stores.cassandra.session import migrate
 from tests.integration.serving_harness import (
     PRODUCTION_BUDGETS,

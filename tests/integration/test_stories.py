@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from infra.stack import prism_binary
+from infra.install import prism_binary
 from stores.redis.feeds import RedisFeedStore
 from stores.cassandra.stories import CassandraStoryStore
 from stores.redis.stories import RedisStoryStore

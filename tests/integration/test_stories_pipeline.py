@@ -19,14 +19,15 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from infra.stack import prism_binary
+from infra.install import prism_binary
 from stores.redis.feeds import RedisFeedStore
 from stores.cassandra.stories import CassandraStoryStore
-from pipelines.stories import MaterializeStories, StoryStoreConfig
+from pipelines.stories import MaterializeStories
 from domain.stories import StoryPolicy
 from stores.cassandra.session import migrate
 from schemas.events import MediaType, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
+from stores.config import StoreConfig
 
 pytestmark = pytest.mark.integration
 
@@ -76,12 +77,12 @@ def test_publish_view_delete_and_expiry_at_the_watermark(stack, redis_client, ke
               .advance_watermark_to(exp1 / 1000)
               .add_elements(stamped(after))
               .advance_watermark_to_infinity())
-    config = StoryStoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port,
-                              keyspace, StoryPolicy(grace_ms=10 * MIN))
+    stores = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
     options = PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
                                "--environment_type=LOOPBACK", "--streaming"])
     with beam.Pipeline(options=options) as p:
-        results = p | stream | MaterializeStories(config, max_batch=100)
+        results = p | stream | MaterializeStories(
+            stores, StoryPolicy(grace_ms=10 * MIN), max_batch=100)
         assert_that(results.outcomes | "IdAction" >> beam.Map(_id_action), equal_to([
             (first[0].event_id, "published"), (first[1].event_id, "published"),
             (first[2].event_id, "published"), (first[3].event_id, "viewed"),

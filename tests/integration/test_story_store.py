@@ -13,11 +13,11 @@ import pytest
 from stores.redis.feeds import RedisFeedStore
 from stores.cassandra.stories import CassandraStoryStore
 from stores.redis.stories import RedisStoryStore
-from pipelines.stories import StoryWriter
 from domain.stories import StoryPolicy
 from stores.cassandra.session import migrate
 from schemas.events import MediaType, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
+from stores.stories import StoryWriter
 
 pytestmark = pytest.mark.integration
 

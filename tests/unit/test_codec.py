@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fastavro
@@ -14,9 +15,9 @@ from hypothesis import given, settings, strategies as st
 
 from schemas import codec as wire
 from schemas.codec import (
-    BadBodyError, MalformedRecordError, SchemaRegistry, SchemaRegistryError,
-    SchemaTopicMismatchError, StaticSchemaSource, TooShortError, TruncatedRecordError,
-    UnknownSchemaIdError, WireCodec, WrongMagicError,
+    BadBodyError, MalformedRecordError, RegistrySchemaSource, SchemaRegistry,
+    SchemaRegistryError, SchemaTopicMismatchError, StaticSchemaSource, TooShortError,
+    TruncatedRecordError, UnknownSchemaIdError, WireCodec, WrongMagicError,
 )
 from schemas.events import (
     EngagementEvent, EngagementKind, FollowEvent, FollowKind, MediaType, PostEvent,
@@ -216,37 +217,58 @@ def test_incompatible_writer_schema_is_bad_body():
 
 
 class _FakeRegistry(BaseHTTPRequestHandler):
-    """Just enough of the Schema Registry REST API (shared state on the server)."""
+    """The Schema Registry REST endpoints the client calls (shared state on the server).
 
-    def _send(self, code: int, body: dict) -> None:
-        raw = json.dumps(body).encode()
+    ``POST /subjects/<subject>/versions`` registers, ``GET /schemas/ids/<id>``
+    fetches; anything else is a plain 404, as from a server that is no registry.
+    ``server.fail_next`` answers that many requests with a 503 first.
+    """
+
+    def _send(self, code: int, body: dict | None) -> None:
+        raw = b"no such page" if body is None else json.dumps(body).encode()
         self.send_response(code)
-        self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json"
+                         if body is not None else "text/plain")
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
 
+    def _route(self, method: str) -> list[str] | None:
+        url = urllib.parse.urlsplit(self.path)
+        with self.server.lock:
+            self.server.requests.append((method, url.path))
+            if self.server.fail_next:
+                self.server.fail_next -= 1
+                self._send(503, {"error_code": 50301, "message": "try again"})
+                return None
+        return [urllib.parse.unquote(p) for p in url.path.split("/")[1:]]
+
     def do_POST(self):
-        server = self.server
-        subject = self.path.split("/")[2]
+        parts = self._route("POST")
+        if parts is None:
+            return
+        if len(parts) != 3 or parts[0] != "subjects" or parts[2] != "versions":
+            return self._send(404, None)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         canonical = json.dumps(json.loads(body["schema"]), sort_keys=True)
+        server = self.server
         with server.lock:
-            server.requests.append(("POST", self.path))
             sid = server.ids.setdefault(canonical, len(server.ids) + 100)
-            server.schemas[sid] = body["schema"]
-            server.subjects.setdefault(subject, set()).add(sid)
+            server.schemas[sid] = {"schema": body["schema"]}
+            server.subjects.setdefault(parts[1], set()).add(sid)
         self._send(200, {"id": sid})
 
     def do_GET(self):
-        server = self.server
-        with server.lock:
-            server.requests.append(("GET", self.path))
-        sid = int(self.path.rsplit("/", 1)[1])
-        if sid not in server.schemas:
+        parts = self._route("GET")
+        if parts is None:
+            return
+        if len(parts) != 3 or parts[:2] != ["schemas", "ids"]:
+            return self._send(404, None)
+        answer = self.server.schemas.get(int(parts[2]))
+        if answer is None:
             self._send(404, {"error_code": 40403, "message": "Schema not found"})
         else:
-            self._send(200, {"schema": server.schemas[sid]})
+            self._send(200, answer)
 
     def log_message(self, *args):
         pass
@@ -257,7 +279,8 @@ def registry_url():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeRegistry)
     server.lock = threading.Lock()
     server.requests, server.ids, server.schemas, server.subjects = [], {}, {}, {}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server.fail_next = 0
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server, f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
@@ -270,16 +293,20 @@ def test_registry_codec_round_trip_and_caching(registry_url):
     data = [writer.encode(e, topic="demo." + e.TOPIC) for e in EVENTS]
     assert set(server.subjects) == {f"demo.{t}-value" for t in
                                     ("post-events", "engagement-events", "story-events", "follow-events")}
-    posts = sum(1 for m, _ in server.requests if m == "POST")
-    assert posts == 4  # one registration per (type, topic), then cached
+    # One registration per (type, topic), then cached; the writer never fetches what it registered.
+    assert [m for m, _ in server.requests] == ["POST"] * 4
+    assert writer.schema_id_of(PostEvent, "demo.post-events") == int.from_bytes(data[0][1:5], "big")
+    assert {int.from_bytes(d[1:5], "big") for d in data} == set(server.schemas)
 
-    reader = WireCodec(registry_url=url)  # a fresh process: fetches by id
-    assert [reader.decode(d) for d in data] == EVENTS
+    reader = WireCodec(registry_url=url)  # a fresh process: fetches each id once
+    for _ in range(2):
+        assert [reader.decode(d) for d in data] == EVENTS
     gets = [p for m, p in server.requests if m == "GET"]
     assert sorted(gets) == sorted(f"/schemas/ids/{i}" for i in server.schemas)
 
-    with pytest.raises(UnknownSchemaIdError):
+    with pytest.raises(UnknownSchemaIdError) as info:
         reader.decode(wire.header(4242) + b"\x00")
+    assert info.value.reason == "unknown_schema_id" and info.value.schema_id == 4242
 
 
 def test_registry_client_register_is_cached(registry_url):
@@ -289,15 +316,62 @@ def test_registry_client_register_is_cached(registry_url):
     sid = registry.register("x-value", schema)
     assert registry.register("x-value", schema) == sid
     assert registry.schema_by_id(sid) == schema
-    assert len(server.requests) == 1
-    assert pickle.loads(pickle.dumps(registry)).url == url
+    assert server.requests == [("POST", "/subjects/x-value/versions")]
+    assert SchemaRegistry(url).schema_by_id(sid) == schema  # another client asks the registry
+    clone = pickle.loads(pickle.dumps(registry))
+    assert (clone.url, clone.timeout_s, clone.conf) == (url, registry.timeout_s, {})
+    assert clone.client is not registry.client
 
 
-def test_registry_down_is_not_a_malformed_record():
-    codec = WireCodec(registry_url="http://127.0.0.1:9")  # discard port: refused
+def test_registry_codec_pickles_as_configuration(registry_url):
+    _, url = registry_url
+    codec = WireCodec(registry_url=url)
+    data = codec.encode(EVENTS[6])
+    clone = pickle.loads(pickle.dumps(codec))
+    assert clone.source.registry.url == url
+    assert clone.decode(data) == EVENTS[6]
+
+
+def test_registry_answer_that_is_not_an_avro_record_is_an_unknown_id(registry_url):
+    server, url = registry_url
+    server.schemas[7] = {"schema": '{"type": "object"}', "schemaType": "JSON"}
+    server.schemas[8] = {"schema": '"string"'}
+    codec = WireCodec(registry_url=url)
+    for sid in (7, 8):
+        with pytest.raises(UnknownSchemaIdError):
+            codec.decode(wire.header(sid) + b"\x00")
+
+
+def test_registry_transient_error_is_retried_by_the_client(registry_url):
+    server, url = registry_url
+    sid = SchemaRegistry(url).register("x-value", wire.reader_schema(FollowEvent))
+    server.fail_next = 1
+    registry = SchemaRegistry(url, conf={"max.retries": 1, "retries.wait.ms": 1})
+    assert registry.schema_by_id(sid) == wire.reader_schema(FollowEvent)
+    assert server.requests[-2:] == [("GET", f"/schemas/ids/{sid}")] * 2
+
+
+@pytest.mark.parametrize("case", ["refused", "503", "wrong_path"])
+def test_registry_failure_is_not_a_malformed_record(registry_url, case):
+    server, url = registry_url
+    if case == "refused":
+        url = "http://127.0.0.1:9"  # discard port: connection refused
+    elif case == "503":
+        server.fail_next = 10
+    else:
+        url += "/not-the-registry"  # a 404 that is no registry answer
+    codec = WireCodec(RegistrySchemaSource(SchemaRegistry(url, conf={"max.retries": 0})))
     with pytest.raises(SchemaRegistryError) as info:
         codec.decode(wire.header(1) + b"\x00")
     assert not isinstance(info.value, MalformedRecordError)
+    assert "fetching schema 1 at " + url in str(info.value)
+    with pytest.raises(SchemaRegistryError, match="registering demo-value"):
+        codec.encode(EVENTS[0], topic="demo")
+
+
+def test_registry_url_is_checked_when_the_codec_is_made():
+    with pytest.raises(ValueError, match="Invalid url"):
+        WireCodec(registry_url="127.0.0.1:8081")
 
 
 def test_source_and_registry_url_are_exclusive():

@@ -1,4 +1,5 @@
-"""DecodeEvents on TestPipeline: good records become typed events, every bad one a DeadLetter."""
+"""DecodeBatches on TestPipeline: good records become typed event batches, every bad one a DeadLetter;
+batches opened keep each event's own time."""
 from __future__ import annotations
 
 import pickle
@@ -12,9 +13,11 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from pipelines.io.deadletter import (
-    DECODE_NAMESPACE, DecodeEvents, _DecodeFn, to_kafka_message,
+    DECODE_NAMESPACE, DecodeBatches, _DecodeBatchFn, to_kafka_message,
 )
-from schemas.records import DECODE_STEP, DeadLetter, KafkaRecord
+from pipelines.io.kafka import RecordBatchCoder
+from pipelines.io.source import OpenBatches
+from schemas.records import DECODE_STEP, DeadLetter, KafkaRecord, RecordBatch, decode_batch
 from schemas.codec import WireCodec, header
 from schemas.events import (
     EngagementEvent, EngagementKind, FollowEvent, FollowKind, MediaType, PostEvent,
@@ -86,6 +89,35 @@ def _records() -> tuple[list[KafkaRecord], list[KafkaRecord], list[tuple[KafkaRe
     return good, rand, bad
 
 
+def _batches(records: list[KafkaRecord], size: int = 3) -> list[RecordBatch]:
+    """Records grouped per partition into batches of ``size``, in offset order."""
+    by_partition: dict[tuple, list[KafkaRecord]] = {}
+    for r in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
+        by_partition.setdefault((r.topic, r.partition), []).append(r)
+    out = []
+    for (topic, partition), rs in sorted(by_partition.items()):
+        for i in range(0, len(rs), size):
+            chunk = rs[i:i + size]
+            batch = RecordBatch(topic, partition, [r.offset for r in chunk],
+                                [r.key for r in chunk], [r.value for r in chunk],
+                                [r.timestamp_ms for r in chunk])
+            out.append(batch)
+    return out
+
+
+class _CreateBatches(beam.PTransform):
+    """``_batches(records)`` stamped with their oldest record's time, as the source does."""
+
+    def __init__(self, records: list[KafkaRecord]):
+        super().__init__()
+        self._batches = _batches(records)
+
+    def expand(self, pbegin):
+        return (pbegin | "Create" >> beam.Create(self._batches)
+                | "Stamp" >> beam.Map(lambda b: TimestampedValue(b, min(b.timestamps_ms) / 1000))
+                .with_output_types(RecordBatch))
+
+
 def _coords(item) -> tuple:
     return (item.topic, item.partition, item.offset)
 
@@ -114,18 +146,25 @@ def test_decode_events_splits_good_and_bad_records_and_keeps_timestamps():
             assert dl.reason == expected_reason.get(_coords(dl), dl.reason), dl
             assert dl.reason in KNOWN_REASONS, dl
 
+    def check_dead_letters_at_batch_time(actual):
+        # A dead letter keeps its record's bytes and time; as an element it carries
+        # its batch's time, which is never after its own.
+        check_dead_letters([(dl, dl.timestamp_ms) for dl, _ in actual])
+        assert all(ts <= dl.timestamp_ms for dl, ts in actual)
+
     p = _TestPipeline()
-    records = (p | "Create" >> beam.Create(inputs)
-               | "Stamp" >> beam.Map(lambda r: TimestampedValue(r, r.timestamp_ms / 1000)))
-    decoded = records | "DecodeEvents" >> DecodeEvents(WireCodec, topic_prefix=PREFIX)
-    events = decoded.events | "EventTs" >> beam.ParDo(_WithTimestamp())
+    batches = p | "Create" >> _CreateBatches(inputs)
+    decoded = batches | "DecodeBatches" >> DecodeBatches(WireCodec, topic_prefix=PREFIX)
+    events = (decoded.events | "Open" >> OpenBatches()
+              | "EventTs" >> beam.ParDo(_WithTimestamp()))
     dead = decoded.dead_letters | "DeadTs" >> beam.ParDo(_WithTimestamp())
 
     assert_that(events, equal_to([(e, e.event_time) for e in EVENTS]), label="GoodEvents")
-    assert_that(dead, check_dead_letters, label="DeadLetters")
+    assert_that(dead, check_dead_letters_at_batch_time, label="DeadLetters")
     # Nothing vanishes: events + dead letters = inputs.
-    total = ((decoded.events, decoded.dead_letters) | "Both" >> beam.Flatten()
-             | "Count" >> beam.combiners.Count.Globally())
+    sizes = ((decoded.events | "EventCounts" >> beam.Map(len)),
+             (decoded.dead_letters | "DeadCounts" >> beam.Map(lambda _: 1)))
+    total = sizes | "Both" >> beam.Flatten() | "Sum" >> beam.CombineGlobally(sum)
     assert_that(total, equal_to([len(inputs)]), label="Reconcile")
 
     result = p.run()
@@ -146,23 +185,23 @@ def test_random_bytes_are_dead_letters_with_seeded_generator():
     # Kept apart from the big pipeline so a failure names the culprit bytes.
     _, rand, _ = _records()
     with _TestPipeline() as p:
-        decoded = p | beam.Create(rand) | DecodeEvents()
+        decoded = p | _CreateBatches(rand) | DecodeBatches()
         assert_that(decoded.events, equal_to([]), label="NoEvents")
         assert_that(
             decoded.dead_letters | beam.Map(lambda dl: (_coords(dl), dl.value)),
             equal_to([(_coords(r), r.value) for r in rand]), label="AllDeadLettered")
 
 
-def test_decode_events_accepts_a_codec_instance_and_no_prefix():
+def test_decode_batches_accepts_a_codec_instance_and_no_prefix():
     event = EVENTS[2]
     record = KafkaRecord(event.TOPIC, 0, 1, event.key, _codec.encode(event), event.event_time)
     with _TestPipeline() as p:
-        decoded = p | beam.Create([record]) | DecodeEvents(WireCodec())
-        assert_that(decoded.events, equal_to([event]))
+        decoded = p | _CreateBatches([record]) | DecodeBatches(WireCodec())
+        assert_that(decoded.events | OpenBatches(), equal_to([event]))
 
 
 def test_decode_fn_pickles_without_its_codec():
-    fn = _DecodeFn(WireCodec(), "")
+    fn = _DecodeBatchFn(WireCodec(), "")
     fn.setup()
     assert fn._codec is not None
     clone = pickle.loads(pickle.dumps(fn))
@@ -170,7 +209,37 @@ def test_decode_fn_pickles_without_its_codec():
     clone.setup()
     event = EVENTS[0]
     record = KafkaRecord(event.TOPIC, 0, 1, event.key, _codec.encode(event), T0)
-    assert list(clone.process(record)) == [event]
+    (batch,) = list(clone.process(_batches([record])[0]))
+    assert list(batch.events) == [event]
+
+
+def test_decode_batch_keeps_order_coordinates_and_bytes_of_the_good_records():
+    good = [_codec.encode(e) for e in EVENTS[:2]]
+    values = [good[0], b"junk", None, good[1]]
+    batch = RecordBatch("post-events", 4, [10, 11, 12, 13], [b"a", b"b", None, b"d"], values,
+                        [T0 + 3, T0 + 1, T0 + 2, T0])
+    events, dead = decode_batch(_codec, batch)
+    assert list(events.events) == EVENTS[:2]
+    assert (list(events.offsets), list(events.timestamps_ms), list(events.keys)) == (
+        [10, 13], [T0 + 3, T0], [b"a", b"d"])
+    assert events.record(1) == KafkaRecord("post-events", 4, 13, b"d", good[1], T0)
+    assert [(d.offset, d.reason, d.value, d.timestamp_ms) for d in dead] == [
+        (11, "too_short", b"junk", T0 + 1), (12, "null_value", None, T0 + 2)]
+
+
+@pytest.mark.parametrize("keys, values", [
+    ([b"k", None, b""], [b"\x00v", b"", None]),
+    ([], []),
+])
+def test_record_batches_survive_their_coder(keys, values):
+    batch = RecordBatch("t.post-events", 7, list(range(5, 5 + len(keys))), keys, values,
+                        [T0 + i for i in range(len(keys))])
+    coder = RecordBatchCoder()
+    decoded = coder.decode(coder.encode(batch))
+    assert decoded == RecordBatch(batch.topic, batch.partition, list(batch.offsets),
+                                  [None if k is None else k for k in keys], values,
+                                  list(batch.timestamps_ms))
+    assert coder.is_deterministic()
 
 
 @pytest.mark.parametrize("key", [b"k", None])
@@ -189,3 +258,55 @@ def test_dead_letter_headers_round_trip(key, value):
 def test_dead_letter_from_kafka_rejects_foreign_records():
     with pytest.raises(ValueError, match="not a feedbeam dead letter"):
         DeadLetter.from_kafka(b"k", b"v", [("other", b"x")])
+
+
+def test_records_out_of_order_across_batches_keep_their_own_windows_and_none_is_late():
+    """Two batches of one partition, out of order inside and across them, with the
+    watermark moving between them as the source moves it (newest time seen less
+    the allowed out-of-orderness, 30 s here): every event lands in the window of
+    its own time, none is dropped as late."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms import window
+
+    def engagement(i, seconds):
+        return EngagementEvent(f"e{i}", T0 + seconds * 1000, EngagementKind.LIKE, viewer_id=i,
+                               author_id=7, post_id=10, media_type=MediaType.PHOTO)
+
+    def batch(offset, events):
+        return RecordBatch("engagement-events", 0, [offset + i for i in range(len(events))],
+                           [None] * len(events), [_codec.encode(e) for e in events],
+                           [e.event_time for e in events])
+
+    first = [engagement(1, 50), engagement(2, 10)]    # stamped 10 s, watermark then 50-30 = 20 s
+    second = [engagement(3, 30), engagement(4, 70)]   # stamped 30 s: behind the newest, not late
+    stream = (TestStream()
+              .add_elements([TimestampedValue(batch(0, first), (T0 + 10_000) / 1000)])
+              .advance_watermark_to((T0 + 20_000) / 1000)
+              .add_elements([TimestampedValue(batch(2, second), (T0 + 30_000) / 1000)])
+              .advance_watermark_to_infinity())
+    options = _TestPipeline().get_pipeline_options()
+    options.view_as(StandardOptions).streaming = True
+    with _TestPipeline(options=options) as p:
+        events = (p | stream
+                  | DecodeBatches().with_input_types(RecordBatch)
+                  ).events | OpenBatches()
+        windowed = (events
+                    | beam.WindowInto(window.FixedWindows(60), allowed_lateness=0)
+                    | beam.Map(lambda e: ("all", e.event_id))
+                    | beam.GroupByKey()
+                    | beam.ParDo(_WindowStart()))
+        minute = (T0 // 60_000) * 60
+        expected = {}
+        for e in first + second:
+            start = (e.event_time // 60_000) * 60
+            expected.setdefault(start, set()).add(e.event_id)
+        assert minute in expected
+        assert_that(windowed, equal_to(sorted((s, tuple(sorted(ids))) for s, ids in
+                                              expected.items())))
+
+
+class _WindowStart(beam.DoFn):
+    def process(self, element, w=beam.DoFn.WindowParam):
+        _, ids = element
+        yield int(w.start.micros // 1_000_000), tuple(sorted(ids))

@@ -179,6 +179,41 @@ def test_ranker_pool_shares_one_ranker_until_the_last_release():
     assert pool.hold(Config("x"), policy) is not a  # a new one after the last release
 
 
+def test_refresh_applier_answers_each_request_in_order_and_releases_the_ranker():
+    import dataclasses
+    import types
+
+    from pipelines.ranking import RefreshConfig
+    from schemas.ranking import RefreshOutcome
+
+    class Ranker:
+        models = types.SimpleNamespace(swaps=1)
+        model_errors = 0
+        closed = False
+
+        def refresh(self, requests):  # as FeedRanker: one outcome per user, first-seen order
+            users = list(dict.fromkeys(r.user_id for r in requests))
+            return [RefreshOutcome(u, "v1", 1, 2, T0, T0 + 5) for u in users]
+
+        def close(self):
+            self.closed = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        name: str
+
+        def open(self, policy):
+            return Ranker()
+
+    applier = RefreshConfig(Config("refresh-applier-test"), RankingPolicy()).open()
+    ranker = applier._ranker
+    out = applier.apply([RefreshRequest(1, T0), RefreshRequest(2, T0), RefreshRequest(1, T0 + 1)])
+    # A user refreshed once: its outcome goes with its last request of the batch.
+    assert [o and o.user_id for o in out] == [None, 2, 1]
+    applier.close()
+    assert ranker.closed
+
+
 def test_follow_gate_waits_for_the_newest_version_of_each_edge():
     events = [FollowEvent("a", T0, FollowKind.FOLLOW, 3, 4),
               FollowEvent("b", T0 + 5, FollowKind.UNFOLLOW, 3, 4),

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 
 from infra.errors import UserFacingError
-from jobs.replay import (
-    RangeSpec, check_out_dir, event_type_for_topic, parse_time, range_from_args, register,
-)
+from jobs.replay import register
+from jobs.replay_parquet import check_out_dir
+from jobs.replay_range import RangeSpec, event_type_for_topic, parse_time, range_from_args
 from stores.kafka.offsets import OffsetRangeError, clamp_range, parse_partition_offsets
 from stores.files.parquet import avro_to_arrow, event_schema, hive_dir, hour_of
 from schemas.codec import WireCodec, reader_schema

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from infra.settings import StackSettings
-from infra.stack import _prism_path, prism_binary
+from infra.install import prism_binary, prism_path
 from jobs import submit
 from infra.errors import UserFacingError
 
@@ -16,8 +16,9 @@ from infra.errors import UserFacingError
 @pytest.fixture
 def settings(tmp_path) -> StackSettings:
     s = dataclasses.replace(StackSettings(), cache_dir=tmp_path / "cache",
-                            state_dir=tmp_path / "state", kafka_port=19092, redis_port=16379)
-    binary = _prism_path(s)
+                            state_dir=tmp_path / "state", kafka_port=19092, redis_port=16379,
+                            prism_job_port=18073)
+    binary = prism_path(s)
     binary.parent.mkdir(parents=True)
     binary.write_bytes(b"")  # only its presence is checked here
     return s
@@ -39,19 +40,27 @@ def test_own_flags_are_taken_out_of_the_passed_through_options():
 
 def test_prism_command_fills_in_the_local_stack_but_never_overrides(settings):
     argv = submit.build_command("fanout", "prism", settings,
-                                ["--redis_url=redis://elsewhere:1/0", "--push_threshold", "5"])
+                                ["--redis_url=redis://elsewhere:1/0", "--push_threshold", "5",
+                                 "--job_endpoint=127.0.0.1:18073"])
     assert argv[:3] == [sys.executable, "-m", "pipelines.fanout"]
-    assert f"--prism_location={prism_binary(settings)}" in argv
+    assert "--runner=PrismRunner" in argv and argv.count("--job_endpoint=127.0.0.1:18073") == 1
+    assert not any(a.startswith("--prism_location") for a in argv)
     assert "--environment_type=LOOPBACK" in argv and "--streaming" in argv
     assert "--kafka_bootstrap=127.0.0.1:19092" in argv
     assert [a for a in argv if a.startswith("--redis_url")] == ["--redis_url=redis://elsewhere:1/0"]
-    assert argv[-2:] == ["--push_threshold", "5"]  # passed through, last
+    assert argv[-3:] == ["--push_threshold", "5", "--job_endpoint=127.0.0.1:18073"]
 
 
-def test_missing_prism_binary_is_a_clear_error(settings):
-    prism_binary(settings).unlink()
-    with pytest.raises(UserFacingError, match="Prism runner binary is not built"):
+def test_prism_jobs_go_to_the_shared_job_server_or_fail_clearly_without_it(settings):
+    # Nothing listens on the settings' Prism port: no silent private Prism.
+    with pytest.raises(UserFacingError, match="Prism job server is not answering at "
+                                              "127.0.0.1:18073"):
         submit.build_command("fanout", "prism", settings, [])
+    # A private Prism stays possible, by its binary.
+    argv = submit.build_command("fanout", "prism", settings,
+                                [f"--prism_location={prism_binary(settings)}"])
+    assert f"--prism_location={prism_binary(settings)}" in argv
+    assert not any(a.startswith("--job_endpoint") for a in argv)
 
 
 def test_flink_uses_the_given_job_endpoint_and_passes_flink_master(settings):
@@ -90,10 +99,4 @@ def test_group_and_topics_follow_the_options():
     assert submit.effective_group("fanout", ["--consumer_group", "g1"]) == "g1"
     assert submit.effective_topics("fanout", ["--topic_prefix=x."]) == [
         "x.post-events", "x.follow-events"]
-
-
-def test_lag_of_a_partition_never_committed_is_unknown():
-    assert submit.PartitionLag("t", 0, None, 10).lag is None
-    assert submit.PartitionLag("t", 0, 4, 10).lag == 6
-    assert submit.PartitionLag("t", 0, 12, 10).lag == 0  # end read before the commit
 
