@@ -188,6 +188,9 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
                                               group_of(args.group, job.name), topics_of, job,
                                               args.timeout)
             print(f"   {job.name} caught up in {caught_up_in:.0f}s")
+        if "ranking" in names:
+            wait_until_ranked(settings, args.redis_key_prefix, workload,
+                              next(job for job in jobs if job.name == "ranking"), args.timeout)
         api = start_api(settings, args, keyspace, workload)
 
         _step("7/7 what came out")
@@ -367,18 +370,7 @@ class ApiServer:
 
     def print_samples(self, settings: StackSettings, key_prefix: str,
                       workload: "DemoWorkload") -> None:
-        from stores.redis.feeds import RedisFeedStore
-
-        redis = RedisFeedStore.from_url(settings.redis_url, key_prefix=key_prefix)
-        try:
-            users = range(1, workload.users + 1)
-            pipe = redis.client.pipeline(transaction=False)
-            for u in users:
-                pipe.zcard(redis.keys.home_feed(u))
-            sizes = dict(zip(users, pipe.execute()))
-        finally:
-            redis.close()
-        user = max(users, key=lambda u: (sizes[u], -u))
+        user = sample_user(settings, key_prefix, workload)
         print(f"\n   the API on http://127.0.0.1:{self.port} (log {self.log_path})")
         for label, path in (("ranked feed", f"/v1/users/{user}/feed?limit=5"),
                             ("story tray", f"/v1/users/{user}/stories/tray?limit=5")):
@@ -389,6 +381,54 @@ class ApiServer:
               f"     TOKEN={self.token(user)}\n"
               f"     curl -s -H \"Authorization: Bearer $TOKEN\" "
               f"'http://127.0.0.1:{self.port}/v1/users/{user}/feed?limit=10'")
+
+
+def sample_user(settings: StackSettings, key_prefix: str, workload: "DemoWorkload") -> int:
+    """The user the demo shows: the one with the fullest home feed (lowest id on ties)."""
+    from stores.redis.feeds import RedisFeedStore
+
+    redis = RedisFeedStore.from_url(settings.redis_url, key_prefix=key_prefix)
+    try:
+        users = range(1, workload.users + 1)
+        pipe = redis.client.pipeline(transaction=False)
+        for u in users:
+            pipe.zcard(redis.keys.home_feed(u))
+        sizes = dict(zip(users, pipe.execute()))
+    finally:
+        redis.close()
+    return max(users, key=lambda u: (sizes[u], -u))
+
+
+def wait_until_ranked(settings: StackSettings, key_prefix: str, workload: "DemoWorkload",
+                      job: "FanoutJob", timeout_s: float) -> None:
+    """Wait until the sample user's ranked feed is written.
+
+    The ranking job's offsets are committed once its triggers are in runner
+    state; the refresh itself follows after the debounce and after the
+    fan-out's graph holds the user's follows, so "caught up" comes first.
+    """
+    from stores.redis.client import new_client
+    from schemas.keys import KeyLayout
+
+    user = sample_user(settings, key_prefix, workload)
+    key = KeyLayout(key_prefix).ranked_meta(user)
+    client = new_client(settings.redis_url)
+    started = time.monotonic()
+    try:
+        while not client.exists(key):
+            if job.process.poll() is not None:
+                raise UserFacingError(
+                    f"the ranking job exited (code {job.process.returncode}); its log is "
+                    f"{job.log_path}:\n{job.log_tail()}")
+            if time.monotonic() - started > timeout_s:
+                raise UserFacingError(
+                    f"no ranked feed for user {user} after {timeout_s:.0f}s; the ranking job's "
+                    f"log is {job.log_path}")
+            time.sleep(0.5)
+    finally:
+        client.close()
+    print(f"   ranking: user {user}'s ranked feed written "
+          f"{time.monotonic() - started:.0f}s after the jobs caught up")
 
 
 def start_api(settings: StackSettings, args: argparse.Namespace, keyspace: str,

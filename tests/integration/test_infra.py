@@ -18,7 +18,7 @@ from infra import stack as infra_stack
 
 pytestmark = pytest.mark.integration
 
-_SERVERS = ("cassandra", "kafka", "redis")
+_SERVERS = ("cassandra", "kafka", "redis", "prism")
 
 
 def _by_name(statuses):
@@ -52,17 +52,28 @@ def test_readiness_probes(stack):
     assert services.kafka_ready(stack)
     assert services.cassandra_ready(stack)
     assert services.redis_ready(stack)
+    assert services.prism_ready(stack)
 
 
 def test_probes_say_no_on_a_closed_port(stack):
     import dataclasses
 
     nowhere = dataclasses.replace(
-        stack, kafka_port=1, cassandra_port=1, redis_port=1, flink_job_port=1)
+        stack, kafka_port=1, cassandra_port=1, redis_port=1, flink_job_port=1, prism_job_port=1)
     assert not services.kafka_ready(nowhere)
     assert not services.cassandra_ready(nowhere)
     assert not services.redis_ready(nowhere)
     assert not services.flink_ready(nowhere)
+    assert not services.prism_ready(nowhere)
+
+
+def test_pipeline_runs_on_the_shared_prism_job_server(stack):
+    options = PipelineOptions([
+        "--runner=PrismRunner", f"--job_endpoint={services.prism_job_endpoint(stack)}",
+        "--environment_type=LOOPBACK"])
+    with beam.Pipeline(options=options) as p:
+        tripled = p | beam.Create([1, 2, 3]) | beam.Map(lambda x: x * 3)
+        assert_that(tripled, equal_to([3, 6, 9]))
 
 
 def test_pipeline_runs_on_prism(stack, tmp_path):
