@@ -41,6 +41,9 @@ TEST = [
     "import-linter==2.17",
 ]
 
+# Only bench/bench_serving.py's Redis client comparison uses these (pip install -e .[bench]).
+BENCH = ["coredis==6.9.0", "valkey-glide==2.5.3"]
+
 setup(
     name="feedbeam",
     version="0.1.0",
@@ -66,6 +69,6 @@ setup(
         "infra": ["*.xml", "*.yaml", "*.properties", "*.sh", "*.yml"],
     },
     install_requires=RUNTIME,
-    extras_require={"test": TEST, "dev": TEST},
+    extras_require={"test": TEST, "dev": TEST + BENCH, "bench": BENCH},
     entry_points={"console_scripts": ["feedbeam = jobs.cli:main"]},
 )

@@ -254,6 +254,8 @@ class ExpectedState:
     durable_feeds: dict[int, set[int]]         # Cassandra home feed: post ids (uncapped)
     timelines: dict[int, list[tuple[int, int]]]  # author -> (post_id, created_at), newest first, capped
     deleted: set[int]
+    # user -> the followed accounts at or above the push threshold
+    followed_celebrities: dict[int, set[int]] = dataclasses.field(default_factory=dict)
 
 
 def expected_state(events: Iterable[PostEvent | FollowEvent], policy: FanoutPolicy,
@@ -309,6 +311,12 @@ def expected_state(events: Iterable[PostEvent | FollowEvent], policy: FanoutPoli
     def newest(entries, cap):
         return sorted(entries, key=lambda e: (-e[1], -e[0]))[:cap]
 
+    celebrities: dict[int, set[int]] = {}
+    for author, fs in ordered.items():
+        if not is_push_author(len(fs), policy):
+            for u in fs:
+                celebrities.setdefault(u, set()).add(author)
+
     return ExpectedState(
         followers=ordered,
         feeds={u: newest(es, policy.feed_cap) for u, es in feeds.items()},
@@ -316,6 +324,7 @@ def expected_state(events: Iterable[PostEvent | FollowEvent], policy: FanoutPoli
         timelines={a: newest([(p.post_id, p.created_at) for p in ps], policy.timeline_cap)
                    for a, ps in live_by_author.items()},
         deleted=deleted,
+        followed_celebrities=celebrities,
     )
 
 

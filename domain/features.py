@@ -1,7 +1,10 @@
-"""The features pipeline's aggregation as plain Python (no Beam, no stores).
+"""The features pipeline's rules as plain Python, one event at a time (no Beam, no stores).
 
-``pipelines.features`` keeps one state object per key in Beam keyed state and
-calls these classes from its DoFns; the tests drive them directly too. Events
+These per-event stages (``FirstStage``, ``AuthorStage``, ``ViewerStage``) are the
+reference: the pipeline runs the batch form of the same rules
+(``domain.feature_aggregator``), which the unit tests compare with them, and
+``jobs/synthetic.py`` replays them for training sets. The parameters
+(``FeatureParams``), item codes and top-followers scoring here are shared. Events
 travel between stages as compact ``Item`` tuples ``(kind, t, viewer, author,
 post, media, dwell, like_t)`` with small-int ``kind`` and ``media`` codes and -1
 for "none" (``CANCEL``: an unlike paired with its like). The rules (windows as

@@ -1,9 +1,11 @@
 """The ranking pipeline's decisions as plain functions (no Beam, no stores).
 
-``pipelines.ranking`` adapts these: triggers (``engagement_trigger``,
-``follow_trigger``, ``post_triggers``, folded per user by ``requests_from``),
-the follow gate (``edges_not_applied``, ``follow_gate``), the per-user
-``Debounce``, ``merge_candidates``, ``recency_scores`` (the ranking without a
+``pipelines.ranking`` and ``stores.ranker`` adapt these: triggers
+(``engagement_trigger``, ``follow_trigger``, ``post_audience`` and
+``post_triggers``, ``viral_level``; folded per user by ``requests_from``), the
+follow gate (``edges_not_applied``, ``follow_gate``), the per-user
+``Debounce``, candidates (``merge_candidates`` for one user,
+``select_candidates`` for a batch), ``recency_scores`` (the ranking without a
 model) and ``diversify``. What each decides: docs/architecture.md, "Decision
 rules", and docs/pipelines/ranking.md.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from collections import deque
 from typing import Iterable, Mapping, Protocol, Sequence, TypeVar
 
@@ -25,7 +28,10 @@ from schemas.ranking import (
     POST_CREATED,
     POST_DELETED,
     UNFOLLOW_CHANGED,
+    VIRAL,
     Candidate,
+    CandidateColumns,
+    PostTable,
     RefreshRequest,
     Trigger,
 )
@@ -44,14 +50,16 @@ class RankingPolicy:
     top_k: int = 20
     max_per_author: int = 3
     no_adjacent: bool = True
+    #: Users a post (or its jump in engagement) refreshes eagerly (``post_audience``).
+    post_refresh_cap: int = 1000
 
     def __post_init__(self):
         for name in ("max_candidates", "pushed_limit", "push_threshold", "top_k",
                      "max_per_author"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.celebrity_posts < 0:
-            raise ValueError("celebrity_posts must be >= 0")
+        if self.celebrity_posts < 0 or self.post_refresh_cap < 0:
+            raise ValueError("celebrity_posts and post_refresh_cap must be >= 0")
         if self.max_age_days <= 0 or self.inactive_days <= 0:
             raise ValueError("max_age_days and inactive_days must be > 0")
 
@@ -160,28 +168,96 @@ def follow_gate(wait: FollowWait, unapplied: Sequence[int], waiting_since_ms: in
     return WAIT
 
 
-def post_triggers(post: PostEvent, followers: Sequence[int],
-                  last_reads: Sequence[int | None], inactive_ms: int) -> list[Trigger]:
-    """A created or deleted post changes the candidates of each active follower.
+def post_audience(follower_count: int, followers: Sequence[int],
+                  last_reads: Sequence[int | None], at_ms: int, policy: RankingPolicy
+                  ) -> list[int]:
+    """The users a post (or its jump in engagement) refreshes eagerly: at most
+    ``policy.post_refresh_cap`` of them, whatever the author's size.
 
-    Inactive followers (no feed read within ``inactive_ms`` of the post's
-    event time; never-read users count as active, as in the fan-out) are
-    skipped: their feeds are rebuilt on their next read.
+    ``followers``: below the push threshold, every follower of the author
+    (bounded by the threshold); at or above it, the author's most engaged
+    followers who still follow, most engaged first (never the whole follower
+    set: that is the unbounded read this avoids). ``last_reads`` is aligned.
+    Inactive users (no feed read within ``inactive_ms`` of ``at_ms``) are
+    skipped, as by the fan-out; never-read users count as active. When more
+    are left than the cap, the ones who will see the post soonest are kept:
+    the most engaged above the threshold (the order given), the most recent
+    readers below it (never-read users last). The others see the post at read
+    time (serving puts posts newer than a ranking on top) and in their next
+    refresh.
     """
+    cap = policy.post_refresh_cap
+    active = [(u, last) for u, last in zip(followers, last_reads)
+              if is_active(last, at_ms, policy.inactive_ms)]
+    if len(active) > cap and follower_count < policy.push_threshold:
+        # Stable: equal read times keep follow order.
+        active.sort(key=lambda ul: -1 if ul[1] is None else ul[1], reverse=True)
+    return [u for u, _ in active[:cap]]
+
+
+def post_triggers(post: PostEvent, audience: Sequence[int]) -> list[Trigger]:
+    """A created or deleted post changes the candidates of its ``audience``
+    (``post_audience``)."""
     reason = POST_DELETED if post.kind is PostEventKind.DELETED else POST_CREATED
     media = post.media_type.value if post.media_type is not None else ""
     return [Trigger(u, post.event_time, reason, post.post_id, post.author_id, post.created_at,
                     media)
-            for u, last in zip(followers, last_reads)
-            if is_active(last, post.event_time, inactive_ms)]
+            for u in audience]
+
+
+@dataclasses.dataclass(frozen=True)
+class ViralPolicy:
+    """When a post's jump in engagement re-ranks the feeds that hold it.
+
+    A post's level is 0 below ``min_engagements`` engagements (likes net of
+    unlikes, comments, shares, saves) in the features pipeline's last hour,
+    then 1, 2, 3 ... each time that count grows by ``factor``. Each level a
+    post reaches re-ranks its audience (``post_audience``) once; a user is
+    re-ranked for that reason at most once per ``user_interval_ms``.
+    ``min_engagements=0`` turns it off.
+    """
+
+    min_engagements: int = 50
+    factor: float = 2.0
+    user_interval_ms: int = 600_000
+
+    def __post_init__(self):
+        if self.min_engagements < 0 or self.factor <= 1 or self.user_interval_ms < 0:
+            raise ValueError("need min_engagements >= 0, factor > 1, user_interval_ms >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.min_engagements > 0
+
+
+#: The post features whose sum is a post's engagement count over the last hour.
+VIRAL_FEATURES: tuple[str, ...] = ("like_1h", "comment_1h", "share_1h", "save_1h")
+
+
+def viral_level(post_features: Mapping[str, float], policy: ViralPolicy) -> int:
+    """The post's engagement level (see ``ViralPolicy``) from its online features."""
+    if not policy.enabled:
+        return 0
+    count = sum(max(0.0, post_features.get(name, 0.0)) for name in VIRAL_FEATURES)
+    if count < policy.min_engagements:
+        return 0
+    return 1 + int(math.floor(math.log(count / policy.min_engagements, policy.factor) + 1e-9))
+
+
+def viral_triggers(post_id: int, author_id: int, at_ms: int, audience: Sequence[int]
+                   ) -> list[Trigger]:
+    """A post that reached a new engagement level re-ranks the feeds that hold it."""
+    return [Trigger(u, at_ms, VIRAL, post_id, author_id) for u in audience]
 
 
 def requests_from(user_id: int, triggers: Iterable[Trigger]) -> RefreshRequest:
-    """Fold a user's pending triggers into one request (a deletion beats a creation)."""
+    """Fold a user's pending triggers into one request (a deletion beats a creation; the
+    posts of viral triggers are ``reread``: their features just changed)."""
     created: dict[int, Candidate] = {}
     deleted: set[int] = set()
     changed_at = None
     count = 0
+    viral: set[int] = set()
     for t in triggers:
         count += 1
         changed_at = t.event_time if changed_at is None else min(changed_at, t.event_time)
@@ -189,11 +265,14 @@ def requests_from(user_id: int, triggers: Iterable[Trigger]) -> RefreshRequest:
             deleted.add(t.post_id)
         elif t.reason == POST_CREATED:
             created[t.post_id] = Candidate(t.post_id, t.author_id, t.created_at, t.media_type)
+        elif t.reason == VIRAL:
+            viral.add(t.post_id)
     if changed_at is None:
         raise ValueError("a refresh request needs at least one trigger")
     new_posts = tuple(sorted((c for pid, c in created.items() if pid not in deleted),
                              key=lambda c: c.post_id))
-    return RefreshRequest(user_id, changed_at, new_posts, frozenset(deleted), count)
+    return RefreshRequest(user_id, changed_at, new_posts, frozenset(deleted), count,
+                          frozenset(viral))
 
 
 def merge_requests(requests: Iterable[RefreshRequest]) -> list[RefreshRequest]:
@@ -210,7 +289,7 @@ def merge_requests(requests: Iterable[RefreshRequest]) -> list[RefreshRequest]:
         merged[r.user_id] = RefreshRequest(
             r.user_id, min(held.changed_at_ms, r.changed_at_ms),
             tuple(sorted(posts.values(), key=lambda c: c.post_id)), deleted,
-            held.triggers + r.triggers)
+            held.triggers + r.triggers, held.reread | r.reread)
     return list(merged.values())
 
 
@@ -219,60 +298,67 @@ def merge_requests(requests: Iterable[RefreshRequest]) -> list[RefreshRequest]:
 
 @dataclasses.dataclass(frozen=True)
 class Debounce:
-    """Per-user refresh timing (times in ms; see the module docstring).
+    """When a user's pending refresh is due (times in ms, wall clock).
 
-    A user is in one of three states: idle (no timer), pending (changes
-    waiting, timer at first change + ``settle_ms``) or cooling down (refreshed
-    at F, timer at F + ``interval_ms``). The DoFn keeps the timer time in its
-    state and asks these two methods what to do.
+    A user's first change waits ``settle_ms``, so that a burst coalesces and
+    the fan-out writes meanwhile; changes that arrive before the refresh join
+    it. Refreshes draw on a bucket of ``burst`` tokens refilled one per
+    ``interval_ms``: an occasional change is refreshed right after its settle,
+    a user who changes all the time at most once per ``interval_ms`` on
+    average and never more than ``burst`` times in a row. ``burst=1`` is a
+    plain cool-down of ``interval_ms`` after each refresh.
+
+    The bucket is one number per user, ``full_at``: when it will be full again
+    (a full bucket needs no state, so the queue forgets users once they are
+    past it). ``stores.redis.refresh_queue`` applies these rules in Redis;
+    ``simulate_debounce`` is the same rule with a perfect clock.
     """
 
     settle_ms: int = 500
     interval_ms: int = 5_000
+    burst: int = 3
 
     def __post_init__(self):
-        if self.settle_ms < 0 or self.interval_ms < 1:
-            raise ValueError("settle_ms must be >= 0 and interval_ms >= 1")
+        if self.settle_ms < 0 or self.interval_ms < 1 or self.burst < 1:
+            raise ValueError("settle_ms must be >= 0, interval_ms and burst >= 1")
 
-    def on_change(self, timer_at: int | None, event_ms: int) -> int | None:
-        """A change at ``event_ms``: the timer to set, or None to keep the current one."""
-        return event_ms + self.settle_ms if timer_at is None else None
+    @property
+    def slack_ms(self) -> int:
+        """How long before ``full_at`` a token is there: ``(burst - 1) * interval_ms``."""
+        return (self.burst - 1) * self.interval_ms
 
-    def on_timer(self, fired_at: int, pending: bool) -> tuple[bool, int | None]:
-        """The timer fired: ``(refresh now?, next timer or None for idle)``.
+    def due(self, changed_ms: int, full_at_ms: int | None) -> int:
+        """When a change at ``changed_ms`` of a user with nothing pending is refreshed."""
+        at = changed_ms + self.settle_ms
+        if full_at_ms is not None:
+            at = max(at, full_at_ms - self.slack_ms)
+        return at
 
-        With changes pending: refresh and cool down until ``fired_at +
-        interval_ms``. Without (a cooldown that saw no change): go idle.
-        """
-        if pending:
-            return True, fired_at + self.interval_ms
-        return False, None
+    def refreshed(self, full_at_ms: int | None, at_ms: int) -> int:
+        """``full_at`` after a refresh at ``at_ms`` took a token."""
+        return max(full_at_ms or at_ms, at_ms) + self.interval_ms
 
 
 def simulate_debounce(debounce: Debounce, event_times: Sequence[int]) -> list[tuple[int, list[int]]]:
     """Refreshes of one user for changes at ``event_times`` with a perfect clock.
 
-    Returns ``[(refresh_time, [event times it covers])]``. What the DoFn does
-    under a watermark that never lags; the property tests and the docs use it.
+    Returns ``[(refresh_time, [event times it covers])]``: what the queue does
+    when its drain never lags; the property tests and the docs use it.
     """
-    events = sorted(event_times)
-    timer: int | None = None
-    pending: list[int] = []
     out: list[tuple[int, list[int]]] = []
-    i = 0
-    while i < len(events) or timer is not None:
-        if timer is not None and (i == len(events) or timer <= events[i]):
-            fired = timer
-            refresh, timer = debounce.on_timer(fired, bool(pending))
-            if refresh:
-                out.append((fired, pending))
-                pending = []
-            continue
-        pending.append(events[i])
-        new = debounce.on_change(timer, events[i])
-        if new is not None:
-            timer = new
-        i += 1
+    due: int | None = None
+    full_at: int | None = None
+    pending: list[int] = []
+    for t in sorted(event_times) + [None]:
+        while due is not None and (t is None or due <= t):
+            out.append((due, pending))
+            full_at = debounce.refreshed(full_at, due)
+            due, pending = None, []
+        if t is None:
+            break
+        if due is None:
+            due = debounce.due(t, full_at)
+        pending.append(t)
     return out
 
 
@@ -317,6 +403,78 @@ def merge_candidates(pushed: Sequence[int], pulled: Sequence[int],
             for post_id, (created, source, is_pulled) in newest]
 
 
+def _take(values: np.ndarray, at: np.ndarray, found: np.ndarray, fill) -> np.ndarray:
+    """``values[at]`` where ``found``, ``fill`` elsewhere (``values`` may be empty)."""
+    out = np.full(len(at), fill, dtype=values.dtype)
+    out[found] = values[at[found]]
+    return out
+
+
+def _lookup(posts: PostTable, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(found, index)`` of ``ids`` in the table's sorted ``post_id``."""
+    at = np.searchsorted(posts.post_id, ids)
+    found = at < len(posts.post_id)
+    found[found] = posts.post_id[at[found]] == ids[found]
+    return found, at
+
+
+def select_candidates(users: Sequence[int], pushed: Sequence[Sequence[int]],
+                      pulled: Sequence[Sequence[int]], requests: Sequence[RefreshRequest],
+                      posts: PostTable, now_ms: int, policy: RankingPolicy) -> CandidateColumns:
+    """``merge_candidates`` for a whole batch at once, as columns (same rules, same order).
+
+    ``users[i]`` has home-feed ids ``pushed[i]``, pulled ids ``pulled[i]`` and
+    request ``requests[i]``; ``posts`` describes the stored ids among them
+    (absent: unknown). Works on arrays: a batch costs a few NumPy calls plus
+    a Python step per user, not one per candidate.
+    """
+    n = len(users)
+    # Rows: every stored id (source 0 pushed, 1 pulled), then the triggers' posts (2).
+    lists = [np.asarray(x, np.int64) for x in list(pushed) + list(pulled)]
+    sizes = np.array([len(x) for x in lists], np.int64)
+    ids = np.concatenate(lists + [np.zeros(0, np.int64)])
+    user = np.repeat(np.tile(np.arange(n), 2), sizes)
+    source = np.repeat(np.repeat(np.array([0, 1], np.int8), n), sizes)
+    found, at = _lookup(posts, ids)
+    state = _take(posts.state, at, found, 0)
+    new = [(i, c) for i, r in enumerate(requests) for c in r.new_posts]
+    new_ids = np.fromiter((c.post_id for _, c in new), np.int64, len(new))
+    new_found, new_at = _lookup(posts, new_ids)
+    row_user = np.concatenate([user, np.fromiter((i for i, _ in new), np.int64, len(new))])
+    row_post = np.concatenate([ids, new_ids])
+    row_source = np.concatenate([source, np.full(len(new), 2, np.int8)])
+    row_author = np.concatenate([_take(posts.author_id, at, found, 0),
+                                 np.fromiter((c.author_id for _, c in new), np.int64, len(new))])
+    row_created = np.concatenate([_take(posts.created_at, at, found, 0),
+                                  np.fromiter((c.created_at for _, c in new), np.int64, len(new))])
+    row_media = np.concatenate([_take(posts.media, at, found, ""),
+                                np.array([c.media_type for _, c in new], dtype=object)])
+    # Stored rows need live metadata; trigger rows only not to be tombstoned.
+    keep = np.concatenate([state == 1, _take(posts.state, new_at, new_found, 0) != 2])
+    keep &= row_created >= now_ms - policy.max_age_ms
+    deleted = {(i, pid) for i, r in enumerate(requests) for pid in r.deleted}
+    if deleted:
+        some = np.isin(row_post, np.fromiter((p for _, p in deleted), np.int64, len(deleted)))
+        for k in np.flatnonzero(some & keep):
+            keep[k] = (int(row_user[k]), int(row_post[k])) not in deleted
+    idx = np.flatnonzero(keep)
+    # One row per (user, post): the first source wins (pushed, then pulled, then triggers).
+    idx = idx[np.lexsort((row_source[idx], row_post[idx], row_user[idx]))]
+    first = np.ones(len(idx), bool)
+    first[1:] = ((row_user[idx][1:] != row_user[idx][:-1])
+                 | (row_post[idx][1:] != row_post[idx][:-1]))
+    idx = idx[first]
+    # Newest first per user (creation time, then post id); the first max_candidates.
+    idx = idx[np.lexsort((-row_post[idx], -row_created[idx], row_user[idx]))]
+    starts = np.searchsorted(row_user[idx], np.arange(n + 1))
+    rank = np.arange(len(idx)) - np.repeat(starts[:-1], np.diff(starts))
+    idx = idx[rank < policy.max_candidates]
+    return CandidateColumns(
+        users=tuple(users), offsets=np.searchsorted(row_user[idx], np.arange(n + 1)),
+        post_id=row_post[idx], author_id=row_author[idx], created_at=row_created[idx],
+        media=row_media[idx], pulled=row_source[idx] == 1)
+
+
 def recency_scores(candidates: Sequence[Candidate]) -> np.ndarray:
     """Scores of the recency ranking: the creation time (ms), newest highest."""
     return np.fromiter((c.created_at for c in candidates), dtype=np.float64,
@@ -354,38 +512,50 @@ def diversify(entries: Sequence[E], top_k: int = 20, max_per_author: int = 3,
     """
     if top_k < 0 or max_per_author < 1:
         raise ValueError("top_k must be >= 0 and max_per_author >= 1")
-    order = sorted(range(len(entries)), key=lambda i: -entries[i].score)
-    queues: dict[int, deque[int]] = {}  # author -> ranks (positions in ``order``) of its entries
-    for r, i in enumerate(order):
-        queues.setdefault(entries[i].author_id, deque()).append(r)
-    heads = [(q[0], a) for a, q in queues.items()]  # (rank of the author's best left, author)
-    heapq.heapify(heads)
+    # Candidates in score order are the passed-over ones (``held``, all ranked above
+    # the cursor; per author, in score order) and then ``ranked[at:]``: the first one
+    # the rules allow is the greedy's choice. Usually nothing is held, so a position
+    # costs a step of the cursor; held entries are looked at one author at a time.
+    ranked = sorted(entries, key=_minus_score)
+    held: dict[int, deque[tuple[int, E]]] = {}
+    at, n = 0, len(ranked)
     in_top: dict[int, int] = {}
     out: list[E] = []
     prev = None
-    while heads:
-        position = len(out)
-        skipped: list[tuple[int, int]] = []
+    while len(out) < n:
+        capped = len(out) < top_k
+        best = None  # (rank, author) of the best allowed held entry
+        for a, queue in held.items():
+            if ((not no_adjacent or a != prev)
+                    and (not capped or in_top.get(a, 0) < max_per_author)
+                    and (best is None or queue[0][0] < best[0])):
+                best = (queue[0][0], a)
         chosen = None
-        while heads:
-            head = heapq.heappop(heads)
-            author = head[1]
-            if ((not no_adjacent or author != prev)
-                    and (position >= top_k or in_top.get(author, 0) < max_per_author)):
-                chosen = head
+        while best is None and at < n:
+            e = ranked[at]
+            a = e.author_id
+            if ((not no_adjacent or a != prev)
+                    and (not capped or in_top.get(a, 0) < max_per_author)):
+                chosen = e
+            else:
+                held.setdefault(a, deque()).append((at, e))
+            at += 1
+            if chosen is not None:
                 break
-            skipped.append(head)
-        if chosen is None:  # skipped is in score order: relax the cap, then adjacency
-            chosen = next((h for h in skipped if not no_adjacent or h[1] != prev), skipped[0])
-            skipped.remove(chosen)
-        for h in skipped:
-            heapq.heappush(heads, h)
-        author = chosen[1]
-        queue = queues[author]
-        out.append(entries[order[queue.popleft()]])
-        if position < top_k:
-            in_top[author] = in_top.get(author, 0) + 1
-        if queue:
-            heapq.heappush(heads, (queue[0], author))
-        prev = author
+        if chosen is None:
+            if best is None:  # all that is left is held: relax the cap, then adjacency
+                heads = sorted((q[0][0], a) for a, q in held.items())
+                best = next((h for h in heads if not no_adjacent or h[1] != prev), heads[0])
+            queue = held[best[1]]
+            chosen = queue.popleft()[1]
+            if not queue:
+                del held[best[1]]
+        prev = chosen.author_id
+        if capped:
+            in_top[prev] = in_top.get(prev, 0) + 1
+        out.append(chosen)
     return out
+
+
+def _minus_score(entry: Scored) -> float:
+    return -entry.score

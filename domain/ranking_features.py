@@ -47,13 +47,14 @@ def feature_matrix(post: Mapping[str, np.ndarray], author: Mapping[str, np.ndarr
                 out[:, col] = values
             col += 1
     media_type = np.asarray(media_type, dtype=object)
+    is_media = {m: media_type == m for m in MEDIA_TYPES}  # once: object compares are slow
     zeros = np.zeros(n)
     per_media = {m: np.nan_to_num(np.asarray(media_affinity.get(m, zeros), dtype=np.float64))
                  for m in MEDIA_TYPES}
     mine = np.zeros(n)
     total = np.zeros(n)
     for m, values in per_media.items():
-        is_m = media_type == m
+        is_m = is_media[m]
         mine[is_m] = values[is_m]
         total += values
     out[:, col] = np.nan_to_num(np.asarray(author_affinity, dtype=np.float64))
@@ -63,7 +64,7 @@ def feature_matrix(post: Mapping[str, np.ndarray], author: Mapping[str, np.ndarr
     out[:, col + 3] = np.asarray(age_ms, dtype=np.float64) / _MINUTE_MS
     col += 4
     for m in MEDIA_TYPES:
-        out[:, col] = media_type == m
+        out[:, col] = is_media[m]
         col += 1
     return out
 

@@ -3,8 +3,10 @@
 The story stores and ``pipelines.stories`` adapt these: lifetimes
 (``redis_expire_at_ms``, ``ttl_seconds``), the Cassandra removal timestamp
 (``removal_timestamp_us``), tray order (``assemble_tray``), durable rows back as
-events for ``feedbeam rebuild`` (``republished_event``, ``reviewed_event``) and
-the expiry index buckets (``expiry_bucket``, ``sweep_buckets``). Why each rule:
+events for ``feedbeam rebuild`` (``republished_event``, ``reviewed_event``), the
+expiry index buckets (``expiry_bucket``, ``sweep_buckets``), the expiry timers'
+keys and pending summary (``timer_shard``, ``wakeups``, ``add_pending``,
+``settle_pending``) and the oracle (``expected_stories``). Why each rule:
 docs/architecture.md, "Decision rules", and docs/pipelines/stories.md.
 """
 from __future__ import annotations
@@ -177,19 +179,60 @@ def reviewed_event(story_id: int, author_id: int, viewer_id: int, viewed_at: int
 
 
 def timer_shard(story_id: int, shards: int) -> int:
-    """Key of a story's expiry timer: stories are spread over ``shards`` keys."""
-    return story_id % shards
+    """Key of the expiry timer that removes ``story_id``: its expiry-index shard
+    (``expiry_shard``) folded onto ``shards`` keys, so each key owns whole index
+    partitions (``index_shards_of``)."""
+    return expiry_shard(story_id) % shards
 
 
-def timer_tag(story_id: int, author_id: int, expires_at: int) -> str:
-    """Dynamic timer tag of a story's expiry: all the firing needs, so no state is kept."""
-    return f"{story_id}:{author_id}:{expires_at}"
+def index_shards_of(key: int, shards: int) -> list[int]:
+    """The expiry-index shards whose stories timer key ``key`` (of ``shards``) removes."""
+    if not 1 <= shards <= EXPIRY_SHARDS:
+        raise ValueError(f"expiry timer shards must be within 1..{EXPIRY_SHARDS}")
+    return [s for s in range(EXPIRY_SHARDS) if s % shards == key]
 
 
-def parse_timer_tag(tag: str) -> tuple[int, int, int]:
-    """``(story_id, author_id, expires_at)`` of a ``timer_tag``."""
-    story_id, author_id, expires_at = (int(part) for part in tag.split(":"))
-    return story_id, author_id, expires_at
+def wakeups(published: Iterable[tuple[int, int]], shards: int) -> list[tuple[int, int]]:
+    """``(timer key, at)`` for ``(story_id, expires_at)`` of written stories: the
+    earliest expiry per timer key and expiry-index bucket (what the key's pending
+    summary needs, ``add_pending``), sorted."""
+    earliest: dict[tuple[int, int], int] = {}
+    for story_id, expires_at in published:
+        slot = (timer_shard(story_id, shards), expiry_bucket(expires_at))
+        if slot not in earliest or expires_at < earliest[slot]:
+            earliest[slot] = expires_at
+    return sorted((key, at) for (key, _), at in earliest.items())
+
+
+def add_pending(pending: dict[int, int], at: int) -> bool:
+    """Record in ``pending`` (expiry-index bucket -> earliest pending ``expires_at``
+    in it) that a story expiring at ``at`` was written. True when ``pending``
+    changed."""
+    bucket = expiry_bucket(at)
+    if bucket in pending and pending[bucket] <= at:
+        return False
+    pending[bucket] = at
+    return True
+
+
+def due_buckets(pending: Mapping[int, int], bound: int) -> list[int]:
+    """Buckets of ``pending`` that may hold stories expiring at or before ``bound``."""
+    last = expiry_bucket(bound)
+    return sorted(b for b in pending if b <= last)
+
+
+def settle_pending(pending: Mapping[int, int], drained_through: int,
+                   found: Mapping[int, int]) -> dict[int, int]:
+    """``pending`` after a removal round: every story expiring at or before
+    ``drained_through`` is gone, and ``found`` (bucket -> earliest) is what the
+    round saw left in the buckets it read. Buckets up to ``drained_through``'s
+    keep only what was found; later ones are kept."""
+    last = expiry_bucket(drained_through)
+    out = {b: at for b, at in pending.items() if b > last}
+    for b, at in found.items():
+        if at > drained_through and (b not in out or at < out[b]):
+            out[b] = at
+    return out
 
 
 # --------------------------------------------------------------------------- oracle

@@ -155,12 +155,12 @@ class KafkaEventSink:
         except KafkaException as exc:
             raise UserFacingError(
                 f"Kafka at {self.bootstrap} does not answer ({exc}); start it with "
-                f"`feedbeam infra up` or pass --bootstrap (or --no-kafka)") from None
+                f"`feedbeam infra up` or pass --kafka-bootstrap (or --no-kafka)") from None
         missing = sorted(t for t in self._topic.values() if t not in existing)
         if missing:
             raise UserFacingError(
                 f"topics missing on {self.bootstrap}: {', '.join(missing)}; create them "
-                f"with `feedbeam topics create --prefix '{self.prefix}'` or fix --topic-prefix")
+                f"with `feedbeam topics create --topic-prefix '{self.prefix}'` or fix --topic-prefix")
 
     def _on_delivery(self, err, msg) -> None:
         if err is not None:
@@ -386,7 +386,7 @@ def register(subparsers) -> None:
                    help="stop after this many events (default: the whole span)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="events per second, 0 = as fast as possible (default: %(default)g)")
-    p.add_argument("--bootstrap", default=None,
+    p.add_argument("--kafka-bootstrap", "--bootstrap", dest="bootstrap", default=None,
                    help="Kafka bootstrap servers (default: the local stack's)")
     p.add_argument("--topic-prefix", default="",
                    help="prepended to every topic name: test1. -> test1.post-events")

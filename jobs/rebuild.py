@@ -2,203 +2,30 @@
 
     feedbeam rebuild                        # every view, local stack
     feedbeam rebuild --views feeds,posts    # some of them
-    feedbeam rebuild --key-prefix fb --keyspace feedbeam --feed-cap 1000
+    feedbeam rebuild --redis-key-prefix fb --cassandra-keyspace feedbeam --feed-cap 1000
 
 Scans the durable tables and writes them back through the store modules the
-pipelines and the API use. Every write is idempotent, so it can run beside the
-pipelines, be interrupted and run again. What each view restores, and what is
-not restored: docs/operations.md, "rebuild: refill Redis from Cassandra".
+pipelines and the API use (``stores.restore``, the code the jobs run by
+themselves when they find Redis empty). Every write is idempotent, so it can
+run beside the pipelines, be interrupted and run again; a rebuild of every
+view ends by writing the prefix's generation marker. What each view restores,
+and what is not restored: docs/operations.md, "rebuild: refill Redis from
+Cassandra".
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import dataclasses
-import heapq
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 from infra.settings import StackSettings
 from infra.errors import UserFacingError
 from domain.fanout import FanoutPolicy
-from stores.cassandra.feeds import batched
 from domain.stories import HOUR_MS, StoryPolicy
 from schemas.features import DAY_MS, DEFAULT_HALF_LIFE_MS, FeatureTTLs
+from stores.restore import VIEWS, RestoreContext, RestoreSettings, restore
 
-_BATCH = 2000
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclasses.dataclass
-class RebuildContext:
-    redis: object        # RedisFeedStore
-    cassandra: object    # CassandraFeedStore
-    redis_url: str
-    key_prefix: str
-    session: object
-    keyspace: str
-    feed_cap: int
-    timeline_cap: int
-    feature_ttls: FeatureTTLs = FeatureTTLs()
-    half_life_ms: int = DEFAULT_HALF_LIFE_MS
-    top_followers_keep: int = 10_000
-    story_policy: StoryPolicy = StoryPolicy()
-    clock: Callable[[], int] = _now_ms   # "now" in ms, read per batch (expiries, TTLs)
-
-
-def _batched(rows: Iterable) -> Iterable[list]:
-    return batched(rows, _BATCH)
-
-
-def rebuild_graph(ctx: RebuildContext, bar) -> int:
-    n = 0
-    for edges in _batched(ctx.cassandra.scan_follow_edges()):
-        ctx.redis.apply_edges(edges)
-        n += len(edges)
-        bar.update(len(edges))
-    return n
-
-
-def rebuild_posts(ctx: RebuildContext, bar) -> int:
-    from schemas.events import PostEventKind
-
-    n = 0
-    for posts in _batched(ctx.cassandra.scan_posts()):
-        created = [p for p in posts if p.kind is PostEventKind.CREATED]
-        ctx.redis.put_posts(created)
-        for p in posts:
-            if p.kind is PostEventKind.DELETED:
-                ctx.redis.tombstone_post(p)
-                ctx.redis.remove_from_timeline(p.author_id, [(p.post_id, p.created_at)],
-                                               ctx.timeline_cap)
-        n += len(posts)
-        bar.update(len(posts))
-    return n
-
-
-def _newest_per_key(rows: Iterable[tuple[int, int, int]], cap: int, bar) -> dict[int, list]:
-    """``{key: [(post_id, created_at), ...]}`` keeping the newest ``cap`` per key."""
-    heaps: dict[int, list] = collections.defaultdict(list)
-    for key, post_id, created_at in rows:
-        heap = heaps[key]
-        item = (created_at, post_id)
-        if len(heap) < cap:
-            heapq.heappush(heap, item)
-        elif item > heap[0]:
-            heapq.heapreplace(heap, item)
-        bar.update(1)
-    return {k: [(p, c) for c, p in h] for k, h in heaps.items()}
-
-
-def rebuild_timelines(ctx: RebuildContext, bar) -> int:
-    newest = _newest_per_key(ctx.cassandra.scan_timelines(), ctx.timeline_cap, bar)
-    entries = [(author, p, c) for author, kept in newest.items() for p, c in kept]
-    for batch in _batched(entries):
-        ctx.redis.add_to_timelines(batch, ctx.timeline_cap)
-    return len(entries)
-
-
-def rebuild_feeds(ctx: RebuildContext, bar) -> int:
-    newest = _newest_per_key(ctx.cassandra.scan_home_feeds(), ctx.feed_cap, bar)
-    for user, kept in newest.items():
-        ctx.redis.merge_into_feed(user, kept, ctx.feed_cap)
-    return sum(len(v) for v in newest.values())
-
-
-def rebuild_activity(ctx: RebuildContext, bar) -> int:
-    n = 0
-    for user, at_ms in ctx.cassandra.scan_last_reads():
-        ctx.redis.set_last_read(user, at_ms)
-        n += 1
-        bar.update(1)
-    return n
-
-
-def rebuild_features(ctx: RebuildContext, bar) -> int:
-    """Online feature hashes (fresh values only) and the authors' top followers."""
-    from stores.cassandra.features import CassandraFeatureStore, refill_online
-    from domain.features import follower_scores
-    from stores.redis.features import OnlineFeatureStore
-    from schemas.features import VIEWER_AUTHOR
-
-    online = OnlineFeatureStore(ctx.redis.client, ctx.redis.keys, ctx.feature_ttls,
-                                ctx.half_life_ms)
-
-    def after_batch(entity_type: str, values: list) -> None:
-        if entity_type == VIEWER_AUTHOR:
-            # Every affinity, expired ones too: the ranking keeps them (no TTL).
-            ctx.redis.apply_follower_engagement(follower_scores(values, ctx.half_life_ms),
-                                                keep=ctx.top_followers_keep)
-        bar.update(len(values))
-
-    counts = refill_online(CassandraFeatureStore(ctx.session, ctx.keyspace), online,
-                           batch_size=_BATCH, now_ms=ctx.clock(), on_batch=after_batch)
-    return sum(n for key, n in counts.items() if key.startswith("read."))
-
-
-def rebuild_stories(ctx: RebuildContext, bar) -> int:
-    """Deletions, active stories, their views, then the seen sets (see the module doc)."""
-    from stores.cassandra.stories import CassandraStoryStore
-    from stores.redis.stories import PUBLISHED, RedisStoryStore
-    from domain.stories import republished_event, reviewed_event
-
-    policy = ctx.story_policy
-    durable = CassandraStoryStore(ctx.session, ctx.keyspace, policy)
-    hot = RedisStoryStore(ctx.redis.client, ctx.redis.keys, policy)
-    restored: dict[int, int] = {}   # story id -> author, of the stories written back
-    n = 0
-    for rows in _batched(durable.scan_deletions()):
-        hot.restore_deletions(rows, ctx.clock())
-        n += len(rows)
-        bar.update(len(rows))
-    for rows in _batched(durable.scan_stories()):
-        now = ctx.clock()
-        live = [s for s in rows if s.active(now)]
-        statuses = hot.publish([republished_event(s, policy) for s in live], now)
-        restored.update((s.story_id, s.author_id) for s, status in zip(live, statuses)
-                        if status == PUBLISHED)
-        n += len(rows)
-        bar.update(len(rows))
-    for rows in _batched(durable.scan_views()):
-        hot.record_views([reviewed_event(sid, restored[sid], viewer, at)
-                          for sid, viewer, at in rows if sid in restored], ctx.clock())
-        n += len(rows)
-        bar.update(len(rows))
-    for rows in _batched(durable.scan_seen()):
-        hot.add_seen([row for row in rows if row[1] in restored], ctx.clock())
-        n += len(rows)
-        bar.update(len(rows))
-    return n
-
-
-def rebuild_ranked(ctx: RebuildContext, bar) -> int:
-    """Ranked feeds, newer-wins against what Redis holds."""
-    from stores.ranked import RankedFeedStore
-
-    store = RankedFeedStore(ctx.redis.client, ctx.redis.keys, ctx.cassandra)
-    n = 0
-    for feeds in _batched(store.scan_durable()):
-        store.restore(feeds)
-        n += len(feeds)
-        bar.update(len(feeds))
-    return n
-
-
-#: View name -> rebuild function, in the order they run (the graph and posts
-#: first: the rest reference them).
-VIEWS: dict[str, Callable[[RebuildContext, object], int]] = {
-    "graph": rebuild_graph,
-    "posts": rebuild_posts,
-    "timelines": rebuild_timelines,
-    "feeds": rebuild_feeds,
-    "activity": rebuild_activity,
-    "features": rebuild_features,
-    "stories": rebuild_stories,
-    "ranked": rebuild_ranked,
-}
+__all__ = ["VIEWS", "parse_views", "rebuild", "register", "run_rebuild"]
 
 
 def parse_views(text: str) -> list[str]:
@@ -214,16 +41,21 @@ def parse_views(text: str) -> list[str]:
     return [v for v in VIEWS if v in names]
 
 
-def rebuild(ctx: RebuildContext, views: Iterable[str], progress: bool = True) -> dict[str, int]:
-    """Run the named views' rebuilds; returns rows restored per view."""
+def rebuild(ctx: RestoreContext, views: Iterable[str], progress: bool = True) -> dict[str, int]:
+    """Restore the named views (``stores.restore``); returns rows restored per view.
+    A rebuild of every view writes a new generation marker (``KeyLayout.generation``):
+    the jobs and the API then take Redis as whole again."""
     from tqdm import tqdm
 
-    out = {}
-    for name in views:
-        with tqdm(desc=f"rebuild {name}", unit="row", unit_scale=True, dynamic_ncols=True,
-                  disable=not progress, leave=True) as bar:
-            out[name] = VIEWS[name](ctx, bar)
-    return out
+    from stores.redis.generation import RedisGeneration
+
+    views = list(views)
+    counts = restore(ctx, views, lambda name: tqdm(
+        desc=f"rebuild {name}", unit="row", unit_scale=True, dynamic_ncols=True,
+        disable=not progress, leave=True))
+    if set(views) >= set(VIEWS):
+        RedisGeneration(ctx.redis.client, ctx.redis.keys).mark()
+    return counts
 
 
 def register(subparsers) -> None:
@@ -231,24 +63,26 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--views", default=",".join(VIEWS),
                    help=f"comma-separated, in this order by default: {','.join(VIEWS)}")
-    p.add_argument("--key-prefix", default="fb", help="Redis key prefix of the deployment")
-    p.add_argument("--keyspace", default="feedbeam", help="Cassandra keyspace")
+    p.add_argument("--redis-key-prefix", "--key-prefix", dest="key_prefix", default="fb",
+                   help="Redis key prefix of the deployment")
+    p.add_argument("--cassandra-keyspace", "--keyspace", dest="keyspace", default="feedbeam",
+                   help="Cassandra keyspace")
     d = FanoutPolicy()
     p.add_argument("--feed-cap", type=int, default=d.feed_cap)
     p.add_argument("--timeline-cap", type=int, default=d.timeline_cap)
     t = FeatureTTLs()
     p.add_argument("--post-ttl-h", type=float, default=t.post_ms / HOUR_MS,
-                   help="features: the features pipeline's --post_ttl_h")
+                   help="features: the features pipeline's --post-ttl-h")
     p.add_argument("--author-ttl-h", type=float, default=t.author_ms / HOUR_MS,
-                   help="features: the features pipeline's --author_ttl_h")
+                   help="features: the features pipeline's --author-ttl-h")
     p.add_argument("--affinity-ttl-days", type=float, default=t.viewer_author_ms / DAY_MS,
-                   help="features: the features pipeline's --affinity_ttl_days")
+                   help="features: the features pipeline's --affinity-ttl-days")
     p.add_argument("--half-life-days", type=float, default=DEFAULT_HALF_LIFE_MS / DAY_MS,
-                   help="features: the features pipeline's --half_life_days")
-    p.add_argument("--top-followers-keep", type=int, default=RebuildContext.top_followers_keep,
-                   help="features: the features pipeline's --top_followers_keep")
+                   help="features: the features pipeline's --half-life-days")
+    p.add_argument("--top-followers-keep", type=int, default=RestoreSettings.top_followers_keep,
+                   help="features: the features pipeline's --top-followers-keep")
     p.add_argument("--story-grace-s", type=float, default=StoryPolicy().grace_ms / 1000,
-                   help="stories: the stories pipeline's --grace_s")
+                   help="stories: the stories pipeline's --grace-s")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run_rebuild)
 
@@ -286,10 +120,9 @@ def run_rebuild(args: argparse.Namespace, settings: StackSettings) -> int:
         except Exception as exc:
             raise UserFacingError(f"Redis is not answering at {settings.redis_url} ({exc})") \
                 from None
-        ctx = RebuildContext(redis, CassandraFeedStore(session, args.keyspace), settings.redis_url,
-                             args.key_prefix, session, args.keyspace, args.feed_cap,
-                             args.timeline_cap, ttls, half_life_ms, args.top_followers_keep,
-                             story_policy)
+        ctx = RestoreContext(redis, CassandraFeedStore(session, args.keyspace), RestoreSettings(
+            args.feed_cap, args.timeline_cap, ttls, half_life_ms, args.top_followers_keep,
+            story_policy))
         started = time.monotonic()
         counts = rebuild(ctx, views, progress=not args.no_progress)
         print(f"rebuilt {', '.join(f'{v} {n:,}' for v, n in counts.items())} "

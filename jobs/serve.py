@@ -47,6 +47,18 @@ def register(subparsers) -> None:
     serve.add_argument("--cassandra-timeout-ms", type=float, default=None)
     serve.add_argument("--request-budget-ms", type=float, default=None,
                        help="a request taking longer gets 503")
+    serve.add_argument("--max-followees-scanned", type=int, default=None,
+                       help="most recent follows whose follower counts are read to find the "
+                            "followed celebrities (bounds a request whatever the account)")
+    serve.add_argument("--max-pulled-timelines", type=int, default=None,
+                       help="followed celebrities' timelines a feed page pulls at most")
+    serve.add_argument("--tray-followees", type=int, default=None,
+                       help="followees whose stories one story-tray page reads")
+    serve.add_argument("--max-header-bytes", type=int, default=None,
+                       help="request line + headers, then 431 (at least 8192)")
+    serve.add_argument("--header-read-timeout-s", type=float, default=None,
+                       help="a client must send a request's headers within this, else the "
+                            "connection is closed (slow clients)")
     serve.set_defaults(handler=handle_serve)
 
     token = subparsers.add_parser(
@@ -94,7 +106,12 @@ def build_config(args, settings: StackSettings):
                               ("feed_cap", "feed_cap", None),
                               ("redis_timeout_ms", "redis_timeout_s", 1000),
                               ("cassandra_timeout_ms", "cassandra_timeout_s", 1000),
-                              ("request_budget_ms", "request_budget_s", 1000)):
+                              ("request_budget_ms", "request_budget_s", 1000),
+                              ("max_followees_scanned", "max_followees_scanned", None),
+                              ("max_pulled_timelines", "max_pulled_timelines", None),
+                              ("tray_followees", "tray_followees", None),
+                              ("max_header_bytes", "max_header_bytes", None),
+                              ("header_read_timeout_s", "header_read_timeout_s", None)):
         value = getattr(args, arg)
         if value is not None:
             overrides[field] = value / scale if scale else value
@@ -120,20 +137,42 @@ def handle_serve(args, settings: StackSettings) -> int:
     print(f"serving on http://{args.host}:{args.port} ({args.server}, {args.workers} worker(s)); "
           f"Redis {config.redis_url}, Cassandra {config.cassandra_host}:{config.cassandra_port}/"
           f"{config.keyspace}", flush=True)
-    if args.server == "granian":
+    run_server(args.server, args.host, args.port, args.workers, config)
+    return 0
+
+
+def server_options(server: str, config) -> dict:
+    """The HTTP server's edges from ``config``: HTTP/1.1 only (granian's HTTP/2 would
+    take 16 MiB of headers), request line + headers up to ``max_header_bytes``
+    (431 past it), ``header_read_timeout_s`` to send them (slow clients), idle
+    keep-alive ``keep_alive_s``. Bodies past ``max_body_bytes`` are the app's 413."""
+    if server == "granian":
+        from granian.constants import HTTPModes
+        from granian.http import HTTP1Settings
+
+        return {"http": HTTPModes.http1, "backlog": 2048,
+                "http1_settings": HTTP1Settings(
+                    header_read_timeout=int(config.header_read_timeout_s * 1000),
+                    keep_alive=True, max_buffer_size=config.max_header_bytes)}
+    return {"http": "serving.http_limits:BoundedHttpToolsProtocol", "backlog": 2048,
+            "timeout_keep_alive": config.keep_alive_s}
+
+
+def run_server(server: str, host: str, port: int, workers: int, config) -> None:
+    """Serve ``serving.app:create_app`` (its config in ``CONFIG_ENV``) until stopped."""
+    if server == "granian":
         from granian import Granian
         from granian.constants import Interfaces, Loops
 
-        Granian("serving.app:create_app", address=args.host, port=args.port,
-                interface=Interfaces.ASGI, workers=args.workers, loop=Loops.uvloop,
-                factory=True, log_access=False).serve()
-        return 0
+        Granian("serving.app:create_app", address=host, port=port, interface=Interfaces.ASGI,
+                workers=workers, loop=Loops.uvloop, factory=True, log_access=False,
+                **server_options(server, config)).serve()
+        return
     import uvicorn
 
-    uvicorn.run("serving.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, loop="uvloop", http="httptools", lifespan="on",
-                access_log=False, log_level="warning", backlog=2048)
-    return 0
+    uvicorn.run("serving.app:create_app", factory=True, host=host, port=port, workers=workers,
+                loop="uvloop", lifespan="on", access_log=False, log_level="warning",
+                **server_options(server, config))
 
 
 def handle_token(args, settings: StackSettings) -> int:

@@ -1,19 +1,21 @@
 """``feedbeam submit | status | cancel``: run the pipelines on a Beam runner and watch them.
 
     feedbeam submit fanout                          # Prism, foreground; Ctrl-C cancels
+    feedbeam submit fanout --help                   # the pipeline's options, with defaults
+    feedbeam submit fanout --detach --topic-prefix t1. --consumer-group t1-fanout \\
+        --redis-key-prefix t1 --cassandra-keyspace t1           # an isolated run
     feedbeam submit features --runner flink --detach
-    feedbeam submit stories --runner flink --flink_master flink-jm:8081 --parallelism 4
-    feedbeam submit ranking --runner dataflow --project P --region R --temp_location gs://b/t
-    feedbeam status                                 # jobs, lag per partition, events/s
-    feedbeam cancel fanout-20261121-101500
+    feedbeam status [JOB | PIPELINE] [--topic-prefix P] [--consumer-group G]
+    feedbeam cancel JOB | PIPELINE [--topic-prefix P] [--consumer-group G] [--all]
 
 ``submit`` starts ``python -m pipelines.<name>`` on a runner (``prism``, the
 default; ``flink``; ``direct`` for bounded runs; ``dataflow``) with the local
-stack's addresses filled in for the options the pipeline declares; every
-option it does not know goes to the pipeline and to Beam unchanged. A job's
-record (pid, runner, consumer group, topics, log) is kept in
-``<state_dir>/jobs`` for ``status`` and ``cancel``. ``docs/operations.md``
-covers the runners, detached jobs and what the lag means.
+stack's addresses filled in for the options the pipeline declares. Every other
+option goes to the pipeline and to Beam, after ``pipelines.runtime.check_options``
+refused any that neither reads. A job's record (pid, runner, topic prefix,
+consumer group, topics, log) is kept in ``<state_dir>/jobs`` for ``status`` and
+``cancel``. ``docs/operations.md`` covers the runners, isolated runs, detached
+jobs and what the lag means.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 from infra.errors import UserFacingError
 from infra.services import (
@@ -38,7 +41,16 @@ from infra.services import (
     prism_ready,
 )
 from infra.settings import REPO_ROOT, StackSettings
-from pipelines.runtime import has_flag
+from pipelines.runtime import (
+    OptionsError,
+    beam_spelling,
+    check_options,
+    declared_flags,
+    flag_value,
+    has_flag,
+    options_help,
+    wants_help,
+)
 from stores.kafka.lag import group_lag
 
 RUNNERS = ("prism", "flink", "direct", "dataflow")
@@ -54,12 +66,18 @@ class PipelineSpec:
     module: str
     group: str
     topics: tuple[str, ...]
+    #: Further steps of the job with consumer groups of their own: (suffix of the
+    #: job's group, topics they read); ``status`` shows their lag beside the job's.
+    steps: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 #: The pipelines ``submit`` can start: module, default consumer group, topics read.
 PIPELINES: dict[str, PipelineSpec] = {
+    # The fan-out's durable step reads its durable log as <group>-durable
+    # (pipelines.fanout.DURABLE_LOG_TOPIC, DURABLE_GROUP_SUFFIX): Cassandra's lag.
     "fanout": PipelineSpec("pipelines.fanout", "feedbeam-fanout",
-                           ("post-events", "follow-events")),
+                           ("post-events", "follow-events"),
+                           steps=(("-durable", ("fanout-durable",)),)),
     "features": PipelineSpec("pipelines.features", "feedbeam-features",
                              ("engagement-events", "post-events")),
     "stories": PipelineSpec("pipelines.stories", "feedbeam-stories", ("story-events",)),
@@ -73,15 +91,6 @@ def jobs_dir(settings: StackSettings) -> Path:
 
 
 # ---------------------------------------------------------------- building the command
-
-
-def _flag_value(args: list[str], name: str) -> str | None:
-    for i, a in enumerate(args):
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-        if a == name and i + 1 < len(args):
-            return args[i + 1]
-    return None
 
 
 def runner_args(runner: str, settings: StackSettings, beam_args: list[str]) -> list[str]:
@@ -130,37 +139,64 @@ def runner_args(runner: str, settings: StackSettings, beam_args: list[str]) -> l
     raise UserFacingError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
 
 
-def stack_defaults(module: str, settings: StackSettings, beam_args: list[str]) -> list[str]:
+def stack_defaults(module, settings: StackSettings, beam_args: list[str]) -> list[str]:
     """The local stack's addresses for the options ``module`` declares and the user left out."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    importlib.import_module(module)  # registers its options classes
-    known = set(PipelineOptions([]).get_all_options(retain_unknown_options=False))
+    declared = declared_flags(module)
     candidates = {
-        "kafka_bootstrap": settings.kafka_bootstrap,
-        "redis_url": settings.redis_url,
-        "cassandra_host": settings.host,
-        "cassandra_port": str(settings.cassandra_port),
+        "--kafka_bootstrap": settings.kafka_bootstrap,
+        "--redis_url": settings.redis_url,
+        "--cassandra_host": settings.host,
+        "--cassandra_port": str(settings.cassandra_port),
     }
-    return [f"--{name}={value}" for name, value in candidates.items()
-            if name in known and not has_flag(beam_args, f"--{name}")]
+    return [f"{flag}={value}" for flag, value in candidates.items()
+            if flag in declared and not has_flag(beam_args, flag)]
 
 
-def build_command(pipeline: str, runner: str, settings: StackSettings,
-                  beam_args: list[str]) -> list[str]:
-    """The argv of ``python -m pipelines.<pipeline>`` for ``runner``."""
+def load_pipeline(pipeline: str):
+    """The module of ``pipeline`` (one of ``PIPELINES``), imported."""
     spec = PIPELINES.get(pipeline)
     if spec is None:
         raise UserFacingError(f"unknown pipeline {pipeline!r}; choose one of "
                               + ", ".join(PIPELINES))
     try:
-        defaults = stack_defaults(spec.module, settings, beam_args)
+        return importlib.import_module(spec.module)
     except ModuleNotFoundError as exc:
         raise UserFacingError(f"pipeline {pipeline!r} cannot be loaded ({exc})") from None
+
+
+def build_command(pipeline: str, runner: str, settings: StackSettings,
+                  beam_args: list[str]) -> list[str]:
+    """The argv of ``python -m pipelines.<pipeline>`` for ``runner``, in Beam's spelling.
+
+    An option neither the pipeline, Beam nor the runner reads is a ``UserFacingError``
+    naming the nearest known one (``pipelines.runtime.check_options``).
+    """
+    module = load_pipeline(pipeline)
+    beam_args = beam_spelling(beam_args)
     streaming = [] if (has_flag(beam_args, "--replay_ranges")
                        or has_flag(beam_args, "--streaming")) else ["--streaming"]
-    return [sys.executable, "-m", spec.module, *runner_args(runner, settings, beam_args),
-            *streaming, *defaults, *beam_args]
+    args = [*runner_args(runner, settings, beam_args), *streaming,
+            *stack_defaults(module, settings, beam_args), *beam_args]
+    try:
+        checked = check_options(module, args)
+    except OptionsError as exc:
+        raise UserFacingError(f"submit {pipeline}: {exc}") from None
+    if checked.unchecked:
+        print(f"feedbeam: passed on unchecked ({checked.why}): {' '.join(checked.unchecked)}",
+              file=sys.stderr)
+    return [sys.executable, "-m", PIPELINES[pipeline].module, *checked.args]
+
+
+_SUBMIT_EPILOG = """\
+submit's own options: --runner {prism,flink,direct,dataflow} (default: prism),
+--detach (run in the background: `feedbeam status`, `feedbeam cancel`),
+--print-only (show the command). The local stack's addresses (--kafka-bootstrap,
+--redis-url, --cassandra-host, --cassandra-port) are filled in unless given."""
+
+
+def pipeline_help(pipeline: str) -> str:
+    """``feedbeam submit PIPELINE --help``: the pipeline's options with their defaults."""
+    return options_help(load_pipeline(pipeline), f"feedbeam submit {pipeline}", _SUBMIT_EPILOG)
 
 
 # ---------------------------------------------------------------- job records
@@ -168,6 +204,9 @@ def build_command(pipeline: str, runner: str, settings: StackSettings,
 
 @dataclasses.dataclass
 class JobRecord:
+    """A submitted job: what ``status`` shows and ``cancel`` stops. ``start_ticks`` (the
+    process start time in /proc) tells the job's process from a later one given its pid."""
+
     job_id: str
     pipeline: str
     runner: str
@@ -177,6 +216,8 @@ class JobRecord:
     group: str
     topics: list[str]
     argv: list[str]
+    topic_prefix: str = ""
+    start_ticks: str = ""
 
     def path(self, settings: StackSettings) -> Path:
         return jobs_dir(settings) / f"{self.job_id}.json"
@@ -189,13 +230,53 @@ class JobRecord:
         tmp.replace(path)
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        return process_alive(self.pid, self.start_ticks)
+
+    def matches(self, target: str | None = None, topic_prefix: str | None = None,
+                groups: Sequence[str] = ()) -> bool:
+        """Whether this job is ``target`` (its id or pipeline), runs on ``topic_prefix``
+        and reads as one of ``groups``; a criterion left out matches any job."""
+        return ((target is None or target in (self.job_id, self.pipeline))
+                and (topic_prefix is None or self.topic_prefix == topic_prefix)
+                and (not groups or self.group in groups))
+
+
+class ProcStat(NamedTuple):
+    """A process as /proc shows it: state (``R``, ``S``, ``Z`` zombie...), process group,
+    start time in clock ticks since boot."""
+
+    state: str
+    pgid: int
+    start_ticks: str
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """``pid`` as /proc shows it; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields are counted after the command name, which may hold spaces and parentheses.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return ProcStat(fields[0], int(fields[2]), fields[19])
+
+
+def process_alive(pid: int, start_ticks: str = "") -> bool:
+    """Whether ``pid`` is still the process started at ``start_ticks`` ("" skips that check).
+
+    A zombie is dead: a job killed after its ``feedbeam submit`` exited belongs to
+    whatever adopted it, which may never reap it. One that is this process's own
+    child (a foreground submit, a test harness) is reaped here.
+    """
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-        except PermissionError:
-            return True
-        return True
+    except ChildProcessError:
+        pass  # not our child
+    stat = proc_stat(pid)
+    if stat is None:
+        return False
+    return stat.state not in ("Z", "X") and (not start_ticks or stat.start_ticks == start_ticks)
 
 
 def load_jobs(settings: StackSettings) -> list[JobRecord]:
@@ -213,11 +294,15 @@ def _job_id(pipeline: str) -> str:
 
 
 def effective_group(pipeline: str, beam_args: list[str]) -> str:
-    return _flag_value(beam_args, "--consumer_group") or PIPELINES[pipeline].group
+    return flag_value(beam_spelling(beam_args), "--consumer_group") or PIPELINES[pipeline].group
+
+
+def effective_prefix(beam_args: list[str]) -> str:
+    return flag_value(beam_spelling(beam_args), "--topic_prefix") or ""
 
 
 def effective_topics(pipeline: str, beam_args: list[str]) -> list[str]:
-    prefix = _flag_value(beam_args, "--topic_prefix") or ""
+    prefix = effective_prefix(beam_args)
     return [prefix + t for t in PIPELINES[pipeline].topics]
 
 
@@ -228,7 +313,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "submit", help="start a pipeline on a Beam runner",
         description=__doc__.split("\n\n")[0],
-        epilog="Every option submit does not know is passed to the pipeline and to Beam.")
+        epilog="`feedbeam submit PIPELINE --help` lists the pipeline's options. Every option "
+               "submit does not know is passed to the pipeline and to Beam; one that neither "
+               "reads is an error.")
     p.add_argument("pipeline", choices=sorted(PIPELINES))
     p.add_argument("--runner", choices=RUNNERS, default="prism")
     p.add_argument("--detach", action="store_true",
@@ -239,16 +326,35 @@ def register(subparsers) -> None:
                    help="pipeline and Beam options (passed through)")
     p.set_defaults(handler=run_submit)
 
-    s = subparsers.add_parser("status", help="running jobs, consumer lag and throughput")
+    s = subparsers.add_parser(
+        "status", help="jobs, consumer lag and throughput",
+        description="Jobs started by `feedbeam submit` and the lag of consumer groups, scoped "
+                    "by what a run is: a job or pipeline, a topic prefix, consumer groups.")
+    _scope_options(s, "only this job (as listed) or this pipeline's jobs", lag=True)
     s.add_argument("--interval", type=float, default=2.0,
                    help="seconds between the two offset samples that give events/s")
-    s.add_argument("--group", action="append", default=[],
-                   help="also show this consumer group (repeatable)")
     s.set_defaults(handler=run_status)
 
-    c = subparsers.add_parser("cancel", help="stop a job started by `feedbeam submit`")
-    c.add_argument("job_id", help="as `feedbeam status` lists it, or a pipeline name for all of its jobs")
+    c = subparsers.add_parser(
+        "cancel", help="stop jobs started by `feedbeam submit`",
+        description="Stop the jobs that match; more than one needs --all (or a yes on a "
+                    "terminal).")
+    _scope_options(c, "a job id as `feedbeam status` lists it, or a pipeline name")
+    c.add_argument("--all", action="store_true",
+                   help="stop every job that matches (needed when more than one does)")
     c.set_defaults(handler=run_cancel)
+
+
+def _scope_options(parser, target_help: str, lag: bool = False) -> None:
+    """What a run is, for status and cancel: a job or pipeline, a prefix, groups."""
+    parser.add_argument("target", nargs="?", metavar="JOB|PIPELINE", help=target_help)
+    parser.add_argument("--topic-prefix", default=None, metavar="P",
+                        help="only jobs on topics with this prefix"
+                             + (" (and the default groups' lag there)" if lag else ""))
+    parser.add_argument("--consumer-group", "--group", dest="group", action="append",
+                        default=[], metavar="G",
+                        help="only jobs reading as this consumer group (repeatable)"
+                             + ("; its lag on every topic it committed on" if lag else ""))
 
 
 def split_own_flags(args: argparse.Namespace) -> list[str]:
@@ -259,7 +365,7 @@ def split_own_flags(args: argparse.Namespace) -> list[str]:
     for a in items:
         if a == "--":
             continue
-        if a in ("--detach", "--print-only"):
+        if a in ("--detach", "--print-only", "--print_only"):
             setattr(args, a[2:].replace("-", "_"), True)
         elif a == "--runner" or a.startswith("--runner="):
             value = a.split("=", 1)[1] if "=" in a else next(items, None)
@@ -274,10 +380,14 @@ def split_own_flags(args: argparse.Namespace) -> list[str]:
 
 def run_submit(args: argparse.Namespace, settings: StackSettings) -> int:
     beam_args = split_own_flags(args)
+    if wants_help(beam_args):
+        print(pipeline_help(args.pipeline))
+        return 0
     argv = build_command(args.pipeline, args.runner, settings, beam_args)
     if args.print_only:
         print(" ".join(argv))
         return 0
+    beam_args = argv[3:]
     job_id = _job_id(args.pipeline)
     log_path = Path(settings.state_dir) / "logs" / f"job-{job_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,10 +403,12 @@ def run_submit(args: argparse.Namespace, settings: StackSettings) -> int:
     finally:
         if out is not None:
             out.close()
+    stat = proc_stat(process.pid)
     record = JobRecord(job_id, args.pipeline, args.runner, process.pid,
                        dt.datetime.now().isoformat(timespec="seconds"), str(log_path),
                        effective_group(args.pipeline, beam_args),
-                       effective_topics(args.pipeline, beam_args), argv[1:])
+                       effective_topics(args.pipeline, beam_args), argv[1:],
+                       effective_prefix(beam_args), stat.start_ticks if stat else "")
     record.save(settings)
     if args.detach:
         time.sleep(2.0)
@@ -305,7 +417,7 @@ def run_submit(args: argparse.Namespace, settings: StackSettings) -> int:
             raise UserFacingError(f"{job_id} exited at once (code {process.returncode}); "
                                   f"its log is {log_path}")
         print(f"{job_id} started on {args.runner} (pid {process.pid}); log {log_path}\n"
-              f"  feedbeam status        # lag and throughput\n"
+              f"  feedbeam status {job_id}       # lag and throughput\n"
               f"  feedbeam cancel {job_id}")
         return 0
     print(f"{job_id} running on {args.runner} (pid {process.pid}); Ctrl-C cancels it",
@@ -339,14 +451,7 @@ def stop_process_group(pid: int, grace_s: float = 60.0) -> bool:
             return True
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-                gone = os.waitpid(pid, os.WNOHANG)[0] == pid  # reaps our own child
-            except ProcessLookupError:
-                gone = True
-            except ChildProcessError:
-                gone = False  # alive, and not our child
-            if gone:
+            if not process_alive(pid):
                 _reap_group(pid)
                 return True
             time.sleep(0.2)
@@ -361,41 +466,109 @@ def _reap_group(pgid: int) -> None:
         pass
 
 
+def select_jobs(args: argparse.Namespace, settings: StackSettings) -> list[JobRecord]:
+    """The recorded jobs ``args`` (``target``, ``--topic-prefix``, ``--consumer-group``) names."""
+    if args.target is not None and args.target not in PIPELINES and not any(
+            j.job_id == args.target for j in load_jobs(settings)):
+        raise UserFacingError(f"no job {args.target!r}; `feedbeam status` lists them")
+    return [j for j in load_jobs(settings)
+            if j.matches(args.target, args.topic_prefix, args.group)]
+
+
 def run_cancel(args: argparse.Namespace, settings: StackSettings) -> int:
-    jobs = [j for j in load_jobs(settings) if args.job_id in (j.job_id, j.pipeline)]
+    if args.target is None and args.topic_prefix is None and not args.group and not args.all:
+        raise UserFacingError("say which jobs: a job id, a pipeline name, --topic-prefix or "
+                              "--consumer-group (--all alone stops every job)")
+    jobs = select_jobs(args, settings)
     if not jobs:
-        raise UserFacingError(f"no job {args.job_id!r}; `feedbeam status` lists them")
+        raise UserFacingError("no job matches; `feedbeam status` lists them")
+    if len(jobs) > 1 and not args.all and not _confirm(jobs):
+        listing = "\n".join(f"  {j.job_id} ({_scope(j)})" for j in jobs)
+        raise UserFacingError(f"{len(jobs)} jobs match:\n{listing}\nname one job id, narrow it "
+                              "with --topic-prefix or --consumer-group, or pass --all")
     for job in jobs:
-        gone = stop_process_group(job.pid) if job.alive() else True
-        if not gone:
-            raise UserFacingError(f"{job.job_id} (pid {job.pid}) did not stop")
+        if job.alive():
+            if not stop_process_group(job.pid):
+                raise UserFacingError(f"{job.job_id} (pid {job.pid}) did not stop")
+            print(f"{job.job_id} stopped")
+        else:
+            stat = proc_stat(job.pid)
+            if stat is None or stat.state == "Z":
+                _reap_group(job.pid)  # a pid is not reused while its group lives
+            print(f"{job.job_id} had already exited; record removed (log {job.log_path})")
         job.path(settings).unlink(missing_ok=True)
-        print(f"{job.job_id} stopped")
     return 0
 
 
+def _confirm(jobs: list[JobRecord]) -> bool:
+    """On a terminal, list ``jobs`` and ask before stopping all of them."""
+    if not sys.stdin.isatty():
+        return False
+    for job in jobs:
+        print(f"  {job.job_id} ({_scope(job)})")
+    return input(f"stop these {len(jobs)} jobs? [y/N] ").strip().lower() in ("y", "yes")
+
+
+def _scope(job: JobRecord) -> str:
+    prefix = f"topic prefix {job.topic_prefix!r}, " if job.topic_prefix else ""
+    return f"{prefix}group {job.group}"
+
+
 # ---------------------------------------------------------------- status
+
+
+def committed_topics(bootstrap: str, group: str) -> list[str]:
+    """The topics ``group`` has committed offsets on (none if it does not exist)."""
+    from confluent_kafka.admin import AdminClient
+
+    from jobs import clean
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    return sorted(clean.committed_topics(admin, [group], timeout_s=15)[group])
+
+
+def groups_to_show(args: argparse.Namespace, jobs: list[JobRecord],
+                   bootstrap: str) -> dict[str, list[str]]:
+    """``{group: topics}`` whose lag ``status`` shows: the groups of ``jobs``; each
+    ``--consumer-group`` on the topics it committed on; unless a group or a job was
+    named, the default group of each pipeline (or the one named) on the topics of
+    ``--topic-prefix`` (none by default)."""
+    prefix = args.topic_prefix or ""
+    groups: dict[str, set[str]] = {}
+    for job in jobs:
+        groups.setdefault(job.group, set()).update(job.topics)
+        spec = PIPELINES.get(job.pipeline)
+        for suffix, topics in spec.steps if spec else ():
+            groups.setdefault(job.group + suffix, set()).update(
+                job.topic_prefix + t for t in topics)
+    for group in args.group:
+        topics = committed_topics(bootstrap, group) or [
+            prefix + t for s in PIPELINES.values() for t in s.topics]
+        groups.setdefault(group, set()).update(topics)
+    if not args.group:
+        specs = ([PIPELINES[args.target]] if args.target in PIPELINES
+                 else [] if args.target else PIPELINES.values())
+        for spec in specs:
+            groups.setdefault(spec.group, set()).update(prefix + t for t in spec.topics)
+            for suffix, topics in spec.steps:
+                groups.setdefault(spec.group + suffix, set()).update(prefix + t for t in topics)
+    return {g: sorted(t) for g, t in groups.items()}
 
 
 def run_status(args: argparse.Namespace, settings: StackSettings) -> int:
     if not kafka_ready(settings):
         raise UserFacingError(f"Kafka is not answering at {settings.kafka_bootstrap}; "
                               "start the stack with `feedbeam infra up`")
-    jobs = load_jobs(settings)
+    jobs = select_jobs(args, settings)
     print("jobs")
     if not jobs:
-        print("  none started by `feedbeam submit` (groups below may still have lag)")
+        print("  none started by `feedbeam submit`" + (" match" if _scoped(args) else "")
+              + " (groups below may still have lag)")
     for job in jobs:
-        state = "running" if job.alive() else "EXITED (see its log)"
+        state = "running" if job.alive() else "DEAD (exited; see its log)"
         print(f"  {job.job_id:<28} {job.pipeline:<9} {job.runner:<7} pid {job.pid:<7} "
-              f"{state}, since {job.started_at}\n      log {job.log_path}")
-    groups: dict[str, list[str]] = {}
-    for job in jobs:
-        groups.setdefault(job.group, job.topics)
-    for name, spec in PIPELINES.items():
-        groups.setdefault(spec.group, list(spec.topics))
-    for extra in args.group:
-        groups.setdefault(extra, sorted({t for s in PIPELINES.values() for t in s.topics}))
+              f"{state}, since {job.started_at}\n      {_scope(job)}; log {job.log_path}")
+    groups = groups_to_show(args, jobs, settings.kafka_bootstrap)
     # Topics a group names that do not exist (yet) are left out, not an error.
     first = {g: group_lag(settings.kafka_bootstrap, g, t, missing_ok=True)
              for g, t in groups.items()}
@@ -405,6 +578,8 @@ def run_status(args: argparse.Namespace, settings: StackSettings) -> int:
     print(f"consumer groups (lag = end - committed offset; rates over {args.interval:.0f}s)")
     for group, parts in second.items():
         if not parts or all(p.committed is None for p in parts):
+            if group in args.group:
+                print(f"  {group}: no committed offset on {', '.join(groups[group])}")
             continue  # never committed: not running here
         before = {(p.topic, p.partition): p for p in first[group]}
         total_lag = sum(p.lag for p in parts if p.lag is not None)
@@ -424,3 +599,7 @@ def run_status(args: argparse.Namespace, settings: StackSettings) -> int:
             print(f"    {p.topic + f'[{p.partition}]':<24} committed {committed:>12}  "
                   f"end {p.end:>12,}  lag {lag:>10}")
     return 0
+
+
+def _scoped(args: argparse.Namespace) -> bool:
+    return args.target is not None or args.topic_prefix is not None or bool(args.group)

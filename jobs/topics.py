@@ -1,7 +1,7 @@
 """``feedbeam topics``: create and list the event topics and their dead-letter twins.
 
-    feedbeam topics create [--partitions 3] [--replication-factor 1] [--prefix ""]
-    feedbeam topics list [--prefix ""]
+    feedbeam topics create [--partitions 3] [--replication-factor 1] [--topic-prefix ""]
+    feedbeam topics list [--topic-prefix ""]
 
 ``create`` is idempotent: topics that exist already are reported and left as
 they are. ``create_topics()`` and ``describe_topics()`` are the function API
@@ -166,11 +166,13 @@ def register(subparsers) -> None:
     create = sub.add_parser("create", help="create the event topics and their .dlq twins")
     create.add_argument("--partitions", type=int, default=3, help="default: %(default)s")
     create.add_argument("--replication-factor", type=int, default=1, help="default: %(default)s")
-    create.add_argument("--prefix", default="", help="prefix of every topic name (default: none)")
+    create.add_argument("--topic-prefix", "--prefix", dest="prefix", default="",
+                        help="prefix of every topic name (default: none)")
     create.set_defaults(handler=handle_create)
 
     list_ = sub.add_parser("list", help="topics with partition counts and end offsets")
-    list_.add_argument("--prefix", default="", help="only topics starting with this")
+    list_.add_argument("--topic-prefix", "--prefix", dest="prefix", default="",
+                       help="only topics starting with this")
     list_.set_defaults(handler=handle_list)
 
 

@@ -8,7 +8,9 @@
         sys.exit(module_main("pipelines.fanout"))
 
 Beam parses the flags of every imported ``PipelineOptions`` subclass with one
-parser, so a flag shared by several pipelines is declared once, here.
+parser, so a flag shared by several pipelines is declared once, here. A
+pipeline's options are the classes its module imports by name: ``module_main``
+lists them for ``--help`` and refuses any option neither they nor Beam declare.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ import sys
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.runtime import OptionsError, check_options, options_help, wants_help
+from stores.cassandra.session import CONSISTENCY_NAMES
 from stores.config import (
+    AUTO_CONSISTENCY,
     DEFAULT_CASSANDRA_HOST,
     DEFAULT_CASSANDRA_PORT,
     DEFAULT_KEY_PREFIX,
@@ -48,10 +53,16 @@ class StoreOptions(PipelineOptions):
         group.add_argument("--cassandra_port", type=int, default=DEFAULT_CASSANDRA_PORT)
         group.add_argument("--cassandra_keyspace", default=DEFAULT_KEYSPACE,
                            help="keyspace of the durable views (created by `feedbeam migrate`)")
+        for kind in ("read", "write"):
+            group.add_argument(f"--cassandra_{kind}_consistency", default=AUTO_CONSISTENCY,
+                               choices=CONSISTENCY_NAMES,
+                               help=f"consistency level of Cassandra {kind}s; auto: LOCAL_QUORUM "
+                                    "when the keyspace has more than one replica, else LOCAL_ONE")
 
     def config(self) -> StoreConfig:
         return StoreConfig(self.redis_url, self.redis_key_prefix, self.cassandra_host,
-                           self.cassandra_port, self.cassandra_keyspace)
+                           self.cassandra_port, self.cassandra_keyspace,
+                           self.cassandra_read_consistency, self.cassandra_write_consistency)
 
 
 class ReplayOptions(PipelineOptions):
@@ -127,7 +138,9 @@ def configure_logging() -> None:
 
 
 def module_main(module: str, argv=None) -> int:
-    """``python -m pipelines.<name>``: log at INFO and call ``<module>.run(argv)``.
+    """``python -m pipelines.<name>``: print ``--help``, or check the options and call
+    ``<module>.run(args)`` logging at INFO; an unknown option exits 2 before anything
+    starts (``pipelines.runtime.check_options``).
 
     The module's ``__main__`` block calls this with its importable name, so the
     job runs the imported module, not the ``__main__`` copy: Beam pickles
@@ -135,5 +148,18 @@ def module_main(module: str, argv=None) -> int:
     defined a second time would clash.
     """
     configure_logging()
-    importlib.import_module(module).run(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    pipeline = importlib.import_module(module)
+    if wants_help(args):
+        print(options_help(pipeline, f"python -m {module}"))
+        return 0
+    try:
+        checked = check_options(pipeline, args)
+    except OptionsError as exc:
+        print(f"{module}: error: {exc}", file=sys.stderr)
+        return 2
+    if checked.unchecked:
+        logging.getLogger(module).warning("passed on unchecked (%s): %s", checked.why,
+                                          " ".join(checked.unchecked))
+    pipeline.run(checked.args)
     return 0

@@ -3,9 +3,12 @@
     python -m pipelines.fanout --runner=PrismRunner --prism_location=<prism> \\
         --environment_type=LOOPBACK [--push_threshold 10000 ...] [--replay_ranges JSON]
 
-Reads ``post-events`` and ``follow-events`` and applies them to Redis and
-Cassandra through ``FanOutToFollowerFeeds`` (``stores.fanout.FeedFanout``);
-streaming, or a batch re-run over ``--replay_ranges``. Design: docs/pipelines/fanout.md.
+Reads ``post-events`` and ``follow-events`` as event batches and applies them to
+Redis (``FanOutToFollowerFeeds``, ``stores.fanout.FeedFanout``); the Cassandra
+writes it decides go through the durable log topic ``fanout-durable`` to a
+step of their own with its own consumer group (``ApplyDurableFeedLog``), or
+inline with ``--durable_copy=inline`` (always in a ``--replay_ranges`` re-run).
+Design: docs/pipelines/fanout.md.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import dataclasses
 import logging
 import sys
 import time
+from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -20,14 +24,23 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from domain.fanout import FanoutPolicy, FreshnessHistogram
 from pipelines.common import Counters, Ranges, ReplayOptions, StoreOptions, module_main
-from pipelines.io.kafka import KafkaReadOptions
+from pipelines.io.deadletter import WriteDeadLetters
+from pipelines.io.kafka import KafkaReadOptions, KafkaSourceConfig, ReadFromKafka
+from pipelines.io.kafka_write import Deliveries, KafkaMessage
 from pipelines.io.sink import ApplyInBatches
-from pipelines.io.source import ReadEvents
+from pipelines.io.source import ReadEventBatches, producer_config_of
 from pipelines.runtime import pipeline_options, run_until_done
-from schemas.events import FollowEvent, PostEvent
-from schemas.fanout import FanoutOutcome
+from schemas.events import FollowEvent, PostEvent, dlq_topic
+from schemas.fanout import (
+    FanoutOutcome,
+    MalformedDurableWrites,
+    decode_durable_writes,
+    encode_durable_writes,
+)
+from schemas.records import DeadLetter, EventBatch, RecordBatch
 from stores.config import StoreConfig
-from stores.fanout import FeedFanout
+from stores.fanout import DurableFeedWriter, FeedFanout, FeedStores, ensure_log_topics
+from stores.restore import RedisHealer, RestoreSettings, open_healer
 
 if __name__ == "__main__":
     # Before the classes below: the job must run the importable module, not
@@ -37,7 +50,14 @@ if __name__ == "__main__":
 log = logging.getLogger(__name__)
 
 NAMESPACE = "feedbeam.fanout"
+DURABLE_NAMESPACE = "feedbeam.fanout_durable"
 DEFAULT_GROUP = "feedbeam-fanout"
+#: The durable log: the Cassandra writes the Redis step decided (``<prefix>`` + this).
+DURABLE_LOG_TOPIC = "fanout-durable"
+#: The durable step's consumer group is the job's group plus this.
+DURABLE_GROUP_SUFFIX = "-durable"
+DECODE_STEP = "decode_durable_log"
+PARTS = ("all", "redis", "durable")
 
 
 class FanoutOptions(PipelineOptions):
@@ -61,11 +81,24 @@ class FanoutOptions(PipelineOptions):
                             help="posts kept per author timeline in Redis (>= feed_cap so an "
                                  "unfollow can clean everything it pushed)")
         parser.add_argument("--push_chunk_size", type=int, default=d.push_chunk_size,
-                            help="feeds per Redis pipeline / Cassandra batch of a push")
+                            help="feeds (or edges) per Redis script call")
         parser.add_argument("--max_batch", type=int, default=500,
-                            help="events buffered before they are applied within a bundle")
+                            help="elements (event batches of the source) buffered before they "
+                                 "are applied within a bundle")
         parser.add_argument("--freshness_log_s", type=float, default=60.0,
                             help="period of the freshness p50/p99 log line")
+        parser.add_argument("--durable_copy", choices=("log", "inline"), default="log",
+                            help="log: Cassandra is written by a step of its own from the "
+                                 f"durable log topic ({DURABLE_LOG_TOPIC}, consumer group "
+                                 f"<group>{DURABLE_GROUP_SUFFIX}), so Redis never waits on it; "
+                                 "inline: in each batch before the offsets are committed "
+                                 "(always so in a --replay_ranges re-run)")
+        parser.add_argument("--parts", choices=PARTS, default="all",
+                            help="with --durable_copy=log: run both steps (all), only the Redis "
+                                 "step, or only the durable step (to give each a job of its own)")
+        parser.add_argument("--durable_max_batch", type=int, default=10,
+                            help="record batches (polls) of the durable log applied to "
+                                 "Cassandra at once")
 
     def policy(self) -> FanoutPolicy:
         return FanoutPolicy(
@@ -75,37 +108,111 @@ class FanoutOptions(PipelineOptions):
             push_chunk_size=self.push_chunk_size)
 
 
+# -- the Redis step -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DurableLog:
+    """Where the Redis step writes its durable log: the topic and the producer's
+    librdkafka settings."""
+
+    topic: str
+    producer_config: dict
+
+
 @dataclasses.dataclass(frozen=True)
 class FanoutApplierConfig:
-    """What the sink pickles: where the stores are and the policy; ``open()`` connects."""
+    """What the sink pickles: where the stores are, the policy, and the durable log
+    (None: Cassandra is written within each batch); ``open()`` connects."""
 
     stores: StoreConfig
     policy: FanoutPolicy
     freshness_log_s: float = 60.0
+    durable_log: DurableLog | None = None
 
     def open(self) -> "_FanoutApplier":
-        return _FanoutApplier(FeedFanout.open(self.stores, self.policy), self.freshness_log_s)
+        fanout = FeedFanout.open(self.stores, self.policy, durable=self.durable_log is None)
+        try:
+            log_writer = None if self.durable_log is None else Deliveries(
+                self.durable_log.producer_config, metrics_namespace=NAMESPACE)
+        except Exception:
+            fanout.close()
+            raise
+        healer = open_healer(self.stores, RestoreSettings(
+            feed_cap=self.policy.feed_cap, timeline_cap=self.policy.timeline_cap),
+            fanout.redis.client)
+        return _FanoutApplier(fanout, self.freshness_log_s, self.durable_log, log_writer, healer)
+
+
+def _events_of(element) -> Sequence:
+    return element.events if isinstance(element, EventBatch) else (element,)
 
 
 class _FanoutApplier:
-    """``FeedFanout.apply`` on a batch, then its outcomes counted in ``NAMESPACE``."""
+    """``FeedFanout`` on a batch of elements (event batches, or single events): Redis,
+    then the durable copy (Cassandra, or the durable log with every record delivered),
+    then the batch's threshold crossings settled; outcomes counted in ``NAMESPACE``.
 
-    def __init__(self, fanout: FeedFanout, freshness_log_s: float):
+    With a ``healer``, Redis' generation marker is read before the batch (restoring
+    Redis from Cassandra first if it lost its data) and again before the durable
+    copy: a batch that Redis was lost under is applied again on the restored Redis,
+    so nothing derived from a partial Redis (follower counts, pushes) reaches
+    Cassandra."""
+
+    def __init__(self, fanout: FeedFanout, freshness_log_s: float,
+                 durable_log: DurableLog | None = None, log_writer: Deliveries | None = None,
+                 healer: RedisHealer | None = None):
         self._fanout = fanout
+        self._healer = healer
+        self._durable = None if fanout.cassandra is None else DurableFeedWriter(fanout.cassandra)
+        self._log = durable_log
+        self._log_writer = log_writer
         self._counters = Counters(NAMESPACE)
         self._freshness = Metrics.distribution(NAMESPACE, "freshness_ms")
         self._histogram = FreshnessHistogram(freshness_log_s, now_s=time.monotonic())
 
-    def apply(self, events: list) -> list[FanoutOutcome | None]:
-        outcomes = self._fanout.apply(events)
-        for outcome in outcomes:
-            if outcome is not None:
+    def apply(self, elements: list) -> list[tuple[FanoutOutcome, ...] | None]:
+        groups = [_events_of(element) for element in elements]
+        batch = self._apply_to_redis([e for events in groups for e in events])
+        if self._durable is not None:
+            self._durable.apply(batch.writes)
+        else:
+            self._log_writer.reset()
+            for value in encode_durable_writes(batch.writes):
+                self._log_writer.produce(KafkaMessage(self._log.topic, None, value))
+            self._log_writer.settle()  # delivered, or the batch fails
+        self._fanout.settle(batch)
+        self._counters.inc("durable_writes", len(batch.writes))
+        out: list[tuple[FanoutOutcome, ...] | None] = []
+        start = 0
+        for events in groups:
+            outcomes = tuple(o for o in batch.outcomes[start:start + len(events)] if o is not None)
+            start += len(events)
+            for outcome in outcomes:
                 self._record(outcome)
+            out.append(outcomes or None)
         self._maybe_log_freshness()
-        return outcomes
+        return out
+
+    def _apply_to_redis(self, events: list):
+        if self._healer is None:
+            return self._fanout.apply_to_redis(events)
+        generation, restores = self._healer.check(), self._healer.restores
+        while True:
+            batch = self._fanout.apply_to_redis(events)
+            now = self._healer.current()
+            if now is not None and now == generation:
+                self._counters.inc("redis_restores", self._healer.restores - restores)
+                return batch
+            self._counters.inc("batches_redone_after_redis_loss")
+            generation = now if now is not None else self._healer.heal()
 
     def close(self) -> None:
-        self._fanout.close()
+        try:
+            if self._log_writer is not None:
+                self._log_writer.close()
+        finally:
+            self._fanout.close()
 
     def _record(self, o: FanoutOutcome) -> None:
         count = self._counters.inc
@@ -134,54 +241,175 @@ class _FanoutApplier:
 
 
 class FanOutToFollowerFeeds(beam.PTransform):
-    """Apply post and follow events to the feed stores (hybrid push/pull fan-out).
+    """Apply post and follow events to Redis (hybrid push/pull fan-out), and their
+    durable copy to Cassandra or to the durable log.
 
     Args:
       stores: where Redis and Cassandra are.
       policy: threshold, caps, top N, inactivity, merge limit.
-      max_batch: events applied at once within a bundle.
+      max_batch: elements applied at once within a bundle.
       freshness_log_s: period of the freshness log line.
+      durable_log: where to write the Cassandra writes as durable log records
+        (``ApplyDurableFeedLog`` applies them); None writes Cassandra within
+        each batch.
 
-    Takes a ``PCollection`` of ``PostEvent`` and ``FollowEvent`` (other events
-    are ignored and counted). Returns a ``PCollection[FanoutOutcome]``, one per
-    event (none for a follow event superseded within its batch), emitted once
-    the event's writes are done. Keep it fused with the read (no GroupByKey
-    before it): the source commits offsets only after the bundle that applied
-    them ends.
+    Takes a ``PCollection`` of ``EventBatch`` (the source's batches) or of single
+    ``PostEvent``/``FollowEvent``s (other events are ignored and counted).
+    Returns a ``PCollection`` of tuples of ``FanoutOutcome``: per input element
+    the outcomes of its events (none for a follow event superseded within its
+    batch), emitted once the batch's writes are done, durable log records
+    delivered. Keep it fused with the read (no GroupByKey before it): the
+    source commits offsets only after the bundle that applied them ends.
     """
 
     def __init__(self, stores: StoreConfig, policy: FanoutPolicy, max_batch: int = 500,
-                 freshness_log_s: float = 60.0):
+                 freshness_log_s: float = 60.0, durable_log: DurableLog | None = None):
         super().__init__()
-        self._config = FanoutApplierConfig(stores, policy, freshness_log_s)
+        self._config = FanoutApplierConfig(stores, policy, freshness_log_s, durable_log)
         self._max_batch = max_batch
 
     def expand(self, events):
         return events | "ApplyToStores" >> ApplyInBatches(
-            self._config, NAMESPACE, self._max_batch, output_type=FanoutOutcome)
+            self._config, NAMESPACE, self._max_batch, output_type=tuple[FanoutOutcome, ...], dead_letters="from_options")
+
+
+# -- the durable step -------------------------------------------------------------------
+
+
+_WRITES, _DEAD = "writes", "dead_letters"
+
+
+class _DecodeLogFn(beam.DoFn):
+    """A record batch of the durable log -> one list of its writes; a record that does
+    not decode -> a dead letter (its original bytes and the reason)."""
+
+    def process(self, batch: RecordBatch):
+        writes = []
+        for i, value in enumerate(batch.values):
+            try:
+                writes.extend(decode_durable_writes(value))
+            except MalformedDurableWrites as exc:
+                yield beam.pvalue.TaggedOutput(_DEAD, DeadLetter.of(
+                    batch.record(i), DECODE_STEP, exc.reason, str(exc)))
+        if writes:
+            yield writes
+
+
+@dataclasses.dataclass(frozen=True)
+class DurableApplierConfig:
+    """What the durable sink pickles; ``open()`` connects to Cassandra."""
+
+    stores: StoreConfig
+
+    def open(self) -> "_DurableApplier":
+        return _DurableApplier(FeedStores.open_cassandra(self.stores))
+
+
+class _DurableApplier:
+    """``DurableFeedWriter`` on the writes of a batch of log record batches, at most
+    ``chunk`` writes per Cassandra execution (a backlog comes in large batches)."""
+
+    def __init__(self, cassandra, chunk: int = 20_000):
+        self._cassandra = cassandra
+        self._writer = DurableFeedWriter(cassandra)
+        self._chunk = chunk
+        self._counters = Counters(DURABLE_NAMESPACE)
+
+    def apply(self, elements: list) -> None:
+        writes = [w for batch in elements for w in batch]
+        for start in range(0, len(writes), self._chunk):
+            self._counters.inc("writes", self._writer.apply(writes[start:start + self._chunk]))
+        return None
+
+    def close(self) -> None:
+        self._cassandra.close()
+
+
+class ApplyDurableFeedLog(beam.PTransform):
+    """Read the durable log with its own consumer group and write it to Cassandra.
+
+    Args:
+      source: the Kafka source's settings (its ``group.id`` is the durable
+        step's own: its offsets are committed after its Cassandra writes).
+      topics: the durable log topic(s).
+      stores: where Cassandra is.
+      max_batch: record batches applied at once.
+      producer_config: librdkafka settings for the dead-letter producer.
+
+    Applied to the pipeline root; returns nothing useful. A record that does not
+    decode goes to ``<topic>.dlq``.
+    """
+
+    def __init__(self, source: KafkaSourceConfig, topics: Sequence[str], stores: StoreConfig,
+                 max_batch: int = 10, producer_config: dict | None = None):
+        super().__init__()
+        self._source = source
+        self._topics = tuple(topics)
+        self._config = DurableApplierConfig(stores)
+        self._max_batch = max_batch
+        self._producer_config = dict(producer_config or producer_config_of(source))
+
+    def expand(self, pbegin):
+        decoded = (pbegin
+                   | "Read" >> ReadFromKafka(self._source, self._topics)
+                   | "Decode" >> beam.ParDo(_DecodeLogFn()).with_outputs(_DEAD, main=_WRITES))
+        _ = decoded[_DEAD] | "WriteDeadLetters" >> WriteDeadLetters(self._producer_config)
+        return decoded[_WRITES] | "ApplyToCassandra" >> ApplyInBatches(
+            self._config, DURABLE_NAMESPACE, self._max_batch)
+
+
+# -- the job ------------------------------------------------------------------------------
+
+
+def durable_source(config: KafkaSourceConfig) -> KafkaSourceConfig:
+    """The durable step's source: the job's Kafka settings under its own group, always
+    from that group's offsets (earliest without any), never rewound or skipped."""
+    group = config.consumer_config.get("group.id", DEFAULT_GROUP) + DURABLE_GROUP_SUFFIX
+    # A log record holds up to a few thousand writes: smaller polls and bundles
+    # than the event topics' keep a backlog's batches in bounds.
+    return dataclasses.replace(
+        config, consumer_config={**config.consumer_config, "group.id": group},
+        start_from="committed", fallback_start="earliest", rewind_ms=0,
+        batch_records=min(config.batch_records, 100),
+        max_records_per_bundle=min(config.max_records_per_bundle, 1_000))
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, ranges: Ranges | None = None):
-    """Wire the fan-out job into ``pipeline``; returns the outcomes PCollection.
+    """Wire the fan-out job into ``pipeline``; returns the outcomes PCollection (None
+    when the job runs only the durable step).
 
     Without ``ranges`` (and without ``--replay_ranges``) the job follows
-    ``post-events`` and ``follow-events`` from the consumer group's offsets.
+    ``post-events`` and ``follow-events`` from the consumer group's offsets and,
+    with ``--durable_copy=log``, creates the durable log topic if it is missing.
     With ``ranges`` (which win over the option) it reads exactly those offsets
-    once; topics not in them are not read.
+    once, writes Cassandra inline and commits nothing; topics not in them are
+    not read.
     """
     kafka = options.view_as(KafkaReadOptions)
     fanout = options.view_as(FanoutOptions)
     config = kafka.source_config(default_group=DEFAULT_GROUP)
     prefix = kafka.topic_prefix
+    stores = options.view_as(StoreOptions).config()
     if ranges is None:
         ranges = options.view_as(ReplayOptions).ranges()
-    read = ReadEvents(config, [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC],
-                      ranges=ranges, topic_prefix=prefix)
+    topics = [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC]
+    durable_log = None
+    parts = fanout.parts
+    if not ranges and fanout.durable_copy == "log":
+        log_topic = prefix + DURABLE_LOG_TOPIC
+        producer = producer_config_of(config)
+        ensure_log_topics(producer, [log_topic, dlq_topic(log_topic)], like=topics)
+        durable_log = DurableLog(log_topic, producer)
+        if parts in ("all", "durable"):
+            _ = pipeline | "ApplyDurableFeedLog" >> ApplyDurableFeedLog(
+                durable_source(config), [log_topic], stores, fanout.durable_max_batch, producer)
+        if parts == "durable":
+            return None
+    read = ReadEventBatches(config, topics, ranges=ranges, topic_prefix=prefix)
     return (pipeline
             | "ReadPostAndFollowEvents" >> read
             | "FanOutToFollowerFeeds" >> FanOutToFollowerFeeds(
-                options.view_as(StoreOptions).config(), fanout.policy(), fanout.max_batch,
-                fanout.freshness_log_s))
+                stores, fanout.policy(), fanout.max_batch, fanout.freshness_log_s, durable_log))
 
 
 def run(argv=None):

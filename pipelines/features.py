@@ -4,65 +4,52 @@ Cassandra (durable), the Parquet log (offline) and each author's top-followers r
     python -m pipelines.features --runner=PrismRunner --prism_location=<prism> \\
         --environment_type=LOOPBACK --streaming [--slide_s 300 --allowed_lateness_s 3600 ...]
 
-Reads ``engagement-events`` and ``post-events`` and computes the features of
-``schemas.features`` (``AggregateEngagementFeatures``); ``--sinks`` picks where
-they go, ``--replay_ranges`` makes it a bounded re-run. Design (state layout,
-windows, lateness, dedup, delivery, restarts): ``docs/pipelines/features.md``.
+Reads ``engagement-events`` and ``post-events`` as decoded batches and computes
+the features of ``schemas.features`` (``AggregateEngagementFeatures``);
+``--sinks`` picks where they go, ``--replay_ranges`` makes it a bounded re-run,
+``--state_store`` where the aggregation's state survives a restart. Design
+(state layout, windows, lateness, dedup, delivery, restarts):
+``docs/pipelines/features.md``.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+import pickle
 import struct
 import sys
+import threading
 import time
-from typing import List, NamedTuple, Tuple
+import uuid
+from pathlib import Path
+from typing import NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.coders import coders
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import PCollection, TaggedOutput
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteStateSpec,
+                                              TimerSpec, on_timer)
 from apache_beam.utils.timestamp import Timestamp
-from apache_beam.utils.windowed_value import WindowedValue
 
-from domain.features import (
-    POST_CREATED,
-    TO_AUTHOR_STAGE,
-    TO_VIEWER_STAGE,
-    AuthorStage,
-    FeatureParams,
-    FirstStage,
-    Item,
-    PostState,
-    Shard,
-    ViewerStage,
-    ViewerState,
-    WindowState,
-    engagement_item,
-    event_of,
-    first_stage_key,
-    parse_weights,
-    post_item,
-    shard_of,
-)
+from domain.feature_aggregator import COUNTS, AppliedOffsets, FeatureAggregator, ItemColumns
+from domain.features import KIND_CODES, MEDIA_CODES, POST_CREATED, FeatureParams, parse_weights
 from pipelines.common import Counters, Ranges, ReplayOptions, StoreOptions, module_main
 from pipelines.features_sinks import (
     DEFAULT_SINK_BATCH,
     NAMESPACE,
     FeatureSinkConfig,
-    UpdateTopFollowers,
-    WriteDurableFeatures,
-    WriteFeatureLog,
-    WriteOnlineFeatures,
+    FeatureWriterConfig,
 )
-from pipelines.io.deadletter import WriteDeadLetters
+from pipelines.io.deadletter import DeadLetterProducer
 from pipelines.io.kafka import KafkaReadOptions
-from pipelines.io.source import ReadEvents, producer_config_of
+from pipelines.io.source import ReadEventBatches, producer_config_of
 from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import EngagementEvent, PostEvent, PostEventKind
-from schemas.features import DAY_MS, FeatureTTLs, FeatureValue
-from schemas.records import DeadLetter
+from schemas.features import DAY_MS, FeatureColumns, FeatureTTLs, FeatureValue
+from schemas.records import DeadLetter, EventBatch
 from stores.config import StoreConfig
 
 if __name__ == "__main__":
@@ -70,34 +57,135 @@ if __name__ == "__main__":
     # classes defined a second time (in this __main__ copy) would clash.
     sys.exit(module_main("pipelines.features"))
 
+log = logging.getLogger(__name__)
+
 DEFAULT_GROUP = "feedbeam-features"
 STEP = "features"
 TOO_LATE = "too_late"
 SINKS = ("redis", "cassandra", "log", "top_followers")
-DEFAULT_SHARDS = 16
-#: A bounded re-run's timer granularity: no shard fires before its input is read.
+#: Where the aggregation's state lives: Parquet snapshots plus the input since the latest
+#: (Prism), Beam state the runner checkpoints (Flink), or memory only (bounded re-runs).
+STATE_STORES = ("auto", "snapshot", "beam", "memory")
+#: A bounded re-run's timer granularity: nothing fires before its input is read.
 BOUNDED_TIMER_GRANULARITY_MS = 100 * 365 * DAY_MS
+#: (how far behind the wall clock the next due time is, the granularity then), coarsest first.
+BACKLOG_GRANULARITY_MS = ((DAY_MS, 6 * 3_600_000), (3_600_000, 3_600_000))
+#: Every element goes to one key: the aggregation is one state (see the design doc).
+_KEY = 0
 
 
-# --------------------------------------------------------------------------- coders
+# --------------------------------------------------------------------------- elements
 
 
-class ItemCoder(coders.Coder):
-    """Eight signed 64-bit ints: an ``Item`` in 64 bytes, no pickling."""
+class Blobs:
+    """Byte strings (or None) packed in one buffer: ``blob`` and each one's length (-1:
+    None). Items of a batch travel like this; one is cut out only when needed."""
 
-    _S = struct.Struct(">8q")
+    __slots__ = ("blob", "lengths", "_starts")
 
-    def encode(self, item: Item) -> bytes:
-        return self._S.pack(*item)
+    def __init__(self, blob: bytes, lengths: np.ndarray):
+        self.blob = blob
+        self.lengths = lengths
+        self._starts = None
 
-    def decode(self, data: bytes) -> Item:
-        return Item._make(self._S.unpack(data))
+    @classmethod
+    def of(cls, items: Sequence[bytes | None]) -> "Blobs":
+        items = list(items)
+        if None in items:
+            return cls(b"".join(b for b in items if b is not None),
+                       np.array([-1 if b is None else len(b) for b in items], dtype=np.int32))
+        return cls(b"".join(items), np.fromiter(map(len, items), np.int32, len(items)))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> bytes | None:
+        if self._starts is None:
+            self._starts = np.concatenate([[0], np.cumsum(np.maximum(self.lengths, 0))])
+        n = int(self.lengths[i])
+        return None if n < 0 else self.blob[self._starts[i]:self._starts[i] + n]
+
+    def tolist(self) -> list:
+        ends = np.cumsum(np.maximum(self.lengths, 0)).tolist()
+        blob = self.blob
+        return [None if n < 0 else blob[e - n:e] for n, e in zip(self.lengths.tolist(), ends)]
+
+
+class SourcedItems(NamedTuple):
+    """One source batch as the aggregation's input: its events as ``ItemColumns`` and, per
+    item, where it came from (``offsets``, Kafka ``timestamps``, original ``keys`` and
+    ``values`` for a dead letter). ``first``/``last`` span every offset of the batch,
+    including events that are no items (post deletions). The empty ``topic`` marks the
+    start-up element (``KICK``)."""
+
+    topic: str
+    partition: int
+    first: int
+    last: int
+    offsets: np.ndarray
+    timestamps: np.ndarray
+    keys: Blobs
+    values: Blobs
+    items: ItemColumns
+
+    def select(self, rows: np.ndarray) -> "SourcedItems":
+        keys, values = self.keys.tolist(), self.values.tolist()
+        picked = rows.tolist()
+        return self._replace(offsets=self.offsets[rows], timestamps=self.timestamps[rows],
+                             keys=Blobs.of([keys[i] for i in picked]),
+                             values=Blobs.of([values[i] for i in picked]),
+                             items=self.items.select(rows))
+
+
+KICK = SourcedItems("", -1, -1, -1, np.empty(0, np.int64), np.empty(0, np.int64),
+                    Blobs.of([]), Blobs.of([]), ItemColumns.empty())
+
+
+class SourcedItemsCoder(coders.Coder):
+    """``SourcedItems`` as raw columns: int64 arrays and packed byte strings, no pickling."""
+
+    _HEAD = struct.Struct(">iqqI")  # partition, first, last, items
+
+    def encode(self, s: SourcedItems) -> bytes:
+        topic = s.topic.encode()
+        it = s.items
+        parts = [struct.pack(">H", len(topic)), topic,
+                 self._HEAD.pack(s.partition, s.first, s.last, len(it))]
+        for column in (*it.arrays(), s.offsets, s.timestamps):
+            parts.append(np.ascontiguousarray(column, dtype=">i8").tobytes())
+        for blobs in (Blobs.of(it.ids), s.keys, s.values):
+            parts += [np.ascontiguousarray(blobs.lengths, dtype=">i4").tobytes(),
+                      struct.pack(">Q", len(blobs.blob)), blobs.blob]
+        return b"".join(parts)
+
+    def decode(self, data: bytes) -> SourcedItems:
+        (n_topic,) = struct.unpack_from(">H", data)
+        pos = 2 + n_topic
+        topic = data[2:pos].decode()
+        partition, first, last, n = self._HEAD.unpack_from(data, pos)
+        pos += self._HEAD.size
+        columns = []
+        for _ in range(9):
+            columns.append(np.frombuffer(data, dtype=">i8", count=n, offset=pos)
+                           .astype(np.int64))
+            pos += 8 * n
+        blobs = []
+        for _ in range(3):
+            lengths = np.frombuffer(data, dtype=">i4", count=n, offset=pos).astype(np.int32)
+            pos += 4 * n
+            (size,) = struct.unpack_from(">Q", data, pos)
+            pos += 8
+            blobs.append(Blobs(data[pos:pos + size], lengths))
+            pos += size
+        ids, keys, values = blobs
+        return SourcedItems(topic, partition, first, last, columns[7], columns[8], keys, values,
+                            ItemColumns(*columns[:7], ids.tolist()))
 
     def is_deterministic(self) -> bool:
         return True
 
     def to_type_hint(self):
-        return Item
+        return SourcedItems
 
 
 class FeatureValueCoder(coders.Coder):
@@ -121,8 +209,62 @@ class FeatureValueCoder(coders.Coder):
         return FeatureValue
 
 
-beam.coders.registry.register_coder(Item, ItemCoder)
+beam.coders.registry.register_coder(SourcedItems, SourcedItemsCoder)
 beam.coders.registry.register_coder(FeatureValue, FeatureValueCoder)
+
+
+def sourced_items(batch: EventBatch) -> tuple[SourcedItems | None, int]:
+    """A decoded batch as aggregation input, and how many of its events are no items
+    (post deletions). None when it holds no item."""
+    events = batch.events
+    if not events:
+        return None, 0
+    offsets = batch.offsets
+    first, last = int(offsets[0]), int(offsets[-1])
+    if type(events[0]) is EngagementEvent:
+        rows = None
+        kind = [KIND_CODES[e.kind] for e in events]
+        viewer = [e.viewer_id for e in events]
+        post = [-1 if e.post_id is None else e.post_id for e in events]
+        media = [MEDIA_CODES.get(e.media_type, -1) for e in events]
+        dwell = [-1 if e.dwell_ms is None else e.dwell_ms for e in events]
+    else:
+        rows = [i for i, e in enumerate(events)
+                if type(e) is PostEvent and e.kind is PostEventKind.CREATED]
+        events = [events[i] for i in rows]
+        kind = [POST_CREATED] * len(events)
+        viewer = [-1] * len(events)
+        post = [e.post_id for e in events]
+        media = [MEDIA_CODES[e.media_type] for e in events]
+        dwell = viewer
+    ignored = len(batch.events) - len(events)
+    if not events:
+        return None, ignored
+    items = ItemColumns.of(kind, [e.event_time for e in events], viewer,
+                           [e.author_id for e in events], post, media, dwell,
+                           [e.event_id.encode() for e in events])
+
+    def pick(column):
+        return list(column) if rows is None else [column[i] for i in rows]
+
+    return SourcedItems(batch.topic, batch.partition, first, last,
+                        np.asarray(pick(offsets), np.int64),
+                        np.asarray(pick(batch.timestamps_ms), np.int64),
+                        Blobs.of(pick(batch.keys)), Blobs.of(pick(batch.values)), items), ignored
+
+
+class _ToItemsFn(beam.DoFn):
+    """``EventBatch`` -> ``(key, SourcedItems)``; events that change no feature (post
+    deletions) are counted as ``events_ignored``."""
+
+    def setup(self):
+        self._counters = Counters(NAMESPACE)
+
+    def process(self, batch: EventBatch):
+        sourced, ignored = sourced_items(batch)
+        self._counters.inc("events_ignored", ignored)
+        if sourced is not None:
+            yield _KEY, sourced
 
 
 # --------------------------------------------------------------------------- options
@@ -167,18 +309,25 @@ class FeaturesOptions(PipelineOptions):
                             help=f"where features go, comma-separated subset of {SINKS}")
         parser.add_argument("--feature_log_dir", default="out/feature_log",
                             help="root of the Parquet feature log (sink 'log')")
-        parser.add_argument("--log_shards", type=int, default=4,
-                            help="Parquet files per hour of valid_at per flush")
         parser.add_argument("--log_flush_s", type=float, default=60.0,
-                            help="processing time between feature log flushes")
+                            help="processing time log rows may wait before a file is written "
+                                 "(a snapshot also writes them first)")
         parser.add_argument("--top_followers_keep", type=int, default=10_000,
                             help="followers kept per author in the top_followers ranking")
-        parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS,
-                            help="keys per aggregation stage: entities are grouped into this "
-                                 "many shards, each one keyed state and one timer (more "
-                                 "shards: more parallelism, more per-key overhead)")
         parser.add_argument("--sink_batch", type=int, default=DEFAULT_SINK_BATCH,
-                            help="values buffered per sink before a write within a bundle")
+                            help="values per store write (one round trip)")
+        parser.add_argument("--state_store", choices=STATE_STORES, default="auto",
+                            help="where the aggregation's state survives a restart: "
+                                 "'snapshot' (Parquet snapshots under --feature_state_dir "
+                                 "plus the input since the latest; the default except on "
+                                 "Flink), 'beam' (Beam state the runner checkpoints; the "
+                                 "default on Flink), 'memory' (nowhere: a restart rewinds the "
+                                 "source by the state horizon; bounded re-runs use it)")
+        parser.add_argument("--feature_state_dir", default=None,
+                            help="directory of the snapshots (default "
+                                 "out/feature_state/<consumer group>)")
+        parser.add_argument("--snapshot_interval_s", type=float, default=30.0,
+                            help="processing time between snapshots: what a restart re-reads")
 
     def params(self) -> FeatureParams:
         ttls = self.ttls()
@@ -207,299 +356,485 @@ class FeaturesOptions(PipelineOptions):
             raise ValueError(f"--sinks: unknown sinks {unknown}; choose from {SINKS}")
         return names
 
+    def writer_config(self, stores: StoreConfig) -> FeatureWriterConfig:
+        return FeatureWriterConfig(self.sink_config(stores), self.sink_names(),
+                                   self.feature_log_dir, self.log_flush_s, self.sink_batch)
 
-# --------------------------------------------------------------------------- stages
+    def state_config(self, runner: str, group: str, bounded: bool) -> "StateConfig":
+        store = self.state_store
+        if bounded:
+            store = "memory"  # a re-run starts from nothing and keeps nothing
+        elif store == "auto":
+            store = "beam" if "flink" in runner.lower() else "snapshot"
+        directory = self.feature_state_dir or str(Path("out") / "feature_state" / group)
+        return StateConfig(store, str(Path(directory).resolve()), self.snapshot_interval_s)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass(frozen=True)
+class StateConfig:
+    """Where the aggregation's state survives a restart (``--state_store``).
+
+    ``snapshot``: a Parquet snapshot under ``directory`` every ``interval_s``,
+    plus the input since it, re-read after a restart; ``beam``: Beam state
+    (an operation log and a token; the runner checkpoints it); ``memory``:
+    nowhere. ``instance`` tells apart the in-memory states of pipelines in
+    one process.
+    """
+
+    store: str = "memory"
+    directory: str = ""
+    interval_s: float = 30.0
+    instance: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self):
+        if self.store not in STATE_STORES[1:]:
+            raise ValueError(f"state store must be one of {STATE_STORES[1:]}, not {self.store!r}")
+        if self.store == "snapshot" and not self.directory:
+            raise ValueError("a snapshot state store needs a directory")
+
+
+def params_fingerprint(params: FeatureParams) -> str:
+    """What a snapshot's state depends on: it is restored only under the same."""
+    return repr(dataclasses.asdict(params) | {"weights": sorted(params.weights.items())})
+
+
+def snapshot_restart(directory: str | Path) -> dict[tuple[str, int], int] | None:
+    """Per partition, the offset a job restoring the latest snapshot under ``directory``
+    must read from (None when there is no snapshot)."""
+    from stores.files.feature_state import SnapshotStore
+
+    meta = SnapshotStore(directory).read_meta()
+    return None if meta is None else AppliedOffsets.from_json(meta["offsets"]).restart()
+
+
+class _Live:
+    """A state in this process: the aggregator, the source offsets it holds, the timer it
+    set, and (snapshot store) when it was last made durable. One per ``StateConfig``
+    (per key on Beam state), shared by every DoFn instance of the process."""
+
+    def __init__(self, agg: FeatureAggregator, offsets: AppliedOffsets | None):
+        self.agg = agg
+        self.offsets = offsets
+        self.lock = threading.RLock()
+        self.timer_at: int | None = None
+        self.unwritten = 0  # values and dead letters emitted, not yet stored
+        self.snapshot_at = time.monotonic()
+        self.snapshotting: threading.Thread | None = None
+        self.token: str | None = None  # Beam state: which state this copy is
+        self.logged = 0  # Beam state: events in the operation log since its base
+        self.changed = False  # snapshot store: changes since the last snapshot
+        self.snapshot_timer = False  # snapshot store: the processing-time timer is set
+
+
+_LIVE: dict = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _restore_snapshot(params: FeatureParams, directory: str) -> _Live:
+    from stores.files.feature_state import SnapshotStore
+
+    loaded = SnapshotStore(directory).read()
+    if loaded is None:
+        return _Live(FeatureAggregator(params), AppliedOffsets())
+    tables, meta = loaded
+    if meta["params"] != params_fingerprint(params):
+        raise ValueError(
+            f"the features snapshot in {directory} was made with other windows, lateness, "
+            "decay or weights; remove the directory (the job then rebuilds its state from "
+            "the topics, --rewind_s back) or point --feature_state_dir elsewhere")
+    started = time.monotonic()
+    live = _Live(FeatureAggregator.restore(params, tables),
+                 AppliedOffsets.from_json(meta["offsets"]))
+    log.info("features: restored snapshot %s (%s) in %.1fs", directory,
+             live.agg.sizes(), time.monotonic() - started)
+    return live
+
+
+# --------------------------------------------------------------------------- aggregation
 
 
 _DEAD_LETTERS = "dead_letters"
-_TO_AUTHOR_TAG = "author"
-_TO_VIEWER_TAG = "viewer"
+_OP_APPLY, _OP_FIRE, _OP_BASE = b"A", b"F", b"B"
+_ITEMS = SourcedItemsCoder()
 
 
-class _ToItemsFn(beam.DoFn):
-    """Events -> ``(shard, (post key, (event_id, Item, post bytes)))``; post bytes are the
-    re-encoded post event (empty for engagements), kept for a dead letter."""
+class _AggregateFn(beam.DoFn):
+    """The aggregation as one stateful DoFn on one key (see ``AggregateEngagementFeatures``).
 
-    def __init__(self, topic_prefix: str, shards: int):
-        self._topic_prefix = topic_prefix
-        self._shards = shards
-
-    def setup(self):
-        from schemas.codec import WireCodec
-
-        self._codec = WireCodec()
-        self._ignored = Metrics.counter(NAMESPACE, "events_ignored")
-
-    def process(self, event):
-        if type(event) is EngagementEvent:
-            item = engagement_item(event)
-            key = first_stage_key(item)
-            yield shard_of(key, self._shards), (key, (event.event_id, item, b""))
-        elif type(event) is PostEvent and event.kind is PostEventKind.CREATED:
-            raw = self._codec.encode(event, self._topic_prefix + PostEvent.TOPIC)
-            yield (shard_of(event.post_id, self._shards),
-                   (event.post_id, (event.event_id, post_item(event), raw)))
-        else:
-            self._ignored.inc()  # post deletions and other topics do not change features
-
-
-class _GroupPerBundle(beam.DoFn):
-    """``(shard, value)`` -> ``(shard, [values])``, one per shard per bundle, in arrival
-    order: the next stage then reads and writes a shard's state once per bundle.
-    Emitted in ``finish_bundle`` with the group's earliest timestamp (the bundle's
-    elements hold the watermark until then)."""
-
-    def start_bundle(self):
-        self._groups: dict = {}
-
-    def process(self, element, timestamp=beam.DoFn.TimestampParam,
-                window=beam.DoFn.WindowParam):
-        key, value = element
-        group = self._groups.get(key)
-        if group is None:
-            self._groups[key] = [timestamp, window, [value]]
-        else:
-            group[2].append(value)
-            if timestamp < group[0]:
-                group[0] = timestamp
-
-    def finish_bundle(self):
-        groups, self._groups = self._groups, {}
-        for key, (timestamp, window, values) in groups.items():
-            yield WindowedValue((key, values), timestamp, [window])
-
-
-class _ShardedStageFn(beam.DoFn):
-    """One keyed stage, keyed by shard: a ``Shard`` of entity states in keyed state and
-    one event-time timer per shard, at the earliest time any of its entities needs.
-
-    Subclasses build the stage logic in ``setup()`` (``self._stage`` with
-    ``new_state``, ``fire``, ``next_timer`` and ``empty``) and say how one
-    ``(entity key, value)`` applies.
+    The state is a ``FeatureAggregator`` in this process (``_Live``); one
+    event-time timer at the aggregator's next due time delivers the
+    watermark. Values are written by the ``FeatureWriter`` (or emitted when
+    there is none) and too-late events dead-lettered, all before the state is
+    made durable: a Parquet snapshot (``snapshot``), or each call's operation
+    appended to Beam state with a new token (``beam``; a copy in memory is
+    used while its token is the state's, else it is rebuilt from the log).
     """
 
-    STATE = ReadModifyWriteStateSpec("shard", coders.PickleCoder())
     TIMER = TimerSpec("tick", TimeDomain.WATERMARK)
+    SNAPSHOT = TimerSpec("snapshot", TimeDomain.REAL_TIME)
+    OPS = BagStateSpec("ops", coders.BytesCoder())
+    TOKEN = ReadModifyWriteStateSpec("token", coders.StrUtf8Coder())
 
-    def __init__(self, params: FeatureParams, timer_granularity_ms: int):
+    def __init__(self, params: FeatureParams, state: StateConfig,
+                 writer: FeatureWriterConfig | None, dead_letters: dict | None,
+                 timer_granularity_ms: int, bounded: bool, catch_up: bool):
         self._params = params
+        self._state = state
+        self._writer_config = writer
+        self._dlq_config = dead_letters
         self._granularity = timer_granularity_ms
+        self._bounded = bounded
+        self._catch_up = catch_up
 
-    def start_bundle(self):
-        self._not_yet_valid = Metrics.counter(NAMESPACE, "values_not_yet_valid")
+    def setup(self):
+        self._counters = Counters(NAMESPACE)
+        self._writer = None if self._writer_config is None else self._writer_config.open()
+        self._dlq = None if self._dlq_config is None else DeadLetterProducer(self._dlq_config)
+        self._pending: list[FeatureColumns] = []
+        self._owed = 0  # values and dead letters this instance has not stored yet
+        self._live_copy: _Live | None = None
 
-    def _apply(self, state, key, value):
-        """Apply one element to its entity's ``state``; yields outputs."""
-        raise NotImplementedError
+    def teardown(self):
+        if getattr(self, "_writer", None) is not None:
+            self._writer.close()
+        if getattr(self, "_dlq", None) is not None:
+            self._dlq.close()
+        # The state stays: a runner tears DoFn instances down while the job runs, and the
+        # next instance must find it (only a bounded run's state goes, at its end).
+        live = getattr(self, "_live_copy", None)
+        if live is not None and live.snapshotting is not None:
+            live.snapshotting.join()
 
-    def process(self, element, state=beam.DoFn.StateParam(STATE),
-                timer=beam.DoFn.TimerParam(TIMER)):
-        _, values = element
-        shard = state.read() or Shard()
-        stage = self._stage
-        touched = set()
-        for key, value in values:
-            s = shard.entities.get(key)
-            if s is None:
-                s = shard.entities[key] = stage.new_state()
-            yield from self._apply(s, key, value)
-            touched.add(key)
-        for key in touched:
-            self._reschedule(shard, key)
-        self._arm(shard, timer)
-        state.write(shard)
+    # -- the state
+
+    def _live(self, ops, token) -> _Live:
+        s = self._state
+        if s.store == "beam":
+            return self._beam_live(ops, token)
+        with _LIVE_LOCK:
+            live = _LIVE.get(s.instance)
+            if live is None:
+                live = _LIVE[s.instance] = (
+                    _restore_snapshot(self._params, s.directory) if s.store == "snapshot"
+                    else _Live(FeatureAggregator(self._params), None))
+        return live
+
+    def _beam_live(self, ops, token) -> _Live:
+        current = token.read()
+        key = (self._state.instance, _KEY)
+        with _LIVE_LOCK:
+            live = _LIVE.get(key)
+            if live is not None and live.token == current:
+                return live
+            agg, logged = FeatureAggregator(self._params), 0
+            for op in ops.read():  # this copy is not the state: rebuild it from the log
+                kind, body = op[:1], op[1:]
+                if kind == _OP_BASE:
+                    agg = FeatureAggregator.restore(self._params, pickle.loads(body))
+                    logged = 0
+                elif kind == _OP_APPLY:
+                    items = _ITEMS.decode(body).items
+                    agg.apply(items)
+                    logged += len(items)
+                else:
+                    agg.fire(struct.unpack(">q", body)[0])
+            live = _LIVE[key] = _Live(agg, None)
+            live.token, live.logged = current, logged
+            return live
+
+    def _log_op(self, live: _Live, ops, token, op: bytes, events: int) -> None:
+        """Beam state: append this call's operation (or, when the log outgrew the state, a
+        new base) and name the result with a new token."""
+        if self._state.store != "beam":
+            return
+        live.logged += events
+        if live.logged > max(100_000, sum(live.agg.sizes().values())):
+            ops.clear()
+            op = _OP_BASE + pickle.dumps(live.agg.export(), protocol=5)
+            live.logged = 0
+        ops.add(op)
+        live.token = uuid.uuid4().hex
+        token.write(live.token)
+
+    def _arm(self, live: _Live, timer) -> None:
+        """Keep the one timer at the aggregator's next due time, rounded up to the timer
+        granularity (set only when it moves; a firing handles every time up to its own).
+
+        With ``catch_up``, while that time is far behind the wall clock (a backlog: the
+        watermark may be days ahead) the granularity grows (``BACKLOG_GRANULARITY_MS``):
+        each firing is a runner round trip, and every change point is still computed at
+        its own time; lateness is then judged against a watermark known to within hours.
+        """
+        wanted = live.agg.next_timer()
+        if wanted is None:
+            return
+        granularity = self._granularity
+        behind = time.time() * 1000 - wanted
+        for lag, coarser in BACKLOG_GRANULARITY_MS if self._catch_up else ():
+            if behind > lag:
+                granularity = max(granularity, coarser)
+                break
+        wanted = -(-wanted // granularity) * granularity
+        if wanted != live.timer_at:
+            timer.set(Timestamp(micros=wanted * 1000))
+            live.timer_at = wanted
+
+    # -- input and time
+
+    def _use(self, live: _Live) -> None:
+        self._live_copy = live
+
+    def _arm_snapshot(self, live: _Live, timer) -> None:
+        """Snapshot store: a processing-time timer brings a bundle (and its snapshot) even
+        when no input comes after a change."""
+        live.changed = True
+        if self._state.store == "snapshot" and not live.snapshot_timer:
+            timer.set(Timestamp.now() + self._state.interval_s)
+            live.snapshot_timer = True
+
+    def process(self, element, timer=beam.DoFn.TimerParam(TIMER),
+                snapshot=beam.DoFn.TimerParam(SNAPSHOT),
+                ops=beam.DoFn.StateParam(OPS), token=beam.DoFn.StateParam(TOKEN)):
+        _, sourced = element
+        live = self._live(ops, token)
+        with live.lock:
+            self._use(live)
+            if sourced.topic:
+                yield from self._apply(live, sourced, ops, token)
+                self._arm_snapshot(live, snapshot)
+            self._arm(live, timer)
+
+    def _apply(self, live: _Live, sourced: SourcedItems, ops, token):
+        if live.offsets is not None:
+            covered = live.offsets.covered(sourced.topic, sourced.partition, sourced.offsets)
+            if covered.any():  # re-read after a restart: the snapshot holds these
+                self._counters.inc("events_restored", int(covered.sum()))
+                sourced = sourced.select(np.flatnonzero(~covered))
+        applied = live.agg.apply(sourced.items)
+        for name in COUNTS:
+            self._counters.inc(name if name == "unlikes_unmatched" else f"events_{name}",
+                               applied.counts[name])
+        for i in applied.too_late:
+            letter = self._dead_letter(sourced, i)
+            if self._dlq is None:
+                yield TaggedOutput(_DEAD_LETTERS, letter)
+            else:
+                self._dlq.send(letter)
+                self._owed += 1
+                live.unwritten += 1
+        yield from self._emit(live, applied.values)
+        if live.offsets is not None:
+            live.offsets.add(sourced.topic, sourced.partition, sourced.first, sourced.last)
+        self._log_op(live, ops, token, _OP_APPLY + _ITEMS.encode(sourced), len(sourced.items))
+
+    @on_timer(SNAPSHOT)
+    def on_snapshot_due(self, snapshot=beam.DoFn.TimerParam(SNAPSHOT),
+                        ops=beam.DoFn.StateParam(OPS), token=beam.DoFn.StateParam(TOKEN)):
+        live = self._live(ops, token)
+        with live.lock:
+            self._use(live)
+            live.snapshot_timer = False  # finish_bundle writes the snapshot if one is due
+            if live.changed:
+                self._arm_snapshot(live, snapshot)  # in case it is not due yet
 
     @on_timer(TIMER)
-    def on_tick(self, fired=beam.DoFn.TimestampParam, state=beam.DoFn.StateParam(STATE),
-                timer=beam.DoFn.TimerParam(TIMER)):
-        shard = state.read()
-        if shard is None:
-            return
-        shard.timer_at = None
-        at = fired.micros // 1000
-        now_ms = time.time() * 1000
-        while shard.agenda:
-            # Earliest first, including times scheduled by the entities fired here.
-            when = min(shard.agenda)
-            if when > at:
-                break
-            for key in shard.due(when):
-                for value in self._stage.fire(shard.entities[key], key, when):
-                    # A bounded run ends with the watermark at infinity and drains
-                    # every window; values valid after the wall clock are not facts
-                    # yet (the live job will compute them from more events).
-                    if value.valid_at_ms <= now_ms:
-                        yield value
-                    else:
-                        self._not_yet_valid.inc()
-                self._reschedule(shard, key)
-        if not shard.entities:
-            state.clear()
-            return
-        self._arm(shard, timer)
-        state.write(shard)
+    def on_tick(self, fired=beam.DoFn.TimestampParam, timer=beam.DoFn.TimerParam(TIMER),
+                snapshot=beam.DoFn.TimerParam(SNAPSHOT),
+                ops=beam.DoFn.StateParam(OPS), token=beam.DoFn.StateParam(TOKEN)):
+        live = self._live(ops, token)
+        with live.lock:
+            self._use(live)
+            live.timer_at = None
+            at = fired.micros // 1000
+            values = live.agg.fire(at)
+            # A bounded run ends with the watermark at infinity and drains every window;
+            # values valid after the wall clock are not facts yet (the live job will
+            # compute them from more events).
+            valid = values.valid_at_ms <= time.time() * 1000
+            if not valid.all():
+                self._counters.inc("values_not_yet_valid", int((~valid).sum()))
+                values = values.select(valid)
+            yield from self._emit(live, values)
+            self._log_op(live, ops, token, _OP_FIRE + struct.pack(">q", at), 0)
+            self._arm_snapshot(live, snapshot)
+            if self._bounded and self._state.store == "memory":
+                # The one firing of a bounded run comes after all its input: done.
+                with _LIVE_LOCK:
+                    _LIVE.pop(self._state.instance, None)
+                return
+            self._arm(live, timer)
 
-    def _reschedule(self, shard: Shard, key) -> None:
-        s = shard.entities[key]
-        if self._stage.empty(s):
-            del shard.entities[key]
-            shard.schedule(key, None)
+    def _emit(self, live: _Live, values: FeatureColumns):
+        if not len(values):
+            return
+        if self._writer is None:
+            yield from values.values()
         else:
-            shard.schedule(key, self._stage.next_timer(s))
+            self._pending.append(values)
+            self._owed += len(values)
+            live.unwritten += len(values)
 
-    def _arm(self, shard: Shard, timer) -> None:
-        """Keep the shard's one timer at its earliest agenda time, rounded up to the timer
-        granularity (set only when it moves); a firing handles every time up to its own."""
-        wanted = shard.next_time()
-        if wanted is not None:
-            wanted = -(-wanted // self._granularity) * self._granularity
-        if wanted is not None and wanted != shard.timer_at:
-            timer.set(Timestamp(micros=wanted * 1000))
-            shard.timer_at = wanted
-
-
-class _FirstStageFn(_ShardedStageFn):
-    """Dedup, lateness, unlike pairing and post windows (``FirstStage``), per post."""
-
-    def __init__(self, params: FeatureParams, timer_granularity_ms: int, topic_prefix: str,
-                 shards: int):
-        super().__init__(params, timer_granularity_ms)
-        self._topic_prefix = topic_prefix
-        self._shards = shards
-
-    def setup(self):
-        from schemas.codec import WireCodec
-
-        self._stage = FirstStage(self._params)
-        self._codec = WireCodec()
-        self._counters = Counters(NAMESPACE)
-
-    def _apply(self, s: PostState, key, value):
-        event_id, item, raw = value
-        outcome = self._stage.apply(s, event_id, item)
-        self._counters.inc(f"events_{outcome.status}")
-        if outcome.unmatched_unlike:
-            self._counters.inc("unlikes_unmatched")
-        if outcome.status == TOO_LATE:
-            yield TaggedOutput(_DEAD_LETTERS, self._dead_letter(event_id, item, raw, s))
-            return
-        yield from outcome.features
-        shards = self._shards
-        for fwd in outcome.forward:
-            if fwd.kind in TO_AUTHOR_STAGE:
-                yield TaggedOutput(_TO_AUTHOR_TAG, (shard_of(fwd.author, shards),
-                                                    (fwd.author, fwd)))
-            if fwd.kind in TO_VIEWER_STAGE:
-                yield TaggedOutput(_TO_VIEWER_TAG, (shard_of(fwd.viewer, shards),
-                                                    (fwd.viewer, fwd)))
-
-    def _dead_letter(self, event_id: str, item: Item, raw: bytes, s: PostState) -> DeadLetter:
-        if item.kind == POST_CREATED:
-            topic, key = self._topic_prefix + PostEvent.TOPIC, str(item.author).encode()
-        else:
-            event = event_of(event_id, item)
-            topic, key = self._topic_prefix + EngagementEvent.TOPIC, event.key
-            raw = self._codec.encode(event, topic)
-        error = (f"event time {item.t} is more than {self._params.allowed_lateness_ms} ms behind "
-                 f"the watermark {self._stage.watermark(s)}; value re-encoded with WireCodec, "
-                 f"source partition and offset unknown")
-        return DeadLetter(topic=topic, partition=-1, offset=-1, key=key, value=raw,
-                          timestamp_ms=item.t, step=STEP, reason=TOO_LATE, error=error,
+    def _dead_letter(self, sourced: SourcedItems, i: int) -> DeadLetter:
+        t = int(sourced.items.t[i])
+        error = (f"event time {t} is more than {self._params.allowed_lateness_ms} ms behind "
+                 f"the watermark (at least {self._live_copy.agg.fired})")
+        return DeadLetter(topic=sourced.topic, partition=sourced.partition,
+                          offset=int(sourced.offsets[i]), key=sourced.keys[i],
+                          value=sourced.values[i], timestamp_ms=int(sourced.timestamps[i]),
+                          step=STEP, reason=TOO_LATE, error=error,
                           failed_at_ms=int(time.time() * 1000))
 
+    # -- durability
 
-class _AuthorStageFn(_ShardedStageFn):
-    """7-day author windows (``AuthorStage``), per author."""
+    def finish_bundle(self):
+        live = self._live_copy
+        if live is None:
+            return
+        if self._pending:
+            values = FeatureColumns.concat(self._pending)
+            self._pending = []
+            self._writer.write(values)
+        if self._dlq is not None:
+            self._dlq.settle()
+        with live.lock:
+            live.unwritten -= self._owed
+            self._owed = 0
+            if self._writer is not None and (self._bounded or self._state.store == "beam"
+                                             or self._writer.log_due()):
+                self._writer.flush_log()
+            if self._state.store == "snapshot":
+                self._maybe_snapshot(live)
 
-    def setup(self):
-        self._stage = AuthorStage(self._params)
+    def _maybe_snapshot(self, live: _Live) -> None:
+        """Start writing a snapshot when one is due and every value emitted so far is
+        stored (the snapshot must not stand for values that might be lost)."""
+        if (not live.changed or live.unwritten
+                or time.monotonic() - live.snapshot_at < self._state.interval_s
+                or (live.snapshotting is not None and live.snapshotting.is_alive())):
+            return
+        live.changed = False
+        if self._writer is not None:
+            self._writer.flush_log()
+        live.offsets.settle()
+        tables = live.agg.export()
+        meta = {"offsets": live.offsets.to_json(), "params": params_fingerprint(self._params),
+                "fired": live.agg.fired, "sizes": live.agg.sizes(),
+                "written_at_ms": int(time.time() * 1000)}
+        live.snapshot_at = time.monotonic()
+        directory = self._state.directory
+        counters = self._counters
 
-    def _apply(self, s: WindowState, author, item):
-        return self._stage.apply(s, author, item)
+        def write():
+            from stores.files.feature_state import SnapshotStore
 
+            started = time.monotonic()
+            SnapshotStore(directory).write(tables, meta)
+            counters.inc("snapshots")
+            log.info("features: snapshot of %s written in %.1fs", meta["sizes"],
+                     time.monotonic() - started)
 
-class _ViewerStageFn(_ShardedStageFn):
-    """Decayed affinities (``ViewerStage``), per viewer."""
-
-    def setup(self):
-        self._stage = ViewerStage(self._params)
-
-    def _apply(self, s: ViewerState, viewer, item):
-        self._stage.apply(s, item)
-        return ()
+        live.snapshotting = threading.Thread(target=write, name="features-snapshot",
+                                             daemon=True)
+        live.snapshotting.start()
 
 
 class FeatureOutputs(NamedTuple):
     """The outputs of ``AggregateEngagementFeatures``."""
 
-    features: PCollection  # PCollection[FeatureValue]
-    dead_letters: PCollection  # PCollection[DeadLetter] (too-late events)
+    features: PCollection  # PCollection[FeatureValue]; empty when a writer stores them
+    dead_letters: PCollection  # PCollection[DeadLetter]; empty when written to the DLQ inline
 
 
 class AggregateEngagementFeatures(beam.PTransform):
-    """Engagement and post events -> feature values (``docs/pipelines/features.md``).
+    """Engagement and post event batches -> feature values (``docs/pipelines/features.md``).
 
     Args:
       params: windows, lateness, dedup horizon, decay and weights (``FeatureParams``).
-      topic_prefix: prefix of the topic names, for the dead letters' topics.
-      shards: keys per stage (``--shards``).
-      timer_granularity_ms: how far apart a shard's timers are (default the slide: values
-        appear as soon as the watermark passes their window end). Every change point is
-        still computed at its own time, in order; a coarser granularity only fires a
-        shard's timer less often (each firing costs a runner round trip). A bounded
-        re-run passes ``BOUNDED_TIMER_GRANULARITY_MS`` (a century): its shards fire
-        once, when the input is read, and work through all their windows then.
+      state: where the state survives a restart (``StateConfig``; default: nowhere).
+      writer: the stores the values go to, written by the aggregation itself before it
+        makes its state durable (``FeatureWriterConfig``); None: they are the
+        ``features`` output instead.
+      dead_letters: a producer config to write too-late events to their ``.dlq`` topics
+        inline; None: they are the ``dead_letters`` output.
+      timer_granularity_ms: how far apart timers are (default the slide: values appear as
+        soon as the watermark passes their window end). Every change point is still
+        computed at its own time, in order. A bounded re-run passes
+        ``BOUNDED_TIMER_GRANULARITY_MS`` (a century): the timer fires once, when the
+        input is read, and every window is worked through then.
+      bounded: the input is bounded (the log is written at the end of every bundle).
+      catch_up: fire timers hourly while the aggregation is more than an hour behind the
+        wall clock (six-hourly past a day), so a backlog drains in fewer runner round
+        trips (see ``_AggregateFn._arm``).
 
-    Takes a ``PCollection`` of ``EngagementEvent`` and ``PostEvent`` (others are
-    counted and ignored). Returns ``FeatureOutputs``: every emitted
-    ``FeatureValue`` (post, author, viewer_author, viewer_media), and a
-    ``DeadLetter`` per too-late event.
+    Takes a ``PCollection[EventBatch]`` of ``engagement-events`` and
+    ``post-events`` (events other than engagements and created posts are
+    counted and ignored). Returns ``FeatureOutputs``.
     """
 
-    def __init__(self, params: FeatureParams | None = None, topic_prefix: str = "",
-                 shards: int = DEFAULT_SHARDS, timer_granularity_ms: int | None = None):
+    def __init__(self, params: FeatureParams | None = None, state: StateConfig | None = None,
+                 writer: FeatureWriterConfig | None = None, dead_letters: dict | None = None,
+                 timer_granularity_ms: int | None = None, bounded: bool = False,
+                 catch_up: bool = False):
         super().__init__()
-        if shards < 1:
-            raise ValueError("shards must be at least 1")
         self._params = params or FeatureParams()
-        self._prefix = topic_prefix
-        self._shards = shards
+        self._state = state or StateConfig()
+        self._writer = writer
+        self._dead_letters = dead_letters
         self._granularity = timer_granularity_ms or self._params.slide_ms
         if self._granularity < 1:
             raise ValueError("timer_granularity_ms must be at least 1")
+        if self._state.store == "snapshot" and (writer is None or dead_letters is None):
+            # A snapshot stands for every value and dead letter before it: the aggregation
+            # must store them itself first.
+            raise ValueError("a snapshot state store needs a writer and a dead-letter producer")
+        self._bounded = bounded
+        self._catch_up = catch_up
 
-    def expand(self, events) -> FeatureOutputs:
-        p, g = self._params, self._granularity
-        keyed = Tuple[int, Tuple[int, Item]]
-        grouped = Tuple[int, List[Tuple[int, Item]]]
-        first = (events
-                 | "ToItems" >> beam.ParDo(_ToItemsFn(self._prefix, self._shards))
-                 .with_output_types(Tuple[int, Tuple[int, Tuple[str, Item, bytes]]])
-                 | "GroupByPostShard" >> beam.ParDo(_GroupPerBundle())
-                 .with_output_types(Tuple[int, List[Tuple[int, Tuple[str, Item, bytes]]]])
-                 | "DedupLatenessPostWindows" >> beam.ParDo(
-                     _FirstStageFn(p, g, self._prefix, self._shards))
-                 .with_output_types(FeatureValue, **{_TO_AUTHOR_TAG: keyed,
-                                                     _TO_VIEWER_TAG: keyed,
-                                                     _DEAD_LETTERS: DeadLetter})
-                 .with_outputs(_TO_AUTHOR_TAG, _TO_VIEWER_TAG, _DEAD_LETTERS, main="posts"))
-        authors = (first[_TO_AUTHOR_TAG]
-                   | "GroupByAuthorShard" >> beam.ParDo(_GroupPerBundle())
-                   .with_output_types(grouped)
-                   | "AuthorWindows" >> beam.ParDo(_AuthorStageFn(p, g))
-                   .with_output_types(FeatureValue))
-        viewers = (first[_TO_VIEWER_TAG]
-                   | "GroupByViewerShard" >> beam.ParDo(_GroupPerBundle())
-                   .with_output_types(grouped)
-                   | "ViewerAffinity" >> beam.ParDo(_ViewerStageFn(p, g))
-                   .with_output_types(FeatureValue))
-        features = ((first.posts, authors, viewers)
-                    | "AllFeatures" >> beam.Flatten().with_output_types(FeatureValue))
-        dead = first[_DEAD_LETTERS]
-        return FeatureOutputs(features, dead)
+    def expand(self, batches) -> FeatureOutputs:
+        keyed = Tuple[int, SourcedItems]
+        items = (batches
+                 | "ToItems" >> beam.ParDo(_ToItemsFn()).with_output_types(keyed))
+        # One element at start-up, so the aggregation restores its state and arms its
+        # timer even when no input arrives.
+        kick = (batches.pipeline
+                | "Start" >> beam.Impulse()
+                | "Kick" >> beam.Map(lambda _: (_KEY, KICK)).with_output_types(keyed))
+        out = ((items, kick)
+               | "WithKick" >> beam.Flatten().with_output_types(keyed)
+               | "Aggregate" >> beam.ParDo(_AggregateFn(
+                   self._params, self._state, self._writer, self._dead_letters,
+                   self._granularity, self._bounded, self._catch_up))
+               .with_output_types(FeatureValue, **{_DEAD_LETTERS: DeadLetter})
+               .with_outputs(_DEAD_LETTERS, main="features"))
+        return FeatureOutputs(out.features, out[_DEAD_LETTERS])
 
 
 # --------------------------------------------------------------------------- wiring
+
+
+def _resume_from_snapshot(state: StateConfig, bootstrap: str, group: str,
+                          topics: Sequence[str]) -> None:
+    """Point ``group`` at the latest snapshot's restart offsets, so the source re-reads
+    exactly the input since it (nothing to do without a snapshot)."""
+    from stores.kafka.lag import commit_offsets, end_offsets
+
+    restart = snapshot_restart(state.directory)
+    if not restart:
+        return
+    ends = end_offsets(bootstrap, topics)
+    beyond = {tp: (offset, ends.get(tp)) for tp, offset in restart.items()
+              if tp[0] in topics and offset > ends.get(tp, -1)}
+    if beyond:
+        raise ValueError(
+            f"the features snapshot in {state.directory} holds offsets beyond the topics' "
+            f"ends {sorted(beyond.items())}: the topics were recreated or the directory "
+            "belongs to other topics; remove it or point --feature_state_dir elsewhere")
+    commit_offsets(bootstrap, group, {tp: o for tp, o in restart.items() if tp[0] in topics})
+    log.info("features: resuming %s from the snapshot in %s: %s", group, state.directory,
+             sorted(restart.items()))
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions,
@@ -507,37 +842,33 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions,
     """Wire the features job into ``pipeline``: read, aggregate, write to ``--sinks``.
 
     Without ``ranges`` (nor ``--replay_ranges``) it follows ``engagement-events``
-    and ``post-events`` from the consumer group's offsets, rewinding on start
-    by the state horizon (``--rewind_s``, default the affinity TTL). With
-    ranges it reads exactly those offsets once (a bounded re-run).
+    and ``post-events`` from the consumer group's offsets; with a snapshot state
+    store and a snapshot, from the snapshot's offsets (committed to the group
+    here, before the job starts), else rewinding by the state horizon
+    (``--rewind_s``, default the affinity TTL). With ranges it reads exactly
+    those offsets once (a bounded re-run, its state in memory).
     """
     kafka = options.view_as(KafkaReadOptions)
     opts = options.view_as(FeaturesOptions)
     params = opts.params()
-    sinks = opts.sink_names()
-    config = kafka.source_config(default_group=DEFAULT_GROUP,
-                                 default_rewind_s=params.affinity_ttl_ms / 1000)
-    prefix = kafka.topic_prefix
     if ranges is None:
         ranges = options.view_as(ReplayOptions).ranges()
-    read = ReadEvents(config, [prefix + EngagementEvent.TOPIC, prefix + PostEvent.TOPIC],
-                      ranges=ranges, topic_prefix=prefix)
-    events = pipeline | "ReadEngagementAndPostEvents" >> read
-    out = events | "AggregateEngagementFeatures" >> AggregateEngagementFeatures(
-        params, prefix, opts.shards,
-        timer_granularity_ms=BOUNDED_TIMER_GRANULARITY_MS if ranges else None)
-    _ = out.dead_letters | "WriteTooLate" >> WriteDeadLetters(producer_config_of(config))
-    store = opts.sink_config(options.view_as(StoreOptions).config())
-    if "redis" in sinks:
-        _ = out.features | "WriteOnlineFeatures" >> WriteOnlineFeatures(store, opts.sink_batch)
-    if "cassandra" in sinks:
-        _ = out.features | "WriteDurableFeatures" >> WriteDurableFeatures(store, opts.sink_batch)
-    if "top_followers" in sinks:
-        _ = out.features | "UpdateTopFollowers" >> UpdateTopFollowers(store, opts.sink_batch)
-    if "log" in sinks:
-        _ = out.features | "WriteFeatureLog" >> WriteFeatureLog(
-            opts.feature_log_dir, opts.log_shards, opts.log_flush_s, bounded=ranges is not None)
-    return out
+    group = kafka.consumer_group or DEFAULT_GROUP
+    state = opts.state_config(str(options.view_as(StandardOptions).runner or ""), group,
+                              bounded=bool(ranges))
+    prefix = kafka.topic_prefix
+    topics = [prefix + EngagementEvent.TOPIC, prefix + PostEvent.TOPIC]
+    if state.store == "snapshot":
+        _resume_from_snapshot(state, kafka.kafka_bootstrap, group, topics)
+    config = kafka.source_config(default_group=DEFAULT_GROUP,
+                                 default_rewind_s=params.affinity_ttl_ms / 1000)
+    read = ReadEventBatches(config, topics, ranges=ranges, topic_prefix=prefix)
+    batches = pipeline | "ReadEngagementAndPostEvents" >> read
+    writer = opts.writer_config(options.view_as(StoreOptions).config())
+    return batches | "AggregateEngagementFeatures" >> AggregateEngagementFeatures(
+        params, state, writer, producer_config_of(config),
+        timer_granularity_ms=BOUNDED_TIMER_GRANULARITY_MS if ranges else None,
+        bounded=bool(ranges), catch_up=not ranges)
 
 
 def run(argv=None):
@@ -551,4 +882,3 @@ def run(argv=None):
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
     return run_until_done(pipeline)
-

@@ -1,18 +1,24 @@
 """Where the features pipeline writes its values: Redis, Cassandra, the Parquet log, and
 each author's top-followers ranking (the fan-out's celebrity push reads it).
 
+    writer = FeatureWriterConfig(config, ("redis", "cassandra", "log")).open()
+    writer.write(columns); writer.flush_log(); writer.close()    # inside the aggregation
+
     features | "WriteOnlineFeatures" >> WriteOnlineFeatures(config, max_batch=2000)
-    features | "WriteDurableFeatures" >> WriteDurableFeatures(config)
-    features | "UpdateTopFollowers" >> UpdateTopFollowers(config)
     features | "WriteFeatureLog" >> WriteFeatureLog("out/feature_log")
 
-Each takes a ``PCollection[FeatureValue]`` and returns an empty ``PCollection``.
-The store sinks write through ``pipelines.io.sink.ApplyInBatches``; how writes
-stay idempotent is in ``docs/pipelines/features.md``.
+The aggregation writes its values itself with a ``FeatureWriter``, before it
+makes its state durable (docs/pipelines/features.md, "Restarts"). The
+transforms take a ``PCollection[FeatureValue]`` (of ``AggregateEngagementFeatures``
+run without a writer) and return an empty ``PCollection``; the store sinks
+write through ``pipelines.io.sink.ApplyInBatches``. Both use the same store
+appliers, retried whole with ``RetryPolicy``; how writes stay idempotent is in
+``docs/pipelines/features.md``.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from typing import Callable, Sequence
 
@@ -23,8 +29,10 @@ from apache_beam.transforms import trigger, window
 from domain.features import follower_scores
 from pipelines.common import Counters
 from pipelines.io.sink import ApplyInBatches
-from schemas.features import DEFAULT_HALF_LIFE_MS, VIEWER_AUTHOR, FeatureTTLs, FeatureValue
+from schemas.features import (DEFAULT_HALF_LIFE_MS, ENTITY_TYPES, VIEWER_AUTHOR,
+                              FeatureColumns, FeatureTTLs, FeatureValue)
 from stores.config import StoreConfig
+from stores.retry import RetryPolicy
 
 NAMESPACE = "feedbeam.features"
 DEFAULT_SINK_BATCH = 2000
@@ -74,7 +82,7 @@ def _open_durable(c: FeatureSinkConfig):
     from stores.cassandra.features import CassandraFeatureStore
 
     store = CassandraFeatureStore.connect(c.stores.cassandra_host, c.stores.cassandra_port,
-                                          c.stores.cassandra_keyspace)
+                                          c.stores.cassandra_keyspace, **c.stores.cassandra_levels)
     return store, store.write
 
 
@@ -113,7 +121,7 @@ class _StoreSink(beam.PTransform):
 
     def __init__(self, config: FeatureSinkConfig, max_batch: int = DEFAULT_SINK_BATCH):
         super().__init__()
-        self._apply = ApplyInBatches(_StoreWrites(self.sink, config), NAMESPACE, max_batch)
+        self._apply = ApplyInBatches(_StoreWrites(self.sink, config), NAMESPACE, max_batch, dead_letters="from_options")
 
     def expand(self, values):
         return values | f"Write_{self.sink}" >> self._apply
@@ -150,6 +158,94 @@ class UpdateTopFollowers(_StoreSink):
         affinities = (values | "ViewerAuthorOnly" >> beam.Filter(_is_viewer_author)
                       .with_output_types(FeatureValue))
         return super().expand(affinities)
+
+
+# --------------------------------------------------------------------------- inline writer
+
+STORE_SINKS = ("redis", "cassandra", "top_followers")
+_VIEWER_AUTHOR = ENTITY_TYPES.index(VIEWER_AUTHOR)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureWriterConfig:
+    """What the aggregation pickles for its writer: the stores and how values go there.
+
+    ``sinks``: a subset of ``("redis", "cassandra", "top_followers", "log")``;
+    ``max_batch``: values per store write (one round trip, or one concurrent
+    execution in Cassandra); ``log_flush_s``: how long log rows may wait in
+    memory before a file is written (a flush also comes before every snapshot).
+    """
+
+    config: FeatureSinkConfig = FeatureSinkConfig()
+    sinks: tuple[str, ...] = STORE_SINKS + ("log",)
+    log_dir: str = "out/feature_log"
+    log_flush_s: float = 60.0
+    max_batch: int = DEFAULT_SINK_BATCH
+    retry: RetryPolicy = RetryPolicy()
+
+    def open(self) -> "FeatureWriter":
+        return FeatureWriter(self)
+
+
+class FeatureWriter:
+    """Writes ``FeatureColumns`` to the stores of its config (see ``FeatureWriterConfig``).
+
+    ``write`` sends each store only the newest value of each (entity, name)
+    among what it is given (``FeatureColumns.newest``: what the store would
+    keep), ``max_batch`` values a write, each write retried whole on a
+    transient error; log rows are kept until ``flush_log`` (which the owner
+    calls when ``log_due`` says so, and before making its state durable).
+    """
+
+    def __init__(self, config: FeatureWriterConfig):
+        self.config = config
+        self._stores = {sink: _StoreWrites(sink, config.config).open()
+                        for sink in config.sinks if sink in STORE_SINKS}
+        self._log: list[FeatureColumns] = []
+        self._log_since = time.monotonic()
+        self._counters = Counters(NAMESPACE)
+
+    def write(self, values: FeatureColumns) -> None:
+        if not len(values):
+            return
+        if "log" in self.config.sinks:
+            self._log.append(values)
+        if not self._stores:
+            return
+        newest = values.newest()
+        for sink, applier in self._stores.items():
+            rows = newest
+            if sink == "top_followers":
+                rows = newest.select(newest.entity_type == _VIEWER_AUTHOR)
+            step = self.config.max_batch
+            for start in range(0, len(rows), step):
+                batch = rows.select(slice(start, start + step)).values()
+                self.config.retry.call(
+                    lambda: applier.apply(batch), what=f"{NAMESPACE} {sink}: {len(batch)} values",
+                    on_retry=lambda _: self._counters.inc("batch_retries"))
+                self._counters.inc("batches")
+
+    def log_due(self) -> bool:
+        return bool(self._log) and (time.monotonic() - self._log_since
+                                    >= self.config.log_flush_s)
+
+    def flush_log(self) -> None:
+        """Write the log rows held so far (one content-addressed file per hour they span)."""
+        from stores.files.feature_log import write_feature_columns
+
+        self._log_since = time.monotonic()
+        if not self._log:
+            return
+        columns = FeatureColumns.concat(self._log)
+        files = write_feature_columns(self.config.log_dir, columns)
+        self._log = []
+        self._counters.inc("log_rows", len(columns))
+        self._counters.inc("log_files", len(files))
+
+    def close(self) -> None:
+        for applier in self._stores.values():
+            applier.close()
+        self._stores = {}
 
 
 # --------------------------------------------------------------------------- feature log
@@ -212,5 +308,6 @@ class WriteFeatureLog(beam.PTransform):
                 | "WriteParquet" >> beam.ParDo(_WriteLogFn(self._log_dir)))
 
 
-__all__ = ["FeatureSinkConfig", "WriteOnlineFeatures", "WriteDurableFeatures",
-           "UpdateTopFollowers", "WriteFeatureLog", "log_shard", "NAMESPACE"]
+__all__ = ["FeatureSinkConfig", "FeatureWriterConfig", "FeatureWriter", "WriteOnlineFeatures",
+           "WriteDurableFeatures", "UpdateTopFollowers", "WriteFeatureLog", "log_shard",
+           "NAMESPACE", "STORE_SINKS"]

@@ -5,10 +5,10 @@
         [--settle_s 0.5 --debounce_s 5 --max_candidates 200 --top_k 20 --max_per_author 3]
 
 Reads post, engagement and follow events (consumer group ``feedbeam-ranking``)
-and, through ``RefreshRankedFeeds``, re-ranks the feed of each user they
-concern, at most once per ``--debounce_s``, with the model ``latest`` names in
-``--model_dir`` (by recency while there is none). Triggers, debounce, the
-follow gate and delivery: ``docs/pipelines/ranking.md``.
+and, through ``RefreshRankedFeeds``, queues a refresh of each user they concern
+in Redis, then re-ranks the queued users in batches with the model ``latest``
+names in ``--model_dir`` (by recency while there is none). Triggers, the
+queue, the follow gate and delivery: ``docs/pipelines/ranking.md``.
 """
 from __future__ import annotations
 
@@ -27,33 +27,21 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Timestamp
 
 from domain.fanout import FreshnessHistogram
-from domain.ranking import (
-    GIVE_UP,
-    SETTLE,
-    WAIT,
-    Debounce,
-    FollowWait,
-    RankingPolicy,
-    edge_versions_wanted,
-    edges_not_applied,
-    engagement_trigger,
-    follow_gate,
-    follow_trigger,
-    post_triggers,
-    requests_from,
-)
+from domain.ranking import Debounce, FollowWait, RankingPolicy, ViralPolicy
 from pipelines.common import Counters, StoreOptions, module_main
 from pipelines.fanout import FanoutOptions
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.sink import ApplyInBatches
-from pipelines.io.source import ReadEvents
+from pipelines.io.source import ReadEventBatches
 from pipelines.ranking_pool import RANKERS
 from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import EngagementEvent, FollowEvent, PostEvent
 from schemas.features import DEFAULT_HALF_LIFE_MS
-from schemas.ranking import RECENCY_VERSION, RefreshOutcome, RefreshRequest, Trigger
+from schemas.keys import KeyLayout
+from schemas.ranking import RECENCY_VERSION, ClaimedRefreshes, RefreshOutcome
 from stores.config import StoreConfig
-from stores.ranker import FeedRanker, RankingConfig
+from stores.ranker import ClaimRefresher, FeedRanker, QueueConfig, RankingConfig, TriggerWriter
+from stores.retry import RetryPolicy
 
 if __name__ == "__main__":
     # Before the definitions below: this __main__ copy must not declare the
@@ -64,8 +52,6 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "feedbeam.ranking"
 DEFAULT_GROUP = "feedbeam-ranking"
-#: Time domains of the debounce timers (``--debounce_clock``).
-CLOCKS = ("event", "processing")
 
 
 # --------------------------------------------------------------------------- options
@@ -79,7 +65,7 @@ class RankingOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        p, d = RankingPolicy(), Debounce()
+        p, d, v, q = RankingPolicy(), Debounce(), ViralPolicy(), QueueConfig()
         parser.add_argument("--model_dir", default=None,
                             help="model directory of `feedbeam train` (default: "
                                  "<FEEDBEAM_STATE_DIR>/models); its `latest` is used")
@@ -88,10 +74,11 @@ class RankingOptions(PipelineOptions):
         parser.add_argument("--settle_s", type=float, default=d.settle_ms / 1000,
                             help="delay from a user's first change to the refresh")
         parser.add_argument("--debounce_s", type=float, default=d.interval_ms / 1000,
-                            help="a user's ranked feed is refreshed at most once per this long")
-        parser.add_argument("--debounce_clock", choices=CLOCKS, default="event",
-                            help="time domain of the debounce timers: event time (watermark; "
-                                 "deterministic) or processing time (lower latency live)")
+                            help="a user's ranked feed is refreshed at most once per this long "
+                                 "on average (a token bucket refilled at this period)")
+        parser.add_argument("--debounce_burst", type=int, default=d.burst,
+                            help="refreshes a user may have in a row before --debounce_s "
+                                 "spaces them (1: a plain cool-down after each refresh)")
         w = FollowWait()
         parser.add_argument("--follow_wait_s", type=float, default=w.max_wait_ms / 1000,
                             help="a refresh after a follow or unfollow waits up to this long "
@@ -114,20 +101,43 @@ class RankingOptions(PipelineOptions):
                             help="posts of one author allowed in the top --top_k")
         parser.add_argument("--no_adjacent", type=_bool, default=p.no_adjacent,
                             help="no two adjacent posts of one author (true/false)")
+        parser.add_argument("--post_refresh_cap", type=int, default=p.post_refresh_cap,
+                            help="users a post (or its jump in engagement) refreshes eagerly, "
+                                 "at most; the rest see it at read time and in their next "
+                                 "refresh")
+        parser.add_argument("--viral_min_engagements", type=int, default=v.min_engagements,
+                            help="engagements in a post's last hour that make it viral (its "
+                                 "audience is re-ranked); 0: off")
+        parser.add_argument("--viral_factor", type=float, default=v.factor,
+                            help="the count growth by which a viral post re-ranks again")
+        parser.add_argument("--viral_user_interval_s", type=float,
+                            default=v.user_interval_ms / 1000,
+                            help="a user is re-ranked for a viral post at most once per this long")
+        parser.add_argument("--feature_cache_s", type=float, default=10.0,
+                            help="parsed post and author features are reused this long (a "
+                                 "viral post's are read again at once); 0: read every time")
         parser.add_argument("--feature_half_life_days", type=float,
                             default=DEFAULT_HALF_LIFE_MS / 86_400_000,
                             help="affinity half-life of the features pipeline")
         parser.add_argument("--refresh_batch", type=int, default=256,
-                            help="users refreshed (scored) together within a bundle")
+                            help="users refreshed (scored) together")
+        parser.add_argument("--refresh_shards", type=int, default=q.shards,
+                            help="shards of the pending-refresh queue (drained in parallel); "
+                                 "keep it across restarts")
+        parser.add_argument("--refresh_lease_s", type=float, default=q.lease_ms / 1000,
+                            help="a claimed refresh not finished within this long (its worker "
+                                 "died) is handed out again")
+        parser.add_argument("--refresh_gather_s", type=float, default=0.05,
+                            help="least time between two claims of one queue shard: due users "
+                                 "gather into batches")
+        parser.add_argument("--trigger_batch", type=int, default=16,
+                            help="event batches (Kafka polls) whose triggers are queued together")
         parser.add_argument("--latency_log_s", type=float, default=60.0,
                             help="period of the log line with refresh counts, batch times and "
                                  "change-to-ranked-feed p50/p99")
         parser.add_argument("--score_threads", type=int, default=1,
                             help="XGBoost threads per scoring call (0 = all cores); 1 leaves "
                                  "the cores to the other bundles and the store I/O")
-        parser.add_argument("--io_threads", type=int, default=8,
-                            help="threads per worker overlapping a batch's per-user store "
-                                 "round trips (feature hydrate, ranked-feed write)")
 
     def policy(self) -> RankingPolicy:
         fanout = self.view_as(FanoutOptions)
@@ -135,10 +145,18 @@ class RankingOptions(PipelineOptions):
             max_candidates=self.max_candidates, pushed_limit=self.pushed_limit,
             celebrity_posts=self.celebrity_posts, max_age_days=self.max_age_days,
             push_threshold=fanout.push_threshold, inactive_days=fanout.inactive_days,
-            top_k=self.top_k, max_per_author=self.max_per_author, no_adjacent=self.no_adjacent)
+            top_k=self.top_k, max_per_author=self.max_per_author, no_adjacent=self.no_adjacent,
+            post_refresh_cap=self.post_refresh_cap)
 
-    def debounce(self) -> Debounce:
-        return Debounce(settle_ms=int(self.settle_s * 1000), interval_ms=int(self.debounce_s * 1000))
+    def viral(self) -> ViralPolicy:
+        return ViralPolicy(self.viral_min_engagements, self.viral_factor,
+                           int(self.viral_user_interval_s * 1000))
+
+    def queue(self) -> QueueConfig:
+        return QueueConfig(self.refresh_shards,
+                           Debounce(int(self.settle_s * 1000), int(self.debounce_s * 1000),
+                                    self.debounce_burst),
+                           int(self.refresh_lease_s * 1000))
 
     def follow_wait(self) -> FollowWait | None:
         if self.follow_wait_s <= 0:
@@ -155,7 +173,7 @@ class RankingOptions(PipelineOptions):
             self.view_as(StoreOptions).config(), model_dir=self.model_dir,
             model_poll_s=self.model_poll_s,
             half_life_ms=int(self.feature_half_life_days * 86_400_000),
-            score_threads=self.score_threads, io_threads=self.io_threads)
+            score_threads=self.score_threads, feature_cache_s=self.feature_cache_s)
 
 
 def _bool(text: str) -> bool:
@@ -166,169 +184,124 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 # --------------------------------------------------------------------------- triggers
 
 
-class _TriggersFn(beam.DoFn):
-    """Event -> ``(user_id, Trigger)`` for every user whose ranked feed it makes stale."""
+@dataclasses.dataclass(frozen=True)
+class TriggerConfig:
+    """The trigger step's applier configuration (``pipelines.io.sink``): what it pickles."""
 
-    def __init__(self, stores: StoreConfig, policy: RankingPolicy):
-        self._store_config = stores
-        self._policy = policy
+    stores: StoreConfig
+    policy: RankingPolicy
+    viral: ViralPolicy
+    queue: QueueConfig
 
-    def setup(self):
+    def open(self) -> "TriggerApplier":
+        return TriggerApplier(self)
+
+
+class TriggerApplier:
+    """Queues the triggers of a batch of ``EventBatch``es (``TriggerWriter``) and answers
+    the last one with the ``(shard, earliest due ms)`` of the queue shards it wrote.
+    Counters ``triggers_<reason>``, ``events_without_trigger``, ``viral_posts``."""
+
+    def __init__(self, config: TriggerConfig):
+        from stores.redis.candidates import AudienceReader
+        from stores.redis.features import OnlineFeatureStore
         from stores.redis.feeds import RedisFeedStore
 
-        c = self._store_config
+        c = config.stores
         self._feeds = RedisFeedStore.from_url(c.redis_url, key_prefix=c.redis_key_prefix)
+        self._writer = TriggerWriter(
+            AudienceReader(self._feeds), OnlineFeatureStore(self._feeds.client, self._feeds.keys),
+            config.queue.open(self._feeds.client, self._feeds.keys), config.policy, config.viral)
         self._counters = Counters(NAMESPACE)
 
-    def teardown(self):
-        feeds = getattr(self, "_feeds", None)
-        if feeds is not None:
-            self._feeds = None
-            feeds.close()
+    def apply(self, batches: Sequence) -> list:
+        result = self._writer.apply([e for b in batches for e in b.events])
+        for reason, n in result.reasons.items():
+            self._counters.inc(f"triggers_{reason}", n)
+        self._counters.inc("events_without_trigger", result.quiet)
+        self._counters.inc("viral_posts", result.viral_posts)
+        ticks = tuple((shard, due) for shard, due in result.due.items() if due is not None)
+        return [None] * (len(batches) - 1) + [ticks]
 
-    def process(self, event):
-        if isinstance(event, PostEvent):
-            followers = self._feeds.followers(event.author_id)
-            triggers = post_triggers(event, followers, self._feeds.last_reads(followers),
-                                     self._policy.inactive_ms)
-        elif isinstance(event, FollowEvent):
-            triggers = [follow_trigger(event)]
-        elif isinstance(event, EngagementEvent):
-            trigger = engagement_trigger(event)
-            triggers = [] if trigger is None else [trigger]
-        else:
-            triggers = []
-        if not triggers:
-            self._counters.inc("events_without_trigger")
-        for t in triggers:
-            self._counters.inc(f"triggers_{t.reason}")
-            yield t.user_id, t
+    def close(self) -> None:
+        self._feeds.close()
 
 
-# --------------------------------------------------------------------------- debounce
+# --------------------------------------------------------------------------- drain
 
 
-_TRIGGER_CODER = coders.TupleCoder([
-    coders.VarIntCoder(), coders.VarIntCoder(), coders.StrUtf8Coder(), coders.VarIntCoder(),
-    coders.VarIntCoder(), coders.VarIntCoder(), coders.StrUtf8Coder()])
+class _DrainFn(beam.DoFn):
+    """Keyed by queue shard: claims the shard's due users when they are due.
 
-
-def debounce_fn(debounce: Debounce, clock: str = "event", follow_wait: FollowWait | None = None,
-                stores: StoreConfig | None = None) -> beam.DoFn:
-    """The per-user debounce step: collects triggers, emits one ``RefreshRequest`` per
-    refresh (``Debounce`` decides when).
-
-    ``follow_wait`` (needs ``stores``): a due refresh whose triggers include
-    follows or unfollows first checks that the fan-out's graph in Redis holds
-    those edges (``edges_not_applied``); if not, it is put off and checked
-    again every ``retry_ms`` (``follow_gate``), its triggers kept, up to
-    ``max_wait_ms`` of wall time. Without it, a backlog the ranking reads
-    faster than the fan-out ranks users before their follows' posts reach
-    their feeds, and nothing refreshes them again until their next change.
-
-    ``clock="event"``: timers in event time, set from the elements' timestamps
-    and fired by the watermark (deterministic under replays and in tests; the
-    watermark's lag behind the wall clock adds to the latency).
-    ``clock="processing"``: timers in processing time, set from the wall clock
-    when a trigger arrives (lower latency live; a replay coalesces by how fast
-    it runs, not by event time).
+    Elements are ``(shard, due ms)`` ticks (from the trigger step, and one per
+    shard at start so that a restarted job drains what the queue holds). A
+    processing-time timer fires at the earliest due it knows of, no sooner
+    than ``gather_ms`` after the last claim; it claims up to ``max_users`` at
+    a time (a few claims while full) and re-arms at the queue's next due or
+    lease end. The queue, not this state, is the record: losing the timer
+    loses nothing but the wake-up, which the next tick or the start gives back.
     """
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {CLOCKS}, not {clock!r}")
-    if follow_wait is not None and stores is None:
-        raise ValueError("follow_wait needs the stores (the fan-out's graph is read from Redis)")
-    domain = TimeDomain.WATERMARK if clock == "event" else TimeDomain.REAL_TIME
 
-    class DebounceFn(beam.DoFn):
-        PENDING = userstate.BagStateSpec("pending", _TRIGGER_CODER)
-        TIMER_AT = userstate.ReadModifyWriteStateSpec("timer_at", coders.VarIntCoder())
-        WAITING = userstate.ReadModifyWriteStateSpec("follow_wait_since", coders.VarIntCoder())
-        WAITS = userstate.ReadModifyWriteStateSpec("follow_waits", coders.VarIntCoder())
-        REFRESH = userstate.TimerSpec("refresh", domain)
+    ARMED = userstate.ReadModifyWriteStateSpec("armed_at", coders.VarIntCoder())
+    DRAIN = userstate.TimerSpec("drain", TimeDomain.REAL_TIME)
 
-        def setup(self):
-            self._graph = None
-            if follow_wait is not None:
-                from stores.redis.feeds import RedisFeedStore
+    def __init__(self, stores: StoreConfig, queue: QueueConfig, max_users: int, gather_ms: int,
+                 max_claims: int = 4, retry: RetryPolicy = RetryPolicy()):
+        self._stores = stores
+        self._queue_config = queue
+        self._max_users = max_users
+        self._gather_ms = gather_ms
+        self._max_claims = max_claims
+        self._retry = retry
 
-                self._graph = RedisFeedStore.from_url(stores.redis_url,
-                                                      key_prefix=stores.redis_key_prefix)
-                self._waits = Metrics.counter(NAMESPACE, "follow_waits")
-                self._give_ups = Metrics.counter(NAMESPACE, "follow_wait_timeouts")
+    def setup(self):
+        from stores.redis.client import new_client
 
-        def teardown(self):
-            if getattr(self, "_graph", None) is not None:
-                self._graph.close()
-                self._graph = None
+        self._client = new_client(self._stores.redis_url)
+        self._queue = self._queue_config.open(self._client, KeyLayout(self._stores.redis_key_prefix))
+        self._claims = Metrics.counter(NAMESPACE, "claims")
 
-        def _gate(self, user_id: int, triggers: list[Trigger], waiting, waits) -> int | None:
-            """None: refresh now; else the delay (ms) before checking again."""
-            since = waiting.read()
-            wanted = edge_versions_wanted(triggers)
-            if not wanted and since is None:
-                return None
-            unapplied = edges_not_applied(
-                wanted, self._graph.following_edge_versions(user_id, list(wanted)))
-            decision = follow_gate(follow_wait, unapplied, since, int(time.time() * 1000))
-            if decision == WAIT:
-                self._waits.inc()
-                n = (waits.read() or 0) + 1
-                waits.write(n)
-                if since is None:
-                    waiting.write(int(time.time() * 1000))
-                return follow_wait.retry_delay(n)
-            waiting.clear()
-            waits.clear()
-            if decision == SETTLE:
-                return follow_wait.retry_ms
-            if decision == GIVE_UP:
-                self._give_ups.inc()
-                log.warning("ranking: user %d refreshed without the fan-out's edges to %s after "
-                            "waiting %.0f s", user_id, unapplied, follow_wait.max_wait_ms / 1000)
-            return None
+    def teardown(self):
+        client = getattr(self, "_client", None)
+        if client is not None:
+            self._client = None
+            client.close()
 
-        def process(self, element, ts=beam.DoFn.TimestampParam,
-                    pending=beam.DoFn.StateParam(PENDING),
-                    timer_at=beam.DoFn.StateParam(TIMER_AT),
-                    refresh=beam.DoFn.TimerParam(REFRESH)):
-            _, trigger = element
-            pending.add(tuple(trigger))
-            now_ms = ts.micros // 1000 if clock == "event" else int(time.time() * 1000)
-            at = debounce.on_change(timer_at.read(), now_ms)
-            if at is not None:
-                refresh.set(Timestamp(micros=at * 1000))
-                timer_at.write(at)
+    def process(self, element, armed=beam.DoFn.StateParam(ARMED),
+                drain=beam.DoFn.TimerParam(DRAIN)):
+        _, due = element
+        at = max(int(due), _now_ms())
+        held = armed.read()
+        if held is None or at < held:
+            drain.set(Timestamp(micros=at * 1000))
+            armed.write(at)
 
-        @userstate.on_timer(REFRESH)
-        def on_refresh(self, key=beam.DoFn.KeyParam, pending=beam.DoFn.StateParam(PENDING),
-                       timer_at=beam.DoFn.StateParam(TIMER_AT),
-                       waiting=beam.DoFn.StateParam(WAITING),
-                       waits=beam.DoFn.StateParam(WAITS),
-                       refresh=beam.DoFn.TimerParam(REFRESH)):
-            triggers = [Trigger(*t) for t in pending.read()]
-            delay = (self._gate(key, triggers, waiting, waits)
-                     if triggers and self._graph is not None else None)
-            if delay is not None:
-                retry_at = timer_at.read() + delay  # the triggers stay pending
-                refresh.set(Timestamp(micros=retry_at * 1000))
-                timer_at.write(retry_at)
-                return
-            # The time the timer was set for: the same in both domains.
-            now, next_at = debounce.on_timer(timer_at.read(), bool(triggers))
-            pending.clear()
-            if next_at is None:
-                timer_at.clear()
-            else:
-                refresh.set(Timestamp(micros=next_at * 1000))
-                timer_at.write(next_at)
-            if now:
-                yield requests_from(key, triggers)
-
-    return DebounceFn()
-
+    @userstate.on_timer(DRAIN)
+    def on_drain(self, shard=beam.DoFn.KeyParam, armed=beam.DoFn.StateParam(ARMED),
+                 drain=beam.DoFn.TimerParam(DRAIN)):
+        armed.clear()
+        next_at = None
+        for _ in range(self._max_claims):
+            claim = self._retry.call(
+                lambda: self._queue.claim(shard, _now_ms(), self._max_users),
+                what=f"ranking: claim of queue shard {shard}")
+            next_at = claim.next_at_ms
+            if claim.refreshes.users:
+                self._claims.inc()
+                yield claim.refreshes
+            if len(claim.refreshes.users) < self._max_users:
+                break
+        if next_at is not None:
+            at = max(next_at, _now_ms() + self._gather_ms)
+            drain.set(Timestamp(micros=at * 1000))
+            armed.write(at)
 
 
 # --------------------------------------------------------------------------- refresh
@@ -345,6 +318,8 @@ class RefreshConfig:
 
     ranking: RankingConfig
     policy: RankingPolicy
+    queue: QueueConfig = QueueConfig()
+    follow_wait: FollowWait | None = FollowWait()
     latency_log_s: float = 60.0
 
     def open(self) -> "FeedRefresher":
@@ -352,16 +327,20 @@ class RefreshConfig:
 
 
 class FeedRefresher:
-    """Refreshes a batch of requests with the shared ranker and records what it did:
-    counters ``refreshes``, ``refreshes_model``, ``refreshes_recency``,
-    distributions ``refresh_latency_ms`` (event time of the change to the write)
-    and ``candidates``, gauges ``model_swaps`` and ``model_errors`` (the worker's
-    totals), and every ``latency_log_s`` a log line of counts, batch times and
-    change-to-ranked-feed latency."""
+    """Refreshes claimed users with the shared ranker (``ClaimRefresher``), one output per
+    claim (its outcomes), and records what it did: counters ``refreshes``,
+    ``refreshes_model``, ``refreshes_recency``, ``follow_waits``,
+    ``follow_wait_timeouts``; distributions ``refresh_latency_ms`` (event time of
+    the change to the write) and ``candidates``; gauges ``model_swaps`` and
+    ``model_errors`` (the worker's totals); and every ``latency_log_s`` a log
+    line of counts, batch times and change-to-ranked-feed latency."""
 
     def __init__(self, config: RefreshConfig, ranker: FeedRanker):
         self._config = config
         self._ranker = ranker
+        feeds = ranker.candidates.feeds
+        self._claims = ClaimRefresher(ranker, config.queue.open(feeds.client, feeds.keys),
+                                      config.follow_wait)
         self._counters = Counters(NAMESPACE)
         self._latency = Metrics.distribution(NAMESPACE, "refresh_latency_ms")
         self._candidates = Metrics.distribution(NAMESPACE, "candidates")
@@ -371,20 +350,22 @@ class FeedRefresher:
         self._latency_ms = FreshnessHistogram(config.latency_log_s, now_s=now)
         self._batch_ms = FreshnessHistogram(config.latency_log_s, now_s=now)
 
-    def apply(self, requests: Sequence[RefreshRequest]) -> list[RefreshOutcome | None]:
-        """One output per request, in order: the user's outcome at the user's last request
-        in the batch, None at the others (``FeedRanker`` merges a user's requests)."""
-        started = time.monotonic()
-        outcomes = {o.user_id: o for o in self._ranker.refresh(requests)}
-        self._batch_ms.add((time.monotonic() - started) * 1000)
-        for o in outcomes.values():
-            self._record(o)
-        self._swaps.set(self._ranker.models.swaps)
+    def apply(self, claims: Sequence[ClaimedRefreshes]) -> list[tuple[RefreshOutcome, ...]]:
+        out = []
+        for claim in claims:
+            started = time.monotonic()
+            result = self._claims.apply([claim])
+            self._batch_ms.add((time.monotonic() - started) * 1000)
+            self._counters.inc("follow_waits", result.waits)
+            self._counters.inc("follow_wait_timeouts", result.give_ups)
+            for o in result.outcomes:
+                self._record(o)
+            out.append(tuple(result.outcomes))
+        if self._ranker.models is not None:
+            self._swaps.set(self._ranker.models.swaps)
         self._errors.set(self._ranker.model_errors)
         self._maybe_log()
-        last = {r.user_id: i for i, r in enumerate(requests)}
-        return [outcomes[r.user_id] if last[r.user_id] == i else None
-                for i, r in enumerate(requests)]
+        return out
 
     def close(self) -> None:
         if self._ranker is not None:
@@ -418,61 +399,75 @@ class RefreshRankedFeeds(beam.PTransform):
 
     Args:
       config: stores and model directory (``RankingConfig``).
-      policy: candidates and diversity (``RankingPolicy``).
-      debounce: settle delay and minimum interval per user (``Debounce``).
-      max_batch: users scored together within a bundle.
-      clock: time domain of the debounce timers, ``"event"`` or ``"processing"``
-        (``debounce_fn``).
-      latency_log_s: period of the refresh log line (counts, batch times, latency).
+      policy: candidates, diversity, eager audience of a post (``RankingPolicy``).
+      queue: shards, debounce and leases of the pending-refresh queue (``QueueConfig``).
+      viral: when a post's jump in engagement re-ranks its audience (``ViralPolicy``).
       follow_wait: how a refresh after a follow waits for the fan-out to apply
         it (``FollowWait``; None: it does not wait).
+      max_batch: users refreshed together (one claim).
+      gather_s: least time between two claims of one queue shard.
+      trigger_batch: event batches whose triggers are queued together.
+      latency_log_s: period of the refresh log line (counts, batch times, latency).
 
-    Takes a ``PCollection`` of events (``PostEvent``, ``FollowEvent``,
-    ``EngagementEvent``; others are counted and ignored), timestamped by event
-    time. Returns a ``PCollection[RefreshOutcome]``, one per refresh written.
+    Takes a ``PCollection[EventBatch]`` of post, engagement and follow events
+    (other events are counted and ignored). Returns a
+    ``PCollection[RefreshOutcome]``, one per feed written.
     """
 
     def __init__(self, config: RankingConfig, policy: RankingPolicy = RankingPolicy(),
-                 debounce: Debounce = Debounce(), max_batch: int = 256, clock: str = "event",
-                 latency_log_s: float = 60.0, follow_wait: FollowWait | None = FollowWait()):
+                 queue: QueueConfig = QueueConfig(), viral: ViralPolicy = ViralPolicy(),
+                 follow_wait: FollowWait | None = FollowWait(), max_batch: int = 256,
+                 gather_s: float = 0.05, trigger_batch: int = 16, latency_log_s: float = 60.0):
         super().__init__()
         self._config = config
         self._policy = policy
-        self._debounce = debounce
-        self._max_batch = max_batch
-        self._clock = clock
-        self._latency_log_s = latency_log_s
+        self._queue = queue
+        self._viral = viral
         self._follow_wait = follow_wait
+        self._max_batch = max_batch
+        self._gather_ms = int(gather_s * 1000)
+        self._trigger_batch = trigger_batch
+        self._latency_log_s = latency_log_s
 
-    def expand(self, events):
-        return (events
-                | "Triggers" >> beam.ParDo(_TriggersFn(self._config.stores, self._policy))
-                .with_output_types(beam.typehints.Tuple[int, Trigger])
-                | "Debounce" >> beam.ParDo(debounce_fn(self._debounce, self._clock,
-                                                       self._follow_wait, self._config.stores))
-                .with_output_types(RefreshRequest)
+    def expand(self, batches):
+        stores, shards = self._config.stores, self._queue.shards
+        ticks = (batches
+                 | "Triggers" >> ApplyInBatches(
+                     TriggerConfig(stores, self._policy, self._viral, self._queue),
+                     namespace=NAMESPACE, max_batch=self._trigger_batch, dead_letters="from_options")
+                 | "Ticks" >> beam.FlatMap(lambda ticks: ticks)
+                 .with_output_types(beam.typehints.Tuple[int, int]))
+        start = (batches.pipeline
+                 | "Start" >> beam.Impulse()
+                 | "EveryShard" >> beam.FlatMap(lambda _: [(s, 0) for s in range(shards)])
+                 .with_output_types(beam.typehints.Tuple[int, int]))
+        return ((ticks, start)
+                | "AllTicks" >> beam.Flatten()
+                | "Drain" >> beam.ParDo(_DrainFn(stores, self._queue, self._max_batch,
+                                                 self._gather_ms))
                 | "Refresh" >> ApplyInBatches(
-                    RefreshConfig(self._config, self._policy, self._latency_log_s),
-                    namespace=NAMESPACE, max_batch=self._max_batch,
-                    output_type=RefreshOutcome))
+                    RefreshConfig(self._config, self._policy, self._queue, self._follow_wait,
+                                  self._latency_log_s),
+                    namespace=NAMESPACE, max_batch=1)
+                | "Outcomes" >> beam.FlatMap(lambda outcomes: outcomes)
+                .with_output_types(RefreshOutcome))
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions):
     """Wire the ranking job into ``pipeline``; returns the outcomes PCollection."""
     kafka = options.view_as(KafkaReadOptions)
     ranking = options.view_as(RankingOptions)
-    debounce = ranking.debounce()
-    # Triggers live in runner state for up to max(settle, interval): re-read
-    # that much (plus a margin) after a restart.
-    rewind_s = max(debounce.settle_ms, debounce.interval_ms) / 1000 + 5.0
-    config = kafka.source_config(default_group=DEFAULT_GROUP, default_rewind_s=rewind_s)
+    # Triggers are in the queue (Redis) before the source commits their offsets:
+    # a restart needs no rewind to find them.
+    config = kafka.source_config(default_group=DEFAULT_GROUP)
     prefix = kafka.topic_prefix
     topics = [prefix + t.TOPIC for t in (PostEvent, EngagementEvent, FollowEvent)]
     return (pipeline
-            | "ReadEvents" >> ReadEvents(config, topics, topic_prefix=prefix)
+            | "ReadEvents" >> ReadEventBatches(config, topics, topic_prefix=prefix)
             | "RefreshRankedFeeds" >> RefreshRankedFeeds(
-                ranking.config(), ranking.policy(), debounce, ranking.refresh_batch,
-                ranking.debounce_clock, ranking.latency_log_s, ranking.follow_wait()))
+                ranking.config(), ranking.policy(), ranking.queue(), ranking.viral(),
+                ranking.follow_wait(), ranking.refresh_batch, ranking.refresh_gather_s,
+                ranking.trigger_batch, ranking.latency_log_s))
 
 
 def run(argv=None):

@@ -3,9 +3,9 @@
     python -m pipelines.stories --runner=PrismRunner --prism_location=<prism> \\
         --environment_type=LOOPBACK --streaming [--grace_s 3600 --expired_topic T ...]
 
-``MaterializeStories`` applies each event to both stores (``stores.stories.StoryWriter``)
-and removes each story when the watermark passes its ``expires_at``; ``run`` wires it to
-the Kafka source. Design (expiry, start-up sweep, delivery, idempotence):
+``MaterializeStories`` applies event batches to both stores (``stores.stories.StoryWriter``)
+and removes stories in batches when the watermark passes their ``expires_at``; ``run``
+wires it to the Kafka source. Design (expiry, start-up sweep, delivery, idempotence):
 ``docs/pipelines/stories.md``.
 """
 from __future__ import annotations
@@ -24,21 +24,33 @@ from apache_beam.options.pipeline_options import (
     PortableOptions,
     StandardOptions,
 )
+from apache_beam.coders import PickleCoder
 from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from domain.stories import HOUR_MS, StoryPolicy, parse_timer_tag, timer_shard, timer_tag
+from domain.stories import (
+    EXPIRY_SHARDS,
+    HOUR_MS,
+    StoryPolicy,
+    add_pending,
+    index_shards_of,
+    wakeups,
+)
 from pipelines.common import Counters, StoreOptions, module_main
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
-from pipelines.io.sink import ApplyInBatches
-from pipelines.io.source import ReadEvents
+from pipelines.io.sink import FROM_OPTIONS, ApplyInBatches, DeadLetterTarget
+from pipelines.io.source import ReadEventBatches
 from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import StoryEvent
-from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
+from schemas.records import EventBatch
+from schemas.stories import StoryExpired, StoryOutcome
 from stores.config import StoreConfig
 from stores.retry import RetryPolicy
+from stores.redis.stories import PUBLISHED
+from stores.restore import RedisHealer, RestoreSettings, open_healer
 from stores.stories import StoryWriter, open_story_writer
 
 if __name__ == "__main__":
@@ -64,13 +76,15 @@ class StoriesOptions(PipelineOptions):
         parser.add_argument("--max_story_life_h", type=float, default=d.max_life_ms / HOUR_MS,
                             help="latest expires_at accepted, after the publish's event time; the "
                                  "start-up sweep reads the expiry index this far ahead")
-        parser.add_argument("--stories_max_batch", type=int, default=500,
-                            help="events buffered before they are applied within a bundle")
+        parser.add_argument("--stories_max_batches", type=int, default=8,
+                            help="event batches (one partition poll each) buffered before they "
+                                 "are applied together within a bundle")
         parser.add_argument("--expired_topic", default=None,
                             help="also write a JSON record per expired story to this topic "
                                  "(with --topic_prefix)")
-        parser.add_argument("--expiry_shards", type=int, default=64,
-                            help="keys the expiry timers are spread over (by story_id)")
+        parser.add_argument("--expiry_shards", type=int, default=4,
+                            help=f"keys of the expiry timers (1..{EXPIRY_SHARDS}); each owns "
+                                 "whole shards of the durable expiry index")
         parser.add_argument("--no_sweep", action="store_true",
                             help="do not re-arm timers from the expiry index on start")
 
@@ -91,69 +105,81 @@ class StoryApplierConfig:
     policy: StoryPolicy = StoryPolicy()
 
     def open(self) -> "_StoryApplier":
-        return _StoryApplier(open_story_writer(self.stores, self.policy), Counters(NAMESPACE))
+        writer = open_story_writer(self.stores, self.policy)
+        healer = open_healer(self.stores, RestoreSettings(story_policy=self.policy),
+                             writer.redis.client)
+        return _StoryApplier(writer, Counters(NAMESPACE), healer)
 
 
 class _StoryApplier:
-    """``ApplyInBatches``' applier: a batch through ``StoryWriter.apply``, one
-    ``StoryOutcome`` per story event; other elements have no output and are
-    counted (the pipeline reads only ``story-events``)."""
+    """``ApplyInBatches``' applier: the story events of a list of ``EventBatch``es
+    through one ``StoryWriter.apply``; per event batch, its ``StoryOutcome``s in
+    order. Other events have no outcome and are counted (the pipeline reads only
+    ``story-events``). With a ``healer``, Redis' generation marker is read first
+    (one GET): a Redis that lost its data is restored from Cassandra before the
+    batch is applied, so a deleted story's tombstone is back before its replayed
+    publish."""
 
-    def __init__(self, writer: StoryWriter, counters: Counters):
+    def __init__(self, writer: StoryWriter, counters: Counters,
+                 healer: RedisHealer | None = None):
         self._writer = writer
         self._counters = counters
+        self._healer = healer
 
-    def apply(self, batch: list) -> list[StoryOutcome | None]:
-        events = [e for e in batch if isinstance(e, StoryEvent)]
-        applied = iter(self._writer.apply(events))
+    def apply(self, batches: list[EventBatch]) -> list[tuple[StoryOutcome, ...]]:
+        if self._healer is not None:
+            restores = self._healer.restores
+            self._healer.check()
+            self._counters.inc("redis_restores", self._healer.restores - restores)
+        per_batch = [[e for e in b.events if isinstance(e, StoryEvent)] for b in batches]
+        applied = self._writer.apply([e for events in per_batch for e in events])
+        out, start = [], 0
+        for events in per_batch:
+            out.append(tuple(applied[start:start + len(events)]))
+            start += len(events)
         # Counted only once the whole batch is written: a retried batch counts once.
-        self._counters.inc("events_not_story", len(batch) - len(events))
-        outcomes = [next(applied) if isinstance(e, StoryEvent) else None for e in batch]
-        actions = collections.Counter(o.action for o in outcomes if o is not None)
-        for action, n in actions.items():
+        self._counters.inc("events_not_story", sum(len(b) for b in batches) - len(applied))
+        for action, n in collections.Counter(o.action for o in applied).items():
             self._counters.inc(f"events_{action}", n)
-        return outcomes
+        return out
 
     def close(self) -> None:
         self._writer.close()
 
 
-def expiry_command(outcome: StoryOutcome) -> ExpiryCommand | None:
-    """The timer command an applied event implies: arm for a written publish,
-    cancel for a delete, none otherwise."""
-    if outcome.action == "published":
-        return ExpiryCommand(outcome.story_id, outcome.author_id, outcome.expires_at, False)
-    if outcome.action == "deleted":
-        return ExpiryCommand(outcome.story_id, outcome.author_id, outcome.expires_at, True)
-    return None
-
-
-def _timer_commands(outcome: StoryOutcome) -> list[ExpiryCommand]:
-    cmd = expiry_command(outcome)
-    return [] if cmd is None else [cmd]
+def timer_wakeups(outcomes: tuple[StoryOutcome, ...], shards: int) -> list[tuple[int, int]]:
+    """``(timer key, at)`` for the stories an event batch wrote: the earliest expiry
+    per key and index bucket (``domain.stories.wakeups``)."""
+    return wakeups([(o.story_id, o.expires_at) for o in outcomes if o.action == PUBLISHED],
+                   shards)
 
 
 # --------------------------------------------------------------------------- expiry
 
 
 class _SweepExpiryIndexFn(beam.DoFn):
-    """On start (one Impulse element): a re-arm command for every story in the
-    durable expiry index (``CassandraStoryStore.sweep``)."""
+    """On start (one Impulse element): for every timer key, a wakeup per bucket of
+    the durable expiry index holding its stories (``StoryWriter.pending``)."""
 
-    def __init__(self, stores: StoreConfig, policy: StoryPolicy):
+    def __init__(self, stores: StoreConfig, policy: StoryPolicy, shards: int):
         self._stores = stores
         self._policy = policy
+        self._shards = shards
 
     def process(self, _):
         writer = open_story_writer(self._stores, self._policy)
         try:
-            indexed = writer.cassandra.sweep(writer.now_ms())
+            found = {key: writer.pending(index_shards_of(key, self._shards))
+                     for key in range(self._shards)}
         finally:
             writer.close()
-        Counters(NAMESPACE).inc("rearmed", len(indexed))
-        log.info("stories: re-arming %d timers from the expiry index", len(indexed))
-        for s in indexed:
-            yield ExpiryCommand(s.story_id, s.author_id, s.expires_at, False)
+        n = sum(len(p) for p in found.values())
+        Counters(NAMESPACE).inc("rearmed", n)
+        log.info("stories: re-arming %d timer keys: %d hours of the expiry index hold stories",
+                 len(found), n)
+        for key, pending in found.items():
+            for at in pending.values():
+                yield key, at
 
 
 def _timestamp(ms: int) -> Timestamp:
@@ -161,22 +187,24 @@ def _timestamp(ms: int) -> Timestamp:
 
 
 class _ExpiryTimerFn(beam.DoFn):
-    """Keyed by a shard of story_id: one event-time timer per story, tagged
-    ``story:author:expires_at`` (``timer_tag``) and set at ``expires_at``; when it
-    fires the story is removed (``StoryWriter.expire``, retried whole with
-    ``RetryPolicy``) and a ``StoryExpired`` emitted. A cancel (delete) clears the
-    story's timer. No state: the tag carries what the firing needs, and setting
-    the same tag again (a redelivered publish, the start-up sweep) replaces the
-    timer. A timer re-armed after its cancel fires into the store's tombstone
-    and emits nothing (``expired_after_delete``).
+    """Keyed by timer key (``domain.stories.timer_shard``): one event-time timer
+    per key at the earliest pending expiry of its index shards. State: what is
+    pending, as expiry-index bucket -> earliest ``expires_at`` (one entry per
+    hour with stories, whatever their number). A wakeup ``(key, at)`` adds to
+    it and moves the timer earlier. When the timer fires, every due story of
+    the key is removed in one batch (``StoryWriter.expire_due``, retried whole
+    with ``RetryPolicy``), read from the durable expiry index; a ``StoryExpired``
+    per story is emitted, and the timer is set at what is left.
     """
 
     EXPIRY = userstate.TimerSpec("expiry", TimeDomain.WATERMARK)
+    PENDING = userstate.ReadModifyWriteStateSpec("pending", PickleCoder())
 
-    def __init__(self, stores: StoreConfig, policy: StoryPolicy,
+    def __init__(self, stores: StoreConfig, policy: StoryPolicy, shards: int,
                  retry: RetryPolicy = RetryPolicy()):
         self._stores = stores
         self._policy = policy
+        self._shards = shards
         self._retry = retry
 
     def setup(self):
@@ -190,29 +218,39 @@ class _ExpiryTimerFn(beam.DoFn):
             self._writer = None
             writer.close()
 
-    def process(self, element, expiry=beam.DoFn.TimerParam(EXPIRY)):
-        _, cmd = element
-        tag = timer_tag(cmd.story_id, cmd.author_id, cmd.expires_at)
-        if cmd.cancel:
-            expiry.clear(dynamic_timer_tag=tag)
-            self._counters.inc("timers_cancelled")
-        else:
-            expiry.set(_timestamp(cmd.expires_at), dynamic_timer_tag=tag)
-            self._counters.inc("timers_armed")
+    def process(self, element, expiry=beam.DoFn.TimerParam(EXPIRY),
+                pending_state=beam.DoFn.StateParam(PENDING)):
+        _, at = element
+        pending = pending_state.read() or {}
+        earliest = min(pending.values(), default=None)
+        if add_pending(pending, at):
+            pending_state.write(pending)
+            if earliest is None or at < earliest:
+                expiry.set(_timestamp(at))
+                self._counters.inc("timers_set")
 
     @userstate.on_timer(EXPIRY)
-    def on_expiry(self, tag=beam.DoFn.DynamicTimerTagParam):
-        story_id, author_id, expires_at = parse_timer_tag(tag)
-        expired = self._retry.call(
-            lambda: self._writer.expire(story_id, author_id, expires_at),
-            what=f"stories: expire story {story_id}",
+    def on_expiry(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                  expiry=beam.DoFn.TimerParam(EXPIRY),
+                  pending_state=beam.DoFn.StateParam(PENDING)):
+        fire_ms = fired.micros // 1000
+        shards = index_shards_of(key, self._shards)
+        pending = pending_state.read() or {}
+        done = self._retry.call(
+            lambda: self._writer.expire_due(shards, pending, fire_ms),
+            what=f"stories: expire timer key {key} at {fire_ms}",
             on_retry=lambda _: self._counters.inc("expire_retries"))
-        if expired is None:
-            self._counters.inc("expired_after_delete")
-            return
-        self._counters.inc("stories_expired")
-        self._delay.update(expired.removed_at - expired.expires_at)
-        yield expired
+        if done.pending:
+            pending_state.write(done.pending)
+            expiry.set(_timestamp(max(min(done.pending.values()), fire_ms)))
+        else:
+            pending_state.clear()
+        self._counters.inc("expiry_rounds")
+        self._counters.inc("expired_after_delete", done.after_delete)
+        self._counters.inc("stories_expired", len(done.expired))
+        for expired in done.expired:
+            self._delay.update(expired.removed_at - expired.expires_at)
+            yield TimestampedValue(expired, _timestamp(max(expired.expires_at, fire_ms)))
 
 
 # --------------------------------------------------------------------------- composite
@@ -231,50 +269,54 @@ class MaterializeStories(beam.PTransform):
     Args:
       stores: where Redis and Cassandra are.
       policy: grace period and longest story life (``StoryPolicy``).
-      max_batch: events applied at once within a bundle.
+      max_batches: event batches applied together within a bundle.
       sweep: re-arm timers from the durable expiry index when the job starts
         (see ``docs/pipelines/stories.md``); off only in tests that want no
         start-up state.
-      expiry_shards: keys the per-story timers are spread over.
+      expiry_shards: keys of the expiry timers (1..``EXPIRY_SHARDS``).
+      dead_letters: where the apply step sends an event it cannot apply
+        (``ApplyInBatches``: a ``DeadLetterTarget``, ``FROM_OPTIONS``, the
+        default, or None to fail the bundle).
 
-    Takes a ``PCollection`` of ``StoryEvent`` (in the global window, as the
-    Kafka source emits them). Returns ``StoryResults``: ``outcomes``, one
-    ``StoryOutcome`` per event once its writes are done (keep this step fused
-    with the read: no GroupByKey before it), and ``expired``, one
-    ``StoryExpired`` per story the expiry timer removed, timestamped at its
-    ``expires_at``.
+    Takes a ``PCollection`` of ``EventBatch`` of story events (in the global
+    window, as ``ReadEventBatches`` emits them). Returns ``StoryResults``:
+    ``outcomes``, per event batch a tuple of one ``StoryOutcome`` per event once
+    its writes are done (keep this step fused with the read: no GroupByKey
+    before it), and ``expired``, one ``StoryExpired`` per story the expiry
+    timers removed, timestamped at its ``expires_at`` (or the firing, if later).
     """
 
     def __init__(self, stores: StoreConfig, policy: StoryPolicy = StoryPolicy(),
-                 max_batch: int = 500, sweep: bool = True, expiry_shards: int = 64):
+                 max_batches: int = 8, sweep: bool = True, expiry_shards: int = 4,
+                 dead_letters: DeadLetterTarget | str | None = FROM_OPTIONS):
         super().__init__()
-        if expiry_shards < 1:
-            raise ValueError("expiry_shards must be >= 1")
+        index_shards_of(0, expiry_shards)  # validates
+        self._dead_letters = dead_letters
         self._stores = stores
         self._policy = policy
-        self._max_batch = max_batch
+        self._max_batches = max_batches
         self._sweep = sweep
         self._shards = expiry_shards
 
-    def expand(self, events):
-        outcomes = events | "ApplyToStores" >> ApplyInBatches(
+    def expand(self, batches):
+        shards = self._shards
+        outcomes = batches | "ApplyToStores" >> ApplyInBatches(
             StoryApplierConfig(self._stores, self._policy), namespace=NAMESPACE,
-            max_batch=self._max_batch, output_type=StoryOutcome)
-        commands = (outcomes
-                    | "TimerCommands" >> beam.FlatMap(_timer_commands)
-                    .with_output_types(ExpiryCommand))
+            max_batch=self._max_batches, output_type=tuple[StoryOutcome, ...],
+            dead_letters=self._dead_letters)
+        wakes = (outcomes
+                 | "TimerWakeups" >> beam.FlatMap(timer_wakeups, shards)
+                 .with_output_types(tuple[int, int]))
         if self._sweep:
-            rearm = (events.pipeline
+            rearm = (batches.pipeline
                      | "StartSweep" >> beam.Impulse()
                      | "SweepExpiryIndex" >> beam.ParDo(
-                         _SweepExpiryIndexFn(self._stores, self._policy))
-                     .with_output_types(ExpiryCommand))
-            commands = (commands, rearm) | "WithRearms" >> beam.Flatten()
-        shards = self._shards
-        expired = (commands
-                   | "KeyByShard" >> beam.Map(lambda c: (timer_shard(c.story_id, shards), c))
-                   .with_output_types(tuple[int, ExpiryCommand])
-                   | "ExpireAtWatermark" >> beam.ParDo(_ExpiryTimerFn(self._stores, self._policy))
+                         _SweepExpiryIndexFn(self._stores, self._policy, shards))
+                     .with_output_types(tuple[int, int]))
+            wakes = (wakes, rearm) | "WithRearms" >> beam.Flatten()
+        expired = (wakes
+                   | "ExpireAtWatermark" >> beam.ParDo(
+                       _ExpiryTimerFn(self._stores, self._policy, shards))
                    .with_output_types(StoryExpired))
         return StoryResults(outcomes, expired)
 
@@ -296,11 +338,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> StoryResults:
     opts = options.view_as(StoriesOptions)
     config = kafka.source_config(default_group=DEFAULT_GROUP)
     prefix = kafka.topic_prefix
-    events = (pipeline
-              | "ReadStoryEvents" >> ReadEvents(config, [prefix + StoryEvent.TOPIC],
-                                                topic_prefix=prefix))
-    results = events | "MaterializeStories" >> MaterializeStories(
-        options.view_as(StoreOptions).config(), opts.policy(), opts.stories_max_batch,
+    batches = (pipeline
+               | "ReadStoryEvents" >> ReadEventBatches(config, [prefix + StoryEvent.TOPIC],
+                                                       topic_prefix=prefix))
+    results = batches | "MaterializeStories" >> MaterializeStories(
+        options.view_as(StoreOptions).config(), opts.policy(), opts.stories_max_batches,
         sweep=not opts.no_sweep, expiry_shards=opts.expiry_shards)
     if opts.expired_topic:
         topic = prefix + opts.expired_topic

@@ -42,12 +42,13 @@ RANKED_FEEDS = "ranked_feeds"
 STORY_EXPIRY_INDEX = "story_expiry_index"  # 0003_stories.cql
 STORIES_BY_ID = "stories_by_id"  # 0003_stories.cql
 STORY_DELETIONS = "story_deletions"  # 0004_story_deletions.cql
+FOLLOWED_CELEBRITIES = "followed_celebrities"  # 0005_followed_celebrities.cql
 
 TABLES: tuple[str, ...] = (
     FOLLOWERS_BY_USER, FOLLOWING_BY_USER, FOLLOWER_COUNTS, POSTS, HOME_FEED_BY_USER,
     AUTHOR_TIMELINE, USER_ACTIVITY, POST_FEATURES, AUTHOR_FEATURES, VIEWER_AUTHOR_AFFINITY,
     VIEWER_CONTENT_AFFINITY, STORIES_BY_AUTHOR, STORY_VIEWS, STORIES_SEEN_BY_VIEWER,
-    RANKED_FEEDS, STORY_EXPIRY_INDEX, STORIES_BY_ID, STORY_DELETIONS,
+    RANKED_FEEDS, STORY_EXPIRY_INDEX, STORIES_BY_ID, STORY_DELETIONS, FOLLOWED_CELEBRITIES,
 )
 
 #: Width of a feed/timeline partition: one week of ``created_at`` (epoch weeks).

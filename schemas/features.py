@@ -4,14 +4,18 @@ A ``FeatureValue`` is one number about one entity (``post``, ``author``,
 ``viewer_author``, ``viewer_media``), valid from ``valid_at_ms`` on. ``version``
 breaks ties between values valid at the same time, and ``write_stamp_us``
 (``valid_at_ms * 1000 + version``) orders values in every store: newer wins.
-``decay()`` moves an affinity to a reader's time. The entities, names and stamp
-rules: docs/architecture.md, "Feature values".
+``FeatureColumns`` holds many values as NumPy columns (what the features
+pipeline's aggregation emits). ``decay()`` moves an affinity to a reader's
+time. The entities, names and stamp rules: docs/architecture.md, "Feature
+values".
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from schemas.events import EngagementKind, MediaType
 
@@ -54,6 +58,9 @@ FEATURES_BY_ENTITY: Mapping[str, tuple[str, ...]] = {
 
 MEDIA_TYPES: tuple[str, ...] = tuple(m.value for m in MediaType)
 
+#: Every feature name once, in a fixed order: ``FeatureColumns.name`` holds indexes into it.
+FEATURE_NAMES: tuple[str, ...] = POST_FEATURES + AUTHOR_FEATURES + (AFFINITY,)
+
 #: Engagements that count towards an engagement rate (views are the denominator).
 ENGAGING_KINDS: frozenset[EngagementKind] = frozenset({
     EngagementKind.LIKE, EngagementKind.COMMENT, EngagementKind.SHARE, EngagementKind.SAVE})
@@ -90,6 +97,122 @@ class FeatureValue:
     @property
     def write_stamp_us(self) -> int:
         return write_stamp_us(self.valid_at_ms, self.version)
+
+
+_NAME_ARRAY = np.array(FEATURE_NAMES, dtype=object)
+_TYPE_ARRAY = np.array(ENTITY_TYPES, dtype=object)
+_MEDIA_ARRAY = np.array(MEDIA_TYPES, dtype=object)
+_PAIR_TYPES = (ENTITY_TYPES.index(VIEWER_AUTHOR), ENTITY_TYPES.index(VIEWER_MEDIA))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FeatureColumns:
+    """Feature values as parallel NumPy columns (row ``i`` is one ``FeatureValue``).
+
+    ``entity_type`` indexes ``ENTITY_TYPES`` and ``name`` indexes
+    ``FEATURE_NAMES``. ``entity`` is the post, author or viewer id; ``other``
+    is a pair's second part (the author id, or the media type's index in
+    ``MEDIA_TYPES``), -1 for posts and authors.
+    """
+
+    entity_type: np.ndarray  # int8
+    entity: np.ndarray  # int64
+    other: np.ndarray  # int64
+    name: np.ndarray  # int16
+    value: np.ndarray  # float64
+    valid_at_ms: np.ndarray  # int64
+    version: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    @classmethod
+    def empty(cls) -> "FeatureColumns":
+        return cls(np.empty(0, np.int8), np.empty(0, np.int64), np.empty(0, np.int64),
+                   np.empty(0, np.int16), np.empty(0, np.float64), np.empty(0, np.int64),
+                   np.empty(0, np.int64))
+
+    @classmethod
+    def concat(cls, parts: Sequence["FeatureColumns"]) -> "FeatureColumns":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _COLUMNS))
+
+    @classmethod
+    def of(cls, values: Sequence["FeatureValue"]) -> "FeatureColumns":
+        """Values (of known entity types and names) as columns."""
+        types, entities, others = [], [], []
+        for v in values:
+            code = ENTITY_TYPES.index(v.entity_type)
+            types.append(code)
+            if code in _PAIR_TYPES:
+                viewer, other = split_pair(v.entity_id)
+                entities.append(viewer)
+                others.append(int(other) if code == _PAIR_TYPES[0] else MEDIA_TYPES.index(other))
+            else:
+                entities.append(int(v.entity_id))
+                others.append(-1)
+        return cls(np.array(types, np.int8), np.array(entities, np.int64),
+                   np.array(others, np.int64),
+                   np.array([FEATURE_NAMES.index(v.name) for v in values], np.int16),
+                   np.array([v.value for v in values], np.float64),
+                   np.array([v.valid_at_ms for v in values], np.int64),
+                   np.array([v.version for v in values], np.int64))
+
+    def select(self, index) -> "FeatureColumns":
+        """The rows ``index`` (a boolean mask or positions) picks."""
+        return FeatureColumns(*(getattr(self, f)[index] for f in _COLUMNS))
+
+    def write_stamps_us(self) -> np.ndarray:
+        return self.valid_at_ms * 1000 + np.minimum(self.version, MAX_VERSION)
+
+    def newest(self) -> "FeatureColumns":
+        """Only the winner of each (entity, name): the latest write stamp, then the
+        greater value (the stores' rule), so a store is sent what it would keep."""
+        if len(self) < 2:
+            return self
+        order = np.lexsort((self.value, self.write_stamps_us(), self.name, self.other,
+                            self.entity, self.entity_type))
+        keys = (self.entity_type[order], self.entity[order], self.other[order],
+                self.name[order])
+        last = np.ones(len(order), dtype=bool)
+        same = np.ones(len(order) - 1, dtype=bool)
+        for k in keys:
+            same &= k[1:] == k[:-1]
+        last[:-1] = ~same
+        return self.select(order[last])
+
+    def entity_type_names(self) -> np.ndarray:
+        return _TYPE_ARRAY[self.entity_type]
+
+    def names(self) -> np.ndarray:
+        return _NAME_ARRAY[self.name]
+
+    def entity_ids(self) -> list[str]:
+        """``FeatureValue.entity_id`` of every row."""
+        media = _MEDIA_ARRAY[np.where(self.entity_type == _PAIR_TYPES[1], self.other, 0)]
+        out = []
+        for code, entity, other, m in zip(self.entity_type.tolist(), self.entity.tolist(),
+                                          self.other.tolist(), media.tolist()):
+            if code == _PAIR_TYPES[0]:
+                out.append(f"{entity}:{other}")
+            elif code == _PAIR_TYPES[1]:
+                out.append(f"{entity}:{m}")
+            else:
+                out.append(str(entity))
+        return out
+
+    def values(self) -> list["FeatureValue"]:
+        """Every row as a ``FeatureValue``."""
+        return [FeatureValue(t, e, n, v, at, ver) for t, e, n, v, at, ver in zip(
+            self.entity_type_names().tolist(), self.entity_ids(), self.names().tolist(),
+            self.value.tolist(), self.valid_at_ms.tolist(), self.version.tolist())]
+
+
+_COLUMNS = tuple(f.name for f in dataclasses.fields(FeatureColumns))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -198,7 +321,8 @@ __all__ = [
     "POST_WINDOWS", "WINDOW_MS", "POST_COUNT_FEATURES", "POST_RATE_FEATURES", "POST_FEATURES",
     "ENGAGEMENT_RATE_7D", "POSTS_7D", "AUTHOR_FEATURES", "AFFINITY", "VIEWER_AUTHOR_FEATURES",
     "VIEWER_MEDIA_FEATURES", "FEATURES_BY_ENTITY", "MEDIA_TYPES", "ENGAGING_KINDS", "DAY_MS",
-    "DEFAULT_HALF_LIFE_MS", "DEFAULT_TTL_MS", "MAX_VERSION", "FeatureValue", "CandidateFeatures",
+    "DEFAULT_HALF_LIFE_MS", "DEFAULT_TTL_MS", "MAX_VERSION", "FEATURE_NAMES", "FeatureValue",
+    "FeatureColumns", "CandidateFeatures",
     "FeatureTTLs", "write_stamp_us", "pair_id", "split_pair", "decay", "is_fresh",
     "engagement_rank", "check_entity",
 ]

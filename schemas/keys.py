@@ -117,6 +117,25 @@ class KeyLayout:
         """HASH: the same edge versions seen from the follower: field = followee_id."""
         return f"{self.prefix}:edges_out:{{u:{user_id}}}"
 
+    def followed_celebrities(self, user_id: int) -> str:
+        """ZSET: the accounts ``user_id`` follows that are at or above the push threshold
+        (pulled at read time, not pushed); member followee id, score follow time ms.
+
+        Kept by the fan-out on follow and unfollow and when a followee crosses the
+        threshold either way (``celebrity``), so a reader finds the timelines to
+        pull in one command instead of scanning ``following``. The durable copy
+        is the ``followed_celebrities`` table.
+        """
+        return f"{self.prefix}:celebs:{{u:{user_id}}}"
+
+    def celebrity(self, user_id: int) -> str:
+        """STRING: ``1`` while ``user_id`` has at least the push threshold of followers, as
+        of the last edge event applied to it (absent below); ``+`` / ``-`` while a
+        crossing up / down is pending. The fan-out sets ``+`` / ``-`` in the script that
+        applies the edge, updates every follower's ``followed_celebrities`` and the
+        durable copy, then settles it (``1`` / absent)."""
+        return f"{self.prefix}:celeb:{{u:{user_id}}}"
+
     def top_followers(self, user_id: int) -> str:
         """ZSET: engagement of followers with ``user_id``; member follower_id, score higher = more engaged.
 
@@ -178,6 +197,25 @@ class KeyLayout:
         Scored by expiry so ``ZREMRANGEBYSCORE -inf now`` trims it.
         """
         return f"{self.prefix}:seen:{{u:{viewer_id}}}"
+
+    # -- meta ------------------------------------------------------------------
+
+    def generation(self) -> str:
+        """STRING: the generation of this prefix's data, a token written each time Redis
+        was filled from Cassandra (``feedbeam rebuild``, or a job's restore after a
+        loss). Absent: Redis lost its data (or never had any), and jobs restore
+        before they apply. Outside any hash tag: read on its own, never inside a script.
+        """
+        return f"{self.prefix}:meta:generation"
+
+    def restore_lock(self) -> str:
+        """STRING: held (SET NX PX, value = the holder's token) by the one job restoring
+        this prefix from Cassandra; the others wait for ``generation``."""
+        return f"{self.prefix}:meta:restore_lock"
+
+    def meta_pattern(self) -> str:
+        """Glob of the meta keys (``generation``, ``restore_lock``): not views."""
+        return f"{self.prefix}:meta:*"
 
     # -- dedup -----------------------------------------------------------------
 

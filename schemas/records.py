@@ -9,18 +9,23 @@ and replayed from ``<topic>.dlq``. ``decode_record`` is the same decision for
 one record, shared with ``feedbeam replay``, so every reader accepts and
 rejects exactly the same bytes.
 
-On the dead-letter topic the value and key are the original bytes, untouched;
-everything else travels in headers (``DLQ_HEADERS``), so a consumer that only
-wants to replay a record needs no feedbeam code.
+On the dead-letter topic the value and key are the original bytes, untouched
+unless they would not fit in a Kafka message (``DeadLetter.truncated``: the
+original size and SHA-256 then travel in headers); everything else travels in
+headers (``DLQ_HEADERS``), so a consumer that only wants to replay a record
+needs no feedbeam code. ``decode_batch`` also applies the semantic checks of
+``schemas.validation`` when given limits (step ``validate``).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from typing import Callable, Iterator, Sequence, Union
 
 from schemas.codec import MalformedRecordError, WireCodec
 from schemas.events import TOPIC_TYPES, Event, dlq_topic
+from schemas.validation import VALIDATE_STEP, EventLimits, check_event
 
 # Header names on dead-letter records, defined once for writers and readers.
 H_TOPIC = "feedbeam.source.topic"
@@ -33,6 +38,13 @@ H_ERROR = "feedbeam.error.message"
 H_FAILED_AT = "feedbeam.error.time"
 DLQ_HEADERS = (H_TOPIC, H_PARTITION, H_OFFSET, H_TIMESTAMP, H_STEP, H_REASON,
                H_ERROR, H_FAILED_AT)
+# Only on a dead letter whose value was truncated to fit: the original's size and digest.
+H_VALUE_SIZE = "feedbeam.value.size"
+H_VALUE_SHA256 = "feedbeam.value.sha256"
+
+#: ``partition`` and ``offset`` of a dead letter whose source record is not known
+#: (an element re-encoded by a sink, or one derived from many records).
+UNKNOWN = -1
 
 DECODE_STEP = "decode"
 _MAX_ERROR_CHARS = 2000
@@ -60,7 +72,9 @@ class RecordBatch:
 
     ``offsets``, ``keys``, ``values`` and ``timestamps_ms`` are parallel, in
     offset order; ``timestamps_ms`` are the element times the source chose
-    (Kafka timestamp or the event's own time).
+    (Kafka timestamp or the event's own time). ``kafka_timestamps_ms`` holds
+    the records' Kafka timestamps where they differ from the element times
+    (None: they are the same).
     """
 
     topic: str
@@ -69,13 +83,18 @@ class RecordBatch:
     keys: Sequence[bytes | None]
     values: Sequence[bytes | None]
     timestamps_ms: Sequence[int]
+    kafka_timestamps_ms: Sequence[int] | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def kafka_timestamp(self, i: int) -> int:
+        stamps = self.kafka_timestamps_ms
+        return self.timestamps_ms[i] if stamps is None else stamps[i]
+
     def record(self, i: int) -> KafkaRecord:
         return KafkaRecord(self.topic, self.partition, self.offsets[i], self.keys[i],
-                           self.values[i], self.timestamps_ms[i])
+                           self.values[i], self.kafka_timestamp(i))
 
     def records(self) -> Iterator[KafkaRecord]:
         return (self.record(i) for i in range(len(self.offsets)))
@@ -106,14 +125,24 @@ class EventBatch:
         return KafkaRecord(self.topic, self.partition, self.offsets[i], self.keys[i],
                            self.values[i], self.timestamps_ms[i])
 
+    def part(self, start: int, stop: int) -> "EventBatch":
+        """The events ``[start, stop)`` as a batch of their own (coordinates kept)."""
+        return EventBatch(self.topic, self.partition, self.events[start:stop],
+                          self.timestamps_ms[start:stop], self.offsets[start:stop],
+                          self.keys[start:stop], self.values[start:stop])
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A record a step could not process, with everything needed to replay it.
 
-    ``topic``/``partition``/``offset`` name the source record; ``key`` and
+    ``topic``/``partition``/``offset`` name the source record (``UNKNOWN``
+    partition and offset when a step no longer knows them); ``key`` and
     ``value`` are its original bytes; ``reason`` is short and machine-readable
     (e.g. ``wrong_magic``, ``too_late``); ``error`` is the human message.
+    ``value_size`` and ``value_sha256`` are set only when ``value`` was cut
+    short to fit a Kafka message (``truncated``): the original's length and
+    digest, so it can be matched with the source record.
     """
 
     topic: str
@@ -126,6 +155,8 @@ class DeadLetter:
     reason: str
     error: str
     failed_at_ms: int
+    value_size: int | None = None
+    value_sha256: str | None = None
 
     @classmethod
     def of(cls, record: KafkaRecord, step: str, reason: str, error: str,
@@ -140,9 +171,27 @@ class DeadLetter:
     def dlq_topic(self) -> str:
         return dlq_topic(self.topic)
 
+    @property
+    def is_truncated(self) -> bool:
+        return self.value_size is not None
+
+    def truncated(self, keep_bytes: int) -> "DeadLetter":
+        """This dead letter with at most ``keep_bytes`` of its value, recording the
+        original's size and SHA-256 (a no-op when the value already fits; an
+        already truncated letter keeps its original size and digest)."""
+        value = self.value
+        if value is None or len(value) <= keep_bytes:
+            return self
+        if self.is_truncated:
+            return dataclasses.replace(self, value=value[:max(keep_bytes, 0)])
+        return dataclasses.replace(
+            self, value=value[:max(keep_bytes, 0)], value_size=len(value),
+            value_sha256=hashlib.sha256(value).hexdigest())
+
     def headers(self) -> list[tuple[str, bytes]]:
-        """Kafka headers carrying the metadata; the value stays the original bytes."""
-        return [
+        """Kafka headers carrying the metadata; the value stays the original bytes
+        (or their head, with the original's size and digest, when truncated)."""
+        headers = [
             (H_TOPIC, self.topic.encode()),
             (H_PARTITION, str(self.partition).encode()),
             (H_OFFSET, str(self.offset).encode()),
@@ -152,6 +201,10 @@ class DeadLetter:
             (H_ERROR, self.error.encode("utf-8", "replace")),
             (H_FAILED_AT, str(self.failed_at_ms).encode()),
         ]
+        if self.is_truncated:
+            headers += [(H_VALUE_SIZE, str(self.value_size).encode()),
+                        (H_VALUE_SHA256, (self.value_sha256 or "").encode())]
+        return headers
 
     @classmethod
     def from_kafka(cls, key: bytes | None, value: bytes | None,
@@ -165,7 +218,9 @@ class DeadLetter:
         return cls(
             topic=h[H_TOPIC], partition=int(h[H_PARTITION]), offset=int(h[H_OFFSET]),
             key=key, value=value, timestamp_ms=int(h[H_TIMESTAMP]), step=h[H_STEP],
-            reason=h[H_REASON], error=h[H_ERROR], failed_at_ms=int(h[H_FAILED_AT]))
+            reason=h[H_REASON], error=h[H_ERROR], failed_at_ms=int(h[H_FAILED_AT]),
+            value_size=int(h[H_VALUE_SIZE]) if H_VALUE_SIZE in h else None,
+            value_sha256=h.get(H_VALUE_SHA256))
 
 
 DecodeResult = Union[Event, DeadLetter]
@@ -176,30 +231,44 @@ def base_topic(topic: str, prefix: str = "") -> str:
     return topic[len(prefix):] if prefix and topic.startswith(prefix) else topic
 
 
-def decode_record(codec: WireCodec, record: KafkaRecord, topic_prefix: str = "") -> DecodeResult:
+def decode_record(codec: WireCodec, record: KafkaRecord, topic_prefix: str = "",
+                  limits: EventLimits | None = None, now_ms: int | None = None) -> DecodeResult:
     """Decode ``record`` into its typed event, or a ``DeadLetter`` saying why not.
 
     The record's topic (less ``topic_prefix``) fixes the expected event type,
     so an event of another type on the wrong topic is rejected too. Only
     ``MalformedRecordError`` (the record's own fault) becomes a dead letter;
     anything else, such as an unreachable Schema Registry, propagates so the
-    bundle is retried instead of good records being dead-lettered.
+    bundle is retried instead of good records being dead-lettered. Given
+    ``limits``, a decoded event that breaks them (``schemas.validation``, at
+    the wall clock ``now_ms``, default now) is a dead letter of step
+    ``validate``.
     """
     expected = TOPIC_TYPES.get(base_topic(record.topic, topic_prefix))
     if record.value is None:
         return DeadLetter.of(record, DECODE_STEP, "null_value", "record has no value (tombstone)")
     try:
-        return codec.decode(record.value, expected)
+        event = codec.decode(record.value, expected)
     except MalformedRecordError as exc:
         return DeadLetter.of(record, DECODE_STEP, exc.reason, str(exc))
+    if limits is not None:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        problem = check_event(event, record.timestamp_ms, now, limits)
+        if problem is not None:
+            return DeadLetter.of(record, VALIDATE_STEP, problem.reason, problem.message, now)
+    return event
 
 
-def decode_batch(codec: WireCodec, batch: RecordBatch,
-                 topic_prefix: str = "") -> tuple[EventBatch, list[DeadLetter]]:
+def decode_batch(codec: WireCodec, batch: RecordBatch, topic_prefix: str = "",
+                 limits: EventLimits | None = None,
+                 now_ms: int | None = None) -> tuple[EventBatch, list[DeadLetter]]:
     """``decode_record`` over a whole batch: the events it accepts, in order, and a
-    dead letter for each record it rejects. The expected type is looked up once."""
+    dead letter for each record it rejects. The expected type is looked up once,
+    the clock read once."""
     expected = TOPIC_TYPES.get(base_topic(batch.topic, topic_prefix))
     decode = codec.decode
+    if limits is not None and now_ms is None:
+        now_ms = int(time.time() * 1000)
     kept: list[int] = []
     events: list[Event] = []
     dead: list[DeadLetter] = []
@@ -209,10 +278,17 @@ def decode_batch(codec: WireCodec, batch: RecordBatch,
                                       "record has no value (tombstone)"))
             continue
         try:
-            events.append(decode(value, expected))
+            event = decode(value, expected)
         except MalformedRecordError as exc:
             dead.append(DeadLetter.of(batch.record(i), DECODE_STEP, exc.reason, str(exc)))
             continue
+        if limits is not None:
+            problem = check_event(event, batch.kafka_timestamp(i), now_ms, limits)
+            if problem is not None:
+                dead.append(DeadLetter.of(batch.record(i), VALIDATE_STEP, problem.reason,
+                                          problem.message, now_ms))
+                continue
+        events.append(event)
         kept.append(i)
     if len(kept) == len(batch):
         decoded = EventBatch(batch.topic, batch.partition, events, batch.timestamps_ms,

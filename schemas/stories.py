@@ -1,8 +1,10 @@
 """Typed records of the story state: what the stories pipeline writes and serving reads.
 
 ``StoryMeta`` is one story as stored; ``TrayEntry`` (with its ``TrayStory``
-items) is one author's row of a viewer's story tray; ``StoryExpired`` is what
-the expiry step emits when it removes a story. Times are ms since the epoch.
+items) is one author's row of a viewer's story tray; ``StoryOutcome`` is what
+applying one event did; ``StoryExpired`` is what the expiry step emits when it
+removes a story, ``ExpiryRound`` one firing of its timer. Times are ms since
+the epoch.
 """
 from __future__ import annotations
 
@@ -94,10 +96,12 @@ class StoryOutcome:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ExpiryCommand:
-    """Input of the expiry timer for one story: arm at ``expires_at``, or ``cancel`` (deleted)."""
+class ExpiryRound:
+    """What one firing of an expiry timer did: the stories it removed (``expired``),
+    how many due stories a delete had removed first (``after_delete``: nothing to
+    announce), and what is still pending on its index shards (expiry-index
+    bucket -> earliest ``expires_at``, ``domain.stories.settle_pending``)."""
 
-    story_id: int
-    author_id: int
-    expires_at: int
-    cancel: bool = False
+    expired: tuple[StoryExpired, ...]
+    after_delete: int
+    pending: dict[int, int]

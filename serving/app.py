@@ -19,13 +19,13 @@ import orjson
 
 from stores.cassandra.aio import AioCassandra
 from stores.redis.aio import AioRedis, RedisUnavailable
-from serving.auth import AuthError, TokenAuth
+from serving.auth import USER_ID_MAX, AuthError, TokenAuth, parse_user_id
 from serving.config import ServingConfig
 from serving.feeds import FeedResult, FeedService, Overloaded, StoresUnavailable
-from serving.logic import ChronoCursor, CursorCodec, CursorError, RankedCursor
+from serving.logic import Cursor, CursorCodec, CursorError, RankedCursor, TrayCursor
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import Metrics
-from serving.openapi import INT64_MAX, openapi
+from serving.openapi import openapi
 from serving.stories import StoryNotFound, StoryService
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,22 @@ def _error_body(status: int, message: str) -> bytes:
 
 
 def _parse_id(text: str, name: str) -> int:
-    if not text.isdigit() or not text.isascii() or len(text) > 19 or int(text) > INT64_MAX:
-        raise HttpError(400, f"{name} must be an integer between 0 and {INT64_MAX}")
-    return int(text)
+    value = parse_user_id(text)
+    if value is None:
+        raise HttpError(400, f"{name} must be an integer between 0 and {USER_ID_MAX}")
+    return value
+
+
+def _body_refusal(headers, max_bytes: int) -> HttpError | None:
+    """413 for a request body larger than ``max_bytes`` or of unknown length
+    (chunked): no route reads one, so a large body is only ever a cost."""
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit() or int(value) > max_bytes:
+                return HttpError(413, f"request body larger than {max_bytes} bytes")
+        elif name == b"transfer-encoding":
+            return HttpError(413, "chunked request bodies are not accepted")
+    return None
 
 
 class FeedApp:
@@ -116,8 +129,6 @@ class FeedApp:
 
     async def shutdown(self) -> None:
         self.lag.stop()
-        if self.stories is not None:
-            self.stories.close()
         await self.redis.close()
         await self.cassandra.close()
         self._started = False
@@ -158,6 +169,9 @@ class FeedApp:
                 self.metrics.event("shed")
                 raise HttpError(503, f"overloaded: {self.config.max_in_flight} requests in "
                                      "progress, retry shortly", [(b"retry-after", b"1")])
+            refusal = _body_refusal(scope["headers"], self.config.max_body_bytes)
+            if refusal is not None:
+                raise refusal
             async with asyncio.timeout(self.config.request_budget_s):
                 route, status, body, content_type = await self._dispatch(scope)
         except HttpError as exc:
@@ -197,22 +211,28 @@ class FeedApp:
         if name == "openapi.json":
             return name, 200, self._openapi, _JSON
         if name == "metrics":
-            status = self.feeds.status()
-            body = self.metrics.render({s: status[s]["breaker"] for s in status})
+            body = self.metrics.render(self.feeds.status())
             return name, 200, body, METRICS_CONTENT_TYPE.encode()
         return name, *await self._readiness(), _JSON
 
     async def _readiness(self) -> tuple[int, bytes]:
-        status = self.feeds.status()
+        """``{"status", "redis", "cassandra"}``, each store ``ready`` or ``not ready``;
+        why one is not goes to the log, not to whoever asks."""
+        breakers = self.feeds.status()
         try:
             await self.redis.call("PING")
-            status["redis"]["ok"] = True
+            redis_ok = True
         except (RedisUnavailable, Exception) as exc:  # any error reply means "not ready"
-            status["redis"]["ok"], status["redis"]["error"] = False, str(exc)
-        status["cassandra"]["ok"] = self.cassandra.connected and status["cassandra"]["breaker"] != "open"
-        oks = [status["redis"]["ok"], status["cassandra"]["ok"]]
-        status["status"] = "ready" if all(oks) else "degraded" if any(oks) else "unavailable"
-        return (200 if any(oks) else 503), orjson.dumps(status)
+            redis_ok = False
+            self.feeds.log_failure("redis", exc)
+        cassandra_ok = self.cassandra.connected and breakers["cassandra"] != "open"
+        if not self.cassandra.connected and self.cassandra.last_error:
+            self.feeds.log_failure("cassandra", RuntimeError(self.cassandra.last_error))
+        oks = (redis_ok, cassandra_ok)
+        body = {"status": "ready" if all(oks) else "degraded" if any(oks) else "unavailable",
+                "redis": "ready" if redis_ok else "not ready",
+                "cassandra": "ready" if cassandra_ok else "not ready"}
+        return (200 if any(oks) else 503), orjson.dumps(body)
 
     async def _user_route(self, scope, method: str, parts: list[str]) -> tuple[str, int, bytes, bytes]:
         tail = tuple(parts[3:])
@@ -239,11 +259,16 @@ class FeedApp:
                 raise HttpError(404, str(exc)) from None
             return route, 200, orjson.dumps({"seen": True, "source": source}), _JSON
         limit = self._limit(query)
-        if route == "story_tray":
-            entries, source = await self.stories.tray(user_id, limit)
-            return route, 200, orjson.dumps(
-                {"user_id": user_id, "source": source, "entries": entries}), _JSON
         cursor = self._cursor(query, user_id)
+        if route == "story_tray":
+            if cursor is not None and not isinstance(cursor, TrayCursor):
+                raise HttpError(400, "bad cursor: it belongs to a feed, not the tray")
+            entries, source, nxt = await self.stories.tray(user_id, limit, cursor)
+            return route, 200, orjson.dumps(
+                {"user_id": user_id, "source": source, "entries": entries,
+                 "next_cursor": None if nxt is None else self.cursors.encode(nxt)}), _JSON
+        if isinstance(cursor, TrayCursor):
+            raise HttpError(400, "bad cursor: it belongs to the story tray")
         if route == "feed_chronological":
             if isinstance(cursor, RankedCursor):
                 raise HttpError(400, "bad cursor: it belongs to the ranked feed")
@@ -289,7 +314,7 @@ class FeedApp:
             raise HttpError(400, f"limit must be an integer between {lo} and {hi}")
         return int(raw)
 
-    def _cursor(self, query: dict[str, str], user_id: int) -> ChronoCursor | RankedCursor | None:
+    def _cursor(self, query: dict[str, str], user_id: int) -> Cursor | None:
         raw = query.get("cursor")
         if raw is None:
             return None

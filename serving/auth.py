@@ -74,7 +74,23 @@ class TokenAuth:
             raise AuthError("token expired") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid token: {exc}") from None
-        sub = claims["sub"]
-        if not isinstance(sub, str) or not sub.isdigit() or len(sub) > 19:
-            raise AuthError("invalid token: 'sub' must be a user id")
-        return int(sub), float(claims["exp"])
+        user_id = parse_user_id(claims["sub"])
+        if user_id is None:
+            raise AuthError("invalid token: 'sub' must be a user id: ASCII digits 0-9, "
+                            f"at most {USER_ID_MAX}")
+        return user_id, float(claims["exp"])
+
+
+#: The largest user id (Cassandra bigint).
+USER_ID_MAX = 2 ** 63 - 1
+
+
+def parse_user_id(text) -> int | None:
+    """``text`` as a user id, or None unless it is 1-19 ASCII decimal digits up to
+    ``USER_ID_MAX``. ``str.isdigit`` alone also accepts "²" (which ``int`` then
+    refuses) and other scripts' digits ("١٢" is 12 to ``int``)."""
+    if (not isinstance(text, str) or not 0 < len(text) <= 19 or not text.isascii()
+            or not text.isdigit()):
+        return None
+    value = int(text)
+    return value if value <= USER_ID_MAX else None

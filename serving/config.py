@@ -44,6 +44,15 @@ class ServingConfig:
     rebuild_budget_s: float = 0.5
     rebuild_followees: int = 500
     rebuild_per_followee: int = 20
+    #: Bounded work per request, whatever the account (docs/serving.md, "Bounded
+    #: reads"): followees whose follower counts are read to find the followed
+    #: celebrities (the most recent follows), ...
+    max_followees_scanned: int = 1000
+    #: ... followed celebrities whose timelines a feed page pulls ...
+    max_pulled_timelines: int = 64
+    #: ... and followees whose story indexes one tray page reads (the next page
+    #: continues with the next ones).
+    tray_followees: int = 50
     #: How long a user's followee list and celebrity set are reused.
     graph_cache_s: float = 60.0
     #: Last-read writes are skipped when a newer one was written this recently
@@ -59,20 +68,39 @@ class ServingConfig:
     #: Seconds a hydrated post is reused by a worker (0: always read Redis);
     #: bounds how long a just-deleted post can still show in a ranked page.
     post_cache_s: float = 1.0
+    #: The same for chronological pages: their entries come from feeds and
+    #: timelines, which the fan-out clears of deleted posts, so any cached copy
+    #: serves (bounded only by memory).
+    post_cache_chrono_s: float = 300.0
     breaker_failures: int = 5
     breaker_reset_s: float = 1.0
+    #: How often a worker reads Redis' generation marker (``KeyLayout.generation``;
+    #: one GET, not one per request). While it is missing Redis lost its data and
+    #: the jobs are restoring it: reads go to Cassandra. 0: never checked.
+    generation_check_s: float = 1.0
+    #: Edges of the HTTP server (jobs/serve.py sets them on granian and uvicorn):
+    #: request line + headers, a request body (no route takes one), and how long
+    #: a client may take to send its headers (slow clients hold a connection).
+    max_header_bytes: int = 8192
+    max_body_bytes: int = 1024
+    header_read_timeout_s: float = 5.0
+    keep_alive_s: float = 5.0
 
     def __post_init__(self):
         if not 1 <= self.default_limit <= self.max_limit:
             raise ValueError("need 1 <= default_limit <= max_limit")
         for name in ("push_threshold", "feed_cap", "rebuild_followees", "rebuild_per_followee",
-                     "breaker_failures", "max_in_flight", "max_fallback_in_flight"):
+                     "breaker_failures", "max_in_flight", "max_fallback_in_flight",
+                     "max_followees_scanned", "max_pulled_timelines", "tray_followees"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("redis_timeout_s", "cassandra_timeout_s", "request_budget_s",
-                     "rebuild_budget_s", "inactive_days", "breaker_reset_s"):
+                     "rebuild_budget_s", "inactive_days", "breaker_reset_s",
+                     "header_read_timeout_s", "keep_alive_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.max_header_bytes < 8192 or self.max_body_bytes < 0:
+            raise ValueError("need max_header_bytes >= 8192 (granian's least) and max_body_bytes >= 0")
 
     @property
     def inactive_ms(self) -> int:

@@ -69,7 +69,8 @@ class FeedResult(NamedTuple):
 
 
 class _Graph(NamedTuple):
-    followees: list[int]
+    """The followed celebrities a page pulls (at most ``max_pulled_timelines``)."""
+
     celebrities: list[int]
     expires: float
 
@@ -81,8 +82,42 @@ def _now_ms() -> int:
 def _check(replies: Sequence[Any]) -> Sequence[Any]:
     for r in replies:
         if isinstance(r, hiredis.ReplyError):
-            raise RedisUnavailable(f"Redis error reply: {r}")
+            raise RedisUnavailable(f"Redis error reply: {r}", "error reply")
     return replies
+
+
+def newer_than(flat: Sequence[bytes], ms: int) -> Sequence[bytes]:
+    """The head of a flat ``WITHSCORES`` reply (newest first) scored above ``ms``:
+    what a ranked page's ``fresh`` posts can come from, without parsing the rest."""
+    end = 0
+    while end < len(flat) and float(flat[end + 1]) > ms:
+        end += 2
+    return flat[:end]
+
+
+def reason(exc: BaseException) -> str:
+    """What a client may be told about a store failure: a fixed phrase, never the
+    driver's text (addresses, hosts); that goes to the log."""
+    return getattr(exc, "reason", "failed")
+
+
+class FailureLog:
+    """Logs store failures with their full text, at most once per ``every_s`` per
+    store: an outage at 2,000 requests/s must not write 2,000 lines a second."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def __call__(self, store: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last.get(store, -1e18) < self.every_s:
+            self.suppressed[store] = self.suppressed.get(store, 0) + 1
+            return
+        self._last[store] = now
+        log.warning("%s failed: %s: %s (%d similar failures not logged)", store,
+                    type(exc).__name__, exc, self.suppressed.pop(store, 0))
 
 
 class FeedService:
@@ -102,21 +137,26 @@ class FeedService:
         self._ranked_script = redis.register_script(READ_PAGE_SCRIPT)
         self._last_read_script = redis.register_script(FeedCommands.last_read_script)
         self._graphs: dict[int, _Graph] = {}
+        self._followee_pages: dict[tuple[int, int, int], tuple[list[int], float]] = {}
+        self.log_failure = FailureLog()
         self._packed_posts: dict[int, bytes] = {}
-        self._post_cache: dict[int, tuple[float, dict | None]] = {}
+        self._packed_timelines: dict[tuple[int, int], bytes] = {}
+        self._post_cache: dict[int, tuple[float, dict | None]] = {}  # post -> (read at, meta)
         self._last_read_redis: dict[int, float] = {}
         self._last_read_cassandra: dict[int, float] = {}
         self._background: set[asyncio.Task] = set()
         self._fallbacks = 0  # Cassandra fallback reads in flight
         self._rebuilt: dict[int, float] = {}  # user -> when a rebuild was last tried
-        self._author_counts: dict[int, tuple[int, float]] = {}  # follower counts read from Cassandra
+        self._author_counts: dict[int, tuple[int, float]] = {}  # author -> (followers, until)
+        self._generation: bytes | None = b""  # Redis' generation marker as last read
+        self._generation_until = 0.0          # when to read it again (monotonic s)
 
     # -- public reads -----------------------------------------------------------------
 
     async def chronological(self, user_id: int, limit: int,
                             cursor: ChronoCursor | None) -> FeedResult:
         after = None if cursor is None else cursor.position
-        return await self._with_fallback(
+        return await self.with_fallback(
             lambda: self._chrono_redis(user_id, limit, after),
             lambda: self._chrono_cassandra(user_id, limit, after))
 
@@ -126,61 +166,81 @@ class FeedService:
         cursor keeps the kind its first page had."""
         if isinstance(cursor, ChronoCursor):
             return await self.chronological(user_id, limit, cursor)
-        return await self._with_fallback(
+        return await self.with_fallback(
             lambda: self._ranked_redis(user_id, limit, cursor),
             lambda: self._ranked_cassandra(user_id, limit, cursor))
 
-    async def followees(self, user_id: int) -> list[int]:
-        """Whom the user follows (cached graph), from Redis or else Cassandra."""
-        redis_error = "circuit open after repeated failures"
+    async def followees_page(self, user_id: int, start: int, count: int) -> tuple[list[int], str]:
+        """Whom the user follows, most recent follow first, ``count`` from rank
+        ``start`` (one bounded read, reused for ``graph_cache_s`` like the
+        celebrities), from Redis or else Cassandra; and which store."""
+        now = time.monotonic()
+        cached = self._followee_pages.get((user_id, start, count))
+        if cached is not None and cached[1] > now:
+            return cached[0], "redis"
+        redis_error = "circuit open"
         if self.redis_breaker.allow():
             try:
-                graph = await self._graph_redis(user_id)
+                (reply,) = await self.pipeline([
+                    ("ZREVRANGE", self.keys.following(user_id), start, start + count - 1)])
             except RedisUnavailable as exc:
-                self.redis_breaker.failure()
-                redis_error = str(exc)
+                self._redis_failed(exc)
+                redis_error = reason(exc)
             else:
                 self.redis_breaker.success()
-                return graph.followees
+                page = self.cmd.ids(reply)
+                if not page and start == 0:  # nothing in Redis: maybe only in Cassandra (lost cache)
+                    durable = await self.cassandra_extra(
+                        lambda: self.cassandra.following(user_id, count), [])
+                    page = durable[::-1]
+                if len(self._followee_pages) >= 200_000:
+                    self._followee_pages.clear()
+                self._followee_pages[(user_id, start, count)] = (page, now + self.config.graph_cache_s)
+                return page, "redis"
         try:
-            return (await self._graph_cassandra(user_id)).followees
+            newest_first = (await self.cassandra.following(user_id, start + count))[::-1]
         except CassandraUnavailable as exc:
-            raise StoresUnavailable(f"cannot read whom user {user_id} follows: Redis: "
-                                    f"{redis_error}; Cassandra: {exc}") from None
+            self.log_failure("cassandra", exc)
+            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: {reason(exc)}") from None
+        return newest_first[start:start + count], "cassandra"
 
-    def status(self) -> dict[str, Any]:
-        """What readiness reports: each store's breaker and connection."""
-        return {
-            "redis": {"breaker": self.redis_breaker.state},
-            "cassandra": {"breaker": self.cassandra_breaker.state,
-                          "connected": self.cassandra.connected,
-                          "error": self.cassandra.last_error},
-        }
+    def status(self) -> dict[str, str]:
+        """Each store's circuit breaker state (``/metrics``)."""
+        return {"redis": self.redis_breaker.state, "cassandra": self.cassandra_breaker.state}
 
     # -- fallback plumbing ------------------------------------------------------------
 
-    async def _with_fallback(self, on_redis, on_cassandra) -> FeedResult:
-        redis_error = "circuit open after repeated failures"
+    def _redis_failed(self, exc: RedisUnavailable) -> None:
+        """Count a Redis failure, unless it is our own backlog: a reply late
+        because this worker's event loop runs behind is no fault of Redis, and
+        the slower Cassandra path would only deepen it (503 ``Overloaded``)."""
+        lag = self.loop_lag_s()
+        if lag > self.config.redis_timeout_s:
+            self._count("overload_shed")
+            raise Overloaded(f"overloaded: event loop {lag * 1000:.0f} ms behind") from None
+        self.redis_breaker.failure()
+        self._count("redis_failures")
+        self.log_failure("redis", exc)
+
+    async def with_fallback(self, on_redis, on_cassandra):
+        """``on_redis()``, else ``on_cassandra()``; 503 bodies name each store's
+        failure by ``reason`` only (the details go to the log)."""
+        redis_error = "circuit open"
         if self.redis_breaker.allow():
             try:
-                result = await on_redis()
+                lost = await self._redis_lost()
+                result = None if lost else await on_redis()
             except RedisUnavailable as exc:
-                lag = self.loop_lag_s()
-                if lag > self.config.redis_timeout_s:
-                    # Our own backlog made the reply late: the slower Cassandra path
-                    # would only deepen it, and Redis is not to blame.
-                    self._count("overload_shed")
-                    raise Overloaded(f"overloaded: event loop {lag * 1000:.0f} ms behind") from None
-                self.redis_breaker.failure()
-                redis_error = str(exc)
-                self._count("redis_failures")
-                log.debug("redis read failed, falling back to cassandra: %s", exc)
+                self._redis_failed(exc)
+                redis_error = reason(exc)
             else:
                 self.redis_breaker.success()
-                return result
+                if not lost:
+                    return result
+                redis_error = "lost its data, being restored"
+                self._count("redis_lost_reads")
         if not self.cassandra_breaker.allow():
-            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: circuit open after "
-                                    "repeated failures")
+            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: circuit open")
         if self._fallbacks >= self.config.max_fallback_in_flight:
             # A Cassandra read costs ~10x a Redis one: shed rather than let a Redis
             # outage queue up every request behind the slow path.
@@ -192,14 +252,32 @@ class FeedService:
             result = await on_cassandra()
         except CassandraUnavailable as exc:
             self.cassandra_breaker.failure()
-            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: {exc}") from None
+            self.log_failure("cassandra", exc)
+            raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: {reason(exc)}") from None
         finally:
             self._fallbacks -= 1
         self.cassandra_breaker.success()
         self._count("fallback_reads")
         return result
 
-    async def _cassandra_extra(self, make, default):
+    async def _redis_lost(self) -> bool:
+        """Whether Redis lost its data (no generation marker) as last read; read again
+        at most every ``generation_check_s``. An empty Redis is no truth to serve:
+        the jobs are restoring it from Cassandra, which answers meanwhile. When the
+        marker changes, the graph caches filled from the old Redis are dropped."""
+        if self.config.generation_check_s <= 0:
+            return False
+        now = time.monotonic()
+        if now >= self._generation_until:
+            self._generation_until = now + self.config.generation_check_s
+            (marker,) = await self.pipeline([("GET", self.keys.generation())])
+            if marker != self._generation:
+                self._graphs.clear()
+                self._followee_pages.clear()
+                self._generation = marker
+        return self._generation is None
+
+    async def cassandra_extra(self, make, default):
         """An optional Cassandra read on the Redis path: ``default`` if it fails."""
         if not self.cassandra_breaker.allow():
             return default
@@ -207,7 +285,7 @@ class FeedService:
             value = await make()
         except CassandraUnavailable as exc:
             self.cassandra_breaker.failure()
-            log.debug("cassandra extra read failed: %s", exc)
+            self.log_failure("cassandra", exc)
             return default
         self.cassandra_breaker.success()
         return value
@@ -216,12 +294,12 @@ class FeedService:
         if self.metrics is not None:
             self.metrics.event(what)
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _pipeline(self, commands: list[tuple], scripts: dict[int, Any] | None = None) -> list:
+    async def pipeline(self, commands: list[tuple], scripts: dict[int, Any] | None = None) -> list:
         """One Redis round trip; commands at ``scripts``' indexes are EVALSHAs of
         those scripts, re-run with EVAL if the server lost its script cache."""
         replies = await self.redis.pipeline(commands)
@@ -231,44 +309,75 @@ class FeedService:
                 replies[i] = await script(keys=rest[:nkeys], args=rest[nkeys:])
         return list(_check(replies))
 
-    # -- graph (cached) -----------------------------------------------------------------
+    # -- graph (cached, bounded) ----------------------------------------------------
 
     async def _graph_redis(self, user_id: int) -> _Graph:
         graph = self._graphs.get(user_id)
         now = time.monotonic()
         if graph is not None and graph.expires > now:
             return graph
-        (following,) = await self._pipeline([self.cmd.following(user_id)])
-        followees = self.cmd.ids(following)
-        counts = await self._pipeline([self.cmd.follower_count(f) for f in followees])
-        if not followees:  # nothing in Redis: the graph may only be in Cassandra (lost cache)
-            followees = await self._cassandra_extra(lambda: self.cassandra.following(user_id), [])
-            counts = await self._cassandra_extra(
-                lambda: self.cassandra.follower_counts(followees), [0] * len(followees))
-        return self._remember(user_id, followees, [int(c) for c in counts], now)
+        return self._remember(user_id, await self._celebrities_redis(user_id), now)
+
+    async def _celebrities_redis(self, user_id: int) -> list[int]:
+        """The followed celebrities a page pulls, newest follows first kept.
+
+        Interim, until the fan-out keeps each user's followed celebrities as a
+        set of its own: the ``max_followees_scanned`` most recent follows
+        (``ZRANGE following -M -1``), their follower counts (``ZCARD``, cached per
+        author across users), filtered by the push threshold. With the set in
+        place this becomes one command of at most ``max_pulled_timelines``
+        members (docs/serving.md, "Bounded reads").
+        """
+        scanned = self.config.max_followees_scanned
+        (reply,) = await self.pipeline([("ZRANGE", self.keys.following(user_id), -scanned, -1)])
+        followees = self.cmd.ids(reply)
+        if followees:
+            counts = await self._follower_counts(followees, self._redis_counts)
+        else:  # nothing in Redis: the graph may only be in Cassandra (lost cache)
+            followees = await self.cassandra_extra(
+                lambda: self.cassandra.following(user_id, scanned), [])
+            counts = await self.cassandra_extra(
+                lambda: self._follower_counts(followees, self.cassandra.follower_counts),
+                [0] * len(followees))
+        return self._pulled(followees, counts)
+
+    async def _redis_counts(self, authors: list[int]) -> list[int]:
+        return [int(n) for n in await self.pipeline([self.cmd.follower_count(a) for a in authors])]
+
+    async def _follower_counts(self, authors: list[int], read) -> list[int]:
+        """Follower count per author; counts read in the last ``graph_cache_s`` are
+        reused (any user's), so a request reads only authors not seen lately."""
+        now = time.monotonic()
+        cached = self._author_counts
+        unknown = [a for a in authors if a not in cached or cached[a][1] < now]
+        if unknown:
+            counts = await read(unknown)
+            if len(cached) + len(unknown) >= 500_000:
+                cached.clear()
+            until = now + self.config.graph_cache_s
+            for a, n in zip(unknown, counts):
+                cached[a] = (n, until)
+        return [cached[a][0] if a in cached else 0 for a in authors]
+
+    def _pulled(self, followees: Sequence[int], counts: Sequence[int]) -> list[int]:
+        """The celebrities among ``followees`` (oldest follow first), the most
+        recently followed ``max_pulled_timelines`` of them."""
+        found = celebrities(followees, counts, self.config.push_threshold)
+        return found[-self.config.max_pulled_timelines:]
 
     async def _graph_cassandra(self, user_id: int) -> _Graph:
         """The graph from Cassandra (Redis is failing). A cached graph is used even
-        when expired: slightly stale beats 1 + followees reads per request."""
+        when expired: slightly stale beats reading it again per request."""
         graph = self._graphs.get(user_id)
         if graph is not None:
             return graph
         now = time.monotonic()
-        followees = await self.cassandra.following(user_id)
-        cached = self._author_counts
-        unknown = [f for f in followees if f not in cached or cached[f][1] < now]
-        if unknown:
-            for f, n in zip(unknown, await self.cassandra.follower_counts(unknown)):
-                cached[f] = (n, now + self.config.graph_cache_s)
-            if len(cached) >= 500_000:
-                cached.clear()
-        counts = [cached[f][0] if f in cached else 0 for f in followees]
-        return self._remember(user_id, followees, counts, now)
+        followees = await self.cassandra.following(user_id, self.config.max_followees_scanned)
+        counts = await self._follower_counts(followees, self.cassandra.follower_counts)
+        return self._remember(user_id, self._pulled(followees, counts), now)
 
-    def _remember(self, user_id: int, followees: list[int], counts: Sequence[int],
-                  now: float) -> _Graph:
-        graph = _Graph(followees, celebrities(followees, counts, self.config.push_threshold),
-                       now + self.config.graph_cache_s)
+    def _remember(self, user_id: int, pulled: list[int], now: float) -> _Graph:
+        graph = _Graph(pulled, now + self.config.graph_cache_s)
         if len(self._graphs) >= 200_000:
             self._graphs.clear()
         self._graphs[user_id] = graph
@@ -289,17 +398,17 @@ class FeedService:
             if growth == 1 and first_replies is not None:
                 replies = first_replies
             else:
-                replies = await self._pipeline(self._page_commands(user_id, graph, n, after))
+                replies = await self.pipeline(self._page_commands(user_id, graph, n, after))
             page, last_read, size = await self._page_from(user_id, replies, n, limit, after)
             if after is None and growth == 1 and needs_rebuild(
                     last_read, size, _now_ms(), self.config.inactive_ms) and self._may_rebuild(user_id):
-                if await self._rebuild(user_id, graph):
+                if await self._rebuild(user_id):
                     source = "rebuilt"
-                    replies = await self._pipeline(self._page_commands(user_id, graph, n, after))
+                    replies = await self.pipeline(self._page_commands(user_id, graph, n, after))
                     page, _, _ = await self._page_from(user_id, replies, n, limit, after)
             if page.entries or not page.short:
                 break
-        items = await self._hydrate_redis(user_id, page.entries)
+        items = await self._hydrate_redis(user_id, page.entries, self.config.post_cache_chrono_s)
         cursor = None if page.next_position is None else ChronoCursor(user_id, page.next_position)
         return FeedResult(items, cursor, "chronological", source)
 
@@ -308,9 +417,20 @@ class FeedService:
         """Home feed (``n`` entries at or below the cursor), its size, the last read,
         and each followed celebrity's timeline likewise: one round trip."""
         top = None if after is None else after.created_at
-        commands = [self.cmd.feed(user_id, top, n), self.cmd.feed_size(user_id),
-                    self.cmd.last_read(user_id)]
-        commands += [self.cmd.timeline(c, top, n) for c in graph.celebrities]
+        commands: list = [self.cmd.feed(user_id, top, n), self.cmd.feed_size(user_id),
+                          self.cmd.last_read(user_id)]
+        if top is not None:
+            return commands + [self.cmd.timeline(c, top, n) for c in graph.celebrities]
+        # First pages read the same head of a celebrity's timeline for every
+        # follower: pack each such command once.
+        packed = self._packed_timelines
+        if len(packed) >= 100_000:
+            packed.clear()
+        for c in graph.celebrities:
+            command = packed.get((c, n))
+            if command is None:
+                command = packed[(c, n)] = pack_command(self.cmd.timeline(c, None, n))
+            commands.append(command)
         return commands
 
     async def _page_from(self, user_id: int, replies: list, n: int, limit: int,
@@ -322,7 +442,7 @@ class FeedService:
         if len(home) < n and size >= self.config.feed_cap:
             # The Redis feed was trimmed at its cap: older entries live in Cassandra only.
             before = None if after is None else (after.post_id, after.created_at)
-            durable = await self._cassandra_extra(
+            durable = await self.cassandra_extra(
                 lambda: self.cassandra.feed_page(user_id, n, before, _now_ms()), None)
             if durable is not None:
                 batches = [SourceBatch(home, False), SourceBatch(durable, len(durable) >= n)]
@@ -361,14 +481,15 @@ class FeedService:
             # The first chronological page's reads ride along: they give the posts
             # newer than the ranking, or the whole page when there is no ranking.
             commands += self._page_commands(user_id, graph, limit + SLACK, None)
-        replies = await self._pipeline(commands, {0: self._ranked_script})
+        replies = await self.pipeline(commands, {0: self._ranked_script})
         ranked = parse_page(replies[0], start)
         if ranked is None:
             return await self._chrono_redis(user_id, limit, None, replies[1:] if first else None)
         fresh: list[tuple[int, int]] = []
         if first:
             sources = [replies[1]] + replies[4:]  # home feed and celebrity timelines
-            batches = [SourceBatch(self.cmd.entries(r), False) for r in sources]
+            batches = [SourceBatch(self.cmd.entries(newer_than(r, ranked.generated_at_ms)), False)
+                       for r in sources]
             fresh = fresh_entries(batches, ranked.generated_at_ms,
                                   (e.post_id for e in ranked.entries), limit)
         entries, cursor_out = self._ranked_slice(user_id, ranked, fresh, limit)
@@ -410,23 +531,27 @@ class FeedService:
 
     # -- hydration and last read --------------------------------------------------------
 
-    async def _hydrate_redis(self, user_id: int, entries: Sequence[tuple[int, int]]) -> list[dict]:
+    async def _hydrate_redis(self, user_id: int, entries: Sequence[tuple[int, int]],
+                             max_age_s: float | None = None) -> list[dict]:
         """Post metadata of the page (one pipeline, with the last-read write when due);
         deleted or unknown posts are left out.
 
-        Posts read in the last ``post_cache_s`` come from a per-process cache:
-        a post's metadata never changes, only a delete does, and fan-out removes
-        a deleted post from feeds and timelines at once, so the cache can only
-        show a post deleted within that window (and only from a ranked list).
+        Posts read in the last ``max_age_s`` (default ``post_cache_s``) come from
+        a per-process cache: a post's metadata never changes, only a delete
+        does, and fan-out removes a deleted post from feeds and timelines at
+        once. So a chronological page, whose entries come from those, may use
+        any cached copy (``post_cache_chrono_s``); a ranked list can hold a
+        deleted post until it is re-ranked, so a ranked page uses the short age.
         """
         now_s = time.time()
+        max_age = self.config.post_cache_s if max_age_s is None else max_age_s
         cache, packed = self._post_cache, self._packed_posts
         metas: list = [None] * len(entries)
         wanted: list[int] = []  # indexes read from Redis
         commands: list = []
         for i, (pid, _) in enumerate(entries):
             hit = cache.get(pid)
-            if hit is not None and hit[0] > now_s:
+            if hit is not None and now_s - hit[0] < max_age:
                 metas[i] = hit[1]
                 continue
             command = packed.get(pid)
@@ -442,13 +567,12 @@ class FeedService:
             commands.append(self._last_read_script.command(
                 [self.keys.last_read(user_id)], [int(now_s * 1000)]))
         if commands:
-            replies = await self._pipeline(commands, scripts)
+            replies = await self.pipeline(commands, scripts)
             if scripts:
                 self._remember_read(self._last_read_redis, user_id, now_s)
                 self._record_read_durable(user_id, int(now_s * 1000))
             missing = []  # no hash at all (not a tombstone): a lost cache, try the durable copy
             post_meta = self.cmd.post_meta
-            until = now_s + self.config.post_cache_s
             if len(cache) >= 200_000:
                 cache.clear()
             for i, reply in zip(wanted, replies):
@@ -457,9 +581,9 @@ class FeedService:
                 if meta is None and reply[-1] is None and reply[1] is None:
                     missing.append(i)
                 else:
-                    cache[pid] = (until, meta)
+                    cache[pid] = (now_s, meta)
             if missing:
-                durable = await self._cassandra_extra(
+                durable = await self.cassandra_extra(
                     lambda: self.cassandra.posts([entries[i][0] for i in missing]), [])
                 for i, meta in zip(missing, durable):
                     metas[i] = meta
@@ -481,11 +605,10 @@ class FeedService:
                 wanted.append(i)
         if wanted:
             durable = await self.cassandra.posts([entries[i][0] for i in wanted])
-            until = now_s + self.config.post_cache_s
             for i, meta in zip(wanted, durable):
                 metas[i] = meta
                 if meta is not None:
-                    cache[meta["post_id"]] = (until, meta)
+                    cache[meta["post_id"]] = (now_s, meta)
         return [m for m in metas if m is not None]
 
     @staticmethod
@@ -500,7 +623,7 @@ class FeedService:
         if now_s - self._last_read_cassandra.get(user_id, 0.0) < self.config.last_read_cassandra_every_s:
             return
         self._remember_read(self._last_read_cassandra, user_id, now_s)
-        self._spawn(self._cassandra_extra(
+        self.spawn(self.cassandra_extra(
             lambda: self.cassandra.set_last_read(user_id, now_ms), None))
 
     # -- rebuild ------------------------------------------------------------------------
@@ -516,10 +639,10 @@ class FeedService:
         self._rebuilt[user_id] = now
         return True
 
-    async def _rebuild(self, user_id: int, graph: _Graph) -> bool:
+    async def _rebuild(self, user_id: int) -> bool:
         """Refill a cold or inactive user's Redis feed; whether anything was written."""
         try:
-            entries = await asyncio.wait_for(self._rebuild_entries(user_id, graph),
+            entries = await asyncio.wait_for(self._rebuild_entries(user_id),
                                              self.config.rebuild_budget_s)
         except asyncio.TimeoutError:
             log.warning("feed rebuild of user %d exceeded %.0f ms; serving without it",
@@ -529,23 +652,27 @@ class FeedService:
         now_ms = _now_ms()
         commands = self.cmd.merge_feed(user_id, entries, self.config.feed_cap) if entries else []
         commands.append(self._last_read_script.command([self.keys.last_read(user_id)], [now_ms]))
-        await self._pipeline(commands, {len(commands) - 1: self._last_read_script})
+        await self.pipeline(commands, {len(commands) - 1: self._last_read_script})
         self._remember_read(self._last_read_redis, user_id, now_ms / 1000)
         self._record_read_durable(user_id, now_ms)
         self._count("rebuilds")
         return bool(entries)
 
-    async def _rebuild_entries(self, user_id: int, graph: _Graph) -> list[tuple[int, int]]:
+    async def _rebuild_entries(self, user_id: int) -> list[tuple[int, int]]:
         cfg = self.config
-        followees = graph.followees[-cfg.rebuild_followees:]  # the most recent follows
         per = cfg.rebuild_per_followee
         now = _now_ms()
-        durable_task = asyncio.ensure_future(self._cassandra_extra(
+        durable_task = asyncio.ensure_future(self.cassandra_extra(
             lambda: self.cassandra.feed_page(user_id, cfg.feed_cap, None, now), []))
-        replies = await self._pipeline([self.cmd.timeline(f, None, per) for f in followees])
+        # The most recent follows (the cap bounds a rebuild whatever the account).
+        (reply,) = await self.pipeline([
+            ("ZRANGE", self.keys.following(user_id), -cfg.rebuild_followees, -1)])
+        followees = self.cmd.ids(reply) or await self.cassandra_extra(
+            lambda: self.cassandra.following(user_id, cfg.rebuild_followees), [])
+        replies = await self.pipeline([self.cmd.timeline(f, None, per) for f in followees])
         sources = [self.cmd.entries(r) for r in replies]
         if followees and not any(sources):  # timelines not in Redis (lost cache): Cassandra's
-            sources = await self._cassandra_extra(
+            sources = await self.cassandra_extra(
                 lambda: asyncio.gather(*(self.cassandra.timeline(f, per, now) for f in followees)),
                 [])
         sources.append(await durable_task)

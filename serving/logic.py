@@ -138,6 +138,17 @@ class RankedCursor(NamedTuple):
     offset: int
 
 
+class TrayCursor(NamedTuple):
+    """Where the next story-tray page starts: the rank of the next followee
+    (most recent follow first)."""
+
+    user_id: int
+    offset: int
+
+
+Cursor = ChronoCursor | RankedCursor | TrayCursor
+
+
 class CursorCodec:
     """Opaque cursors: the state as compact JSON, a keyed 8-byte BLAKE2b tag (so a
     client cannot forge one, e.g. for another user), base64url without padding."""
@@ -152,15 +163,17 @@ class CursorCodec:
     def _tag(self, body: bytes) -> bytes:
         return hashlib.blake2b(body, key=self._key, digest_size=self._TAG).digest()
 
-    def encode(self, cursor: ChronoCursor | RankedCursor) -> str:
+    def encode(self, cursor: Cursor) -> str:
         if isinstance(cursor, ChronoCursor):
             state = ["c", cursor.user_id, cursor.position.created_at, cursor.position.post_id]
+        elif isinstance(cursor, TrayCursor):
+            state = ["t", cursor.user_id, cursor.offset, 0]
         else:
             state = ["r", cursor.user_id, cursor.generated_at_ms, cursor.offset]
         body = orjson.dumps(state)
         return base64.urlsafe_b64encode(body + self._tag(body)).rstrip(b"=").decode()
 
-    def decode(self, text: str) -> ChronoCursor | RankedCursor:
+    def decode(self, text: str) -> Cursor:
         """The cursor's state; ``CursorError`` for anything not issued by ``encode``."""
         if not text or len(text) > 200:
             raise CursorError("bad cursor: empty or too long")
@@ -179,6 +192,8 @@ class CursorCodec:
             return ChronoCursor(int(user_id), Position(int(a), int(b)))
         if kind == "r":
             return RankedCursor(int(user_id), int(a), int(b))
+        if kind == "t":
+            return TrayCursor(int(user_id), int(a))
         raise CursorError("bad cursor: unknown kind")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-INT64_MAX = 2 ** 63 - 1
+from serving.auth import USER_ID_MAX as INT64_MAX
 
 
 def _error(description: str) -> dict:
@@ -31,6 +31,7 @@ _COMMON_ERRORS = {
     "400": _error("Bad input (limit out of range, bad cursor, bad id)."),
     "401": _error("Missing, malformed, forged or expired bearer token."),
     "403": _error("The token's user is not the user in the path."),
+    "413": _error("A request body (no route takes one)."),
     "503": _error("Neither Redis nor Cassandra could answer within the budget, or the "
                   "server is overloaded (Retry-After)."),
 }
@@ -76,8 +77,11 @@ def openapi(default_limit: int, max_limit: int) -> dict[str, Any]:
         "story_id": {"type": "integer"}, "created_at": {"type": "integer"},
         "expires_at": {"type": "integer"}, "media_type": {"type": "string", "nullable": True},
         "seen": {"type": "boolean"}}}
-    tray = {"type": "object", "required": ["user_id", "source", "entries"], "properties": {
+    tray = {"type": "object", "required": ["user_id", "source", "entries", "next_cursor"],
+            "properties": {
         "user_id": {"type": "integer"},
+        "next_cursor": {"type": "string", "nullable": True,
+                        "description": "the next followees' stories; null at the end"},
         "source": {"type": "string", "enum": ["redis", "cassandra"]},
         "entries": {"type": "array", "items": {"type": "object", "properties": {
             "author_id": {"type": "integer"}, "unseen": {"type": "integer"},
@@ -87,8 +91,8 @@ def openapi(default_limit: int, max_limit: int) -> dict[str, Any]:
     error = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["status", "message"],
         "properties": {"status": {"type": "integer"}, "message": {"type": "string"}}}}}
-    store_status = {"type": "object", "additionalProperties": True}
-    ready = {"type": "object", "required": ["status"], "properties": {
+    store_status = {"type": "string", "enum": ["ready", "not ready"]}
+    ready = {"type": "object", "required": ["status", "redis", "cassandra"], "properties": {
         "status": {"type": "string", "enum": ["ready", "degraded", "unavailable"]},
         "redis": store_status, "cassandra": store_status}}
     return {
@@ -106,8 +110,10 @@ def openapi(default_limit: int, max_limit: int) -> dict[str, Any]:
             "/v1/users/{user_id}/stories/tray": {"get": {
                 "summary": "Story tray: followed authors with active stories, unseen first.",
                 "operationId": "getStoryTray", "security": [{"bearerAuth": []}],
-                "parameters": [_USER, _limit(default_limit, max_limit)],
-                "responses": {"200": _ok("The tray.", "Tray"), **_COMMON_ERRORS},
+                "parameters": [_USER, _limit(default_limit, max_limit), _CURSOR],
+                "responses": {"200": _ok("A page of the tray: the stories of the next "
+                                         "followees, most recent follows first.", "Tray"),
+                              **_COMMON_ERRORS},
             }},
             "/v1/users/{user_id}/stories/{story_id}/seen": {"post": {
                 "summary": "Record that the user saw a story.",
@@ -116,7 +122,8 @@ def openapi(default_limit: int, max_limit: int) -> dict[str, Any]:
                                        "schema": {"type": "integer", "format": "int64",
                                                   "minimum": 0, "maximum": INT64_MAX}}],
                 "responses": {"200": _ok("Recorded.", "Seen"),
-                              "404": _error("Unknown, deleted or expired story."),
+                              "404": _error("No such story for this user: unknown, deleted, "
+                                            "expired, or its author is not followed."),
                               **_COMMON_ERRORS},
             }},
             "/healthz": {"get": {"summary": "Liveness.", "operationId": "health",

@@ -10,12 +10,27 @@ DEFAULT_CASSANDRA_PORT = 9042
 DEFAULT_KEYSPACE = "feedbeam"
 
 
+#: Consistency level chosen by the keyspace's replication (``stores.cassandra.session``).
+AUTO_CONSISTENCY = "auto"
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreConfig:
-    """Redis URL and key prefix, Cassandra contact point and keyspace."""
+    """Redis URL and key prefix, Cassandra contact point and keyspace, and the
+    Cassandra consistency levels of reads and writes (names of the driver's
+    levels, or ``auto``: LOCAL_QUORUM when the keyspace is replicated, else
+    LOCAL_ONE; applied by ``stores.cassandra.session.open_on_new_cluster``)."""
 
     redis_url: str = DEFAULT_REDIS_URL
     redis_key_prefix: str = DEFAULT_KEY_PREFIX
     cassandra_host: str = DEFAULT_CASSANDRA_HOST
     cassandra_port: int = DEFAULT_CASSANDRA_PORT
     cassandra_keyspace: str = DEFAULT_KEYSPACE
+    cassandra_read_consistency: str = AUTO_CONSISTENCY
+    cassandra_write_consistency: str = AUTO_CONSISTENCY
+
+    @property
+    def cassandra_levels(self) -> dict[str, str]:
+        """The levels as the keyword arguments of the Cassandra stores' ``connect``."""
+        return {"read_consistency": self.cassandra_read_consistency,
+                "write_consistency": self.cassandra_write_consistency}

@@ -18,9 +18,12 @@ previous one for readers paging through it; Cassandra holds one row per user
 """
 from __future__ import annotations
 
+import logging
 import math
+import struct
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import redis
 
 from stores.cassandra.feeds import CassandraFeedStore, to_ms
@@ -29,6 +32,8 @@ from schemas import cassandra as cs
 from schemas.keys import KeyLayout
 from schemas.ranked import RankedEntry, RankedFeed, RankedPage
 
+log = logging.getLogger(__name__)
+
 #: Seconds the replaced ranking stays readable for readers paging through it.
 DEFAULT_KEEP_PREVIOUS_S = 900
 
@@ -36,24 +41,33 @@ DEFAULT_KEEP_PREVIOUS_S = 900
 _LUA_BATCH = 1000
 
 # KEYS: staging, live, meta, previous, previous meta (one user's tag).
-# ARGV: generated_at ms, model_version, keep_previous_s, then per entry in
-# rank order: post_id, author_id, score. Returns 1 if written, 0 if the stored
-# ranking is as new or newer (nothing changed).
+# ARGV: generated_at ms, model_version, keep_previous_s, then the entries in rank
+# order as three comma-separated lists: post ids, author ids, scores (three
+# arguments, not three per entry: the client packs a few strings, not 600 values).
+# Returns 1 if written, 0 if the stored ranking is as new or newer (nothing
+# changed).
 _SWAP = """
 local stored = redis.call('HGET', KEYS[3], 'generated_at')
 if stored and tonumber(stored) >= tonumber(ARGV[1]) then
   return 0
 end
-local n = (#ARGV - 3) / 3
+local pids, authors, details = {}, {}, {}
+for v in string.gmatch(ARGV[4], '[^,]+') do pids[#pids + 1] = v end
+for v in string.gmatch(ARGV[5], '[^,]+') do authors[#authors + 1] = v end
+local i = 0
+for v in string.gmatch(ARGV[6], '[^,]+') do
+  i = i + 1
+  details[i] = authors[i] .. ':' .. v
+end
+local n = #pids
 redis.call('DEL', KEYS[1])
 local members, fields = {}, {}
-for i = 0, n - 1 do
-  local pid = ARGV[4 + 3 * i]
-  members[#members + 1] = n - i
-  members[#members + 1] = pid
-  fields[#fields + 1] = pid
-  fields[#fields + 1] = ARGV[5 + 3 * i] .. ':' .. ARGV[6 + 3 * i]
-  if #members >= 2 * %(batch)d or i == n - 1 then
+for i = 1, n do
+  members[#members + 1] = n - i + 1
+  members[#members + 1] = pids[i]
+  fields[#fields + 1] = pids[i]
+  fields[#fields + 1] = details[i]
+  if #members >= 2 * %(batch)d or i == n then
     redis.call('ZADD', KEYS[1], unpack(members))
     members = {}
   end
@@ -107,31 +121,58 @@ READ_PAGE_SCRIPT = _READ_PAGE
 # -- pure helpers (unit tested without Redis) ------------------------------------------
 
 
+def _normal(e) -> RankedEntry:
+    if type(e) is RankedEntry and type(e[0]) is int and type(e[1]) is int and type(e[2]) is float:
+        return e
+    return RankedEntry(int(e[0]), int(e[1]), float(e[2]))
+
+
 def check_entries(entries: Sequence[RankedEntry]) -> list[RankedEntry]:
-    """``entries`` as a list of ``RankedEntry``; ValueError on a repeated post id
-    or a score that is not a finite number."""
-    out: list[RankedEntry] = []
-    seen: set[int] = set()
-    for e in entries:
-        e = RankedEntry(int(e[0]), int(e[1]), float(e[2]))
-        if e.post_id in seen:
-            raise ValueError(f"post {e.post_id} appears twice in one ranked feed")
-        if not math.isfinite(e.score):
-            raise ValueError(f"post {e.post_id} has a non-finite score {e.score!r}")
-        seen.add(e.post_id)
-        out.append(e)
+    """``entries`` as a list of ``RankedEntry`` of plain ints and floats; ValueError on
+    a repeated post id or a score that is not a finite number."""
+    out = list(map(_normal, entries))
+    if len({e[0] for e in out}) != len(out):
+        seen: set[int] = set()
+        for e in out:
+            if e.post_id in seen:
+                raise ValueError(f"post {e.post_id} appears twice in one ranked feed")
+            seen.add(e.post_id)
+    if not all(map(math.isfinite, [e[2] for e in out])):
+        bad = next(e for e in out if not math.isfinite(e.score))
+        raise ValueError(f"post {bad.post_id} has a non-finite score {bad.score!r}")
     return out
+
+
+# A ranked_feeds.ranked_posts value (frozen<list<frozen<ranked_entry>>>) as the
+# native protocol (v3 and later) carries it: an int32 count, then per entry its
+# size (36) and the UDT's fields, each an int32 size and a big-endian value.
+_WIRE_ENTRY = np.dtype([("size", ">i4"), ("post_size", ">i4"), ("post_id", ">i8"),
+                        ("author_size", ">i4"), ("author_id", ">i8"),
+                        ("score_size", ">i4"), ("score", ">f8")])
+
+
+def pack_ranked_posts(entries: Sequence[RankedEntry]) -> bytes:
+    """``entries`` serialized as the ``ranked_posts`` column, built as one NumPy array
+    (the driver's own serializer spends microseconds per field: most of a refresh's
+    write). ``RankedFeedStore`` checks it against the driver's before using it."""
+    out = np.empty(len(entries), _WIRE_ENTRY)
+    out["size"] = 36
+    out["post_size"] = out["author_size"] = out["score_size"] = 8
+    out["post_id"] = [e[0] for e in entries]
+    out["author_id"] = [e[1] for e in entries]
+    out["score"] = [e[2] for e in entries]
+    return struct.pack(">i", len(entries)) + out.tobytes()
 
 
 def swap_args(entries: Sequence[RankedEntry], model_version: str, generated_at_ms: int,
               keep_previous_s: int) -> list[Any]:
-    """ARGV of ``_SWAP`` for ``entries`` (already checked)."""
+    """ARGV of ``_SWAP`` for ``entries`` (already checked): scores as ``repr``, which
+    round-trips a float exactly."""
     if not model_version:
         raise ValueError("model_version must not be empty")
-    args: list[Any] = [int(generated_at_ms), model_version, int(keep_previous_s)]
-    for e in entries:
-        args += [e.post_id, e.author_id, repr(e.score)]
-    return args
+    return [int(generated_at_ms), model_version, int(keep_previous_s),
+            ",".join([str(e[0]) for e in entries]), ",".join([str(e[1]) for e in entries]),
+            ",".join([repr(e[2]) for e in entries])]
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -194,6 +235,7 @@ class RankedFeedStore:
         self.keys = keys
         self.keep_previous_s = keep_previous_s
         self._owns_clients = False
+        self._packed: bool | None = None  # pack_ranked_posts matches the driver's?
         self._swap = self._read_page = None
         if redis_client is not None:
             self._swap = redis_client.register_script(_SWAP)
@@ -204,9 +246,9 @@ class RankedFeedStore:
         self._insert = self._select = None
         if cassandra is not None:
             ks = cassandra.keyspace
-            self._insert = cassandra.prepare(
-                f"INSERT INTO {ks}.{cs.RANKED_FEEDS} (user_id, ranked_posts, model_version, "
-                "generated_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")
+            self._insert = (f"INSERT INTO {ks}.{cs.RANKED_FEEDS} (user_id, ranked_posts, "
+                            "model_version, generated_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")
+            cassandra.prepare(self._insert)  # fail at start on a schema mismatch
             self._select = cassandra.prepare(
                 f"SELECT ranked_posts, model_version, generated_at FROM {ks}.{cs.RANKED_FEEDS} "
                 "WHERE user_id = ?")
@@ -251,15 +293,59 @@ class RankedFeedStore:
         ranking lose there by itself. ValueError for a repeated post id, a
         non-finite score or an empty model version.
         """
-        checked = check_entries(entries)
-        args = swap_args(checked, model_version, generated_at_ms, self.keep_previous_s)
-        if self._insert is not None:
-            self.cassandra.execute_rows(self._insert, (
-                user_id, [tuple(e) for e in checked], model_version, generated_at_ms,
-                cs.event_timestamp_us(generated_at_ms)))
+        return self.write_many([RankedFeed(user_id, tuple(entries), model_version,
+                                           generated_at_ms)])[0]
+
+    def write_many(self, feeds: Sequence[RankedFeed]) -> list[bool]:
+        """``write`` for many users at once: every Cassandra row concurrently, then one
+        pipelined Redis round trip for all the swaps. Per feed whether Redis took it."""
+        checked = [(f, check_entries(f.entries)) for f in feeds]
+        swaps = [(f.user_id, swap_args(entries, f.model_version, f.generated_at_ms,
+                                       self.keep_previous_s)) for f, entries in checked]
+        if self._insert is not None and checked:
+            self._write_durable(checked)
         if self._swap is None:
-            return True
-        return self._swap_into(self.redis, user_id, args) == 1
+            return [True] * len(checked)
+        return self._swap_all(swaps)
+
+    def _write_durable(self, checked: Sequence[tuple[RankedFeed, list[RankedEntry]]]) -> None:
+        """One row per feed, all concurrently (one attempt: the caller retries the batch).
+        The ranked posts are bound pre-serialized (``pack_ranked_posts``) when that
+        matches the driver's serialization of the column, else by the driver."""
+        from cassandra.concurrent import execute_concurrent
+        from cassandra.query import BoundStatement
+
+        stmt = self.cassandra.prepare(self._insert)
+        packed = self._packs_like_driver(stmt)
+        work = []
+        for f, entries in checked:
+            bound = BoundStatement(stmt).bind((
+                f.user_id, [] if packed else [tuple(e) for e in entries], f.model_version,
+                f.generated_at_ms, cs.event_timestamp_us(f.generated_at_ms)))
+            if packed:
+                bound.values[1] = pack_ranked_posts(entries)
+            work.append((bound, None))
+        execute_concurrent(self.cassandra.session, work, concurrency=self.cassandra.concurrency,
+                           raise_on_first_error=True)
+
+    def _packs_like_driver(self, stmt) -> bool:
+        if self._packed is None:
+            sample = [RankedEntry(1, 2, 0.5), RankedEntry(2**40 + 7, -3, -1.25e-7)]
+            version = self.cassandra.session.cluster.protocol_version
+            driver = stmt.column_metadata[1].type.serialize([tuple(e) for e in sample], version)
+            self._packed = driver == pack_ranked_posts(sample)
+            if not self._packed:
+                log.warning("ranked feeds: the driver serializes ranked_posts differently "
+                            "(protocol %s); using its serializer", version)
+        return self._packed
+
+    def _swap_all(self, swaps: Sequence[tuple[int, list[Any]]]) -> list[bool]:
+        if not swaps:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id, args in swaps:
+            self._swap_into(pipe, user_id, args)
+        return [r == 1 for r in pipe.execute()]
 
     def _swap_into(self, client, user_id: int, args: list[Any]):
         k = self.keys
@@ -274,14 +360,9 @@ class RankedFeedStore:
         (the running pipeline wrote a newer one meanwhile, or this one already)."""
         if self._swap is None:
             raise RuntimeError("this RankedFeedStore has no Redis side")
-        if not feeds:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for f in feeds:
-            args = swap_args(check_entries(f.entries), f.model_version, f.generated_at_ms,
-                             self.keep_previous_s)
-            self._swap_into(pipe, f.user_id, args)
-        return [r == 1 for r in pipe.execute()]
+        return self._swap_all([(f.user_id, swap_args(check_entries(f.entries), f.model_version,
+                                                     f.generated_at_ms, self.keep_previous_s))
+                               for f in feeds])
 
     # -- reading ------------------------------------------------------------------
 

@@ -1,48 +1,83 @@
-"""Refreshing ranked feeds outside Beam: candidates, features, scoring, diversity, write.
+"""Ranking outside Beam: events to queued triggers, and batches of users to ranked feeds.
 
     ranker = RankingConfig(StoreConfig(), model_dir=".state/models").open(RankingPolicy())
     outcomes = ranker.refresh([RefreshRequest(user_id=7, changed_at_ms=now_ms)])
     ranker.close()
 
-The ranking pipeline's refresh step holds one ``FeedRanker`` per worker
-process (``pipelines.ranking_pool``); tests and benchmarks use it directly.
+``FeedRanker`` refreshes a batch of users: candidates, features, one batched
+scoring, diversity, one batched write. ``TriggerWriter`` turns events into
+triggers and queues them (``stores.redis.refresh_queue``); ``ClaimRefresher``
+refreshes what the queue hands out, behind the follow gate. The ranking
+pipeline holds one ``FeedRanker`` per worker process (``pipelines.ranking_pool``);
+tests and benchmarks use these directly. Design: docs/pipelines/ranking.md.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from collections import Counter
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from domain.ranking import RankingPolicy, diversify, merge_requests, recency_scores
-from domain.ranking_features import FEATURE_NAMES, feature_matrix, online_columns
-from schemas.features import DEFAULT_HALF_LIFE_MS
-from schemas.ranked import RankedEntry
-from schemas.ranking import RECENCY_VERSION, Candidate, RefreshOutcome, RefreshRequest
+from domain.ranking import (
+    GIVE_UP,
+    SETTLE,
+    WAIT,
+    Debounce,
+    FollowWait,
+    RankingPolicy,
+    ViralPolicy,
+    diversify,
+    edge_versions_wanted,
+    edges_not_applied,
+    engagement_trigger,
+    follow_gate,
+    follow_trigger,
+    merge_requests,
+    post_triggers,
+    requests_from,
+    viral_level,
+    viral_triggers,
+)
+from domain.ranking_features import FEATURE_NAMES, feature_matrix
+from schemas.events import EngagementEvent, FollowEvent, PostEvent
+from schemas.features import AUTHOR_FEATURES, DEFAULT_HALF_LIFE_MS, MEDIA_TYPES, POST_FEATURES
+from schemas.ranked import RankedEntry, RankedFeed
+from schemas.ranking import (
+    RECENCY_VERSION,
+    CandidateColumns,
+    ClaimedRefreshes,
+    RefreshOutcome,
+    RefreshRequest,
+    Trigger,
+    decode_pending,
+)
 from stores.config import StoreConfig
 from stores.fanout import FeedStores
 from stores.files.models import ModelRegistry, ModelWatcher
 from stores.ranked import RankedFeedStore
-from stores.redis.candidates import CandidateReader
+from stores.redis.candidates import AudienceReader, CandidateReader
 from stores.redis.features import OnlineFeatureStore
+from stores.redis.refresh_queue import RefreshQueue
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class RankingConfig:
-    """Where the stores and models are, and how many threads a ranker uses; hashable and
-    picklable, so a pipeline keeps it instead of clients."""
+    """Where the stores and models are; hashable and picklable, so a pipeline keeps it
+    instead of clients."""
 
     stores: StoreConfig
     model_dir: str
     model_poll_s: float = 10.0
     half_life_ms: int = DEFAULT_HALF_LIFE_MS
     score_threads: int = 1
-    io_threads: int = 8
+    #: How long parsed post and author features are reused (0: read every time).
+    feature_cache_s: float = 10.0
 
     def open(self, policy: RankingPolicy, clock: Callable[[], float] = time.time) -> "FeedRanker":
         """A ``FeedRanker`` on new clients (one Redis client and one Cassandra session
@@ -55,27 +90,87 @@ class RankingConfig:
             RankedFeedStore(feeds.client, feeds.keys, stores.cassandra),
             ModelWatcher(ModelRegistry(self.model_dir), FEATURE_NAMES, self.model_poll_s,
                          nthread=self.score_threads),
-            policy, clock, on_close=stores.close, io_threads=self.io_threads)
+            policy, clock, on_close=stores.close, feature_cache_s=self.feature_cache_s)
+
+
+class Ranking(NamedTuple):
+    """What ``FeedRanker.rank`` decided for a batch: the ranked ``feeds`` (one per user,
+    in request order), the ``candidates`` they came from and the model ``version``."""
+
+    version: str
+    candidates: CandidateColumns
+    feeds: list[RankedFeed]
+
+
+class RowCache:
+    """Feature rows by id, each kept ``ttl_s`` (``clock``: monotonic seconds); at most
+    ``max_entries`` (then emptied). Dict operations only, safe across threads."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._rows: dict[int, tuple[float, np.ndarray]] = {}
+
+    def get(self, ids: Sequence[int]) -> tuple[list[np.ndarray | None], list[int]]:
+        """``(row or None per id, the ids without a fresh row)``."""
+        now = self._clock()
+        rows: list[np.ndarray | None] = []
+        missing = []
+        for i in ids:
+            held = self._rows.get(i)
+            if held is not None and held[0] > now:
+                rows.append(held[1])
+            else:
+                rows.append(None)
+                missing.append(i)
+        return rows, missing
+
+    def put(self, ids: Sequence[int], rows: np.ndarray) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._rows) + len(ids) > self.max_entries:
+            self._rows = {}
+        expires = self._clock() + self.ttl_s
+        for i, row in zip(ids, rows):
+            self._rows[i] = (expires, row)
+
+    def drop(self, ids) -> None:
+        for i in ids:
+            self._rows.pop(i, None)
+
+
+def _with_cache(cache: RowCache, ids: list[int], read: np.ndarray, missing: list[int],
+                held: list[np.ndarray | None], width: int) -> np.ndarray:
+    """The rows of ``ids``: ``held`` ones from the cache, the ``missing`` ones from
+    ``read`` (in ``missing``'s order), which the cache then keeps."""
+    cache.put(missing, read)
+    if not missing:
+        return np.array(held).reshape(len(ids), width)
+    fresh = iter(read)
+    return np.array([next(fresh) if row is None else row for row in held]).reshape(len(ids),
+                                                                                    width)
 
 
 class FeedRanker:
-    """Refreshes ranked feeds: candidates, features, one batched scoring, diversity,
-    write. ``clock`` returns epoch seconds.
+    """Refreshes ranked feeds of a batch of users: candidates and features of the whole
+    batch in a fixed number of pipelined Redis round trips, ONE scoring call, diversity
+    per user, ONE batched write. ``clock`` returns epoch seconds.
 
-    Each store call is one attempt: a transient error fails the whole
-    ``refresh``, which the caller may run again (every write is idempotent:
-    a ranking replaces the previous one, the newer generation time wins).
-
-    The per-user store calls of a batch (one feature hydrate, one ranked-feed
-    write) run on ``io_threads`` threads: they wait on the network, so their
-    round trips overlap instead of adding up. The stores' clients are
-    thread-safe (a Redis connection pool, one Cassandra session), so one
-    ranker may serve several threads.
+    Post and author features, the same for every viewer, are parsed once per
+    ``feature_cache_s`` (the features pipeline rewrites them once per slide);
+    a post named by a viral trigger is read again at once. Each store call is
+    one attempt: a transient error fails the whole ``refresh``, which the
+    caller may run again (every write is idempotent: a ranking replaces the
+    previous one, the newer generation time wins). The clients are
+    thread-safe, so one ranker may serve several threads.
     """
 
-    def __init__(self, candidates, features, ranked, models, policy: RankingPolicy,
-                 clock: Callable[[], float] = time.time, on_close: Callable[[], None] | None = None,
-                 io_threads: int = 8):
+    def __init__(self, candidates: CandidateReader, features: OnlineFeatureStore,
+                 ranked: RankedFeedStore, models: ModelWatcher | None, policy: RankingPolicy,
+                 clock: Callable[[], float] = time.time,
+                 on_close: Callable[[], None] | None = None, feature_cache_s: float = 10.0):
         self.candidates = candidates
         self.features = features
         self.ranked = ranked
@@ -83,89 +178,294 @@ class FeedRanker:
         self.policy = policy
         self._clock = clock
         self._on_close = on_close
-        self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="ranking-io")
+        self._post_rows = RowCache(feature_cache_s)
+        self._author_rows = RowCache(feature_cache_s)
         #: Scoring calls that failed (the batch was ranked by recency instead).
         self.model_errors = 0
 
     def close(self) -> None:
-        self._io.shutdown(wait=True)
         if self._on_close is not None:
             self._on_close()
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
     def refresh(self, requests: Sequence[RefreshRequest]) -> list[RefreshOutcome]:
         """Rank and write the feed of every requested user: one outcome per user, in the
         order users first appear (requests of one user are merged, ``merge_requests``)."""
         requests = merge_requests(requests)
-        now_ms = int(self._clock() * 1000)
-        by_user = self.candidates.read(requests, now_ms, self.policy)
-        users = [r.user_id for r in requests]
-        version, scores = self.score(users, by_user, now_ms)
-        ranked = {user: diversify([RankedEntry(c.post_id, c.author_id, float(s))
-                                   for c, s in zip(by_user[user], scores[user])],
-                                  self.policy.top_k, self.policy.max_per_author,
-                                  self.policy.no_adjacent)
-                  for user in users}
-        # list(): wait for every write (and raise the first error) before reporting.
-        list(self._io.map(lambda u: self.ranked.write(u, ranked[u], version, now_ms), users))
-        return [RefreshOutcome(r.user_id, version, len(ranked[r.user_id]),
-                               len(by_user[r.user_id]), r.changed_at_ms, now_ms, r.triggers)
-                for r in requests]
+        ranking = self.rank(requests, self.now_ms())
+        self.ranked.write_many(ranking.feeds)
+        offsets = ranking.candidates.offsets
+        return [RefreshOutcome(r.user_id, ranking.version, len(f.entries),
+                               int(offsets[i + 1] - offsets[i]), r.changed_at_ms,
+                               f.generated_at_ms, r.triggers)
+                for i, (r, f) in enumerate(zip(requests, ranking.feeds))]
 
-    def score(self, users: Sequence[int], by_user: dict[int, list[Candidate]], now_ms: int
-              ) -> tuple[str, dict[int, np.ndarray]]:
-        """``(model version, scores per user aligned with its candidates)``.
+    def rank(self, requests: Sequence[RefreshRequest], now_ms: int) -> Ranking:
+        """The ranked feeds of ``requests`` (one per user) as of ``now_ms``, not written."""
+        self._post_rows.drop({p for r in requests for p in r.reread})
+        cols = self.candidates.columns(requests, now_ms, self.policy)
+        version, scores = self.score(cols, now_ms)
+        p = self.policy
+        post_ids, author_ids, values = (cols.post_id.tolist(), cols.author_id.tolist(),
+                                        scores.tolist())
+        feeds = []
+        for i, user in enumerate(cols.users):
+            a, b = int(cols.offsets[i]), int(cols.offsets[i + 1])
+            entries = list(map(RankedEntry, post_ids[a:b], author_ids[a:b], values[a:b]))
+            feeds.append(RankedFeed(user, tuple(diversify(entries, p.top_k, p.max_per_author,
+                                                          p.no_adjacent)), version, now_ms))
+        return Ranking(version, cols, feeds)
 
-        All users' candidates go through the model in one ``inplace_predict``;
-        without a usable model (or if scoring fails) the scores are the
-        creation times and the version is ``RECENCY_VERSION``.
+    def score(self, cols: CandidateColumns, now_ms: int) -> tuple[str, np.ndarray]:
+        """``(model version, one score per candidate row)``.
+
+        Every row of the batch goes through the model in one ``inplace_predict``;
+        without a usable model (or if scoring fails) the scores are the creation
+        times and the version is ``RECENCY_VERSION``.
         """
         model = self.models.current() if self.models is not None else None
         if model is not None:
-            blocks = self.features_of(users, by_user, now_ms)
+            rows = self.feature_rows(cols, now_ms)
             try:
-                flat = model.predict(np.concatenate(blocks) if blocks else
-                                     np.zeros((0, len(FEATURE_NAMES)), np.float32))
+                return model.version, np.asarray(model.predict(rows), dtype=np.float64)
             except Exception as exc:  # a broken model must not stop the feeds: rank by recency
                 self.model_errors += 1
                 log.error("ranking: model %s failed to score, ranking by recency: %s",
                           model.version, exc)
-            else:
-                offsets = np.cumsum([0] + [len(b) for b in blocks])
-                return model.version, {u: flat[offsets[i]:offsets[i + 1]]
-                                       for i, u in enumerate(users)}
-        return RECENCY_VERSION, {u: recency_scores(by_user[u]) for u in users}
+        return RECENCY_VERSION, cols.created_at.astype(np.float64)
 
-    def features_of(self, users: Sequence[int], by_user: dict[int, list[Candidate]],
-                    now_ms: int) -> list[np.ndarray]:
-        """The feature rows of each user's candidates.
+    def feature_rows(self, cols: CandidateColumns, now_ms: int) -> np.ndarray:
+        """The ``FEATURE_NAMES`` rows of every candidate of the batch.
 
-        Post and author features do not depend on the viewer and the users of
-        a batch share most candidates, so they are read once for the batch (one
-        round trip); each user's own affinities are then one round trip per
-        user (on the I/O threads).
+        One hydrate for the batch (``OnlineFeatureStore.hydrate_batch``): each
+        distinct post, author and (viewer, author) pair is read once (posts and
+        authors not at all while cached), and rows are gathered from those by
+        index, so the work per candidate is NumPy's.
         """
-        posts = list(dict.fromkeys(c.post_id for u in users for c in by_user[u]))
-        authors = list(dict.fromkeys(c.author_id for u in users for c in by_user[u]))
-        shared = self.features.hydrate(None, posts, authors, now_ms)
-        post_features = dict(zip(posts, shared.posts))
-        author_features = dict(zip(authors, shared.authors))
+        users = len(cols.users)
+        row_user = np.repeat(np.arange(users), np.diff(cols.offsets))
+        posts, post_at = np.unique(cols.post_id, return_inverse=True)
+        authors, author_at = np.unique(cols.author_id, return_inverse=True)
+        pairs, pair_at = np.unique(row_user * max(len(authors), 1) + author_at,
+                                   return_inverse=True)
+        pair_user = pairs // max(len(authors), 1)
+        bounds = np.searchsorted(pair_user, np.arange(users + 1))
+        pair_author = authors[pairs % max(len(authors), 1)].tolist() if len(authors) else []
+        viewer_authors = [pair_author[bounds[i]:bounds[i + 1]] for i in range(users)]
+        post_ids, author_ids = posts.tolist(), authors.tolist()
+        post_held, post_missing = self._post_rows.get(post_ids)
+        author_held, author_missing = self._author_rows.get(author_ids)
+        f = self.features.hydrate_batch(post_missing, author_missing, list(cols.users),
+                                        viewer_authors, now_ms)
+        post_rows = _with_cache(self._post_rows, post_ids, f.posts, post_missing, post_held,
+                                len(POST_FEATURES))
+        author_rows = _with_cache(self._author_rows, author_ids, f.authors, author_missing,
+                                  author_held, len(AUTHOR_FEATURES))
+        # One gather of whole rows per table, then column views (not a gather per column).
+        post_rows, author_rows, content = post_rows[post_at], author_rows[author_at], \
+            f.content[row_user]
+        post_cols = {n: post_rows[:, j] for j, n in enumerate(POST_FEATURES)}
+        author_cols = {n: author_rows[:, j] for j, n in enumerate(AUTHOR_FEATURES)}
+        media = {m: content[:, j] for j, m in enumerate(MEDIA_TYPES)}
+        return feature_matrix(post_cols, author_cols, f.affinity[pair_at], media, cols.media,
+                              now_ms - cols.created_at)
 
-        def rows(user: int) -> np.ndarray:
-            cands = by_user[user]
-            if not cands:
-                return np.zeros((0, len(FEATURE_NAMES)), np.float32)
-            mine = list(dict.fromkeys(c.author_id for c in cands))
-            viewer = self.features.hydrate(user, (), mine, now_ms, author_features=False)
-            affinity = dict(zip(mine, viewer.author_affinity))
-            post_cols, author_cols = online_columns(
-                [post_features[c.post_id] for c in cands],
-                [author_features[c.author_id] for c in cands])
-            n = len(cands)
-            media = np.array([c.media_type for c in cands], dtype=object)
-            per_media = {m: np.full(n, v) for m, v in viewer.content_affinity.items()}
-            age = now_ms - np.fromiter((c.created_at for c in cands), np.int64, count=n)
-            return feature_matrix(post_cols, author_cols,
-                                  np.array([affinity[c.author_id] for c in cands]), per_media,
-                                  media, age)
 
-        return list(self._io.map(rows, users))
+# --------------------------------------------------------------------------- triggers
+
+
+class TriggerResult(NamedTuple):
+    """What ``TriggerWriter.apply`` queued: ``due`` per shard written (earliest due ms),
+    ``reasons`` triggers by reason, ``quiet`` events that made no feed stale,
+    ``viral_posts`` posts whose new engagement level re-ranked their audience."""
+
+    due: dict[int, int]
+    reasons: Counter
+    quiet: int
+    viral_posts: int
+
+
+class TriggerWriter:
+    """Events -> the users whose ranked feed each makes stale -> the pending-refresh queue.
+
+    Per call, whatever the number of events: the engaged posts' features (one
+    round trip), their new viral levels (one), the audiences of the posts'
+    and viral posts' authors (``AudienceReader``: three), the viral rate limit
+    (one) and the queue (one).
+    """
+
+    def __init__(self, audiences: AudienceReader, features: OnlineFeatureStore,
+                 queue: RefreshQueue, policy: RankingPolicy, viral: ViralPolicy = ViralPolicy(),
+                 clock: Callable[[], float] = time.time):
+        self.audiences = audiences
+        self.features = features
+        self.queue = queue
+        self.policy = policy
+        self.viral = viral
+        self._clock = clock
+
+    def apply(self, events: Sequence[object]) -> TriggerResult:
+        now_ms = int(self._clock() * 1000)
+        triggers: list[Trigger] = []
+        quiet = 0
+        posts: list[PostEvent] = []
+        engaged: dict[int, tuple[int, int]] = {}  # post -> (author, latest event time)
+        for e in events:
+            if isinstance(e, PostEvent):
+                posts.append(e)
+                continue
+            if isinstance(e, FollowEvent):
+                t = follow_trigger(e)
+            elif isinstance(e, EngagementEvent):
+                t = engagement_trigger(e)
+                if t is not None and e.post_id is not None:
+                    held = engaged.get(e.post_id)
+                    engaged[e.post_id] = (e.author_id, max(e.event_time, held[1] if held else 0))
+            else:
+                t = None
+            if t is None:
+                quiet += 1
+            else:
+                triggers.append(t)
+        viral = self._viral(engaged, now_ms)
+        authors: dict[int, int] = {}
+        for e in posts:
+            authors[e.author_id] = max(e.event_time, authors.get(e.author_id, 0))
+        for _, (author, at) in viral.items():
+            authors[author] = max(at, authors.get(author, 0))
+        audience = self.audiences.audiences(authors, self.policy)
+        for e in posts:
+            made = post_triggers(e, audience[e.author_id])
+            quiet += not made
+            triggers += made
+        for post_id, (author, at) in viral.items():
+            users = self.queue.admit_viral(audience[author], self.viral.user_interval_ms)
+            triggers += viral_triggers(post_id, author, at, users)
+        return TriggerResult(self.queue.add(triggers, now_ms),
+                             Counter(t.reason for t in triggers), quiet, len(viral))
+
+    def _viral(self, engaged: dict[int, tuple[int, int]], now_ms: int
+               ) -> dict[int, tuple[int, int]]:
+        """The engaged posts that reached a new engagement level: ``{post: (author, at)}``."""
+        if not engaged or not self.viral.enabled:
+            return {}
+        ids = list(engaged)
+        levels = [(p, viral_level(f, self.viral))
+                  for p, f in zip(ids, self.features.post_features(ids, now_ms))]
+        raised = self.queue.raise_levels([(p, lv) for p, lv in levels if lv > 0],
+                                         self.features.ttls.post_ms)
+        return {p: engaged[p] for p in raised}
+
+
+# --------------------------------------------------------------------------- claims
+
+
+class ClaimResult(NamedTuple):
+    """What ``ClaimRefresher.apply`` did: ``outcomes`` of the feeds written, ``waits``
+    refreshes the follow gate put off, ``give_ups`` refreshes that stopped waiting."""
+
+    outcomes: list[RefreshOutcome]
+    waits: int
+    give_ups: int
+
+
+class ClaimRefresher:
+    """Refreshes the users the pending-refresh queue handed out (``ClaimedRefreshes``).
+
+    Per claim: users whose triggers include follows or unfollows first pass
+    the follow gate (``follow_gate``: the fan-out's graph must hold those
+    edges, read in one round trip for the claim); the others, and those the
+    gate lets through, are refreshed together (``FeedRanker.refresh``); then
+    one ``RefreshQueue.finish`` drops the triggers the refresh covered and
+    puts the waiting users off with theirs. A failure before ``finish`` leaves
+    the claim leased: it is handed out again when the lease ends, and the
+    refresh, idempotent, runs again.
+    """
+
+    def __init__(self, ranker: FeedRanker, queue: RefreshQueue,
+                 follow_wait: FollowWait | None = FollowWait(),
+                 wall: Callable[[], float] = time.time):
+        self.ranker = ranker
+        self.queue = queue
+        self.follow_wait = follow_wait
+        self._wall = wall
+
+    def apply(self, claims: Sequence[ClaimedRefreshes]) -> ClaimResult:
+        outcomes: list[RefreshOutcome] = []
+        waits = give_ups = 0
+        for claim in claims:
+            done, deferred, gave_up = self._one(claim, outcomes)
+            waits += len(deferred)
+            give_ups += gave_up
+        return ClaimResult(outcomes, waits, give_ups)
+
+    def _one(self, claim: ClaimedRefreshes, outcomes: list[RefreshOutcome]):
+        pending = [(u, *_decode(u, text)) for u, text in zip(claim.users, claim.payloads)]
+        wanted = {u: edge_versions_wanted(ts) for u, _, ts in pending}
+        waiting = {u: _parse_wait(w) for u, w in zip(claim.users, claim.waits) if w}
+        now = int(self._wall() * 1000)
+        deferred: list[tuple[int, int, str]] = []
+        gave_up = 0
+        ready = []
+        if self.follow_wait is not None:
+            stored = self.ranker.candidates.edge_versions(
+                {u: list(wanted[u]) for u, _, _ in pending if wanted[u] or u in waiting})
+        for u, seq, ts in pending:
+            if self.follow_wait is not None and (wanted[u] or u in waiting):
+                since, checks = waiting.get(u, (None, 0))
+                unapplied = edges_not_applied(wanted[u], stored.get(u, {}))
+                decision = follow_gate(self.follow_wait, unapplied, since, now)
+                if decision == WAIT:
+                    checks += 1
+                    deferred.append((u, now + self.follow_wait.retry_delay(checks),
+                                     f"{now if since is None else since},{checks}"))
+                    continue
+                if decision == SETTLE:
+                    deferred.append((u, now + self.follow_wait.retry_ms, ""))
+                    continue
+                if decision == GIVE_UP:
+                    gave_up += 1
+                    log.warning("ranking: user %d refreshed without the fan-out's edges to %s "
+                                "after waiting %.0f s", u, unapplied,
+                                self.follow_wait.max_wait_ms / 1000)
+            ready.append((u, seq, ts))
+        requests = [requests_from(u, ts) if ts else RefreshRequest(u, claim.claimed_at_ms, triggers=0)
+                    for u, _, ts in ready]
+        if requests:
+            outcomes += self.ranker.refresh(requests)
+        self.queue.finish(claim.shard, [(u, seq) for u, seq, _ in ready], deferred,
+                          int(self._wall() * 1000))
+        return ready, deferred, gave_up
+
+
+def _decode(user_id: int, text: str) -> tuple[int, list[Trigger]]:
+    """``decode_pending``, and for text it cannot read (a bug: the queue writes it) the
+    user refreshed with no triggers and that text dropped, logged: a bad line must
+    not fail every refresh of its batch for ever."""
+    try:
+        return decode_pending(user_id, text)
+    except (ValueError, IndexError):
+        log.error("ranking: unreadable queued triggers of user %d, refreshing without "
+                  "them: %r", user_id, text[:200])
+        heads = re.findall(r"^#(\d+)$", text, re.M)
+        return max(map(int, heads), default=0), []
+
+
+def _parse_wait(text: str) -> tuple[int, int]:
+    since, checks = text.split(",")
+    return int(since), int(checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueConfig:
+    """How the pending-refresh queue is laid out and timed (picklable):
+    ``RefreshQueue``'s ``shards``, ``debounce`` and ``lease_ms``."""
+
+    shards: int = 4
+    debounce: Debounce = Debounce()
+    lease_ms: int = 30_000
+
+    def open(self, client, keys) -> RefreshQueue:
+        return RefreshQueue(client, keys, self.shards, self.debounce, self.lease_ms)

@@ -1,8 +1,9 @@
-"""Story events and expiries applied to both story stores: Redis decides, Cassandra follows.
+"""Story events and expiries applied to both story stores, a batch at a time: Redis decides,
+Cassandra follows.
 
     writer = open_story_writer(StoreConfig(), StoryPolicy())
-    outcomes = writer.apply(events)          # one StoryOutcome per StoryEvent
-    expired = writer.expire(story_id, author_id, expires_at)
+    outcomes = writer.apply(events)                 # one StoryOutcome per StoryEvent
+    round_ = writer.expire_due(shards, pending, fire_ms)   # an expiry timer's firing
 
 The stories pipeline adapts ``StoryWriter`` (``pipelines.stories``); the
 benchmark drives it directly. Design: ``docs/pipelines/stories.md``.
@@ -10,14 +11,18 @@ benchmark drives it directly. Design: ``docs/pipelines/stories.md``.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Mapping, Sequence
 
-from domain.stories import StoryPolicy, story_expiry
-from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
-from schemas.stories import StoryExpired, StoryOutcome
-from stores.cassandra.stories import CassandraStoryStore
+from domain.stories import StoryPolicy, due_buckets, expiry_bucket, settle_pending, story_expiry
+from schemas.events import StoryEvent, StoryEventKind
+from schemas.stories import ExpiryRound, StoryExpired, StoryOutcome
+from stores.cassandra.stories import CassandraStoryStore, DurableRemoval, IndexedStory
 from stores.config import StoreConfig
-from stores.redis.stories import RedisStoryStore
+from stores.redis.stories import PUBLISHED, Removal, RedisStoryStore
+
+#: Due stories of one index partition an expiry round removes at most (a longer
+#: backlog takes more rounds).
+MAX_DUE = 5000
 
 
 def _now_ms() -> int:
@@ -30,8 +35,9 @@ class StoryWriter:
 
     Redis decides what is accepted (tombstones, expiry, unknown stories) and
     Cassandra follows, so the two hold the same stories. ``clock`` gives the
-    wall-clock ms that "already expired" is judged against. Every call makes
-    one attempt and is idempotent: a caller retries a failed one whole.
+    wall-clock ms that "already expired" is judged against. Every call works
+    on a whole batch with a constant number of round trips, makes one attempt
+    and is idempotent: a caller retries a failed one whole.
     """
 
     def __init__(self, redis: RedisStoryStore, cassandra: CassandraStoryStore,
@@ -48,53 +54,102 @@ class StoryWriter:
         """The writer's wall clock (ms), which expiry is judged against."""
         return self._clock()
 
+    # -- events -------------------------------------------------------------------
+
     def apply(self, events: Sequence[StoryEvent]) -> list[StoryOutcome]:
-        """Apply events in order: consecutive publishes or views as one batch each,
-        deletes one by one. One outcome per event, in order."""
+        """Apply events in order, whatever their kinds mixed. One outcome per event,
+        in order. Round trips: with deletes, one Cassandra read of the deleted
+        stories; up to three Redis pipelines (``RedisStoryStore.apply``); one
+        Cassandra write execution, plus one for deleted stories' views."""
+        if not events:
+            return []
         now = self._clock()
-        out: list[StoryOutcome] = []
-        for kind, run in _runs(events):
-            if kind is StoryEventKind.PUBLISHED:
-                out += self._publish(run, now)
-            elif kind is StoryEventKind.VIEWED:
-                out += self._view(run, now)
+        deleted = [e.story_id for e in events if e.kind is StoryEventKind.DELETED]
+        durable = self.cassandra.removal_context(deleted) if deleted else {}
+        fallback = {sid: meta.expires_at for sid, (meta, _) in durable.items() if meta}
+        results = self.redis.apply(events, now, fallback)
+        publishes, views, removals, out = [], [], [], []
+        for e, r in zip(events, results):
+            if e.kind is StoryEventKind.PUBLISHED:
+                if r == PUBLISHED:
+                    publishes.append(e)
+                out.append(StoryOutcome(e.event_id, r, e.story_id, e.author_id, story_expiry(e),
+                                        e.event_time))
+            elif e.kind is StoryEventKind.VIEWED:
+                if r.counted:
+                    views.append((e, r.author_id, r.expires_at))
+                out.append(StoryOutcome(e.event_id, r.status if r.counted else f"view_{r.status}",
+                                        e.story_id, e.author_id, r.expires_at, e.event_time))
             else:
-                out += [self._delete(e) for e in run]
+                removals.append(_durable(e.story_id, r, durable, deleted=True))
+                out.append(StoryOutcome(e.event_id, "deleted", e.story_id, r.author_id,
+                                        r.expires_at, e.event_time))
+        # Redis first: if we crash before Cassandra's writes, the retry still finds
+        # the viewers in Cassandra's rows (its views partitions go last).
+        self.cassandra.write(publishes, views, removals, now)
         return out
 
-    def _publish(self, events: Sequence[StoryEvent], now: int) -> list[StoryOutcome]:
-        statuses = self.redis.publish(events, now)
-        self.cassandra.publish([e for e, s in zip(events, statuses) if s == "published"], now)
-        return [StoryOutcome(e.event_id, s, e.story_id, e.author_id, story_expiry(e),
-                             e.event_time) for e, s in zip(events, statuses)]
+    # -- expiry -------------------------------------------------------------------
 
-    def _view(self, events: Sequence[StoryEvent], now: int) -> list[StoryOutcome]:
-        results = self.redis.record_views(events, now)
-        self.cassandra.record_views([(e, r.author_id, r.expires_at)
-                                     for e, r in zip(events, results) if r.counted], now)
-        return [StoryOutcome(e.event_id, r.status if r.counted else f"view_{r.status}",
-                             e.story_id, e.author_id, r.expires_at, e.event_time)
-                for e, r in zip(events, results)]
-
-    def _delete(self, event: StoryEvent) -> StoryOutcome:
-        durable = self.cassandra.story(event.story_id)
-        fallback = durable.expires_at if durable else event.event_time + STORY_TTL_MS
-        # Redis first: if we crash before Cassandra's removal, the retry still
-        # finds the viewers in Cassandra's rows (removed last).
-        removal = self.redis.remove(event.story_id, event.author_id, fallback, deleted=True)
-        self.cassandra.remove(event.story_id, removal.author_id, removal.expires_at,
-                              removal.viewers, deleted=True, now_ms=self._clock())
-        return StoryOutcome(event.event_id, "deleted", event.story_id, removal.author_id,
-                            removal.expires_at, event.event_time)
+    def expire_due(self, shards: Sequence[int], pending: Mapping[int, int],
+                   fire_ms: int, max_due: int = MAX_DUE) -> ExpiryRound:
+        """One firing of the expiry timer of the index ``shards``, at ``fire_ms``
+        (event time): removes every story of those shards expiring at or before
+        ``max(fire_ms, now)`` (at most ``max_due`` a partition; the rest is left
+        pending, due at once),
+        reading the durable expiry index in the ``pending`` buckets (bucket ->
+        earliest pending expiry, ``domain.stories.add_pending``). Returns what it
+        removed and what is left pending. Round trips: two Cassandra reads, the
+        three Redis steps of a removal and two Cassandra writes, then one read
+        for what is left in the last bucket it read."""
+        now = self._clock()
+        bound = max(fire_ms, now)
+        buckets = due_buckets(pending, bound)
+        due, more_at = self.cassandra.due(shards, buckets, bound, max_due)
+        expired, after_delete = self._expire(due, now)
+        if more_at is not None:
+            drained, found = more_at - 1, {expiry_bucket(more_at): more_at}
+        elif expiry_bucket(bound) in pending:
+            drained = bound
+            found = self.cassandra.earliest(shards, [expiry_bucket(bound)], bound)
+        else:
+            drained, found = bound, {}
+        return ExpiryRound(tuple(expired), after_delete, settle_pending(pending, drained, found))
 
     def expire(self, story_id: int, author_id: int, expires_at: int) -> StoryExpired | None:
-        """Remove an expired story from both stores (idempotent). None when the story
-        turns out to have been deleted (its timer was re-armed after the delete)."""
-        removal = self.redis.remove(story_id, author_id, expires_at, deleted=False)
-        self.cassandra.remove(story_id, removal.author_id, removal.expires_at, removal.viewers)
-        if removal.removed_as == "deleted":
-            return None
-        return StoryExpired(story_id, removal.author_id, removal.expires_at, self._clock())
+        """Remove one expired story from both stores (idempotent). None when the story
+        turns out to have been deleted."""
+        expired, _ = self._expire([IndexedStory(story_id, author_id, expires_at)], self._clock())
+        return expired[0] if expired else None
+
+    def _expire(self, stories: Sequence[IndexedStory], now: int) -> tuple[list[StoryExpired], int]:
+        """Remove ``stories`` (expired) from Redis, then Cassandra; the
+        ``StoryExpired`` of each that a delete had not removed first, and how many
+        it had."""
+        if not stories:
+            return [], 0
+        durable = self.cassandra.removal_context([s.story_id for s in stories], stories=False)
+        removals = self.redis.remove_many(
+            [(s.story_id, s.author_id, s.expires_at) for s in stories], False, now)
+        self.cassandra.write(removals=[_durable(s.story_id, r, durable, deleted=False)
+                                       for s, r in zip(stories, removals)], now_ms=now)
+        removed_at = self._clock()
+        expired = [StoryExpired(s.story_id, r.author_id, r.expires_at, removed_at)
+                   for s, r in zip(stories, removals) if r.removed_as != "deleted"]
+        return expired, len(stories) - len(expired)
+
+    def pending(self, shards: Sequence[int]) -> dict[int, int]:
+        """What the durable expiry index holds for ``shards`` now (bucket -> earliest
+        expiry): the start-up re-arm of their timer."""
+        return self.cassandra.pending(shards, self._clock())
+
+
+def _durable(story_id: int, removal: Removal, durable: Mapping, deleted: bool) -> DurableRemoval:
+    """The durable removal of a story Redis removed: Redis' author and expiry, and the
+    viewers either store knows."""
+    stored = durable.get(story_id, (None, ()))[1]
+    return DurableRemoval(story_id, removal.author_id, removal.expires_at,
+                          tuple(sorted(set(removal.viewers) | set(stored))), deleted)
 
 
 def open_story_writer(stores: StoreConfig, policy: StoryPolicy = StoryPolicy()) -> StoryWriter:
@@ -102,19 +157,9 @@ def open_story_writer(stores: StoreConfig, policy: StoryPolicy = StoryPolicy()) 
     redis_store = RedisStoryStore.from_url(stores.redis_url, stores.redis_key_prefix, policy)
     try:
         cassandra_store = CassandraStoryStore.connect(
-            stores.cassandra_host, stores.cassandra_port, stores.cassandra_keyspace, policy)
+            stores.cassandra_host, stores.cassandra_port, stores.cassandra_keyspace, policy,
+            **stores.cassandra_levels)
     except Exception:
         redis_store.close()
         raise
     return StoryWriter(redis_store, cassandra_store)
-
-
-def _runs(events: Iterable[StoryEvent]) -> list[tuple[StoryEventKind, list[StoryEvent]]]:
-    """Consecutive events of one kind, grouped, in order."""
-    runs: list[tuple[StoryEventKind, list[StoryEvent]]] = []
-    for e in events:
-        if runs and runs[-1][0] is e.kind:
-            runs[-1][1].append(e)
-        else:
-            runs.append((e.kind, [e]))
-    return runs

@@ -82,11 +82,11 @@ def redis_client(stack):
 @pytest.fixture
 def key_prefix(redis_client) -> str:
     """A Redis key prefix owned by this test; its keys are deleted afterwards."""
+    from jobs.clean import unlink_keys
+
     prefix = _unique("t")
     yield prefix
-    keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        redis_client.delete(*keys)
+    unlink_keys(redis_client, f"{prefix}*")  # also prefixes a test derives from it
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +100,11 @@ def cassandra_session(stack):
 @pytest.fixture
 def keyspace(cassandra_session) -> str:
     """A keyspace name owned by this test (not created); dropped afterwards."""
+    from jobs.clean import drop_keyspace
+
     name = _unique("t_")
     yield name
-    cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=60)
+    drop_keyspace(cassandra_session, name)
 
 
 @pytest.fixture
@@ -129,6 +131,6 @@ def kafka_topic(stack):
         return topic
 
     yield create
-    if created:
-        for future in admin.delete_topics(created, operation_timeout=30).values():
-            future.result(timeout=60)
+    from jobs.clean import delete_topics
+
+    delete_topics(admin, created)

@@ -4,10 +4,12 @@
 // requests, and its latency is measured from that scheduled time to the end
 // of the response body, so a stalled server shows up as latency instead of as
 // fewer requests sent (no coordinated omission, as in wrk2). Each request
-// takes the next line of the targets file, "URL<TAB>bearer token", round
-// robin, so many users with their own tokens can be replayed (oha and wrk
-// send one header set for all requests). Standard library only: built by
-// bench/bench_serving.py with the local Go toolchain, nothing downloaded.
+// takes the next line of the targets file, "URL<TAB>bearer token[<TAB>group]",
+// round robin, so many users with their own tokens can be replayed (oha and
+// wrk send one header set for all requests); latencies are also reported per
+// group (say ordinary and heavy users' feeds) of the same run. Standard
+// library only: built by bench/bench_serving.py with the local Go toolchain,
+// nothing downloaded.
 //
 //	loadgen -targets targets.tsv -rate 2000 -duration 20s -conns 64 > result.json
 package main
@@ -28,24 +30,34 @@ import (
 )
 
 type target struct {
-	url, token string
+	url, token, group string
+}
+
+type groupResult struct {
+	Completed int            `json:"completed"`
+	Errors    int            `json:"errors"`
+	Statuses  map[string]int `json:"statuses"`
+	P50Ms     float64        `json:"p50_ms"`
+	P99Ms     float64        `json:"p99_ms"`
+	MaxMs     float64        `json:"max_ms"`
 }
 
 type result struct {
-	Rate         float64        `json:"rate"`
-	DurationS    float64        `json:"duration_s"`
-	Sent         int            `json:"sent"`
-	Completed    int            `json:"completed"`
-	Errors       int            `json:"errors"`
-	Statuses     map[string]int `json:"statuses"`
-	AchievedRPS  float64        `json:"achieved_rps"`
-	P50Ms        float64        `json:"p50_ms"`
-	P90Ms        float64        `json:"p90_ms"`
-	P99Ms        float64        `json:"p99_ms"`
-	P999Ms       float64        `json:"p999_ms"`
-	MaxMs        float64        `json:"max_ms"`
-	MaxSendLagMs float64        `json:"max_send_lag_ms"`
-	FirstError   string         `json:"first_error,omitempty"`
+	Rate         float64                `json:"rate"`
+	DurationS    float64                `json:"duration_s"`
+	Sent         int                    `json:"sent"`
+	Completed    int                    `json:"completed"`
+	Errors       int                    `json:"errors"`
+	Statuses     map[string]int         `json:"statuses"`
+	AchievedRPS  float64                `json:"achieved_rps"`
+	P50Ms        float64                `json:"p50_ms"`
+	P90Ms        float64                `json:"p90_ms"`
+	P99Ms        float64                `json:"p99_ms"`
+	P999Ms       float64                `json:"p999_ms"`
+	MaxMs        float64                `json:"max_ms"`
+	MaxSendLagMs float64                `json:"max_send_lag_ms"`
+	FirstError   string                 `json:"first_error,omitempty"`
+	Groups       map[string]groupResult `json:"groups,omitempty"`
 }
 
 func readTargets(path string) ([]target, error) {
@@ -62,8 +74,9 @@ func readTargets(path string) ([]target, error) {
 		if line == "" {
 			continue
 		}
-		url, token, _ := strings.Cut(line, "\t")
-		out = append(out, target{url, token})
+		url, rest, _ := strings.Cut(line, "\t")
+		token, group, _ := strings.Cut(rest, "\t")
+		out = append(out, target{url, token, group})
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("no targets in %s", path)
@@ -110,6 +123,9 @@ func main() {
 	var wg sync.WaitGroup
 	latencies := make([]time.Duration, 0, total)
 	statuses := map[string]int{}
+	byGroup := map[string][]time.Duration{}
+	groupStatuses := map[string]map[string]int{}
+	groupErrors := map[string]int{}
 	errors := 0
 	firstError := ""
 	var maxLag time.Duration
@@ -142,6 +158,7 @@ func main() {
 			defer mu.Unlock()
 			if err != nil {
 				errors++
+				groupErrors[t.group]++
 				if firstError == "" {
 					firstError = err.Error()
 				}
@@ -149,6 +166,13 @@ func main() {
 			}
 			statuses[status]++
 			latencies = append(latencies, elapsed)
+			if t.group != "" {
+				byGroup[t.group] = append(byGroup[t.group], elapsed)
+				if groupStatuses[t.group] == nil {
+					groupStatuses[t.group] = map[string]int{}
+				}
+				groupStatuses[t.group][status]++
+			}
 		}(t, scheduled)
 	}
 	sendEnd := time.Now()
@@ -162,6 +186,15 @@ func main() {
 		P99Ms: percentile(latencies, 0.99), P999Ms: percentile(latencies, 0.999),
 		MaxMs: percentile(latencies, 1.0), MaxSendLagMs: float64(maxLag.Microseconds()) / 1000,
 		FirstError: firstError,
+	}
+	if len(byGroup) > 0 {
+		res.Groups = map[string]groupResult{}
+		for g, ls := range byGroup {
+			sort.Slice(ls, func(a, b int) bool { return ls[a] < ls[b] })
+			res.Groups[g] = groupResult{Completed: len(ls), Errors: groupErrors[g],
+				Statuses: groupStatuses[g], P50Ms: percentile(ls, 0.50),
+				P99Ms: percentile(ls, 0.99), MaxMs: percentile(ls, 1.0)}
+		}
 	}
 	enc := json.NewEncoder(os.Stdout)
 	enc.SetIndent("", "  ")

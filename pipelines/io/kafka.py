@@ -30,6 +30,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas.records import RecordBatch
 from schemas.codec import peek_event_time
+from schemas.validation import EventLimits
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ class KafkaSourceConfig:
     ``consumer_config`` is passed to librdkafka as is (``bootstrap.servers``,
     ``group.id``, ``security.protocol``, SASL settings, ...); the source sets
     ``enable.auto.commit=false`` itself. ``start_from`` applies to partitions
-    without a committed offset when it is ``committed``.
+    without a committed offset when it is ``committed``. ``event_limits`` are
+    the semantic checks decode applies (``schemas.validation``); the source
+    uses their ``max_ahead_ms`` to keep implausible times out of element
+    timestamps.
     """
 
     consumer_config: Mapping[str, str]
@@ -88,6 +92,7 @@ class KafkaSourceConfig:
     batch_records: int = 1_000
     batch_timeout_ms: int = 20
     idle_resume_ms: int = 200
+    event_limits: EventLimits = EventLimits()
 
     def __post_init__(self):
         if self.start_from not in START_POLICIES:
@@ -167,6 +172,15 @@ class KafkaReadOptions(PipelineOptions):
         parser.add_argument("--batch_timeout_ms", type=int, default=20,
                             help="a poll waits at most this long for --batch_records records: "
                                  "the latency batching adds at low rates")
+        parser.add_argument("--max_event_ahead_s", type=float, default=3600.0,
+                            help="dead-letter an event whose times lie more than this far past "
+                                 "its record's Kafka timestamp or the wall clock (clock skew "
+                                 "allowed; catches µs/ns units)")
+        parser.add_argument("--max_event_age_s", type=float, default=None,
+                            help="dead-letter an event whose time lies more than this far "
+                                 "before its record's Kafka timestamp (default: no limit; "
+                                 "measured against the record, so replays of old topics stay "
+                                 "valid)")
 
     def source_config(self, default_group: str, default_rewind_s: float = 0.0) -> KafkaSourceConfig:
         """A ``KafkaSourceConfig`` from these options; ``default_*`` are the pipeline's."""
@@ -177,6 +191,9 @@ class KafkaReadOptions(PipelineOptions):
                 raise ValueError(f"--consumer_config expects KEY=VALUE, got {item!r}")
             extra[key.strip()] = value.strip()
         rewind_s = default_rewind_s if self.rewind_s is None else self.rewind_s
+        limits = EventLimits(
+            max_ahead_ms=int(self.max_event_ahead_s * 1000),
+            max_age_ms=None if self.max_event_age_s is None else int(self.max_event_age_s * 1000))
         return KafkaSourceConfig(
             consumer_config={"bootstrap.servers": self.kafka_bootstrap,
                              "group.id": self.consumer_group or default_group, **extra},
@@ -188,6 +205,7 @@ class KafkaReadOptions(PipelineOptions):
             rewind_ms=int(rewind_s * 1000),
             batch_records=self.batch_records,
             batch_timeout_ms=self.batch_timeout_ms,
+            event_limits=limits,
         )
 
 
@@ -196,23 +214,30 @@ class KafkaReadOptions(PipelineOptions):
 
 @dataclasses.dataclass(frozen=True)
 class PartitionRead:
-    """One partition to read, from ``start`` to ``stop`` (exclusive; None: forever)."""
+    """One partition to read, from ``start`` to ``stop`` (exclusive; None: forever).
+
+    ``committed_timestamp_ms``: the timestamp the group's last commit recorded
+    for this partition, carried forward by commits made before a record is read.
+    """
 
     topic: str
     partition: int
     start: int
     stop: int | None = None
+    committed_timestamp_ms: int | None = None
 
 
 class RecordBatchCoder(coders.Coder):
     """Compact, deterministic encoding of ``RecordBatch`` (no pickling)."""
 
-    _HEAD = struct.Struct(">iI")  # partition, records
+    _HEAD = struct.Struct(">iIB")  # partition, records, has Kafka timestamps
     _RECORD = struct.Struct(">qqii")  # offset, timestamp, key len, value len
 
     def encode(self, b: RecordBatch) -> bytes:
         topic = b.topic.encode()
-        parts = [struct.pack(">H", len(topic)), topic, self._HEAD.pack(b.partition, len(b))]
+        kafka_stamps = b.kafka_timestamps_ms
+        parts = [struct.pack(">H", len(topic)), topic,
+                 self._HEAD.pack(b.partition, len(b), kafka_stamps is not None)]
         pack = self._RECORD.pack
         for offset, key, value, ts in zip(b.offsets, b.keys, b.values, b.timestamps_ms):
             parts.append(pack(offset, ts, -1 if key is None else len(key),
@@ -221,13 +246,15 @@ class RecordBatchCoder(coders.Coder):
                 parts.append(key)
             if value:
                 parts.append(value)
+        if kafka_stamps is not None:
+            parts.append(struct.pack(f">{len(b)}q", *kafka_stamps))
         return b"".join(parts)
 
     def decode(self, data: bytes) -> RecordBatch:
         (topic_len,) = struct.unpack_from(">H", data)
         pos = 2 + topic_len
         topic = data[2:pos].decode()
-        partition, n = self._HEAD.unpack_from(data, pos)
+        partition, n, has_kafka_stamps = self._HEAD.unpack_from(data, pos)
         pos += self._HEAD.size
         offsets, keys, values, stamps = [], [], [], []
         unpack, size = self._RECORD.unpack_from, self._RECORD.size
@@ -240,7 +267,8 @@ class RecordBatchCoder(coders.Coder):
             pos += max(value_len, 0)
             offsets.append(offset)
             stamps.append(ts)
-        return RecordBatch(topic, partition, offsets, keys, values, stamps)
+        kafka_stamps = list(struct.unpack_from(f">{n}q", data, pos)) if has_kafka_stamps else None
+        return RecordBatch(topic, partition, offsets, keys, values, stamps, kafka_stamps)
 
     def is_deterministic(self) -> bool:
         return True
@@ -255,15 +283,21 @@ beam.coders.registry.register_coder(RecordBatch, RecordBatchCoder)
 # --------------------------------------------------------------------------- offsets
 
 
-def _commit_metadata(max_timestamp_ms: int) -> str:
+def _commit_metadata(max_timestamp_ms: int | None) -> str:
+    """What a commit records beside the offset: the newest timestamp read, if any."""
+    if max_timestamp_ms is None:
+        return "{}"
     return json.dumps({"ts": max_timestamp_ms}, separators=(",", ":"))
 
 
 def _committed_timestamp(metadata: str | None) -> int | None:
+    """The timestamp a commit recorded; None when it recorded none (another tool,
+    or a negative one: older versions wrote ``-1`` for partitions read idle)."""
     try:
-        return int(json.loads(metadata)["ts"]) if metadata else None
+        ts = int(json.loads(metadata)["ts"]) if metadata else None
     except (ValueError, KeyError, TypeError):
         return None  # committed by another tool: no rewind information
+    return ts if ts is not None and ts >= 0 else None
 
 
 def resolve_start_offsets(config: KafkaSourceConfig, topics: Sequence[str],
@@ -307,17 +341,19 @@ def resolve_start_offsets(config: KafkaSourceConfig, topics: Sequence[str],
             commit = committed.get((tp.topic, tp.partition))
             if policy == "committed" and commit is None:
                 policy = config.fallback_start
+            committed_ts = None
             if policy == "earliest":
                 start = low
             elif policy == "latest":
                 start = high
             else:
                 start = min(max(commit.offset, low), high)
-                ts = _committed_timestamp(commit.metadata)
-                if config.rewind_ms and ts is not None:
+                committed_ts = _committed_timestamp(commit.metadata)
+                if config.rewind_ms and committed_ts is not None:
                     rewinds.append((len(reads), TopicPartition(
-                        tp.topic, tp.partition, max(ts - config.rewind_ms, 0))))
-            reads.append(PartitionRead(tp.topic, tp.partition, start))
+                        tp.topic, tp.partition, max(committed_ts - config.rewind_ms, 0))))
+            reads.append(PartitionRead(tp.topic, tp.partition, start,
+                                       committed_timestamp_ms=committed_ts))
 
         if rewinds:
             found = consumer.offsets_for_times([tp for _, tp in rewinds], timeout=timeout_s)
@@ -391,6 +427,9 @@ class _PartitionCursor:
     last_timestamp_ms: int | None = None
     last_record_wall_ms: int | None = None
     committed_offset: int = -1
+    # What commits record as the position's timestamp before a record is read:
+    # the previous commit's (``PartitionRead.committed_timestamp_ms``).
+    carried_timestamp_ms: int | None = None
 
 
 class _CursorPool:
@@ -466,19 +505,28 @@ class _ReadPartitionFn(beam.DoFn):
         from confluent_kafka import TopicPartition
 
         cursor = _CURSORS.get(self._config, element.topic, element.partition, start)
+        if cursor.carried_timestamp_ms is None:
+            cursor.carried_timestamp_ms = element.committed_timestamp_ms
         if cursor.next_offset != start:
             # The restriction moved (a split, a retried bundle): reposition.
             cursor.consumer.seek(TopicPartition(element.topic, element.partition, start))
             cursor.next_offset = start
         return cursor
 
-    def _timestamp_ms(self, message) -> int:
-        kafka_ts = message.timestamp()[1]
+    def _timestamp_ms(self, kafka_ts: int, value: bytes | None, latest_ms: int) -> int:
+        """A record's element time: its Kafka timestamp or its event time, never
+        past ``latest_ms`` (the wall clock plus the allowed skew).
+
+        An event time outside what validation accepts (seconds, µs, ns, far
+        future) is not used: the record will be dead-lettered, and its time
+        must not move the watermark or overflow Beam's timestamps meanwhile.
+        """
         if self._config.timestamp_policy == "event":
-            event_ts = peek_event_time(message.value())
-            if event_ts is not None:
+            event_ts = peek_event_time(value)
+            if (event_ts is not None
+                    and self._config.event_limits.min_event_time_ms <= event_ts <= latest_ms):
                 return event_ts
-        return kafka_ts
+        return kafka_ts if kafka_ts <= latest_ms else latest_ms
 
     def process(
         self,
@@ -500,6 +548,7 @@ class _ReadPartitionFn(beam.DoFn):
         max_ts = None
         done = False
         timeout_s = config.batch_timeout_ms / 1000
+        max_ahead_ms = config.event_limits.max_ahead_ms
         while emitted < config.max_records_per_bundle and time.monotonic() < deadline:
             messages = cursor.consumer.consume(
                 num_messages=min(config.batch_records, config.max_records_per_bundle - emitted),
@@ -507,7 +556,8 @@ class _ReadPartitionFn(beam.DoFn):
             if not messages:
                 break
             timeout_s = 0  # caught up once the fetched records are taken: end the bundle
-            offsets, keys, values, stamps = [], [], [], []
+            latest_ms = int(time.time() * 1000) + max_ahead_ms
+            offsets, keys, values, stamps, kafka_stamps = [], [], [], [], []
             for message in messages:
                 error = message.error()
                 if error is not None:
@@ -522,10 +572,12 @@ class _ReadPartitionFn(beam.DoFn):
                     done = True
                     break
                 value = message.value()
+                kafka_ts = message.timestamp()[1]
                 offsets.append(offset)
                 keys.append(message.key())
                 values.append(value)
-                stamps.append(self._timestamp_ms(message))
+                stamps.append(self._timestamp_ms(kafka_ts, value, latest_ms))
+                kafka_stamps.append(kafka_ts)
                 if value:
                     size += len(value)
             if offsets:
@@ -536,17 +588,24 @@ class _ReadPartitionFn(beam.DoFn):
                     max_ts = newest
                 # Stamped with its oldest record: no record of the batch is behind the
                 # element's time, and each keeps its own time once the batch is opened.
+                # Kafka timestamps travel only where they differ (event time, clamped).
                 yield WindowedValue(
-                    RecordBatch(element.topic, element.partition, offsets, keys, values, stamps),
+                    RecordBatch(element.topic, element.partition, offsets, keys, values, stamps,
+                                None if kafka_stamps == stamps else kafka_stamps),
                     Timestamp(micros=oldest * 1000), _GLOBAL_WINDOWS)
             if done:
                 break
         if emitted:
             self._records.inc(emitted)
             self._bytes.inc(size)
-            cursor.last_timestamp_ms = max(max_ts, cursor.last_timestamp_ms or max_ts)
-            cursor.last_record_wall_ms = int(time.time() * 1000)
-            self._advance(watermark, max_ts - config.max_out_of_orderness_ms)
+            now_ms = int(time.time() * 1000)
+            # The source's time never passes the wall clock: a record from a
+            # skewed producer (or one validation will reject) must not make every
+            # later record late, fire timers early or set a rewind point ahead.
+            newest_ms = min(max_ts, now_ms)
+            cursor.last_timestamp_ms = max(newest_ms, cursor.last_timestamp_ms or newest_ms)
+            cursor.last_record_wall_ms = now_ms
+            self._advance(watermark, newest_ms - config.max_out_of_orderness_ms)
         if finalizer is not None:
             # Registered on every bundle, empty or not: Prism finalizes every
             # bundle of a finalizing stage and the SDK rejects a bundle that
@@ -587,7 +646,11 @@ class _ReadPartitionFn(beam.DoFn):
         self._advance(watermark, candidate)
 
     def _commit_callback(self, element: PartitionRead, cursor: _PartitionCursor, offset: int):
-        timestamp_ms = cursor.last_timestamp_ms if cursor.last_timestamp_ms is not None else -1
+        # A partition with no record read yet keeps the previous commit's
+        # timestamp: recording none (or -1) would lose, or wrongly move, the
+        # rewind point of the next start.
+        timestamp_ms = (cursor.last_timestamp_ms if cursor.last_timestamp_ms is not None
+                        else cursor.carried_timestamp_ms)
 
         def commit():
             from confluent_kafka import KafkaException, TopicPartition

@@ -4,10 +4,10 @@
     events = pipeline | 'ReadPostEvents' >> ReadEvents(config, ['post-events'])
 
 ``ReadEventBatches`` composes ``ReadFromKafka`` (``pipelines.io.kafka``),
-``DecodeBatches`` and ``WriteDeadLetters`` (``pipelines.io.deadletter``): one
-element per partition poll all the way. ``ReadEvents`` then opens the batches
-into one element per event, each at its own event time, for steps that work
-event by event. All are plain ParDos, fused into the read's stage, so the
+``DecodeBatches`` (decode and validate) and ``WriteDeadLetters``
+(``pipelines.io.deadletter``): one element per partition poll all the way.
+``ReadEvents`` then opens the batches into one element per event, each at its
+own event time, for steps that work event by event. All are plain ParDos, fused into the read's stage, so the
 offsets the source commits on bundle finalization never pass a record that is
 neither applied nor in its ``<topic>.dlq``.
 """
@@ -37,7 +37,8 @@ class ReadEventBatches(beam.PTransform):
         (default: the consumer's bootstrap servers and security settings).
 
     Returns a ``PCollection[EventBatch]``, each stamped with its oldest
-    record's time. Undecodable records go to ``<topic>.dlq``.
+    record's time. Undecodable records, and events that break the config's
+    ``event_limits`` (``schemas.validation``), go to ``<topic>.dlq``.
     """
 
     def __init__(self, config: KafkaSourceConfig, topics: Sequence[str] = (),
@@ -52,7 +53,8 @@ class ReadEventBatches(beam.PTransform):
 
     def expand(self, pbegin):
         batches = pbegin | "Read" >> ReadFromKafka(self._config, self._topics, self._ranges)
-        decoded = batches | "Decode" >> DecodeBatches(topic_prefix=self._prefix)
+        decoded = batches | "Decode" >> DecodeBatches(topic_prefix=self._prefix,
+                                                      limits=self._config.event_limits)
         _ = decoded.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(self._producer_config)
         return decoded.events
 

@@ -19,17 +19,48 @@ from typing import Any, Sequence
 
 from cassandra import OperationTimedOut
 
+from domain.stories import StoryPolicy, ttl_seconds, write_timestamp_us
 from stores.cassandra.feeds import CassandraFeedStore, plan_buckets, post_from_row, to_ms
 from stores.ranked import RankedFeedStore, feed_from_row
 from schemas import cassandra as cs
 from schemas.keys import KeyLayout
 from schemas.ranked import RankedFeed
+from schemas.stories import StoryMeta
+
+#: Partitions per ``IN`` query of the story reads (a coordinator fans one
+#: statement out to them; more per statement would make one slow reply likelier).
+IN_CHUNK = 100
+
+
+def _bounded_cql(ks: str) -> dict[str, str]:
+    """Serving's bounded reads (and the seen write) beyond ``CassandraFeedStore``'s:
+    every one reads a fixed number of rows or partitions, whatever the account."""
+    story_cols = "story_id, author_id, created_at, expires_at, media_type"
+    return {
+        "following_limit": f"SELECT followee_id, since FROM {ks}.{cs.FOLLOWING_BY_USER} "
+                           "WHERE user_id = ? LIMIT ?",
+        "follows": f"SELECT since FROM {ks}.{cs.FOLLOWING_BY_USER} "
+                   "WHERE user_id = ? AND followee_id = ?",
+        "story_by_id": f"SELECT {story_cols} FROM {ks}.{cs.STORIES_BY_ID} WHERE story_id = ?",
+        "stories_of": f"SELECT {story_cols} FROM {ks}.{cs.STORIES_BY_AUTHOR} "
+                      "WHERE author_id IN ? PER PARTITION LIMIT ?",
+        "seen_limit": f"SELECT story_id, expires_at FROM {ks}.{cs.STORIES_SEEN_BY_VIEWER} "
+                      "WHERE viewer_id = ? LIMIT ?",
+        "put_seen": f"INSERT INTO {ks}.{cs.STORIES_SEEN_BY_VIEWER} (viewer_id, story_id, "
+                    "author_id, expires_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
+    }
 
 log = logging.getLogger(__name__)
 
 
 class CassandraUnavailable(Exception):
-    """Cassandra is not connected, or a read failed or timed out."""
+    """Cassandra is not connected, or a read failed or timed out. ``reason`` is a
+    short fixed phrase (``not connected``, ``timed out``, ``failed``) that callers
+    may show to clients; the message (driver text, hosts) is for logs only."""
+
+    def __init__(self, message: str, reason: str = "failed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
@@ -38,7 +69,8 @@ def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> 
     if error is None:
         future.set_result(value)
     else:
-        future.set_exception(CassandraUnavailable(f"{type(error).__name__}: {error}"))
+        reason = "timed out" if isinstance(error, OperationTimedOut) else "failed"
+        future.set_exception(CassandraUnavailable(f"{type(error).__name__}: {error}", reason))
 
 
 class AioCassandra:
@@ -55,6 +87,7 @@ class AioCassandra:
         self.max_connect_retry_s = max_connect_retry_s
         self.store: CassandraFeedStore | None = None
         self._ranked: RankedFeedStore | None = None
+        self._bounded: dict[str, Any] = {}
         self._connector: asyncio.Task | None = None
         self._closed = False
         self.last_error: str | None = None
@@ -87,9 +120,11 @@ class AioCassandra:
                                                            connect_wait_s=0))
                 ranked = RankedFeedStore(None, KeyLayout(), store)
                 # Prepare everything now (blocking) rather than on a request's path.
-                for name in ("get_posts", "feed", "feed_before", "timeline", "following",
+                for name in ("get_posts", "feed", "feed_before", "timeline",
                              "get_count", "count_followers", "set_last_read", "last_read"):
                     await loop.run_in_executor(None, store.statement, name)
+                bounded = {name: await loop.run_in_executor(None, store.prepare, cql)
+                           for name, cql in _bounded_cql(store.keyspace).items()}
             except Exception as exc:  # any failure: log, retry later; serving runs on Redis
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("cassandra at %s:%d not available (%s); retrying in %.0fs",
@@ -100,7 +135,7 @@ class AioCassandra:
             if self._closed:
                 store.close()
                 return
-            self.store, self._ranked, self.last_error = store, ranked, None
+            self.store, self._ranked, self._bounded, self.last_error = store, ranked, bounded, None
             log.info("cassandra connected at %s:%d, keyspace %s", self.host, self.port, self.keyspace)
             return
 
@@ -120,7 +155,7 @@ class AioCassandra:
         future = loop.create_future()
         if self.store is None:
             future.set_exception(CassandraUnavailable(
-                f"not connected to Cassandra ({self.last_error or 'connecting'})"))
+                f"not connected to Cassandra ({self.last_error or 'connecting'})", "not connected"))
             return future
         session = self.store.session
         timeout = self.timeout_s if timeout_s is None else timeout_s
@@ -147,7 +182,8 @@ class AioCassandra:
     def _named(self, name: str, params: tuple) -> asyncio.Future:
         if self.store is None:
             return self.execute(None, params)  # raises CassandraUnavailable
-        return self.execute(self.store.statement(name), params)
+        stmt = self._bounded.get(name)
+        return self.execute(self.store.statement(name) if stmt is None else stmt, params)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -190,9 +226,62 @@ class AioCassandra:
             out.extend((r.post_id, to_ms(r.created_at)) for r in rows)
         return out
 
-    async def following(self, user_id: int) -> list[int]:
-        rows = await self._named("following", (user_id,))
+    async def following(self, user_id: int, limit: int) -> list[int]:
+        """Up to ``limit`` ids ``user_id`` follows, oldest follow first. The table
+        is clustered by followee id, so past ``limit`` these are the lowest ids,
+        not the most recent follows (the fallback trades that for bounded work)."""
+        rows = await self._named("following_limit", (user_id, limit))
         return [r.followee_id for r in sorted(rows, key=lambda r: (r.since, r.followee_id))]
+
+    async def follows(self, user_id: int, followee_id: int) -> bool:
+        """Whether ``user_id`` follows ``followee_id`` (one row read)."""
+        return bool(await self._named("follows", (user_id, followee_id)))
+
+    # -- stories (serving's fallback) ---------------------------------------------------
+
+    @staticmethod
+    def _story(row) -> StoryMeta:
+        return StoryMeta(row.story_id, row.author_id, to_ms(row.created_at),
+                         to_ms(row.expires_at), row.media_type)
+
+    async def story(self, story_id: int) -> StoryMeta | None:
+        """The story (``views`` left 0), None when unknown or removed; expired ones
+        may come back until removed: check ``StoryMeta.active``."""
+        rows = await self._named("story_by_id", (story_id,))
+        if not rows or rows[0].expires_at is None or rows[0].created_at is None:
+            return None
+        return self._story(rows[0])
+
+    async def active_stories(self, authors: Sequence[int], now_ms: int,
+                             per_author: int = 50) -> dict[int, list[StoryMeta]]:
+        """Stories active at ``now_ms`` per author (only authors with some), from
+        ``IN`` queries of ``IN_CHUNK`` authors, the newest ``per_author`` rows of each."""
+        chunks = [list(authors[i:i + IN_CHUNK]) for i in range(0, len(authors), IN_CHUNK)]
+        results = await asyncio.gather(*(self._named("stories_of", (c, per_author))
+                                         for c in chunks))
+        out: dict[int, list[StoryMeta]] = {}
+        for rows in results:
+            for r in rows:
+                if r.expires_at is not None and r.created_at is not None:
+                    story = self._story(r)
+                    if story.active(now_ms):
+                        out.setdefault(r.author_id, []).append(story)
+        return out
+
+    async def seen(self, viewer_id: int, now_ms: int, limit: int = 5000) -> set[int]:
+        """Ids of the still-active stories the viewer has seen (at most ``limit`` rows)."""
+        rows = await self._named("seen_limit", (viewer_id, limit))
+        return {r.story_id for r in rows if r.expires_at is not None and to_ms(r.expires_at) > now_ms}
+
+    async def put_seen(self, viewer_id: int, story: StoryMeta, now_ms: int,
+                       policy: StoryPolicy = StoryPolicy()) -> None:
+        """The viewer's seen row of an active story, as the stories pipeline writes
+        it (TTL to expiry + grace, timestamp below the story's removal)."""
+        ttl = ttl_seconds(story.expires_at, now_ms, policy)
+        if ttl:
+            await self._named("put_seen", (viewer_id, story.story_id, story.author_id,
+                                           story.expires_at,
+                                           write_timestamp_us(now_ms, story.expires_at), ttl))
 
     async def follower_counts(self, user_ids: Sequence[int]) -> list[int]:
         """Follower count per user: the maintained count, else the rows counted."""

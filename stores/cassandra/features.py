@@ -84,7 +84,9 @@ class CassandraFeatureStore(CassandraFeedStore):
 
         Only the winner of each (entity, name) among ``values`` is sent: the table
         keeps the latest value only, and a batch of a bounded re-run holds many
-        window ends of one entity.
+        window ends of one entity. The rows go in unlogged batches of
+        ``batch_rows``, executed concurrently (``CassandraFeedStore._write``): each
+        row carries its own ``USING TIMESTAMP``, so a batch needs no atomicity.
         """
         newest: dict[tuple[str, str, str], FeatureValue] = {}
         for v in values:
@@ -92,9 +94,11 @@ class CassandraFeatureStore(CassandraFeedStore):
             held = newest.get(key)
             if held is None or (v.write_stamp_us, v.value) > (held.write_stamp_us, held.value):
                 newest[key] = v
-        work = [(self._stmt(f"put_{v.entity_type}"), row_params(v)) for v in newest.values()]
-        self._execute(work)
-        return len(work)
+        # Rows of one partition (a post's or author's names, a viewer's pairs) side by
+        # side, so most unlogged batches stay within a partition.
+        rows = sorted(newest.values(), key=lambda v: (v.entity_type, v.entity_id))
+        self._write([(self._stmt(f"put_{v.entity_type}"), row_params(v)) for v in rows])
+        return len(rows)
 
     def read(self, entity_type: str, partitions: Sequence[int]) -> list[list[FeatureValue]]:
         """Every stored value of each partition (a post, an author, or a viewer's pairs)."""

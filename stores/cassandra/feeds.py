@@ -56,26 +56,69 @@ _MS = timedelta(milliseconds=1)
 #: Tables ``dump()`` snapshots (what the fan-out and graph pipelines write).
 DUMP_TABLES: tuple[str, ...] = (
     cs.FOLLOWERS_BY_USER, cs.FOLLOWING_BY_USER, cs.FOLLOWER_COUNTS, cs.POSTS,
-    cs.HOME_FEED_BY_USER, cs.AUTHOR_TIMELINE, cs.USER_ACTIVITY,
+    cs.HOME_FEED_BY_USER, cs.AUTHOR_TIMELINE, cs.USER_ACTIVITY, cs.FOLLOWED_CELEBRITIES,
 )
 
 
 # -- pure helpers (unit tested without Cassandra) ------------------------------------
 
 
-def pack_batches(work: Sequence[tuple[Any, tuple]], batch_rows: int) -> list[tuple[Any, tuple | None]]:
-    """``(statement, params)`` writes packed into UNLOGGED batches of ``batch_rows``.
+#: Estimated bytes (``param_bytes``) an unlogged batch may carry. Cassandra
+#: fails a batch above ``batch_size_fail_threshold`` (50 KiB by default;
+#: infra/cassandra.yaml warns at 32 KiB) whatever its statement count: one post
+#: with 600 long hashtags made a 61 KB batch and failed the fan-out (issue 25).
+#: Half the fail threshold leaves room for what the estimate leaves out.
+MAX_BATCH_BYTES = 24 * 1024
+_STATEMENT_OVERHEAD = 32  # per statement: partition and clustering framing, cell timestamps
+_ELEMENT_OVERHEAD = 20  # per collection element: a cell of its own (path, timestamp)
 
-    A lone statement stays as it is. Batches are marked idempotent (their
-    statements are), so the driver may retry them.
+
+def param_bytes(value: Any) -> int:
+    """An estimate of the bytes a bound value adds to a mutation, as Cassandra
+    counts a batch's size: the value plus a cell's overhead per collection element."""
+    kind = type(value)
+    if kind is int or kind is float or kind is bool:
+        return 8
+    if value is None:
+        return 0
+    if kind is str:
+        return len(value) if value.isascii() else len(value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sum(param_bytes(v) + _ELEMENT_OVERHEAD for v in value)
+    if isinstance(value, dict):
+        return sum(param_bytes(k) + param_bytes(v) + _ELEMENT_OVERHEAD
+                   for k, v in value.items())
+    return 16  # timestamps, uuids, decimals: 8 or 16
+
+
+def pack_batches(work: Sequence[tuple[Any, tuple]], batch_rows: int,
+                 max_batch_bytes: int = MAX_BATCH_BYTES) -> list[tuple[Any, tuple | None]]:
+    """``(statement, params)`` writes packed into UNLOGGED batches of at most
+    ``batch_rows`` statements and ``max_batch_bytes`` of bound values
+    (``param_bytes``), in order.
+
+    A lone statement stays as it is, so one larger than ``max_batch_bytes`` is
+    sent on its own (no batch limit applies to it). Batches are marked
+    idempotent (their statements are), so the driver may retry them.
     """
     if batch_rows <= 1:
         return list(work)
     from cassandra.query import BatchStatement, BatchType
 
+    groups: list[Sequence[tuple[Any, tuple]]] = []
+    start, size = 0, 0
+    for i, (_, params) in enumerate(work):
+        cost = _STATEMENT_OVERHEAD + (sum(map(param_bytes, params)) if params else 0)
+        if i > start and (i - start >= batch_rows or size + cost > max_batch_bytes):
+            groups.append(work[start:i])
+            start, size = i, 0
+        size += cost
+    if start < len(work):
+        groups.append(work[start:])
     packed: list[tuple[Any, tuple | None]] = []
-    for start in range(0, len(work), batch_rows):
-        group = work[start:start + batch_rows]
+    for group in groups:
         if len(group) == 1:
             packed.append(group[0])
             continue
@@ -166,6 +209,9 @@ def _prepare(session, cql: str):
     if stmt is None:
         stmt = session.prepare(cql)
         stmt.is_idempotent = True  # every statement here is an upsert/delete at a fixed timestamp
+        if cql.lstrip()[:6].upper() == "SELECT":
+            # execute_concurrent takes no execution profile: reads carry the read level themselves
+            stmt.consistency_level = cassandra_session.read_level(session)
         with _PREPARED_LOCK:
             stmt = cache.setdefault(cql, stmt)
     return stmt
@@ -225,6 +271,18 @@ class CassandraFeedStore:
                     "WHERE user_id IN ? AND bucket = ? AND created_at = ? AND post_id = ?",
             "unpush": f"DELETE FROM {ks}.{cs.HOME_FEED_BY_USER} USING TIMESTAMP ? WHERE user_id IN ? "
                       "AND bucket = ? AND created_at = ? AND post_id = ?",
+            # The same for one user: a row statement, packed into unlogged
+            # batches with the others (follow merges write one feed each).
+            "push_one": f"UPDATE {ks}.{cs.HOME_FEED_BY_USER} USING TIMESTAMP ? SET author_id = ? "
+                        "WHERE user_id = ? AND bucket = ? AND created_at = ? AND post_id = ?",
+            "unpush_one": f"DELETE FROM {ks}.{cs.HOME_FEED_BY_USER} USING TIMESTAMP ? "
+                          "WHERE user_id = ? AND bucket = ? AND created_at = ? AND post_id = ?",
+            "celeb_add": f"UPDATE {ks}.{cs.FOLLOWED_CELEBRITIES} USING TIMESTAMP ? "
+                         "SET followed_at = ? WHERE user_id = ? AND celebrity_id = ?",
+            "celeb_remove": f"DELETE FROM {ks}.{cs.FOLLOWED_CELEBRITIES} USING TIMESTAMP ? "
+                            "WHERE user_id IN ? AND celebrity_id = ?",
+            "celebs": f"SELECT celebrity_id, followed_at FROM {ks}.{cs.FOLLOWED_CELEBRITIES} "
+                      "WHERE user_id = ?",
             "feed": f"SELECT post_id, created_at, author_id FROM {ks}.{cs.HOME_FEED_BY_USER} "
                     "WHERE user_id = ? AND bucket = ? LIMIT ?",
             "feed_before": f"SELECT post_id, created_at, author_id FROM {ks}.{cs.HOME_FEED_BY_USER} "
@@ -243,11 +301,15 @@ class CassandraFeedStore:
 
     @classmethod
     def connect(cls, host: str, port: int, keyspace: str, connect_wait_s: float = 120.0,
-                **options) -> "CassandraFeedStore":
+                read_consistency: str = cassandra_session.AUTO,
+                write_consistency: str = cassandra_session.AUTO, **options) -> "CassandraFeedStore":
         """A store on a new cluster connection; ``close()`` shuts it. An unreachable
-        Cassandra is retried for ``connect_wait_s`` (``schemas.cassandra.open_on_new_cluster``)."""
+        Cassandra is retried for ``connect_wait_s``; the connection reads and writes at
+        the given levels (``stores.cassandra.session.open_on_new_cluster``)."""
         cluster, store = cassandra_session.open_on_new_cluster(
-            host, port, lambda session: cls(session, keyspace, **options), connect_wait_s)
+            host, port, lambda session: cls(session, keyspace, **options), connect_wait_s,
+            keyspace=keyspace, read_consistency=read_consistency,
+            write_consistency=write_consistency)
         store._cluster = cluster
         return store
 
@@ -373,18 +435,28 @@ class CassandraFeedStore:
 
     def apply_edges(self, edges: Sequence[FollowEvent]) -> None:
         """Write both directions of each edge at the event's time (latest event wins)."""
+        self.write_edges([(e.follower_id, e.followee_id, e.event_time,
+                           e.kind is FollowKind.FOLLOW) for e in edges])
+
+    def write_edges(self, edges: Iterable[tuple[int, int, int, bool]]) -> None:
+        """``apply_edges`` of ``(follower_id, followee_id, event_time_ms, follow?)`` rows."""
         follow_in, follow_out = self._stmt("follow_in"), self._stmt("follow_out")
         unfollow_in, unfollow_out = self._stmt("unfollow_in"), self._stmt("unfollow_out")
         work = []
-        for e in edges:
-            ts = cs.event_timestamp_us(e.event_time)
-            if e.kind is FollowKind.FOLLOW:
-                work.append((follow_in, (e.followee_id, e.follower_id, e.event_time, ts)))
-                work.append((follow_out, (e.follower_id, e.followee_id, e.event_time, ts)))
+        for follower, followee, event_time, follow in edges:
+            ts = cs.event_timestamp_us(event_time)
+            if follow:
+                work.append((follow_in, (followee, follower, event_time, ts)))
+                work.append((follow_out, (follower, followee, event_time, ts)))
             else:
-                work.append((unfollow_in, (ts, e.followee_id, e.follower_id)))
-                work.append((unfollow_out, (ts, e.follower_id, e.followee_id)))
+                work.append((unfollow_in, (ts, followee, follower)))
+                work.append((unfollow_out, (ts, follower, followee)))
         self._write(work)
+
+    def set_follower_counts(self, counts: Iterable[tuple[int, int, int]]) -> None:
+        """``set_follower_count`` of ``(user_id, followers, at_ms)`` rows."""
+        self._write_many("set_count", ((cs.event_timestamp_us(at_ms), followers, user_id)
+                                       for user_id, followers, at_ms in counts))
 
     def followers(self, user_id: int) -> list[int]:
         """Follower ids of ``user_id``, oldest follow first (ties by id), as in Redis."""
@@ -406,7 +478,32 @@ class CassandraFeedStore:
 
     def set_follower_count(self, user_id: int, followers: int, at_ms: int) -> None:
         """Record ``followers`` as of ``at_ms``; an older count never replaces a newer one."""
-        self._write_many("set_count", [(cs.event_timestamp_us(at_ms), followers, user_id)])
+        self.set_follower_counts([(user_id, followers, at_ms)])
+
+    def set_followed_celebrity(self, followers: Sequence[tuple[int, int]], celebrity_id: int,
+                               at_ms: int) -> None:
+        """Add ``celebrity_id`` to the followed celebrities of each ``(user_id,
+        followed_at_ms)``, written at ``at_ms`` (the time the fan-out decided)."""
+        ts = cs.event_timestamp_us(at_ms)
+        self._write_many("celeb_add", ((ts, followed_at, user, celebrity_id)
+                                       for user, followed_at in followers))
+
+    def remove_followed_celebrity(self, user_ids: Sequence[int], celebrity_id: int,
+                                  at_ms: int) -> None:
+        """Take ``celebrity_id`` out of the followed celebrities of ``user_ids`` at ``at_ms``."""
+        ts = cs.event_timestamp_us(at_ms)
+        self._write_many("celeb_remove", ((ts, users, celebrity_id)
+                                          for users in self._user_groups(user_ids)),
+                         batchable=False)
+
+    def followed_celebrities(self, user_ids: Sequence[int]) -> dict[int, list[int]]:
+        """The accounts at or above the push threshold each user follows, oldest follow
+        first (the durable copy of ``RedisFeedStore.followed_celebrities``)."""
+        out = {}
+        for user, rs in zip(user_ids, self._execute_many("celebs", ((u,) for u in user_ids))):
+            rows = sorted(rs, key=lambda r: (to_ms(r.followed_at), r.celebrity_id))
+            out[user] = [r.celebrity_id for r in rows]
+        return out
 
     # -- posts --------------------------------------------------------------------
 
@@ -453,6 +550,10 @@ class CassandraFeedStore:
         """
         ts = cs.event_timestamp_us(created_at_ms if at_ms is None else at_ms)
         bucket = cs.time_bucket(created_at_ms)
+        if len(user_ids) == 1:
+            self._write_many("push_one", [(ts, author_id, user_ids[0], bucket, created_at_ms,
+                                           post_id)])
+            return
         self._write_many("push", (
             (ts, author_id, users, bucket, created_at_ms, post_id)
             for users in self._user_groups(user_ids)), batchable=False)
@@ -467,6 +568,9 @@ class CassandraFeedStore:
         """
         ts = cs.event_timestamp_us(created_at_ms if at_ms is None else at_ms)
         bucket = cs.time_bucket(created_at_ms)
+        if len(user_ids) == 1:
+            self._write_many("unpush_one", [(ts, user_ids[0], bucket, created_at_ms, post_id)])
+            return
         self._write_many("unpush", (
             (ts, users, bucket, created_at_ms, post_id)
             for users in self._user_groups(user_ids)), batchable=False)
@@ -588,6 +692,12 @@ class CassandraFeedStore:
         for r in self.scan_rows(f"SELECT author_id, post_id, created_at FROM "
                                 f"{self.keyspace}.{cs.AUTHOR_TIMELINE}"):
             yield r.author_id, r.post_id, to_ms(r.created_at)
+
+    def scan_followed_celebrities(self) -> Iterator[tuple[int, int, int]]:
+        """``(user_id, celebrity_id, followed_at_ms)`` of every followed-celebrity row."""
+        for r in self.scan_rows(f"SELECT user_id, celebrity_id, followed_at FROM "
+                                f"{self.keyspace}.{cs.FOLLOWED_CELEBRITIES}"):
+            yield r.user_id, r.celebrity_id, to_ms(r.followed_at)
 
     def scan_last_reads(self) -> Iterator[tuple[int, int]]:
         """``(user_id, last_feed_read_ms)`` of every user with a recorded read."""

@@ -1,12 +1,17 @@
-"""Connecting to Cassandra and bringing a keyspace's schema up to date.
+"""Connecting to Cassandra, its consistency levels, and bringing a keyspace's schema up to date.
 
     cluster = new_cluster("127.0.0.1", 9042)
-    migrate(cluster.connect(), "feedbeam", replication_factor=1)
+    session = cluster.connect()
+    apply_consistency(session, "feedbeam", read="auto", write="auto")
+    migrate(session, "feedbeam", replication_factor=1)
 
 Every client (migrations, pipelines, serving, tests) connects through
-``new_cluster``. ``migrate`` applies the files of ``schemas/cql`` not yet
-recorded in ``<keyspace>.schema_migrations``; running it again is a no-op and
-an applied file that changed is an error (``schemas.cassandra`` loads them).
+``new_cluster``. ``apply_consistency`` sets the levels of its execution
+profiles (``auto``: LOCAL_QUORUM when the keyspace is replicated, else
+LOCAL_ONE; why: docs/operations.md, "Consistency"). ``migrate`` applies the
+files of ``schemas/cql`` not yet recorded in ``<keyspace>.schema_migrations``;
+running it again is a no-op and an applied file that changed is an error
+(``schemas.cassandra`` loads them).
 """
 from __future__ import annotations
 
@@ -26,24 +31,95 @@ from schemas.cassandra import (
 
 log = logging.getLogger(__name__)
 
+#: The execution profile of statements that read at the read level; every
+#: other statement runs on the default profile, at the write level.
+READ_PROFILE = "feedbeam-read"
+AUTO = "auto"
+#: Level names ``--cassandra_*_consistency`` accept (the driver's, less the serial ones).
+CONSISTENCY_NAMES = (AUTO, "ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM",
+                     "EACH_QUORUM", "LOCAL_ONE")
+
+
+def consistency_level(name: str, replication_factor: int | None) -> int:
+    """The driver's ``ConsistencyLevel`` for ``name``; ``auto`` is LOCAL_QUORUM when
+    the keyspace has more than one replica in the local DC, else LOCAL_ONE (also
+    when the factor is unknown: a keyspace not created yet)."""
+    from cassandra import ConsistencyLevel
+
+    key = name.upper()
+    if key == AUTO.upper():
+        key = "LOCAL_QUORUM" if (replication_factor or 1) > 1 else "LOCAL_ONE"
+    if key.lower() not in (n.lower() for n in CONSISTENCY_NAMES):
+        raise ValueError(f"unknown consistency level {name!r}; one of {', '.join(CONSISTENCY_NAMES)}")
+    return ConsistencyLevel.name_to_value[key]
+
 
 def new_cluster(host: str, port: int, **options):
     """A driver ``Cluster`` for one local-DC contact point, token-aware, protocol v5.
 
     Every client of feedbeam (migrations, pipelines, serving, tests) connects
-    through here, so they agree on the protocol and routing. ``options`` pass
-    through to ``Cluster`` (e.g. ``connect_timeout``).
+    through here, so they agree on the protocol and routing. It has two
+    execution profiles: the default one and ``READ_PROFILE``, both at the
+    driver's default level until ``apply_consistency`` sets them. ``options``
+    pass through to ``Cluster`` (e.g. ``connect_timeout``).
     """
     from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
-    profile = ExecutionProfile(load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()))
+    def profile():
+        return ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()))
+
     return Cluster([host], port=port, protocol_version=5,
-                   execution_profiles={EXEC_PROFILE_DEFAULT: profile}, **options)
+                   execution_profiles={EXEC_PROFILE_DEFAULT: profile(), READ_PROFILE: profile()},
+                   **options)
+
+
+def replication_factor(session, keyspace: str) -> int | None:
+    """Replicas of ``keyspace`` in the local data center (any DC's for a SimpleStrategy);
+    None if the keyspace does not exist (yet)."""
+    from cassandra.metadata import NetworkTopologyStrategy, SimpleStrategy
+
+    meta = session.cluster.metadata.keyspaces.get(keyspace)
+    if meta is None:
+        return None
+    strategy = meta.replication_strategy
+    if isinstance(strategy, SimpleStrategy):
+        return strategy.replication_factor
+    if isinstance(strategy, NetworkTopologyStrategy):
+        factors = strategy.dc_replication_factors
+        return factors.get(_local_datacenter(session), max(factors.values(), default=None))
+    return None
+
+
+def apply_consistency(session, keyspace: str, read: str = AUTO, write: str = AUTO) -> tuple[int, int]:
+    """Set the consistency levels of ``session``'s cluster: the default profile (every
+    statement that names none: all writes) at ``write``, ``READ_PROFILE`` at
+    ``read``; ``auto`` follows ``keyspace``'s replication factor
+    (``consistency_level``). Returns the two levels ``(read, write)``."""
+    from cassandra import ConsistencyLevel
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT
+
+    factor = replication_factor(session, keyspace) if AUTO in (read.lower(), write.lower()) else None
+    levels = consistency_level(read, factor), consistency_level(write, factor)
+    profiles = session.cluster.profile_manager.profiles
+    profiles[READ_PROFILE].consistency_level = levels[0]
+    profiles[EXEC_PROFILE_DEFAULT].consistency_level = levels[1]
+    log.info("cassandra %s: reads at %s, writes at %s (replication factor %s)", keyspace,
+             ConsistencyLevel.value_to_name[levels[0]], ConsistencyLevel.value_to_name[levels[1]],
+             factor if factor is not None else "not looked up")
+    return levels
+
+
+def read_level(session) -> int | None:
+    """The consistency level ``apply_consistency`` gave ``session``'s reads (None: the
+    driver's default)."""
+    return session.cluster.profile_manager.profiles[READ_PROFILE].consistency_level
 
 
 def open_on_new_cluster(host: str, port: int, open_store, wait_s: float = 120.0,
-                        max_delay_s: float = 15.0):
+                        max_delay_s: float = 15.0, keyspace: str | None = None,
+                        read_consistency: str = AUTO, write_consistency: str = AUTO):
     """``open_store(session)`` on a new cluster connection; returns ``(cluster, store)``.
 
     A pipeline's workers connect in their ``setup()``: a Cassandra that is
@@ -51,7 +127,9 @@ def open_on_new_cluster(host: str, port: int, open_store, wait_s: float = 120.0,
     out) should delay the job, not fail it. ``NoHostAvailable`` and
     ``OperationTimedOut`` are retried with exponential backoff for up to
     ``wait_s`` seconds (0: one attempt), logging each failure; then, or on any
-    other error, the error is raised and the cluster shut down.
+    other error, the error is raised and the cluster shut down. Given the
+    store's ``keyspace``, the cluster's consistency levels are set first
+    (``apply_consistency``).
     """
     import time
 
@@ -63,7 +141,10 @@ def open_on_new_cluster(host: str, port: int, open_store, wait_s: float = 120.0,
     while True:
         cluster = new_cluster(host, port)
         try:
-            return cluster, open_store(cluster.connect())
+            session = cluster.connect()
+            if keyspace is not None:
+                apply_consistency(session, keyspace, read_consistency, write_consistency)
+            return cluster, open_store(session)
         except (NoHostAvailable, OperationTimedOut) as exc:
             cluster.shutdown()
             left = deadline - time.monotonic()

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 from domain.stories import (
     EXPIRY_SHARDS,
+    HOUR_MS,
     StoryPolicy,
     assemble_tray,
     expiry_bucket,
@@ -28,7 +29,7 @@ from schemas import cassandra as cs
 from stores.cassandra import session as cassandra_session
 from schemas.events import StoryEvent
 from schemas.stories import StoryMeta, TrayEntry
-from stores.cassandra.feeds import CassandraFeedStore, to_ms
+from stores.cassandra.feeds import CassandraFeedStore, pack_batches, to_ms
 
 
 def _unique(ids: Iterable[int]) -> list[int]:
@@ -42,6 +43,34 @@ class IndexedStory:
     story_id: int
     author_id: int
     expires_at: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DurableRemoval:
+    """A story to remove from the durable tables: its seen rows of ``viewers``, its
+    story and index rows and its views; ``deleted`` (a DELETED event, not the
+    expiry) also records the delete in ``story_deletions`` until ``expires_at +
+    grace`` (``scan_deletions``)."""
+
+    story_id: int
+    author_id: int
+    expires_at: int
+    viewers: tuple[int, ...] = ()
+    deleted: bool = False
+
+
+def _first(i: int):
+    return lambda params: params[i]
+
+
+#: Sort key (the partition) of each write's parameters.
+_PARTITION_KEY = {
+    "put_by_author": _first(1), "put_by_id": _first(0), "put_view": _first(0),
+    "put_seen": _first(0), "put_deletion": _first(0),
+    "put_index": lambda p: (p[0], p[1]),
+    "del_by_author": _first(1), "del_by_id": _first(1), "del_seen": _first(1),
+    "del_views": _first(1), "del_index": lambda p: (p[1], p[2]),
+}
 
 
 class CassandraStoryStore:
@@ -83,17 +112,23 @@ class CassandraStoryStore:
             "viewers": f"SELECT viewer_id FROM {ks}.{cs.STORY_VIEWS} WHERE story_id = ?",
             "seen": f"SELECT story_id, expires_at FROM {ks}.{cs.STORIES_SEEN_BY_VIEWER} "
                     "WHERE viewer_id = ?",
-            "index": f"SELECT story_id, author_id, expires_at FROM {ks}.{cs.STORY_EXPIRY_INDEX} "
-                     "WHERE bucket = ? AND shard = ?",
+            "due": f"SELECT story_id, author_id, expires_at FROM {ks}.{cs.STORY_EXPIRY_INDEX} "
+                   "WHERE bucket = ? AND shard = ? AND expires_at <= ? LIMIT ?",
+            "earliest": f"SELECT expires_at FROM {ks}.{cs.STORY_EXPIRY_INDEX} WHERE bucket = ? "
+                        "AND shard IN ? AND expires_at > ? PER PARTITION LIMIT 1",
         }
 
     @classmethod
     def connect(cls, host: str, port: int, keyspace: str, policy: StoryPolicy = StoryPolicy(),
-                connect_wait_s: float = 120.0, **options) -> "CassandraStoryStore":
-        """A store on a new cluster connection (retried as ``CassandraFeedStore.connect``);
-        ``close()`` shuts it."""
+                connect_wait_s: float = 120.0, read_consistency: str = cassandra_session.AUTO,
+                write_consistency: str = cassandra_session.AUTO,
+                **options) -> "CassandraStoryStore":
+        """A store on a new cluster connection (retried and at the given levels as
+        ``CassandraFeedStore.connect``); ``close()`` shuts it."""
         cluster, store = cassandra_session.open_on_new_cluster(
-            host, port, lambda session: cls(session, keyspace, policy, **options), connect_wait_s)
+            host, port, lambda session: cls(session, keyspace, policy, **options), connect_wait_s,
+            keyspace=keyspace, read_consistency=read_consistency,
+            write_consistency=write_consistency)
         store._db._cluster = cluster
         return store
 
@@ -107,15 +142,39 @@ class CassandraStoryStore:
         (rs,) = self._run([(name, params)])
         return list(rs)
 
+    def _write(self, work: Sequence[tuple[str, tuple]]) -> None:
+        """Execute writes as one concurrent execution: the rows of each statement
+        sorted by partition, so that an unlogged batch (``batch_rows`` rows)
+        holds as few partitions as possible, then packed (``CassandraFeedStore``)."""
+        if not work:
+            return
+        by_name: dict[str, list[tuple]] = {}
+        for name, params in work:
+            by_name.setdefault(name, []).append(params)
+        ordered = []
+        for name, rows in by_name.items():
+            stmt = self._db.prepare(self._cql[name])
+            key = _PARTITION_KEY[name]
+            ordered += [(stmt, p) for p in sorted(rows, key=key)]
+        self._db._execute(pack_batches(ordered, self._db.batch_rows))
+
     # -- writes -------------------------------------------------------------------
 
-    def publish(self, events: Sequence[StoryEvent], now_ms: int) -> None:
-        """Write PUBLISHED events (the caller passes those Redis accepted) to the
-        author's stories, the by-id table and the expiry index."""
-        work = []
-        for e in events:
+    def write(self, publishes: Sequence[StoryEvent] = (),
+              views: Sequence[tuple[StoryEvent, int, int]] = (),
+              removals: Sequence[DurableRemoval] = (), now_ms: int | None = None) -> None:
+        """Write a batch in one concurrent execution (plus one for the removed
+        stories' views partitions, last, so that a retry still finds the viewers):
+        PUBLISHED events (the caller passes those Redis accepted) to the author's
+        stories, the by-id table and the expiry index; counted views, given as
+        ``(event, author_id, expires_at)``, as the story's viewer row and the
+        viewer's seen row; removals (``DurableRemoval``) at
+        ``removal_timestamp_us(expires_at)``."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        work: list[tuple[str, tuple]] = []
+        for e in publishes:
             expires = story_expiry(e)
-            ttl = ttl_seconds(expires, now_ms, self.policy)
+            ttl = ttl_seconds(expires, now, self.policy)
             if ttl == 0:
                 continue
             ts = write_timestamp_us(e.event_time, expires)
@@ -124,51 +183,109 @@ class CassandraStoryStore:
             work += [("put_by_author", row), ("put_by_id", row),
                      ("put_index", (expiry_bucket(expires), expiry_shard(e.story_id), expires,
                                     e.story_id, e.author_id, ts, ttl))]
-        self._run(work)
-
-    def record_views(self, views: Sequence[tuple[StoryEvent, int, int]], now_ms: int) -> None:
-        """Write counted views, given as ``(event, author_id, expires_at)``: the
-        story's viewer row and the viewer's seen row."""
-        work = []
         for e, author, expires in views:
-            ttl = ttl_seconds(expires, now_ms, self.policy)
+            ttl = ttl_seconds(expires, now, self.policy)
             if ttl == 0:
                 continue
             ts = write_timestamp_us(e.event_time, expires)
             work += [("put_view", (e.story_id, e.viewer_id, e.event_time, ts, ttl)),
                      ("put_seen", (e.viewer_id, e.story_id, author, expires, ts, ttl))]
-        self._run(work)
+        last = []
+        for r in removals:
+            ts = removal_timestamp_us(r.expires_at)
+            work += [("del_seen", (ts, v, r.story_id)) for v in sorted(set(r.viewers))]
+            if r.deleted:
+                ttl = ttl_seconds(r.expires_at, now, self.policy)
+                if ttl:
+                    work.append(("put_deletion", (r.story_id, r.author_id, r.expires_at, ts, ttl)))
+            work += [("del_by_author", (ts, r.author_id, r.story_id)),
+                     ("del_by_id", (ts, r.story_id)),
+                     ("del_index", (ts, expiry_bucket(r.expires_at), expiry_shard(r.story_id),
+                                    r.expires_at, r.story_id))]
+            last.append(("del_views", (ts, r.story_id)))
+        self._write(work)
+        self._write(last)
+
+    def publish(self, events: Sequence[StoryEvent], now_ms: int) -> None:
+        """``write`` of PUBLISHED events."""
+        self.write(publishes=events, now_ms=now_ms)
+
+    def record_views(self, views: Sequence[tuple[StoryEvent, int, int]], now_ms: int) -> None:
+        """``write`` of counted views ``(event, author_id, expires_at)``."""
+        self.write(views=views, now_ms=now_ms)
 
     def remove(self, story_id: int, author_id: int, expires_at: int,
                viewers: Iterable[int] = (), deleted: bool = False,
                now_ms: int | None = None) -> None:
-        """Remove a story at ``removal_timestamp_us(expires_at)``: seen rows of
-        ``viewers`` and of the story's stored viewers, the story rows and its index
-        row, then (last, so a retry still finds the viewers) its views partition.
-        ``deleted`` (a DELETED event, not the expiry) also records the delete in
-        ``story_deletions`` until ``expires_at + grace`` (``scan_deletions``)."""
-        ts = removal_timestamp_us(expires_at)
-        everyone = set(viewers) | set(self.viewers(story_id))
-        work = [("del_seen", (ts, v, story_id)) for v in sorted(everyone)]
-        if deleted:
-            now = int(time.time() * 1000) if now_ms is None else now_ms
-            ttl = ttl_seconds(expires_at, now, self.policy)
-            if ttl:
-                work.append(("put_deletion", (story_id, author_id, expires_at, ts, ttl)))
-        work += [("del_by_author", (ts, author_id, story_id)), ("del_by_id", (ts, story_id)),
-                 ("del_index", (ts, expiry_bucket(expires_at), expiry_shard(story_id),
-                                expires_at, story_id))]
-        self._run(work)
-        self._run([("del_views", (ts, story_id))])
+        """Remove one story: ``write`` of its ``DurableRemoval``, with ``viewers``
+        and the viewers stored here."""
+        stored = self.removal_context([story_id])[story_id][1]
+        self.write(removals=[DurableRemoval(story_id, author_id, expires_at,
+                                            tuple(set(viewers) | set(stored)), deleted)],
+                   now_ms=now_ms)
+
+    def removal_context(self, story_ids: Sequence[int], stories: bool = True
+                        ) -> dict[int, tuple[StoryMeta | None, tuple[int, ...]]]:
+        """Per story id, the story as stored here (None if unknown or removed, or
+        not read: ``stories=False``) and its stored viewers: what a removal needs
+        besides Redis' view of it (a delete's expiry when Redis lost the story,
+        the viewers it lost). One concurrent execution."""
+        ids = _unique(story_ids)
+        if not ids:
+            return {}
+        reads = ("by_id", "viewers") if stories else ("viewers",)
+        results = iter(self._run([(name, (sid,)) for sid in ids for name in reads]))
+        out = {}
+        for sid in ids:
+            meta = None
+            if stories:
+                rows = [r for r in next(results) if r.expires_at is not None]
+                meta = self._meta(rows[0]) if rows else None
+            out[sid] = (meta, tuple(sorted(r.viewer_id for r in next(results))))
+        return out
+
+    # -- the expiry index -----------------------------------------------------------
+
+    def due(self, shards: Sequence[int], buckets: Sequence[int], bound_ms: int,
+            limit: int = 5000) -> tuple[list[IndexedStory], int | None]:
+        """Stories of the expiry index expiring at or before ``bound_ms`` in
+        ``buckets`` x ``shards``, ordered by expiry (one concurrent execution), and
+        None when that is all of them, else (a partition held more than
+        ``limit``) the earliest ``expires_at`` that may still be due."""
+        work = [("due", (b, s, bound_ms, limit)) for b in buckets for s in shards]
+        out: list[IndexedStory] = []
+        more: int | None = None
+        for rs in self._run(work):
+            rows = [IndexedStory(r.story_id, r.author_id, to_ms(r.expires_at)) for r in rs]
+            out += rows
+            if len(rows) >= limit:
+                more = rows[-1].expires_at if more is None else min(more, rows[-1].expires_at)
+        return sorted(out, key=lambda s: (s.expires_at, s.story_id)), more
+
+    def earliest(self, shards: Sequence[int], buckets: Sequence[int],
+                 after_ms: int) -> dict[int, int]:
+        """Per bucket (of ``buckets``) holding any, the earliest ``expires_at`` after
+        ``after_ms`` in the expiry index of ``shards``; one concurrent execution."""
+        out: dict[int, int] = {}
+        shard_list = list(shards)
+        for b, rs in zip(buckets, self._run([("earliest", (b, shard_list, after_ms))
+                                             for b in buckets])):
+            times = [to_ms(r.expires_at) for r in rs]
+            if times:
+                out[b] = min(times)
+        return out
+
+    def pending(self, shards: Sequence[int], now_ms: int) -> dict[int, int]:
+        """What the expiry index of ``shards`` holds at ``now_ms``: bucket ->
+        earliest ``expires_at``, over ``sweep_buckets`` (the start-up re-arm)."""
+        return self.earliest(shards, sweep_buckets(now_ms, self.policy), 0)
 
     def sweep(self, now_ms: int) -> list[IndexedStory]:
         """Every story in the expiry index that may still need removing at ``now_ms``
-        (``stories_logic.sweep_buckets``), ordered by expiry: the start-up re-arm."""
+        (``sweep_buckets``), ordered by expiry (tools and tests)."""
         buckets = sweep_buckets(now_ms, self.policy)
-        work = [("index", (b, s)) for b in buckets for s in range(EXPIRY_SHARDS)]
-        out = [IndexedStory(r.story_id, r.author_id, to_ms(r.expires_at))
-               for rs in self._run(work) for r in rs]
-        return sorted(out, key=lambda s: (s.expires_at, s.story_id))
+        end = max(now_ms + self.policy.max_life_ms, now_ms) + HOUR_MS
+        return self.due(range(EXPIRY_SHARDS), buckets, end, limit=1 << 30)[0]
 
     # -- reads --------------------------------------------------------------------
 

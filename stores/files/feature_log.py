@@ -7,7 +7,8 @@ place, and readers treat rows as a set, so a retried or replayed write changes
 nothing (docs/architecture.md, "Stores"). ``point_in_time_join`` gives each
 request row ``(entity_id, ts_ms)`` the newest value valid at ``ts_ms``.
 
-    write_feature_log("out/features", values)
+    write_feature_log("out/features", values)         # FeatureValues
+    write_feature_columns("out/features", columns)    # FeatureColumns (the pipeline's)
     point_in_time_join("out/features", pa.table({"entity_id": ["101"], "ts_ms": [t]}), "post")
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from stores.files.parquet import hive_dir, hour_of, write_table
-from schemas.features import FEATURES_BY_ENTITY, FeatureValue
+from schemas.features import (ENTITY_TYPES, FEATURE_NAMES, FEATURES_BY_ENTITY, MEDIA_TYPES,
+                              VIEWER_AUTHOR, VIEWER_MEDIA, FeatureColumns, FeatureValue)
 
 LOG_SCHEMA = pa.schema([
     pa.field("entity_type", pa.string(), nullable=False),
@@ -55,6 +57,33 @@ def feature_table(values: Sequence[FeatureValue]) -> pa.Table:
     }, schema=LOG_SCHEMA)
 
 
+def _labels(codes: np.ndarray, labels: Sequence[str]) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)),
+                                          pa.array(labels, pa.string())).cast(pa.string())
+
+
+def columns_table(columns: FeatureColumns) -> pa.Table:
+    """``columns`` as a ``LOG_SCHEMA`` table (in the given order), built column-wise."""
+    entity = pc.cast(pa.array(columns.entity), pa.string())
+    pair = np.isin(columns.entity_type, [ENTITY_TYPES.index(VIEWER_AUTHOR),
+                                         ENTITY_TYPES.index(VIEWER_MEDIA)])
+    if pair.any():
+        media = columns.entity_type == ENTITY_TYPES.index(VIEWER_MEDIA)
+        other = pc.if_else(pa.array(media),
+                           _labels(np.where(media, columns.other, 0), MEDIA_TYPES),
+                           pc.cast(pa.array(columns.other), pa.string()))
+        entity = pc.if_else(pa.array(pair), pc.binary_join_element_wise(entity, other, ":"),
+                            entity)
+    return pa.table({
+        "entity_type": _labels(columns.entity_type, ENTITY_TYPES),
+        "entity_id": entity,
+        "name": _labels(columns.name, FEATURE_NAMES),
+        "value": pa.array(columns.value, pa.float64()),
+        "valid_at_ms": pa.array(columns.valid_at_ms, pa.int64()),
+        "version": pa.array(columns.version, pa.int64()),
+    }, schema=LOG_SCHEMA)
+
+
 def _digest(table: pa.Table) -> str:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -70,9 +99,19 @@ def write_feature_log(log_dir: str | os.PathLike, values: Sequence[FeatureValue]
     """
     if not values:
         return []
+    return _write_hours(log_dir, feature_table(values))
+
+
+def write_feature_columns(log_dir: str | os.PathLike, columns: FeatureColumns) -> list[Path]:
+    """``write_feature_log`` for values as columns (the same files for the same rows)."""
+    if not len(columns):
+        return []
+    return _write_hours(log_dir, columns_table(columns))
+
+
+def _write_hours(log_dir: str | os.PathLike, table: pa.Table) -> list[Path]:
     root = Path(log_dir)
-    table = feature_table(values)
-    hours = np.asarray([hour_of(v.valid_at_ms) for v in values], dtype=np.int64)
+    hours = table.column("valid_at_ms").to_numpy() // (3600 * 1000)
     written: list[Path] = []
     for hour in np.unique(hours):
         part = table.filter(pa.array(hours == hour)).sort_by(_SORT_KEYS)
@@ -224,5 +263,6 @@ def point_in_time_join(log_dir: str | os.PathLike, requests: pa.Table, entity_ty
     return out
 
 
-__all__ = ["LOG_SCHEMA", "feature_table", "write_feature_log", "read_feature_log",
+__all__ = ["LOG_SCHEMA", "feature_table", "columns_table", "write_feature_log",
+           "write_feature_columns", "read_feature_log",
            "point_in_time_join", "asof_indices"]

@@ -24,7 +24,13 @@ import hiredis
 
 
 class RedisUnavailable(Exception):
-    """Redis could not be reached or did not answer in time."""
+    """Redis could not be reached or did not answer in time. ``reason`` is a short
+    fixed phrase (``timed out``, ``unreachable``, ``error reply``) that callers may
+    show to clients; the message (addresses, OS errors) is for logs only."""
+
+    def __init__(self, message: str, reason: str = "unavailable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class _Waiter:
@@ -62,7 +68,8 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        error = RedisUnavailable(f"connection to Redis lost: {exc or 'closed by server'}")
+        error = RedisUnavailable(f"connection to Redis lost: {exc or 'closed by server'}",
+                                 "unreachable")
         while self.waiters:
             w = self.waiters.popleft()
             if not w.future.done():
@@ -78,7 +85,7 @@ def pack_command(command: Sequence[Any]) -> bytes:
 def _expire(future: asyncio.Future, timeout_s: float) -> None:
     if not future.done():
         future.set_exception(RedisUnavailable(
-            f"Redis did not answer within {timeout_s * 1000:.0f} ms"))
+            f"Redis did not answer within {timeout_s * 1000:.0f} ms", "timed out"))
 
 
 class AioScript:
@@ -137,7 +144,7 @@ class AioRedis:
                 loop.create_connection(_Protocol, self.host, self.port), self.connect_timeout_s)
         except (OSError, asyncio.TimeoutError) as exc:
             raise RedisUnavailable(f"cannot connect to Redis at {self.host}:{self.port}: "
-                                   f"{type(exc).__name__} {exc}") from None
+                                   f"{type(exc).__name__} {exc}", "unreachable") from None
         if self.db:
             self._protocol = protocol
             await self._send(protocol, [("SELECT", self.db)], self.connect_timeout_s)

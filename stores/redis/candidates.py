@@ -1,20 +1,26 @@
-"""Reading the ranking candidates of many users from Redis in a few round trips.
+"""Reading, for many users at once, what ranking needs from the fan-out's keys in Redis.
 
-``CandidateReader.read(requests, now_ms, policy)`` returns each user's
-candidates: the newest entries of the home feed, recent posts of followed
-accounts at or above the push threshold (pulled, not pushed) and the posts the
-triggers created, minus deleted ones (``domain.ranking.merge_candidates``
-decides). It reads the fan-out's keys with one pipeline per step for the whole
-batch; the steps: docs/architecture.md, "Stores".
+``CandidateReader.columns(requests, now_ms, policy)`` returns the candidates of
+a whole batch of users as columns: the newest entries of each home feed,
+recent posts of followed accounts at or above the push threshold (pulled, not
+pushed) and the posts the triggers created, minus deleted ones
+(``domain.ranking.select_candidates`` decides), in four round trips whatever
+the batch size. ``AudienceReader.audiences(authors, policy)`` returns who a
+post of each author refreshes eagerly (``domain.ranking.post_audience``), in
+three round trips and bounded work per author, however many followers it has.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
+
+from domain.fanout import select_celebrity_targets
+from domain.ranking import RankingPolicy, post_audience, select_candidates
+from schemas.ranking import Candidate, CandidateColumns, PostTable, RefreshRequest
 from stores.redis.feeds import RedisFeedStore
-from domain.ranking import RankingPolicy, merge_candidates
-from schemas.ranking import Candidate, RefreshRequest
+from stores.redis.multiread import HashReads
 
 _META_FIELDS = ("author_id", "created_at", "media_type", "deleted")
 
@@ -33,6 +39,43 @@ def parse_meta(values: Sequence) -> tuple[dict | None, bool]:
     return {"author_id": int(author), "created_at": int(created), "media_type": media or ""}, False
 
 
+def post_table(post_ids: Sequence[int], replies: Sequence[Sequence]) -> PostTable:
+    """A ``PostTable`` of the posts whose HMGET of ``_META_FIELDS`` is ``replies``
+    (unknown posts left out), parsed as arrays."""
+    ids = np.asarray(post_ids, np.int64)
+    cells = np.array(replies, dtype=object).reshape(len(ids), len(_META_FIELDS))
+    tombstoned = cells[:, 3] == b"1"
+    live = ~tombstoned & (cells[:, 0] != None) & (cells[:, 1] != None)  # noqa: E711
+    keep = np.flatnonzero(live | tombstoned)
+    order = keep[np.argsort(ids[keep], kind="stable")]
+    author = np.zeros(len(order), np.int64)
+    created = np.zeros(len(order), np.int64)
+    alive = live[order]
+    if alive.any():
+        author[alive] = np.array(cells[order[alive], 0].tolist()).astype(np.int64)
+        created[alive] = np.array(cells[order[alive], 1].tolist()).astype(np.int64)
+    media = np.array([_media(m) for m in cells[order, 2].tolist()], dtype=object)
+    return PostTable(ids[order], author, created, media, np.where(alive, 1, 2).astype(np.int8))
+
+
+_MEDIA: dict = {}
+
+
+def _media(raw: bytes | None) -> str:
+    """A stored media type as str (the few values recur: decoded once)."""
+    name = _MEDIA.get(raw)
+    if name is None:
+        name = _text(raw) or ""
+        if len(_MEDIA) < 1000:
+            _MEDIA[raw] = name
+    return name
+
+
+def _ids(reply: Sequence[bytes]) -> np.ndarray:
+    """Redis members that are decimal ids, as int64 (parsed in NumPy, not one by one)."""
+    return np.array(reply, dtype=bytes).astype(np.int64) if reply else np.zeros(0, np.int64)
+
+
 class CandidateReader:
     """Batched candidate reads over a ``RedisFeedStore``'s client and key layout.
 
@@ -42,6 +85,7 @@ class CandidateReader:
     def __init__(self, feeds: RedisFeedStore, count_ttl_s: float = 60.0,
                  max_cached: int = 1_000_000, clock: Callable[[], float] = time.monotonic):
         self.feeds = feeds
+        self._reads = HashReads(feeds.client)
         self.count_ttl_s = count_ttl_s
         self.max_cached = max_cached
         self._clock = clock
@@ -72,55 +116,133 @@ class CandidateReader:
                 self._counts[u] = (int(count), expires)
         return out
 
-    def read(self, requests: Sequence[RefreshRequest], now_ms: int, policy: RankingPolicy
-             ) -> dict[int, list[Candidate]]:
-        """Candidates per requested user (see the module docstring), newest first."""
-        if not requests:
-            return {}
+    def columns(self, requests: Sequence[RefreshRequest], now_ms: int, policy: RankingPolicy
+                ) -> CandidateColumns:
+        """The candidates of each requested user (one request per user), newest first."""
         keys = self.feeds.keys
-        users = list(dict.fromkeys(r.user_id for r in requests))
-        pipe = self._pipeline()
-        for u in users:
-            # Ids only: the creation time comes with the metadata read below.
-            pipe.zrevrange(keys.home_feed(u), 0, policy.pushed_limit - 1)
-            pipe.zrange(keys.following(u), 0, -1)
-        replies = pipe.execute()
-        pushed = {u: [int(m) for m in replies[2 * i]] for i, u in enumerate(users)}
-        following = {u: [int(m) for m in replies[2 * i + 1]] for i, u in enumerate(users)}
+        users = [r.user_id for r in requests]
+        if len(set(users)) != len(users):
+            raise ValueError("one request per user (merge_requests)")
+        pushed: list[np.ndarray] = []
+        following: list[list[int]] = []
+        if users:
+            pipe = self._pipeline()
+            oldest = now_ms - policy.max_age_ms
+            for u in users:
+                # Ids only, newest first, none older than max_age: the creation time
+                # and author come with the metadata read below.
+                pipe.zrevrangebyscore(keys.home_feed(u), "+inf", oldest, start=0,
+                                      num=policy.pushed_limit)
+                pipe.zrange(keys.following(u), 0, -1)
+            replies = pipe.execute()
+            pushed = [_ids(r) for r in replies[0::2]]
+            following = [[int(m) for m in r] for r in replies[1::2]]
 
-        counts = self.follower_counts([f for fs in following.values() for f in fs])
-        celebrities = sorted({f for f, c in counts.items() if c >= policy.push_threshold})
-        timelines: dict[int, list[int]] = {}
+        counts = self.follower_counts([f for fs in following for f in fs])
+        celebrities = sorted(f for f, c in counts.items() if c >= policy.push_threshold)
+        timelines: dict[int, np.ndarray] = {}
         if celebrities and policy.celebrity_posts:
             pipe = self._pipeline()
             oldest = now_ms - policy.max_age_ms
             for c in celebrities:
                 pipe.zrevrangebyscore(keys.author_timeline(c), "+inf", oldest, start=0,
                                       num=policy.celebrity_posts)
-            timelines = {c: [int(m) for m in entries]
-                         for c, entries in zip(celebrities, pipe.execute())}
-        pulled = {u: [e for f in following[u] for e in timelines.get(f, ())] for u in users}
+            timelines = {c: _ids(r) for c, r in zip(celebrities, pipe.execute())}
+        empty = np.zeros(0, np.int64)
+        pulled = [np.concatenate([timelines[f] for f in fs if f in timelines] or [empty])
+                  for fs in following]
 
-        post_ids = list(dict.fromkeys(
-            [p for u in users for p in pushed[u]] + [p for u in users for p in pulled[u]]
-            + [c.post_id for r in requests for c in r.new_posts]))
-        meta, tombstoned = self.post_meta(post_ids)
-        by_user = {r.user_id: r for r in requests}  # a user appears once per batch
-        return {u: merge_candidates(pushed[u], pulled[u], by_user[u], meta, tombstoned, now_ms,
-                                    policy)
-                for u in users}
+        ids = np.unique(np.concatenate(pushed + pulled + [empty]
+                                       + [np.fromiter((c.post_id for r in requests
+                                                       for c in r.new_posts), np.int64)]))
+        posts = self.post_table(ids.tolist())
+        return select_candidates(users, pushed, pulled, requests, posts, now_ms, policy)
 
-    def post_meta(self, post_ids: Sequence[int]) -> tuple[Mapping[int, dict | None], set[int]]:
-        """``({post_id: metadata or None}, tombstoned ids)``, one round trip."""
-        if not post_ids:
-            return {}, set()
+    def read(self, requests: Sequence[RefreshRequest], now_ms: int, policy: RankingPolicy
+             ) -> dict[int, list[Candidate]]:
+        """``columns`` as ``{user: [Candidate]}`` (requests of one user merged)."""
+        from domain.ranking import merge_requests
+
+        cols = self.columns(merge_requests(requests), now_ms, policy)
+        return {u: cols.of(i) for i, u in enumerate(cols.users)}
+
+    def post_table(self, post_ids: Sequence[int]) -> PostTable:
+        """Stored metadata of ``post_ids`` (``PostTable``), one round trip."""
         pipe = self._pipeline()
-        for pid in post_ids:
-            pipe.hmget(self.feeds.keys.post(pid), _META_FIELDS)
-        meta: dict[int, dict | None] = {}
-        tombstoned: set[int] = set()
-        for pid, values in zip(post_ids, pipe.execute()):
-            meta[pid], gone = parse_meta(values)
-            if gone:
-                tombstoned.add(pid)
-        return meta, tombstoned
+        at = self._reads.same(pipe, [self.feeds.keys.post(p) for p in post_ids], _META_FIELDS)
+        return post_table(post_ids, self._reads.replies(at, pipe.execute() if len(pipe) else []))
+
+    def edge_versions(self, wanted: Mapping[int, Sequence[int]]) -> dict[int, dict[int, int | None]]:
+        """``{user: {followee: applied edge version or None}}`` for each user's
+        ``followees`` in ``wanted``, as the fan-out's graph holds them; one round trip."""
+        users = [u for u, fs in wanted.items() if fs]
+        if not users:
+            return {}
+        pipe = self._pipeline()
+        for u in users:
+            pipe.hmget(self.feeds.keys.following_edges(u), [str(f) for f in wanted[u]])
+        return {u: {f: None if v is None else int(v) for f, v in zip(wanted[u], values)}
+                for u, values in zip(users, pipe.execute())}
+
+
+class AudienceReader:
+    """Who a post refreshes eagerly, read from the fan-out's graph for many authors at once."""
+
+    def __init__(self, feeds: RedisFeedStore):
+        self.feeds = feeds
+
+    def audiences(self, authors: Mapping[int, int], policy: RankingPolicy
+                  ) -> dict[int, list[int]]:
+        """``{author: users}`` for ``{author: event time ms}`` (``post_audience``).
+
+        Below the push threshold the author's followers (fewer than the
+        threshold); at or above it the most engaged ones the features pipeline
+        keeps (``top_followers``) topped up in follow order, as the fan-out's
+        celebrity push chooses (``select_celebrity_targets``): at most twice the
+        cap per author is read, never the whole follower set.
+        """
+        if not authors or policy.post_refresh_cap == 0:
+            return {a: [] for a in authors}
+        keys = self.feeds.keys
+        order = list(authors)
+        pipe = self.feeds.client.pipeline(transaction=False)
+        for a in order:
+            pipe.zcard(keys.followers(a))
+        counts = dict(zip(order, pipe.execute()))
+        big = {a for a in order if counts[a] >= policy.push_threshold}
+        want = 2 * policy.post_refresh_cap
+        pipe = self.feeds.client.pipeline(transaction=False)
+        for a in order:
+            if a in big:
+                pipe.zrevrange(keys.top_followers(a), 0, want - 1)
+                pipe.zrange(keys.followers(a), 0, policy.post_refresh_cap - 1)
+            else:
+                pipe.zrange(keys.followers(a), 0, -1)
+        replies = iter(pipe.execute())
+        candidates: dict[int, list[int]] = {}
+        engaged: dict[int, list[int]] = {}
+        for a in order:
+            if a in big:
+                engaged[a] = [int(m) for m in next(replies)]
+                oldest = [int(m) for m in next(replies)]
+                candidates[a] = engaged[a] + oldest
+            else:
+                candidates[a] = [int(m) for m in next(replies)]
+        readers = list(dict.fromkeys(u for a in order for u in candidates[a]))
+        pipe = self.feeds.client.pipeline(transaction=False)
+        for a in order:
+            if engaged.get(a):  # top_followers may hold users who unfollowed since
+                pipe.zmscore(keys.followers(a), engaged[a])
+        if readers:
+            pipe.mget([keys.last_read(u) for u in readers])
+        replies = iter(pipe.execute())
+        for a in order:
+            if engaged.get(a):
+                still = [u for u, score in zip(engaged[a], next(replies)) if score is not None]
+                candidates[a] = select_celebrity_targets(still, candidates[a][len(engaged[a]):],
+                                                         want)
+        last = dict(zip(readers, (None if v is None else int(v)
+                                  for v in (next(replies) if readers else ()))))
+        return {a: post_audience(counts[a], candidates[a], [last[u] for u in candidates[a]],
+                                 authors[a], policy)
+                for a in order}

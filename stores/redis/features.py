@@ -13,13 +13,19 @@ docs/architecture.md, "Stores".
 """
 from __future__ import annotations
 
+from itertools import chain
 from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 from stores.redis.client import chunks, new_client
 from schemas.features import (
     AUTHOR,
+    AUTHOR_FEATURES,
     DEFAULT_HALF_LIFE_MS,
+    MEDIA_TYPES,
     POST,
+    POST_FEATURES,
     VIEWER_AUTHOR,
     VIEWER_MEDIA,
     CandidateFeatures,
@@ -29,6 +35,8 @@ from schemas.features import (
     split_pair,
 )
 from schemas.keys import KeyLayout
+from schemas.ranking import BatchFeatures
+from stores.redis.multiread import HashReads
 
 #: Keys per write round trip.
 DEFAULT_CHUNK = 500
@@ -125,6 +133,36 @@ def _unique(ids: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def parse_stamped(raw: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, valid_at_ms)`` of stored fields ``b"<value>@<stamp us>"``, parsed by
+    NumPy in one pass over all of them (the batched reads' hot path)."""
+    if not raw:
+        return np.zeros(0), np.zeros(0, np.int64)
+    parts = np.array(b"@".join(raw).split(b"@"))
+    return parts[0::2].astype(np.float64), parts[1::2].astype(np.int64) // 1000
+
+
+def _fresh_values(rows: Sequence[Sequence[bytes | None]], now_ms: int, ttl_ms: int,
+                  half_life_ms: int | None, missing: float) -> np.ndarray:
+    """The values of HMGET replies, flattened in order: fresh ones parsed (decayed when
+    a half-life is given), ``missing`` for absent or expired ones."""
+    flat = np.array(list(chain.from_iterable(rows)), dtype=object)
+    present = np.flatnonzero(flat != None)  # noqa: E711 (elementwise)
+    values, valid_at = parse_stamped(flat[present].tolist())
+    fresh = valid_at >= now_ms - ttl_ms
+    if half_life_ms is not None:
+        values = _decayed(values, valid_at, now_ms, half_life_ms)
+    out = np.full(len(flat), missing)
+    out[present[fresh]] = values[fresh]
+    return out
+
+
+def _decayed(values: np.ndarray, valid_at: np.ndarray, now_ms: int,
+             half_life_ms: int) -> np.ndarray:
+    """``schemas.features.decay`` over arrays (never grown: a future valid_at keeps it)."""
+    return values * np.exp2(-np.maximum(now_ms - valid_at, 0) / half_life_ms)
+
+
 class OnlineFeatureStore:
     """Engagement features in Redis (see module doc).
 
@@ -142,6 +180,7 @@ class OnlineFeatureStore:
         self.half_life_ms = half_life_ms
         self.chunk_size = chunk_size
         self._write_newer = client.register_script(_WRITE_NEWER)
+        self._reads: HashReads | None = None  # registered on first use (ranking only)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "fb", ttls: FeatureTTLs | None = None,
@@ -262,6 +301,38 @@ class OnlineFeatureStore:
             content_affinity=content,
         )
 
+    def hydrate_batch(self, post_ids: Sequence[int], author_ids: Sequence[int],
+                      viewers: Sequence[int], viewer_authors: Sequence[Sequence[int]],
+                      now_ms: int) -> BatchFeatures:
+        """The features of a whole refresh batch in ONE round trip, as arrays
+        (``BatchFeatures``): post features of ``post_ids``, author features of
+        ``author_ids``, and for each viewer its affinity to each of its
+        ``viewer_authors`` (flattened in order) and to each media type.
+
+        The same values as ``hydrate`` (fresh only, affinities decayed to
+        ``now_ms``), read a few thousand keys per command (``HashReads``) and
+        parsed by NumPy for all of them at once. Ids are expected unique within
+        each list.
+        """
+        k, ttl, hl = self.keys, self.ttls, self.half_life_ms
+        if self._reads is None:
+            self._reads = HashReads(self.client)
+        reads, pipe = self._reads, self._pipeline()
+        at_posts = reads.same(pipe, [k.post_features(p) for p in post_ids], POST_FEATURES)
+        at_authors = reads.same(pipe, [k.author_features(a) for a in author_ids], AUTHOR_FEATURES)
+        at_affinity = reads.each(pipe, [k.author_affinity(v) for v in viewers], viewer_authors)
+        at_content = reads.same(pipe, [k.content_affinity(v) for v in viewers], MEDIA_TYPES)
+        replies = pipe.execute() if len(pipe) else []
+        posts = _fresh_values(reads.replies(at_posts, replies), now_ms, ttl.post_ms, None,
+                              np.nan).reshape(len(post_ids), len(POST_FEATURES))
+        authors = _fresh_values(reads.replies(at_authors, replies), now_ms, ttl.author_ms, None,
+                                np.nan).reshape(len(author_ids), len(AUTHOR_FEATURES))
+        affinity = _fresh_values(reads.replies(at_affinity, replies), now_ms,
+                                 ttl.viewer_author_ms, hl, 0.0)
+        content = _fresh_values(reads.replies(at_content, replies), now_ms, ttl.viewer_media_ms,
+                                hl, 0.0).reshape(len(viewers), len(MEDIA_TYPES))
+        return BatchFeatures(posts, authors, affinity, content)
+
     # -- tests and tools ------------------------------------------------------------
 
     def raw(self, entity_type: str, entity_id: str) -> dict[str, tuple[float, int]]:
@@ -272,4 +343,4 @@ class OnlineFeatureStore:
 
 
 __all__ = ["OnlineFeatureStore", "CandidateFeatures", "decode", "fresh_fields",
-           "fresh_value", "DEFAULT_CHUNK"]
+           "fresh_value", "parse_stamped", "DEFAULT_CHUNK"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence, TypedDict
 
 import orjson
 import redis
@@ -31,20 +31,150 @@ DEFAULT_CHUNK = 1000
 # -- Lua scripts ------------------------------------------------------------------
 # Each touches the keys of one hash tag only (cluster-safe) and is atomic.
 
-# KEYS[1] edge-version hash, KEYS[2] membership zset of the same user.
-# ARGV: other user id, edge version, '1' follow / '0' unfollow, event time ms.
-# Returns -1 if not newer than the stored version (no-op), else 1 when
-# membership changed and 0 when it did not (e.g. a newer FOLLOW refreshing the score).
-_APPLY_EDGE = """
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-if stored and tonumber(stored) >= tonumber(ARGV[2]) then
-  return -1
+# A follow edge is kept on both users' keys, each side deciding newer-wins on
+# its own edge version, so both converge whatever the arrival order. Each side
+# is one script call per chunk of edges: a loop of per-edge steps that each
+# touch one user's keys (a cluster would call it per hash slot, see _PUSH).
+
+# The followee side. KEYS, 5 per edge: edge versions, followers, timeline,
+# deleted timeline and celebrity flag of the followee. ARGV: the push threshold
+# (0: leave the flag alone), then 6 per edge: follower id, edge version, '1'
+# follow / '0' unfollow, event time ms, merge limit, removal cap.
+# Returns per edge {status, member, count, cross, entries}: status -1 not newer
+# than the stored version (no-op), 1 membership changed, 0 applied without a
+# change; member and count after the edge; cross 1 / -1 while a crossing of
+# the threshold up / down is pending: the flag becomes '+' / '-' in the same
+# step as the count crosses, and stays so until the caller has updated every
+# follower's followed celebrities and made that durable (``settle_celebrities``
+# sets '1' or deletes it), so a caller that crashed in between leaves the
+# crossing to whoever applies the next edge (its replay); entries (flat member, score) read in the same
+# atomic step: a follow that is a member gets the newest `merge limit` timeline
+# posts (a push running beside it wrote its post to the timeline before it
+# read the followers, so one of the two sees the other), an unfollow that is
+# not a member the newest `removal cap` posts of the timeline and of its
+# deleted set (a delete moves a post between the two atomically).
+_EDGES_IN = """
+local threshold = tonumber(ARGV[1])
+local out = {}
+local k = 0
+for i = 2, #ARGV, 6 do
+  local f, follow = ARGV[i], ARGV[i + 2]
+  local edges, followers = KEYS[k + 1], KEYS[k + 2]
+  local status = -1
+  local stored = redis.call('HGET', edges, f)
+  if not stored or tonumber(stored) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', edges, f, ARGV[i + 1])
+    if follow == '1' then
+      status = redis.call('ZADD', followers, ARGV[i + 3], f)
+    else
+      status = redis.call('ZREM', followers, f)
+    end
+  end
+  local member = redis.call('ZSCORE', followers, f) and 1 or 0
+  local count = redis.call('ZCARD', followers)
+  local cross = 0
+  if threshold > 0 then
+    local flag = redis.call('GET', KEYS[k + 5])
+    if count >= threshold then
+      if not flag or flag == '-' then
+        redis.call('SET', KEYS[k + 5], '+')
+        flag = '+'
+      end
+      if flag == '+' then cross = 1 end
+    else
+      if flag == '1' or flag == '+' then
+        redis.call('SET', KEYS[k + 5], '-')
+        flag = '-'
+      end
+      if flag == '-' then cross = -1 end
+    end
+  end
+  local entries = {}
+  local merge_limit, removal_cap = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  if member == 1 and follow == '1' and merge_limit > 0 then
+    entries = redis.call('ZREVRANGE', KEYS[k + 3], 0, merge_limit - 1, 'WITHSCORES')
+  elseif member == 0 and follow == '0' and removal_cap > 0 then
+    entries = redis.call('ZREVRANGE', KEYS[k + 3], 0, removal_cap - 1, 'WITHSCORES')
+    for _, v in ipairs(redis.call('ZREVRANGE', KEYS[k + 4], 0, removal_cap - 1, 'WITHSCORES')) do
+      entries[#entries + 1] = v
+    end
+  end
+  out[#out + 1] = {status, member, count, cross, entries}
+  k = k + 5
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] == '1' then
-  return redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return out
+"""
+
+# The follower side. KEYS, 3 per edge: edge versions, following and followed
+# celebrities of the follower. ARGV, 5 per edge: followee id, edge version,
+# '1' / '0', event time ms, and whether the followee is a celebrity ('1', '0',
+# or '' when unknown). The followee is in the followed celebrities exactly when
+# it is followed and a celebrity (an unknown one is only taken out on an
+# unfollow). Returns per edge {status, follow time ms or false}.
+_EDGES_OUT = """
+local out = {}
+local k = 0
+for i = 1, #ARGV, 5 do
+  local a = ARGV[i]
+  local edges, following, celebs = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local status = -1
+  local stored = redis.call('HGET', edges, a)
+  if not stored or tonumber(stored) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', edges, a, ARGV[i + 1])
+    if ARGV[i + 2] == '1' then
+      status = redis.call('ZADD', following, ARGV[i + 3], a)
+    else
+      status = redis.call('ZREM', following, a)
+    end
+  end
+  local since = redis.call('ZSCORE', following, a)
+  local celeb = ARGV[i + 4]
+  if since and celeb == '1' then
+    redis.call('ZADD', celebs, since, a)
+  elseif not since or celeb == '0' then
+    redis.call('ZREM', celebs, a)
+  end
+  out[#out + 1] = {status, since or false}
+  k = k + 3
 end
-return redis.call('ZREM', KEYS[2], ARGV[1])
+return out
+"""
+
+# KEYS: celebrity flags. ARGV per key: '1' if the account is a celebrity. A
+# pending crossing ('+' / '-') in that direction is settled ('1' / deleted);
+# anything else (a crossing back meanwhile) is left for its own caller.
+_SETTLE_CELEBRITIES = """
+for i, key in ipairs(KEYS) do
+  local flag = redis.call('GET', key)
+  if ARGV[i] == '1' and flag == '+' then
+    redis.call('SET', key, '1')
+  elseif ARGV[i] == '0' and flag == '-' then
+    redis.call('DEL', key)
+  end
+end
+return #KEYS
+"""
+
+# KEYS: following and followed-celebrities sets, 2 per user. ARGV[1] an account,
+# ARGV[2] '1' to add it where the user follows it (checked in the same step, so
+# a concurrent unfollow cannot be undone) or '0' to remove it. Returns per user
+# the follow time added, or false.
+_SET_CELEBRITY = """
+local a, add = ARGV[1], ARGV[2] == '1'
+local out = {}
+for i = 1, #KEYS, 2 do
+  local since = false
+  if add then
+    since = redis.call('ZSCORE', KEYS[i], a) or false
+    if since then
+      redis.call('ZADD', KEYS[i + 1], since, a)
+    end
+  else
+    redis.call('ZREM', KEYS[i + 1], a)
+  end
+  out[#out + 1] = since
+end
+return out
 """
 
 # KEYS[1] post hash. ARGV: event time ms, then field/value pairs.
@@ -90,23 +220,115 @@ redis.call('SET', KEYS[1], ARGV[1])
 return 1
 """
 
+# The n most engaged members of a top-followers zset that still follow (the
+# followers zset of the same user); shared by the scripts that pick targets.
+_TOP_ENGAGED = """
+local function top_engaged(top, followers, n)
+  local out = {}
+  local batch = math.max(n * 2, 64)
+  local start = 0
+  while #out < n do
+    local ids = redis.call('ZREVRANGE', top, start, start + batch - 1)
+    if #ids == 0 then break end
+    for _, id in ipairs(ids) do
+      if redis.call('ZSCORE', followers, id) then
+        out[#out + 1] = id
+        if #out >= n then break end
+      end
+    end
+    start = start + batch
+  end
+  return out
+end
+"""
+
 # KEYS[1] top-followers zset, KEYS[2] followers zset (same user). ARGV[1] n.
-# The n most engaged members of KEYS[1] that still follow.
-_TOP_FOLLOWERS = """
-local n = tonumber(ARGV[1])
+_TOP_FOLLOWERS = _TOP_ENGAGED + """
+return top_engaged(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+"""
+
+# New posts onto their authors' timelines, and whom to push them to, in one
+# atomic step: a follow applied beside it either is among the followers read
+# here or reads the timeline with the post on it. KEYS, 3 per post: timeline,
+# followers and top followers of the author. ARGV: push threshold, timeline
+# cap, top N, then 3 per post: post id, created_at ms, '1' to return targets
+# ('0' for a further post of an author already asked for). Returns per post {}
+# or {1, followers...} below the threshold, {0, n_engaged, engaged...,
+# oldest N...} at or above it.
+_ADD_TO_TIMELINES = _TOP_ENGAGED + """
+local threshold, cap, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
-local batch = math.max(n * 2, 64)
-local start = 0
-while #out < n do
-  local ids = redis.call('ZREVRANGE', KEYS[1], start, start + batch - 1)
-  if #ids == 0 then break end
-  for _, id in ipairs(ids) do
-    if redis.call('ZSCORE', KEYS[2], id) then
-      out[#out + 1] = id
-      if #out >= n then break end
+local k = 0
+for i = 4, #ARGV, 3 do
+  local timeline, followers = KEYS[k + 1], KEYS[k + 2]
+  redis.call('ZADD', timeline, ARGV[i + 1], ARGV[i])
+  if redis.call('ZCARD', timeline) > cap then
+    redis.call('ZREMRANGEBYRANK', timeline, 0, -cap - 1)
+  end
+  local targets = {}
+  if ARGV[i + 2] == '1' then
+    if redis.call('ZCARD', followers) < threshold then
+      targets = redis.call('ZRANGE', followers, 0, -1)
+      table.insert(targets, 1, 1)
+    else
+      local engaged = n > 0 and top_engaged(KEYS[k + 3], followers, n) or {}
+      targets = {0, #engaged}
+      for _, u in ipairs(engaged) do targets[#targets + 1] = u end
+      if n > 0 then
+        for _, u in ipairs(redis.call('ZRANGE', followers, 0, n - 1)) do
+          targets[#targets + 1] = u
+        end
+      end
     end
   end
-  start = start + batch
+  out[#out + 1] = targets
+  k = k + 3
+end
+return out
+"""
+
+# Deleted posts off their authors' timelines into the deleted sets (newest cap
+# kept), and which feeds a push or merge could have reached, in one atomic
+# step (an unfollow reads both sets at once, so it sees the post either way).
+# KEYS, 4 per post: timeline, deleted timeline, followers, top followers.
+# ARGV: cap, scope (oldest followers), top N, then 2 per post: post id,
+# created_at ms. Returns per post {n_oldest, oldest..., engaged...}.
+_REMOVE_FROM_TIMELINES = _TOP_ENGAGED + """
+local cap, scope, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+local k = 0
+for i = 4, #ARGV, 2 do
+  redis.call('ZREM', KEYS[k + 1], ARGV[i])
+  redis.call('ZADD', KEYS[k + 2], ARGV[i + 1], ARGV[i])
+  if redis.call('ZCARD', KEYS[k + 2]) > cap then
+    redis.call('ZREMRANGEBYRANK', KEYS[k + 2], 0, -cap - 1)
+  end
+  local users = redis.call('ZRANGE', KEYS[k + 3], 0, scope - 1)
+  table.insert(users, 1, #users)
+  if n > 0 then
+    for _, u in ipairs(top_engaged(KEYS[k + 4], KEYS[k + 3], n)) do
+      users[#users + 1] = u
+    end
+  end
+  out[#out + 1] = users
+  k = k + 4
+end
+return out
+"""
+
+# KEYS: followers zsets. ARGV, per key: how many users, then the users.
+# Returns per key the users that are not (or no longer) followers.
+_NOT_FOLLOWING = """
+local out = {}
+local j = 1
+for _, key in ipairs(KEYS) do
+  local gone = {}
+  local n = tonumber(ARGV[j])
+  for x = j + 1, j + n do
+    if not redis.call('ZSCORE', key, ARGV[x]) then gone[#gone + 1] = ARGV[x] end
+  end
+  out[#out + 1] = gone
+  j = j + n + 1
 end
 return out
 """
@@ -127,6 +349,41 @@ for _, key in ipairs(KEYS) do
   end
 end
 return #KEYS
+"""
+
+
+# KEYS: home feeds of many users. ARGV: cap, then per key how many posts and
+# that many (score, post id) pairs: each feed gets its posts and is trimmed to
+# the newest cap (follow merges of a whole batch in one call).
+_MERGE = """
+local cap = tonumber(ARGV[1])
+local j = 2
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[j])
+  if n > 0 then
+    redis.call('ZADD', key, unpack(ARGV, j + 1, j + 2 * n))
+    if redis.call('ZCARD', key) > cap then
+      redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1)
+    end
+  end
+  j = j + 2 * n + 1
+end
+return #KEYS
+"""
+
+# KEYS: home feeds of many users. ARGV, per key: how many posts, then their
+# ids, removed from that feed (unfollows and deletes of a whole batch).
+_UNPUSH = """
+local j = 1
+local removed = 0
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[j])
+  if n > 0 then
+    removed = removed + redis.call('ZREM', key, unpack(ARGV, j + 1, j + n))
+  end
+  j = j + n + 1
+end
+return removed
 """
 
 
@@ -231,6 +488,29 @@ def _ids_with_scores(pairs: Iterable[tuple[bytes, float]]) -> list[tuple[int, in
     return [(int(member), int(score)) for member, score in pairs]
 
 
+def _pairs(flat: Sequence) -> list[tuple[int, int]]:
+    """``[(member, score)]`` from a flat WITHSCORES reply ``[m1, s1, m2, s2, ...]``."""
+    return [(int(flat[i]), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+
+
+class PushTargets(NamedTuple):
+    """Whom an author's posts go to, as ``RedisFeedStore.add_posts_to_timelines`` reads it."""
+
+    push: bool               # below the threshold: ``followers`` are every follower
+    followers: list[int]     # every follower (push), else the most engaged who still follow
+    oldest: list[int]        # at or above the threshold: the oldest followers
+
+
+class EdgeState(NamedTuple):
+    """The followee side of one applied edge event (``apply_followee_edges``)."""
+
+    status: int                      # -1 not newer than the stored version, 1 changed, 0 not
+    member: bool                     # the follower follows afterwards
+    followers: int                   # the followee's follower count afterwards
+    cross: int                       # 1 / -1: the count crossed the push threshold up / down
+    entries: list[tuple[int, int]]   # (post_id, created_at) read with it (merge or removal)
+
+
 # -- the store ------------------------------------------------------------------
 
 
@@ -240,12 +520,20 @@ class RedisFeedStore:
     def __init__(self, client: "redis.Redis", keys: KeyLayout):
         self.client = client
         self.keys = keys
-        self._apply_edge = client.register_script(_APPLY_EDGE)
+        self._edges_in = client.register_script(_EDGES_IN)
+        self._edges_out = client.register_script(_EDGES_OUT)
+        self._set_celebrity = client.register_script(_SET_CELEBRITY)
+        self._settle_celebrities = client.register_script(_SETTLE_CELEBRITIES)
         self._put_post = client.register_script(_PUT_POST)
         self._tombstone_post = client.register_script(_TOMBSTONE_POST)
         self._set_last_read = client.register_script(_SET_LAST_READ)
         self._top_followers = client.register_script(_TOP_FOLLOWERS)
+        self._add_to_timelines = client.register_script(_ADD_TO_TIMELINES)
+        self._remove_from_timelines = client.register_script(_REMOVE_FROM_TIMELINES)
+        self._not_following = client.register_script(_NOT_FOLLOWING)
         self._push = client.register_script(_PUSH)
+        self._merge = client.register_script(_MERGE)
+        self._unpush = client.register_script(_UNPUSH)
         self._apply_engagement = client.register_script(_APPLY_ENGAGEMENT)
 
     @classmethod
@@ -264,25 +552,148 @@ class RedisFeedStore:
     def apply_edges(self, edges: Sequence[FollowEvent]) -> list[bool]:
         """Apply follow/unfollow events, newest event time per edge winning.
 
-        Two script calls per edge, one round trip in all: one on the followee's
-        keys (``followers`` + its edge versions), one on the follower's
-        (``following`` + its edge versions). Each side decides newer-wins on
-        its own version, so both converge to the same edge state. Returns per
-        edge whether the followee's follower set changed.
+        Both sides of each edge (the followee's ``followers``, the follower's
+        ``following``, each with its edge versions), one round trip in all;
+        each side decides newer-wins on its own version, so both converge to
+        the same edge state. Celebrity flags are left alone (the fan-out keeps
+        them, ``apply_followee_edges``). Returns per edge whether the
+        followee's follower set changed.
         """
         if not edges:
             return []
+        pipe = self._pipeline()
+        self._queue_edges_in(pipe, edges, [(0, 0)] * len(edges), 0, DEFAULT_CHUNK)
+        self._queue_edges_out(pipe, edges, [None] * len(edges), DEFAULT_CHUNK)
+        replies = pipe.execute()
+        n_in = -(-len(edges) // DEFAULT_CHUNK)
+        return [state[0] == 1 for reply in replies[:n_in] for state in reply]
+
+    def apply_followee_edges(self, edges: Sequence[FollowEvent],
+                             plans: Sequence[tuple[int, int]], push_threshold: int,
+                             chunk_size: int = DEFAULT_CHUNK) -> list[EdgeState]:
+        """The followee side of ``edges`` (its ``followers`` and edge versions), in order,
+        one round trip; per edge its ``EdgeState``.
+
+        ``plans[i]`` is ``(merge_limit, removal_cap)``: when the edge is a follow
+        and a member afterwards, the newest ``merge_limit`` timeline posts come
+        back with it; when an unfollow and not a member, the newest
+        ``removal_cap`` posts of the timeline and of its deleted set (read in
+        the same atomic step as the edge, see ``_EDGES_IN``). The followee's
+        ``celebrity`` flag follows its count against ``push_threshold``.
+        """
+        if not edges:
+            return []
+        if len(plans) != len(edges):
+            raise ValueError("edges and plans differ in length")
+        pipe = self._pipeline()
+        self._queue_edges_in(pipe, edges, plans, push_threshold, chunk_size)
+        return [EdgeState(int(status), member == 1, int(count), int(cross),
+                          _pairs(entries))
+                for reply in pipe.execute()
+                for status, member, count, cross, entries in reply]
+
+    def apply_follower_edges(self, edges: Sequence[FollowEvent],
+                             celebrity: Sequence[bool | None],
+                             chunk_size: int = DEFAULT_CHUNK) -> list[int | None]:
+        """The follower side of ``edges`` (its ``following``, edge versions and
+        ``followed_celebrities``), one round trip.
+
+        ``celebrity[i]``: whether the followee is at or above the push
+        threshold (None: unknown, then the followee only leaves the set on an
+        unfollow). Returns per edge the follow time (ms) the follower's
+        ``following`` holds for the followee afterwards, None if it does not follow.
+        """
+        if not edges:
+            return []
+        pipe = self._pipeline()
+        self._queue_edges_out(pipe, edges, celebrity, chunk_size)
+        return [None if since is None else int(since)
+                for reply in pipe.execute() for _, since in reply]
+
+    def _queue_edges_in(self, pipe, edges, plans, push_threshold: int, chunk_size: int) -> None:
+        k = self.keys
+        for lo in range(0, len(edges), chunk_size):
+            keys: list[str] = []
+            args: list[Any] = [push_threshold]
+            for e, (merge_limit, removal_cap) in zip(edges[lo:lo + chunk_size],
+                                                     plans[lo:lo + chunk_size]):
+                a = e.followee_id
+                keys += [k.follower_edges(a), k.followers(a), k.author_timeline(a),
+                         k.timeline_deleted(a), k.celebrity(a)]
+                args += [e.follower_id, edge_version(e),
+                         1 if e.kind is FollowKind.FOLLOW else 0, e.event_time,
+                         merge_limit, removal_cap]
+            self._edges_in(keys=keys, args=args, client=pipe)
+
+    def _queue_edges_out(self, pipe, edges, celebrity, chunk_size: int) -> None:
+        k = self.keys
+        for lo in range(0, len(edges), chunk_size):
+            keys: list[str] = []
+            args: list[Any] = []
+            for e, celeb in zip(edges[lo:lo + chunk_size], celebrity[lo:lo + chunk_size]):
+                u = e.follower_id
+                keys += [k.following_edges(u), k.following(u), k.followed_celebrities(u)]
+                args += [e.followee_id, edge_version(e),
+                         1 if e.kind is FollowKind.FOLLOW else 0, e.event_time,
+                         "" if celeb is None else int(celeb)]
+            self._edges_out(keys=keys, args=args, client=pipe)
+
+    def set_followed_celebrity(self, celebrity_id: int, user_ids: Sequence[int], add: bool,
+                               chunk_size: int = DEFAULT_CHUNK) -> list[int | None]:
+        """Put ``celebrity_id`` into (``add``) or take it out of the followed celebrities
+        of ``user_ids``, one round trip. An add applies only where the user follows it
+        (checked atomically per user, so it never undoes a concurrent unfollow);
+        returns per user the follow time added, or None."""
+        if not user_ids:
+            return []
         k = self.keys
         pipe = self._pipeline()
-        for e in edges:
-            version = edge_version(e)
-            follow = "1" if e.kind is FollowKind.FOLLOW else "0"
-            self._apply_edge(keys=[k.follower_edges(e.followee_id), k.followers(e.followee_id)],
-                             args=[e.follower_id, version, follow, e.event_time], client=pipe)
-            self._apply_edge(keys=[k.following_edges(e.follower_id), k.following(e.follower_id)],
-                             args=[e.followee_id, version, follow, e.event_time], client=pipe)
-        results = pipe.execute()
-        return [r == 1 for r in results[0::2]]
+        for chunk in chunks(user_ids, chunk_size):
+            keys = [key for u in chunk for key in (k.following(u), k.followed_celebrities(u))]
+            self._set_celebrity(keys=keys, args=[celebrity_id, int(add)], client=pipe)
+        return [None if since is None else int(since)
+                for reply in pipe.execute() for since in reply]
+
+    def celebrities(self, user_ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK) -> list[bool]:
+        """Per user whether its ``celebrity`` flag says it is at or above the push
+        threshold (as of the last edge applied to it; a pending crossing counts as
+        done), one round trip (MGET per chunk)."""
+        if not user_ids:
+            return []
+        pipe = self._pipeline()
+        for chunk in chunks(user_ids, chunk_size):
+            pipe.mget([self.keys.celebrity(u) for u in chunk])
+        return [v in (b"1", b"+") for values in pipe.execute() for v in values]
+
+    def settle_celebrities(self, celebrity: Mapping[int, bool]) -> None:
+        """Mark the pending threshold crossings of these accounts done (``True``: up,
+        ``False``: down), once their followers' sets and the durable copy are
+        written; a crossing back in the other direction meanwhile is left pending."""
+        if not celebrity:
+            return
+        self._settle_celebrities(keys=[self.keys.celebrity(u) for u in celebrity],
+                                 args=[int(c) for c in celebrity.values()])
+
+    def followed_celebrities(self, user_ids: Sequence[int]) -> dict[int, list[int]]:
+        """The accounts at or above the push threshold each user follows (the timelines
+        its feed pulls), oldest follow first; one ZRANGE per user, one round trip."""
+        pipe = self._pipeline()
+        for u in user_ids:
+            pipe.zrange(self.keys.followed_celebrities(u), 0, -1)
+        return {u: [int(m) for m in members]
+                for u, members in zip(user_ids, pipe.execute())} if user_ids else {}
+
+    def restore_followed_celebrities(self, rows: Sequence[tuple[int, int, int]]) -> None:
+        """Write back ``(user_id, celebrity_id, followed_at_ms)`` rows (``feedbeam
+        rebuild``) and set each named celebrity's flag, one round trip; idempotent."""
+        if not rows:
+            return
+        pipe = self._pipeline()
+        for user, celebrity, followed_at in rows:
+            pipe.zadd(self.keys.followed_celebrities(user), {str(celebrity): followed_at})
+        for celebrity in sorted({c for _, c, _ in rows}):
+            pipe.set(self.keys.celebrity(celebrity), "1", nx=True)
+        pipe.execute()
 
     def followers(self, user_id: int) -> list[int]:
         """Follower ids of ``user_id``, oldest follow first."""
@@ -313,6 +724,22 @@ class RedisFeedStore:
         ids = self._top_followers(keys=[self.keys.top_followers(user_id),
                                         self.keys.followers(user_id)], args=[n])
         return [int(m) for m in ids]
+
+    def celebrity_targets(self, user_ids: Sequence[int], n: int
+                          ) -> dict[int, tuple[list[int], list[int]]]:
+        """Per account ``(its n most engaged followers, its n oldest followers)``, one
+        round trip: what ``domain.fanout.select_celebrity_targets`` picks the top N
+        of an account at or above the threshold from."""
+        if not user_ids or n < 1:
+            return {u: ([], []) for u in user_ids}
+        pipe = self._pipeline()
+        for u in user_ids:
+            self._top_followers(keys=[self.keys.top_followers(u), self.keys.followers(u)],
+                                args=[n], client=pipe)
+            pipe.zrange(self.keys.followers(u), 0, n - 1)
+        replies = pipe.execute()
+        return {u: ([int(m) for m in replies[2 * i]], [int(m) for m in replies[2 * i + 1]])
+                for i, u in enumerate(user_ids)}
 
     def set_follower_engagement(self, user_id: int, scores: Mapping[int, float],
                                 keep: int = 10_000) -> None:
@@ -358,13 +785,6 @@ class RedisFeedStore:
             pipe.zcard(self.keys.followers(uid))
         return pipe.execute() if user_ids else []
 
-    def followers_many(self, user_ids: Sequence[int]) -> list[list[int]]:
-        """``followers(u)`` for each user, one round trip."""
-        pipe = self._pipeline()
-        for uid in user_ids:
-            pipe.zrange(self.keys.followers(uid), 0, -1)
-        return [list(map(int, members)) for members in pipe.execute()] if user_ids else []
-
     def following(self, user_id: int) -> list[int]:
         """Ids ``user_id`` follows, oldest follow first."""
         return [int(m) for m in self.client.zrange(self.keys.following(user_id), 0, -1)]
@@ -405,11 +825,20 @@ class RedisFeedStore:
         bundle redoes its cleanup (``deleted`` is then True). Never None in
         practice; the Optional is kept for callers written against it.
         """
-        before = self._tombstone_post(
-            keys=[self.keys.post(post.post_id)],
-            args=[post.event_time, post.author_id, post.created_at])
-        fields = dict(zip(before[0::2], before[1::2]))
-        return parse_post(post.post_id, fields) or post_meta_from_event(post)
+        return self.tombstone_posts([post])[0]
+
+    def tombstone_posts(self, posts: Sequence[PostEvent]) -> list[PostMeta]:
+        """``tombstone_post`` for many posts, one round trip."""
+        if not posts:
+            return []
+        pipe = self._pipeline()
+        for post in posts:
+            self._tombstone_post(keys=[self.keys.post(post.post_id)],
+                                 args=[post.event_time, post.author_id, post.created_at],
+                                 client=pipe)
+        return [parse_post(post.post_id, dict(zip(before[0::2], before[1::2])))
+                or post_meta_from_event(post)
+                for post, before in zip(posts, pipe.execute())]
 
     def deleted(self, post_ids: Sequence[int]) -> list[bool]:
         """Per post id whether it is tombstoned, one round trip."""
@@ -448,24 +877,36 @@ class RedisFeedStore:
             self._push(keys=[home_feed(uid) for uid in chunk], args=[post_id, score_ms, cap])
         return len(user_ids)
 
-    def push_posts(self, pushes: Sequence[tuple[Sequence[int], int, int]], cap: int,
-                   chunk_size: int = DEFAULT_CHUNK) -> int:
-        """``push(user_ids, post_id, score_ms)`` for each of ``pushes``, one round trip.
+    def push_posts(self, pushes: Sequence[tuple[int, Sequence[int], int, int]], cap: int,
+                   chunk_size: int = DEFAULT_CHUNK) -> list[list[int]]:
+        """Push each ``(author_id, user_ids, post_id, score_ms)``, then read which of its
+        users no longer follow the author, one round trip.
 
-        Returns the number of feeds written.
+        The read comes after the writes: an unfollow applied meanwhile may have
+        cleaned its feed before the push landed, so the caller takes the post out
+        of those feeds again. Returns per push the users that left.
         """
         trim_stop(cap)  # validates cap
         home_feed = self.keys.home_feed
         pipe = self._pipeline()
-        written = 0
-        for user_ids, post_id, score_ms in pushes:
+        for _, user_ids, post_id, score_ms in pushes:
             for chunk in chunks(user_ids, chunk_size):
                 self._push(keys=[home_feed(uid) for uid in chunk], args=[post_id, score_ms, cap],
                            client=pipe)
-            written += len(user_ids)
-        if written:
-            pipe.execute()
-        return written
+        checks = [(author, user_ids) for author, user_ids, _, _ in pushes if user_ids]
+        for lo in range(0, len(checks), chunk_size):
+            keys: list[str] = []
+            args: list[Any] = []
+            for author, user_ids in checks[lo:lo + chunk_size]:
+                keys.append(self.keys.followers(author))
+                args += [len(user_ids), *user_ids]
+            self._not_following(keys=keys, args=args, client=pipe)
+        if not checks:
+            return [[] for _ in pushes]
+        calls = -(-len(checks) // chunk_size)
+        gone = iter([[int(u) for u in users]
+                     for reply in pipe.execute()[-calls:] for users in reply])
+        return [next(gone) if user_ids else [] for _, user_ids, _, _ in pushes]
 
     def push_many(self, entries: Sequence[tuple[int, int, int]], cap: int,
                   chunk_size: int = DEFAULT_CHUNK) -> int:
@@ -508,6 +949,39 @@ class RedisFeedStore:
         pipe.zremrangebyrank(key, 0, trim_stop(cap))
         pipe.execute()
 
+    def merge_into_feeds(self, merges: Sequence[tuple[int, Sequence[tuple[int, int]]]],
+                         cap: int, chunk_size: int = DEFAULT_CHUNK) -> None:
+        """``merge_into_feed(user_id, entries)`` for each ``(user_id, entries)``, one round
+        trip (one script call per chunk of feeds)."""
+        stop = trim_stop(cap)  # validates cap
+        merges = [(u, entries) for u, entries in merges if entries]
+        if not merges:
+            return
+        pipe = self._pipeline()
+        for chunk in chunks(merges, chunk_size):
+            args: list[Any] = [-stop - 1]
+            for _, entries in chunk:
+                args.append(len(entries))
+                for post_id, score in entries:
+                    args += [score, post_id]
+            self._merge(keys=[self.keys.home_feed(u) for u, _ in chunk], args=args, client=pipe)
+        pipe.execute()
+
+    def remove_entries(self, removals: Sequence[tuple[int, Sequence[int]]],
+                       chunk_size: int = DEFAULT_CHUNK) -> int:
+        """Take ``post_ids`` out of the home feed of ``user_id`` for each ``(user_id,
+        post_ids)``, one round trip; returns how many entries were there."""
+        removals = [(u, posts) for u, posts in removals if posts]
+        if not removals:
+            return 0
+        pipe = self._pipeline()
+        for chunk in chunks(removals, chunk_size):
+            args: list[Any] = []
+            for _, post_ids in chunk:
+                args += [len(post_ids), *post_ids]
+            self._unpush(keys=[self.keys.home_feed(u) for u, _ in chunk], args=args, client=pipe)
+        return sum(pipe.execute())
+
     def feed(self, user_id: int, limit: int, max_score: float | None = None,
              exclusive: bool = False) -> list[tuple[int, int]]:
         """Up to ``limit`` ``(post_id, score_ms)`` of the home feed, newest first.
@@ -540,6 +1014,69 @@ class RedisFeedStore:
             pipe.zremrangebyrank(key, 0, stop)
         if entries:
             pipe.execute()
+
+    def add_posts_to_timelines(self, posts: Sequence[tuple[int, int, int]], cap: int,
+                               push_threshold: int, top_n: int,
+                               chunk_size: int = DEFAULT_CHUNK) -> dict[int, PushTargets]:
+        """Add each ``(author_id, post_id, created_at_ms)`` to its author's timeline (newest
+        ``cap`` kept) and read whom each author's posts go to, atomically per chunk
+        (``_ADD_TO_TIMELINES``), one round trip.
+
+        Returns per author its ``PushTargets``: below ``push_threshold`` every
+        follower (oldest first); at or above it the ``top_n`` most engaged who
+        still follow and the ``top_n`` oldest followers (the caller picks with
+        ``domain.fanout.select_celebrity_targets``).
+        """
+        if not posts:
+            return {}
+        k = self.keys
+        pipe = self._pipeline()
+        asked: dict[int, None] = {}  # authors in order, each asked once
+        for chunk in chunks(posts, chunk_size):
+            keys: list[str] = []
+            args: list[Any] = [push_threshold, cap, top_n]
+            for author, post_id, created_at in chunk:
+                keys += [k.author_timeline(author), k.followers(author), k.top_followers(author)]
+                ask = author not in asked
+                asked.setdefault(author)
+                args += [post_id, created_at, int(ask)]
+            self._add_to_timelines(keys=keys, args=args, client=pipe)
+        replies = (r for reply in pipe.execute() for r in reply if r)
+        out: dict[int, PushTargets] = {}
+        for author, reply in zip(asked, replies):
+            if reply[0] == 1:
+                out[author] = PushTargets(True, [int(u) for u in reply[1:]], [])
+            else:
+                engaged = [int(u) for u in reply[2:2 + reply[1]]]
+                out[author] = PushTargets(False, engaged, [int(u) for u in reply[2 + reply[1]:]])
+        return out
+
+    def remove_posts_from_timelines(self, posts: Sequence[tuple[int, int, int]], cap: int,
+                                    scope: int, top_n: int,
+                                    chunk_size: int = DEFAULT_CHUNK) -> list[list[int]]:
+        """Move each ``(author_id, post_id, created_at_ms)`` from its author's timeline to
+        the deleted set (newest ``cap`` kept) and read which feeds may hold it: the
+        ``scope`` oldest followers, then the ``top_n`` most engaged who still follow
+        and are not among them; one round trip (``_REMOVE_FROM_TIMELINES``)."""
+        if not posts:
+            return []
+        k = self.keys
+        pipe = self._pipeline()
+        for chunk in chunks(posts, chunk_size):
+            keys: list[str] = []
+            args: list[Any] = [cap, scope, top_n]
+            for author, post_id, created_at in chunk:
+                keys += [k.author_timeline(author), k.timeline_deleted(author),
+                         k.followers(author), k.top_followers(author)]
+                args += [post_id, created_at]
+            self._remove_from_timelines(keys=keys, args=args, client=pipe)
+        out = []
+        for reply in pipe.execute():
+            for users in reply:
+                oldest = [int(u) for u in users[1:1 + users[0]]]
+                seen = set(oldest)
+                out.append(oldest + [u for u in map(int, users[1 + users[0]:]) if u not in seen])
+        return out
 
     def remove_from_timeline(self, author_id: int, posts: Sequence[tuple[int, int]],
                              cap: int) -> None:
@@ -593,12 +1130,16 @@ class RedisFeedStore:
     # -- tests and tools ----------------------------------------------------------
 
     def dump(self) -> dict[str, Any]:
-        """Every key under the layout's prefix with its value, deterministically.
+        """Every key under the layout's prefix with its value, deterministically, but
+        the meta keys (``KeyLayout.generation``: tokens, not data).
 
         zsets become ``[(member, score), ...]`` sorted by member, hashes sorted
         dicts, sets sorted lists, strings ``str``. For tests comparing two runs.
         """
-        keys = sorted(_text(k) for k in self.client.scan_iter(match=self.keys.pattern(), count=1000))
+        meta = self.keys.meta_pattern()[:-1]
+        keys = sorted(k for k in map(_text, self.client.scan_iter(match=self.keys.pattern(),
+                                                                  count=1000))
+                      if not k.startswith(meta))
         if not keys:
             return {}
         pipe = self._pipeline()
@@ -641,11 +1182,6 @@ POST_FIELDS: tuple[str, ...] = ("author_id", "created_at", "media_type", "captio
                                 "hashtags", "deleted")
 
 
-def _pairs(flat: Sequence[bytes]) -> list[tuple[int, int]]:
-    """``[(member, score)]`` from a flat WITHSCORES reply ``[m1, s1, m2, s2, ...]``."""
-    return [(int(flat[i]), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
-
-
 class FeedCommands:
     """The reads (and the two writes) serving makes, as Redis command tuples plus
     the parsers of their replies, for a client that batches commands of many
@@ -684,6 +1220,11 @@ class FeedCommands:
     def following(self, user_id: int) -> tuple:
         """Ids ``user_id`` follows (parse with ``ids``)."""
         return ("ZRANGE", self.keys.following(user_id), 0, -1)
+
+    def followed_celebrities(self, user_id: int) -> tuple:
+        """The accounts at or above the push threshold ``user_id`` follows, oldest follow
+        first (parse with ``ids``): the timelines its feed pulls."""
+        return ("ZRANGE", self.keys.followed_celebrities(user_id), 0, -1)
 
     @staticmethod
     def ids(reply: Sequence[bytes]) -> list[int]:

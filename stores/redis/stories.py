@@ -14,11 +14,12 @@ idempotence: ``docs/pipelines/stories.md``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+import time
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import redis
 
-from stores.redis.client import new_client
+from stores.redis.client import chunks, new_client
 from domain.stories import (
     StoryPolicy,
     assemble_tray,
@@ -27,7 +28,7 @@ from domain.stories import (
     story_created_at,
     story_expiry,
 )
-from schemas.events import StoryEvent
+from schemas.events import STORY_TTL_MS, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
 from schemas.stories import StoryMeta, TrayEntry
 
@@ -36,69 +37,139 @@ PUBLISHED, TOMBSTONED, EXPIRED, BEYOND_HORIZON = "published", "tombstoned", "exp
 #: Outcome of a view: counted, or why not.
 VIEWED, UNKNOWN, DELETED, LATE = "viewed", "unknown", "deleted", "late"
 
+#: Operations of the story step (``_STORY_STEP``), one per event or removal.
+_OP_PUBLISH, _OP_VIEW, _OP_DELETE, _OP_EXPIRE = "p", "v", "d", "x"
+#: Operations per script call (each call runs atomically: this bounds how long
+#: it holds the server).
+_OPS_PER_CALL = 250
+
 # -- Lua scripts ------------------------------------------------------------------
 
-# KEYS[1] story hash. ARGV: now ms, expires_at ms, PEXPIREAT ms, then field/value pairs.
-# 0 removed before (deleted or expired: nothing written), -1 expired at now, 1 written.
-_PUBLISH = """
-if redis.call('HEXISTS', KEYS[1], 'removed') == 1 then
-  return 0
+# Step 1 of a batch, on the stories' own keys, in event order. KEYS: story hash,
+# viewers set per operation. ARGV: now ms, grace ms, then five per operation:
+#   'p' author, created_at, expires_at, media ('' none): 1 written, 0 removed
+#       before (a tombstone: nothing written), -1 expired at now;
+#   'v' viewer, viewed_at: {status, author, expires_at}: status 1 counted, 0
+#       unknown story, -1 deleted, -2 viewed at/after expiry, -3 expired (at
+#       now, or removed);
+#   'd' (delete) / 'x' (expiry) author, expires_at (used when the hash has
+#       none): marks the hash removed ('deleted' wins over 'expired') so later
+#       events of the batch are refused, keeps its viewers for step 2 and
+#       returns {removed before or '', author, expires_at, viewers...}. Step 3
+#       (_FINISH) turns the hash into a tombstone.
+_STORY_STEP = """
+local now, grace = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for i = 1, #KEYS / 2 do
+  local hk, vk = KEYS[2 * i - 1], KEYS[2 * i]
+  local j = 2 + (i - 1) * 5
+  local kind, a, b, c, d = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5]
+  if kind == 'p' then
+    if redis.call('HEXISTS', hk, 'removed') == 1 then
+      out[i] = 0
+    elseif tonumber(c) <= now then
+      out[i] = -1
+    else
+      if d == '' then
+        redis.call('HSET', hk, 'author_id', a, 'created_at', b, 'expires_at', c)
+      else
+        redis.call('HSET', hk, 'author_id', a, 'created_at', b, 'expires_at', c, 'media_type', d)
+      end
+      redis.call('PEXPIREAT', hk, tonumber(c) + grace)
+      out[i] = 1
+    end
+  elseif kind == 'v' then
+    local h = redis.call('HMGET', hk, 'author_id', 'expires_at', 'removed')
+    if not h[2] then
+      out[i] = {0}
+    elseif h[3] == 'deleted' then
+      out[i] = {-1, h[1], h[2]}
+    else
+      local expires = tonumber(h[2])
+      if tonumber(b) >= expires then
+        out[i] = {-2, h[1], h[2]}
+      elseif h[3] or now >= expires then
+        out[i] = {-3, h[1], h[2]}
+      else
+        redis.call('SADD', vk, a)
+        redis.call('PEXPIREAT', vk, expires + grace)
+        redis.call('HSET', hk, 'views', redis.call('SCARD', vk))
+        out[i] = {1, h[1], h[2]}
+      end
+    end
+  else
+    local h = redis.call('HMGET', hk, 'author_id', 'expires_at', 'removed')
+    local author, expires, before = h[1] or a, h[2] or b, h[3] or ''
+    local how = 'expired'
+    if kind == 'd' or before == 'deleted' then how = 'deleted' end
+    if not h[2] then
+      redis.call('HSET', hk, 'author_id', author, 'expires_at', expires, 'removed', how)
+      redis.call('PEXPIREAT', hk, tonumber(expires) + grace)
+    elseif before ~= how then
+      redis.call('HSET', hk, 'removed', how)
+    end
+    local r = redis.call('SMEMBERS', vk)
+    table.insert(r, 1, expires)
+    table.insert(r, 1, author)
+    table.insert(r, 1, before)
+    out[i] = r
+  end
 end
-if tonumber(ARGV[2]) <= tonumber(ARGV[1]) then
-  return -1
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-return 1
+return out
 """
 
-# KEYS[1] a zset scored by expires_at (author's stories, viewer's seen stories).
-# ARGV: member, expires_at ms, grace ms, now ms. Adds the member, drops members
-# expired at now, and moves the key's expiry to its newest score + grace.
-_ZADD_EXPIRING = """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
-local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if top[2] then
-  redis.call('PEXPIREAT', KEYS[1], tonumber(top[2]) + tonumber(ARGV[3]))
+# Step 2, on zsets scored by expires_at (authors' stories, viewers' seen
+# stories). KEYS: the zsets. ARGV: now ms, grace ms, then per key: #adds,
+# #removes, the adds as score/member pairs, the removed members. Adds go
+# before removes: within a batch a story is removed only after its last
+# accepted write. Then drops members expired at now and moves the key's expiry
+# to its newest score + grace.
+_ZSETS = """
+local now, grace = ARGV[1], tonumber(ARGV[2])
+local j = 3
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local nadd, nrem = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
+  j = j + 2
+  if nadd > 0 then
+    redis.call('ZADD', k, unpack(ARGV, j, j + 2 * nadd - 1))
+    j = j + 2 * nadd
+  end
+  if nrem > 0 then
+    redis.call('ZREM', k, unpack(ARGV, j, j + nrem - 1))
+    j = j + nrem
+  end
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  local top = redis.call('ZREVRANGE', k, 0, 0, 'WITHSCORES')
+  if top[2] then
+    redis.call('PEXPIREAT', k, tonumber(top[2]) + grace)
+  end
 end
-return 1
+return #KEYS
 """
 
-# KEYS[1] story hash, KEYS[2] viewers set. ARGV: viewer id, viewed_at ms, now ms, grace ms.
-# Returns {status, author_id, expires_at}: status 1 counted, 0 unknown story,
-# -1 deleted, -2 viewed at/after expiry (event time), -3 expired (at now, or removed).
-_VIEW = """
-local h = redis.call('HMGET', KEYS[1], 'author_id', 'expires_at', 'removed')
-if not h[2] then return {0, 0, 0} end
-if h[3] == 'deleted' then return {-1, h[1], h[2]} end
-local expires = tonumber(h[2])
-if tonumber(ARGV[2]) >= expires then return {-2, h[1], h[2]} end
-if h[3] or tonumber(ARGV[3]) >= expires then return {-3, h[1], h[2]} end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('PEXPIREAT', KEYS[2], expires + tonumber(ARGV[4]))
-redis.call('HSET', KEYS[1], 'views', redis.call('SCARD', KEYS[2]))
-return {1, h[1], h[2]}
-"""
-
-# KEYS[1] story hash, KEYS[2] viewers set. ARGV: 'deleted' or 'expired',
-# author id, expires_at ms, PEXPIREAT ms. The last step of a removal: the hash
-# becomes a tombstone (author, expiry, how it was removed) that expires with
-# the story + grace, so a replayed publish or view cannot bring it back even
-# when the watermark ran ahead of the wall clock. A delete stays a delete.
-_FINISH_REMOVAL = """
-redis.call('DEL', KEYS[2])
-local how = ARGV[1]
-if redis.call('HGET', KEYS[1], 'removed') == 'deleted' then
-  how = 'deleted'
+# Step 3 of a removal, after step 2 cleaned the satellites. KEYS: story hash,
+# viewers set per removal. ARGV: grace ms, then per removal: how ('deleted' or
+# 'expired'), author, expires_at. The hash becomes a tombstone (author, expiry,
+# how it was removed: a delete stays a delete) that expires with the story +
+# grace, so a replayed publish or view cannot bring it back even when the
+# watermark ran ahead of the wall clock.
+_FINISH = """
+local grace = tonumber(ARGV[1])
+for i = 1, #KEYS / 2 do
+  local hk, vk = KEYS[2 * i - 1], KEYS[2 * i]
+  local j = 1 + (i - 1) * 3
+  local how, author, expires = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]
+  if redis.call('HGET', hk, 'removed') == 'deleted' then how = 'deleted' end
+  redis.call('DEL', vk, hk)
+  redis.call('HSET', hk, 'author_id', author, 'expires_at', expires, 'removed', how)
+  redis.call('PEXPIREAT', hk, tonumber(expires) + grace)
 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'author_id', ARGV[2], 'expires_at', ARGV[3], 'removed', how)
-redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-return 1
+return #KEYS / 2
 """
 
 _VIEW_STATUS = {1: VIEWED, 0: UNKNOWN, -1: DELETED, -2: LATE, -3: EXPIRED}
+_PUBLISH_STATUS = {1: PUBLISHED, 0: TOMBSTONED, -1: EXPIRED}
 _STORY_FIELDS = ("author_id", "created_at", "expires_at", "media_type", "views", "removed")
 
 
@@ -123,12 +194,11 @@ class ViewResult:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Removal:
-    """What a removal found: the story as stored (None if unknown or a tombstone),
-    how it was removed before if it was a tombstone already (``deleted`` or
-    ``expired``, else None), the viewers whose seen entries it cleaned, and the
-    author and expiry it used (the stored ones, else the caller's)."""
+    """What a removal found: how the story had been removed before if it was a
+    tombstone (or marked for removal) already (``deleted`` or ``expired``, else
+    None), the viewers whose seen entries it cleaned, and the author and expiry
+    it used (the stored ones, else the caller's)."""
 
-    story: StoryMeta | None
     removed_as: str | None
     viewers: tuple[int, ...]
     author_id: int
@@ -139,15 +209,16 @@ class Removal:
         return self.removed_as is not None
 
 
+#: What ``RedisStoryStore.apply`` says about one event: a publish's status, a
+#: ``ViewResult`` for a view, a ``Removal`` for a delete.
+EventResult = Union[str, "ViewResult", Removal]
+
+
 # -- helpers ------------------------------------------------------------------------
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _int_or_none(value) -> int | None:
-    return None if value is None else int(value)
 
 
 def parse_story(story_id: int, fields: Mapping[Any, Any] | Sequence[Any]) -> StoryMeta | None:
@@ -161,15 +232,6 @@ def parse_story(story_id: int, fields: Mapping[Any, Any] | Sequence[Any]) -> Sto
     return StoryMeta(story_id=story_id, author_id=int(f["author_id"]),
                      created_at=int(f["created_at"]), expires_at=int(f["expires_at"]),
                      media_type=f.get("media_type") or None, views=int(f.get("views", 0)))
-
-
-def story_fields(event: StoryEvent) -> dict[str, str]:
-    """The hash fields a PUBLISHED event writes (``views`` is kept by views)."""
-    out = {"author_id": str(event.author_id), "created_at": str(story_created_at(event)),
-           "expires_at": str(story_expiry(event))}
-    if event.media_type is not None:
-        out["media_type"] = event.media_type.value
-    return out
 
 
 def _unique(ids: Iterable[int]) -> list[int]:
@@ -186,9 +248,8 @@ class RedisStoryStore:
         self.client = client
         self.keys = keys
         self.policy = policy
-        self._publish, self._zadd_expiring, self._view, self._finish_removal = (
-            client.register_script(src) for src in (_PUBLISH, _ZADD_EXPIRING, _VIEW,
-                                                    _FINISH_REMOVAL))
+        self._story_step, self._zsets, self._finish = (
+            client.register_script(src) for src in (_STORY_STEP, _ZSETS, _FINISH))
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "fb",
@@ -203,103 +264,162 @@ class RedisStoryStore:
     def _pipeline(self):
         return self.client.pipeline(transaction=False)
 
-    def _add_expiring(self, pipe, key: str, member: int, expires_at: int, now_ms: int) -> None:
-        self._zadd_expiring(keys=[key], args=[member, expires_at, self.policy.grace_ms, now_ms],
-                            client=pipe)
-
     # -- writes -------------------------------------------------------------------
+
+    def apply(self, events: Sequence[StoryEvent], now_ms: int,
+              fallback_expiry: Mapping[int, int] | None = None) -> list[EventResult]:
+        """Apply story events in order, whatever their kinds, in at most three
+        round trips (the module doc says which). One result per event: a
+        publish's status (``published``, ``tombstoned``, ``expired`` or
+        ``beyond_horizon``), a ``ViewResult`` per view, a ``Removal`` per delete.
+        ``fallback_expiry`` (story id -> expires_at) is the tombstone's expiry of
+        a deleted story this store does not hold (default: 24 h after the delete)."""
+        fallback = fallback_expiry or {}
+        ops: list[tuple] = []
+        where: list[int | str] = []   # per event: its op's index, or a refusal
+        for e in events:
+            if e.kind is StoryEventKind.PUBLISHED:
+                refusal = publish_refusal(e, now_ms, self.policy)
+                if refusal is not None:
+                    where.append(refusal)
+                    continue
+                media = "" if e.media_type is None else e.media_type.value
+                ops.append((_OP_PUBLISH, e.story_id, e.author_id, story_created_at(e),
+                            story_expiry(e), media))
+            elif e.kind is StoryEventKind.VIEWED:
+                ops.append((_OP_VIEW, e.story_id, e.viewer_id, e.event_time, "", ""))
+            else:
+                expires = fallback.get(e.story_id, e.event_time + STORY_TTL_MS)
+                ops.append((_OP_DELETE, e.story_id, e.author_id, expires, "", ""))
+            where.append(len(ops) - 1)
+        results = self._run(ops, now_ms)
+        return [w if isinstance(w, str) else results[w] for w in where]
 
     def publish(self, events: Sequence[StoryEvent], now_ms: int) -> list[str]:
         """Write PUBLISHED events (hash, then the author's index); one status per event:
         ``published``, ``tombstoned``, ``expired`` or ``beyond_horizon``."""
-        statuses: list[str | None] = [publish_refusal(e, now_ms, self.policy) for e in events]
-        todo = [(i, e) for i, e in enumerate(events) if statuses[i] is None]
-        if todo:
-            pipe = self._pipeline()
-            for _, e in todo:
-                args: list[Any] = [now_ms, story_expiry(e),
-                                   redis_expire_at_ms(story_expiry(e), self.policy)]
-                for field, value in story_fields(e).items():
-                    args += [field, value]
-                self._publish(keys=[self.keys.story(e.story_id)], args=args, client=pipe)
-            results = pipe.execute()
-            pipe = self._pipeline()
-            for (i, e), r in zip(todo, results):
-                statuses[i] = {1: PUBLISHED, 0: TOMBSTONED}.get(r, EXPIRED)
-                if r == 1:
-                    self._add_expiring(pipe, self.keys.author_stories(e.author_id), e.story_id,
-                                       story_expiry(e), now_ms)
-            pipe.execute()
-        return [s for s in statuses if s is not None]
+        return self.apply(events, now_ms)
 
     def record_views(self, events: Sequence[StoryEvent], now_ms: int) -> list[ViewResult]:
         """Apply VIEWED events: viewer set + count on the story, then the viewer's seen set."""
-        if not events:
-            return []
-        pipe = self._pipeline()
-        for e in events:
-            self._view(keys=[self.keys.story(e.story_id), self.keys.story_viewers(e.story_id)],
-                       args=[e.viewer_id, e.event_time, now_ms, self.policy.grace_ms], client=pipe)
-        out = []
-        pipe2 = self._pipeline()
-        for e, (status, author, expires) in zip(events, pipe.execute()):
-            status = _VIEW_STATUS[int(status)]
-            if status == UNKNOWN:
-                out.append(ViewResult(status))
-                continue
-            out.append(ViewResult(status, int(author), int(expires)))
-            if status == VIEWED:
-                self._add_expiring(pipe2, self.keys.seen_stories(e.viewer_id), e.story_id,
-                                   int(expires), now_ms)
-        pipe2.execute()
-        return out
+        return self.apply(events, now_ms)
 
-    def remove(self, story_id: int, author_id: int, expires_at: int, deleted: bool) -> Removal:
-        """Remove a story (``deleted``: a DELETED event; else its expiry), leaving a
-        tombstone hash until ``expires_at + grace`` (a delete's stays a delete).
+    def remove_many(self, stories: Sequence[tuple[int, int, int]], deleted: bool,
+                    now_ms: int) -> list[Removal]:
+        """Remove stories given as ``(story_id, author_id, expires_at)`` (``deleted``:
+        DELETED events; else their expiry), each leaving a tombstone hash until
+        ``expires_at + grace`` (a delete's stays a delete); three round trips.
         ``author_id`` / ``expires_at`` are used when the hash does not say (the
         stored values win)."""
+        kind = _OP_DELETE if deleted else _OP_EXPIRE
+        return self._run([(kind, s, a, e, "", "") for s, a, e in stories], now_ms)
+
+    def remove(self, story_id: int, author_id: int, expires_at: int, deleted: bool,
+               now_ms: int | None = None) -> Removal:
+        """``remove_many`` of one story."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return self.remove_many([(story_id, author_id, expires_at)], deleted, now)[0]
+
+    def _run(self, ops: Sequence[tuple], now_ms: int) -> list[Any]:
+        """The three steps over ``ops`` (``_STORY_STEP`` operations): the story
+        keys in order, then the zsets the accepted writes and the removals touch,
+        then the removals' tombstones. A removal cleans its satellites before its
+        hash becomes a tombstone, so a batch retried after a crash part-way still
+        finds the viewers (step 1 keeps them until step 3)."""
+        if not ops:
+            return []
+        keys, grace = self.keys, self.policy.grace_ms
         pipe = self._pipeline()
-        pipe.hgetall(self.keys.story(story_id))
-        pipe.smembers(self.keys.story_viewers(story_id))
-        fields, members = pipe.execute()
-        fields = {_text(k): _text(v) for k, v in fields.items()}
-        story = parse_story(story_id, fields)
-        author = int(fields.get("author_id", author_id))
-        expires = int(fields.get("expires_at", expires_at))
-        viewers = tuple(sorted(int(m) for m in members))
-        pipe = self._pipeline()
-        for v in viewers:
-            pipe.zrem(self.keys.seen_stories(v), story_id)
-        pipe.zrem(self.keys.author_stories(author), story_id)
-        if author != author_id:
-            pipe.zrem(self.keys.author_stories(author_id), story_id)
-        self._finish_removal(
-            keys=[self.keys.story(story_id), self.keys.story_viewers(story_id)],
-            args=["deleted" if deleted else "expired", author, expires,
-                  redis_expire_at_ms(expires, self.policy)], client=pipe)
-        pipe.execute()
-        return Removal(story, fields.get("removed"), viewers, author, expires)
+        for chunk in chunks(ops, _OPS_PER_CALL):
+            call_keys: list[str] = []
+            args: list[Any] = [now_ms, grace]
+            for kind, story_id, a, b, c, d in chunk:
+                call_keys += [keys.story(story_id), keys.story_viewers(story_id)]
+                args += [kind, a, b, c, d]
+            self._story_step(keys=call_keys, args=args, client=pipe)
+        raw = [r for call in pipe.execute() for r in call]
+
+        results: list[Any] = []
+        zsets: dict[str, tuple[dict, list]] = {}
+        finish: list[tuple[int, str, int, int]] = []
+        for (kind, story_id, a, _, c, _), r in zip(ops, raw):
+            if kind == _OP_PUBLISH:
+                status = _PUBLISH_STATUS[int(r)]
+                if status == PUBLISHED:
+                    zsets.setdefault(keys.author_stories(a), ({}, []))[0][story_id] = c
+                results.append(status)
+            elif kind == _OP_VIEW:
+                status = _VIEW_STATUS[int(r[0])]
+                if status == UNKNOWN:
+                    results.append(ViewResult(status))
+                    continue
+                author, expires = int(r[1]), int(r[2])
+                if status == VIEWED:
+                    zsets.setdefault(keys.seen_stories(a), ({}, []))[0][story_id] = expires
+                results.append(ViewResult(status, author, expires))
+            else:
+                before = _text(r[0]) or None
+                author, expires = int(r[1]), int(r[2])
+                viewers = tuple(sorted(int(v) for v in r[3:]))
+                for v in viewers:
+                    zsets.setdefault(keys.seen_stories(v), ({}, []))[1].append(story_id)
+                for owner in {author, a}:
+                    zsets.setdefault(keys.author_stories(owner), ({}, []))[1].append(story_id)
+                how = "deleted" if kind == _OP_DELETE or before == "deleted" else "expired"
+                finish.append((story_id, how, author, expires))
+                results.append(Removal(before, viewers, author, expires))
+        if zsets:
+            pipe = self._pipeline()
+            self._update_zsets(pipe, zsets, now_ms)
+            pipe.execute()
+        if finish:
+            pipe = self._pipeline()
+            self._finish_removals(pipe, finish)
+            pipe.execute()
+        return results
+
+    def _update_zsets(self, pipe, changes: Mapping[str, tuple[Mapping[int, int], Sequence[int]]],
+                      now_ms: int) -> None:
+        """``_ZSETS`` calls for ``changes``: zset key -> (member -> score to add,
+        members to remove after the adds)."""
+        entries = []
+        step = 2 * _OPS_PER_CALL   # Lua's unpack takes a few thousand values at most
+        for key, (adds, removes) in changes.items():
+            flat = [x for member, score in adds.items() for x in (score, member)]
+            entries += [(key, flat[i:i + step], ()) for i in range(0, len(flat), step)]
+            entries += [(key, (), removes[i:i + step]) for i in range(0, len(removes), step)]
+        for chunk in chunks(entries, _OPS_PER_CALL):
+            args: list[Any] = [now_ms, self.policy.grace_ms]
+            for _, adds, removes in chunk:
+                args += [len(adds) // 2, len(removes), *adds, *removes]
+            self._zsets(keys=[key for key, _, _ in chunk], args=args, client=pipe)
+
+    def _finish_removals(self, pipe, removals: Sequence[tuple[int, str, int, int]]) -> None:
+        """``_FINISH`` calls for ``(story_id, how, author_id, expires_at)``."""
+        for chunk in chunks(removals, _OPS_PER_CALL):
+            call_keys: list[str] = []
+            args: list[Any] = [self.policy.grace_ms]
+            for story_id, how, author, expires in chunk:
+                call_keys += [self.keys.story(story_id), self.keys.story_viewers(story_id)]
+                args += [how, author, expires]
+            self._finish(keys=call_keys, args=args, client=pipe)
 
     def restore_deletions(self, deletions: Sequence[tuple[int, int, int]], now_ms: int) -> int:
         """Tombstones of deleted stories, ``(story_id, author_id, expires_at)`` as
-        ``CassandraStoryStore.scan_deletions`` gives them, exactly as ``remove``
+        ``CassandraStoryStore.scan_deletions`` gives them, exactly as a delete
         leaves them (``feedbeam rebuild``); ones past ``expires_at + grace`` are
         skipped. Returns how many were written."""
-        pipe = self._pipeline()
-        n = 0
-        for story_id, author, expires in deletions:
-            expire_at = redis_expire_at_ms(expires, self.policy)
-            if expire_at <= now_ms:
-                continue
-            pipe.zrem(self.keys.author_stories(author), story_id)
-            self._finish_removal(
-                keys=[self.keys.story(story_id), self.keys.story_viewers(story_id)],
-                args=["deleted", author, expires, expire_at], client=pipe)
-            n += 1
-        if n:
+        todo = [(s, a, e) for s, a, e in deletions
+                if redis_expire_at_ms(e, self.policy) > now_ms]
+        if todo:
+            pipe = self._pipeline()
+            changes: dict[str, tuple[dict, list]] = {}
+            for story_id, author, _ in todo:
+                changes.setdefault(self.keys.author_stories(author), ({}, []))[1].append(story_id)
+            self._update_zsets(pipe, changes, now_ms)
+            self._finish_removals(pipe, [(s, "deleted", a, e) for s, a, e in todo])
             pipe.execute()
-        return n
+        return len(todo)
 
     # -- reads --------------------------------------------------------------------
 
@@ -378,8 +498,9 @@ class RedisStoryStore:
         ``feedbeam rebuild`` for the stories it has just republished)."""
         if not entries:
             return
-        pipe = self._pipeline()
+        changes: dict[str, tuple[dict, list]] = {}
         for viewer_id, story_id, expires_at in entries:
-            self._add_expiring(pipe, self.keys.seen_stories(viewer_id), story_id, expires_at,
-                               now_ms)
+            changes.setdefault(self.keys.seen_stories(viewer_id), ({}, []))[0][story_id] = expires_at
+        pipe = self._pipeline()
+        self._update_zsets(pipe, changes, now_ms)
         pipe.execute()

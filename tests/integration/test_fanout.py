@@ -24,11 +24,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from infra.install import prism_binary
 from pipelines import fanout
 from domain.fanout import DAY_MS, FanoutPolicy, expected_state
+from pipelines.io.deadletter import read_dead_letters
 from stores.cassandra.feeds import CassandraFeedStore
 from stores.redis.feeds import RedisFeedStore
 from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
-from schemas.events import FollowEvent, PostEvent
+from schemas.events import FollowEvent, PostEvent, dlq_topic
 from tests.integration.fanout_events import U, create, delete, follow
 from tests.integration.test_kafka_source import _cancel, _kill, _wait_for
 
@@ -39,13 +40,18 @@ PARTITIONS = 2
 
 
 class Topics:
-    """A test's topics (by default the fan-out's two) under a unique prefix, a producer
-    of typed events and the group-progress check."""
+    """A test's topics (by default the fan-out's two, plus its durable log) under a
+    unique prefix, a producer of typed events and the group-progress check."""
 
     def __init__(self, stack, kafka_topic, topics=(PostEvent.TOPIC, FollowEvent.TOPIC)):
         self.prefix = f"t{uuid.uuid4().hex[:8]}."
         self.bootstrap = stack.kafka_bootstrap
         self.names = [kafka_topic(PARTITIONS, name=self.prefix + t) for t in topics]
+        if PostEvent.TOPIC in topics and FollowEvent.TOPIC in topics:
+            # Created here so the fixture deletes them (a fan-out job would create them).
+            log = self.prefix + fanout.DURABLE_LOG_TOPIC
+            kafka_topic(PARTITIONS, name=log)
+            kafka_topic(1, name=dlq_topic(log))
         self.codec = WireCodec()
         self.producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
         self.events: list[PostEvent | FollowEvent] = []
@@ -59,24 +65,46 @@ class Topics:
         assert self.producer.flush(30) == 0
 
     def done(self, group: str) -> bool:
-        """Whether ``group`` has committed the end of every partition."""
+        """Whether ``group`` has committed the end of every partition (and, for the
+        fan-out, its durable step the end of the durable log)."""
         return group_done(self.bootstrap, self.names, PARTITIONS, group)
 
 
 def group_done(bootstrap: str, topics: list[str], partitions: int, group: str) -> bool:
-    """Whether ``group`` has committed the end of every partition of ``topics``."""
+    """Whether ``group`` has committed the end of every partition of ``topics`` and,
+    when they are the fan-out's and its durable log exists, whether the durable
+    step's group has committed the end of that log: the Cassandra copy is then
+    complete too (the log's end cannot move once the events' offsets are committed)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        parts = [TopicPartition(t, p) for t in topics for p in range(partitions)]
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in consumer.committed(parts, timeout=10)}
-        for tp in parts:
-            _, high = consumer.get_watermark_offsets(tp, timeout=10)
-            if high > 0 and committed[(tp.topic, tp.partition)] < high:
-                return False
-        return True
+        if not _committed_ends(consumer, [TopicPartition(t, p) for t in topics
+                                          for p in range(partitions)]):
+            return False
+        post_topics = [t for t in topics if t.endswith(PostEvent.TOPIC)]
+        if not post_topics:
+            return True
+        log = post_topics[0][:-len(PostEvent.TOPIC)] + fanout.DURABLE_LOG_TOPIC
+        meta = consumer.list_topics(timeout=10).topics.get(log)
+        if meta is None or not meta.partitions:
+            return True
     finally:
         consumer.close()
+    durable = Consumer({"bootstrap.servers": bootstrap,
+                        "group.id": group + fanout.DURABLE_GROUP_SUFFIX})
+    try:
+        return _committed_ends(durable, [TopicPartition(log, p) for p in meta.partitions])
+    finally:
+        durable.close()
+
+
+def _committed_ends(consumer, parts: list[TopicPartition]) -> bool:
+    committed = {(tp.topic, tp.partition): tp.offset
+                 for tp in consumer.committed(parts, timeout=10)}
+    for tp in parts:
+        _, high = consumer.get_watermark_offsets(tp, timeout=10)
+        if high > 0 and committed[(tp.topic, tp.partition)] < high:
+            return False
+    return True
 
 
 def job_args(stack, topics: Topics, key_prefix: str, keyspace: str, group: str,
@@ -155,13 +183,18 @@ def test_push_pull_propagation_and_replay(stack, env):
         assert durable_feeds(cassandra) == {1: {1, 2, 3, 4, 5}, 2: {1, 2, 3, 4, 5}, 7: {6}}
 
         # Phase 3: user 2 unfollows alice, post 6 is deleted, user 8 follows bob
-        # (merge), and a replayed create of post 6 comes after its delete.
+        # (merge), and a replayed create of post 6 comes after its delete; a record
+        # that is not a durable write lands in the durable log.
+        log = topics.prefix + fanout.DURABLE_LOG_TOPIC
+        topics.producer.produce(log, b"not a durable write", b"k")
         topics.send([follow(2, alice, now + 200, U), follow(8, bob, now + 201),
                      delete(6, bob, now + 105, now + 202), create(6, bob, now + 105),
                      create(7, bob, now + 203)])
         _wait_for(lambda: topics.done(group), 60, "the changes", result)
     finally:
         _cancel(result)
+    (dead,) = read_dead_letters(stack.kafka_bootstrap, dlq_topic(log))
+    assert (dead.value, dead.reason, dead.topic) == (b"not a durable write", "not_json", log)
 
     assert feed_ids(redis, 2) == [5]
     assert feed_ids(redis, 7) == [7] and feed_ids(redis, 8) == [7]
@@ -272,3 +305,7 @@ def test_kill_and_restart_converges_to_the_oracle(stack, env):
         assert redis.timeline(author, 10_000) == expected.timelines.get(author, [])
         assert redis.followers(author) == expected.followers.get(author, [])
     assert all(redis.deleted(sorted(expected.deleted)))
+    celebrities = {u: set(expected.followed_celebrities.get(u, ())) for u in users}
+    assert {u: set(cs) for u, cs in redis.followed_celebrities(list(users)).items()} == celebrities
+    assert {u: set(cs) for u, cs in cassandra.followed_celebrities(list(users)).items()} \
+        == celebrities

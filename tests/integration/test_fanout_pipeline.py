@@ -18,7 +18,7 @@ from stores.cassandra.feeds import CassandraFeedStore
 from stores.redis.feeds import RedisFeedStore
 from stores.cassandra.session import migrate
 from stores.config import StoreConfig
-from stores.fanout import FeedStores
+from stores.fanout import FeedFanout, FeedStores
 from tests.integration.fanout_events import U, create, delete, follow
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,8 @@ def run_events(config: StoreConfig, policy: FanoutPolicy, events, expected_actio
                     | "Events" >> beam.Create(events)
                     | "FanOut" >> FanOutToFollowerFeeds(config, policy))
         if expected_actions is not None:
-            assert_that(outcomes | beam.Map(lambda o: (o.event_id, o.action, o.feeds)),
+            assert_that(outcomes | beam.FlatMap(lambda os: [(o.event_id, o.action, o.feeds)
+                                                            for o in os]),
                         equal_to(expected_actions))
 
 
@@ -140,3 +141,72 @@ def test_an_edge_event_superseded_in_its_batch_has_no_outcome(stores):
                                        (edges[2].event_id, "remove", 1)])
     assert feed_ids(redis, 1) == [] and feed_ids(redis, 2) == [11]
     assert redis.followers(100) == [2] and cassandra.follower_count(100) == 1
+
+
+def test_followed_celebrities_follow_edges_and_threshold_crossings(stores):
+    config, redis, cassandra = stores
+    policy = FanoutPolicy(push_threshold=3, celebrity_top_n=1)
+    users = [1, 2, 3, 4]
+
+    def followed():
+        hot, durable = redis.followed_celebrities(users), cassandra.followed_celebrities(users)
+        assert hot == durable, (hot, durable)
+        return {u: cs for u, cs in hot.items() if cs}
+
+    run_events(config, policy, [follow(1, 100, T0), follow(2, 100, T0 + 1), follow(1, 200, T0 + 2)])
+    assert followed() == {} and redis.celebrities([100]) == [False]
+    # The third follower crosses the threshold: every follower has 100 now.
+    run_events(config, policy, [follow(3, 100, T0 + 3)])
+    assert followed() == {1: [100], 2: [100], 3: [100]} and redis.celebrities([100]) == [True]
+    # A follow of a celebrity brings it along; an unfollow takes it out.
+    run_events(config, policy, [follow(4, 100, T0 + 4)])
+    assert followed() == {1: [100], 2: [100], 3: [100], 4: [100]}
+    run_events(config, policy, [follow(4, 100, T0 + 5, U)])
+    assert followed() == {1: [100], 2: [100], 3: [100]}
+    # Below the threshold again: gone from every follower's set.
+    run_events(config, policy, [follow(3, 100, T0 + 6, U)])
+    assert followed() == {} and redis.celebrities([100]) == [False]
+    # Up and down within one batch leaves nothing behind.
+    run_events(config, policy, [follow(3, 100, T0 + 7), follow(2, 100, T0 + 8, U)])
+    assert followed() == {}
+
+
+def test_a_crossing_cut_short_by_a_crash_is_carried_out_by_the_replay(stores):
+    """The batch that crossed the threshold wrote Redis but died before its durable
+    copy: the crossing stays pending, and the batch's replay finishes it in both stores."""
+    config, redis, cassandra = stores
+    policy = FanoutPolicy(push_threshold=2)
+    FeedFanout(redis, cassandra, policy).apply([follow(1, 100, T0)])
+    events = [follow(2, 100, T0 + 1)]
+    crashed = FeedFanout(redis, None, policy).apply_to_redis(events)  # never settled
+    assert crashed.crossings == {100: True}
+    assert redis.followed_celebrities([1, 2]) == {1: [100], 2: [100]}
+    assert cassandra.followed_celebrities([1, 2]) == {1: [], 2: []}
+    assert redis.client.get(redis.keys.celebrity(100)) == b"+"   # pending
+
+    FeedFanout(redis, cassandra, policy).apply(events)           # the replay
+    assert cassandra.followed_celebrities([1, 2]) == {1: [100], 2: [100]}
+    assert redis.client.get(redis.keys.celebrity(100)) == b"1"
+    assert redis.celebrities([100]) == [True]
+
+
+def test_a_crossing_by_a_concurrent_batch_is_not_undone(stores):
+    """Batch X follows a celebrity; batch Y, running between X's two sides of the
+    edge, takes the account below the threshold. X's own follower-side write then
+    lands after Y's removals; X reads the flag again and takes it back out."""
+    config, redis, cassandra = stores
+    policy = FanoutPolicy(push_threshold=2)
+    fanout = FeedFanout(redis, cassandra, policy)
+    fanout.apply([follow(1, 100, T0), follow(2, 100, T0 + 1)])
+    assert redis.followed_celebrities([1, 2]) == {1: [100], 2: [100]}
+
+    class Interleaved(RedisFeedStore):
+        def apply_follower_edges(self, *args, **kwargs):
+            fanout.apply([follow(1, 100, T0 + 3, U), follow(2, 100, T0 + 4, U)])  # batch Y
+            return super().apply_follower_edges(*args, **kwargs)
+
+    x = FeedFanout(Interleaved(redis.client, redis.keys), cassandra, policy)
+    x.apply([follow(3, 100, T0 + 2)])                                          # batch X
+    assert redis.followers(100) == [3] and redis.celebrities([100]) == [False]
+    assert redis.followed_celebrities([1, 2, 3]) == {1: [], 2: [], 3: []}
+    assert cassandra.followed_celebrities([1, 2, 3]) == {1: [], 2: [], 3: []}

@@ -104,8 +104,10 @@ class Topics:
                                  now)], p)
 
 
-def job_args(stack, topics: Topics, key_prefix: str, keyspace: str, log_dir: str) -> list[str]:
-    return [
+def job_args(stack, topics: Topics, key_prefix: str, keyspace: str, log_dir: str,
+             state_dir: str | None = None) -> list[str]:
+    state = [f"--feature_state_dir={state_dir}"] if state_dir else []
+    return [*state,
         "--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
         "--environment_type=LOOPBACK", "--streaming",
         f"--kafka_bootstrap={stack.kafka_bootstrap}", f"--consumer_group=g-{uuid.uuid4().hex[:8]}",
@@ -196,7 +198,8 @@ def test_pipeline_matches_the_oracle_in_every_store(stack, kafka_topic, cassandr
     online = OnlineFeatureStore.from_url(stack.redis_url, key_prefix=key_prefix, ttls=ttls,
                                          half_life_ms=HALF_LIFE)
     durable = CassandraFeatureStore(cassandra_session, keyspace)
-    options = PipelineOptions(job_args(stack, topics, key_prefix, keyspace, str(log_dir)))
+    options = PipelineOptions(job_args(stack, topics, key_prefix, keyspace, str(log_dir),
+                                       str(tmp_path / "state")))
     # Everything is on the topics before the job starts: an empty partition is idle, and
     # an idle partition's watermark runs with the wall clock, which would make three-day
     # old events produced afterwards too late.
@@ -234,7 +237,9 @@ def test_pipeline_matches_the_oracle_in_every_store(stack, kafka_topic, cassandr
         _wait_for(lambda: _log_complete(log_dir, last_change), 60, "the feature log", result)
     finally:
         _cancel(result)
-    assert [(d.reason, d.offset) for d in letters] == [("too_late", -1)], letters
+    # The original record, at its offset.
+    assert [(d.reason, d.step) for d in letters] == [("too_late", "features")], letters
+    assert letters[0].offset >= 0 and WireCodec().decode(letters[0].value).event_id == "too-late"
 
     # A bounded re-run of both topics up to the too-late like (the same events): every
     # value stays, no write stamp moves back.
@@ -371,3 +376,103 @@ def _check_posts_drained(online, durable, last) -> None:
         assert {v for v, _ in stored.values()} == {0.0}, (post, stored)
         assert {v.name: (v.value, v.valid_at_ms)
                 for v in durable.read("post", [post])[0]} == stored
+
+
+def _snapshot_meta(state_dir):
+    from stores.files.feature_state import SnapshotStore
+
+    return SnapshotStore(state_dir).read_meta()
+
+
+def test_a_killed_job_resumes_from_its_snapshot(stack, kafka_topic, cassandra_session,
+                                                keyspace, key_prefix, tmp_path):
+    """SIGKILL to the job (launcher, LOOPBACK workers and Prism) after a snapshot, while
+    it reads newer records; a restart restores the snapshot, re-reads only from its
+    offsets, and every store ends equal to the oracle: nothing lost, nothing twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipelines.features import snapshot_restart
+    from stores.kafka.lag import committed_offsets
+
+    migrate(cassandra_session, keyspace)
+    topics = Topics(stack, kafka_topic)
+    now = int(time.time() * 1000) // H * H - H
+    base = now - 3 * 24 * H
+    events = workload(base)
+    oracle = Oracle.of(events, HALF_LIFE)
+    ttls = FeatureTTLs(post_ms=200 * H, author_ms=200 * H)
+    online = OnlineFeatureStore.from_url(stack.redis_url, key_prefix=key_prefix, ttls=ttls,
+                                         half_life_ms=HALF_LIFE)
+    durable = CassandraFeatureStore(cassandra_session, keyspace)
+    state_dir = tmp_path / "state"
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    args = [a for a in job_args(stack, topics, key_prefix, keyspace, str(tmp_path / "log"),
+                                str(state_dir)) if not a.startswith("--consumer_group")]
+    args += [f"--consumer_group={group}", "--snapshot_interval_s=5"]
+    log_path = tmp_path / "job.log"
+
+    def start():
+        with open(log_path, "ab") as out:
+            return subprocess.Popen([sys.executable, "-m", "pipelines.features", *args],
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    # The first hour of events (every partition gets some, so none is idle and runs
+    # ahead with the wall clock), then the rest once a snapshot holds the first part.
+    cut = base + H
+    first = [e for e in events if e.event_time < cut]
+    rest = [e for e in events if e.event_time >= cut]
+    topics.send(first)
+    topic_names = [topics.prefix + t for t in (EngagementEvent.TOPIC, PostEvent.TOPIC)]
+    ends = {tp: high for t in topic_names for tp, high in (
+        ((t, p), h) for p, (_, h) in kafka_offsets.watermarks(
+            {"bootstrap.servers": stack.kafka_bootstrap}, t).items())}
+    job = start()
+    try:
+        _wait_for(lambda: (snapshot_restart(state_dir) or {}) and all(
+            snapshot_restart(state_dir).get(tp, 0) >= end for tp, end in ends.items()
+            if end > 0), 240, "a snapshot holding the first hour")
+        topics.send(rest)
+        topics.clock(now)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    at_kill = _snapshot_meta(state_dir)
+    total = sum(h for t in topic_names for _, (_, h) in kafka_offsets.watermarks(
+        {"bootstrap.servers": stack.kafka_bootstrap}, t).items())
+    restart = snapshot_restart(state_dir)
+    assert sum(restart.values()) < total  # the rest is not in the snapshot: it is re-read
+
+    job = start()
+    try:
+        counted = [e for e in oracle.engagements if e.post_id is not None
+                   and e.kind != K.UNLIKE and e.event_id not in oracle.cancels]
+        last = {p: max(e.event_time for e in counted if e.post_id == p)
+                for p in {e.post_id for e in counted}}
+        last_change = {p: t - t % SLIDE + WINDOW_MS["24h"] + SLIDE for p, t in last.items()}
+        _wait_for(lambda: job.poll() is None and _drained(online, last_change), 300,
+                  "every post window to drain after the restart")
+        _wait_for(lambda: _pairs_complete(oracle, online), 60, "every affinity pair",
+                  state=lambda: _missing_pairs(oracle, online)[:8])
+        _wait_for(lambda: sum(v or 0 for v in committed_offsets(
+            stack.kafka_bootstrap, group, topic_names).values()) >= total, 60, "lag 0")
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        try:
+            job.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+    restored = log_path.read_text(errors="replace")
+    assert "restored snapshot" in restored and "from the snapshot" in restored, restored[-2000:]
+    assert at_kill["sizes"]["posts"] > 0
+    assert read_dead_letters(stack.kafka_bootstrap,
+                             topics.prefix + dlq_topic(EngagementEvent.TOPIC)) == []
+    _check_affinities(oracle, online, durable, stack, key_prefix, now)
+    _check_authors(oracle, online, durable)
+    _check_posts_drained(online, durable, last)
+    online.close()

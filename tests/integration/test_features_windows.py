@@ -1,8 +1,11 @@
 """AggregateEngagementFeatures on TestStream (Prism): on time, late, too late, duplicate, unlike.
 
-Expected values are counted by hand from the events below. Outputs are read
-"as of" a time the way the stores and the log read them: per (entity, name)
-the value with the newest valid_at <= time, the highest version of it.
+Expected values are counted by hand from the events below, which arrive as
+decoded batches (one per event, as a Kafka source would emit them with their
+wire bytes). Outputs are read "as of" a time the way the stores and the log
+read them: per (entity, name) the value with the newest valid_at <= time, the
+highest version of it. The same test runs with the state in memory and in
+Beam state (the Flink default).
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import TimestampedValue
 
 from infra.install import prism_binary
-from pipelines.features import AggregateEngagementFeatures
+from pipelines.features import AggregateEngagementFeatures, StateConfig
 from domain.features import FeatureParams
+from schemas.codec import WireCodec
 from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind
+from schemas.records import EventBatch
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +55,17 @@ AFTER_3_H = [_e("p200-late", 2, K.LIKE, 10, post=200)]  # 2 + 60 < 65: too late
 
 
 def _stream():
+    codec = WireCodec()
+    offsets = {}
+
+    def batch(e):
+        """``e`` as the source would deliver it: a one-event batch with its wire bytes."""
+        offset = offsets[e.TOPIC] = offsets.get(e.TOPIC, -1) + 1
+        return EventBatch(e.TOPIC, 0, [e], [e.event_time], [offset], [e.key],
+                          [codec.encode(e, e.TOPIC)])
+
     def at(events):
-        return [TimestampedValue(e, e.event_time / 1000) for e in events]
+        return [TimestampedValue(batch(e), e.event_time / 1000) for e in events]
 
     return (BeamTestStream()
             .advance_watermark_to(T0 / 1000)
@@ -125,21 +139,22 @@ def _check_features(values):
 
 
 def _check_dead_letters(letters):
-    from schemas.codec import WireCodec
-
-    assert [(d.reason, d.step, d.topic, d.offset) for d in letters] == \
-        [("too_late", "features", "engagement-events", -1)], letters
+    # The original record: its offset (the 9th engagement of the stream), key and bytes.
+    assert [(d.reason, d.step, d.topic, d.partition, d.offset) for d in letters] == \
+        [("too_late", "features", "engagement-events", 0, 8)], letters
     event = WireCodec().decode(letters[0].value)
     assert event.event_id == "p200-late" and event.post_id == 200
     assert letters[0].key == b"200"
 
 
-def test_windows_on_time_late_too_late_duplicate_unlike(stack):
+@pytest.mark.parametrize("store", ["memory", "beam"])
+def test_windows_on_time_late_too_late_duplicate_unlike(stack, store):
     options = PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
                                "--environment_type=LOOPBACK", "--streaming"])
     with beam.Pipeline(options=options) as p:
         out = (p | _stream()
-               | AggregateEngagementFeatures(FeatureParams(half_life_ms=HALF_LIFE)))
+               | AggregateEngagementFeatures(FeatureParams(half_life_ms=HALF_LIFE),
+                                             StateConfig(store)))
         assert_that(out.features, _check_features, label="Features")
         assert_that(out.dead_letters, _check_dead_letters, label="DeadLetters")
 

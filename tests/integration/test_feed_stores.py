@@ -328,3 +328,80 @@ def test_a_batch_survives_the_server_losing_its_scripts(tmp_path):
         safe.close()
     finally:
         server.stop()
+
+
+# -- the fan-out's batch steps (Redis) and followed celebrities (both stores) -----------
+
+
+def test_followee_side_reports_state_crossings_and_what_to_merge_or_remove(redis_store):
+    s = redis_store
+    s.add_to_timelines([(1, 100, T0), (1, 101, T0 + 1), (1, 102, T0 + 2)], cap=10)
+    s.remove_from_timeline(1, [(102, T0 + 2)], cap=10)  # deleted: in the deleted set
+    edges = [edge(FOLLOW, 10, 1, T0 + 5), edge(FOLLOW, 11, 1, T0 + 6),
+             edge(FOLLOW, 10, 1, T0 + 4),                 # older than the first: no-op
+             edge(UNFOLLOW, 11, 1, T0 + 7)]
+    states = s.apply_followee_edges(edges, [(1, 0), (5, 0), (5, 0), (0, 5)], push_threshold=2)
+    assert [(st.status, st.member, st.followers, st.cross) for st in states] == [
+        (1, True, 1, 0), (1, True, 2, 1), (-1, True, 2, 1), (1, False, 1, -1)]
+    # states[2]: the crossing up is still pending (not settled), so it is reported again
+    assert states[0].entries == [(101, T0 + 1)]                      # newest live, limit 1
+    assert states[1].entries == [(101, T0 + 1), (100, T0)]
+    assert states[2].entries == [(101, T0 + 1), (100, T0)]            # still a member
+    assert sorted(states[3].entries) == [(100, T0), (101, T0 + 1), (102, T0 + 2)]
+    assert s.celebrities([1, 2]) == [False, False]                   # crossed up, then down
+    s.apply_followee_edges([edge(FOLLOW, 12, 1, T0 + 8)], [(0, 0)], push_threshold=2)
+    assert s.celebrities([1]) == [True] and s.followers(1) == [10, 12]
+
+
+def test_followed_celebrities_follow_the_edges_and_the_flag(redis_store, cassandra_store):
+    s = redis_store
+    out = s.apply_follower_edges([edge(FOLLOW, 10, 1, T0), edge(FOLLOW, 10, 2, T0 + 1),
+                                  edge(FOLLOW, 10, 3, T0 + 2)], [True, False, None])
+    assert out == [T0, T0 + 1, T0 + 2] and s.following(10) == [1, 2, 3]
+    assert s.followed_celebrities([10, 11]) == {10: [1], 11: []}
+    # A crossing adds the account where the user follows it, and only there.
+    assert s.set_followed_celebrity(2, [10, 11], add=True) == [T0 + 1, None]
+    assert s.followed_celebrities([10, 11]) == {10: [1, 2], 11: []}
+    s.apply_follower_edges([edge(UNFOLLOW, 10, 1, T0 + 9)], [None])  # an unfollow always leaves
+    assert s.followed_celebrities([10]) == {10: [2]}
+    assert s.set_followed_celebrity(2, [10], add=False) == [None]
+    assert s.followed_celebrities([10]) == {10: []}
+    s.restore_followed_celebrities([(10, 3, T0 + 2), (11, 3, T0 + 3)])
+    assert s.followed_celebrities([10, 11]) == {10: [3], 11: [3]} and s.celebrities([3]) == [True]
+
+    c = cassandra_store
+    c.set_followed_celebrity([(10, T0), (11, T0 + 3)], 3, at_ms=T0 + 100)
+    c.set_followed_celebrity([(10, T0)], 4, at_ms=T0 + 100)
+    c.remove_followed_celebrity([11], 3, at_ms=T0 + 50)  # older than the add: loses
+    assert c.followed_celebrities([10, 11, 12]) == {10: [3, 4], 11: [3], 12: []}
+    c.remove_followed_celebrity([10, 11], 3, at_ms=T0 + 200)
+    assert c.followed_celebrities([10, 11]) == {10: [4], 11: []}
+    assert sorted(c.scan_followed_celebrities()) == [(10, 4, T0)]
+
+
+def test_post_steps_push_targets_and_recheck(redis_store):
+    s = redis_store
+    s.apply_edges([edge(FOLLOW, u, 1, T0 + u) for u in (10, 11, 12)]
+                  + [edge(FOLLOW, u, 2, T0 + u) for u in (10, 11)])
+    s.set_follower_engagement(1, {12: 5.0, 99: 9.0})
+    targets = s.add_posts_to_timelines([(1, 100, T0), (2, 200, T0 + 1), (1, 101, T0 + 2)],
+                                       cap=10, push_threshold=3, top_n=2)
+    assert targets[2] == (True, [10, 11], [])            # below the threshold: all followers
+    assert targets[1] == (False, [12], [10, 11])         # at it: engaged, then the oldest
+    assert s.timeline(1, 10) == [(101, T0 + 2), (100, T0)] and s.timeline(2, 10) == [(200, T0 + 1)]
+    s.apply_edges([edge(UNFOLLOW, 11, 2, T0 + 50)])
+    gone = s.push_posts([(2, [10, 11], 200, T0 + 1), (1, [], 100, T0)], cap=5)
+    assert gone == [[11], []]
+    assert s.feed(10, 10) == [(200, T0 + 1)] and s.feed(11, 10) == [(200, T0 + 1)]
+    s.merge_into_feeds([(10, [(100, T0), (101, T0 + 2)]), (13, [(101, T0 + 2)]), (14, [])],
+                       cap=2)
+    assert s.feed(10, 10) == [(101, T0 + 2), (200, T0 + 1)] and s.feed(13, 10) == [(101, T0 + 2)]
+    assert s.remove_entries([(10, [101, 555]), (11, [200]), (13, [])]) == 2
+    assert s.feed(10, 10) == [(200, T0 + 1)] and s.feed(11, 10) == []
+    reached = s.remove_posts_from_timelines([(1, 100, T0)], cap=10, scope=1, top_n=2)
+    assert reached == [[10, 12]]                          # the oldest 1, then the engaged
+    assert s.timeline_and_deleted(1, 10) == [(101, T0 + 2), (100, T0)]
+    assert s.timeline(1, 10) == [(101, T0 + 2)]
+    assert s.celebrity_targets([1, 2], 2) == {1: ([12], [10, 11]), 2: ([], [10])}
+    metas = s.tombstone_posts([post(PostEventKind.DELETED, 300, author=2, created=T0)])
+    assert metas[0]["author_id"] == 2 and s.deleted([300]) == [True]

@@ -268,3 +268,84 @@ def test_kill_and_restart_loses_nothing(stack, kafka_topic, redis_client, key_pr
         partition, offset = map(int, key.split(":"))
         if offset < committed_at_kill[partition]:
             assert count == 1, key
+
+
+def _commit(bootstrap: str, group: str, topic: str, offsets: dict[int, tuple[int, str]]) -> None:
+    """Commit ``{partition: (offset, metadata)}`` for ``group``, as an earlier run would have."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, p, o, metadata=m)
+                                 for p, (o, m) in offsets.items()], asynchronous=False)
+    finally:
+        consumer.close()
+
+
+def _committed_metadata(bootstrap: str, group: str, topic: str, partitions: int) -> dict:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)],
+                                   timeout=10)
+        return {tp.partition: (tp.offset, tp.metadata) for tp in found}
+    finally:
+        consumer.close()
+
+
+def test_a_commit_without_a_timestamp_never_rewinds_to_the_start(stack, kafka_topic):
+    from pipelines.io.kafka import KafkaSourceConfig, resolve_start_offsets
+
+    topic = kafka_topic(partitions=2)
+    now_ms = int(time.time() * 1000)
+    _produce(stack.kafka_bootstrap, topic, 40, [0, 1], timestamp_ms=now_ms - 3_600_000)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    # Partition 0: committed by an earlier version for a partition it read idle;
+    # partition 1: with the timestamp of its last record.
+    _commit(stack.kafka_bootstrap, group, topic,
+            {0: (15, '{"ts":-1}'), 1: (15, '{"ts":%d}' % (now_ms - 3_600_000))})
+    config = KafkaSourceConfig({"bootstrap.servers": stack.kafka_bootstrap, "group.id": group},
+                               rewind_ms=60_000)
+    reads = {r.partition: r for r in resolve_start_offsets(config, [topic])}
+    assert reads[0].start == 15 and reads[0].committed_timestamp_ms is None
+    # All 20 records of partition 1 share the committed timestamp: the rewind reaches them.
+    assert reads[1].start == 0 and reads[1].committed_timestamp_ms == now_ms - 3_600_000
+
+
+def test_an_idle_partition_keeps_its_last_commit_timestamp(stack, kafka_topic, redis_client,
+                                                          key_prefix):
+    from pipelines.io.kafka import _committed_timestamp
+
+    topic = kafka_topic(partitions=2)
+    old_ms = int(time.time() * 1000) - 3_600_000
+    offsets = _produce(stack.kafka_bootstrap, topic, 20, [0, 1], timestamp_ms=old_ms)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    # An earlier run read everything and recorded the records' time (spelt so that
+    # a commit of this run, which writes it compactly, shows as a change).
+    earlier = '{"ts": %d}' % old_ms
+    _commit(stack.kafka_bootstrap, group, topic,
+            {p: (max(o) + 1, earlier) for p, o in offsets.items()})
+    # This run reads one new record on partition 0; partition 1 stays idle (no
+    # rewind: it would re-read partition 1's old records).
+    options = _options(stack, group)
+    pipeline = beam.Pipeline(options=options)
+    kafka_to_redis.build(pipeline, topic, options, stack.redis_url, key_prefix)
+    result = pipeline.run()
+    try:
+        new_ms = int(time.time() * 1000)
+        _produce(stack.kafka_bootstrap, topic, 1, [0], timestamp_ms=new_ms)
+
+        def committed():
+            # Both partitions committed by this run: the new record's offset on
+            # partition 0, the unchanged offset of the idle partition 1.
+            meta = _committed_metadata(stack.kafka_bootstrap, group, topic, 2)
+            return meta if meta[0][0] == 11 and meta[1][1] != earlier else None
+
+        meta = _wait_for(committed, 120, "both partitions' commits", result,
+                         state=lambda: _committed_metadata(stack.kafka_bootstrap, group, topic, 2))
+    finally:
+        _cancel(result)
+    assert _committed_timestamp(meta[0][1]) == new_ms
+    # The idle partition's commit kept the earlier timestamp (never -1).
+    assert meta[1][0] == 10 and _committed_timestamp(meta[1][1]) == old_ms

@@ -1,6 +1,7 @@
 """WriteToKafka and WriteDeadLetters against the real Kafka, on DirectRunner and Prism."""
 from __future__ import annotations
 
+import random
 import uuid
 
 import apache_beam as beam
@@ -97,3 +98,64 @@ def test_write_to_a_missing_topic_fails_the_pipeline_naming_the_topic(stack, run
     with pytest.raises(Exception, match=missing) as excinfo:
         pipeline.run().wait_until_finish()
     assert "3 message(s)" in str(excinfo.value)
+
+
+def test_dead_letters_too_large_for_kafka_are_written_truncated(stack, kafka_topic):
+    import hashlib
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from jobs.topics import wait_until_visible
+
+    base = kafka_topic(partitions=1)
+    roomy = kafka_topic(partitions=1, name=base + ".dlq")
+    # A second source topic whose .dlq takes messages of at most 20 KB.
+    narrow_base = f"{base}-narrow"
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    narrow = NewTopic(narrow_base + ".dlq", 1, 1, config={"max.message.bytes": "20000"})
+    admin.create_topics([narrow])[narrow.topic].result(timeout=60)
+    try:
+        wait_until_visible(admin, [narrow.topic], timeout_s=60)
+        huge = bytes(range(256)) * 6_000          # 1.5 MB: over the producer's 1 MB limit
+        # 50 KB that lz4 cannot shrink: over the narrow topic's limit.
+        large = b"\x07" + random.Random(3).randbytes(50_000)
+        letters = [
+            DeadLetter.of(KafkaRecord(base, 0, 1, b"k", huge, T0), DECODE_STEP, "bad_body",
+                          "e", failed_at_ms=T0 + 1),
+            DeadLetter.of(KafkaRecord(narrow_base, 0, 2, b"k", large, T0), DECODE_STEP,
+                          "wrong_magic", "e", failed_at_ms=T0 + 2),
+            DeadLetter.of(KafkaRecord(narrow_base, 0, 3, b"k", b"small", T0), DECODE_STEP,
+                          "wrong_magic", "e", failed_at_ms=T0 + 3),
+        ]
+        pipeline = beam.Pipeline(options=_options("fnapi"))
+        _ = (pipeline
+             | "Create" >> beam.Create(letters)
+             | "WriteDLQ" >> WriteDeadLetters({"bootstrap.servers": stack.kafka_bootstrap}))
+        result = pipeline.run()
+        result.wait_until_finish()
+
+        (big,) = read_dead_letters(stack.kafka_bootstrap, roomy, timeout_s=30)
+        assert big.offset == 1 and big.value_size == len(huge)
+        assert big.value_sha256 == hashlib.sha256(huge).hexdigest()
+        assert 900_000 < len(big.value) < 1_000_000 and huge.startswith(big.value)
+        got = {d.offset: d for d in read_dead_letters(stack.kafka_bootstrap, narrow.topic, 30)}
+        assert got[2].value_size == len(large) and len(got[2].value) == 1024
+        assert got[3].value == b"small" and not got[3].is_truncated
+        counters = {r.key.metric.name: r.committed for r in result.metrics().query(
+            MetricsFilter().with_namespace(DLQ_NAMESPACE))["counters"]}
+        assert counters["resized"] == 1 and counters["written"] == 3
+    finally:
+        admin.delete_topics([narrow.topic])[narrow.topic].result(timeout=60)
+
+
+def test_dead_letters_to_a_missing_dlq_topic_fail_saying_how_to_fix_it(stack):
+    missing = f"t.{uuid.uuid4().hex[:12]}.post-events"
+    letter = DeadLetter.of(KafkaRecord(missing, 0, 1, None, b"x", T0), DECODE_STEP,
+                           "wrong_magic", "e")
+    config = {"bootstrap.servers": stack.kafka_bootstrap, "message.timeout.ms": 3000,
+              "topic.metadata.propagation.max.ms": 1000}
+    pipeline = beam.Pipeline(options=_options("fnapi"))
+    _ = pipeline | beam.Create([letter]) | WriteDeadLetters(config, max_retries=0)
+    with pytest.raises(Exception, match="feedbeam topics create") as excinfo:
+        pipeline.run().wait_until_finish()
+    assert missing + ".dlq" in str(excinfo.value)

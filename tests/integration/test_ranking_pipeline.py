@@ -5,10 +5,15 @@ ranking pipeline (each with its own consumer group) over the test's own topics.
 The test produces a graph, posts, an engagement and a delete, and waits for
 each change to show in the ranked feed read back through ``RankedFeedStore``:
 first ranked by recency (no model), then by a model promoted into the model
-directory while the job runs (picked up without a restart).
+directory while the job runs (picked up without a restart). The ranking job
+alone: a follow's refresh waits for the fan-out's graph; and killed with
+SIGKILL while such refreshes wait, restarted, it refreshes every one of them.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -35,15 +40,21 @@ from schemas.events import (
     PostEventKind,
 )
 from schemas.features import FeatureValue
-from schemas.ranking import RECENCY_VERSION
+from schemas.keys import KeyLayout
+from schemas.ranking import RECENCY_VERSION, RefreshRequest
+from domain.ranking import RankingPolicy
+from stores.config import StoreConfig
+from stores.ranker import QueueConfig, RankingConfig
 from tests.integration.fanout_events import follow
 from tests.integration.ranking_models import promote_toy_model
-from tests.integration.test_kafka_source import _cancel, _wait_for
+from tests.integration.test_fanout import Topics as GroupTopics
+from tests.integration.test_kafka_source import _cancel, _kill, _wait_for
 
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 2
 VIEWER, CELEB = 1, 99
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Topics:
@@ -66,9 +77,8 @@ def post(pid, author, t, media=MediaType.PHOTO, kind=PostEventKind.CREATED):
     return PostEvent(f"{kind.value}-{pid}", t, kind, pid, author, t, media)
 
 
-@pytest.mark.parametrize("clock", ["event", "processing"])
 def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cassandra_session,
-                                                        keyspace, key_prefix, tmp_path, clock):
+                                                        keyspace, key_prefix, tmp_path):
     migrate(cassandra_session, keyspace)
     topics = Topics(stack, kafka_topic)
     model_dir = tmp_path / "models"
@@ -81,7 +91,7 @@ def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cass
         f"--cassandra_host={stack.host}", f"--cassandra_port={stack.cassandra_port}",
         f"--cassandra_keyspace={keyspace}", "--push_threshold=3", "--celebrity_top_n=0",
         f"--model_dir={model_dir}", "--model_poll_s=0.5", "--settle_s=0.2", "--debounce_s=1",
-        "--top_k=4", "--max_per_author=2", f"--debounce_clock={clock}",
+        "--top_k=4", "--max_per_author=2",
     ]
     options = PipelineOptions(args + [f"--consumer_group=g-{uuid.uuid4().hex[:8]}"])
     pipeline = beam.Pipeline(options=options)
@@ -168,7 +178,7 @@ def test_a_follow_refresh_waits_for_the_fan_out(stack, kafka_topic, cassandra_se
         f"--redis_key_prefix={key_prefix}", f"--cassandra_host={stack.host}",
         f"--cassandra_port={stack.cassandra_port}", f"--cassandra_keyspace={keyspace}",
         f"--model_dir={tmp_path / 'models'}", "--settle_s=0.2", "--debounce_s=1",
-        "--follow_retry_s=0.5", "--follow_max_retry_s=1", "--debounce_clock=processing",
+        "--follow_retry_s=0.5", "--follow_max_retry_s=1",
     ])
     pipeline = beam.Pipeline(options=options)
     ranking.build(pipeline, options)
@@ -195,3 +205,92 @@ def test_a_follow_refresh_waits_for_the_fan_out(stack, kafka_topic, cassandra_se
     finally:
         _cancel(result)
         feeds.close()
+
+
+def test_kill_9_while_refreshes_wait_on_the_graph_loses_none(stack, kafka_topic, cassandra_session,
+                                                             keyspace, key_prefix, tmp_path):
+    """Six users follow two authors who post; the fan-out has not applied the follows,
+    so their refreshes wait in the queue (the follow gate). The job is killed with
+    SIGKILL (runner state and all); the fan-out catches up while it is down; the
+    restarted job, with no new event to read, refreshes each of the six to what an
+    uninterrupted job would have ranked once the graph held the edges: the waiting
+    refreshes were in Redis, not in the dead runner."""
+    migrate(cassandra_session, keyspace)
+    topics = GroupTopics(stack, kafka_topic,
+                         (PostEvent.TOPIC, FollowEvent.TOPIC, EngagementEvent.TOPIC))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    args = [
+        "--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
+        "--environment_type=LOOPBACK", "--streaming",
+        f"--kafka_bootstrap={stack.kafka_bootstrap}", f"--topic_prefix={topics.prefix}",
+        f"--consumer_group={group}", "--fallback_start=earliest", "--idle_skew_s=0.5",
+        f"--redis_url={stack.redis_url}", f"--redis_key_prefix={key_prefix}",
+        f"--cassandra_host={stack.host}", f"--cassandra_port={stack.cassandra_port}",
+        f"--cassandra_keyspace={keyspace}", f"--model_dir={tmp_path / 'models'}",
+        "--settle_s=0.2", "--debounce_s=1", "--follow_retry_s=0.5", "--follow_max_retry_s=1",
+        "--refresh_shards=2", "--refresh_lease_s=5"]
+    log = open(os.path.join(stack.state_dir, "logs", f"test-ranking-{key_prefix}.log"), "ab")
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipelines.ranking", *args], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    feeds = RedisFeedStore.from_url(stack.redis_url, key_prefix=key_prefix)
+    reader = RankedFeedStore(feeds.client, feeds.keys,
+                             CassandraFeedStore(cassandra_session, keyspace))
+    queue = QueueConfig(shards=2).open(feeds.client, KeyLayout(key_prefix))
+    followers, authors, others = [1, 2, 3, 4, 5, 6], [10, 11], [7, 8]
+    t = int(time.time() * 1000)
+    edges = [follow(u, a, t) for u in followers for a in authors]
+    posts = [post(100 + i, authors[i % 2], t + 1 + i) for i in range(5)]
+    likes = [EngagementEvent(f"like-{u}", t, EngagementKind.LIKE, u, 10, 100, MediaType.PHOTO)
+             for u in others]
+    topics.send(edges + posts + likes)
+
+    def waiting() -> bool:
+        held = queue.pending()
+        return all(held.get(u, {}).get("wait") for u in followers)
+
+    job = start()
+    try:
+        # The others' refreshes went through (the job runs); the followers' wait.
+        _wait_for(lambda: all(reader.read(u) is not None for u in others), 240,
+                  "the likes' refreshes", state=queue.pending)
+        _wait_for(lambda: waiting() and topics.done(group), 60,
+                  "the follows' refreshes waiting and their offsets committed",
+                  state=queue.pending)
+    finally:
+        _kill(job)
+    assert all(reader.read(u) is None for u in followers)
+
+    # The fan-out catches up while the job is down: the edges, the posts, the pushes.
+    feeds.apply_edges(edges)
+    for p in posts:
+        feeds.put_post(p)
+    for u in followers:
+        feeds.merge_into_feed(u, [(p.post_id, p.created_at) for p in posts], cap=100)
+    ranker = RankingConfig(StoreConfig(stack.redis_url, key_prefix, stack.host,
+                                       stack.cassandra_port, keyspace),
+                           model_dir=str(tmp_path / "models")).open(RankingPolicy())
+    now = int(time.time() * 1000)
+    expected = {f.user_id: [e.post_id for e in f.entries] for f in ranker.rank(
+        [RefreshRequest(u, now) for u in followers], now).feeds}
+    ranker.close()
+    assert all(len(ids) == 5 for ids in expected.values())
+
+    def ranked() -> dict:
+        return {u: (f.model_version, [e.post_id for e in f.entries])
+                for u in followers if (f := reader.read(u)) is not None}
+
+    job = start()
+    try:
+        _wait_for(lambda: ranked() == {u: (RECENCY_VERSION, expected[u]) for u in followers},
+                  240, "every waiting refresh after the restart",
+                  state=lambda: (ranked(), queue.pending()))
+        _wait_for(lambda: queue.pending() == {}, 60, "an empty queue", state=queue.pending)
+    finally:
+        _kill(job)
+        log.close()
+    assert {u: reader.read_durable(u) for u in followers} == {u: reader.read(u)
+                                                              for u in followers}
+    feeds.close()

@@ -1,5 +1,8 @@
-"""``FeedRanker`` against the real Redis and Cassandra: candidates, scoring, diversity,
-recency fallback and a model hot swap.
+"""Ranking outside Beam against the real Redis and Cassandra: ``FeedRanker`` (candidates,
+batched scoring, diversity, recency fallback, a model hot swap, a batch's feeds equal to
+one-by-one refreshes), ``TriggerWriter`` (a celebrity's post refreshes a bounded audience;
+a post going viral re-ranks the feeds that hold it, once per level, rate-limited per
+user) and ``ClaimRefresher`` (what the queue hands out gets ranked and released).
 
 The feeds, timelines and graph are written by the fan-out's own ``FeedFanout``
 (push below the threshold, timeline above it), the features by the features
@@ -8,6 +11,8 @@ pipeline's ``OnlineFeatureStore``; the ranked feeds are read back through
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 import pytest
@@ -15,15 +20,16 @@ import pytest
 from stores.config import StoreConfig
 from stores.fanout import FeedFanout, FeedStores
 from domain.fanout import FanoutPolicy
+from stores.redis.candidates import AudienceReader
 from stores.redis.features import OnlineFeatureStore
 from stores.files.models import ModelRegistry
 from stores.ranked import RankedFeedStore
-from stores.ranker import RankingConfig
-from domain.ranking import RankingPolicy
+from stores.ranker import ClaimRefresher, QueueConfig, RankingConfig, TriggerWriter
+from domain.ranking import Debounce, RankingPolicy, ViralPolicy
 from stores.cassandra.session import migrate
-from schemas.events import MediaType, PostEvent, PostEventKind
+from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind
 from schemas.features import FeatureValue
-from schemas.ranking import RECENCY_VERSION, Candidate, RefreshRequest
+from schemas.ranking import RECENCY_VERSION, VIRAL, Candidate, RefreshRequest, decode_pending
 from tests.integration.fanout_events import follow
 from tests.integration.ranking_models import promote_toy_model
 
@@ -63,6 +69,15 @@ def world(stack, cassandra_session, keyspace, key_prefix, tmp_path):
     reader = RankedFeedStore(opened.redis.client, opened.redis.keys, opened.cassandra)
     yield ranker, reader, ModelRegistry(config.model_dir), now
     ranker.close()
+    opened.close()
+
+
+@pytest.fixture
+def stores_of(stack, cassandra_session, keyspace, key_prefix):
+    migrate(cassandra_session, keyspace)
+    opened = FeedStores.open(StoreConfig(stack.redis_url, key_prefix, stack.host,
+                                         stack.cassandra_port, keyspace))
+    yield opened
     opened.close()
 
 
@@ -123,3 +138,88 @@ def test_a_user_without_candidates_gets_an_empty_ranking(world):
     assert outcome.entries == 0
     feed = reader.read(4242)
     assert feed is not None and feed.entries == ()
+
+
+def test_a_batch_ranks_each_user_as_a_refresh_of_that_user_alone(world):
+    ranker, reader, registry, now = world
+    promote_toy_model(registry, "viewer_author_affinity", +1, at_ms=now - 5000)
+    users = [VIEWER, FAN_A, FAN_B, 4242]
+    together = ranker.rank([RefreshRequest(u, now) for u in users], now)
+    alone = [ranker.rank([RefreshRequest(u, now)], now).feeds[0] for u in users]
+    assert together.feeds == alone
+    assert [len(f.entries) for f in together.feeds] == [10, 2, 2, 0]   # fans: the celebrity
+
+
+def test_a_celebrity_post_refreshes_a_bounded_audience(stores_of):
+    """An author above the push threshold with 40 followers: a post queues refreshes for
+    at most ``post_refresh_cap`` of them, the most engaged (still following, active)
+    first, topped up in follow order; inactive followers are skipped."""
+    redis = stores_of.redis
+    now = int(time.time() * 1000)
+    fanout = FeedFanout(redis, stores_of.cassandra, FanoutPolicy(push_threshold=5,
+                                                                  celebrity_top_n=0))
+    fans = list(range(100, 140))
+    fanout.apply([follow(u, CELEB, now - 60_000 + i) for i, u in enumerate(fans)])
+    redis.set_follower_engagement(CELEB, {139: 9.0, 138: 8.0, 137: 7.0, 5: 6.0})  # 5 left
+    redis.set_last_read(138, now - 40 * 86_400_000)                               # inactive
+    policy = RankingPolicy(push_threshold=5, post_refresh_cap=4)
+    queue = QueueConfig(shards=2, debounce=Debounce(0, 1000, 1)).open(redis.client, redis.keys)
+    writer = TriggerWriter(AudienceReader(redis), OnlineFeatureStore(redis.client, redis.keys),
+                           queue, policy)
+    result = writer.apply([post(777, CELEB, now)])
+    assert result.reasons == {"post_created": 4}
+    assert set(queue.pending()) == {139, 137, 100, 101}
+    # Below the threshold every active follower is refreshed (here: cap 40).
+    small = TriggerWriter(AudienceReader(redis), OnlineFeatureStore(redis.client, redis.keys),
+                          queue, RankingPolicy(push_threshold=1000, post_refresh_cap=40))
+    assert small.apply([post(778, CELEB, now)]).reasons == {"post_created": 39}
+
+
+def test_a_post_going_viral_moves_up_in_the_feeds_that_hold_it(world):
+    """Its engagement count jumps (features pipeline): the next engagement with it
+    re-ranks its audience once for that level; the feed then puts it on top (a model
+    that prefers engaged posts); a user is re-ranked for virality at most once per
+    interval."""
+    ranker, reader, registry, now = world
+    redis = ranker.candidates.feeds
+    features = OnlineFeatureStore(redis.client, redis.keys)
+    promote_toy_model(registry, "post_like_1h", +1, at_ms=now - 5000)
+    queue = QueueConfig(shards=1, debounce=Debounce(0, 1, 1)).open(redis.client, redis.keys)
+    writer = TriggerWriter(AudienceReader(redis), features, queue, ranker.policy,
+                           ViralPolicy(min_engagements=2, factor=2.0, user_interval_ms=60_000))
+    claims = ClaimRefresher(ranker, queue, follow_wait=None)
+
+    def refresh_queued():
+        claim = queue.claim(0, int(time.time() * 1000) + 10, limit=10).refreshes
+        claims.apply([claim])
+        return claim
+
+    # Every candidate starts with no likes (a missing value would take the toy
+    # model's default branch, which may be the high one).
+    features.write([FeatureValue("post", str(p), "like_1h", 0.0, now - 5000)
+                    for p in (100, 101, 102, 103, 104, 105, 110, 120, 990, 991)])
+    ranker.refresh([RefreshRequest(VIEWER, now)])
+    assert ids(reader.read(VIEWER))[0] != 100   # author 10's oldest post: not on top
+    like = EngagementEvent("l1", now, EngagementKind.LIKE, FAN_A, 10, 100, MediaType.PHOTO)
+    # Engaged with, but not viral yet: only the liker is queued.
+    writer.apply([like])
+    assert [decode_pending(u, p)[1][0].reason for u, p in
+            zip(*refresh_queued()[2:4])] == ["engaged"]
+    features.write([FeatureValue("post", "100", "like_1h", 0.9, now - 1000)])
+    writer.apply([like])
+    refresh_queued()
+    # 0.9 likes: below the minimum. Then 3 (level 1), then 3 again (same level).
+    features.write([FeatureValue("post", "100", "like_1h", 3.0, now - 500)])
+    result = writer.apply([dataclasses.replace(like, event_id="l2")])
+    assert result.viral_posts == 1
+    claim = refresh_queued()
+    viral = {u for u, p in zip(claim.users, claim.payloads)
+             if any(t.reason == VIRAL for t in decode_pending(u, p)[1])}
+    assert viral == {VIEWER}   # author 10's only follower
+    assert ids(reader.read(VIEWER))[0] == 100
+    assert writer.apply([dataclasses.replace(like, event_id="l3")]).viral_posts == 0
+    # Level 2 (8 likes): a new level, but the viewer was re-ranked for virality a
+    # moment ago: rate-limited.
+    features.write([FeatureValue("post", "100", "like_1h", 8.0, now - 100)])
+    result = writer.apply([dataclasses.replace(like, event_id="l4")])
+    assert result.viral_posts == 1 and VIRAL not in result.reasons

@@ -2,7 +2,9 @@
 fan-out transform (``FanOutToFollowerFeeds`` on FnApiRunner), the ranked store and the
 story store. Auth, merge of pushed and pulled posts, hydration, pagination stable
 while new posts arrive, pages past the Redis cap, cold and inactive rebuilds, ranked
-pages across a re-ranking, the story tray, and a schemathesis run with no 5xx.
+pages across a re-ranking, the story tray and who may mark a story seen, work per
+request bounded for an account following thousands, the HTTP servers' limits on
+headers, bodies and slow clients, and a schemathesis run with no 5xx.
 
 Run: ``python -m pytest tests/integration/test_serving_api.py``
 """
@@ -26,8 +28,15 @@ from serving.auth import issue_token
 from tests.integration.fanout_events import create, delete, follow
 from tests.integration.serving_harness import (
     JWT_KEY,
+    command_calls,
+    follow_raw,
+    free_port,
+    private_redis,
+    raw_exchange,
     running_app,
+    served,
     serving_config,
+    story_raw,
     wait_until,
 )
 # ``stores``: (StoreConfig, RedisFeedStore, CassandraFeedStore) on a fresh prefix and keyspace.
@@ -192,8 +201,121 @@ def test_story_tray_and_mark_seen(api, stores, redis_client, key_prefix, cassand
     status, tray = api.get("/v1/users/1/stories/tray", user=1)
     assert [e["author_id"] for e in tray["entries"]] == [100, 101]   # unseen first
     assert tray["entries"][1]["stories"][0]["seen"] is True
-    assert cassandra_stories.seen(1, now) == {502}                    # durable copy too
+    wait_until(lambda: cassandra_stories.seen(1, now) == {502}, 10, "the durable seen row")
     assert api.call("POST", "/v1/users/1/stories/999/seen", user=1)[0] == 404
+
+
+def test_only_a_visible_story_can_be_marked_seen(stack, redis_client, key_prefix):
+    """Seen needs the story active and its author followed (or the caller's own);
+    anything else is the same 404 as an unknown id, so ids reveal nothing."""
+    keys = KeyLayout(key_prefix)
+    now = int(time.time() * 1000)
+    follow_raw(redis_client, keys, 1, [100], now - 60_000)
+    for sid, author in ((601, 100), (602, 101), (603, 1)):
+        story_raw(redis_client, keys, sid, author, now - 1000, now + 3_600_000)
+    story_raw(redis_client, keys, 604, 100, now - 7_200_000, now - 1000)  # expired
+    config = serving_config(stack, key_prefix, "t_nokeyspace", cassandra_port=free_port())
+    with running_app(config) as (api, _):
+        unknown = api.call("POST", "/v1/users/1/stories/999/seen", user=1)
+        assert unknown[0] == 404
+        for sid in (602, 604):  # an unfollowed author's live story; an expired one
+            status, body = api.call("POST", f"/v1/users/1/stories/{sid}/seen", user=1)
+            assert status == 404 and body["error"]["message"] == f"story {sid} not found"
+        assert redis_client.zrange(keys.seen_stories(1), 0, -1) == []
+        for sid in (601, 603):  # a followed author's story; one's own
+            status, body = api.call("POST", f"/v1/users/1/stories/{sid}/seen", user=1)
+            assert status == 200 and body == {"seen": True, "source": "redis"}
+    assert redis_client.zrange(keys.seen_stories(1), 0, -1) == [b"601", b"603"]
+    assert redis_client.pttl(keys.seen_stories(1)) > 3_600_000  # expiry + grace
+
+
+def test_the_tray_pages_through_followees(stack, redis_client, key_prefix):
+    keys = KeyLayout(key_prefix)
+    now = int(time.time() * 1000)
+    follow_raw(redis_client, keys, 1, [100, 101, 102], now - 60_000)  # 102 most recent
+    for sid, author in ((701, 100), (702, 101), (703, 102)):
+        story_raw(redis_client, keys, sid, author, now - 1000 + sid, now + 3_600_000)
+    config = serving_config(stack, key_prefix, "t_nokeyspace", cassandra_port=free_port(),
+                            tray_followees=2)
+    with running_app(config) as (api, _):
+        status, page1 = api.get("/v1/users/1/stories/tray", user=1)
+        assert status == 200 and [e["author_id"] for e in page1["entries"]] == [102, 101]
+        status, page2 = api.get(f"/v1/users/1/stories/tray?cursor={page1['next_cursor']}", user=1)
+        assert [e["author_id"] for e in page2["entries"]] == [100]
+        assert page2["next_cursor"] is None
+        status, body = api.get(f"/v1/users/1/feed?cursor={page1['next_cursor']}", user=1)
+        assert status == 400 and "tray" in body["error"]["message"]
+
+
+def test_work_per_request_is_bounded_whatever_the_account(stack, keyspace):
+    """A user following 3,000 accounts, 400 of them above the push threshold: a
+    page reads at most the configured numbers of follower counts, timelines and
+    story indexes (commands counted by a private Redis)."""
+    keys = KeyLayout("fb")
+    now = int(time.time() * 1000)
+    followees = list(range(1000, 4000))
+    celebrities = sorted(followees[::-7][:400])  # spread over the follows, newest included
+    with private_redis() as (url, _):
+        import redis
+
+        client = redis.Redis.from_url(url)
+        follow_raw(client, keys, 1, followees, now - 3_600_000)
+        pipe = client.pipeline(transaction=False)
+        for c in celebrities:  # 3 followers: at the push threshold
+            pipe.zadd(keys.followers(c), {"2": 1, "3": 1})
+            pipe.zadd(keys.author_timeline(c), {str(c * 10): now - c})
+            pipe.hset(keys.post(c * 10), mapping={"author_id": c, "created_at": now - c})
+            pipe.zadd(keys.author_stories(c), {str(c * 10): now + 3_600_000})
+            pipe.hset(keys.story(c * 10), mapping={"author_id": c, "created_at": now - c,
+                                                   "expires_at": now + 3_600_000})
+        pipe.zadd(keys.home_feed(1), {"5": now - 10})  # not cold: no rebuild
+        pipe.hset(keys.post(5), mapping={"author_id": 999, "created_at": now - 10})
+        pipe.set(keys.last_read(1), now)
+        pipe.execute()
+        config = serving_config(stack, "fb", keyspace, redis_url=url, cassandra_port=free_port(),
+                                push_threshold=3, max_followees_scanned=500,
+                                max_pulled_timelines=20, tray_followees=50)
+        with running_app(config) as (api, _):
+            client.config_resetstat()
+            status, body = api.get("/v1/users/1/feed/chronological?limit=100", user=1)
+            assert status == 200, body
+            first = command_calls(client)
+            assert first["zrange"] == 1 and first["zcard"] <= 500 + 1, first
+            assert first["zrevrangebyscore"] == 1 + 20, first
+            # The 20 pulled are the most recently followed celebrities.
+            assert {i["author_id"] for i in body["items"]} == set(celebrities[-20:]) | {999}
+            client.config_resetstat()
+            assert api.get("/v1/users/1/feed/chronological", user=1)[0] == 200
+            cached = command_calls(client)  # the graph and counts are cached
+            assert cached.get("zrange", 0) == 0 and cached["zcard"] == 1, cached
+            client.config_resetstat()
+            status, tray = api.get("/v1/users/1/stories/tray?limit=100", user=1)
+            assert status == 200 and tray["next_cursor"]
+            calls = command_calls(client)
+            # The followee page, 50 story indexes, the seen set, the live stories' hashes.
+            assert calls["zrevrange"] == 1 + 50 and calls["zrangebyscore"] == 1, calls
+            assert calls["hgetall"] == len(tray["entries"]) == len(
+                [c for c in celebrities if c >= followees[-50]])
+        client.close()
+
+
+@pytest.mark.parametrize("server", ["granian", "uvicorn"])
+def test_the_http_server_bounds_headers_bodies_and_slow_clients(stack, server):
+    args = ["--header-read-timeout-s", "1", "--cassandra-timeout-ms", "100"]
+    with served(server, args, env={"FEEDBEAM_CASSANDRA_PORT": str(free_port())}) as port:
+        huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000 + b"\r\n\r\n"
+        assert raw_exchange(port, huge).startswith(b"HTTP/1.1 431")
+        body = b"POST /v1/users/1/stories/5/seen HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+        reply = raw_exchange(port, body + b"Connection: close\r\n\r\n" + b"x" * 5000)
+        assert reply.startswith(b"HTTP/1.1 413") and b"larger than 1024 bytes" in reply
+        # Half a request, then nothing: the server hangs up (it would wait for ever).
+        reply = raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert b"200" not in reply.split(b"\r\n", 1)[0]
+        # A connection that never sends anything is closed too.
+        idle = raw_exchange(port, b"")
+        assert idle == b"" or idle.startswith(b"HTTP/1.1 408"), idle
+        ok = raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200")
 
 
 def test_bad_input_gets_a_clear_4xx(api):
@@ -218,7 +340,7 @@ def test_bad_input_gets_a_clear_4xx(api):
 def test_health_metrics_and_openapi(api):
     assert api.get("/healthz") == (200, {"status": "ok"})
     status, ready = api.get("/readyz")
-    assert status == 200 and ready["status"] == "ready"
+    assert (status, ready) == (200, {"status": "ready", "redis": "ready", "cassandra": "ready"})
     api.get("/v1/users/1/feed", user=1)
     status, text = api.get("/metrics")
     assert status == 200 and 'feedbeam_http_requests_total{route="feed",status="200"' in text

@@ -1,7 +1,8 @@
 """``MaterializeStories`` on Prism with ``TestStream`` (watermark under test control)
-against the real Redis and Cassandra: publish, view, delete cancelling the
-timer, the expiry timer firing when the watermark reaches ``expires_at`` (and
-not before), and views after expiry ignored without recreating state.
+against the real Redis and Cassandra: event batches mixing publishes and views,
+a delete taking its story out of the expiry index, the expiry timer firing when
+the watermark reaches ``expires_at`` (and not before), and views after expiry
+ignored without recreating state.
 
 Event times sit minutes ahead of the wall clock, so nothing here expires by
 the wall clock while the test runs: every removal is the timer's doing.
@@ -27,6 +28,7 @@ from domain.stories import StoryPolicy
 from stores.cassandra.session import migrate
 from schemas.events import MediaType, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
+from schemas.records import EventBatch
 from stores.config import StoreConfig
 
 pytestmark = pytest.mark.integration
@@ -42,12 +44,16 @@ def event(kind: StoryEventKind, story: int, author: int, at: int, viewer: int | 
                       expires_at=expires, media_type=MediaType.VIDEO if kind is PUBLISHED else None)
 
 
-def stamped(events: list[StoryEvent]) -> list[TimestampedValue]:
-    return [TimestampedValue(e, e.event_time / 1000) for e in events]
+def batched(events: list[StoryEvent]) -> list[TimestampedValue]:
+    """The events as one ``EventBatch`` (as one partition poll), at its oldest event's time."""
+    n = len(events)
+    batch = EventBatch("story-events", 0, events, [e.event_time for e in events],
+                       list(range(n)), [None] * n, [b""] * n)
+    return [TimestampedValue(batch, min(e.event_time for e in events) / 1000)]
 
 
-def _id_action(outcome):
-    return outcome.event_id, outcome.action
+def _id_actions(outcomes):
+    return [(o.event_id, o.action) for o in outcomes]
 
 
 def _expired_at(expired, ts=beam.DoFn.TimestampParam):
@@ -69,21 +75,21 @@ def test_publish_view_delete_and_expiry_at_the_watermark(stack, redis_client, ke
              event(VIEWED, s3, 2, exp3 + 1000, viewer=8),            # viewed after s3 expired
              event(PUBLISHED, s1, 1, t, expires=exp1)]               # s1 redelivered
     stream = (TestStream()
-              .add_elements(stamped(first))
+              .add_elements(batched(first))
               .advance_watermark_to((t + 5000) / 1000)
-              .add_elements(stamped([delete_s2]))
+              .add_elements(batched([delete_s2]))
               .advance_watermark_to((exp1 - 1) / 1000)
-              .add_elements(stamped([just_before]))
+              .add_elements(batched([just_before]))
               .advance_watermark_to(exp1 / 1000)
-              .add_elements(stamped(after))
+              .add_elements(batched(after))
               .advance_watermark_to_infinity())
     stores = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
     options = PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
                                "--environment_type=LOOPBACK", "--streaming"])
     with beam.Pipeline(options=options) as p:
         results = p | stream | MaterializeStories(
-            stores, StoryPolicy(grace_ms=10 * MIN), max_batch=100)
-        assert_that(results.outcomes | "IdAction" >> beam.Map(_id_action), equal_to([
+            stores, StoryPolicy(grace_ms=10 * MIN), max_batches=100)
+        assert_that(results.outcomes | "IdAction" >> beam.FlatMap(_id_actions), equal_to([
             (first[0].event_id, "published"), (first[1].event_id, "published"),
             (first[2].event_id, "published"), (first[3].event_id, "viewed"),
             (first[4].event_id, "viewed"), (delete_s2.event_id, "deleted"),
@@ -91,7 +97,7 @@ def test_publish_view_delete_and_expiry_at_the_watermark(stack, redis_client, ke
             (after[0].event_id, "view_expired"), (after[1].event_id, "view_late"),
             (after[2].event_id, "tombstoned"),
         ]), label="Outcomes")
-        # s1 fires at its expiry, s3 when the stream ends; s2 was deleted: its timer cancelled.
+        # s1 fires at its expiry, s3 when the stream ends; s2 was deleted: nothing to expire.
         assert_that(results.expired | "WithTimestamp" >> beam.Map(_expired_at),
                     equal_to([(s1, exp1, exp1), (s3, exp3, exp3)]), label="Expired")
 

@@ -261,3 +261,157 @@ def test_deletes_are_recorded_so_a_lost_tombstone_can_be_restored(stores):
     # Past expiry + grace there is nothing left to restore.
     assert stores.redis.restore_deletions([(11, 1, pub.expires_at)],
                                           pub.expires_at + POLICY.grace_ms) == 0
+
+
+# -- batches ----------------------------------------------------------------------
+
+
+class _Counted:
+    """Counts the round trips a store makes: Redis pipelines executed and Cassandra
+    concurrent executions (the real clients underneath)."""
+
+    def __init__(self, stores: Both, monkeypatch):
+        self.redis = self.cassandra = 0
+        client, db = stores.redis.client, stores.cassandra._db
+        make_pipeline, execute = client.pipeline, db._execute
+
+        def pipeline(*args, **kwargs):
+            pipe = make_pipeline(*args, **kwargs)
+            run = pipe.execute
+
+            def counted_execute(*a, **k):
+                self.redis += 1
+                return run(*a, **k)
+
+            pipe.execute = counted_execute
+            return pipe
+
+        def counted(work):
+            self.cassandra += 1
+            return execute(work)
+
+        monkeypatch.setattr(client, "pipeline", pipeline)
+        monkeypatch.setattr(db, "_execute", counted)
+
+    def take(self) -> tuple[int, int]:
+        out, self.redis, self.cassandra = (self.redis, self.cassandra), 0, 0
+        return out
+
+
+def mixed_batch(base: int, n: int, t: int) -> list[StoryEvent]:
+    """``n`` stories of ``base``.., each published, viewed twice (once again by the
+    same viewer), every third deleted, and a view and a publish after the delete."""
+    events = []
+    for i in range(n):
+        story = base + i
+        events += [published(story, 1 + i % 5, t - MIN), viewed(story, 1 + i % 5, 7, t),
+                   viewed(story, 1 + i % 5, 8 + i, t), viewed(story, 1 + i % 5, 7, t + 1)]
+        if i % 3 == 0:
+            events += [deleted(story, 1 + i % 5, t + 2), viewed(story, 1 + i % 5, 9, t + 3),
+                       published(story, 1 + i % 5, t - MIN)]
+    return events
+
+
+def test_a_batch_of_any_size_mixing_kinds_costs_the_same_round_trips(stores, monkeypatch):
+    from domain.stories import expected_stories
+
+    t = now_ms()
+    counted = _Counted(stores, monkeypatch)
+    small, large = mixed_batch(1000, 3, t), mixed_batch(2000, 200, t)
+    outcomes = stores.apply(small, t)
+    assert outcomes[:7] == ["published", "viewed", "viewed", "viewed", "deleted",
+                            "view_deleted", "tombstoned"]
+    assert counted.take() == (3, 3)   # deletes: Cassandra read, write, views partitions
+    stores.apply(large, t)
+    assert counted.take() == (3, 3)
+    no_deletes = [e for e in mixed_batch(5000, 150, t) if e.kind is not StoryEventKind.DELETED]
+    stores.apply(no_deletes, t)
+    assert counted.take() == (2, 1)
+    # Applied in event order, as the oracle applies them, in both stores.
+    expected = expected_stories(small + large + no_deletes, t, POLICY)
+    for story, meta in expected.live.items():
+        assert stores.redis.story(story) == stores.cassandra.story(story) == meta
+        assert stores.redis.viewers(story) == stores.cassandra.viewers(story) == sorted(
+            expected.viewers.get(story, ()))
+    for story in expected.removed:
+        assert stores.redis.story(story) is None and stores.cassandra.story(story) is None
+        assert stores.redis.viewers(story) == stores.cassandra.viewers(story) == []
+    for viewer in (7, 8, 9, 150):
+        assert stores.redis.seen(viewer, t) == stores.cassandra.seen(viewer, t) == \
+            expected.seen.get(viewer, set())
+
+
+def test_a_delete_retried_after_its_first_step_still_cleans_the_viewers(stores):
+    t = now_ms()
+    pub = published(11, 1, t - MIN)
+    stores.apply([pub, viewed(11, 1, 7, t), viewed(11, 1, 8, t)], t)
+    # A crash after the delete's first Redis step: the hash is marked, nothing else done.
+    redis_store = stores.redis
+    redis_store._story_step(keys=[redis_store.keys.story(11), redis_store.keys.story_viewers(11)],
+                            args=[t, POLICY.grace_ms, "d", 1, pub.expires_at, "", ""])
+    assert redis_store.story(11) is None                    # not served meanwhile
+    assert redis_store.seen(7, t) == {11}                    # satellites still there
+    assert stores.delete(11, 1, t).action == "deleted"       # the retry
+    assert redis_store.seen(7, t) == redis_store.seen(8, t) == set()
+    assert redis_dump(stores) == {redis_store.keys.story(11): {
+        "author_id": "1", "expires_at": str(pub.expires_at), "removed": "deleted"}}
+    assert all(rows == [] for name, rows in stores.cassandra.dump().items())
+
+
+def test_expiry_rounds_remove_what_is_due_and_say_what_is_left(stores):
+    from domain.stories import HOUR_MS, add_pending, expiry_bucket, index_shards_of
+
+    t = (now_ms() // HOUR_MS + 2) * HOUR_MS   # ahead of the wall clock: event time decides
+    b = expiry_bucket(t)
+    key0, key1 = index_shards_of(0, 8), index_shards_of(1, 8)   # [0, 8] and [1, 9]
+    # story -> expires_at: 16, 32, 48 are index shard 0, 24 shard 8, 17 and 33 shard 1.
+    expiries = {16: t + 10, 32: t + 20, 24: t + 30, 48: t + HOUR_MS + 40, 17: t + 15,
+                33: t + 16}
+    stores.apply([StoryEvent(f"p{s}", t - MIN, StoryEventKind.PUBLISHED, s, 3,
+                             created_at=t - MIN, expires_at=e) for s, e in expiries.items()],
+                 t - MIN)
+    stores.apply([viewed(16, 3, 7, t - 5), deleted(32, 3, t - 5)], t - MIN)
+    pending: dict[int, int] = {}
+    for s in (16, 32, 24, 48):
+        add_pending(pending, expiries[s])
+    assert pending == {b: t + 10, b + 1: t + HOUR_MS + 40}
+
+    # Fired at t + 25: 16 is due; 32 was deleted (out of the index), 24 comes later.
+    done = stores.writer.expire_due(key0, pending, t + 25)
+    assert [(e.story_id, e.author_id, e.expires_at) for e in done.expired] == [(16, 3, t + 10)]
+    assert done.pending == {b: t + 30, b + 1: t + HOUR_MS + 40}
+    assert stores.redis.story(16) is None and stores.cassandra.story(16) is None
+    assert stores.redis.seen(7, t) == stores.cassandra.seen(7, t) == set()
+    assert stores.redis.story(17) is not None and stores.redis.story(24) is not None
+    # The next firing takes the rest of the hour; the bucket goes.
+    done = stores.writer.expire_due(key0, done.pending, t + 30)
+    assert [e.story_id for e in done.expired] == [24]
+    assert done.pending == {b + 1: t + HOUR_MS + 40}
+    assert stores.redis.story(48) is not None and stores.redis.story(17) is not None
+
+    # A round allowed fewer stories than are due leaves the rest pending, due at once.
+    done = stores.writer.expire_due(key1, {b: t + 15}, t + 20, max_due=1)
+    assert [e.story_id for e in done.expired] == [17]
+    assert done.pending == {b: t + 15}
+    done = stores.writer.expire_due(key1, done.pending, t + 20, max_due=1)
+    assert [e.story_id for e in done.expired] == [33]
+    done = stores.writer.expire_due(key1, done.pending, t + 20, max_due=1)
+    assert (done.expired, done.pending) == ((), {})
+    assert stores.redis.story(33) is None and stores.cassandra.story(33) is None
+    # A story a delete removed after its index row was read is not announced.
+    assert stores.writer.expire(32, 3, t + 20) is None
+
+
+def test_the_start_up_sweep_finds_each_bucket_with_stories(stores):
+    from domain.stories import HOUR_MS, expiry_bucket, index_shards_of
+
+    t = now_ms()
+    h = (t // HOUR_MS + 1) * HOUR_MS   # the next full hour
+    b = expiry_bucket(h)
+    expiries = {16: h + 5 * MIN, 32: h + 3 * MIN, 48: h + 3 * HOUR_MS, 17: h + MIN}
+    stores.apply([StoryEvent(f"p{s}", t, StoryEventKind.PUBLISHED, s, 1, created_at=t,
+                             expires_at=e) for s, e in expiries.items()], t)
+    assert stores.writer.pending(index_shards_of(0, 4)) == {b: h + 3 * MIN,
+                                                            b + 3: h + 3 * HOUR_MS}
+    assert stores.writer.pending(index_shards_of(1, 4)) == {b: h + MIN}
+    assert stores.writer.pending(index_shards_of(2, 4)) == {}

@@ -2,6 +2,7 @@
 batches opened keep each event's own time."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import random
 
@@ -12,9 +13,12 @@ from apache_beam.testing.test_pipeline import TestPipeline as _TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
+from pipelines.io import deadletter
 from pipelines.io.deadletter import (
     DECODE_NAMESPACE, DecodeBatches, _DecodeBatchFn, to_kafka_message,
 )
+from pipelines.io.kafka_write import KafkaMessage
+from schemas import validation
 from pipelines.io.kafka import RecordBatchCoder
 from pipelines.io.source import OpenBatches
 from schemas.records import DECODE_STEP, DeadLetter, KafkaRecord, RecordBatch, decode_batch
@@ -310,3 +314,143 @@ class _WindowStart(beam.DoFn):
     def process(self, element, w=beam.DoFn.WindowParam):
         _, ids = element
         yield int(w.start.micros // 1_000_000), tuple(sorted(ids))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+NOW = 1_796_000_000_000
+
+
+def _invalid_events() -> list[tuple[object, str]]:
+    """Decodable events that break a rule, with the reason each must carry."""
+    base = EVENTS[6]  # a FOLLOW
+    return [
+        (dataclasses.replace(base, event_id="us", event_time=NOW * 1000),
+         validation.EVENT_TIME_IN_FUTURE),
+        (dataclasses.replace(base, event_id="ns", event_time=NOW * 1_000_000),
+         validation.EVENT_TIME_IN_FUTURE),
+        (dataclasses.replace(base, event_id="s", event_time=NOW // 1000),
+         validation.EVENT_TIME_BEFORE_FLOOR),
+        (dataclasses.replace(base, event_id="neg", follower_id=-4), validation.NEGATIVE_ID),
+        (dataclasses.replace(EVENTS[0], event_id="tags",
+                             hashtags=tuple(("h%03d" % i) * 25 for i in range(600))),
+         validation.TOO_MANY_HASHTAGS),
+        (dataclasses.replace(EVENTS[4], event_id="story",
+                             expires_at=EVENTS[4].created_at + 40 * 24 * 3_600_000),
+         validation.STORY_LIFE_TOO_LONG),
+    ]
+
+
+def test_decode_batch_dead_letters_invalid_events_and_keeps_the_rest_in_order():
+    invalid = _invalid_events()
+    mixed = [EVENTS[6], invalid[0][0], EVENTS[7], invalid[3][0], invalid[1][0]]
+    values = [_codec.encode(e) for e in mixed]
+    batch = RecordBatch("follow-events", 1, [20, 21, 22, 23, 24], [b"k"] * 5, values,
+                        [T0] * 5)
+    events, dead = decode_batch(_codec, batch, limits=validation.EventLimits(), now_ms=NOW)
+    assert list(events.events) == [EVENTS[6], EVENTS[7]]
+    assert list(events.offsets) == [20, 22] and list(events.values) == [values[0], values[2]]
+    assert [(d.offset, d.step, d.reason, d.value) for d in dead] == [
+        (21, validation.VALIDATE_STEP, validation.EVENT_TIME_IN_FUTURE, values[1]),
+        (23, validation.VALIDATE_STEP, validation.NEGATIVE_ID, values[3]),
+        (24, validation.VALIDATE_STEP, validation.EVENT_TIME_IN_FUTURE, values[4])]
+    # Without limits nothing is checked (the decode-only path).
+    events, dead = decode_batch(_codec, batch)
+    assert len(events) == 5 and not dead
+
+
+def test_validation_compares_against_the_kafka_timestamp_not_the_element_time():
+    # Element times by event time (as --timestamp_policy=event gives them), the
+    # Kafka timestamps two hours before: the events claim to lie ahead of the
+    # moment their records were written.
+    event = dataclasses.replace(EVENTS[6], event_time=T0 + 2 * 3_600_000)
+    batch = RecordBatch("follow-events", 0, [5], [None], [_codec.encode(event)],
+                        [event.event_time], kafka_timestamps_ms=[T0])
+    events, dead = decode_batch(_codec, batch, limits=validation.EventLimits(), now_ms=NOW)
+    assert not events.events
+    assert [(d.reason, d.timestamp_ms) for d in dead] == [(validation.EVENT_TIME_IN_FUTURE, T0)]
+
+
+def test_decode_batches_sends_invalid_events_to_the_dead_letters_with_their_reason():
+    invalid = _invalid_events()
+    records = [KafkaRecord(PREFIX + type(e).TOPIC, partition=0, offset=700 + i, key=b"bad",
+                           value=_codec.encode(e), timestamp_ms=T0)
+               for i, (e, _) in enumerate(invalid)]
+    good, _, _ = _records()
+    expected = {(r.topic, r.offset): reason for r, (_, reason) in zip(records, invalid)}
+    with _TestPipeline() as p:
+        decoded = (p | _CreateBatches(good + records)
+                   | DecodeBatches(topic_prefix=PREFIX))
+        assert_that(decoded.events | OpenBatches(), equal_to(EVENTS), label="GoodEvents")
+        assert_that(decoded.dead_letters
+                    | beam.Map(lambda d: ((d.topic, d.offset), d.step, d.reason)),
+                    equal_to([(c, validation.VALIDATE_STEP, r) for c, r in expected.items()]),
+                    label="Invalid")
+
+
+def test_decode_batches_without_limits_checks_nothing():
+    event, _ = _invalid_events()[3]
+    record = KafkaRecord(event.TOPIC, 0, 1, event.key, _codec.encode(event), T0)
+    with _TestPipeline() as p:
+        decoded = p | _CreateBatches([record]) | DecodeBatches(limits=None)
+        assert_that(decoded.events | OpenBatches(), equal_to([event]))
+
+
+def test_record_batches_keep_their_kafka_timestamps_through_the_coder():
+    batch = RecordBatch("t.post-events", 1, [3, 4], [b"k", None], [b"a", b"b"],
+                        [T0 + 1, T0 + 2], kafka_timestamps_ms=[T0 - 7, -1])
+    coder = RecordBatchCoder()
+    decoded = coder.decode(coder.encode(batch))
+    assert list(decoded.kafka_timestamps_ms) == [T0 - 7, -1]
+    assert decoded.record(0).timestamp_ms == T0 - 7 and decoded.timestamps_ms == [T0 + 1, T0 + 2]
+
+
+# --------------------------------------------------------------------------- large dead letters
+
+
+def _letter(value: bytes | None, key: bytes | None = b"key") -> DeadLetter:
+    return DeadLetter.of(KafkaRecord("post-events", 1, 42, key, value, T0), DECODE_STEP,
+                         "bad_body", "boom", failed_at_ms=T0 + 1)
+
+
+def test_a_dead_letter_too_large_for_a_message_is_truncated_with_size_and_digest():
+    import hashlib
+
+    value = bytes(range(256)) * 8_000  # 2 MB
+    message = to_kafka_message(_letter(value), max_message_bytes=100_000)
+    size = len(message.key) + len(message.value) + sum(len(n) + len(v) for n, v in message.headers)
+    assert size <= 100_000 and len(message.value) > 90_000
+    assert value.startswith(message.value)
+    back = DeadLetter.from_kafka(message.key, message.value, list(message.headers))
+    assert back.is_truncated and back.value_size == len(value)
+    assert back.value_sha256 == hashlib.sha256(value).hexdigest()
+    assert (back.topic, back.offset, back.reason) == ("post-events", 42, "bad_body")
+    # A letter that fits is untouched, and carries no truncation headers.
+    small = to_kafka_message(_letter(b"v" * 1000), max_message_bytes=100_000)
+    assert small.value == b"v" * 1000 and not any(n.startswith("feedbeam.value")
+                                                   for n, _ in small.headers)
+    assert DeadLetter.from_kafka(small.key, small.value, list(small.headers)) == _letter(
+        b"v" * 1000)
+
+
+def test_a_dead_letter_the_broker_refuses_is_shrunk_keeping_the_original_digest():
+    value = b"x" * 50_000
+    fitted = to_kafka_message(_letter(value), max_message_bytes=40_000)
+    shrunk = deadletter.shrink_dead_letter_message(fitted)
+    assert len(shrunk.value) == deadletter.SHRUNK_VALUE_BYTES
+    back = DeadLetter.from_kafka(shrunk.key, shrunk.value, list(shrunk.headers))
+    assert back.value_size == len(value)  # the original's, not the fitted one's
+    # Nothing left to cut, or not a dead letter: no resize (the error stands).
+    assert deadletter.shrink_dead_letter_message(shrunk) is None
+    assert deadletter.shrink_dead_letter_message(
+        KafkaMessage("x.dlq", None, b"y" * 5000, (("other", b"1"),))) is None
+
+
+def test_a_missing_dlq_topic_fails_with_what_to_do():
+    hint = deadletter.missing_topic_hint(
+        "WriteToKafka: 1 message(s) not delivered after 0 retries: topic 'x.dlq': 1 message(s), "
+        "first errors: KafkaError{code=UNKNOWN_TOPIC_OR_PART,val=3,str=\"Broker: Unknown topic "
+        "or partition\"}")
+    assert "feedbeam topics create" in hint and "x.dlq" in hint
+    assert deadletter.missing_topic_hint("other trouble") == "other trouble"

@@ -1,5 +1,7 @@
-"""The fan-out decisions as plain functions (no Beam, no servers)."""
+"""The fan-out decisions as plain functions, and its durable write records (no Beam, no servers)."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 
@@ -20,6 +22,22 @@ from domain.fanout import (
     select_celebrity_targets,
 )
 from schemas.events import FollowEvent, FollowKind, PostEvent, PostEventKind
+from schemas.fanout import (
+    CelebrityAdd,
+    CelebrityRemove,
+    Edge,
+    FeedAdd,
+    FeedRemove,
+    FollowerCount,
+    MalformedDurableWrites,
+    Post,
+    PostTombstone,
+    TimelineAdd,
+    TimelineRemove,
+    decode_durable_writes,
+    encode_durable_writes,
+)
+from stores.fanout import DurableFeedWriter
 
 F, U = FollowKind.FOLLOW, FollowKind.UNFOLLOW
 
@@ -140,6 +158,7 @@ def test_oracle_push_celebrity_inactive_delete_unfollow():
     assert state.durable_feeds == {1: {1, 2}, 3: {4, 5}}
     assert state.timelines == {100: [(2, t + 11), (1, t + 10)], 200: [(5, t + 14), (4, t + 13)]}
     assert state.deleted == {3}
+    assert state.followed_celebrities == {3: {200}, 1: {200}, 2: {200}}
 
 
 def test_policy_validation():
@@ -148,3 +167,93 @@ def test_policy_validation():
     with pytest.raises(ValueError):
         FanoutPolicy(inactive_days=0)
     assert FanoutPolicy(inactive_days=1).inactive_ms == DAY_MS
+
+
+# -- durable writes: the records the Redis step ships to the durable step ---------------
+
+WRITES = [
+    Edge(1, 2, 1_000, True), Edge(3, 2, 1_001, False), FollowerCount(2, 40, 1_001),
+    Post(9, 2, 900, "PHOTO", 12, ("a", "b"), 901), PostTombstone(8, 2, 800, 950),
+    TimelineAdd(2, 9, 900, "VIDEO"), TimelineRemove(2, 8, 800),
+    FeedAdd((1, 4, 5), 9, 2, 900, 1_002), FeedRemove((3,), 9, 900, 1_003),
+    CelebrityAdd(((1, 1_000), (4, 990)), 2, 1_004), CelebrityRemove((3,), 2, 1_005),
+]
+
+
+def test_durable_writes_round_trip_every_record_type():
+    (record,) = encode_durable_writes(WRITES)
+    assert decode_durable_writes(record) == WRITES
+    assert {type(w) for w in decode_durable_writes(record)} == {type(w) for w in WRITES}
+
+
+def test_large_fan_outs_are_split_across_records():
+    big = FeedAdd(tuple(range(1, 2501)), 9, 2, 900, 1_002)
+    records = encode_durable_writes([Edge(1, 2, 1_000, True), big, TimelineRemove(2, 8, 800)],
+                                    max_ids=1000)
+    decoded = [w for r in records for w in decode_durable_writes(r)]
+    assert len(records) >= 3 and all(len(r) < 20_000 for r in records)
+    assert [w.user_ids for w in decoded if isinstance(w, FeedAdd)] == [
+        tuple(range(1, 1001)), tuple(range(1001, 2001)), tuple(range(2001, 2501))]
+    assert decoded[0] == Edge(1, 2, 1_000, True) and decoded[-1] == TimelineRemove(2, 8, 800)
+    assert encode_durable_writes([]) == []
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b"", "empty"),
+    (b"\x00\x01binary", "not_json"),
+    (b'{"v": 99, "w": []}', "bad_format"),
+    (b'[1, 2]', "bad_format"),
+    (b'{"v": 1, "w": [["?", 1]]}', "bad_write"),
+    (b'{"v": 1, "w": [["e", 1, 2, 3]]}', "bad_write"),             # a field missing
+    (b'{"v": 1, "w": [["e", 1, 2, "3", true]]}', "bad_write"),     # a time that is text
+    (b'{"v": 1, "w": [["e", 1, 2, 3, 1]]}', "bad_write"),          # follow must be a bool
+    (b'{"v": 1, "w": [["f", [1, "x"], 9, 2, 900, 5]]}', "bad_write"),
+    (b'{"v": 1, "w": [["s", [[1]], 2, 5]]}', "bad_write"),          # a pair of one
+    (b'{"v": 1, "w": [["p", 9, 2, 900, 7, 12, [], 901]]}', "bad_write"),  # media not a string
+])
+def test_malformed_durable_log_records_say_why(value, reason):
+    with pytest.raises(MalformedDurableWrites) as info:
+        decode_durable_writes(value)
+    assert info.value.reason == reason
+
+
+class _RecordingCassandra:
+    """What ``DurableFeedWriter`` calls on a ``CassandraFeedStore``, recorded."""
+
+    def __init__(self):
+        self.calls = []
+        self.blocks = 0
+
+    def deferred(self):
+        self.blocks += 1
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def test_durable_writer_applies_each_record_once_and_keeps_the_newest_count():
+    cassandra = _RecordingCassandra()
+    older = FollowerCount(2, 39, 999)
+    n = DurableFeedWriter(cassandra).apply(WRITES + [older])
+    assert n == len(WRITES) + 1 and cassandra.blocks == 1
+    by_name = {}
+    for name, args, kwargs in cassandra.calls:
+        by_name.setdefault(name, []).append((args, kwargs))
+    assert by_name["write_edges"] == [(([Edge(1, 2, 1_000, True), Edge(3, 2, 1_001, False)],),
+                                       {})]
+    (counts,), _ = by_name["set_follower_counts"][0]
+    assert list(counts) == [FollowerCount(2, 40, 1_001)]   # the older count is not written
+    assert by_name["push"] == [(((1, 4, 5), 9, 2, 900), {"at_ms": 1_002})]
+    assert by_name["remove_from_feeds"] == [(((3,), 9, 900), {"at_ms": 1_003})]
+    assert by_name["set_followed_celebrity"] == [((((1, 1_000), (4, 990)), 2, 1_004), {})]
+    assert by_name["remove_followed_celebrity"] == [(((3,), 2, 1_005), {})]
+    (post,), _ = by_name["put_post"][0]
+    assert (post.post_id, post.author_id, post.media_type.value, post.hashtags,
+            post.event_time) == (9, 2, "PHOTO", ("a", "b"), 901)
+    (tomb,), _ = by_name["tombstone_post"][0]
+    assert (tomb.post_id, tomb.created_at, tomb.event_time) == (8, 800, 950)
+    assert by_name["add_to_timeline"] == [((2, 9, 900, "VIDEO"), {})]
+    assert by_name["remove_from_timeline"] == [((2, 8, 800), {})]
+    with pytest.raises(TypeError):
+        DurableFeedWriter(_RecordingCassandra()).apply(["not a write"])

@@ -156,3 +156,26 @@ def test_join_never_returns_a_value_valid_after_the_request(rows, requests, batc
             assert chosen.valid_at_ms <= ts, "a value valid after the request leaked"
             best = max(candidates, key=lambda v: (v.valid_at_ms, v.version, v.value))
             assert chosen == best
+
+
+def _mixed_values() -> list[FeatureValue]:
+    return [FeatureValue(POST, "12", "like_1h", 2.0, T0, 3),
+            FeatureValue("author", "7", "posts_7d", 1.0, T0 + HOUR, 1),
+            FeatureValue(VIEWER_AUTHOR, "5:7", AFFINITY, 0.25, T0 + 2 * HOUR, 4),
+            FeatureValue("viewer_media", "5:VIDEO", AFFINITY, 1.5, T0, 2),
+            FeatureValue(POST, "3", "engagement_rate_24h", 0.5, T0 + HOUR, 0)]
+
+
+def test_columns_are_logged_as_the_same_rows_and_files_as_values(tmp_path):
+    from schemas.features import FeatureColumns
+    from stores.files.feature_log import columns_table, feature_table, write_feature_columns
+
+    values = _mixed_values()
+    columns = FeatureColumns.of(values)
+    assert columns_table(columns).equals(feature_table(values))
+    by_values = write_feature_log(tmp_path / "a", values)
+    by_columns = write_feature_columns(tmp_path / "b", columns)
+    assert [p.relative_to(tmp_path / "a") for p in by_values] == \
+        [p.relative_to(tmp_path / "b") for p in by_columns]
+    for a, b in zip(by_values, by_columns):
+        assert a.read_bytes() == b.read_bytes()

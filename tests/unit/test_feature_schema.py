@@ -66,3 +66,19 @@ def test_stored_form_reads_back_fresh_and_decayed():
     assert fresh_value(b"8.0@0", now_ms=20, ttl_ms=100, half_life_ms=10) == pytest.approx(2.0)
     assert fresh_value(None, now_ms=20, ttl_ms=100) is None
     assert fresh_value(b"8.0@0", now_ms=200, ttl_ms=100) is None
+
+
+def test_feature_columns_round_trip_and_keep_the_newest_per_entity_and_name():
+    from schemas.features import FeatureColumns
+
+    values = [FeatureValue("post", "12", "like_1h", 2.0, 10, 3),
+              FeatureValue("post", "12", "like_1h", 5.0, 20, 0),  # later: kept
+              FeatureValue("post", "12", "like_1h", 4.0, 20, 0),  # same stamp, smaller
+              FeatureValue("viewer_author", "5:7", "affinity", 0.25, 30, 4),
+              FeatureValue("viewer_media", "5:VIDEO", "affinity", 1.5, 10, 2),
+              FeatureValue("viewer_media", "5:VIDEO", "affinity", 1.0, 10, 1)]
+    columns = FeatureColumns.of(values)
+    assert columns.values() == values
+    assert sorted(columns.newest().values(), key=repr) == sorted(
+        [values[1], values[3], values[4]], key=repr)
+    assert FeatureColumns.concat([columns, FeatureColumns.empty()]).values() == values

@@ -94,3 +94,54 @@ def test_top_followers_sink_takes_viewer_author_values_only(fake_stores):
     assert "redis" not in fake_stores and "cassandra" not in fake_stores
     assert _counters(result)["elements"] == len(written)
 
+
+
+def test_the_inline_writer_sends_each_store_the_newest_values_and_logs_them_all(
+        fake_stores, tmp_path):
+    from schemas.features import FeatureColumns
+    from pipelines.features_sinks import FeatureWriterConfig
+    from stores.files.feature_log import read_feature_log
+
+    older = FeatureValue(POST, "1", "like_1h", 1.0, 1_000, 1)
+    values = [older] + _values()  # post 1's like_1h twice: at 1_000 and 1_001
+    writer = FeatureWriterConfig(FeatureSinkConfig(), max_batch=4,
+                                 log_dir=str(tmp_path / "log")).open()
+    writer.write(FeatureColumns.of(values))
+    newest = Counter(v for v in values if v is not older)
+    assert Counter(v for b in fake_stores["redis"] for v in b) == newest
+    assert Counter(v for b in fake_stores["cassandra"] for v in b) == newest
+    assert all(len(b) <= 4 for b in fake_stores["redis"])
+    assert Counter(v for b in fake_stores["top_followers"] for v in b) == \
+        Counter(v for v in values if v.entity_type == VIEWER_AUTHOR)
+    assert not (tmp_path / "log").exists()  # the log waits for flush_log
+    writer.flush_log()
+    assert read_feature_log(tmp_path / "log").num_rows == len(values)  # every value logged
+    writer.close()
+    assert fake_stores["redis_closed"] and fake_stores["cassandra_closed"]
+
+
+def test_the_inline_writer_retries_a_transient_failure_whole(fake_stores, tmp_path):
+    import redis
+
+    from schemas.features import FeatureColumns
+    from pipelines.features_sinks import FeatureWriterConfig
+    from stores.retry import RetryPolicy
+
+    calls = []
+    original = _FakeStore.write
+
+    def flaky(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise redis.ConnectionError("down for a moment")
+        return original(self, batch)
+
+    _FakeStore.write = flaky
+    try:
+        writer = FeatureWriterConfig(FeatureSinkConfig(), sinks=("redis",),
+                                     retry=RetryPolicy(3, 0.0, 0.0)).open()
+        writer.write(FeatureColumns.of(_values()))
+    finally:
+        _FakeStore.write = original
+    assert calls == [len(_values())] * 2
+    assert Counter(v for b in fake_stores["redis"] for v in b) == Counter(_values())

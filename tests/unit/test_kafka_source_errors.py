@@ -11,3 +11,144 @@ def test_broker_outages_are_recoverable_source_errors_but_unknown_topics_are_not
     assert recoverable(KafkaError(KafkaError._TRANSPORT))
     assert not recoverable(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
     assert not recoverable(KafkaError(KafkaError._TRANSPORT, fatal=True))
+
+
+# --------------------------------------------------------------------------- times and commits
+
+
+NOW = 1_796_000_000_000
+H = 3_600_000
+
+
+def _read_fn(policy: str):
+    from pipelines.io.kafka import KafkaSourceConfig, _ReadPartitionFn
+
+    return _ReadPartitionFn(KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"},
+                                              timestamp_policy=policy))
+
+
+def test_element_times_never_pass_the_allowed_skew_and_odd_event_times_are_not_used():
+    import struct
+
+    from schemas.codec import WireCodec
+    from schemas.events import FollowEvent, FollowKind
+
+    def value(event_time: int) -> bytes:
+        return WireCodec().encode(FollowEvent("f", event_time, FollowKind.FOLLOW, 1, 2))
+
+    latest = NOW + H
+    kafka = _read_fn("kafka")
+    assert kafka._timestamp_ms(NOW - 5, None, latest) == NOW - 5
+    assert kafka._timestamp_ms(NOW * 1000, None, latest) == latest   # a producer's µs clock
+    assert kafka._timestamp_ms(-1, None, latest) == -1               # no timestamp: as Kafka says
+    event = _read_fn("event")
+    assert event._timestamp_ms(NOW, value(NOW - 7), latest) == NOW - 7
+    # Event times validation will refuse fall back to the Kafka timestamp: they
+    # must not move the watermark, or overflow Beam's timestamps (ns).
+    for odd in (NOW * 1000, NOW * 1_000_000, NOW // 1000, 2**63 - 1):
+        assert event._timestamp_ms(NOW, value(odd), latest) == NOW, odd
+    assert event._timestamp_ms(NOW, b"\x00" + struct.pack(">I", 1) + b"\xff", latest) == NOW
+
+
+def test_commit_metadata_never_records_a_negative_or_missing_timestamp_as_one():
+    from pipelines.io.kafka import _commit_metadata, _committed_timestamp
+
+    assert _committed_timestamp(_commit_metadata(NOW)) == NOW
+    assert _committed_timestamp(_commit_metadata(None)) is None
+    # What earlier versions committed for a partition read idle: no rewind point.
+    assert _committed_timestamp('{"ts":-1}') is None
+    assert _committed_timestamp("written by another tool") is None
+    assert _committed_timestamp(None) is None
+
+
+class _FakeConsumer:
+    def __init__(self):
+        self.commits = []
+
+    def commit(self, offsets, asynchronous):
+        self.commits.extend(offsets)
+
+
+def test_an_idle_partition_commits_the_timestamp_of_the_previous_commit():
+    from pipelines.io.kafka import PartitionRead, _PartitionCursor, _committed_timestamp
+
+    fn = _read_fn("kafka")
+    fn.setup()
+    element = PartitionRead("t", 0, 10, committed_timestamp_ms=NOW - H)
+    cursor = _PartitionCursor(_FakeConsumer(), 10, carried_timestamp_ms=NOW - H)
+    fn._commit_callback(element, cursor, 10)()
+    (tp,) = cursor.consumer.commits
+    assert (tp.offset, _committed_timestamp(tp.metadata)) == (10, NOW - H)
+    # Once a record was read, its time is what the commit records.
+    cursor.last_timestamp_ms = NOW
+    fn._commit_callback(element, cursor, 11)()
+    assert _committed_timestamp(cursor.consumer.commits[-1].metadata) == NOW
+    # Never read, nothing carried: the commit records no time (no rewind), never -1.
+    fresh = _PartitionCursor(_FakeConsumer(), 0)
+    fn._commit_callback(PartitionRead("t", 1, 0), fresh, 0)()
+    assert _committed_timestamp(fresh.consumer.commits[0].metadata) is None
+    assert "-1" not in fresh.consumer.commits[0].metadata
+    fn.teardown()
+
+
+class _Message:
+    def __init__(self, offset: int, timestamp_ms: int, value: bytes = b"v"):
+        self._offset, self._ts, self._value = offset, timestamp_ms, value
+
+    def error(self):
+        return None
+
+    def offset(self):
+        return self._offset
+
+    def timestamp(self):
+        return (1, self._ts)
+
+    def key(self):
+        return None
+
+    def value(self):
+        return self._value
+
+
+class _ScriptedConsumer:
+    """Returns the scripted polls one by one, then nothing."""
+
+    def __init__(self, polls):
+        self.polls = list(polls)
+
+    def consume(self, num_messages, timeout):
+        return self.polls.pop(0) if self.polls else []
+
+    def get_watermark_offsets(self, tp, cached=False):
+        return (0, 0)
+
+
+def test_a_record_stamped_ahead_of_the_clock_does_not_move_the_watermark_past_it(monkeypatch):
+    import time
+
+    from apache_beam.io.restriction_trackers import OffsetRange
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+
+    from pipelines.io import kafka
+    from pipelines.io.kafka import PartitionRead, _OffsetTracker, _PartitionCursor
+
+    now_ms = int(time.time() * 1000)
+    ahead = now_ms + 30 * 60_000  # within the window: valid, keeps its own time
+    far = now_ms * 1000            # a µs timestamp: capped at clock + window
+    cursor = _PartitionCursor(_ScriptedConsumer([[_Message(0, now_ms - 5), _Message(1, ahead),
+                                                  _Message(2, far)]]), 0)
+    monkeypatch.setattr(kafka._CURSORS, "get", lambda *args: cursor)
+    fn = _read_fn("kafka")
+    fn.setup()
+    watermark = ManualWatermarkEstimator(None)
+    tracker = _OffsetTracker(OffsetRange(0, kafka.UNBOUNDED_STOP))
+    tracker.defer_remainder = lambda delay=None: None  # what the runner's tracker view adds
+    (batch,) = [wv.value for wv in fn._read(PartitionRead("t", 0, 0), tracker, watermark, None)]
+    fn.teardown()
+    after_ms = int(time.time() * 1000)
+    assert batch.timestamps_ms[:2] == [now_ms - 5, ahead]
+    assert now_ms + H <= batch.timestamps_ms[2] <= after_ms + H
+    assert list(batch.kafka_timestamps_ms) == [now_ms - 5, ahead, far]
+    assert now_ms <= watermark.current_watermark().micros // 1000 <= after_ms
+    assert now_ms <= cursor.last_timestamp_ms <= after_ms

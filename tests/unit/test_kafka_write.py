@@ -6,6 +6,7 @@ milliseconds and deterministically.
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import confluent_kafka
@@ -17,6 +18,7 @@ from pipelines.io.kafka_write import KafkaMessage, WriteToKafka, _KafkaWriteFn, 
 
 TIMEOUT = KafkaError(KafkaError._MSG_TIMED_OUT)
 UNKNOWN = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
 
 
 class FakeProducer:
@@ -64,11 +66,11 @@ class FakeProducer:
             callback(fates.pop(0) if fates else None, None)
 
 
-def _fn(monkeypatch, max_retries=3, **fake) -> _KafkaWriteFn:
+def _fn(monkeypatch, max_retries=3, resize=None, **fake) -> _KafkaWriteFn:
     FakeProducer.instances.clear()
     monkeypatch.setattr(confluent_kafka, "Producer", lambda config: FakeProducer(config, **fake))
     monkeypatch.setattr(kafka_write.time, "sleep", lambda s: None)
-    fn = _KafkaWriteFn({"bootstrap.servers": "x"}, max_retries, 0.01, 1.0, "ns", None)
+    fn = _KafkaWriteFn({"bootstrap.servers": "x"}, max_retries, 0.01, 1.0, "ns", None, resize)
     fn.setup()
     fn.start_bundle()
     return fn
@@ -133,10 +135,46 @@ def test_full_queue_is_drained_by_polling(monkeypatch):
 def test_pickled_fn_keeps_config_only_and_defaults_apply(monkeypatch):
     fn = _fn(monkeypatch)
     clone = pickle.loads(pickle.dumps(fn))
-    assert clone._producer is None
+    assert clone._deliveries is None
     config = FakeProducer.instances[0].config
     assert config["enable.idempotence"] is True and config["acks"] == "all"
     assert config["compression.type"] == "lz4" and config["message.timeout.ms"] == 30_000
+
+
+def test_a_message_too_large_is_sent_once_more_resized(monkeypatch):
+    def resize(message):
+        return dataclasses.replace(message, value=message.value[:2])
+
+    fn = _fn(monkeypatch, resize=resize, fates={b"v1": [TOO_LARGE]})
+    for m in _messages(3):
+        fn.process(m)
+    fn.finish_bundle()
+    assert [v for _, v in FakeProducer.instances[0].produced] == [b"v0", b"v1", b"v2", b"v1"[:2]]
+
+
+def test_small_messages_refused_with_a_large_one_in_their_batch_are_sent_again(monkeypatch):
+    # The broker refuses a whole record batch: every message in it fails "too large".
+    def resize(message):
+        return None if len(message.value) < 3 else dataclasses.replace(message, value=b"cut")
+
+    fn = _fn(monkeypatch, resize=resize, fates={b"v0": [TOO_LARGE], b"big": [TOO_LARGE]})
+    fn.process(_messages(1)[0])
+    fn.process(KafkaMessage("out", b"k", b"big"))
+    fn.finish_bundle()
+    assert [v for _, v in FakeProducer.instances[0].produced] == [b"v0", b"big", b"v0", b"cut"]
+
+
+def test_too_large_without_resize_or_still_too_large_fails(monkeypatch):
+    fn = _fn(monkeypatch, fates={b"v0": [TOO_LARGE]})
+    fn.process(_messages(1)[0])
+    with pytest.raises(RuntimeError, match="too large"):
+        fn.finish_bundle()
+    fn = _fn(monkeypatch, resize=lambda m: dataclasses.replace(m, value=b"s"),
+             fates={b"v0": [TOO_LARGE], b"s": [TOO_LARGE]})
+    fn.process(_messages(1)[0])
+    with pytest.raises(RuntimeError, match="1 message"):
+        fn.finish_bundle()
+    assert [v for _, v in FakeProducer.instances[0].produced] == [b"v0", b"s"]  # resized once
 
 
 def test_is_transient():

@@ -20,10 +20,11 @@ def _hash_tag(key: str) -> str:
 def _all_keys(layout: KeyLayout, entity_id: int = 42) -> dict[str, str]:
     keys = {}
     for name, method in inspect.getmembers(layout, inspect.ismethod):
-        if name.startswith("_") or name == "pattern":
+        if name.startswith("_") or name.endswith("pattern"):
             continue
         params = list(inspect.signature(method).parameters)
-        args = ["fanout", "ev-1"] if params == ["scope", "event_id"] else [entity_id]
+        args = (["fanout", "ev-1"] if params == ["scope", "event_id"]
+                else [entity_id] if params else [])   # the prefix's meta keys take none
         keys[name] = method(*args)
     return keys
 
@@ -53,6 +54,17 @@ def test_prefix_pattern_matches_only_own_keys():
     a, b = KeyLayout("a"), KeyLayout("ab")
     assert fnmatch.fnmatchcase(a.home_feed(1), a.pattern())
     assert not fnmatch.fnmatchcase(b.home_feed(1), a.pattern())
+
+
+def test_the_meta_keys_are_the_prefixs_own_and_not_views():
+    import fnmatch
+
+    a, b = KeyLayout("a"), KeyLayout("ab")
+    assert a.generation() == "a:meta:generation" and a.restore_lock() == "a:meta:restore_lock"
+    assert all(fnmatch.fnmatchcase(key, a.meta_pattern())
+               for key in (a.generation(), a.restore_lock()))
+    assert not fnmatch.fnmatchcase(a.home_feed(1), a.meta_pattern())
+    assert not fnmatch.fnmatchcase(b.generation(), a.meta_pattern())
 
 
 def test_one_users_keys_share_a_hash_tag():

@@ -16,11 +16,18 @@ def test_check_entries_normalises_and_refuses_bad_input():
 
 
 def test_swap_args_keep_scores_exact():
-    args = swap_args([RankedEntry(5, 6, 0.1 + 0.2)], "m", 10, 60)
-    assert args == [10, "m", 60, 5, 6, repr(0.1 + 0.2)]
-    assert float(args[-1]) == 0.1 + 0.2
+    args = swap_args([RankedEntry(5, 6, 0.1 + 0.2), RankedEntry(7, 8, -1.5e-07)], "m", 10, 60)
+    assert args == [10, "m", 60, "5,7", "6,8", f"{0.1 + 0.2!r},-1.5e-07"]
+    assert [float(s) for s in args[-1].split(",")] == [0.1 + 0.2, -1.5e-07]
     with pytest.raises(ValueError):
         swap_args([], "", 10, 60)
+
+
+def test_check_entries_normalises_numpy_values():
+    import numpy as np
+
+    (e,) = check_entries([(np.int64(3), np.int64(4), np.float32(0.5))])
+    assert e == RankedEntry(3, 4, 0.5) and type(e.post_id) is int and type(e.score) is float
 
 
 def test_parse_page():

@@ -1,7 +1,9 @@
-"""Ranking decisions without Beam or stores: triggers, debounce, candidates, recency."""
+"""Ranking decisions without Beam or stores: triggers, audiences, viral levels, debounce,
+candidates (one user and a batch), the queue's trigger text, claim handling, recency."""
 from __future__ import annotations
 
 import pytest
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,16 +17,20 @@ from domain.ranking import (
     Debounce,
     FollowWait,
     RankingPolicy,
+    ViralPolicy,
     edge_versions_wanted,
     edges_not_applied,
     engagement_trigger,
     follow_gate,
     follow_trigger,
     merge_candidates,
+    post_audience,
     post_triggers,
     recency_scores,
     requests_from,
+    select_candidates,
     simulate_debounce,
+    viral_level,
 )
 from schemas.events import (
     EngagementEvent,
@@ -41,9 +47,14 @@ from schemas.ranking import (
     UNFOLLOW_CHANGED,
     POST_CREATED,
     POST_DELETED,
+    VIRAL,
     Candidate,
+    ClaimedRefreshes,
+    PostTable,
     RefreshRequest,
     Trigger,
+    decode_pending,
+    encode_triggers,
 )
 
 T0 = 1_780_000_000_000
@@ -67,13 +78,50 @@ def test_follow_and_post_triggers():
     assert follow_trigger(FollowEvent("f", T0, FollowKind.FOLLOW, 3, 4)) == Trigger(
         3, T0, FOLLOW_CHANGED, author_id=4)
     post = PostEvent("p", T0, PostEventKind.CREATED, 100, 9, T0 - 5, MediaType.REEL)
-    # Follower 12 has not read for 31 days: inactive, skipped; 13 never read: active.
-    triggers = post_triggers(post, [11, 12, 13], [T0 - DAY_MS, T0 - 31 * DAY_MS, None],
-                             30 * DAY_MS)
-    assert triggers == [Trigger(11, T0, POST_CREATED, 100, 9, T0 - 5, "REEL"),
-                        Trigger(13, T0, POST_CREATED, 100, 9, T0 - 5, "REEL")]
+    assert post_triggers(post, [11, 13]) == [Trigger(11, T0, POST_CREATED, 100, 9, T0 - 5, "REEL"),
+                                             Trigger(13, T0, POST_CREATED, 100, 9, T0 - 5, "REEL")]
     gone = PostEvent("d", T0 + 1, PostEventKind.DELETED, 100, 9, T0 - 5, MediaType.REEL)
-    assert [t.reason for t in post_triggers(gone, [11], [None], DAY_MS)] == [POST_DELETED]
+    assert [t.reason for t in post_triggers(gone, [11])] == [POST_DELETED]
+
+
+def test_post_audience_skips_inactive_and_caps_the_work():
+    policy = RankingPolicy(push_threshold=10, inactive_days=30, post_refresh_cap=3)
+    # Below the threshold: every active follower; 12 has not read for 31 days, 13 never.
+    reads = [T0 - DAY_MS, T0 - 31 * DAY_MS, None]
+    assert post_audience(3, [11, 12, 13], reads, T0, policy) == [11, 13]
+    # More active followers than the cap: the most recent readers first, never-read last.
+    followers = [21, 22, 23, 24, 25]
+    reads = [T0 - 5 * DAY_MS, None, T0 - DAY_MS, T0 - 2 * DAY_MS, T0 - 3 * DAY_MS]
+    assert post_audience(5, followers, reads, T0, policy) == [23, 24, 25]
+    # At or above the threshold the order given (most engaged first) decides.
+    assert post_audience(10_000, followers, reads, T0, policy) == [21, 22, 23]
+    assert post_audience(5, followers, reads, T0,
+                         RankingPolicy(push_threshold=10, post_refresh_cap=0)) == []
+
+
+def test_viral_levels_rise_by_the_factor():
+    policy = ViralPolicy(min_engagements=50, factor=2.0)
+    level = lambda **counts: viral_level({f"{k}_1h": v for k, v in counts.items()}, policy)  # noqa: E731
+    assert level(like=49) == 0
+    assert level(like=30, comment=20) == 1       # 50 engagements
+    assert level(like=99) == 1 and level(like=100) == 2 and level(like=50, share=350) == 4
+    assert level(view=10_000) == 0                # views are not engagements
+    assert viral_level({"like_1h": 1e6}, ViralPolicy(min_engagements=0)) == 0   # off
+    with pytest.raises(ValueError):
+        ViralPolicy(factor=1.0)
+
+
+def test_queue_text_round_trips_every_trigger_kind():
+    triggers = [Trigger(3, T0, POST_CREATED, 5, 6, T0 - 1, "PHOTO"),
+                Trigger(3, T0 + 1, POST_DELETED, 5, 6, T0 - 1, ""),
+                Trigger(3, T0 + 2, FOLLOW_CHANGED, author_id=9),
+                Trigger(3, T0 + 3, UNFOLLOW_CHANGED, author_id=9),
+                Trigger(3, T0 + 4, ENGAGED), Trigger(3, T0 + 5, VIRAL, 5, 6)]
+    text = "#4\n" + encode_triggers(triggers[:3]) + "#11\n" + encode_triggers(triggers[3:])
+    assert decode_pending(3, text) == (11, triggers)
+    assert decode_pending(3, "") == (0, [])
+    with pytest.raises(ValueError):
+        decode_pending(3, "#1\nx12\n")
 
 
 def test_requests_fold_triggers_and_a_delete_wins():
@@ -90,29 +138,38 @@ def test_requests_fold_triggers_and_a_delete_wins():
 
 
 def test_debounce_example():
-    d = Debounce(settle_ms=500, interval_ms=5_000)
-    # A burst at 0..300 settles into one refresh at 500; changes at 1000 and
-    # 4000 wait for the cooldown to end at 5500; the cooldown after that sees
-    # no change; a change at 20000 is refreshed 500 ms later.
+    d = Debounce(settle_ms=500, interval_ms=5_000, burst=1)
+    # burst 1: a burst at 0..300 settles into one refresh at 500; changes at 1000
+    # and 4000 wait for the cool-down to end at 5500; a change at 20000 is
+    # refreshed 500 ms later.
     assert simulate_debounce(d, [0, 100, 300, 1000, 4000, 20_000]) == [
         (500, [0, 100, 300]), (5500, [1000, 4000]), (20_500, [20_000])]
+    # burst 2: the change at 1000 has a token left and goes after its settle; then
+    # the bucket is empty until 5500 (full again at 10500: 500 + 2 * 5000).
+    d = Debounce(settle_ms=500, interval_ms=5_000, burst=2)
+    assert simulate_debounce(d, [0, 100, 1000, 4000, 6000]) == [
+        (500, [0, 100]), (1500, [1000]), (5500, [4000]), (10_500, [6000])]
+    assert d.due(0, None) == 500 and d.due(0, 20_000) == 15_000 and d.refreshed(None, 7) == 5007
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 60_000), max_size=40), st.integers(0, 3_000),
-       st.integers(1, 10_000))
-def test_debounce_properties(times, settle, interval):
-    d = Debounce(settle, interval)
+       st.integers(1, 10_000), st.integers(1, 4))
+def test_debounce_properties(times, settle, interval, burst):
+    d = Debounce(settle, interval, burst)
     refreshes = simulate_debounce(d, times)
     fired = [t for t, _ in refreshes]
-    # At most one refresh per interval.
-    assert all(b - a >= interval for a, b in zip(fired, fired[1:]))
-    # Every change is covered exactly once, by a refresh after it, and waits
-    # at most max(settle, interval).
+    # The bucket: at most burst refreshes, plus one per interval, in any window.
+    for i, a in enumerate(fired):
+        for j in range(i, len(fired)):
+            assert j - i + 1 <= burst + (fired[j] - a) // interval
+    # Every change is covered exactly once, by a refresh after it, and waits at
+    # most its settle or, when the bucket is empty, burst intervals.
     covered = [e for _, events in refreshes for e in events]
     assert sorted(covered) == sorted(times)
     for t, events in refreshes:
-        assert events and all(e <= t <= e + max(settle, interval) for e in events)
+        assert events and all(e <= t <= e + max(settle, burst * interval) for e in events)
+        assert t - events[0] == settle or t - events[0] > settle  # never before its settle
 
 
 def meta(author, created, media="PHOTO"):
@@ -137,6 +194,51 @@ def test_merge_candidates():
     assert len(merge_candidates(list(range(10)), [], req,
                                 {i: meta(1, now - i) for i in range(10)}, set(), now,
                                 policy)) == 4
+
+
+@st.composite
+def batches(draw):
+    """Random stores and requests for three users: unknown, tombstoned, old, deleted,
+    pushed and pulled at once, and trigger posts the store does not know."""
+    ids = list(range(1, 25))
+    meta, tombstoned = {}, set()
+    for i in ids:
+        kind = draw(st.sampled_from(["live", "live", "live", "unknown", "tombstoned"]))
+        if kind == "tombstoned":
+            tombstoned.add(i)
+            meta[i] = None
+        elif kind == "live":
+            meta[i] = {"author_id": draw(st.integers(1, 4)),
+                       "created_at": T0 - draw(st.sampled_from([5, 10, 10, 20, 2 * DAY_MS])),
+                       "media_type": draw(st.sampled_from(["PHOTO", "REEL"]))}
+    users, pushed, pulled, requests = [7, 8, 9], [], [], []
+    for u in users:
+        pushed.append(draw(st.lists(st.sampled_from(ids), max_size=10)))
+        pulled.append(draw(st.lists(st.sampled_from(ids), max_size=5)))
+        new = draw(st.lists(st.sampled_from(ids + [100, 101]), max_size=3, unique=True))
+        requests.append(RefreshRequest(
+            u, T0, tuple(Candidate(p, 5, T0 - draw(st.integers(0, 30)), "VIDEO") for p in new),
+            frozenset(draw(st.lists(st.sampled_from(ids), max_size=3)))))
+    return users, pushed, pulled, requests, meta, tombstoned
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches(), st.integers(1, 6))
+def test_select_candidates_is_merge_candidates_for_a_whole_batch(batch, max_candidates):
+    users, pushed, pulled, requests, meta, tombstoned = batch
+    policy = RankingPolicy(max_candidates=max_candidates, max_age_days=1)
+    stored = sorted(meta)
+    table = PostTable(
+        np.array(stored, np.int64),
+        np.array([meta[i]["author_id"] if meta[i] else 0 for i in stored], np.int64),
+        np.array([meta[i]["created_at"] if meta[i] else 0 for i in stored], np.int64),
+        np.array([meta[i]["media_type"] if meta[i] else "" for i in stored], dtype=object),
+        np.array([2 if i in tombstoned else 1 for i in stored], np.int8))
+    cols = select_candidates(users, pushed, pulled, requests, table, T0, policy)
+    assert cols.users == tuple(users)
+    for k in range(len(users)):
+        assert cols.of(k) == merge_candidates(pushed[k], pulled[k], requests[k], meta,
+                                              tombstoned, T0, policy)
 
 
 def test_recency_scores_order_newest_first():
@@ -179,37 +281,105 @@ def test_ranker_pool_shares_one_ranker_until_the_last_release():
     assert pool.hold(Config("x"), policy) is not a  # a new one after the last release
 
 
-def test_refresh_applier_answers_each_request_in_order_and_releases_the_ranker():
+class _Queue:
+    """``RefreshQueue.finish`` recorded (the claim handling's only queue call)."""
+
+    def __init__(self):
+        self.finished = []
+
+    def finish(self, shard, done, deferred, now_ms):
+        self.finished.append((shard, list(done), list(deferred)))
+
+
+class _Ranker:
+    """A ``FeedRanker`` stand-in: the fan-out's graph holds ``edges``; ``refresh``
+    records its requests (one outcome per user, first-seen order)."""
+
+    def __init__(self, edges=None):
+        import types
+
+        self.refreshed = []
+        self.models = types.SimpleNamespace(swaps=1)
+        self.model_errors = 0
+        self.closed = False
+        edges = edges or {}
+        self.candidates = types.SimpleNamespace(edge_versions=lambda wanted: {
+            u: {f: edges.get((u, f)) for f in fs} for u, fs in wanted.items()})
+
+    def refresh(self, requests):
+        from schemas.ranking import RefreshOutcome
+
+        self.refreshed += requests
+        return [RefreshOutcome(r.user_id, "v1", 1, 2, r.changed_at_ms, T0 + 5, r.triggers)
+                for r in requests]
+
+    def close(self):
+        self.closed = True
+
+
+def test_claims_refresh_behind_the_follow_gate_and_release_what_they_covered():
+    from stores.ranker import ClaimRefresher
+
+    edge = follow_trigger(FollowEvent("f", T0, FollowKind.FOLLOW, 2, 4))
+    text = lambda *ts: "#7\n" + encode_triggers(ts)  # noqa: E731
+    claim = ClaimedRefreshes(shard=1, claimed_at_ms=T0, users=[1, 2, 3, 5, 9],
+                             payloads=[text(Trigger(1, T0 - 3, ENGAGED),
+                                            Trigger(1, T0 - 9, POST_CREATED, 70, 4, T0 - 9, "")),
+                                       text(edge), text(edge._replace(user_id=3)), "",
+                                       "#3\nzzz\n"],
+                             waits=["", "", "", "", ""])
+    queue, wait = _Queue(), FollowWait(retry_ms=100, max_retry_ms=400, max_wait_ms=1_000)
+    ranker = _Ranker(edges={(3, 4): edge_version(FollowEvent("f", T0, FollowKind.FOLLOW, 3, 4))})
+    result = ClaimRefresher(ranker, queue, wait, wall=lambda: T0 / 1000).apply([claim])
+    # 2's follow is not in the graph yet: put off with its triggers; 3's is; 5's
+    # triggers were dropped (a full payload) and 9's are unreadable, but both are
+    # still refreshed (9's text is dropped: it would fail every claim).
+    assert [r.user_id for r in ranker.refreshed] == [1, 3, 5, 9]
+    assert ranker.refreshed[0] == RefreshRequest(1, T0 - 9, (Candidate(70, 4, T0 - 9, ""),),
+                                                 frozenset(), 2)
+    assert [o.user_id for o in result.outcomes] == [1, 3, 5, 9] and result.waits == 1
+    assert queue.finished == [(1, [(1, 7), (3, 7), (5, 0), (9, 3)], [(2, T0 + 100, f"{T0},1")])]
+    # Checked again later, still missing: the wait keeps its start and backs off;
+    # past max_wait the refresh goes ahead.
+    again = claim._replace(users=[2], payloads=[text(edge)], waits=[f"{T0},1"])
+    ClaimRefresher(ranker, queue, wait, wall=lambda: (T0 + 500) / 1000).apply([again])
+    assert queue.finished[-1] == (1, [], [(2, T0 + 700, f"{T0},2")])
+    late = ClaimRefresher(ranker, queue, wait, wall=lambda: (T0 + 1_000) / 1000).apply([again])
+    assert late.give_ups == 1 and queue.finished[-1] == (1, [(2, 7)], [])
+    # The edge arrives after a wait: one more retry_ms for the fan-out's merge, then go.
+    ranker.candidates.edge_versions = lambda wanted: {2: {4: edge_version(
+        FollowEvent("f", T0, FollowKind.FOLLOW, 2, 4))}}
+    ClaimRefresher(ranker, queue, wait, wall=lambda: (T0 + 800) / 1000).apply([again])
+    assert queue.finished[-1] == (1, [], [(2, T0 + 900, "")])
+    settled = again._replace(waits=[""])
+    ClaimRefresher(ranker, queue, wait, wall=lambda: (T0 + 900) / 1000).apply([settled])
+    assert queue.finished[-1] == (1, [(2, 7)], [])
+
+
+def test_refresh_applier_answers_each_claim_and_releases_the_ranker():
     import dataclasses
-    import types
 
     from pipelines.ranking import RefreshConfig
-    from schemas.ranking import RefreshOutcome
-
-    class Ranker:
-        models = types.SimpleNamespace(swaps=1)
-        model_errors = 0
-        closed = False
-
-        def refresh(self, requests):  # as FeedRanker: one outcome per user, first-seen order
-            users = list(dict.fromkeys(r.user_id for r in requests))
-            return [RefreshOutcome(u, "v1", 1, 2, T0, T0 + 5) for u in users]
-
-        def close(self):
-            self.closed = True
 
     @dataclasses.dataclass(frozen=True)
     class Config:
         name: str
 
         def open(self, policy):
-            return Ranker()
+            return ranker
 
-    applier = RefreshConfig(Config("refresh-applier-test"), RankingPolicy()).open()
-    ranker = applier._ranker
-    out = applier.apply([RefreshRequest(1, T0), RefreshRequest(2, T0), RefreshRequest(1, T0 + 1)])
-    # A user refreshed once: its outcome goes with its last request of the batch.
-    assert [o and o.user_id for o in out] == [None, 2, 1]
+    import types
+
+    ranker = _Ranker()
+    ranker.candidates.feeds = types.SimpleNamespace(
+        client=types.SimpleNamespace(register_script=lambda script: None), keys=None)
+    config = RefreshConfig(Config("refresh-applier-test"), RankingPolicy(), follow_wait=None)
+    applier = config.open()
+    applier._claims.queue = _Queue()
+    claims = [ClaimedRefreshes(0, T0, [1, 2], ["#1\ne5\n", "#1\ne6\n"], ["", ""]),
+              ClaimedRefreshes(1, T0, [3], ["#2\ne7\n"], [""])]
+    out = applier.apply(claims)
+    assert [[o.user_id for o in outcomes] for outcomes in out] == [[1, 2], [3]]
     applier.close()
     assert ranker.closed
 

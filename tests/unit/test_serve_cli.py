@@ -6,7 +6,7 @@ import json
 import pytest
 
 from jobs import cli
-from jobs.serve import build_config
+from jobs.serve import build_config, server_options
 from serving.config import CONFIG_ENV, config_from_environment
 from serving.auth import TokenAuth
 
@@ -57,3 +57,26 @@ def test_serve_config_round_trips_to_workers(tmp_path):
     assert config_from_environment(env) == config
     with pytest.raises(RuntimeError):
         config_from_environment({})
+
+
+def test_serve_sets_the_read_caps_and_the_server_limits(capsys):
+    from granian.constants import HTTPModes
+    from infra.settings import StackSettings
+
+    args = cli.build_parser().parse_args(
+        ["serve", "--jwt-key", KEY, "--max-followees-scanned", "99", "--max-pulled-timelines", "10",
+         "--tray-followees", "7", "--max-header-bytes", "16384", "--header-read-timeout-s", "2"])
+    config = build_config(args, StackSettings())
+    assert (config.max_followees_scanned, config.max_pulled_timelines, config.tray_followees) == (
+        99, 10, 7)
+    granian = server_options("granian", config)
+    assert granian["http"] == HTTPModes.http1  # HTTP/2 would take 16 MiB of headers
+    assert (granian["http1_settings"].max_buffer_size,
+            granian["http1_settings"].header_read_timeout) == (16384, 2000)
+    uvicorn = server_options("uvicorn", config)
+    assert uvicorn["http"] == "serving.http_limits:BoundedHttpToolsProtocol"
+    assert uvicorn["timeout_keep_alive"] == config.keep_alive_s
+    # Refused before any server starts.
+    assert cli.main(["serve", "--jwt-key", KEY, "--max-header-bytes", "100"]) == 2
+    assert "max_header_bytes" in capsys.readouterr().err
+    assert cli.main(["serve", "--jwt-key", KEY, "--tray-followees", "0"]) == 2

@@ -1,12 +1,17 @@
 """serving.logic and serving.auth without servers: merging, paging across ties,
-cursors, the circuit breaker, rebuild decisions and tokens."""
+cursors, the circuit breaker, rebuild decisions, tokens and request edges."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.auth import AuthError, TokenAuth, issue_token
+import jwt
+
+from serving.app import _body_refusal
+from serving.auth import AuthError, TokenAuth, issue_token, parse_user_id
+from serving.feeds import FailureLog, newer_than
+from serving.feeds import reason as failure_reason
 from serving.logic import (
     ChronoCursor,
     CircuitBreaker,
@@ -15,6 +20,7 @@ from serving.logic import (
     Position,
     RankedCursor,
     SourceBatch,
+    TrayCursor,
     celebrities,
     fresh_entries,
     merge_page,
@@ -145,3 +151,59 @@ def test_post_meta_fast_path_agrees_with_parse_post():
     tombstone = [b"3", b"1000", None, None, None, b"1"]
     assert FeedCommands.post_meta(9, tombstone) is None
     assert FeedCommands.post_meta(9, [None] * len(POST_FIELDS)) is None
+
+
+def test_subjects_must_be_ascii_decimal_ids():
+    auth = TokenAuth(KEY)
+
+    def token(sub) -> str:
+        return "Bearer " + jwt.encode({"sub": sub, "exp": 4_000_000_000}, KEY, algorithm="HS256")
+
+    assert auth.user_id(token("12")) == 12
+    assert auth.user_id(token(str(2 ** 63 - 1))) == 2 ** 63 - 1
+    # "²" passes str.isdigit but int() refuses it; "١٢" is 12 to int(): both were
+    # accepted as ids once (a 500, and user 12's feed).
+    for sub in ("\u00b2", "\u0661\u0662", "\uff11", "-1", "+1", " 1", "1.0", "",
+                str(2 ** 63), "1" * 20):
+        with pytest.raises(AuthError, match="'sub' must be a user id"):
+            auth.user_id(token(sub))
+    assert [parse_user_id(t) for t in ("0", "007", "\u0661", "1e3", None, 7)] == [
+        0, 7, None, None, None, None]
+
+
+def test_tray_cursors_are_their_own_kind():
+    codec = CursorCodec(KEY.encode())
+    cursor = TrayCursor(7, 200)
+    assert codec.decode(codec.encode(cursor)) == cursor
+    assert not isinstance(codec.decode(codec.encode(RankedCursor(7, 5, 200))), TrayCursor)
+
+
+def test_request_bodies_are_refused_past_the_limit():
+    assert _body_refusal([(b"content-length", b"0")], 1024) is None
+    assert _body_refusal([(b"content-length", b"1024"), (b"host", b"x")], 1024) is None
+    for headers in ([(b"content-length", b"1025")], [(b"content-length", b"-1")],
+                    [(b"content-length", b"1e9")], [(b"transfer-encoding", b"chunked")]):
+        refusal = _body_refusal(headers, 1024)
+        assert refusal is not None and refusal.status == 413, headers
+
+
+def test_store_failures_show_clients_a_reason_and_log_the_rest(caplog):
+    from stores.cassandra.aio import CassandraUnavailable
+    from stores.redis.aio import RedisUnavailable
+
+    lost = RedisUnavailable("cannot connect to Redis at 10.1.2.3:6379: Errno 111", "unreachable")
+    assert failure_reason(lost) == "unreachable" and "10.1.2.3" not in failure_reason(lost)
+    assert failure_reason(CassandraUnavailable("NoHostAvailable: {'10.1.2.3:9042': ...}")) == "failed"
+    failures = FailureLog(every_s=60)
+    with caplog.at_level("WARNING", logger="serving.feeds"):
+        for _ in range(3):
+            failures("redis", lost)
+    assert len(caplog.records) == 1 and "10.1.2.3" in caplog.records[0].getMessage()
+    assert failures.suppressed == {"redis": 2}
+
+
+def test_newer_than_keeps_the_head_above_the_ranking():
+    flat = [b"9", b"300", b"8", b"200", b"7", b"200", b"6", b"1.5e2"]
+    assert newer_than(flat, 250) == [b"9", b"300"]
+    assert newer_than(flat, 199) == flat[:6]
+    assert newer_than(flat, 100) == flat and newer_than(flat, 300) == [] == newer_than([], 0)

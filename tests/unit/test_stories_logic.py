@@ -126,3 +126,35 @@ def test_oracle_follows_publish_view_delete_expiry():
     assert set(got.live) == {1} and got.live[1].views == 1
     assert got.viewers == {1: {5}} and got.seen == {5: {1}}
     assert got.removed == {2, 3}
+
+
+def test_pending_keeps_the_earliest_expiry_per_hour_bucket():
+    from domain.stories import add_pending
+
+    t = 1000 * HOUR_MS
+    pending: dict[int, int] = {}
+    assert add_pending(pending, t + 50)
+    assert add_pending(pending, t + 10)            # earlier in the same hour
+    assert not add_pending(pending, t + 30)        # later: nothing to change
+    assert not add_pending(pending, t + 10)        # again (a redelivery)
+    assert add_pending(pending, t + HOUR_MS + 1)   # another hour
+    assert pending == {1000: t + 10, 1001: t + HOUR_MS + 1}
+
+
+def test_a_round_reads_the_due_buckets_and_leaves_what_it_found():
+    from domain.stories import due_buckets, settle_pending
+
+    t = 1000 * HOUR_MS
+    pending = {999: t - 5, 1000: t + 10, 1001: t + HOUR_MS + 7, 1003: t + 3 * HOUR_MS}
+    assert due_buckets(pending, t + 20) == [999, 1000]
+    assert due_buckets(pending, t - 6) == [999]
+    # Drained through t + 20; the bucket of the bound still holds t + 40.
+    assert settle_pending(pending, t + 20, {1000: t + 40}) == {
+        1000: t + 40, 1001: t + HOUR_MS + 7, 1003: t + 3 * HOUR_MS}
+    # Nothing left in it: the bucket goes; later ones stay untouched.
+    assert settle_pending(pending, t + 20, {}) == {1001: t + HOUR_MS + 7, 1003: t + 3 * HOUR_MS}
+    # A round cut short (too many due) keeps what may still be due, even in the past.
+    assert settle_pending(pending, t - 6, {999: t - 5}) == {
+        999: t - 5, 1000: t + 10, 1001: t + HOUR_MS + 7, 1003: t + 3 * HOUR_MS}
+    # Something found at or before the drained time cannot be pending.
+    assert settle_pending({1000: t}, t + 5, {1000: t + 5}) == {}

@@ -1,4 +1,4 @@
-"""The stories pipeline's plain parts: options, event runs, timer commands, the applier."""
+"""The stories pipeline's plain parts: options, timer wakeups, the applier."""
 from __future__ import annotations
 
 import json
@@ -6,20 +6,21 @@ import json
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from domain.stories import StoryPolicy, parse_timer_tag, timer_shard, timer_tag
+from domain.stories import HOUR_MS, StoryPolicy, index_shards_of, timer_shard
 from pipelines.common import StoreOptions
 from pipelines.stories import (
     WATCH_S,
+    MaterializeStories,
     StoriesOptions,
     _StoryApplier,
     expired_message,
-    expiry_command,
     job_options,
+    timer_wakeups,
 )
 from schemas.events import PostEvent, PostEventKind, StoryEvent, StoryEventKind
-from schemas.stories import ExpiryCommand, StoryExpired, StoryOutcome
+from schemas.records import EventBatch
+from schemas.stories import StoryExpired, StoryOutcome
 from stores.config import StoreConfig
-from stores.stories import _runs
 
 P, V, D = StoryEventKind.PUBLISHED, StoryEventKind.VIEWED, StoryEventKind.DELETED
 
@@ -31,25 +32,34 @@ def test_options_give_the_policy_and_the_shared_store_flags_the_stores():
     assert options.view_as(StoreOptions).config() == StoreConfig(
         "redis://h:1/2", "fb", "127.0.0.1", 9042, "ks")
     defaults = PipelineOptions([]).view_as(StoriesOptions)
-    assert (defaults.policy(), defaults.stories_max_batch, defaults.expiry_shards,
-            defaults.expired_topic, defaults.no_sweep) == (StoryPolicy(), 500, 64, None, False)
+    assert (defaults.policy(), defaults.stories_max_batches, defaults.expiry_shards,
+            defaults.expired_topic, defaults.no_sweep) == (StoryPolicy(), 8, 4, None, False)
 
 
-def test_runs_keep_order_and_group_consecutive_kinds():
-    events = [StoryEvent(str(i), i, kind, 1, 1) for i, kind in enumerate([P, P, V, D, D, V, P])]
-    runs = _runs(events)
-    assert [(kind, [e.event_id for e in run]) for kind, run in runs] == [
-        (P, ["0", "1"]), (V, ["2"]), (D, ["3", "4"]), (V, ["5"]), (P, ["6"])]
+def test_wakeups_carry_the_earliest_written_expiry_per_timer_key_and_hour():
+    t = 1000 * HOUR_MS
+
+    def outcome(story, action, expires):
+        return StoryOutcome(f"e{story}", action, story, 1, expires, 0)
+
+    outcomes = (outcome(16, "published", t + 50), outcome(32, "published", t + 10),
+                outcome(48, "published", t + HOUR_MS + 5),   # the next hour: its own wakeup
+                outcome(1, "published", t + 99), outcome(2, "tombstoned", t + 1),
+                outcome(3, "viewed", t + 2), outcome(5, "deleted", t + 3))
+    # 16, 32, 48 are index shard 0 (key 0 of 4); 1 and 5 are key 1; 2 and 3 key 2, 3.
+    assert timer_wakeups(outcomes, 4) == [(0, t + 10), (0, t + HOUR_MS + 5), (1, t + 99)]
+    assert timer_wakeups(outcomes, 1) == [(0, t + 10), (0, t + HOUR_MS + 5)]
 
 
-def test_expiry_commands_of_outcomes():
-    def outcome(action):
-        return StoryOutcome("e", action, 5, 2, 1000, 10)
-
-    assert expiry_command(outcome("published")) == ExpiryCommand(5, 2, 1000, False)
-    assert expiry_command(outcome("deleted")) == ExpiryCommand(5, 2, 1000, True)
-    for action in ("tombstoned", "expired", "beyond_horizon", "viewed", "view_unknown"):
-        assert expiry_command(outcome(action)) is None
+def test_timer_keys_own_whole_index_shards():
+    for shards in (1, 3, 4, 16):
+        owned = [index_shards_of(k, shards) for k in range(shards)]
+        assert sorted(s for o in owned for s in o) == list(range(16))
+        for story in range(1000, 1100):
+            assert story % 16 in owned[timer_shard(story, shards)]
+    for bad in (0, 17):
+        with pytest.raises(ValueError):
+            MaterializeStories(StoreConfig(), expiry_shards=bad)
 
 
 class _FakeWriter:
@@ -79,17 +89,27 @@ class _Counts:
             self.counts[name] = self.counts.get(name, 0) + n
 
 
-def test_the_applier_outputs_one_outcome_per_story_event_in_order_and_counts_once_written():
+def batch(*events) -> EventBatch:
+    n = len(events)
+    return EventBatch("story-events", 0, list(events), [1] * n, list(range(n)), [None] * n,
+                      [b""] * n)
+
+
+def test_the_applier_applies_event_batches_at_once_and_counts_once_written():
     writer, counts = _FakeWriter(fail_once=True), _Counts()
     applier = _StoryApplier(writer, counts)
-    batch = [StoryEvent("a", 1, P, 1, 1), PostEvent("p", 1, PostEventKind.CREATED, 1, 1, 1),
-             StoryEvent("b", 2, V, 1, 1, viewer_id=3), StoryEvent("c", 3, P, 2, 1)]
+    batches = [batch(StoryEvent("a", 1, P, 1, 1),
+                     PostEvent("p", 1, PostEventKind.CREATED, 1, 1, 1),
+                     StoryEvent("b", 2, V, 1, 1, viewer_id=3)),
+               batch(),
+               batch(StoryEvent("c", 3, P, 2, 1))]
     with pytest.raises(TimeoutError):
-        applier.apply(batch)
+        applier.apply(batches)
     assert counts.counts == {}       # the sink retries the batch: count it once, when written
-    outcomes = applier.apply(batch)
-    assert [None if o is None else (o.event_id, o.action) for o in outcomes] == [
-        ("a", "published"), None, ("b", "view_unknown"), ("c", "published")]
+    outcomes = applier.apply(batches)
+    assert [[(o.event_id, o.action) for o in per] for per in outcomes] == [
+        [("a", "published"), ("b", "view_unknown")], [], [("c", "published")]]
+    # One writer call for all the batches' story events, in order.
     assert [e.event_id for e in writer.applied[-1]] == ["a", "b", "c"]
     assert counts.counts == {"events_not_story": 1, "events_published": 2,
                              "events_view_unknown": 1}
@@ -110,9 +130,3 @@ def test_job_options_keep_watching_a_streaming_job():
     assert options.view_as(PortableOptions).job_server_timeout == WATCH_S
     assert job_options(["--job_server_timeout=60"]).view_as(
         PortableOptions).job_server_timeout == 60
-
-
-def test_timer_tags_round_trip_and_shards_spread():
-    assert parse_timer_tag(timer_tag(123456789012, 42, 1_800_000_000_000)) == (
-        123456789012, 42, 1_800_000_000_000)
-    assert {timer_shard(s, 64) for s in range(1000, 1640)} == set(range(64))

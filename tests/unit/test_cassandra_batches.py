@@ -1,0 +1,67 @@
+"""Unlogged batches bounded by bytes as well as statements (``pack_batches``), and the
+consistency levels a keyspace's replication implies (``consistency_level``)."""
+from __future__ import annotations
+
+import pytest
+from cassandra import ConsistencyLevel
+from cassandra.query import BatchStatement
+
+from stores.cassandra.feeds import MAX_BATCH_BYTES, pack_batches, param_bytes
+from stores.cassandra.session import consistency_level
+
+ROW = "INSERT %s %s %s"
+
+
+def _sizes(packed) -> list:
+    return [len(s._statements_and_parameters) if isinstance(s, BatchStatement) else 1
+            for s, _ in packed]
+
+
+def test_a_huge_row_is_sent_alone_and_its_neighbours_still_batch():
+    hashtags = tuple(("h%03d" % i) * 25 for i in range(600))  # the 61 KB post of issue 25
+    work = [(ROW, (i, "PHOTO", ())) for i in range(10)]
+    work.insert(4, (ROW, (99, "PHOTO", hashtags)))
+    packed = pack_batches(work, batch_rows=50)
+    assert _sizes(packed) == [4, 1, 6]
+    assert packed[1] == work[4]  # the lone statement as it was: no batch limit applies
+    assert sum(_sizes(packed)) == len(work)
+
+
+def test_batches_stay_under_the_byte_limit_and_the_row_limit():
+    work = [(ROW, (i, "x" * 1000, ())) for i in range(200)]
+    packed = pack_batches(work, batch_rows=50, max_batch_bytes=10_000)
+    assert sum(_sizes(packed)) == 200
+    for stmt, _ in packed:
+        if isinstance(stmt, BatchStatement):
+            # Rows of ~1 KB: a batch never carries more than the limit's worth.
+            assert len(stmt._statements_and_parameters) <= 10_000 // 1000
+    small = [(ROW, (i, "y", ())) for i in range(120)]
+    assert _sizes(pack_batches(small, batch_rows=50)) == [50, 50, 20]
+    assert pack_batches(small, batch_rows=1) == small
+    assert MAX_BATCH_BYTES < 50 * 1024  # below Cassandra's default fail threshold
+
+
+def test_param_bytes_counts_strings_collections_and_scalars():
+    assert param_bytes(7) == param_bytes(1.5) == 8
+    assert param_bytes(None) == 0
+    assert param_bytes("abc") == 3 and param_bytes("ü") == 2
+    assert param_bytes(b"\x00" * 5) == 5
+    assert param_bytes(("ab", "cd")) > 4  # elements cost more than their bytes
+    assert param_bytes({"k": "v"}) > 2
+
+
+@pytest.mark.parametrize("name, factor, expected", [
+    ("auto", 1, ConsistencyLevel.LOCAL_ONE),
+    ("auto", None, ConsistencyLevel.LOCAL_ONE),
+    ("auto", 3, ConsistencyLevel.LOCAL_QUORUM),
+    ("AUTO", 2, ConsistencyLevel.LOCAL_QUORUM),
+    ("ONE", 3, ConsistencyLevel.ONE),
+    ("local_quorum", 1, ConsistencyLevel.LOCAL_QUORUM),
+])
+def test_consistency_levels_follow_the_replication_factor_unless_named(name, factor, expected):
+    assert consistency_level(name, factor) == expected
+
+
+def test_unknown_consistency_names_are_refused():
+    with pytest.raises(ValueError, match="unknown consistency level"):
+        consistency_level("SERIAL", 1)
