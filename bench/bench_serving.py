@@ -10,9 +10,11 @@ at read time); every home feed holds ``--feed-len`` pushed posts, half the
 users have a ranked feed, half the authors a live story. ``--heavy-users``
 more each follow ``--heavy-follows`` accounts (100,000), ``--heavy-celebrities``
 of them (2,000) above the push threshold with posts and stories. Written
-through the pipelines' store modules (the celebrity padding and the heavy
-follow lists as raw ZADDs of the same keys: through ``apply_edges`` they take
-minutes) under a fresh Redis prefix and keyspace, removed at the end.
+through the pipelines' store modules under a fresh Redis prefix and keyspace,
+removed at the end: the follow lists through the fan-out's edge writes, told
+which followees are celebrities, so every user's followed-celebrities set (what
+a feed page reads to find the timelines to pull) is what the fan-out keeps; the
+celebrities' follower padding as raw ZADDs of the same keys.
 
 Steps, each printed beside the limit measured in the same run, medians of
 ``--runs``:
@@ -147,23 +149,35 @@ class Dataset:
 
 def load_redis(ds: Dataset, store: RedisFeedStore, users, heavy: bool = True) -> None:
     users = list(users)
-    edges = ds.edges(users)
-    for i in range(0, len(edges), 5000):
-        store.apply_edges(edges[i:i + 5000])
     # Celebrities need their follower count above the threshold even for a user
-    # subset; the padding and the heavy users' follow lists are raw ZADDs of the
-    # same keys (through apply_edges, 100,000 follows per heavy user take minutes).
+    # subset: padding followers, raw ZADDs of the fan-out's keys.
     keys, since = store.keys, ds.now - 86_400_000
     pad = {str(f): since for f in range(50_000_000, 50_000_000 + ds.push_threshold)}
     pipe = store.client.pipeline(transaction=False)
     for c in ds.celebrities + (ds.heavy_celebrities if heavy else []):
         pipe.zadd(keys.followers(c), pad)
-    for h in ds.heavy_users if heavy else []:
-        follows = ds.heavy_following
-        for i in range(0, len(follows), 5000):
-            pipe.zadd(keys.following(h), {str(a): since + i + j
-                                          for j, a in enumerate(follows[i:i + 5000])})
     pipe.execute()
+    # The follow lists as the fan-out writes them (stores.fanout.FeedFanout): the
+    # followee side, then the follower side with whether each followee is a
+    # celebrity, which keeps the follower's followed-celebrities set.
+    celebrities = set(ds.celebrities) | set(ds.heavy_celebrities if heavy else [])
+    edges = ds.edges(users)
+    for i in range(0, len(edges), 5000):
+        chunk = edges[i:i + 5000]
+        store.apply_followee_edges(chunk, [(0, 0)] * len(chunk), ds.push_threshold)
+        store.apply_follower_edges(chunk, [e.followee_id in celebrities for e in chunk])
+    for h in ds.heavy_users if heavy else []:
+        # The follower side only: no request measured here reads the followers
+        # of a heavy user's 100,000 followees.
+        follows = [FollowEvent(f"bh{h}-{a}", since + j, FollowKind.FOLLOW, h, a)
+                   for j, a in enumerate(ds.heavy_following)]
+        for i in range(0, len(follows), 5000):
+            chunk = follows[i:i + 5000]
+            store.apply_follower_edges(chunk, [e.followee_id in celebrities for e in chunk])
+        kept = store.followed_celebrities([h])[h]
+        if sorted(kept) != sorted(ds.heavy_celebrities):
+            raise RuntimeError(f"heavy user {h}: {len(kept)} followed celebrities kept, "
+                               f"{len(ds.heavy_celebrities)} expected")
     if heavy:
         users = users + ds.heavy_users
         store.client.mset({keys.last_read(h): ds.now for h in ds.heavy_users})
@@ -183,9 +197,13 @@ def load_redis(ds: Dataset, store: RedisFeedStore, users, heavy: bool = True) ->
 
 def load_cassandra(ds: Dataset, store: CassandraFeedStore, users) -> None:
     users = list(users)
-    store.apply_edges(ds.edges(users))
+    edges = ds.edges(users)
+    store.apply_edges(edges)
     for c in ds.celebrities:
         store.set_follower_count(c, ds.push_threshold * 2, ds.now)
+        # The fan-out's durable followed-celebrities rows: the fallback's pulls.
+        store.set_followed_celebrity([(e.follower_id, e.event_time) for e in edges
+                                      if e.followee_id == c], c, ds.now)
     for a in {a for u in users for a in ds.following[u]}:
         store.set_follower_count(a, 1, ds.now)
     wanted = {p.post_id: p for u in users for p in ds.feeds[u]}

@@ -23,7 +23,7 @@ from infra.errors import UserFacingError
 from infra.settings import StackSettings
 from pipelines.runtime import beam_spelling, flag_value
 from schemas.cassandra import check_keyspace_name
-from schemas.events import TOPICS, dlq_topic
+from schemas.events import TOPICS, dlq_topics
 from schemas.keys import KeyLayout
 from stores.config import DEFAULT_KEY_PREFIX, DEFAULT_KEYSPACE
 
@@ -106,11 +106,12 @@ def _admin(bootstrap: str):
 
 def topics_of(admin, prefix: str) -> list[str]:
     """The topics of a run on ``prefix``: every topic starting with it; for the empty
-    prefix only the event topics and their ``.dlq`` twins (not every topic there is)."""
+    prefix only the event topics and the ``.dlq`` topics of the pipelines (not every
+    topic there is)."""
     existing = admin.list_topics(timeout=_TIMEOUT_S).topics
     if prefix:
         return sorted(t for t in existing if t.startswith(prefix))
-    return sorted(t for t in existing if t in {n for e in TOPICS for n in (e, dlq_topic(e))})
+    return sorted(t for t in existing if t in set(TOPICS) | set(dlq_topics()))
 
 
 def delete_topics(admin, names: list[str], timeout_s: float = _TIMEOUT_S) -> list[str]:

@@ -37,7 +37,8 @@ def register(subparsers) -> None:
         usage="%(prog)s TOPIC RANGE (--out DIR | --pipeline fanout [BEAM_ARGS ...])",
         description="Read a time or offset range of an event topic and write it as a Parquet "
         "dataset partitioned by event date and hour (date=YYYY-MM-DD/hour=HH, UTC). Records "
-        "that do not decode go to DIR/_dead_letters/. The same range always gives the same "
+        "that do not decode, or break the pipelines' validation rules (schemas/validation.py), "
+        "go to DIR/_dead_letters/. The same range always gives the same "
         "files. Exits non-zero if rows + dead letters do not add up to the records read.",
         epilog="A time range [--from, --to) selects, per partition, the offsets from the first "
         "record with timestamp >= --from to the first with timestamp >= --to (Kafka's time "
@@ -86,6 +87,13 @@ def register(subparsers) -> None:
                    help="records per chunk: memory bound and file granularity; chunks are "
                    "aligned to offsets (offset // N), so file names do not depend on where the "
                    "range starts (default: %(default)s)")
+    p.add_argument("--max-event-ahead-s", type=float, default=None, metavar="S",
+                   help="dead-letter an event whose times lie more than S past its record's "
+                   "Kafka timestamp or the wall clock, as the pipelines' --max_event_ahead_s "
+                   "(default 3600); with --pipeline pass that after the pipeline's name")
+    p.add_argument("--max-event-age-s", type=float, default=None, metavar="S",
+                   help="dead-letter an event whose time lies more than S before its record's "
+                   "Kafka timestamp, as the pipelines' --max_event_age_s (default: no limit)")
     p.add_argument("--dlq-to-kafka", action="store_true",
                    help="also produce dead letters to TOPIC.dlq (with the pipeline's headers). "
                    "Off by default: the pipelines dead-letter these records already, and a "

@@ -4,10 +4,11 @@
     feedbeam replay test1.post-events --partition-offsets "0:10-200,2:0-" --out /tmp/posts
 
 Reads exactly the resolved offset ranges (no consumer group, nothing
-committed), decodes each record as the pipelines do, and writes
+committed), decodes and validates each record as the pipelines do
+(``schemas.validation``), and writes
 ``date=YYYY-MM-DD/hour=HH/part-<partition>-<chunk>.parquet`` by event hour,
-``_dead_letters/`` for records that do not decode and ``_replay.json`` with the
-ranges and counts. ``replay()`` is the same from Python. ``docs/operations.md``
+``_dead_letters/`` for records that do not decode or break a rule, and
+``_replay.json`` with the ranges and counts. ``replay()`` is the same from Python. ``docs/operations.md``
 describes the layout, determinism and memory bound.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jobs.replay_range import (
 from stores.kafka import offsets as kafka_offsets
 from schemas.records import DeadLetter, KafkaRecord, decode_record_dict, dict_decoder
 from schemas.events import dlq_topic
+from schemas.validation import VALIDATE_STEP, EventLimits, check_event
 
 DEFAULT_BATCH = 50_000
 MANIFEST = "_replay.json"
@@ -67,6 +69,7 @@ class ReplayResult:
     records_read: int = 0
     rows_written: int = 0
     dead_letters: int = 0
+    invalid: int = 0  # of the dead letters, those that decoded but broke a validation rule
     dead_letters_to_kafka: int = 0
     files: int = 0
     rows_per_dir: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -101,7 +104,7 @@ class ReplayResult:
             "ranges": {str(p): list(r) for p, r in sorted(self.ranges.items())},
             "records_in_range": self.records_in_range, "records_read": self.records_read,
             "rows_written": self.rows_written, "dead_letters": self.dead_letters,
-            "rows_per_dir": dict(sorted(self.rows_per_dir.items())),
+            "invalid": self.invalid, "rows_per_dir": dict(sorted(self.rows_per_dir.items())),
         }
 
 
@@ -171,6 +174,7 @@ class _Columns:
             }, schema=parquet.DEAD_LETTER_SCHEMA), self.out / DEAD_LETTER_DIR / name)
             self.result.files += 1
             self.result.dead_letters += len(dead)
+            self.result.invalid += sum(d.step == VALIDATE_STEP for d in dead)
             if self.dlq_sink is not None:
                 for d in dead:
                     self.dlq_sink.send(d)
@@ -254,14 +258,28 @@ class KafkaDeadLetterSink:
 # ---------------------------------------------------------------- reading
 
 
+def invalid_letter(record_type: type, record: dict, kafka: KafkaRecord, now_ms: int,
+                   limits: EventLimits) -> DeadLetter | None:
+    """The dead letter (step ``validate``) of a decoded record that breaks ``limits`` at
+    the wall clock ``now_ms``, as the pipelines' decode step makes it; None if it is
+    valid. ``record`` is ``decode_record_dict``'s Avro dict of ``record_type``."""
+    problem = check_event(record_type.from_avro(record), kafka.timestamp_ms, now_ms, limits)
+    if problem is None:
+        return None
+    return DeadLetter.of(kafka, VALIDATE_STEP, problem.reason, problem.message, now_ms)
+
+
 def replay(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], out: Path, *,
            topic_prefix: str | None = None, batch: int = DEFAULT_BATCH, codec=None,
            dlq_sink: KafkaDeadLetterSink | None = None, progress: bool = True,
-           consumer_config: dict | None = None) -> ReplayResult:
+           consumer_config: dict | None = None,
+           limits: EventLimits | None = EventLimits()) -> ReplayResult:
     """Read exactly ``ranges`` of ``topic`` and write them under ``out`` (``docs/operations.md``).
 
-    ``out`` must be empty or absent (``check_out_dir``). Returns the counts;
-    the caller decides what a non-reconciling result means.
+    ``out`` must be empty or absent (``check_out_dir``). A record that decodes
+    but breaks ``limits`` (``schemas.validation``, at the wall clock when the
+    replay starts; None: no checks) is a dead letter, as in the pipelines.
+    Returns the counts; the caller decides what a non-reconciling result means.
     """
     from confluent_kafka import Consumer, KafkaError, TopicPartition
     from tqdm import tqdm
@@ -278,6 +296,7 @@ def replay(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], out: 
     write_json(result.manifest(record_type, complete=False), out / MANIFEST)
     columns = _Columns(out, record_type, result, dlq_sink)
     accept = dict_decoder(codec, topic, prefix)
+    now_ms = int(time.time() * 1000)
     states = {p: _Partition(p, start, stop) for p, (start, stop) in result.ranges.items()
               if stop > start}
     active = set(states)
@@ -346,7 +365,13 @@ def replay(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], out: 
                     add_timestamp = state.timestamps.append
                 value = msg.value()
                 decoded = accept(value)
-                if decoded is not None:
+                if decoded is not None and limits is not None and check_event(
+                        decoded[0].from_avro(decoded[1]), msg.timestamp()[1], now_ms,
+                        limits) is not None:
+                    # Broke a rule: the same check again, for the dead letter.
+                    state.dead.append(invalid_letter(*decoded, KafkaRecord(
+                        topic, p, offset, msg.key(), value, msg.timestamp()[1]), now_ms, limits))
+                elif decoded is not None:
                     add_row(decoded[1])
                     add_offset(offset)
                     add_timestamp(msg.timestamp()[1])
@@ -374,6 +399,17 @@ def replay(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], out: 
     return result
 
 
+def event_limits(args: argparse.Namespace) -> EventLimits:
+    """The validation limits of ``--max-event-ahead-s`` and ``--max-event-age-s`` (the
+    pipelines' defaults: 1 h ahead, no age limit)."""
+    ahead = 3600.0 if args.max_event_ahead_s is None else args.max_event_ahead_s
+    age = args.max_event_age_s
+    if ahead < 0 or (age is not None and age < 0):
+        raise UserFacingError("--max-event-ahead-s and --max-event-age-s must be >= 0")
+    return EventLimits(max_ahead_ms=int(ahead * 1000),
+                       max_age_ms=None if age is None else int(age * 1000))
+
+
 def run_parquet_replay(args: argparse.Namespace, settings: StackSettings) -> int:
     """``feedbeam replay ... --out DIR``: 0 when every record read is a row or a dead letter."""
     from schemas.codec import WireCodec
@@ -388,18 +424,20 @@ def run_parquet_replay(args: argparse.Namespace, settings: StackSettings) -> int
     check_out_dir(out, args.overwrite)
     dlq_sink = KafkaDeadLetterSink(bootstrap, args.topic) if args.dlq_to_kafka else None
     codec = WireCodec(registry_url=args.schema_registry) if args.schema_registry else None
+    limits = event_limits(args)
 
     print(f"replay {args.topic} ({record_type.__name__}) from {bootstrap} to {out}")
     print(ranges_line(ranges))
     started = time.perf_counter()
     result = replay(bootstrap, args.topic, ranges, out, topic_prefix=prefix, batch=args.batch,
-                    codec=codec, dlq_sink=dlq_sink)
+                    codec=codec, dlq_sink=dlq_sink, limits=limits)
     elapsed = time.perf_counter() - started
     for directory, rows in sorted(result.rows_per_dir.items()):
         print(f"  {directory}  {rows:>10} rows")
     if result.dead_letters:
-        print(f"  {DEAD_LETTER_DIR}  {result.dead_letters:>10} dead letters"
-              + (f" ({result.dead_letters_to_kafka} also sent to {dlq_sink.topic})"
+        print(f"  {DEAD_LETTER_DIR}  {result.dead_letters:>10} dead letters "
+              f"({result.invalid} invalid, {result.dead_letters - result.invalid} undecodable)"
+              + (f", {result.dead_letters_to_kafka} also sent to {dlq_sink.topic}"
                  if dlq_sink is not None else ""))
     print(f"{result.records_read} records in {elapsed:.1f}s "
           f"({result.records_read / max(elapsed, 1e-9):,.0f} rec/s), {result.files} files")
@@ -414,4 +452,5 @@ def run_parquet_replay(args: argparse.Namespace, settings: StackSettings) -> int
 
 
 __all__ = ["replay", "run_parquet_replay", "ReplayResult", "KafkaDeadLetterSink",
+           "invalid_letter", "event_limits",
            "check_out_dir", "DEFAULT_BATCH", "MANIFEST", "DEAD_LETTER_DIR"]

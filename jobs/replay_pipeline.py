@@ -53,6 +53,18 @@ class PipelineReplayResult:
         return kafka_offsets.total_records(self.ranges)
 
     @property
+    def invalid(self) -> int | None:
+        """Dead letters of records that decoded but broke a validation rule (the decode
+        step's ``invalid`` counter), sent to ``<TOPIC>.dlq`` as the live job does."""
+        return self.get("feedbeam.decode:invalid")
+
+    def _reasons(self) -> str:
+        head = "feedbeam.decode:dead_letter_"
+        reasons = sorted((name[len(head):], n) for name, n in (self.counters or {}).items()
+                         if name.startswith(head) and n)
+        return "; " + ", ".join(f"{r} {n}" for r, n in reasons) if reasons else ""
+
+    @property
     def reconciles(self) -> bool | None:
         """records read = decoded + dead letters <= records in range; None without counters."""
         if self.counters is None:
@@ -70,7 +82,7 @@ class PipelineReplayResult:
                                self.get("feedbeam.decode:decoded"),
                                self.get("feedbeam.decode:dead_letter"))
         line = f"records in range {self.records_in_range} = events decoded {decoded} " \
-               f"+ dead letters {dead}"
+               f"+ dead letters {dead} ({self.invalid} invalid{self._reasons()})"
         gaps = self.records_in_range - read
         if gaps:
             line += f" + offsets without a record {gaps}"
@@ -159,6 +171,10 @@ def run_pipeline_replay(args: argparse.Namespace, settings: StackSettings, pipel
         raise UserFacingError("--overwrite, --dlq-to-kafka and --schema-registry are for "
                               "Parquet replays; with --pipeline, pipeline options follow its "
                               "name")
+    if args.max_event_ahead_s is not None or args.max_event_age_s is not None:
+        raise UserFacingError("with --pipeline the validation limits are the pipeline's "
+                              "options: pass --max_event_ahead_s / --max_event_age_s after "
+                              "its name")
     ranges = resolve_ranges(bootstrap, args.topic, spec)
     argv = pipeline_argv(pipeline, args.topic, prefix, ranges, bootstrap, settings, beam_args)
     total = kafka_offsets.total_records(ranges)

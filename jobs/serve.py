@@ -38,8 +38,8 @@ def register(subparsers) -> None:
     serve.add_argument("--keyspace", default=cql.DEFAULT_KEYSPACE)
     serve.add_argument("--key-prefix", default="fb", help="Redis key prefix (default: %(default)s)")
     serve.add_argument("--push-threshold", type=int, default=None,
-                       help="followers from which an author is pulled at read time; must match "
-                            "the fan-out pipeline's --push_threshold")
+                       help="no longer changes a read: the fan-out keeps the followed "
+                            "celebrities a page pulls (kept for existing command lines)")
     serve.add_argument("--feed-cap", type=int, default=None,
                        help="Redis feed cap of the fan-out pipeline (--feed_cap)")
     serve.add_argument("--redis-timeout-ms", type=float, default=None,
@@ -48,10 +48,11 @@ def register(subparsers) -> None:
     serve.add_argument("--request-budget-ms", type=float, default=None,
                        help="a request taking longer gets 503")
     serve.add_argument("--max-followees-scanned", type=int, default=None,
-                       help="most recent follows whose follower counts are read to find the "
-                            "followed celebrities (bounds a request whatever the account)")
+                       help="follow-list rows a Cassandra fallback reads for story-tray pages "
+                            "(deeper pages end there while Redis fails)")
     serve.add_argument("--max-pulled-timelines", type=int, default=None,
-                       help="followed celebrities' timelines a feed page pulls at most")
+                       help="followed celebrities' timelines a feed page pulls at most (the "
+                            "most recently followed)")
     serve.add_argument("--tray-followees", type=int, default=None,
                        help="followees whose stories one story-tray page reads")
     serve.add_argument("--max-header-bytes", type=int, default=None,

@@ -1,4 +1,4 @@
-"""``feedbeam topics``: create and list the event topics and their dead-letter twins.
+"""``feedbeam topics``: create and list the event topics and the dead-letter topics.
 
     feedbeam topics create [--partitions 3] [--replication-factor 1] [--topic-prefix ""]
     feedbeam topics list [--topic-prefix ""]
@@ -13,17 +13,20 @@ import time
 
 from infra.settings import StackSettings
 from infra.errors import UserFacingError
-from schemas.events import TOPICS, dlq_topic
+from schemas.events import DERIVED_DLQ_SOURCES, TOPICS, dlq_topic
 
 _TIMEOUT_S = 30.0
 
 
 def feed_topics(prefix: str = "") -> list[str]:
-    """The four event topics and their ``.dlq`` twins, each name prefixed."""
+    """The four event topics and their ``.dlq`` twins, then every other ``.dlq`` topic a
+    pipeline may write (``schemas.events.DERIVED_DLQ_SOURCES``: the features' store
+    sinks, the fan-out's durable log), each name prefixed. With all of them there, a
+    dead letter never fails its bundle on a missing topic."""
     names = []
     for topic in TOPICS:
         names += [prefix + topic, dlq_topic(prefix + topic)]
-    return names
+    return names + [dlq_topic(prefix + source) for source in DERIVED_DLQ_SOURCES]
 
 
 def _admin(bootstrap: str):
@@ -163,7 +166,8 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="topics_command", metavar="ACTION")
     sub.required = True
 
-    create = sub.add_parser("create", help="create the event topics and their .dlq twins")
+    create = sub.add_parser("create", help="create the event topics, their .dlq twins and "
+                                           "the other .dlq topics the pipelines write")
     create.add_argument("--partitions", type=int, default=3, help="default: %(default)s")
     create.add_argument("--replication-factor", type=int, default=1, help="default: %(default)s")
     create.add_argument("--topic-prefix", "--prefix", dest="prefix", default="",

@@ -40,6 +40,7 @@ from schemas.fanout import (
 from schemas.records import DeadLetter, EventBatch, RecordBatch
 from stores.config import StoreConfig
 from stores.fanout import DurableFeedWriter, FeedFanout, FeedStores, ensure_log_topics
+from stores.kafka.lag import LogCatchUp
 from stores.restore import RedisHealer, RestoreSettings, open_healer
 
 if __name__ == "__main__":
@@ -99,6 +100,10 @@ class FanoutOptions(PipelineOptions):
         parser.add_argument("--durable_max_batch", type=int, default=10,
                             help="record batches (polls) of the durable log applied to "
                                  "Cassandra at once")
+        parser.add_argument("--restore_log_wait_s", type=float, default=60.0,
+                            help="with --durable_copy=log: how long a restore of a Redis that "
+                                 "lost its data waits for the durable step to apply the "
+                                 "durable log to Cassandra before reading it (0: no wait)")
 
     def policy(self) -> FanoutPolicy:
         return FanoutPolicy(
@@ -114,10 +119,20 @@ class FanoutOptions(PipelineOptions):
 @dataclasses.dataclass(frozen=True)
 class DurableLog:
     """Where the Redis step writes its durable log: the topic and the producer's
-    librdkafka settings."""
+    librdkafka settings; the durable step's consumer group, and how long a restore
+    of Redis waits for that group to apply the log (``restore_wait_s``, 0: no wait)."""
 
     topic: str
     producer_config: dict
+    group: str | None = None
+    restore_wait_s: float = 60.0
+
+    def catch_up(self) -> LogCatchUp | None:
+        """The wait a restore runs before reading Cassandra (None: none)."""
+        if self.group is None or self.restore_wait_s <= 0:
+            return None
+        return LogCatchUp(self.producer_config["bootstrap.servers"], self.group, (self.topic,),
+                          self.restore_wait_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +153,11 @@ class FanoutApplierConfig:
         except Exception:
             fanout.close()
             raise
+        # With a durable log, a restore first waits for the durable step to apply it.
+        catch_up = None if self.durable_log is None else self.durable_log.catch_up()
         healer = open_healer(self.stores, RestoreSettings(
             feed_cap=self.policy.feed_cap, timeline_cap=self.policy.timeline_cap),
-            fanout.redis.client)
+            fanout.redis.client, catch_up)
         return _FanoutApplier(fanout, self.freshness_log_s, self.durable_log, log_writer, healer)
 
 
@@ -399,10 +416,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ranges: Ranges | No
         log_topic = prefix + DURABLE_LOG_TOPIC
         producer = producer_config_of(config)
         ensure_log_topics(producer, [log_topic, dlq_topic(log_topic)], like=topics)
-        durable_log = DurableLog(log_topic, producer)
+        source = durable_source(config)
+        durable_log = DurableLog(log_topic, producer, source.consumer_config["group.id"],
+                                 fanout.restore_log_wait_s)
         if parts in ("all", "durable"):
             _ = pipeline | "ApplyDurableFeedLog" >> ApplyDurableFeedLog(
-                durable_source(config), [log_topic], stores, fanout.durable_max_batch, producer)
+                source, [log_topic], stores, fanout.durable_max_batch, producer)
         if parts == "durable":
             return None
     read = ReadEventBatches(config, topics, ranges=ranges, topic_prefix=prefix)

@@ -347,7 +347,7 @@ class FeaturesOptions(PipelineOptions):
     def sink_config(self, stores: StoreConfig) -> FeatureSinkConfig:
         return FeatureSinkConfig(stores, ttls=self.ttls(),
                                  half_life_ms=int(self.half_life_days * DAY_MS),
-                                 top_followers_keep=self.top_followers_keep)
+                                 top_followers_keep=self.top_followers_keep, heal=True)
 
     def sink_names(self) -> tuple[str, ...]:
         names = tuple(s.strip() for s in self.sinks.split(",") if s.strip())

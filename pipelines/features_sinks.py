@@ -13,7 +13,9 @@ transforms take a ``PCollection[FeatureValue]`` (of ``AggregateEngagementFeature
 run without a writer) and return an empty ``PCollection``; the store sinks
 write through ``pipelines.io.sink.ApplyInBatches``. Both use the same store
 appliers, retried whole with ``RetryPolicy``; how writes stay idempotent is in
-``docs/pipelines/features.md``.
+``docs/pipelines/features.md``. With ``FeatureSinkConfig.heal`` (the pipeline
+sets it) Redis' generation marker is read before each write (one GET): a Redis
+that lost its data is restored from Cassandra first (``stores.restore``).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from pipelines.io.sink import ApplyInBatches
 from schemas.features import (DEFAULT_HALF_LIFE_MS, ENTITY_TYPES, VIEWER_AUTHOR,
                               FeatureColumns, FeatureTTLs, FeatureValue)
 from stores.config import StoreConfig
+from stores.restore import RedisHealer, RestoreSettings, open_healer
 from stores.retry import RetryPolicy
 
 NAMESPACE = "feedbeam.features"
@@ -40,12 +43,46 @@ DEFAULT_SINK_BATCH = 2000
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSinkConfig:
-    """Where the stores are and how features are kept in them; pickled instead of clients."""
+    """Where the stores are and how features are kept in them; pickled instead of clients.
+
+    ``heal``: check Redis' generation marker before each write to Redis and restore
+    a Redis that lost its data from Cassandra first (``stores.restore.RedisHealer``).
+    """
 
     stores: StoreConfig = StoreConfig()
     ttls: FeatureTTLs = FeatureTTLs()
     half_life_ms: int = DEFAULT_HALF_LIFE_MS
     top_followers_keep: int = 10_000
+    heal: bool = False
+
+    def restore_settings(self) -> RestoreSettings:
+        """What a restore this job runs must agree with: its TTLs, decay, top followers."""
+        return RestoreSettings(feature_ttls=self.ttls, half_life_ms=self.half_life_ms,
+                               top_followers_keep=self.top_followers_keep)
+
+
+class _Healer:
+    """A ``RedisHealer`` on a client of its own (closed with it), and its restores counted."""
+
+    def __init__(self, config: FeatureSinkConfig):
+        from stores.redis.client import new_client
+
+        self._client = new_client(config.stores.redis_url)
+        self.healer: RedisHealer = open_healer(config.stores, config.restore_settings(),
+                                               self._client)
+        self._counters = Counters(NAMESPACE)
+
+    def check(self) -> None:
+        restores = self.healer.restores
+        self.healer.check()
+        self._counters.inc("redis_restores", self.healer.restores - restores)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _open_healer(config: FeatureSinkConfig) -> _Healer | None:
+    return _Healer(config) if config.heal else None
 
 
 # --------------------------------------------------------------------------- store sinks
@@ -53,21 +90,30 @@ class FeatureSinkConfig:
 
 class _CountedWrites:
     """An applier: ``write(batch) -> values written``, counted as ``<sink>_written``; the
-    rest, older than what the store or the batch holds, as ``<sink>_skipped``."""
+    rest, older than what the store or the batch holds, as ``<sink>_skipped``. With a
+    ``healer``, Redis is checked (restored if lost) before each batch."""
 
-    def __init__(self, sink: str, store, write: Callable[[Sequence[FeatureValue]], int]):
+    def __init__(self, sink: str, store, write: Callable[[Sequence[FeatureValue]], int],
+                 healer: _Healer | None = None):
         self._sink = sink
         self._store = store
         self._write = write
+        self._healer = healer
         self._counters = Counters(NAMESPACE)
 
     def apply(self, batch: list[FeatureValue]) -> None:
+        if self._healer is not None:
+            self._healer.check()
         written = self._write(batch)
         self._counters.inc(f"{self._sink}_written", written)
         self._counters.inc(f"{self._sink}_skipped", len(batch) - written)
 
     def close(self) -> None:
-        self._store.close()
+        try:
+            self._store.close()
+        finally:
+            if self._healer is not None:
+                self._healer.close()
 
 
 def _open_online(c: FeatureSinkConfig):
@@ -111,7 +157,8 @@ class _StoreWrites:
 
     def open(self) -> _CountedWrites:
         store, write = _OPENERS[self.sink](self.config)
-        return _CountedWrites(self.sink, store, write)
+        healer = _open_healer(self.config) if self.sink in REDIS_SINKS else None
+        return _CountedWrites(self.sink, store, write, healer)
 
 
 class _StoreSink(beam.PTransform):
@@ -121,7 +168,8 @@ class _StoreSink(beam.PTransform):
 
     def __init__(self, config: FeatureSinkConfig, max_batch: int = DEFAULT_SINK_BATCH):
         super().__init__()
-        self._apply = ApplyInBatches(_StoreWrites(self.sink, config), NAMESPACE, max_batch, dead_letters="from_options")
+        self._apply = ApplyInBatches(_StoreWrites(self.sink, config), NAMESPACE, max_batch,
+                                     dead_letters="from_options")
 
     def expand(self, values):
         return values | f"Write_{self.sink}" >> self._apply
@@ -162,7 +210,10 @@ class UpdateTopFollowers(_StoreSink):
 
 # --------------------------------------------------------------------------- inline writer
 
-STORE_SINKS = ("redis", "cassandra", "top_followers")
+#: In the order a write goes to them: Cassandra before Redis, so whatever reached Redis
+#: is in Cassandra when a restore after a loss of Redis reads it.
+STORE_SINKS = ("cassandra", "redis", "top_followers")
+REDIS_SINKS = ("redis", "top_followers")
 _VIEWER_AUTHOR = ENTITY_TYPES.index(VIEWER_AUTHOR)
 
 
@@ -193,14 +244,21 @@ class FeatureWriter:
     ``write`` sends each store only the newest value of each (entity, name)
     among what it is given (``FeatureColumns.newest``: what the store would
     keep), ``max_batch`` values a write, each write retried whole on a
-    transient error; log rows are kept until ``flush_log`` (which the owner
-    calls when ``log_due`` says so, and before making its state durable).
+    transient error; Cassandra first, then Redis (``STORE_SINKS``), and with
+    ``heal`` Redis' generation marker is checked once per ``write`` before
+    (a Redis that lost its data is restored first). Log rows are kept until
+    ``flush_log`` (which the owner calls when ``log_due`` says so, and before
+    making its state durable).
     """
 
     def __init__(self, config: FeatureWriterConfig):
         self.config = config
-        self._stores = {sink: _StoreWrites(sink, config.config).open()
-                        for sink in config.sinks if sink in STORE_SINKS}
+        # One check per write for every store (below), not one per store.
+        unchecked = dataclasses.replace(config.config, heal=False)
+        self._stores = {sink: _StoreWrites(sink, unchecked).open()
+                        for sink in STORE_SINKS if sink in config.sinks}
+        uses_redis = any(sink in REDIS_SINKS for sink in self._stores)
+        self._healer = _open_healer(config.config) if uses_redis else None
         self._log: list[FeatureColumns] = []
         self._log_since = time.monotonic()
         self._counters = Counters(NAMESPACE)
@@ -212,6 +270,9 @@ class FeatureWriter:
             self._log.append(values)
         if not self._stores:
             return
+        if self._healer is not None:
+            self.config.retry.call(self._healer.check, what=f"{NAMESPACE}: Redis generation",
+                                   on_retry=lambda _: self._counters.inc("batch_retries"))
         newest = values.newest()
         for sink, applier in self._stores.items():
             rows = newest
@@ -246,6 +307,9 @@ class FeatureWriter:
         for applier in self._stores.values():
             applier.close()
         self._stores = {}
+        if self._healer is not None:
+            self._healer.close()
+            self._healer = None
 
 
 # --------------------------------------------------------------------------- feature log

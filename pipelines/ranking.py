@@ -41,6 +41,7 @@ from schemas.keys import KeyLayout
 from schemas.ranking import RECENCY_VERSION, ClaimedRefreshes, RefreshOutcome
 from stores.config import StoreConfig
 from stores.ranker import ClaimRefresher, FeedRanker, QueueConfig, RankingConfig, TriggerWriter
+from stores.restore import RedisHealer, RestoreSettings, open_healer
 from stores.retry import RetryPolicy
 
 if __name__ == "__main__":
@@ -169,11 +170,16 @@ class RankingOptions(PipelineOptions):
     def config(self) -> RankingConfig:
         if self.model_dir is None:
             raise ValueError("--model_dir is not set (run() defaults it from FEEDBEAM_STATE_DIR)")
+        half_life_ms = int(self.feature_half_life_days * 86_400_000)
+        fanout = self.view_as(FanoutOptions)
+        # A restore this job runs must agree with the fan-out's caps and the features' decay.
+        restore = RestoreSettings(feed_cap=fanout.feed_cap, timeline_cap=fanout.timeline_cap,
+                                  half_life_ms=half_life_ms)
         return RankingConfig(
             self.view_as(StoreOptions).config(), model_dir=self.model_dir,
-            model_poll_s=self.model_poll_s,
-            half_life_ms=int(self.feature_half_life_days * 86_400_000),
-            score_threads=self.score_threads, feature_cache_s=self.feature_cache_s)
+            model_poll_s=self.model_poll_s, half_life_ms=half_life_ms,
+            score_threads=self.score_threads, feature_cache_s=self.feature_cache_s,
+            restore=restore)
 
 
 def _bool(text: str) -> bool:
@@ -188,17 +194,38 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class _HealerCounts:
+    """Counts what a ``RedisHealer`` did within the block: ``redis_restores`` and
+    ``batches_redone_after_redis_loss`` (nothing without a healer)."""
+
+    def __init__(self, healer: RedisHealer | None, counters: Counters):
+        self._healer, self._counters = healer, counters
+
+    def __enter__(self):
+        if self._healer is not None:
+            self._before = (self._healer.restores, self._healer.reruns)
+
+    def __exit__(self, *exc):
+        if self._healer is not None:
+            restores, reruns = self._before
+            self._counters.inc("redis_restores", self._healer.restores - restores)
+            self._counters.inc("batches_redone_after_redis_loss", self._healer.reruns - reruns)
+
+
 # --------------------------------------------------------------------------- triggers
 
 
 @dataclasses.dataclass(frozen=True)
 class TriggerConfig:
-    """The trigger step's applier configuration (``pipelines.io.sink``): what it pickles."""
+    """The trigger step's applier configuration (``pipelines.io.sink``): what it pickles.
+    ``restore``: check Redis' generation marker per batch and restore a Redis that lost
+    its data with these settings (None: no check)."""
 
     stores: StoreConfig
     policy: RankingPolicy
     viral: ViralPolicy
     queue: QueueConfig
+    restore: RestoreSettings | None = None
 
     def open(self) -> "TriggerApplier":
         return TriggerApplier(self)
@@ -207,7 +234,8 @@ class TriggerConfig:
 class TriggerApplier:
     """Queues the triggers of a batch of ``EventBatch``es (``TriggerWriter``) and answers
     the last one with the ``(shard, earliest due ms)`` of the queue shards it wrote.
-    Counters ``triggers_<reason>``, ``events_without_trigger``, ``viral_posts``."""
+    Counters ``triggers_<reason>``, ``events_without_trigger``, ``viral_posts``,
+    ``redis_restores``, ``batches_redone_after_redis_loss``."""
 
     def __init__(self, config: TriggerConfig):
         from stores.redis.candidates import AudienceReader
@@ -216,13 +244,17 @@ class TriggerApplier:
 
         c = config.stores
         self._feeds = RedisFeedStore.from_url(c.redis_url, key_prefix=c.redis_key_prefix)
+        healer = (None if config.restore is None
+                  else open_healer(c, config.restore, self._feeds.client))
         self._writer = TriggerWriter(
             AudienceReader(self._feeds), OnlineFeatureStore(self._feeds.client, self._feeds.keys),
-            config.queue.open(self._feeds.client, self._feeds.keys), config.policy, config.viral)
+            config.queue.open(self._feeds.client, self._feeds.keys), config.policy, config.viral,
+            healer=healer)
         self._counters = Counters(NAMESPACE)
 
     def apply(self, batches: Sequence) -> list:
-        result = self._writer.apply([e for b in batches for e in b.events])
+        with _HealerCounts(self._writer.healer, self._counters):
+            result = self._writer.apply([e for b in batches for e in b.events])
         for reason, n in result.reasons.items():
             self._counters.inc(f"triggers_{reason}", n)
         self._counters.inc("events_without_trigger", result.quiet)
@@ -354,7 +386,9 @@ class FeedRefresher:
         out = []
         for claim in claims:
             started = time.monotonic()
-            result = self._claims.apply([claim])
+            # The ranker is shared by the worker's threads: counts may include theirs.
+            with _HealerCounts(self._ranker.healer, self._counters):
+                result = self._claims.apply([claim])
             self._batch_ms.add((time.monotonic() - started) * 1000)
             self._counters.inc("follow_waits", result.waits)
             self._counters.inc("follow_wait_timeouts", result.give_ups)
@@ -433,7 +467,8 @@ class RefreshRankedFeeds(beam.PTransform):
         stores, shards = self._config.stores, self._queue.shards
         ticks = (batches
                  | "Triggers" >> ApplyInBatches(
-                     TriggerConfig(stores, self._policy, self._viral, self._queue),
+                     TriggerConfig(stores, self._policy, self._viral, self._queue,
+                                   self._config.restore),
                      namespace=NAMESPACE, max_batch=self._trigger_batch, dead_letters="from_options")
                  | "Ticks" >> beam.FlatMap(lambda ticks: ticks)
                  .with_output_types(beam.typehints.Tuple[int, int]))

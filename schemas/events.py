@@ -273,3 +273,18 @@ TOPICS: tuple[str, ...] = tuple(TOPIC_TYPES)
 def dlq_topic(topic: str) -> str:
     """Name of the dead-letter twin of ``topic``."""
     return topic + ".dlq"
+
+
+#: Topics besides the event topics whose ``.dlq`` twins a pipeline writes (names less any
+#: prefix): ``ApplyInBatches`` (``pipelines.io.sink``) names the dead letter of an element
+#: that is not an event after its namespace (the features' store sinks,
+#: ``feedbeam.features``), and the fan-out's durable step dead-letters records of its
+#: durable log (``fanout-durable``). ``tests/unit/test_cli_options.py`` keeps it in step
+#: with the pipelines.
+DERIVED_DLQ_SOURCES: tuple[str, ...] = ("feedbeam.features", "fanout-durable")
+
+
+def dlq_topics(prefix: str = "") -> list[str]:
+    """Every ``.dlq`` topic a pipeline may write under ``prefix``: the event topics'
+    twins, then the derived ones (``DERIVED_DLQ_SOURCES``)."""
+    return [dlq_topic(prefix + t) for t in TOPICS + DERIVED_DLQ_SOURCES]

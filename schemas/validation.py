@@ -162,9 +162,9 @@ def _check_post(event: PostEvent, latest: int, limits: EventLimits) -> Violation
 
 def _check_engagement(event: EngagementEvent, latest: int,
                       limits: EventLimits) -> Violation | None:
-    problem = _negative(event, "viewer_id", "author_id", "post_id")
-    if problem is not None:
-        return problem
+    post = event.post_id
+    if event.viewer_id < 0 or event.author_id < 0 or (post is not None and post < 0):
+        return _negative(event, "viewer_id", "author_id", "post_id")
     dwell = event.dwell_ms
     if dwell is not None and not 0 <= dwell <= limits.max_dwell_ms:
         return Violation(DWELL_MS, f"dwell_ms {dwell} is outside [0, {limits.max_dwell_ms}]")
@@ -172,9 +172,9 @@ def _check_engagement(event: EngagementEvent, latest: int,
 
 
 def _check_story(event: StoryEvent, latest: int, limits: EventLimits) -> Violation | None:
-    problem = _negative(event, "story_id", "author_id", "viewer_id")
-    if problem is not None:
-        return problem
+    viewer = event.viewer_id
+    if event.story_id < 0 or event.author_id < 0 or (viewer is not None and viewer < 0):
+        return _negative(event, "story_id", "author_id", "viewer_id")
     if event.created_at is not None:
         # expires_at lies ahead by design: bounded by the story's life below.
         problem = _out_of_range("created_at", event.created_at, latest, limits)

@@ -14,9 +14,10 @@ _FANOUT = FanoutPolicy()
 class ServingConfig:
     """Where the stores are, the auth key, and the budgets of a request.
 
-    ``push_threshold``, ``feed_cap`` and ``inactive_days`` must match the
-    fan-out pipeline's options: they say which followees are pulled at read
-    time, where the Redis feed is truncated, and who stopped getting pushes.
+    ``feed_cap`` and ``inactive_days`` must match the fan-out pipeline's
+    options: they say where the Redis feed is truncated and who stopped getting
+    pushes. Which followees are pulled at read time comes from the fan-out's
+    followed-celebrities sets; ``push_threshold`` no longer changes a read.
     """
 
     jwt_key: str
@@ -45,14 +46,16 @@ class ServingConfig:
     rebuild_followees: int = 500
     rebuild_per_followee: int = 20
     #: Bounded work per request, whatever the account (docs/serving.md, "Bounded
-    #: reads"): followees whose follower counts are read to find the followed
-    #: celebrities (the most recent follows), ...
-    max_followees_scanned: int = 1000
-    #: ... followed celebrities whose timelines a feed page pulls ...
+    #: reads"): followed celebrities whose timelines a feed page pulls (the most
+    #: recently followed; one read of the set the fan-out keeps), ...
     max_pulled_timelines: int = 64
-    #: ... and followees whose story indexes one tray page reads (the next page
-    #: continues with the next ones).
+    #: ... followees whose story indexes one tray page reads (the next page
+    #: continues with the next ones) ...
     tray_followees: int = 50
+    #: ... and rows of the follow list a Cassandra fallback reads for a tray page:
+    #: the table cannot seek to a follow rank, so the pages end this deep while
+    #: Redis fails.
+    max_followees_scanned: int = 1000
     #: How long a user's followee list and celebrity set are reused.
     graph_cache_s: float = 60.0
     #: Last-read writes are skipped when a newer one was written this recently

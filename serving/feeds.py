@@ -30,7 +30,6 @@ from serving.logic import (
     Position,
     RankedCursor,
     SourceBatch,
-    celebrities,
     fresh_entries,
     merge_page,
     needs_rebuild,
@@ -147,7 +146,6 @@ class FeedService:
         self._background: set[asyncio.Task] = set()
         self._fallbacks = 0  # Cassandra fallback reads in flight
         self._rebuilt: dict[int, float] = {}  # user -> when a rebuild was last tried
-        self._author_counts: dict[int, tuple[int, float]] = {}  # author -> (followers, until)
         self._generation: bytes | None = b""  # Redis' generation marker as last read
         self._generation_until = 0.0          # when to read it again (monotonic s)
 
@@ -173,7 +171,8 @@ class FeedService:
     async def followees_page(self, user_id: int, start: int, count: int) -> tuple[list[int], str]:
         """Whom the user follows, most recent follow first, ``count`` from rank
         ``start`` (one bounded read, reused for ``graph_cache_s`` like the
-        celebrities), from Redis or else Cassandra; and which store."""
+        celebrities), from Redis or else Cassandra (by followee id there, at
+        most ``max_followees_scanned`` deep); and which store."""
         now = time.monotonic()
         cached = self._followee_pages.get((user_id, start, count))
         if cached is not None and cached[1] > now:
@@ -197,12 +196,19 @@ class FeedService:
                     self._followee_pages.clear()
                 self._followee_pages[(user_id, start, count)] = (page, now + self.config.graph_cache_s)
                 return page, "redis"
+        # Bounded too: the table is clustered by followee id, with no follow-time
+        # order to seek to rank ``start`` in, so a page reads every row above it,
+        # at most ``max_followees_scanned`` (past that the pages end while Redis
+        # fails), and pages in id order: each page a stable slice of the rows.
+        depth = min(start + count, self.config.max_followees_scanned)
+        if start >= depth:
+            return [], "cassandra"
         try:
-            newest_first = (await self.cassandra.following(user_id, start + count))[::-1]
+            by_id = sorted(await self.cassandra.following(user_id, depth))
         except CassandraUnavailable as exc:
             self.log_failure("cassandra", exc)
             raise StoresUnavailable(f"Redis: {redis_error}; Cassandra: {reason(exc)}") from None
-        return newest_first[start:start + count], "cassandra"
+        return by_id[start:depth], "cassandra"
 
     def status(self) -> dict[str, str]:
         """Each store's circuit breaker state (``/metrics``)."""
@@ -319,62 +325,28 @@ class FeedService:
         return self._remember(user_id, await self._celebrities_redis(user_id), now)
 
     async def _celebrities_redis(self, user_id: int) -> list[int]:
-        """The followed celebrities a page pulls, newest follows first kept.
-
-        Interim, until the fan-out keeps each user's followed celebrities as a
-        set of its own: the ``max_followees_scanned`` most recent follows
-        (``ZRANGE following -M -1``), their follower counts (``ZCARD``, cached per
-        author across users), filtered by the push threshold. With the set in
-        place this becomes one command of at most ``max_pulled_timelines``
-        members (docs/serving.md, "Bounded reads").
-        """
-        scanned = self.config.max_followees_scanned
-        (reply,) = await self.pipeline([("ZRANGE", self.keys.following(user_id), -scanned, -1)])
-        followees = self.cmd.ids(reply)
-        if followees:
-            counts = await self._follower_counts(followees, self._redis_counts)
-        else:  # nothing in Redis: the graph may only be in Cassandra (lost cache)
-            followees = await self.cassandra_extra(
-                lambda: self.cassandra.following(user_id, scanned), [])
-            counts = await self.cassandra_extra(
-                lambda: self._follower_counts(followees, self.cassandra.follower_counts),
-                [0] * len(followees))
-        return self._pulled(followees, counts)
-
-    async def _redis_counts(self, authors: list[int]) -> list[int]:
-        return [int(n) for n in await self.pipeline([self.cmd.follower_count(a) for a in authors])]
-
-    async def _follower_counts(self, authors: list[int], read) -> list[int]:
-        """Follower count per author; counts read in the last ``graph_cache_s`` are
-        reused (any user's), so a request reads only authors not seen lately."""
-        now = time.monotonic()
-        cached = self._author_counts
-        unknown = [a for a in authors if a not in cached or cached[a][1] < now]
-        if unknown:
-            counts = await read(unknown)
-            if len(cached) + len(unknown) >= 500_000:
-                cached.clear()
-            until = now + self.config.graph_cache_s
-            for a, n in zip(unknown, counts):
-                cached[a] = (n, until)
-        return [cached[a][0] if a in cached else 0 for a in authors]
-
-    def _pulled(self, followees: Sequence[int], counts: Sequence[int]) -> list[int]:
-        """The celebrities among ``followees`` (oldest follow first), the most
-        recently followed ``max_pulled_timelines`` of them."""
-        found = celebrities(followees, counts, self.config.push_threshold)
-        return found[-self.config.max_pulled_timelines:]
+        """The followed celebrities a page pulls: the ``max_pulled_timelines`` most
+        recently followed members of the set the fan-out keeps
+        (``KeyLayout.followed_celebrities``), oldest follow first; one command
+        whatever the account. An empty set is the common case (a user following
+        no celebrity), not a lost cache: a lost Redis shows in the generation
+        marker (``_redis_lost``), so there is no Cassandra read here."""
+        (reply,) = await self.pipeline([
+            self.cmd.followed_celebrities(user_id, self.config.max_pulled_timelines)])
+        return self.cmd.ids(reply)
 
     async def _graph_cassandra(self, user_id: int) -> _Graph:
-        """The graph from Cassandra (Redis is failing). A cached graph is used even
-        when expired: slightly stale beats reading it again per request."""
+        """The graph from Cassandra (Redis is failing): one partition read of the
+        ``followed_celebrities`` table with ``LIMIT max_pulled_timelines``. A cached
+        graph is used even when expired: slightly stale beats reading it again
+        per request."""
         graph = self._graphs.get(user_id)
         if graph is not None:
             return graph
         now = time.monotonic()
-        followees = await self.cassandra.following(user_id, self.config.max_followees_scanned)
-        counts = await self._follower_counts(followees, self.cassandra.follower_counts)
-        return self._remember(user_id, self._pulled(followees, counts), now)
+        pulled = await self.cassandra.followed_celebrities(user_id,
+                                                           self.config.max_pulled_timelines)
+        return self._remember(user_id, pulled, now)
 
     def _remember(self, user_id: int, pulled: list[int], now: float) -> _Graph:
         graph = _Graph(pulled, now + self.config.graph_cache_s)

@@ -93,13 +93,6 @@ def fresh_entries(batches: Iterable[SourceBatch], generated_at_ms: int,
     return [(pid, ms) for ms, pid in ordered]
 
 
-def celebrities(followees: Sequence[int], follower_counts: Sequence[int],
-                push_threshold: int) -> list[int]:
-    """The followees whose posts are pulled at read time (``fanout_logic.is_push_author``
-    is False for them): at least ``push_threshold`` followers."""
-    return [u for u, n in zip(followees, follower_counts) if n >= push_threshold]
-
-
 def needs_rebuild(last_read_ms: int | None, feed_size: int, now_ms: int, inactive_ms: int) -> bool:
     """Whether a read must rebuild the feed first: the Redis feed is empty (a
     cold user, or a lost cache), or the user was inactive long enough that

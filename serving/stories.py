@@ -3,8 +3,8 @@
 Reads the stories pipeline's keys (``schemas.keys``: author story indexes, story
 hashes, seen sets) through the feed service's Redis client and breakers,
 Cassandra when Redis fails. A tray page reads the story indexes of at most
-``tray_followees`` followees (most recent follows first; ``next_cursor`` goes
-on with the next ones). A story can be marked seen only by its author or a
+``tray_followees`` followees (most recent follows first, by followee id while
+Redis fails; ``next_cursor`` goes on with the next ones). A story can be marked seen only by its author or a
 follower of its author; any other story id is a 404 that does not say whether
 it exists. Design: docs/serving.md, "Stories".
 """

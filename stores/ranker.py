@@ -62,6 +62,7 @@ from stores.ranked import RankedFeedStore
 from stores.redis.candidates import AudienceReader, CandidateReader
 from stores.redis.features import OnlineFeatureStore
 from stores.redis.refresh_queue import RefreshQueue
+from stores.restore import RedisHealer, RestoreSettings, open_healer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class RankingConfig:
     """Where the stores and models are; hashable and picklable, so a pipeline keeps it
-    instead of clients."""
+    instead of clients. ``restore``: check Redis' generation marker around each
+    ranking and restore a Redis that lost its data with these settings
+    (``stores.restore``; None: no check)."""
 
     stores: StoreConfig
     model_dir: str
@@ -78,19 +81,23 @@ class RankingConfig:
     score_threads: int = 1
     #: How long parsed post and author features are reused (0: read every time).
     feature_cache_s: float = 10.0
+    restore: RestoreSettings | None = None
 
     def open(self, policy: RankingPolicy, clock: Callable[[], float] = time.time) -> "FeedRanker":
         """A ``FeedRanker`` on new clients (one Redis client and one Cassandra session
         shared by its stores); ``FeedRanker.close()`` closes them."""
         stores = FeedStores.open(self.stores)
         feeds = stores.redis
+        healer = (None if self.restore is None
+                  else open_healer(self.stores, self.restore, feeds.client))
         return FeedRanker(
             CandidateReader(feeds),
             OnlineFeatureStore(feeds.client, feeds.keys, half_life_ms=self.half_life_ms),
             RankedFeedStore(feeds.client, feeds.keys, stores.cassandra),
             ModelWatcher(ModelRegistry(self.model_dir), FEATURE_NAMES, self.model_poll_s,
                          nthread=self.score_threads),
-            policy, clock, on_close=stores.close, feature_cache_s=self.feature_cache_s)
+            policy, clock, on_close=stores.close, feature_cache_s=self.feature_cache_s,
+            healer=healer)
 
 
 class Ranking(NamedTuple):
@@ -165,13 +172,20 @@ class FeedRanker:
     caller may run again (every write is idempotent: a ranking replaces the
     previous one, the newer generation time wins). The clients are
     thread-safe, so one ranker may serve several threads.
+
+    With a ``healer`` a batch is ranked on a whole Redis only
+    (``RedisHealer.run_whole``: one marker read per batch): a Redis that lost
+    its data is restored from Cassandra, and the batch ranked again, before
+    any feed of it is written.
     """
 
     def __init__(self, candidates: CandidateReader, features: OnlineFeatureStore,
                  ranked: RankedFeedStore, models: ModelWatcher | None, policy: RankingPolicy,
                  clock: Callable[[], float] = time.time,
-                 on_close: Callable[[], None] | None = None, feature_cache_s: float = 10.0):
+                 on_close: Callable[[], None] | None = None, feature_cache_s: float = 10.0,
+                 healer: RedisHealer | None = None):
         self.candidates = candidates
+        self.healer = healer
         self.features = features
         self.ranked = ranked
         self.models = models
@@ -194,7 +208,10 @@ class FeedRanker:
         """Rank and write the feed of every requested user: one outcome per user, in the
         order users first appear (requests of one user are merged, ``merge_requests``)."""
         requests = merge_requests(requests)
-        ranking = self.rank(requests, self.now_ms())
+        if self.healer is None:
+            ranking = self.rank(requests, self.now_ms())
+        else:
+            ranking = self.healer.run_whole(lambda: self.rank(requests, self.now_ms()))
         self.ranked.write_many(ranking.feeds)
         offsets = ranking.candidates.offsets
         return [RefreshOutcome(r.user_id, ranking.version, len(f.entries),
@@ -293,20 +310,29 @@ class TriggerWriter:
     Per call, whatever the number of events: the engaged posts' features (one
     round trip), their new viral levels (one), the audiences of the posts'
     and viral posts' authors (``AudienceReader``: three), the viral rate limit
-    (one) and the queue (one).
+    (one) and the queue (one). With a ``healer``, one read of Redis' generation
+    marker: triggers are worked out on a whole Redis only (a post's audience
+    from a wiped graph would be nobody), the call run again on the restored
+    Redis otherwise (``RedisHealer.run_whole``).
     """
 
     def __init__(self, audiences: AudienceReader, features: OnlineFeatureStore,
                  queue: RefreshQueue, policy: RankingPolicy, viral: ViralPolicy = ViralPolicy(),
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, healer: RedisHealer | None = None):
         self.audiences = audiences
         self.features = features
         self.queue = queue
         self.policy = policy
         self.viral = viral
         self._clock = clock
+        self.healer = healer
 
     def apply(self, events: Sequence[object]) -> TriggerResult:
+        if self.healer is None:
+            return self._apply(events)
+        return self.healer.run_whole(lambda: self._apply(events))
+
+    def _apply(self, events: Sequence[object]) -> TriggerResult:
         now_ms = int(self._clock() * 1000)
         triggers: list[Trigger] = []
         quiet = 0

@@ -6,6 +6,7 @@ check that restores them by itself when Redis lost its data.
 
     healer = RedisHealer(RedisGeneration(client, keys), CassandraRestore(config, settings))
     generation = healer.check()       # one GET; restores first (under a lock) if the marker is gone
+    ranking = healer.run_whole(lambda: rank(users))   # run again if Redis was lost under it
 
 Every view is rewritten through the store modules the pipelines and the API
 use, with their idempotent rules (newer wins, tombstones kept), so a restore
@@ -21,7 +22,7 @@ import dataclasses
 import heapq
 import logging
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import redis as redis_errors
 
@@ -30,12 +31,14 @@ from domain.stories import StoryPolicy
 from schemas.features import DEFAULT_HALF_LIFE_MS, FeatureTTLs
 from stores.cassandra.feeds import CassandraFeedStore, batched
 from stores.config import StoreConfig
+from stores.kafka.lag import LogCatchUp
 from stores.redis.feeds import RedisFeedStore
 from stores.redis.generation import RedisGeneration, new_token
 
 log = logging.getLogger(__name__)
 
 BATCH = 2000
+T = TypeVar("T")
 
 
 def _now_ms() -> int:
@@ -288,14 +291,33 @@ class RedisNotRestored(redis_errors.TimeoutError):
 class CassandraRestore:
     """Every view of ``stores`` restored from its Cassandra keyspace, with ``settings``;
     called with a progress bar (``update(n)``). Picklable (a pipeline's applier config
-    carries it); it opens its own clients for the time of the restore."""
+    carries it); it opens its own clients for the time of the restore.
+
+    ``catch_up``: a consumer group that writes Cassandra from a log (the fan-out's
+    durable step) and the wait for it to apply what its log holds before
+    Cassandra is read (bounded; the restore goes on without it when it times out)."""
 
     stores: StoreConfig
     settings: RestoreSettings = RestoreSettings()
+    catch_up: LogCatchUp | None = None
 
     def __call__(self, bar) -> dict[str, int]:
+        if self.catch_up is not None:
+            self._wait_for_log(bar)
         with open_restore(self.stores, self.settings) as ctx:
             return restore(ctx, VIEWS, lambda _: contextlib.nullcontext(bar))
+
+    def _wait_for_log(self, bar) -> None:
+        c = self.catch_up
+        log.warning("Redis restore: waiting up to %.0fs for consumer group %r to apply %s to "
+                    "Cassandra before reading it", c.timeout_s, c.group, ", ".join(c.topics))
+        # bar.update(0) keeps the restore lock while we wait.
+        behind = c.wait(on_poll=lambda: bar.update(0))
+        if behind:
+            log.warning("Redis restore: consumer group %r is still %d records behind %s after "
+                        "%.0fs; restoring without them: what they write to Cassandra reaches "
+                        "Redis only with the next rebuild", c.group, behind,
+                        ", ".join(c.topics), c.timeout_s)
 
 
 class _KeepLock:
@@ -335,6 +357,8 @@ class RedisHealer:
         self._poll_s, self._wait_s = poll_s, wait_s
         self._clock, self._sleep = clock, sleep
         self.restores = 0   # restores this healer ran (the caller's metrics)
+        self.reruns = 0     # work run again by run_whole after a loss (the caller's metrics)
+        self._seen: str | None = None   # the token run_whole last saw
 
     def current(self) -> str | None:
         """The generation token as Redis holds it now (None: lost); one GET."""
@@ -344,6 +368,30 @@ class RedisHealer:
         """The generation token, after restoring Redis first if the marker is missing."""
         token = self.generation.read()
         return token if token is not None else self.heal()
+
+    def run_whole(self, work: Callable[[], T]) -> T:
+        """``work()``'s result, from a run during which Redis kept its data.
+
+        The marker is read once after ``work()`` (and once before the first call):
+        the token it held after the previous call means no loss since, so the
+        reads ``work()`` made were of a whole Redis. Otherwise Redis is restored
+        (or the restore waited for) and ``work()`` runs again. ``work`` must be
+        safe to run again (its writes idempotent); what it writes after the
+        check (a result written once this returns) may land in a Redis lost
+        since, which the next restore repairs."""
+        known = self._seen
+        if known is None:
+            known = self.check()
+        while True:
+            result = work()
+            now = self.generation.read()
+            if now is not None and now == known:
+                self._seen = now
+                return result
+            self.reruns += 1
+            log.warning("Redis prefix %r lost its data while work ran on it: running it "
+                        "again on the restored Redis", self.generation.keys.prefix)
+            known = now if now is not None else self.heal()
 
     def heal(self) -> str:
         """Restore Redis (or wait for whoever does) and return the new token; raises
@@ -390,10 +438,11 @@ class RedisHealer:
         return token
 
 
-def open_healer(stores: StoreConfig, settings: RestoreSettings, client) -> RedisHealer:
+def open_healer(stores: StoreConfig, settings: RestoreSettings, client,
+                catch_up: LogCatchUp | None = None) -> RedisHealer:
     """A ``RedisHealer`` of ``stores``' prefix on ``client`` (redis-py, not closed here)
-    that restores with ``CassandraRestore(stores, settings)``."""
+    that restores with ``CassandraRestore(stores, settings, catch_up)``."""
     from schemas.keys import KeyLayout
 
     return RedisHealer(RedisGeneration(client, KeyLayout(stores.redis_key_prefix)),
-                       CassandraRestore(stores, settings))
+                       CassandraRestore(stores, settings, catch_up))

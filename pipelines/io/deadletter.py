@@ -29,7 +29,7 @@ from apache_beam.pvalue import PCollection, TaggedOutput
 from pipelines.io.kafka_write import Deliveries, KafkaMessage
 from schemas.records import DeadLetter, EventBatch, RecordBatch, decode_batch
 from schemas.codec import WireCodec
-from schemas.validation import EventLimits
+from schemas.validation import VALIDATE_STEP, EventLimits
 
 DECODE_NAMESPACE = "feedbeam.decode"
 DLQ_NAMESPACE = "feedbeam.dlq"
@@ -77,6 +77,7 @@ class _DecodeBatchFn(beam.DoFn):
         self._codec = build_codec(self._codec_factory)
         self._decoded = Metrics.counter(DECODE_NAMESPACE, "decoded")
         self._dead = Metrics.counter(DECODE_NAMESPACE, "dead_letter")
+        self._invalid = Metrics.counter(DECODE_NAMESPACE, "invalid")
         self._reason_counters: dict[str, Any] = {}
 
     def process(self, batch: RecordBatch):
@@ -90,6 +91,7 @@ class _DecodeBatchFn(beam.DoFn):
             counter.inc()
             yield TaggedOutput(_DEAD_LETTERS, letter)
         self._dead.inc(len(dead))
+        self._invalid.inc(sum(letter.step == VALIDATE_STEP for letter in dead))
         if events.events:
             self._decoded.inc(len(events))
             yield events
@@ -110,7 +112,8 @@ class DecodeBatches(beam.PTransform):
     is retried rather than dead-lettered.
 
     Counters (namespace ``feedbeam.decode``): ``decoded``, ``dead_letter``
-    and ``dead_letter_<reason>``.
+    (of either step), ``invalid`` (of step ``validate``) and
+    ``dead_letter_<reason>``.
     """
 
     def __init__(self, codec_factory: CodecFactory = WireCodec, topic_prefix: str = "",

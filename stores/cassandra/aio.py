@@ -39,6 +39,8 @@ def _bounded_cql(ks: str) -> dict[str, str]:
     return {
         "following_limit": f"SELECT followee_id, since FROM {ks}.{cs.FOLLOWING_BY_USER} "
                            "WHERE user_id = ? LIMIT ?",
+        "followed_celebrities_limit": f"SELECT celebrity_id, followed_at FROM "
+                                      f"{ks}.{cs.FOLLOWED_CELEBRITIES} WHERE user_id = ? LIMIT ?",
         "follows": f"SELECT since FROM {ks}.{cs.FOLLOWING_BY_USER} "
                    "WHERE user_id = ? AND followee_id = ?",
         "story_by_id": f"SELECT {story_cols} FROM {ks}.{cs.STORIES_BY_ID} WHERE story_id = ?",
@@ -121,7 +123,7 @@ class AioCassandra:
                 ranked = RankedFeedStore(None, KeyLayout(), store)
                 # Prepare everything now (blocking) rather than on a request's path.
                 for name in ("get_posts", "feed", "feed_before", "timeline",
-                             "get_count", "count_followers", "set_last_read", "last_read"):
+                             "set_last_read", "last_read"):
                     await loop.run_in_executor(None, store.statement, name)
                 bounded = {name: await loop.run_in_executor(None, store.prepare, cql)
                            for name, cql in _bounded_cql(store.keyspace).items()}
@@ -233,6 +235,14 @@ class AioCassandra:
         rows = await self._named("following_limit", (user_id, limit))
         return [r.followee_id for r in sorted(rows, key=lambda r: (r.since, r.followee_id))]
 
+    async def followed_celebrities(self, user_id: int, limit: int) -> list[int]:
+        """Up to ``limit`` of the accounts at or above the push threshold ``user_id``
+        follows (the fan-out's ``followed_celebrities`` table), oldest follow first:
+        one partition read. Clustered by celebrity id, so past ``limit`` these are
+        the lowest ids, not the most recent follows, as with ``following``."""
+        rows = await self._named("followed_celebrities_limit", (user_id, limit))
+        return [r.celebrity_id for r in sorted(rows, key=lambda r: (r.followed_at, r.celebrity_id))]
+
     async def follows(self, user_id: int, followee_id: int) -> bool:
         """Whether ``user_id`` follows ``followee_id`` (one row read)."""
         return bool(await self._named("follows", (user_id, followee_id)))
@@ -282,17 +292,6 @@ class AioCassandra:
             await self._named("put_seen", (viewer_id, story.story_id, story.author_id,
                                            story.expires_at,
                                            write_timestamp_us(now_ms, story.expires_at), ttl))
-
-    async def follower_counts(self, user_ids: Sequence[int]) -> list[int]:
-        """Follower count per user: the maintained count, else the rows counted."""
-        rows = await asyncio.gather(*(self._named("get_count", (u,)) for u in user_ids))
-        out = []
-        for uid, r in zip(user_ids, rows):
-            if r and r[0].followers is not None:
-                out.append(r[0].followers)
-            else:
-                out.append((await self._named("count_followers", (uid,)))[0].count)
-        return out
 
     async def last_read(self, user_id: int) -> int | None:
         rows = await self._named("last_read", (user_id,))

@@ -18,9 +18,13 @@ the one function that writes).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+import logging
+import time
+from typing import Callable, Iterable, Mapping
 
 from stores.kafka.offsets import UnknownTopicError, partitions_of, watermarks
+
+log = logging.getLogger(__name__)
 
 TopicPartitionKey = tuple[str, int]
 
@@ -174,5 +178,54 @@ def caught_up(committed: Mapping[TopicPartitionKey, int | None],
                for key, target in targets.items() if target > 0)
 
 
+def wait_caught_up(committed: Callable[[], Mapping[TopicPartitionKey, int | None]],
+                   targets: Mapping[TopicPartitionKey, int], timeout_s: float,
+                   poll_s: float = 0.5, on_poll: Callable[[], None] = lambda: None,
+                   clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> int:
+    """Poll ``committed()`` until it reaches ``targets`` (``caught_up``) or ``timeout_s``
+    passed; ``on_poll()`` runs between polls. Returns the records still behind the
+    targets at the end (0: caught up)."""
+    deadline = clock() + timeout_s
+    while True:
+        held = committed()
+        if caught_up(held, targets):
+            return 0
+        if clock() >= deadline:
+            return sum(max(target - (held.get(key) or 0), 0) for key, target in targets.items())
+        on_poll()
+        sleep(poll_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogCatchUp:
+    """Waiting for consumer group ``group`` to have committed everything ``topics`` held
+    when the wait began, for at most ``timeout_s``. Picklable (a pipeline's applier
+    config carries it); ``wait()`` opens its own consumer (``GroupLag``).
+
+    The fan-out's restore runs it before reading Cassandra, so the durable log's
+    records written before Redis was lost are in Cassandra when it is read
+    (docs/operations.md, "Redis lost its data")."""
+
+    bootstrap: str
+    group: str
+    topics: tuple[str, ...]
+    timeout_s: float = 60.0
+    poll_s: float = 0.5
+
+    def wait(self, on_poll: Callable[[], None] = lambda: None) -> int:
+        """Records the group is still behind at the end: 0 once it caught up, more when
+        ``timeout_s`` passed first (the caller says what that means)."""
+        started = time.monotonic()
+        with GroupLag(self.bootstrap, self.group, self.topics, missing_ok=True) as lag:
+            targets = {key: end for key, (_, end) in lag.watermarks().items()}
+            behind = wait_caught_up(lag.committed, targets, self.timeout_s, self.poll_s,
+                                    on_poll)
+        if not behind:
+            log.info("consumer group %r caught up with %s in %.1fs", self.group,
+                     ", ".join(self.topics), time.monotonic() - started)
+        return behind
+
+
 __all__ = ["PartitionLag", "GroupLag", "group_lag", "committed_offsets", "end_offsets",
-           "commit_offsets", "sum_by_topic", "caught_up"]
+           "commit_offsets", "sum_by_topic", "caught_up", "wait_caught_up", "LogCatchUp"]

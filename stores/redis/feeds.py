@@ -1221,10 +1221,12 @@ class FeedCommands:
         """Ids ``user_id`` follows (parse with ``ids``)."""
         return ("ZRANGE", self.keys.following(user_id), 0, -1)
 
-    def followed_celebrities(self, user_id: int) -> tuple:
+    def followed_celebrities(self, user_id: int, newest: int | None = None) -> tuple:
         """The accounts at or above the push threshold ``user_id`` follows, oldest follow
-        first (parse with ``ids``): the timelines its feed pulls."""
-        return ("ZRANGE", self.keys.followed_celebrities(user_id), 0, -1)
+        first (parse with ``ids``): the timelines its feed pulls; only the ``newest``
+        most recently followed when given (serving's bounded read)."""
+        return ("ZRANGE", self.keys.followed_celebrities(user_id),
+                0 if newest is None else -newest, -1)
 
     @staticmethod
     def ids(reply: Sequence[bytes]) -> list[int]:

@@ -84,6 +84,8 @@ def test_create_topics_is_idempotent(stack, kafka_topic):
     first = kafka_topic(partitions=2)
     prefix = first + "."
     names = feed_topics(prefix)
+    # The dead-letter topics beyond the event topics' twins are made too.
+    assert {prefix + "feedbeam.features.dlq", prefix + "fanout-durable.dlq"} <= set(names)
     for name in names:
         kafka_topic(partitions=2, name=name)  # registers for cleanup
     assert create_topics(stack.kafka_bootstrap, names, partitions=2) == {n: "exists" for n in names}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,8 @@ def test_jobs_and_api_heal_a_redis_that_lost_its_data(stack, kafka_topic, cassan
         after = answers()
         assert after[0] == [102, 110, 100] and sorted(after[2]) == [(10, [500]), (11, [502])]
         assert counts.samples and not counts.went_down(), counts.went_down()
+        # The fan-out's restore read Cassandra only after its durable step had applied
+        # the durable log (or said that it gave up waiting).
+        fan_log = Path(fan.log).read_text(errors="replace")
+        assert "Redis restore: waiting up to" in fan_log
+        assert "records behind" not in fan_log, fan_log[-2000:]

@@ -16,7 +16,9 @@ import time
 
 import pytest
 
+from stores.cassandra.session import migrate
 from stores.config import StoreConfig
+from stores.fanout import FeedFanout
 from domain.fanout import DAY_MS, FanoutPolicy
 from stores.ranked import RankedFeedStore
 from stores.cassandra.stories import CassandraStoryStore
@@ -247,55 +249,76 @@ def test_the_tray_pages_through_followees(stack, redis_client, key_prefix):
         assert status == 400 and "tray" in body["error"]["message"]
 
 
-def test_work_per_request_is_bounded_whatever_the_account(stack, keyspace):
-    """A user following 3,000 accounts, 400 of them above the push threshold: a
-    page reads at most the configured numbers of follower counts, timelines and
-    story indexes (commands counted by a private Redis)."""
-    keys = KeyLayout("fb")
-    now = int(time.time() * 1000)
-    followees = list(range(1000, 4000))
-    celebrities = sorted(followees[::-7][:400])  # spread over the follows, newest included
+#: An account following thousands (``many_followees``): user 1 follows accounts
+#: 1000..5999 in that order; every 100th is a celebrity (users 2 and 3 follow it
+#: too: 3 followers, the push threshold) with one post, ``c * 10``; account 1001
+#: posts 5 (pushed); every 25th account has a live story.
+MANY = list(range(1000, 6000))
+MANY_CELEBRITIES = MANY[::100]
+MANY_STORIES = [a for a in MANY if a % 25 == 0]
+
+
+def many_followees(config: StoreConfig, cassandra_session) -> None:
+    """``MANY``'s graph and posts written by the fan-out's store code (``FeedFanout``,
+    so each user's followed-celebrities set and its durable table are what the
+    pipeline keeps), its stories by the story stores; Redis and Cassandra."""
+    policy = FanoutPolicy(push_threshold=3, celebrity_top_n=0, feed_cap=100, timeline_cap=100)
+    events = ([follow(u, c, T0 - u) for c in MANY_CELEBRITIES for u in (2, 3)]
+              + [follow(1, a, T0 + i) for i, a in enumerate(MANY)]
+              + [create(c * 10, c, T0 + 10_000 + i) for i, c in enumerate(MANY_CELEBRITIES)]
+              + [create(5, 1001, T0 + 9_000)])
+    fanout = FeedFanout.open(config, policy)
+    try:
+        fanout.redis.set_last_read(1, NOW)  # active: no rebuild on read
+        fanout.apply(events)
+        assert fanout.redis.followed_celebrities([1]) == {1: MANY_CELEBRITIES}
+        now = int(time.time() * 1000)
+        stories = [StoryEvent(f"s{a}", now, StoryEventKind.PUBLISHED, 900_000 + a, a,
+                              created_at=now - a, expires_at=now + 3_600_000) for a in MANY_STORIES]
+        RedisStoryStore(fanout.redis.client, fanout.redis.keys).publish(stories, now)
+        CassandraStoryStore(cassandra_session, config.cassandra_keyspace).publish(stories, now)
+    finally:
+        fanout.close()
+
+
+def test_work_per_request_is_bounded_whatever_the_account(stack, cassandra_session, keyspace):
+    """User 1 follows 5,000 accounts, 50 of them celebrities: a feed page finds the
+    timelines to pull in one read of the fan-out's followed-celebrities set (no
+    follower counts, no scan of the follow list) and pulls the
+    ``max_pulled_timelines`` most recently followed; a tray page reads
+    ``tray_followees`` story indexes (commands counted by a private Redis)."""
+    migrate(cassandra_session, keyspace)
     with private_redis() as (url, _):
         import redis
 
         client = redis.Redis.from_url(url)
-        follow_raw(client, keys, 1, followees, now - 3_600_000)
-        pipe = client.pipeline(transaction=False)
-        for c in celebrities:  # 3 followers: at the push threshold
-            pipe.zadd(keys.followers(c), {"2": 1, "3": 1})
-            pipe.zadd(keys.author_timeline(c), {str(c * 10): now - c})
-            pipe.hset(keys.post(c * 10), mapping={"author_id": c, "created_at": now - c})
-            pipe.zadd(keys.author_stories(c), {str(c * 10): now + 3_600_000})
-            pipe.hset(keys.story(c * 10), mapping={"author_id": c, "created_at": now - c,
-                                                   "expires_at": now + 3_600_000})
-        pipe.zadd(keys.home_feed(1), {"5": now - 10})  # not cold: no rebuild
-        pipe.hset(keys.post(5), mapping={"author_id": 999, "created_at": now - 10})
-        pipe.set(keys.last_read(1), now)
-        pipe.execute()
-        config = serving_config(stack, "fb", keyspace, redis_url=url, cassandra_port=free_port(),
-                                push_threshold=3, max_followees_scanned=500,
-                                max_pulled_timelines=20, tray_followees=50)
+        many_followees(StoreConfig(url, "fb", stack.host, stack.cassandra_port, keyspace),
+                       cassandra_session)
+        config = serving_config(stack, "fb", keyspace, redis_url=url, max_pulled_timelines=20,
+                                tray_followees=50)
         with running_app(config) as (api, _):
             client.config_resetstat()
             status, body = api.get("/v1/users/1/feed/chronological?limit=100", user=1)
-            assert status == 200, body
+            assert status == 200 and body["source"] == "redis", body
             first = command_calls(client)
-            assert first["zrange"] == 1 and first["zcard"] <= 500 + 1, first
+            # The set (ZRANGE), the home feed, its size (the one ZCARD) and 20 timelines.
+            assert first["zrange"] == 1 and first["zcard"] == 1, first
             assert first["zrevrangebyscore"] == 1 + 20, first
+            assert "zrevrange" not in first, first  # the follow list is not read
             # The 20 pulled are the most recently followed celebrities.
-            assert {i["author_id"] for i in body["items"]} == set(celebrities[-20:]) | {999}
+            assert {i["author_id"] for i in body["items"]} == set(MANY_CELEBRITIES[-20:]) | {1001}
             client.config_resetstat()
             assert api.get("/v1/users/1/feed/chronological", user=1)[0] == 200
-            cached = command_calls(client)  # the graph and counts are cached
-            assert cached.get("zrange", 0) == 0 and cached["zcard"] == 1, cached
+            cached = command_calls(client)  # the set is cached
+            assert "zrange" not in cached and cached["zcard"] == 1, cached
             client.config_resetstat()
             status, tray = api.get("/v1/users/1/stories/tray?limit=100", user=1)
-            assert status == 200 and tray["next_cursor"]
+            assert status == 200 and tray["source"] == "redis" and tray["next_cursor"]
             calls = command_calls(client)
             # The followee page, 50 story indexes, the seen set, the live stories' hashes.
             assert calls["zrevrange"] == 1 + 50 and calls["zrangebyscore"] == 1, calls
-            assert calls["hgetall"] == len(tray["entries"]) == len(
-                [c for c in celebrities if c >= followees[-50]])
+            assert {e["author_id"] for e in tray["entries"]} == set(MANY_STORIES) & set(MANY[-50:])
+            assert calls["hgetall"] == len(tray["entries"]), calls
         client.close()
 
 

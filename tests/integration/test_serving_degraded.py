@@ -22,7 +22,13 @@ from tests.integration.serving_harness import (
     running_app,
     serving_config,
 )
-from tests.integration.test_serving_api import graph_and_posts, ids
+from tests.integration.test_serving_api import (
+    MANY_CELEBRITIES,
+    MANY_STORIES,
+    graph_and_posts,
+    ids,
+    many_followees,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +69,38 @@ def test_redis_killed_answers_from_cassandra(stack, own_redis, keyspace):
         status, ready = api.get("/readyz")
         assert (status, ready) == (200, {"status": "degraded", "redis": "not ready",
                                          "cassandra": "ready"})
+
+
+def test_an_account_following_thousands_answers_from_cassandra(stack, cassandra_session,
+                                                               keyspace):
+    """Redis down, user 1 following 5,000 accounts (50 celebrities): the timelines
+    to pull come from one bounded read of the fan-out's ``followed_celebrities``
+    table, the tray from bounded reads of the follow list, paged by followee id."""
+    migrate(cassandra_session, keyspace)
+    with private_redis() as (url, proc):
+        many_followees(StoreConfig(url, "fb", stack.host, stack.cassandra_port, keyspace),
+                       cassandra_session)
+        proc.kill()
+        proc.wait(timeout=15)
+        config = serving_config(stack, "fb", keyspace, redis_url=url, max_pulled_timelines=20,
+                                tray_followees=50, max_followees_scanned=100)
+        with running_app(config) as (api, _):
+            status, body = api.get("/v1/users/1/feed/chronological?limit=100", user=1)
+            assert status == 200 and body["source"] == "cassandra", body
+            # LIMIT 20 of a table clustered by celebrity id: the first 20 by id.
+            assert {i["author_id"] for i in body["items"]} == set(MANY_CELEBRITIES[:20]) | {1001}
+            shown = []
+            tray_path = "/v1/users/1/stories/tray?limit=100"
+            for _ in range(3):
+                status, tray = api.get(tray_path, user=1)
+                assert status == 200 and tray["source"] == "cassandra", tray
+                shown += [e["author_id"] for e in tray["entries"]]
+                if tray["next_cursor"] is None:
+                    break
+                tray_path = f"/v1/users/1/stories/tray?limit=100&cursor={tray['next_cursor']}"
+            # Two pages of 50 follows by id, then the pages end (max_followees_scanned).
+            assert tray["next_cursor"] is None
+            assert sorted(shown) == [a for a in MANY_STORIES if a < 1100]
 
 
 def test_redis_paused_answers_from_cassandra_within_the_budget(stack, own_redis, keyspace):

@@ -16,6 +16,24 @@ def test_topics_take_the_topic_prefix_under_every_spelling(flag):
     assert parse("topics", "list", flag, "t1.").prefix == "t1."
 
 
+def test_topics_create_makes_every_dead_letter_topic_a_pipeline_writes():
+    # ApplyInBatches dead-letters an element that is not an event to
+    # <prefix><namespace>.dlq (the features' store sinks), the fan-out's durable
+    # step to <prefix>fanout-durable.dlq: each must exist before a permanent error.
+    from jobs.topics import feed_topics
+    from pipelines import fanout, features_sinks
+    from schemas.events import TOPICS, dlq_topic, dlq_topics
+
+    names = feed_topics("t1.")
+    assert len(names) == len(set(names))
+    assert {"t1." + t for t in TOPICS} <= set(names)
+    assert set(dlq_topics("t1.")) <= set(names)
+    assert {dlq_topic("t1." + t) for t in TOPICS} <= set(names)
+    assert dlq_topic("t1." + features_sinks.NAMESPACE) in names
+    assert dlq_topic("t1." + fanout.DURABLE_LOG_TOPIC) in names
+    assert "t1.feedbeam.features.dlq" in names and "t1.fanout-durable.dlq" in names
+
+
 @pytest.mark.parametrize("argv", [
     ["--redis-key-prefix", "r1", "--cassandra-keyspace", "k1"],
     ["--redis_key_prefix", "r1", "--cassandra_keyspace", "k1"],

@@ -145,3 +145,77 @@ def test_the_inline_writer_retries_a_transient_failure_whole(fake_stores, tmp_pa
         _FakeStore.write = original
     assert calls == [len(_values())] * 2
     assert Counter(v for b in fake_stores["redis"] for v in b) == Counter(_values())
+
+
+class _FakeHealer:
+    """``_Healer`` stand-in: records each check where the fake stores record their writes."""
+
+    def __init__(self, seen: list):
+        self.seen = seen
+        self.closed = False
+
+    def check(self) -> None:
+        self.seen.append("check")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_inline_writer_checks_redis_once_per_write_then_writes_cassandra_first(
+        fake_stores, monkeypatch):
+    from schemas.features import FeatureColumns
+    from pipelines.features_sinks import FeatureWriterConfig
+
+    order: list = []
+    healers: list = []
+    opened = features_sinks._OPENERS
+
+    def recording(sink):
+        def open_(config):
+            store, write = opened[sink](config)
+            return store, lambda batch: order.append(sink) or write(batch)
+        return open_
+
+    monkeypatch.setattr(features_sinks, "_OPENERS", {n: recording(n) for n in opened})
+    monkeypatch.setattr(features_sinks, "_open_healer",
+                        lambda config: healers.append(_FakeHealer(order)) or healers[-1]
+                        if config.heal else None)
+    writer = FeatureWriterConfig(FeatureSinkConfig(heal=True), max_batch=4).open()
+    writer.write(FeatureColumns.of(_values()))
+    writer.write(FeatureColumns.of(_values()[:2]))
+    writer.close()
+    # One healer (the writer's; the stores it opened do not check again), one check per
+    # write before any store; Cassandra written before Redis, so whatever reached Redis
+    # is in Cassandra when a restore reads it.
+    assert len(healers) == 1 and healers[0].closed
+    first, second = order[:order.index("check", 1)], order[order.index("check", 1):]
+    assert first[0] == "check" and "check" not in first[1:]
+    assert first[1:].index("redis") > max(i for i, s in enumerate(first[1:]) if s == "cassandra")
+    assert second == ["check", "cassandra", "redis"]
+
+
+def test_a_store_sink_with_heal_checks_redis_before_each_batch(fake_stores, monkeypatch):
+    seen: list = []
+    monkeypatch.setattr(features_sinks, "_open_healer",
+                        lambda config: _FakeHealer(seen) if config.heal else None)
+    applier = features_sinks._StoreWrites("redis", FeatureSinkConfig(heal=True)).open()
+    applier.apply(_values()[:3])
+    applier.apply(_values()[3:])
+    assert seen == ["check", "check"] and len(fake_stores["redis"]) == 2
+    durable = features_sinks._StoreWrites("cassandra", FeatureSinkConfig(heal=True)).open()
+    durable.apply(_values())
+    assert seen == ["check", "check"]  # Cassandra needs no check
+
+
+def test_the_features_job_heals_redis_with_its_own_settings():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.features import FeaturesOptions
+    from stores.config import StoreConfig
+
+    opts = PipelineOptions(["--top_followers_keep=77"]).view_as(FeaturesOptions)
+    config = opts.sink_config(StoreConfig())
+    settings = config.restore_settings()
+    assert config.heal
+    assert (settings.feature_ttls, settings.half_life_ms, settings.top_followers_keep) == (
+        config.ttls, config.half_life_ms, 77)

@@ -152,3 +152,13 @@ def test_a_record_stamped_ahead_of_the_clock_does_not_move_the_watermark_past_it
     assert list(batch.kafka_timestamps_ms) == [now_ms - 5, ahead, far]
     assert now_ms <= watermark.current_watermark().micros // 1000 <= after_ms
     assert now_ms <= cursor.last_timestamp_ms <= after_ms
+
+
+def test_a_quiet_partition_is_polled_less_often_the_longer_it_is_quiet():
+    from pipelines.io.kafka import MIN_IDLE_RESUME_MS, KafkaSourceConfig, idle_resume_ms
+
+    config = KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"}, idle_wait_ms=5000)
+    assert idle_resume_ms(config, 10_000, 10_010) == MIN_IDLE_RESUME_MS  # live traffic
+    assert idle_resume_ms(config, 10_000, 11_000) == 250                  # a quarter of 1 s
+    assert idle_resume_ms(config, 10_000, 100_000) == 5000                # capped
+    assert idle_resume_ms(config, 10_000, 9_000) == MIN_IDLE_RESUME_MS    # clock went back

@@ -302,6 +302,7 @@ class _Ranker:
         self.models = types.SimpleNamespace(swaps=1)
         self.model_errors = 0
         self.closed = False
+        self.healer = None  # no generation check (FeedRanker without a RedisHealer)
         edges = edges or {}
         self.candidates = types.SimpleNamespace(edge_versions=lambda wanted: {
             u: {f: edges.get((u, f)) for f in fs} for u, fs in wanted.items()})

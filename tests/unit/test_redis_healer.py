@@ -178,3 +178,187 @@ def test_a_batch_another_job_restored_under_is_applied_again_without_a_restore()
     applier._counters = type("C", (), {"inc": lambda self, name, n=1: None})()
     applier._apply_to_redis(["e1"])
     assert fanout.calls == 2
+
+
+# -- run_whole: the features and ranking jobs' check -----------------------------------
+
+
+def test_run_whole_reads_the_marker_once_per_call_while_redis_keeps_it():
+    generation = FakeGeneration("g0")
+    h = healer(generation, lambda bar: None)
+    assert [h.run_whole(lambda: n) for n in range(3)] == [0, 1, 2]
+    # One read before the first call, then one after each call's work.
+    assert generation.reads == 4 and h.reruns == 0 and h.restores == 0
+
+
+def test_work_redis_was_lost_under_runs_again_on_the_restored_redis():
+    generation, runs = FakeGeneration("g0"), []
+    h = healer(generation, lambda bar: runs.append("restore"))
+
+    def work():
+        runs.append("work")
+        if len(runs) == 1:
+            generation.token = None  # lost while the work read it
+        return len(runs)
+
+    assert h.run_whole(work) == 3
+    assert runs == ["work", "restore", "work"]
+    assert h.restores == 1 and h.reruns == 1 and generation.token == "g1"
+
+
+def test_a_restore_by_another_job_between_two_calls_is_noticed():
+    generation, runs = FakeGeneration("g0"), []
+    h = healer(generation, lambda bar: runs.append("restore"))
+    h.run_whole(lambda: runs.append("first"))
+    generation.token = "restored-by-the-fan-out"   # lost and restored since the last call
+    h.run_whole(lambda: runs.append("work"))
+    assert runs == ["first", "work", "work"]      # run again: its reads may be of the loss
+    assert h.reruns == 1 and h.restores == 0
+
+
+class FakeRanked:
+    def __init__(self):
+        self.written = []
+
+    def write_many(self, feeds):
+        self.written.append(list(feeds))
+
+
+def test_the_ranker_writes_only_a_ranking_made_on_a_whole_redis():
+    from domain.ranking import RankingPolicy
+    from schemas.ranked import RankedFeed
+    from schemas.ranking import RefreshRequest
+    from stores.ranker import FeedRanker, Ranking
+
+    generation = FakeGeneration("g0")
+    h = healer(generation, lambda bar: None)
+    ranked = FakeRanked()
+    ranker = FeedRanker(None, None, ranked, None, RankingPolicy(), clock=lambda: 1.0, healer=h)
+    ranks = []
+
+    def rank(requests, now_ms):
+        ranks.append(now_ms)
+        if len(ranks) == 1:
+            generation.token = None  # the candidates came from a Redis being wiped
+        cols = type("Cols", (), {"offsets": [0, 0]})()
+        return Ranking(f"v{len(ranks)}", cols, [RankedFeed(7, (), f"v{len(ranks)}", now_ms)])
+
+    ranker.rank = rank
+    outcomes = ranker.refresh([RefreshRequest(7, 500)])
+    assert len(ranks) == 2 and h.restores == 1
+    assert [[f.model_version for f in feeds] for feeds in ranked.written] == [["v2"]]
+    assert [o.model_version for o in outcomes] == ["v2"]
+
+
+def test_triggers_are_queued_again_when_redis_was_lost_under_them():
+    from domain.ranking import RankingPolicy
+    from stores.ranker import TriggerWriter
+
+    generation, calls = FakeGeneration("g0"), []
+    h = healer(generation, lambda bar: calls.append("restore"))
+    writer = TriggerWriter(None, None, None, RankingPolicy(), healer=h)
+
+    def apply(events):
+        calls.append(list(events))
+        if len(calls) == 1:
+            generation.token = None  # the audiences read were of a wiped graph
+        return "result"
+
+    writer._apply = apply
+    assert writer.apply([1, 2]) == "result"
+    assert calls == [[1, 2], "restore", [1, 2]]
+
+
+# -- the fan-out's restore waits for its durable log ------------------------------------
+
+
+def test_waiting_for_a_group_ends_when_it_commits_the_targets_or_at_the_timeout():
+    from stores.kafka.lag import wait_caught_up
+
+    targets = {("log", 0): 10, ("log", 1): 4, ("log", 2): 0}
+    commits = iter([{("log", 0): 3}, {("log", 0): 8, ("log", 1): 4},
+                    {("log", 0): 10, ("log", 1): 4}])
+    clock, polls = Clock(), []
+    behind = wait_caught_up(lambda: next(commits), targets, timeout_s=10.0, poll_s=1.0,
+                            on_poll=lambda: polls.append(clock.now), clock=clock,
+                            sleep=clock.sleep)
+    assert behind == 0 and polls == [0.0, 1.0]   # partition 2 is empty: nothing to wait for
+    clock = Clock()
+    behind = wait_caught_up(lambda: {("log", 0): 7}, targets, timeout_s=3.0, poll_s=1.0,
+                            clock=clock, sleep=clock.sleep)
+    assert behind == 3 + 4 and clock.now == 3.0
+
+
+class FakeCatchUp:
+    group, topics, timeout_s = "g-durable", ("fanout-durable",), 5.0
+
+    def __init__(self, steps: list, behind: int = 0):
+        self.steps, self.behind = steps, behind
+
+    def wait(self, on_poll):
+        on_poll()
+        self.steps.append("wait")
+        return self.behind
+
+
+@pytest.mark.parametrize("behind", [0, 12])
+def test_the_restore_reads_cassandra_after_the_durable_log_is_applied(monkeypatch, behind):
+    import contextlib
+
+    from stores import restore as restore_module
+    from stores.config import StoreConfig
+    from stores.restore import CassandraRestore
+
+    steps, bar_updates = [], []
+
+    @contextlib.contextmanager
+    def open_restore(stores, settings):
+        steps.append("open")
+        yield "ctx"
+
+    monkeypatch.setattr(restore_module, "open_restore", open_restore)
+    monkeypatch.setattr(restore_module, "restore",
+                        lambda ctx, views, progress: steps.append("restore") or {})
+
+    class Bar:
+        def update(self, n=1):
+            bar_updates.append(n)
+
+    CassandraRestore(StoreConfig(), catch_up=FakeCatchUp(steps, behind))(Bar())
+    # Waited first (keeping the lock: bar updates), then read; a timeout only logs.
+    assert steps == ["wait", "open", "restore"] and bar_updates == [0]
+
+
+def test_the_fan_out_waits_for_its_durable_group_only_with_a_durable_log():
+    from pipelines.fanout import DurableLog
+    from stores.kafka.lag import LogCatchUp
+
+    producer = {"bootstrap.servers": "k:9092"}
+    assert DurableLog("t.fanout-durable", producer).catch_up() is None
+    assert DurableLog("t.fanout-durable", producer, "g-durable", 0).catch_up() is None
+    assert DurableLog("t.fanout-durable", producer, "g-durable", 30).catch_up() == LogCatchUp(
+        "k:9092", "g-durable", ("t.fanout-durable",), 30)
+
+
+def test_the_fan_out_job_passes_its_durable_group_and_wait():
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import fanout
+
+    captured = []
+    original = fanout.FanOutToFollowerFeeds.__init__
+
+    def capture(self, stores, policy, max_batch=500, freshness_log_s=60.0, durable_log=None):
+        captured.append(durable_log)
+        original(self, stores, policy, max_batch, freshness_log_s, durable_log)
+
+    options = PipelineOptions(["--consumer_group=g1", "--restore_log_wait_s=7",
+                               "--topic_prefix=t."])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fanout, "ensure_log_topics", lambda *a, **k: [])
+        m.setattr(fanout.FanOutToFollowerFeeds, "__init__", capture)
+        fanout.build(beam.Pipeline(options=options), options)
+    [durable] = captured
+    assert (durable.topic, durable.group, durable.restore_wait_s) == (
+        "t.fanout-durable", "g1" + fanout.DURABLE_GROUP_SUFFIX, 7.0)

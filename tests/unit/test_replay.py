@@ -236,3 +236,125 @@ def test_out_dir_must_be_empty_or_an_earlier_replay(tmp_path):
     (replayed / "_replay.json").write_text("{}")
     check_out_dir(replayed, overwrite=True)
     assert list(replayed.iterdir()) == []
+
+
+# -- validation in a Parquet replay -----------------------------------------------------
+
+
+class _Message:
+    def __init__(self, partition, offset, value, timestamp_ms, key=b"k"):
+        self._p, self._o, self._v, self._t, self._k = partition, offset, value, timestamp_ms, key
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def value(self):
+        return self._v
+
+    def key(self):
+        return self._k
+
+    def timestamp(self):
+        return (1, self._t)
+
+    def error(self):
+        return None
+
+
+class _Consumer:
+    """A consumer that hands out ``MESSAGES`` once (in one ``consume``)."""
+
+    MESSAGES: list = []
+
+    def __init__(self, config):
+        self._left = list(self.MESSAGES)
+
+    def assign(self, partitions):
+        pass
+
+    def pause(self, partitions):
+        pass
+
+    def consume(self, num_messages, timeout):
+        out, self._left = self._left, []
+        return out
+
+    def close(self):
+        pass
+
+
+def test_a_parquet_replay_dead_letters_what_the_pipelines_would_not_accept(
+        tmp_path, monkeypatch):
+    import json
+    import time
+
+    import confluent_kafka
+    import pyarrow.parquet as pq
+
+    from jobs.replay_parquet import DEAD_LETTER_DIR, MANIFEST, replay
+    from schemas.validation import EVENT_TIME_IN_FUTURE, NEGATIVE_ID
+
+    now = int(time.time() * 1000)
+    codec = WireCodec()
+
+    def follow(i, event_time, follower=3):
+        return codec.encode(FollowEvent(f"f{i}", event_time, FollowKind.FOLLOW,
+                                        follower_id=follower, followee_id=7))
+
+    _Consumer.MESSAGES = [
+        _Message(0, 0, follow(0, now - 1000), now),
+        _Message(0, 1, follow(1, now * 1000), now),              # microseconds
+        _Message(0, 2, follow(2, now - 1000, follower=-5), now),  # a negative id
+        _Message(0, 3, b"not avro", now),                        # does not decode
+        _Message(0, 4, follow(4, now - 500), now),
+    ]
+    monkeypatch.setattr(confluent_kafka, "Consumer", _Consumer)
+    result = replay("k:9092", "follow-events", {0: (0, 5)}, tmp_path / "out", progress=False)
+    assert (result.records_read, result.rows_written, result.dead_letters, result.invalid) == (
+        5, 2, 3, 2)
+    assert result.reconciles
+    dead = pq.read_table(tmp_path / "out" / DEAD_LETTER_DIR).to_pydict()
+    assert list(zip(dead["offset"], dead["step"], dead["reason"])) == [
+        (1, "validate", EVENT_TIME_IN_FUTURE), (2, "validate", NEGATIVE_ID),
+        (3, "decode", "wrong_magic")]
+    assert dead["value"][1] == follow(2, now - 1000, follower=-5)  # the original bytes
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["invalid"] == 2
+
+    # Without limits only what does not decode is a dead letter (the microsecond time is
+    # left out: as a row its event hour is past what a date can hold, and the replay fails).
+    del _Consumer.MESSAGES[1]
+    off = replay("k:9092", "follow-events", {0: (0, 5)}, tmp_path / "off", progress=False,
+                 limits=None)
+    assert (off.rows_written, off.dead_letters, off.invalid) == (3, 1, 0)
+
+
+def test_replay_validation_options():
+    from jobs.replay_parquet import event_limits
+
+    args = _parse("follow-events", "--from-offset", "0", "--out", "/tmp/x")
+    assert event_limits(args).max_ahead_ms == 3_600_000
+    assert event_limits(args).max_age_ms is None
+    args = _parse("follow-events", "--from-offset", "0", "--out", "/tmp/x",
+                  "--max-event-ahead-s", "60", "--max-event-age-s", "86400")
+    assert (event_limits(args).max_ahead_ms, event_limits(args).max_age_ms) == (
+        60_000, 86_400_000)
+    with pytest.raises(UserFacingError):
+        event_limits(_parse("follow-events", "--from-offset", "0", "--out", "/tmp/x",
+                            "--max-event-ahead-s", "-1"))
+
+
+def test_a_pipeline_replay_reports_the_invalid_records_among_its_dead_letters():
+    from jobs.replay_pipeline import PipelineReplayResult
+
+    result = PipelineReplayResult("post-events", {0: (0, 10)}, {
+        "feedbeam.kafka:records_read": 10, "feedbeam.decode:decoded": 7,
+        "feedbeam.decode:dead_letter": 3, "feedbeam.decode:invalid": 2,
+        "feedbeam.decode:dead_letter_wrong_magic": 1,
+        "feedbeam.decode:dead_letter_event_time_in_future": 2})
+    assert result.reconciles and result.invalid == 2
+    assert result.reconciliation() == (
+        "records in range 10 = events decoded 7 + dead letters 3 (2 invalid; "
+        "event_time_in_future 2, wrong_magic 1)")

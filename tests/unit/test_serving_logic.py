@@ -21,7 +21,6 @@ from serving.logic import (
     RankedCursor,
     SourceBatch,
     TrayCursor,
-    celebrities,
     fresh_entries,
     merge_page,
     needs_rebuild,
@@ -83,8 +82,7 @@ def test_fresh_entries_and_rebuild_entries():
     assert rebuild_entries([[(1, 10), (2, 20)], [(2, 20), (3, 5)]], cap=2) == [(2, 20), (1, 10)]
 
 
-def test_celebrities_and_rebuild_decision():
-    assert celebrities([1, 2, 3], [5, 10, 11], push_threshold=10) == [2, 3]
+def test_rebuild_decision():
     day = 86_400_000
     assert needs_rebuild(None, 0, 100 * day, 30 * day)            # cold: nothing in Redis
     assert not needs_rebuild(None, 4, 100 * day, 30 * day)        # never read, has a feed
