@@ -70,6 +70,7 @@ from infra.settings import StackSettings  # noqa: E402
 from stores.cassandra.feeds import CassandraFeedStore  # noqa: E402
 from stores.ranked import RankedFeedStore  # noqa: E402
 from stores.redis.feeds import RedisFeedStore  # noqa: E402
+from stores.redis.generation import RedisGeneration  # noqa: E402
 from stores.redis.stories import RedisStoryStore  # noqa: E402
 from stores.cassandra.session import migrate, new_cluster  # noqa: E402
 from schemas.events import (  # noqa: E402
@@ -193,6 +194,9 @@ def load_redis(ds: Dataset, store: RedisFeedStore, users, heavy: bool = True) ->
     for u in users:
         if u in ds.ranked:
             ranked.write(u, ds.ranked[u], "bench-1", ds.now)
+    # Loaded views are a whole Redis, as after `feedbeam rebuild`: mark its generation,
+    # or the API takes Redis for one that lost its data and reads Cassandra.
+    RedisGeneration(store.client, store.keys).mark()
 
 
 def load_cassandra(ds: Dataset, store: CassandraFeedStore, users) -> None:

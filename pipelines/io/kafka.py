@@ -108,7 +108,7 @@ class KafkaSourceConfig:
     max_bundle_ms: int = 1_000
     batch_records: int = 1_000
     batch_timeout_ms: int = 20
-    idle_wait_ms: int = 5_000
+    idle_wait_ms: int = 2_000
     event_limits: EventLimits = EventLimits()
 
     def __post_init__(self):
@@ -189,7 +189,7 @@ class KafkaReadOptions(PipelineOptions):
         parser.add_argument("--batch_timeout_ms", type=int, default=20,
                             help="a poll waits at most this long for --batch_records records: "
                                  "the latency batching adds at low rates")
-        parser.add_argument("--idle_wait_ms", type=int, default=5000,
+        parser.add_argument("--idle_wait_ms", type=int, default=2000,
                             help="the longest pause between polls of a quiet partition (a "
                                  "quarter of its quiet time, up to this): each poll costs the "
                                  "runner a bundle")
