@@ -83,13 +83,20 @@ class Watch(beam.DoFn):
         print(f"{time.time()%100:6.2f} TIMER fired at T0+{(fire_ts.micros/1e6-T0)/60:.0f}min; slow applied up to T0+{(s-T0)/60 if s else -1:.0f}min", flush=True)
         nxt = fire_ts + Duration(seconds=60)
         timer.set(nxt)
-prism = prism_binary(StackSettings.from_env())
-p = beam.Pipeline(options=PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism}",
-                                           "--environment_type=LOOPBACK"]))
-_ = p | beam.Create(["fast", "slow"]) | beam.ParDo(S()) | beam.ParDo(Watch())
-r = p.run()
-r.wait_until_finish(duration=25000)
-try:
-    r.cancel()
-except Exception:  # finished or already gone
-    pass
+
+
+def main() -> None:
+    prism = prism_binary(StackSettings.from_env())
+    p = beam.Pipeline(options=PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism}",
+                                               "--environment_type=LOOPBACK"]))
+    _ = p | beam.Create(["fast", "slow"]) | beam.ParDo(S()) | beam.ParDo(Watch())
+    r = p.run()
+    r.wait_until_finish(duration=25000)
+    try:
+        r.cancel()
+    except Exception:  # finished or already gone
+        pass
+
+
+if __name__ == "__main__":
+    main()
