@@ -625,7 +625,8 @@ def compare_redis(settings: StackSettings, a: str, b: str) -> dict:
                     if not abs(float(vx) - float(vy)) <= 1e-9 * max(1.0, abs(float(vx))):
                         report["different"] += 1
                         if len(report["examples"]) < 5:
-                            report["examples"].append((key, field.decode(), vx, vy))
+                            report["examples"].append((key, field.decode(), f"{vx}@{sx}",
+                                                       f"{vy}@{sy}"))
                     elif sx != sy:
                         report["stamps_different"] += 1
             elif isinstance(x, list) and isinstance(y, list):
@@ -641,6 +642,30 @@ def compare_redis(settings: StackSettings, a: str, b: str) -> dict:
                     report["examples"].append((key, str(x)[:80], str(y)[:80]))
     client.close()
     return report
+
+
+def dead_letter_reasons(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    """How many dead letters ``topics`` hold, per (step, reason) and the first example's
+    message."""
+    from pipelines.io.deadletter import read_dead_letters
+
+    counts: dict[str, int] = {}
+    spans: dict[str, tuple[int, int, int, int]] = {}
+    for topic in topics:
+        for letter in read_dead_letters(bootstrap, topic):
+            key = f"{letter.step}/{letter.reason}"
+            if key not in counts:
+                print(f"  dead letter {key}: {letter.error[:200]}", flush=True)
+            counts[key] = counts.get(key, 0) + 1
+            where = f"{key} {letter.topic.rsplit('.', 1)[-1]}[{letter.partition}]"
+            lo, hi, t0, t1 = spans.get(where, (letter.offset, letter.offset, letter.failed_at_ms,
+                                               letter.failed_at_ms))
+            spans[where] = (min(lo, letter.offset), max(hi, letter.offset),
+                            min(t0, letter.failed_at_ms), max(t1, letter.failed_at_ms))
+    for where, (lo, hi, t0, t1) in sorted(spans.items()):
+        print(f"    {where}: offsets {lo}..{hi}, written {t0 / 1000:.1f}..{t1 / 1000:.1f}",
+              flush=True)
+    return counts
 
 
 def recovery(settings, prism, args, work: Path, out: dict) -> None:
@@ -685,6 +710,9 @@ def recovery(settings, prism, args, work: Path, out: dict) -> None:
                  "run A to apply everything", a, every_s=2)
         res["uninterrupted_s"] = time.perf_counter() - t
         a.stop()
+        dlq = [dlq_topic(topic) for topic in topics]
+        letters_a = dead_letter_reasons(bootstrap, dlq)
+        res["dead_letters_a"] = sum(letters_a.values())
         print(f"  run A (uninterrupted) applied everything in {res['uninterrupted_s']:.0f}s",
               flush=True)
 
@@ -708,6 +736,9 @@ def recovery(settings, prism, args, work: Path, out: dict) -> None:
                  "run B to apply everything", b, every_s=0.5)
         res["to_applied_s"] = time.perf_counter() - t
         b.stop()
+        letters = dead_letter_reasons(bootstrap, dlq)
+        res["dead_letters_b"] = sum(letters.values()) - res["dead_letters_a"]
+        res["dead_letter_reasons"] = {"a": letters_a, "all": letters}
         res["compare"] = compare_redis(settings, runs["a"]["key_prefix"],
                                        runs["b"]["key_prefix"])
         c = res["compare"]
@@ -717,7 +748,8 @@ def recovery(settings, prism, args, work: Path, out: dict) -> None:
               f"within {res['to_applied_s']:.1f}s", flush=True)
         print(f"  Redis after: {c['keys']:,} keys of run A, {c['missing']} missing in run B, "
               f"{c['extra']} extra, {c['different']} values different "
-              f"({c['stamps_different']} write stamps differ with equal values)", flush=True)
+              f"({c['stamps_different']} write stamps differ with equal values); dead letters: "
+              f"run A {res['dead_letters_a']:,}, run B {res['dead_letters_b']:,}", flush=True)
     finally:
         for j in jobs:
             j.stop()
@@ -861,7 +893,9 @@ def summary(out: dict) -> None:
         print(f"  recovery after kill -9: lag 0 in {rec['to_lag0_s']:.1f} s (target < "
               f"{RECOVERY_TARGET_S:.0f} s), applied within {rec['to_applied_s']:.1f} s; "
               f"values equal to the uninterrupted run: "
-              f"{rec['compare']['different'] == 0 and rec['compare']['missing'] == 0}")
+              f"{rec['compare']['different'] == 0 and rec['compare']['missing'] == 0} "
+              f"(extra keys {rec['compare']['extra']}; dead letters A "
+              f"{rec.get('dead_letters_a', '?')}, B {rec.get('dead_letters_b', '?')})")
     fo = out.get("floors")
     if fo:
         print("  floors: " + ", ".join(f"{k} {(_median(v) if isinstance(v, list) else v):,.0f}/s"

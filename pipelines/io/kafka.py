@@ -15,6 +15,7 @@ import logging
 import struct
 import threading
 import time
+import uuid
 from typing import Iterable, Mapping, Sequence
 
 import apache_beam as beam
@@ -25,7 +26,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas.records import RecordBatch
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 UNBOUNDED_STOP = 2**63 - 1
 START_POLICIES = ("committed", "earliest", "latest")
+PARTITION_WATERMARKS = ("auto", "shared", "own")
 TIMESTAMP_POLICIES = ("kafka", "event")
 _METRICS_NAMESPACE = "feedbeam.kafka"
 # Partition reads come from Create/Impulse, so every record is in the global
@@ -94,6 +96,10 @@ class KafkaSourceConfig:
     uses their ``max_ahead_ms`` to keep implausible times out of element
     timestamps. A caught-up partition is polled again after a quarter of the
     time it has been quiet, at most ``idle_wait_ms`` (``idle_resume_ms``).
+    ``shared_watermarks``: each partition reports the least watermark of every
+    partition of its read (``_SharedWatermarks``), for runners that take a
+    stage's watermark from its latest bundle alone (Prism); only where every
+    partition of a read runs in one worker process.
     """
 
     consumer_config: Mapping[str, str]
@@ -110,6 +116,7 @@ class KafkaSourceConfig:
     batch_timeout_ms: int = 20
     idle_wait_ms: int = 2_000
     event_limits: EventLimits = EventLimits()
+    shared_watermarks: bool = False
 
     def __post_init__(self):
         if self.start_from not in START_POLICIES:
@@ -202,6 +209,13 @@ class KafkaReadOptions(PipelineOptions):
                                  "before its record's Kafka timestamp (default: no limit; "
                                  "measured against the record, so replays of old topics stay "
                                  "valid)")
+        parser.add_argument("--partition_watermarks", choices=PARTITION_WATERMARKS,
+                            default="auto",
+                            help="shared: every partition reports the least watermark of all "
+                                 "partitions of its read (needed on Prism, which takes a "
+                                 "stage's watermark from its latest bundle; all partitions "
+                                 "must run in one worker process); own: each its own; auto: "
+                                 "shared on Prism, own elsewhere")
 
     def source_config(self, default_group: str, default_rewind_s: float = 0.0) -> KafkaSourceConfig:
         """A ``KafkaSourceConfig`` from these options; ``default_*`` are the pipeline's."""
@@ -228,7 +242,15 @@ class KafkaReadOptions(PipelineOptions):
             batch_timeout_ms=self.batch_timeout_ms,
             idle_wait_ms=self.idle_wait_ms,
             event_limits=limits,
+            shared_watermarks=self._shared_watermarks(),
         )
+
+    def _shared_watermarks(self) -> bool:
+        if self.partition_watermarks != "auto":
+            return self.partition_watermarks == "shared"
+        from apache_beam.options.pipeline_options import StandardOptions
+
+        return "prism" in str(self.view_as(StandardOptions).runner or "").lower()
 
 
 # --------------------------------------------------------------------------- elements
@@ -240,6 +262,8 @@ class PartitionRead:
 
     ``committed_timestamp_ms``: the timestamp the group's last commit recorded
     for this partition, carried forward by commits made before a record is read.
+    ``partitions``: how many partitions the read has (this one included), so a
+    shared watermark waits until each has reported.
     """
 
     topic: str
@@ -247,6 +271,7 @@ class PartitionRead:
     start: int
     stop: int | None = None
     committed_timestamp_ms: int | None = None
+    partitions: int = 1
 
 
 class RecordBatchCoder(coders.Coder):
@@ -375,7 +400,8 @@ def resolve_start_offsets(config: KafkaSourceConfig, topics: Sequence[str],
                     rewinds.append((len(reads), TopicPartition(
                         tp.topic, tp.partition, max(committed_ts - config.rewind_ms, 0))))
             reads.append(PartitionRead(tp.topic, tp.partition, start,
-                                       committed_timestamp_ms=committed_ts))
+                                       committed_timestamp_ms=committed_ts,
+                                       partitions=len(partitions)))
 
         if rewinds:
             found = consumer.offsets_for_times([tp for _, tp in rewinds], timeout=timeout_s)
@@ -432,12 +458,67 @@ class _PartitionRestrictions(RestrictionProvider):
         yield restriction
 
 
+class _PartitionWatermark(ManualWatermarkEstimator):
+    """A partition's own watermark (its state, what ``set_watermark`` moves), reported
+    to the runner as no later than ``share``'s value when there is one."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        self._shared = None
+
+    def own(self) -> Timestamp | None:
+        return self.get_estimator_state()
+
+    def share(self, shared: Timestamp) -> None:
+        self._shared = shared
+
+    def current_watermark(self):
+        own = super().current_watermark()
+        if self._shared is None or own is None:
+            return own
+        return min(own, self._shared)
+
+
 class _WatermarkProvider(WatermarkEstimatorProvider):
     def initial_estimator_state(self, element, restriction):
         return MIN_TIMESTAMP
 
     def create_watermark_estimator(self, state):
-        return ManualWatermarkEstimator(state)
+        return _PartitionWatermark(state)
+
+
+class _SharedWatermarks:
+    """The latest own watermark of every partition of a read, per worker process.
+
+    Prism sets a stage's output watermark from the residuals of the bundle that
+    finished last, not from every pending residual: with one bundle per
+    partition, a partition far ahead (a small one caught up, or idle and moving
+    with the clock) would carry the watermark past the records another still has
+    to read, and downstream those count as late. So each partition reports the
+    least watermark of its read, and none until every partition has reported
+    once. Only valid where all partitions of a read run in one process.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._marks: dict[str, dict[tuple[str, int], Timestamp]] = {}
+
+    def report(self, read_id: str, element: PartitionRead, own: Timestamp) -> Timestamp:
+        with self._lock:
+            marks = self._marks.setdefault(read_id, {})
+            marks[(element.topic, element.partition)] = own
+            if len(marks) < element.partitions:
+                return MIN_TIMESTAMP
+            return min(marks.values())
+
+    def finish(self, read_id: str, element: PartitionRead) -> None:
+        """A bounded partition read to its end holds no one back any more."""
+        with self._lock:
+            self._marks.setdefault(read_id, {})[(element.topic, element.partition)] = \
+                MAX_TIMESTAMP
+
+
+_WATERMARKS = _SharedWatermarks()
 
 
 @dataclasses.dataclass
@@ -513,8 +594,9 @@ _CURSORS = _CursorPool()
 class _ReadPartitionFn(beam.DoFn):
     """Reads one partition's offset range; see the module docstring."""
 
-    def __init__(self, config: KafkaSourceConfig):
+    def __init__(self, config: KafkaSourceConfig, read_id: str):
         self._config = config
+        self._read_id = read_id
 
     def setup(self):
         _CURSORS.attach(self._config)
@@ -568,6 +650,8 @@ class _ReadPartitionFn(beam.DoFn):
         restriction = tracker.current_restriction()
         cursor = self._cursor(element, restriction.start)
         config = self._config
+        if config.shared_watermarks:  # what a split during the bundle would report
+            watermark.share(_WATERMARKS.report(self._read_id, element, watermark.own()))
         deadline = time.monotonic() + config.max_bundle_ms / 1000
         emitted = size = 0
         max_ts = None
@@ -638,32 +722,48 @@ class _ReadPartitionFn(beam.DoFn):
             finalizer.register(self._commit_callback(element, cursor, cursor.next_offset)
                                if config.commit_offsets else _no_commit)
         if done:
+            self._finish(element)
             return
         if restriction.stop != UNBOUNDED_STOP and cursor.next_offset >= restriction.stop:
             tracker.try_claim(restriction.stop)  # gaps (compaction, txn markers) end the range
+            self._finish(element)
             return
-        if not emitted:
-            self._advance_idle(element, cursor, watermark)
+        idle = not emitted and self._advance_idle(element, cursor, watermark)
+        if config.shared_watermarks:
+            watermark.share(_WATERMARKS.report(self._read_id, element, watermark.own()))
+        if idle:
             quiet_since = cursor.last_record_wall_ms or cursor.opened_wall_ms
             tracker.defer_remainder(Duration(micros=idle_resume_ms(
                 config, quiet_since, int(time.time() * 1000)) * 1000))
         else:
+            # Records are waiting (or may be: no fetch has reported the end yet):
+            # resume at once, a delay would only add latency to a backlog.
             tracker.defer_remainder()
+
+    def _finish(self, element: PartitionRead) -> None:
+        if self._config.shared_watermarks:
+            _WATERMARKS.finish(self._read_id, element)
 
     def _advance(self, watermark, candidate_ms: int) -> None:
         candidate = Timestamp(micros=candidate_ms * 1000)
-        current = watermark.current_watermark()
+        current = watermark.own()
         if current is None or candidate > current:
             watermark.set_watermark(candidate)
 
-    def _advance_idle(self, element: PartitionRead, cursor: _PartitionCursor, watermark) -> None:
-        """Move an idle, caught-up partition's watermark with the wall clock."""
+    def _advance_idle(self, element: PartitionRead, cursor: _PartitionCursor, watermark) -> bool:
+        """Move an idle, caught-up partition's watermark with the wall clock; False
+        (and the watermark left alone) when records are waiting or the end is unknown."""
         from confluent_kafka import TopicPartition
 
-        _, high = cursor.consumer.get_watermark_offsets(
-            TopicPartition(element.topic, element.partition), cached=True)
-        if high is None or high < 0 or cursor.next_offset < high:
-            return  # records are waiting (or unknown): not idle
+        partition = TopicPartition(element.topic, element.partition)
+        _, high = cursor.consumer.get_watermark_offsets(partition, cached=True)
+        if high is None or high < 0:
+            return False
+        # The consumer's position moves past offsets that carry no record (a
+        # transaction's commit marker ends many partitions); the last record does not.
+        position = cursor.consumer.position([partition])[0].offset
+        if max(cursor.next_offset, position) < high:
+            return False
         now_ms = int(time.time() * 1000)
         if cursor.last_timestamp_ms is None:
             candidate = now_ms - self._config.idle_skew_ms
@@ -671,6 +771,7 @@ class _ReadPartitionFn(beam.DoFn):
             elapsed = now_ms - cursor.last_record_wall_ms
             candidate = cursor.last_timestamp_ms + elapsed - self._config.idle_skew_ms
         self._advance(watermark, candidate)
+        return True
 
     def _commit_callback(self, element: PartitionRead, cursor: _PartitionCursor, offset: int):
         # A partition with no record read yet keeps the previous commit's
@@ -756,22 +857,26 @@ class ReadFromKafka(beam.PTransform):
         self._config = config
         self._topics = tuple(topics)
         self._ranges = ranges
+        self._read_id = uuid.uuid4().hex  # names this read's partitions in _SharedWatermarks
 
     def expand(self, pbegin):
         if self._ranges:
-            reads = [PartitionRead(topic, partition, start, stop)
+            spans = [(topic, partition, start, stop)
                      for topic, parts in sorted(self._ranges.items())
                      for partition, (start, stop) in sorted(parts.items()) if stop > start]
+            reads = [PartitionRead(topic, partition, start, stop, partitions=len(spans))
+                     for topic, partition, start, stop in spans]
             # Offsets of a bounded range are committed by no one: a replay
             # must not move the live pipeline's consumer group.
             config = dataclasses.replace(self._config, commit_offsets=False)
             return (pbegin
                     | "Partitions" >> beam.Create(reads)
-                    | "ReadPartitions" >> beam.ParDo(_ReadPartitionFn(config))
+                    | "ReadPartitions" >> beam.ParDo(_ReadPartitionFn(config, self._read_id))
                     .with_output_types(RecordBatch))
         return (pbegin
                 | "Start" >> beam.Impulse()
                 | "ResolvePartitions" >> beam.ParDo(_ResolvePartitions(self._config, self._topics))
                 | "SpreadPartitions" >> beam.Reshuffle()
-                | "ReadPartitions" >> beam.ParDo(_UnboundedReadPartitionFn(self._config))
+                | "ReadPartitions" >> beam.ParDo(_UnboundedReadPartitionFn(self._config,
+                                                                          self._read_id))
                 .with_output_types(RecordBatch))

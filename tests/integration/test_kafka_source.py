@@ -163,14 +163,9 @@ class _FireAfter(beam.DoFn):
         client.close()
 
 
-def test_idle_partition_lets_the_watermark_pass_a_timer(stack, kafka_topic, redis_client,
-                                                        key_prefix):
-    # Records only on partition 0, stamped "now"; partitions 1 and 2 never get
-    # any. The timer 10 s after them fires only if the idle partitions (and
-    # partition 0 once it is caught up) advance the watermark on their own.
-    topic = kafka_topic(partitions=3)
-    now_ms = int(time.time() * 1000)
-    _produce(stack.kafka_bootstrap, topic, 20, [0], timestamp_ms=now_ms)
+def _timer_after_first_record(stack, topic: str, redis_client, key_prefix: str) -> int:
+    """Read ``topic`` from the start with a timer 10 s after the first record's time;
+    the time it fired at (the test fails if it does not within 90 s)."""
     options = _options(stack, f"g-{uuid.uuid4().hex[:8]}", "--start_from=earliest",
                        "--idle_skew_s=1")
     config = options.view_as(KafkaReadOptions).source_config(default_group="unused")
@@ -186,7 +181,104 @@ def test_idle_partition_lets_the_watermark_pass_a_timer(stack, kafka_topic, redi
                              result)
     finally:
         _cancel(result)
-    assert int(fired_at) == now_ms + 10_000
+    return int(fired_at)
+
+
+def test_idle_partition_lets_the_watermark_pass_a_timer(stack, kafka_topic, redis_client,
+                                                        key_prefix):
+    # Records only on partition 0, stamped "now"; partitions 1 and 2 never get
+    # any. The timer 10 s after them fires only if the idle partitions (and
+    # partition 0 once it is caught up) advance the watermark on their own.
+    topic = kafka_topic(partitions=3)
+    now_ms = int(time.time() * 1000)
+    _produce(stack.kafka_bootstrap, topic, 20, [0], timestamp_ms=now_ms)
+    assert _timer_after_first_record(stack, topic, redis_client, key_prefix) == now_ms + 10_000
+
+
+def test_a_partition_ending_in_a_transaction_marker_still_goes_idle(
+        stack, kafka_topic, redis_client, key_prefix):
+    # A transactional producer's commit marker takes the offset after the last
+    # record, so the partition's end is never reached by a record; the
+    # partition must still count as caught up and let the timer fire.
+    topic = kafka_topic(partitions=1)
+    now_ms = int(time.time() * 1000)
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap,
+                         "transactional.id": f"test-{uuid.uuid4().hex[:8]}"})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for i in range(20):
+        producer.produce(topic, value=f"v{i}".encode(), partition=0, timestamp=now_ms)
+    producer.commit_transaction(30)
+    assert _timer_after_first_record(stack, topic, redis_client, key_prefix) == now_ms + 10_000
+
+
+class _CountBefore(beam.DoFn):
+    """Counts the records stamped at or before ``at_ms``; when the watermark passes
+    ``at_ms`` writes the count to Redis. Every such record counted by then means
+    the watermark never overtook one of them."""
+
+    COUNT = userstate.ReadModifyWriteStateSpec("count", beam.coders.VarIntCoder())
+    ARMED = userstate.ReadModifyWriteStateSpec("armed", beam.coders.VarIntCoder())
+    TIMER = userstate.TimerSpec("timer", TimeDomain.WATERMARK)
+
+    def __init__(self, redis_url: str, key: str, at_ms: int):
+        self._url = redis_url
+        self._key = key
+        self._at_ms = at_ms
+
+    def process(self, element, ts=beam.DoFn.TimestampParam,
+                count=beam.DoFn.StateParam(COUNT), armed=beam.DoFn.StateParam(ARMED),
+                timer=beam.DoFn.TimerParam(TIMER)):
+        if armed.read() is None:
+            armed.write(1)
+            timer.set(beam.utils.timestamp.Timestamp(micros=self._at_ms * 1000))
+        if ts.micros // 1000 <= self._at_ms:
+            count.write((count.read() or 0) + 1)
+
+    @userstate.on_timer(TIMER)
+    def fired(self, count=beam.DoFn.StateParam(COUNT)):
+        import redis
+
+        client = redis.Redis.from_url(self._url)
+        client.set(self._key, str(count.read() or 0))
+        client.close()
+
+
+def test_the_watermark_waits_for_a_partition_with_records_still_to_fetch(
+        stack, kafka_topic, redis_client, key_prefix):
+    # Partition 1 holds one record stamped now; partition 0 a backlog a day
+    # old. Partition 1 is caught up at once and its watermark follows the
+    # clock; the combined watermark must still wait for every record of
+    # partition 0, including while partition 0's first fetches are on the way.
+    topic = kafka_topic(partitions=2)
+    now_ms = int(time.time() * 1000)
+    _produce(stack.kafka_bootstrap, topic, 1, [1], timestamp_ms=now_ms)
+    backlog, start_ms = 30_000, now_ms - 86_400_000
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap, "linger.ms": 20})
+    for i in range(backlog):
+        producer.produce(topic, value=b"x", partition=0, timestamp=start_ms + i)
+        if i % 5000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+    last_ms = start_ms + backlog - 1
+    options = _options(stack, f"g-{uuid.uuid4().hex[:8]}", "--start_from=earliest",
+                       "--idle_skew_s=1")
+    config = options.view_as(KafkaReadOptions).source_config(default_group="unused")
+    count_key = f"{key_prefix}:count-at-fire"
+    pipeline = beam.Pipeline(options=options)
+    (pipeline
+     | "Read" >> ReadFromKafka(config, [topic])
+     | "OneKey" >> beam.FlatMap(
+         lambda batch: [beam.window.TimestampedValue(("all", o), t / 1000)
+                        for o, t in zip(batch.offsets, batch.timestamps_ms)])
+     | "Count" >> beam.ParDo(_CountBefore(stack.redis_url, count_key, last_ms)))
+    result = pipeline.run()
+    try:
+        counted = _wait_for(lambda: redis_client.get(count_key), 120,
+                            "the timer at the backlog's last record", result)
+    finally:
+        _cancel(result)
+    assert int(counted) == backlog
 
 
 def _start_job(stack, topic: str, group: str, prefix: str) -> subprocess.Popen:

@@ -24,7 +24,7 @@ def _read_fn(policy: str):
     from pipelines.io.kafka import KafkaSourceConfig, _ReadPartitionFn
 
     return _ReadPartitionFn(KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"},
-                                              timestamp_policy=policy))
+                                              timestamp_policy=policy), "read-1")
 
 
 def test_element_times_never_pass_the_allowed_skew_and_odd_event_times_are_not_used():
@@ -128,10 +128,9 @@ def test_a_record_stamped_ahead_of_the_clock_does_not_move_the_watermark_past_it
     import time
 
     from apache_beam.io.restriction_trackers import OffsetRange
-    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
-
     from pipelines.io import kafka
-    from pipelines.io.kafka import PartitionRead, _OffsetTracker, _PartitionCursor
+    from pipelines.io.kafka import (PartitionRead, _OffsetTracker, _PartitionCursor,
+                                    _PartitionWatermark)
 
     now_ms = int(time.time() * 1000)
     ahead = now_ms + 30 * 60_000  # within the window: valid, keeps its own time
@@ -141,7 +140,7 @@ def test_a_record_stamped_ahead_of_the_clock_does_not_move_the_watermark_past_it
     monkeypatch.setattr(kafka._CURSORS, "get", lambda *args: cursor)
     fn = _read_fn("kafka")
     fn.setup()
-    watermark = ManualWatermarkEstimator(None)
+    watermark = _PartitionWatermark(None)
     tracker = _OffsetTracker(OffsetRange(0, kafka.UNBOUNDED_STOP))
     tracker.defer_remainder = lambda delay=None: None  # what the runner's tracker view adds
     (batch,) = [wv.value for wv in fn._read(PartitionRead("t", 0, 0), tracker, watermark, None)]
@@ -162,3 +161,55 @@ def test_a_quiet_partition_is_polled_less_often_the_longer_it_is_quiet():
     assert idle_resume_ms(config, 10_000, 11_000) == 250                  # a quarter of 1 s
     assert idle_resume_ms(config, 10_000, 100_000) == 5000                # capped
     assert idle_resume_ms(config, 10_000, 9_000) == MIN_IDLE_RESUME_MS    # clock went back
+
+
+def test_a_shared_watermark_waits_for_every_partition_and_is_their_least():
+    from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
+
+    from pipelines.io.kafka import PartitionRead, _SharedWatermarks
+
+    marks = _SharedWatermarks()
+    p0, p1 = (PartitionRead("t", p, 0, partitions=2) for p in (0, 1))
+    # Partition 1 has not reported yet: nothing may pass its records.
+    assert marks.report("r", p0, Timestamp(500)) == MIN_TIMESTAMP
+    assert marks.report("r", p1, Timestamp(100)) == Timestamp(100)
+    assert marks.report("r", p0, Timestamp(900)) == Timestamp(100)
+    # Another read's partitions are no part of it.
+    assert marks.report("other", PartitionRead("t", 0, 0), Timestamp(5)) == Timestamp(5)
+    assert marks.report("r", p1, Timestamp(300)) == Timestamp(300)
+    # A bounded partition read to its end holds no one back.
+    marks.finish("r", p1)
+    assert marks.report("r", p0, Timestamp(950)) == Timestamp(950)
+    marks.finish("r", p0)
+    assert marks.report("r", p1, MAX_TIMESTAMP) == MAX_TIMESTAMP
+
+
+def test_a_partition_reports_the_shared_watermark_but_keeps_its_own_as_state():
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+
+    from pipelines.io.kafka import _WatermarkProvider
+
+    estimator = _WatermarkProvider().create_watermark_estimator(MIN_TIMESTAMP)
+    estimator.set_watermark(Timestamp(900))
+    assert estimator.current_watermark() == Timestamp(900)
+    estimator.share(Timestamp(100))
+    assert estimator.current_watermark() == Timestamp(100)
+    # The residual restarts from the partition's own position, not the shared one.
+    assert estimator.get_estimator_state() == Timestamp(900)
+    estimator.set_watermark(Timestamp(950))  # still monotonic in its own terms
+    assert estimator.own() == Timestamp(950)
+
+
+def test_watermarks_are_shared_on_prism_only_unless_told():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.io.kafka import KafkaReadOptions
+
+    def shared(*args: str) -> bool:
+        options = PipelineOptions(list(args)).view_as(KafkaReadOptions)
+        return options.source_config(default_group="g").shared_watermarks
+
+    assert shared("--runner=PrismRunner")
+    assert not shared("--runner=FlinkRunner")
+    assert shared("--runner=FlinkRunner", "--partition_watermarks=shared")
+    assert not shared("--runner=PrismRunner", "--partition_watermarks=own")
