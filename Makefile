@@ -19,10 +19,13 @@ demo: bootstrap
 	$(FEEDBEAM) demo
 
 # README command 2: the layering contract, then unit and integration tests
-# against the real servers.
+# against the real servers, then (for the whole suite) the oracle tests again on
+# the cluster topology, which the cluster fixture starts beside the single stack.
 test: stack
 	.venv/bin/lint-imports
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	@if [ -z "$(PYTEST_ARGS)" ]; then \
+	  .venv/bin/python -m pytest -m cluster tests/integration/test_cluster.py; fi
 
 down: bootstrap
 	$(FEEDBEAM) infra down

@@ -5,20 +5,36 @@
     feedbeam infra install             # fetch/build everything, start nothing
     feedbeam infra up [--with-flink]   # install if needed, start, wait until ready
     feedbeam infra up flink            # start only Beam's Flink job server
+    feedbeam infra up --topology cluster   # Redis Cluster, 2 Cassandra nodes, Flink
+                                           # session cluster (infra.cluster), beside it
     feedbeam infra status              # one line per service
     feedbeam infra logs kafka -n 100 -f
     feedbeam infra down                # stop what `up` started
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 
-from infra import install, processes, stack
+from infra import cluster, install, processes, stack
 from infra.errors import UserFacingError
-from infra.services import ALL_SERVICES, DEFAULT_SERVICES
-from infra.settings import StackSettings
+from infra.services import ALL_SERVICES
+from infra.settings import TOPOLOGIES, StackSettings
+
+
+def _add_topology(parser) -> None:
+    parser.add_argument(
+        "--topology", choices=TOPOLOGIES, default=None,
+        help="single (default; or FEEDBEAM_TOPOLOGY) or cluster: Redis Cluster, "
+             "2 Cassandra nodes, Flink session cluster, beside the single stack")
+
+
+def _topology(args, settings: StackSettings) -> StackSettings:
+    if args.topology is None:
+        return settings
+    return dataclasses.replace(settings, topology=args.topology)
 
 
 def register(subparsers) -> None:
@@ -35,53 +51,73 @@ def register(subparsers) -> None:
     p = actions.add_parser(
         "up", help="start services (default: cassandra redis kafka prism) and wait until ready")
     p.add_argument("services", nargs="*", metavar="SERVICE",
-                   help=f"any of {', '.join(ALL_SERVICES)}")
+                   help=f"any of {', '.join(stack.EVERY_SERVICE)}")
     p.add_argument("--with-flink", action="store_true",
                    help="also start Beam's Flink job server (~1 GiB)")
+    _add_topology(p)
     p.set_defaults(handler=_cmd_up)
 
     p = actions.add_parser("down", help="stop the services `up` started")
     p.add_argument("services", nargs="*", metavar="SERVICE",
-                   help="default: every service `up` started")
+                   help="default: every service of the topology `up` started")
+    _add_topology(p)
     p.set_defaults(handler=_cmd_down)
 
     p = actions.add_parser("status", help="one line per service")
+    _add_topology(p)
     p.set_defaults(handler=_cmd_status)
 
     p = actions.add_parser("logs", help="print (or follow) a service's log")
-    p.add_argument("service", choices=[*ALL_SERVICES, "install"])
+    p.add_argument("service", choices=[*stack.EVERY_SERVICE, "install"])
     p.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.set_defaults(handler=_cmd_logs)
 
 
 def _cmd_install(args, settings: StackSettings) -> int:
-    install.install(settings, ALL_SERVICES)
+    install.install(settings, [*ALL_SERVICES, "flink-cluster"])
     print(f"installed; Prism at {install.prism_binary(settings)}")
     return 0
 
 
 def _cmd_up(args, settings: StackSettings) -> int:
-    services = list(args.services) or list(DEFAULT_SERVICES)
+    settings = _topology(args, settings)
+    services = list(args.services) or list(stack.topology_services(settings))
     if args.with_flink and "flink" not in services:
         services.append("flink")
     t0 = time.monotonic()
     for line in stack.up(settings, services):
         print(line.line())
+    if settings.clustered:
+        print(f"cluster up in {time.monotonic() - t0:.1f} s; {_cluster_line(settings)}")
+        return 0
     print(f"stack up in {time.monotonic() - t0:.1f} s; "
           f"Prism: {install.prism_binary(settings)}")
     return 0
 
 
+def _cluster_line(settings: StackSettings) -> str:
+    """Where clients of the cluster topology connect, and the Redis Cluster's state."""
+    state = "ok" if cluster.redis_cluster_ok(settings) else "not ok"
+    return (f"redis {settings.redis_url} (cluster state {state}), cassandra "
+            f"{','.join(cluster.cassandra_hosts(settings))}:{settings.cassandra_port}, "
+            f"flink job endpoint {cluster.job_endpoint(settings)} -> "
+            f"{cluster.flink_master(settings)}; FEEDBEAM_TOPOLOGY=cluster points the CLI there")
+
+
 def _cmd_down(args, settings: StackSettings) -> int:
-    stopped = stack.down(settings, args.services or None)
+    stopped = stack.down(_topology(args, settings), args.services or None)
     print("stopped: " + (", ".join(stopped) if stopped else "nothing (none running)"))
     return 0
 
 
 def _cmd_status(args, settings: StackSettings) -> int:
+    settings = _topology(args, settings)
     for line in stack.status(settings):
         print(line.line())
+    if settings.clustered:
+        print(_cluster_line(settings))
+        return 0
     prism = install.prism_path(settings)
     print(f"{'':<10} {'built' if prism.is_file() else 'missing':<8} {prism}")
     return 0

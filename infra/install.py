@@ -52,6 +52,7 @@ POMS = {
     "kafka": ("kafka-pom.xml", f"Apache Kafka {KAFKA_VERSION}"),
     "flink": ("flink-pom.xml",
               f"Beam {FLINK_RUNNER_BEAM_VERSION} Flink {FLINK_VERSION} job server"),
+    "flink-cluster": ("flink-cluster-pom.xml", f"Flink {FLINK_VERSION} session cluster"),
 }
 
 

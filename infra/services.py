@@ -20,7 +20,7 @@ import os
 import string
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from infra import install, processes
 from infra.errors import UserFacingError
@@ -73,7 +73,7 @@ _CASSANDRA_JVM17_OPTS = (
 
 # Flink 1.19 serializes JDK collections and reflects into java.base; these
 # are the opens Flink's own env.java.opts.all sets for Java 17.
-_FLINK_JVM17_OPTS = tuple(
+FLINK_JVM17_OPTS = tuple(
     f"--add-opens=java.base/{pkg}=ALL-UNNAMED"
     for pkg in (
         "java.lang", "java.lang.invoke", "java.lang.reflect", "java.io",
@@ -84,19 +84,12 @@ _FLINK_JVM17_OPTS = tuple(
 ) + ("--add-opens=java.sql/java.sql=ALL-UNNAMED",)
 
 
-def check_names(services: Iterable[str]) -> list[str]:
-    """``services`` without repeats, in the given order; UserFacingError for an unknown one."""
-    names = list(dict.fromkeys(services))
-    unknown = [n for n in names if n not in ALL_SERVICES]
-    if unknown:
-        raise UserFacingError(
-            f"unknown service {', '.join(unknown)}; choose from {', '.join(ALL_SERVICES)}")
-    return names
-
-
 def flink_job_endpoint(settings: StackSettings) -> str:
-    """``host:port`` of Beam's Flink job server, for ``--job_endpoint``."""
-    return f"{settings.host}:{settings.flink_job_port}"
+    """``host:port`` of the topology's Flink job server, for ``--job_endpoint``: the
+    single stack's (embedded mini-cluster) or the one submitting to the session
+    cluster (``infra.cluster``)."""
+    port = settings.cluster_flink_job_port if settings.clustered else settings.flink_job_port
+    return f"{settings.host}:{port}"
 
 
 def prism_job_endpoint(settings: StackSettings) -> str:
@@ -169,18 +162,24 @@ def kafka_ready(settings: StackSettings, timeout_s: float = 3.0) -> bool:
 
 def cassandra_ready(settings: StackSettings, timeout_s: float = 5.0) -> bool:
     """True when the node answers ``SELECT release_version FROM system.local``."""
-    if not processes.port_open(settings.host, settings.cassandra_port):
+    return cassandra_node_ready(settings.host, settings.cassandra_port, timeout_s=timeout_s)
+
+
+def cassandra_node_ready(host: str, port: int, peers: int = 0, timeout_s: float = 5.0) -> bool:
+    """True when the node at ``host:port`` answers ``SELECT release_version FROM
+    system.local`` and knows at least ``peers`` other nodes (``system.peers_v2``)."""
+    if not processes.port_open(host, port):
         return False
     from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import WhiteListRoundRobinPolicy
 
     profile = ExecutionProfile(
-        load_balancing_policy=WhiteListRoundRobinPolicy([settings.host]),
+        load_balancing_policy=WhiteListRoundRobinPolicy([host]),
         request_timeout=timeout_s,
     )
     cluster = Cluster(
-        [settings.host],
-        port=settings.cassandra_port,
+        [host],
+        port=port,
         protocol_version=5,
         connect_timeout=timeout_s,
         control_connection_timeout=timeout_s,
@@ -189,7 +188,9 @@ def cassandra_ready(settings: StackSettings, timeout_s: float = 5.0) -> bool:
     try:
         session = cluster.connect()
         row = session.execute("SELECT release_version FROM system.local").one()
-        return row is not None and bool(row.release_version)
+        if row is None or not row.release_version:
+            return False
+        return peers == 0 or len(list(session.execute("SELECT peer FROM system.peers_v2"))) >= peers
     except Exception:  # NoHostAvailable, OperationTimedOut while starting
         return False
     finally:
@@ -213,7 +214,7 @@ def redis_ready(settings: StackSettings, timeout_s: float = 1.0) -> bool:
         client.close()
 
 
-def _grpc_ready(host: str, port: int, timeout_s: float) -> bool:
+def grpc_ready(host: str, port: int, timeout_s: float) -> bool:
     """True when a gRPC endpoint completes an HTTP/2 handshake."""
     if not processes.port_open(host, port):
         return False
@@ -230,13 +231,19 @@ def _grpc_ready(host: str, port: int, timeout_s: float) -> bool:
 
 
 def flink_ready(settings: StackSettings, timeout_s: float = 2.0) -> bool:
-    """True when the Flink job server's gRPC endpoint answers."""
-    return _grpc_ready(settings.host, settings.flink_job_port, timeout_s)
+    """True when the single stack's Flink job server's gRPC endpoint answers."""
+    return grpc_ready(settings.host, settings.flink_job_port, timeout_s)
+
+
+def flink_job_server_ready(settings: StackSettings, timeout_s: float = 2.0) -> bool:
+    """True when the topology's Flink job server (``flink_job_endpoint``) answers."""
+    host, port = flink_job_endpoint(settings).rsplit(":", 1)
+    return grpc_ready(host, int(port), timeout_s)
 
 
 def prism_ready(settings: StackSettings, timeout_s: float = 2.0) -> bool:
     """True when the Prism job server's gRPC endpoint answers."""
-    return _grpc_ready(settings.host, settings.prism_job_port, timeout_s)
+    return grpc_ready(settings.host, settings.prism_job_port, timeout_s)
 
 
 _READY: dict[str, Callable[[StackSettings], bool]] = {
@@ -266,7 +273,7 @@ def start(settings: StackSettings, name: str) -> None:
 def _start_kafka(settings: StackSettings) -> None:
     home = settings.state_dir / "kafka"
     props = home / "server.properties"
-    _render(INFRA_DIR / "kafka.properties", props, {
+    render(INFRA_DIR / "kafka.properties", props, {
         "host": settings.host,
         "port": settings.kafka_port,
         "controller_port": settings.kafka_controller_port,
@@ -301,18 +308,29 @@ def _start_kafka(settings: StackSettings) -> None:
 def _start_cassandra(settings: StackSettings) -> None:
     home = settings.state_dir / "cassandra"
     config = home / "cassandra.yaml"
-    _render(INFRA_DIR / "cassandra.yaml", config, {
+    render(INFRA_DIR / "cassandra.yaml", config, {
+        "cluster_name": "feedbeam-local",
+        "initial_token": 0,
+        "seeds": f"{settings.host}:{settings.cassandra_storage_port}",
         "host": settings.host,
         "port": settings.cassandra_port,
         "storage_port": settings.cassandra_storage_port,
         "data_dir": home,
     })
+    processes.spawn(settings, "cassandra", cassandra_command(
+        settings, home, config, settings.cassandra_heap_mb, settings.state_dir / "logs"))
+
+
+def cassandra_command(settings: StackSettings, home: Path, config: Path, heap: int,
+                      log_dir: Path, ring_delay_ms: int = 100) -> list[str]:
+    """The command line of one Cassandra node with its data in ``home`` and its
+    rendered ``config``; ``heap`` in MiB bounds its heap. ``ring_delay_ms`` is also
+    how long gossip keeps a peer without tokens: nodes of a cluster need seconds."""
     (home / "triggers").mkdir(exist_ok=True)
     classpath = install.classpath(settings, "cassandra")
     jamm = next((p for p in classpath.split(os.pathsep)
                  if Path(p).name.startswith("jamm-")), None)
-    heap = settings.cassandra_heap_mb
-    cmd = [
+    return [
         # A small initial heap keeps an idle dev node's RSS well below the
         # bound; -Xmx is the bound.
         install.java(), f"-Xms{min(heap, 256)}m", f"-Xmx{heap}m", "-Xss256k",
@@ -326,21 +344,21 @@ def _start_cassandra(settings: StackSettings) -> None:
         f"-Dcassandra.config={config.as_uri()}",
         f"-Dcassandra.storagedir={home}",
         f"-Dcassandra.triggers_dir={home / 'triggers'}",
-        f"-Dcassandra.logdir={settings.state_dir / 'logs'}",
+        f"-Dcassandra.logdir={log_dir}",
         f"-Dlogback.configurationFile={INFRA_DIR / 'cassandra-logback.xml'}",
         "-Dcassandra-foreground=yes",
-        # Start-up shortcuts that are safe for one node that never joins a
-        # real cluster: no gossip settling, no ring delay, no waiting to
-        # create the default superuser (auth is off anyway).
+        # Start-up shortcuts that are safe for one node, and for the cluster
+        # topology's nodes, which are all seeds and never bootstrap: no gossip
+        # settling, no (one node) or a short ring delay, no waiting to create
+        # the default superuser (auth is off anyway).
         "-Dcassandra.skip_wait_for_gossip_to_settle=0",
-        "-Dcassandra.ring_delay_ms=100",
+        f"-Dcassandra.ring_delay_ms={ring_delay_ms}",
         "-Dcassandra.superuser_setup_delay_ms=0",
         # No JMX: neither cassandra.jmx.local.port nor .remote.port is set,
         # so the daemon opens no JMX port (and nodetool is not available).
         "-cp", classpath,
         "org.apache.cassandra.service.CassandraDaemon",
     ]
-    processes.spawn(settings, "cassandra", cmd)
 
 
 def _start_redis(settings: StackSettings) -> None:
@@ -360,20 +378,30 @@ def _start_redis(settings: StackSettings) -> None:
 
 
 def _start_flink(settings: StackSettings) -> None:
-    classpath = install.classpath(settings, "flink")
-    cmd = [
-        install.java(), f"-Xmx{settings.flink_heap_mb}m", "-XX:+UseG1GC",
-        *_FLINK_JVM17_OPTS,
-        "-cp", classpath,
+    # An embedded Flink mini-cluster inside the job server process.
+    processes.spawn(settings, "flink", flink_job_server_command(
+        settings, "[local]", settings.flink_job_port, settings.flink_artifact_port,
+        settings.flink_expansion_port, settings.flink_heap_mb))
+
+
+def flink_job_server_command(settings: StackSettings, master: str, job_port: int,
+                             artifact_port: int, expansion_port: int, heap_mb: int,
+                             conf_dir: Path | None = None) -> list[str]:
+    """Beam's Flink job server on ``job_port`` running jobs on ``master`` (``[local]``
+    or a JobManager's REST ``host:port``), its Flink client configured by
+    ``conf_dir/flink-conf.yaml`` when given."""
+    return [
+        install.java(), f"-Xmx{heap_mb}m", "-XX:+UseG1GC",
+        *FLINK_JVM17_OPTS,
+        "-cp", install.classpath(settings, "flink"),
         "org.apache.beam.runners.flink.FlinkJobServerDriver",
         "--job-host", settings.host,
-        "--job-port", str(settings.flink_job_port),
-        "--artifact-port", str(settings.flink_artifact_port),
-        "--expansion-port", str(settings.flink_expansion_port),
-        # An embedded Flink mini-cluster inside the job server process.
-        "--flink-master", "[local]",
+        "--job-port", str(job_port),
+        "--artifact-port", str(artifact_port),
+        "--expansion-port", str(expansion_port),
+        "--flink-master", master,
+        *(["--flink-conf-dir", str(conf_dir)] if conf_dir else []),
     ]
-    processes.spawn(settings, "flink", cmd)
 
 
 def _start_prism(settings: StackSettings) -> None:
@@ -397,7 +425,7 @@ _START: dict[str, Callable[[StackSettings], None]] = {
 }
 
 
-def _render(template: Path, target: Path, values: dict[str, object]) -> None:
+def render(template: Path, target: Path, values: dict[str, object]) -> None:
     """Fill a ``${name}`` template; rewrite only when the content changes."""
     text = string.Template(template.read_text()).substitute(
         {k: str(v) for k, v in values.items()})

@@ -17,6 +17,12 @@ KAFKA_VERSION = "4.3.0"
 CASSANDRA_VERSION = "5.0.8"
 BEAM_VERSION = "2.77.0"
 
+#: ``feedbeam infra up --topology``: one node of everything, or clusters of them.
+TOPOLOGIES = ("single", "cluster")
+CLUSTER_REDIS_NODES = 3
+CLUSTER_CASSANDRA_NODES = 2
+CLUSTER_TASKMANAGERS = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class StackSettings:
@@ -46,14 +52,50 @@ class StackSettings:
     #: The job server embeds a Flink mini-cluster: every job's tasks share this heap.
     flink_heap_mb: int = 1536
     ready_timeout_s: float = 180.0
+    #: ``single`` (the servers above) or ``cluster`` (the ``cluster_*`` servers
+    #: below, beside the single ones; Kafka is the single broker in both): which
+    #: servers ``redis_url``, ``cassandra_host`` and the Flink job endpoint name.
+    topology: str = "single"
+    #: Redis Cluster: ``CLUSTER_REDIS_NODES`` masters on consecutive ports from this one.
+    cluster_redis_port: int = 7001
+    #: Cassandra cluster: ``CLUSTER_CASSANDRA_NODES`` nodes on consecutive loopback
+    #: addresses from this one (Linux routes all of 127/8 to lo), each on
+    #: ``cassandra_port`` and ``cassandra_storage_port``.
+    cluster_cassandra_host: str = "127.0.0.2"
+    cluster_cassandra_heap_mb: int = 768
+    #: The Flink session cluster: its JobManager's REST (``--flink-master``), RPC
+    #: and blob ports, and the Beam job server that submits to it.
+    cluster_flink_rest_port: int = 8281
+    cluster_flink_rpc_port: int = 6223
+    cluster_flink_blob_port: int = 6224
+    cluster_flink_job_port: int = 8199
+    cluster_flink_artifact_port: int = 8198
+    cluster_flink_expansion_port: int = 8197
+    cluster_jobmanager_heap_mb: int = 512
+    #: Heap of each TaskManager (framework + task heap); see ``infra.cluster``.
+    cluster_taskmanager_heap_mb: int = 640
+    cluster_jobserver_heap_mb: int = 512
 
     @property
     def kafka_bootstrap(self) -> str:
         return f"{self.host}:{self.kafka_port}"
 
     @property
+    def clustered(self) -> bool:
+        return self.topology == "cluster"
+
+    @property
     def redis_url(self) -> str:
+        """The Redis of the topology: ``redis+cluster://`` names a Redis Cluster
+        by one of its nodes (``stores.redis.client``)."""
+        if self.clustered:
+            return f"redis+cluster://{self.host}:{self.cluster_redis_port}/0"
         return f"redis://{self.host}:{self.redis_port}/0"
+
+    @property
+    def cassandra_host(self) -> str:
+        """The Cassandra contact point of the topology (its port is ``cassandra_port``)."""
+        return self.cluster_cassandra_host if self.clustered else self.host
 
     @property
     def maven_repo(self) -> Path:
@@ -71,7 +113,7 @@ class StackSettings:
             try:
                 if field.name.endswith("_dir"):
                     overrides[field.name] = Path(raw).expanduser().resolve()
-                elif field.name in ("host",):
+                elif field.name.endswith("host") or field.name == "topology":
                     overrides[field.name] = raw
                 elif field.name.endswith("_s"):
                     overrides[field.name] = float(raw)
@@ -81,4 +123,7 @@ class StackSettings:
                 raise ValueError(
                     f"FEEDBEAM_{field.name.upper()}={raw!r} is not a valid "
                     f"{'number' if not field.name.endswith('_dir') else 'path'}") from None
+        if overrides.get("topology", "single") not in TOPOLOGIES:
+            raise ValueError(f"FEEDBEAM_TOPOLOGY={overrides['topology']!r}: "
+                             f"one of {', '.join(TOPOLOGIES)}")
         return cls(**overrides)

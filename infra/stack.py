@@ -5,6 +5,7 @@ From the command line (``infra.cli``)::
     feedbeam infra up [--with-flink]   # install if needed, start, wait until ready
     feedbeam infra status              # one line per service
     feedbeam infra down                # stop what `up` started
+    feedbeam infra up --topology cluster   # the clusters of ``infra.cluster`` instead
 
 or from Python (tests, benchmarks): ``up(settings)``, ``down(settings)``,
 ``status(settings)``. Installing is ``infra.install``, each server's command
@@ -20,10 +21,13 @@ import sys
 import time
 from typing import Iterable
 
-from infra import install, processes, services
+from infra import cluster, install, processes, services
 from infra.errors import UserFacingError
 from infra.services import ALL_SERVICES, DEFAULT_SERVICES
 from infra.settings import StackSettings
+
+#: Every service of either topology, in start order.
+EVERY_SERVICE = ALL_SERVICES + cluster.CLUSTER_SERVICES
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +54,55 @@ class ServiceStatus:
         pid = str(self.pid) if self.pid else "-"
         rss = f"{self.rss_mb:.0f} MiB" if self.rss_mb is not None else "-"
         ready = "ready" if self.ready else "not ready"
-        return (f"{self.name:<10} {self.state:<8} pid {pid:<8} "
-                f"port {self.port:<6} {ready:<10} rss {rss}")
+        port = str(self.port or "-")  # a TaskManager's ports are the OS's pick
+        return (f"{self.name:<18} {self.state:<8} pid {pid:<8} "
+                f"port {port:<6} {ready:<10} rss {rss}")
+
+
+def _runs(name: str):
+    """The module that starts and probes ``name``: ``infra.services`` or ``infra.cluster``."""
+    return cluster if name in cluster.CLUSTER_SERVICES else services
+
+
+def check_names(names: Iterable[str]) -> list[str]:
+    """``names`` without repeats; UserFacingError for one that neither topology has."""
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in EVERY_SERVICE]
+    if unknown:
+        raise UserFacingError(
+            f"unknown service {', '.join(unknown)}; choose from {', '.join(EVERY_SERVICE)}")
+    return names
+
+
+def topology_services(settings: StackSettings) -> tuple[str, ...]:
+    """What ``up`` starts when no names are given: the single stack's default
+    services, or the cluster topology's servers and the Kafka they share."""
+    if settings.clustered:
+        return cluster.SHARED_SERVICES + cluster.CLUSTER_SERVICES
+    return DEFAULT_SERVICES
+
+
+def _to_install(names: list[str], resolve_flink: bool) -> set[str]:
+    """The ``infra.install`` names (poms, redis-server) behind service ``names``."""
+    out = {n for n in names if n in ALL_SERVICES}
+    if resolve_flink or any(n.startswith("flink") for n in names):
+        out.add("flink")
+    if any(n.startswith("flink-") for n in names):
+        out.add("flink-cluster")
+    if any(n in cluster.CASSANDRA_NODES for n in names):
+        out.add("cassandra")
+    if any(n in cluster.REDIS_NODES for n in names):
+        out.add("redis")
+    return out
 
 
 def up(settings: StackSettings, names: Iterable[str] | None = None,
        *, resolve_flink: bool = True) -> list[ServiceStatus]:
-    """Start the services ``names`` (default: Cassandra, Redis, Kafka, Prism) and wait until ready.
+    """Start the services ``names`` (default: ``topology_services``) and wait until ready.
+
+    Single topology: Cassandra, Redis, Kafka, Prism; cluster topology
+    (``settings.topology``): Kafka and the clusters of ``infra.cluster``, the
+    Redis Cluster formed once its nodes answer.
 
     Idempotent: services already running from an earlier ``up`` are left
     alone, so a second call only re-runs the readiness probes. Installs
@@ -65,9 +111,9 @@ def up(settings: StackSettings, names: Iterable[str] | None = None,
     UserFacingError on a port held by a foreign process, a server that
     exits, or one that is not ready within ``settings.ready_timeout_s``.
     """
-    wanted = services.check_names(DEFAULT_SERVICES if names is None else names)
-    to_install = set(wanted) | ({"flink"} if resolve_flink else set())
-    install.install(settings, to_install)
+    wanted = check_names(topology_services(settings) if names is None else names)
+    install.install(settings, _to_install(wanted, resolve_flink),
+                    prism=any(n in ALL_SERVICES for n in wanted))
 
     started: dict[str, float] = {}
     managed: set[str] = set()
@@ -75,7 +121,7 @@ def up(settings: StackSettings, names: Iterable[str] | None = None,
     # slowest to become ready; Redis next because it is instant; Kafka last
     # because formatting its storage on first start takes a few seconds.
     # All then become ready concurrently.
-    for name in sorted(wanted, key=ALL_SERVICES.index):
+    for name in sorted(wanted, key=EVERY_SERVICE.index):
         if processes.running_pid(settings, name) is not None:
             managed.add(name)
             continue
@@ -84,42 +130,48 @@ def up(settings: StackSettings, names: Iterable[str] | None = None,
                      "(not started by feedbeam, so `down` leaves it)",
                      settings.redis_port)
             continue
-        services.check_ports_free(settings, name)
-        services.start(settings, name)
+        _runs(name).check_ports_free(settings, name)
+        _runs(name).start(settings, name)
         started[name] = time.monotonic()
         managed.add(name)
 
     _wait_ready(settings, wanted, started, managed)
+    if set(cluster.REDIS_NODES) <= set(wanted):
+        cluster.form_redis_cluster(settings)
     return status(settings, wanted)
 
 
 def down(settings: StackSettings, names: Iterable[str] | None = None) -> list[str]:
-    """Stop the services ``names`` that ``up`` started (default: all); return their names.
+    """Stop the services ``names`` that ``up`` started (default: all of the topology's
+    own: the cluster topology leaves the Kafka it shares); return their names.
 
     SIGTERM first so Kafka and Cassandra shut down cleanly, SIGKILL after a
     per-service timeout. Services not started by ``up`` are never touched.
     """
-    wanted = services.check_names(ALL_SERVICES if names is None else names)
+    default = cluster.CLUSTER_SERVICES if settings.clustered else ALL_SERVICES
+    wanted = check_names(default if names is None else names)
     targets = {name: pid for name in wanted
                if (pid := processes.running_pid(settings, name)) is not None}
     if not targets:
         return []
     with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
         futures = {name: pool.submit(processes.stop, settings, name, pid,
-                                     services.STOP_TIMEOUT_S[name])
+                                     _runs(name).STOP_TIMEOUT_S[name])
                    for name, pid in targets.items()}
         for future in futures.values():
             future.result()
-    return sorted(targets, key=ALL_SERVICES.index)
+    return sorted(targets, key=EVERY_SERVICE.index)
 
 
 def status(settings: StackSettings,
            names: Iterable[str] | None = None) -> list[ServiceStatus]:
-    """Current state of each service in ``names`` (default: all), probing readiness."""
+    """Current state of each service in ``names`` (default: all of the topology's),
+    probing readiness."""
+    default = topology_services(settings) if settings.clustered else ALL_SERVICES
     result = []
-    for name in services.check_names(ALL_SERVICES if names is None else names):
+    for name in check_names(default if names is None else names):
         pid = processes.running_pid(settings, name)
-        ready = services.is_ready(settings, name)
+        ready = _runs(name).is_ready(settings, name)
         if pid is not None:
             state = "running"
         elif ready:
@@ -127,7 +179,7 @@ def status(settings: StackSettings,
         else:
             state = "stopped"
         result.append(ServiceStatus(
-            name=name, state=state, pid=pid, port=services.main_port(settings, name),
+            name=name, state=state, pid=pid, port=_runs(name).main_port(settings, name),
             ready=ready, rss_mb=processes.rss_mb(pid) if pid else None))
     return result
 
@@ -151,7 +203,7 @@ def _wait_ready(settings: StackSettings, wanted: list[str],
                 raise UserFacingError(
                     f"{name} exited before it was ready; read "
                     f"{path}:\n{processes.tail(path, 15)}")
-            if services.is_ready(settings, name):
+            if _runs(name).is_ready(settings, name):
                 pending.remove(name)
                 if name in started:
                     progress.note(f"{name}: ready after "

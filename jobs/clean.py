@@ -259,7 +259,7 @@ def clean(settings: StackSettings, *, topic_prefix: str | None = None,
     if keyspace is not None:
         from stores.cassandra.session import new_cluster
 
-        cluster = new_cluster(settings.host, settings.cassandra_port)
+        cluster = new_cluster(settings.cassandra_host, settings.cassandra_port)
         try:
             done.keyspace = keyspace
             done.keyspace_missing = not drop_keyspace(cluster.connect(), keyspace, dry_run)

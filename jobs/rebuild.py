@@ -107,10 +107,10 @@ def run_rebuild(args: argparse.Namespace, settings: StackSettings) -> int:
     except ValueError as exc:
         raise UserFacingError(f"bad option: {exc}") from None
     try:
-        cluster = new_cluster(settings.host, settings.cassandra_port)
+        cluster = new_cluster(settings.cassandra_host, settings.cassandra_port)
         session = cluster.connect()
     except Exception as exc:
-        raise UserFacingError(f"Cassandra is not answering at {settings.host}:"
+        raise UserFacingError(f"Cassandra is not answering at {settings.cassandra_host}:"
                               f"{settings.cassandra_port} ({exc}); it is the source of a "
                               "rebuild: start it with `feedbeam infra up`") from None
     redis = RedisFeedStore.from_url(settings.redis_url, key_prefix=args.key_prefix)

@@ -111,7 +111,7 @@ def pipeline_argv(pipeline: str, topic: str, prefix: str, ranges: dict[int, tupl
             raise UserFacingError(f"{arg.split('=', 1)[0]} is set by replay from TOPIC and "
                                   f"the range; do not pass it to the pipeline")
     argv = [f"--kafka_bootstrap={bootstrap}", f"--redis_url={settings.redis_url}",
-            f"--cassandra_host={settings.host}", f"--cassandra_port={settings.cassandra_port}"]
+            f"--cassandra_host={settings.cassandra_host}", f"--cassandra_port={settings.cassandra_port}"]
     if not has_flag(beam_args, "--runner"):
         from infra.install import prism_binary
 

@@ -120,7 +120,7 @@ def build_config(args, settings: StackSettings):
         cql.check_keyspace_name(args.keyspace)
         return ServingConfig(
             jwt_key=_jwt_key(args), redis_url=settings.redis_url, key_prefix=args.key_prefix,
-            cassandra_host=settings.host, cassandra_port=settings.cassandra_port,
+            cassandra_host=settings.cassandra_host, cassandra_port=settings.cassandra_port,
             keyspace=args.keyspace, **overrides)
     except ValueError as exc:
         raise UserFacingError(str(exc)) from None

@@ -35,7 +35,7 @@ from typing import NamedTuple, Sequence
 from infra.errors import UserFacingError
 from infra.services import (
     flink_job_endpoint,
-    flink_ready,
+    flink_job_server_ready,
     kafka_ready,
     prism_job_endpoint,
     prism_ready,
@@ -57,6 +57,8 @@ RUNNERS = ("prism", "flink", "direct", "dataflow")
 #: Flink checkpoint interval unless given: offsets are committed at each checkpoint, so
 #: this bounds what a restart re-reads (seconds of input, applied idempotently again).
 FLINK_CHECKPOINT_MS = 10_000
+#: ``--parallelism`` of a job on the cluster topology's Flink session cluster.
+CLUSTER_PARALLELISM = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +114,11 @@ def runner_args(runner: str, settings: StackSettings, beam_args: list[str]) -> l
         return out
     if runner == "flink":
         endpoint = flink_job_endpoint(settings)
-        if not has_flag(beam_args, "--job_endpoint") and not flink_ready(settings):
+        if not has_flag(beam_args, "--job_endpoint") and not flink_job_server_ready(settings):
+            start = ("`feedbeam infra up --topology cluster`" if settings.clustered
+                     else "`feedbeam infra up flink`")
             raise UserFacingError(f"the Flink job server is not answering at {endpoint}; "
-                                  "start it with `feedbeam infra up flink`")
+                                  f"start it with {start}")
         out = ["--runner=FlinkRunner"]
         if not has_flag(beam_args, "--job_endpoint"):
             out.append(f"--job_endpoint={endpoint}")
@@ -123,6 +127,9 @@ def runner_args(runner: str, settings: StackSettings, beam_args: list[str]) -> l
         if not has_flag(beam_args, "--checkpointing_interval"):
             # Without checkpoints Flink never finalizes bundles: no offset is committed.
             out.append(f"--checkpointing_interval={FLINK_CHECKPOINT_MS}")
+        if settings.clustered and not has_flag(beam_args, "--parallelism"):
+            # Spread over both TaskManagers of the session cluster.
+            out.append(f"--parallelism={CLUSTER_PARALLELISM}")
         return out
     if runner == "direct":
         if not has_flag(beam_args, "--replay_ranges"):
@@ -145,7 +152,7 @@ def stack_defaults(module, settings: StackSettings, beam_args: list[str]) -> lis
     candidates = {
         "--kafka_bootstrap": settings.kafka_bootstrap,
         "--redis_url": settings.redis_url,
-        "--cassandra_host": settings.host,
+        "--cassandra_host": settings.cassandra_host,
         "--cassandra_port": str(settings.cassandra_port),
     }
     return [f"{flag}={value}" for flag, value in candidates.items()

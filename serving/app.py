@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from stores.cassandra.aio import AioCassandra
-from stores.redis.aio import AioRedis, RedisUnavailable
+from stores.redis.aio import RedisUnavailable, connect
 from serving.auth import USER_ID_MAX, AuthError, TokenAuth, parse_user_id
 from serving.config import ServingConfig
 from serving.feeds import FeedResult, FeedService, Overloaded, StoresUnavailable
@@ -105,7 +105,7 @@ class FeedApp:
         self.auth = TokenAuth(config.jwt_key)
         self.cursors = CursorCodec(config.jwt_key.encode())
         self.metrics = Metrics()
-        self.redis = AioRedis.from_url(config.redis_url, timeout_s=config.redis_timeout_s)
+        self.redis = connect(config.redis_url, timeout_s=config.redis_timeout_s)
         self.cassandra = AioCassandra(config.cassandra_host, config.cassandra_port,
                                       config.keyspace, timeout_s=config.cassandra_timeout_s)
         self.lag = LoopLag()

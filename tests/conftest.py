@@ -1,9 +1,14 @@
 """Shared fixtures: the real local stack, isolated per test.
 
 Integration tests (marked ``integration``) talk to the Kafka, Cassandra and
-Redis that ``feedbeam infra up`` started. Nothing here starts or stops them:
-the test command does that before pytest runs. When a server does not answer,
-the test fails with a message naming it; it is never skipped.
+Redis that ``feedbeam infra up`` started. Nothing here starts or stops the
+single stack: the test command does that before pytest runs. When a server
+does not answer, the test fails with a message naming it; it is never skipped.
+
+With ``FEEDBEAM_TOPOLOGY=cluster`` (or in ``test_cluster``, marked ``cluster``)
+the same fixtures point at the cluster topology (Redis Cluster, 2 Cassandra
+nodes with keyspaces at replication factor 2, the Flink session cluster), and
+``stack`` starts it first (``infra.stack.up``, a no-op when it runs).
 
 Isolation: every test gets its own Kafka topics, Cassandra keyspace and Redis
 key prefix, all removed afterwards, so tests can run in any order.
@@ -14,8 +19,9 @@ import uuid
 
 import pytest
 
-from infra.settings import StackSettings
-from stores.cassandra.session import new_cluster
+from infra.settings import CLUSTER_CASSANDRA_NODES, StackSettings
+from stores.cassandra.session import create_keyspace, new_cluster
+from stores.redis.client import new_client
 
 _READY_TIMEOUT_S = 10.0
 
@@ -23,6 +29,9 @@ _READY_TIMEOUT_S = 10.0
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "integration: needs the real Kafka, Cassandra and Redis")
+    config.addinivalue_line(
+        "markers", "cluster: runs on the cluster topology (`feedbeam infra up --topology "
+        "cluster`, started by the fixture)")
 
 
 def _unique(prefix: str) -> str:
@@ -37,13 +46,15 @@ def _check_kafka(settings: StackSettings) -> None:
 
 
 def _check_redis(settings: StackSettings) -> None:
-    import redis
-
-    redis.Redis.from_url(settings.redis_url, socket_timeout=_READY_TIMEOUT_S).ping()
+    client = new_client(settings.redis_url)
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 def _check_cassandra(settings: StackSettings) -> None:
-    cluster = new_cluster(settings.host, settings.cassandra_port,
+    cluster = new_cluster(settings.cassandra_host, settings.cassandra_port,
                           connect_timeout=_READY_TIMEOUT_S)
     try:
         cluster.connect().execute("SELECT release_version FROM system.local")
@@ -51,10 +62,18 @@ def _check_cassandra(settings: StackSettings) -> None:
         cluster.shutdown()
 
 
-@pytest.fixture(scope="session")
-def stack() -> StackSettings:
-    """The running local stack; fails (not skips) if any server is down."""
-    settings = StackSettings.from_env()
+def checked_stack(settings: StackSettings) -> StackSettings:
+    """``settings`` once Kafka, Redis and Cassandra of its topology answer; starts the
+    cluster topology first when it is the one asked for. Fails (not skips) if a
+    server is down."""
+    if settings.clustered:
+        from infra import stack as infra_stack
+        from infra.errors import UserFacingError
+
+        try:
+            infra_stack.up(settings)
+        except UserFacingError as exc:
+            pytest.fail(f"the cluster topology did not start: {exc}", pytrace=False)
     problems = []
     for name, check in (("Kafka", _check_kafka), ("Redis", _check_redis),
                         ("Cassandra", _check_cassandra)):
@@ -70,11 +89,15 @@ def stack() -> StackSettings:
     return settings
 
 
+@pytest.fixture(scope="session")
+def stack() -> StackSettings:
+    """The running local stack (of ``FEEDBEAM_TOPOLOGY``); see ``checked_stack``."""
+    return checked_stack(StackSettings.from_env())
+
+
 @pytest.fixture
 def redis_client(stack):
-    import redis
-
-    client = redis.Redis.from_url(stack.redis_url)
+    client = new_client(stack.redis_url)
     yield client
     client.close()
 
@@ -91,18 +114,22 @@ def key_prefix(redis_client) -> str:
 
 @pytest.fixture(scope="session")
 def cassandra_session(stack):
-    cluster = new_cluster(stack.host, stack.cassandra_port)
+    cluster = new_cluster(stack.cassandra_host, stack.cassandra_port)
     session = cluster.connect()
     yield session
     cluster.shutdown()
 
 
 @pytest.fixture
-def keyspace(cassandra_session) -> str:
-    """A keyspace name owned by this test (not created); dropped afterwards."""
+def keyspace(stack, cassandra_session) -> str:
+    """A keyspace name owned by this test, dropped afterwards. Not created on the
+    single stack; on the cluster topology created at replication factor 2, so the
+    test's ``migrate`` keeps it and the stores write at LOCAL_QUORUM."""
     from jobs.clean import drop_keyspace
 
     name = _unique("t_")
+    if stack.clustered:
+        create_keyspace(cassandra_session, name, CLUSTER_CASSANDRA_NODES)
     yield name
     drop_keyspace(cassandra_session, name)
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import redis
 
-from stores.redis.client import chunks, new_client
+from stores.redis.client import BatchLayout, chunks, new_client, register_batch_script
 from domain.stories import (
     StoryPolicy,
     assemble_tray,
@@ -248,8 +248,13 @@ class RedisStoryStore:
         self.client = client
         self.keys = keys
         self.policy = policy
-        self._story_step, self._zsets, self._finish = (
-            client.register_script(src) for src in (_STORY_STEP, _ZSETS, _FINISH))
+        # Each call spans many stories and users: split by hash slot on a cluster.
+        self._story_step = register_batch_script(client, _STORY_STEP,
+                                                 BatchLayout(2, 2, args_per_item=5))
+        self._zsets = register_batch_script(client, _ZSETS,
+                                            BatchLayout(2, 1, counted=(2, 1), reply="sum"))
+        self._finish = register_batch_script(client, _FINISH,
+                                             BatchLayout(1, 2, args_per_item=3, reply="sum"))
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "fb",

@@ -13,9 +13,11 @@ import sys
 import uuid
 from typing import Iterator
 
+import pytest
+
+from infra.services import flink_job_endpoint, flink_job_server_ready
 from jobs.submit import process_alive
 from tests.integration.serving_harness import wait_until
-from tests.integration.test_kafka_source import flink_ready_or_fail
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,8 +44,6 @@ def flink_running_jobs(stack) -> set[str]:
     import grpc
     from apache_beam.portability.api import beam_job_api_pb2 as api
     from apache_beam.portability.api import beam_job_api_pb2_grpc as api_grpc
-
-    from infra.services import flink_job_endpoint
 
     with grpc.insecure_channel(flink_job_endpoint(stack)) as channel:
         jobs = api_grpc.JobServiceStub(channel).GetJobs(api.GetJobsRequest(), timeout=30)
@@ -93,11 +93,13 @@ def submitted(stack, state_dir, runner: str, pipeline: str,
               *args: str) -> Iterator[SubmittedJob]:
     """Submit ``pipeline`` detached on ``runner`` with ``args``; cancel it on exit and
     assert its process ended and (Flink) the job server no longer runs it."""
-    if runner == "flink":
-        flink_ready_or_fail(stack)
+    if runner == "flink" and not flink_job_server_ready(stack):
+        pytest.fail(f"the Flink job server of the {stack.topology} topology is not answering "
+                    f"at {flink_job_endpoint(stack)}; start it with `feedbeam infra up` "
+                    "(the test command does)", pytrace=False)
     # A unique job name: other jobs may come and go on the shared Flink job server.
     job_name = f"test-{pipeline}-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, FEEDBEAM_STATE_DIR=str(state_dir))
+    env = dict(os.environ, FEEDBEAM_STATE_DIR=str(state_dir), FEEDBEAM_TOPOLOGY=stack.topology)
     started = cli(env, "submit", pipeline, "--runner", runner, "--detach",
                   f"--job_name={job_name}", *args)
     assert started.returncode == 0, started.stderr + started.stdout

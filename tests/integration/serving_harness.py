@@ -125,7 +125,7 @@ def serving_config(stack, key_prefix: str, keyspace: str, **overrides) -> Servin
     # The tests write Redis through the stores, without the jobs' generation
     # marker: unchecked unless a test asks (test_redis_loss.py).
     values = dict(jwt_key=JWT_KEY, redis_url=stack.redis_url, key_prefix=key_prefix,
-                  cassandra_host=stack.host, cassandra_port=stack.cassandra_port,
+                  cassandra_host=stack.cassandra_host, cassandra_port=stack.cassandra_port,
                   keyspace=keyspace, generation_check_s=0.0, **RELAXED_BUDGETS)
     values.update(overrides)
     return ServingConfig(**values)

@@ -29,7 +29,7 @@ T0 = 1_700_000_000_000
 @pytest.fixture
 def stores(stack, cassandra_session, keyspace, key_prefix):
     migrate(cassandra_session, keyspace)
-    config = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
+    config = StoreConfig(stack.redis_url, key_prefix, stack.cassandra_host, stack.cassandra_port, keyspace)
     opened = FeedStores.open(config)
     yield config, opened.redis, opened.cassandra
     opened.close()

@@ -113,7 +113,7 @@ def job_args(stack, topics: Topics, key_prefix: str, keyspace: str, log_dir: str
         f"--kafka_bootstrap={stack.kafka_bootstrap}", f"--consumer_group=g-{uuid.uuid4().hex[:8]}",
         f"--topic_prefix={topics.prefix}", "--fallback_start=earliest",
         f"--redis_url={stack.redis_url}", f"--redis_key_prefix={key_prefix}",
-        f"--cassandra_host={stack.host}", f"--cassandra_port={stack.cassandra_port}",
+        f"--cassandra_host={stack.cassandra_host}", f"--cassandra_port={stack.cassandra_port}",
         f"--cassandra_keyspace={keyspace}", f"--feature_log_dir={log_dir}", "--log_flush_s=1",
         f"--half_life_days={HALF_LIFE / (24 * H)}", "--post_ttl_h=200", "--author_ttl_h=200",
         # The job reads a backlog of two topics; a partition read later holds no
@@ -315,7 +315,7 @@ def _check_log(oracle: Oracle, log_dir, base: int) -> None:
 
 
 def _check_affinities(oracle: Oracle, online, durable, stack, key_prefix, now) -> None:
-    import redis
+    from stores.redis.client import new_client
 
     stored_pairs = 0
     for viewer in VIEWERS:
@@ -342,7 +342,7 @@ def _check_affinities(oracle: Oracle, online, durable, stack, key_prefix, now) -
             assert value == pytest.approx(decayed, rel=1e-9, abs=1e-12)
     assert stored_pairs > 20
     # top_followers: viewers ranked like their affinity decayed to any common time.
-    client = redis.Redis.from_url(stack.redis_url)
+    client = new_client(stack.redis_url)
     try:
         for author in range(1, 5):
             ranked = [int(m) for m in client.zrevrange(KeyLayout(key_prefix).top_followers(author),

@@ -83,7 +83,7 @@ def test_publish_view_delete_and_expiry_at_the_watermark(stack, redis_client, ke
               .advance_watermark_to(exp1 / 1000)
               .add_elements(batched(after))
               .advance_watermark_to_infinity())
-    stores = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
+    stores = StoreConfig(stack.redis_url, key_prefix, stack.cassandra_host, stack.cassandra_port, keyspace)
     options = PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
                                "--environment_type=LOOPBACK", "--streaming"])
     with beam.Pipeline(options=options) as p:
