@@ -3,6 +3,7 @@
     auc(labels, scores)                       # P(score of a positive > score of a negative)
     log_loss(labels, probabilities)
     ndcg_at(labels, scores, groups, ks=(20,)) # mean NDCG@k over query groups
+    headroom_share(model, baseline, oracle)   # share of the baseline-to-oracle gap closed
 
 NDCG uses binary relevance (engaged or not) and the usual discount
 ``1 / log2(position + 2)``. Only groups with at least one positive and one
@@ -108,3 +109,13 @@ def ndcg_at(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
                            minlength=n_groups)
         out[k] = float(np.mean(dcg[keep] / idcg[keep]))
     return out
+
+
+def headroom_share(model: float, baseline: float, oracle: float) -> float:
+    """Share of the gap from ``baseline`` to ``oracle`` that ``model`` closes (1.0: as
+    good as the oracle, 0.0: no better than the baseline, negative: worse); NaN when
+    the oracle does not beat the baseline (no headroom to share)."""
+    gap = oracle - baseline
+    if not gap > 0:
+        return float("nan")
+    return (model - baseline) / gap

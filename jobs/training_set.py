@@ -4,9 +4,12 @@
     ts.features  # float32 (rows, len(FEATURE_NAMES)), columns as the pipeline builds them
     ts.labels    # 1 = engaged within the label window after the impression
 
+    ts = with_social_features(ts, engagements, posts, follows)  # + SOCIAL_FEATURES columns
+
 Inputs are Arrow tables with the Avro field names (what ``feedbeam replay``
 writes, or ``events_table`` builds from event records). Impressions, labels,
-the point-in-time features and the columns needed: docs/training.md.
+the point-in-time features and the columns needed: docs/training.md; the
+social features, the split's censoring and the query groups: docs/ranking.md.
 """
 from __future__ import annotations
 
@@ -17,9 +20,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from domain.social_features import SOCIAL_FEATURES, SocialParams, SocialState, label_propagation
 from stores.files.feature_log import point_in_time_join
-from domain.ranking_features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES, feature_matrix
-from schemas.events import EngagementEvent, EngagementKind, PostEvent, PostEventKind
+from domain.ranking_features import (
+    AUTHOR_FEATURES,
+    FEATURE_NAMES,
+    MEDIA_TYPES,
+    POST_FEATURES,
+    feature_matrix,
+)
+from schemas.events import (
+    EngagementEvent,
+    EngagementKind,
+    FollowEvent,
+    FollowKind,
+    PostEvent,
+    PostEventKind,
+)
 from schemas.features import (
     AFFINITY,
     AUTHOR,
@@ -38,6 +55,9 @@ ENGAGEMENT_COLUMNS = ("event_id", "event_time", "kind", "viewer_id", "author_id"
                       "media_type")
 POST_COLUMNS = ("event_id", "event_time", "kind", "post_id", "author_id", "created_at",
                 "media_type")
+FOLLOW_COLUMNS = ("event_id", "event_time", "kind", "follower_id", "followee_id")
+_COLUMNS = {EngagementEvent: ENGAGEMENT_COLUMNS, PostEvent: POST_COLUMNS,
+            FollowEvent: FOLLOW_COLUMNS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +73,14 @@ class TrainingSetConfig:
 class TrainingSet:
     """One row per impression, sorted by impression time.
 
-    ``features`` in ``ranking_features.FEATURE_NAMES`` order; ``labels`` 0/1;
-    ``ts_ms`` impression time; ``viewer_id`` / ``post_id`` / ``author_id`` /
-    ``created_at`` of the post seen (``created_at`` is the recency
-    baseline's score). ``dropped``: impressions without post metadata.
+    ``features`` in ``feature_names`` order (``ranking_features.FEATURE_NAMES``
+    unless extra columns were appended); ``labels`` 0/1; ``ts_ms`` impression
+    time; ``viewer_id`` / ``post_id`` / ``author_id`` / ``created_at`` of the
+    post seen (``created_at`` is the creation-time recency baseline's score);
+    ``p_true`` the workload's true engagement probability of the impression
+    (NaN when the input does not carry it: only generated workloads do).
+    ``dropped``: impressions without post metadata; ``end_ms``: the time of the
+    last engagement event of the input, the end of what labels can see.
     """
 
     features: np.ndarray
@@ -66,7 +90,14 @@ class TrainingSet:
     post_id: np.ndarray
     author_id: np.ndarray
     created_at: np.ndarray
+    p_true: np.ndarray | None = None
     dropped: int = 0
+    end_ms: int | None = None
+    feature_names: tuple[str, ...] = FEATURE_NAMES
+
+    def __post_init__(self):
+        if self.p_true is None:
+            object.__setattr__(self, "p_true", np.full(len(self.labels), np.nan))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,15 +106,42 @@ class TrainingSet:
         """The rows where ``mask`` is true (order kept)."""
         return dataclasses.replace(self, **{
             f.name: getattr(self, f.name)[mask] for f in dataclasses.fields(self)
-            if f.name != "dropped"})
+            if isinstance(getattr(self, f.name), np.ndarray)})
+
+    def with_columns(self, names: Sequence[str], columns: np.ndarray) -> "TrainingSet":
+        """The same rows with ``columns`` (rows x len(names)) appended to the features."""
+        x = np.hstack([self.features, np.asarray(columns, dtype=np.float32)])
+        return dataclasses.replace(self, features=x,
+                                   feature_names=self.feature_names + tuple(names))
+
+    def with_truth(self, viewer: np.ndarray, post: np.ndarray, p: np.ndarray
+                   ) -> "TrainingSet":
+        """``p_true`` filled from ``(viewer[i], post[i]) -> p[i]`` (other rows: NaN)."""
+        out = _by_pair(self.viewer_id, self.post_id, np.asarray(viewer), np.asarray(post),
+                       np.asarray(p, dtype=np.float64)[:, None])
+        return dataclasses.replace(self, p_true=out[:, 0])
+
+
+def _by_pair(viewer: np.ndarray, post: np.ndarray, known_viewer: np.ndarray,
+             known_post: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The row of ``values`` whose (known_viewer, known_post) is each (viewer, post);
+    NaN rows where none is."""
+    index = {pair: i for i, pair in enumerate(zip(known_viewer.tolist(), known_post.tolist()))}
+    at = np.array([index.get(pair, -1) for pair in zip(viewer.tolist(), post.tolist())],
+                  dtype=np.int64)
+    out = np.full((len(at), values.shape[1]), np.nan)
+    hit = at >= 0
+    out[hit] = values[at[hit]]
+    return out
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def events_table(events: Iterable[EngagementEvent | PostEvent], kind: type) -> pa.Table:
-    """Events of type ``kind`` (EngagementEvent or PostEvent) as a table of its Avro fields."""
-    columns = ENGAGEMENT_COLUMNS if kind is EngagementEvent else POST_COLUMNS
+def events_table(events: Iterable[object], kind: type) -> pa.Table:
+    """Events of type ``kind`` (EngagementEvent, PostEvent or FollowEvent) as a table of
+    its Avro fields (the others are skipped)."""
+    columns = _COLUMNS[kind]
     rows = [e.to_avro() for e in events if isinstance(e, kind)]
     types = {"event_id": pa.string(), "kind": pa.string(), "media_type": pa.string()}
     return pa.table({c: pa.array([r[c] for r in rows], types.get(c, pa.int64()))
@@ -205,7 +263,99 @@ def build_training_set(engagements: pa.Table, posts: pa.Table, feature_log: str,
     return TrainingSet(
         features=x, labels=imp.column("label").to_numpy().astype(np.int8), ts_ms=ts,
         viewer_id=viewer.to_numpy(), post_id=imp.column("post_id").to_numpy(),
-        author_id=author.to_numpy(), created_at=created_at, dropped=dropped)
+        author_id=author.to_numpy(), created_at=created_at, dropped=dropped,
+        end_ms=_last_time(engagements))
+
+
+def _last_time(engagements: pa.Table) -> int | None:
+    if engagements.num_rows == 0:
+        return None
+    return int(pc.max(engagements.column("event_time")).as_py())
+
+
+# --------------------------------------------------------------------------- social features
+
+
+def communities(follows: pa.Table, before_ms: int, seed: int = 0) -> dict[int, int]:
+    """``{user: community}`` of the follow graph as of ``before_ms`` (the edges followed
+    and not unfollowed by then), by ``label_propagation``: a model of the graph trained
+    offline, so training and serving read the same communities."""
+    f = _dedup(follows.select(list(FOLLOW_COLUMNS)))
+    f = f.filter(pc.less(f.column("event_time"), before_ms)).sort_by("event_time")
+    edges: dict[tuple[int, int], bool] = {}
+    for kind, a, b in zip(f.column("kind").to_pylist(), f.column("follower_id").to_pylist(),
+                          f.column("followee_id").to_pylist()):
+        edges[(a, b)] = kind == FollowKind.FOLLOW.value
+    live = np.array([e for e, on in edges.items() if on], dtype=np.int64).reshape(-1, 2)
+    return label_propagation(live[:, 0], live[:, 1], seed=seed)
+
+
+def social_feature_columns(data: TrainingSet, engagements: pa.Table, posts: pa.Table,
+                           follows: pa.Table, community: dict[int, int],
+                           params: SocialParams = SocialParams()) -> np.ndarray:
+    """``SOCIAL_FEATURES`` of every row of ``data``, as of its impression.
+
+    Replays follows, post creations and engagements in event-time order
+    through ``SocialState`` (ties: follows, then posts, then engagements in
+    input order) and reads each impression's features just before its VIEW is
+    applied, so no event at or after the impression counts.
+    """
+    e = _dedup(engagements.select(list(ENGAGEMENT_COLUMNS)))
+    p = _dedup(posts.select(list(POST_COLUMNS)))
+    p = p.filter(pc.equal(p.column("kind"), PostEventKind.CREATED.value))
+    f = _dedup(follows.select(list(FOLLOW_COLUMNS)))
+    e = e.filter(pc.is_valid(e.column("post_id")))
+    kinds = e.column("kind").to_numpy(zero_copy_only=False)
+    is_view = kinds == EngagementKind.VIEW.value
+    engaging = np.isin(kinds, [k.value for k in ENGAGING_KINDS])
+    # One stream: (time, source order, code, a, b, c).
+    parts = [
+        (f.column("event_time").to_numpy(), 0,
+         np.where(f.column("kind").to_numpy(zero_copy_only=False)
+                  == FollowKind.FOLLOW.value, 0, 1),
+         f.column("follower_id").to_numpy(), f.column("followee_id").to_numpy(),
+         np.zeros(f.num_rows, np.int64)),
+        (p.column("event_time").to_numpy(), 1, np.full(p.num_rows, 2),
+         p.column("post_id").to_numpy(), p.column("author_id").to_numpy(),
+         np.zeros(p.num_rows, np.int64)),
+        (e.column("event_time").to_numpy(), 2, np.where(is_view, 3, np.where(engaging, 4, 5)),
+         e.column("viewer_id").to_numpy(), e.column("post_id").to_numpy(),
+         e.column("author_id").to_numpy()),
+    ]
+    t = np.concatenate([x[0] for x in parts])
+    source = np.concatenate([np.full(len(x[0]), x[1]) for x in parts])
+    code, a, b, c = (np.concatenate([x[i] for x in parts]) for i in (2, 3, 4, 5))
+    order = np.lexsort((np.arange(t.size), source, t))
+    state = SocialState(params, community)
+    wanted = set(zip(data.viewer_id.tolist(), data.post_id.tolist()))
+    rows: dict[tuple[int, int], tuple[float, ...]] = {}
+    for ti, ci, ai, bi, xi in zip(t[order].tolist(), code[order].tolist(), a[order].tolist(),
+                                  b[order].tolist(), c[order].tolist()):
+        if ci == 3:
+            pair = (ai, bi)
+            if pair in wanted and pair not in rows:
+                rows[pair] = state.features(ai, bi, xi, ti)
+            state.view(ai, bi, xi, ti)
+        elif ci == 4:
+            state.engage(ai, bi, xi, ti)
+        elif ci == 2:
+            state.post_created(ai, bi, ti)
+        elif ci in (0, 1):
+            state.follow(ai, bi, add=ci == 0)
+    pairs = np.array(list(rows), dtype=np.int64).reshape(-1, 2)
+    values = np.array(list(rows.values()), dtype=np.float64).reshape(-1, len(SOCIAL_FEATURES))
+    return _by_pair(data.viewer_id, data.post_id, pairs[:, 0], pairs[:, 1], values)
+
+
+def with_social_features(data: TrainingSet, engagements: pa.Table, posts: pa.Table,
+                         follows: pa.Table, params: SocialParams = SocialParams()
+                         ) -> TrainingSet:
+    """``data`` with the ``SOCIAL_FEATURES`` columns appended; communities from the
+    follow graph as of the first impression."""
+    start = int(data.ts_ms.min()) if len(data) else 0
+    community = communities(follows, start)
+    columns = social_feature_columns(data, engagements, posts, follows, community, params)
+    return data.with_columns(SOCIAL_FEATURES, columns)
 
 
 # --------------------------------------------------------------------------- split
@@ -224,16 +374,38 @@ def default_split(ts_ms: np.ndarray, eval_days: float) -> int:
     return int(np.quantile(ts_ms, 0.75))
 
 
-def time_split(ts_ms: np.ndarray, split_at_ms: int, label_window_ms: int
-               ) -> tuple[np.ndarray, np.ndarray]:
+def label_window_closed(ts_ms: np.ndarray, label_window_ms: int, cutoff_ms: int
+                        ) -> np.ndarray:
+    """Rows whose whole label window ``[ts, ts + label_window]`` lies before ``cutoff_ms``:
+    only their labels are known. Training (cutoff: the held-out period) and evaluation
+    (cutoff: just after the data's last event) drop the other, censored, rows alike."""
+    return ts_ms + label_window_ms < cutoff_ms
+
+
+def time_split(ts_ms: np.ndarray, split_at_ms: int, label_window_ms: int,
+               end_ms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(train, held_out)`` masks: train on impressions whose whole label window ends
     before ``split_at_ms`` (so training never sees an event of the held-out period),
-    evaluate on impressions at or after it."""
-    return ts_ms + label_window_ms < split_at_ms, ts_ms >= split_at_ms
+    evaluate on impressions at or after it whose label window ends by ``end_ms`` (the
+    last event of the data; None: keep every held-out row)."""
+    train = label_window_closed(ts_ms, label_window_ms, split_at_ms)
+    held_out = ts_ms >= split_at_ms
+    if end_ms is not None:
+        held_out &= label_window_closed(ts_ms, label_window_ms, end_ms + 1)
+    return train, held_out
 
 
-def query_groups(viewer_id: np.ndarray, ts_ms: np.ndarray, group_ms: int) -> np.ndarray:
-    """NDCG query id of each impression: (viewer, ``group_ms`` period of the impression)."""
-    period = ts_ms // group_ms
-    return viewer_id.astype(np.int64) * (int(period.max() - period.min()) + 1) + (
-        period - period.min())
+def query_groups(viewer_id: np.ndarray, ts_ms: np.ndarray, group_ms: int,
+                 origin_ms: int | None = None, end_ms: int | None = None) -> np.ndarray:
+    """NDCG query id of each impression: (viewer, ``group_ms`` period of the impression).
+
+    Periods start at ``origin_ms`` (default: the first impression), so they start with
+    the held-out period when given its start; a last period shorter than ``group_ms``
+    (up to ``end_ms``, default the last impression) joins the one before it, so no
+    group is a sliver weighted like a full period.
+    """
+    origin = int(ts_ms.min()) if origin_ms is None else int(origin_ms)
+    end = int(ts_ms.max()) + 1 if end_ms is None else int(end_ms)
+    full = max(1, (end - origin) // group_ms)
+    period = np.minimum((ts_ms - origin) // group_ms, full - 1)
+    return viewer_id.astype(np.int64) * full + period

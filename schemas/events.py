@@ -2,8 +2,9 @@
 
 Each record mirrors one Avro schema under ``schemas/avro/`` field for field;
 ``to_avro()`` gives the dict fastavro writes and ``from_avro()`` builds the
-record back from what fastavro reads. Times are milliseconds since the epoch
-(UTC), ids are 64-bit integers.
+record back from what fastavro reads, or from a JSON line of a workload file,
+where a field the Avro schema gives a default (an optional field) may be
+omitted. Times are milliseconds since the epoch (UTC), ids are 64-bit integers.
 """
 from __future__ import annotations
 
@@ -110,8 +111,8 @@ class PostEvent:
             author_id=d["author_id"],
             created_at=d["created_at"],
             media_type=_MEDIA_TYPES[d["media_type"]],
-            caption_length=d["caption_length"],
-            hashtags=tuple(d["hashtags"]),
+            caption_length=d.get("caption_length", 0),
+            hashtags=tuple(d.get("hashtags", ())),
         )
 
 
@@ -159,9 +160,9 @@ class EngagementEvent:
             kind=_ENGAGEMENT_KINDS[d["kind"]],
             viewer_id=d["viewer_id"],
             author_id=d["author_id"],
-            post_id=d["post_id"],
-            media_type=_MEDIA_TYPES_OR_NONE[d["media_type"]],
-            dwell_ms=d["dwell_ms"],
+            post_id=d.get("post_id"),
+            media_type=_MEDIA_TYPES_OR_NONE[d.get("media_type")],
+            dwell_ms=d.get("dwell_ms"),
         )
 
 
@@ -216,10 +217,10 @@ class StoryEvent:
             kind=_STORY_KINDS[d["kind"]],
             story_id=d["story_id"],
             author_id=d["author_id"],
-            viewer_id=d["viewer_id"],
-            created_at=d["created_at"],
-            expires_at=d["expires_at"],
-            media_type=_MEDIA_TYPES_OR_NONE[d["media_type"]],
+            viewer_id=d.get("viewer_id"),
+            created_at=d.get("created_at"),
+            expires_at=d.get("expires_at"),
+            media_type=_MEDIA_TYPES_OR_NONE[d.get("media_type")],
         )
 
 

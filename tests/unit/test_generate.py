@@ -423,3 +423,25 @@ def test_cli_writes_file_and_prints_counts(tmp_path, capsys):
 def test_cli_rejects_negative_rate():
     with pytest.raises(UserFacingError, match="--rate"):
         generate.run_generate(_parse(["--rate", "-5", "--no-kafka"]), settings=None)
+
+
+def test_read_workload_file_accepts_lines_without_optional_fields(tmp_path):
+    path = tmp_path / "minimal.jsonl"
+    path.write_text(
+        '{"topic": "post-events", "key": "9", "event": {"event_id": "p", "event_time": 5, '
+        '"kind": "CREATED", "post_id": 100, "author_id": 9, "created_at": 5, '
+        '"media_type": "REEL"}}\n'
+        '{"topic": "engagement-events", "key": "100", "event": {"event_id": "v", '
+        '"event_time": 6, "kind": "VIEW", "viewer_id": 1, "author_id": 9, "post_id": 100}}\n'
+        '{"topic": "engagement-events", "key": "9", "event": {"event_id": "pv", '
+        '"event_time": 7, "kind": "PROFILE_VIEW", "viewer_id": 1, "author_id": 9}}\n'
+        '{"topic": "story-events", "key": "9", "event": {"event_id": "s", "event_time": 8, '
+        '"kind": "PUBLISHED", "story_id": 3, "author_id": 9}}\n')
+    (_, _, post), (_, _, view), (_, _, profile), (_, _, story) = read_workload_file(path)
+    assert post.media_type is MediaType.REEL and post.hashtags == () and post.caption_length == 0
+    assert view.post_id == 100 and view.media_type is None and view.dwell_ms is None
+    assert profile.post_id is None
+    assert story.viewer_id is None and story.expires_at is None
+    path.write_text('{"topic": "post-events", "key": "9", "event": {"event_id": "p"}}\n')
+    with pytest.raises(ValueError, match="minimal.jsonl:1"):  # a required field is missing
+        list(read_workload_file(path))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.ranking_metrics import auc, log_loss, ndcg_at, roc_curve
+from jobs.ranking_metrics import auc, headroom_share, log_loss, ndcg_at, roc_curve
 
 
 def brute_auc(y, s):
@@ -75,3 +75,10 @@ def test_log_loss_and_roc():
     fpr, tpr = roc_curve(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.6, 0.1]))
     assert list(fpr) == [0.0, 0.0, 0.5, 0.5, 1.0]
     assert list(tpr) == [0.0, 0.5, 0.5, 1.0, 1.0]
+
+
+def test_headroom_share_is_the_share_of_the_baseline_to_oracle_gap():
+    assert headroom_share(0.6, 0.4, 0.8) == pytest.approx(0.5)
+    assert headroom_share(0.8, 0.4, 0.8) == pytest.approx(1.0)
+    assert headroom_share(0.3, 0.4, 0.8) == pytest.approx(-0.25)  # worse than the baseline
+    assert math.isnan(headroom_share(0.5, 0.4, 0.4))              # no gap to share

@@ -11,6 +11,7 @@ from jobs.training_set import (
     build_training_set,
     events_table,
     impressions_and_labels,
+    query_groups,
     time_split,
 )
 from stores.files.feature_log import write_feature_log
@@ -130,3 +131,71 @@ def test_time_split_keeps_label_windows_out_of_the_held_out_period():
     ts = np.array([0, 10, 40, 50, 60, 90])
     train, held_out = time_split(ts, split_at_ms=60, label_window_ms=15)
     assert list(ts[train]) == [0, 10, 40] and list(ts[held_out]) == [60, 90]
+
+
+def test_censored_rows_are_left_out_of_training_and_evaluation_alike():
+    # Label window 15; data ends at 100: the row at 90 cannot have its label yet,
+    # like the row at 50 cannot be trained on before the split at 60.
+    ts = np.array([0, 10, 40, 50, 60, 84, 85, 90])
+    train, held_out = time_split(ts, split_at_ms=60, label_window_ms=15, end_ms=100)
+    assert list(ts[train]) == [0, 10, 40] and list(ts[held_out]) == [60, 84, 85]
+
+
+def test_query_groups_start_at_the_held_out_start_and_absorb_a_short_tail():
+    viewer = np.array([1, 1, 1, 1, 2, 2])
+    ts = np.array([100, 123, 124, 150, 100, 160])
+    # Periods of 24 from 100 up to 160: [100, 124), then [124, 160] (12 left over joins it).
+    g = query_groups(viewer, ts, 24, origin_ms=100, end_ms=160)
+    assert g[0] == g[1] != g[2] == g[3]
+    assert g[4] != g[5] and len(set(g.tolist())) == 4
+    # Shorter than a period: a single group per viewer.
+    g = query_groups(viewer, ts, 1000, origin_ms=100, end_ms=161)
+    assert len(set(g[:4].tolist())) == 1 and g[0] != g[4]
+
+
+def test_truth_is_joined_by_viewer_and_post(tmp_path):
+    e, p = tables([eng("v1", T0 + MIN, K.VIEW, 1), eng("v2", T0 + 2 * MIN, K.VIEW, 2),
+                   eng("v3", T0 + 3 * MIN, K.VIEW, 3)], [created(100, 9, T0)])
+    (tmp_path / "features").mkdir()
+    ts = build_training_set(e, p, str(tmp_path / "features"))
+    assert ts.end_ms == T0 + 3 * MIN and np.isnan(ts.p_true).all()
+    ts = ts.with_truth(np.array([3, 1, 7]), np.array([100, 100, 100]), np.array([.3, .1, .7]))
+    assert ts.p_true[0] == .1 and math.isnan(ts.p_true[1]) and ts.p_true[2] == .3
+    sub = ts.take(np.array([False, True, True]))
+    assert len(sub) == 2 and sub.p_true[1] == .3 and sub.end_ms == ts.end_ms
+    wider = ts.with_columns(["extra"], np.ones((3, 1)))
+    assert wider.features.shape == (3, len(FEATURE_NAMES) + 1)
+    assert wider.feature_names[-1] == "extra"
+
+
+def test_social_columns_count_only_followees_engagement_before_each_impression(tmp_path):
+    from jobs.training_set import with_social_features
+    from domain.social_features import SOCIAL_FEATURES
+    from schemas.events import FollowEvent, FollowKind
+
+    rng = np.random.default_rng(7)
+    follows = [FollowEvent(f"f{v}-{u}", T0 - MIN, FollowKind.FOLLOW, v, u)
+               for v in range(1, 13) for u in range(1, 13) if v != u and rng.random() < 0.4]
+    followees = {}
+    for f in follows:
+        followees.setdefault(f.follower_id, set()).add(f.followee_id)
+    events = []
+    for i in range(200):
+        t = T0 + int(rng.integers(0, 180)) * MIN
+        viewer, post = int(rng.integers(1, 13)), int(rng.integers(1, 4))
+        kind = K.VIEW if rng.random() < 0.6 else K.LIKE
+        events.append(eng(f"e{i}", t, kind, viewer, post=post))
+    e, p = tables(events, [created(post, 9, T0) for post in range(1, 4)])
+    (tmp_path / "features").mkdir()
+    ts = build_training_set(e, p, str(tmp_path / "features"))
+    social = with_social_features(ts, e, p, events_table(follows, FollowEvent))
+    col = social.feature_names.index("followee_engagers_recent")
+    assert social.feature_names[-len(SOCIAL_FEATURES):] == SOCIAL_FEATURES
+    assert social.features.shape[1] == len(FEATURE_NAMES) + len(SOCIAL_FEATURES)
+    for row in range(len(social)):
+        v, post, t = social.viewer_id[row], social.post_id[row], social.ts_ms[row]
+        engagers = {x.viewer_id for x in events if x.kind is K.LIKE and x.post_id == post
+                    and x.event_time < t and x.viewer_id in followees.get(v, ())}
+        assert social.features[row, col] == len(engagers)
+    total = social.feature_names.index("post_engaged_total")
+    assert social.features[:, total].max() > 0
