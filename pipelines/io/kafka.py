@@ -722,27 +722,35 @@ class _ReadPartitionFn(beam.DoFn):
             finalizer.register(self._commit_callback(element, cursor, cursor.next_offset)
                                if config.commit_offsets else _no_commit)
         if done:
-            self._finish(element)
+            self._end(element, cursor, watermark)
             return
         if restriction.stop != UNBOUNDED_STOP and cursor.next_offset >= restriction.stop:
             tracker.try_claim(restriction.stop)  # gaps (compaction, txn markers) end the range
-            self._finish(element)
+            self._end(element, cursor, watermark)
             return
-        idle = not emitted and self._advance_idle(element, cursor, watermark)
+        caught_up = not emitted and self._advance_idle(element, cursor, watermark)
         if config.shared_watermarks:
             watermark.share(_WATERMARKS.report(self._read_id, element, watermark.own()))
-        if idle:
+        # A quiet partition waits before its next poll. On Prism (shared watermarks)
+        # only one that is caught up does: Prism does not hold the watermark for a
+        # residual deferred with a delay, so one whose records are still on the way
+        # (or whose end no fetch has reported yet) resumes at once.
+        if not emitted and (caught_up or not config.shared_watermarks):
             quiet_since = cursor.last_record_wall_ms or cursor.opened_wall_ms
             tracker.defer_remainder(Duration(micros=idle_resume_ms(
                 config, quiet_since, int(time.time() * 1000)) * 1000))
         else:
-            # Records are waiting (or may be: no fetch has reported the end yet):
-            # resume at once, a delay would only add latency to a backlog.
             tracker.defer_remainder()
 
-    def _finish(self, element: PartitionRead) -> None:
-        if self._config.shared_watermarks:
+    def _end(self, element: PartitionRead, cursor: _PartitionCursor, watermark) -> None:
+        """This restriction is done: the partition's read too when its range is (it holds
+        no one back any more), else a split's residual reads on from here."""
+        if not self._config.shared_watermarks:
+            return
+        if element.stop is not None and cursor.next_offset >= element.stop:
             _WATERMARKS.finish(self._read_id, element)
+        else:
+            _WATERMARKS.report(self._read_id, element, watermark.own())
 
     def _advance(self, watermark, candidate_ms: int) -> None:
         candidate = Timestamp(micros=candidate_ms * 1000)
@@ -751,8 +759,8 @@ class _ReadPartitionFn(beam.DoFn):
             watermark.set_watermark(candidate)
 
     def _advance_idle(self, element: PartitionRead, cursor: _PartitionCursor, watermark) -> bool:
-        """Move an idle, caught-up partition's watermark with the wall clock; False
-        (and the watermark left alone) when records are waiting or the end is unknown."""
+        """Move an idle, caught-up partition's watermark with the wall clock; False (and
+        the watermark left alone) while records are waiting or the end is unknown."""
         from confluent_kafka import TopicPartition
 
         partition = TopicPartition(element.topic, element.partition)
