@@ -49,8 +49,9 @@ class StackSettings:
     prism_web_port: int = 8074
     cassandra_heap_mb: int = 1024
     kafka_heap_mb: int = 512
-    #: The job server embeds a Flink mini-cluster: every job's tasks share this heap.
-    flink_heap_mb: int = 1536
+    #: The job server embeds a Flink mini-cluster: every job's tasks share this heap
+    #: (1.5 GB ran out in a full test run: the JVM spent a core in GC, jobs hung).
+    flink_heap_mb: int = 3072
     ready_timeout_s: float = 180.0
     #: ``single`` (the servers above) or ``cluster`` (the ``cluster_*`` servers
     #: below, beside the single ones; Kafka is the single broker in both): which
