@@ -18,11 +18,13 @@ tooling). Design: ``docs/pipelines/kafka-io.md``.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import time
 import uuid
 from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import apache_beam as beam
+from apache_beam import coders
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection, TaggedOutput
 
@@ -55,6 +57,27 @@ def build_codec(codec_factory: CodecFactory) -> WireCodec:
     if isinstance(codec_factory, type) or not hasattr(codec_factory, "decode"):
         return codec_factory()
     return codec_factory
+
+
+class EventBatchCoder(coders.Coder):
+    """Pickles an ``EventBatch`` as Beam's default did, but estimates its size
+    without pickling it: Beam samples element sizes for its byte counters, and
+    pickling a thousand typed events to count bytes cost 8% of a source + decode."""
+
+    def encode(self, batch: EventBatch) -> bytes:
+        return pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, data: bytes) -> EventBatch:
+        return pickle.loads(data)
+
+    def estimate_size(self, batch: EventBatch) -> int:
+        return batch.approx_bytes()
+
+    def to_type_hint(self):
+        return EventBatch
+
+
+beam.coders.registry.register_coder(EventBatch, EventBatchCoder)
 
 
 class _DecodeBatchFn(beam.DoFn):

@@ -115,6 +115,7 @@ class KafkaSourceConfig:
     batch_records: int = 1_000
     batch_timeout_ms: int = 20
     idle_wait_ms: int = 2_000
+    idle_poll_ms: int = 2_000
     event_limits: EventLimits = EventLimits()
     shared_watermarks: bool = False
 
@@ -135,8 +136,8 @@ class KafkaSourceConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_records_per_bundle < 1 or self.batch_records < 1:
             raise ValueError("max_records_per_bundle and batch_records must be >= 1")
-        if self.batch_timeout_ms < 0 or self.idle_wait_ms < 0:
-            raise ValueError("batch_timeout_ms and idle_wait_ms must be >= 0")
+        if self.batch_timeout_ms < 0 or self.idle_wait_ms < 0 or self.idle_poll_ms < 0:
+            raise ValueError("batch_timeout_ms, idle_wait_ms and idle_poll_ms must be >= 0")
 
     def identity(self) -> tuple:
         """A hashable value equal for equal configs (the client settings are a dict)."""
@@ -197,9 +198,14 @@ class KafkaReadOptions(PipelineOptions):
                             help="a poll waits at most this long for --batch_records records: "
                                  "the latency batching adds at low rates")
         parser.add_argument("--idle_wait_ms", type=int, default=2000,
-                            help="the longest pause between polls of a quiet partition (a "
-                                 "quarter of its quiet time, up to this): each poll costs the "
-                                 "runner a bundle")
+                            help="with --idle_poll_ms=0: the longest pause between polls of "
+                                 "a quiet partition (a quarter of its quiet time, up to this): "
+                                 "each poll costs the runner a bundle")
+        parser.add_argument("--idle_poll_ms", type=int, default=2000,
+                            help="a caught-up partition's bundle waits this long for its next "
+                                 "record (returning as soon as one comes), so an idle job "
+                                 "costs one bundle per partition per this period; 0: short "
+                                 "polls paced by --idle_wait_ms instead")
         parser.add_argument("--max_event_ahead_s", type=float, default=3600.0,
                             help="dead-letter an event whose times lie more than this far past "
                                  "its record's Kafka timestamp or the wall clock (clock skew "
@@ -241,6 +247,7 @@ class KafkaReadOptions(PipelineOptions):
             batch_records=self.batch_records,
             batch_timeout_ms=self.batch_timeout_ms,
             idle_wait_ms=self.idle_wait_ms,
+            idle_poll_ms=self.idle_poll_ms,
             event_limits=limits,
             shared_watermarks=self._shared_watermarks(),
         )
@@ -316,6 +323,11 @@ class RecordBatchCoder(coders.Coder):
             stamps.append(ts)
         kafka_stamps = list(struct.unpack_from(f">{n}q", data, pos)) if has_kafka_stamps else None
         return RecordBatch(topic, partition, offsets, keys, values, stamps, kafka_stamps)
+
+    def estimate_size(self, b: RecordBatch) -> int:
+        # Beam samples element sizes for its byte counters; encoding to count cost
+        # several percent of a read (the first outputs of every bundle are sampled).
+        return b.approx_bytes()
 
     def is_deterministic(self) -> bool:
         return True
@@ -536,6 +548,8 @@ class _PartitionCursor:
     #: When this worker opened the partition (wall ms): quiet time counts from here
     #: until a first record.
     opened_wall_ms: int = dataclasses.field(default_factory=lambda: int(time.time() * 1000))
+    #: The partition had nothing more to read when its last bundle ended.
+    caught_up: bool = False
 
 
 class _CursorPool:
@@ -589,6 +603,14 @@ class _CursorPool:
 
 
 _CURSORS = _CursorPool()
+
+
+def _last_offset(messages) -> int:
+    """The offset of the last record in ``messages`` (a poll); -1 if it holds none."""
+    for message in reversed(messages):
+        if message.error() is None:
+            return message.offset()
+    return -1
 
 
 class _ReadPartitionFn(beam.DoFn):
@@ -652,21 +674,41 @@ class _ReadPartitionFn(beam.DoFn):
         config = self._config
         if config.shared_watermarks:  # what a split during the bundle would report
             watermark.share(_WATERMARKS.report(self._read_id, element, watermark.own()))
-        deadline = time.monotonic() + config.max_bundle_ms / 1000
         emitted = size = 0
         max_ts = None
         done = False
         timeout_s = config.batch_timeout_ms / 1000
         max_ahead_ms = config.event_limits.max_ahead_ms
-        while emitted < config.max_records_per_bundle and time.monotonic() < deadline:
+        # A partition that was caught up waits here for its next record, up to
+        # idle_poll_ms: blocked in librdkafka it costs nothing, while every bundle
+        # costs the runner and the worker a round trip (idle jobs polled by short
+        # bundles kept 10-15 % of a core busy). A record that comes is read at once.
+        waited = cursor.caught_up and config.idle_poll_ms > 0
+        first = (cursor.consumer.consume(num_messages=1, timeout=config.idle_poll_ms / 1000)
+                 if waited else [])
+        # The bundle's time counts from here; what the wait returned is always read.
+        deadline = time.monotonic() + config.max_bundle_ms / 1000
+        while first or ((emitted or not waited) and emitted < config.max_records_per_bundle
+                        and time.monotonic() < deadline):
             messages = cursor.consumer.consume(
-                num_messages=min(config.batch_records, config.max_records_per_bundle - emitted),
-                timeout=timeout_s)
+                num_messages=min(config.batch_records, config.max_records_per_bundle - emitted)
+                - len(first), timeout=timeout_s)
+            if first:
+                messages, first = first + messages, []
             if not messages:
                 break
             timeout_s = 0  # caught up once the fetched records are taken: end the bundle
             latest_ms = int(time.time() * 1000) + max_ahead_ms
             offsets, keys, values, stamps, kafka_stamps = [], [], [], [], []
+            # Claiming the poll's last offset claims every offset before it. When that
+            # claim fails, the range ends inside the poll: a split can only cut after
+            # the last claim attempt, so the stop is final and what lies before it
+            # is this restriction's.
+            last = _last_offset(messages)
+            stop = None
+            if last >= 0 and not tracker.try_claim(last):
+                stop = tracker.current_restriction().stop
+                done = True
             for message in messages:
                 error = message.error()
                 if error is not None:
@@ -677,8 +719,7 @@ class _ReadPartitionFn(beam.DoFn):
                                 element.topic, element.partition, error)
                     continue
                 offset = message.offset()
-                if not tracker.try_claim(offset):
-                    done = True
+                if stop is not None and offset >= stop:
                     break
                 value = message.value()
                 kafka_ts = message.timestamp()[1]
@@ -729,13 +770,17 @@ class _ReadPartitionFn(beam.DoFn):
             self._end(element, cursor, watermark)
             return
         caught_up = not emitted and self._advance_idle(element, cursor, watermark)
+        cursor.caught_up = caught_up
         if config.shared_watermarks:
             watermark.share(_WATERMARKS.report(self._read_id, element, watermark.own()))
-        # A quiet partition waits before its next poll. On Prism (shared watermarks)
-        # only one that is caught up does: Prism does not hold the watermark for a
-        # residual deferred with a delay, so one whose records are still on the way
-        # (or whose end no fetch has reported yet) resumes at once.
-        if not emitted and (caught_up or not config.shared_watermarks):
+        # A caught-up partition waits for its next record inside its next bundle
+        # (idle_poll_ms), so it resumes at once; with that wait off it pauses between
+        # polls instead. One with records on the way pauses too, except on Prism
+        # (shared watermarks): Prism does not hold the watermark for a residual
+        # deferred with a delay.
+        pause = (not caught_up and not config.shared_watermarks) if config.idle_poll_ms \
+            else (caught_up or not config.shared_watermarks)
+        if not emitted and pause:
             quiet_since = cursor.last_record_wall_ms or cursor.opened_wall_ms
             tracker.defer_remainder(Duration(micros=idle_resume_ms(
                 config, quiet_since, int(time.time() * 1000)) * 1000))

@@ -114,6 +114,15 @@ def _count(redis_client, prefix: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in redis_client.hgetall(f"{prefix}:count").items()}
 
 
+def _run_to_redis(stack, topic: str, key_prefix: str, *extra: str, runner: str = "prism"):
+    """Start ``kafka_to_redis`` on ``topic`` from the earliest offsets: the job's result."""
+    options = _options(stack, f"g-{uuid.uuid4().hex[:8]}", "--start_from=earliest", *extra,
+                       runner=runner)
+    pipeline = beam.Pipeline(options=options)
+    kafka_to_redis.build(pipeline, topic, options, stack.redis_url, key_prefix)
+    return pipeline.run()
+
+
 @pytest.mark.parametrize("runner", ["prism", "flink"])
 def test_reads_every_partition_completely_and_in_order(stack, kafka_topic, redis_client,
                                                        key_prefix, runner):
@@ -121,11 +130,7 @@ def test_reads_every_partition_completely_and_in_order(stack, kafka_topic, redis
         flink_ready_or_fail(stack)
     topic = kafka_topic(partitions=3)
     produced = _produce(stack.kafka_bootstrap, topic, 3000, [0, 1, 2])
-    options = _options(stack, f"g-{uuid.uuid4().hex[:8]}", "--start_from=earliest",
-                       runner=runner)
-    pipeline = beam.Pipeline(options=options)
-    kafka_to_redis.build(pipeline, topic, options, stack.redis_url, key_prefix)
-    result = pipeline.run()
+    result = _run_to_redis(stack, topic, key_prefix, runner=runner)
     try:
         _wait_for(lambda: len(_count(redis_client, key_prefix)) >= 3000, 180, "3000 records",
                   result)
@@ -279,6 +284,29 @@ def test_the_watermark_waits_for_a_partition_with_records_still_to_fetch(
     finally:
         _cancel(result)
     assert int(counted) == backlog
+
+
+def test_a_caught_up_partition_reads_a_new_record_during_its_wait(stack, kafka_topic,
+                                                                 redis_client, key_prefix):
+    """An idle partition's bundle waits up to --idle_poll_ms in librdkafka for its next
+    record (an idle job then costs a bundle per partition per period); a record that
+    comes meanwhile is read then, not when the wait ends."""
+    topic = kafka_topic(partitions=1)
+    _produce(stack.kafka_bootstrap, topic, 1, [0])
+    result = _run_to_redis(stack, topic, key_prefix, "--idle_poll_ms=120000")
+    try:
+        _wait_for(lambda: len(_count(redis_client, key_prefix)) >= 1, 120, "the first record",
+                  result)
+        time.sleep(5)  # caught up: the partition's next bundle is in its two-minute wait
+        sent = time.monotonic()
+        _produce(stack.kafka_bootstrap, topic, 1, [0])
+        _wait_for(lambda: len(_count(redis_client, key_prefix)) >= 2, 60,
+                  "the record sent during the wait", result)
+        # Read during the wait: a minute's margin below the wait's two minutes.
+        assert time.monotonic() - sent < 60
+    finally:
+        _cancel(result)
+    assert _seen(redis_client, key_prefix, 0) == ["0:0", "0:1"]
 
 
 def _start_job(stack, topic: str, group: str, prefix: str) -> subprocess.Popen:

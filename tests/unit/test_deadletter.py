@@ -454,3 +454,28 @@ def test_a_missing_dlq_topic_fails_with_what_to_do():
         "or partition\"}")
     assert "feedbeam topics create" in hint and "x.dlq" in hint
     assert deadletter.missing_topic_hint("other trouble") == "other trouble"
+
+
+def _engagement_batch(n: int) -> RecordBatch:
+    events = [EngagementEvent(f"e-{i:016x}", T0 + i, EngagementKind.VIEW, viewer_id=i,
+                              author_id=i % 97, post_id=i * 31, media_type=MediaType.VIDEO,
+                              dwell_ms=1500 + i % 700) for i in range(n)]
+    return RecordBatch(PREFIX + "engagement-events", 0, list(range(n)), [e.key for e in events],
+                       [_codec.encode(e) for e in events], [e.event_time for e in events])
+
+
+def test_size_estimates_track_the_encoded_sizes_without_encoding():
+    """Beam samples element sizes for its byte counters; the coders estimate them from a
+    few values instead of encoding a whole batch, and stay close to the real size."""
+    batch = _engagement_batch(1000)
+    events, dead = decode_batch(_codec, batch, PREFIX)
+    assert not dead
+    record_size = len(RecordBatchCoder().encode(batch))
+    assert 0.8 * record_size < RecordBatchCoder().estimate_size(batch) < 1.2 * record_size
+    coder = deadletter.EventBatchCoder()
+    event_size = len(coder.encode(events))
+    assert 0.5 * event_size < coder.estimate_size(events) < 2 * event_size
+    assert coder.decode(coder.encode(events)) == events
+    assert beam.coders.registry.get_coder(type(events)).__class__ is deadletter.EventBatchCoder
+    empty = RecordBatch(PREFIX + "engagement-events", 0, [], [], [], [])
+    assert RecordBatchCoder().estimate_size(empty) > 0
