@@ -157,9 +157,11 @@ def ranges_of(bootstrap: str, topics: list[str]) -> dict:
 # ------------------------------------------------------------------ raw loop
 
 
-def raw_loop(bootstrap: str, ranges: dict[str, dict[int, tuple[int, int]]]) -> int:
+def raw_loop(bootstrap: str, ranges: dict[str, dict[int, tuple[int, int]]],
+             stamps: dict | None = None) -> int:
     """Consume every range of the topics and decode each body with its schema; returns
-    records decoded."""
+    records decoded. ``stamps`` (if given) gets ``first`` and ``last``: perf_counter
+    times of the first and last record decoded (the consumer's start-up excluded)."""
     from confluent_kafka import Consumer, TopicPartition
 
     codec = WireCodec()
@@ -182,10 +184,15 @@ def raw_loop(bootstrap: str, ranges: dict[str, dict[int, tuple[int, int]]]) -> i
                 buf.seek(HEADER_SIZE)
                 reader(buf, writers[msg.topic()], None)
                 n += 1
+                if stamps is not None:
+                    stamps.setdefault("first", time.perf_counter())
                 key = (msg.topic(), msg.partition())
                 remaining[key] -= 1
                 if not remaining[key]:
                     del remaining[key]
+        if stamps is not None:  # the last record was just decoded
+            stamps["last"] = time.perf_counter()
+            stamps.setdefault("first", stamps["last"])
     finally:
         consumer.close()
     return n
