@@ -599,10 +599,12 @@ def compare_redis(settings: StackSettings, a: str, b: str) -> dict:
 
     client = redis.Redis.from_url(settings.redis_url)
     marker = str(CLOCK)[:-1]
+    # The generation marker names each run's Redis (stores.redis.generation): never equal.
+    generation = ":meta:generation"
     keys_a = sorted(k.decode()[len(a):] for k in client.scan_iter(match=f"{a}:*", count=5000)
-                    if marker not in k.decode())
+                    if marker not in k.decode() and not k.decode().endswith(generation))
     keys_b = {k.decode()[len(b):] for k in client.scan_iter(match=f"{b}:*", count=5000)
-              if marker not in k.decode()}
+              if marker not in k.decode() and not k.decode().endswith(generation)}
     report = {"keys": len(keys_a), "missing": len(set(keys_a) - keys_b),
               "extra": len(keys_b - set(keys_a)), "values": 0, "different": 0,
               "stamps_different": 0, "examples": []}
@@ -924,6 +926,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor-sizes", default="10000,1000000",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--reads", type=int, default=2000)
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep the work directory (job logs, snapshots) and say where")
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     from infra.install import prism_binary
@@ -942,7 +946,10 @@ def main(argv: list[str] | None = None) -> int:
         if "floors" not in skip:
             floors(settings, prism, args, out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep_work:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
         out.get("throughput", {}).pop("events_for_floor", None)
     summary(out)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -1157,24 +1157,30 @@ class AppliedOffsets:
         """Per partition, the offset a restart reads from."""
         return {tp: ranges[0][1] + 1 for tp, ranges in self.ranges.items() if ranges}
 
-    def settle(self) -> None:
-        """Fill the gaps that were there at the previous call (see the class doc)."""
+    def settle(self) -> list[tuple[str, int, int, int]]:
+        """Fill the gaps that were there at the previous call (see the class doc); returns
+        them as ``(topic, partition, first, last)``."""
         gaps = set()
+        filled = []
         for (topic, partition), ranges in self.ranges.items():
             merged = [ranges[0]]
             for lo, hi in ranges[1:]:
                 gap = (topic, partition, merged[-1][1] + 1)
                 if gap in self._old_gaps:
+                    filled.append((topic, partition, merged[-1][1] + 1, lo - 1))
                     merged[-1][1] = hi
                 else:
                     gaps.add(gap)
                     merged.append([lo, hi])
             ranges[:] = merged
         self._old_gaps = gaps
+        return filled
 
     def to_json(self) -> list:
-        return [[topic, partition, ranges] for (topic, partition), ranges in
-                sorted(self.ranges.items())]
+        """The ranges as JSON-ready lists: a copy (a snapshot serializes it on another
+        thread while ``add`` goes on extending the live ranges in place)."""
+        return [[topic, partition, [[lo, hi] for lo, hi in ranges]]
+                for (topic, partition), ranges in sorted(self.ranges.items())]
 
     @classmethod
     def from_json(cls, data: list) -> "AppliedOffsets":

@@ -37,6 +37,13 @@ from stores.config import (
 #: ``{topic: {partition: (start, stop)}}``: offsets a bounded re-run reads, stop exclusive.
 Ranges = dict[str, dict[int, tuple[int, int]]]
 
+#: The fan-out job's default consumer group.
+FANOUT_GROUP = "feedbeam-fanout"
+#: The fan-out's durable log: the Cassandra writes its Redis step decided (``<prefix>`` +
+#: this), applied by its durable step under the job's group plus ``DURABLE_GROUP_SUFFIX``.
+DURABLE_LOG_TOPIC = "fanout-durable"
+DURABLE_GROUP_SUFFIX = "-durable"
+
 
 class StoreOptions(PipelineOptions):
     """Where Redis and Cassandra are: the flags of every store-writing pipeline."""
@@ -58,11 +65,34 @@ class StoreOptions(PipelineOptions):
                                choices=CONSISTENCY_NAMES,
                                help=f"consistency level of Cassandra {kind}s; auto: LOCAL_QUORUM "
                                     "when the keyspace has more than one replica, else LOCAL_ONE")
+        group = parser.add_argument_group("Redis restore")
+        group.add_argument("--restore_log_wait_s", type=float, default=60.0,
+                           help="how long a restore of a Redis that lost its data (run by "
+                                "whichever job finds it) waits for the fan-out's durable step "
+                                "to apply its log to Cassandra before reading it (0: no wait)")
+        group.add_argument("--fanout_consumer_group", default=FANOUT_GROUP,
+                           help="the fan-out job's consumer group, whose durable step "
+                                f"(<group>{DURABLE_GROUP_SUFFIX}) that restore waits for; the "
+                                "fan-out itself uses its own --consumer_group")
 
     def config(self) -> StoreConfig:
         return StoreConfig(self.redis_url, self.redis_key_prefix, self.cassandra_host,
                            self.cassandra_port, self.cassandra_keyspace,
-                           self.cassandra_read_consistency, self.cassandra_write_consistency)
+                           self.cassandra_read_consistency, self.cassandra_write_consistency,
+                           self.restore_log(self.fanout_consumer_group))
+
+    def restore_log(self, fanout_group: str):
+        """The wait a restore runs before reading Cassandra: the durable step of the
+        fan-out reading as ``fanout_group``, on this job's Kafka and topic prefix (a
+        ``stores.kafka.lag.LogCatchUp``; None with ``--restore_log_wait_s=0``)."""
+        from pipelines.io.kafka import KafkaReadOptions
+        from stores.kafka.lag import LogCatchUp
+
+        if self.restore_log_wait_s <= 0:
+            return None
+        kafka = self.view_as(KafkaReadOptions)
+        return LogCatchUp(kafka.kafka_bootstrap, fanout_group + DURABLE_GROUP_SUFFIX,
+                          (kafka.topic_prefix + DURABLE_LOG_TOPIC,), self.restore_log_wait_s)
 
 
 class ReplayOptions(PipelineOptions):

@@ -23,7 +23,16 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from domain.fanout import FanoutPolicy, FreshnessHistogram
-from pipelines.common import Counters, Ranges, ReplayOptions, StoreOptions, module_main
+from pipelines.common import (
+    DURABLE_GROUP_SUFFIX,
+    DURABLE_LOG_TOPIC,
+    FANOUT_GROUP,
+    Counters,
+    Ranges,
+    ReplayOptions,
+    StoreOptions,
+    module_main,
+)
 from pipelines.io.deadletter import WriteDeadLetters
 from pipelines.io.kafka import KafkaReadOptions, KafkaSourceConfig, ReadFromKafka
 from pipelines.io.kafka_write import Deliveries, KafkaMessage
@@ -52,11 +61,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "feedbeam.fanout"
 DURABLE_NAMESPACE = "feedbeam.fanout_durable"
-DEFAULT_GROUP = "feedbeam-fanout"
-#: The durable log: the Cassandra writes the Redis step decided (``<prefix>`` + this).
-DURABLE_LOG_TOPIC = "fanout-durable"
-#: The durable step's consumer group is the job's group plus this.
-DURABLE_GROUP_SUFFIX = "-durable"
+DEFAULT_GROUP = FANOUT_GROUP
 DECODE_STEP = "decode_durable_log"
 PARTS = ("all", "redis", "durable")
 
@@ -100,10 +105,6 @@ class FanoutOptions(PipelineOptions):
         parser.add_argument("--durable_max_batch", type=int, default=10,
                             help="record batches (polls) of the durable log applied to "
                                  "Cassandra at once")
-        parser.add_argument("--restore_log_wait_s", type=float, default=60.0,
-                            help="with --durable_copy=log: how long a restore of a Redis that "
-                                 "lost its data waits for the durable step to apply the "
-                                 "durable log to Cassandra before reading it (0: no wait)")
 
     def policy(self) -> FanoutPolicy:
         return FanoutPolicy(
@@ -153,11 +154,11 @@ class FanoutApplierConfig:
         except Exception:
             fanout.close()
             raise
-        # With a durable log, a restore first waits for the durable step to apply it.
-        catch_up = None if self.durable_log is None else self.durable_log.catch_up()
+        # With a durable log, a restore first waits for the durable step to apply it
+        # (``stores.restore_log``, set by ``build``).
         healer = open_healer(self.stores, RestoreSettings(
             feed_cap=self.policy.feed_cap, timeline_cap=self.policy.timeline_cap),
-            fanout.redis.client, catch_up)
+            fanout.redis.client)
         return _FanoutApplier(fanout, self.freshness_log_s, self.durable_log, log_writer, healer)
 
 
@@ -214,15 +215,11 @@ class _FanoutApplier:
     def _apply_to_redis(self, events: list):
         if self._healer is None:
             return self._fanout.apply_to_redis(events)
-        generation, restores = self._healer.check(), self._healer.restores
-        while True:
-            batch = self._fanout.apply_to_redis(events)
-            now = self._healer.current()
-            if now is not None and now == generation:
-                self._counters.inc("redis_restores", self._healer.restores - restores)
-                return batch
-            self._counters.inc("batches_redone_after_redis_loss")
-            generation = now if now is not None else self._healer.heal()
+        restores, reruns = self._healer.restores, self._healer.reruns
+        batch = self._healer.write_whole(lambda: self._fanout.apply_to_redis(events))
+        self._counters.inc("redis_restores", self._healer.restores - restores)
+        self._counters.inc("batches_redone_after_redis_loss", self._healer.reruns - reruns)
+        return batch
 
     def close(self) -> None:
         try:
@@ -418,12 +415,14 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ranges: Ranges | No
         ensure_log_topics(producer, [log_topic, dlq_topic(log_topic)], like=topics)
         source = durable_source(config)
         durable_log = DurableLog(log_topic, producer, source.consumer_config["group.id"],
-                                 fanout.restore_log_wait_s)
+                                 options.view_as(StoreOptions).restore_log_wait_s)
         if parts in ("all", "durable"):
             _ = pipeline | "ApplyDurableFeedLog" >> ApplyDurableFeedLog(
                 source, [log_topic], stores, fanout.durable_max_batch, producer)
         if parts == "durable":
             return None
+    # A restore this job runs waits for its own durable step (none when it writes inline).
+    stores = dataclasses.replace(stores, restore_log=durable_log and durable_log.catch_up())
     read = ReadEventBatches(config, topics, ranges=ranges, topic_prefix=prefix)
     return (pipeline
             | "ReadPostAndFollowEvents" >> read

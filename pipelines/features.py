@@ -718,7 +718,9 @@ class _AggregateFn(beam.DoFn):
         live.changed = False
         if self._writer is not None:
             self._writer.flush_log()
-        live.offsets.settle()
+        for topic, partition, first, last in live.offsets.settle():
+            log.info("features: offsets %s-%s of %s[%s] never reached the aggregation (taken "
+                     "as dead-lettered before it)", first, last, topic, partition)
         tables = live.agg.export()
         meta = {"offsets": live.offsets.to_json(), "params": params_fingerprint(self._params),
                 "fired": live.agg.fired, "sizes": live.agg.sizes(),

@@ -39,6 +39,8 @@ from schemas.events import EngagementEvent, FollowEvent, PostEvent
 from schemas.features import DEFAULT_HALF_LIFE_MS
 from schemas.keys import KeyLayout
 from schemas.ranking import RECENCY_VERSION, ClaimedRefreshes, RefreshOutcome
+from schemas.records import decode_batch
+from schemas.validation import EventLimits
 from stores.config import StoreConfig
 from stores.ranker import ClaimRefresher, FeedRanker, QueueConfig, RankingConfig, TriggerWriter
 from stores.restore import RedisHealer, RestoreSettings, open_healer
@@ -136,6 +138,12 @@ class RankingOptions(PipelineOptions):
         parser.add_argument("--latency_log_s", type=float, default=60.0,
                             help="period of the log line with refresh counts, batch times and "
                                  "change-to-ranked-feed p50/p99")
+        parser.add_argument("--loss_replay_s", type=float, default=1800.0,
+                            help="after Redis lost its data (and its pending refreshes with it) "
+                                 "while the job ran, the triggers of this much recent input are "
+                                 "queued again (cover --follow_wait_s); 0: off")
+        parser.add_argument("--loss_replay_max_records", type=int, default=500_000,
+                            help="records that replay reads at most (each partition's newest)")
         parser.add_argument("--score_threads", type=int, default=1,
                             help="XGBoost threads per scoring call (0 = all cores); 1 leaves "
                                  "the cores to the other bundles and the store I/O")
@@ -216,16 +224,46 @@ class _HealerCounts:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossReplay:
+    """What the trigger step reads again after Redis lost its pending refreshes: the
+    job's topics from ``window_ms`` before the loss was seen, ``max_records`` at most,
+    with the source's consumer settings and event checks (picklable)."""
+
+    consumer_config: dict
+    topics: tuple[str, ...]
+    topic_prefix: str = ""
+    window_ms: int = 1_800_000
+    max_records: int = 500_000
+    limits: EventLimits = EventLimits()
+
+    def batches(self, now_ms: int):
+        """The window's events, an ``EventBatch`` per record batch (records that fail
+        decoding or the checks were dead-lettered by the source: skipped here)."""
+        from schemas.codec import WireCodec
+        from stores.kafka.window import read_window
+
+        codec = WireCodec()
+        config = {k: v for k, v in self.consumer_config.items()
+                  if k not in ("group.id", "enable.auto.commit", "auto.offset.reset")}
+        for records in read_window(config, self.topics, now_ms - self.window_ms,
+                                   self.max_records):
+            events, _ = decode_batch(codec, records, self.topic_prefix, self.limits, now_ms)
+            yield events
+
+
+@dataclasses.dataclass(frozen=True)
 class TriggerConfig:
     """The trigger step's applier configuration (``pipelines.io.sink``): what it pickles.
     ``restore``: check Redis' generation marker per batch and restore a Redis that lost
-    its data with these settings (None: no check)."""
+    its data with these settings (None: no check); ``loss_replay``: what is read again
+    to queue the lost pending refreshes once such a loss is seen (None: nothing)."""
 
     stores: StoreConfig
     policy: RankingPolicy
     viral: ViralPolicy
     queue: QueueConfig
     restore: RestoreSettings | None = None
+    loss_replay: LossReplay | None = None
 
     def open(self) -> "TriggerApplier":
         return TriggerApplier(self)
@@ -251,16 +289,40 @@ class TriggerApplier:
             config.queue.open(self._feeds.client, self._feeds.keys), config.policy, config.viral,
             healer=healer)
         self._counters = Counters(NAMESPACE)
+        self._replay = config.loss_replay
+        self._losses_seen: int | None = None  # restores + reruns of the healer so far
 
     def apply(self, batches: Sequence) -> list:
         with _HealerCounts(self._writer.healer, self._counters):
             result = self._writer.apply([e for b in batches for e in b.events])
+        self._after_loss()
         for reason, n in result.reasons.items():
             self._counters.inc(f"triggers_{reason}", n)
         self._counters.inc("events_without_trigger", result.quiet)
         self._counters.inc("viral_posts", result.viral_posts)
         ticks = tuple((shard, due) for shard, due in result.due.items() if due is not None)
         return [None] * (len(batches) - 1) + [ticks]
+
+    def _after_loss(self) -> None:
+        """Queue again the triggers of the recent input once a Redis loss was seen while
+        the job ran: the pending refreshes queued before it were lost with Redis."""
+        healer = self._writer.healer
+        if healer is None or self._replay is None:
+            return
+        losses = healer.restores + healer.reruns
+        seen, self._losses_seen = self._losses_seen, losses
+        if seen is None or losses == seen:
+            return  # the first batch (a job that starts is no loss) or no loss since
+        started, n = time.monotonic(), 0
+        for events in self._replay.batches(_now_ms()):
+            if len(events):
+                self._writer.apply(list(events.events))
+                n += len(events)
+        self._losses_seen = healer.restores + healer.reruns
+        self._counters.inc("events_replayed_after_redis_loss", n)
+        log.warning("ranking: Redis lost its pending refreshes; the triggers of %d events of "
+                    "the last %.0fs were queued again in %.1fs", n,
+                    self._replay.window_ms / 1000, time.monotonic() - started)
 
     def close(self) -> None:
         self._feeds.close()
@@ -442,6 +504,8 @@ class RefreshRankedFeeds(beam.PTransform):
       gather_s: least time between two claims of one queue shard.
       trigger_batch: event batches whose triggers are queued together.
       latency_log_s: period of the refresh log line (counts, batch times, latency).
+      loss_replay: the input read again to queue the pending refreshes a Redis loss
+        took (``LossReplay``; None: not read again).
 
     Takes a ``PCollection[EventBatch]`` of post, engagement and follow events
     (other events are counted and ignored). Returns a
@@ -451,8 +515,10 @@ class RefreshRankedFeeds(beam.PTransform):
     def __init__(self, config: RankingConfig, policy: RankingPolicy = RankingPolicy(),
                  queue: QueueConfig = QueueConfig(), viral: ViralPolicy = ViralPolicy(),
                  follow_wait: FollowWait | None = FollowWait(), max_batch: int = 256,
-                 gather_s: float = 0.05, trigger_batch: int = 16, latency_log_s: float = 60.0):
+                 gather_s: float = 0.05, trigger_batch: int = 16, latency_log_s: float = 60.0,
+                 loss_replay: LossReplay | None = None):
         super().__init__()
+        self._loss_replay = loss_replay
         self._config = config
         self._policy = policy
         self._queue = queue
@@ -468,7 +534,7 @@ class RefreshRankedFeeds(beam.PTransform):
         ticks = (batches
                  | "Triggers" >> ApplyInBatches(
                      TriggerConfig(stores, self._policy, self._viral, self._queue,
-                                   self._config.restore),
+                                   self._config.restore, self._loss_replay),
                      namespace=NAMESPACE, max_batch=self._trigger_batch, dead_letters="from_options")
                  | "Ticks" >> beam.FlatMap(lambda ticks: ticks)
                  .with_output_types(beam.typehints.Tuple[int, int]))
@@ -497,12 +563,15 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
     config = kafka.source_config(default_group=DEFAULT_GROUP)
     prefix = kafka.topic_prefix
     topics = [prefix + t.TOPIC for t in (PostEvent, EngagementEvent, FollowEvent)]
+    replay = None if ranking.loss_replay_s <= 0 else LossReplay(
+        dict(config.consumer_config), tuple(topics), prefix, int(ranking.loss_replay_s * 1000),
+        ranking.loss_replay_max_records, config.event_limits)
     return (pipeline
             | "ReadEvents" >> ReadEventBatches(config, topics, topic_prefix=prefix)
             | "RefreshRankedFeeds" >> RefreshRankedFeeds(
                 ranking.config(), ranking.policy(), ranking.queue(), ranking.viral(),
                 ranking.follow_wait(), ranking.refresh_batch, ranking.refresh_gather_s,
-                ranking.trigger_batch, ranking.latency_log_s))
+                ranking.trigger_batch, ranking.latency_log_s, replay))
 
 
 def run(argv=None):

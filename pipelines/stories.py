@@ -115,10 +115,12 @@ class _StoryApplier:
     """``ApplyInBatches``' applier: the story events of a list of ``EventBatch``es
     through one ``StoryWriter.apply``; per event batch, its ``StoryOutcome``s in
     order. Other events have no outcome and are counted (the pipeline reads only
-    ``story-events``). With a ``healer``, Redis' generation marker is read first
-    (one GET): a Redis that lost its data is restored from Cassandra before the
-    batch is applied, so a deleted story's tombstone is back before its replayed
-    publish."""
+    ``story-events``). With a ``healer``, Redis' generation marker is read before
+    and after the batch's Redis writes (``RedisHealer.write_whole``): a Redis that
+    lost its data is restored from Cassandra before the batch is applied, so a
+    deleted story's tombstone is back before its replayed publish, and a batch
+    during which Redis was lost is written again before its Cassandra writes
+    (which its Redis results decide)."""
 
     def __init__(self, writer: StoryWriter, counters: Counters,
                  healer: RedisHealer | None = None):
@@ -127,12 +129,15 @@ class _StoryApplier:
         self._healer = healer
 
     def apply(self, batches: list[EventBatch]) -> list[tuple[StoryOutcome, ...]]:
-        if self._healer is not None:
-            restores = self._healer.restores
-            self._healer.check()
-            self._counters.inc("redis_restores", self._healer.restores - restores)
         per_batch = [[e for e in b.events if isinstance(e, StoryEvent)] for b in batches]
-        applied = self._writer.apply([e for events in per_batch for e in events])
+        events = [e for events in per_batch for e in events]
+        if self._healer is None:
+            applied = self._writer.apply(events)
+        else:
+            restores, reruns = self._healer.restores, self._healer.reruns
+            applied = self._writer.apply(events, redis_whole=self._healer.write_whole)
+            self._counters.inc("redis_restores", self._healer.restores - restores)
+            self._counters.inc("batches_redone_after_redis_loss", self._healer.reruns - reruns)
         out, start = [], 0
         for events in per_batch:
             out.append(tuple(applied[start:start + len(events)]))

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stores.kafka.lag import LogCatchUp
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_KEY_PREFIX = "fb"
@@ -19,7 +23,11 @@ class StoreConfig:
     """Redis URL and key prefix, Cassandra contact point and keyspace, and the
     Cassandra consistency levels of reads and writes (names of the driver's
     levels, or ``auto``: LOCAL_QUORUM when the keyspace is replicated, else
-    LOCAL_ONE; applied by ``stores.cassandra.session.open_on_new_cluster``)."""
+    LOCAL_ONE; applied by ``stores.cassandra.session.open_on_new_cluster``).
+
+    ``restore_log``: what a restore of a Redis that lost its data waits for
+    before it reads Cassandra (the fan-out's durable step applying its log;
+    None: no wait), whichever job runs the restore (``stores.restore``)."""
 
     redis_url: str = DEFAULT_REDIS_URL
     redis_key_prefix: str = DEFAULT_KEY_PREFIX
@@ -28,6 +36,7 @@ class StoreConfig:
     cassandra_keyspace: str = DEFAULT_KEYSPACE
     cassandra_read_consistency: str = AUTO_CONSISTENCY
     cassandra_write_consistency: str = AUTO_CONSISTENCY
+    restore_log: LogCatchUp | None = None
 
     @property
     def cassandra_levels(self) -> dict[str, str]:

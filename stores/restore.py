@@ -393,6 +393,24 @@ class RedisHealer:
                         "again on the restored Redis", self.generation.keys.prefix)
             known = now if now is not None else self.heal()
 
+    def write_whole(self, work: Callable[[], T]) -> T:
+        """``work()``'s result, from a run that began and ended on one generation: the
+        marker is checked first (a lost Redis is restored before anything is written to
+        it) and read again after; on a change, Redis was lost while ``work`` wrote, and
+        ``work`` (idempotent) runs again on the restored Redis. For a batch's Redis
+        writes whose results decide what goes to Cassandra next."""
+        generation = self.check()
+        while True:
+            result = work()
+            now = self.generation.read()
+            if now is not None and now == generation:
+                return result
+            self.reruns += 1
+            log.warning("Redis prefix %r lost its data while a batch was written to it: "
+                        "writing the batch again on the restored Redis",
+                        self.generation.keys.prefix)
+            generation = now if now is not None else self.heal()
+
     def heal(self) -> str:
         """Restore Redis (or wait for whoever does) and return the new token; raises
         ``RedisNotRestored`` if that fails or takes over ``wait_s``."""
@@ -441,8 +459,11 @@ class RedisHealer:
 def open_healer(stores: StoreConfig, settings: RestoreSettings, client,
                 catch_up: LogCatchUp | None = None) -> RedisHealer:
     """A ``RedisHealer`` of ``stores``' prefix on ``client`` (redis-py, not closed here)
-    that restores with ``CassandraRestore(stores, settings, catch_up)``."""
+    that restores with ``CassandraRestore``, waiting first for ``catch_up`` (default
+    ``stores.restore_log``: every job's restore waits for the same durable log)."""
     from schemas.keys import KeyLayout
 
     return RedisHealer(RedisGeneration(client, KeyLayout(stores.redis_key_prefix)),
-                       CassandraRestore(stores, settings, catch_up))
+                       CassandraRestore(stores, settings,
+                                        catch_up if catch_up is not None
+                                        else stores.restore_log))

@@ -56,18 +56,29 @@ class StoryWriter:
 
     # -- events -------------------------------------------------------------------
 
-    def apply(self, events: Sequence[StoryEvent]) -> list[StoryOutcome]:
+    def apply(self, events: Sequence[StoryEvent],
+              redis_whole: Callable[[Callable[[], list]], list] | None = None
+              ) -> list[StoryOutcome]:
         """Apply events in order, whatever their kinds mixed. One outcome per event,
         in order. Round trips: with deletes, one Cassandra read of the deleted
         stories; up to three Redis pipelines (``RedisStoryStore.apply``); one
-        Cassandra write execution, plus one for deleted stories' views."""
+        Cassandra write execution, plus one for deleted stories' views.
+
+        ``redis_whole(work)`` runs the Redis writes (``work``, idempotent) and returns
+        their results once they were made on a Redis that kept its data throughout
+        (``stores.restore.RedisHealer.write_whole``); the Cassandra writes follow
+        from those results."""
         if not events:
             return []
         now = self._clock()
         deleted = [e.story_id for e in events if e.kind is StoryEventKind.DELETED]
         durable = self.cassandra.removal_context(deleted) if deleted else {}
         fallback = {sid: meta.expires_at for sid, (meta, _) in durable.items() if meta}
-        results = self.redis.apply(events, now, fallback)
+
+        def to_redis() -> list:
+            return self.redis.apply(events, now, fallback)
+
+        results = to_redis() if redis_whole is None else redis_whole(to_redis)
         publishes, views, removals, out = [], [], [], []
         for e, r in zip(events, results):
             if e.kind is StoryEventKind.PUBLISHED:

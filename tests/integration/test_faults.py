@@ -60,10 +60,12 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """A redis-server of the test's own, durable per write (AOF, fsync always)."""
+    """A redis-server of the test's own, durable per write (AOF, fsync always), or with
+    no persistence at all (``persistent=False``: a restart comes back empty)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, persistent: bool = True):
         self.port = free_port()
+        self.persistent = persistent
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -72,7 +74,8 @@ class PrivateRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
+             "--dir", str(self.dir), "--save", "",
+             "--appendonly", "yes" if self.persistent else "no",
              "--appendfsync", "always", "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         client = redis_lib.Redis.from_url(self.url)
@@ -199,6 +202,7 @@ def run_with_a_fault(settings, bootstrap: str, redis_url: str, cassandra_session
     last_reads = {u: now - 45 * DAY_MS for u in (5, 17, 23)}
     for u, at in last_reads.items():
         redis.set_last_read(u, at)
+        cassandra.set_last_read(u, at)  # where a restore of an emptied Redis finds them
     graph, events = _workload(now, random.Random(11))
     stream = Stream(bootstrap)
     group = f"g-{uuid.uuid4().hex[:8]}"
@@ -252,6 +256,19 @@ def test_kafka_broker_killed_mid_stream(stack, private_kafka, cassandra_session,
 def test_redis_killed_mid_stream(stack, private_redis, cassandra_session, keyspace):
     run_with_a_fault(stack, stack.kafka_bootstrap, private_redis.url, cassandra_session,
                      keyspace, private_redis.kill, private_redis.start, "redis")
+
+
+def test_redis_restarted_empty_mid_stream(stack, tmp_path, cassandra_session, keyspace):
+    """Redis without persistence killed and restarted: it comes back empty under the
+    running fan-out, which restores it from Cassandra by itself and ends equal to the
+    oracle (graph, feeds, timelines; the inactive users' last reads come back too)."""
+    server = PrivateRedis(tmp_path / "redis", persistent=False)
+    server.start()
+    try:
+        run_with_a_fault(stack, stack.kafka_bootstrap, server.url, cassandra_session, keyspace,
+                         server.kill, server.start, "redis-empty")
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------- malformed records

@@ -223,3 +223,45 @@ def test_a_post_going_viral_moves_up_in_the_feeds_that_hold_it(world):
     features.write([FeatureValue("post", "100", "like_1h", 8.0, now - 100)])
     result = writer.apply([dataclasses.replace(like, event_id="l4")])
     assert result.viral_posts == 1 and VIRAL not in result.reasons
+
+
+def test_pending_refreshes_redis_lost_are_queued_again_from_the_recent_input(
+        stack, stores_of, keyspace, key_prefix, kafka_topic):
+    """Redis loses its data (the pending-refresh queue with it) while the trigger step
+    runs: the next batch notices, Redis is restored from Cassandra, and the triggers of
+    the recent input (read again from Kafka) are queued again."""
+    from types import SimpleNamespace
+
+    from confluent_kafka import Producer
+
+    from jobs.clean import unlink_keys
+    from pipelines.ranking import LossReplay, TriggerConfig
+    from schemas.codec import WireCodec
+    from stores.restore import RestoreSettings
+
+    redis = stores_of.redis
+    now = int(time.time() * 1000)
+    FeedFanout(redis, stores_of.cassandra, FanoutPolicy(push_threshold=50, celebrity_top_n=0)
+               ).apply([follow(u, 10, now - 60_000) for u in (2, 3)])
+    prefix = f"{key_prefix}."
+    topic = kafka_topic(partitions=1, name=prefix + PostEvent.TOPIC)
+    created = post(500, 10, now)
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+    producer.produce(topic, WireCodec().encode(created, topic), created.key, timestamp=now)
+    assert producer.flush(30) == 0
+    queue = QueueConfig(shards=2, debounce=Debounce(600_000, 1000, 1))  # none gets due here
+    stores = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
+    replay = LossReplay({"bootstrap.servers": stack.kafka_bootstrap}, (topic,), prefix,
+                        window_ms=600_000)
+    applier = TriggerConfig(stores, RankingPolicy(push_threshold=50), ViralPolicy(), queue,
+                            RestoreSettings(), replay).open()
+    pending = queue.open(redis.client, redis.keys)
+    try:
+        applier.apply([SimpleNamespace(events=[created])])
+        assert set(pending.pending()) == {2, 3}
+        unlink_keys(redis.client, f"{key_prefix}:*")  # Redis lost the prefix's data
+        assert pending.pending() == {}
+        applier.apply([SimpleNamespace(events=[post(501, 11, now + 1)])])  # no followers
+        assert set(pending.pending()) == {2, 3}
+    finally:
+        applier.close()

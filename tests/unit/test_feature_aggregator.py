@@ -303,6 +303,16 @@ def test_applied_offsets_merge_cover_and_restart_after_the_first_gap():
     assert AppliedOffsets.from_json(offsets.to_json()).ranges == offsets.ranges
 
 
+def test_the_json_of_applied_offsets_does_not_move_with_later_batches():
+    """A snapshot serializes it on its own thread while batches go on being applied: the
+    snapshot must name only the offsets its state holds, or a restart skips the rest."""
+    offsets = AppliedOffsets()
+    offsets.add("t", 0, 0, 999)
+    snapshot = offsets.to_json()
+    offsets.add("t", 0, 1000, 1999)  # the next batch extends the last range in place
+    assert AppliedOffsets.from_json(snapshot).restart() == {("t", 0): 1000}
+
+
 def test_a_gap_that_outlives_a_snapshot_interval_is_filled():
     """A record the source dead-lettered never arrives: its gap must not hold restarts."""
     offsets = AppliedOffsets()

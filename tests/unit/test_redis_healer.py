@@ -180,6 +180,35 @@ def test_a_batch_another_job_restored_under_is_applied_again_without_a_restore()
     assert fanout.calls == 2
 
 
+def test_a_story_batch_redis_was_lost_under_reaches_cassandra_from_the_restored_redis():
+    """The stories' Cassandra writes follow from the batch's Redis results: results
+    made while Redis was lost (a view of a story Redis no longer held) must not decide
+    them; the batch is written to Redis again after the restore."""
+    from schemas.events import StoryEvent, StoryEventKind
+    from stores.stories import StoryWriter
+
+    generation, steps = FakeGeneration("g0"), []
+
+    class Redis:
+        def apply(self, events, now, fallback):
+            steps.append("redis")
+            if steps.count("redis") == 1:
+                generation.token = None  # lost while the batch was written
+                return ["lost"] * len(events)
+            return ["published"] * len(events)
+
+    class Cassandra:
+        def write(self, publishes, views, removals, now):
+            steps.append(("cassandra", len(publishes)))
+
+    writer = StoryWriter(Redis(), Cassandra(), clock=lambda: 0)
+    h = healer(generation, lambda bar: steps.append("restore"))
+    event = StoryEvent("s1", 0, StoryEventKind.PUBLISHED, 9, 4, created_at=0)
+    [outcome] = writer.apply([event], redis_whole=h.write_whole)
+    assert steps == ["redis", "restore", "redis", ("cassandra", 1)]
+    assert outcome.action == "published" and h.reruns == 1 and h.restores == 1
+
+
 # -- run_whole: the features and ranking jobs' check -----------------------------------
 
 
@@ -338,6 +367,36 @@ def test_the_fan_out_waits_for_its_durable_group_only_with_a_durable_log():
     assert DurableLog("t.fanout-durable", producer, "g-durable", 0).catch_up() is None
     assert DurableLog("t.fanout-durable", producer, "g-durable", 30).catch_up() == LogCatchUp(
         "k:9092", "g-durable", ("t.fanout-durable",), 30)
+
+
+@pytest.mark.parametrize("pipeline", ["stories", "features", "ranking"])
+def test_every_job_s_restore_waits_for_the_fan_out_s_durable_log(pipeline):
+    """A restore run by the stories, features or ranking job reads Cassandra only after
+    the fan-out's durable step applied its log, as one run by the fan-out does."""
+    import importlib
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.common import StoreOptions
+    from stores.kafka.lag import LogCatchUp
+    from stores.restore import RestoreSettings, open_healer
+
+    importlib.import_module(f"pipelines.{pipeline}")
+    args = ["--kafka_bootstrap=k:9092", "--topic_prefix=t.", f"--consumer_group=g-{pipeline}"]
+    stores = PipelineOptions(args).view_as(StoreOptions).config()
+    expected = LogCatchUp("k:9092", "feedbeam-fanout-durable", ("t.fanout-durable",), 60.0)
+    assert stores.restore_log == expected
+    class Client:  # what RedisGeneration needs of a redis-py client at construction
+        def register_script(self, text):
+            return text
+
+    healer = open_healer(stores, RestoreSettings(), Client())
+    assert healer._restore.catch_up == expected
+    renamed = PipelineOptions(args + ["--fanout_consumer_group=f1", "--restore_log_wait_s=5"])
+    assert renamed.view_as(StoreOptions).config().restore_log == LogCatchUp(
+        "k:9092", "f1-durable", ("t.fanout-durable",), 5.0)
+    off = PipelineOptions(args + ["--restore_log_wait_s=0"])
+    assert off.view_as(StoreOptions).config().restore_log is None
 
 
 def test_the_fan_out_job_passes_its_durable_group_and_wait():
