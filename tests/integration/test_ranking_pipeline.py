@@ -141,6 +141,11 @@ def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cass
         # A model arrives in the directory; the viewer likes the REEL and gets
         # an affinity to its author: the next refresh uses the new model.
         version = promote_toy_model(ModelRegistry(model_dir), "viewer_author_affinity")
+        # A worker re-reads `latest` at most every --model_poll_s (0.5 s), lazily: a
+        # refresh of another user just before the promotion would let the like's
+        # refresh, if it came within 0.5 s, use the old model, and nothing triggers
+        # the viewer again. After this wait any refresh sees the new version.
+        time.sleep(1.0)
         features.write([FeatureValue("viewer_author", f"{VIEWER}:11", "affinity", 0.9,
                                      int(time.time() * 1000))])
         t = int(time.time() * 1000)
