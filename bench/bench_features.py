@@ -19,11 +19,12 @@ directories, removed at the end. Needs the local stack (``feedbeam infra up``) a
   Then ``hydrate()`` of 200 candidates on what the pipeline wrote: p50/p99.
 * flat: states of each of ``--flat-sizes`` distinct (viewer, author) pairs, viewers and posts
   (built in process and saved as the job's snapshot), then the same ``--flat-events``
-  engagements, applied by the streaming job on Prism with every sink on top of each. The
-  rate runs from the first record applied to the last one written: too-late sentinel
-  records go first and last on every partition; the first ones' dead letters carry the
-  time they were judged, the last ones are seen on the DLQ after their bundle's values
-  were written (polled every 50 ms). Beside it the same input applied to the restored
+  engagements, applied by the streaming job on Prism with every sink on top of each.
+  Too-late sentinel records go first and last on every partition: the job starts on the
+  first ones alone, and their dead letters say it restored its state; then the input and
+  the last sentinels are produced, and the rate runs from there to the last ones seen on
+  the DLQ, after their bundle's values were written (polled every 50 ms). Beside it the
+  same input applied to the restored
   ``FeatureAggregator`` in this process (no Beam, no stores).
 * recovery: ``--recovery-events`` engagements of history (plus a tenth more) produced,
   run A follows them uninterrupted; run B is killed with SIGKILL (its process group: the
@@ -513,34 +514,44 @@ def flat(settings, prism, args, work: Path, out: dict) -> None:
             topics = create_topics(bootstrap, prefix, args.partitions)
             job = None
             try:
-                ordered = ([sentinels[(p, "first")] for p in range(args.partitions)] + events
-                           + [sentinels[(p, "last")] for p in range(args.partitions)])
-                produce(bootstrap, prefix, ordered, args.partitions)
+                # The first sentinels alone: their dead letters say the job restored its
+                # state and reads. Only then the input, so the clock covers applying it
+                # on that state, not the restore (which grows with the state).
+                produce(bootstrap, prefix, [sentinels[(p, "first")]
+                                            for p in range(args.partitions)], args.partitions)
                 job = Job(settings, prism, prefix, group, key_prefix, keyspace or "unused",
                           state_dir, work / f"flatlog{size}-{run}", work / f"flat{size}.log",
                           (f"--sinks={args.sinks}", "--snapshot_interval_s=600"))
                 job.start()
                 dlq = dlq_topic(topics[0])
-                # The end: when the last sentinels' dead letters are seen. They are written
-                # at the end of their bundle, after its values: the time includes the writes.
-                letters = wait_for(
-                    lambda: (lambda found: found if len(found) >= len(sentinels)
-                             else None)(read_dead_letters(bootstrap, dlq, timeout_s=10)),
-                    1200, "the sentinels' dead letters", job, every_s=0.05)
-                seen_at = int(time.time() * 1000)
                 sentinel_ids = {e.event_id for e in sentinels.values()}
-                codec = WireCodec()
-                found = {codec.decode(lt.value).event_id: lt.failed_at_ms for lt in letters}
-                if set(found) != sentinel_ids:
-                    raise RuntimeError(f"dead letters other than the sentinels: "
-                                       f"{sorted(set(found) - sentinel_ids)[:5]}")
-                first = min(v for k, v in found.items() if "-first-" in k)
-                last = seen_at
-                rate = len(events) / max((last - first) / 1000, 1e-3)
+
+                def letters_of(edge: str):
+                    wanted = {e.event_id for (_, side), e in sentinels.items() if side == edge}
+                    found = {WireCodec().decode(lt.value).event_id
+                             for lt in read_dead_letters(bootstrap, dlq, timeout_s=10)}
+                    if found - sentinel_ids:
+                        raise RuntimeError(f"dead letters other than the sentinels: "
+                                           f"{sorted(found - sentinel_ids)[:5]}")
+                    return found if wanted <= found else None
+
+                wait_for(lambda: letters_of("first"), 600, "the first sentinels' dead letters",
+                         job, every_s=0.2)
+                started = time.perf_counter()
+                produce(bootstrap, prefix, events + [sentinels[(p, "last")]
+                                                     for p in range(args.partitions)],
+                        args.partitions)
+                produced_s = time.perf_counter() - started
+                # The end: the last sentinels' dead letters, written at the end of their
+                # bundle, after its values: the time includes the writes.
+                wait_for(lambda: letters_of("last"), 1200, "the last sentinels' dead letters",
+                         job, every_s=0.05)
+                took = time.perf_counter() - started
+                rate = len(events) / took
                 entry["pipeline"].append(rate)
                 print(f"  state {size:,}, run {run + 1}: {rate:,.0f} events/s "
-                      f"({(last - first) / 1000:.1f}s from the first sentinel to the last)",
-                      flush=True)
+                      f"({took:.1f}s from producing the input to its last sentinels' letters; "
+                      f"producing took {produced_s:.1f}s of it)", flush=True)
             finally:
                 if job is not None:
                     job.stop()

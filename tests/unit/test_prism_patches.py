@@ -32,7 +32,14 @@ def test_a_patch_that_does_not_match_once_fails_the_build(tmp_path, text):
 
 
 def test_the_busy_loop_patch_stops_selecting_the_closed_channel():
-    (patch,) = PRISM_PATCHES
+    patch = PRISM_PATCHES[0]
     assert patch.path.endswith("prism/internal/stage.go")
     assert patch.replace.startswith(patch.find)
     assert "dataReady = nil" in patch.replace[len(patch.find):]
+
+
+def test_the_split_patch_keeps_stateful_stages_whole():
+    patch = PRISM_PATCHES[1]
+    assert patch.path.endswith("prism/internal/execute.go")
+    assert "stage.sdfSplittable = config.EnableSDFSplit && !stage.stateful" in patch.replace
+    assert "sdfSplittable = config.EnableSDFSplit\n" in patch.find
