@@ -115,7 +115,7 @@ class KafkaSourceConfig:
     batch_records: int = 1_000
     batch_timeout_ms: int = 20
     idle_wait_ms: int = 2_000
-    idle_poll_ms: int = 0
+    idle_poll_ms: int = 2_000
     event_limits: EventLimits = EventLimits()
     shared_watermarks: bool = False
 
@@ -201,11 +201,11 @@ class KafkaReadOptions(PipelineOptions):
                             help="with --idle_poll_ms=0: the longest pause between polls of "
                                  "a quiet partition (a quarter of its quiet time, up to this): "
                                  "each poll costs the runner a bundle")
-        parser.add_argument("--idle_poll_ms", type=int, default=0,
+        parser.add_argument("--idle_poll_ms", type=int, default=2000,
                             help="a caught-up partition's bundle waits this long for its next "
                                  "record (returning as soon as one comes), so an idle job "
-                                 "costs one bundle per partition per this period (e.g. 2000); "
-                                 "0 (default): short polls paced by --idle_wait_ms")
+                                 "costs one bundle per partition per this period; "
+                                 "0: short polls paced by --idle_wait_ms instead")
         parser.add_argument("--max_event_ahead_s", type=float, default=3600.0,
                             help="dead-letter an event whose times lie more than this far past "
                                  "its record's Kafka timestamp or the wall clock (clock skew "
