@@ -525,10 +525,11 @@ def flat(settings, prism, args, work: Path, out: dict) -> None:
                 job.start()
                 dlq = dlq_topic(topics[0])
                 sentinel_ids = {e.event_id for e in sentinels.values()}
+                codec = WireCodec()
 
                 def letters_of(edge: str):
                     wanted = {e.event_id for (_, side), e in sentinels.items() if side == edge}
-                    found = {WireCodec().decode(lt.value).event_id
+                    found = {codec.decode(lt.value).event_id
                              for lt in read_dead_letters(bootstrap, dlq, timeout_s=10)}
                     if found - sentinel_ids:
                         raise RuntimeError(f"dead letters other than the sentinels: "

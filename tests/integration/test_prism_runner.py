@@ -52,7 +52,7 @@ class _SlowCount(beam.DoFn):
 def test_a_slow_stateful_bundle_is_not_split_into_two_bundles_of_one_key(stack):
     # Prism splits any bundle whose input index stops moving; split off, the rest
     # of a stateful bundle ran next to it on the same key, and each read the state
-    # the other was about to overwrite (a count of 30 ended at 13 unpatched).
+    # the other was about to overwrite (a count of 30 ended at 15 unpatched).
     _ACTIVE.clear()
     _MOST_AT_ONCE.clear()
     options = PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism_binary(stack)}",
