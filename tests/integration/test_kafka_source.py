@@ -309,6 +309,37 @@ def test_a_caught_up_partition_reads_a_new_record_during_its_wait(stack, kafka_t
     assert _seen(redis_client, key_prefix, 0) == ["0:0", "0:1"]
 
 
+def test_a_bundles_commit_does_not_wait_for_the_next_bundles_wait(stack, kafka_topic):
+    """A bundle's offsets are committed when the runner finalizes it, which may come
+    while the partition's next bundle already waits in ``consume()`` for a record (up
+    to --idle_poll_ms). A synchronous commit on that consumer would wait until the
+    wait ends (measured: 2.7 s behind a 3 s wait); commits use a client of their own."""
+    from pipelines.io.kafka import _CURSORS, KafkaSourceConfig, PartitionRead, _ReadPartitionFn
+
+    topic = kafka_topic(partitions=1)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    _produce(stack.kafka_bootstrap, topic, 1, [0])
+    config = KafkaSourceConfig({"bootstrap.servers": stack.kafka_bootstrap, "group.id": group})
+    read = _ReadPartitionFn(config, "commit-test")
+    read.setup()
+    try:
+        cursor = _CURSORS.get(config, topic, 0, 0)
+        assert len(cursor.consumer.consume(num_messages=10, timeout=30)) == 1
+        waiting = threading.Thread(target=cursor.consumer.consume,
+                                   kwargs={"num_messages": 1, "timeout": 10})
+        waiting.start()
+        time.sleep(0.5)  # the next bundle's wait has begun
+        started = time.monotonic()
+        read._commit_callback(PartitionRead(topic, 0, 0), cursor, 1)()
+        took = time.monotonic() - started
+        assert waiting.is_alive()  # the commit came back while the wait went on
+        assert _committed(stack.kafka_bootstrap, group, topic, 1) == {0: 1}
+        assert took < 5, f"the commit took {took:.1f} s"
+        waiting.join()
+    finally:
+        read.teardown()
+
+
 def _start_job(stack, topic: str, group: str, prefix: str) -> subprocess.Popen:
     log = open(os.path.join(stack.state_dir, "logs", f"test-{prefix}.log"), "ab")
     return subprocess.Popen(

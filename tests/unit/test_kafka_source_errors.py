@@ -75,19 +75,21 @@ def test_an_idle_partition_commits_the_timestamp_of_the_previous_commit():
     fn = _read_fn("kafka")
     fn.setup()
     element = PartitionRead("t", 0, 10, committed_timestamp_ms=NOW - H)
-    cursor = _PartitionCursor(_FakeConsumer(), 10, carried_timestamp_ms=NOW - H)
+    reader = _FakeConsumer()
+    cursor = _PartitionCursor(reader, 10, _FakeConsumer(), carried_timestamp_ms=NOW - H)
     fn._commit_callback(element, cursor, 10)()
-    (tp,) = cursor.consumer.commits
+    (tp,) = cursor.committer.commits
     assert (tp.offset, _committed_timestamp(tp.metadata)) == (10, NOW - H)
+    assert reader.commits == []  # never the reading consumer (it may be in a wait)
     # Once a record was read, its time is what the commit records.
     cursor.last_timestamp_ms = NOW
     fn._commit_callback(element, cursor, 11)()
-    assert _committed_timestamp(cursor.consumer.commits[-1].metadata) == NOW
+    assert _committed_timestamp(cursor.committer.commits[-1].metadata) == NOW
     # Never read, nothing carried: the commit records no time (no rewind), never -1.
-    fresh = _PartitionCursor(_FakeConsumer(), 0)
+    fresh = _PartitionCursor(_FakeConsumer(), 0, _FakeConsumer())
     fn._commit_callback(PartitionRead("t", 1, 0), fresh, 0)()
-    assert _committed_timestamp(fresh.consumer.commits[0].metadata) is None
-    assert "-1" not in fresh.consumer.commits[0].metadata
+    assert _committed_timestamp(fresh.committer.commits[0].metadata) is None
+    assert "-1" not in fresh.committer.commits[0].metadata
     fn.teardown()
 
 

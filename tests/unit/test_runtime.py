@@ -1,6 +1,9 @@
 """``pipelines.runtime.runner_flags``: the runner flags every pipeline's run() adds."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from pipelines.runtime import pipeline_options, runner_flags
@@ -51,6 +54,7 @@ from pipelines.runtime import (  # noqa: E402
     OptionsError,
     answer_empty_finalizations,
     beam_spelling,
+    lengthen_grpc_waits,
     check_options,
     options_help,
 )
@@ -195,3 +199,48 @@ def test_a_bundle_with_nothing_to_finalize_is_answered_in_one_log_line(caplog):
         assert "Unknown process bundle id nope" in unknown.error
     finally:
         cache.shutdown()
+
+
+# ---------------------------------------------------------------- gRPC's idle wake-ups
+
+
+def _wait_for_an_answer_after(seconds: float, slice_s: float) -> tuple[float, list[float]]:
+    """A thread blocked in gRPC's wait with ``slice_s`` slices, answered after
+    ``seconds``: how long it waited and the slices it slept."""
+    import grpc._common
+
+    condition = threading.Condition()
+    answered, wakes = [], []
+
+    def wait(timeout):
+        wakes.append(timeout)
+        condition.wait(timeout=timeout)
+
+    def answer():
+        time.sleep(seconds)
+        with condition:
+            answered.append(True)
+            condition.notify_all()
+
+    previous = lengthen_grpc_waits(slice_s)
+    try:
+        threading.Thread(target=answer).start()
+        started = time.monotonic()
+        with condition:
+            grpc._common.wait(wait, lambda: bool(answered))
+        return time.monotonic() - started, wakes
+    finally:
+        grpc._common.MAXIMUM_WAIT_TIMEOUT = previous
+
+
+def test_a_thread_blocked_on_grpc_wakes_once_a_second_yet_at_once_when_answered():
+    waited, wakes = _wait_for_an_answer_after(0.55, 1.0)
+    assert 0.5 <= waited < 0.9  # the answer woke it, not the end of a slice
+    assert wakes == [1.0]
+    waited, wakes = _wait_for_an_answer_after(0.55, 0.1)  # gRPC's own slices
+    assert len(wakes) >= 5
+
+
+def test_grpc_waits_refuse_a_slice_that_never_blocks():
+    with pytest.raises(ValueError):
+        lengthen_grpc_waits(0)
