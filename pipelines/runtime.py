@@ -239,7 +239,7 @@ def lengthen_grpc_waits(seconds: float | None = None) -> float:
     responsive to signals. A LOOPBACK job has about ten threads blocked so (the
     control, data, state and job-state streams, the launcher's watch): a hundred
     wake-ups a second that do nothing, 0.9 % of a core per idle job of the 2.4 %
-    measured (docs/pipelines/kafka-io.md#idle-jobs). An answer still wakes its
+    measured (docs/pipelines/kafka-io.md#how-a-partition-is-read). An answer still wakes its
     waiter at once (it is notified); only a signal waits up to ``seconds``
     (SIGTERM's cancel starts up to 1 s later). Idempotent.
     """
