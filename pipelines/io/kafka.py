@@ -70,6 +70,13 @@ def recoverable(error) -> bool:
 
 #: The shortest delay before an idle partition's next bundle.
 MIN_IDLE_RESUME_MS = 20
+#: A caught-up partition's wait (``idle_poll_ms``) looks this often whether another
+#: partition of its read has records to read, and then ends: the wait blocks its whole
+#: bundle, which may hold other partitions (Prism bundles a stage's residuals together).
+IDLE_WAIT_SLICE_S = 0.1
+#: A cursor not read for this long is left out of that look (its partition may be read
+#: elsewhere now).
+RECENT_CURSOR_S = 30.0
 
 
 def idle_resume_ms(config: "KafkaSourceConfig", quiet_since_ms: int, now_ms: int) -> int:
@@ -509,6 +516,14 @@ class _SharedWatermarks:
     to read, and downstream those count as late. So each partition reports the
     least watermark of its read, and none until every partition has reported
     once. Only valid where all partitions of a read run in one process.
+
+    A partition's mark is its watermark as its bundle starts (``report``): what
+    the runner holds for it, its earlier bundles' records delivered. The watermark
+    a bundle ends with is its own alone (``settle``), never a mark for the others
+    while the runner may not have the bundle's records yet: a bundle finishing
+    meanwhile would carry the stage past them (seen: 2,487 records of a replayed
+    backlog dead-lettered as too late by the features job, the last ones of their
+    partition, read in the same bundle as a record from now).
     """
 
     def __init__(self):
@@ -516,12 +531,23 @@ class _SharedWatermarks:
         self._marks: dict[str, dict[tuple[str, int], Timestamp]] = {}
 
     def report(self, read_id: str, element: PartitionRead, own: Timestamp) -> Timestamp:
+        """A bundle of ``element`` starts with ``own``: the read's least watermark."""
         with self._lock:
             marks = self._marks.setdefault(read_id, {})
             marks[(element.topic, element.partition)] = own
             if len(marks) < element.partitions:
                 return MIN_TIMESTAMP
             return min(marks.values())
+
+    def settle(self, read_id: str, element: PartitionRead, own: Timestamp) -> Timestamp:
+        """A bundle of ``element`` ends with ``own``: the least of it and the other
+        partitions' marks (``own`` stays this bundle's until its next one starts)."""
+        with self._lock:
+            marks = self._marks.setdefault(read_id, {})
+            key = (element.topic, element.partition)
+            if len(marks.keys() | {key}) < element.partitions:
+                return MIN_TIMESTAMP
+            return min([own, *(m for k, m in marks.items() if k != key)])
 
     def finish(self, read_id: str, element: PartitionRead) -> None:
         """A bounded partition read to its end holds no one back any more."""
@@ -553,6 +579,28 @@ class _PartitionCursor:
     opened_wall_ms: int = dataclasses.field(default_factory=lambda: int(time.time() * 1000))
     #: The partition had nothing more to read when its last bundle ended.
     caught_up: bool = False
+    #: When a bundle last read the partition (monotonic s).
+    read_at: float = 0.0
+    #: Held by the bundle reading the partition. Others look at its consumer only when
+    #: they can take it: a call on a consumer waits for a ``consume()`` running on it in
+    #: another thread (``bench/probe_consumer_calls.py``: 2.7 s behind a 3 s wait).
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def records_waiting(self, topic: str, partition: int) -> bool:
+        """Records the consumer knows of beyond what was read (the end offset its last
+        fetch saw; no broker round trip). The consumer's position counts too: it moves
+        past offsets that hold no record (transaction markers), the last record read
+        does not."""
+        from confluent_kafka import TopicPartition
+
+        tp = TopicPartition(topic, partition)
+        try:
+            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high is None or high <= self.next_offset:
+                return False
+            return high > self.consumer.position([tp])[0].offset
+        except RuntimeError:  # closed meanwhile: its read ended
+            return False
 
 
 class _CursorPool:
@@ -608,6 +656,23 @@ class _CursorPool:
             client = self._committers[identity] = Consumer(config.client_config())
         return client
 
+    def records_waiting(self, config: KafkaSourceConfig, besides: _PartitionCursor) -> bool:
+        """Whether a partition read with ``config`` in this process recently, other than
+        ``besides``' and none being read right now, has records waiting to be read."""
+        identity, recent = config.identity(), time.monotonic() - RECENT_CURSOR_S
+        with self._lock:
+            others = [(key, c) for key, c in self._cursors.items()
+                      if key[0] == identity and c is not besides and c.read_at >= recent]
+        for (_, topic, partition), cursor in others:
+            # A partition being read in another bundle is that bundle's to wait for.
+            if cursor.lock.acquire(blocking=False):
+                try:
+                    if cursor.records_waiting(topic, partition):
+                        return True
+                finally:
+                    cursor.lock.release()
+        return False
+
     def get(self, config: KafkaSourceConfig, topic: str, partition: int,
             start: int) -> _PartitionCursor:
         from confluent_kafka import Consumer, TopicPartition
@@ -643,6 +708,7 @@ class _ReadPartitionFn(beam.DoFn):
 
     def setup(self):
         _CURSORS.attach(self._config)
+        self._waited = False
         self._records = Metrics.counter(_METRICS_NAMESPACE, "records_read")
         self._bytes = Metrics.counter(_METRICS_NAMESPACE, "bytes_read")
         self._commits = Metrics.counter(_METRICS_NAMESPACE, "offsets_committed")
@@ -651,10 +717,14 @@ class _ReadPartitionFn(beam.DoFn):
     def teardown(self):
         _CURSORS.detach(self._config)
 
+    def start_bundle(self):
+        self._waited = False  # one idle wait per bundle (``_idle_wait``)
+
     def _cursor(self, element: PartitionRead, start: int) -> _PartitionCursor:
         from confluent_kafka import TopicPartition
 
         cursor = _CURSORS.get(self._config, element.topic, element.partition, start)
+        cursor.read_at = time.monotonic()
         if cursor.carried_timestamp_ms is None:
             cursor.carried_timestamp_ms = element.committed_timestamp_ms
         if cursor.next_offset != start:
@@ -691,6 +761,11 @@ class _ReadPartitionFn(beam.DoFn):
 
     def _read(self, element: PartitionRead, tracker, watermark, finalizer):
         restriction = tracker.current_restriction()
+        cursor = _CURSORS.get(self._config, element.topic, element.partition, restriction.start)
+        with cursor.lock:
+            yield from self._read_locked(element, restriction, tracker, watermark, finalizer)
+
+    def _read_locked(self, element: PartitionRead, restriction, tracker, watermark, finalizer):
         cursor = self._cursor(element, restriction.start)
         config = self._config
         if config.shared_watermarks:  # what a split during the bundle would report
@@ -700,13 +775,7 @@ class _ReadPartitionFn(beam.DoFn):
         done = False
         timeout_s = config.batch_timeout_ms / 1000
         max_ahead_ms = config.event_limits.max_ahead_ms
-        # A partition that was caught up waits here for its next record, up to
-        # idle_poll_ms: blocked in librdkafka it costs nothing, while every bundle
-        # costs the runner and the worker a round trip (idle jobs polled by short
-        # bundles kept 10-15 % of a core busy). A record that comes is read at once.
-        waited = cursor.caught_up and config.idle_poll_ms > 0
-        first = (cursor.consumer.consume(num_messages=1, timeout=config.idle_poll_ms / 1000)
-                 if waited else [])
+        first, waited = self._idle_wait(cursor) if cursor.caught_up else ([], False)
         # The bundle's time counts from here; what the wait returned is always read.
         deadline = time.monotonic() + config.max_bundle_ms / 1000
         while first or ((emitted or not waited) and emitted < config.max_records_per_bundle
@@ -793,7 +862,7 @@ class _ReadPartitionFn(beam.DoFn):
         caught_up = not emitted and self._advance_idle(element, cursor, watermark)
         cursor.caught_up = caught_up
         if config.shared_watermarks:
-            watermark.share(_WATERMARKS.report(self._read_id, element, watermark.own()))
+            watermark.share(_WATERMARKS.settle(self._read_id, element, watermark.own()))
         # A caught-up partition waits for its next record inside its next bundle
         # (idle_poll_ms), so it resumes at once; with that wait off it pauses between
         # polls instead. One with records on the way pauses too, except on Prism
@@ -808,15 +877,34 @@ class _ReadPartitionFn(beam.DoFn):
         else:
             tracker.defer_remainder()
 
+    def _idle_wait(self, cursor: _PartitionCursor) -> tuple[list, bool]:
+        """A caught-up partition waits here for its next record, up to ``idle_poll_ms``:
+        blocked in librdkafka it costs nothing, while every bundle costs the runner and
+        the worker a round trip (idle jobs polled by short bundles kept 10-15 % of a
+        core busy). A record that comes is read at once. The wait holds up the rest of
+        its bundle, so there is at most one per bundle, none while another partition of
+        the read has records waiting, and it ends when one gets some (looked at every
+        ``IDLE_WAIT_SLICE_S``). Returns what it read and whether it waited."""
+        config = self._config
+        if (config.idle_poll_ms <= 0 or self._waited
+                or _CURSORS.records_waiting(config, cursor)):
+            return [], False
+        self._waited = True
+        deadline = time.monotonic() + config.idle_poll_ms / 1000
+        while True:
+            remaining = deadline - time.monotonic()
+            got = cursor.consumer.consume(num_messages=1,
+                                          timeout=max(0.0, min(IDLE_WAIT_SLICE_S, remaining)))
+            if got or remaining <= IDLE_WAIT_SLICE_S or _CURSORS.records_waiting(config, cursor):
+                return got, True
+
     def _end(self, element: PartitionRead, cursor: _PartitionCursor, watermark) -> None:
         """This restriction is done: the partition's read too when its range is (it holds
-        no one back any more), else a split's residual reads on from here."""
-        if not self._config.shared_watermarks:
-            return
-        if element.stop is not None and cursor.next_offset >= element.stop:
+        no one back any more), else a split's residual reads on from here (and reports
+        as its bundle starts)."""
+        if (self._config.shared_watermarks and element.stop is not None
+                and cursor.next_offset >= element.stop):
             _WATERMARKS.finish(self._read_id, element)
-        else:
-            _WATERMARKS.report(self._read_id, element, watermark.own())
 
     def _advance(self, watermark, candidate_ms: int) -> None:
         candidate = Timestamp(micros=candidate_ms * 1000)

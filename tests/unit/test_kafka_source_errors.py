@@ -186,6 +186,26 @@ def test_a_shared_watermark_waits_for_every_partition_and_is_their_least():
     assert marks.report("r", p1, MAX_TIMESTAMP) == MAX_TIMESTAMP
 
 
+def test_a_bundles_end_watermark_is_no_mark_for_the_other_partitions():
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+
+    from pipelines.io.kafka import PartitionRead, _SharedWatermarks
+
+    marks = _SharedWatermarks()
+    p0, p1 = (PartitionRead("t", p, 0, partitions=2) for p in (0, 1))
+    assert marks.settle("r", p0, Timestamp(500)) == MIN_TIMESTAMP  # partition 1 unheard
+    marks.report("r", p0, Timestamp(100))
+    assert marks.report("r", p1, Timestamp(200)) == Timestamp(100)
+    # Partition 0's bundle ends at 900: its own estimate only. Partition 1's bundle
+    # ending meanwhile still counts partition 0 at 100 (its records between 100
+    # and 900 may not have reached the runner yet).
+    assert marks.settle("r", p0, Timestamp(900)) == Timestamp(200)
+    assert marks.settle("r", p1, Timestamp(950)) == Timestamp(100)
+    # Partition 0's next bundle starts from 900: the runner has the records before it.
+    marks.report("r", p0, Timestamp(900))
+    assert marks.settle("r", p1, Timestamp(950)) == Timestamp(900)
+
+
 def test_a_partition_reports_the_shared_watermark_but_keeps_its_own_as_state():
     from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 
