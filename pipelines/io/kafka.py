@@ -209,10 +209,10 @@ class KafkaReadOptions(PipelineOptions):
                                  "a quiet partition (a quarter of its quiet time, up to this): "
                                  "each poll costs the runner a bundle")
         parser.add_argument("--idle_poll_ms", type=int, default=2000,
-                            help="a caught-up partition's bundle waits this long for its next "
-                                 "record (returning as soon as one comes), so an idle job "
-                                 "costs one bundle per partition per this period; "
-                                 "0: short polls paced by --idle_wait_ms instead")
+                            help="a bundle of caught-up partitions waits this long for a "
+                                 "record on any of them (returning within 0.1 s of one), so "
+                                 "an idle job costs one bundle per this period per bundle of "
+                                 "partitions; 0: short polls paced by --idle_wait_ms instead")
         parser.add_argument("--max_event_ahead_s", type=float, default=3600.0,
                             help="dead-letter an event whose times lie more than this far past "
                                  "its record's Kafka timestamp or the wall clock (clock skew "
