@@ -581,10 +581,15 @@ class _PartitionCursor:
     caught_up: bool = False
     #: When a bundle last read the partition (monotonic s).
     read_at: float = 0.0
-    #: Held by the bundle reading the partition. Others look at its consumer only when
-    #: they can take it: a call on a consumer waits for a ``consume()`` running on it in
-    #: another thread (``bench/probe_consumer_calls.py``: 2.7 s behind a 3 s wait).
+    #: Held while the consumer is in ``consume()`` (``poll``). Others look at the consumer
+    #: only when they can take it: a call on a consumer waits for a ``consume()`` running
+    #: on it in another thread (``bench/probe_consumer_calls.py``: 2.7 s behind a 3 s wait).
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def poll(self, num_messages: int, timeout_s: float) -> list:
+        """``consume()`` on the consumer, holding ``lock``."""
+        with self.lock:
+            return self.consumer.consume(num_messages=num_messages, timeout=timeout_s)
 
     def records_waiting(self, topic: str, partition: int) -> bool:
         """Records the consumer knows of beyond what was read (the end offset its last
@@ -664,7 +669,7 @@ class _CursorPool:
             others = [(key, c) for key, c in self._cursors.items()
                       if key[0] == identity and c is not besides and c.read_at >= recent]
         for (_, topic, partition), cursor in others:
-            # A partition being read in another bundle is that bundle's to wait for.
+            # A partition polled in another bundle right now is that bundle's to wait for.
             if cursor.lock.acquire(blocking=False):
                 try:
                     if cursor.records_waiting(topic, partition):
@@ -761,11 +766,6 @@ class _ReadPartitionFn(beam.DoFn):
 
     def _read(self, element: PartitionRead, tracker, watermark, finalizer):
         restriction = tracker.current_restriction()
-        cursor = _CURSORS.get(self._config, element.topic, element.partition, restriction.start)
-        with cursor.lock:
-            yield from self._read_locked(element, restriction, tracker, watermark, finalizer)
-
-    def _read_locked(self, element: PartitionRead, restriction, tracker, watermark, finalizer):
         cursor = self._cursor(element, restriction.start)
         config = self._config
         if config.shared_watermarks:  # what a split during the bundle would report
@@ -780,9 +780,9 @@ class _ReadPartitionFn(beam.DoFn):
         deadline = time.monotonic() + config.max_bundle_ms / 1000
         while first or ((emitted or not waited) and emitted < config.max_records_per_bundle
                         and time.monotonic() < deadline):
-            messages = cursor.consumer.consume(
-                num_messages=min(config.batch_records, config.max_records_per_bundle - emitted)
-                - len(first), timeout=timeout_s)
+            messages = cursor.poll(
+                min(config.batch_records, config.max_records_per_bundle - emitted) - len(first),
+                timeout_s)
             if first:
                 messages, first = first + messages, []
             if not messages:
@@ -853,11 +853,11 @@ class _ReadPartitionFn(beam.DoFn):
             finalizer.register(self._commit_callback(element, cursor, cursor.next_offset)
                                if config.commit_offsets else _no_commit)
         if done:
-            self._end(element, cursor, watermark)
+            self._end(element, cursor)
             return
         if restriction.stop != UNBOUNDED_STOP and cursor.next_offset >= restriction.stop:
             tracker.try_claim(restriction.stop)  # gaps (compaction, txn markers) end the range
-            self._end(element, cursor, watermark)
+            self._end(element, cursor)
             return
         caught_up = not emitted and self._advance_idle(element, cursor, watermark)
         cursor.caught_up = caught_up
@@ -893,12 +893,11 @@ class _ReadPartitionFn(beam.DoFn):
         deadline = time.monotonic() + config.idle_poll_ms / 1000
         while True:
             remaining = deadline - time.monotonic()
-            got = cursor.consumer.consume(num_messages=1,
-                                          timeout=max(0.0, min(IDLE_WAIT_SLICE_S, remaining)))
+            got = cursor.poll(1, max(0.0, min(IDLE_WAIT_SLICE_S, remaining)))
             if got or remaining <= IDLE_WAIT_SLICE_S or _CURSORS.records_waiting(config, cursor):
                 return got, True
 
-    def _end(self, element: PartitionRead, cursor: _PartitionCursor, watermark) -> None:
+    def _end(self, element: PartitionRead, cursor: _PartitionCursor) -> None:
         """This restriction is done: the partition's read too when its range is (it holds
         no one back any more), else a split's residual reads on from here (and reports
         as its bundle starts)."""
