@@ -116,6 +116,8 @@ class CassandraStoryStore:
                    "WHERE bucket = ? AND shard = ? AND expires_at <= ? LIMIT ?",
             "earliest": f"SELECT expires_at FROM {ks}.{cs.STORY_EXPIRY_INDEX} WHERE bucket = ? "
                         "AND shard IN ? AND expires_at > ? PER PARTITION LIMIT 1",
+            "swept": f"SELECT story_id, author_id, expires_at FROM {ks}.{cs.STORY_EXPIRY_INDEX} "
+                     "WHERE bucket = ? AND shard IN ? AND expires_at <= ?",
         }
 
     @classmethod
@@ -282,10 +284,15 @@ class CassandraStoryStore:
 
     def sweep(self, now_ms: int) -> list[IndexedStory]:
         """Every story in the expiry index that may still need removing at ``now_ms``
-        (``sweep_buckets``), ordered by expiry (tools and tests)."""
-        buckets = sweep_buckets(now_ms, self.policy)
+        (``sweep_buckets``), ordered by expiry (tools and tests). One read per bucket
+        (all shards at once): 170 for the default week, not 16 times as many."""
         end = max(now_ms + self.policy.max_life_ms, now_ms) + HOUR_MS
-        return self.due(range(EXPIRY_SHARDS), buckets, end, limit=1 << 30)[0]
+        shards = list(range(EXPIRY_SHARDS))
+        rows = [IndexedStory(r.story_id, r.author_id, to_ms(r.expires_at))
+                for rs in self._run([("swept", (b, shards, end))
+                                     for b in sweep_buckets(now_ms, self.policy)])
+                for r in rs]
+        return sorted(rows, key=lambda s: (s.expires_at, s.story_id))
 
     # -- reads --------------------------------------------------------------------
 
