@@ -341,7 +341,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> StoryResults:
     consumer group's offsets; returns the composite's outputs."""
     kafka = options.view_as(KafkaReadOptions)
     opts = options.view_as(StoriesOptions)
-    config = kafka.source_config(default_group=DEFAULT_GROUP)
+    # Expiry is event-time timers, and no story event is ever too late to apply: an
+    # idle partition follows the clock, not its last record's age (a drained backlog
+    # held every expiry back as long).
+    config = kafka.source_config(default_group=DEFAULT_GROUP, default_idle_watermark="clock")
     prefix = kafka.topic_prefix
     batches = (pipeline
                | "ReadStoryEvents" >> ReadEventBatches(config, [prefix + StoryEvent.TOPIC],

@@ -39,6 +39,8 @@ UNBOUNDED_STOP = 2**63 - 1
 START_POLICIES = ("committed", "earliest", "latest")
 PARTITION_WATERMARKS = ("auto", "shared", "own")
 TIMESTAMP_POLICIES = ("kafka", "event")
+#: How a caught-up partition's watermark follows the wall clock (``KafkaSourceConfig``).
+IDLE_WATERMARKS = ("record", "clock")
 _METRICS_NAMESPACE = "feedbeam.kafka"
 # Partition reads come from Create/Impulse, so every record is in the global
 # window. Emitting WindowedValues with this tuple skips the per-record window
@@ -107,6 +109,16 @@ class KafkaSourceConfig:
     partition of its read (``_SharedWatermarks``), for runners that take a
     stage's watermark from its latest bundle alone (Prism); only where every
     partition of a read runs in one worker process.
+
+    ``idle_watermark``: how a caught-up partition's watermark follows the wall
+    clock (less ``idle_skew_ms``). ``record``: from its last record, as far behind
+    the clock as that record was when read, so that history produced in pieces
+    is not made late by the pauses between them; after a backlog, a quiet
+    partition stays behind by its last record's age and holds back every
+    event-time timer downstream as long. ``clock``: behind the clock only by the
+    delay the records read live showed (``_PartitionCursor.live_lag_ms``), so
+    timers fire on time after a backlog; a piece of history produced after a
+    pause is late. Pipelines that drop late data keep ``record``.
     """
 
     consumer_config: Mapping[str, str]
@@ -123,6 +135,7 @@ class KafkaSourceConfig:
     batch_timeout_ms: int = 20
     idle_wait_ms: int = 2_000
     idle_poll_ms: int = 2_000
+    idle_watermark: str = "record"
     event_limits: EventLimits = EventLimits()
     shared_watermarks: bool = False
 
@@ -134,6 +147,9 @@ class KafkaSourceConfig:
         if self.timestamp_policy not in TIMESTAMP_POLICIES:
             raise ValueError(
                 f"timestamp_policy must be one of {TIMESTAMP_POLICIES}, not {self.timestamp_policy!r}")
+        if self.idle_watermark not in IDLE_WATERMARKS:
+            raise ValueError(
+                f"idle_watermark must be one of {IDLE_WATERMARKS}, not {self.idle_watermark!r}")
         if "bootstrap.servers" not in self.consumer_config:
             raise ValueError("consumer_config needs bootstrap.servers")
         if self.start_from == "committed" and "group.id" not in self.consumer_config:
@@ -194,8 +210,15 @@ class KafkaReadOptions(PipelineOptions):
                             help="how far behind the newest record of a partition its watermark "
                                  "stays")
         parser.add_argument("--idle_skew_s", type=float, default=2.0,
-                            help="how far behind wall-clock progress an idle partition's "
-                                 "watermark stays")
+                            help="how far behind the wall clock an idle partition's "
+                                 "watermark stays (besides its records' delay, see "
+                                 "--idle_watermark)")
+        parser.add_argument("--idle_watermark", choices=IDLE_WATERMARKS, default=None,
+                            help="record: an idle partition's watermark follows the clock from "
+                                 "its last record, as far behind as that record was when read "
+                                 "(history produced in pieces is not made late); clock: behind "
+                                 "the clock only by the delay of records read live (timers "
+                                 "fire on time after a backlog); default: the pipeline's")
         parser.add_argument("--rewind_s", type=float, default=None,
                             help="on start, re-read this much event time before the committed "
                                  "offsets (the pipeline's state horizon)")
@@ -230,7 +253,8 @@ class KafkaReadOptions(PipelineOptions):
                                  "must run in one worker process); own: each its own; auto: "
                                  "shared on Prism, own elsewhere")
 
-    def source_config(self, default_group: str, default_rewind_s: float = 0.0) -> KafkaSourceConfig:
+    def source_config(self, default_group: str, default_rewind_s: float = 0.0,
+                      default_idle_watermark: str = "record") -> KafkaSourceConfig:
         """A ``KafkaSourceConfig`` from these options; ``default_*`` are the pipeline's."""
         extra = {}
         for item in self.consumer_config:
@@ -255,6 +279,7 @@ class KafkaReadOptions(PipelineOptions):
             batch_timeout_ms=self.batch_timeout_ms,
             idle_wait_ms=self.idle_wait_ms,
             idle_poll_ms=self.idle_poll_ms,
+            idle_watermark=self.idle_watermark or default_idle_watermark,
             event_limits=limits,
             shared_watermarks=self._shared_watermarks(),
         )
@@ -570,6 +595,15 @@ class _PartitionCursor:
     committer: object = None
     last_timestamp_ms: int | None = None
     last_record_wall_ms: int | None = None
+    #: How far behind the wall clock the newest record of the last bundle read *live*
+    #: (``live``) was when read: the producers' own delay, which an idle watermark
+    #: keeps. None until such a bundle read records (then the idle watermark is the
+    #: wall clock less ``idle_skew_ms``).
+    live_lag_ms: int | None = None
+    #: The last bundle ended on an empty poll (or an idle wait that got nothing): the
+    #: next bundle's records arrived since, so how late they are is the producers' delay,
+    #: not time spent queued behind a backlog.
+    live: bool = False
     committed_offset: int = -1
     # What commits record as the position's timestamp before a record is read:
     # the previous commit's (``PartitionRead.committed_timestamp_ms``).
@@ -776,6 +810,7 @@ class _ReadPartitionFn(beam.DoFn):
         timeout_s = config.batch_timeout_ms / 1000
         max_ahead_ms = config.event_limits.max_ahead_ms
         first, waited = self._idle_wait(cursor) if cursor.caught_up else ([], False)
+        live, drained = cursor.live, False
         # The bundle's time counts from here; what the wait returned is always read.
         deadline = time.monotonic() + config.max_bundle_ms / 1000
         while first or ((emitted or not waited) and emitted < config.max_records_per_bundle
@@ -786,6 +821,8 @@ class _ReadPartitionFn(beam.DoFn):
             if first:
                 messages, first = first + messages, []
             if not messages:
+                # An empty poll may only mean the prefetch ran dry in a backlog.
+                drained = not cursor.records_waiting(element.topic, element.partition)
                 break
             timeout_s = 0  # caught up once the fetched records are taken: end the bundle
             latest_ms = int(time.time() * 1000) + max_ahead_ms
@@ -845,6 +882,8 @@ class _ReadPartitionFn(beam.DoFn):
             newest_ms = min(max_ts, now_ms)
             cursor.last_timestamp_ms = max(newest_ms, cursor.last_timestamp_ms or newest_ms)
             cursor.last_record_wall_ms = now_ms
+            if live:
+                cursor.live_lag_ms = now_ms - newest_ms
             self._advance(watermark, newest_ms - config.max_out_of_orderness_ms)
         if finalizer is not None:
             # Registered on every bundle, empty or not: Prism finalizes every
@@ -861,6 +900,7 @@ class _ReadPartitionFn(beam.DoFn):
             return
         caught_up = not emitted and self._advance_idle(element, cursor, watermark)
         cursor.caught_up = caught_up
+        cursor.live = drained or (waited and not emitted)
         if config.shared_watermarks:
             watermark.share(_WATERMARKS.settle(self._read_id, element, watermark.own()))
         # A caught-up partition waits for its next record inside its next bundle
@@ -912,8 +952,10 @@ class _ReadPartitionFn(beam.DoFn):
             watermark.set_watermark(candidate)
 
     def _advance_idle(self, element: PartitionRead, cursor: _PartitionCursor, watermark) -> bool:
-        """Move an idle, caught-up partition's watermark with the wall clock; False (and
-        the watermark left alone) while records are waiting or the end is unknown."""
+        """Move an idle, caught-up partition's watermark with the wall clock, less
+        ``idle_skew_ms`` and its records' delay (``KafkaSourceConfig.idle_watermark``);
+        False (and the watermark left alone) while records are waiting or the end is
+        unknown."""
         from confluent_kafka import TopicPartition
 
         partition = TopicPartition(element.topic, element.partition)
@@ -926,12 +968,13 @@ class _ReadPartitionFn(beam.DoFn):
         if max(cursor.next_offset, position) < high:
             return False
         now_ms = int(time.time() * 1000)
-        if cursor.last_timestamp_ms is None:
-            candidate = now_ms - self._config.idle_skew_ms
+        if self._config.idle_watermark == "clock" or cursor.last_timestamp_ms is None:
+            # Behind by the producers' delay as last seen live, never by how long a
+            # backlog's records sat queued.
+            behind_ms = cursor.live_lag_ms or 0
         else:
-            elapsed = now_ms - cursor.last_record_wall_ms
-            candidate = cursor.last_timestamp_ms + elapsed - self._config.idle_skew_ms
-        self._advance(watermark, candidate)
+            behind_ms = cursor.last_record_wall_ms - cursor.last_timestamp_ms
+        self._advance(watermark, now_ms - behind_ms - self._config.idle_skew_ms)
         return True
 
     def _commit_callback(self, element: PartitionRead, cursor: _PartitionCursor, offset: int):

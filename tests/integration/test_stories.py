@@ -271,6 +271,27 @@ def test_expired_never_served_while_stopped_and_restart_converges(env, kafka_top
                if s % 100 == 0)
 
 
+def test_a_story_expires_on_time_after_the_job_drained_an_old_backlog(env):
+    # A backlog stamped a minute back on every partition; once it is applied, one
+    # partition gets a story expiring 3 s later and the others stay quiet. Their idle
+    # watermark followed the clock from their last record's age (a minute and more
+    # behind it), which held the expiry back as long; it follows the clock itself.
+    old = now_ms() - 60_000
+    env.topic.send([story(PUBLISHED, a, a, old, expires=old + 3600_000) for a in range(1, 21)])
+    job = env.start()
+    try:
+        _wait_for(env.drained, 120, "the job to apply the backlog")
+        expires = now_ms() + 3000
+        env.topic.send([story(PUBLISHED, 99, 1, expires - 3000, expires=expires)])
+        _wait_for(lambda: env.redis.client.hget(env.keys.story(99), "removed") is not None, 120,
+                  "the story to be removed")
+        late_s = (now_ms() - expires) / 1000
+    finally:
+        _kill(job)
+    assert late_s < 20, f"removed {late_s:.1f} s after it expired"
+    assert env.cassandra.story(99) is None
+
+
 def read_json(stack, topic: str) -> list[dict]:
     """Every record of ``topic`` (one partition) as JSON."""
     import json

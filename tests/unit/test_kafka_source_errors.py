@@ -155,6 +155,111 @@ def test_a_record_stamped_ahead_of_the_clock_does_not_move_the_watermark_past_it
     assert now_ms <= cursor.last_timestamp_ms <= after_ms
 
 
+class _Partition:
+    """A partition's consumer running through scripted polls, then empty ones. A poll
+    is a list of messages, or ``("dry", n)``: nothing returned while ``n`` more
+    records are in the partition (the prefetch ran dry in a backlog)."""
+
+    def __init__(self, polls):
+        self.polls = list(polls)
+        self.taken = self.unseen = 0
+
+    def consume(self, num_messages, timeout):
+        got = self.polls.pop(0) if self.polls else []
+        if isinstance(got, tuple):
+            self.unseen = got[1]
+            return []
+        self.taken += len(got)
+        self.unseen = max(0, self.unseen - len(got))
+        return got
+
+    def get_watermark_offsets(self, tp, cached=False):
+        return (0, self.taken + self.unseen)
+
+    def position(self, tps):
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(tps[0].topic, tps[0].partition, self.taken)]
+
+
+def _bundles(monkeypatch, bundles: list[list], later_s: float = 0,
+             idle_watermark: str = "clock") -> list[int]:
+    """Run one bundle per entry of ``bundles`` (the polls it makes, ending on an empty
+    one) on one partition of a source with no idle wait and a 2 s skew, the last
+    one ``later_s`` later by the source's wall clock; each bundle's end watermark (ms)."""
+    import time
+    import types
+
+    from apache_beam.io.restriction_trackers import OffsetRange
+    from pipelines.io import kafka
+    from pipelines.io.kafka import (KafkaSourceConfig, PartitionRead, _OffsetTracker,
+                                    _PartitionCursor, _PartitionWatermark, _ReadPartitionFn)
+
+    cursor = _PartitionCursor(_Partition([poll for polls in bundles for poll in polls]), 0)
+    monkeypatch.setattr(kafka._CURSORS, "get", lambda *args: cursor)
+    monkeypatch.setattr(kafka, "time", time)
+    fn = _ReadPartitionFn(KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"},
+                                            idle_poll_ms=0, idle_skew_ms=2000,
+                                            idle_watermark=idle_watermark), "read-1")
+    fn.setup()
+    watermark = _PartitionWatermark(None)
+    marks = []
+    for i, _ in enumerate(bundles):
+        if i == len(bundles) - 1:
+            monkeypatch.setattr(kafka, "time", types.SimpleNamespace(
+                time=lambda: time.time() + later_s, monotonic=time.monotonic))
+        fn.start_bundle()
+        tracker = _OffsetTracker(OffsetRange(cursor.next_offset, kafka.UNBOUNDED_STOP))
+        tracker.defer_remainder = lambda delay=None: None
+        list(fn._read(PartitionRead("t", 0, 0), tracker, watermark, None))
+        mark = watermark.current_watermark()
+        marks.append(None if mark is None else mark.micros // 1000)
+    fn.teardown()
+    return marks
+
+
+def _records(first: int, *times_ms: int) -> list:
+    return [_Message(first + i, t) for i, t in enumerate(times_ms)]
+
+
+def test_an_idle_partition_after_a_backlog_follows_the_clock_not_its_last_records_age(
+        monkeypatch):
+    import time
+
+    now_ms = int(time.time() * 1000)
+    old = now_ms - 30_000
+    # A backlog whose newest record is 30 s old when read, then nothing: with
+    # idle_watermark=clock the idle watermark is the clock less the skew, not 30 s
+    # further back (a quiet partition held every story expiry downstream back by its
+    # backlog's age). The first bundle's prefetch runs dry once: the records after it
+    # are the backlog's still.
+    backlog = [[_records(0, now_ms - 60_000, now_ms - 50_000), ("dry", 1)],
+               [_records(2, old), []],
+               [[]]]
+    read, rest, idle = _bundles(monkeypatch, backlog, later_s=10)
+    assert read == now_ms - 50_000 and rest == old
+    assert idle >= now_ms + 10_000 - 2000
+    # With record (the default), history produced after a pause is not made late:
+    # the watermark follows the clock from the last record, as far behind as it was.
+    *_, idle = _bundles(monkeypatch, backlog, later_s=10, idle_watermark="record")
+    after_ms = int(time.time() * 1000)
+    assert old + 10_000 - 2000 <= idle <= old + (after_ms - now_ms) + 10_000 - 2000
+
+
+def test_an_idle_partition_keeps_the_delay_its_live_records_came_with(monkeypatch):
+    import time
+
+    now_ms = int(time.time() * 1000)
+    # The partition was caught up when the second bundle's record, 30 s old, came: the
+    # producers are 30 s late, and the idle watermark 10 s later stays that far (and
+    # the skew) behind the clock, so that their next records are not late.
+    _, read, idle = _bundles(monkeypatch, [[_records(0, now_ms - 31_000), []],
+                                           [_records(1, now_ms - 30_000), []], [[]]], later_s=10)
+    after_ms = int(time.time() * 1000)
+    assert read == now_ms - 30_000
+    assert now_ms - 22_000 <= idle <= after_ms - 22_000
+
+
 def test_a_quiet_partition_is_polled_less_often_the_longer_it_is_quiet():
     from pipelines.io.kafka import MIN_IDLE_RESUME_MS, KafkaSourceConfig, idle_resume_ms
 
@@ -235,3 +340,20 @@ def test_watermarks_are_shared_on_prism_only_unless_told():
     assert not shared("--runner=FlinkRunner")
     assert shared("--runner=FlinkRunner", "--partition_watermarks=shared")
     assert not shared("--runner=PrismRunner", "--partition_watermarks=own")
+
+
+def test_the_idle_watermark_is_the_pipelines_unless_told():
+    import pytest
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.io.kafka import KafkaReadOptions, KafkaSourceConfig
+
+    def policy(*args: str, **defaults) -> str:
+        options = PipelineOptions(list(args)).view_as(KafkaReadOptions)
+        return options.source_config(default_group="g", **defaults).idle_watermark
+
+    assert policy() == "record"
+    assert policy(default_idle_watermark="clock") == "clock"
+    assert policy("--idle_watermark=record", default_idle_watermark="clock") == "record"
+    with pytest.raises(ValueError, match="idle_watermark"):
+        KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"}, idle_watermark="wall")
