@@ -29,7 +29,7 @@ from jobs.replay_range import (
 from stores.kafka import offsets as kafka_offsets
 from schemas.records import DeadLetter, KafkaRecord, decode_record_dict, dict_decoder
 from schemas.events import dlq_topic
-from schemas.validation import VALIDATE_STEP, EventLimits, check_event
+from schemas.validation import VALIDATE_STEP, EventLimits, check_record
 
 DEFAULT_BATCH = 50_000
 MANIFEST = "_replay.json"
@@ -263,7 +263,7 @@ def invalid_letter(record_type: type, record: dict, kafka: KafkaRecord, now_ms: 
     """The dead letter (step ``validate``) of a decoded record that breaks ``limits`` at
     the wall clock ``now_ms``, as the pipelines' decode step makes it; None if it is
     valid. ``record`` is ``decode_record_dict``'s Avro dict of ``record_type``."""
-    problem = check_event(record_type.from_avro(record), kafka.timestamp_ms, now_ms, limits)
+    problem = check_record(record_type, record, kafka.timestamp_ms, now_ms, limits)
     if problem is None:
         return None
     return DeadLetter.of(kafka, VALIDATE_STEP, problem.reason, problem.message, now_ms)
@@ -365,9 +365,8 @@ def replay(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], out: 
                     add_timestamp = state.timestamps.append
                 value = msg.value()
                 decoded = accept(value)
-                if decoded is not None and limits is not None and check_event(
-                        decoded[0].from_avro(decoded[1]), msg.timestamp()[1], now_ms,
-                        limits) is not None:
+                if decoded is not None and limits is not None and check_record(
+                        decoded[0], decoded[1], msg.timestamp()[1], now_ms, limits) is not None:
                     # Broke a rule: the same check again, for the dead letter.
                     state.dead.append(invalid_letter(*decoded, KafkaRecord(
                         topic, p, offset, msg.key(), value, msg.timestamp()[1]), now_ms, limits))

@@ -201,3 +201,23 @@ def _check_follow(event: FollowEvent, latest: int, limits: EventLimits) -> Viola
 
 _TYPE_CHECKS = {PostEvent: _check_post, EngagementEvent: _check_engagement,
                 StoryEvent: _check_story, FollowEvent: _check_follow}
+
+
+class _AvroFields:
+    """A decoded Avro dict's fields as attributes: all the rules read (no copy)."""
+
+
+#: Per event type, the ``_AvroFields`` type its rules are looked up by.
+_FIELDS_TYPES = {t: type(f"{t.__name__}Fields", (_AvroFields,), {"__slots__": ()})
+                 for t in list(_TYPE_CHECKS)}
+_TYPE_CHECKS.update({_FIELDS_TYPES[t]: check for t, check in list(_TYPE_CHECKS.items())})
+
+
+def check_record(record_type: type, record: dict, record_timestamp_ms: int, now_ms: int,
+                 limits: EventLimits = EventLimits()) -> Violation | None:
+    """``check_event`` of the ``record_type`` event a decoded Avro dict (every field of
+    its reader schema, as ``WireCodec.decode_dict`` returns it) would make, without
+    making it: a reader that keeps the dicts (the replay) skips building the event."""
+    fields = _FIELDS_TYPES[record_type]()
+    fields.__dict__ = record
+    return check_event(fields, record_timestamp_ms, now_ms, limits)

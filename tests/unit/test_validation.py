@@ -151,3 +151,35 @@ def test_limits_refuse_negative_settings():
         EventLimits(max_ahead_ms=-1)
     with pytest.raises(ValueError, match="max_event_id_chars"):
         EventLimits(max_event_id_chars=0)
+
+
+def test_a_decoded_avro_dict_is_judged_as_the_event_it_would_make():
+    from schemas.codec import WireCodec
+    from schemas.validation import check_record
+
+    codec = WireCodec()
+    events = [post(), follow(), story(), view(), post(T0), post(created_at=NOW // 1000),
+              follow(follower_id=-1), post(post_id=-10), view(post_id=-2), story(viewer_id=-3),
+              post(hashtags=tuple(f"t{i}" for i in range(31))), post(hashtags=("",)),
+              post(caption_length=2201), follow(event_id=""), follow(event_id="e" * 129),
+              view(dwell_ms=-1), view(kind=EngagementKind.PROFILE_VIEW, post_id=None,
+                                      media_type=None, dwell_ms=None),
+              story(expires_at=NOW), story(created_at=None, expires_at=NOW - 1),
+              story(expires_at=NOW + 30 * 24 * H + 1), story(expires_at=None),
+              story(kind=StoryEventKind.VIEWED, viewer_id=5, created_at=None, expires_at=None),
+              follow(NOW * 1000), follow(NOW // 1000), view(NOW + 2 * H)]
+    limits = EventLimits(max_age_ms=H)
+    seen = set()
+    for event in events:
+        record_type, record = codec.decode_dict(codec.encode(event))
+        assert record_type is type(event)
+        for record_ts, now in ((NOW, NOW), (-1, NOW), (NOW + 3 * H, NOW), (NOW - 2 * H, NOW)):
+            expected = check_event(event, record_ts, now, limits)
+            assert check_record(record_type, record, record_ts, now, limits) == expected, event
+            seen.add(None if expected is None else expected.reason)
+    # Every rule was met at least once, and so was a valid event.
+    assert seen >= {None, v.NEGATIVE_ID, v.TIME_FIELD_OUT_OF_RANGE, v.TOO_MANY_HASHTAGS,
+                    v.HASHTAG_SIZE, v.CAPTION_LENGTH, v.EVENT_ID_SIZE, v.DWELL_MS,
+                    v.STORY_EXPIRES_BEFORE_CREATION, v.STORY_LIFE_TOO_LONG,
+                    v.EVENT_TIME_IN_FUTURE, v.EVENT_TIME_BEFORE_FLOOR, v.EVENT_TIME_TOO_OLD,
+                    v.RECORD_TIME_IN_FUTURE}
