@@ -641,6 +641,19 @@ class _PartitionCursor:
         except RuntimeError:  # closed meanwhile: its read ended
             return False
 
+    def at_end(self, topic: str, partition: int) -> bool:
+        """Everything up to the end offset the consumer's last fetch saw is read; False
+        while that end is unknown (a new consumer before its first fetch)."""
+        from confluent_kafka import TopicPartition
+
+        tp = TopicPartition(topic, partition)
+        _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+        if high is None or high < 0:
+            return False
+        # The consumer's position moves past offsets that carry no record (a
+        # transaction's commit marker ends many partitions); the last record does not.
+        return self.next_offset >= high or self.consumer.position([tp])[0].offset >= high
+
 
 class _CursorPool:
     """Process-wide consumers, one per (source config, partition).
@@ -821,8 +834,9 @@ class _ReadPartitionFn(beam.DoFn):
             if first:
                 messages, first = first + messages, []
             if not messages:
-                # An empty poll may only mean the prefetch ran dry in a backlog.
-                drained = not cursor.records_waiting(element.topic, element.partition)
+                # An empty poll may only mean the prefetch ran dry in a backlog, or
+                # that a new consumer has not fetched yet.
+                drained = cursor.at_end(element.topic, element.partition)
                 break
             timeout_s = 0  # caught up once the fetched records are taken: end the bundle
             latest_ms = int(time.time() * 1000) + max_ahead_ms
@@ -956,16 +970,7 @@ class _ReadPartitionFn(beam.DoFn):
         ``idle_skew_ms`` and its records' delay (``KafkaSourceConfig.idle_watermark``);
         False (and the watermark left alone) while records are waiting or the end is
         unknown."""
-        from confluent_kafka import TopicPartition
-
-        partition = TopicPartition(element.topic, element.partition)
-        _, high = cursor.consumer.get_watermark_offsets(partition, cached=True)
-        if high is None or high < 0:
-            return False
-        # The consumer's position moves past offsets that carry no record (a
-        # transaction's commit marker ends many partitions); the last record does not.
-        position = cursor.consumer.position([partition])[0].offset
-        if max(cursor.next_offset, position) < high:
+        if not cursor.at_end(element.topic, element.partition):
             return False
         now_ms = int(time.time() * 1000)
         if self._config.idle_watermark == "clock" or cursor.last_timestamp_ms is None:

@@ -157,23 +157,28 @@ def test_a_record_stamped_ahead_of_the_clock_does_not_move_the_watermark_past_it
 
 class _Partition:
     """A partition's consumer running through scripted polls, then empty ones. A poll
-    is a list of messages, or ``("dry", n)``: nothing returned while ``n`` more
-    records are in the partition (the prefetch ran dry in a backlog)."""
+    is a list of messages, ``("dry", n)``: nothing returned while ``n`` more records
+    are in the partition (the prefetch ran dry in a backlog), or ``("new",)``: nothing
+    returned by a consumer that has not fetched yet (its end offset unknown)."""
 
     def __init__(self, polls):
         self.polls = list(polls)
         self.taken = self.unseen = 0
+        self.fetched = True
 
     def consume(self, num_messages, timeout):
         got = self.polls.pop(0) if self.polls else []
+        self.fetched = got != ("new",)
         if isinstance(got, tuple):
-            self.unseen = got[1]
+            self.unseen = got[1] if self.fetched else self.unseen
             return []
         self.taken += len(got)
         self.unseen = max(0, self.unseen - len(got))
         return got
 
     def get_watermark_offsets(self, tp, cached=False):
+        if not self.fetched:
+            return (-1001, -1001)
         return (0, self.taken + self.unseen)
 
     def position(self, tps):
@@ -231,12 +236,14 @@ def test_an_idle_partition_after_a_backlog_follows_the_clock_not_its_last_record
     # A backlog whose newest record is 30 s old when read, then nothing: with
     # idle_watermark=clock the idle watermark is the clock less the skew, not 30 s
     # further back (a quiet partition held every story expiry downstream back by its
-    # backlog's age). The first bundle's prefetch runs dry once: the records after it
-    # are the backlog's still.
-    backlog = [[_records(0, now_ms - 60_000, now_ms - 50_000), ("dry", 1)],
+    # backlog's age). The consumer has not fetched yet at its first poll, and the
+    # second bundle's prefetch runs dry once: the records after either are the
+    # backlog's still.
+    backlog = [[("new",)],
+               [_records(0, now_ms - 60_000, now_ms - 50_000), ("dry", 1)],
                [_records(2, old), []],
                [[]]]
-    read, rest, idle = _bundles(monkeypatch, backlog, later_s=10)
+    _, read, rest, idle = _bundles(monkeypatch, backlog, later_s=10)
     assert read == now_ms - 50_000 and rest == old
     assert idle >= now_ms + 10_000 - 2000
     # With record (the default), history produced after a pause is not made late:
