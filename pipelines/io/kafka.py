@@ -835,8 +835,9 @@ class _ReadPartitionFn(beam.DoFn):
                 messages, first = first + messages, []
             if not messages:
                 # An empty poll may only mean the prefetch ran dry in a backlog, or
-                # that a new consumer has not fetched yet.
-                drained = cursor.at_end(element.topic, element.partition)
+                # that a new consumer has not fetched yet. Only ``clock`` asks.
+                drained = (config.idle_watermark == "clock"
+                           and cursor.at_end(element.topic, element.partition))
                 break
             timeout_s = 0  # caught up once the fetched records are taken: end the bundle
             latest_ms = int(time.time() * 1000) + max_ahead_ms
