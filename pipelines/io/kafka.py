@@ -613,7 +613,8 @@ class _PartitionCursor:
     opened_wall_ms: int = dataclasses.field(default_factory=lambda: int(time.time() * 1000))
     #: The partition had nothing more to read when its last bundle ended.
     caught_up: bool = False
-    #: When a bundle last read the partition (monotonic s).
+    #: When a bundle last read the partition (monotonic s): set as its read starts and
+    #: again as it ends (after an idle wait that may have lasted ``idle_poll_ms``).
     read_at: float = 0.0
     #: Held while the consumer is in ``consume()`` (``poll``). Others look at the consumer
     #: only when they can take it: a call on a consumer waits for a ``consume()`` running
@@ -887,6 +888,8 @@ class _ReadPartitionFn(beam.DoFn):
                     Timestamp(micros=oldest * 1000), _GLOBAL_WINDOWS)
             if done:
                 break
+        # Read until now: an idle wait at the start may have taken most of a bundle.
+        cursor.read_at = time.monotonic()
         if emitted:
             self._records.inc(emitted)
             self._bytes.inc(size)

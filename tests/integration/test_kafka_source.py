@@ -390,11 +390,13 @@ class _OneReader:
                 self.next[p] = offsets[-1] + 1
         return out
 
-    def until_caught_up(self) -> None:
+    def until_caught_up(self, records: int) -> None:
+        """Bundles until the ``records`` in the topic are read and a bundle reads none
+        (a new consumer's first polls return nothing before its first fetch)."""
         for _ in range(20):
-            if all(n == 0 for n, _ in self.bundle()):
+            if all(n == 0 for n, _ in self.bundle()) and sum(self.next) >= records:
                 return
-        raise AssertionError("the partitions never caught up")
+        raise AssertionError(f"the partitions never caught up: read {self.next}")
 
     def close(self) -> None:
         self.fn.teardown()
@@ -410,7 +412,7 @@ def test_an_idle_partition_does_not_hold_up_a_busy_one_bundled_with_it(stack, ka
     _produce(stack.kafka_bootstrap, topic, 2, [0, 1])
     reader = _OneReader(stack, topic, 2, idle_poll_ms=30_000)
     try:
-        reader.until_caught_up()
+        reader.until_caught_up(2)
         _produce(stack.kafka_bootstrap, topic, 3000, [1])
         time.sleep(1)  # partition 1's consumer has fetched some of them
         (idle, idle_s), (busy, _) = reader.bundle()
@@ -429,7 +431,7 @@ def test_an_idle_wait_ends_when_another_partition_of_its_bundle_gets_a_record(st
     _produce(stack.kafka_bootstrap, topic, 3, [0, 1, 2])
     reader = _OneReader(stack, topic, 3, idle_poll_ms=30_000)
     try:
-        reader.until_caught_up()
+        reader.until_caught_up(3)
         late = threading.Timer(2.0, _produce, (stack.kafka_bootstrap, topic, 1, [2]))
         late.start()
         started = time.monotonic()

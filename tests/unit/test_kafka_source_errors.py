@@ -267,6 +267,65 @@ def test_an_idle_partition_keeps_the_delay_its_live_records_came_with(monkeypatc
     assert now_ms - 22_000 <= idle <= after_ms - 22_000
 
 
+class _Quiet:
+    """A caught-up partition's consumer: each poll waits out its timeout and returns
+    nothing; ``end`` is where its last fetch saw the partition end."""
+
+    def __init__(self):
+        self.end = 0
+
+    def consume(self, num_messages, timeout):
+        import time
+
+        time.sleep(timeout)
+        return []
+
+    def get_watermark_offsets(self, tp, cached=False):
+        return (0, self.end)
+
+    def position(self, tps):
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(tps[0].topic, tps[0].partition, 0)]
+
+    def close(self):
+        pass
+
+
+def test_a_partition_that_waited_out_its_bundle_counts_as_read_when_the_bundle_ends(
+        monkeypatch):
+    """A partition's idle wait looks whether the other partitions read with it have
+    records, leaving out those not read lately (read elsewhere now). One that spent its
+    last bundle waiting was read until that bundle ended, not only when it began: else
+    a wait as long as that look-back left it out, and the next bundle's wait ignored
+    the records that came to it (a CI run waited 30 s beside a 3,000-record backlog)."""
+    from apache_beam.io.restriction_trackers import OffsetRange
+    from pipelines.io import kafka
+    from pipelines.io.kafka import (KafkaSourceConfig, PartitionRead, _OffsetTracker,
+                                    _PartitionCursor, _PartitionWatermark, _ReadPartitionFn)
+
+    pool = kafka._CursorPool()
+    monkeypatch.setattr(kafka, "_CURSORS", pool)
+    monkeypatch.setattr(kafka, "RECENT_CURSOR_S", 0.2)
+    config = KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"}, idle_poll_ms=400)
+    waiting, busy = _PartitionCursor(_Quiet(), 0), _PartitionCursor(_Quiet(), 0)
+    busy.caught_up = True
+    pool._cursors.update({(config.identity(), "t", 0): waiting,
+                          (config.identity(), "t", 1): busy})
+    fn = _ReadPartitionFn(config, "read-1")
+    fn.setup()
+    fn.start_bundle()
+    tracker = _OffsetTracker(OffsetRange(0, kafka.UNBOUNDED_STOP))
+    tracker.defer_remainder = lambda delay=None: None
+    assert list(fn._read(PartitionRead("t", 1, 0), tracker, _PartitionWatermark(None),
+                         None)) == []
+    busy.consumer.end = 3000  # records come to it after its bundle
+    assert pool.records_waiting(config, waiting)
+    monkeypatch.setattr(kafka, "RECENT_CURSOR_S", 0.0)
+    assert not pool.records_waiting(config, waiting)  # not read lately: left out
+    fn.teardown()
+
+
 def test_a_quiet_partition_is_polled_less_often_the_longer_it_is_quiet():
     from pipelines.io.kafka import MIN_IDLE_RESUME_MS, KafkaSourceConfig, idle_resume_ms
 
