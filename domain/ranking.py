@@ -450,7 +450,9 @@ def select_candidates(users: Sequence[int], pushed: Sequence[Sequence[int]],
     row_media = np.concatenate([_take(posts.media, at, found, ""),
                                 np.array([c.media_type for _, c in new], dtype=object)])
     # Stored rows need live metadata; trigger rows only not to be tombstoned.
-    keep = np.concatenate([state == 1, _take(posts.state, new_at, new_found, 0) != 2])
+    new_state = _take(posts.state, new_at, new_found, 0)
+    keep = np.concatenate([state == 1, new_state != 2])
+    row_unstored = np.concatenate([np.zeros(len(ids), bool), new_state == 0])
     keep &= row_created >= now_ms - policy.max_age_ms
     deleted = {(i, pid) for i, r in enumerate(requests) for pid in r.deleted}
     if deleted:
@@ -472,7 +474,7 @@ def select_candidates(users: Sequence[int], pushed: Sequence[Sequence[int]],
     return CandidateColumns(
         users=tuple(users), offsets=np.searchsorted(row_user[idx], np.arange(n + 1)),
         post_id=row_post[idx], author_id=row_author[idx], created_at=row_created[idx],
-        media=row_media[idx], pulled=row_source[idx] == 1)
+        media=row_media[idx], pulled=row_source[idx] == 1, unstored=row_unstored[idx])
 
 
 def recency_scores(candidates: Sequence[Candidate]) -> np.ndarray:

@@ -90,6 +90,10 @@ class RankingOptions(PipelineOptions):
                             help="first delay before a waiting refresh checks the fan-out's "
                                  "graph again (doubling up to --follow_max_retry_s)")
         parser.add_argument("--follow_max_retry_s", type=float, default=w.max_retry_ms / 1000)
+        parser.add_argument("--carry_unstored_s", type=float, default=60.0,
+                            help="a new post ranked before the fan-out stored it stays a "
+                                 "candidate of its audience's next refreshes until the fan-out "
+                                 "has, for up to this long after its creation; 0: off")
         parser.add_argument("--max_candidates", type=int, default=p.max_candidates,
                             help="candidates ranked per user (newest first)")
         parser.add_argument("--pushed_limit", type=int, default=p.pushed_limit,
@@ -415,6 +419,7 @@ class RefreshConfig:
     queue: QueueConfig = QueueConfig()
     follow_wait: FollowWait | None = FollowWait()
     latency_log_s: float = 60.0
+    carry_ms: int = 60_000
 
     def open(self) -> "FeedRefresher":
         return FeedRefresher(self, RANKERS.hold(self.ranking, self.policy))
@@ -424,7 +429,7 @@ class FeedRefresher:
     """Refreshes claimed users with the shared ranker (``ClaimRefresher``), one output per
     claim (its outcomes), and records what it did: counters ``refreshes``,
     ``refreshes_model``, ``refreshes_recency``, ``follow_waits``,
-    ``follow_wait_timeouts``; distributions ``refresh_latency_ms`` (event time of
+    ``follow_wait_timeouts``, ``posts_carried``; distributions ``refresh_latency_ms`` (event time of
     the change to the write) and ``candidates``; gauges ``model_swaps`` and
     ``model_errors`` (the worker's totals); and every ``latency_log_s`` a log
     line of counts, batch times and change-to-ranked-feed latency."""
@@ -434,7 +439,7 @@ class FeedRefresher:
         self._ranker = ranker
         feeds = ranker.candidates.feeds
         self._claims = ClaimRefresher(ranker, config.queue.open(feeds.client, feeds.keys),
-                                      config.follow_wait)
+                                      config.follow_wait, carry_ms=config.carry_ms)
         self._counters = Counters(NAMESPACE)
         self._latency = Metrics.distribution(NAMESPACE, "refresh_latency_ms")
         self._candidates = Metrics.distribution(NAMESPACE, "candidates")
@@ -454,6 +459,7 @@ class FeedRefresher:
             self._batch_ms.add((time.monotonic() - started) * 1000)
             self._counters.inc("follow_waits", result.waits)
             self._counters.inc("follow_wait_timeouts", result.give_ups)
+            self._counters.inc("posts_carried", result.carried)
             for o in result.outcomes:
                 self._record(o)
             out.append(tuple(result.outcomes))
@@ -506,6 +512,8 @@ class RefreshRankedFeeds(beam.PTransform):
       latency_log_s: period of the refresh log line (counts, batch times, latency).
       loss_replay: the input read again to queue the pending refreshes a Redis loss
         took (``LossReplay``; None: not read again).
+      carry_ms: how long after its creation a post ranked before the fan-out stored
+        it is queued again for its audience (``ClaimRefresher``; 0: never).
 
     Takes a ``PCollection[EventBatch]`` of post, engagement and follow events
     (other events are counted and ignored). Returns a
@@ -516,8 +524,9 @@ class RefreshRankedFeeds(beam.PTransform):
                  queue: QueueConfig = QueueConfig(), viral: ViralPolicy = ViralPolicy(),
                  follow_wait: FollowWait | None = FollowWait(), max_batch: int = 256,
                  gather_s: float = 0.05, trigger_batch: int = 16, latency_log_s: float = 60.0,
-                 loss_replay: LossReplay | None = None):
+                 loss_replay: LossReplay | None = None, carry_ms: int = 60_000):
         super().__init__()
+        self._carry_ms = carry_ms
         self._loss_replay = loss_replay
         self._config = config
         self._policy = policy
@@ -548,7 +557,7 @@ class RefreshRankedFeeds(beam.PTransform):
                                                  self._gather_ms))
                 | "Refresh" >> ApplyInBatches(
                     RefreshConfig(self._config, self._policy, self._queue, self._follow_wait,
-                                  self._latency_log_s),
+                                  self._latency_log_s, self._carry_ms),
                     namespace=NAMESPACE, max_batch=1)
                 | "Outcomes" >> beam.FlatMap(lambda outcomes: outcomes)
                 .with_output_types(RefreshOutcome))
@@ -571,7 +580,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
             | "RefreshRankedFeeds" >> RefreshRankedFeeds(
                 ranking.config(), ranking.policy(), ranking.queue(), ranking.viral(),
                 ranking.follow_wait(), ranking.refresh_batch, ranking.refresh_gather_s,
-                ranking.trigger_batch, ranking.latency_log_s, replay))
+                ranking.trigger_batch, ranking.latency_log_s, replay,
+                int(ranking.carry_unstored_s * 1000)))
 
 
 def run(argv=None):

@@ -92,7 +92,9 @@ class RefreshRequest(NamedTuple):
 
 class RefreshOutcome(NamedTuple):
     """What one refresh did: ``entries`` ranked posts written under ``model_version``
-    at ``generated_at_ms`` (wall clock), for a change at ``changed_at_ms`` (event time)."""
+    at ``generated_at_ms`` (wall clock), for a change at ``changed_at_ms`` (event time);
+    ``unstored``: its candidates that only its triggers carried (the fan-out has not
+    stored them yet)."""
 
     user_id: int
     model_version: str
@@ -101,6 +103,7 @@ class RefreshOutcome(NamedTuple):
     changed_at_ms: int
     generated_at_ms: int
     triggers: int = 1
+    unstored: tuple[int, ...] = ()
 
 
 # -- the pending-refresh queue's text form of triggers ---------------------------------
@@ -188,7 +191,8 @@ class PostTable(NamedTuple):
 class CandidateColumns(NamedTuple):
     """The candidates of a batch of users, one row per candidate: ``users[i]``'s
     rows are ``offsets[i]:offsets[i + 1]``, newest first (``Candidate``'s fields
-    as arrays)."""
+    as arrays). ``unstored``: the row is a post only a trigger carried, the store
+    holding no metadata of it (the fan-out has not written it yet); None: unknown."""
 
     users: tuple[int, ...]
     offsets: np.ndarray
@@ -197,6 +201,7 @@ class CandidateColumns(NamedTuple):
     created_at: np.ndarray
     media: np.ndarray
     pulled: np.ndarray
+    unstored: np.ndarray | None = None
 
     def of(self, i: int) -> list[Candidate]:
         """``users[i]``'s candidates as ``Candidate`` records."""

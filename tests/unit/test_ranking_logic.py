@@ -239,6 +239,10 @@ def test_select_candidates_is_merge_candidates_for_a_whole_batch(batch, max_cand
     for k in range(len(users)):
         assert cols.of(k) == merge_candidates(pushed[k], pulled[k], requests[k], meta,
                                               tombstoned, T0, policy)
+        # Only a trigger brings a post the store does not hold (stored rows need metadata).
+        a, b = cols.offsets[k], cols.offsets[k + 1]
+        assert ({int(p) for p in cols.post_id[a:b][cols.unstored[a:b]]}
+                == {c.post_id for c in cols.of(k) if c.post_id not in meta})
 
 
 def test_recency_scores_order_newest_first():
@@ -282,22 +286,26 @@ def test_ranker_pool_shares_one_ranker_until_the_last_release():
 
 
 class _Queue:
-    """``RefreshQueue.finish`` recorded (the claim handling's only queue call)."""
+    """``RefreshQueue.finish`` and ``add`` (the claim handling's queue calls) recorded."""
 
     def __init__(self):
-        self.finished = []
+        self.finished, self.added = [], []
 
     def finish(self, shard, done, deferred, now_ms):
         self.finished.append((shard, list(done), list(deferred)))
+
+    def add(self, triggers, now_ms):
+        self.added.append((list(triggers), now_ms))
 
 
 class _Ranker:
     """A ``FeedRanker`` stand-in: the fan-out's graph holds ``edges``; ``refresh``
     records its requests (one outcome per user, first-seen order)."""
 
-    def __init__(self, edges=None):
+    def __init__(self, edges=None, unstored=None):
         import types
 
+        self.unstored = unstored or {}  # user -> posts only its triggers carried
         self.refreshed = []
         self.models = types.SimpleNamespace(swaps=1)
         self.model_errors = 0
@@ -311,7 +319,8 @@ class _Ranker:
         from schemas.ranking import RefreshOutcome
 
         self.refreshed += requests
-        return [RefreshOutcome(r.user_id, "v1", 1, 2, r.changed_at_ms, T0 + 5, r.triggers)
+        return [RefreshOutcome(r.user_id, "v1", 1, 2, r.changed_at_ms, T0 + 5, r.triggers,
+                               self.unstored.get(r.user_id, ()))
                 for r in requests]
 
     def close(self):
@@ -355,6 +364,31 @@ def test_claims_refresh_behind_the_follow_gate_and_release_what_they_covered():
     settled = again._replace(waits=[""])
     ClaimRefresher(ranker, queue, wait, wall=lambda: (T0 + 900) / 1000).apply([settled])
     assert queue.finished[-1] == (1, [(2, 7)], [])
+
+
+def test_posts_the_fan_out_has_not_stored_are_queued_again_while_young():
+    """A refresh ranked posts only their triggers carried (the fan-out had not written
+    them): those triggers go back in the queue, stamped now, so the user's next refresh
+    ranks them too; not a post older than carry_ms, nor one the store held."""
+    from stores.ranker import ClaimRefresher
+
+    young = Trigger(1, T0 - 9, POST_CREATED, 70, 4, T0 - 9, "PHOTO")
+    old = Trigger(1, T0 - 70_000, POST_CREATED, 71, 4, T0 - 70_000, "PHOTO")
+    stored = Trigger(1, T0 - 5, POST_CREATED, 72, 4, T0 - 5, "PHOTO")
+    claim = ClaimedRefreshes(shard=1, claimed_at_ms=T0, users=[1, 2],
+                             payloads=["#4\n" + encode_triggers([young, old, stored, young]),
+                                       "#4\n" + encode_triggers([Trigger(2, T0, ENGAGED)])],
+                             waits=["", ""])
+    queue = _Queue()
+    ranker = _Ranker(unstored={1: (70, 71)})
+    result = ClaimRefresher(ranker, queue, None, wall=lambda: T0 / 1000,
+                            carry_ms=60_000).apply([claim])
+    assert queue.finished == [(1, [(1, 4), (2, 4)], [])]
+    assert queue.added == [([young._replace(event_time=T0)], T0)] and result.carried == 1
+    off = _Queue()
+    assert ClaimRefresher(ranker, off, None, wall=lambda: T0 / 1000,
+                          carry_ms=0).apply([claim]).carried == 0
+    assert off.added == []
 
 
 def test_refresh_applier_answers_each_claim_and_releases_the_ranker():

@@ -269,7 +269,7 @@ def test_the_ranker_writes_only_a_ranking_made_on_a_whole_redis():
         ranks.append(now_ms)
         if len(ranks) == 1:
             generation.token = None  # the candidates came from a Redis being wiped
-        cols = type("Cols", (), {"offsets": [0, 0]})()
+        cols = type("Cols", (), {"offsets": [0, 0], "unstored": None})()
         return Ranking(f"v{len(ranks)}", cols, [RankedFeed(7, (), f"v{len(ranks)}", now_ms)])
 
     ranker.rank = rank
