@@ -343,8 +343,12 @@ class _DrainFn(beam.DoFn):
     processing-time timer fires at the earliest due it knows of, no sooner
     than ``gather_ms`` after the last claim; it claims up to ``max_users`` at
     a time (a few claims while full) and re-arms at the queue's next due or
-    lease end. The queue, not this state, is the record: losing the timer
-    loses nothing but the wake-up, which the next tick or the start gives back.
+    lease end, and while a claim is out no later than ``recheck_ms``: finishing
+    it makes users due that the queue did not know of when this claim ran
+    (put off by the follow gate, a post carried again), and nothing else might
+    wake the shard before the lease ends (30 s). The queue, not this state, is
+    the record: losing the timer loses nothing but the wake-up, which the next
+    tick or the start gives back.
     """
 
     ARMED = userstate.ReadModifyWriteStateSpec("armed_at", coders.VarIntCoder())
@@ -356,6 +360,7 @@ class _DrainFn(beam.DoFn):
         self._queue_config = queue
         self._max_users = max_users
         self._gather_ms = gather_ms
+        self._recheck_ms = max(gather_ms, queue.debounce.settle_ms)
         self._max_claims = max_claims
         self._retry = retry
 
@@ -396,6 +401,9 @@ class _DrainFn(beam.DoFn):
                 yield claim.refreshes
             if len(claim.refreshes.users) < self._max_users:
                 break
+        if claim.leased:
+            recheck = _now_ms() + self._recheck_ms
+            next_at = recheck if next_at is None else min(next_at, recheck)
         if next_at is not None:
             at = max(next_at, _now_ms() + self._gather_ms)
             drain.set(Timestamp(micros=at * 1000))

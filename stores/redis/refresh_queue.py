@@ -161,10 +161,12 @@ return 0
 
 class Claim(NamedTuple):
     """What ``claim`` handed out (``refreshes``) and when the shard next needs a
-    claim (``next_at_ms``: its earliest due or lease end; None when empty)."""
+    claim (``next_at_ms``: its earliest due or lease end; None when empty);
+    ``leased``: some user of the shard is out on a claim (this one or an earlier)."""
 
     refreshes: ClaimedRefreshes
     next_at_ms: int | None
+    leased: bool = False
 
 
 def _ms(value) -> int | None:
@@ -248,7 +250,7 @@ class RefreshQueue:
         refreshes = ClaimedRefreshes(shard, now_ms, users, [_text(p) for p in flat[1::3]],
                                      [_text(w) for w in flat[2::3]])
         nexts = [t for t in (_ms(next_due), _ms(next_lease)) if t is not None]
-        return Claim(refreshes, min(nexts) if nexts else None)
+        return Claim(refreshes, min(nexts) if nexts else None, _ms(next_lease) is not None)
 
     def finish(self, shard: int, done: Sequence[tuple[int, int]],
                deferred: Sequence[tuple[int, int, str]], now_ms: int) -> int | None:

@@ -445,3 +445,58 @@ def test_follow_gate_decisions_and_backoff():
     assert [wait.retry_delay(n) for n in range(1, 6)] == [100, 200, 350, 350, 350]
     with pytest.raises(ValueError):
         FollowWait(retry_ms=10, max_retry_ms=5)
+
+
+class _Armed:
+    """The drain's state and timer, recorded."""
+
+    def __init__(self):
+        self.value, self.timer = None, None
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value
+
+    def clear(self):
+        self.value = None
+
+    def set(self, timestamp):
+        self.timer = timestamp.micros // 1000
+
+
+def test_the_drain_looks_again_soon_while_a_claim_is_out(monkeypatch):
+    """A claim's refresh may put users off (the follow gate) or queue a post again
+    while its users are leased, when the queue's next time is the lease end: the
+    drain wakes within the settle time then, not at the lease end (30 s), and at the
+    queue's own next time once nothing is out."""
+    import types
+
+    from pipelines import ranking
+    from stores.ranker import QueueConfig
+    from stores.redis.refresh_queue import Claim
+
+    monkeypatch.setattr(ranking, "_now_ms", lambda: T0)
+    fn = ranking._DrainFn(None, QueueConfig(debounce=Debounce(settle_ms=500)), max_users=2,
+                          gather_ms=50)
+    fn._claims = types.SimpleNamespace(inc=lambda: None)
+
+    def drain(*claims):
+        script = list(claims)
+        fn._queue = types.SimpleNamespace(claim=lambda shard, now, limit: script.pop(0))
+        state = _Armed()
+        handed = list(fn.on_drain(shard=1, armed=state, drain=state))
+        return [len(c.users) for c in handed], state.timer
+
+    def claim(users, next_at, leased):
+        return Claim(ClaimedRefreshes(1, T0, users, [""] * len(users), [""] * len(users)),
+                     next_at, leased)
+
+    assert drain(claim([7], T0 + 30_000, True)) == ([1], T0 + 500)
+    assert drain(claim([], T0 + 30_000, True)) == ([], T0 + 500)  # an earlier claim is out
+    assert drain(claim([], T0 + 1_000, False)) == ([], T0 + 1_000)
+    assert drain(claim([], None, False)) == ([], None)
+    # Full claims go on (up to max_claims); the last one decides.
+    assert drain(claim([7, 8], T0 + 30_000, True), claim([9], T0 + 200, True)) \
+        == ([2, 1], T0 + 200)
