@@ -269,7 +269,10 @@ class Job(FanoutBenchJob):
             "--fallback_start=latest", f"--redis_url={settings.redis_url}",
             f"--redis_key_prefix={key_prefix}", f"--cassandra_host={settings.host}",
             f"--cassandra_port={settings.cassandra_port}", f"--cassandra_keyspace={keyspace}",
-            f"--model_dir={model_dir}", "--latency_log_s=10", *extra]
+            f"--model_dir={model_dir}", "--latency_log_s=10",
+            # No fan-out runs here, so no post is ever stored: each would be remembered
+            # for its audience (a cost that, with a fan-out keeping up, is rare).
+            "--carry_unstored_s=0", *extra]
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.ranking", *args],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,

@@ -52,14 +52,18 @@ class RankingPolicy:
     no_adjacent: bool = True
     #: Users a post (or its jump in engagement) refreshes eagerly (``post_audience``).
     post_refresh_cap: int = 1000
+    #: A new post ranked before the fan-out stored it stays a candidate of that user's
+    #: next rankings until this long after its creation (``CandidateReader``); 0: off.
+    carry_unstored_ms: int = 60_000
 
     def __post_init__(self):
         for name in ("max_candidates", "pushed_limit", "push_threshold", "top_k",
                      "max_per_author"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.celebrity_posts < 0 or self.post_refresh_cap < 0:
-            raise ValueError("celebrity_posts and post_refresh_cap must be >= 0")
+        if self.celebrity_posts < 0 or self.post_refresh_cap < 0 or self.carry_unstored_ms < 0:
+            raise ValueError("celebrity_posts, post_refresh_cap and carry_unstored_ms must "
+                             "be >= 0")
         if self.max_age_days <= 0 or self.inactive_days <= 0:
             raise ValueError("max_age_days and inactive_days must be > 0")
 

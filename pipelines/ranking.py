@@ -90,10 +90,10 @@ class RankingOptions(PipelineOptions):
                             help="first delay before a waiting refresh checks the fan-out's "
                                  "graph again (doubling up to --follow_max_retry_s)")
         parser.add_argument("--follow_max_retry_s", type=float, default=w.max_retry_ms / 1000)
-        parser.add_argument("--carry_unstored_s", type=float, default=60.0,
+        parser.add_argument("--carry_unstored_s", type=float, default=p.carry_unstored_ms / 1000,
                             help="a new post ranked before the fan-out stored it stays a "
-                                 "candidate of its audience's next refreshes until the fan-out "
-                                 "has, for up to this long after its creation; 0: off")
+                                 "candidate of that user's next refreshes until this long "
+                                 "after its creation; 0: off")
         parser.add_argument("--max_candidates", type=int, default=p.max_candidates,
                             help="candidates ranked per user (newest first)")
         parser.add_argument("--pushed_limit", type=int, default=p.pushed_limit,
@@ -159,7 +159,8 @@ class RankingOptions(PipelineOptions):
             celebrity_posts=self.celebrity_posts, max_age_days=self.max_age_days,
             push_threshold=fanout.push_threshold, inactive_days=fanout.inactive_days,
             top_k=self.top_k, max_per_author=self.max_per_author, no_adjacent=self.no_adjacent,
-            post_refresh_cap=self.post_refresh_cap)
+            post_refresh_cap=self.post_refresh_cap,
+            carry_unstored_ms=int(self.carry_unstored_s * 1000))
 
     def viral(self) -> ViralPolicy:
         return ViralPolicy(self.viral_min_engagements, self.viral_factor,
@@ -345,7 +346,7 @@ class _DrainFn(beam.DoFn):
     a time (a few claims while full) and re-arms at the queue's next due or
     lease end, and while a claim is out no later than ``recheck_ms``: finishing
     it makes users due that the queue did not know of when this claim ran
-    (put off by the follow gate, a post carried again), and nothing else might
+    (put off by the follow gate), and nothing else might
     wake the shard before the lease ends (30 s). The queue, not this state, is
     the record: losing the timer loses nothing but the wake-up, which the next
     tick or the start gives back.
@@ -427,7 +428,6 @@ class RefreshConfig:
     queue: QueueConfig = QueueConfig()
     follow_wait: FollowWait | None = FollowWait()
     latency_log_s: float = 60.0
-    carry_ms: int = 60_000
 
     def open(self) -> "FeedRefresher":
         return FeedRefresher(self, RANKERS.hold(self.ranking, self.policy))
@@ -437,22 +437,24 @@ class FeedRefresher:
     """Refreshes claimed users with the shared ranker (``ClaimRefresher``), one output per
     claim (its outcomes), and records what it did: counters ``refreshes``,
     ``refreshes_model``, ``refreshes_recency``, ``follow_waits``,
-    ``follow_wait_timeouts``, ``posts_carried``; distributions ``refresh_latency_ms`` (event time of
-    the change to the write) and ``candidates``; gauges ``model_swaps`` and
-    ``model_errors`` (the worker's totals); and every ``latency_log_s`` a log
-    line of counts, batch times and change-to-ranked-feed latency."""
+    ``follow_wait_timeouts``; distributions ``refresh_latency_ms`` (event time of
+    the change to the write) and ``candidates``; gauges ``model_swaps``,
+    ``model_errors`` and ``posts_carried`` (the worker's totals); and every
+    ``latency_log_s`` a log line of counts, batch times and change-to-ranked-feed
+    latency."""
 
     def __init__(self, config: RefreshConfig, ranker: FeedRanker):
         self._config = config
         self._ranker = ranker
         feeds = ranker.candidates.feeds
         self._claims = ClaimRefresher(ranker, config.queue.open(feeds.client, feeds.keys),
-                                      config.follow_wait, carry_ms=config.carry_ms)
+                                      config.follow_wait)
         self._counters = Counters(NAMESPACE)
         self._latency = Metrics.distribution(NAMESPACE, "refresh_latency_ms")
         self._candidates = Metrics.distribution(NAMESPACE, "candidates")
         self._swaps = Metrics.gauge(NAMESPACE, "model_swaps")
         self._errors = Metrics.gauge(NAMESPACE, "model_errors")
+        self._carried = Metrics.gauge(NAMESPACE, "posts_carried")
         now = time.monotonic()
         self._latency_ms = FreshnessHistogram(config.latency_log_s, now_s=now)
         self._batch_ms = FreshnessHistogram(config.latency_log_s, now_s=now)
@@ -467,13 +469,13 @@ class FeedRefresher:
             self._batch_ms.add((time.monotonic() - started) * 1000)
             self._counters.inc("follow_waits", result.waits)
             self._counters.inc("follow_wait_timeouts", result.give_ups)
-            self._counters.inc("posts_carried", result.carried)
             for o in result.outcomes:
                 self._record(o)
             out.append(tuple(result.outcomes))
         if self._ranker.models is not None:
             self._swaps.set(self._ranker.models.swaps)
         self._errors.set(self._ranker.model_errors)
+        self._carried.set(self._ranker.carried)
         self._maybe_log()
         return out
 
@@ -520,8 +522,6 @@ class RefreshRankedFeeds(beam.PTransform):
       latency_log_s: period of the refresh log line (counts, batch times, latency).
       loss_replay: the input read again to queue the pending refreshes a Redis loss
         took (``LossReplay``; None: not read again).
-      carry_ms: how long after its creation a post ranked before the fan-out stored
-        it is queued again for its audience (``ClaimRefresher``; 0: never).
 
     Takes a ``PCollection[EventBatch]`` of post, engagement and follow events
     (other events are counted and ignored). Returns a
@@ -532,9 +532,8 @@ class RefreshRankedFeeds(beam.PTransform):
                  queue: QueueConfig = QueueConfig(), viral: ViralPolicy = ViralPolicy(),
                  follow_wait: FollowWait | None = FollowWait(), max_batch: int = 256,
                  gather_s: float = 0.05, trigger_batch: int = 16, latency_log_s: float = 60.0,
-                 loss_replay: LossReplay | None = None, carry_ms: int = 60_000):
+                 loss_replay: LossReplay | None = None):
         super().__init__()
-        self._carry_ms = carry_ms
         self._loss_replay = loss_replay
         self._config = config
         self._policy = policy
@@ -565,7 +564,7 @@ class RefreshRankedFeeds(beam.PTransform):
                                                  self._gather_ms))
                 | "Refresh" >> ApplyInBatches(
                     RefreshConfig(self._config, self._policy, self._queue, self._follow_wait,
-                                  self._latency_log_s, self._carry_ms),
+                                  self._latency_log_s),
                     namespace=NAMESPACE, max_batch=1)
                 | "Outcomes" >> beam.FlatMap(lambda outcomes: outcomes)
                 .with_output_types(RefreshOutcome))
@@ -588,8 +587,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
             | "RefreshRankedFeeds" >> RefreshRankedFeeds(
                 ranking.config(), ranking.policy(), ranking.queue(), ranking.viral(),
                 ranking.follow_wait(), ranking.refresh_batch, ranking.refresh_gather_s,
-                ranking.trigger_batch, ranking.latency_log_s, replay,
-                int(ranking.carry_unstored_s * 1000)))
+                ranking.trigger_batch, ranking.latency_log_s, replay))
 
 
 def run(argv=None):

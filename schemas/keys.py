@@ -81,6 +81,12 @@ class KeyLayout:
         """HASH: ``ranked_meta`` of ``ranked_feed_previous``."""
         return f"{self.prefix}:ranked_meta_prev:{{u:{user_id}}}"
 
+    def carried_posts(self, user_id: int) -> str:
+        """HASH: new posts ``user_id``'s last ranking had only from their triggers (the
+        fan-out had not stored them); post_id -> ``author_id:created_at:media_type``.
+        Its next rankings take them as candidates too; a TTL bounds it."""
+        return f"{self.prefix}:carried:{{u:{user_id}}}"
+
     def last_read(self, user_id: int) -> str:
         """STRING: when ``user_id`` last read a feed (ms); absent or old means inactive."""
         return f"{self.prefix}:last_read:{{u:{user_id}}}"

@@ -92,9 +92,7 @@ class RefreshRequest(NamedTuple):
 
 class RefreshOutcome(NamedTuple):
     """What one refresh did: ``entries`` ranked posts written under ``model_version``
-    at ``generated_at_ms`` (wall clock), for a change at ``changed_at_ms`` (event time);
-    ``unstored``: its candidates that only its triggers carried (the fan-out has not
-    stored them yet)."""
+    at ``generated_at_ms`` (wall clock), for a change at ``changed_at_ms`` (event time)."""
 
     user_id: int
     model_version: str
@@ -103,7 +101,6 @@ class RefreshOutcome(NamedTuple):
     changed_at_ms: int
     generated_at_ms: int
     triggers: int = 1
-    unstored: tuple[int, ...] = ()
 
 
 # -- the pending-refresh queue's text form of triggers ---------------------------------

@@ -47,8 +47,8 @@ from schemas.events import EngagementEvent, FollowEvent, PostEvent
 from schemas.features import AUTHOR_FEATURES, DEFAULT_HALF_LIFE_MS, MEDIA_TYPES, POST_FEATURES
 from schemas.ranked import RankedEntry, RankedFeed
 from schemas.ranking import (
-    POST_CREATED,
     RECENCY_VERSION,
+    Candidate,
     CandidateColumns,
     ClaimedRefreshes,
     RefreshOutcome,
@@ -197,6 +197,9 @@ class FeedRanker:
         self._author_rows = RowCache(feature_cache_s)
         #: Scoring calls that failed (the batch was ranked by recency instead).
         self.model_errors = 0
+        #: Posts remembered for a user's next rankings, the fan-out not having stored
+        #: them yet (``carry``).
+        self.carried = 0
 
     def close(self) -> None:
         if self._on_close is not None:
@@ -214,15 +217,33 @@ class FeedRanker:
         else:
             ranking = self.healer.run_whole(lambda: self.rank(requests, self.now_ms()))
         self.ranked.write_many(ranking.feeds)
-        cols = ranking.candidates
-        offsets = cols.offsets
-        unstored = ([()] * len(requests) if cols.unstored is None or not cols.unstored.any()
-                    else [tuple(cols.post_id[a:b][cols.unstored[a:b]].tolist())
-                          for a, b in zip(offsets[:-1], offsets[1:])])
+        self.carry(ranking.candidates, self.now_ms())
+        offsets = ranking.candidates.offsets
         return [RefreshOutcome(r.user_id, ranking.version, len(f.entries),
                                int(offsets[i + 1] - offsets[i]), r.changed_at_ms,
-                               f.generated_at_ms, r.triggers, unstored[i])
+                               f.generated_at_ms, r.triggers)
                 for i, (r, f) in enumerate(zip(requests, ranking.feeds))]
+
+    def carry(self, cols: CandidateColumns, now_ms: int) -> None:
+        """Remember the new posts each user's candidates had only from triggers (the
+        fan-out had not stored them), younger than ``policy.carry_unstored_ms``: the
+        user's next rankings take them too (``CandidateReader.columns``). Without it a
+        ranking in between (a like, before the fan-out's push) dropped such a post,
+        and nothing ranked the user again once the fan-out had caught up."""
+        ttl = self.policy.carry_unstored_ms
+        if ttl <= 0 or cols.unstored is None:
+            return
+        rows = np.flatnonzero(cols.unstored & (cols.created_at >= now_ms - ttl))
+        if not len(rows):
+            return
+        user_at = np.searchsorted(cols.offsets, rows, side="right") - 1
+        posts: dict[int, list[Candidate]] = {}
+        for k, i in zip(rows.tolist(), user_at.tolist()):
+            posts.setdefault(cols.users[i], []).append(Candidate(
+                int(cols.post_id[k]), int(cols.author_id[k]), int(cols.created_at[k]),
+                str(cols.media[k])))
+        self.candidates.carry(posts, ttl)
+        self.carried += len(rows)
 
     def rank(self, requests: Sequence[RefreshRequest], now_ms: int) -> Ranking:
         """The ranked feeds of ``requests`` (one per user) as of ``now_ms``, not written."""
@@ -395,13 +416,11 @@ class TriggerWriter:
 
 class ClaimResult(NamedTuple):
     """What ``ClaimRefresher.apply`` did: ``outcomes`` of the feeds written, ``waits``
-    refreshes the follow gate put off, ``give_ups`` refreshes that stopped waiting,
-    ``carried`` post triggers queued again (the fan-out had not stored their posts)."""
+    refreshes the follow gate put off, ``give_ups`` refreshes that stopped waiting."""
 
     outcomes: list[RefreshOutcome]
     waits: int
     give_ups: int
-    carried: int = 0
 
 
 class ClaimRefresher:
@@ -415,33 +434,24 @@ class ClaimRefresher:
     puts the waiting users off with theirs. A failure before ``finish`` leaves
     the claim leased: it is handed out again when the lease ends, and the
     refresh, idempotent, runs again.
-
-    A post trigger whose post the store did not hold yet (the ranking read it
-    before the fan-out wrote it) is queued again after the refresh, for
-    ``carry_ms`` after the post's creation: whatever refreshes the user next
-    ranks the post too, until the fan-out has stored it. Without it, a refresh
-    in between (a like) dropped the post from the ranked feed, and nothing
-    refreshed the user once the fan-out caught up. 0: not carried.
     """
 
     def __init__(self, ranker: FeedRanker, queue: RefreshQueue,
                  follow_wait: FollowWait | None = FollowWait(),
-                 wall: Callable[[], float] = time.time, carry_ms: int = 60_000):
+                 wall: Callable[[], float] = time.time):
         self.ranker = ranker
         self.queue = queue
         self.follow_wait = follow_wait
-        self.carry_ms = carry_ms
         self._wall = wall
 
     def apply(self, claims: Sequence[ClaimedRefreshes]) -> ClaimResult:
         outcomes: list[RefreshOutcome] = []
-        waits = give_ups = carried = 0
+        waits = give_ups = 0
         for claim in claims:
-            deferred, gave_up, again = self._one(claim, outcomes)
+            done, deferred, gave_up = self._one(claim, outcomes)
             waits += len(deferred)
             give_ups += gave_up
-            carried += again
-        return ClaimResult(outcomes, waits, give_ups, carried)
+        return ClaimResult(outcomes, waits, give_ups)
 
     def _one(self, claim: ClaimedRefreshes, outcomes: list[RefreshOutcome]):
         pending = [(u, *_decode(u, text)) for u, text in zip(claim.users, claim.payloads)]
@@ -475,29 +485,11 @@ class ClaimRefresher:
             ready.append((u, seq, ts))
         requests = [requests_from(u, ts) if ts else RefreshRequest(u, claim.claimed_at_ms, triggers=0)
                     for u, _, ts in ready]
-        refreshed = self.ranker.refresh(requests) if requests else []
-        outcomes += refreshed
-        now = int(self._wall() * 1000)
-        self.queue.finish(claim.shard, [(u, seq) for u, seq, _ in ready], deferred, now)
-        carried = self._carried([ts for _, _, ts in ready], refreshed, now)
-        if carried:
-            self.queue.add(carried, now)
-        return deferred, gave_up, len(carried)
-
-    def _carried(self, triggers: Sequence[Sequence[Trigger]],
-                 refreshed: Sequence[RefreshOutcome], now_ms: int) -> list[Trigger]:
-        """The post triggers to queue again (see the class doc), one per post and user,
-        stamped ``now_ms``: the refresh they join is a change from now on."""
-        if self.carry_ms <= 0:
-            return []
-        out = []
-        for ts, outcome in zip(triggers, refreshed):
-            if outcome.unstored:
-                unstored = set(outcome.unstored)
-                out += {t.post_id: t._replace(event_time=now_ms) for t in ts
-                        if t.reason == POST_CREATED and t.post_id in unstored
-                        and t.created_at >= now_ms - self.carry_ms}.values()
-        return out
+        if requests:
+            outcomes += self.ranker.refresh(requests)
+        self.queue.finish(claim.shard, [(u, seq) for u, seq, _ in ready], deferred,
+                          int(self._wall() * 1000))
+        return ready, deferred, gave_up
 
 
 def _decode(user_id: int, text: str) -> tuple[int, list[Trigger]]:

@@ -71,6 +71,23 @@ def _media(raw: bytes | None) -> str:
     return name
 
 
+def _with_carried(request: RefreshRequest, held: Mapping[bytes, bytes],
+                  since_ms: int) -> RefreshRequest:
+    """``request`` with the carried posts of ``held`` (``KeyLayout.carried_posts``)
+    created at ``since_ms`` or later among its new posts."""
+    if not held:
+        return request
+    have = {c.post_id for c in request.new_posts}
+    carried = []
+    for post, value in held.items():
+        author, created, media = _text(value).split(":", 2)
+        if int(created) >= since_ms and int(post) not in have:
+            carried.append(Candidate(int(post), int(author), int(created), media))
+    if not carried:
+        return request
+    return request._replace(new_posts=request.new_posts + tuple(carried))
+
+
 def _ids(reply: Sequence[bytes]) -> np.ndarray:
     """Redis members that are decimal ids, as int64 (parsed in NumPy, not one by one)."""
     return np.array(reply, dtype=bytes).astype(np.int64) if reply else np.zeros(0, np.int64)
@@ -125,6 +142,7 @@ class CandidateReader:
             raise ValueError("one request per user (merge_requests)")
         pushed: list[np.ndarray] = []
         following: list[list[int]] = []
+        carry = policy.carry_unstored_ms > 0
         if users:
             pipe = self._pipeline()
             oldest = now_ms - policy.max_age_ms
@@ -134,9 +152,16 @@ class CandidateReader:
                 pipe.zrevrangebyscore(keys.home_feed(u), "+inf", oldest, start=0,
                                       num=policy.pushed_limit)
                 pipe.zrange(keys.following(u), 0, -1)
+                if carry:
+                    pipe.hgetall(keys.carried_posts(u))
             replies = pipe.execute()
-            pushed = [_ids(r) for r in replies[0::2]]
-            following = [[int(m) for m in r] for r in replies[1::2]]
+            step = 3 if carry else 2
+            pushed = [_ids(r) for r in replies[0::step]]
+            following = [[int(m) for m in r] for r in replies[1::step]]
+            if carry:
+                since = now_ms - policy.carry_unstored_ms
+                requests = [_with_carried(r, held, since)
+                            for r, held in zip(requests, replies[2::3])]
 
         counts = self.follower_counts([f for fs in following for f in fs])
         celebrities = sorted(f for f, c in counts.items() if c >= policy.push_threshold)
@@ -165,6 +190,21 @@ class CandidateReader:
 
         cols = self.columns(merge_requests(requests), now_ms, policy)
         return {u: cols.of(i) for i, u in enumerate(cols.users)}
+
+    def carry(self, posts: Mapping[int, Sequence[Candidate]], ttl_ms: int) -> None:
+        """Remember, per user, the new posts its ranking had only from triggers
+        (``KeyLayout.carried_posts``, replacing what was held, kept ``ttl_ms``); one
+        round trip, none when ``posts`` is empty."""
+        if not posts:
+            return
+        keys, pipe = self.feeds.keys, self._pipeline()
+        for user, carried in posts.items():
+            key = keys.carried_posts(user)
+            pipe.delete(key)
+            pipe.hset(key, mapping={c.post_id: f"{c.author_id}:{c.created_at}:{c.media_type}"
+                                    for c in carried})
+            pipe.pexpire(key, ttl_ms)
+        pipe.execute()
 
     def post_table(self, post_ids: Sequence[int]) -> PostTable:
         """Stored metadata of ``post_ids`` (``PostTable``), one round trip."""

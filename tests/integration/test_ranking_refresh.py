@@ -228,35 +228,40 @@ def test_a_post_going_viral_moves_up_in_the_feeds_that_hold_it(world):
 def test_a_post_ranked_before_the_fan_out_stored_it_stays_until_the_fan_out_has(world):
     """The ranking reads a new post before the fan-out writes it: its trigger carries
     it into the audience's refresh. A like refreshed before the fan-out caught up keeps
-    it (the trigger was queued again), where it used to drop it until the viewer's next
-    change; once the fan-out has stored it, it comes from the feed and is not carried.
-    A post older than carry_ms is ranked but not carried."""
+    it (remembered for the viewer's next rankings), where it used to drop it until the
+    viewer's next change; once the fan-out has stored it, it is not remembered again.
+    A post older than carry_unstored_ms is ranked but not remembered."""
     ranker, reader, _, now = world
     redis = ranker.candidates.feeds
     queue = QueueConfig(shards=1, debounce=Debounce(0, 1, 1)).open(redis.client, redis.keys)
     writer = TriggerWriter(AudienceReader(redis), OnlineFeatureStore(redis.client, redis.keys),
                            queue, ranker.policy, ViralPolicy())
-    claims = ClaimRefresher(ranker, queue, follow_wait=None, carry_ms=60_000)
+    claims = ClaimRefresher(ranker, queue, follow_wait=None)
+    carried = redis.keys.carried_posts(VIEWER)
 
     def refresh_queued():
         claim = queue.claim(0, int(time.time() * 1000) + 10, limit=10).refreshes
-        return claims.apply([claim])
+        assert claims.apply([claim]).outcomes
 
     fresh = post(556, 12, int(time.time() * 1000))  # author 12: the viewer follows
     writer.apply([fresh])
-    assert refresh_queued().carried == 1
+    refresh_queued()
     assert 556 in ids(reader.read(VIEWER))
+    assert redis.client.hkeys(carried) == [b"556"] and ranker.carried == 1
+    assert 0 < redis.client.pttl(carried) <= ranker.policy.carry_unstored_ms
     writer.apply([EngagementEvent("l1", int(time.time() * 1000), EngagementKind.LIKE, VIEWER,
                                   11, 110, MediaType.REEL)])
-    result = refresh_queued()
-    assert [o.user_id for o in result.outcomes] == [VIEWER] and result.carried == 1
-    assert 556 in ids(reader.read(VIEWER))
+    refresh_queued()
+    assert 556 in ids(reader.read(VIEWER)) and ranker.carried == 2
     FeedFanout(redis, None, FanoutPolicy(push_threshold=3, celebrity_top_n=0)).apply([fresh])
-    assert refresh_queued().carried == 0
-    assert 556 in ids(reader.read(VIEWER)) and queue.pending() == {}
+    ranker.refresh([RefreshRequest(VIEWER, int(time.time() * 1000))])
+    assert 556 in ids(reader.read(VIEWER)) and ranker.carried == 2
+    # Too old to remember: ranked from its trigger, then gone at the next ranking.
     writer.apply([post(557, 12, int(time.time() * 1000) - 61_000)])
-    assert refresh_queued().carried == 0 and queue.pending() == {}
-    assert 557 in ids(reader.read(VIEWER))
+    refresh_queued()
+    assert 557 in ids(reader.read(VIEWER)) and ranker.carried == 2
+    ranker.refresh([RefreshRequest(VIEWER, int(time.time() * 1000))])
+    assert 557 not in ids(reader.read(VIEWER))
 
 
 def test_pending_refreshes_redis_lost_are_queued_again_from_the_recent_input(

@@ -72,7 +72,7 @@ def test_one_users_keys_share_a_hash_tag():
     per_user = [k.home_feed, k.home_feed_staging, k.ranked_feed, k.ranked_meta,
                 k.ranked_feed_staging, k.last_read, k.seen_stories, k.author_affinity,
                 k.content_affinity, k.followers, k.following, k.author_timeline,
-                k.author_features, k.author_stories]
+                k.author_features, k.author_stories, k.carried_posts]
     assert {_hash_tag(f(9)) for f in per_user} == {"u:9"}
     assert _hash_tag(k.post(9)) == _hash_tag(k.post_features(9)) == "p:9"
     assert _hash_tag(k.story(9)) == _hash_tag(k.story_viewers(9)) == "s:9"

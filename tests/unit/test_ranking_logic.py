@@ -286,29 +286,26 @@ def test_ranker_pool_shares_one_ranker_until_the_last_release():
 
 
 class _Queue:
-    """``RefreshQueue.finish`` and ``add`` (the claim handling's queue calls) recorded."""
+    """``RefreshQueue.finish`` recorded (the claim handling's only queue call)."""
 
     def __init__(self):
-        self.finished, self.added = [], []
+        self.finished = []
 
     def finish(self, shard, done, deferred, now_ms):
         self.finished.append((shard, list(done), list(deferred)))
-
-    def add(self, triggers, now_ms):
-        self.added.append((list(triggers), now_ms))
 
 
 class _Ranker:
     """A ``FeedRanker`` stand-in: the fan-out's graph holds ``edges``; ``refresh``
     records its requests (one outcome per user, first-seen order)."""
 
-    def __init__(self, edges=None, unstored=None):
+    def __init__(self, edges=None):
         import types
 
-        self.unstored = unstored or {}  # user -> posts only its triggers carried
         self.refreshed = []
         self.models = types.SimpleNamespace(swaps=1)
         self.model_errors = 0
+        self.carried = 0
         self.closed = False
         self.healer = None  # no generation check (FeedRanker without a RedisHealer)
         edges = edges or {}
@@ -319,8 +316,7 @@ class _Ranker:
         from schemas.ranking import RefreshOutcome
 
         self.refreshed += requests
-        return [RefreshOutcome(r.user_id, "v1", 1, 2, r.changed_at_ms, T0 + 5, r.triggers,
-                               self.unstored.get(r.user_id, ()))
+        return [RefreshOutcome(r.user_id, "v1", 1, 2, r.changed_at_ms, T0 + 5, r.triggers)
                 for r in requests]
 
     def close(self):
@@ -364,31 +360,6 @@ def test_claims_refresh_behind_the_follow_gate_and_release_what_they_covered():
     settled = again._replace(waits=[""])
     ClaimRefresher(ranker, queue, wait, wall=lambda: (T0 + 900) / 1000).apply([settled])
     assert queue.finished[-1] == (1, [(2, 7)], [])
-
-
-def test_posts_the_fan_out_has_not_stored_are_queued_again_while_young():
-    """A refresh ranked posts only their triggers carried (the fan-out had not written
-    them): those triggers go back in the queue, stamped now, so the user's next refresh
-    ranks them too; not a post older than carry_ms, nor one the store held."""
-    from stores.ranker import ClaimRefresher
-
-    young = Trigger(1, T0 - 9, POST_CREATED, 70, 4, T0 - 9, "PHOTO")
-    old = Trigger(1, T0 - 70_000, POST_CREATED, 71, 4, T0 - 70_000, "PHOTO")
-    stored = Trigger(1, T0 - 5, POST_CREATED, 72, 4, T0 - 5, "PHOTO")
-    claim = ClaimedRefreshes(shard=1, claimed_at_ms=T0, users=[1, 2],
-                             payloads=["#4\n" + encode_triggers([young, old, stored, young]),
-                                       "#4\n" + encode_triggers([Trigger(2, T0, ENGAGED)])],
-                             waits=["", ""])
-    queue = _Queue()
-    ranker = _Ranker(unstored={1: (70, 71)})
-    result = ClaimRefresher(ranker, queue, None, wall=lambda: T0 / 1000,
-                            carry_ms=60_000).apply([claim])
-    assert queue.finished == [(1, [(1, 4), (2, 4)], [])]
-    assert queue.added == [([young._replace(event_time=T0)], T0)] and result.carried == 1
-    off = _Queue()
-    assert ClaimRefresher(ranker, off, None, wall=lambda: T0 / 1000,
-                          carry_ms=0).apply([claim]).carried == 0
-    assert off.added == []
 
 
 def test_refresh_applier_answers_each_claim_and_releases_the_ranker():
@@ -467,8 +438,8 @@ class _Armed:
 
 
 def test_the_drain_looks_again_soon_while_a_claim_is_out(monkeypatch):
-    """A claim's refresh may put users off (the follow gate) or queue a post again
-    while its users are leased, when the queue's next time is the lease end: the
+    """A claim's refresh may put users off (the follow gate) while its users are
+    leased, when the queue's next time is the lease end: the
     drain wakes within the settle time then, not at the lease end (30 s), and at the
     queue's own next time once nothing is out."""
     import types
@@ -500,3 +471,16 @@ def test_the_drain_looks_again_soon_while_a_claim_is_out(monkeypatch):
     # Full claims go on (up to max_claims); the last one decides.
     assert drain(claim([7, 8], T0 + 30_000, True), claim([9], T0 + 200, True)) \
         == ([2, 1], T0 + 200)
+
+
+def test_remembered_posts_join_a_request_while_young():
+    """The posts a user's last ranking had only from triggers (``carried_posts``) join
+    its next request as new posts, unless too old or carried by the request itself."""
+    from stores.redis.candidates import _with_carried
+
+    request = RefreshRequest(1, T0, (Candidate(70, 4, T0 - 9, "PHOTO"),))
+    held = {b"70": b"4:1:PHOTO", b"71": b"5:%d:REEL" % (T0 - 5), b"72": b"5:%d:VIDEO" % (T0 - 61)}
+    out = _with_carried(request, held, since_ms=T0 - 60)
+    assert out.new_posts == (Candidate(70, 4, T0 - 9, "PHOTO"), Candidate(71, 5, T0 - 5, "REEL"))
+    assert out._replace(new_posts=()) == request._replace(new_posts=())
+    assert _with_carried(request, {}, T0) is request
