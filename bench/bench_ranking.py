@@ -373,6 +373,7 @@ def hydrate_and_score(ctx, runs: int, batch_users: int, batches: int) -> dict:
         raise RuntimeError(f"no promoted model in {ctx.model_dir}")
     users = np.array(sorted(ctx.followers_of_user))
     samples: dict[str, list[float]] = {}
+    per_user: dict[str, list[float]] = {}  # ms per user refreshed
     try:
         for _ in range(runs):
             totals: dict[str, float] = {}
@@ -394,13 +395,16 @@ def hydrate_and_score(ctx, runs: int, batch_users: int, batches: int) -> dict:
                 old = old_feature_rows(ranker, cols, now)
                 model.predict(old)
                 t5 = clock()
-                ranker.refresh(requests)
+                ranking = ranker.rank(requests, now)
+                t6a = clock()
+                ranker.ranked.write_many(ranking.feeds)  # Cassandra rows, then Redis swaps
                 t6 = clock()
                 uncached.feature_rows(cols, now)
                 t7 = clock()
                 for name, dt in (("candidates", t1 - t0), ("hydrate", t2 - t1),
                                  ("score", t3 - t2), ("limit", t4 - t3),
                                  ("old_hydrate_and_score", t5 - t4), ("refresh", t6 - t5),
+                                 ("refresh_rank", t6a - t5), ("refresh_write", t6 - t6a),
                                  ("hydrate_uncached", t7 - t6)):
                     totals[name] = totals.get(name, 0.0) + dt
                 rows_total += len(rows)
@@ -409,12 +413,15 @@ def hydrate_and_score(ctx, runs: int, batch_users: int, batches: int) -> dict:
             per_s["uncached_hydrate_and_score"] = rows_total / (totals["hydrate_uncached"]
                                                                 + totals["score"])
             per_s["refresh_users"] = batches * batch_users / totals["refresh"]
+            for part in ("refresh_rank", "refresh_write"):
+                per_user.setdefault(part, []).append(totals[part] * 1000 / (batches * batch_users))
             for name, value in per_s.items():
                 samples.setdefault(name, []).append(value)
     finally:
         ranker.close()
         uncached.close()
     out = {f"{name}_per_s": statistics.median(v) for name, v in samples.items()}
+    out.update({f"{name}_ms_per_user": statistics.median(v) for name, v in per_user.items()})
     out["ratio"] = out["hydrate_and_score_per_s"] / out["limit_per_s"]
     out["old_ratio"] = out["old_hydrate_and_score_per_s"] / out["limit_per_s"]
     out["uncached_ratio"] = out["uncached_hydrate_and_score_per_s"] / out["limit_per_s"]
@@ -689,7 +696,9 @@ def print_summary(r: dict) -> None:
         print(f"  steps: candidates read {h['candidates_per_s']:,.0f}/s, hydrate "
               f"{h['hydrate_per_s']:,.0f}/s, scoring {h['score_per_s']:,.0f}/s; whole refresh "
               f"(read to written feed) {h['refresh_per_s']:,.0f} candidates/s = "
-              f"{h['refresh_users_per_s']:,.0f} users/s")
+              f"{h['refresh_users_per_s']:,.0f} users/s (ranking "
+              f"{h['refresh_rank_ms_per_user']:.2f} ms, writing "
+              f"{h['refresh_write_ms_per_user']:.2f} ms per user)")
         print(f"  without reusing parsed post and author features (--feature_cache_s 0): "
               f"{h['uncached_hydrate_and_score_per_s']:,.0f}/s (ratio {h['uncached_ratio']:.2f})")
         print(f"  the per-user hydrate it replaced: {h['old_hydrate_and_score_per_s']:,.0f}/s "

@@ -382,10 +382,19 @@ def test_refresh_applier_answers_each_claim_and_releases_the_ranker():
     config = RefreshConfig(Config("refresh-applier-test"), RankingPolicy(), follow_wait=None)
     applier = config.open()
     applier._claims.queue = _Queue()
-    claims = [ClaimedRefreshes(0, T0, [1, 2], ["#1\ne5\n", "#1\ne6\n"], ["", ""]),
-              ClaimedRefreshes(1, T0, [3], ["#2\ne7\n"], [""])]
+    line = lambda ago: "#1\n" + encode_triggers([Trigger(0, T0 - ago, ENGAGED)])  # noqa: E731
+    # Claimed 100 ms before the stand-in ranker writes (at T0 + 5), changes 300-900 ms
+    # before that.
+    claims = [ClaimedRefreshes(0, T0 - 95, [1, 2], [line(900), line(600)], ["", ""]),
+              ClaimedRefreshes(1, T0 - 95, [3], [line(300)], [""])]
     out = applier.apply(claims)
     assert [[o.user_id for o in outcomes] for outcomes in out] == [[1, 2], [3]]
+    # Each refresh's latency, and its part before the claim (histogram buckets are
+    # upper bounds, a few % wide).
+    assert len(applier._wait_ms) == len(applier._latency_ms) == 3
+    for q, wait, latency in ((0.0, 205, 305), (1.0, 805, 905)):
+        assert wait <= applier._wait_ms.quantile(q) <= wait * 1.1
+        assert latency <= applier._latency_ms.quantile(q) <= latency * 1.1
     applier.close()
     assert ranker.closed
 
