@@ -217,32 +217,34 @@ class FeedRanker:
         else:
             ranking = self.healer.run_whole(lambda: self.rank(requests, self.now_ms()))
         self.ranked.write_many(ranking.feeds)
-        self.carry(ranking.candidates, self.now_ms())
+        self.carry(ranking.candidates, self.now_ms(),
+                   {r.user_id: r.deleted for r in requests if r.deleted})
         offsets = ranking.candidates.offsets
         return [RefreshOutcome(r.user_id, ranking.version, len(f.entries),
                                int(offsets[i + 1] - offsets[i]), r.changed_at_ms,
                                f.generated_at_ms, r.triggers)
                 for i, (r, f) in enumerate(zip(requests, ranking.feeds))]
 
-    def carry(self, cols: CandidateColumns, now_ms: int) -> None:
+    def carry(self, cols: CandidateColumns, now_ms: int,
+              deleted: dict[int, frozenset] | None = None) -> None:
         """Remember the new posts each user's candidates had only from triggers (the
         fan-out had not stored them), younger than ``policy.carry_unstored_ms``: the
         user's next rankings take them too (``CandidateReader.columns``). Without it a
         ranking in between (a like, before the fan-out's push) dropped such a post,
-        and nothing ranked the user again once the fan-out had caught up."""
+        and nothing ranked the user again once the fan-out had caught up. Posts the
+        requests deleted (``deleted``, per user) are forgotten: the next ranking must
+        not bring back a post whose deletion the fan-out has not stored yet."""
         ttl = self.policy.carry_unstored_ms
         if ttl <= 0 or cols.unstored is None:
             return
         rows = np.flatnonzero(cols.unstored & (cols.created_at >= now_ms - ttl))
-        if not len(rows):
-            return
         user_at = np.searchsorted(cols.offsets, rows, side="right") - 1
         posts: dict[int, list[Candidate]] = {}
         for k, i in zip(rows.tolist(), user_at.tolist()):
             posts.setdefault(cols.users[i], []).append(Candidate(
                 int(cols.post_id[k]), int(cols.author_id[k]), int(cols.created_at[k]),
                 str(cols.media[k])))
-        self.candidates.carry(posts, ttl)
+        self.candidates.carry(posts, ttl, deleted)  # no round trip when both are empty
         self.carried += len(rows)
 
     def rank(self, requests: Sequence[RefreshRequest], now_ms: int) -> Ranking:

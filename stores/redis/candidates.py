@@ -12,7 +12,7 @@ three round trips and bounded work per author, however many followers it has.
 from __future__ import annotations
 
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -191,12 +191,12 @@ class CandidateReader:
         cols = self.columns(merge_requests(requests), now_ms, policy)
         return {u: cols.of(i) for i, u in enumerate(cols.users)}
 
-    def carry(self, posts: Mapping[int, Sequence[Candidate]], ttl_ms: int) -> None:
+    def carry(self, posts: Mapping[int, Sequence[Candidate]], ttl_ms: int,
+              forget: Mapping[int, Iterable[int]] | None = None) -> None:
         """Remember, per user, the new posts its ranking had only from triggers
-        (``KeyLayout.carried_posts``, replacing what was held, kept ``ttl_ms``); one
-        round trip, none when ``posts`` is empty."""
-        if not posts:
-            return
+        (``KeyLayout.carried_posts``, replacing what was held, kept ``ttl_ms``), and
+        forget the posts of ``forget`` (deleted) of the users not in ``posts``; one
+        round trip, none when there is nothing to do."""
         keys, pipe = self.feeds.keys, self._pipeline()
         for user, carried in posts.items():
             key = keys.carried_posts(user)
@@ -204,7 +204,11 @@ class CandidateReader:
             pipe.hset(key, mapping={c.post_id: f"{c.author_id}:{c.created_at}:{c.media_type}"
                                     for c in carried})
             pipe.pexpire(key, ttl_ms)
-        pipe.execute()
+        for user, gone in (forget or {}).items():
+            if user not in posts and gone:
+                pipe.hdel(keys.carried_posts(user), *gone)
+        if len(pipe):
+            pipe.execute()
 
     def post_table(self, post_ids: Sequence[int]) -> PostTable:
         """Stored metadata of ``post_ids`` (``PostTable``), one round trip."""

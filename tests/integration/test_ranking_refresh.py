@@ -262,6 +262,17 @@ def test_a_post_ranked_before_the_fan_out_stored_it_stays_until_the_fan_out_has(
     assert 557 in ids(reader.read(VIEWER)) and ranker.carried == 2
     ranker.refresh([RefreshRequest(VIEWER, int(time.time() * 1000))])
     assert 557 not in ids(reader.read(VIEWER))
+    # Created and deleted before the fan-out stores either: the deletion's refresh
+    # forgets it, so a later ranking (a like) does not bring it back.
+    doomed = post(558, 12, int(time.time() * 1000))
+    writer.apply([doomed])
+    refresh_queued()
+    assert 558 in ids(reader.read(VIEWER)) and redis.client.hexists(carried, "558")
+    writer.apply([dataclasses.replace(doomed, event_id="d558", kind=PostEventKind.DELETED)])
+    refresh_queued()
+    assert 558 not in ids(reader.read(VIEWER)) and not redis.client.hexists(carried, "558")
+    ranker.refresh([RefreshRequest(VIEWER, int(time.time() * 1000))])
+    assert 558 not in ids(reader.read(VIEWER))
 
 
 def test_pending_refreshes_redis_lost_are_queued_again_from_the_recent_input(
