@@ -626,34 +626,31 @@ class _PartitionCursor:
         with self.lock:
             return self.consumer.consume(num_messages=num_messages, timeout=timeout_s)
 
-    def records_waiting(self, topic: str, partition: int) -> bool:
-        """Records the consumer knows of beyond what was read (the end offset its last
-        fetch saw; no broker round trip). The consumer's position counts too: it moves
-        past offsets that hold no record (transaction markers), the last record read
-        does not."""
-        from confluent_kafka import TopicPartition
-
-        tp = TopicPartition(topic, partition)
-        try:
-            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if high is None or high <= self.next_offset:
-                return False
-            return high > self.consumer.position([tp])[0].offset
-        except RuntimeError:  # closed meanwhile: its read ended
-            return False
-
-    def at_end(self, topic: str, partition: int) -> bool:
-        """Everything up to the end offset the consumer's last fetch saw is read; False
-        while that end is unknown (a new consumer before its first fetch)."""
+    def _end_read(self, topic: str, partition: int) -> bool | None:
+        """Whether everything up to the end offset the consumer's last fetch saw is read
+        (no broker round trip); None while that end is unknown (a new consumer before
+        its first fetch). The consumer's position counts too: it moves past offsets
+        that hold no record (a transaction's commit marker ends many partitions), the
+        last record read does not."""
         from confluent_kafka import TopicPartition
 
         tp = TopicPartition(topic, partition)
         _, high = self.consumer.get_watermark_offsets(tp, cached=True)
         if high is None or high < 0:
-            return False
-        # The consumer's position moves past offsets that carry no record (a
-        # transaction's commit marker ends many partitions); the last record does not.
+            return None
         return self.next_offset >= high or self.consumer.position([tp])[0].offset >= high
+
+    def records_waiting(self, topic: str, partition: int) -> bool:
+        """Records the consumer knows of beyond what was read."""
+        try:
+            return self._end_read(topic, partition) is False
+        except RuntimeError:  # closed meanwhile: its read ended
+            return False
+
+    def at_end(self, topic: str, partition: int) -> bool:
+        """Everything up to the end offset the consumer's last fetch saw is read; False
+        while that end is unknown."""
+        return self._end_read(topic, partition) is True
 
 
 class _CursorPool:
