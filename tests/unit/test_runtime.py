@@ -233,12 +233,13 @@ def _wait_for_an_answer_after(seconds: float, slice_s: float) -> tuple[float, li
         grpc._common.MAXIMUM_WAIT_TIMEOUT = previous
 
 
-def test_a_thread_blocked_on_grpc_wakes_once_a_second_yet_at_once_when_answered():
-    waited, wakes = _wait_for_an_answer_after(0.55, 1.0)
-    assert 0.5 <= waited < 0.9  # the answer woke it, not the end of a slice
-    assert wakes == [1.0]
+def test_a_thread_blocked_on_grpc_sleeps_a_whole_slice_yet_wakes_at_once_when_answered():
+    waited, wakes = _wait_for_an_answer_after(0.3, 3.0)
+    assert 0.25 <= waited < 2.0  # the answer woke it, not the end of the 3 s slice
+    assert wakes == [3.0]
     waited, wakes = _wait_for_an_answer_after(0.55, 0.1)  # gRPC's own slices
-    assert len(wakes) >= 5
+    # A loaded machine may stretch a slice, so it is "more than one", not "five".
+    assert len(wakes) >= 2 and set(wakes) == {0.1}
 
 
 def test_grpc_waits_refuse_a_slice_that_never_blocks():
