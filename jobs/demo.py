@@ -6,7 +6,8 @@ by later runs), produces a synthetic workload to Kafka, runs the four
 pipelines (fan-out, stories, features, ranking) on Prism until each has
 applied that workload, starts the serving API and prints what came out:
 events and dead letters per topic, home feeds in Redis and rows in Cassandra,
-freshness from the fan-out's log, one user's home feed hydrated from post
+the freshness of a few posts produced live once the jobs caught up (sent ->
+in every follower's Redis home feed), one user's home feed hydrated from post
 metadata, a celebrity's timeline, and that user's ranked feed and story tray
 as the API returns them, with a token and a curl command to ask it yourself.
 It then keeps the pipelines and the API running until Ctrl-C (``--exit``
@@ -25,10 +26,10 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,8 +80,9 @@ def register(subparsers) -> None:
         "the API, show the feeds", description=__doc__.split("\n\n")[1])
     p.add_argument("--partitions", type=int, default=3,
                    help="partitions per topic when the topics are created (default 3)")
-    p.add_argument("--samples", type=int, default=2,
-                   help="decoded events to show per topic (default 2)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="decoded events to show per topic (default 0: the summary fits a "
+                   "screen; 2 shows what the records look like)")
     p.add_argument("--skip-generate", action="store_true",
                    help="do not produce a new workload; run the job over what the demo group "
                    "has not applied yet")
@@ -140,8 +142,9 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     _step(f"3/7 Cassandra schema (keyspace {keyspace})")
     cluster = new_cluster(settings.host, settings.cassandra_port)
     try:
-        for result in migrate(cluster.connect(), keyspace):
-            print(f"   {result.version:04d} {result.name}: {result.status}")
+        results = migrate(cluster.connect(), keyspace)
+        print("   " + ", ".join(f"{r.version:04d} {r.name} ({r.status.replace('_', ' ')})"
+                                for r in results))
     finally:
         cluster.shutdown()
 
@@ -171,6 +174,9 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     _step(f"6/7 pipelines on Prism: {', '.join(names)}")
     jobs: list[FanoutJob] = []
     api = None
+    # A SIGTERM or SIGHUP (a closed terminal, `timeout`, a service manager) stops what
+    # the demo started, as Ctrl-C does, instead of leaving the jobs running unowned.
+    previous = _interrupt_on(STOP_SIGNALS)
     try:
         for name in names:
             group = group_of(args.group, name)
@@ -188,6 +194,7 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
                                               group_of(args.group, job.name), topics_of, job,
                                               args.timeout)
             print(f"   {job.name} caught up in {caught_up_in:.0f}s")
+        probe_freshness(settings, prefix, args.redis_key_prefix, workload)
         if "ranking" in names:
             wait_until_ranked(settings, args.redis_key_prefix, workload,
                               next(job for job in jobs if job.name == "ranking"), args.timeout)
@@ -195,7 +202,7 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
 
         _step("7/7 what came out")
         _print_topics(settings, prefix)
-        _print_stores(settings, args.redis_key_prefix, keyspace, workload, jobs[0].log_path)
+        _print_stores(settings, args.redis_key_prefix, keyspace, workload)
         _print_samples(settings, args.samples, prefix)
         if api is not None:
             api.print_samples(settings, args.redis_key_prefix, workload)
@@ -215,10 +222,13 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
             except KeyboardInterrupt:
                 print("\nstopping the jobs and the API")
     finally:
+        _interrupt_on(STOP_SIGNALS, signal.SIG_IGN)  # a second signal must not cut this short
         if api is not None:
             api.stop()
         for job in jobs:
             job.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The servers keep "
           "running; `.venv/bin/feedbeam infra down` stops them.")
     return 0
@@ -246,6 +256,22 @@ def ensure_model(args: argparse.Namespace, settings: StackSettings, model_dir: P
     if ModelRegistry(model_dir).latest() is None:
         print(f"   the model was not promoted (exit {status}); the ranking pipeline ranks by "
               "recency until one is")
+
+
+#: Signals that stop the demo like Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _interrupt_on(signals, handler=_raise_interrupt) -> dict:
+    """Handle ``signals`` with ``handler`` (from the main thread only); returns the
+    handlers they had."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in signals}
 
 
 def _step(text: str) -> None:
@@ -399,6 +425,85 @@ def sample_user(settings: StackSettings, key_prefix: str, workload: "DemoWorkloa
     return max(users, key=lambda u: (sizes[u], -u))
 
 
+#: The live freshness probe: this many posts, at this rate, each awaited this long.
+PROBE_POSTS, PROBE_RATE, PROBE_WAIT_S = 20, 10.0, 30.0
+
+
+def probe_freshness(settings: StackSettings, prefix: str, key_prefix: str,
+                    workload: "DemoWorkload") -> list[float]:
+    """Produce ``PROBE_POSTS`` posts now, by authors below the push threshold with
+    followers, and print how long each took from its send to being in every one of
+    its author's followers' home feeds in Redis (the workload's own event times lie
+    in the past, so only live posts say what the pipeline's latency is). Returns the
+    latencies (ms) of the posts that got there within ``PROBE_WAIT_S``."""
+    from confluent_kafka import Producer
+
+    from schemas.codec import WireCodec
+    from schemas.events import MediaType, PostEventKind
+    from stores.redis.client import new_client
+    from schemas.keys import KeyLayout
+
+    keys, client = KeyLayout(key_prefix), new_client(settings.redis_url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for u in range(1, workload.users + 1):
+            pipe.zrange(keys.followers(u), 0, -1)
+        followers = {u: [int(f) for f in fs]
+                     for u, fs in zip(range(1, workload.users + 1), pipe.execute())
+                     if 0 < len(fs) < workload.push_threshold}
+        authors = sorted(followers)[::max(1, len(followers) // PROBE_POSTS)][:PROBE_POSTS]
+        if not authors:
+            print("   freshness probe: no author with followers below the push threshold")
+            return []
+        codec, topic = WireCodec(), prefix + PostEvent.TOPIC
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0})
+        first_id = 9_000_000_000_000_000 + (int(time.time() * 1000) % 10**12) * 100
+        waiting: dict[int, tuple[int, float]] = {}  # post -> (author, sent at)
+        latencies: list[float] = []
+        started = time.monotonic()
+        deadline = started + len(authors) / PROBE_RATE + PROBE_WAIT_S
+        sent = 0
+        # Send each post when due and look at the feeds in between (every ~20 ms).
+        while (sent < len(authors) or waiting) and time.monotonic() < deadline:
+            while sent < len(authors) and time.monotonic() >= started + sent / PROBE_RATE:
+                now = int(time.time() * 1000)
+                post_id = first_id + sent
+                post = PostEvent(f"demo-probe-{post_id}", now, PostEventKind.CREATED, post_id,
+                                 authors[sent], now, MediaType.PHOTO, 0, ())
+                producer.produce(topic, codec.encode(post, topic), post.key, timestamp=now)
+                producer.flush(10)
+                waiting[post_id] = (authors[sent], time.monotonic())
+                sent += 1
+            pending = list(waiting.items())
+            pipe = client.pipeline(transaction=False)
+            for post_id, (author, _) in pending:
+                for f in followers[author]:
+                    pipe.zscore(keys.home_feed(f), str(post_id))
+            scores, at, i = pipe.execute(), time.monotonic(), 0
+            for post_id, (author, at_sent) in pending:
+                n = len(followers[author])
+                if all(score is not None for score in scores[i:i + n]):
+                    latencies.append((at - at_sent) * 1000)
+                    del waiting[post_id]
+                i += n
+            time.sleep(0.02)
+    finally:
+        client.close()
+    done = sorted(latencies)
+    fans = sum(len(followers[a]) for a in authors) / len(authors)
+    line = (f"   freshness probe: {len(authors)} posts produced now at {PROBE_RATE:g}/s, sent -> "
+            f"in all of their author's followers' Redis home feeds (avg {fans:.0f} followers)")
+    if sent < len(authors):
+        line += f"; only {sent} sent"
+    if done:
+        line += (f": p50 {done[len(done) // 2]:,.0f} ms, max {done[-1]:,.0f} ms "
+                 f"(polled every 20 ms)")
+    if waiting:
+        line += f"; {len(waiting)} not everywhere after {PROBE_WAIT_S:g} s"
+    print(line)
+    return latencies
+
+
 def wait_until_ranked(settings: StackSettings, key_prefix: str, workload: "DemoWorkload",
                       job: "FanoutJob", timeout_s: float) -> None:
     """Wait until the sample user's ranked feed is written.
@@ -548,36 +653,13 @@ def _print_topics(settings: StackSettings, prefix: str = "") -> None:
         print(f"   {topic:<20} {parts:>10} {total:>10} {dead:>13}")
 
 
-_FRESHNESS = re.compile(r"fanout freshness over the last \d+s: (\d+) posts pushed, "
-                        r"p50 (\d+) ms, p99 (\d+) ms")
-
-
-def freshness_from_log(log_path: Path) -> tuple[int, int, int] | None:
-    """``(posts, p50 ms, p99 ms)`` of the job's freshness lines in this run's part of the log.
-
-    The job logs one line per window and worker; the figures combine them as
-    a post-weighted mean of p50 and the largest p99 (an upper bound).
-    """
-    try:
-        text = log_path.read_text(errors="replace")
-    except OSError:
-        return None
-    text = text.rsplit("--- feedbeam demo ", 1)[-1]
-    windows = [tuple(int(x) for x in m.groups()) for m in _FRESHNESS.finditer(text)]
-    if not windows:
-        return None
-    posts = sum(n for n, _, _ in windows)
-    p50 = sum(n * p for n, p, _ in windows) / max(posts, 1)
-    return posts, int(p50), max(p for _, _, p in windows)
-
-
 def _iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(
         timespec="seconds").replace("+00:00", "Z")
 
 
 def _print_stores(settings: StackSettings, key_prefix: str, keyspace: str,
-                  workload: DemoWorkload, log_path: Path) -> None:
+                  workload: DemoWorkload) -> None:
     from stores.redis.feeds import RedisFeedStore
 
     redis = RedisFeedStore.from_url(settings.redis_url, key_prefix=key_prefix)
@@ -597,16 +679,6 @@ def _print_stores(settings: StackSettings, key_prefix: str, keyspace: str,
         for table, rows in _cassandra_counts(settings, keyspace).items():
             print(f"   Cassandra {keyspace}.{table}: "
                   + (f"{rows:,} rows" if rows is not None else "not counted (timed out)"))
-        fresh = freshness_from_log(log_path)
-        if fresh:
-            posts, p50, p99 = fresh
-            print(f"   freshness (job log, event time -> in Redis): {posts:,} posts pushed, "
-                  f"p50 {p50:,} ms, p99 {p99:,} ms. The workload's event times span the "
-                  f"{workload.duration} before the run, so this is mostly their age when "
-                  f"produced, not the pipeline's latency")
-        else:
-            print("   freshness: no freshness lines in the job's log yet")
-
         celebrities = sorted((u for u, n in follower_counts.items()
                               if n >= workload.push_threshold),
                              key=lambda u: (-follower_counts[u], u))

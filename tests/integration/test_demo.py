@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from jobs.cli import build_parser, main
-from jobs.demo import DemoWorkload
+from jobs.demo import PROBE_WAIT_S, DemoWorkload
 from jobs.generate import config_from_args
 from jobs.topics import feed_topics
 from jobs.workload import Workload
@@ -91,6 +91,11 @@ def test_demo_materializes_feeds_of_followed_authors(stack, demo_topics, keyspac
     assert re.search(r"story tray of user \d+ \(GET \S+ -> 200\)", out), out
     assert "curl -s -H \"Authorization: Bearer $TOKEN\"" in out
 
+    # The live posts reached every follower's feed, each within the probe's wait.
+    probe = re.search(r"freshness probe: (\d+) posts produced now.*: p50 ([\d,]+) ms, max "
+                      r"([\d,]+) ms \(polled every 20 ms\)\n", out)
+    assert probe and int(probe[1]) > 0, out
+    assert int(probe[3].replace(",", "")) < PROBE_WAIT_S * 1000
     materialized = int(re.search(r"home feeds in Redis: ([\d,]+) of", out)[1].replace(",", ""))
     assert materialized > 0
     rows = int(re.search(r"home_feed_by_user: ([\d,]+) rows", out)[1].replace(",", ""))
@@ -113,3 +118,50 @@ def test_demo_materializes_feeds_of_followed_authors(stack, demo_topics, keyspac
     assert authors, sample[0]
     assert set(authors) <= following[user], (user, authors, sorted(following[user]))
     assert "caught up in" in out and "timeline of celebrity" in out
+
+
+def test_a_sigterm_stops_the_jobs_the_demo_started(stack, demo_topics, keyspace, key_prefix,
+                                                   tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from jobs.demo import available_pipelines
+
+    out_path = tmp_path / "demo.out"
+    with open(out_path, "w") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "demo", *TINY, "--partitions", "1",
+             "--skip-generate", "--topic-prefix", demo_topics, "--redis-key-prefix", key_prefix,
+             "--keyspace", keyspace, "--group", f"g-{uuid.uuid4().hex[:8]}", "--api-port", "0",
+             "--model-dir", str(tmp_path / "models"), "--train-users", "500",
+             "--train-days", "2"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, "FEEDBEAM_STATE_DIR": str(stack.state_dir)})
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(pids) < len(available_pipelines()):
+            assert demo.poll() is None, out_path.read_text()
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.5)
+            pids = [int(p) for p in re.findall(r"^   \w+: pid (\d+), group", out_path.read_text(),
+                                               re.MULTILINE)]
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=180) == 130, out_path.read_text()  # "interrupted"
+        # Every job it started was stopped (and reaped) before it exited.
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        for pid in pids:  # whatever a failure left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
