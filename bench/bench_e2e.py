@@ -3,7 +3,9 @@ API latency while the pipelines keep consuming, and throughput beside the limits
 the same run; writes JSON and PNG plots.
 
     .venv/bin/python bench/bench_e2e.py [--quick] [--rates 25,50,100,200,400] [--step-s N]
-        [--runs N] [--pipelines fanout,features,stories] [--mix engagement=4,story=0.5,follow=0.25]
+        [--runs N] [--pipelines fanout,features,stories,ranking] [--model-dir DIR]
+        [--ranking-args=--debounce_s=10,...]
+        [--mix engagement=4,story=0.5,follow=0.25]
         [--api-rates 500,1000,2000] [--api-s N] [--api-post-rate N] [--serve granian:1]
         [--out bench/results/e2e-<stamp>]
 
@@ -13,8 +15,9 @@ migrated keyspace, a Redis key prefix holding a ``jobs.workload`` follower graph
 straight into Redis (``bench_fanout.Graph``). Then, as their own processes on Prism
 (streaming, LOOPBACK; ``bench_fanout.Job``): ``pipelines.fanout`` and, unless
 ``--pipelines`` leaves them out, ``pipelines.features`` (sinks redis, cassandra,
-top_followers) and ``pipelines.stories``; and ``feedbeam serve`` on the same prefix and
-keyspace (``bench_serving.Server``).
+top_followers), ``pipelines.stories`` and ``pipelines.ranking`` (with the promoted model of
+``--model-dir``; by default one ``feedbeam train --synthetic`` trains once and later runs
+reuse); and ``feedbeam serve`` on the same prefix and keyspace (``bench_serving.Server``).
 
 Per run (``--runs``; figures are medians over the runs):
 
@@ -25,7 +28,14 @@ Per run (``--runs``; figures are medians over the runs):
    (``bench_fanout.Tracker``); per step p50/p99, the fan-out's feed insertions/s and each
    job's records consumed/s (its consumer group's committed offsets) and lag at the
    step's end. A step whose backlog passes 3 s stops early (overloaded) and ends the run's
-   ladder. Headline: the highest rate with median p99 <= 1 s, overloaded in no run;
+   ladder. Headline: the highest rate with median p99 <= 1 s, overloaded in no run.
+   With the ranking job: per post by an author below the push threshold, the time from
+   its event time to present in the ranked feeds of ``RANKED_SAMPLE`` of its followers
+   (waited for up to ``RANKED_DRAIN_S`` after the step; the pairs still missing then are
+   counted), and the refreshes/s the job completed (its queue's counter). The ranking
+   job falling behind does not stop the ladder: every follower of every post is a
+   refresh it owes (all users of the workload are active readers), far more than the
+   fan-out's own work, so its lag is reported, not judged;
 2. limits, while the jobs idle (caught up): ``redis-benchmark -P 64`` ZADD to random keys
    (``bench_fanout.redis_benchmark``, the fan-out's physical limit) and a raw
    confluent-kafka consume + fastavro decode of everything the run produced so far
@@ -67,7 +77,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
-from bench.ladder import median_fields, ratio, summarize_ladder  # noqa: E402
+from bench.ladder import latency_summary, median_fields, ratio, summarize_ladder  # noqa: E402
 from bench_fanout import (FRESHNESS_P99_MS, Graph, Job, Producer, Tracker,  # noqa: E402
                           apply_preset, delete_prefix, graph_arguments, make_posts, produce_step,
                           redis_benchmark, start_poller)
@@ -85,7 +95,12 @@ PIPELINES = {  # module, topics read, extra options
     "features": ("pipelines.features", (EngagementEvent.TOPIC, PostEvent.TOPIC),
                  ["--sinks=redis,cassandra,top_followers"]),
     "stories": ("pipelines.stories", (StoryEvent.TOPIC,), []),
+    "ranking": ("pipelines.ranking", (PostEvent.TOPIC, EngagementEvent.TOPIC, FollowEvent.TOPIC),
+                ["--latency_log_s=10"]),  # + --model_dir
 }
+RANKED_SAMPLE = 3      # followers per post whose ranked feed is watched
+RANKED_DRAIN_S = 10.0  # how long after a step its posts may still reach ranked feeds
+TRAIN = argparse.Namespace(train_users=1500, train_days=3.0)  # the default model's history
 QUICK = dict(users=20_000, avg_followers=100, celebrities=1, rates="10,25,50,100", step_s=10.0,
              runs=1, api_rates="250,500,1000", api_s=6.0,
              benchmark_requests=300_000)
@@ -204,6 +219,56 @@ def consumed(before: dict, after: dict, seconds: float) -> dict:
     return out
 
 
+class RankedFreshness:
+    """The ranking job's side of a ladder step: (follower, post) pairs awaited in ranked
+    feeds (``bench_ranking.Watch``, polled from a thread) and the refreshes it completed."""
+
+    def __init__(self, client: redis.Redis, keys: KeyLayout):
+        from bench_ranking import Watch
+        from stores.ranker import QueueConfig
+
+        self._new_watch = lambda: Watch(client, keys)
+        self.queue = QueueConfig().open(client, keys)
+        self.lock = threading.Lock()
+        self.watch = self._new_watch()
+        self._refreshed = 0
+
+    def start_step(self, graph: Graph, mix: Mix):
+        """A new step; returns the ``on_send`` of its posts (the mix, then the watch)."""
+        with self.lock:
+            self.watch = self._new_watch()
+        self._refreshed = self.queue.stats().get("refreshed", 0)
+
+        def on_send(p) -> None:
+            mix.after_post(p)
+            followers = graph.followers[p.event.author_id]
+            # A celebrity's audience is its most engaged followers, not the first ones.
+            if len(followers) < graph.policy.push_threshold:
+                with self.lock:
+                    self.watch.add(followers[:RANKED_SAMPLE].tolist(), p.event)
+        return on_send
+
+    def poll(self) -> None:
+        with self.lock:
+            self.watch.poll()
+
+    def end_step(self, produced_s: float) -> dict:
+        """The step's figures, once its pairs are all seen or ``RANKED_DRAIN_S`` passed."""
+        refreshes_per_s = ((self.queue.stats().get("refreshed", 0) - self._refreshed)
+                           / max(produced_s, 1e-9))
+        deadline = time.monotonic() + RANKED_DRAIN_S
+        while self.watch.pending and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with self.lock:
+            seen, missing = sorted(self.watch.seen), len(self.watch.pending)
+        out = {"ranked_pairs": len(seen) + missing, "ranked_missing": missing,
+               "refreshes_per_s": refreshes_per_s}
+        if seen:
+            summary = latency_summary(seen)
+            out.update(ranked_p50_ms=summary["p50_ms"], ranked_p99_ms=summary["p99_ms"])
+        return out
+
+
 # ------------------------------------------------------------------ run context
 
 
@@ -225,6 +290,7 @@ class Ctx:
         self._next_post = (int(tag[:5], 16) >> 1) << 36  # generator-like ids, unique per run
         self.log_dir = out / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.ranked: RankedFreshness | None = None
 
     def post_ids(self, n: int) -> int:
         """The first of ``n`` fresh post ids."""
@@ -281,6 +347,10 @@ def start(ctx, graph: Graph, session) -> None:
     prism = str(prism_binary(ctx.settings))
     for name in ctx.args.pipelines:
         module, topics, extra = PIPELINES[name]
+        if name == "ranking":
+            extra = [*extra, f"--model_dir={ctx.args.model_dir}",
+                     *(a for a in ctx.args.ranking_args.split(",") if a)]
+            ctx.ranked = RankedFreshness(ctx.client, ctx.keys)
         job = Job(ctx.settings, prism, ctx.prefix, ctx.key_prefix, ctx.keyspace,
                   ctx.log_dir / f"{name}.log", extra=extra, module=module)
         ctx.jobs[name] = (job, topics)
@@ -331,8 +401,11 @@ def ladder_run(ctx, run: int, producer, mix: Mix, graph: Graph, rng, steps: dict
         n = int(rate * ctx.args.step_s)
         posts = make_posts(graph, ctx.keys, rng, n, ctx.post_ids(n))
         before, t0 = positions(ctx), time.time()
+        on_send = mix.after_post if ctx.ranked is None else ctx.ranked.start_step(graph, mix)
         step = produce_step(producer, posts, rate, ctx.args.timeout_s, ctx.alive,
-                            on_send=mix.after_post)
+                            on_send=on_send)
+        if ctx.ranked is not None:
+            step.update(ctx.ranked.end_step(step["produced_s"]))
         last = max(p.done_s for p in posts)
         step["feed_inserts_per_s"] = sum(p.inserts for p in posts) / (last - t0)
         after = positions(ctx)
@@ -346,6 +419,10 @@ def ladder_run(ctx, run: int, producer, mix: Mix, graph: Graph, rng, steps: dict
               f"{step['feed_inserts_per_s']:8,.0f}/s  consumed "
               + ", ".join(f"{n} {v['records_per_s']:,.0f}/s (lag {v['lag']})"
                           for n, v in step["pipelines"].items())
+              + (f"  ranked p50 {step.get('ranked_p50_ms', float('nan')):,.0f} ms p99 "
+                 f"{step.get('ranked_p99_ms', float('nan')):,.0f} ms, missing "
+                 f"{step['ranked_missing']}/{step['ranked_pairs']}, refreshes "
+                 f"{step['refreshes_per_s']:,.0f}/s" if "ranked_pairs" in step else "")
               + ("  OVERLOADED (stopped early)" if step["overloaded"] else ""), flush=True)
         if step["overloaded"]:
             break
@@ -443,9 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", help="comma-separated post rates (posts/s) of the ladder")
     parser.add_argument("--step-s", type=float, help="seconds per ladder step")
     parser.add_argument("--runs", type=int, help="runs of ladder + limits + API; medians")
-    parser.add_argument("--pipelines", default="fanout,features,stories",
+    parser.add_argument("--pipelines", default="fanout,features,stories,ranking",
                         help="jobs to run (fanout always): comma-separated of "
                              + ", ".join(PIPELINES))
+    parser.add_argument("--model-dir", type=Path,
+                        help="the ranking job's model registry (default: one trained once by "
+                             "feedbeam train --synthetic under the state dir, then reused)")
+    parser.add_argument("--ranking-args", default="",
+                        help="comma-separated extra options of the ranking job, e.g. "
+                             "--debounce_s=10")
     parser.add_argument("--mix", default="engagement=4,story=0.5,follow=0.25",
                         help="other events per post: engagement, story, follow")
     parser.add_argument("--api-rates", help="comma-separated request rates (req/s)")
@@ -478,6 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     from stores.cassandra.session import new_cluster
 
     settings = StackSettings.from_env()
+    if "ranking" in args.pipelines:
+        from jobs.demo import ensure_model
+
+        args.model_dir = args.model_dir or settings.state_dir / "bench" / "e2e-models"
+        print(f"ranking model in {args.model_dir}:", flush=True)
+        ensure_model(TRAIN, settings, args.model_dir)
     ctx = Ctx(args, settings, out)
     ctx.rates = [float(r) for r in args.rates.split(",")]
     ctx.api_rates = [float(r) for r in args.api_rates.split(",")]
@@ -510,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         mix = Mix(producer, ctx.prefix, graph, mix_ratios, id_base=0)
         rng = np.random.default_rng(7)
         start_poller(tracker, stop_poller)
+        if ctx.ranked is not None:
+            start_poller(ctx.ranked, stop_poller)
         t = time.monotonic()
         warm_up(ctx, producer, mix, graph, rng)
         print(f"jobs consuming after {time.monotonic() - t:.0f}s", flush=True)
@@ -715,6 +806,15 @@ def print_summary(r: dict) -> None:
     best = f["headline_rate"]
     print(f"  HEADLINE: highest rate with p99 <= 1 s: "
           f"{f'{best:g} posts/s' if best is not None else 'none'}")
+    ranked = [row for row in f["rates"] if "ranked_pairs" in row]
+    if ranked:
+        print(f"ranked freshness (post -> {RANKED_SAMPLE} followers' ranked feeds; still missing "
+              f"{RANKED_DRAIN_S:g} s after the step: not counted in p50/p99):")
+        for row in ranked:
+            print(f"  {row['rate']:>6g} posts/s: p50 {row.get('ranked_p50_ms', float('nan')):6.0f}"
+                  f" ms  p99 {row.get('ranked_p99_ms', float('nan')):6.0f} ms  missing "
+                  f"{row['ranked_missing']:.0f} of {row['ranked_pairs']:.0f}  refreshes "
+                  f"{row['refreshes_per_s']:,.0f}/s")
     print("API latency (GET feed) while the pipelines consume "
           f"{api['post_rate']:g} posts/s + mix:")
     for row in api["rows"]:
