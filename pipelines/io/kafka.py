@@ -758,7 +758,7 @@ class _ReadPartitionFn(beam.DoFn):
 
     def setup(self):
         _CURSORS.attach(self._config)
-        self._waited = False
+        self._may_wait = True
         self._records = Metrics.counter(_METRICS_NAMESPACE, "records_read")
         self._bytes = Metrics.counter(_METRICS_NAMESPACE, "bytes_read")
         self._commits = Metrics.counter(_METRICS_NAMESPACE, "offsets_committed")
@@ -768,7 +768,7 @@ class _ReadPartitionFn(beam.DoFn):
         _CURSORS.detach(self._config)
 
     def start_bundle(self):
-        self._waited = False  # one idle wait per bundle (``_idle_wait``)
+        self._may_wait = True  # until the bundle waited or emitted (``_idle_wait``)
 
     def _cursor(self, element: PartitionRead, start: int) -> _PartitionCursor:
         from confluent_kafka import TopicPartition
@@ -873,6 +873,7 @@ class _ReadPartitionFn(beam.DoFn):
             if offsets:
                 cursor.next_offset = offsets[-1] + 1
                 emitted += len(offsets)
+                self._may_wait = False  # these travel on only when the bundle ends
                 oldest, newest = min(stamps), max(stamps)
                 if max_ts is None or newest > max_ts:
                     max_ts = newest
@@ -937,14 +938,17 @@ class _ReadPartitionFn(beam.DoFn):
         blocked in librdkafka it costs nothing, while every bundle costs the runner and
         the worker a round trip (idle jobs polled by short bundles kept 10-15 % of a
         core busy). A record that comes is read at once. The wait holds up the rest of
-        its bundle, so there is at most one per bundle, none while another partition of
-        the read has records waiting, and it ends when one gets some (looked at every
-        ``IDLE_WAIT_SLICE_S``). Returns what it read and whether it waited."""
+        its bundle, so there is at most one per bundle, none once the bundle emitted
+        records (a runner passes them on only when the bundle ends: a partition's
+        records read just before another partition's wait reached their feeds 2 s
+        late), none while another partition of the read has records waiting, and it
+        ends when one gets some (looked at every ``IDLE_WAIT_SLICE_S``). Returns what
+        it read and whether it waited."""
         config = self._config
-        if (config.idle_poll_ms <= 0 or self._waited
+        if (config.idle_poll_ms <= 0 or not self._may_wait
                 or _CURSORS.records_waiting(config, cursor)):
             return [], False
-        self._waited = True
+        self._may_wait = False
         deadline = time.monotonic() + config.idle_poll_ms / 1000
         while True:
             remaining = deadline - time.monotonic()
