@@ -179,7 +179,7 @@ def load_redis(ds: Dataset, store: RedisFeedStore, users, heavy: bool = True) ->
         if sorted(kept) != sorted(ds.heavy_celebrities):
             raise RuntimeError(f"heavy user {h}: {len(kept)} followed celebrities kept, "
                                f"{len(ds.heavy_celebrities)} expected")
-    if heavy:
+    if heavy and ds.heavy_users:
         users = users + ds.heavy_users
         store.client.mset({keys.last_read(h): ds.now for h in ds.heavy_users})
     RedisStoryStore(store.client, keys).publish(ds.stories, ds.now)

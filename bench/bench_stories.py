@@ -12,7 +12,9 @@ In one run it measures, median of ``--runs`` where repeated:
   each), no checks, no reads, no Beam, no Kafka: per batch one Redis pipeline
   (the plain commands run by bulk script calls) and one concurrent Cassandra
   execution (unlogged batches), what happened kept in memory
-  (``PlainLoop``); and ``StoryWriter.apply`` in process
+  (``PlainLoop``); each half of it alone, its Redis writes and its
+  Cassandra writes (the limits of a design that keeps the durable copy off
+  the drain path, as the fan-out does); and ``StoryWriter.apply`` in process
   over the same batches (this design's floor: the job's writes, no Beam, no
   Kafka);
 * backlog drain: ``--stories`` PUBLISHED events (expiring in 24 h) with
@@ -231,6 +233,8 @@ end
 return #KEYS
 """
 _BULK_PER_CALL = 1000
+#: The stores the plain loop writes; each alone is measured too.
+HALVES = ("redis", "cassandra")
 
 
 class PlainLoop:
@@ -240,9 +244,11 @@ class PlainLoop:
     checks: per batch, one Redis pipeline of bulk script calls that run the
     plain commands (HSET, ZADD, SADD, PEXPIREAT, ...; cheaper for the client
     than as many pipelined commands) and one concurrent Cassandra execution of
-    the same rows in unlogged batches."""
+    the same rows in unlogged batches. ``halves`` names the stores it writes
+    (both by default; one alone is the limit of a design that keeps the other
+    off the drain path)."""
 
-    def __init__(self, stores, policy: StoryPolicy):
+    def __init__(self, stores, policy: StoryPolicy, halves: tuple[str, ...] = HALVES):
         from stores.cassandra.stories import CassandraStoryStore
         from stores.redis.client import new_client
         from stores.retry import RetryPolicy
@@ -253,6 +259,7 @@ class PlainLoop:
         self.db = CassandraStoryStore.connect(stores.cassandra_host, stores.cassandra_port,
                                               stores.cassandra_keyspace, policy)
         self.policy = policy
+        self.halves = halves
         self.retry = RetryPolicy()
         self.stories: dict[int, tuple[int, int]] = {}   # story -> (author, expires_at)
         self.viewers: dict[int, set[int]] = {}
@@ -329,24 +336,27 @@ class PlainLoop:
         from stores.cassandra.feeds import pack_batches
         from stores.redis.client import chunks
 
-        pipe = self.redis.pipeline(transaction=False)
-        for chunk in chunks(cmds, _BULK_PER_CALL):
-            args: list = []
-            for name, _, *rest in chunk:
-                args += [name, len(rest), *rest]
-            self.bulk(keys=[c[1] for c in chunk], args=args, client=pipe)
-        pipe.execute()
-        db = self.db._db
-        db._execute(pack_batches([(db.prepare(self.db._cql[name]), params)
-                                  for name, params in rows], db.batch_rows))
+        if "redis" in self.halves:
+            pipe = self.redis.pipeline(transaction=False)
+            for chunk in chunks(cmds, _BULK_PER_CALL):
+                args: list = []
+                for name, _, *rest in chunk:
+                    args += [name, len(rest), *rest]
+                self.bulk(keys=[c[1] for c in chunk], args=args, client=pipe)
+            pipe.execute()
+        if "cassandra" in self.halves:
+            db = self.db._db
+            db._execute(pack_batches([(db.prepare(self.db._cql[name]), params)
+                                      for name, params in rows], db.batch_rows))
 
 
-def plain_loop(ctx, by_partition: dict[int, list[StoryEvent]], tag: str) -> float:
-    """``PlainLoop`` over each partition's events in batches; seconds."""
+def plain_loop(ctx, by_partition: dict[int, list[StoryEvent]], tag: str,
+               halves: tuple[str, ...] = HALVES) -> float:
+    """``PlainLoop`` (writing ``halves``) over each partition's events in batches; seconds."""
     stores = _writers(ctx, tag)
 
     def make():
-        loop = PlainLoop(stores, ctx.policy)
+        loop = PlainLoop(stores, ctx.policy, halves)
         return loop, loop.close
 
     return _per_partition(by_partition, make, lambda loop, events: loop.apply(events))
@@ -593,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t:.1f}s", flush=True)
 
         raw, drains, stores, plain = [], [], [], []
+        alone: dict[str, list[float]] = {half: [] for half in HALVES}
         job, keys = None, None
         n_events = len(backlog.events)
         for run in range(args.runs):
@@ -602,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
             assert sum(len(es) for es in by_partition.values()) == n_events
             raw.append(n_events / raw_s)
             plain.append(n_events / plain_loop(ctx, by_partition, f"p{run}"))
+            for half in HALVES:
+                alone[half].append(n_events / plain_loop(ctx, by_partition,
+                                                         f"p{half[0]}{run}", (half,)))
             stores.append(n_events / in_process(ctx, by_partition, f"w{run}"))
             res, job, keys = drain_once(ctx, run, backlog, ends)
             drains.append(res)
@@ -609,10 +623,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"({res['stories_per_s']:,.0f} stories/s, {res['seconds']:.1f}s, start-up "
                   f"{res['startup_s']:.1f}s, {res['sample_checked']} sampled stories checked; "
                   f"timers caught up {res['timers_caught_up_s']:.1f}s later)  plain loop "
-                  f"{plain[-1]:,.0f}  StoryWriter {stores[-1]:,.0f}  consume+decode "
+                  f"{plain[-1]:,.0f} (Redis alone {alone['redis'][-1]:,.0f}, Cassandra alone "
+                  f"{alone['cassandra'][-1]:,.0f})  StoryWriter {stores[-1]:,.0f}  consume+decode "
                   f"{raw[-1]:,.0f} events/s", flush=True)
         results["raw_events_per_s"] = raw
         results["plain_loop_events_per_s"] = plain
+        results["plain_loop_alone_events_per_s"] = alone
         results["in_process_events_per_s"] = stores
         results["drain"] = drains
         job.stop()
@@ -624,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         med = {
             "raw_events_per_s": statistics.median(raw),
             "plain_events_per_s": statistics.median(plain),
+            **{f"plain_{half}_events_per_s": statistics.median(alone[half]) for half in HALVES},
             "store_events_per_s": statistics.median(stores),
             "drain_stories_per_s": statistics.median(d["stories_per_s"] for d in drains),
             "drain_events_per_s": statistics.median(d["events_per_s"] for d in drains),
@@ -650,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         for ks in ctx.keyspaces:
             ctx.session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
         cluster.shutdown()
-        for p in [f"{ctx.key_prefix}{x}{run}" for run in range(args.runs) for x in "rwp"] + [
+        for p in [f"{ctx.key_prefix}{x}{run}" for run in range(args.runs)
+                  for x in ("r", "w", "p", "pr", "pc")] + [
                 f"{ctx.key_prefix}s"]:
             delete_prefix(client, p)
 
@@ -672,6 +690,10 @@ def print_summary(r: dict) -> None:
           f"target {DRAIN_TARGET:,}: ratio {s['ratio_to_target']:.2f}")
     print(f"limit: plain batched loop: {s['plain_events_per_s']:>9,.0f} events/s  "
           f"drain/plain {s['ratio_to_plain']:.2f} (target >= {PLAIN_TARGET_RATIO:.2f})")
+    print(f"limit of a design with the durable copy off the drain path: the plain loop's "
+          f"Redis half alone {s['plain_redis_events_per_s']:,.0f} events/s (trays right), its "
+          f"Cassandra half alone {s['plain_cassandra_events_per_s']:,.0f} (the durable copy "
+          f"trailing)")
     print(f"floor: StoryWriter only:   {s['store_events_per_s']:>9,.0f} events/s  "
           f"drain/StoryWriter {s['ratio_to_store']:.2f}")
     print(f"floor: consume+decode:     {s['raw_events_per_s']:>9,.0f} events/s  "

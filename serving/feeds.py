@@ -26,11 +26,13 @@ from serving.config import ServingConfig
 from serving.logic import (
     ChronoCursor,
     CircuitBreaker,
+    FlatSource,
     Page,
     Position,
     RankedCursor,
     SourceBatch,
     fresh_entries,
+    merge_flat,
     merge_page,
     needs_rebuild,
     rebuild_entries,
@@ -408,20 +410,19 @@ class FeedService:
     async def _page_from(self, user_id: int, replies: list, n: int, limit: int,
                          after: Position | None) -> tuple[Page, int | None, int]:
         """The page, the last read and the feed size from ``_page_commands``' replies."""
-        home = self.cmd.entries(replies[0])
+        home = replies[0]   # flat WITHSCORES replies, parsed only as far as the page needs
         size = int(replies[1])
-        batches = [SourceBatch(home, len(home) >= n)]
-        if len(home) < n and size >= self.config.feed_cap:
+        sources = [FlatSource(home, len(home) >= 2 * n)]
+        if len(home) < 2 * n and size >= self.config.feed_cap:
             # The Redis feed was trimmed at its cap: older entries live in Cassandra only.
             before = None if after is None else (after.post_id, after.created_at)
             durable = await self.cassandra_extra(
                 lambda: self.cassandra.feed_page(user_id, n, before, _now_ms()), None)
             if durable is not None:
-                batches = [SourceBatch(home, False), SourceBatch(durable, len(durable) >= n)]
-        for reply in replies[3:]:
-            entries = self.cmd.entries(reply)
-            batches.append(SourceBatch(entries, len(entries) >= n))
-        return merge_page(batches, after, limit), self.cmd.optional_int(replies[2]), size
+                sources = [FlatSource(home, False),
+                           FlatSource.of(durable, len(durable) >= n)]
+        sources += [FlatSource(reply, len(reply) >= 2 * n) for reply in replies[3:]]
+        return merge_flat(sources, after, limit), self.cmd.optional_int(replies[2]), size
 
     async def _chrono_cassandra(self, user_id: int, limit: int, after: Position | None) -> FeedResult:
         graph = await self._graph_cassandra(user_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import heapq
 import hmac
 import time
 from typing import Callable, Iterable, NamedTuple, Sequence
@@ -46,29 +47,68 @@ class Page(NamedTuple):
     short: bool = False
 
 
+class FlatSource(NamedTuple):
+    """One source's entries as Redis replies ``WITHSCORES``: ``[post_id, created_at_ms,
+    post_id, created_at_ms, ...]`` (bytes or numbers), newest first, and whether the
+    source may hold more below them."""
+
+    flat: Sequence
+    full: bool
+
+    @classmethod
+    def of(cls, entries: Iterable[tuple[int, int]], full: bool) -> FlatSource:
+        """The source of parsed ``(post_id, created_at_ms)`` entries."""
+        return cls([x for entry in entries for x in entry], full)
+
+
 def merge_page(batches: Iterable[SourceBatch], after: Position | None, limit: int) -> Page:
+    """``merge_flat`` over parsed entries."""
+    return merge_flat([FlatSource.of(b.entries, b.full) for b in batches], after, limit)
+
+
+def merge_flat(sources: Sequence[FlatSource], after: Position | None, limit: int) -> Page:
     """The next ``limit`` entries strictly after ``after`` from the union of the
     sources, deduplicated by post id (a post pushed and pulled appears once).
 
     Entries are trusted only above the highest boundary of a ``full`` source
     (see the module doc); ``next_position`` is None when no source has more.
+
+    The sources are merged newest first and parsed only as far as the page
+    needs: the ``limit + 1``-th distinct entry's time, ties included (a page
+    pulling 64 celebrity timelines of 30 entries parses about 100 of the
+    1,920). Within one time a source's order is not the post ids' (Redis
+    orders tied members as strings), so the entries read are sorted at the end.
     """
-    best: dict[int, int] = {}
     floor: int | None = None
-    for batch in batches:
-        if batch.full and batch.entries:
-            low = batch.entries[-1][1]  # sources are newest first
-            floor = low if floor is None else max(floor, low)
-        for pid, ms in batch.entries:
-            if after is not None and (ms, pid) >= (after.created_at, after.post_id):
-                continue
-            if best.get(pid, -1) < ms:
-                best[pid] = ms
-    ordered = sorted(((ms, pid) for pid, ms in best.items()), reverse=True)
-    if floor is not None:
-        trusted = [e for e in ordered if e[0] > floor]
-    else:
-        trusted = ordered
+    heap: list[tuple[int, int, int]] = []   # (-created_at, source, index of post id)
+    for k, (flat, full) in enumerate(sources):
+        if not flat:
+            continue
+        if full:
+            low = int(float(flat[-1]))  # sources are newest first
+            floor = low if floor is None or low > floor else floor
+        heap.append((-int(float(flat[1])), k, 0))
+    heapq.heapify(heap)
+    best: dict[int, int] = {}
+    cut: int | None = None   # once limit + 1 distinct entries: no older one matters
+    while heap:
+        neg, k, i = heap[0]
+        ms = -neg
+        if (floor is not None and ms <= floor) or (cut is not None and ms < cut):
+            break
+        flat = sources[k].flat
+        pid = int(flat[i])
+        if i + 2 < len(flat):
+            heapq.heapreplace(heap, (-int(float(flat[i + 3])), k, i + 2))
+        else:
+            heapq.heappop(heap)
+        if after is not None and (ms, pid) >= (after.created_at, after.post_id):
+            continue
+        if pid not in best:   # the first sighting is the newest: times only go down
+            best[pid] = ms
+            if cut is None and len(best) > limit:
+                cut = ms
+    trusted = sorted(((ms, pid) for pid, ms in best.items()), reverse=True)
     page = trusted[:limit]
     more = floor is not None or len(trusted) > limit
     short = floor is not None and len(page) < limit

@@ -17,11 +17,13 @@ from serving.logic import (
     CircuitBreaker,
     CursorCodec,
     CursorError,
+    FlatSource,
     Position,
     RankedCursor,
     SourceBatch,
     TrayCursor,
     fresh_entries,
+    merge_flat,
     merge_page,
     needs_rebuild,
     rebuild_entries,
@@ -64,6 +66,39 @@ def test_paging_visits_every_entry_once_in_order(created, picks, limit, slack):
             break
         after = page.next_position
     assert seen == expected
+
+
+def whole_merge(batches: list[SourceBatch], after: Position | None, limit: int):
+    """The page by the definition: every entry parsed, deduplicated (newest kept),
+    those after the cursor and above every full source's boundary, sorted."""
+    floors = [b.entries[-1][1] for b in batches if b.full and b.entries]
+    floor = max(floors) if floors else None
+    best: dict[int, int] = {}
+    for b in batches:
+        for pid, ms in b.entries:
+            if after is None or (ms, pid) < (after.created_at, after.post_id):
+                best[pid] = max(best.get(pid, -1), ms)
+    trusted = [e for e in sorted(((ms, pid) for pid, ms in best.items()), reverse=True)
+               if floor is None or e[0] > floor]
+    page = trusted[:limit]
+    more = floor is not None or len(trusted) > limit
+    nxt = (Position(*page[-1]) if page else after) if more else None
+    return [(pid, ms) for ms, pid in page], nxt, floor is not None and len(page) < limit
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.tuples(st.integers(1, 30), st.integers(0, 6)), max_size=20),
+                          st.booleans()), min_size=1, max_size=6),
+       st.one_of(st.none(), st.tuples(st.integers(0, 7), st.integers(0, 31))),
+       st.integers(1, 8))
+def test_the_lazy_merge_reads_the_page_the_whole_merge_defines(raw, cut, limit):
+    # Sources newest first, ties in string order of the id (as Redis keeps them);
+    # a post may carry different times in different sources; replies as bytes.
+    batches = [SourceBatch(sorted(dict(entries).items(), key=lambda e: (-e[1], str(e[0]))), full)
+               for entries, full in raw]
+    after = None if cut is None else Position(*cut)
+    flat = [FlatSource([str(x).encode() for e in b.entries for x in e], b.full) for b in batches]
+    assert tuple(merge_flat(flat, after, limit)) == whole_merge(batches, after, limit)
 
 
 def test_merge_dedupes_and_stops_at_a_full_sources_boundary():
