@@ -7,7 +7,7 @@ the same run; writes JSON and PNG plots.
         [--ranking-args=--debounce_s=10,...]
         [--mix engagement=4,story=0.5,follow=0.25]
         [--api-rates 500,1000,2000] [--api-s N] [--api-post-rate N] [--serve granian:1]
-        [--out bench/results/e2e-<stamp>]
+        [--job-nice N] [--out bench/results/e2e-<stamp>]
 
 Set-up (all names unique to the run, removed at the end, also on Ctrl-C or SIGTERM):
 topics ``bench.e2e<tag>.{post,engagement,story,follow}-events`` (+ ``.dlq``), a freshly
@@ -17,7 +17,8 @@ straight into Redis (``bench_fanout.Graph``). Then, as their own processes on Pr
 ``--pipelines`` leaves them out, ``pipelines.features`` (sinks redis, cassandra,
 top_followers), ``pipelines.stories`` and ``pipelines.ranking`` (with the promoted model of
 ``--model-dir``; by default one ``feedbeam train --synthetic`` trains once and later runs
-reuse); and ``feedbeam serve`` on the same prefix and keyspace (``bench_serving.Server``).
+reuse), at OS niceness ``--job-nice`` (0: as the API); and ``feedbeam serve`` on the same
+prefix and keyspace (``bench_serving.Server``).
 
 Per run (``--runs``; figures are medians over the runs):
 
@@ -370,7 +371,8 @@ def start(ctx, graph: Graph, session) -> None:
                      *(a for a in ctx.args.ranking_args.split(",") if a)]
             ctx.ranked = RankedFreshness(ctx.client, ctx.keys)
         job = Job(ctx.settings, prism, ctx.prefix, ctx.key_prefix, ctx.keyspace,
-                  ctx.log_dir / f"{name}.log", extra=extra, module=module)
+                  ctx.log_dir / f"{name}.log", extra=extra, module=module,
+                  nice=ctx.args.job_nice)
         ctx.jobs[name] = (job, topics)
 
 
@@ -573,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds at the lowest rate before the ladder (not recorded)")
     parser.add_argument("--api-warmup-s", type=float, default=3.0, help="API warm-up seconds")
     parser.add_argument("--serve", default="granian:1", help="server:workers of feedbeam serve")
+    parser.add_argument("--job-nice", type=int, default=0,
+                        help="OS niceness of the jobs' processes (the API and the servers keep 0)")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--benchmark-requests", type=int)
     parser.add_argument("--timeout-s", type=float, default=300.0)

@@ -294,11 +294,12 @@ class Tracker:
 
 
 class Job:
-    """``python -m <module>`` (default the fan-out) on Prism in its own process group."""
+    """``python -m <module>`` (default the fan-out) on Prism in its own process group
+    (at OS niceness ``nice`` when not 0)."""
 
     def __init__(self, settings: StackSettings, prism: str, topic_prefix: str, key_prefix: str,
                  keyspace: str, log_path: Path, extra: list[str] = (),
-                 module: str = "pipelines.fanout", group: str | None = None):
+                 module: str = "pipelines.fanout", group: str | None = None, nice: int = 0):
         self.group = group or f"bench-fanout-{uuid.uuid4().hex[:8]}"
         self.durable_group = self.group + DURABLE_GROUP_SUFFIX
         args = [
@@ -310,7 +311,8 @@ class Job:
             f"--cassandra_host={settings.host}", f"--cassandra_port={settings.cassandra_port}",
             f"--cassandra_keyspace={keyspace}", *extra]
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args],
+        niced = ["nice", "-n", str(nice)] if nice else []
+        self.proc = subprocess.Popen([*niced, sys.executable, "-m", module, *args],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -341,11 +343,12 @@ class FanoutJob:
     consumer group. Stopped, polled and named like a ``Job``."""
 
     def __init__(self, ctx, topic_prefix: str, key_prefix: str, log_name: str,
-                 extra: list[str] = ()):
+                 extra: list[str] = (), keyspace: str | None = None):
         group = f"bench-fanout-{uuid.uuid4().hex[:8]}"
         parts = (("-redis", ["--parts=redis"]), ("-durable", ["--parts=durable"])) \
             if ctx.args.split_steps else (("", []),)
-        self.jobs = [Job(ctx.settings, ctx.prism, topic_prefix, key_prefix, ctx.keyspace,
+        self.jobs = [Job(ctx.settings, ctx.prism, topic_prefix, key_prefix,
+                         keyspace or ctx.keyspace,
                          ctx.log_dir / f"{log_name}{suffix}.log", [*extra, *flags], group=group)
                      for suffix, flags in parts]
         self.group, self.durable_group = group, group + DURABLE_GROUP_SUFFIX
@@ -559,11 +562,20 @@ def follow_events(workload, n: int) -> list[FollowEvent]:
 
 def apply_follows(ctx, label: str, events: list[FollowEvent], push_threshold: int) -> dict:
     """Produce ``events`` to fresh topics and run the fan-out alone on empty stores (own
-    key prefix): follow events/s from its first edge written until its Redis step's
-    group committed them (readable) and until its durable step's group committed the
-    durable log (durable)."""
+    key prefix and keyspace): follow events/s from its first edge written until its
+    Redis step's group committed them (readable) and until its durable step's group
+    committed the durable log (durable).
+
+    Empty means both: a fresh Redis prefix beside a keyspace holding earlier runs'
+    rows is a Redis that lost its data, which the job first restores from Cassandra
+    (``stores.restore``), and that restore, not the follows, was most of what runs
+    after the first one timed."""
+    from stores.cassandra.session import migrate
+
     prefix = f"{ctx.prefix}{label}."
     key_prefix = f"{ctx.key_prefix}{label}"
+    keyspace = f"{ctx.keyspace}_{label}"
+    migrate(ctx.session, keyspace)
     create_topics(ctx, prefix)
     topic = prefix + FollowEvent.TOPIC
     producer = Producer(ctx.settings.kafka_bootstrap, topic, linger_ms=20)
@@ -574,7 +586,7 @@ def apply_follows(ctx, label: str, events: list[FollowEvent], push_threshold: in
     watch = [keys.follower_edges(e.followee_id) for e in events[:8]]
     t_submit = time.time()
     job = FanoutJob(ctx, prefix, key_prefix, f"fanout-{label}",
-                    extra=[f"--push_threshold={push_threshold}"])
+                    extra=[f"--push_threshold={push_threshold}"], keyspace=keyspace)
     try:
         first = None
         deadline = time.monotonic() + ctx.args.timeout_s
@@ -589,6 +601,7 @@ def apply_follows(ctx, label: str, events: list[FollowEvent], push_threshold: in
     finally:
         job.stop()
         delete_prefix(ctx.client, key_prefix)
+        ctx.session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
     n = len(events)
     return {"events": n, "startup_s": first - t_submit, "redis_seconds": hot_s - first,
             "durable_seconds": durable_s - first, "redis_per_s": n / (hot_s - first),
