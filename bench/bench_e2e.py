@@ -261,12 +261,7 @@ class RankedFreshness:
         seconds waited, or None if ``timeout_s`` passed first."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout_s:
-            pipe = self.queue.client.pipeline(transaction=False)
-            for shard in range(self.queue.shards):
-                due, _, _, inflight, _, _ = self.queue.shard_keys(shard)
-                pipe.zcard(due)
-                pipe.zcard(inflight)
-            if not any(pipe.execute()):
+            if not self.queue.waiting():
                 return time.monotonic() - t0
             time.sleep(0.5)
         return None

@@ -410,18 +410,17 @@ class FeedService:
     async def _page_from(self, user_id: int, replies: list, n: int, limit: int,
                          after: Position | None) -> tuple[Page, int | None, int]:
         """The page, the last read and the feed size from ``_page_commands``' replies."""
-        home = replies[0]   # flat WITHSCORES replies, parsed only as far as the page needs
+        home = FlatSource.answer(replies[0], n)   # parsed only as far as the page needs
         size = int(replies[1])
-        sources = [FlatSource(home, len(home) >= 2 * n)]
-        if len(home) < 2 * n and size >= self.config.feed_cap:
+        sources = [home]
+        if not home.full and size >= self.config.feed_cap:
             # The Redis feed was trimmed at its cap: older entries live in Cassandra only.
             before = None if after is None else (after.post_id, after.created_at)
             durable = await self.cassandra_extra(
                 lambda: self.cassandra.feed_page(user_id, n, before, _now_ms()), None)
             if durable is not None:
-                sources = [FlatSource(home, False),
-                           FlatSource.of(durable, len(durable) >= n)]
-        sources += [FlatSource(reply, len(reply) >= 2 * n) for reply in replies[3:]]
+                sources = [home, FlatSource.of(durable, len(durable) >= n)]
+        sources += [FlatSource.answer(reply, n) for reply in replies[3:]]
         return merge_flat(sources, after, limit), self.cmd.optional_int(replies[2]), size
 
     async def _chrono_cassandra(self, user_id: int, limit: int, after: Position | None) -> FeedResult:

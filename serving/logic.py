@@ -56,6 +56,11 @@ class FlatSource(NamedTuple):
     full: bool
 
     @classmethod
+    def answer(cls, reply: Sequence, asked: int) -> FlatSource:
+        """The reply to a read of ``asked`` entries: full when it holds them all."""
+        return cls(reply, len(reply) >= 2 * asked)
+
+    @classmethod
     def of(cls, entries: Iterable[tuple[int, int]], full: bool) -> FlatSource:
         """The source of parsed ``(post_id, created_at_ms)`` entries."""
         return cls([x for entry in entries for x in entry], full)

@@ -288,6 +288,15 @@ class RefreshQueue:
 
     # -- inspection (tests, status, benchmarks) ------------------------------------------
 
+    def waiting(self) -> int:
+        """How many users are due or claimed, over all shards (0: the queue is worked off)."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.shards):
+            due, _, _, inflight, _, _ = self.shard_keys(shard)
+            pipe.zcard(due)
+            pipe.zcard(inflight)
+        return sum(pipe.execute())
+
     def pending(self) -> dict[int, dict]:
         """``{user: {"due": ms or None, "lease": ms or None, "triggers": text, "wait":
         text}}`` of every user the queue holds."""
