@@ -4,10 +4,10 @@ the same run; writes JSON and PNG plots.
 
     .venv/bin/python bench/bench_e2e.py [--quick] [--rates 25,50,100,200,400] [--step-s N]
         [--runs N] [--pipelines fanout,features,stories,ranking] [--model-dir DIR]
-        [--ranking-args=--debounce_s=10,...]
+        [--ranking-args=--debounce_s=10,...] [--job-args=--max_bundle_time_mills=100,...]
         [--mix engagement=4,story=0.5,follow=0.25]
         [--api-rates 500,1000,2000] [--api-s N] [--api-post-rate N] [--serve granian:1]
-        [--job-nice N] [--out bench/results/e2e-<stamp>]
+        [--job-nice N] [--topology single|cluster] [--out bench/results/e2e-<stamp>]
 
 Set-up (all names unique to the run, removed at the end, also on Ctrl-C or SIGTERM):
 topics ``bench.e2e<tag>.{post,engagement,story,follow}-events`` (+ ``.dlq``), a freshly
@@ -19,6 +19,15 @@ top_followers), ``pipelines.stories`` and ``pipelines.ranking`` (with the promot
 ``--model-dir``; by default one ``feedbeam train --synthetic`` trains once and later runs
 reuse), at OS niceness ``--job-nice`` (0: as the API); and ``feedbeam serve`` on the same
 prefix and keyspace (``bench_serving.Server``).
+
+``--topology cluster`` runs the same on ``feedbeam infra up --topology cluster`` (started
+beforehand): the Redis Cluster (the graph loaded through a cluster client, the ZADD limit
+``redis-benchmark --cluster`` over its masters), both Cassandra nodes (the keyspace at
+replication factor 2, writes at LOCAL_QUORUM), and the jobs on the Flink session cluster
+through its job server at ``feedbeam submit``'s parallelism (2), checkpointing every
+``FLINK_CHECKPOINT_MS`` (the consumed records and lag read their committed offsets); the
+API reads the same stores. Kafka is the one broker of both topologies. All of it shares
+the same cores, so the figures show what the distributed set-up costs on one machine.
 
 Per run (``--runs``; figures are medians over the runs):
 
@@ -62,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import random
@@ -82,9 +92,9 @@ import redis  # noqa: E402
 
 from bench.ladder import latency_summary, median_fields, ratio, summarize_ladder  # noqa: E402
 from bench_fanout import (FRESHNESS_P99_MS, Graph, Job, Producer, Tracker,  # noqa: E402
-                          apply_preset, delete_prefix, graph_arguments, make_posts, produce_step,
-                          redis_benchmark, start_poller)
-from infra.settings import StackSettings  # noqa: E402
+                          apply_preset, delete_benchmark_keys, delete_prefix, graph_arguments,
+                          make_posts, produce_step, redis_benchmark, start_poller)
+from infra.settings import CLUSTER_CASSANDRA_NODES, TOPOLOGIES, StackSettings  # noqa: E402
 from domain.fanout import FanoutPolicy  # noqa: E402
 from schemas.events import (EngagementEvent, EngagementKind, FollowEvent, FollowKind,  # noqa: E402
                             MediaType, PostEvent, StoryEvent, StoryEventKind, dlq_topic)
@@ -93,6 +103,9 @@ from schemas.keys import KeyLayout  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 API_P99_MS, API_RATE = 5.0, 2000.0  # SPEC section 8: feed read p99 <= 5 ms at 2,000 req/s
 RAW_MIN_S = 2.0
+#: Checkpoint interval of the jobs on the cluster topology's Flink: their offsets
+#: (what the ladder's records/s and lag read) commit at each checkpoint.
+FLINK_CHECKPOINT_MS = 2000
 PIPELINES = {  # module, topics read, extra options
     "fanout": ("pipelines.fanout", (PostEvent.TOPIC, FollowEvent.TOPIC), []),
     "features": ("pipelines.features", (EngagementEvent.TOPIC, PostEvent.TOPIC),
@@ -294,7 +307,7 @@ class Ctx:
         self.key_prefix = f"benche2e{tag}"
         self.keyspace = f"bench_e2e_{tag}"
         self.keys = KeyLayout(self.key_prefix)
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=60)
+        self.client = bench_client(settings)
         self.topics: list[str] = []
         self.jobs: dict[str, tuple[Job, tuple[str, ...]]] = {}
         self.server = None
@@ -340,6 +353,60 @@ class Ctx:
                 print(f"clean-up of {what} failed: {exc}", flush=True)
 
 
+def bench_client(settings: StackSettings):
+    """A client of the topology's Redis with room for the graph's big pipelines: a
+    ``RedisCluster`` (pipelines split by node, SCAN over every master) on the cluster
+    topology."""
+    if settings.clustered:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster(host=settings.host, port=settings.cluster_redis_port,
+                            socket_timeout=60)
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=60)
+
+
+def require_topology(settings: StackSettings, jobs: int, wait_s: float = 60.0) -> None:
+    """Stop with what to run when the cluster topology is asked for and not running, or
+    when its free task slots stay fewer than ``jobs`` need (a job cancelled just before
+    holds its slots a little longer)."""
+    if not settings.clustered:
+        return
+    from infra import cluster
+    from infra.services import flink_job_server_ready
+    from jobs.submit import CLUSTER_PARALLELISM
+
+    missing = [what for what, ok in (
+        ("Redis Cluster", lambda: cluster.redis_cluster_ok(settings)),
+        ("Flink job server", lambda: flink_job_server_ready(settings)),
+        ("TaskManagers", lambda: len(cluster.registered_taskmanagers(settings))
+         == len(cluster.TASKMANAGERS))) if not ok()]
+    if missing:
+        raise SystemExit(f"--topology cluster: {', '.join(missing)} not ready; start the "
+                         "cluster topology with `feedbeam infra up --topology cluster`")
+    needed, deadline = jobs * CLUSTER_PARALLELISM, time.monotonic() + wait_s
+    while (free := (cluster.flink_rest(settings, "/overview") or {}).get(
+            "slots-available", 0)) < needed:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"--topology cluster: {free} free task slots, {needed} needed "
+                             f"({jobs} jobs at parallelism {CLUSTER_PARALLELISM}); see the "
+                             f"jobs holding them at http://{cluster.flink_master(settings)}")
+        time.sleep(1.0)
+
+
+def runner_options(ctx) -> tuple[str | None, list[str] | None]:
+    """(private Prism binary, None) on the single stack; (None, Flink options) on the
+    cluster topology: the session cluster's job server at ``feedbeam submit``'s
+    parallelism, checkpoints every ``FLINK_CHECKPOINT_MS`` (offsets commit at each)."""
+    if ctx.settings.clustered:
+        from jobs.submit import runner_args
+
+        checkpoints = [f"--checkpointing_interval={FLINK_CHECKPOINT_MS}"]
+        return None, runner_args("flink", ctx.settings, checkpoints) + checkpoints
+    from infra.install import prism_binary
+
+    return str(prism_binary(ctx.settings)), None
+
+
 def start(ctx, graph: Graph, session) -> None:
     """Topics, keyspace, graph, jobs and the API server."""
     from jobs.topics import create_topics
@@ -351,23 +418,23 @@ def start(ctx, graph: Graph, session) -> None:
     ctx.topics = names  # before creating, so an interrupted creation is cleaned up too
     create_topics(ctx.settings.kafka_bootstrap, names, partitions=ctx.args.partitions)
     ctx.keyspace_made = True
-    migrate(session, ctx.keyspace)
+    migrate(session, ctx.keyspace,
+            replication_factor=CLUSTER_CASSANDRA_NODES if ctx.settings.clustered else 1)
     load_s = graph.load(ctx.client, ctx.keys, following=True)
     print(f"set-up: {graph.edges:,} edges (followers and following sets) loaded in "
           f"{load_s:.1f}s, keyspace "
           f"{ctx.keyspace}, topics {ctx.prefix}*", flush=True)
-    from infra.install import prism_binary
-
-    prism = str(prism_binary(ctx.settings))
+    prism, runner = runner_options(ctx)
     for name in ctx.args.pipelines:
         module, topics, extra = PIPELINES[name]
+        extra = [*extra, *(a for a in ctx.args.job_args.split(",") if a)]
         if name == "ranking":
             extra = [*extra, f"--model_dir={ctx.args.model_dir}",
                      *(a for a in ctx.args.ranking_args.split(",") if a)]
             ctx.ranked = RankedFreshness(ctx.client, ctx.keys)
         job = Job(ctx.settings, prism, ctx.prefix, ctx.key_prefix, ctx.keyspace,
                   ctx.log_dir / f"{name}.log", extra=extra, module=module,
-                  nice=ctx.args.job_nice)
+                  nice=ctx.args.job_nice, runner=runner)
         ctx.jobs[name] = (job, topics)
 
 
@@ -377,7 +444,7 @@ def start_server(ctx, policy: FanoutPolicy) -> None:
     server, workers = ctx.args.serve.split(":")
     ctx.server = Server(server, int(workers), free_port(), ctx.settings.redis_port,
                         ctx.key_prefix, ctx.keyspace, policy.push_threshold,
-                        ctx.log_dir / "serve.log")
+                        ctx.log_dir / "serve.log", topology=ctx.settings.topology)
 
 
 def warm_up(ctx, producer: Producer, mix: Mix, graph: Graph, rng: np.random.Generator) -> None:
@@ -457,10 +524,10 @@ def measure_limits(ctx) -> dict:
                  else f"not empty after {RANKED_QUEUE_WAIT_S:g}s: measuring beside it"),
               flush=True)
 
-    rb = redis_benchmark(ctx.settings.host, ctx.settings.redis_port, ctx.key_prefix,
-                         ctx.args.benchmark_requests)
-    delete_prefix(ctx.client, ctx.key_prefix + ":rb")
-    ctx.client.delete(f"{ctx.key_prefix}:rb1")
+    st = ctx.settings
+    rb = redis_benchmark(st.host, st.cluster_redis_port if st.clustered else st.redis_port,
+                         ctx.key_prefix, ctx.args.benchmark_requests, cluster=st.clustered)
+    delete_benchmark_keys(ctx.client, ctx.key_prefix)
     conf = {"bootstrap.servers": ctx.settings.kafka_bootstrap}
     ranges = {ctx.prefix + t: kafka_offsets.resolve_offset_range(conf, ctx.prefix + t, None, None)
               for t in (PostEvent.TOPIC, EngagementEvent.TOPIC, StoryEvent.TOPIC,
@@ -559,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranking-args", default="",
                         help="comma-separated extra options of the ranking job, e.g. "
                              "--debounce_s=10")
+    parser.add_argument("--job-args", default="",
+                        help="comma-separated extra options of every job, e.g. (on Flink) "
+                             "--max_bundle_time_mills=100")
     parser.add_argument("--mix", default="engagement=4,story=0.5,follow=0.25",
                         help="other events per post: engagement, story, follow")
     parser.add_argument("--api-rates", help="comma-separated request rates (req/s)")
@@ -574,7 +644,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="OS niceness of the jobs' processes (the API and the servers keep 0)")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--benchmark-requests", type=int)
-    parser.add_argument("--timeout-s", type=float, default=300.0)
+    parser.add_argument("--topology", choices=TOPOLOGIES,
+                        help="single: the local stack, jobs on private Prism processes; "
+                             "cluster: `feedbeam infra up --topology cluster` (Redis Cluster, "
+                             "two Cassandra nodes at replication factor 2, jobs on the Flink "
+                             "session cluster at parallelism 2); default FEEDBEAM_TOPOLOGY, "
+                             "else single")
+    parser.add_argument("--timeout-s", type=float,
+                        help="how long jobs may take to start consuming, and a step to "
+                             "finish (default 300 s; 900 s on the cluster topology, whose "
+                             "job server uploads ~160 MB per job)")
     parser.add_argument("--out", type=Path, help="output directory "
                                                  "(default bench/results/e2e-<stamp>)")
     args = parser.parse_args(argv)
@@ -593,6 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     from stores.cassandra.session import new_cluster
 
     settings = StackSettings.from_env()
+    if args.topology:
+        settings = dataclasses.replace(settings, topology=args.topology)
+    require_topology(settings, len(args.pipelines))
+    args.timeout_s = args.timeout_s or (900.0 if settings.clustered else 300.0)
     if "ranking" in args.pipelines:
         from jobs.demo import ensure_model
 
@@ -607,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "preset": "quick" if args.quick else "full",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "mix_per_post": mix_ratios, "load_average_start": os.getloadavg(),
+        "mix_per_post": mix_ratios, "topology": settings.topology,
+        "load_average_start": os.getloadavg(),
         "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t_start = time.monotonic()
     graph = Graph(args.users, args.avg_followers, args.celebrities, policy)
@@ -617,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     results["graph"] = {"users": graph.users, "edges": graph.edges,
                         "mean_followers": float(graph.counts.mean()),
                         "celebrities": list(graph.celebrities)}
-    cluster = new_cluster(settings.host, settings.cassandra_port)
+    cluster = new_cluster(settings.cassandra_host, settings.cassandra_port)
     session = cluster.connect()
     steps: dict[float, list[dict]] = {r: [] for r in ctx.rates}  # of the runs that finished
     limits, api_runs, runs_done = [], [], 0

@@ -296,21 +296,27 @@ class Tracker:
 
 
 class Job:
-    """``python -m <module>`` (default the fan-out) on Prism in its own process group
-    (at OS niceness ``nice`` when not 0)."""
+    """``python -m <module>`` (default the fan-out) in its own process group (at OS
+    niceness ``nice`` when not 0): on a private Prism at ``prism``, or with the runner
+    options ``runner`` (e.g. ``jobs.submit.runner_args("flink", ...)``), against the
+    Redis and Cassandra of ``settings``' topology."""
 
-    def __init__(self, settings: StackSettings, prism: str, topic_prefix: str, key_prefix: str,
-                 keyspace: str, log_path: Path, extra: list[str] = (),
-                 module: str = "pipelines.fanout", group: str | None = None, nice: int = 0):
+    def __init__(self, settings: StackSettings, prism: str | None, topic_prefix: str,
+                 key_prefix: str, keyspace: str, log_path: Path, extra: list[str] = (),
+                 module: str = "pipelines.fanout", group: str | None = None, nice: int = 0,
+                 runner: list[str] | None = None):
         self.group = group or f"bench-fanout-{uuid.uuid4().hex[:8]}"
         self.durable_group = self.group + DURABLE_GROUP_SUFFIX
+        if runner is None:
+            runner = ["--runner=PrismRunner", f"--prism_location={prism}",
+                      "--environment_type=LOOPBACK"]
         args = [
-            "--runner=PrismRunner", f"--prism_location={prism}",
-            "--environment_type=LOOPBACK", "--streaming",
+            *runner, "--streaming",
             f"--kafka_bootstrap={settings.kafka_bootstrap}", f"--consumer_group={self.group}",
             f"--topic_prefix={topic_prefix}", "--fallback_start=earliest",
             f"--redis_url={settings.redis_url}", f"--redis_key_prefix={key_prefix}",
-            f"--cassandra_host={settings.host}", f"--cassandra_port={settings.cassandra_port}",
+            f"--cassandra_host={settings.cassandra_host}",
+            f"--cassandra_port={settings.cassandra_port}",
             f"--cassandra_keyspace={keyspace}", *extra]
         self.log = open(log_path, "ab")
         niced = ["nice", "-n", str(nice)] if nice else []
@@ -372,13 +378,20 @@ class FanoutJob:
 # ------------------------------------------------------------------ measures
 
 
-def redis_benchmark(host: str, port: int, key_prefix: str, n: int) -> dict[str, float]:
-    """Pipelined ZADD rates: to random feed-like keys (the limit) and to one key."""
+def redis_benchmark(host: str, port: int, key_prefix: str, n: int,
+                    cluster: bool = False) -> dict[str, float]:
+    """Pipelined ZADD rates: to random feed-like keys (the limit) and to one key; with
+    ``cluster``, to the Redis Cluster that ``host:port`` belongs to (``--cluster``:
+    the random keys spread over its masters)."""
+    # redis-benchmark --cluster puts a hash tag of each master's slots for '{tag}'
+    # (one key per master for "one key"); keys without it meet MOVED errors.
+    tag = ":{tag}" if cluster else ""
     out = {}
-    for name, cmd in (("random_keys", [f"{key_prefix}:rb:__rand_int__", "__rand_int__",
+    for name, cmd in (("random_keys", [f"{key_prefix}:rb{tag}:__rand_int__", "__rand_int__",
                                        "__rand_int__"]),
-                      ("one_key", [f"{key_prefix}:rb1", "__rand_int__", "__rand_int__"])):
+                      ("one_key", [f"{key_prefix}:rb1{tag}", "__rand_int__", "__rand_int__"])):
         res = subprocess.run(["redis-benchmark", "-h", host, "-p", str(port), "-q", "-n", str(n),
+                              *(["--cluster"] if cluster else []),
                               "-P", "64", "-r", "100000", "ZADD", *cmd],
                              capture_output=True, text=True, check=True, timeout=300)
         rates = re.findall(r"([\d.]+) requests per second", res.stdout)
@@ -872,6 +885,14 @@ def delete_prefix(client: redis.Redis, prefix: str) -> int:
     return unlink_keys(client, f"{prefix}:*", batch=5000)
 
 
+def delete_benchmark_keys(client: redis.Redis, key_prefix: str) -> None:
+    """What ``redis_benchmark`` wrote: ``<key_prefix>:rb:*`` and ``<key_prefix>:rb1*``."""
+    from jobs.clean import unlink_keys
+
+    delete_prefix(client, key_prefix + ":rb")
+    unlink_keys(client, f"{key_prefix}:rb1*", batch=5000)
+
+
 class Ctx:
     def __init__(self, args, settings, prism, graph, policy, client):
         self.args, self.settings, self.prism, self.graph, self.policy = (
@@ -977,8 +998,7 @@ def main(argv: list[str] | None = None) -> int:
             posts = make_posts(graph, ctx.keys, rng, args.posts, ctx.next_post_id(run * 1_000_000))
             rb = redis_benchmark(settings.host, settings.redis_port, ctx.key_prefix,
                                  args.benchmark_requests)
-            delete_prefix(client, ctx.key_prefix + ":rb")
-            client.delete(f"{ctx.key_prefix}:rb1")
+            delete_benchmark_keys(client, ctx.key_prefix)
             bench.append(rb)
             res = run_pipeline_once(ctx, run, posts)
             res["verified_feeds"] = verify_sample(ctx, posts, rng)
@@ -1051,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in (ctx.key_prefix, ctx.key_prefix + "n", ctx.key_prefix + "p",
                   ctx.key_prefix + "q", ctx.key_prefix + "chk"):
             delete_prefix(client, p)
-        client.delete(f"{ctx.key_prefix}:rb1")
+        delete_benchmark_keys(client, ctx.key_prefix)
 
     print_summary(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

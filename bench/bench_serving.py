@@ -297,8 +297,9 @@ class Server:
     """``feedbeam serve`` in its own process group."""
 
     def __init__(self, server: str, workers: int, port: int, redis_port: int, prefix: str,
-                 keyspace: str, push_threshold: int, log: Path):
-        env = {**os.environ, "FEEDBEAM_REDIS_PORT": str(redis_port)}
+                 keyspace: str, push_threshold: int, log: Path, topology: str = "single"):
+        env = {**os.environ, "FEEDBEAM_REDIS_PORT": str(redis_port),
+               "FEEDBEAM_TOPOLOGY": topology}
         self.log = log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.cli", "serve", "--server", server, "--workers",

@@ -311,6 +311,8 @@ def _flink_conf(settings: StackSettings, name: str):
         "rest_port": settings.cluster_flink_rest_port,
         "tmp_dir": home / "tmp",
         "resource_id": name,
+        "slots": settings.cluster_taskmanager_slots,
+        "metaspace_mb": _TM_METASPACE_MB,
         "task_heap_mb": settings.cluster_taskmanager_heap_mb - _TM_FRAMEWORK_HEAP_MB,
     })
     return conf
@@ -320,6 +322,12 @@ def _flink_conf(settings: StackSettings, name: str):
 #: off-heap + network) of ``infra/flink-cluster.yaml``.
 _TM_FRAMEWORK_HEAP_MB = 128
 _TM_DIRECT_MB = 128 + 64
+#: Metaspace of a TaskManager. Beam's classes are loaded once, from its classpath
+#: (parent-first, ``infra/flink-cluster.yaml``): 78-80 MiB used with the four jobs
+#: running and after they ended (``jcmd PID VM.metaspace``). Loaded per job from its
+#: jar instead, they took 178 MiB for four jobs, and 578 MiB with none running after
+#: a few benchmark runs (ended jobs' class loaders never freed) before the JVM ended.
+_TM_METASPACE_MB = 256
 
 
 def _start_flink_process(settings: StackSettings, name: str) -> None:
@@ -331,13 +339,16 @@ def _start_flink_process(settings: StackSettings, name: str) -> None:
     else:
         heap = settings.cluster_taskmanager_heap_mb
         memory = [f"-Xms{heap}m", f"-Xmx{heap}m", f"-XX:MaxDirectMemorySize={_TM_DIRECT_MB}m",
-                  "-XX:MaxMetaspaceSize=256m"]
+                  f"-XX:MaxMetaspaceSize={_TM_METASPACE_MB}m"]
         main = "org.apache.flink.runtime.taskexecutor.TaskManagerRunner"
     processes.spawn(settings, name, [
         install.java(), *memory, "-XX:+UseG1GC", "-XX:+ExitOnOutOfMemoryError",
         *services.FLINK_JVM17_OPTS,
         "-Dorg.slf4j.simpleLogger.showDateTime=true",
-        "-cp", install.classpath(settings, "flink-cluster"),
+        # Beam's Flink runner on the cluster's own classpath too, loaded parent-first
+        # (flink-cluster.yaml): every job shares one copy of its classes.
+        "-cp", install.classpath(settings, "flink-cluster") + ":"
+        + install.classpath(settings, "flink"),
         main, "--configDir", str(conf),
     ])
 

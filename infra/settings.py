@@ -74,7 +74,10 @@ class StackSettings:
     cluster_flink_expansion_port: int = 8197
     cluster_jobmanager_heap_mb: int = 512
     #: Heap of each TaskManager (framework + task heap); see ``infra.cluster``.
-    cluster_taskmanager_heap_mb: int = 640
+    #: Its slots share the task heap (Beam's state lives there).
+    cluster_taskmanager_heap_mb: int = 896
+    #: Task slots per TaskManager: the four pipelines at parallelism 2 take 8.
+    cluster_taskmanager_slots: int = 4
     cluster_jobserver_heap_mb: int = 512
 
     @property

@@ -162,8 +162,13 @@ class SlotSplitPipeline(ClusterPipeline):
         self._owner = owner
         self._merges: list[tuple[int, int, Callable[[list], Any]]] = []
 
+    def __len__(self) -> int:
+        """The replies ``execute()`` will return (a split call counts once), so a caller
+        can note where its replies will be, as on one server."""
+        return super().__len__() - sum(count - 1 for _, count, _ in self._merges)
+
     def _queue_split(self, commands: list[tuple], merge: Callable[[list], Any]):
-        start = len(self)
+        start = super().__len__()
         for command in commands:
             self.execute_command(*command)
         self._merges.append((start, len(commands), merge))

@@ -6,7 +6,9 @@ fixtures pointed at the cluster topology (``conftest.checked_stack`` starts it:
 Cassandra nodes with each test's keyspace at replication factor 2 (writes at
 LOCAL_QUORUM), and a Flink session cluster (one JobManager, two TaskManagers)
 that the jobs submitted on ``flink`` run on at parallelism 2; the API's feed and
-story tests read through the slot-routing asyncio client. Then a kill -9 of
+story tests read through the slot-routing asyncio client; the ranking stores'
+refreshes (candidates and features of many users per batched read, split by slot)
+and the fan-out and ranking jobs on Flink. Then a kill -9 of
 one TaskManager while a stories job runs: the job restarts on the slots left
 and the view still ends as the oracle says.
 
@@ -52,7 +54,18 @@ from tests.integration.test_serving_api import (
     test_story_tray_and_mark_seen,
 )
 from tests.integration.test_pipelines_on_runners import (
+    test_ranking as test_ranking_on_the_flink_cluster,
+)
+from tests.integration.test_pipelines_on_runners import (
     test_stories as test_stories_on_the_flink_cluster,
+)
+from tests.integration.test_ranking_refresh import (
+    stores_of,
+    test_a_batch_ranks_each_user_as_a_refresh_of_that_user_alone,
+    test_a_celebrity_post_refreshes_a_bounded_audience,
+    test_a_post_going_viral_moves_up_in_the_feeds_that_hold_it,
+    test_model_scores_candidates_and_a_new_version_is_picked_up,
+    world,
 )
 from tests.integration.test_stories_pipeline import (
     test_publish_view_delete_and_expiry_at_the_watermark,
@@ -62,7 +75,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 #: The tests and fixtures imported above, collected here again on the clusters.
 __all__ = [
-    "stores", "api",
+    "stores", "api", "world", "stores_of",
     "test_push_celebrity_inactive_and_cap", "test_unfollow_follow_delete_and_no_resurrection",
     "test_replaying_the_same_events_changes_nothing",
     "test_an_edge_event_superseded_in_its_batch_has_no_outcome",
@@ -76,6 +89,11 @@ __all__ = [
     "test_inactive_and_lost_feeds_are_rebuilt_on_read",
     "test_ranked_feed_pages_survive_a_reranking", "test_story_tray_and_mark_seen",
     "test_features_on_the_flink_cluster", "test_stories_on_the_flink_cluster",
+    "test_ranking_on_the_flink_cluster",
+    "test_model_scores_candidates_and_a_new_version_is_picked_up",
+    "test_a_batch_ranks_each_user_as_a_refresh_of_that_user_alone",
+    "test_a_celebrity_post_refreshes_a_bounded_audience",
+    "test_a_post_going_viral_moves_up_in_the_feeds_that_hold_it",
 ]
 
 
@@ -117,6 +135,48 @@ def test_the_fixtures_are_the_cluster_topology(stack, redis_client, cassandra_se
     assert None not in pids.values()
     infra_stack.up(stack)
     assert {name: processes.running_pid(stack, name) for name in pids} == pids
+
+
+def test_fanout_on_the_flink_cluster(stack, kafka_topic, cassandra_session, keyspace,
+                                    key_prefix, tmp_path):
+    """The fan-out job submitted to the Flink session cluster (``feedbeam submit
+    --runner flink``: parallelism 2): edge, pushed post and durable copy, then lag 0."""
+    from tests.integration.test_submit import test_submit_status_cancel
+
+    test_submit_status_cancel("flink", stack, kafka_topic, cassandra_session, keyspace,
+                              key_prefix, tmp_path)
+
+
+def test_batched_hash_reads_span_slots_and_keep_reply_positions(redis_client, key_prefix):
+    """The ranking's batched HMGETs (``HashReads``) name hashes of many slots in one
+    script call: on the cluster each call is split by slot and merged back, and the
+    replies queued before, between and after them stay where ``len(pipe)`` said."""
+    from redis.crc import key_slot
+
+    from stores.redis.multiread import HashReads
+
+    keys = [f"{key_prefix}:{{h{i}}}" for i in range(40)]
+    assert len({key_slot(k.encode()) for k in keys}) > 10
+    for i, key in enumerate(keys):
+        redis_client.hset(key, mapping={"a": i, "b": -i})
+    marker = f"{key_prefix}:{{m}}"
+    reads = HashReads(redis_client, chunk=16)
+    pipe = redis_client.pipeline()
+    pipe.set(marker, "here")
+    same = reads.same(pipe, keys, ["b", "a", "absent"])
+    between = len(pipe)
+    pipe.get(marker)
+    each = reads.each(pipe, keys, [["a"] if i % 2 else ["b", "a"] for i in range(40)])
+    after = len(pipe)
+    pipe.get(marker)
+    replies = pipe.execute()
+    assert len(replies) == after + 1
+    assert replies[between] == replies[after] == b"here"
+    assert reads.replies(same, replies) == [[str(-i).encode(), str(i).encode(), None]
+                                            for i in range(40)]
+    assert reads.replies(each, replies) == [[str(i).encode()] if i % 2 else
+                                            [str(-i).encode(), str(i).encode()]
+                                            for i in range(40)]
 
 
 def _running_flink_jobs(stack) -> list[dict]:

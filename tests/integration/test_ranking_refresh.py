@@ -48,7 +48,8 @@ def world(stack, cassandra_session, keyspace, key_prefix, tmp_path):
     followers, threshold 3). Author 10 posted 6 times, 11 and 12 once, the
     celebrity twice; the newest posts are author 10's."""
     migrate(cassandra_session, keyspace)
-    stores = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
+    stores = StoreConfig(stack.redis_url, key_prefix, stack.cassandra_host, stack.cassandra_port,
+                         keyspace)
     opened = FeedStores.open(stores)
     fanout = FeedFanout(opened.redis, opened.cassandra, FanoutPolicy(
         push_threshold=3, celebrity_top_n=0))
@@ -75,7 +76,7 @@ def world(stack, cassandra_session, keyspace, key_prefix, tmp_path):
 @pytest.fixture
 def stores_of(stack, cassandra_session, keyspace, key_prefix):
     migrate(cassandra_session, keyspace)
-    opened = FeedStores.open(StoreConfig(stack.redis_url, key_prefix, stack.host,
+    opened = FeedStores.open(StoreConfig(stack.redis_url, key_prefix, stack.cassandra_host,
                                          stack.cassandra_port, keyspace))
     yield opened
     opened.close()
@@ -300,7 +301,8 @@ def test_pending_refreshes_redis_lost_are_queued_again_from_the_recent_input(
     producer.produce(topic, WireCodec().encode(created, topic), created.key, timestamp=now)
     assert producer.flush(30) == 0
     queue = QueueConfig(shards=2, debounce=Debounce(600_000, 1000, 1))  # none gets due here
-    stores = StoreConfig(stack.redis_url, key_prefix, stack.host, stack.cassandra_port, keyspace)
+    stores = StoreConfig(stack.redis_url, key_prefix, stack.cassandra_host, stack.cassandra_port,
+                         keyspace)
     replay = LossReplay({"bootstrap.servers": stack.kafka_bootstrap}, (topic,), prefix,
                         window_ms=600_000)
     applier = TriggerConfig(stores, RankingPolicy(push_threshold=50), ViralPolicy(), queue,
