@@ -400,6 +400,7 @@ def runner_options(ctx) -> tuple[str | None, list[str] | None]:
     if ctx.settings.clustered:
         from jobs.submit import runner_args
 
+        # runner_args leaves out its own interval when the options given carry one.
         checkpoints = [f"--checkpointing_interval={FLINK_CHECKPOINT_MS}"]
         return None, runner_args("flink", ctx.settings, checkpoints) + checkpoints
     from infra.install import prism_binary
