@@ -9,8 +9,10 @@ process) on empty topics of their own (a fresh prefix, Redis key prefix and
 keyspace), waits ``--settle-s`` for start-up to pass, then reads the CPU time
 (utime + stime from ``/proc``) of the Prism job server and of every process of
 the jobs' sessions ``--samples`` times over ``--measure-s`` each, and prints
-it as a share of one core: the median, and per process. The bar: under 5 % of
-one core for the four jobs together, Prism included.
+it as a share of one core: the median, and per process; each sample also
+prints the busiest threads of each group by name (``/proc/<pid>/task``: the
+Python threads, gRPC's ``event_engine``, librdkafka's ``rdk:*``). The bar:
+under 5 % of one core for the four jobs together, Prism included.
 
 The ranking job needs a promoted model: the demo's (``.state/demo/models``) is
 used, or ``--model-dir``; without one the ranking job is left out (said so).
@@ -62,12 +64,34 @@ def session_pids(session_id: int) -> list[int]:
     return found
 
 
+def thread_ticks(pids: list[int]) -> dict[str, int]:
+    """utime + stime of every thread of ``pids``, summed per thread name (digits dropped)."""
+    per_name: dict[str, int] = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                name = (task / "comm").read_text().strip().rstrip("0123456789") or "?"
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            per_name[name] = per_name.get(name, 0) + int(fields[11]) + int(fields[12])
+    return per_name
+
+
 def measure(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
-    """Share of one core each group of pids used over ``seconds``."""
+    """Share of one core each group of pids used over ``seconds``; prints the busiest
+    threads of each (threads that ended meanwhile count in the shares only)."""
     before = {name: sum(cpu_ticks(p) for p in pids) for name, pids in groups.items()}
+    threads_before = {name: thread_ticks(pids) for name, pids in groups.items()}
     t0 = time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - t0
+    for name, pids in groups.items():
+        after = thread_ticks(pids)
+        spent = sorted(((ticks - threads_before[name].get(thread, 0), thread)
+                        for thread, ticks in after.items()), reverse=True)
+        print(f"  {name}: " + ", ".join(f"{thread} {ticks / TICKS_PER_S / elapsed:.2%}"
+                                        for ticks, thread in spent[:6] if ticks > 0))
     return {name: (sum(cpu_ticks(p) for p in pids) - before[name]) / TICKS_PER_S / elapsed
             for name, pids in groups.items()}
 

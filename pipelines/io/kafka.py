@@ -75,7 +75,12 @@ MIN_IDLE_RESUME_MS = 20
 #: A caught-up partition's wait (``idle_poll_ms``) looks this often whether another
 #: partition of its read has records to read, and then ends: the wait blocks its whole
 #: bundle, which may hold other partitions (Prism bundles a stage's residuals together).
+#: Only partitions between two reads can be such a partition; while every other one is
+#: being read by a bundle of its own, the wait looks at nothing and polls in slices of
+#: ``IDLE_WAIT_LONG_SLICE_S`` (docs/pipelines/kafka-io.md: waits in one long
+#: ``consume()`` once missed records that waits in 1 s calls read).
 IDLE_WAIT_SLICE_S = 0.1
+IDLE_WAIT_LONG_SLICE_S = 1.0
 #: A cursor not read for this long is left out of that look (its partition may be read
 #: elsewhere now).
 RECENT_CURSOR_S = 30.0
@@ -93,6 +98,18 @@ def idle_resume_ms(config: "KafkaSourceConfig", quiet_since_ms: int, now_ms: int
     return max(MIN_IDLE_RESUME_MS, min(config.idle_wait_ms, quiet // 4))
 
 
+def idle_poll_s(config: "KafkaSourceConfig", quiet_since_ms: int, now_ms: int) -> float:
+    """How long a caught-up partition's bundle waits for its next record: a quarter of
+    the time it has been quiet, between ``idle_poll_ms`` and ``idle_poll_max_ms``.
+
+    A record ends the wait at once, however long it is; what a longer wait delays is
+    the idle partition's watermark (reported as its bundle ends), so event-time timers
+    fire later while nothing arrives. Right after traffic the wait is ``idle_poll_ms``;
+    a job idle for minutes costs one bundle per ``idle_poll_max_ms`` per partition."""
+    quiet = max(0, now_ms - quiet_since_ms)
+    return max(config.idle_poll_ms, min(config.idle_poll_max_ms, quiet // 4)) / 1000
+
+
 @dataclasses.dataclass(frozen=True)
 class KafkaSourceConfig:
     """How to read: client settings and the source's time and offset policy.
@@ -104,7 +121,10 @@ class KafkaSourceConfig:
     the semantic checks decode applies (``schemas.validation``); the source
     uses their ``max_ahead_ms`` to keep implausible times out of element
     timestamps. A caught-up partition is polled again after a quarter of the
-    time it has been quiet, at most ``idle_wait_ms`` (``idle_resume_ms``).
+    time it has been quiet, at most ``idle_wait_ms`` (``idle_resume_ms``); with
+    ``idle_poll_ms`` on, its bundle waits for a record instead, for a quarter of the
+    time it has been quiet, between ``idle_poll_ms`` and ``idle_poll_max_ms``
+    (``idle_poll_s``).
     ``shared_watermarks``: each partition reports the least watermark of every
     partition of its read (``_SharedWatermarks``), for runners that take a
     stage's watermark from its latest bundle alone (Prism); only where every
@@ -135,6 +155,7 @@ class KafkaSourceConfig:
     batch_timeout_ms: int = 20
     idle_wait_ms: int = 2_000
     idle_poll_ms: int = 2_000
+    idle_poll_max_ms: int = 8_000
     idle_watermark: str = "record"
     event_limits: EventLimits = EventLimits()
     shared_watermarks: bool = False
@@ -159,14 +180,21 @@ class KafkaSourceConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_records_per_bundle < 1 or self.batch_records < 1:
             raise ValueError("max_records_per_bundle and batch_records must be >= 1")
-        if self.batch_timeout_ms < 0 or self.idle_wait_ms < 0 or self.idle_poll_ms < 0:
-            raise ValueError("batch_timeout_ms, idle_wait_ms and idle_poll_ms must be >= 0")
+        if min(self.batch_timeout_ms, self.idle_wait_ms, self.idle_poll_ms,
+               self.idle_poll_max_ms) < 0:
+            raise ValueError("batch_timeout_ms, idle_wait_ms, idle_poll_ms and "
+                             "idle_poll_max_ms must be >= 0")
 
     def identity(self) -> tuple:
-        """A hashable value equal for equal configs (the client settings are a dict)."""
-        return tuple((f.name, tuple(sorted(getattr(self, f.name).items()))
-                      if f.name == "consumer_config" else getattr(self, f.name))
-                     for f in dataclasses.fields(self))
+        """A hashable value equal for equal configs (the client settings are a dict);
+        worked out once (an idle wait asks for it every ``IDLE_WAIT_SLICE_S``)."""
+        known = self.__dict__.get("_identity")
+        if known is None:
+            known = tuple((f.name, tuple(sorted(getattr(self, f.name).items()))
+                           if f.name == "consumer_config" else getattr(self, f.name))
+                          for f in dataclasses.fields(self))
+            object.__setattr__(self, "_identity", known)  # frozen: set past __setattr__
+        return known
 
     def client_config(self) -> dict:
         """The librdkafka settings of every consumer the source creates."""
@@ -236,6 +264,11 @@ class KafkaReadOptions(PipelineOptions):
                                  "record on any of them (returning within 0.1 s of one), so "
                                  "an idle job costs one bundle per this period per bundle of "
                                  "partitions; 0: short polls paced by --idle_wait_ms instead")
+        parser.add_argument("--idle_poll_max_ms", type=int, default=8000,
+                            help="a partition quiet for long waits longer, a quarter of its "
+                                 "quiet time up to this (a record still ends the wait at "
+                                 "once; its watermark, and event-time timers, move once per "
+                                 "wait); --idle_poll_ms or less: waits never grow")
         parser.add_argument("--max_event_ahead_s", type=float, default=3600.0,
                             help="dead-letter an event whose times lie more than this far past "
                                  "its record's Kafka timestamp or the wall clock (clock skew "
@@ -279,6 +312,7 @@ class KafkaReadOptions(PipelineOptions):
             batch_timeout_ms=self.batch_timeout_ms,
             idle_wait_ms=self.idle_wait_ms,
             idle_poll_ms=self.idle_poll_ms,
+            idle_poll_max_ms=self.idle_poll_max_ms,
             idle_watermark=self.idle_watermark or default_idle_watermark,
             event_limits=limits,
             shared_watermarks=self._shared_watermarks(),
@@ -616,6 +650,9 @@ class _PartitionCursor:
     #: When a bundle last read the partition (monotonic s): set as its read starts and
     #: again as it ends (after an idle wait that may have lasted ``idle_poll_ms``).
     read_at: float = 0.0
+    #: A bundle is reading the partition right now (from its read's start to its end,
+    #: idle wait included): no other bundle waits on its behalf.
+    reading: bool = False
     #: Held while the consumer is in ``consume()`` (``poll``). Others look at the consumer
     #: only when they can take it: a call on a consumer waits for a ``consume()`` running
     #: on it in another thread (``bench/probe_consumer_calls.py``: 2.7 s behind a 3 s wait).
@@ -706,13 +743,19 @@ class _CursorPool:
             client = self._committers[identity] = Consumer(config.client_config())
         return client
 
-    def records_waiting(self, config: KafkaSourceConfig, besides: _PartitionCursor) -> bool:
-        """Whether a partition read with ``config`` in this process recently, other than
-        ``besides``' and none being read right now, has records waiting to be read."""
+    def between_reads(self, config: KafkaSourceConfig, besides: _PartitionCursor) -> list:
+        """``(key, cursor)`` of every partition read with ``config`` in this process
+        recently, other than ``besides``, that no bundle is reading right now: those
+        that may wait in ``besides``' bundle for its idle wait to end."""
         identity, recent = config.identity(), time.monotonic() - RECENT_CURSOR_S
         with self._lock:
-            others = [(key, c) for key, c in self._cursors.items()
-                      if key[0] == identity and c is not besides and c.read_at >= recent]
+            return [(key, c) for key, c in self._cursors.items()
+                    if key[0] == identity and c is not besides and not c.reading
+                    and c.read_at >= recent]
+
+    @staticmethod
+    def records_waiting(others: list) -> bool:
+        """Whether one of ``others`` (``between_reads``) has records waiting to be read."""
         for (_, topic, partition), cursor in others:
             # A partition polled in another bundle right now is that bundle's to wait for.
             if cursor.lock.acquire(blocking=False):
@@ -775,6 +818,7 @@ class _ReadPartitionFn(beam.DoFn):
 
         cursor = _CURSORS.get(self._config, element.topic, element.partition, start)
         cursor.read_at = time.monotonic()
+        cursor.reading = True
         if cursor.carried_timestamp_ms is None:
             cursor.carried_timestamp_ms = element.committed_timestamp_ms
         if cursor.next_offset != start:
@@ -810,8 +854,15 @@ class _ReadPartitionFn(beam.DoFn):
         return self._read(element, tracker, watermark, None)
 
     def _read(self, element: PartitionRead, tracker, watermark, finalizer):
+        cursor = self._cursor(element, tracker.current_restriction().start)
+        try:
+            yield from self._read_from(cursor, element, tracker, watermark, finalizer)
+        finally:
+            cursor.reading = False
+
+    def _read_from(self, cursor: _PartitionCursor, element: PartitionRead, tracker, watermark,
+                   finalizer):
         restriction = tracker.current_restriction()
-        cursor = self._cursor(element, restriction.start)
         config = self._config
         if config.shared_watermarks:  # what a split during the bundle would report
             watermark.share(_WATERMARKS.report(self._read_id, element, watermark.own()))
@@ -942,18 +993,25 @@ class _ReadPartitionFn(beam.DoFn):
         records (a runner passes them on only when the bundle ends: a partition's
         records read just before another partition's wait reached their feeds 2 s
         late), none while another partition of the read has records waiting, and it
-        ends when one gets some (looked at every ``IDLE_WAIT_SLICE_S``). Returns what
-        it read and whether it waited."""
+        ends when one gets some (looked at every ``IDLE_WAIT_SLICE_S`` while one is
+        between two reads: only those can be later in this bundle; while none is, it
+        polls in ``IDLE_WAIT_LONG_SLICE_S`` slices). Returns what it read and whether
+        it waited."""
         config = self._config
         if (config.idle_poll_ms <= 0 or not self._may_wait
-                or _CURSORS.records_waiting(config, cursor)):
+                or _CURSORS.records_waiting(_CURSORS.between_reads(config, cursor))):
             return [], False
         self._may_wait = False
-        deadline = time.monotonic() + config.idle_poll_ms / 1000
+        deadline = time.monotonic() + idle_poll_s(
+            config, cursor.last_record_wall_ms or cursor.opened_wall_ms, int(time.time() * 1000))
         while True:
             remaining = deadline - time.monotonic()
-            got = cursor.poll(1, max(0.0, min(IDLE_WAIT_SLICE_S, remaining)))
-            if got or remaining <= IDLE_WAIT_SLICE_S or _CURSORS.records_waiting(config, cursor):
+            # Partitions that may sit later in this bundle; while there are none (every
+            # other one is in a bundle of its own), nothing needs looking at.
+            others = _CURSORS.between_reads(config, cursor)
+            slice_s = IDLE_WAIT_SLICE_S if others else IDLE_WAIT_LONG_SLICE_S
+            got = cursor.poll(1, max(0.0, min(slice_s, remaining)))
+            if got or remaining <= slice_s or (others and _CURSORS.records_waiting(others)):
                 return got, True
 
     def _end(self, element: PartitionRead, cursor: _PartitionCursor) -> None:

@@ -1,6 +1,8 @@
 """Which Kafka client errors the source rides out and which end the read."""
 from __future__ import annotations
 
+import pytest
+
 
 def test_broker_outages_are_recoverable_source_errors_but_unknown_topics_are_not():
     from confluent_kafka import KafkaError
@@ -292,6 +294,30 @@ class _Quiet:
         pass
 
 
+def _fn_over(monkeypatch, config, cursors: dict):
+    """A set-up ``_ReadPartitionFn`` of ``config`` and the fresh cursor pool it reads
+    through, holding ``cursors`` (partition of topic ``t`` -> cursor)."""
+    from pipelines.io import kafka
+
+    pool = kafka._CursorPool()
+    monkeypatch.setattr(kafka, "_CURSORS", pool)
+    pool._cursors.update({(config.identity(), "t", p): c for p, c in cursors.items()})
+    fn = kafka._ReadPartitionFn(config, "read-1")
+    fn.setup()
+    return pool, fn
+
+
+def _read_once(fn, partition: int) -> list:
+    """One bundle's read of partition ``partition`` of topic ``t`` from offset 0."""
+    from apache_beam.io.restriction_trackers import OffsetRange
+    from pipelines.io import kafka
+
+    tracker = kafka._OffsetTracker(OffsetRange(0, kafka.UNBOUNDED_STOP))
+    tracker.defer_remainder = lambda delay=None: None
+    return list(fn._read(kafka.PartitionRead("t", partition, 0), tracker,
+                         kafka._PartitionWatermark(None), None))
+
+
 def test_a_partition_that_waited_out_its_bundle_counts_as_read_when_the_bundle_ends(
         monkeypatch):
     """A partition's idle wait looks whether the other partitions read with it have
@@ -299,30 +325,20 @@ def test_a_partition_that_waited_out_its_bundle_counts_as_read_when_the_bundle_e
     last bundle waiting was read until that bundle ended, not only when it began: else
     a wait as long as that look-back left it out, and the next bundle's wait ignored
     the records that came to it (a CI run waited 30 s beside a 3,000-record backlog)."""
-    from apache_beam.io.restriction_trackers import OffsetRange
     from pipelines.io import kafka
-    from pipelines.io.kafka import (KafkaSourceConfig, PartitionRead, _OffsetTracker,
-                                    _PartitionCursor, _PartitionWatermark, _ReadPartitionFn)
+    from pipelines.io.kafka import KafkaSourceConfig, _PartitionCursor
 
-    pool = kafka._CursorPool()
-    monkeypatch.setattr(kafka, "_CURSORS", pool)
     monkeypatch.setattr(kafka, "RECENT_CURSOR_S", 0.2)
     config = KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"}, idle_poll_ms=400)
     waiting, busy = _PartitionCursor(_Quiet(), 0), _PartitionCursor(_Quiet(), 0)
     busy.caught_up = True
-    pool._cursors.update({(config.identity(), "t", 0): waiting,
-                          (config.identity(), "t", 1): busy})
-    fn = _ReadPartitionFn(config, "read-1")
-    fn.setup()
+    pool, fn = _fn_over(monkeypatch, config, {0: waiting, 1: busy})
     fn.start_bundle()
-    tracker = _OffsetTracker(OffsetRange(0, kafka.UNBOUNDED_STOP))
-    tracker.defer_remainder = lambda delay=None: None
-    assert list(fn._read(PartitionRead("t", 1, 0), tracker, _PartitionWatermark(None),
-                         None)) == []
+    assert _read_once(fn, 1) == []
     busy.consumer.end = 3000  # records come to it after its bundle
-    assert pool.records_waiting(config, waiting)
+    assert pool.records_waiting(pool.between_reads(config, waiting))
     monkeypatch.setattr(kafka, "RECENT_CURSOR_S", 0.0)
-    assert not pool.records_waiting(config, waiting)  # not read lately: left out
+    assert not pool.records_waiting(pool.between_reads(config, waiting))  # not read lately
     fn.teardown()
 
 
@@ -349,34 +365,55 @@ def test_a_bundle_that_emitted_records_does_not_wait_on_a_quiet_partition(monkey
     just before such a wait reached its feeds 2 s late, now and then, in the demo."""
     import time
 
-    from apache_beam.io.restriction_trackers import OffsetRange
     from pipelines.io import kafka
-    from pipelines.io.kafka import (KafkaSourceConfig, PartitionRead, _OffsetTracker,
-                                    _PartitionCursor, _PartitionWatermark, _ReadPartitionFn)
+    from pipelines.io.kafka import KafkaSourceConfig, _PartitionCursor
 
-    pool = kafka._CursorPool()
-    monkeypatch.setattr(kafka, "_CURSORS", pool)
     config = KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"}, idle_poll_ms=400)
     now_ms = int(time.time() * 1000)
     busy = _PartitionCursor(_Closable([_records(0, now_ms), []]), 0)
     quiet = _PartitionCursor(_QuietTimed(), 0)
     quiet.caught_up = True
-    pool._cursors.update({(config.identity(), "t", 0): busy, (config.identity(), "t", 1): quiet})
-    fn = _ReadPartitionFn(config, "read-1")
-    fn.setup()
-
-    def read(partition: int) -> list:
-        tracker = _OffsetTracker(OffsetRange(0, kafka.UNBOUNDED_STOP))
-        tracker.defer_remainder = lambda delay=None: None
-        return list(fn._read(PartitionRead("t", partition, 0), tracker,
-                             _PartitionWatermark(None), None))
+    _, fn = _fn_over(monkeypatch, config, {0: busy, 1: quiet})
 
     fn.start_bundle()
-    assert len(read(0)) == 1                      # a batch emitted ...
-    assert read(1) == [] and max(quiet.consumer.timeouts) < kafka.IDLE_WAIT_SLICE_S
+    assert len(_read_once(fn, 0)) == 1            # a batch emitted ...
+    assert _read_once(fn, 1) == [] and max(quiet.consumer.timeouts) < kafka.IDLE_WAIT_SLICE_S
     fn.start_bundle()                             # ... while a bundle that emitted
     quiet.consumer.timeouts.clear()               # nothing yet does wait
-    assert read(1) == [] and kafka.IDLE_WAIT_SLICE_S in quiet.consumer.timeouts
+    assert _read_once(fn, 1) == [] and kafka.IDLE_WAIT_SLICE_S in quiet.consumer.timeouts
+    fn.teardown()
+
+
+def test_an_idle_wait_looks_at_other_partitions_only_while_one_is_between_reads(
+        monkeypatch):
+    """Only a partition no bundle is reading can be later in the waiting one's bundle.
+    While every other partition is in a bundle of its own, the wait polls in long slices
+    and looks at nothing (slices of 0.1 s, each looking at the others, cost an idle
+    fan-out job about a third of its CPU); once one is between two reads, the wait looks
+    every 0.1 s."""
+    from pipelines.io import kafka
+    from pipelines.io.kafka import KafkaSourceConfig, _PartitionCursor
+
+    monkeypatch.setattr(kafka, "IDLE_WAIT_LONG_SLICE_S", 0.25)
+    config = KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"}, idle_poll_ms=500)
+    quiet, other = _PartitionCursor(_QuietTimed(), 0), _PartitionCursor(_Quiet(), 0)
+    quiet.caught_up = True
+    other.read_at = kafka.time.monotonic()
+    _, fn = _fn_over(monkeypatch, config, {0: quiet, 1: other})
+
+    def wait_timeouts() -> list:
+        quiet.consumer.timeouts.clear()
+        fn.start_bundle()
+        assert _read_once(fn, 0) == []
+        assert not quiet.reading  # its read is over
+        return quiet.consumer.timeouts
+
+    other.reading = True   # in a bundle of its own
+    timeouts = wait_timeouts()
+    assert len(timeouts) <= 3 and min(timeouts[:-1]) == 0.25, timeouts
+    other.reading = False  # between reads: maybe next in this bundle
+    timeouts = wait_timeouts()
+    assert len(timeouts) >= 3 and max(timeouts) <= kafka.IDLE_WAIT_SLICE_S, timeouts
     fn.teardown()
 
 
@@ -388,6 +425,22 @@ def test_a_quiet_partition_is_polled_less_often_the_longer_it_is_quiet():
     assert idle_resume_ms(config, 10_000, 11_000) == 250                  # a quarter of 1 s
     assert idle_resume_ms(config, 10_000, 100_000) == 5000                # capped
     assert idle_resume_ms(config, 10_000, 9_000) == MIN_IDLE_RESUME_MS    # clock went back
+
+
+def test_a_partition_quiet_for_long_waits_longer_for_its_next_record():
+    from pipelines.io.kafka import KafkaSourceConfig, idle_poll_s
+
+    config = KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"},
+                               idle_poll_ms=2000, idle_poll_max_ms=8000)
+    assert idle_poll_s(config, 10_000, 10_500) == 2.0     # right after a record
+    assert idle_poll_s(config, 10_000, 30_000) == 5.0     # a quarter of 20 s quiet
+    assert idle_poll_s(config, 10_000, 900_000) == 8.0    # capped
+    assert idle_poll_s(config, 10_000, 9_000) == 2.0      # clock went back
+    flat = KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"},
+                             idle_poll_ms=2000, idle_poll_max_ms=0)
+    assert idle_poll_s(flat, 10_000, 900_000) == 2.0      # never grows
+    with pytest.raises(ValueError, match="idle_poll_max_ms"):
+        KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"}, idle_poll_max_ms=-1)
 
 
 def test_a_shared_watermark_waits_for_every_partition_and_is_their_least():
