@@ -20,8 +20,9 @@ same topic, measures ``--runs`` times each
   ``DecodeBatches`` and a sink counting per bundle, on Prism (LOOPBACK):
   wall time of ``run().wait_until_finish()``; ``flink``: the same on the
   Flink job server (``feedbeam infra up flink``; ``--skip flink`` without it).
-  The same pipeline over one record gives the job's fixed start-up cost, so
-  both the end-to-end rate and the rate excluding start-up are reported;
+  The same pipeline over one record gives each runner's fixed job start-up
+  cost, so both the end-to-end rate and the rate excluding start-up are
+  reported (the targets apply to the end-to-end rate);
 * floor: Beam's own cost on Prism, with no Kafka: a splittable DoFn that
   claims an offset per record and emits ``RecordBatch``es of ``--batch``
   copies of one constant engagement event (one restriction per partition),
@@ -376,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     admin.create_topics([NewTopic(topic, args.partitions, 1)])[topic].result(timeout=60)
     rates: dict[str, list[float]] = {m: [] for m in MEASURES if m not in skip}
     rates["raw_dict"] = []
-    startup: list[float] = []
-    steady: list[float] = []
+    startup: dict[str, list[float]] = {"beam": [], "flink": []}
+    steady: dict[str, list[float]] = {"beam": [], "flink": []}
     try:
         t0 = time.perf_counter()
         produce(bootstrap, topic, args.events)
@@ -386,19 +387,32 @@ def main(argv: list[str] | None = None) -> int:
         ranges = kafka_offsets.resolve_offset_range({"bootstrap.servers": bootstrap}, topic,
                                                     None, None)
         total = kafka_offsets.total_records(ranges)
-        if "beam" in rates:
-            # Warm up (the Prism job server starts once per process), then the
-            # fixed cost of a job: the same pipeline over a single record.
-            one = {p: (s, s + 1) for p, (s, e) in list(ranges.items())[:1]}
-            beam_bounded(bootstrap, topic, one, prism)
+        # Warm up (the Prism job server starts once per process), then the fixed
+        # cost of a job on each runner: the same pipeline over a single record.
+        one = {p: (s, s + 1) for p, (s, e) in list(ranges.items())[:1]}
+        for name, runner in (("beam", prism), ("flink", flink if "flink" in rates else None)):
+            if name not in rates:
+                continue
+            beam_bounded(bootstrap, topic, one, runner)
             for _ in range(args.runs):
-                n, seconds = beam_bounded(bootstrap, topic, one, prism)
+                n, seconds = beam_bounded(bootstrap, topic, one, runner)
                 assert n == 1, n
-                startup.append(seconds)
-            print("beam job start-up (1 record): "
-                  + "  ".join(f"{s:.2f}s" for s in startup))
+                startup[name].append(seconds)
+            print(f"{name} job start-up (1 record): "
+                  + "  ".join(f"{s:.2f}s" for s in startup[name]))
         floor_startup = 0.0
         floors: dict[str, list[float]] = {"floor": [], "floor_decode": []}
+
+        def bounded_run(name: str, runner: str) -> str:
+            """One bounded source + decode job over the topic on ``runner``: its rate,
+            recorded under ``name``, whole and less the runner's job start-up."""
+            n, seconds = beam_bounded(bootstrap, topic, ranges, runner)
+            assert n == total, (n, total)
+            rates[name].append(n / seconds)
+            steady[name].append(n / max(seconds - statistics.median(startup[name]), 1e-9))
+            return (f"{name} {rates[name][-1]:,.0f} ({seconds:.1f}s; "
+                    f"{steady[name][-1]:,.0f} excl. start-up)")
+
         if "floor" in rates:
             beam_floor(1, 1, prism)
             floor_startup = statistics.median(beam_floor(1, 1, prism)[1] for _ in range(2))
@@ -423,12 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                         result.reconciliation()
                     line.append(f"replay {rates['replay'][-1]:,.0f}")
                 if "beam" in rates:
-                    n, seconds = beam_bounded(bootstrap, topic, ranges, prism)
-                    assert n == total, (n, total)
-                    rates["beam"].append(n / seconds)
-                    steady.append(n / max(seconds - statistics.median(startup), 1e-9))
-                    line.append(f"beam {rates['beam'][-1]:,.0f} ({seconds:.1f}s; "
-                                f"{steady[-1]:,.0f} excl. start-up)")
+                    line.append(bounded_run("beam", prism))
                 if "floor" in rates:
                     for name, decode in (("floor", False), ("floor_decode", True)):
                         n, seconds = beam_floor(total, args.partitions, prism, decode)
@@ -436,10 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                         floors[name].append(n / max(seconds - floor_startup, 1e-9))
                         line.append(f"{name} {floors[name][-1]:,.0f} ({seconds:.1f}s)")
                 if "flink" in rates:
-                    n, seconds = beam_bounded(bootstrap, topic, ranges, flink)
-                    assert n == total, (n, total)
-                    rates["flink"].append(n / seconds)
-                    line.append(f"flink {rates['flink'][-1]:,.0f} ({seconds:.1f}s)")
+                    line.append(bounded_run("flink", flink))
                 if "streaming" in rates:
                     n, seconds = beam_streaming(bootstrap, topic, total, prism,
                                                 settings.redis_url)
@@ -476,10 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         limit, limit_name = (raw_dict, "raw dict") if name == "replay" else (raw, "raw")
         print(f"  {label:<36} {rate:>10,.0f} rec/s  {rate / limit:>4.0%} of {limit_name} "
               f"(target >= {TARGETS[name]:.0%})")
-        if name == "beam":
-            rate = statistics.median(steady)
-            print(f"  {'beam, excluding start-up':<36} {rate:>10,.0f} rec/s  "
-                  f"{rate / raw:>4.0%} of raw   (start-up {statistics.median(startup):.2f}s)")
+        if name in steady:
+            rate = statistics.median(steady[name])
+            print(f"  {name + ', excluding start-up':<36} {rate:>10,.0f} rec/s  "
+                  f"{rate / raw:>4.0%} of raw   (start-up {statistics.median(startup[name]):.2f}s)")
     return 0
 
 
