@@ -137,6 +137,19 @@ def test_cassandra_down_answers_from_redis(stack, stores_in_shared_redis):
                                          "cassandra": "not ready"})
 
 
+def _answer_past_load_shedding(api, method: str, path: str, within_s: float = 10.0):
+    """``api.call``, asked again while the answer is the load-shedding 503 (``overloaded:
+    event loop N ms behind``): a busy CI machine once held the loop 1.7 s late right
+    after start-up, and shedding is right then; what the test checks comes after."""
+    deadline = time.monotonic() + within_s
+    while True:
+        status, body = api.call(method, path, user=1)
+        shed = status == 503 and body["error"]["message"].startswith("overloaded:")
+        if not shed or time.monotonic() > deadline:
+            return status, body
+        time.sleep(0.2)
+
+
 def test_both_down_is_a_clear_503(stack, own_redis, keyspace):
     url, proc = own_redis
     proc.kill()
@@ -147,7 +160,7 @@ def test_both_down_is_a_clear_503(stack, own_redis, keyspace):
         for method, path in (("GET", "/v1/users/1/feed"), ("GET", "/v1/users/1/feed/chronological"),
                              ("GET", "/v1/users/1/stories/tray"),
                              ("POST", "/v1/users/1/stories/5/seen")):
-            status, body = api.call(method, path, user=1)
+            status, body = _answer_past_load_shedding(api, method, path)
             assert status == 503, (path, body)
             message = body["error"]["message"]
             # Which store failed and how, in fixed words; no address, port or driver text.
