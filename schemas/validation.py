@@ -203,6 +203,61 @@ _TYPE_CHECKS = {PostEvent: _check_post, EngagementEvent: _check_engagement,
                 StoryEvent: _check_story, FollowEvent: _check_follow}
 
 
+#: Per event type, its integer fields that ``check_event`` requires to be >= 0 (``None``
+#: allowed where the field is optional) and the ranges it puts on others: the rules
+#: ``suspect_rows`` checks a whole column at a time. Types missing here have rules on
+#: lists or across fields (posts, stories): their records are checked one by one.
+_COLUMN_RULES: dict[type, tuple[tuple[str, ...], dict[str, str]]] = {
+    EngagementEvent: (("viewer_id", "author_id", "post_id"), {"dwell_ms": "max_dwell_ms"}),
+    FollowEvent: (("follower_id", "followee_id"), {}),
+}
+
+
+def column_checked(record_type: type) -> bool:
+    """Whether ``suspect_rows`` covers every rule of ``record_type``."""
+    return record_type in _COLUMN_RULES
+
+
+def suspect_rows(record_type: type, column, record_ts, now_ms: int,
+                 limits: EventLimits = EventLimits()):
+    """Which rows of a batch of ``record_type`` records may break a rule of
+    ``check_event``: a boolean array, True for every row ``check_event`` would reject
+    (and perhaps some it would not), so that only those need the per-record check;
+    None for a type whose rules are not all column rules (check every record).
+
+    ``column(name)`` gives a field's values as a NumPy array (numbers; a missing
+    optional value as NaN) or, for ``event_id``, its lengths in characters;
+    ``record_ts`` the records' Kafka timestamps (negative: unknown). A reader that
+    builds columns anyway (the replay) checks a batch in a few array operations
+    instead of a Python call per record; ``check_event`` stays the one statement of
+    the rules and the reason of every rejection
+    (``tests/unit/test_validation.py`` holds the two to the same verdicts)."""
+    import numpy as np
+
+    rules = _COLUMN_RULES.get(record_type)
+    if rules is None:
+        return None
+    non_negative, bounded = rules
+    ahead = limits.max_ahead_ms
+    record_ts = np.asarray(record_ts, dtype=np.int64)
+    known = record_ts >= 0
+    latest = np.where(known, np.minimum(record_ts, now_ms), now_ms) + ahead
+    t = np.asarray(column("event_time"), dtype=np.int64)
+    suspect = (known & (record_ts > now_ms + ahead)) | (t < limits.min_event_time_ms)
+    suspect |= t > latest
+    if limits.max_age_ms is not None:
+        suspect |= known & (t < record_ts - limits.max_age_ms)
+    id_chars = np.asarray(column("event_id"))
+    suspect |= (id_chars == 0) | (id_chars > limits.max_event_id_chars)
+    with np.errstate(invalid="ignore"):  # NaN (a missing optional value) compares False
+        for name in non_negative:
+            suspect |= np.asarray(column(name)) < 0
+        for name, limit in bounded.items():
+            values = np.asarray(column(name))
+            suspect |= (values < 0) | (values > getattr(limits, limit))
+    return suspect
+
+
 class _AvroFields:
     """A decoded Avro dict's fields as attributes: all the rules read (no copy)."""
 

@@ -183,3 +183,61 @@ def test_a_decoded_avro_dict_is_judged_as_the_event_it_would_make():
                     v.STORY_EXPIRES_BEFORE_CREATION, v.STORY_LIFE_TOO_LONG,
                     v.EVENT_TIME_IN_FUTURE, v.EVENT_TIME_BEFORE_FLOOR, v.EVENT_TIME_TOO_OLD,
                     v.RECORD_TIME_IN_FUTURE}
+
+
+def _random_batch(rng, make, n: int):
+    """``n`` events of one type, each with zero to two fields pushed past a rule, and
+    Kafka timestamps near, ahead of, long before or unknown against ``NOW``."""
+    import numpy as np
+
+    edges = {
+        "event_time": [NOW, NOW - 5 * H, T0, 1_700_000_000, NOW + 2 * H, NOW * 1000,
+                       v.MIN_EVENT_TIME_MS - 1, v.MIN_EVENT_TIME_MS],
+        "event_id": ["e1", "", "x" * 128, "x" * 129, "é" * 128],
+        "viewer_id": [0, 3, -1, 2**62], "author_id": [7, -5, 0], "post_id": [10, None, -2],
+        "dwell_ms": [None, 0, -1, 24 * H, 24 * H + 1], "follower_id": [3, -3],
+        "followee_id": [7, -7, 0],
+    }
+    events = []
+    for _ in range(n):
+        event = make()
+        for name in rng.choice(sorted(k for k in edges if hasattr(event, k)),
+                               size=rng.integers(0, 3), replace=False):
+            event = dataclasses.replace(event, **{name: edges[name][
+                rng.integers(len(edges[name]))]})
+        events.append(event)
+    stamps = np.array([rng.choice([NOW, NOW - 1, NOW - 3 * H, NOW + 2 * H, T0, -1])
+                       for _ in range(n)], dtype=np.int64)
+    return events, stamps
+
+
+@pytest.mark.parametrize("make", [view, follow])
+@pytest.mark.parametrize("limits", [EventLimits(), EventLimits(max_age_ms=2 * H)])
+def test_the_column_checks_flag_exactly_the_rows_check_event_rejects(make, limits):
+    """``suspect_rows`` lets a replay check a batch's columns instead of each record;
+    a row it passes is never checked again, so it must flag every row ``check_event``
+    rejects, and (being the same rules) no other."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    events, stamps = _random_batch(rng, make, 3000)
+
+    def column(name):
+        values = [getattr(e, name) for e in events]
+        if name == "event_id":
+            return np.array([len(x) for x in values])
+        return np.array([np.nan if x is None else x for x in values],
+                        dtype=np.float64 if None in values else np.int64)
+
+    suspect = v.suspect_rows(type(events[0]), column, stamps, NOW, limits)
+    rejected = np.array([check_event(e, int(ts), NOW, limits) is not None
+                         for e, ts in zip(events, stamps)])
+    assert 0.2 < rejected.mean() < 0.9  # both kinds in the batch
+    assert (suspect == rejected).all(), [(events[i], stamps[i]) for i in
+                                         np.flatnonzero(suspect != rejected)[:3]]
+
+
+def test_posts_and_stories_are_checked_record_by_record():
+    assert v.column_checked(EngagementEvent) and v.column_checked(FollowEvent)
+    assert not v.column_checked(PostEvent) and not v.column_checked(StoryEvent)
+    assert v.suspect_rows(PostEvent, None, [], NOW) is None
