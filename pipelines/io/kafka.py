@@ -818,7 +818,6 @@ class _ReadPartitionFn(beam.DoFn):
 
         cursor = _CURSORS.get(self._config, element.topic, element.partition, start)
         cursor.read_at = time.monotonic()
-        cursor.reading = True
         if cursor.carried_timestamp_ms is None:
             cursor.carried_timestamp_ms = element.committed_timestamp_ms
         if cursor.next_offset != start:
@@ -855,6 +854,7 @@ class _ReadPartitionFn(beam.DoFn):
 
     def _read(self, element: PartitionRead, tracker, watermark, finalizer):
         cursor = self._cursor(element, tracker.current_restriction().start)
+        cursor.reading = True
         try:
             yield from self._read_from(cursor, element, tracker, watermark, finalizer)
         finally:
