@@ -259,7 +259,7 @@ class _Partition:
         self.done = False
         self.chunk_start = self.chunk_end = -1
         self.rows, self.offsets, self.timestamps = [], [], []
-        self.messages = []  # the rows' records, while their checks wait for the table
+        self.messages = []  # the rows' records: a row the column checks reject needs its bytes
         self.tables: list = []
         self.dead: list[DeadLetter] = []
 
@@ -436,25 +436,22 @@ def replay(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], out: 
                     add_timestamp = state.timestamps.append
                     add_message = state.messages.append
                 value = msg.value()
+                timestamp = msg.timestamp()[1]
                 decoded = accept(value)
-                if decoded is not None and by_columns:
+                if decoded is not None and (by_columns or limits is None or check_record(
+                        decoded[0], decoded[1], timestamp, now_ms, limits) is None):
                     add_row(decoded[1])
                     add_offset(offset)
-                    add_timestamp(msg.timestamp()[1])
+                    add_timestamp(timestamp)
                     add_message(msg)
-                elif decoded is not None and limits is not None and check_record(
-                        decoded[0], decoded[1], msg.timestamp()[1], now_ms, limits) is not None:
+                elif decoded is not None:
                     # Broke a rule: the same check again, for the dead letter.
                     state.dead.append(invalid_letter(*decoded, KafkaRecord(
-                        topic, p, offset, msg.key(), value, msg.timestamp()[1]), now_ms, limits))
-                elif decoded is not None:
-                    add_row(decoded[1])
-                    add_offset(offset)
-                    add_timestamp(msg.timestamp()[1])
+                        topic, p, offset, msg.key(), value, timestamp), now_ms, limits))
                 else:
                     # Rejected: the shared decode step says why, as a dead letter.
                     state.dead.append(decode_record_dict(codec, KafkaRecord(
-                        topic, p, offset, msg.key(), value, msg.timestamp()[1]), prefix))
+                        topic, p, offset, msg.key(), value, timestamp), prefix))
                 state.read += 1
                 n += 1
                 if offset == stop - 1:
