@@ -162,13 +162,12 @@ class SocialState:
 
     def author_prior(self, author: int, t: int) -> float:
         """The author's decayed engagement rate, shrunk towards the global rate."""
-        hl, k = self.params.half_life_ms, self.params.author_prior_views
-        mean = (self.engaged + 1.0) / (self.views + 4.0)
+        hl = self.params.half_life_ms
         engaged = self.author_engaged.get(author)
         views = self.author_views.get(author)
-        e = engaged.read(t, hl) if engaged else 0.0
-        v = views.read(t, hl) if views else 0.0
-        return (e + k * mean) / (v + k)
+        return author_prior(engaged.read(t, hl) if engaged else 0.0,
+                            views.read(t, hl) if views else 0.0,
+                            self.engaged, self.views, self.params)
 
     def features(self, viewer: int, post: int, author: int, t: int) -> tuple[float, ...]:
         """``SOCIAL_FEATURES`` of ``viewer`` seeing ``post`` at ``t``, from the events
@@ -192,17 +191,41 @@ class SocialState:
                 float(v_total - bisect.bisect_left(p.view_times, t - prm.velocity_ms)),
                 float(bisect.bisect_left(p.engage_times, first_end)),
                 float(e_total), float(v_total),
-                (e_total + prm.post_prior_views * prior) / (v_total + prm.post_prior_views))
-        affinity, share = 0.0, math.nan
+                smoothed_rate(e_total, v_total, prior, prm))
         c = self.community.get(author if p is None else p.author)
-        mine = self.viewer_community.get(viewer)
-        if mine:
-            total = sum(d.read(t, prm.half_life_ms) for d in mine.values())
-            if c is not None and c in mine:
-                affinity = mine[c].read(t, prm.half_life_ms)
-            if total > 0:
-                share = affinity / total
-        return social + (prior, affinity, share)
+        mine = self.viewer_community.get(viewer) or {}
+        affinity = mine[c].read(t, prm.half_life_ms) if c is not None and c in mine else 0.0
+        total = sum(d.read(t, prm.half_life_ms) for d in mine.values())
+        return social + (prior, *community_affinity(affinity, total))
+
+
+def author_prior(engaged: float, views: float, engaged_all: float, views_all: float,
+                 params: SocialParams) -> float:
+    """An author's engagement rate from its decayed first engagements and first views,
+    shrunk with ``author_prior_views`` pseudo-views towards the rate of everyone's
+    (``engaged_all`` / ``views_all``, undecayed counts, smoothed by one in four)."""
+    k = params.author_prior_views
+    return (engaged + k * (engaged_all + 1.0) / (views_all + 4.0)) / (views + k)
+
+
+def smoothed_rate(engaged: float, views: float, prior: float, params: SocialParams) -> float:
+    """A post's engaged viewers per viewer, shrunk with ``post_prior_views`` pseudo-views
+    towards its author's prior."""
+    k = params.post_prior_views
+    return (engaged + k * prior) / (views + k)
+
+
+def community_affinity(affinity: float, total: float) -> tuple[float, float]:
+    """``(viewer_community_affinity, viewer_community_share)`` from the viewer's decayed
+    engagements with the author's community and with every community (share NaN when
+    the viewer has none)."""
+    return affinity, (affinity / total if total > 0 else math.nan)
+
+
+def decayed(value: float, at: int, t: int, half_life_ms: int) -> float:
+    """A decayed sum held as ``(value, at)`` read at ``t`` (or at ``at`` when ``t`` is
+    earlier: a sum is never read before its last event)."""
+    return value * 2.0 ** (-max(0, t - at) / half_life_ms) if value else 0.0
 
 
 def _get(table: dict, key) -> _Decayed:

@@ -43,6 +43,7 @@ from jobs.training_set import (
 )
 from stores.files.models import ModelMetadata, ModelRegistry
 from domain.ranking_features import FEATURE_NAMES
+from domain.social_features import SOCIAL_FEATURES
 
 OBJECTIVE = "binary:logistic"
 PLOT_FILE = "evaluation.png"
@@ -313,9 +314,12 @@ def train_and_register(data: TrainingSet, registry: ModelRegistry, *,
     gate = (f"NDCG@{k} {ev.ndcg:.4f} vs {RANKER_LABELS[best]} {ev.rankers[best].ndcg:.4f} "
             f"(gain {ev.ndcg_gain:+.4f}, required {min_ndcg_gain:+.4f}), AUC {ev.auc:.4f} "
             f"(required > 0.5)")
-    # The ranking pipeline builds FEATURE_NAMES only: a model on other columns is kept
-    # for evaluation but never becomes the one the pipeline loads.
-    servable = tuple(data.feature_names) == FEATURE_NAMES
+    # The ranking pipeline builds FEATURE_NAMES, and SOCIAL_FEATURES after them for a
+    # model saved with its communities: a model on other columns is kept for
+    # evaluation but never becomes the one the pipeline loads.
+    social = (tuple(data.feature_names) == FEATURE_NAMES + SOCIAL_FEATURES
+              and data.community is not None)
+    servable = social or tuple(data.feature_names) == FEATURE_NAMES
     cfg = set_config or TrainingSetConfig(label_window_ms=label_window_ms)
 
     def metadata_for(version: str) -> ModelMetadata:
@@ -335,7 +339,7 @@ def train_and_register(data: TrainingSet, registry: ModelRegistry, *,
                   "censored_held_out": censored, "dropped_unknown_posts": data.dropped},
             gate=gate)
 
-    metadata = registry.save(model, metadata_for)
+    metadata = registry.save(model, metadata_for, community=data.community if social else None)
     plot_path = None
     if plot:
         plot_path = plot_evaluation(ev, registry.version_dir(metadata.version) / PLOT_FILE,
@@ -351,8 +355,8 @@ def train_and_register(data: TrainingSet, registry: ModelRegistry, *,
 def _not_promoted_reason(m: ModelMetadata) -> str:
     if not m.passed:
         return "failed: " + m.gate
-    if tuple(m.feature_names) != FEATURE_NAMES:
-        return "passed, but the ranking pipeline does not build its features yet"
+    if tuple(m.feature_names) not in (FEATURE_NAMES, FEATURE_NAMES + SOCIAL_FEATURES):
+        return "passed, but the ranking pipeline does not build its features"
     return "passed, --no-promote"
 
 

@@ -14,7 +14,7 @@ social features, the split's censoring and the query groups: docs/ranking.md.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -94,6 +94,8 @@ class TrainingSet:
     dropped: int = 0
     end_ms: int | None = None
     feature_names: tuple[str, ...] = FEATURE_NAMES
+    #: The communities the social features were computed with (``with_social_features``).
+    community: Mapping[int, int] | None = None
 
     def __post_init__(self):
         if self.p_true is None:
@@ -355,7 +357,7 @@ def with_social_features(data: TrainingSet, engagements: pa.Table, posts: pa.Tab
     start = int(data.ts_ms.min()) if len(data) else 0
     community = communities(follows, start)
     columns = social_feature_columns(data, engagements, posts, follows, community, params)
-    return data.with_columns(SOCIAL_FEATURES, columns)
+    return dataclasses.replace(data.with_columns(SOCIAL_FEATURES, columns), community=community)
 
 
 # --------------------------------------------------------------------------- split

@@ -51,6 +51,7 @@ from schemas.events import EngagementEvent, PostEvent, PostEventKind
 from schemas.features import DAY_MS, FeatureColumns, FeatureTTLs, FeatureValue
 from schemas.records import DeadLetter, EventBatch
 from stores.config import StoreConfig
+from stores.retry import RetryPolicy
 
 if __name__ == "__main__":
     # Before anything is defined here: the job runs the imported module, and options
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GROUP = "feedbeam-features"
 STEP = "features"
 TOO_LATE = "too_late"
-SINKS = ("redis", "cassandra", "log", "top_followers")
+SINKS = ("redis", "cassandra", "log", "top_followers", "social")
 #: Where the aggregation's state lives: Parquet snapshots plus the input since the latest
 #: (Prism), Beam state the runner checkpoints (Flink), or memory only (bounded re-runs).
 STATE_STORES = ("auto", "snapshot", "beam", "memory")
@@ -265,6 +266,40 @@ class _ToItemsFn(beam.DoFn):
         self._counters.inc("events_ignored", ignored)
         if sourced is not None:
             yield _KEY, sourced
+
+
+class _SocialFactsFn(beam.DoFn):
+    """Each batch's first views and engagements into Redis (``stores.redis.social``), the
+    facts the ranking job computes the social features from; written before the
+    bundle ends, so before the source commits the batch's offsets. Retried whole on
+    a transient error (the facts are idempotent); counted as ``social_firsts``."""
+
+    def __init__(self, config: FeatureSinkConfig, retry: RetryPolicy = RetryPolicy()):
+        self._config = config
+        self._retry = retry
+
+    def setup(self):
+        from stores.redis.client import new_client
+        from stores.redis.social import SocialFacts
+        from schemas.keys import KeyLayout
+
+        self._client = new_client(self._config.stores.redis_url)
+        self._facts = SocialFacts(self._client, KeyLayout(self._config.stores.redis_key_prefix))
+        self._counters = Counters(NAMESPACE)
+
+    def process(self, element):
+        _, sourced = element
+        items = sourced.items
+        new = self._retry.call(
+            lambda: self._facts.apply(items.kind, items.t, items.viewer, items.post,
+                                      items.author),
+            what=f"{NAMESPACE}: social facts")
+        self._counters.inc("social_firsts", new)
+
+    def teardown(self):
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close()
 
 
 # --------------------------------------------------------------------------- options
@@ -781,6 +816,8 @@ class AggregateEngagementFeatures(beam.PTransform):
                  timer_granularity_ms: int | None = None, bounded: bool = False,
                  catch_up: bool = False):
         super().__init__()
+        self._social = (writer.config if writer is not None and "social" in writer.sinks
+                        else None)
         self._params = params or FeatureParams()
         self._state = state or StateConfig()
         self._writer = writer
@@ -799,6 +836,8 @@ class AggregateEngagementFeatures(beam.PTransform):
         keyed = Tuple[int, SourcedItems]
         items = (batches
                  | "ToItems" >> beam.ParDo(_ToItemsFn()).with_output_types(keyed))
+        if self._social is not None:
+            _ = items | "WriteSocialFacts" >> beam.ParDo(_SocialFactsFn(self._social))
         # One element at start-up, so the aggregation restores its state and arms its
         # timer even when no input arrives.
         kick = (batches.pipeline

@@ -221,7 +221,8 @@ _VIEWER_AUTHOR = ENTITY_TYPES.index(VIEWER_AUTHOR)
 class FeatureWriterConfig:
     """What the aggregation pickles for its writer: the stores and how values go there.
 
-    ``sinks``: a subset of ``("redis", "cassandra", "top_followers", "log")``;
+    ``sinks``: a subset of ``("redis", "cassandra", "top_followers", "log")`` (the
+    pipeline's "social" facts are written by ``pipelines.features`` itself);
     ``max_batch``: values per store write (one round trip, or one concurrent
     execution in Cassandra); ``log_flush_s``: how long log rows may wait in
     memory before a file is written (a flush also comes before every snapshot).

@@ -176,6 +176,32 @@ class KeyLayout:
         ``<score>@<stamp>``."""
         return f"{self.prefix}:feat:aff_media:{{u:{viewer_id}}}"
 
+    # -- social facts (the online side of domain.social_features) --------------
+
+    def post_engagers(self, post_id: int) -> str:
+        """ZSET: who first engaged with ``post_id`` (a like, comment, share or save) and
+        when; member viewer_id, score the earliest event time ms seen (a replayed or
+        late event never makes it later)."""
+        return f"{self.prefix}:social:eng:{{p:{post_id}}}"
+
+    def post_viewers(self, post_id: int) -> str:
+        """ZSET: who first viewed ``post_id`` and when, kept like ``post_engagers``."""
+        return f"{self.prefix}:social:view:{{p:{post_id}}}"
+
+    def author_social(self, author_id: int) -> str:
+        """HASH: decayed sums of first engagements (``e``) and first views (``v``) with
+        ``author_id``'s posts, both as of ``at`` (ms)."""
+        return f"{self.prefix}:social:author:{{u:{author_id}}}"
+
+    def viewer_social(self, viewer_id: int) -> str:
+        """HASH: ``viewer_id``'s decayed first engagements per author; field author_id,
+        value ``<sum>@<as of ms>`` (grouped into communities when read)."""
+        return f"{self.prefix}:social:viewer:{{u:{viewer_id}}}"
+
+    def social_totals(self) -> str:
+        """HASH: everyone's first engagements (``engaged``) and first views (``views``)."""
+        return f"{self.prefix}:social:totals"
+
     # -- stories ---------------------------------------------------------------
 
     def author_stories(self, author_id: int) -> str:

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from collections import Counter
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from domain.ranking import (
     viral_triggers,
 )
 from domain.ranking_features import FEATURE_NAMES, feature_matrix
+from domain.social_features import SOCIAL_FEATURES
 from schemas.events import EngagementEvent, FollowEvent, PostEvent
 from schemas.features import AUTHOR_FEATURES, DEFAULT_HALF_LIFE_MS, MEDIA_TYPES, POST_FEATURES
 from schemas.ranked import RankedEntry, RankedFeed
@@ -63,6 +64,7 @@ from stores.ranked import RankedFeedStore
 from stores.redis.candidates import AudienceReader, CandidateReader
 from stores.redis.features import OnlineFeatureStore
 from stores.redis.refresh_queue import RefreshQueue
+from stores.redis.social import SocialReader
 from stores.restore import RedisHealer, RestoreSettings, open_healer
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ class RankingConfig:
             OnlineFeatureStore(feeds.client, feeds.keys, half_life_ms=self.half_life_ms),
             RankedFeedStore(feeds.client, feeds.keys, stores.cassandra),
             ModelWatcher(ModelRegistry(self.model_dir), FEATURE_NAMES, self.model_poll_s,
-                         nthread=self.score_threads),
+                         nthread=self.score_threads, social=SOCIAL_FEATURES),
             policy, clock, on_close=stores.close, feature_cache_s=self.feature_cache_s,
             healer=healer)
 
@@ -193,6 +195,8 @@ class FeedRanker:
         self.policy = policy
         self._clock = clock
         self._on_close = on_close
+        self.social = (None if features is None
+                       else SocialReader(features.client, features.keys))
         self._post_rows = RowCache(feature_cache_s)
         self._author_rows = RowCache(feature_cache_s)
         #: Scoring calls that failed (the batch was ranked by recency instead).
@@ -273,6 +277,9 @@ class FeedRanker:
         model = self.models.current() if self.models is not None else None
         if model is not None:
             rows = self.feature_rows(cols, now_ms)
+            if model.community is not None:
+                rows = np.hstack([rows, self.social_rows(cols, now_ms, model.community)
+                                  .astype(np.float32)])
             try:
                 return model.version, np.asarray(model.predict(rows), dtype=np.float64)
             except Exception as exc:  # a broken model must not stop the feeds: rank by recency
@@ -316,6 +323,15 @@ class FeedRanker:
         media = {m: content[:, j] for j, m in enumerate(MEDIA_TYPES)}
         return feature_matrix(post_cols, author_cols, f.affinity[pair_at], media, cols.media,
                               now_ms - cols.created_at)
+
+
+    def social_rows(self, cols: CandidateColumns, now_ms: int,
+                    community: Mapping[int, int]) -> np.ndarray:
+        """The ``SOCIAL_FEATURES`` rows of every candidate of the batch (one round trip,
+        ``SocialReader.rows``), for a model trained with them."""
+        row_user = np.repeat(np.arange(len(cols.users)), np.diff(cols.offsets))
+        return self.social.rows(list(cols.users), row_user, cols.post_id, cols.author_id,
+                                cols.created_at, now_ms, community)
 
 
 # --------------------------------------------------------------------------- triggers

@@ -425,6 +425,31 @@ def _committed_timestamp(metadata: str | None) -> int | None:
     return ts if ts is not None and ts >= 0 else None
 
 
+def _retrying_transient(call, timeout_s: float, first_backoff_s: float = 0.2):
+    """``call()``, again after a growing pause while it raises a ``KafkaException`` the
+    client recovers from (``recoverable``), until ``timeout_s`` has passed; then the
+    last error. A broker started moments ago answers a group's first offset fetch
+    with NOT_COORDINATOR (or "load in progress") while it creates and loads
+    ``__consumer_offsets``."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    settling = (KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE)
+    deadline = time.monotonic() + timeout_s
+    backoff = first_backoff_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if (not isinstance(error, KafkaError)
+                    or not (recoverable(error) or error.code() in settling)
+                    or time.monotonic() + backoff > deadline):
+                raise
+            log.warning("kafka source: %s; asking again in %.1fs", error.str(), backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+
 def resolve_start_offsets(config: KafkaSourceConfig, topics: Sequence[str],
                           timeout_s: float = 30.0) -> list[PartitionRead]:
     """The partitions of ``topics`` and the offset each read starts at.
@@ -454,7 +479,9 @@ def resolve_start_offsets(config: KafkaSourceConfig, topics: Sequence[str],
                   for tp in partitions}
         committed: dict[tuple[str, int], TopicPartition] = {}
         if config.start_from == "committed":
-            for tp in consumer.committed(partitions, timeout=timeout_s):
+            for tp in _retrying_transient(lambda: consumer.committed(partitions,
+                                                                     timeout=timeout_s),
+                                          timeout_s):
                 if tp.offset >= 0:
                     committed[(tp.topic, tp.partition)] = tp
 

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.ubj"
 METADATA_FILE = "metadata.json"
+#: A model trained with the social features: the communities it was trained with
+#: (``users`` and ``community``, int64 arrays), which serving groups affinities by.
+COMMUNITIES_FILE = "communities.npz"
 LATEST = "latest"
 VERSIONS = "versions"
 _VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -86,6 +89,8 @@ class LoadedModel:
     version: str
     booster: Any
     metadata: ModelMetadata
+    #: ``{user: community}`` of a model trained with the social features, else None.
+    community: Mapping[int, int] | None = None
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Scores of the rows of ``features`` (float32, columns in ``feature_names`` order).
@@ -134,11 +139,14 @@ class ModelRegistry:
     # -- writing ------------------------------------------------------------------
 
     def save(self, booster, metadata_for: Callable[[str], ModelMetadata],
-             now_ms: int | None = None) -> ModelMetadata:
+             now_ms: int | None = None,
+             community: Mapping[int, int] | None = None) -> ModelMetadata:
         """Save ``booster`` as a new version; returns its metadata.
 
         ``metadata_for(version)`` builds the metadata once the version name
-        (derived from the model bytes) is known. Does not move ``latest``.
+        (derived from the model bytes) is known. ``community``: the communities a
+        model on the social features was trained with, saved beside it. Does not
+        move ``latest``.
         """
         raw = bytes(booster.save_raw("ubj"))
         at_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -155,6 +163,8 @@ class ModelRegistry:
         try:
             _write_synced(staging / MODEL_FILE, raw)
             _write_synced(staging / METADATA_FILE, metadata.to_json().encode())
+            if community is not None:
+                _write_synced(staging / COMMUNITIES_FILE, _communities_bytes(community))
             os.rename(staging, final)
         except BaseException:
             for f in staging.glob("*"):
@@ -223,21 +233,43 @@ class ModelRegistry:
             raise ModelRegistryError(f"cannot load {path}: {exc}") from None
         if nthread:
             booster.set_param({"nthread": nthread})
-        return LoadedModel(version, booster, metadata)
+        communities = self.version_dir(version) / COMMUNITIES_FILE
+        community = _read_communities(communities) if communities.exists() else None
+        return LoadedModel(version, booster, metadata, community)
+
+
+def _communities_bytes(community: Mapping[int, int]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, users=np.fromiter(community.keys(), np.int64, len(community)),
+             community=np.fromiter(community.values(), np.int64, len(community)))
+    return buf.getvalue()
+
+
+def _read_communities(path: Path) -> dict[int, int]:
+    try:
+        with np.load(path) as f:
+            return dict(zip(f["users"].tolist(), f["community"].tolist()))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelRegistryError(f"cannot read {path}: {exc}") from None
 
 
 class ModelWatcher:
     """The model ``latest`` names, reloaded when it changes (no restart needed).
 
     ``expected_features``: the feature order the caller builds; a version
-    trained on another one is refused. ``clock`` returns seconds (monotonic).
+    trained on another one is refused, but for one trained on those followed by
+    ``social`` that was saved with its communities (the caller appends those
+    columns for it). ``clock`` returns seconds (monotonic).
     """
 
     def __init__(self, registry: ModelRegistry, expected_features: Sequence[str],
                  poll_s: float = 10.0, nthread: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, social: Sequence[str] = ()):
         self.registry = registry
         self.expected = tuple(expected_features)
+        self.social = tuple(social)
         self.poll_s = poll_s
         self.nthread = nthread
         self._clock = clock
@@ -273,9 +305,16 @@ class ModelWatcher:
         except ModelRegistryError as exc:
             self._refuse(version, str(exc))
             return
-        if model.metadata.feature_names != self.expected:
-            self._refuse(version, f"trained on features {list(model.metadata.feature_names)}, "
-                                  f"the pipeline builds {list(self.expected)}")
+        names = model.metadata.feature_names
+        if model.community is not None and self.social and names == self.expected + self.social:
+            pass  # served with the social columns appended
+        elif names != self.expected or model.community is not None:
+            builds = [list(self.expected)] + ([list(self.expected + self.social)]
+                                              if self.social else [])
+            self._refuse(version, f"trained on features {list(names)}"
+                                  f"{' with communities' if model.community is not None else ''}"
+                                  f", the pipeline builds {' or '.join(map(str, builds))}"
+                                  + (" (the latter with communities)" if self.social else ""))
             return
         log.info("ranking: now scoring with model %s (was %s)", version, self._version())
         self._model = model

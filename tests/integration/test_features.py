@@ -270,10 +270,42 @@ def test_pipeline_matches_the_oracle_in_every_store(stack, kafka_topic, cassandr
     feed.close()
 
     _check_log(oracle, log_dir, base)
+    _check_social_firsts(events + [EngagementEvent("too-late", base + H, K.LIKE, 100,
+                                                   author_of(1), 1, MediaType.PHOTO)],
+                         feed_client(stack), key_prefix)
     _check_affinities(oracle, online, durable, stack, key_prefix, now)
     _check_authors(oracle, online, durable)
     _check_posts_drained(online, durable, last)
     online.close()
+
+
+def feed_client(stack):
+    from stores.redis.client import new_client
+
+    return new_client(stack.redis_url)
+
+
+def _check_social_firsts(events, client, key_prefix: str) -> None:
+    """The social facts (``stores.redis.social``) hold each viewer's earliest view and
+    earliest engagement of each post: every event the job read counts, a replay (the
+    bounded re-run) and a late event included, repeats once."""
+    engaging = {K.LIKE, K.COMMENT, K.SHARE, K.SAVE}
+    expected: dict[tuple[int, bool], dict[int, int]] = {}
+    for e in events:
+        if not isinstance(e, EngagementEvent) or e.post_id is None:
+            continue
+        if e.kind in engaging or e.kind is K.VIEW:
+            firsts = expected.setdefault((e.post_id, e.kind in engaging), {})
+            firsts[e.viewer_id] = min(firsts.get(e.viewer_id, e.event_time), e.event_time)
+    keys = KeyLayout(key_prefix)
+    try:
+        for (post, engaged), firsts in expected.items():
+            key = (keys.post_engagers if engaged else keys.post_viewers)(post)
+            stored = client.zrange(key, 0, -1, withscores=True)
+            assert {int(v): int(t) for v, t in stored} == firsts, (post, engaged)
+        assert len(expected) > 10
+    finally:
+        client.close()
 
 
 def _same_values(durable_rows: dict, redis_rows: dict) -> None:

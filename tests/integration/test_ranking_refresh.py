@@ -15,6 +15,7 @@ import dataclasses
 
 import time
 
+import numpy as np
 import pytest
 
 from stores.config import StoreConfig
@@ -32,6 +33,9 @@ from schemas.features import FeatureValue
 from schemas.ranking import RECENCY_VERSION, VIRAL, Candidate, RefreshRequest, decode_pending
 from tests.integration.fanout_events import follow
 from tests.integration.ranking_models import promote_toy_model
+from domain.features import LIKE
+from domain.social_features import SOCIAL_FEATURES
+from stores.redis.social import SocialFacts
 
 pytestmark = pytest.mark.integration
 
@@ -123,6 +127,25 @@ def test_model_scores_candidates_and_a_new_version_is_picked_up(world):
     assert feed.model_version == second
     assert min(feed.entries, key=lambda e: e.score).post_id == 110  # the only REEL
     assert ranker.models.swaps == 2
+
+
+def test_a_social_model_scores_with_the_online_social_features(world):
+    ranker, reader, registry, now = world
+    # Followee 12 liked post 103 (author 10); nobody the viewer follows engaged with the rest.
+    facts = SocialFacts(ranker.features.client, ranker.features.keys)
+    engaged = facts.apply(np.array([LIKE, LIKE]), np.array([now - 60_000, now - 50_000]),
+                          np.array([12, 77]), np.array([103, 104]), np.array([10, 10]))
+    assert engaged == 2
+    version = promote_toy_model(registry, "followee_engagers_recent", +1, at_ms=now - 5000,
+                                community={10: 0, 11: 1, 12: 1})
+    ranker.refresh([RefreshRequest(VIEWER, now)])
+    feed = reader.read(VIEWER)
+    assert feed.model_version == version
+    assert ids(feed)[0] == 103
+    rows = ranker.social_rows(ranker.candidates.columns([RefreshRequest(VIEWER, now)], now,
+                                                        ranker.policy), now, {10: 0})
+    assert sorted(rows[:, SOCIAL_FEATURES.index("followee_engagers_recent")].tolist())[-2:] \
+        == [0.0, 1.0]
 
 
 def test_new_posts_from_triggers_and_deletions(world):

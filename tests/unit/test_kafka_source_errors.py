@@ -530,3 +530,51 @@ def test_the_idle_watermark_is_the_pipelines_unless_told():
     assert policy("--idle_watermark=record", default_idle_watermark="clock") == "record"
     with pytest.raises(ValueError, match="idle_watermark"):
         KafkaSourceConfig({"bootstrap.servers": "x", "group.id": "g"}, idle_watermark="wall")
+
+
+def test_a_transient_offset_fetch_error_is_asked_again_and_others_are_not(monkeypatch):
+    from confluent_kafka import KafkaError, KafkaException
+
+    from pipelines.io import kafka
+
+    monkeypatch.setattr(kafka.time, "sleep", lambda s: None)
+    answers = [KafkaException(KafkaError(KafkaError.NOT_COORDINATOR)),
+               KafkaException(KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)), ["tp"]]
+
+    def fetch():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert kafka._retrying_transient(fetch, timeout_s=30) == ["tp"]
+    assert answers == []
+
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))
+
+    with pytest.raises(KafkaException):
+        kafka._retrying_transient(refused, timeout_s=30)
+    assert len(calls) == 1
+
+
+def test_a_transient_offset_fetch_error_ends_in_the_error_at_the_deadline(monkeypatch):
+    from confluent_kafka import KafkaError, KafkaException
+
+    from pipelines.io import kafka
+
+    clock = [0.0]
+    monkeypatch.setattr(kafka.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(kafka.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    calls = []
+
+    def never():
+        calls.append(clock[0])
+        raise KafkaException(KafkaError(KafkaError.NOT_COORDINATOR))
+
+    with pytest.raises(KafkaException):
+        kafka._retrying_transient(never, timeout_s=5)
+    assert 3 <= len(calls) <= 10 and calls[-1] <= 5

@@ -128,3 +128,29 @@ def test_watcher_keeps_the_current_model_when_the_new_one_is_unusable(tmp_path):
     (tmp_path / LATEST).write_text("garbage\n")
     clock.now = 4
     assert watcher.current().version == good.version
+
+
+def test_a_social_model_is_served_only_with_its_communities(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    clock = Clock()
+    watcher = ModelWatcher(reg, ("a",), poll_s=1, clock=clock, social=("b",))
+    social = reg.save(booster(1), meta(), now_ms=T0, community={7: 1, 8: 0})
+    reg.promote(social.version)
+    loaded = watcher.current()
+    assert loaded.version == social.version and loaded.community == {7: 1, 8: 0}
+
+    # The social columns without communities, or communities on the base columns: refused.
+    bare = reg.save(booster(-1), meta(), now_ms=T0 + 1000)
+    reg.promote(bare.version)
+    clock.now = 1
+    assert watcher.current().version == social.version and watcher.refusals == 1
+    odd = reg.save(booster(1, rounds=2), meta(features=("a",)), now_ms=T0 + 2000,
+                   community={7: 1})
+    reg.promote(odd.version)
+    clock.now = 2
+    assert watcher.current().version == social.version and watcher.refusals == 2
+
+    # A watcher that builds no social columns refuses the social model.
+    plain = ModelWatcher(ModelRegistry(tmp_path), FEATURES, poll_s=1, clock=Clock())
+    reg.promote(social.version)
+    assert plain.current() is None and plain.refusals == 1

@@ -17,6 +17,7 @@ from jobs import cli
 from jobs.synthetic import replay_features
 from stores.files.models import ModelRegistry
 from domain.ranking_features import FEATURE_NAMES
+from domain.social_features import SOCIAL_FEATURES
 from schemas.events import EngagementEvent, EngagementKind, MediaType, PostEvent, PostEventKind
 
 T0 = 1_767_225_600_000
@@ -160,15 +161,16 @@ def test_trains_from_a_workload_file_building_its_feature_log(tmp_path, capsys):
     code = cli.main(["train", "--workload", str(path), "--features", "social",
                      "--model-dir", str(tmp_path / "models")])
     captured = capsys.readouterr()
-    assert code == 1, captured.out  # social features: saved, never promoted
+    assert code == 0, captured.out  # social features: served, so promoted
     assert "building the feature log" in captured.err
-    assert "does not build its features yet" in captured.out
     registry = ModelRegistry(tmp_path / "models")
     (version,) = registry.versions()
     meta = registry.metadata(version)
-    assert registry.latest() is None
-    assert meta.feature_names[:len(FEATURE_NAMES)] == FEATURE_NAMES
-    assert "followee_engagers_recent" in meta.feature_names
+    assert registry.latest() == version
+    assert meta.feature_names == FEATURE_NAMES + SOCIAL_FEATURES
+    # Saved with the communities it was trained with, which serving groups affinities by.
+    loaded = registry.load(version)
+    assert len(loaded.community) > 250 and set(loaded.community.values()) == {0}  # planted: one label
     assert meta.rows["train"] > 1000 and meta.rows["censored_held_out"] > 0
     assert meta.metrics["auc"] > 0.6 and "age_baseline_ndcg@20" in meta.metrics
 
