@@ -2,7 +2,7 @@
 small and large states, its recovery after kill -9, and the floors of other state designs.
 
     .venv/bin/python bench/bench_features.py [--events 200000] [--partitions 2] [--runs 3]
-        [--sinks redis,cassandra,log,top_followers] [--skip throughput,flat,recovery,floors]
+        [--sinks redis,cassandra,log,top_followers[,social]] [--skip throughput,flat,recovery,floors]
         [--flat-sizes 10000,1000000] [--flat-events 200000]
         [--recovery-events 1000000] [--snapshot-interval-s 10] [--reads 2000]
 

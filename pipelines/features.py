@@ -64,6 +64,10 @@ DEFAULT_GROUP = "feedbeam-features"
 STEP = "features"
 TOO_LATE = "too_late"
 SINKS = ("redis", "cassandra", "log", "top_followers", "social")
+#: ``--sinks`` by default: all but ``social`` (the facts of the social features, which a
+#: ranking model trained with ``--features social`` needs; they cost the job about a
+#: third of its throughput, docs/benchmarks.md).
+DEFAULT_SINKS = ("redis", "cassandra", "log", "top_followers")
 #: Where the aggregation's state lives: Parquet snapshots plus the input since the latest
 #: (Prism), Beam state the runner checkpoints (Flink), or memory only (bounded re-runs).
 STATE_STORES = ("auto", "snapshot", "beam", "memory")
@@ -340,8 +344,10 @@ class FeaturesOptions(PipelineOptions):
         parser.add_argument("--affinity_ttl_days", type=float, default=t.viewer_author_ms / DAY_MS,
                             help="online TTL of affinities, and how long the pipeline keeps a "
                                  "pair without events")
-        parser.add_argument("--sinks", default=",".join(SINKS),
-                            help=f"where features go, comma-separated subset of {SINKS}")
+        parser.add_argument("--sinks", default=",".join(DEFAULT_SINKS),
+                            help=f"where features go, comma-separated subset of {SINKS}; "
+                                 "add 'social' where the ranking job serves a model trained "
+                                 "with --features social")
         parser.add_argument("--feature_log_dir", default="out/feature_log",
                             help="root of the Parquet feature log (sink 'log')")
         parser.add_argument("--log_flush_s", type=float, default=60.0,

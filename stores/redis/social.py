@@ -19,6 +19,7 @@ design and limits: docs/ranking.md, "Online".
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -34,60 +35,90 @@ from domain.social_features import (
     smoothed_rate,
 )
 from schemas.keys import KeyLayout
-from stores.redis.client import chunks
+from stores.redis.client import BatchLayout, register_batch_script
 
-#: Facts per script call.
+#: Items (posts, or hashes of sums) per script call.
 DEFAULT_CHUNK = 500
 
-# KEYS[1] a post's firsts. ARGV[1] key TTL ms, then (viewer, time ms) pairs. Keeps each
-# viewer's earliest time; returns per pair 1 when the viewer is new to the set, else 0
-# (a replayed or repeated event, or a later one of the same viewer).
+# KEYS: posts' first viewers or engagers. ARGV[1] key TTL ms; then per key a count n and
+# n (viewer, time ms) pairs. Keeps each viewer's earliest time; returns per key a list
+# with 1 per pair whose viewer is new to the set, else 0 (a replayed or repeated
+# event, or a later one of the same viewer).
 _FIRSTS = """
 local out = {}
-for i = 2, #ARGV, 2 do
-  local old = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if old then
-    if tonumber(ARGV[i + 1]) < tonumber(old) then
-      redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+local j = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[j])
+  local flags = {}
+  for i = j + 1, j + 2 * n, 2 do
+    local old = redis.call('ZSCORE', KEYS[k], ARGV[i])
+    if old then
+      if tonumber(ARGV[i + 1]) < tonumber(old) then
+        redis.call('ZADD', KEYS[k], ARGV[i + 1], ARGV[i])
+      end
+      flags[#flags + 1] = 0
+    else
+      redis.call('ZADD', KEYS[k], ARGV[i + 1], ARGV[i])
+      flags[#flags + 1] = 1
     end
-    out[#out + 1] = 0
-  else
-    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
-    out[#out + 1] = 1
   end
+  redis.call('PEXPIRE', KEYS[k], ARGV[1])
+  out[k] = flags
+  j = j + 1 + 2 * n
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return out
 """
+_FIRSTS_LAYOUT = BatchLayout(header=1, keys_per_item=1, counted=(2,))
 
-# KEYS[1] a hash of decayed sums, each field "<sum>@<as of ms>". ARGV[1] key TTL ms,
-# ARGV[2] half-life ms, then (field, weight, time ms) triples: the sum decayed to the
-# later of its time and the event's, plus the weight decayed likewise (what
-# domain.social_features._Decayed.add does).
+# KEYS: hashes of decayed sums, each field "<sum>@<as of ms>". ARGV[1] key TTL ms,
+# ARGV[2] half-life ms; then per key a count n and n (field, weight, time ms) triples:
+# the sum decayed to the later of its time and the weight's, plus the weight decayed
+# likewise (what domain.social_features._Decayed.add does, for a weight that may
+# stand for several events: ``combined``). Returns the number of fields written.
 _ADD_DECAYED = """
 local hl = tonumber(ARGV[2])
-for i = 3, #ARGV, 3 do
-  local w, t = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local v, at = 0, t
-  local stored = redis.call('HGET', KEYS[1], ARGV[i])
-  if stored then
-    local sep = string.find(stored, '@', 1, true)
-    v = tonumber(string.sub(stored, 1, sep - 1))
-    at = tonumber(string.sub(stored, sep + 1))
+local j = 3
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[j])
+  for i = j + 1, j + 3 * n, 3 do
+    local w, t = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    local v, at = 0, t
+    local stored = redis.call('HGET', KEYS[k], ARGV[i])
+    if stored then
+      local sep = string.find(stored, '@', 1, true)
+      v = tonumber(string.sub(stored, 1, sep - 1))
+      at = tonumber(string.sub(stored, sep + 1))
+    end
+    if t >= at then
+      v = v * 2 ^ (-(t - at) / hl) + w
+      at = t
+    else
+      v = v + w * 2 ^ (-(at - t) / hl)
+    end
+    redis.call('HSET', KEYS[k], ARGV[i], string.format('%.17g@%d', v, at))
   end
-  if t >= at then
-    v = v * 2 ^ (-(t - at) / hl) + w
-    at = t
-  else
-    v = v + w * 2 ^ (-(at - t) / hl)
-  end
-  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.17g@%d', v, at))
+  redis.call('PEXPIRE', KEYS[k], ARGV[1])
+  j = j + 1 + 3 * n
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
+return #KEYS
 """
+_ADD_LAYOUT = BatchLayout(header=2, keys_per_item=1, counted=(3,), reply="sum")
+
+log = logging.getLogger(__name__)
 
 _ENGAGING = np.array([LIKE, COMMENT, SHARE, SAVE])
+
+
+def combined(t: np.ndarray, starts: np.ndarray, half_life_ms: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Unit weights at times ``t`` summed per group (rows ``starts[i]`` up to the next
+    start) as one weight at the group's latest time: ``(latest time, weight)``. Adding
+    that weight is adding the events one by one (decay is exponential), with one write
+    instead of many."""
+    latest = np.maximum.reduceat(t, starts)
+    at = np.repeat(latest, np.diff(np.r_[starts, len(t)]))
+    weight = np.add.reduceat(np.exp2(-(at - t) / half_life_ms), starts)
+    return latest, weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,69 +141,87 @@ class SocialFacts:
         self.params = params
         self.retention = retention
         self.chunk_size = chunk_size
-        self._firsts = client.register_script(_FIRSTS)
-        self._add = client.register_script(_ADD_DECAYED)
+        self._firsts = register_batch_script(client, _FIRSTS, _FIRSTS_LAYOUT)
+        self._add = register_batch_script(client, _ADD_DECAYED, _ADD_LAYOUT)
 
     def apply(self, kind: np.ndarray, t: np.ndarray, viewer: np.ndarray, post: np.ndarray,
               author: np.ndarray) -> int:
         """Record the first views and first engagements among these events (kind codes of
         ``domain.features``; other kinds and events without a post are left out), then add
-        the new ones to the decayed sums: two round trips. Returns the new firsts.
+        the new ones to the decayed sums: two round trips, a script call per
+        ``chunk_size`` posts or sums. Returns the new firsts.
 
         Idempotent per fact: a replayed event is no first, so it adds nothing. A batch
         whose first round trip landed and whose second did not (a crash between them)
         leaves its firsts out of the sums; the features it feeds are estimates, and the
         next events of the same authors and viewers carry on from there.
         """
-        kind, t = np.asarray(kind), np.asarray(t, np.int64)
+        kind = np.asarray(kind)
+        post = np.asarray(post, np.int64)
         engaged = np.isin(kind, _ENGAGING)
-        rows = np.flatnonzero((engaged | (kind == VIEW)) & (np.asarray(post) >= 0))
+        rows = np.flatnonzero((engaged | (kind == VIEW)) & (post >= 0))
         if not len(rows):
             return 0
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for i, p, e in zip(rows.tolist(), np.asarray(post)[rows].tolist(),
-                           engaged[rows].tolist()):
-            groups.setdefault((p, e), []).append(i)
-        viewer_l, t_l, author_l = (np.asarray(viewer).tolist(), t.tolist(),
-                                   np.asarray(author).tolist())
+        # By post and kind (engagements first), then arrival order.
+        rows = rows[np.lexsort((rows, ~engaged[rows], post[rows]))]
+        t, viewer = np.asarray(t, np.int64)[rows], np.asarray(viewer, np.int64)[rows]
+        post, engaged, author = post[rows], engaged[rows], np.asarray(author, np.int64)[rows]
+        group = post * 2 + engaged
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        ends = np.r_[starts[1:], len(rows)]
+        pairs = np.empty(2 * len(rows), np.int64)
+        pairs[0::2], pairs[1::2] = viewer, t
+        pairs = pairs.tolist()
+        key_of = {True: self.keys.post_engagers, False: self.keys.post_viewers}
+        keys = [key_of[e](p) for p, e in zip(post[starts].tolist(), engaged[starts].tolist())]
         pipe = self.client.pipeline(transaction=False)
-        calls: list[list[int]] = []
-        for (p, e), members in groups.items():
-            key = (self.keys.post_engagers if e else self.keys.post_viewers)(p)
-            for part in chunks(members, self.chunk_size):
-                args: list = [self.retention.post_ms]
-                for i in part:
-                    args += [viewer_l[i], t_l[i]]
-                self._firsts(keys=[key], args=args, client=pipe)
-                calls.append(list(part))
-        new = [i for part, flags in zip(calls, pipe.execute())
-               for i, flag in zip(part, flags) if flag]
-        if new:
-            self._add_sums(new, engaged, viewer_l, t_l, author_l)
-        return len(new)
+        bounds = list(zip(starts.tolist(), ends.tolist()))
+        for lo in range(0, len(keys), self.chunk_size):
+            args: list = [self.retention.post_ms]
+            for a, b in bounds[lo:lo + self.chunk_size]:
+                args.append(b - a)
+                args += pairs[2 * a:2 * b]
+            self._firsts(keys=keys[lo:lo + self.chunk_size], args=args, client=pipe)
+        new = np.fromiter((flag for reply in pipe.execute() for flags in reply for flag in flags),
+                          dtype=bool, count=len(rows))
+        if new.any():
+            self._add_sums(t[new], viewer[new], author[new], engaged[new])
+        return int(new.sum())
 
-    def _add_sums(self, new: list[int], engaged: np.ndarray, viewer: list, t: list,
-                  author: list) -> None:
-        by_author: dict[int, list] = {}
-        by_viewer: dict[int, list] = {}
-        counts = {"engaged": 0, "views": 0}
-        for i in new:
-            if engaged[i]:
-                by_author.setdefault(author[i], []).extend(("e", 1, t[i]))
-                by_viewer.setdefault(viewer[i], []).extend((author[i], 1, t[i]))
-                counts["engaged"] += 1
-            else:
-                by_author.setdefault(author[i], []).extend(("v", 1, t[i]))
-                counts["views"] += 1
-        head = [self.retention.sums_ms, self.params.half_life_ms]
+    def _add_sums(self, t: np.ndarray, viewer: np.ndarray, author: np.ndarray,
+                  engaged: np.ndarray) -> None:
+        """The new firsts into the authors' sums (``e`` engaged, ``v`` viewed), the
+        engaging viewers' sums per author and the totals: one round trip."""
+        hl = self.params.half_life_ms
+        items: list[tuple[str, list]] = []
+        for key_of, entity, field, rows in (
+                (self.keys.author_social, author, np.where(engaged, 0, 1), slice(None)),
+                (self.keys.viewer_social, viewer, author, engaged)):
+            e, f, times = entity[rows], field[rows], t[rows]
+            if not len(e):
+                continue
+            order = np.lexsort((f, e))
+            e, f, times = e[order], f[order], times[order]
+            starts = np.flatnonzero(np.r_[True, (e[1:] != e[:-1]) | (f[1:] != f[:-1])])
+            latest, weight = combined(times, starts, hl)
+            names = ["e", "v"] if key_of == self.keys.author_social else None
+            by_entity: dict[int, list] = {}
+            for ent, fld, at, w in zip(e[starts].tolist(), f[starts].tolist(),
+                                       latest.tolist(), weight.tolist()):
+                by_entity.setdefault(ent, []).extend(
+                    (names[fld] if names else fld, repr(w), at))
+            items += [(key_of(ent), triples) for ent, triples in by_entity.items()]
+        head = [self.retention.sums_ms, hl]
         pipe = self.client.pipeline(transaction=False)
-        for key_of, table in ((self.keys.author_social, by_author),
-                              (self.keys.viewer_social, by_viewer)):
-            for entity, triples in table.items():
-                for lo in range(0, len(triples), 3 * self.chunk_size):
-                    self._add(keys=[key_of(entity)], args=head + triples[lo:lo + 3 * self.chunk_size],
-                              client=pipe)
-        for field, n in counts.items():
+        for lo in range(0, len(items), self.chunk_size):
+            part = items[lo:lo + self.chunk_size]
+            args: list = list(head)
+            for _, triples in part:
+                args.append(len(triples) // 3)
+                args += triples
+            self._add(keys=[key for key, _ in part], args=args, client=pipe)
+        views = int((~engaged).sum())
+        for field, n in (("engaged", len(engaged) - views), ("views", views)):
             if n:
                 pipe.hincrby(self.keys.social_totals(), field, n)
         pipe.execute()
@@ -195,6 +244,8 @@ class SocialReader:
         #: the viewer's followees: the social proof of a post seen by more in its recent
         #: window counts among the earliest ``recent_cap`` only.
         self.recent_cap = recent_cap
+        #: Whether a read found no facts at all and said so (once).
+        self.warned = False
 
     def rows(self, viewers: Sequence[int], row_viewer: np.ndarray, post_id: np.ndarray,
              author_id: np.ndarray, created_at: np.ndarray, now_ms: int,
@@ -231,6 +282,12 @@ class SocialReader:
         replies = iter(pipe.execute())
 
         totals = next(replies)
+        if totals[1] is None and not self.warned:
+            self.warned = True
+            log.warning("ranking: a model on the social features is served, but Redis holds "
+                        "no social facts (%s): run the features pipeline with its 'social' "
+                        "sink (--sinks=redis,cassandra,log,top_followers,social)",
+                        k.social_totals())
         engaged_all, views_all = (float(x or 0) for x in totals)
         followees, affinity_sums = [], []
         hl = prm.half_life_ms

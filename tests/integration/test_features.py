@@ -115,6 +115,7 @@ def job_args(stack, topics: Topics, key_prefix: str, keyspace: str, log_dir: str
         f"--redis_url={stack.redis_url}", f"--redis_key_prefix={key_prefix}",
         f"--cassandra_host={stack.cassandra_host}", f"--cassandra_port={stack.cassandra_port}",
         f"--cassandra_keyspace={keyspace}", f"--feature_log_dir={log_dir}", "--log_flush_s=1",
+        "--sinks=redis,cassandra,log,top_followers,social",
         f"--half_life_days={HALF_LIFE / (24 * H)}", "--post_ttl_h=200", "--author_ttl_h=200",
         # The job reads a backlog of two topics; a partition read later holds no
         # watermark on Prism until its read starts, so the other topic can run hours

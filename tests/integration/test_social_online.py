@@ -109,3 +109,14 @@ def test_a_post_nobody_saw_reads_as_its_authors_prior(redis_client, key_prefix):
     assert row[0][SOCIAL_FEATURES.index("post_rate_smoothed")] == pytest.approx(
         row[0][SOCIAL_FEATURES.index("author_quality_prior")])
     assert np.isnan(row[0][SOCIAL_FEATURES.index("viewer_community_share")])
+
+
+def test_a_social_model_served_without_facts_is_said_once(redis_client, key_prefix, caplog):
+    reader = SocialReader(redis_client, KeyLayout(key_prefix))
+    args = ([3], np.array([0]), np.array([11]), np.array([5]), np.array([T0]), T0 + HOUR_MS, {})
+    with caplog.at_level("WARNING", logger="stores.redis.social"):
+        first = reader.rows(*args)
+        reader.rows(*args)
+    assert len(caplog.records) == 1 and "no social facts" in caplog.records[0].message
+    # Read as a post nobody saw by an author nobody saw: the global prior only.
+    assert first[0][SOCIAL_FEATURES.index("author_quality_prior")] == pytest.approx(0.25)
