@@ -18,6 +18,7 @@ import time
 import uuid
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import Producer
@@ -25,6 +26,8 @@ from confluent_kafka import Producer
 from infra.install import prism_binary
 from pipelines import fanout, ranking
 from stores.redis.features import OnlineFeatureStore
+from stores.redis.social import SocialFacts
+from domain.features import LIKE
 from stores.files.models import ModelRegistry
 from stores.ranked import RankedFeedStore
 from stores.redis.feeds import RedisFeedStore
@@ -161,6 +164,22 @@ def test_ranked_feeds_follow_the_stream_and_a_new_model(stack, kafka_topic, cass
         # A delete leaves the ranked feed.
         topics.send([post(101, 10, t + 5, kind=PostEventKind.DELETED)])
         _wait_for(lambda: 101 not in ranked_ids(), 60, "the delete in the ranked feed", result)
+
+        # A model on the social features too: followee 11 liked post 102 (a fact as the
+        # features pipeline's social sink records it), and the viewer's next refresh
+        # ranks 102 first by its social proof.
+        social = promote_toy_model(ModelRegistry(model_dir), "followee_engagers_recent",
+                                   at_ms=t + 1, community={10: 0, 11: 1, CELEB: 1})
+        time.sleep(1.0)
+        t = int(time.time() * 1000)
+        SocialFacts(feeds.client, feeds.keys).apply(
+            np.array([LIKE]), np.array([t - 1000]), np.array([11]), np.array([102]),
+            np.array([10]))
+        topics.send([EngagementEvent(f"like-{t}", t, EngagementKind.LIKE, VIEWER, CELEB, 990,
+                                     MediaType.PHOTO)])
+        _wait_for(lambda: (reader.read(VIEWER).model_version, ranked_ids()[:1])
+                  == (social, [102]), 60, "a refresh with the social model", result,
+                  state=lambda: reader.read(VIEWER))
     finally:
         _cancel(result)
     durable = reader.read_durable(VIEWER)
