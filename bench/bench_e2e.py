@@ -6,7 +6,7 @@ the same run; writes JSON and PNG plots.
         [--runs N] [--pipelines fanout,features,stories,ranking] [--model-dir DIR]
         [--ranking-args=--debounce_s=10,...] [--job-args=--max_bundle_time_mills=100,...]
         [--mix engagement=4,story=0.5,follow=0.25]
-        [--api-rates 500,1000,2000] [--api-s N] [--api-post-rate N] [--serve granian:1]
+        [--api-rates 500,1000,2000] [--api-s N] [--api-post-rate N] [--serve granian:1] [--no-floor]
         [--job-nice N] [--topology single|cluster] [--out bench/results/e2e-<stamp>]
 
 Set-up (all names unique to the run, removed at the end, also on Ctrl-C or SIGTERM):
@@ -56,7 +56,10 @@ Per run (``--runs``; figures are medians over the runs):
    of ``--api-rates`` for ``--api-s`` (``bench/loadgen``, latency from the scheduled send
    time), while posts and their mix keep flowing at ``--api-post-rate`` (default: the
    headline rate so far, else the lowest rate; the flow stops early if the pipelines fall
-   3 s behind); the freshness of those posts is recorded too.
+   3 s behind); the freshness of those posts is recorded too. After each rate the HTTP
+   floor (``bench/floor_app.py``: a constant feed page, no token check, no Redis; the same
+   server and workers; ``--no-floor`` skips it) at the same rate under the same flow: the
+   API's limit on this machine while the pipelines run.
 
 Ratios: the peak (over ladder steps) feed insertions/s against the ZADD limit, and the
 peak records/s consumed by all jobs together against the raw consume + decode rate. Below
@@ -311,6 +314,7 @@ class Ctx:
         self.topics: list[str] = []
         self.jobs: dict[str, tuple[Job, tuple[str, ...]]] = {}
         self.server = None
+        self.floor = None  # bench/floor_app.py: the HTTP floor under the same flow
         self.keyspace_made = False
         self.read_topics = sorted({t for name in args.pipelines
                                    for t in PIPELINES[name][1]} | {PostEvent.TOPIC})
@@ -334,7 +338,8 @@ class Ctx:
         """Everything the run created; each part on its own so one failure skips nothing."""
         from confluent_kafka.admin import AdminClient
 
-        steps = [("server", lambda: self.server and self.server.stop())]
+        steps = [("server", lambda: self.server and self.server.stop()),
+                 ("floor", lambda: self.floor and self.floor.stop())]
         steps += [(f"job {n}", job.stop) for n, (job, _) in self.jobs.items()]
         if self.topics:
             def topics():
@@ -446,6 +451,10 @@ def start_server(ctx, policy: FanoutPolicy) -> None:
     ctx.server = Server(server, int(workers), free_port(), ctx.settings.redis_port,
                         ctx.key_prefix, ctx.keyspace, policy.push_threshold,
                         ctx.log_dir / "serve.log", topology=ctx.settings.topology)
+    if not ctx.args.no_floor:
+        from bench_serving import FloorServer
+
+        ctx.floor = FloorServer(int(workers), free_port(), ctx.log_dir / "floor.log")
 
 
 def warm_up(ctx, producer: Producer, mix: Mix, graph: Graph, rng: np.random.Generator) -> None:
@@ -552,9 +561,15 @@ def measure_limits(ctx) -> dict:
 
 
 def api_phase(ctx, producer, mix: Mix, graph: Graph, rng, targets: Path, rate: float) -> dict:
-    """Loadgen at each API rate while posts (and their mix) flow at ``rate``; the flow
-    stops early if the pipelines fall 3 s behind (reported as overloaded)."""
-    from bench_serving import loadgen
+    """Loadgen at each API rate while posts (and their mix) flow at ``rate``, and after
+    each the HTTP floor (``bench/floor_app.py``, the same server and workers) at the same
+    rate; the flow stops early if the pipelines fall 3 s behind (reported as
+    overloaded)."""
+    from bench_serving import loadgen, write_targets
+
+    floor_targets = targets.with_name(targets.stem + "-floor.tsv")
+    if ctx.floor is not None:
+        write_targets(floor_targets, ctx.floor.base, range(1, 1001))
 
     total_s = len(ctx.api_rates) * (ctx.args.api_s + 2) + ctx.args.api_warmup_s + 10
     n = int(rate * total_s)
@@ -574,14 +589,23 @@ def api_phase(ctx, producer, mix: Mix, graph: Graph, rng, targets: Path, rate: f
     try:
         time.sleep(2.0)
         loadgen(ctx.loadgen, targets, min(ctx.api_rates), ctx.args.api_warmup_s)
+        if ctx.floor is not None:
+            loadgen(ctx.loadgen, floor_targets, min(ctx.api_rates), ctx.args.api_warmup_s)
         for api_rate in ctx.api_rates:
             res = loadgen(ctx.loadgen, targets, api_rate, ctx.args.api_s)
             res["offered_rps"] = api_rate
-            out.append(res)
             non200 = sum(n for s, n in res["statuses"].items() if s != "200")
-            print(f"  API {api_rate:>6,.0f} req/s: p50 {res['p50_ms']:6.2f} ms  p99 "
-                  f"{res['p99_ms']:7.2f} ms  achieved {res['achieved_rps']:7,.0f} req/s  "
-                  f"(non-200 {non200}, errors {res['errors']})", flush=True)
+            line = (f"  API {api_rate:>6,.0f} req/s: p50 {res['p50_ms']:6.2f} ms  p99 "
+                    f"{res['p99_ms']:7.2f} ms  achieved {res['achieved_rps']:7,.0f} req/s  "
+                    f"(non-200 {non200}, errors {res['errors']})")
+            if ctx.floor is not None:
+                # The floor at the same rate right after, the same posts still flowing:
+                # what any Python ASGI app gets from this machine under this load.
+                floor = loadgen(ctx.loadgen, floor_targets, api_rate, ctx.args.api_s)
+                res["floor_p50_ms"], res["floor_p99_ms"] = floor["p50_ms"], floor["p99_ms"]
+                line += f"  floor p50 {floor['p50_ms']:.2f} ms p99 {floor['p99_ms']:.2f} ms"
+            out.append(res)
+            print(line, flush=True)
     finally:
         stop.set()
         thread.join()
@@ -641,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds at the lowest rate before the ladder (not recorded)")
     parser.add_argument("--api-warmup-s", type=float, default=3.0, help="API warm-up seconds")
     parser.add_argument("--serve", default="granian:1", help="server:workers of feedbeam serve")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the HTTP floor (bench/floor_app.py) beside the API")
     parser.add_argument("--job-nice", type=int, default=0,
                         help="OS niceness of the jobs' processes (the API and the servers keep 0)")
     parser.add_argument("--partitions", type=int, default=2)
@@ -935,9 +961,13 @@ def print_summary(r: dict) -> None:
     print("API latency (GET feed) while the pipelines consume "
           f"{api['post_rate']:g} posts/s + mix:")
     for row in api["rows"]:
+        floor = row.get("floor_p99_ms")
         print(f"  {row['offered_rps']:>6,.0f} req/s: p50 {row.get('p50_ms', float('nan')):6.2f} "
               f"ms  p99 {row.get('p99_ms', float('nan')):7.2f} ms  achieved "
-              f"{row.get('achieved_rps', 0):7,.0f} req/s  non-200 {row['non200']}")
+              f"{row.get('achieved_rps', 0):7,.0f} req/s  non-200 {row['non200']}"
+              + ("" if floor is None else
+                 f"  | floor (bench/floor_app.py) p50 {row['floor_p50_ms']:.2f} ms p99 "
+                 f"{floor:.2f} ms, API/floor p99 {row['p99_ms'] / floor:.1f}x"))
     d = api["freshness_during"]
     if d:
         print(f"  freshness meanwhile: p50 {d['p50_ms']:.0f} ms  p99 {d['p99_ms']:.0f} ms"
@@ -947,6 +977,10 @@ def print_summary(r: dict) -> None:
     if at_bar:
         verdict = "meets" if at_bar[0]["p99_ms"] <= API_P99_MS else "misses"
         print(f"  at {API_RATE:,.0f} req/s: {verdict} the bar (p99 <= {API_P99_MS:g} ms)")
+        floor = at_bar[0].get("floor_p99_ms")
+        if floor is not None and floor > API_P99_MS:
+            print(f"  the floor itself misses it under this load (p99 {floor:.0f} ms): no "
+                  "Python ASGI app on this machine meets the bar while the pipelines run")
 
     def fmt(v, spec=",.0f"):
         return "n/a" if v is None else format(v, spec)
