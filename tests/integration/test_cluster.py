@@ -7,7 +7,8 @@ Cassandra nodes with each test's keyspace at replication factor 2 (writes at
 LOCAL_QUORUM), and a Flink session cluster (one JobManager, two TaskManagers)
 that the jobs submitted on ``flink`` run on at parallelism 2; the API's feed and
 story tests read through the slot-routing asyncio client; the ranking stores'
-refreshes (candidates and features of many users per batched read, split by slot)
+refreshes (candidates and features of many users per batched read, split by slot),
+the social facts' batch scripts and reads against the offline replay
 and the fan-out and ranking jobs on Flink. Then a kill -9 of
 one TaskManager while a stories job runs: the job restarts on the slots left
 and the view still ends as the oracle says.
@@ -61,11 +62,15 @@ from tests.integration.test_pipelines_on_runners import (
 )
 from tests.integration.test_ranking_refresh import (
     stores_of,
+    test_a_social_model_scores_with_the_online_social_features,
     test_a_batch_ranks_each_user_as_a_refresh_of_that_user_alone,
     test_a_celebrity_post_refreshes_a_bounded_audience,
     test_a_post_going_viral_moves_up_in_the_feeds_that_hold_it,
     test_model_scores_candidates_and_a_new_version_is_picked_up,
     world,
+)
+from tests.integration.test_social_online import (
+    test_online_social_features_equal_the_offline_replay,
 )
 from tests.integration.test_stories_pipeline import (
     test_publish_view_delete_and_expiry_at_the_watermark,
@@ -94,6 +99,8 @@ __all__ = [
     "test_a_batch_ranks_each_user_as_a_refresh_of_that_user_alone",
     "test_a_celebrity_post_refreshes_a_bounded_audience",
     "test_a_post_going_viral_moves_up_in_the_feeds_that_hold_it",
+    "test_a_social_model_scores_with_the_online_social_features",
+    "test_online_social_features_equal_the_offline_replay",
 ]
 
 
