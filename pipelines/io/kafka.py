@@ -475,7 +475,9 @@ def resolve_start_offsets(config: KafkaSourceConfig, topics: Sequence[str],
                     "create it with `feedbeam topics create`")
             partitions += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
 
-        bounds = {(tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=timeout_s)
+        bounds = {(tp.topic, tp.partition): _retrying_transient(
+                      lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=timeout_s),
+                      timeout_s)
                   for tp in partitions}
         committed: dict[tuple[str, int], TopicPartition] = {}
         if config.start_from == "committed":
