@@ -297,7 +297,7 @@ class FeedRanker:
         index, so the work per candidate is NumPy's.
         """
         users = len(cols.users)
-        row_user = np.repeat(np.arange(users), np.diff(cols.offsets))
+        row_user = _row_users(cols)
         posts, post_at = np.unique(cols.post_id, return_inverse=True)
         authors, author_at = np.unique(cols.author_id, return_inverse=True)
         pairs, pair_at = np.unique(row_user * max(len(authors), 1) + author_at,
@@ -329,9 +329,13 @@ class FeedRanker:
                     community: Mapping[int, int]) -> np.ndarray:
         """The ``SOCIAL_FEATURES`` rows of every candidate of the batch (one round trip,
         ``SocialReader.rows``), for a model trained with them."""
-        row_user = np.repeat(np.arange(len(cols.users)), np.diff(cols.offsets))
-        return self.social.rows(list(cols.users), row_user, cols.post_id, cols.author_id,
-                                cols.created_at, now_ms, community)
+        return self.social.rows(list(cols.users), _row_users(cols), cols.post_id,
+                                cols.author_id, cols.created_at, now_ms, community)
+
+
+def _row_users(cols: CandidateColumns) -> np.ndarray:
+    """Per candidate row, the index of its user in ``cols.users``."""
+    return np.repeat(np.arange(len(cols.users)), np.diff(cols.offsets))
 
 
 # --------------------------------------------------------------------------- triggers

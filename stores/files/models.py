@@ -305,16 +305,14 @@ class ModelWatcher:
         except ModelRegistryError as exc:
             self._refuse(version, str(exc))
             return
-        names = model.metadata.feature_names
-        if model.community is not None and self.social and names == self.expected + self.social:
-            pass  # served with the social columns appended
-        elif names != self.expected or model.community is not None:
-            builds = [list(self.expected)] + ([list(self.expected + self.social)]
-                                              if self.social else [])
+        names, social = model.metadata.feature_names, model.community is not None
+        builds = self.expected + self.social if social else self.expected
+        if names != builds or (social and not self.social):
             self._refuse(version, f"trained on features {list(names)}"
-                                  f"{' with communities' if model.community is not None else ''}"
-                                  f", the pipeline builds {' or '.join(map(str, builds))}"
-                                  + (" (the latter with communities)" if self.social else ""))
+                                  f"{' with communities' if social else ''}, the pipeline "
+                                  f"builds {list(self.expected)}"
+                                  + (f", or {list(self.social)} after them for a model saved "
+                                     "with its communities" if self.social else ""))
             return
         log.info("ranking: now scoring with model %s (was %s)", version, self._version())
         self._model = model

@@ -194,9 +194,10 @@ class SocialFacts:
         engaging viewers' sums per author and the totals: one round trip."""
         hl = self.params.half_life_ms
         items: list[tuple[str, list]] = []
-        for key_of, entity, field, rows in (
-                (self.keys.author_social, author, np.where(engaged, 0, 1), slice(None)),
-                (self.keys.viewer_social, viewer, author, engaged)):
+        for key_of, entity, field, rows, names in (
+                (self.keys.author_social, author, np.where(engaged, 0, 1), slice(None),
+                 ("e", "v")),
+                (self.keys.viewer_social, viewer, author, engaged, None)):
             e, f, times = entity[rows], field[rows], t[rows]
             if not len(e):
                 continue
@@ -204,7 +205,6 @@ class SocialFacts:
             e, f, times = e[order], f[order], times[order]
             starts = np.flatnonzero(np.r_[True, (e[1:] != e[:-1]) | (f[1:] != f[:-1])])
             latest, weight = combined(times, starts, hl)
-            names = ["e", "v"] if key_of == self.keys.author_social else None
             by_entity: dict[int, list] = {}
             for ent, fld, at, w in zip(e[starts].tolist(), f[starts].tolist(),
                                        latest.tolist(), weight.tolist()):
