@@ -59,7 +59,7 @@ from bench.ladder import latency_summary, summarize_ladder  # noqa: E402
 from domain.fanout import FanoutPolicy  # noqa: E402
 from schemas.events import FollowEvent, MediaType, PostEvent, PostEventKind, dlq_topic  # noqa: E402
 from schemas.keys import KeyLayout  # noqa: E402
-from pipelines.fanout import DURABLE_GROUP_SUFFIX, DURABLE_LOG_TOPIC  # noqa: E402
+from pipelines.common import DURABLE_GROUP_SUFFIX, DURABLE_LOG_TOPIC  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "fanout.json"
@@ -346,19 +346,24 @@ class Job:
 
 
 class FanoutJob:
-    """The fan-out under test: one job running both steps or, with ``--split-steps``,
-    its Redis step and its durable step as two jobs (two worker processes) of one
-    consumer group. Stopped, polled and named like a ``Job``."""
+    """The job under test (the fan-out, or ``module``): one job running both steps
+    or, with ``--split-steps``, its Redis step and its durable step as two jobs (two
+    worker processes) of one consumer group, the durable one at OS niceness
+    ``durable_nice``. Stopped, polled and named like a ``Job``."""
 
     def __init__(self, ctx, topic_prefix: str, key_prefix: str, log_name: str,
-                 extra: list[str] = (), keyspace: str | None = None):
-        group = f"bench-fanout-{uuid.uuid4().hex[:8]}"
-        parts = (("-redis", ["--parts=redis"]), ("-durable", ["--parts=durable"])) \
-            if ctx.args.split_steps else (("", []),)
+                 extra: list[str] = (), keyspace: str | None = None,
+                 module: str = "pipelines.fanout", group: str | None = None,
+                 durable_nice: int = 0):
+        group = group or f"bench-fanout-{uuid.uuid4().hex[:8]}"
+        parts = (("-redis", ["--parts=redis"], 0),
+                 ("-durable", ["--parts=durable"], durable_nice)) \
+            if ctx.args.split_steps else (("", [], 0),)
         self.jobs = [Job(ctx.settings, ctx.prism, topic_prefix, key_prefix,
                          keyspace or ctx.keyspace,
-                         ctx.log_dir / f"{log_name}{suffix}.log", [*extra, *flags], group=group)
-                     for suffix, flags in parts]
+                         ctx.log_dir / f"{log_name}{suffix}.log", [*extra, *flags],
+                         module=module, group=group, nice=nice)
+                     for suffix, flags, nice in parts]
         self.group, self.durable_group = group, group + DURABLE_GROUP_SUFFIX
         self.log = self.jobs[0].log
 

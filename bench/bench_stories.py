@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_stories.py [--quick] [--stories 100000]
         [--views-per-story 2] [--runs 3] [--steady-s 60] [--steady-rate 1000] [--partitions 2]
+        [--split-steps [--durable-nice N]]
 
 In one run it measures, median of ``--runs`` where repeated:
 
@@ -13,22 +14,28 @@ In one run it measures, median of ``--runs`` where repeated:
   (the plain commands run by bulk script calls) and one concurrent Cassandra
   execution (unlogged batches), what happened kept in memory
   (``PlainLoop``); each half of it alone, its Redis writes and its
-  Cassandra writes (the limits of a design that keeps the durable copy off
-  the drain path, as the fan-out does); and ``StoryWriter.apply`` in process
-  over the same batches (this design's floor: the job's writes, no Beam, no
-  Kafka);
+  Cassandra writes; ``StoryWriter.apply`` in process over the same batches
+  (both stores, no Beam, no Kafka), and its Redis step alone
+  (``apply_to_redis`` and the durable log's records encoded): the job's
+  writes without the runner;
 * backlog drain: ``--stories`` PUBLISHED events (expiring in 24 h) with
   ``--views-per-story`` VIEWED events each on average (1% of the stories also
   deleted) queued in a fresh ``story-events`` topic; then
   ``python -m pipelines.stories`` starts on Prism (streaming, LOOPBACK, own
-  process, fresh consumer group, Redis prefix and keyspace, from earliest).
-  Drain time = from the first story hash written to the group's committed
-  offsets reaching the end of the topic (committed only after a bundle's
-  writes are done); events/s over it (the bar: >= 20,000, and >= 50% of the
-  plain loop); start-up reported apart. A sample of stories is checked
-  against what the events imply (present or deleted, unique view count).
-  After each drain a sentinel story expiring 2 s later is published: when it
-  is removed says the expiry step keeps up after a backlog;
+  process, fresh consumer group, Redis prefix and keyspace, from earliest;
+  with ``--split-steps`` its Redis and durable steps as two jobs, the durable
+  one at niceness ``--durable-nice``). Drain time = from the first story hash
+  written to the group's committed offsets reaching the end of the topic
+  (committed only after a bundle's Redis writes are done and its durable log
+  records delivered): trays are right from then on; events/s over it (the
+  bar: >= 20,000). The durable copy's time = from the same start to the
+  durable step's group committing the end of the durable log (which cannot
+  move once the drain is over); events/s over it (the bar: >= 50% of the
+  plain loop, which writes both stores too). Start-up reported apart. A
+  sample of stories is checked against what the events imply (present or
+  deleted, unique view count). After each drain a sentinel story expiring
+  2 s later is published: when it is removed says the expiry step keeps up
+  after a backlog;
 * expiry delay under steady traffic: a fresh job (from the topic's end, own
   prefix and keyspace) runs while this process produces ``--steady-rate``
   events/s for ``--steady-s`` (a fifth publishes expiring 5-20 s later, the
@@ -56,14 +63,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis  # noqa: E402
 
-from bench_fanout import Job, delete_prefix  # noqa: E402
+from bench_fanout import FanoutJob, delete_prefix  # noqa: E402
 from infra.settings import StackSettings  # noqa: E402
 from domain.fanout import percentile_of  # noqa: E402
 from domain.stories import StoryPolicy  # noqa: E402
 from schemas.codec import WireCodec  # noqa: E402
 from schemas.events import MediaType, StoryEvent, StoryEventKind, dlq_topic  # noqa: E402
 from schemas.keys import KeyLayout  # noqa: E402
-from stores.kafka.lag import caught_up, committed_offsets, end_offsets  # noqa: E402
+from pipelines.common import DURABLE_GROUP_SUFFIX, STORIES_DURABLE_LOG_TOPIC  # noqa: E402
+from stores.kafka.lag import (  # noqa: E402
+    caught_up,
+    commit_offsets,
+    committed_offsets,
+    end_offsets,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "stories.json"
@@ -204,9 +217,13 @@ def _per_partition(by_partition: dict[int, list[StoryEvent]], make, apply_batch)
             close()
 
 
-def in_process(ctx, by_partition: dict[int, list[StoryEvent]], tag: str) -> float:
+def in_process(ctx, by_partition: dict[int, list[StoryEvent]], tag: str,
+               redis_step: bool = False) -> float:
     """``StoryWriter.apply`` over each partition's events in batches, a batch retried
-    whole on a transient store error (as the job's sink does); seconds."""
+    whole on a transient store error (as the job's sink does); seconds. With
+    ``redis_step``, the Redis step's own work instead: ``apply_to_redis`` and the
+    durable log's records encoded (not produced)."""
+    from schemas.stories import encode_story_writes
     from stores.retry import RetryPolicy
     from stores.stories import open_story_writer
 
@@ -217,8 +234,14 @@ def in_process(ctx, by_partition: dict[int, list[StoryEvent]], tag: str) -> floa
         writer = open_story_writer(stores, ctx.policy)
         return writer, writer.close
 
+    def redis_only(writer, events):
+        return encode_story_writes(writer.apply_to_redis(events)[1])
+
+    def apply(writer, events):
+        return redis_only(writer, events) if redis_step else writer.apply(events)
+
     return _per_partition(by_partition, make, lambda writer, events: retry.call(
-        lambda: writer.apply(events), what="StoryWriter.apply"))
+        lambda: apply(writer, events), what="StoryWriter.apply"))
 
 
 #: The plain loop's Redis writes: a list of commands run blind, no reads, no checks.
@@ -378,39 +401,70 @@ def check_sample(client: redis.Redis, keys: KeyLayout, backlog: Backlog, rng: ra
     return len(sample)
 
 
-def drain_once(ctx, run: int, backlog: Backlog,
-               ends: dict[int, int]) -> tuple[dict, Job, KeyLayout]:
-    """Start a job over the queued topic; returns its measures, the running job and its keys."""
-    key_prefix, keyspace = f"{ctx.key_prefix}r{run}", f"{ctx.keyspace}r{run}"
-    ctx.migrate(keyspace)
-    keys = KeyLayout(key_prefix)
-    t_submit = time.time()
-    job = Job(ctx.settings, ctx.prism, ctx.topic_prefix, key_prefix, keyspace,
-              ctx.log_dir / f"stories-run{run}.log", module="pipelines.stories")
-    ctx.jobs.append(job)
-    topic = ctx.topic_prefix + StoryEvent.TOPIC
-    first = None
-    deadline = time.monotonic() + ctx.args.timeout_s
+def new_group(ctx) -> str:
+    """A fresh consumer group for a job, its durable step's group set to the durable
+    log's end: each run's durable step applies only what its own Redis step logs."""
+    group = f"bench-stories-{uuid.uuid4().hex[:8]}"
+    log = ctx.topic_prefix + STORIES_DURABLE_LOG_TOPIC
+    commit_offsets(ctx.settings.kafka_bootstrap, group + DURABLE_GROUP_SUFFIX,
+                   end_offsets(ctx.settings.kafka_bootstrap, [log]))
+    return group
+
+
+def wait_committed(ctx, job: FanoutJob, group: str, topic: str, ends: dict, deadline: float,
+                   until=lambda: True) -> float:
+    """When ``group`` has committed ``ends`` of ``topic`` (and ``until()`` holds), polling."""
     while True:
         if job.poll() is not None:
             raise RuntimeError(f"the stories job exited ({job.returncode}); see its log")
         if time.monotonic() > deadline:
-            raise RuntimeError("the backlog did not drain in time")
-        if first is None and any(ctx.client.exists(keys.story(s)) for s in backlog.first_ids):
-            first = time.time()
-        if first is not None:
-            done = committed_offsets(ctx.settings.kafka_bootstrap, job.group, [topic])
-            if caught_up(done, {(topic, p): end for p, end in ends.items()}):
-                break
+            raise RuntimeError(f"{group} did not reach the end of {topic} in time")
+        if until():
+            done = committed_offsets(ctx.settings.kafka_bootstrap, group, [topic])
+            if caught_up(done, ends):
+                return time.time()
         time.sleep(0.2)
-    last = time.time()
-    seconds = last - first
+
+
+def drain_once(ctx, run: int, backlog: Backlog,
+               ends: dict[int, int]) -> tuple[dict, FanoutJob, KeyLayout]:
+    """Start a job over the queued topic; returns its measures, the running job and its keys.
+    The drain ends when the job's group has committed the topic's end (its Redis
+    writes done, its durable log delivered); the durable copy when its durable
+    step's group has committed that log's end, which cannot move after."""
+    key_prefix, keyspace = f"{ctx.key_prefix}r{run}", f"{ctx.keyspace}r{run}"
+    ctx.migrate(keyspace)
+    keys = KeyLayout(key_prefix)
+    t_submit = time.time()
+    group = new_group(ctx)
+    log = ctx.topic_prefix + STORIES_DURABLE_LOG_TOPIC
+    log_before = sum(end_offsets(ctx.settings.kafka_bootstrap, [log]).values())
+    job = FanoutJob(ctx, ctx.topic_prefix, key_prefix, f"stories-run{run}", keyspace=keyspace,
+                    module="pipelines.stories", group=group, durable_nice=ctx.args.durable_nice)
+    ctx.jobs.append(job)
+    topic = ctx.topic_prefix + StoryEvent.TOPIC
+    first = []
+    deadline = time.monotonic() + ctx.args.timeout_s
+
+    def started() -> bool:
+        if not first and any(ctx.client.exists(keys.story(s)) for s in backlog.first_ids):
+            first.append(time.time())
+        return bool(first)
+
+    last = wait_committed(ctx, job, group, topic, {(topic, p): e for p, e in ends.items()},
+                          deadline, started)
+    log_ends = end_offsets(ctx.settings.kafka_bootstrap, [log])
+    durable_last = wait_committed(ctx, job, group + DURABLE_GROUP_SUFFIX, log, log_ends,
+                                  deadline)
+    seconds, durable_s = last - first[0], durable_last - first[0]
     checked = check_sample(ctx.client, keys, backlog, random.Random(run))
     catch_up = timers_caught_up(ctx, keys, backlog.ids[-1] + 1 + run, deadline)
     n = len(backlog.ids)
     return ({"stories": n, "events": len(backlog.events), "seconds": seconds,
              "stories_per_s": n / seconds, "events_per_s": len(backlog.events) / seconds,
-             "startup_s": first - t_submit, "sample_checked": checked,
+             "durable_seconds": durable_s, "durable_events_per_s": len(backlog.events) / durable_s,
+             "log_records": sum(log_ends.values()) - log_before,
+             "startup_s": first[0] - t_submit, "sample_checked": checked,
              "timers_caught_up_s": catch_up}, job, keys)
 
 
@@ -429,15 +483,15 @@ def timers_caught_up(ctx, keys: KeyLayout, story_id: int, deadline: float) -> fl
     return (now_ms() - t) / 1000
 
 
-def fresh_job(ctx, base_id: int) -> tuple[Job, KeyLayout, str]:
+def fresh_job(ctx, base_id: int) -> tuple[FanoutJob, KeyLayout, str]:
     """A job on the topic from its end (``--start_from=latest``), with its own Redis
     prefix and keyspace, answering once a probe publish is applied."""
     key_prefix, keyspace = f"{ctx.key_prefix}s", f"{ctx.keyspace}s"
     ctx.migrate(keyspace)
     keys = KeyLayout(key_prefix)
-    job = Job(ctx.settings, ctx.prism, ctx.topic_prefix, key_prefix, keyspace,
-              ctx.log_dir / "stories-steady.log", extra=["--start_from=latest"],
-              module="pipelines.stories")
+    job = FanoutJob(ctx, ctx.topic_prefix, key_prefix, "stories-steady",
+                    extra=["--start_from=latest"], keyspace=keyspace, module="pipelines.stories",
+                    group=new_group(ctx), durable_nice=ctx.args.durable_nice)
     ctx.jobs.append(job)
     deadline = time.monotonic() + 300
     while not ctx.client.exists(keys.story(base_id)):
@@ -548,7 +602,7 @@ class Ctx:
         self.key_prefix = f"benchst{tag}"
         self.keyspace = f"bench_st_{tag}"
         self.keyspaces: list[str] = []
-        self.jobs: list[Job] = []
+        self.jobs: list[FanoutJob] = []
         self.policy = StoryPolicy()
         self.log_dir = Path(settings.state_dir) / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -571,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steady-rate", type=float, help="events/s of the steady traffic")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument("--split-steps", action="store_true",
+                        help="run the job's Redis step and its durable step (with the expiry "
+                             "timers) as two jobs (--parts)")
+    parser.add_argument("--durable-nice", type=int, default=0,
+                        help="with --split-steps: OS niceness of the durable step's job")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
@@ -591,9 +650,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"preset": "quick" if args.quick else "full",
                      "config": {k: getattr(args, k) for k in
                                 ("stories", "views_per_story", "runs", "steady_s",
-                                 "steady_rate", "partitions")}}
+                                 "steady_rate", "partitions", "split_steps", "durable_nice")}}
     try:
-        create_topics(settings.kafka_bootstrap, [topic, dlq_topic(topic)],
+        log = ctx.topic_prefix + STORIES_DURABLE_LOG_TOPIC
+        create_topics(settings.kafka_bootstrap, [topic, dlq_topic(topic), log, dlq_topic(log)],
                       partitions=args.partitions)
         backlog = Backlog(args.stories, args.views_per_story, ctx.base_id, random.Random(5))
         t = time.perf_counter()
@@ -602,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"queued {len(backlog.ids):,} stories, {len(backlog.events):,} events in "
               f"{time.perf_counter() - t:.1f}s", flush=True)
 
-        raw, drains, stores, plain = [], [], [], []
+        raw, drains, stores, plain, redis_steps = [], [], [], [], []
         alone: dict[str, list[float]] = {half: [] for half in HALVES}
         job, keys = None, None
         n_events = len(backlog.events)
@@ -617,19 +677,25 @@ def main(argv: list[str] | None = None) -> int:
                 alone[half].append(n_events / plain_loop(ctx, by_partition,
                                                          f"p{half[0]}{run}", (half,)))
             stores.append(n_events / in_process(ctx, by_partition, f"w{run}"))
+            redis_steps.append(n_events / in_process(ctx, by_partition, f"x{run}",
+                                                     redis_step=True))
             res, job, keys = drain_once(ctx, run, backlog, ends)
             drains.append(res)
             print(f"run {run + 1}: pipeline drain {res['events_per_s']:,.0f} events/s "
-                  f"({res['stories_per_s']:,.0f} stories/s, {res['seconds']:.1f}s, start-up "
+                  f"({res['stories_per_s']:,.0f} stories/s, {res['seconds']:.1f}s; durable copy "
+                  f"{res['durable_events_per_s']:,.0f} events/s, {res['durable_seconds']:.1f}s, "
+                  f"{res['log_records']:,} log records; start-up "
                   f"{res['startup_s']:.1f}s, {res['sample_checked']} sampled stories checked; "
                   f"timers caught up {res['timers_caught_up_s']:.1f}s later)  plain loop "
                   f"{plain[-1]:,.0f} (Redis alone {alone['redis'][-1]:,.0f}, Cassandra alone "
-                  f"{alone['cassandra'][-1]:,.0f})  StoryWriter {stores[-1]:,.0f}  consume+decode "
+                  f"{alone['cassandra'][-1]:,.0f})  StoryWriter {stores[-1]:,.0f} (Redis step "
+                  f"{redis_steps[-1]:,.0f})  consume+decode "
                   f"{raw[-1]:,.0f} events/s", flush=True)
         results["raw_events_per_s"] = raw
         results["plain_loop_events_per_s"] = plain
         results["plain_loop_alone_events_per_s"] = alone
         results["in_process_events_per_s"] = stores
+        results["in_process_redis_step_events_per_s"] = redis_steps
         results["drain"] = drains
         job.stop()
         base = ctx.base_id + args.stories + 1000
@@ -642,14 +708,21 @@ def main(argv: list[str] | None = None) -> int:
             "plain_events_per_s": statistics.median(plain),
             **{f"plain_{half}_events_per_s": statistics.median(alone[half]) for half in HALVES},
             "store_events_per_s": statistics.median(stores),
+            "redis_step_events_per_s": statistics.median(redis_steps),
             "drain_stories_per_s": statistics.median(d["stories_per_s"] for d in drains),
             "drain_events_per_s": statistics.median(d["events_per_s"] for d in drains),
             "drain_s": statistics.median(d["seconds"] for d in drains),
+            "durable_events_per_s": statistics.median(d["durable_events_per_s"] for d in drains),
+            "durable_s": statistics.median(d["durable_seconds"] for d in drains),
             "timers_caught_up_s": statistics.median(d["timers_caught_up_s"] for d in drains),
         }
         # Ratios per run (limit and drain measured in the same run), then their median.
         med["ratio_to_plain"] = statistics.median(
             d["events_per_s"] / p for d, p in zip(drains, plain))
+        med["durable_ratio_to_plain"] = statistics.median(
+            d["durable_events_per_s"] / p for d, p in zip(drains, plain))
+        med["ratio_to_redis_half"] = statistics.median(
+            d["events_per_s"] / p for d, p in zip(drains, alone["redis"]))
         med["ratio_to_store"] = statistics.median(
             d["events_per_s"] / w for d, w in zip(drains, stores))
         med["ratio_to_raw"] = statistics.median(d["events_per_s"] / r for d, r in zip(drains, raw))
@@ -659,7 +732,9 @@ def main(argv: list[str] | None = None) -> int:
         for job in ctx.jobs:
             job.stop()
         admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-        for f in admin.delete_topics([topic, dlq_topic(topic)], operation_timeout=30).values():
+        log = ctx.topic_prefix + STORIES_DURABLE_LOG_TOPIC
+        for f in admin.delete_topics([topic, dlq_topic(topic), log, dlq_topic(log)],
+                                     operation_timeout=30).values():
             try:
                 f.result(timeout=60)
             except Exception as exc:  # keep cleaning the rest
@@ -668,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
         cluster.shutdown()
         for p in [f"{ctx.key_prefix}{x}{run}" for run in range(args.runs)
-                  for x in ("r", "w", "p", "pr", "pc")] + [
+                  for x in ("r", "w", "x", "p", "pr", "pc")] + [
                 f"{ctx.key_prefix}s"]:
             delete_prefix(client, p)
 
@@ -682,20 +757,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(r: dict) -> None:
     s, c, e = r["summary"], r["config"], r["expiry"]
-    print(f"\n==== stories benchmark ({r['preset']} preset; median of {c['runs']} runs) ====")
+    steps = (f"steps as two jobs, the durable one at nice {c['durable_nice']}"
+             if c["split_steps"] else "one job")
+    print(f"\n==== stories benchmark ({r['preset']} preset; median of {c['runs']} runs; "
+          f"{steps}) ====")
     print(f"backlog: {c['stories']:,} stories, {c['views_per_story']} views/story, 1% deleted, "
           f"{c['partitions']} partitions")
-    print(f"drain (pipeline):          {s['drain_events_per_s']:>9,.0f} events/s "
+    print(f"drain (pipeline, trays right): {s['drain_events_per_s']:>9,.0f} events/s "
           f"({s['drain_stories_per_s']:,.0f} stories/s, {s['drain_s']:.1f}s)  "
           f"target {DRAIN_TARGET:,}: ratio {s['ratio_to_target']:.2f}")
-    print(f"limit: plain batched loop: {s['plain_events_per_s']:>9,.0f} events/s  "
-          f"drain/plain {s['ratio_to_plain']:.2f} (target >= {PLAIN_TARGET_RATIO:.2f})")
-    print(f"limit of a design with the durable copy off the drain path: the plain loop's "
-          f"Redis half alone {s['plain_redis_events_per_s']:,.0f} events/s (trays right), its "
-          f"Cassandra half alone {s['plain_cassandra_events_per_s']:,.0f} (the durable copy "
-          f"trailing)")
+    print(f"durable copy (pipeline):       {s['durable_events_per_s']:>9,.0f} events/s "
+          f"({s['durable_s']:.1f}s from the first story written to the durable log applied)")
+    print(f"limit: plain batched loop:     {s['plain_events_per_s']:>9,.0f} events/s  "
+          f"drain/plain {s['ratio_to_plain']:.2f}, durable copy/plain "
+          f"{s['durable_ratio_to_plain']:.2f} (target >= {PLAIN_TARGET_RATIO:.2f})")
+    print(f"limits of each half: the plain loop's Redis half alone "
+          f"{s['plain_redis_events_per_s']:,.0f} events/s (drain/Redis half "
+          f"{s['ratio_to_redis_half']:.2f}), its Cassandra half alone "
+          f"{s['plain_cassandra_events_per_s']:,.0f}")
     print(f"floor: StoryWriter only:   {s['store_events_per_s']:>9,.0f} events/s  "
-          f"drain/StoryWriter {s['ratio_to_store']:.2f}")
+          f"drain/StoryWriter {s['ratio_to_store']:.2f}; its Redis step alone (apply_to_redis "
+          f"and the log records encoded) {s['redis_step_events_per_s']:,.0f} events/s")
     print(f"floor: consume+decode:     {s['raw_events_per_s']:>9,.0f} events/s  "
           f"drain/consume {s['ratio_to_raw']:.2f}")
     print(f"expiry step caught up with the backlog's timers {s['timers_caught_up_s']:.1f}s "

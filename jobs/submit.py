@@ -75,14 +75,16 @@ class PipelineSpec:
 
 #: The pipelines ``submit`` can start: module, default consumer group, topics read.
 PIPELINES: dict[str, PipelineSpec] = {
-    # The fan-out's durable step reads its durable log as <group>-durable
-    # (pipelines.fanout.DURABLE_LOG_TOPIC, DURABLE_GROUP_SUFFIX): Cassandra's lag.
+    # The fan-out's and the stories' durable steps read their durable logs as
+    # <group>-durable (pipelines.common.DURABLE_LOG_TOPIC, STORIES_DURABLE_LOG_TOPIC,
+    # DURABLE_GROUP_SUFFIX): Cassandra's lag.
     "fanout": PipelineSpec("pipelines.fanout", "feedbeam-fanout",
                            ("post-events", "follow-events"),
                            steps=(("-durable", ("fanout-durable",)),)),
     "features": PipelineSpec("pipelines.features", "feedbeam-features",
                              ("engagement-events", "post-events")),
-    "stories": PipelineSpec("pipelines.stories", "feedbeam-stories", ("story-events",)),
+    "stories": PipelineSpec("pipelines.stories", "feedbeam-stories", ("story-events",),
+                            steps=(("-durable", ("stories-durable",)),)),
     "ranking": PipelineSpec("pipelines.ranking", "feedbeam-ranking",
                             ("post-events", "engagement-events", "follow-events")),
 }

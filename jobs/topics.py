@@ -21,7 +21,7 @@ _TIMEOUT_S = 30.0
 def feed_topics(prefix: str = "") -> list[str]:
     """The four event topics and their ``.dlq`` twins, then every other ``.dlq`` topic a
     pipeline may write (``schemas.events.DERIVED_DLQ_SOURCES``: the features' store
-    sinks, the fan-out's durable log), each name prefixed. With all of them there, a
+    sinks, the fan-out's and the stories' durable logs), each name prefixed. With all of them there, a
     dead letter never fails its bundle on a missing topic."""
     names = []
     for topic in TOPICS:

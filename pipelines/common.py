@@ -43,6 +43,9 @@ FANOUT_GROUP = "feedbeam-fanout"
 #: this), applied by its durable step under the job's group plus ``DURABLE_GROUP_SUFFIX``.
 DURABLE_LOG_TOPIC = "fanout-durable"
 DURABLE_GROUP_SUFFIX = "-durable"
+#: The stories job's default consumer group, and its durable log (as the fan-out's).
+STORIES_GROUP = "feedbeam-stories"
+STORIES_DURABLE_LOG_TOPIC = "stories-durable"
 
 
 class StoreOptions(PipelineOptions):
@@ -68,22 +71,28 @@ class StoreOptions(PipelineOptions):
         group = parser.add_argument_group("Redis restore")
         group.add_argument("--restore_log_wait_s", type=float, default=60.0,
                            help="how long a restore of a Redis that lost its data (run by "
-                                "whichever job finds it) waits for the fan-out's durable step "
-                                "to apply its log to Cassandra before reading it (0: no wait)")
+                                "whichever job finds it) waits for the durable steps of the "
+                                "fan-out and the stories jobs to apply their logs to Cassandra "
+                                "before reading it (0: no wait)")
         group.add_argument("--fanout_consumer_group", default=FANOUT_GROUP,
                            help="the fan-out job's consumer group, whose durable step "
                                 f"(<group>{DURABLE_GROUP_SUFFIX}) that restore waits for; the "
                                 "fan-out itself uses its own --consumer_group")
+        group.add_argument("--stories_consumer_group", default=STORIES_GROUP,
+                           help="the stories job's consumer group, whose durable step that "
+                                "restore waits for too")
 
     def config(self) -> StoreConfig:
         return StoreConfig(self.redis_url, self.redis_key_prefix, self.cassandra_host,
                            self.cassandra_port, self.cassandra_keyspace,
                            self.cassandra_read_consistency, self.cassandra_write_consistency,
-                           self.restore_log(self.fanout_consumer_group))
+                           self.restore_log(self.fanout_consumer_group,
+                                            self.stories_consumer_group))
 
-    def restore_log(self, fanout_group: str):
-        """The wait a restore runs before reading Cassandra: the durable step of the
-        fan-out reading as ``fanout_group``, on this job's Kafka and topic prefix (a
+    def restore_log(self, fanout_group: str, stories_group: str | None = None):
+        """The wait a restore runs before reading Cassandra: the durable steps of the
+        fan-out reading as ``fanout_group`` and of the stories job reading as
+        ``stories_group`` (when given), on this job's Kafka and topic prefix (a
         ``stores.kafka.lag.LogCatchUp``; None with ``--restore_log_wait_s=0``)."""
         from pipelines.io.kafka import KafkaReadOptions
         from stores.kafka.lag import LogCatchUp
@@ -91,8 +100,12 @@ class StoreOptions(PipelineOptions):
         if self.restore_log_wait_s <= 0:
             return None
         kafka = self.view_as(KafkaReadOptions)
+        stories = () if stories_group is None else (LogCatchUp(
+            kafka.kafka_bootstrap, stories_group + DURABLE_GROUP_SUFFIX,
+            (kafka.topic_prefix + STORIES_DURABLE_LOG_TOPIC,), self.restore_log_wait_s),)
         return LogCatchUp(kafka.kafka_bootstrap, fanout_group + DURABLE_GROUP_SUFFIX,
-                          (kafka.topic_prefix + DURABLE_LOG_TOPIC,), self.restore_log_wait_s)
+                          (kafka.topic_prefix + DURABLE_LOG_TOPIC,), self.restore_log_wait_s,
+                          also=stories)
 
 
 class ReplayOptions(PipelineOptions):

@@ -24,7 +24,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from domain.fanout import FanoutPolicy, FreshnessHistogram
 from pipelines.common import (
-    DURABLE_GROUP_SUFFIX,
     DURABLE_LOG_TOPIC,
     FANOUT_GROUP,
     Counters,
@@ -33,23 +32,27 @@ from pipelines.common import (
     StoreOptions,
     module_main,
 )
-from pipelines.io.deadletter import WriteDeadLetters
-from pipelines.io.kafka import KafkaReadOptions, KafkaSourceConfig, ReadFromKafka
-from pipelines.io.kafka_write import Deliveries, KafkaMessage
+from pipelines.io.durable_log import (
+    ApplyDurableLog,
+    DurableLog,
+    DurableLogOptions,
+    LogWriter,
+    durable_source,
+    own_restore_wait,
+)
+from pipelines.io.kafka import KafkaReadOptions, KafkaSourceConfig
 from pipelines.io.sink import ApplyInBatches
 from pipelines.io.source import ReadEventBatches, producer_config_of
 from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import FollowEvent, PostEvent, dlq_topic
 from schemas.fanout import (
     FanoutOutcome,
-    MalformedDurableWrites,
     decode_durable_writes,
     encode_durable_writes,
 )
-from schemas.records import DeadLetter, EventBatch, RecordBatch
+from schemas.records import EventBatch
 from stores.config import StoreConfig
 from stores.fanout import DurableFeedWriter, FeedFanout, FeedStores, ensure_log_topics
-from stores.kafka.lag import LogCatchUp
 from stores.restore import RedisHealer, RestoreSettings, open_healer
 
 if __name__ == "__main__":
@@ -63,7 +66,6 @@ NAMESPACE = "feedbeam.fanout"
 DURABLE_NAMESPACE = "feedbeam.fanout_durable"
 DEFAULT_GROUP = FANOUT_GROUP
 DECODE_STEP = "decode_durable_log"
-PARTS = ("all", "redis", "durable")
 
 
 class FanoutOptions(PipelineOptions):
@@ -93,18 +95,6 @@ class FanoutOptions(PipelineOptions):
                                  "are applied within a bundle")
         parser.add_argument("--freshness_log_s", type=float, default=60.0,
                             help="period of the freshness p50/p99 log line")
-        parser.add_argument("--durable_copy", choices=("log", "inline"), default="log",
-                            help="log: Cassandra is written by a step of its own from the "
-                                 f"durable log topic ({DURABLE_LOG_TOPIC}, consumer group "
-                                 f"<group>{DURABLE_GROUP_SUFFIX}), so Redis never waits on it; "
-                                 "inline: in each batch before the offsets are committed "
-                                 "(always so in a --replay_ranges re-run)")
-        parser.add_argument("--parts", choices=PARTS, default="all",
-                            help="with --durable_copy=log: run both steps (all), only the Redis "
-                                 "step, or only the durable step (to give each a job of its own)")
-        parser.add_argument("--durable_max_batch", type=int, default=10,
-                            help="record batches (polls) of the durable log applied to "
-                                 "Cassandra at once")
 
     def policy(self) -> FanoutPolicy:
         return FanoutPolicy(
@@ -115,25 +105,6 @@ class FanoutOptions(PipelineOptions):
 
 
 # -- the Redis step -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DurableLog:
-    """Where the Redis step writes its durable log: the topic and the producer's
-    librdkafka settings; the durable step's consumer group, and how long a restore
-    of Redis waits for that group to apply the log (``restore_wait_s``, 0: no wait)."""
-
-    topic: str
-    producer_config: dict
-    group: str | None = None
-    restore_wait_s: float = 60.0
-
-    def catch_up(self) -> LogCatchUp | None:
-        """The wait a restore runs before reading Cassandra (None: none)."""
-        if self.group is None or self.restore_wait_s <= 0:
-            return None
-        return LogCatchUp(self.producer_config["bootstrap.servers"], self.group, (self.topic,),
-                          self.restore_wait_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +120,8 @@ class FanoutApplierConfig:
     def open(self) -> "_FanoutApplier":
         fanout = FeedFanout.open(self.stores, self.policy, durable=self.durable_log is None)
         try:
-            log_writer = None if self.durable_log is None else Deliveries(
-                self.durable_log.producer_config, metrics_namespace=NAMESPACE)
+            log_writer = None if self.durable_log is None else LogWriter(
+                self.durable_log, NAMESPACE)
         except Exception:
             fanout.close()
             raise
@@ -159,7 +130,7 @@ class FanoutApplierConfig:
         healer = open_healer(self.stores, RestoreSettings(
             feed_cap=self.policy.feed_cap, timeline_cap=self.policy.timeline_cap),
             fanout.redis.client)
-        return _FanoutApplier(fanout, self.freshness_log_s, self.durable_log, log_writer, healer)
+        return _FanoutApplier(fanout, self.freshness_log_s, log_writer, healer)
 
 
 def _events_of(element) -> Sequence:
@@ -178,12 +149,10 @@ class _FanoutApplier:
     Cassandra."""
 
     def __init__(self, fanout: FeedFanout, freshness_log_s: float,
-                 durable_log: DurableLog | None = None, log_writer: Deliveries | None = None,
-                 healer: RedisHealer | None = None):
+                 log_writer: LogWriter | None = None, healer: RedisHealer | None = None):
         self._fanout = fanout
         self._healer = healer
         self._durable = None if fanout.cassandra is None else DurableFeedWriter(fanout.cassandra)
-        self._log = durable_log
         self._log_writer = log_writer
         self._counters = Counters(NAMESPACE)
         self._freshness = Metrics.distribution(NAMESPACE, "freshness_ms")
@@ -194,11 +163,8 @@ class _FanoutApplier:
         batch = self._apply_to_redis([e for events in groups for e in events])
         if self._durable is not None:
             self._durable.apply(batch.writes)
-        else:
-            self._log_writer.reset()
-            for value in encode_durable_writes(batch.writes):
-                self._log_writer.produce(KafkaMessage(self._log.topic, None, value))
-            self._log_writer.settle()  # delivered, or the batch fails
+        else:  # delivered, or the batch fails
+            self._log_writer.write(encode_durable_writes(batch.writes))
         self._fanout.settle(batch)
         self._counters.inc("durable_writes", len(batch.writes))
         out: list[tuple[FanoutOutcome, ...] | None] = []
@@ -290,25 +256,6 @@ class FanOutToFollowerFeeds(beam.PTransform):
 # -- the durable step -------------------------------------------------------------------
 
 
-_WRITES, _DEAD = "writes", "dead_letters"
-
-
-class _DecodeLogFn(beam.DoFn):
-    """A record batch of the durable log -> one list of its writes; a record that does
-    not decode -> a dead letter (its original bytes and the reason)."""
-
-    def process(self, batch: RecordBatch):
-        writes = []
-        for i, value in enumerate(batch.values):
-            try:
-                writes.extend(decode_durable_writes(value))
-            except MalformedDurableWrites as exc:
-                yield beam.pvalue.TaggedOutput(_DEAD, DeadLetter.of(
-                    batch.record(i), DECODE_STEP, exc.reason, str(exc)))
-        if writes:
-            yield writes
-
-
 @dataclasses.dataclass(frozen=True)
 class DurableApplierConfig:
     """What the durable sink pickles; ``open()`` connects to Cassandra."""
@@ -330,7 +277,7 @@ class _DurableApplier:
         self._counters = Counters(DURABLE_NAMESPACE)
 
     def apply(self, elements: list) -> None:
-        writes = [w for batch in elements for w in batch]
+        writes = [w for batch in elements for record in batch for w in record]
         for start in range(0, len(writes), self._chunk):
             self._counters.inc("writes", self._writer.apply(writes[start:start + self._chunk]))
         return None
@@ -339,53 +286,18 @@ class _DurableApplier:
         self._cassandra.close()
 
 
-class ApplyDurableFeedLog(beam.PTransform):
-    """Read the durable log with its own consumer group and write it to Cassandra.
-
-    Args:
-      source: the Kafka source's settings (its ``group.id`` is the durable
-        step's own: its offsets are committed after its Cassandra writes).
-      topics: the durable log topic(s).
-      stores: where Cassandra is.
-      max_batch: record batches applied at once.
-      producer_config: librdkafka settings for the dead-letter producer.
-
-    Applied to the pipeline root; returns nothing useful. A record that does not
-    decode goes to ``<topic>.dlq``.
-    """
-
-    def __init__(self, source: KafkaSourceConfig, topics: Sequence[str], stores: StoreConfig,
-                 max_batch: int = 10, producer_config: dict | None = None):
-        super().__init__()
-        self._source = source
-        self._topics = tuple(topics)
-        self._config = DurableApplierConfig(stores)
-        self._max_batch = max_batch
-        self._producer_config = dict(producer_config or producer_config_of(source))
-
-    def expand(self, pbegin):
-        decoded = (pbegin
-                   | "Read" >> ReadFromKafka(self._source, self._topics)
-                   | "Decode" >> beam.ParDo(_DecodeLogFn()).with_outputs(_DEAD, main=_WRITES))
-        _ = decoded[_DEAD] | "WriteDeadLetters" >> WriteDeadLetters(self._producer_config)
-        return decoded[_WRITES] | "ApplyToCassandra" >> ApplyInBatches(
-            self._config, DURABLE_NAMESPACE, self._max_batch)
+def ApplyDurableFeedLog(source: KafkaSourceConfig, topics: Sequence[str], stores: StoreConfig,
+                        max_batch: int = 10, producer_config: dict | None = None
+                        ) -> ApplyDurableLog:
+    """Read the durable log with its own consumer group (``source``'s ``group.id``,
+    committed after the Cassandra writes) and write it to Cassandra, ``max_batch``
+    record batches at once; a record that does not decode goes to ``<topic>.dlq``
+    (``pipelines.io.durable_log.ApplyDurableLog``)."""
+    return ApplyDurableLog(source, topics, DurableApplierConfig(stores), DURABLE_NAMESPACE,
+                           decode_durable_writes, max_batch, producer_config)
 
 
 # -- the job ------------------------------------------------------------------------------
-
-
-def durable_source(config: KafkaSourceConfig) -> KafkaSourceConfig:
-    """The durable step's source: the job's Kafka settings under its own group, always
-    from that group's offsets (earliest without any), never rewound or skipped."""
-    group = config.consumer_config.get("group.id", DEFAULT_GROUP) + DURABLE_GROUP_SUFFIX
-    # A log record holds up to a few thousand writes: smaller polls and bundles
-    # than the event topics' keep a backlog's batches in bounds.
-    return dataclasses.replace(
-        config, consumer_config={**config.consumer_config, "group.id": group},
-        start_from="committed", fallback_start="earliest", rewind_ms=0,
-        batch_records=min(config.batch_records, 100),
-        max_records_per_bundle=min(config.max_records_per_bundle, 1_000))
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, ranges: Ranges | None = None):
@@ -408,21 +320,23 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ranges: Ranges | No
         ranges = options.view_as(ReplayOptions).ranges()
     topics = [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC]
     durable_log = None
-    parts = fanout.parts
-    if not ranges and fanout.durable_copy == "log":
+    durable_options = options.view_as(DurableLogOptions)
+    parts = durable_options.parts
+    if not ranges and durable_options.durable_copy == "log":
         log_topic = prefix + DURABLE_LOG_TOPIC
         producer = producer_config_of(config)
         ensure_log_topics(producer, [log_topic, dlq_topic(log_topic)], like=topics)
-        source = durable_source(config)
+        source = durable_source(config, DEFAULT_GROUP)
         durable_log = DurableLog(log_topic, producer, source.consumer_config["group.id"],
                                  options.view_as(StoreOptions).restore_log_wait_s)
         if parts in ("all", "durable"):
             _ = pipeline | "ApplyDurableFeedLog" >> ApplyDurableFeedLog(
-                source, [log_topic], stores, fanout.durable_max_batch, producer)
+                source, [log_topic], stores, durable_options.durable_max_batch, producer)
         if parts == "durable":
             return None
     # A restore this job runs waits for its own durable step (none when it writes inline).
-    stores = dataclasses.replace(stores, restore_log=durable_log and durable_log.catch_up())
+    stores = dataclasses.replace(stores, restore_log=own_restore_wait(
+        stores.restore_log, prefix + DURABLE_LOG_TOPIC, durable_log))
     read = ReadEventBatches(config, topics, ranges=ranges, topic_prefix=prefix)
     return (pipeline
             | "ReadPostAndFollowEvents" >> read

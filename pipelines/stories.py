@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -36,18 +37,42 @@ from domain.stories import (
     StoryPolicy,
     add_pending,
     index_shards_of,
+    story_expiry,
     wakeups,
 )
-from pipelines.common import Counters, StoreOptions, module_main
-from pipelines.io.kafka import KafkaReadOptions
+from pipelines.common import (
+    STORIES_DURABLE_LOG_TOPIC,
+    STORIES_GROUP,
+    Counters,
+    StoreOptions,
+    module_main,
+)
+from pipelines.io.durable_log import (
+    ApplyDurableLog,
+    DurableLog,
+    DurableLogOptions,
+    LogWriter,
+    durable_source,
+    own_restore_wait,
+)
+from pipelines.io.kafka import KafkaReadOptions, KafkaSourceConfig
 from pipelines.io.kafka_write import KafkaMessage, WriteToKafka
-from pipelines.io.sink import FROM_OPTIONS, ApplyInBatches, DeadLetterTarget
-from pipelines.io.source import ReadEventBatches
+from pipelines.io.sink import FROM_OPTIONS, ApplyInBatches, DeadLetterTarget, PartialPolls
+from pipelines.io.source import ReadEventBatches, producer_config_of
 from pipelines.runtime import pipeline_options, run_until_done
-from schemas.events import StoryEvent
+from schemas.events import StoryEvent, dlq_topic
 from schemas.records import EventBatch
-from schemas.stories import StoryExpired, StoryOutcome
+from schemas.stories import (
+    StoryDurableWrites,
+    StoryExpired,
+    StoryOutcome,
+    decode_story_writes,
+    encode_story_writes,
+)
+from stores.cassandra.stories import CassandraStoryStore
 from stores.config import StoreConfig
+from stores.fanout import ensure_log_topics
+from stores.kafka.lag import GroupPriority
 from stores.retry import RetryPolicy
 from stores.redis.stories import PUBLISHED
 from stores.restore import RedisHealer, RestoreSettings, open_healer
@@ -61,7 +86,12 @@ if __name__ == "__main__":
 log = logging.getLogger(__name__)
 
 NAMESPACE = "feedbeam.stories"
-DEFAULT_GROUP = "feedbeam-stories"
+DURABLE_NAMESPACE = "feedbeam.stories_durable"
+DEFAULT_GROUP = STORIES_GROUP
+#: Records a bundle of the stories job reads at most (``--max_records_per_bundle``).
+BUNDLE_RECORDS = 50_000
+#: Polls buffered at most before they are applied once one is not full.
+PARTIAL_BATCHES = 8
 
 
 class StoriesOptions(PipelineOptions):
@@ -76,9 +106,11 @@ class StoriesOptions(PipelineOptions):
         parser.add_argument("--max_story_life_h", type=float, default=d.max_life_ms / HOUR_MS,
                             help="latest expires_at accepted, after the publish's event time; the "
                                  "start-up sweep reads the expiry index this far ahead")
-        parser.add_argument("--stories_max_batches", type=int, default=8,
+        parser.add_argument("--stories_max_batches", type=int, default=50,
                             help="event batches (one partition poll each) buffered before they "
-                                 "are applied together within a bundle")
+                                 "are applied together within a bundle, when the polls are full "
+                                 "(a backlog); else they are applied once "
+                                 f"{PARTIAL_BATCHES} are buffered (latency)")
         parser.add_argument("--expired_topic", default=None,
                             help="also write a JSON record per expired story to this topic "
                                  "(with --topic_prefix)")
@@ -87,6 +119,10 @@ class StoriesOptions(PipelineOptions):
                                  "whole shards of the durable expiry index")
         parser.add_argument("--no_sweep", action="store_true",
                             help="do not re-arm timers from the expiry index on start")
+        parser.add_argument("--durable_give_way", type=int, default=20_000,
+                            help="the durable step waits before each batch (up to 30 s) while "
+                                 "the Redis step is more than this many events behind and "
+                                 "draining: trays first on a shared machine (0: never)")
 
     def policy(self) -> StoryPolicy:
         return StoryPolicy(grace_ms=int(self.grace_s * 1000),
@@ -98,22 +134,32 @@ class StoriesOptions(PipelineOptions):
 
 @dataclasses.dataclass(frozen=True)
 class StoryApplierConfig:
-    """What the apply step pickles: where the stores are and the ``StoryPolicy``;
-    ``open()`` connects (in the DoFn's ``setup``)."""
+    """What the apply step pickles: where the stores are, the ``StoryPolicy`` and the
+    durable log (None: Cassandra is written within each batch); ``open()``
+    connects (in the DoFn's ``setup``)."""
 
     stores: StoreConfig
     policy: StoryPolicy = StoryPolicy()
+    durable_log: DurableLog | None = None
 
     def open(self) -> "_StoryApplier":
         writer = open_story_writer(self.stores, self.policy)
+        try:
+            log_writer = None if self.durable_log is None else LogWriter(
+                self.durable_log, NAMESPACE)
+        except Exception:
+            writer.close()
+            raise
         healer = open_healer(self.stores, RestoreSettings(story_policy=self.policy),
                              writer.redis.client)
-        return _StoryApplier(writer, Counters(NAMESPACE), healer)
+        return _StoryApplier(writer, Counters(NAMESPACE), healer, log_writer)
 
 
 class _StoryApplier:
     """``ApplyInBatches``' applier: the story events of a list of ``EventBatch``es
-    through one ``StoryWriter.apply``; per event batch, its ``StoryOutcome``s in
+    through one ``StoryWriter.apply_to_redis``, then their Cassandra writes
+    (``StoryWriter.write_durable``, or with a ``log_writer`` the durable log
+    with every record delivered); per event batch, its ``StoryOutcome``s in
     order. Other events have no outcome and are counted (the pipeline reads only
     ``story-events``). With a ``healer``, Redis' generation marker is read before
     and after the batch's Redis writes (``RedisHealer.write_whole``): a Redis that
@@ -123,33 +169,130 @@ class _StoryApplier:
     (which its Redis results decide)."""
 
     def __init__(self, writer: StoryWriter, counters: Counters,
-                 healer: RedisHealer | None = None):
+                 healer: RedisHealer | None = None, log_writer: LogWriter | None = None):
         self._writer = writer
         self._counters = counters
         self._healer = healer
+        self._log_writer = log_writer
 
     def apply(self, batches: list[EventBatch]) -> list[tuple[StoryOutcome, ...]]:
         per_batch = [[e for e in b.events if isinstance(e, StoryEvent)] for b in batches]
         events = [e for events in per_batch for e in events]
         if self._healer is None:
-            applied = self._writer.apply(events)
+            applied, writes = self._writer.apply_to_redis(events)
         else:
             restores, reruns = self._healer.restores, self._healer.reruns
-            applied = self._writer.apply(events, redis_whole=self._healer.write_whole)
+            applied, writes = self._writer.apply_to_redis(events,
+                                                          redis_whole=self._healer.write_whole)
             self._counters.inc("redis_restores", self._healer.restores - restores)
             self._counters.inc("batches_redone_after_redis_loss", self._healer.reruns - reruns)
+        if self._log_writer is None:
+            self._writer.write_durable(writes)
+        else:  # delivered, or the batch fails
+            self._log_writer.write(encode_story_writes(writes))
         out, start = [], 0
         for events in per_batch:
             out.append(tuple(applied[start:start + len(events)]))
             start += len(events)
         # Counted only once the whole batch is written: a retried batch counts once.
         self._counters.inc("events_not_story", sum(len(b) for b in batches) - len(applied))
+        self._counters.inc("durable_writes", writes.size)
         for action, n in collections.Counter(o.action for o in applied).items():
             self._counters.inc(f"events_{action}", n)
         return out
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            if self._log_writer is not None:
+                self._log_writer.close()
+        finally:
+            self._writer.close()
+
+
+# --------------------------------------------------------------------------- the durable step
+
+
+@dataclasses.dataclass(frozen=True)
+class StoryDurableApplierConfig:
+    """What the durable step pickles; ``open()`` connects to Cassandra (and, with
+    ``give_way``, to Kafka for the Redis step's lag)."""
+
+    stores: StoreConfig
+    policy: StoryPolicy = StoryPolicy()
+    give_way: GroupPriority | None = None
+
+    def open(self) -> "_StoryDurableApplier":
+        s = self.stores
+        cassandra = CassandraStoryStore.connect(
+            s.cassandra_host, s.cassandra_port, s.cassandra_keyspace, self.policy,
+            **s.cassandra_levels)
+        try:
+            waiter = None if self.give_way is None else self.give_way.open()
+        except Exception:
+            cassandra.close()
+            raise
+        return _StoryDurableApplier(cassandra, waiter=waiter)
+
+
+class _StoryDurableApplier:
+    """The writes of a batch of durable log record batches to Cassandra, at most
+    ``chunk`` writes per ``CassandraStoryStore.write`` (a backlog comes in large
+    batches); per record batch, ``(story_id, expires_at)`` of the stories it
+    published, for the expiry timers (which read the expiry index this wrote).
+    With a ``waiter`` (``stores.kafka.lag.PriorityWait``), each batch first gives
+    way to the Redis step while that one drains a backlog."""
+
+    def __init__(self, cassandra: CassandraStoryStore, chunk: int = 20_000, waiter=None):
+        self._cassandra = cassandra
+        self._chunk = chunk
+        self._waiter = waiter
+        self._counters = Counters(DURABLE_NAMESPACE)
+
+    def apply(self, elements: list[list[StoryDurableWrites]]) -> list[tuple[tuple[int, int], ...]]:
+        if self._waiter is not None:
+            self._counters.inc("gave_way_ms", int(self._waiter.wait() * 1000))
+        pending: list[StoryDurableWrites] = []
+        size = 0
+        for writes in (w for records in elements for w in records):
+            pending.append(writes)
+            size += writes.size
+            if size >= self._chunk:
+                self._write(pending)
+                pending, size = [], 0
+        self._write(pending)
+        return [tuple((e.story_id, story_expiry(e)) for w in records for e in w.publishes)
+                for records in elements]
+
+    def _write(self, pending: list[StoryDurableWrites]) -> None:
+        if not pending:
+            return
+        removals = self._cassandra.with_stored_viewers(
+            [r for w in pending for r in w.removals])
+        self._cassandra.write([e for w in pending for e in w.publishes],
+                              [v for w in pending for v in w.views], removals,
+                              int(time.time() * 1000))
+        self._counters.inc("writes", sum(w.size for w in pending))
+
+    def close(self) -> None:
+        try:
+            if self._waiter is not None:
+                self._waiter.close()
+        finally:
+            self._cassandra.close()
+
+
+def ApplyDurableStoryLog(source: KafkaSourceConfig, topic: str, stores: StoreConfig,
+                         policy: StoryPolicy = StoryPolicy(), max_batch: int = 10,
+                         producer_config: dict | None = None,
+                         give_way: GroupPriority | None = None) -> ApplyDurableLog:
+    """Read the stories' durable log with its own consumer group (``source``'s
+    ``group.id``, committed after the Cassandra writes) and write it to
+    Cassandra, giving way to the Redis step's backlog with ``give_way``; returns,
+    per record batch, the ``(story_id, expires_at)`` of the stories it published.
+    A record that does not decode goes to ``<topic>.dlq``."""
+    return ApplyDurableLog(source, [topic], StoryDurableApplierConfig(stores, policy, give_way),
+                           DURABLE_NAMESPACE, decode_story_writes, max_batch, producer_config,
+                           output_type=tuple[tuple[int, int], ...])
 
 
 def timer_wakeups(outcomes: tuple[StoryOutcome, ...], shards: int) -> list[tuple[int, int]]:
@@ -268,6 +411,50 @@ class StoryResults(NamedTuple):
     expired: beam.PCollection
 
 
+@dataclasses.dataclass(frozen=True)
+class DurableStep:
+    """The durable log of ``MaterializeStories``: where the Redis step writes it
+    (``log``) and how the durable step reads it (``source``, its own consumer
+    group; ``max_batch`` record batches at once; ``give_way``: the Redis step's
+    group and topic it waits for while that one drains a backlog)."""
+
+    log: DurableLog
+    source: KafkaSourceConfig
+    max_batch: int = 10
+    give_way: GroupPriority | None = None
+
+
+class ExpireStories(beam.PTransform):
+    """Timer wakeups ``(timer key, at)`` -> one ``StoryExpired`` per story the
+    expiry timers removed, timestamped at its ``expires_at`` (or the firing, if
+    later); with ``sweep``, the wakeups of the durable expiry index on start too.
+    The wakeups must come after the expiry index holds their stories (the timers
+    read it)."""
+
+    def __init__(self, stores: StoreConfig, policy: StoryPolicy, shards: int, sweep: bool = True):
+        super().__init__()
+        index_shards_of(0, shards)  # validates
+        self._stores, self._policy, self._shards, self._sweep = stores, policy, shards, sweep
+
+    def expand(self, wakes):
+        if self._sweep:
+            rearm = (wakes.pipeline
+                     | "StartSweep" >> beam.Impulse()
+                     | "SweepExpiryIndex" >> beam.ParDo(
+                         _SweepExpiryIndexFn(self._stores, self._policy, self._shards))
+                     .with_output_types(tuple[int, int]))
+            wakes = (wakes, rearm) | "WithRearms" >> beam.Flatten()
+        return (wakes
+                | "ExpireAtWatermark" >> beam.ParDo(
+                    _ExpiryTimerFn(self._stores, self._policy, self._shards))
+                .with_output_types(StoryExpired))
+
+
+def durable_wakeups(published: tuple[tuple[int, int], ...], shards: int) -> list[tuple[int, int]]:
+    """``(timer key, at)`` for the stories a durable log batch published (``wakeups``)."""
+    return wakeups(list(published), shards)
+
+
 class MaterializeStories(beam.PTransform):
     """Apply story events to the stores and expire stories with event-time timers.
 
@@ -282,48 +469,60 @@ class MaterializeStories(beam.PTransform):
       dead_letters: where the apply step sends an event it cannot apply
         (``ApplyInBatches``: a ``DeadLetterTarget``, ``FROM_OPTIONS``, the
         default, or None to fail the bundle).
+      durable: the durable log (``DurableStep``) the Cassandra writes go
+        through, applied by a step of its own that also arms the expiry
+        timers; None writes Cassandra within each batch.
+      flush_early: applies the buffered event batches before ``max_batches``
+        (``ApplyInBatches``; the job's: ``PartialPolls``).
 
     Takes a ``PCollection`` of ``EventBatch`` of story events (in the global
     window, as ``ReadEventBatches`` emits them). Returns ``StoryResults``:
     ``outcomes``, per event batch a tuple of one ``StoryOutcome`` per event once
     its writes are done (keep this step fused with the read: no GroupByKey
-    before it), and ``expired``, one ``StoryExpired`` per story the expiry
-    timers removed, timestamped at its ``expires_at`` (or the firing, if later).
+    before it), and ``expired`` (``ExpireStories``).
     """
 
     def __init__(self, stores: StoreConfig, policy: StoryPolicy = StoryPolicy(),
                  max_batches: int = 8, sweep: bool = True, expiry_shards: int = 4,
-                 dead_letters: DeadLetterTarget | str | None = FROM_OPTIONS):
+                 dead_letters: DeadLetterTarget | str | None = FROM_OPTIONS,
+                 durable: DurableStep | None = None, flush_early=None):
         super().__init__()
-        index_shards_of(0, expiry_shards)  # validates
+        self._expire = ExpireStories(stores, policy, expiry_shards, sweep)
+        self._flush_early = flush_early
         self._dead_letters = dead_letters
         self._stores = stores
         self._policy = policy
         self._max_batches = max_batches
-        self._sweep = sweep
         self._shards = expiry_shards
+        self._durable = durable
 
     def expand(self, batches):
-        shards = self._shards
+        shards, durable = self._shards, self._durable
         outcomes = batches | "ApplyToStores" >> ApplyInBatches(
-            StoryApplierConfig(self._stores, self._policy), namespace=NAMESPACE,
-            max_batch=self._max_batches, output_type=tuple[StoryOutcome, ...],
-            dead_letters=self._dead_letters)
-        wakes = (outcomes
-                 | "TimerWakeups" >> beam.FlatMap(timer_wakeups, shards)
-                 .with_output_types(tuple[int, int]))
-        if self._sweep:
-            rearm = (batches.pipeline
-                     | "StartSweep" >> beam.Impulse()
-                     | "SweepExpiryIndex" >> beam.ParDo(
-                         _SweepExpiryIndexFn(self._stores, self._policy, shards))
+            StoryApplierConfig(self._stores, self._policy, durable and durable.log),
+            namespace=NAMESPACE, max_batch=self._max_batches,
+            output_type=tuple[StoryOutcome, ...], dead_letters=self._dead_letters,
+            flush_early=self._flush_early)
+        if durable is None:
+            wakes = (outcomes
+                     | "TimerWakeups" >> beam.FlatMap(timer_wakeups, shards)
                      .with_output_types(tuple[int, int]))
-            wakes = (wakes, rearm) | "WithRearms" >> beam.Flatten()
-        expired = (wakes
-                   | "ExpireAtWatermark" >> beam.ParDo(
-                       _ExpiryTimerFn(self._stores, self._policy, shards))
-                   .with_output_types(StoryExpired))
-        return StoryResults(outcomes, expired)
+        else:
+            wakes = durable_steps(batches.pipeline, durable, self._stores, self._policy, shards)
+        return StoryResults(outcomes, wakes | "ExpireStories" >> self._expire)
+
+
+def durable_steps(pipeline, durable: DurableStep, stores: StoreConfig, policy: StoryPolicy,
+                  shards: int):
+    """The durable step on ``pipeline``: the log applied to Cassandra, and the timer
+    wakeups of the stories it published."""
+    producer = durable.log.producer_config
+    return (pipeline
+            | "ApplyDurableStoryLog" >> ApplyDurableStoryLog(
+                durable.source, durable.log.topic, stores, policy, durable.max_batch, producer,
+                durable.give_way)
+            | "DurableWakeups" >> beam.FlatMap(durable_wakeups, shards)
+            .with_output_types(tuple[int, int]))
 
 
 def expired_message(topic: str, expired: StoryExpired) -> KafkaMessage:
@@ -336,28 +535,72 @@ def expired_message(topic: str, expired: StoryExpired) -> KafkaMessage:
 # --------------------------------------------------------------------------- job
 
 
-def build(pipeline: beam.Pipeline, options: PipelineOptions) -> StoryResults:
+def build(pipeline: beam.Pipeline, options: PipelineOptions) -> StoryResults | None:
     """Wire the stories job into ``pipeline``: follow ``story-events`` from the
-    consumer group's offsets; returns the composite's outputs."""
+    consumer group's offsets; returns the composite's outputs (None when the job
+    runs one part only). With ``--durable_copy=log`` (the default), creates the
+    durable log topic if it is missing."""
     kafka = options.view_as(KafkaReadOptions)
     opts = options.view_as(StoriesOptions)
     # Expiry is event-time timers, and no story event is ever too late to apply: an
     # idle partition follows the clock, not its last record's age (a drained backlog
     # held every expiry back as long).
-    config = kafka.source_config(default_group=DEFAULT_GROUP, default_idle_watermark="clock")
+    # A backlog drains in batches of up to BUNDLE_RECORDS events: the Redis step's
+    # round trips and each bundle's own cost are paid per batch
+    # (docs/benchmarks.md, "Stories").
+    config = kafka.source_config(default_group=DEFAULT_GROUP, default_idle_watermark="clock",
+                                 default_max_records_per_bundle=BUNDLE_RECORDS)
     prefix = kafka.topic_prefix
+    topics = [prefix + StoryEvent.TOPIC]
+    store_options = options.view_as(StoreOptions)
+    stores = store_options.config()
+    policy = opts.policy()
+    durable = None
+    durable_options = options.view_as(DurableLogOptions)
+    if durable_options.durable_copy == "log":
+        log_topic = prefix + STORIES_DURABLE_LOG_TOPIC
+        producer = producer_config_of(config)
+        ensure_log_topics(producer, [log_topic, dlq_topic(log_topic)], like=topics)
+        source = durable_source(config, DEFAULT_GROUP)
+        give_way = None if opts.durable_give_way <= 0 else GroupPriority(
+            kafka.kafka_bootstrap, config.consumer_config["group.id"], tuple(topics),
+            opts.durable_give_way)
+        durable = DurableStep(DurableLog(log_topic, producer, source.consumer_config["group.id"],
+                                         store_options.restore_log_wait_s),
+                              source, durable_options.durable_max_batch, give_way)
+    # A restore this job runs waits for its own durable step (none when it writes inline).
+    stores = dataclasses.replace(stores, restore_log=own_restore_wait(
+        stores.restore_log, prefix + STORIES_DURABLE_LOG_TOPIC, durable and durable.log))
+    parts = durable_options.parts if durable is not None else "all"
+    if parts == "durable":
+        wakes = durable_steps(pipeline, durable, stores, policy, opts.expiry_shards)
+        expired = wakes | "ExpireStories" >> ExpireStories(
+            stores, policy, opts.expiry_shards, sweep=not opts.no_sweep)
+        _write_expired(expired, opts, kafka)
+        return None
     batches = (pipeline
-               | "ReadStoryEvents" >> ReadEventBatches(config, [prefix + StoryEvent.TOPIC],
-                                                       topic_prefix=prefix))
+               | "ReadStoryEvents" >> ReadEventBatches(config, topics, topic_prefix=prefix))
+    flush_early = PartialPolls(config.batch_records, PARTIAL_BATCHES)
+    if parts == "redis":
+        _ = batches | "ApplyToStores" >> ApplyInBatches(
+            StoryApplierConfig(stores, policy, durable.log), namespace=NAMESPACE,
+            max_batch=opts.stories_max_batches, output_type=tuple[StoryOutcome, ...],
+            dead_letters=FROM_OPTIONS, flush_early=flush_early)
+        return None
     results = batches | "MaterializeStories" >> MaterializeStories(
-        options.view_as(StoreOptions).config(), opts.policy(), opts.stories_max_batches,
-        sweep=not opts.no_sweep, expiry_shards=opts.expiry_shards)
+        stores, policy, opts.stories_max_batches, sweep=not opts.no_sweep,
+        expiry_shards=opts.expiry_shards, durable=durable, flush_early=flush_early)
+    _write_expired(results.expired, opts, kafka)
+    return results
+
+
+def _write_expired(expired, opts: StoriesOptions, kafka: KafkaReadOptions) -> None:
+    """With ``--expired_topic``, a JSON record per expired story to that topic."""
     if opts.expired_topic:
-        topic = prefix + opts.expired_topic
-        _ = (results.expired
+        topic = kafka.topic_prefix + opts.expired_topic
+        _ = (expired
              | "ExpiredToMessages" >> beam.Map(lambda e, t=topic: expired_message(t, e))
              | "WriteExpired" >> WriteToKafka({"bootstrap.servers": kafka.kafka_bootstrap}))
-    return results
 
 
 #: Deadline of the launcher's watch on the job (``--job_server_timeout``). Beam's

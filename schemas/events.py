@@ -279,10 +279,11 @@ def dlq_topic(topic: str) -> str:
 #: Topics besides the event topics whose ``.dlq`` twins a pipeline writes (names less any
 #: prefix): ``ApplyInBatches`` (``pipelines.io.sink``) names the dead letter of an element
 #: that is not an event after its namespace (the features' store sinks,
-#: ``feedbeam.features``), and the fan-out's durable step dead-letters records of its
-#: durable log (``fanout-durable``). ``tests/unit/test_cli_options.py`` keeps it in step
-#: with the pipelines.
-DERIVED_DLQ_SOURCES: tuple[str, ...] = ("feedbeam.features", "fanout-durable")
+#: ``feedbeam.features``), and the fan-out's and the stories' durable steps dead-letter
+#: records of their durable logs (``fanout-durable``, ``stories-durable``).
+#: ``tests/unit/test_cli_options.py`` keeps it in step with the pipelines.
+DERIVED_DLQ_SOURCES: tuple[str, ...] = ("feedbeam.features", "fanout-durable",
+                                        "stories-durable")
 
 
 def dlq_topics(prefix: str = "") -> list[str]:

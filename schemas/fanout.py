@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, NamedTuple, Sequence, Union
 
-import orjson
+from schemas.durable_log import MalformedLogRecord, dump_log_rows, load_log_rows
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -147,12 +147,8 @@ _FANNED = (FeedAdd, FeedRemove, CelebrityAdd, CelebrityRemove)
 FORMAT_VERSION = 1
 
 
-class MalformedDurableWrites(ValueError):
-    """A durable log record that does not decode; ``reason`` is machine-readable."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+class MalformedDurableWrites(MalformedLogRecord):
+    """A fan-out durable log record that does not decode; ``reason`` is machine-readable."""
 
 
 def encode_durable_writes(writes: Sequence[DurableWrite], max_ids: int = 5_000) -> list[bytes]:
@@ -185,23 +181,14 @@ def _split(writes: Iterable[DurableWrite], max_ids: int) -> Iterable[DurableWrit
 
 
 def _dump(rows: list[list]) -> bytes:
-    return orjson.dumps({"v": FORMAT_VERSION, "w": rows})
+    return dump_log_rows(rows, FORMAT_VERSION)
 
 
 def decode_durable_writes(data: bytes | None) -> list[DurableWrite]:
     """The records of one durable log value; ``MalformedDurableWrites`` if it is not one."""
-    if not data:
-        raise MalformedDurableWrites("empty", "empty durable log record")
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedDurableWrites("not_json", f"durable log record is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION or not isinstance(
-            doc.get("w"), list):
-        raise MalformedDurableWrites(
-            "bad_format", f"not a version {FORMAT_VERSION} durable log record")
+    rows = load_log_rows(data, FORMAT_VERSION, "durable log", MalformedDurableWrites)
     out: list[DurableWrite] = []
-    for row in doc["w"]:
+    for row in rows:
         if not isinstance(row, list) or not row or row[0] not in _TYPES:
             raise MalformedDurableWrites("bad_write", f"unknown durable write {str(row)[:200]}")
         kind = _TYPES[row[0]]

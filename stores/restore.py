@@ -293,8 +293,8 @@ class CassandraRestore:
     called with a progress bar (``update(n)``). Picklable (a pipeline's applier config
     carries it); it opens its own clients for the time of the restore.
 
-    ``catch_up``: a consumer group that writes Cassandra from a log (the fan-out's
-    durable step) and the wait for it to apply what its log holds before
+    ``catch_up``: the consumer groups that write Cassandra from a log (the fan-out's
+    and the stories' durable steps) and the wait for them to apply what their logs hold before
     Cassandra is read (bounded; the restore goes on without it when it times out)."""
 
     stores: StoreConfig
@@ -309,15 +309,16 @@ class CassandraRestore:
 
     def _wait_for_log(self, bar) -> None:
         c = self.catch_up
-        log.warning("Redis restore: waiting up to %.0fs for consumer group %r to apply %s to "
-                    "Cassandra before reading it", c.timeout_s, c.group, ", ".join(c.topics))
+        logs = "; ".join(f"{one.group!r} to apply {', '.join(one.topics)}" for one in c.each())
+        log.warning("Redis restore: waiting up to %.0fs for the consumer groups of the durable "
+                    "logs (%s) before reading Cassandra", c.timeout_s, logs)
         # bar.update(0) keeps the restore lock while we wait.
         behind = c.wait(on_poll=lambda: bar.update(0))
         if behind:
-            log.warning("Redis restore: consumer group %r is still %d records behind %s after "
-                        "%.0fs; restoring without them: what they write to Cassandra reaches "
-                        "Redis only with the next rebuild", c.group, behind,
-                        ", ".join(c.topics), c.timeout_s)
+            log.warning("Redis restore: the durable logs' groups (%s) are still %d records "
+                        "behind after %.0fs; restoring without them: what they write to "
+                        "Cassandra reaches Redis only with the next rebuild", logs, behind,
+                        c.timeout_s)
 
 
 class _KeepLock:

@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 from domain.stories import StoryPolicy, due_buckets, expiry_bucket, settle_pending, story_expiry
 from schemas.events import StoryEvent, StoryEventKind
-from schemas.stories import ExpiryRound, StoryExpired, StoryOutcome
+from schemas.stories import ExpiryRound, StoryDurableWrites, StoryExpired, StoryOutcome
 from stores.cassandra.stories import CassandraStoryStore, DurableRemoval, IndexedStory
 from stores.config import StoreConfig
 from stores.redis.stories import PUBLISHED, Removal, RedisStoryStore
@@ -59,20 +59,37 @@ class StoryWriter:
     def apply(self, events: Sequence[StoryEvent],
               redis_whole: Callable[[Callable[[], list]], list] | None = None
               ) -> list[StoryOutcome]:
-        """Apply events in order, whatever their kinds mixed. One outcome per event,
-        in order. Round trips: with deletes, one Cassandra read of the deleted
-        stories; up to three Redis pipelines (``RedisStoryStore.apply``); one
-        Cassandra write execution, plus one for deleted stories' views.
+        """Apply events in order to both stores: ``apply_to_redis``, then
+        ``write_durable`` of what it decided. One outcome per event, in order."""
+        outcomes, writes = self.apply_to_redis(events, redis_whole)
+        self.write_durable(writes)
+        return outcomes
+
+    def apply_to_redis(self, events: Sequence[StoryEvent],
+                       redis_whole: Callable[[Callable[[], list]], list] | None = None
+                       ) -> tuple[list[StoryOutcome], StoryDurableWrites]:
+        """Apply events in order to Redis, whatever their kinds mixed: one outcome per
+        event, in order, and the Cassandra writes that follow from them (for
+        ``write_durable``, now or later, from a durable log). Round trips: with
+        deletes, one Redis read of the deleted stories' expiries (and one
+        Cassandra read of those Redis holds nothing of); up to three Redis
+        pipelines (``RedisStoryStore.apply``).
 
         ``redis_whole(work)`` runs the Redis writes (``work``, idempotent) and returns
         their results once they were made on a Redis that kept its data throughout
         (``stores.restore.RedisHealer.write_whole``); the Cassandra writes follow
         from those results."""
         if not events:
-            return []
+            return [], StoryDurableWrites()
         now = self._clock()
         deleted = [e.story_id for e in events if e.kind is StoryEventKind.DELETED]
-        durable = self.cassandra.removal_context(deleted) if deleted else {}
+        # Cassandra is read only for deleted stories Redis holds no hash of and the
+        # batch does not publish (lost, or never applied here): their expiry, and
+        # the viewers it keeps.
+        held = self.redis.held_expiries(deleted) if deleted else {}
+        published = {e.story_id for e in events if e.kind is StoryEventKind.PUBLISHED}
+        missing = [sid for sid in deleted if sid not in held and sid not in published]
+        durable = self.cassandra.removal_context(missing) if missing else {}
         fallback = {sid: meta.expires_at for sid, (meta, _) in durable.items() if meta}
 
         def to_redis() -> list:
@@ -95,10 +112,19 @@ class StoryWriter:
                 removals.append(_durable(e.story_id, r, durable, deleted=True))
                 out.append(StoryOutcome(e.event_id, "deleted", e.story_id, r.author_id,
                                         r.expires_at, e.event_time))
-        # Redis first: if we crash before Cassandra's writes, the retry still finds
-        # the viewers in Cassandra's rows (its views partitions go last).
-        self.cassandra.write(publishes, views, removals, now)
-        return out
+        return out, StoryDurableWrites(tuple(publishes), tuple(views), tuple(removals))
+
+    def write_durable(self, writes: StoryDurableWrites) -> None:
+        """Write to Cassandra what ``apply_to_redis`` decided: one concurrent
+        execution, plus one for deleted stories' views (last: if we crash before,
+        a retry still finds the viewers in Cassandra's rows), after one read of
+        the viewers Cassandra keeps of the deleted stories. Idempotent and
+        order-free: every row carries a write timestamp that a removal's beats."""
+        if writes.size:
+            removals = writes.removals
+            if any(r.deleted for r in removals):
+                removals = self.cassandra.with_stored_viewers(removals)
+            self.cassandra.write(writes.publishes, writes.views, removals, self._clock())
 
     # -- expiry -------------------------------------------------------------------
 

@@ -252,6 +252,14 @@ class KafkaReadOptions(PipelineOptions):
                                  "offsets (the pipeline's state horizon)")
         parser.add_argument("--batch_records", type=int, default=1000,
                             help="records per element the source emits (one partition's poll)")
+        parser.add_argument("--max_records_per_bundle", type=int, default=None,
+                            help="records a bundle reads at most (default: the pipeline's, "
+                                 "5,000 for most): a backlog is applied in batches up to this "
+                                 "size, and offsets are committed once per bundle")
+        parser.add_argument("--max_bundle_ms", type=int, default=None,
+                            help="how long a bundle reads at most (default: the pipeline's, "
+                                 "1,000 ms for most), the records' processing downstream "
+                                 "included")
         parser.add_argument("--batch_timeout_ms", type=int, default=20,
                             help="a poll waits at most this long for --batch_records records: "
                                  "the latency batching adds at low rates")
@@ -287,7 +295,9 @@ class KafkaReadOptions(PipelineOptions):
                                  "shared on Prism, own elsewhere")
 
     def source_config(self, default_group: str, default_rewind_s: float = 0.0,
-                      default_idle_watermark: str = "record") -> KafkaSourceConfig:
+                      default_idle_watermark: str = "record",
+                      default_max_records_per_bundle: int = 5_000,
+                      default_max_bundle_ms: int = 1_000) -> KafkaSourceConfig:
         """A ``KafkaSourceConfig`` from these options; ``default_*`` are the pipeline's."""
         extra = {}
         for item in self.consumer_config:
@@ -309,6 +319,8 @@ class KafkaReadOptions(PipelineOptions):
             idle_skew_ms=int(self.idle_skew_s * 1000),
             rewind_ms=int(rewind_s * 1000),
             batch_records=self.batch_records,
+            max_records_per_bundle=self.max_records_per_bundle or default_max_records_per_bundle,
+            max_bundle_ms=self.max_bundle_ms or default_max_bundle_ms,
             batch_timeout_ms=self.batch_timeout_ms,
             idle_wait_ms=self.idle_wait_ms,
             idle_poll_ms=self.idle_poll_ms,

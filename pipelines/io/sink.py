@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
@@ -103,7 +103,8 @@ class BatchSinkFn(beam.DoFn):
 
     def __init__(self, config: ApplierConfig, namespace: str, max_batch: int = 500,
                  retry: RetryPolicy = RetryPolicy(),
-                 dead_letters: DeadLetterTarget | None = None):
+                 dead_letters: DeadLetterTarget | None = None,
+                 flush_early: Callable[[list], bool] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._config = config
@@ -111,6 +112,7 @@ class BatchSinkFn(beam.DoFn):
         self._max_batch = max_batch
         self._retry = retry
         self._target = dead_letters
+        self._flush_early = flush_early
 
     def setup(self):
         self._applier = self._config.open()
@@ -128,7 +130,9 @@ class BatchSinkFn(beam.DoFn):
     def process(self, element, timestamp=beam.DoFn.TimestampParam,
                 window=beam.DoFn.WindowParam):
         self._pending.append((element, timestamp, window))
-        if len(self._pending) >= self._max_batch:
+        if len(self._pending) >= self._max_batch or (
+                self._flush_early is not None
+                and self._flush_early([e for e, _, _ in self._pending])):
             yield from self._flush()
 
     def finish_bundle(self):
@@ -235,17 +239,34 @@ class BatchSinkFn(beam.DoFn):
         return DeadLetter.of(record, self._namespace, APPLY_FAILED, error)
 
 
+@dataclasses.dataclass(frozen=True)
+class PartialPolls:
+    """``flush_early`` for a sink of event batches (one partition poll each): apply
+    once ``after`` polls are buffered if the last one was not full (fewer than
+    ``full`` records: the source has caught up, so latency matters), while a
+    backlog's full polls fill the sink's whole ``max_batch``."""
+
+    full: int
+    after: int = 8
+
+    def __call__(self, pending: list) -> bool:
+        return len(pending) >= self.after and len(pending[-1]) < self.full
+
+
 class ApplyInBatches(beam.PTransform):
     """``PCollection[T]`` -> the applier's outputs (see the module doc).
 
     ``dead_letters``: a ``DeadLetterTarget``, ``FROM_OPTIONS`` (built from the
     pipeline's options when the transform is applied), or None (a permanent
-    error fails the bundle).
+    error fails the bundle). ``flush_early(pending)``: whether to apply the
+    elements buffered so far before ``max_batch`` (picklable; e.g.
+    ``PartialPolls``).
     """
 
     def __init__(self, config: ApplierConfig, namespace: str, max_batch: int = 500,
                  retry: RetryPolicy = RetryPolicy(), output_type=None,
-                 dead_letters: DeadLetterTarget | str | None = None):
+                 dead_letters: DeadLetterTarget | str | None = None,
+                 flush_early: Callable[[list], bool] | None = None):
         super().__init__()
         if isinstance(dead_letters, str) and dead_letters != FROM_OPTIONS:
             raise ValueError(f"dead_letters must be a DeadLetterTarget, {FROM_OPTIONS!r} "
@@ -255,12 +276,14 @@ class ApplyInBatches(beam.PTransform):
         self._args = (config, namespace, max_batch, retry)
         self._output_type = output_type
         self._dead_letters = dead_letters
+        self._flush_early = flush_early
 
     def expand(self, elements):
         target = self._dead_letters
         if target == FROM_OPTIONS:
             target = DeadLetterTarget.from_options(elements.pipeline.options)
-        apply = beam.ParDo(BatchSinkFn(*self._args, dead_letters=target))
+        apply = beam.ParDo(BatchSinkFn(*self._args, dead_letters=target,
+                                       flush_early=self._flush_early))
         if self._output_type is not None:
             apply = apply.with_output_types(self._output_type)
         return elements | "ApplyInBatches" >> apply

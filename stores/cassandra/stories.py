@@ -28,7 +28,7 @@ from domain.stories import (
 from schemas import cassandra as cs
 from stores.cassandra import session as cassandra_session
 from schemas.events import StoryEvent
-from schemas.stories import StoryMeta, TrayEntry
+from schemas.stories import DurableRemoval, StoryMeta, TrayEntry
 from stores.cassandra.feeds import CassandraFeedStore, pack_batches, to_ms
 
 
@@ -43,20 +43,6 @@ class IndexedStory:
     story_id: int
     author_id: int
     expires_at: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DurableRemoval:
-    """A story to remove from the durable tables: its seen rows of ``viewers``, its
-    story and index rows and its views; ``deleted`` (a DELETED event, not the
-    expiry) also records the delete in ``story_deletions`` until ``expires_at +
-    grace`` (``scan_deletions``)."""
-
-    story_id: int
-    author_id: int
-    expires_at: int
-    viewers: tuple[int, ...] = ()
-    deleted: bool = False
 
 
 def _first(i: int):
@@ -245,6 +231,19 @@ class CassandraStoryStore:
                 meta = self._meta(rows[0]) if rows else None
             out[sid] = (meta, tuple(sorted(r.viewer_id for r in next(results))))
         return out
+
+    def with_stored_viewers(self, removals: Sequence[DurableRemoval]) -> list[DurableRemoval]:
+        """``removals`` with the viewers stored here added to those of the deleted
+        stories (an expiry's removal has them already: ``StoryWriter.expire_due``
+        reads them); one concurrent execution when any is deleted. So a delete
+        cleans every seen row this table has, whatever Redis knew."""
+        deleted = [r.story_id for r in removals if r.deleted]
+        if not deleted:
+            return list(removals)
+        stored = self.removal_context(deleted, stories=False)
+        return [dataclasses.replace(r, viewers=tuple(sorted(set(r.viewers) |
+                                                            set(stored[r.story_id][1]))))
+                if r.deleted else r for r in removals]
 
     # -- the expiry index -----------------------------------------------------------
 

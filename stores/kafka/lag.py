@@ -212,20 +212,118 @@ class LogCatchUp:
     topics: tuple[str, ...]
     timeout_s: float = 60.0
     poll_s: float = 0.5
+    #: Further logs waited for after this one, within the same ``timeout_s``
+    #: (every durable log a restore reads Cassandra after: the fan-out's, the
+    #: stories').
+    also: tuple["LogCatchUp", ...] = ()
+
+    def each(self) -> list["LogCatchUp"]:
+        """This log's wait and each of ``also``, one log each."""
+        return [dataclasses.replace(self, also=()), *(w for a in self.also for w in a.each())]
 
     def wait(self, on_poll: Callable[[], None] = lambda: None) -> int:
-        """Records the group is still behind at the end: 0 once it caught up, more when
-        ``timeout_s`` passed first (the caller says what that means)."""
+        """Records the groups are still behind at the end: 0 once each caught up, more
+        when ``timeout_s`` passed first (the caller says what that means)."""
+        deadline = time.monotonic() + self.timeout_s
+        return sum(one._wait_one(max(0.0, deadline - time.monotonic()), on_poll)
+                   for one in self.each())
+
+    def _wait_one(self, timeout_s: float, on_poll: Callable[[], None]) -> int:
         started = time.monotonic()
         with GroupLag(self.bootstrap, self.group, self.topics, missing_ok=True) as lag:
             targets = {key: end for key, (_, end) in lag.watermarks().items()}
-            behind = wait_caught_up(lag.committed, targets, self.timeout_s, self.poll_s,
-                                    on_poll)
+            behind = wait_caught_up(lag.committed, targets, timeout_s, self.poll_s, on_poll)
         if not behind:
             log.info("consumer group %r caught up with %s in %.1fs", self.group,
                      ", ".join(self.topics), time.monotonic() - started)
         return behind
 
 
+def wait_while_behind(read: Callable[[], tuple[int, tuple]], max_behind: int,
+                      max_wait_s: float, stall_s: float, poll_s: float,
+                      clock: Callable[[], float] = time.monotonic,
+                      sleep: Callable[[float], None] = time.sleep,
+                      stalled_at: tuple | None = None) -> tuple[float, tuple | None]:
+    """Wait while ``read()`` says a group is more than ``max_behind`` records behind
+    and still moving: ``read()`` returns (records behind, its committed offsets).
+    Ends once it is within ``max_behind``, when its offsets have not moved for
+    ``stall_s`` (it is not draining: stopped, or waiting itself), or after
+    ``max_wait_s``; at once while they are still ``stalled_at`` (where a previous
+    wait found them stalled). Returns the seconds waited and, when it ended on a
+    stall, the offsets it stalled at."""
+    start = last_move = clock()
+    last = None
+    while True:
+        behind, committed = read()
+        now = clock()
+        if stalled_at is not None and committed == stalled_at:
+            return now - start, stalled_at
+        stalled_at = None
+        if committed != last:
+            last, last_move = committed, now
+        if behind <= max_behind or now - start >= max_wait_s:
+            return now - start, None
+        if now - last_move >= stall_s:
+            return now - start, committed
+        sleep(poll_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPriority:
+    """Giving way to consumer group ``group`` on ``topics``: a step of lower
+    priority (a durable copy) waits before each batch while that group is more
+    than ``max_behind`` records behind and draining (``wait_while_behind``), so
+    on a machine they share the group's backlog drains first. Picklable; ``open()``
+    gives the waiter, on a consumer of its own."""
+
+    bootstrap: str
+    group: str
+    topics: tuple[str, ...]
+    max_behind: int = 20_000
+    max_wait_s: float = 30.0
+    stall_s: float = 5.0
+    poll_s: float = 0.25
+    #: After a look that found the group within reach, the next batches go
+    #: without looking for this long (a look is a few broker round trips).
+    recheck_s: float = 1.0
+
+    def open(self) -> "PriorityWait":
+        return PriorityWait(self)
+
+
+class PriorityWait:
+    """``GroupPriority``'s waiter: ``wait()`` before each batch (seconds waited)."""
+
+    def __init__(self, priority: GroupPriority, clock: Callable[[], float] = time.monotonic):
+        self._priority = priority
+        self._clock = clock
+        self._lag = GroupLag(priority.bootstrap, priority.group, priority.topics,
+                             missing_ok=True)
+        self._stalled_at: tuple | None = None
+        self._within_reach_at: float | None = None
+
+    def _read(self) -> tuple[int, tuple]:
+        parts = self._lag.read()
+        return sum(p.remaining for p in parts), tuple(p.committed for p in parts)
+
+    def wait(self) -> float:
+        """Seconds waited; none while the group stays where a wait found it stalled,
+        nor within ``recheck_s`` of a look that found it within reach."""
+        p = self._priority
+        now = self._clock()
+        if self._within_reach_at is not None and now - self._within_reach_at < p.recheck_s:
+            return 0.0
+        waited, self._stalled_at = wait_while_behind(
+            self._read, p.max_behind, p.max_wait_s, p.stall_s, p.poll_s,
+            stalled_at=self._stalled_at)
+        self._within_reach_at = (self._clock() if self._stalled_at is None
+                                 and waited < p.max_wait_s else None)
+        return waited
+
+    def close(self) -> None:
+        self._lag.close()
+
+
 __all__ = ["PartitionLag", "GroupLag", "group_lag", "committed_offsets", "end_offsets",
-           "commit_offsets", "sum_by_topic", "caught_up", "wait_caught_up", "LogCatchUp"]
+           "commit_offsets", "sum_by_topic", "caught_up", "wait_caught_up", "LogCatchUp",
+           "wait_while_behind", "GroupPriority", "PriorityWait"]

@@ -441,6 +441,16 @@ class RedisStoryStore:
     def story(self, story_id: int) -> StoryMeta | None:
         return self.stories([story_id])[0]
 
+    def held_expiries(self, story_ids: Sequence[int]) -> dict[int, int]:
+        """``expires_at`` of each of ``story_ids`` whose hash holds one (a live story or
+        its tombstone), one round trip: what a removal uses when given none."""
+        if not story_ids:
+            return {}
+        pipe = self._pipeline()
+        for sid in story_ids:
+            pipe.hget(self.keys.story(sid), "expires_at")
+        return {sid: int(v) for sid, v in zip(story_ids, pipe.execute()) if v is not None}
+
     def _active_ids(self, pipe, key: str, now_ms: int) -> None:
         pipe.zrangebyscore(key, f"({now_ms}", "+inf")
 

@@ -22,14 +22,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from infra.install import prism_binary
-from pipelines import fanout
+from pipelines import common, fanout
 from domain.fanout import DAY_MS, FanoutPolicy, expected_state
 from pipelines.io.deadletter import read_dead_letters
 from stores.cassandra.feeds import CassandraFeedStore
 from stores.redis.feeds import RedisFeedStore
 from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
-from schemas.events import FollowEvent, PostEvent, dlq_topic
+from schemas.events import FollowEvent, PostEvent, StoryEvent, dlq_topic
 from tests.integration.fanout_events import U, create, delete, follow
 from tests.integration.test_kafka_source import _cancel, _kill, _wait_for
 
@@ -47,11 +47,10 @@ class Topics:
         self.prefix = f"t{uuid.uuid4().hex[:8]}."
         self.bootstrap = stack.kafka_bootstrap
         self.names = [kafka_topic(PARTITIONS, name=self.prefix + t) for t in topics]
-        if PostEvent.TOPIC in topics and FollowEvent.TOPIC in topics:
-            # Created here so the fixture deletes them (a fan-out job would create them).
-            log = self.prefix + fanout.DURABLE_LOG_TOPIC
-            kafka_topic(PARTITIONS, name=log)
-            kafka_topic(1, name=dlq_topic(log))
+        for log in {_DURABLE_LOGS[t] for t in topics if t in _DURABLE_LOGS}:
+            # Created here so the fixture deletes them (the job would create them).
+            kafka_topic(PARTITIONS, name=self.prefix + log)
+            kafka_topic(1, name=dlq_topic(self.prefix + log))
         self.codec = WireCodec()
         self.producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
         self.events: list[PostEvent | FollowEvent] = []
@@ -70,29 +69,35 @@ class Topics:
         return group_done(self.bootstrap, self.names, PARTITIONS, group)
 
 
+#: The event topics of the jobs with a durable log, and that log.
+_DURABLE_LOGS = {PostEvent.TOPIC: fanout.DURABLE_LOG_TOPIC,
+                 StoryEvent.TOPIC: common.STORIES_DURABLE_LOG_TOPIC}
+
+
 def group_done(bootstrap: str, topics: list[str], partitions: int, group: str) -> bool:
     """Whether ``group`` has committed the end of every partition of ``topics`` and,
-    when they are the fan-out's and its durable log exists, whether the durable
-    step's group has committed the end of that log: the Cassandra copy is then
-    complete too (the log's end cannot move once the events' offsets are committed)."""
+    when they are the fan-out's or the stories' and the job's durable log exists,
+    whether the durable step's group has committed the end of that log: the
+    Cassandra copy is then complete too (the log's end cannot move once the
+    events' offsets are committed)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         if not _committed_ends(consumer, [TopicPartition(t, p) for t in topics
                                           for p in range(partitions)]):
             return False
-        post_topics = [t for t in topics if t.endswith(PostEvent.TOPIC)]
-        if not post_topics:
+        logs = [t[:-len(event)] + log for t in topics for event, log in _DURABLE_LOGS.items()
+                if t.endswith(event)]
+        if not logs:
             return True
-        log = post_topics[0][:-len(PostEvent.TOPIC)] + fanout.DURABLE_LOG_TOPIC
-        meta = consumer.list_topics(timeout=10).topics.get(log)
+        meta = consumer.list_topics(timeout=10).topics.get(logs[0])
         if meta is None or not meta.partitions:
             return True
     finally:
         consumer.close()
     durable = Consumer({"bootstrap.servers": bootstrap,
-                        "group.id": group + fanout.DURABLE_GROUP_SUFFIX})
+                        "group.id": group + common.DURABLE_GROUP_SUFFIX})
     try:
-        return _committed_ends(durable, [TopicPartition(log, p) for p in meta.partitions])
+        return _committed_ends(durable, [TopicPartition(logs[0], p) for p in meta.partitions])
     finally:
         durable.close()
 

@@ -107,8 +107,10 @@ def test_jobs_and_api_heal_a_redis_that_lost_its_data(stack, kafka_topic, cassan
     stories = RedisStoryStore(redis_client, keys, StoryPolicy())
     cassandra = CassandraFeedStore(cassandra_session, keyspace)
     policy = FanoutPolicy()
+    # Whichever job restores Redis waits for the durable steps of these jobs' groups.
     common = [f"--topic_prefix={topics.prefix}", "--fallback_start=earliest",
-              f"--redis_key_prefix={key_prefix}", f"--cassandra_keyspace={keyspace}"]
+              f"--redis_key_prefix={key_prefix}", f"--cassandra_keyspace={keyspace}",
+              "--fanout_consumer_group=loss-fanout", "--stories_consumer_group=loss-stories"]
 
     def caught_up() -> bool:
         return (group_done(stack.kafka_bootstrap, fanout_topics, PARTITIONS, "loss-fanout")

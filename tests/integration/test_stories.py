@@ -27,6 +27,10 @@ from domain.stories import ExpectedStories, StoryPolicy, expected_stories
 from stores.cassandra.session import migrate
 from schemas.events import FollowEvent, FollowKind, MediaType, StoryEvent, StoryEventKind
 from schemas.keys import KeyLayout
+from pipelines.common import STORIES_DURABLE_LOG_TOPIC
+from pipelines.io.deadletter import read_dead_letters
+from schemas.events import dlq_topic
+from stores.kafka.lag import caught_up, committed_offsets, end_offsets
 from tests.integration.test_fanout import Topics
 from tests.integration.test_kafka_source import _kill, _wait_for
 
@@ -187,11 +191,17 @@ def test_tray_order_and_unseen_counts_from_both_stores(env):
         story(DELETED, 41, 4, t - 5_000),                        # author 4 has nothing left
     ]
     env.topic.send(events)
+    # A record of the durable log that is not one: dead-lettered, the rest applied.
+    log = env.topic.prefix + STORIES_DURABLE_LOG_TOPIC
+    env.topic.producer.produce(log, b"not a stories write", b"k")
+    assert env.topic.producer.flush(30) == 0
     job = env.start()
     try:
         _wait_for(env.drained, 120, "the job to apply the topic")
     finally:
         _kill(job)
+    (dead,) = read_dead_letters(env.stack.kafka_bootstrap, dlq_topic(log))
+    assert (dead.value, dead.reason, dead.topic) == (b"not a stories write", "not_json", log)
     followees = env.feeds.following(viewer)
     assert followees == [1, 2, 3, 4]
     for reader in (env.redis, env.cassandra):
@@ -290,6 +300,45 @@ def test_a_story_expires_on_time_after_the_job_drained_an_old_backlog(env):
         _kill(job)
     assert late_s < 20, f"removed {late_s:.1f} s after it expired"
     assert env.cassandra.story(99) is None
+
+
+def test_trays_are_right_before_the_durable_copy_which_catches_up_in_a_job_of_its_own(env):
+    # The Redis step alone (--parts=redis): trays right, offsets committed, nothing in
+    # Cassandra yet. Then the durable step alone: Cassandra catches up from the log,
+    # and the expiry timers (which run with it) remove the short story from both.
+    t = now_ms()
+    short = t + 6000
+    env.topic.send([story(PUBLISHED, 61, 6, t - 3000, expires=t + 3600_000),
+                    story(PUBLISHED, 62, 6, t - 2000, expires=short),
+                    story(PUBLISHED, 63, 6, t - 1500, expires=t + 3600_000),
+                    story(VIEWED, 61, 6, t - 1000, viewer=9),
+                    story(VIEWED, 63, 6, t - 900, viewer=9),
+                    story(DELETED, 63, 6, t - 800)])
+    topic = env.topic.prefix + StoryEvent.TOPIC
+    ends = end_offsets(env.stack.kafka_bootstrap, [topic])
+    job = env.start("--parts=redis")
+    try:
+        _wait_for(lambda: caught_up(committed_offsets(env.stack.kafka_bootstrap, env.group,
+                                                      [topic]), ends), 120,
+                  "the Redis step to apply the topic")
+        assert [s.story_id for s in env.redis.active_stories(6, now_ms())] == [61, 62]
+        assert env.redis.viewers(61) == [9] and env.redis.story(63) is None
+        assert env.cassandra.story(61) is None and env.cassandra.dump()["story_views"] == []
+        assert not env.drained()     # the durable step's group has not read its log
+    finally:
+        _kill(job)
+    job = env.start("--parts=durable")
+    try:
+        _wait_for(env.drained, 120, "the durable step to apply the log")
+        assert env.cassandra.story(61).views == 1 and env.cassandra.viewers(61) == [9]
+        assert env.cassandra.story(63) is None
+        assert [d[0] for d in env.cassandra.scan_deletions()] == [63]
+        _wait_for(lambda: env.redis.client.hget(env.keys.story(62), "removed") is not None
+                  and env.cassandra.story(62) is None, 120, "the short story's expiry")
+    finally:
+        _kill(job)
+    for reader in (env.redis, env.cassandra):
+        assert [s.story_id for s in reader.active_stories(6, now_ms())] == [61]
 
 
 def read_json(stack, topic: str) -> list[dict]:

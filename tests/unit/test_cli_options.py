@@ -19,9 +19,10 @@ def test_topics_take_the_topic_prefix_under_every_spelling(flag):
 def test_topics_create_makes_every_dead_letter_topic_a_pipeline_writes():
     # ApplyInBatches dead-letters an element that is not an event to
     # <prefix><namespace>.dlq (the features' store sinks), the fan-out's durable
-    # step to <prefix>fanout-durable.dlq: each must exist before a permanent error.
+    # step to <prefix>fanout-durable.dlq, the stories' to <prefix>stories-durable.dlq:
+    # each must exist before a permanent error.
     from jobs.topics import feed_topics
-    from pipelines import fanout, features_sinks
+    from pipelines import common, fanout, features_sinks
     from schemas.events import TOPICS, dlq_topic, dlq_topics
 
     names = feed_topics("t1.")
@@ -31,6 +32,7 @@ def test_topics_create_makes_every_dead_letter_topic_a_pipeline_writes():
     assert {dlq_topic("t1." + t) for t in TOPICS} <= set(names)
     assert dlq_topic("t1." + features_sinks.NAMESPACE) in names
     assert dlq_topic("t1." + fanout.DURABLE_LOG_TOPIC) in names
+    assert dlq_topic("t1." + common.STORIES_DURABLE_LOG_TOPIC) in names
     assert "t1.feedbeam.features.dlq" in names and "t1.fanout-durable.dlq" in names
 
 

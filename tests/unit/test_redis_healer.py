@@ -324,6 +324,9 @@ class FakeCatchUp:
     def __init__(self, steps: list, behind: int = 0):
         self.steps, self.behind = steps, behind
 
+    def each(self):
+        return [self]
+
     def wait(self, on_poll):
         on_poll()
         self.steps.append("wait")
@@ -359,7 +362,7 @@ def test_the_restore_reads_cassandra_after_the_durable_log_is_applied(monkeypatc
 
 
 def test_the_fan_out_waits_for_its_durable_group_only_with_a_durable_log():
-    from pipelines.fanout import DurableLog
+    from pipelines.io.durable_log import DurableLog
     from stores.kafka.lag import LogCatchUp
 
     producer = {"bootstrap.servers": "k:9092"}
@@ -370,9 +373,10 @@ def test_the_fan_out_waits_for_its_durable_group_only_with_a_durable_log():
 
 
 @pytest.mark.parametrize("pipeline", ["stories", "features", "ranking"])
-def test_every_job_s_restore_waits_for_the_fan_out_s_durable_log(pipeline):
+def test_every_job_s_restore_waits_for_the_durable_logs(pipeline):
     """A restore run by the stories, features or ranking job reads Cassandra only after
-    the fan-out's durable step applied its log, as one run by the fan-out does."""
+    the fan-out's and the stories' durable steps applied their logs, as one run by
+    the fan-out does."""
     import importlib
 
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -384,7 +388,9 @@ def test_every_job_s_restore_waits_for_the_fan_out_s_durable_log(pipeline):
     importlib.import_module(f"pipelines.{pipeline}")
     args = ["--kafka_bootstrap=k:9092", "--topic_prefix=t.", f"--consumer_group=g-{pipeline}"]
     stores = PipelineOptions(args).view_as(StoreOptions).config()
-    expected = LogCatchUp("k:9092", "feedbeam-fanout-durable", ("t.fanout-durable",), 60.0)
+    expected = LogCatchUp("k:9092", "feedbeam-fanout-durable", ("t.fanout-durable",), 60.0,
+                          also=(LogCatchUp("k:9092", "feedbeam-stories-durable",
+                                           ("t.stories-durable",), 60.0),))
     assert stores.restore_log == expected
     class Client:  # what RedisGeneration needs of a redis-py client at construction
         def register_script(self, text):
@@ -392,9 +398,11 @@ def test_every_job_s_restore_waits_for_the_fan_out_s_durable_log(pipeline):
 
     healer = open_healer(stores, RestoreSettings(), Client())
     assert healer._restore.catch_up == expected
-    renamed = PipelineOptions(args + ["--fanout_consumer_group=f1", "--restore_log_wait_s=5"])
-    assert renamed.view_as(StoreOptions).config().restore_log == LogCatchUp(
-        "k:9092", "f1-durable", ("t.fanout-durable",), 5.0)
+    renamed = PipelineOptions(args + ["--fanout_consumer_group=f1", "--restore_log_wait_s=5",
+                                      "--stories_consumer_group=s1"])
+    assert [(w.group, w.topics, w.timeout_s) for w in
+            renamed.view_as(StoreOptions).config().restore_log.each()] == [
+        ("f1-durable", ("t.fanout-durable",), 5.0), ("s1-durable", ("t.stories-durable",), 5.0)]
     off = PipelineOptions(args + ["--restore_log_wait_s=0"])
     assert off.view_as(StoreOptions).config().restore_log is None
 
@@ -403,13 +411,13 @@ def test_the_fan_out_job_passes_its_durable_group_and_wait():
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines import fanout
+    from pipelines import common, fanout
 
     captured = []
     original = fanout.FanOutToFollowerFeeds.__init__
 
     def capture(self, stores, policy, max_batch=500, freshness_log_s=60.0, durable_log=None):
-        captured.append(durable_log)
+        captured.append((durable_log, stores.restore_log))
         original(self, stores, policy, max_batch, freshness_log_s, durable_log)
 
     options = PipelineOptions(["--consumer_group=g1", "--restore_log_wait_s=7",
@@ -418,6 +426,43 @@ def test_the_fan_out_job_passes_its_durable_group_and_wait():
         m.setattr(fanout, "ensure_log_topics", lambda *a, **k: [])
         m.setattr(fanout.FanOutToFollowerFeeds, "__init__", capture)
         fanout.build(beam.Pipeline(options=options), options)
-    [durable] = captured
+    [(durable, wait)] = captured
     assert (durable.topic, durable.group, durable.restore_wait_s) == (
-        "t.fanout-durable", "g1" + fanout.DURABLE_GROUP_SUFFIX, 7.0)
+        "t.fanout-durable", "g1" + common.DURABLE_GROUP_SUFFIX, 7.0)
+    # Its restore waits for its own durable group, then for the stories' log.
+    assert [(w.group, w.topics, w.timeout_s) for w in wait.each()] == [
+        ("g1-durable", ("t.fanout-durable",), 7.0),
+        ("feedbeam-stories-durable", ("t.stories-durable",), 7.0)]
+
+
+@pytest.mark.parametrize("copy", ["log", "inline"])
+def test_the_stories_job_passes_its_durable_log_and_waits_for_its_own_group(copy):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import stories
+
+    captured = []
+    original = stories.MaterializeStories.__init__
+
+    def capture(self, stores, *args, **kwargs):
+        captured.append((stores.restore_log, kwargs["durable"]))
+        original(self, stores, *args, **kwargs)
+
+    options = PipelineOptions(["--consumer_group=s1", "--restore_log_wait_s=7",
+                               "--topic_prefix=t.", f"--durable_copy={copy}"])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(stories, "ensure_log_topics", lambda *a, **k: [])
+        m.setattr(stories.MaterializeStories, "__init__", capture)
+        stories.build(beam.Pipeline(options=options), options)
+    [(wait, durable)] = captured
+    fanout_wait = ("feedbeam-fanout-durable", ("t.fanout-durable",), 7.0)
+    if copy == "inline":
+        assert durable is None
+        assert [(w.group, w.topics, w.timeout_s) for w in wait.each()] == [fanout_wait]
+        return
+    assert (durable.log.topic, durable.log.group, durable.source.consumer_config["group.id"],
+            durable.source.start_from) == (
+        "t.stories-durable", "s1-durable", "s1-durable", "committed")
+    assert [(w.group, w.topics, w.timeout_s) for w in wait.each()] == [
+        ("s1-durable", ("t.stories-durable",), 7.0), fanout_wait]

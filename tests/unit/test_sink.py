@@ -270,3 +270,20 @@ def test_apply_in_batches_on_a_pipeline_with_the_target_from_its_options(dead_le
     letters = [letter for producer in dead_letters for letter in producer.sent]
     assert [(d.topic, WireCodec().decode(d.value).event_id) for d in letters] == [
         ("x.post-events", "bad-2")]
+
+
+def test_partial_polls_apply_early_once_the_source_caught_up_and_not_in_a_backlog():
+    from pipelines.io.sink import PartialPolls
+
+    class Poll:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    early = PartialPolls(full=1000, after=3)
+    assert not early([Poll(1000), Poll(5)])               # fewer than `after` buffered
+    assert early([Poll(1000), Poll(5), Poll(7)])
+    assert not early([Poll(1000)] * 40)                   # a backlog fills max_batch
+    assert early([Poll(1000)] * 40 + [Poll(999)])         # its end is applied at once
