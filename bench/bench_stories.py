@@ -234,11 +234,10 @@ def in_process(ctx, by_partition: dict[int, list[StoryEvent]], tag: str,
         writer = open_story_writer(stores, ctx.policy)
         return writer, writer.close
 
-    def redis_only(writer, events):
-        return encode_story_writes(writer.apply_to_redis(events)[1])
-
     def apply(writer, events):
-        return redis_only(writer, events) if redis_step else writer.apply(events)
+        if redis_step:
+            return encode_story_writes(writer.apply_to_redis(events)[1])
+        return writer.apply(events)
 
     return _per_partition(by_partition, make, lambda writer, events: retry.call(
         lambda: apply(writer, events), what="StoryWriter.apply"))

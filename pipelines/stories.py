@@ -266,11 +266,7 @@ class _StoryDurableApplier:
     def _write(self, pending: list[StoryDurableWrites]) -> None:
         if not pending:
             return
-        removals = self._cassandra.with_stored_viewers(
-            [r for w in pending for r in w.removals])
-        self._cassandra.write([e for w in pending for e in w.publishes],
-                              [v for w in pending for v in w.views], removals,
-                              int(time.time() * 1000))
+        self._cassandra.write_decided(pending, int(time.time() * 1000))
         self._counters.inc("writes", sum(w.size for w in pending))
 
     def close(self) -> None:

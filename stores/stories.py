@@ -121,10 +121,7 @@ class StoryWriter:
         the viewers Cassandra keeps of the deleted stories. Idempotent and
         order-free: every row carries a write timestamp that a removal's beats."""
         if writes.size:
-            removals = writes.removals
-            if any(r.deleted for r in removals):
-                removals = self.cassandra.with_stored_viewers(removals)
-            self.cassandra.write(writes.publishes, writes.views, removals, self._clock())
+            self.cassandra.write_decided([writes], self._clock())
 
     # -- expiry -------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from domain.stories import (
 from schemas import cassandra as cs
 from stores.cassandra import session as cassandra_session
 from schemas.events import StoryEvent
-from schemas.stories import DurableRemoval, StoryMeta, TrayEntry
+from schemas.stories import DurableRemoval, StoryDurableWrites, StoryMeta, TrayEntry
 from stores.cassandra.feeds import CassandraFeedStore, pack_batches, to_ms
 
 
@@ -244,6 +244,13 @@ class CassandraStoryStore:
         return [dataclasses.replace(r, viewers=tuple(sorted(set(r.viewers) |
                                                             set(stored[r.story_id][1]))))
                 if r.deleted else r for r in removals]
+
+    def write_decided(self, writes: Sequence[StoryDurableWrites], now_ms: int) -> None:
+        """``write`` of what Redis decided for one or more batches
+        (``StoryDurableWrites``), the viewers kept here of the deleted stories
+        added first (``with_stored_viewers``)."""
+        self.write([e for w in writes for e in w.publishes], [v for w in writes for v in w.views],
+                   self.with_stored_viewers([r for w in writes for r in w.removals]), now_ms)
 
     # -- the expiry index -----------------------------------------------------------
 

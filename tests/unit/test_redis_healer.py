@@ -198,8 +198,8 @@ def test_a_story_batch_redis_was_lost_under_reaches_cassandra_from_the_restored_
             return ["published"] * len(events)
 
     class Cassandra:
-        def write(self, publishes, views, removals, now):
-            steps.append(("cassandra", len(publishes)))
+        def write_decided(self, writes, now):
+            steps.append(("cassandra", sum(len(w.publishes) for w in writes)))
 
     writer = StoryWriter(Redis(), Cassandra(), clock=lambda: 0)
     h = healer(generation, lambda bar: steps.append("restore"))

@@ -149,18 +149,17 @@ def test_with_a_durable_log_the_applier_logs_the_cassandra_writes_instead():
 
 
 class _FakeCassandra:
-    """``CassandraStoryStore.write`` as the durable applier calls it; the stored viewers
-    of a deleted story are ``[99]``."""
+    """``CassandraStoryStore.write_decided`` as the durable applier calls it; the stored
+    viewers of a deleted story are ``[99]``."""
 
     def __init__(self):
         self.calls = []
 
-    def with_stored_viewers(self, removals):
-        return [dataclasses.replace(r, viewers=(*r.viewers, 99)) if r.deleted else r
-                for r in removals]
-
-    def write(self, publishes, views, removals, now_ms):
-        self.calls.append(([e.story_id for e in publishes], [e.story_id for e, _, _ in views],
+    def write_decided(self, writes, now_ms):
+        removals = [dataclasses.replace(r, viewers=(*r.viewers, 99)) if r.deleted else r
+                    for w in writes for r in w.removals]
+        self.calls.append(([e.story_id for w in writes for e in w.publishes],
+                           [e.story_id for w in writes for e, _, _ in w.views],
                            [(r.story_id, r.viewers) for r in removals]))
 
 
