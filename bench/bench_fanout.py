@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_fanout.py [--quick] [--users 100000] [--avg-followers 200]
         [--celebrities 3] [--posts 1000] [--runs 3] [--rates 5,10,25,50,100,250,500,1000]
-        [--step-s 20] [--partitions 2] [--follows 200000] [--split-steps]
+        [--step-s 20] [--partitions 2] [--follows 200000] [--split-steps] [--job-args=A,B]
         [--skip naive,plain,follows,demo,freshness,memory,diagnostic]
 
 On a ``jobs.workload`` graph (``--users`` users following ``--avg-followers``
@@ -359,9 +359,10 @@ class FanoutJob:
         parts = (("-redis", ["--parts=redis"], 0),
                  ("-durable", ["--parts=durable"], durable_nice)) \
             if ctx.args.split_steps else (("", [], 0),)
+        job_args = [a for a in ctx.args.job_args.split(",") if a]
         self.jobs = [Job(ctx.settings, ctx.prism, topic_prefix, key_prefix,
                          keyspace or ctx.keyspace,
-                         ctx.log_dir / f"{log_name}{suffix}.log", [*extra, *flags],
+                         ctx.log_dir / f"{log_name}{suffix}.log", [*extra, *job_args, *flags],
                          module=module, group=group, nice=nice)
                      for suffix, flags, nice in parts]
         self.group, self.durable_group = group, group + DURABLE_GROUP_SUFFIX
@@ -633,7 +634,8 @@ def plain_follows(ctx, events: list[FollowEvent], chunk: int = 1000) -> dict:
     loop, no Beam, no Kafka, no reads: per ``chunk`` events one Redis pipeline (the
     followers and following sets) and one ``execute_concurrent`` of unlogged batches
     of 50 rows (both directions of each edge, the followee's count), the tables and
-    statements the store writes."""
+    statements the store writes, each table's rows in partition order as the store
+    sends them."""
     from cassandra.concurrent import execute_concurrent
     from cassandra.query import BatchStatement, BatchType
 
@@ -651,16 +653,17 @@ def plain_follows(ctx, events: list[FollowEvent], chunk: int = 1000) -> dict:
     t = time.perf_counter()
     for lo in range(0, len(events), chunk):
         pipe = ctx.client.pipeline(transaction=False)
-        rows = []
         counts: dict[int, int] = {}
+        into, out = [], []
         for e in events[lo:lo + chunk]:
             ts = event_timestamp_us(e.event_time)
             pipe.zadd(keys.followers(e.followee_id), {str(e.follower_id): e.event_time})
             pipe.zadd(keys.following(e.follower_id), {str(e.followee_id): e.event_time})
-            rows += [(follow_in, (e.followee_id, e.follower_id, e.event_time, ts)),
-                     (follow_out, (e.follower_id, e.followee_id, e.event_time, ts))]
+            into.append((e.followee_id, e.follower_id, e.event_time, ts))
+            out.append((e.follower_id, e.followee_id, e.event_time, ts))
             counts[e.followee_id] = e.event_time
         pipe.execute()
+        rows = [(follow_in, row) for row in sorted(into)] + [(follow_out, row) for row in sorted(out)]
         rows += [(count, (event_timestamp_us(at), 1, user)) for user, at in counts.items()]
         batches = []
         for i in range(0, len(rows), 50):
@@ -949,6 +952,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-steps", action="store_true",
                         help="run the fan-out's Redis step and durable step as two jobs "
                              "(--parts), each in a worker process of its own")
+    parser.add_argument("--job-args", default="",
+                        help="comma-separated flags for every fan-out job, e.g. "
+                             "--max_records_per_bundle=20000")
     parser.add_argument("--skip", default="", help="comma-separated: naive, plain, follows, demo, "
                                                    "freshness, memory, diagnostic")
     args = parser.parse_args(argv)
@@ -979,7 +985,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"preset": "quick" if args.quick else "full",
                      "config": {k: getattr(args, k) for k in
                                 ("users", "avg_followers", "celebrities", "posts", "runs",
-                                 "rates", "step_s", "partitions", "follows", "split_steps")},
+                                 "rates", "step_s", "partitions", "follows", "split_steps",
+                                 "job_args")},
                      "policy": {"push_threshold": policy.push_threshold,
                                 "celebrity_top_n": policy.celebrity_top_n,
                                 "feed_cap": policy.feed_cap}}

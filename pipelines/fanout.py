@@ -66,6 +66,13 @@ NAMESPACE = "feedbeam.fanout"
 DURABLE_NAMESPACE = "feedbeam.fanout_durable"
 DEFAULT_GROUP = FANOUT_GROUP
 DECODE_STEP = "decode_durable_log"
+#: Records a bundle of the fan-out reads at most (``--max_records_per_bundle``): a
+#: backlog of follows is applied in batches of up to this many events, each in a
+#: constant number of round trips.
+BUNDLE_RECORDS = 50_000
+#: Post events a batch of the fan-out holds at most: a post's writes grow with its
+#: followers (about 200 feed rows each), a follow's do not.
+BATCH_POSTS = 5_000
 
 
 class FanoutOptions(PipelineOptions):
@@ -250,7 +257,28 @@ class FanOutToFollowerFeeds(beam.PTransform):
 
     def expand(self, events):
         return events | "ApplyToStores" >> ApplyInBatches(
-            self._config, NAMESPACE, self._max_batch, output_type=tuple[FanoutOutcome, ...], dead_letters="from_options")
+            self._config, NAMESPACE, self._max_batch, output_type=tuple[FanoutOutcome, ...],
+            dead_letters="from_options", flush_early=PostsAtMost(BATCH_POSTS))
+
+
+@dataclasses.dataclass(frozen=True)
+class PostsAtMost:
+    """``flush_early`` of the fan-out's sink: apply once the buffered elements hold
+    ``limit`` post events, so that a backlog of posts is applied in batches of about
+    ``limit`` posts while one of follows fills whole bundles. An element is a poll of
+    one topic's partition (``EventBatch``) or a single event."""
+
+    limit: int
+
+    def __call__(self, pending: list) -> bool:
+        posts = 0
+        for element in pending:
+            if isinstance(element, EventBatch):
+                if element.topic.endswith(PostEvent.TOPIC):
+                    posts += len(element.events)
+            elif isinstance(element, PostEvent):
+                posts += 1
+        return posts >= self.limit
 
 
 # -- the durable step -------------------------------------------------------------------
@@ -313,7 +341,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ranges: Ranges | No
     """
     kafka = options.view_as(KafkaReadOptions)
     fanout = options.view_as(FanoutOptions)
-    config = kafka.source_config(default_group=DEFAULT_GROUP)
+    config = kafka.source_config(default_group=DEFAULT_GROUP,
+                                 default_max_records_per_bundle=BUNDLE_RECORDS)
     prefix = kafka.topic_prefix
     stores = options.view_as(StoreOptions).config()
     if ranges is None:

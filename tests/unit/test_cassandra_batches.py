@@ -65,3 +65,40 @@ def test_consistency_levels_follow_the_replication_factor_unless_named(name, fac
 def test_unknown_consistency_names_are_refused():
     with pytest.raises(ValueError, match="unknown consistency level"):
         consistency_level("SERIAL", 1)
+
+
+def _prepared(types, query_id=b"q1"):
+    from cassandra.protocol import ColumnMetadata
+    from cassandra.query import PreparedStatement
+
+    meta = [ColumnMetadata("ks", "t", f"c{i}", t) for i, t in enumerate(types)]
+    return PreparedStatement(meta, query_id, [0], "INSERT ...", "ks", 5, None, None)
+
+
+def test_int_rows_are_bound_to_the_same_bytes_as_the_driver_binds_them():
+    from cassandra.cqltypes import DateType, LongType, UTF8Type
+    from cassandra.query import BatchType
+
+    ints = _prepared([LongType, LongType, DateType, LongType])
+    text = _prepared([LongType, UTF8Type], b"q2")
+    work = [(ints, (7, 3, 1_780_000_000_000, 1_780_000_000_000_000)),
+            (ints, (2**63 - 1, -5, 0, True)),
+            (ints, (8, None, 1, 2)),            # a null: the driver binds it
+            (ints, (9, 1, 1.5e12, 2)),          # a float timestamp: the driver rounds it
+            (text, (4, "ab")),
+            (ints, (1, 2, 3, 4))]
+    (batch, _), = pack_batches(work, batch_rows=50)
+    expected = BatchStatement(batch_type=BatchType.UNLOGGED)
+    for stmt, params in work:
+        expected.add(stmt, params)
+    assert batch._statements_and_parameters == expected._statements_and_parameters
+    assert batch.routing_key == expected.routing_key and batch.keyspace == "ks"
+
+
+def test_a_value_the_driver_refuses_fails_with_the_driver_s_error():
+    from cassandra.cqltypes import LongType
+
+    ints = _prepared([LongType])
+    for bad in (2**63, 1.5, "7"):
+        with pytest.raises(TypeError, match="invalid type for column"):
+            pack_batches([(ints, (1,)), (ints, (bad,))], batch_rows=50)

@@ -257,3 +257,20 @@ def test_durable_writer_applies_each_record_once_and_keeps_the_newest_count():
     assert by_name["remove_from_timeline"] == [((2, 8, 800), {})]
     with pytest.raises(TypeError):
         DurableFeedWriter(_RecordingCassandra()).apply(["not a write"])
+
+
+def test_a_batch_of_the_fanout_ends_at_its_post_limit_whatever_its_follows():
+    from pipelines.fanout import BATCH_POSTS, BUNDLE_RECORDS, PostsAtMost
+    from schemas.records import EventBatch
+
+    def poll(topic, n):
+        return EventBatch(topic, 0, [None] * n, [0] * n, list(range(n)), [None] * n, [None] * n)
+
+    early = PostsAtMost(limit=100)
+    assert not early([poll("x.follow-events", 5_000)] * 10)  # a bundle of follows: whole
+    assert not early([poll("x.post-events", 60), poll("x.follow-events", 500)])
+    assert early([poll("x.post-events", 60), poll("x.follow-events", 500),
+                  poll("x.post-events", 40)])
+    assert early([post(i, 1, 1_000) for i in range(100)])     # single events count too
+    assert not early([post(i, 1, 1_000) for i in range(99)])
+    assert BATCH_POSTS < BUNDLE_RECORDS

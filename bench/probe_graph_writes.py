@@ -1,0 +1,139 @@
+"""Probe: what writing follow edges to Cassandra costs, per design of the writes.
+
+    .venv/bin/python bench/probe_graph_writes.py [--edges 200000] [--users 100000] [--runs 3]
+        [--designs 50,200,350,sorted-200,grouped-50,grouped-200,grouped-350]
+
+Writes ``--edges`` random follow edges (power-law followees, as a social graph
+has) through ``CassandraFeedStore.write_edges`` into a fresh keyspace of the
+local Cassandra, no Beam and no Kafka, once per design and run, and prints the
+edges/s with the CPU seconds this process and the Cassandra server spent per
+1,000 edges (from ``/proc``). A design is the rows per unlogged batch
+(``batch_rows``), optionally ``sorted-``: the edges ordered by follower first,
+or ``grouped-``: each table's rows in the order of its partition key, so that a
+batch holds fewer partitions. The keyspace is dropped afterwards. The
+figures of the fan-out's durable step: docs/benchmarks.md, "Fan-out".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from infra.settings import StackSettings  # noqa: E402
+from stores.cassandra.feeds import CassandraFeedStore, pack_batches  # noqa: E402
+from stores.cassandra.session import migrate, new_cluster  # noqa: E402
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cassandra_pid() -> int:
+    """The pid of the local Cassandra server (its JVM's main class on the command line)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"CassandraDaemon" in cmdline:
+            return int(pid)
+    raise SystemExit("no Cassandra server (CassandraDaemon) on this machine: start the stack "
+                     "(feedbeam infra up)")
+
+
+def cpu_s(pid: int | str) -> float:
+    """CPU seconds (user + system) of process ``pid`` ("self" for this one)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def edges(n: int, users: int, seed: int) -> list[tuple[int, int, int, bool]]:
+    rng = np.random.default_rng(seed)
+    follower = rng.integers(1, users + 1, n)
+    followee = rng.zipf(1.5, n) % users + 1
+    t = 1_780_000_000_000 + np.arange(n)
+    return [(int(a), int(b), int(c), True) for a, b, c in zip(follower, followee, t)]
+
+
+def grouped_work(store: CassandraFeedStore, rows: list) -> list:
+    """Both directions of ``rows`` as ``(statement, params)``, each table's rows in
+    partition order, so that a batch holds as few partitions as it can."""
+    follow_in, follow_out = store.statement("follow_in"), store.statement("follow_out")
+    ins = sorted((followee, follower, t, t * 1000) for follower, followee, t, _ in rows)
+    outs = sorted((follower, followee, t, t * 1000) for follower, followee, t, _ in rows)
+    return [(follow_in, p) for p in ins] + [(follow_out, p) for p in outs]
+
+
+def write_grouped(store: CassandraFeedStore, rows: list) -> None:
+    from cassandra.concurrent import execute_concurrent
+
+    work = pack_batches(grouped_work(store, rows), store.batch_rows)
+    for ok, value in execute_concurrent(store.session, work, concurrency=store.concurrency):
+        if not ok:
+            raise value
+
+
+def run_once(store: CassandraFeedStore, server: int, rows: list, chunk: int,
+             grouped: bool) -> dict:
+    me0, srv0, t0 = cpu_s("self"), cpu_s(server), time.perf_counter()
+    for i in range(0, len(rows), chunk):
+        if grouped:
+            write_grouped(store, rows[i:i + chunk])
+        else:
+            store.write_edges(rows[i:i + chunk])
+    wall = time.perf_counter() - t0
+    me, srv = cpu_s("self") - me0, cpu_s(server) - srv0
+    return {"rate": len(rows) / wall, "client_ms": me / len(rows) * 1e6,
+            "server_ms": srv / len(rows) * 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--edges", type=int, default=200_000)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=50_000,
+                        help="edges per write_edges call (one durable-step batch)")
+    parser.add_argument("--designs", default="50,200,350,sorted-200,grouped-50,grouped-200,grouped-350")
+    args = parser.parse_args(argv)
+    settings = StackSettings.from_env()
+    server = cassandra_pid()
+    cluster = new_cluster(settings.host, settings.cassandra_port)
+    session = cluster.connect()
+    keyspace = f"probe_graph_{uuid.uuid4().hex[:8]}"
+    figures: dict[str, list[dict]] = {}
+    try:
+        migrate(session, keyspace)
+        for run in range(args.runs):
+            rows = edges(args.edges, args.users, seed=run)
+            for design in args.designs.split(","):
+                ordered, grouped = design.startswith("sorted-"), design.startswith("grouped-")
+                batch_rows = int(design.rpartition("-")[2])
+                store = CassandraFeedStore(session, keyspace, batch_rows=batch_rows)
+                data = sorted(rows) if ordered else rows
+                got = run_once(store, server, data, args.chunk, grouped)
+                figures.setdefault(design, []).append(got)
+                print(f"run {run + 1} {design:>10}: {got['rate']:9,.0f} edges/s  "
+                      f"client {got['client_ms']:5.1f} ms  server {got['server_ms']:5.1f} ms "
+                      f"CPU per 1,000 edges", flush=True)
+        print(f"==== {args.edges:,} edges, median of {args.runs} ====")
+        for design, got in figures.items():
+            med = {k: statistics.median(g[k] for g in got) for k in got[0]}
+            print(f"{design:>10}: {med['rate']:9,.0f} edges/s  client {med['client_ms']:5.1f} ms  "
+                  f"server {med['server_ms']:5.1f} ms CPU per 1,000 edges")
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
