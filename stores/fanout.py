@@ -307,7 +307,8 @@ class FeedFanout:
         candidates = list(dict.fromkeys(pid for _, entries in merges for pid, _ in entries))
         deleted = dict(zip(candidates, redis.deleted(candidates)))
         live = [(e, live_entries(entries, [deleted[pid] for pid, _ in entries],
-                                 p.follow_merge_limit)) for e, entries in merges]
+                                 p.follow_merge_limit) if entries else entries)
+                for e, entries in merges]
         redis.merge_into_feeds([(e.follower_id, entries) for e, entries in live], p.feed_cap,
                                p.push_chunk_size)
         # Stamped "now": newer than the removal of an earlier unfollow.

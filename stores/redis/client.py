@@ -23,6 +23,7 @@ import logging
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterPipeline, RedisCluster
@@ -264,6 +265,30 @@ class ScriptSafeRedisCluster(RedisCluster):
         return pipe.execute()[0]
 
 
+class PlainArgsPacker:
+    """redis-py's hiredis command packer without its pass over every argument.
+
+    redis-py copies each argument of a command to turn a ``bytearray`` or
+    ``memoryview`` into ``bytes``, which feedbeam never sends; the fan-out's
+    scripts take about 20 arguments per follow event, and that pass cost about
+    5 µs of its 26 µs per follow in process (cProfile, 200,000 follows). hiredis
+    packs ``str``, ``bytes``, ``int`` and ``float`` itself; any other argument
+    goes through redis-py's packer as before."""
+
+    _fallback = redis.connection.HiredisRespSerializer()
+
+    def pack(self, *args) -> list[bytes]:
+        head = args[0]
+        if isinstance(head, str):
+            args = (*head.encode().split(), *args[1:])
+        elif b" " in head:
+            args = (*head.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return self._fallback.pack(*args)
+
+
 def new_client(url: str) -> "redis.Redis | ScriptSafeRedisCluster":
     """A client for ``url`` that does not retry (``stores.retry`` does, per batch) and
     survives lost scripts (``ScriptSafePipeline``); ``redis+cluster://host:port`` gives
@@ -284,4 +309,5 @@ def new_client(url: str) -> "redis.Redis | ScriptSafeRedisCluster":
         socket_connect_timeout=5.0,
         health_check_interval=30,
         retry=Retry(NoBackoff(), retries=0),
+        command_packer=PlainArgsPacker(),
     )

@@ -594,7 +594,7 @@ class RedisFeedStore:
         pipe = self._pipeline()
         self._queue_edges_in(pipe, edges, plans, push_threshold, chunk_size)
         return [EdgeState(int(status), member == 1, int(count), int(cross),
-                          _pairs(entries))
+                          _pairs(entries) if entries else [])
                 for reply in pipe.execute()
                 for status, member, count, cross, entries in reply]
 
