@@ -1,17 +1,18 @@
 """Probe: what writing follow edges to Cassandra costs, per design of the writes.
 
     .venv/bin/python bench/probe_graph_writes.py [--edges 200000] [--users 100000] [--runs 3]
-        [--designs 50,200,350,sorted-200,grouped-50,grouped-200,grouped-350]
+        [--designs event-50,event-200,event-350,grouped-50,grouped-200,store-50]
 
 Writes ``--edges`` random follow edges (power-law followees, as a social graph
-has) through ``CassandraFeedStore.write_edges`` into a fresh keyspace of the
+has) with the statements of ``CassandraFeedStore`` into a fresh keyspace of the
 local Cassandra, no Beam and no Kafka, once per design and run, and prints the
 edges/s with the CPU seconds this process and the Cassandra server spent per
-1,000 edges (from ``/proc``). A design is the rows per unlogged batch
-(``batch_rows``), optionally ``sorted-``: the edges ordered by follower first,
-or ``grouped-``: each table's rows in the order of its partition key, so that a
-batch holds fewer partitions. The keyspace is dropped afterwards. The
-figures of the fan-out's durable step: docs/benchmarks.md, "Fan-out".
+1,000 edges (from ``/proc``). A design is an order and the rows per unlogged
+batch: ``event-N`` both rows of each edge in event order, ``grouped-N`` each
+table's rows in the order of its partition key (a batch holds fewer
+partitions), ``store-N`` the store's own ``write_edges``. The keyspace is
+dropped afterwards. The figures: docs/benchmarks.md ("Cassandra graph rows by
+design").
 """
 from __future__ import annotations
 
@@ -63,32 +64,34 @@ def edges(n: int, users: int, seed: int) -> list[tuple[int, int, int, bool]]:
     return [(int(a), int(b), int(c), True) for a, b, c in zip(follower, followee, t)]
 
 
-def grouped_work(store: CassandraFeedStore, rows: list) -> list:
-    """Both directions of ``rows`` as ``(statement, params)``, each table's rows in
-    partition order, so that a batch holds as few partitions as it can."""
+def work_of(store: CassandraFeedStore, rows: list, order: str) -> list:
+    """Both directions of ``rows`` as ``(statement, params)``: in event order, or each
+    table's rows in partition order."""
     follow_in, follow_out = store.statement("follow_in"), store.statement("follow_out")
-    ins = sorted((followee, follower, t, t * 1000) for follower, followee, t, _ in rows)
-    outs = sorted((follower, followee, t, t * 1000) for follower, followee, t, _ in rows)
-    return [(follow_in, p) for p in ins] + [(follow_out, p) for p in outs]
+    ins = [(followee, follower, t, t * 1000) for follower, followee, t, _ in rows]
+    outs = [(follower, followee, t, t * 1000) for follower, followee, t, _ in rows]
+    if order == "grouped":
+        return [(follow_in, p) for p in sorted(ins)] + [(follow_out, p) for p in sorted(outs)]
+    return [pair for a, b in zip(ins, outs) for pair in ((follow_in, a), (follow_out, b))]
 
 
-def write_grouped(store: CassandraFeedStore, rows: list) -> None:
+def write(store: CassandraFeedStore, rows: list, order: str) -> None:
+    if order == "store":
+        store.write_edges(rows)
+        return
     from cassandra.concurrent import execute_concurrent
 
-    work = pack_batches(grouped_work(store, rows), store.batch_rows)
+    work = pack_batches(work_of(store, rows, order), store.batch_rows)
     for ok, value in execute_concurrent(store.session, work, concurrency=store.concurrency):
         if not ok:
             raise value
 
 
 def run_once(store: CassandraFeedStore, server: int, rows: list, chunk: int,
-             grouped: bool) -> dict:
+             order: str) -> dict:
     me0, srv0, t0 = cpu_s("self"), cpu_s(server), time.perf_counter()
     for i in range(0, len(rows), chunk):
-        if grouped:
-            write_grouped(store, rows[i:i + chunk])
-        else:
-            store.write_edges(rows[i:i + chunk])
+        write(store, rows[i:i + chunk], order)
     wall = time.perf_counter() - t0
     me, srv = cpu_s("self") - me0, cpu_s(server) - srv0
     return {"rate": len(rows) / wall, "client_ms": me / len(rows) * 1e6,
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=50_000,
                         help="edges per write_edges call (one durable-step batch)")
-    parser.add_argument("--designs", default="50,200,350,sorted-200,grouped-50,grouped-200,grouped-350")
+    parser.add_argument("--designs", default="event-50,event-200,event-350,grouped-50,grouped-200,store-50")
     args = parser.parse_args(argv)
     settings = StackSettings.from_env()
     server = cassandra_pid()
@@ -115,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             rows = edges(args.edges, args.users, seed=run)
             for design in args.designs.split(","):
-                ordered, grouped = design.startswith("sorted-"), design.startswith("grouped-")
-                batch_rows = int(design.rpartition("-")[2])
-                store = CassandraFeedStore(session, keyspace, batch_rows=batch_rows)
-                data = sorted(rows) if ordered else rows
-                got = run_once(store, server, data, args.chunk, grouped)
+                order, _, batch_rows = design.partition("-")
+                if order not in ("event", "grouped", "store") or not batch_rows.isdigit():
+                    parser.error(f"not a design: {design!r} (event-N, grouped-N or store-N)")
+                store = CassandraFeedStore(session, keyspace, batch_rows=int(batch_rows))
+                got = run_once(store, server, rows, args.chunk, order)
                 figures.setdefault(design, []).append(got)
                 print(f"run {run + 1} {design:>10}: {got['rate']:9,.0f} edges/s  "
                       f"client {got['client_ms']:5.1f} ms  server {got['server_ms']:5.1f} ms "

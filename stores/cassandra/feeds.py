@@ -480,7 +480,7 @@ class CassandraFeedStore:
         """``apply_edges`` of ``(follower_id, followee_id, event_time_ms, follow?)`` rows.
 
         Each table's rows go in the order of their partition key, so that an
-        unlogged batch holds as few partitions as it can: about a third less
+        unlogged batch holds as few partitions as it can: about a quarter less
         server CPU per edge than in event order (``bench/probe_graph_writes.py``).
         """
         into: list[tuple] = []  # (followee, follower, event_time, ts)
