@@ -634,11 +634,11 @@ def plain_follows(ctx, events: list[FollowEvent], chunk: int = 1000) -> dict:
     loop, no Beam, no Kafka, no reads: per ``chunk`` events one Redis pipeline (the
     followers and following sets) and one ``execute_concurrent`` of unlogged batches
     of 50 rows (both directions of each edge, the followee's count), the tables and
-    statements the store writes, each table's rows in partition order as the store
-    sends them."""
+    statements the store writes, each table's rows in partition order and packed
+    (``pack_batches``) as the store sends them."""
     from cassandra.concurrent import execute_concurrent
-    from cassandra.query import BatchStatement, BatchType
 
+    from stores.cassandra.feeds import pack_batches
     from schemas.cassandra import (FOLLOWER_COUNTS, FOLLOWERS_BY_USER, FOLLOWING_BY_USER,
                                    event_timestamp_us)
 
@@ -665,13 +665,7 @@ def plain_follows(ctx, events: list[FollowEvent], chunk: int = 1000) -> dict:
         pipe.execute()
         rows = [(follow_in, row) for row in sorted(into)] + [(follow_out, row) for row in sorted(out)]
         rows += [(count, (event_timestamp_us(at), 1, user)) for user, at in counts.items()]
-        batches = []
-        for i in range(0, len(rows), 50):
-            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-            for stmt, params in rows[i:i + 50]:
-                batch.add(stmt, params)
-            batches.append((batch, None))
-        for ok, result in execute_concurrent(session, batches, concurrency=64,
+        for ok, result in execute_concurrent(session, pack_batches(rows, 50), concurrency=64,
                                              raise_on_first_error=False):
             if not ok:
                 raise result
