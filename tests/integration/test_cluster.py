@@ -191,6 +191,14 @@ def _running_flink_jobs(stack) -> list[dict]:
     return [j for j in answer.get("jobs", []) if j["state"] == "RUNNING"]
 
 
+def _failures(stack, jid: str) -> str:
+    """The job's exception history as the JobManager tells it, one line per failure."""
+    answer = cluster.flink_rest(stack, f"/jobs/{jid}/exceptions") or {}
+    entries = answer.get("exceptionHistory", {}).get("entries", [])
+    return "\n".join(f"{e['timestamp']} {e.get('taskName') or '-'}: "
+                     f"{e['stacktrace'].splitlines()[0]}" for e in entries) or "(none)"
+
+
 def test_a_job_survives_a_killed_taskmanager(stack, kafka_topic, cassandra_session, keyspace,
                                              key_prefix, tmp_path):
     """kill -9 of a TaskManager running a stories job: Flink restarts the job from its
@@ -241,9 +249,14 @@ def test_a_job_survives_a_killed_taskmanager(stack, kafka_topic, cassandra_sessi
                            f"the JobManager to drop {victim}")
             killed_at = time.monotonic()
             topics.send(publish(602, now_ms()))
-            for reader in (redis, cassandra):
-                job.wait_until(lambda: tray(reader) == [(601, True), (602, True)], FIRST_S,
-                               f"the story published after the kill ({type(reader).__name__})")
+            try:
+                for reader in (redis, cassandra):
+                    job.wait_until(lambda: tray(reader) == [(601, True), (602, True)], FIRST_S,
+                                   f"the story published after the kill "
+                                   f"({type(reader).__name__})")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nFlink's failures of the job:\n"
+                                     f"{_failures(stack, running['jid'])}") from None
             print(f"recovered {time.monotonic() - killed_at:.0f} s after {victim} was dropped")
             assert len(_running_flink_jobs(stack)) == 1
     finally:

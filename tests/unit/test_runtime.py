@@ -1,15 +1,18 @@
 """``pipelines.runtime.runner_flags``: the runner flags every pipeline's run() adds."""
 from __future__ import annotations
 
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from pipelines.runtime import pipeline_options, runner_flags
+from pipelines.runtime import (FLINK_RESTART_DELAY_MS, FLINK_RESTARTS, pipeline_options,
+                               runner_flags)
 
 FINISH = "--finish_bundle_before_checkpointing"
-RESTARTS = ["--number_of_execution_retries=3", "--execution_retry_delay=5000"]
+RESTARTS = ["--number_of_execution_retries=10", "--execution_retry_delay=5000"]
 
 
 @pytest.mark.parametrize("runner", [["--runner=FlinkRunner"], ["--runner", "FlinkRunner"],
@@ -25,6 +28,15 @@ def test_flink_restarts_are_bounded_unless_the_user_says_otherwise():
     assert runner_flags(["--runner=FlinkRunner"]) == ["--runner=FlinkRunner", *RESTARTS]
     own = ["--runner=FlinkRunner", "--number_of_execution_retries=-1"]
     assert runner_flags(own) == own
+
+
+def test_the_restart_budget_outlasts_a_lost_taskmanager():
+    """Until the JobManager drops a killed TaskManager (its heartbeat timeout), a
+    restart may be scheduled on its slots and fail again: the restarts must last
+    several timeouts, or a kill -9 fails the job for good."""
+    config = (Path(__file__).parents[2] / "infra" / "flink-cluster.yaml").read_text()
+    timeout_ms = int(re.search(r"^heartbeat\.timeout:\s*(\d+)", config, re.M).group(1))
+    assert FLINK_RESTARTS * FLINK_RESTART_DELAY_MS >= 3 * timeout_ms
 
 
 @pytest.mark.parametrize("args", [
