@@ -17,6 +17,7 @@ design").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -54,6 +55,23 @@ def cpu_s(pid: int | str) -> float:
     """CPU seconds (user + system) of process ``pid`` ("self" for this one)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+@contextlib.contextmanager
+def probe_keyspace(name: str):
+    """``(session, keyspace, server pid)``: a fresh migrated keyspace ``name_<id>`` of
+    the local Cassandra, dropped afterwards."""
+    settings = StackSettings.from_env()
+    server = cassandra_pid()
+    cluster = new_cluster(settings.host, settings.cassandra_port)
+    session = cluster.connect()
+    keyspace = f"{name}_{uuid.uuid4().hex[:8]}"
+    try:
+        migrate(session, keyspace)
+        yield session, keyspace, server
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
+        cluster.shutdown()
 
 
 def edges(n: int, users: int, seed: int) -> list[tuple[int, int, int, bool]]:
@@ -107,14 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="edges per write_edges call (one durable-step batch)")
     parser.add_argument("--designs", default="event-50,event-200,event-350,grouped-50,grouped-200,store-50")
     args = parser.parse_args(argv)
-    settings = StackSettings.from_env()
-    server = cassandra_pid()
-    cluster = new_cluster(settings.host, settings.cassandra_port)
-    session = cluster.connect()
-    keyspace = f"probe_graph_{uuid.uuid4().hex[:8]}"
     figures: dict[str, list[dict]] = {}
-    try:
-        migrate(session, keyspace)
+    with probe_keyspace("probe_graph") as (session, keyspace, server):
         for run in range(args.runs):
             rows = edges(args.edges, args.users, seed=run)
             for design in args.designs.split(","):
@@ -132,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             med = {k: statistics.median(g[k] for g in got) for k in got[0]}
             print(f"{design:>10}: {med['rate']:9,.0f} edges/s  client {med['client_ms']:5.1f} ms  "
                   f"server {med['server_ms']:5.1f} ms CPU per 1,000 edges")
-    finally:
-        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
-        cluster.shutdown()
     return 0
 
 
