@@ -34,11 +34,13 @@ from pipelines.common import (
 )
 from pipelines.io.durable_log import (
     ApplyDurableLog,
+    BusySteps,
     DurableLog,
     DurableLogOptions,
     LogWriter,
     durable_source,
     own_restore_wait,
+    row_chunks,
 )
 from pipelines.io.kafka import KafkaReadOptions, KafkaSourceConfig
 from pipelines.io.sink import ApplyInBatches
@@ -46,7 +48,11 @@ from pipelines.io.source import ReadEventBatches, producer_config_of
 from pipelines.runtime import pipeline_options, run_until_done
 from schemas.events import FollowEvent, PostEvent, dlq_topic
 from schemas.fanout import (
+    CelebrityAdd,
+    CelebrityRemove,
     FanoutOutcome,
+    FeedAdd,
+    FeedRemove,
     decode_durable_writes,
     encode_durable_writes,
 )
@@ -73,6 +79,12 @@ BUNDLE_RECORDS = 50_000
 #: Post events a batch of the fan-out holds at most: a post's writes grow with its
 #: followers (about 200 feed rows each), a follow's do not.
 BATCH_POSTS = 5_000
+#: The Redis step's applies in this worker process, which the durable step gives
+#: way to: it waits up to ``DURABLE_GIVE_WAY_S`` a batch for them to end, checking
+#: before each chunk of about ``DURABLE_CHUNK_ROWS`` Cassandra rows.
+REDIS_STEP = BusySteps()
+DURABLE_GIVE_WAY_S = 0.5
+DURABLE_CHUNK_ROWS = 4_000
 
 
 class FanoutOptions(PipelineOptions):
@@ -167,7 +179,8 @@ class _FanoutApplier:
 
     def apply(self, elements: list) -> list[tuple[FanoutOutcome, ...] | None]:
         groups = [_events_of(element) for element in elements]
-        batch = self._apply_to_redis([e for events in groups for e in events])
+        with REDIS_STEP.busy():
+            batch = self._apply_to_redis([e for events in groups for e in events])
         if self._durable is not None:
             self._durable.apply(batch.writes)
         else:  # delivered, or the batch fails
@@ -294,20 +307,38 @@ class DurableApplierConfig:
         return _DurableApplier(FeedStores.open_cassandra(self.stores))
 
 
+def _rows(write) -> int:
+    """Cassandra rows a durable write stands for, about: one per user of a feed or
+    followed-celebrity write, else one."""
+    if isinstance(write, (FeedAdd, FeedRemove, CelebrityRemove)):
+        return max(1, len(write.user_ids))
+    if isinstance(write, CelebrityAdd):
+        return max(1, len(write.followers))
+    return 1
+
+
 class _DurableApplier:
     """``DurableFeedWriter`` on the writes of a batch of log record batches, at most
-    ``chunk`` writes per Cassandra execution (a backlog comes in large batches)."""
+    ``chunk`` writes and about ``DURABLE_CHUNK_ROWS`` rows per Cassandra execution
+    (a backlog comes in large batches); before a chunk it gives way to the Redis
+    step's applies in this process, ``give_way_s`` a batch at most."""
 
-    def __init__(self, cassandra, chunk: int = 20_000):
+    def __init__(self, cassandra, chunk: int = 20_000, give_way_s: float = DURABLE_GIVE_WAY_S):
         self._cassandra = cassandra
         self._writer = DurableFeedWriter(cassandra)
         self._chunk = chunk
+        self._give_way_s = give_way_s
         self._counters = Counters(DURABLE_NAMESPACE)
 
     def apply(self, elements: list) -> None:
         writes = [w for batch in elements for record in batch for w in record]
-        for start in range(0, len(writes), self._chunk):
-            self._counters.inc("writes", self._writer.apply(writes[start:start + self._chunk]))
+        budget = self._give_way_s
+        for chunk in row_chunks(writes, _rows, DURABLE_CHUNK_ROWS, self._chunk):
+            if budget > 0:
+                waited = REDIS_STEP.wait_idle(budget)
+                budget -= waited
+                self._counters.inc("gave_way_ms", int(waited * 1000))
+            self._counters.inc("writes", self._writer.apply(chunk))
         return None
 
     def close(self) -> None:

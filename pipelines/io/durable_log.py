@@ -14,8 +14,11 @@ docs/pipelines/stories.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pickle
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 import apache_beam as beam
@@ -36,6 +39,67 @@ from stores.kafka.lag import LogCatchUp
 DECODE_STEP = "decode_durable_log"
 #: ``--parts``: which steps a job with a durable log runs.
 PARTS = ("all", "redis", "durable")
+
+
+class BusySteps:
+    """The applies of a job's Redis step running in this worker process, for its
+    durable step in the same process to give way to (``wait_idle``).
+
+    On a machine the two steps share (``--parts=all``: one worker process), a
+    durable batch written to Cassandra while the Redis step applies a batch takes
+    CPU from it (the Cassandra server's, the driver's and the GIL), and the Redis
+    step's batch is what makes a post readable. Waiting for the Redis step's apply
+    to end, a bounded time per durable batch, moves the durable step into the gaps
+    between the Redis step's applies (it may trail; its own offsets commit after
+    its own writes). Measured: docs/benchmarks.md ("the durable step giving way in
+    process"). In a process of its own (``--parts=durable``) nothing is ever busy.
+    """
+
+    def __init__(self):
+        self._busy = 0
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Around one apply of the step given way to (applies may overlap)."""
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> float:
+        """Wait until no apply runs, at most ``timeout_s``; the seconds waited."""
+        if timeout_s <= 0:
+            return 0.0
+        start = time.monotonic()
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, timeout_s)
+        return time.monotonic() - start
+
+
+def row_chunks(writes: Sequence[Any], rows_of: Callable[[Any], int], max_rows: int,
+               max_writes: int) -> list[Sequence[Any]]:
+    """``writes`` cut into consecutive chunks of at most ``max_writes`` writes and,
+    where a write allows, ``max_rows`` rows (a write of more rows than that is a
+    chunk of its own)."""
+    if max_rows < 1 or max_writes < 1:
+        raise ValueError("max_rows and max_writes must be >= 1")
+    out: list[Sequence[Any]] = []
+    start = rows = 0
+    for i, write in enumerate(writes):
+        n = rows_of(write)
+        if i > start and (rows + n > max_rows or i - start >= max_writes):
+            out.append(writes[start:i])
+            start, rows = i, 0
+        rows += n
+    if start < len(writes):
+        out.append(writes[start:])
+    return out
 
 
 class DurableLogOptions(PipelineOptions):
