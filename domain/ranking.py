@@ -422,6 +422,30 @@ def _lookup(posts: PostTable, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return found, at
 
 
+def _order(major: np.ndarray, minor: np.ndarray, group: np.ndarray, majors: int,
+           minors: int, groups: int) -> np.ndarray:
+    """The order of rows by ``(group, major, minor)``, each a non-negative int below
+    ``groups``, ``majors``, ``minors``: one sort of a packed int64 key (a third of
+    ``np.lexsort``'s time on a batch), or ``np.lexsort`` when the key would not fit.
+    Rows equal in all three come in no particular order."""
+    if groups * majors * minors >= 1 << 62:
+        return np.lexsort((minor, major, group))
+    key = (group.astype(np.int64) * majors + major) * minors + minor
+    return np.argsort(key)
+
+
+def _newest_first(user: np.ndarray, created: np.ndarray, post: np.ndarray,
+                  users: int) -> np.ndarray:
+    """The order of rows by user, then newest first (creation time, then post id,
+    both descending); (user, post) pairs are unique."""
+    if not len(user):
+        return np.zeros(0, np.intp)
+    ids, post_rank = np.unique(post, return_inverse=True)
+    span = int(created.max()) - int(created.min()) + 1
+    return _order(int(created.max()) - created, len(ids) - 1 - post_rank, user, span, len(ids),
+                  users)
+
+
 def select_candidates(users: Sequence[int], pushed: Sequence[Sequence[int]],
                       pulled: Sequence[Sequence[int]], requests: Sequence[RefreshRequest],
                       posts: PostTable, now_ms: int, policy: RankingPolicy) -> CandidateColumns:
@@ -465,13 +489,14 @@ def select_candidates(users: Sequence[int], pushed: Sequence[Sequence[int]],
             keep[k] = (int(row_user[k]), int(row_post[k])) not in deleted
     idx = np.flatnonzero(keep)
     # One row per (user, post): the first source wins (pushed, then pulled, then triggers).
-    idx = idx[np.lexsort((row_source[idx], row_post[idx], row_user[idx]))]
+    posts_seen, post_rank = np.unique(row_post[idx], return_inverse=True)
+    idx = idx[_order(post_rank, row_source[idx], row_user[idx], len(posts_seen), 3, n)]
     first = np.ones(len(idx), bool)
     first[1:] = ((row_user[idx][1:] != row_user[idx][:-1])
                  | (row_post[idx][1:] != row_post[idx][:-1]))
     idx = idx[first]
     # Newest first per user (creation time, then post id); the first max_candidates.
-    idx = idx[np.lexsort((-row_post[idx], -row_created[idx], row_user[idx]))]
+    idx = idx[_newest_first(row_user[idx], row_created[idx], row_post[idx], n)]
     starts = np.searchsorted(row_user[idx], np.arange(n + 1))
     rank = np.arange(len(idx)) - np.repeat(starts[:-1], np.diff(starts))
     idx = idx[rank < policy.max_candidates]

@@ -35,38 +35,83 @@ def feature_matrix(post: Mapping[str, np.ndarray], author: Mapping[str, np.ndarr
     (NaN counts as 0); ``media_affinity``: per media type, the viewer's
     affinity to it on each row (absent or NaN counts as 0); ``media_type``:
     each row's media type (strings); ``age_ms``: time since the post's
-    creation at ranking time.
+    creation at ranking time. The columns as blocks: ``feature_block``.
     """
     n = len(media_type)
-    out = np.full((n, len(FEATURE_NAMES)), np.nan, dtype=np.float32)
-    col = 0
-    for names, source in ((POST_FEATURES, post), (AUTHOR_FEATURES, author)):
-        for name in names:
-            values = source.get(name)
-            if values is not None:
-                out[:, col] = values
-            col += 1
-    media_type = np.asarray(media_type, dtype=object)
-    is_media = {m: media_type == m for m in MEDIA_TYPES}  # once: object compares are slow
+    missing = np.full(n, np.nan)
     zeros = np.zeros(n)
-    per_media = {m: np.nan_to_num(np.asarray(media_affinity.get(m, zeros), dtype=np.float64))
-                 for m in MEDIA_TYPES}
-    mine = np.zeros(n)
-    total = np.zeros(n)
-    for m, values in per_media.items():
-        is_m = is_media[m]
-        mine[is_m] = values[is_m]
-        total += values
+    return feature_block(
+        np.column_stack([post.get(name, missing) for name in POST_FEATURES]),
+        np.column_stack([author.get(name, missing) for name in AUTHOR_FEATURES]),
+        author_affinity,
+        np.column_stack([media_affinity.get(m, zeros) for m in MEDIA_TYPES]),
+        np.arange(n), media_codes(media_type), age_ms)
+
+
+_MEDIA_CODE = {m: i for i, m in enumerate(MEDIA_TYPES)}
+#: Row ``code`` of a media type's one-hot columns; the last row (code -1) is unknown.
+_ONE_HOT = np.vstack([np.eye(len(MEDIA_TYPES), dtype=np.float32),
+                      np.zeros((1, len(MEDIA_TYPES)), np.float32)])
+
+
+def media_codes(media_type: Sequence[str]) -> np.ndarray:
+    """Each media type's index in ``MEDIA_TYPES`` (-1: not one of them)."""
+    code = _MEDIA_CODE.get
+    return np.fromiter((code(m, -1) for m in media_type), np.int64, count=len(media_type))
+
+
+def feature_block(post: np.ndarray, author: np.ndarray, author_affinity: np.ndarray,
+                  media_affinity: np.ndarray, row_viewer: np.ndarray, media_code: np.ndarray,
+                  age_ms: np.ndarray) -> np.ndarray:
+    """``feature_matrix`` from blocks, the ranking's hot path: ``post`` ``(rows,
+    len(POST_FEATURES))`` and ``author`` ``(rows, len(AUTHOR_FEATURES))`` (NaN:
+    missing); ``media_affinity`` ``(viewers, len(MEDIA_TYPES))`` (NaN counts as
+    0), ``row_viewer`` each row's index in it; ``media_code`` per row
+    (``media_codes``). Whole blocks are copied and the media columns gathered
+    by index, so the work per row is NumPy's. In two halves, for a caller that
+    has the candidates' features before the viewers': ``candidate_columns``,
+    then ``viewer_columns``, into ``empty_rows``."""
+    out = empty_rows(len(media_code))
+    candidate_columns(out, post, author, media_code, age_ms)
+    viewer_columns(out, author_affinity, media_affinity, row_viewer, media_code)
+    return out
+
+
+def empty_rows(n: int) -> np.ndarray:
+    """``n`` rows of ``FEATURE_NAMES`` to fill (uninitialized)."""
+    return np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
+
+
+_AUTHOR_AT = len(POST_FEATURES)
+_VIEWER_AT = _AUTHOR_AT + len(AUTHOR_FEATURES)  # then the 4 viewer/age columns, then media
+
+
+def candidate_columns(out: np.ndarray, post: np.ndarray, author: np.ndarray,
+                      media_code: np.ndarray, age_ms: np.ndarray, rows=slice(None)) -> None:
+    """Fill ``out[rows]``'s columns of the candidate alone: its post's and author's
+    features, its age and media type (``feature_block``'s arguments, for those rows)."""
+    out[rows, :_AUTHOR_AT] = post
+    out[rows, _AUTHOR_AT:_VIEWER_AT] = author
+    out[rows, _VIEWER_AT + 3] = np.asarray(age_ms, dtype=np.float64) / _MINUTE_MS
+    out[rows, _VIEWER_AT + 4:] = _ONE_HOT[media_code]
+
+
+def viewer_columns(out: np.ndarray, author_affinity: np.ndarray, media_affinity: np.ndarray,
+                   row_viewer: np.ndarray, media_code: np.ndarray) -> None:
+    """Fill ``out``'s columns of the viewer's affinities (``feature_block``'s
+    arguments)."""
+    col = _VIEWER_AT
+    per_media = np.nan_to_num(np.asarray(media_affinity, dtype=np.float64))
+    known = media_code >= 0
+    mine = np.where(known, per_media[row_viewer, np.where(known, media_code, 0)], 0.0)
+    total = np.zeros(len(per_media))
+    for j in range(len(MEDIA_TYPES)):  # in order, as a sum over the types
+        total += per_media[:, j]
+    total = total[row_viewer]
     out[:, col] = np.nan_to_num(np.asarray(author_affinity, dtype=np.float64))
     out[:, col + 1] = mine
     with np.errstate(invalid="ignore", divide="ignore"):
         out[:, col + 2] = np.where(total > 0, mine / total, np.nan)
-    out[:, col + 3] = np.asarray(age_ms, dtype=np.float64) / _MINUTE_MS
-    col += 4
-    for m in MEDIA_TYPES:
-        out[:, col] = is_media[m]
-        col += 1
-    return out
 
 
 def online_columns(post_features: Sequence[Mapping[str, float]],

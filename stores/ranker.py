@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 import time
 from collections import Counter
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -42,10 +43,16 @@ from domain.ranking import (
     viral_level,
     viral_triggers,
 )
-from domain.ranking_features import FEATURE_NAMES, feature_matrix
+from domain.ranking_features import (
+    FEATURE_NAMES,
+    candidate_columns,
+    empty_rows,
+    media_codes,
+    viewer_columns,
+)
 from domain.social_features import SOCIAL_FEATURES
 from schemas.events import EngagementEvent, FollowEvent, PostEvent
-from schemas.features import AUTHOR_FEATURES, DEFAULT_HALF_LIFE_MS, MEDIA_TYPES, POST_FEATURES
+from schemas.features import AUTHOR_FEATURES, DEFAULT_HALF_LIFE_MS, POST_FEATURES
 from schemas.ranked import RankedEntry, RankedFeed
 from schemas.ranking import (
     RECENCY_VERSION,
@@ -113,54 +120,70 @@ class Ranking(NamedTuple):
 
 
 class RowCache:
-    """Feature rows by id, each kept ``ttl_s`` (``clock``: monotonic seconds); at most
-    ``max_entries`` (then emptied). Dict operations only, safe across threads."""
+    """Feature rows of ``width`` values by id, each kept ``ttl_s`` (``clock``: monotonic
+    seconds); at most ``max_entries`` (then emptied).
 
-    def __init__(self, ttl_s: float, max_entries: int = 100_000,
+    Held as arrays (ids sorted, rows, expiry times), so a batch's lookup is
+    one ``searchsorted`` and one gather, not a dict operation per id. A put
+    builds new arrays and swaps them in whole under a lock; a ``get`` reads
+    whichever arrays are current, so threads may share it.
+    """
+
+    def __init__(self, ttl_s: float, width: int, max_entries: int = 100_000,
                  clock: Callable[[], float] = time.monotonic):
         self.ttl_s = ttl_s
+        self.width = width
         self.max_entries = max_entries
         self._clock = clock
-        self._rows: dict[int, tuple[float, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._held = (np.zeros(0, np.int64), np.zeros((0, width)), np.zeros(0))
 
-    def get(self, ids: Sequence[int]) -> tuple[list[np.ndarray | None], list[int]]:
-        """``(row or None per id, the ids without a fresh row)``."""
-        now = self._clock()
-        rows: list[np.ndarray | None] = []
-        missing = []
-        for i in ids:
-            held = self._rows.get(i)
-            if held is not None and held[0] > now:
-                rows.append(held[1])
-            else:
-                rows.append(None)
-                missing.append(i)
-        return rows, missing
+    def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, missing)`` of ``ids``: one row per id (NaN where not held fresh),
+        and the mask of the ids without a fresh row."""
+        held_ids, rows, expires = self._held
+        ids = np.asarray(ids, np.int64)
+        at = np.minimum(np.searchsorted(held_ids, ids), max(len(held_ids) - 1, 0))
+        if len(held_ids):
+            hit = (held_ids[at] == ids) & (expires[at] > self._clock())
+        else:
+            hit = np.zeros(len(ids), bool)
+        out = np.full((len(ids), self.width), np.nan)
+        out[hit] = rows[at[hit]]
+        return out, ~hit
 
-    def put(self, ids: Sequence[int], rows: np.ndarray) -> None:
-        if self.ttl_s <= 0:
+    def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Keep ``rows`` (one per id, ids unique) for ``ttl_s``."""
+        if self.ttl_s <= 0 or not len(ids):
             return
-        if len(self._rows) + len(ids) > self.max_entries:
-            self._rows = {}
-        expires = self._clock() + self.ttl_s
-        for i, row in zip(ids, rows):
-            self._rows[i] = (expires, row)
+        ids = np.asarray(ids, np.int64)
+        with self._lock:
+            now = self._clock()
+            held_ids, held_rows, expires = self._held
+            keep = (expires > now) & ~np.isin(held_ids, ids)
+            if keep.sum() + len(ids) > self.max_entries:
+                keep[:] = False
+            all_ids = np.concatenate([held_ids[keep], ids])
+            order = np.argsort(all_ids, kind="stable")
+            self._held = (all_ids[order],
+                          np.concatenate([held_rows[keep],
+                                          np.asarray(rows, np.float64).reshape(-1, self.width)]
+                                         )[order],
+                          np.concatenate([expires[keep], np.full(len(ids), now + self.ttl_s)]
+                                         )[order])
 
     def drop(self, ids) -> None:
-        for i in ids:
-            self._rows.pop(i, None)
-
-
-def _with_cache(cache: RowCache, ids: list[int], read: np.ndarray, missing: list[int],
-                held: list[np.ndarray | None], width: int) -> np.ndarray:
-    """The rows of ``ids``: ``held`` ones from the cache, the ``missing`` ones from
-    ``read`` (in ``missing``'s order), which the cache then keeps."""
-    cache.put(missing, read)
-    if not missing:
-        return np.array(held).reshape(len(ids), width)
-    fresh = iter(read)
-    return np.array([next(fresh) if row is None else row for row in held]).reshape(len(ids),
-                                                                                    width)
+        """Forget ``ids`` (read again on their next ``get``)."""
+        ids = np.fromiter(ids, np.int64)
+        if not len(ids):
+            return
+        with self._lock:
+            held_ids, rows, expires = self._held
+            gone = np.isin(held_ids, ids)
+            if gone.any():
+                expires = expires.copy()
+                expires[gone] = 0.0
+                self._held = (held_ids, rows, expires)
 
 
 class FeedRanker:
@@ -197,8 +220,8 @@ class FeedRanker:
         self._on_close = on_close
         self.social = (None if features is None
                        else SocialReader(features.client, features.keys))
-        self._post_rows = RowCache(feature_cache_s)
-        self._author_rows = RowCache(feature_cache_s)
+        self._post_rows = RowCache(feature_cache_s, len(POST_FEATURES))
+        self._author_rows = RowCache(feature_cache_s, len(AUTHOR_FEATURES))
         #: Scoring calls that failed (the batch was ranked by recency instead).
         self.model_errors = 0
         #: Posts remembered for a user's next rankings, the fan-out not having stored
@@ -291,39 +314,41 @@ class FeedRanker:
     def feature_rows(self, cols: CandidateColumns, now_ms: int) -> np.ndarray:
         """The ``FEATURE_NAMES`` rows of every candidate of the batch.
 
-        One hydrate for the batch (``OnlineFeatureStore.hydrate_batch``): each
-        distinct post, author and (viewer, author) pair is read once (posts and
-        authors not at all while cached), and rows are gathered from those by
-        index, so the work per candidate is NumPy's.
+        Each distinct post, author and (viewer, author) pair is read once (posts
+        and authors not at all while cached), and rows are gathered from those
+        by index, so the work per candidate is NumPy's. The viewers' reads go
+        to Redis first (``OnlineFeatureStore.send_viewers``), then the reads of
+        the posts and authors not cached; the rest is worked out while Redis
+        answers.
         """
         users = len(cols.users)
         row_user = _row_users(cols)
         posts, post_at = np.unique(cols.post_id, return_inverse=True)
-        authors, author_at = np.unique(cols.author_id, return_inverse=True)
-        pairs, pair_at = np.unique(row_user * max(len(authors), 1) + author_at,
-                                   return_inverse=True)
-        pair_user = pairs // max(len(authors), 1)
-        bounds = np.searchsorted(pair_user, np.arange(users + 1))
-        pair_author = authors[pairs % max(len(authors), 1)].tolist() if len(authors) else []
-        viewer_authors = [pair_author[bounds[i]:bounds[i + 1]] for i in range(users)]
-        post_ids, author_ids = posts.tolist(), authors.tolist()
-        post_held, post_missing = self._post_rows.get(post_ids)
-        author_held, author_missing = self._author_rows.get(author_ids)
-        f = self.features.hydrate_batch(post_missing, author_missing, list(cols.users),
-                                        viewer_authors, now_ms)
-        post_rows = _with_cache(self._post_rows, post_ids, f.posts, post_missing, post_held,
-                                len(POST_FEATURES))
-        author_rows = _with_cache(self._author_rows, author_ids, f.authors, author_missing,
-                                  author_held, len(AUTHOR_FEATURES))
-        # One gather of whole rows per table, then column views (not a gather per column).
-        post_rows, author_rows, content = post_rows[post_at], author_rows[author_at], \
-            f.content[row_user]
-        post_cols = {n: post_rows[:, j] for j, n in enumerate(POST_FEATURES)}
-        author_cols = {n: author_rows[:, j] for j, n in enumerate(AUTHOR_FEATURES)}
-        media = {m: content[:, j] for j, m in enumerate(MEDIA_TYPES)}
-        return feature_matrix(post_cols, author_cols, f.affinity[pair_at], media, cols.media,
-                              now_ms - cols.created_at)
-
+        some_row = np.empty(len(posts), np.intp)
+        some_row[post_at] = np.arange(len(post_at))  # any row of a post: all carry its fields
+        authors, post_author = np.unique(cols.author_id[some_row], return_inverse=True)
+        width = max(len(authors), 1)
+        pairs, pair_at = np.unique(row_user * width + post_author[post_at], return_inverse=True)
+        bounds = np.searchsorted(pairs // width, np.arange(users + 1))
+        with self.features.send_viewers(list(cols.users), authors.tolist(), pairs % width,
+                                        bounds, now_ms) as pending:
+            post_rows, post_missing = self._post_rows.get(posts)
+            author_rows, author_missing = self._author_rows.get(authors)
+            pending.send_entities(posts[post_missing].tolist(), authors[author_missing].tolist())
+            media = media_codes(cols.media[some_row])
+            f = pending.result()
+        if post_missing.any() or author_missing.any():
+            post_rows[post_missing] = f.posts
+            author_rows[author_missing] = f.authors
+            self._post_rows.put(posts[post_missing], f.posts)
+            self._author_rows.put(authors[author_missing], f.authors)
+        # The candidate's own columns once per post, then one gather of whole rows.
+        per_post = empty_rows(len(posts))
+        candidate_columns(per_post, post_rows, author_rows[post_author], media,
+                          now_ms - cols.created_at[some_row])
+        out = per_post[post_at]
+        viewer_columns(out, f.affinity[pair_at], f.content, row_user, media[post_at])
+        return out
 
     def social_rows(self, cols: CandidateColumns, now_ms: int,
                     community: Mapping[int, int]) -> np.ndarray:

@@ -12,9 +12,12 @@ three round trips and bounded work per author, however many followers it has.
 from __future__ import annotations
 
 import time
+from itertools import chain
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from domain.fanout import select_celebrity_targets
 from domain.ranking import RankingPolicy, post_audience, select_candidates
@@ -88,9 +91,22 @@ def _with_carried(request: RefreshRequest, held: Mapping[bytes, bytes],
     return request._replace(new_posts=request.new_posts + tuple(carried))
 
 
-def _ids(reply: Sequence[bytes]) -> np.ndarray:
-    """Redis members that are decimal ids, as int64 (parsed in NumPy, not one by one)."""
-    return np.array(reply, dtype=bytes).astype(np.int64) if reply else np.zeros(0, np.int64)
+def _id_lists(replies: Sequence[Sequence[bytes]]) -> list[np.ndarray]:
+    """Each reply's members, decimal ids, as int64: all of them converted at once by
+    Arrow (a third of NumPy's time for a batch's home feeds, none of it per id)."""
+    flat = list(chain.from_iterable(replies))
+    if not flat:
+        return [np.zeros(0, np.int64) for _ in replies]
+    try:
+        ids = pc.cast(pa.array(flat, pa.binary()).cast(pa.string()), pa.int64()).to_numpy()
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        raise ValueError(f"members that are not decimal ids: {exc}") from None
+    return np.split(ids, np.cumsum([len(r) for r in replies])[:-1])
+
+
+def _pairs(reply) -> Mapping:
+    """An HGETALL reply as a dict (raw it is a flat list of fields and values)."""
+    return reply if isinstance(reply, Mapping) else dict(zip(reply[0::2], reply[1::2]))
 
 
 class CandidateReader:
@@ -102,7 +118,6 @@ class CandidateReader:
     def __init__(self, feeds: RedisFeedStore, count_ttl_s: float = 60.0,
                  max_cached: int = 1_000_000, clock: Callable[[], float] = time.monotonic):
         self.feeds = feeds
-        self._reads = HashReads(feeds.client)
         self.count_ttl_s = count_ttl_s
         self.max_cached = max_cached
         self._clock = clock
@@ -144,23 +159,24 @@ class CandidateReader:
         following: list[list[int]] = []
         carry = policy.carry_unstored_ms > 0
         if users:
-            pipe = self._pipeline()
             oldest = now_ms - policy.max_age_ms
+            commands = []
             for u in users:
                 # Ids only, newest first, none older than max_age: the creation time
                 # and author come with the metadata read below.
-                pipe.zrevrangebyscore(keys.home_feed(u), "+inf", oldest, start=0,
-                                      num=policy.pushed_limit)
-                pipe.zrange(keys.following(u), 0, -1)
+                commands.append(("ZREVRANGEBYSCORE", keys.home_feed(u), "+inf", oldest,
+                                 "LIMIT", 0, policy.pushed_limit))
+                commands.append(("ZRANGE", keys.following(u), 0, -1))
                 if carry:
-                    pipe.hgetall(keys.carried_posts(u))
-            replies = pipe.execute()
+                    commands.append(("HGETALL", keys.carried_posts(u)))
+            with HashReads(self.feeds.client) as reads:
+                replies = reads.take(reads.calls(commands))
             step = 3 if carry else 2
-            pushed = [_ids(r) for r in replies[0::step]]
-            following = [[int(m) for m in r] for r in replies[1::step]]
+            pushed = _id_lists(replies[0::step])
+            following = [f.tolist() for f in _id_lists(replies[1::step])]
             if carry:
                 since = now_ms - policy.carry_unstored_ms
-                requests = [_with_carried(r, held, since)
+                requests = [_with_carried(r, _pairs(held), since)
                             for r, held in zip(requests, replies[2::3])]
 
         counts = self.follower_counts([f for fs in following for f in fs])
@@ -172,7 +188,7 @@ class CandidateReader:
             for c in celebrities:
                 pipe.zrevrangebyscore(keys.author_timeline(c), "+inf", oldest, start=0,
                                       num=policy.celebrity_posts)
-            timelines = {c: _ids(r) for c, r in zip(celebrities, pipe.execute())}
+            timelines = dict(zip(celebrities, _id_lists(pipe.execute())))
         empty = np.zeros(0, np.int64)
         pulled = [np.concatenate([timelines[f] for f in fs if f in timelines] or [empty])
                   for fs in following]
@@ -212,9 +228,9 @@ class CandidateReader:
 
     def post_table(self, post_ids: Sequence[int]) -> PostTable:
         """Stored metadata of ``post_ids`` (``PostTable``), one round trip."""
-        pipe = self._pipeline()
-        at = self._reads.same(pipe, [self.feeds.keys.post(p) for p in post_ids], _META_FIELDS)
-        return post_table(post_ids, self._reads.replies(at, pipe.execute() if len(pipe) else []))
+        with HashReads(self.feeds.client) as reads:
+            at = reads.same([self.feeds.keys.post(p) for p in post_ids], _META_FIELDS)
+            return post_table(post_ids, reads.take(at))
 
     def edge_versions(self, wanted: Mapping[int, Sequence[int]]) -> dict[int, dict[int, int | None]]:
         """``{user: {followee: applied edge version or None}}`` for each user's

@@ -149,3 +149,69 @@ def test_top_followers_are_newer_wins_and_trimmed(stack, key_prefix):
             [b"10", b"8", b"9"]
     finally:
         feed.close()
+
+
+def test_a_batch_hydrate_gives_what_hydrate_gives_per_viewer(store):
+    """``hydrate_batch`` (plain HMGETs written at once, one parse) against ``hydrate``
+    (one pipeline, per-value parse): fresh, expired, absent and decayed values."""
+    store.write([
+        FeatureValue(POST, "101", "like_1h", 3.0, NOW - HOUR),
+        FeatureValue(POST, "102", "view_24h", 40.0, NOW - 49 * HOUR),         # expired
+        FeatureValue(AUTHOR, "45", "posts_7d", 4.0, NOW - HOUR),
+        FeatureValue(VIEWER_AUTHOR, "7:45", AFFINITY, 8.0, NOW - 2 * HALF_LIFE),
+        FeatureValue(VIEWER_AUTHOR, "7:46", AFFINITY, 1.5, NOW - 31 * 24 * HOUR),  # expired
+        FeatureValue(VIEWER_AUTHOR, "8:46", AFFINITY, 5.0, NOW),
+        FeatureValue(VIEWER_MEDIA, "7:VIDEO", AFFINITY, 2.0, NOW - HALF_LIFE),
+        FeatureValue(VIEWER_MEDIA, "8:PHOTO", AFFINITY, 1.0, NOW),
+    ])
+    posts, authors = [101, 102, 103], [45, 46]
+    viewers, viewer_authors = [7, 8, 9], [[45, 46], [46], []]
+    batch = store.hydrate_batch(posts, authors, viewers, viewer_authors, NOW)
+    from schemas.features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES
+
+    one = store.hydrate(None, posts, authors, NOW)
+    for got, want, names in ((batch.posts, one.posts, POST_FEATURES),
+                             (batch.authors, one.authors, AUTHOR_FEATURES)):
+        assert [{n: v for n, v in zip(names, row) if v == v} for row in got.tolist()] == want
+    affinity = []
+    for i, viewer in enumerate(viewers):
+        single = store.hydrate(viewer, (), viewer_authors[i], NOW, author_features=False)
+        affinity += single.author_affinity
+        assert dict(zip(MEDIA_TYPES, batch.content[i].tolist())) == pytest.approx(
+            {m: single.content_affinity.get(m, 0.0) for m in MEDIA_TYPES})
+    assert batch.affinity.tolist() == pytest.approx(affinity)
+    assert affinity == pytest.approx([2.0, 0.0, 5.0])
+
+
+def test_batched_reads_leave_no_reply_behind_on_an_error_or_when_abandoned(stack, key_prefix):
+    """A connection whose replies were not all read never goes back to the pool as it
+    is: the next command on the client gets its own reply."""
+    from redis import ResponseError
+
+    from stores.redis.client import new_client
+    from stores.redis.multiread import HashReads
+
+    client = new_client(stack.redis_url)
+    try:
+        hashes = [f"{key_prefix}:h{i}" for i in range(50)]
+        for i, key in enumerate(hashes):
+            client.hset(key, mapping={"a": i, "b": -i})
+        client.set(f"{key_prefix}:s", "a string")
+        reads = HashReads(client)
+        at = reads.same(hashes, ["b", "absent", "a"])
+        picked = reads.pick(hashes[:3], ["a", "b"], [1, 0, 0], [0, 2, 2, 3])
+        assert reads.send().take(at) == [[str(-i).encode(), None, str(i).encode()]
+                                         for i in range(50)]
+        assert reads.take(picked) == [[b"0", b"0"], [], [b"2"]]
+        broken = HashReads(client)
+        broken.same([*hashes[:5], f"{key_prefix}:s", *hashes[5:]], ["a"])
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            broken.replies()
+        assert client.get(f"{key_prefix}:s") == b"a string"
+        with HashReads(client) as abandoned:
+            abandoned.same(hashes, ["a", "b"])
+            abandoned.send()
+        assert client.get(f"{key_prefix}:s") == b"a string"
+        assert client.hget(hashes[3], "a") == b"3"
+    finally:
+        client.close()

@@ -493,3 +493,16 @@ def test_remembered_posts_join_a_request_while_young():
     assert out.new_posts == (Candidate(70, 4, T0 - 9, "PHOTO"), Candidate(71, 5, T0 - 5, "REEL"))
     assert out._replace(new_posts=()) == request._replace(new_posts=())
     assert _with_carried(request, {}, T0) is request
+
+
+def test_the_packed_sort_key_orders_as_lexsort_and_falls_back_to_it():
+    from domain.ranking import _order
+
+    rng = np.random.default_rng(4)
+    group, major, minor = rng.integers(0, 50, 2000), rng.integers(0, 300, 2000), \
+        rng.integers(0, 3, 2000)
+    expected = np.lexsort((minor, major, group))
+    for majors in (300, 1 << 60):   # the key fits; it would not: lexsort itself
+        got = _order(major, minor, group, majors, 3, 50)
+        keys = np.stack([group, major, minor])
+        assert (keys[:, got] == keys[:, expected]).all()
