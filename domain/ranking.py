@@ -312,15 +312,20 @@ class Debounce:
     average and never more than ``burst`` times in a row. ``burst=1`` is a
     plain cool-down of ``interval_ms`` after each refresh.
 
+    The defaults (250 ms, 2 s, 5) keep the change-to-ranked-feed p99 under 2 s
+    at 300 refreshes/s and more (docs/benchmarks.md, "Ranking"); the ones
+    before (500 ms, 5 s, 3) spent less refresh work on users who change all
+    the time, and their p99 was 3.4-4.5 s, all of it waiting for a token.
+
     The bucket is one number per user, ``full_at``: when it will be full again
     (a full bucket needs no state, so the queue forgets users once they are
     past it). ``stores.redis.refresh_queue`` applies these rules in Redis;
     ``simulate_debounce`` is the same rule with a perfect clock.
     """
 
-    settle_ms: int = 500
-    interval_ms: int = 5_000
-    burst: int = 3
+    settle_ms: int = 250
+    interval_ms: int = 2_000
+    burst: int = 5
 
     def __post_init__(self):
         if self.settle_ms < 0 or self.interval_ms < 1 or self.burst < 1:

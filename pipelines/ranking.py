@@ -2,7 +2,7 @@
 
     python -m pipelines.ranking --runner=PrismRunner --prism_location=<prism> \\
         --environment_type=LOOPBACK --streaming --model_dir .state/models \\
-        [--settle_s 0.5 --debounce_s 5 --max_candidates 200 --top_k 20 --max_per_author 3]
+        [--settle_s 0.25 --debounce_s 2 --max_candidates 200 --top_k 20 --max_per_author 3]
 
 Reads post, engagement and follow events (consumer group ``feedbeam-ranking``)
 and, through ``RefreshRankedFeeds``, queues a refresh of each user they concern
