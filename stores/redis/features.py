@@ -401,30 +401,39 @@ class PendingFeatures:
 
     def result(self) -> BatchFeatures:
         """The replies of both halves, parsed into ``BatchFeatures`` (see
-        ``hydrate_batch``): every stored value of the batch in one parse."""
+        ``hydrate_batch``): every value of the batch in one parse."""
         store, now = self._store, self._now_ms
         ttl, hl = store.ttls, store.half_life_ms
+        affinity_at, content_at = self._viewer_at
         try:
             viewer = self._viewer_reads.replies()
             entity = self._entity_reads.replies() if self._entity_reads is not None else []
         finally:
             self.close()
-        parts = [(entity, self._entity_at[0], ttl.post_ms, None, np.nan),
-                 (entity, self._entity_at[1], ttl.author_ms, None, np.nan),
-                 (viewer, self._viewer_at[0], ttl.viewer_author_ms, hl, 0.0),
-                 (viewer, self._viewer_at[1], ttl.viewer_media_ms, hl, 0.0)]
-        flat = [list(chain.from_iterable(replies[at])) for replies, at, *_ in parts]
-        values, valid_at = parse_stamped([v or _ABSENT for v in chain.from_iterable(flat)])
-        out, start = [], 0
-        for (_, _, ttl_ms, half_life_ms, missing), some in zip(parts, flat):
-            end = start + len(some)
-            out.append(_fresh(values[start:end], valid_at[start:end], now, ttl_ms,
-                              half_life_ms, missing))
-            start = end
-        posts, authors, affinity, content = out
+        posts, authors, affinity, content = _parsed(
+            [entity[self._entity_at[0]], entity[self._entity_at[1]], viewer[affinity_at],
+             viewer[content_at]], now,
+            (ttl.post_ms, ttl.author_ms, ttl.viewer_author_ms, ttl.viewer_media_ms),
+            (None, None, hl, hl), (np.nan, np.nan, 0.0, 0.0))
         return BatchFeatures(posts.reshape(-1, len(POST_FEATURES)),
                              authors.reshape(-1, len(AUTHOR_FEATURES)), affinity,
                              content.reshape(-1, len(MEDIA_TYPES)))
+
+
+def _parsed(groups, now_ms: int, ttl_ms, half_life_ms, missing) -> list[np.ndarray]:
+    """The values of groups of HMGET replies, parsed in one pass, an array per group:
+    fresh ones (decayed when the group's half-life is not None), the group's
+    ``missing`` for absent or expired ones; ``ttl_ms``, ``half_life_ms`` and
+    ``missing`` have one entry per group."""
+    flat = [[v or _ABSENT for v in chain.from_iterable(g)] for g in groups]
+    values, valid_at = parse_stamped(list(chain.from_iterable(flat)))
+    out, start = [], 0
+    for some, ttl, half_life, absent in zip(flat, ttl_ms, half_life_ms, missing):
+        end = start + len(some)
+        out.append(_fresh(values[start:end], valid_at[start:end], now_ms, ttl, half_life,
+                          absent))
+        start = end
+    return out
 
 __all__ = ["OnlineFeatureStore", "PendingFeatures", "CandidateFeatures", "decode", "fresh_fields",
            "fresh_value", "parse_stamped", "DEFAULT_CHUNK"]

@@ -62,7 +62,8 @@ class HashReads:
         self._slots: list = []  # per reply: a key to read, or _NOTHING
         self._commands: list[tuple] = []  # a cluster's, run at send
         self._conn = None
-        self._replies: list | None = None
+        self._sent = False
+        self._got: list = []  # the replies read so far, in order
 
     def __enter__(self) -> "HashReads":
         return self
@@ -139,17 +140,18 @@ class HashReads:
 
     def send(self) -> "HashReads":
         """Write every queued HMGET (a cluster runs them now); at most once."""
-        if self._conn is not None or self._replies is not None:
+        if self._sent:
             raise RuntimeError("HashReads.send: already sent")
+        self._sent = True
         if self._cluster:
             pipe = self.client.pipeline()
             for command in self._commands:
                 pipe.execute_command(*command)
             replies = iter(pipe.execute() if self._commands else ())
-            self._replies = [[] if s is _NOTHING else next(replies) for s in self._slots]
+            self._got = [[] if s is _NOTHING else next(replies) for s in self._slots]
             return self
         if not self._packed:
-            self._replies = [[] for _ in self._slots]
+            self._got = [[] for _ in self._slots]
             return self
         pool = self.client.connection_pool
         conn = pool.get_connection()
@@ -164,29 +166,31 @@ class HashReads:
         return self
 
     def replies(self) -> list[list]:
-        """Every reply, in the order queued (read off the connection on first call)."""
-        if self._replies is None:
-            if self._conn is None:
-                self.send()
-            if self._replies is None:
-                self._replies = self._read()
-        return self._replies
+        """Every reply, in the order queued (sending first if not sent)."""
+        return self.take(slice(0, len(self._slots)))
 
     def take(self, where: slice) -> list[list]:
-        """The replies (lists of values or None) of the group queued at ``where``."""
-        return self.replies()[where]
+        """The replies (lists of values or None) of the group queued at ``where``,
+        reading off the connection no further than its end: a caller taking a large
+        group in parts works on the first while Redis still answers the rest."""
+        if not self._sent:
+            self.send()
+        self._read_to(where.stop)
+        return self._got[where]
 
-    def _read(self) -> list[list]:
-        conn, self._conn = self._conn, None
-        pool = self.client.connection_pool
+    def _read_to(self, stop: int) -> None:
+        got, slots, conn = self._got, self._slots, self._conn
+        if conn is None or len(got) >= stop:
+            return
         try:
-            out = [[] if s is _NOTHING else conn.read_response() for s in self._slots]
+            while len(got) < stop:
+                got.append([] if slots[len(got)] is _NOTHING else conn.read_response())
         except BaseException:
-            conn.disconnect()  # replies may be left unread: never reuse it
-            pool.release(conn)
+            self.close()  # replies may be left unread: never reuse it
             raise
-        pool.release(conn)
-        return out
+        if len(got) == len(slots):
+            self._conn = None
+            self.client.connection_pool.release(conn)
 
     def close(self) -> None:
         """Give the connection back; one with replies unread is dropped first."""
