@@ -439,16 +439,15 @@ def _order(major: np.ndarray, minor: np.ndarray, group: np.ndarray, majors: int,
     return np.argsort(key)
 
 
-def _newest_first(user: np.ndarray, created: np.ndarray, post: np.ndarray,
+def _newest_first(user: np.ndarray, created: np.ndarray, post_rank: np.ndarray, posts: int,
                   users: int) -> np.ndarray:
     """The order of rows by user, then newest first (creation time, then post id,
-    both descending); (user, post) pairs are unique."""
+    both descending; ``post_rank``: each row's post id's rank among ``posts``
+    distinct ones); (user, post) pairs are unique."""
     if not len(user):
         return np.zeros(0, np.intp)
-    ids, post_rank = np.unique(post, return_inverse=True)
     span = int(created.max()) - int(created.min()) + 1
-    return _order(int(created.max()) - created, len(ids) - 1 - post_rank, user, span, len(ids),
-                  users)
+    return _order(int(created.max()) - created, posts - 1 - post_rank, user, span, posts, users)
 
 
 def select_candidates(users: Sequence[int], pushed: Sequence[Sequence[int]],
@@ -495,13 +494,14 @@ def select_candidates(users: Sequence[int], pushed: Sequence[Sequence[int]],
     idx = np.flatnonzero(keep)
     # One row per (user, post): the first source wins (pushed, then pulled, then triggers).
     posts_seen, post_rank = np.unique(row_post[idx], return_inverse=True)
-    idx = idx[_order(post_rank, row_source[idx], row_user[idx], len(posts_seen), 3, n)]
+    order = _order(post_rank, row_source[idx], row_user[idx], len(posts_seen), 3, n)
+    idx, post_rank = idx[order], post_rank[order]
     first = np.ones(len(idx), bool)
     first[1:] = ((row_user[idx][1:] != row_user[idx][:-1])
                  | (row_post[idx][1:] != row_post[idx][:-1]))
-    idx = idx[first]
+    idx, post_rank = idx[first], post_rank[first]
     # Newest first per user (creation time, then post id); the first max_candidates.
-    idx = idx[_newest_first(row_user[idx], row_created[idx], row_post[idx], n)]
+    idx = idx[_newest_first(row_user[idx], row_created[idx], post_rank, len(posts_seen), n)]
     starts = np.searchsorted(row_user[idx], np.arange(n + 1))
     rank = np.arange(len(idx)) - np.repeat(starts[:-1], np.diff(starts))
     idx = idx[rank < policy.max_candidates]

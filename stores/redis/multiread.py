@@ -59,7 +59,7 @@ class HashReads:
         self.client = client
         self._cluster = isinstance(client, RedisCluster)
         self._packed: list[bytes] = []
-        self._slots: list = []  # per reply: a key to read, or _NOTHING
+        self._slots: list = []  # per reply: True (read it) or _NOTHING
         self._commands: list[tuple] = []  # a cluster's, run at send
         self._conn = None
         self._sent = False
@@ -78,10 +78,10 @@ class HashReads:
             self._slots.extend(_NOTHING for _ in keys)
         elif self._cluster:
             self._commands.extend(("HMGET", k, *fields) for k in keys)
-            self._slots.extend(keys)
+            self._slots.extend(True for _ in keys)
         elif keys:
             self._packed.append(_pack_same(keys, fields))
-            self._slots.extend(keys)
+            self._slots.extend(True for _ in keys)
         return slice(start, len(self._slots))
 
     def each(self, keys: Sequence, fields: Sequence[Sequence]) -> slice:
@@ -94,10 +94,10 @@ class HashReads:
                 self._slots.append(_NOTHING)
             elif self._cluster:
                 self._commands.append(("HMGET", key, *names))
-                self._slots.append(key)
+                self._slots.append(True)
             else:
                 self._packed.append(pack(("HMGET", key, *names)))
-                self._slots.append(key)
+                self._slots.append(True)
         return slice(start, len(self._slots))
 
     def pick(self, keys: Sequence, names: Sequence, index: Sequence[int],
@@ -123,7 +123,7 @@ class HashReads:
             key = _bytes(key)
             out.append(b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n%b\r\n" % (b - a + 2, len(key), key))
             out.append(b"".join(fields[a:b]))
-            self._slots.append(key)
+            self._slots.append(True)
         return slice(start, len(self._slots))
 
     def calls(self, commands: Sequence[Sequence]) -> slice:
