@@ -604,6 +604,20 @@ def applied_through(state_dir: Path, ends: dict, drained_at: int) -> bool:
     return all(restart.get(tp, 0) >= end for tp, end in ends.items() if end > 0)
 
 
+def _string_fields(key: str, blob: bytes) -> dict[bytes, bytes]:
+    """A feature string (a post's or author's slots, a viewer's affinity records) as
+    the hash fields it replaced (``value@stamp``)."""
+    from schemas.features import AUTHOR_FEATURES, POST_FEATURES
+    from stores.redis import affinities, slots
+
+    if ":feat:post." in key or ":feat:author." in key:
+        names = POST_FEATURES if ":feat:post." in key else AUTHOR_FEATURES
+        return {n.encode(): f"{v!r}@{s}".encode() for n, (v, s) in slots.fields(names, blob).items()}
+    authors, values, stamps = affinities.unpack(blob)
+    return {str(a).encode(): f"{v!r}@{s}".encode()
+            for a, v, s in zip(authors.tolist(), values.tolist(), stamps.tolist())}
+
+
 def compare_redis(settings: StackSettings, a: str, b: str) -> dict:
     """Every key of prefix ``a`` against prefix ``b``: feature values to 1e-9 (their stamps
     separately), zset members and scores, anything else exactly."""
@@ -634,9 +648,12 @@ def compare_redis(settings: StackSettings, a: str, b: str) -> dict:
                     pipe.hgetall(prefix + key)
                 elif kind == b"zset":
                     pipe.zrange(prefix + key, 0, -1, withscores=True)
+                elif kind == b"string" and ":feat:" in key:  # slots or affinity records
+                    pipe.get(prefix + key)
                 else:
                     pipe.dump(prefix + key)
-            got[prefix] = pipe.execute()
+            got[prefix] = [_string_fields(key, v) if isinstance(v, bytes) and ":feat:" in key
+                           else v for key, v in zip(chunk, pipe.execute())]
         for key, x, y in zip(chunk, got[a], got[b]):
             report["values"] += 1
             if isinstance(x, dict) and ":feat:" in key and isinstance(y, dict):

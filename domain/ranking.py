@@ -501,14 +501,21 @@ def select_candidates(users: Sequence[int], pushed: Sequence[Sequence[int]],
                  | (row_post[idx][1:] != row_post[idx][:-1]))
     idx, post_rank = idx[first], post_rank[first]
     # Newest first per user (creation time, then post id); the first max_candidates.
-    idx = idx[_newest_first(row_user[idx], row_created[idx], post_rank, len(posts_seen), n)]
+    newest = _newest_first(row_user[idx], row_created[idx], post_rank, len(posts_seen), n)
+    idx, post_rank = idx[newest], post_rank[newest]
     starts = np.searchsorted(row_user[idx], np.arange(n + 1))
     rank = np.arange(len(idx)) - np.repeat(starts[:-1], np.diff(starts))
-    idx = idx[rank < policy.max_candidates]
+    kept = rank < policy.max_candidates
+    idx, post_rank = idx[kept], post_rank[kept]
+    # The distinct posts of the rows left, from the ranks (no second sort).
+    used = np.zeros(len(posts_seen), bool)
+    used[post_rank] = True
+    renumber = np.cumsum(used) - 1
     return CandidateColumns(
         users=tuple(users), offsets=np.searchsorted(row_user[idx], np.arange(n + 1)),
         post_id=row_post[idx], author_id=row_author[idx], created_at=row_created[idx],
-        media=row_media[idx], pulled=row_source[idx] == 1, unstored=row_unstored[idx])
+        media=row_media[idx], pulled=row_source[idx] == 1, unstored=row_unstored[idx],
+        posts=posts_seen[used], post_at=renumber[post_rank])
 
 
 def recency_scores(candidates: Sequence[Candidate]) -> np.ndarray:

@@ -100,18 +100,22 @@ def viewer_columns(out: np.ndarray, author_affinity: np.ndarray, media_affinity:
                    row_viewer: np.ndarray, media_code: np.ndarray) -> None:
     """Fill ``out``'s columns of the viewer's affinities (``feature_block``'s
     arguments)."""
-    col = _VIEWER_AT
-    per_media = np.nan_to_num(np.asarray(media_affinity, dtype=np.float64))
-    known = media_code >= 0
-    mine = np.where(known, per_media[row_viewer, np.where(known, media_code, 0)], 0.0)
+    col, types = _VIEWER_AT, len(MEDIA_TYPES)
+    # Per viewer and media type (a last column of 0.0 for an unknown type): the
+    # affinity and its share, worked out once per viewer, then gathered per row.
+    per_media = np.zeros((len(media_affinity), types + 1))
+    per_media[:, :types] = np.nan_to_num(np.asarray(media_affinity, dtype=np.float64))
     total = np.zeros(len(per_media))
-    for j in range(len(MEDIA_TYPES)):  # in order, as a sum over the types
+    for j in range(types):  # in order, as a sum over the types
         total += per_media[:, j]
-    total = total[row_viewer]
-    out[:, col] = np.nan_to_num(np.asarray(author_affinity, dtype=np.float64))
-    out[:, col + 1] = mine
     with np.errstate(invalid="ignore", divide="ignore"):
-        out[:, col + 2] = np.where(total > 0, mine / total, np.nan)
+        share = np.where(total[:, None] > 0, per_media / total[:, None], np.nan)
+    cell = np.asarray(row_viewer) * (types + 1) + np.where(media_code >= 0, media_code, types)
+    block = np.empty((len(cell), 3))  # the three columns side by side: one write into out
+    block[:, 0] = np.nan_to_num(np.asarray(author_affinity, dtype=np.float64))
+    block[:, 1] = per_media.ravel()[cell]
+    block[:, 2] = share.ravel()[cell]
+    out[:, col:col + 3] = block
 
 
 def online_columns(post_features: Sequence[Mapping[str, float]],

@@ -9,6 +9,17 @@ Why this layout: docs/architecture.md, "Redis key layout".
 from __future__ import annotations
 
 import dataclasses
+import zlib
+
+from schemas.features import AUTHOR_FEATURES, POST_FEATURES
+
+
+def layout_tag(names: tuple[str, ...]) -> str:
+    """A short name of a feature layout (its names in order) for the keys holding it."""
+    return f"{zlib.crc32(','.join(names).encode()):08x}"
+
+
+_POST_TAG, _AUTHOR_TAG = layout_tag(POST_FEATURES), layout_tag(AUTHOR_FEATURES)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -158,18 +169,23 @@ class KeyLayout:
     # -- features (online copy, with TTLs) -------------------------------------
 
     def post_features(self, post_id: int) -> str:
-        """HASH: features of a post; field = feature name (e.g. ``like_1h``), value
-        ``<number>@<write stamp us>`` (read and written by ``OnlineFeatureStore``)."""
-        return f"{self.prefix}:feat:post:{{p:{post_id}}}"
+        """STRING: features of a post, a 16-byte slot (value, write stamp) per name of
+        ``POST_FEATURES`` (``stores.redis.slots``; read and written by
+        ``OnlineFeatureStore``). The key names the layout (``layout_tag``), so a
+        change to the names starts new keys. (Before 2026-12-06 a hash at
+        ``feat:post``.)"""
+        return f"{self.prefix}:feat:post.{_POST_TAG}:{{p:{post_id}}}"
 
     def author_features(self, author_id: int) -> str:
-        """HASH: features of an author; field = feature name, value ``<number>@<stamp>``."""
-        return f"{self.prefix}:feat:author:{{u:{author_id}}}"
+        """STRING: features of an author, a slot per name of ``AUTHOR_FEATURES`` (as
+        ``post_features``)."""
+        return f"{self.prefix}:feat:author.{_AUTHOR_TAG}:{{u:{author_id}}}"
 
     def author_affinity(self, viewer_id: int) -> str:
-        """HASH: viewer-author affinity; field = author_id, value = ``<score>@<stamp>``, the
-        score decayed to its valid_at (one HMGET per candidate set)."""
-        return f"{self.prefix}:feat:aff_author:{{u:{viewer_id}}}"
+        """STRING: the viewer's author affinities, 24-byte records sorted by author (author,
+        score decayed to its valid_at, write stamp; ``stores.redis.affinities``): one GET
+        per viewer of a ranking batch. (Before 2026-12-06 a hash at ``feat:aff_author``.)"""
+        return f"{self.prefix}:feat:aff_authors:{{u:{viewer_id}}}"
 
     def content_affinity(self, viewer_id: int) -> str:
         """HASH: viewer content-type affinity; field = media type (``PHOTO``...), value =

@@ -189,7 +189,10 @@ class CandidateColumns(NamedTuple):
     """The candidates of a batch of users, one row per candidate: ``users[i]``'s
     rows are ``offsets[i]:offsets[i + 1]``, newest first (``Candidate``'s fields
     as arrays). ``unstored``: the row is a post only a trigger carried, the store
-    holding no metadata of it (the fan-out has not written it yet); None: unknown."""
+    holding no metadata of it (the fan-out has not written it yet); None: unknown.
+    ``posts`` and ``post_at``: the distinct post ids, sorted, and each row's index
+    in them (``np.unique(post_id, return_inverse=True)``, which the selection
+    works out anyway); None: not given."""
 
     users: tuple[int, ...]
     offsets: np.ndarray
@@ -199,6 +202,14 @@ class CandidateColumns(NamedTuple):
     media: np.ndarray
     pulled: np.ndarray
     unstored: np.ndarray | None = None
+    posts: np.ndarray | None = None
+    post_at: np.ndarray | None = None
+
+    def distinct_posts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(posts, post_at)``: the distinct post ids, sorted, and each row's index in them."""
+        if self.posts is not None and self.post_at is not None:
+            return self.posts, self.post_at
+        return np.unique(self.post_id, return_inverse=True)
 
     def of(self, i: int) -> list[Candidate]:
         """``users[i]``'s candidates as ``Candidate`` records."""

@@ -314,24 +314,21 @@ class FeedRanker:
     def feature_rows(self, cols: CandidateColumns, now_ms: int) -> np.ndarray:
         """The ``FEATURE_NAMES`` rows of every candidate of the batch.
 
-        Each distinct post, author and (viewer, author) pair is read once (posts
-        and authors not at all while cached), and rows are gathered from those
-        by index, so the work per candidate is NumPy's. The viewers' reads go
-        to Redis first (``OnlineFeatureStore.send_viewers``), then the reads of
-        the posts and authors not cached; the rest is worked out while Redis
+        Each distinct post and author is read once (not at all while cached),
+        each viewer's affinities once, and rows are gathered from those by
+        index, so the work per candidate is NumPy's. The viewers' reads go to
+        Redis first (``OnlineFeatureStore.send_viewers``), then the reads of the
+        posts and authors not cached; the rest is worked out while Redis
         answers.
         """
-        users = len(cols.users)
         row_user = _row_users(cols)
-        posts, post_at = np.unique(cols.post_id, return_inverse=True)
+        posts, post_at = cols.distinct_posts()
         some_row = np.empty(len(posts), np.intp)
         some_row[post_at] = np.arange(len(post_at))  # any row of a post: all carry its fields
         authors, post_author = np.unique(cols.author_id[some_row], return_inverse=True)
-        width = max(len(authors), 1)
-        pairs, pair_at = np.unique(row_user * width + post_author[post_at], return_inverse=True)
-        bounds = np.searchsorted(pairs // width, np.arange(users + 1))
-        with self.features.send_viewers(list(cols.users), authors.tolist(), pairs % width,
-                                        bounds, now_ms) as pending:
+        # Each row's affinity of its viewer to its author, found in the viewer's records.
+        with self.features.send_viewers(list(cols.users), authors, post_author[post_at],
+                                        cols.offsets, now_ms) as pending:
             post_rows, post_missing = self._post_rows.get(posts)
             author_rows, author_missing = self._author_rows.get(authors)
             pending.send_entities(posts[post_missing].tolist(), authors[author_missing].tolist())
@@ -347,7 +344,7 @@ class FeedRanker:
         candidate_columns(per_post, post_rows, author_rows[post_author], media,
                           now_ms - cols.created_at[some_row])
         out = per_post[post_at]
-        viewer_columns(out, f.affinity[pair_at], f.content, row_user, media[post_at])
+        viewer_columns(out, f.affinity, f.content, row_user, media[post_at])
         return out
 
     def social_rows(self, cols: CandidateColumns, now_ms: int,

@@ -1,11 +1,14 @@
 """The online (Redis) copy of engagement features, for the features pipeline, ranking and serving.
 
 ``OnlineFeatureStore`` is the one place that reads and writes the feature keys
-of ``schemas.keys.KeyLayout``: one hash per entity, each field
-``"<value>@<write stamp us>"``. Writes are newer-wins per field and refresh a
-TTL per entity type; reads drop values older than that TTL and decay
-affinities to ``now_ms``; each call is one round trip. Layout and rules:
-docs/architecture.md, "Stores".
+of ``schemas.keys.KeyLayout``, one key per entity: a post's or an author's
+features one string of a slot per feature name (``stores.redis.slots``), a
+viewer's author affinities one string of records sorted by author
+(``stores.redis.affinities``), its media affinities a hash of
+``"<value>@<write stamp us>"`` fields. Each value carries its write stamp.
+Writes are newer-wins per value and refresh a TTL per entity type; reads drop
+values older than that TTL and decay affinities to ``now_ms``; each call is one
+round trip. Layout and rules: docs/architecture.md, "Stores".
 
     store = OnlineFeatureStore.from_url("redis://127.0.0.1:6379/0")
     store.write([FeatureValue("post", "101", "like_1h", 3.0, valid_at_ms=1_700_000_000_000)])
@@ -21,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from stores.redis import affinities, slots
 from stores.redis.client import chunks, new_client
 from schemas.features import (
     AUTHOR,
@@ -121,17 +125,6 @@ def fresh_fields(raw: Mapping[bytes | str, bytes | str], now_ms: int, ttl_ms: in
     return out
 
 
-def fresh_value(stored: bytes | str | None, now_ms: int, ttl_ms: int,
-                half_life_ms: int | None = None) -> float | None:
-    """One stored field read like ``fresh_fields``; None when absent or too old."""
-    if stored is None:
-        return None
-    value, valid_at = decode(stored)
-    if now_ms - valid_at > ttl_ms:
-        return None
-    return value if half_life_ms is None else decay(value, valid_at, now_ms, half_life_ms)
-
-
 def _unique(ids: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(ids))
 
@@ -197,6 +190,8 @@ class OnlineFeatureStore:
         self.half_life_ms = half_life_ms
         self.chunk_size = chunk_size
         self._write_newer = client.register_script(_WRITE_NEWER)
+        self._merge_affinities = client.register_script(affinities.MERGE)
+        self._merge_slots = client.register_script(slots.MERGE)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "fb", ttls: FeatureTTLs | None = None,
@@ -233,20 +228,36 @@ class OnlineFeatureStore:
         """Store ``values`` newer-wins; returns how many fields were written (older or
         equal ones are skipped). Within ``values`` the order does not matter: only the
         winner of each (entity, name) is sent."""
-        by_key: dict[str, tuple[int, dict[str, tuple[int, float]]]] = {}
+        by_key: dict[str, tuple[str, dict[str, tuple[int, float]]]] = {}
         for v in values:
             key, field = self.key_and_field(v)
             entry = by_key.get(key)
             if entry is None:
-                entry = by_key[key] = (self.ttls.of(v.entity_type), {})
+                entry = by_key[key] = (v.entity_type, {})
             candidate = (v.write_stamp_us, float(v.value))
             held = entry[1].get(field)
             if held is None or candidate > held:
                 entry[1][field] = candidate
         written = 0
+        affinity_ttl_us = self.ttls.viewer_author_ms * 1000
         for chunk in chunks(list(by_key.items()), self.chunk_size):
             pipe = self._pipeline()
-            for key, (ttl_ms, fields) in chunk:
+            for key, (entity_type, fields) in chunk:
+                ttl_ms = self.ttls.of(entity_type)
+                if entity_type == VIEWER_AUTHOR:  # one string of records per viewer
+                    stamps = [stamp for stamp, _ in fields.values()]
+                    records = affinities.pack([int(a) for a in fields],
+                                              [value for _, value in fields.values()], stamps)
+                    self._merge_affinities(
+                        keys=[key], client=pipe,
+                        args=[ttl_ms, records, max(stamps) - affinity_ttl_us,
+                              affinities.PRUNE_AT])
+                    continue
+                names = _SLOT_NAMES.get(entity_type)
+                if names is not None:  # one string of a slot per feature name
+                    self._merge_slots(keys=[key], client=pipe, args=slots.merge_args(
+                        names, ttl_ms, {f: (value, stamp) for f, (stamp, value) in fields.items()}))
+                    continue
                 args: list = [ttl_ms]
                 for field, (stamp, value) in fields.items():
                     args += (field, repr(value), stamp)  # repr round-trips a float exactly
@@ -289,26 +300,30 @@ class OnlineFeatureStore:
         posts, authors = _unique(post_ids), _unique(author_ids)
         pipe = self._pipeline()
         for pid in posts:
-            pipe.hgetall(k.post_features(pid))
+            pipe.get(k.post_features(pid))
         if author_features:
             for aid in authors:
-                pipe.hgetall(k.author_features(aid))
+                pipe.get(k.author_features(aid))
         with_viewer = viewer_id is not None
         if with_viewer:
             if authors:
-                pipe.hmget(k.author_affinity(viewer_id), [str(a) for a in authors])
+                pipe.get(k.author_affinity(viewer_id))
             pipe.hgetall(k.content_affinity(viewer_id))
         replies: Iterable = iter(pipe.execute() if len(pipe) else ())
-        post_map = {pid: fresh_fields(next(replies), now_ms, ttl.post_ms) for pid in posts}
-        author_map = ({aid: fresh_fields(next(replies), now_ms, ttl.author_ms) for aid in authors}
+        post_map = dict(zip(posts, _slot_dicts(POST_FEATURES, [next(replies) for _ in posts],
+                                               now_ms, ttl.post_ms)))
+        author_map = (dict(zip(authors, _slot_dicts(AUTHOR_FEATURES,
+                                                    [next(replies) for _ in authors],
+                                                    now_ms, ttl.author_ms)))
                       if author_features else {})
         affinity_map: dict[int, float] = {}
         content: dict[str, float] = {}
         if with_viewer:
             if authors:
-                for aid, stored in zip(authors, next(replies)):
-                    value = fresh_value(stored, now_ms, ttl.viewer_author_ms, hl)
-                    affinity_map[aid] = 0.0 if value is None else value
+                values, stamps = affinities.lookup([next(replies)], authors,
+                                                   range(len(authors)), (0, len(authors)))
+                fresh = _fresh(values, stamps // 1000, now_ms, ttl.viewer_author_ms, hl, 0.0)
+                affinity_map = dict(zip(authors, fresh.tolist()))
             content = fresh_fields(next(replies), now_ms, ttl.viewer_media_ms, hl)
         return CandidateFeatures(
             posts=[dict(post_map[pid]) for pid in post_ids],
@@ -326,10 +341,10 @@ class OnlineFeatureStore:
         ``viewer_authors`` (flattened in order) and to each media type.
 
         The same values as ``hydrate`` (fresh only, affinities decayed to
-        ``now_ms``), read as plain HMGETs written at once (``HashReads``) and
-        parsed for all of them at once. Ids are expected unique within each
-        list. ``send_viewers`` is the same in parts, for a caller that works
-        while Redis reads.
+        ``now_ms``), read as plain HMGETs and GETs written at once
+        (``HashReads``) and parsed for all of them at once. ``post_ids`` and
+        ``author_ids`` are expected unique. ``send_viewers`` is the same in
+        parts, for a caller that works while Redis reads.
         """
         names = list(dict.fromkeys(a for some in viewer_authors for a in some))
         at = {a: j for j, a in enumerate(names)}
@@ -342,18 +357,19 @@ class OnlineFeatureStore:
     def send_viewers(self, viewers: Sequence[int], authors: Sequence[int], index: Sequence[int],
                      bounds: Sequence[int], now_ms: int) -> "PendingFeatures":
         """The viewers' half of ``hydrate_batch`` written to Redis now: each viewer's
-        media affinities and its affinity to ``authors[j]`` for each ``j`` in
-        ``index[bounds[i]:bounds[i + 1]]`` (``HashReads.pick``). Add the posts' and
-        authors' half with ``send_entities``; ``result()`` reads and parses both.
-        Close what it returns (or use it as a context manager) if ``result()`` is
-        never called."""
+        media affinities (an HMGET) and its author affinities (its string of
+        records: one MGET for the batch). ``result()`` gives viewer ``i``'s
+        affinity to ``authors[j]`` for each ``j`` in ``index[bounds[i]:bounds[i +
+        1]]`` (repeats allowed; sorted distinct ``authors`` spare a
+        ``np.unique``). Add the posts' and authors' half with ``send_entities``;
+        ``result()`` reads and parses both. Close what it returns (or use it as
+        a context manager) if ``result()`` is never called."""
         k = self.keys
         reads = HashReads(self.client)
-        keys = [k.author_affinity(v) for v in viewers]
-        at = (reads.pick(keys, authors, index, bounds),
+        at = (reads.strings([k.author_affinity(v) for v in viewers]),
               reads.same([k.content_affinity(v) for v in viewers], MEDIA_TYPES))
         reads.send()
-        return PendingFeatures(self, reads, at, now_ms)
+        return PendingFeatures(self, reads, at, now_ms, (authors, index, bounds))
 
     # -- tests and tools ------------------------------------------------------------
 
@@ -361,6 +377,13 @@ class OnlineFeatureStore:
         """What is stored for one entity (every field, ignoring TTLs): ``{field: (value,
         valid_at_ms)}``. Pair entities return their viewer's whole hash."""
         key, _ = self.key_and_field(FeatureValue(entity_type, entity_id, "", 0.0, 0))
+        if entity_type == VIEWER_AUTHOR:
+            authors, values, stamps = affinities.unpack(self.client.get(key))
+            return {str(a): (v, s // 1000)
+                    for a, v, s in zip(authors.tolist(), values.tolist(), stamps.tolist())}
+        if entity_type in _SLOT_NAMES:
+            return {name: (v, s // 1000) for name, (v, s) in
+                    slots.fields(_SLOT_NAMES[entity_type], self.client.get(key)).items()}
         return {f.decode(): decode(v) for f, v in self.client.hgetall(key).items()}
 
 
@@ -371,8 +394,8 @@ class PendingFeatures:
     connection, so they can be sent once the caller knows which it lacks."""
 
     def __init__(self, store: OnlineFeatureStore, viewer_reads: HashReads,
-                 at: tuple[slice, slice], now_ms: int):
-        self._store, self._now_ms = store, now_ms
+                 at: tuple[slice, slice], now_ms: int, wanted: tuple):
+        self._store, self._now_ms, self._wanted = store, now_ms, wanted
         self._viewer_reads, self._viewer_at = viewer_reads, at
         self._entity_reads: HashReads | None = None
         self._entity_at = (slice(0, 0), slice(0, 0))
@@ -394,9 +417,8 @@ class PendingFeatures:
             raise RuntimeError("PendingFeatures.send_entities: already sent")
         k = self._store.keys
         self._entity_reads = reads = HashReads(self._store.client)
-        self._entity_at = (reads.same([k.post_features(p) for p in post_ids], POST_FEATURES),
-                           reads.same([k.author_features(a) for a in author_ids],
-                                      AUTHOR_FEATURES))
+        self._entity_at = (reads.strings([k.post_features(p) for p in post_ids]),
+                           reads.strings([k.author_features(a) for a in author_ids]))
         reads.send()
 
     def result(self) -> BatchFeatures:
@@ -405,19 +427,44 @@ class PendingFeatures:
         store, now = self._store, self._now_ms
         ttl, hl = store.ttls, store.half_life_ms
         affinity_at, content_at = self._viewer_at
+        entity = self._entity_reads
         try:
             viewer = self._viewer_reads.replies()
-            entity = self._entity_reads.replies() if self._entity_reads is not None else []
+            blobs = self._viewer_reads.take_strings(affinity_at)
+            post_blobs, author_blobs = ([], []) if entity is None else (
+                entity.take_strings(self._entity_at[0]), entity.take_strings(self._entity_at[1]))
         finally:
             self.close()
-        posts, authors, affinity, content = _parsed(
-            [entity[self._entity_at[0]], entity[self._entity_at[1]], viewer[affinity_at],
-             viewer[content_at]], now,
-            (ttl.post_ms, ttl.author_ms, ttl.viewer_author_ms, ttl.viewer_media_ms),
-            (None, None, hl, hl), (np.nan, np.nan, 0.0, 0.0))
+        posts = _fresh(*_slot_arrays(POST_FEATURES, post_blobs), now, ttl.post_ms, None, np.nan)
+        authors = _fresh(*_slot_arrays(AUTHOR_FEATURES, author_blobs), now, ttl.author_ms, None,
+                         np.nan)
+        content, = _parsed([viewer[content_at]], now, (ttl.viewer_media_ms,), (hl,), (0.0,))
+        # Each record made fresh and decayed once, then gathered per pair (0.0: none).
+        records, at = affinities.locate(blobs, *self._wanted)
+        fresh = _fresh(records["value"].astype(np.float64), records["stamp"] // 1000, now,
+                       ttl.viewer_author_ms, hl, 0.0)
+        affinity = np.append(fresh, 0.0)[at]
         return BatchFeatures(posts.reshape(-1, len(POST_FEATURES)),
                              authors.reshape(-1, len(AUTHOR_FEATURES)), affinity,
                              content.reshape(-1, len(MEDIA_TYPES)))
+
+
+#: The entity types held as a string of slots (``stores.redis.slots``), by their names.
+_SLOT_NAMES = {POST: POST_FEATURES, AUTHOR: AUTHOR_FEATURES}
+
+
+def _slot_arrays(names, blobs) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, valid_at_ms)`` of slot strings, each ``(len(blobs), len(names))``."""
+    values, stamps = slots.unpack(blobs, len(names))
+    return values, stamps // 1000
+
+
+def _slot_dicts(names, blobs, now_ms: int, ttl_ms: int) -> list[dict[str, float]]:
+    """A ``{name: value}`` of the fresh slots of each string (a stored NaN included)."""
+    values, valid_at = _slot_arrays(names, blobs)
+    fresh = (valid_at >= now_ms - ttl_ms).tolist()
+    return [{n: v for n, v, keep in zip(names, row, ok) if keep}
+            for row, ok in zip(values.tolist(), fresh)]
 
 
 def _parsed(groups, now_ms: int, ttl_ms, half_life_ms, missing) -> list[np.ndarray]:
@@ -436,4 +483,4 @@ def _parsed(groups, now_ms: int, ttl_ms, half_life_ms, missing) -> list[np.ndarr
     return out
 
 __all__ = ["OnlineFeatureStore", "PendingFeatures", "CandidateFeatures", "decode", "fresh_fields",
-           "fresh_value", "parse_stamped", "DEFAULT_CHUNK"]
+           "parse_stamped", "DEFAULT_CHUNK"]

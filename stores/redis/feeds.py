@@ -1140,7 +1140,8 @@ class RedisFeedStore:
         the meta keys (``KeyLayout.generation``: tokens, not data).
 
         zsets become ``[(member, score), ...]`` sorted by member, hashes sorted
-        dicts, sets sorted lists, strings ``str``. For tests comparing two runs.
+        dicts, sets sorted lists, strings ``str`` (``bytes`` when not UTF-8: the
+        affinity records). For tests comparing two runs.
         """
         meta = self.keys.meta_pattern()[:-1]
         keys = sorted(k for k in map(_text, self.client.scan_iter(match=self.keys.pattern(),
@@ -1169,7 +1170,10 @@ class RedisFeedStore:
         out: dict[str, Any] = {}
         for (key, kind), value in zip(present, pipe.execute()):
             if kind == "string":
-                out[key] = _text(value)
+                try:
+                    out[key] = _text(value)
+                except UnicodeDecodeError:
+                    out[key] = value
             elif kind == "hash":
                 out[key] = dict(sorted((_text(f), _text(v)) for f, v in value.items()))
             elif kind == "zset":

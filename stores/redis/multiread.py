@@ -3,9 +3,11 @@
     reads = HashReads(client)
     first = reads.same(keys, ["like_1h", "view_1h"])     # the same fields of every key
     second = reads.each(keys, [[3, 9], [4]])              # each key its own fields
+    third = reads.strings(string_keys)                    # GETs: one MGET on a single server
     reads.send()                                          # one write on one connection
     ...                                                   # the caller's own work, while Redis reads
     reads.take(first)                                     # [[b"2@...", None], ...]
+    reads.take_strings(third)                             # [b"...", None, ...]
     reads.close()                                         # or use it as a context manager
 
 A refresh batch reads thousands of small hashes (post metadata, post and
@@ -26,9 +28,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import socket
+
 import hiredis
 import numpy as np
 from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 #: A reply that was never sent: ``each`` with no fields for a key (HMGET needs one).
 _NOTHING = object()
@@ -51,6 +56,56 @@ def _pack_same(keys: Sequence, fields: Sequence) -> bytes:
     return b"".join(out)
 
 
+class _SocketReplies:
+    """Replies read straight off a connection's socket by a hiredis reader of our own.
+
+    redis-py's ``read_response`` costs a few microseconds of Python per reply,
+    most of a batch's reading when it has thousands of small replies (a
+    refresh batch's post hashes: 6,000). Here each reply is one ``gets()`` of
+    hiredis. Used only on a RESP2 connection whose own parser holds no bytes
+    (a pooled connection between commands), so the two never share data; an
+    error reply is raised as redis-py's ``ResponseError`` (its message kept),
+    a timeout or a closed socket as its ``TimeoutError`` / ``ConnectionError``.
+    """
+
+    def __init__(self, sock, read_size: int = 1 << 16):
+        self._sock, self._size = sock, read_size
+        self._reader = hiredis.Reader(replyError=ResponseError)
+
+    @classmethod
+    def of(cls, conn) -> "_SocketReplies | bool":
+        """A reader for ``conn``, or False when redis-py must read (RESP3, another
+        parser, bytes already buffered)."""
+        own = getattr(getattr(conn, "_parser", None), "_reader", None)
+        sock = getattr(conn, "_sock", None)
+        if (sock is None or getattr(conn, "protocol", 2) not in (2, "2", None)
+                or own is None or own.has_data()):
+            return False
+        return cls(sock)
+
+    def pending(self) -> bool:
+        """Whether bytes were read beyond the replies taken."""
+        return bool(self._reader.has_data())
+
+    def next(self):
+        reader = self._reader
+        while True:
+            reply = reader.gets()
+            if reply is not False:
+                if isinstance(reply, ResponseError):
+                    raise reply
+                return reply
+            try:
+                chunk = self._sock.recv(self._size)
+            except socket.timeout:
+                raise TimeoutError("Timeout reading batched replies from Redis") from None
+            except OSError as exc:
+                raise ConnectionError(f"Error reading batched replies from Redis: {exc}") from None
+            if not chunk:
+                raise ConnectionError("Redis closed the connection during batched replies")
+            reader.feed(chunk)
+
+
 class HashReads:
     """Many HMGETs of one batch (single use): queue with ``same``/``each``, ``send``,
     then ``take`` the replies of each queued group (see module doc)."""
@@ -64,6 +119,7 @@ class HashReads:
         self._conn = None
         self._sent = False
         self._got: list = []  # the replies read so far, in order
+        self._reader = None  # _SocketReplies, or False: read through redis-py
 
     def __enter__(self) -> "HashReads":
         return self
@@ -138,6 +194,18 @@ class HashReads:
         self._slots.extend(True for _ in commands)
         return slice(start, len(self._slots))
 
+    def strings(self, keys: Sequence) -> slice:
+        """GET of every key: one MGET (one reply) on a single server, a GET each on a
+        cluster (the keys span slots); ``take_strings`` gives the values either way."""
+        if self._cluster:
+            return self.calls([("GET", k) for k in keys])
+        return self.calls([("MGET", *keys)] if len(keys) else [])
+
+    def take_strings(self, where: slice) -> list:
+        """The values (bytes or None) of the keys ``strings`` queued at ``where``."""
+        got = self.take(where)
+        return list(got) if self._cluster else (got[0] if got else [])
+
     def send(self) -> "HashReads":
         """Write every queued HMGET (a cluster runs them now); at most once."""
         if self._sent:
@@ -183,12 +251,18 @@ class HashReads:
         if conn is None or len(got) >= stop:
             return
         try:
+            if self._reader is None:
+                self._reader = _SocketReplies.of(conn)
+            read = self._reader.next if self._reader else conn.read_response
             while len(got) < stop:
-                got.append([] if slots[len(got)] is _NOTHING else conn.read_response())
+                got.append([] if slots[len(got)] is _NOTHING else read())
         except BaseException:
             self.close()  # replies may be left unread: never reuse it
             raise
         if len(got) == len(slots):
+            if self._reader and self._reader.pending():
+                self.close()  # bytes beyond our replies: out of step, never reuse it
+                return
             self._conn = None
             self.client.connection_pool.release(conn)
 

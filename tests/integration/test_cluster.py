@@ -155,8 +155,8 @@ def test_fanout_on_the_flink_cluster(stack, kafka_topic, cassandra_session, keys
 
 
 def test_batched_hash_reads_span_slots(redis_client, key_prefix):
-    """The ranking's batched HMGETs (``HashReads``) name hashes of many slots: on the
-    cluster each goes to its node, and the replies come back in the order queued."""
+    """The ranking's batched HMGETs and GETs (``HashReads``) name keys of many slots: on
+    the cluster each goes to its node, and the replies come back in the order queued."""
     from redis.crc import key_slot
 
     from stores.redis.multiread import HashReads
@@ -165,11 +165,17 @@ def test_batched_hash_reads_span_slots(redis_client, key_prefix):
     assert len({key_slot(k.encode()) for k in keys}) > 10
     for i, key in enumerate(keys):
         redis_client.hset(key, mapping={"a": i, "b": -i})
+    strings = [f"{key_prefix}:s{{h{i}}}" for i in range(40)]
+    for i, key in enumerate(strings[::2]):
+        redis_client.set(key, b"\x80" * i)
     with HashReads(redis_client) as reads:
         same = reads.same(keys, ["b", "a", "absent"])
         each = reads.each(keys, [["a"] if i % 2 else ["b", "a"] for i in range(40)])
         picked = reads.pick(keys[:2], ["a", "b"], [1, 0], [0, 0, 2])
+        values = reads.strings(strings)
         reads.send()
+        assert reads.take_strings(values) == [None if i % 2 else b"\x80" * (i // 2)
+                                              for i in range(40)]
         assert reads.take(same) == [[str(-i).encode(), str(i).encode(), None]
                                     for i in range(40)]
         assert reads.take(each) == [[str(i).encode()] if i % 2 else

@@ -114,7 +114,8 @@ def test_reads_ignore_values_older_than_the_ttl_even_if_redis_holds_them(store, 
         FeatureValue(VIEWER_MEDIA, "7:PHOTO", AFFINITY, 1.0, NOW - TTLS.viewer_media_ms - 1),
     ])
     key = store.keys.post_features(5)
-    assert redis_client.hexists(key, "like_1h")
+    assert store.raw(POST, "5") == {"like_1h": (1.0, NOW - TTLS.post_ms - 1),
+                                    "like_24h": (2.0, NOW - TTLS.post_ms)}
     # Key TTL runs on processing time: set at the write, as long as the entity's TTL.
     assert 0 < redis_client.pttl(key) <= TTLS.post_ms
     got = store.hydrate(7, [5], [45], NOW)
@@ -203,6 +204,11 @@ def test_batched_reads_leave_no_reply_behind_on_an_error_or_when_abandoned(stack
         assert reads.send().take(at) == [[str(-i).encode(), None, str(i).encode()]
                                          for i in range(50)]
         assert reads.take(picked) == [[b"0", b"0"], [], [b"2"]]
+        strings = HashReads(client)
+        got = strings.strings([f"{key_prefix}:s", f"{key_prefix}:none", f"{key_prefix}:s"])
+        assert strings.strings([]) == slice(1, 1)
+        assert strings.send().take_strings(got) == [b"a string", None, b"a string"]
+        strings.close()
         broken = HashReads(client)
         broken.same([*hashes[:5], f"{key_prefix}:s", *hashes[5:]], ["a"])
         with pytest.raises(ResponseError, match="WRONGTYPE"):
@@ -215,3 +221,96 @@ def test_batched_reads_leave_no_reply_behind_on_an_error_or_when_abandoned(stack
         assert client.hget(hashes[3], "a") == b"3"
     finally:
         client.close()
+
+
+def _replayed_in_any_order(store, history, field_of, stored, rng) -> dict:
+    """Write ``history`` in shuffled batches three times over; after each pass what
+    ``stored()`` returns is the newer-wins winner per ``field_of(value)``, and the whole
+    history once more writes nothing. Returns the winners ``{field: (stamp, value)}``."""
+    winner: dict[str, tuple] = {}
+    for v in history:
+        winner[field_of(v)] = max(winner.get(field_of(v), (-1, 0.0)), (v.write_stamp_us, v.value))
+    history = list(history)
+    for _ in range(3):
+        rng.shuffle(history)
+        for start in range(0, len(history), 7):
+            store.write(history[start:start + 7])
+        assert stored() == {f: (value, stamp // 1000) for f, (stamp, value) in winner.items()}
+    assert store.write(history) == 0  # all older or equal: nothing written
+    return winner
+
+
+def test_affinities_merge_newer_wins_per_author_in_one_sorted_string(store, redis_client):
+    """The viewer's affinity string (``stores.redis.affinities``) after random batches of
+    writes, replayed in random orders, equals the newer-wins winner of each author."""
+    rng = random.Random(11)
+    authors = [-7, 0, 3, 45, 1 << 40, (1 << 62) + 5]
+    history = [FeatureValue(VIEWER_AUTHOR, f"9:{rng.choice(authors)}", AFFINITY,
+                            rng.choice([0.5, 1.0, 2.0]), NOW + rng.randrange(5),
+                            version=rng.randrange(2)) for _ in range(60)]
+    winner = _replayed_in_any_order(store, history, lambda v: v.entity_id.split(":")[1],
+                                    lambda: store.raw(VIEWER_AUTHOR, "9:0"), rng)
+    key = store.keys.author_affinity(9)
+    assert redis_client.type(key) == b"string"
+    assert len(redis_client.get(key)) == 24 * len(winner)
+    assert 0 < redis_client.pttl(key) <= TTLS.viewer_author_ms
+    got = store.hydrate(9, (), [3, 99, -7], NOW + 5)
+    assert got.author_affinity == pytest.approx(
+        [winner[a][1] * 2 ** (-(NOW + 5 - winner[a][0] // 1000) / HALF_LIFE) if a in winner
+         else 0.0 for a in ("3", "99", "-7")])
+
+
+def test_a_viewer_past_prune_at_authors_drops_stale_ones_on_the_next_write(store):
+    from stores.redis.affinities import PRUNE_AT
+
+    stale = [FeatureValue(VIEWER_AUTHOR, f"5:{a}", AFFINITY, 1.0, NOW - TTLS.viewer_author_ms - 1)
+             for a in range(0, 2 * PRUNE_AT, 2)]
+    fresh = [FeatureValue(VIEWER_AUTHOR, f"5:{a}", AFFINITY, 1.0, NOW)
+             for a in range(1, PRUNE_AT, 2)]
+    assert store.write(stale[:PRUNE_AT // 2] + fresh) == PRUNE_AT  # at PRUNE_AT: all kept
+    assert len(store.raw(VIEWER_AUTHOR, "5:0")) == PRUNE_AT
+    # Past it: records older than the TTL before the write's newest stamp are dropped.
+    assert store.write(stale[PRUNE_AT // 2:]) == PRUNE_AT // 2
+    assert len(store.raw(VIEWER_AUTHOR, "5:0")) == PRUNE_AT + PRUNE_AT // 2
+    newest = FeatureValue(VIEWER_AUTHOR, f"5:{PRUNE_AT + 1}", AFFINITY, 1.0, NOW)
+    assert store.write(stale[:3] + [newest]) == 1
+    assert sorted(map(int, store.raw(VIEWER_AUTHOR, "5:0"))) == list(range(1, PRUNE_AT + 2, 2))
+
+
+def test_a_torn_affinity_string_is_an_error_not_a_misread(store, redis_client):
+    from redis import ResponseError
+
+    redis_client.set(store.keys.author_affinity(4), b"x" * 25)
+    with pytest.raises(ResponseError, match="24-byte records"):
+        store.write([FeatureValue(VIEWER_AUTHOR, "4:1", AFFINITY, 1.0, NOW)])
+    with pytest.raises(ValueError, match="24-byte records"):
+        store.hydrate(4, (), [1], NOW)
+
+
+def test_post_and_author_features_are_one_string_of_slots_newer_wins(store, redis_client):
+    """Posts and authors (``stores.redis.slots``): a slot per feature name, newer-wins per
+    slot, the string rewritten whole; a name outside the layout and a string of another
+    size are errors, not misreads."""
+    from redis import ResponseError
+
+    from schemas.features import AUTHOR_FEATURES, POST_FEATURES
+
+    history = [FeatureValue(POST, "3", name, float(i), NOW + i, version=i % 3)
+               for i, name in enumerate(POST_FEATURES * 3)]
+    winner = _replayed_in_any_order(store, history, lambda v: v.name,
+                                    lambda: store.raw(POST, "3"), random.Random(5))
+    assert set(winner) == set(POST_FEATURES)
+    key = store.keys.post_features(3)
+    assert redis_client.type(key) == b"string"
+    assert len(redis_client.get(key)) == 16 * len(POST_FEATURES)
+    assert 0 < redis_client.pttl(key) <= TTLS.post_ms
+    store.write([FeatureValue(AUTHOR, "8", AUTHOR_FEATURES[1], 5.0, NOW)])
+    assert store.raw(AUTHOR, "8") == {AUTHOR_FEATURES[1]: (5.0, NOW)}
+    assert store.author_features([8], NOW) == [{AUTHOR_FEATURES[1]: 5.0}]
+    with pytest.raises(ValueError, match="not one of"):
+        store.write([FeatureValue(POST, "3", "likes_forever", 1.0, NOW)])
+    redis_client.set(store.keys.post_features(4), b"x" * 17)
+    with pytest.raises(ResponseError, match="not 12 slots"):
+        store.write([FeatureValue(POST, "4", "like_1h", 1.0, NOW)])
+    with pytest.raises(ValueError, match="not 12 slots"):
+        store.post_features([4], NOW)

@@ -25,13 +25,15 @@ from stores.cassandra.features import CassandraFeatureStore
 from pipelines.io.deadletter import read_dead_letters
 from stores.files.feature_log import point_in_time_join, read_feature_log
 from stores.kafka import offsets as kafka_offsets
+from stores.redis import affinities, slots
 from stores.redis.features import OnlineFeatureStore
 from stores.redis.feeds import RedisFeedStore
 from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
 from schemas.events import (EngagementEvent, EngagementKind, MediaType, PostEvent,
                             PostEventKind, dlq_topic)
-from schemas.features import VIEWER_AUTHOR, VIEWER_MEDIA, WINDOW_MS, FeatureTTLs
+from schemas.features import (AUTHOR_FEATURES, POST_FEATURES, VIEWER_AUTHOR, VIEWER_MEDIA,
+                              WINDOW_MS, FeatureTTLs)
 from schemas.keys import KeyLayout
 from tests.integration.features_oracle import Oracle
 from tests.integration.test_kafka_source import _cancel, _wait_for
@@ -132,10 +134,9 @@ def _values(dump: dict) -> dict:
         if f"{CLOCK}" in key or f"{CLOCK + 1}" in key:
             continue  # the clock records' entities: not part of the workload
         if ":feat:" in key:
-            for field, stored in value.items():
-                number, stamp = stored.split("@")
-                out[(key, field, "value")] = float(number)
-                out[(key, field, "stamp")] = int(stamp)
+            for field, (number, stamp) in _stored_fields(key, value).items():
+                out[(key, field, "value")] = number
+                out[(key, field, "stamp")] = stamp
         elif isinstance(value, list):
             out.update({(key, member, "score"): score for member, score in value})
         elif isinstance(value, dict):
@@ -143,6 +144,21 @@ def _values(dump: dict) -> dict:
         else:
             out[(key, "", "")] = value
     return out
+
+
+def _stored_fields(key: str, value) -> dict[str, tuple[float, int]]:
+    """A feature key of a dump as ``{field: (number, write stamp)}``: a hash's
+    ``value@stamp`` fields, a post's or author's slots, or an affinity string's
+    records (``str`` where the dump could decode them)."""
+    if isinstance(value, dict):
+        return {field: (float(number), int(stamp))
+                for field, (number, _, stamp) in ((f, v.partition("@")) for f, v in value.items())}
+    if isinstance(value, str):
+        value = value.encode()
+    if ":feat:post." in key or ":feat:author." in key:
+        return slots.fields(POST_FEATURES if ":feat:post." in key else AUTHOR_FEATURES, value)
+    authors, values, stamps = affinities.unpack(value)
+    return {str(a): (v, s) for a, v, s in zip(authors.tolist(), values.tolist(), stamps.tolist())}
 
 
 def _log_complete(log_dir, last_change: dict[int, int]) -> bool:

@@ -236,6 +236,9 @@ def test_select_candidates_is_merge_candidates_for_a_whole_batch(batch, max_cand
         np.array([2 if i in tombstoned else 1 for i in stored], np.int8))
     cols = select_candidates(users, pushed, pulled, requests, table, T0, policy)
     assert cols.users == tuple(users)
+    # The distinct posts it hands on are np.unique's of the rows it kept.
+    posts, post_at = np.unique(cols.post_id, return_inverse=True)
+    assert cols.posts.tolist() == posts.tolist() and cols.post_at.tolist() == post_at.tolist()
     for k in range(len(users)):
         assert cols.of(k) == merge_candidates(pushed[k], pulled[k], requests[k], meta,
                                               tombstoned, T0, policy)
