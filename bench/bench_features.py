@@ -605,14 +605,16 @@ def applied_through(state_dir: Path, ends: dict, drained_at: int) -> bool:
 
 
 def _string_fields(key: str, blob: bytes) -> dict[bytes, bytes]:
-    """A feature string (a post's or author's slots, a viewer's affinity records) as
-    the hash fields it replaced (``value@stamp``)."""
-    from schemas.features import AUTHOR_FEATURES, POST_FEATURES
+    """A feature string (slots of a post, an author or a viewer's media, a viewer's
+    affinity records) as the hash fields it replaced (``value@stamp``)."""
+    from schemas.features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES
     from stores.redis import affinities, slots
 
-    if ":feat:post." in key or ":feat:author." in key:
-        names = POST_FEATURES if ":feat:post." in key else AUTHOR_FEATURES
-        return {n.encode(): f"{v!r}@{s}".encode() for n, (v, s) in slots.fields(names, blob).items()}
+    for kind, names in ((":feat:post.", POST_FEATURES), (":feat:author.", AUTHOR_FEATURES),
+                        (":feat:aff_media.", MEDIA_TYPES)):
+        if kind in key:
+            return {n.encode(): f"{v!r}@{s}".encode()
+                    for n, (v, s) in slots.fields(names, blob).items()}
     authors, values, stamps = affinities.unpack(blob)
     return {str(a).encode(): f"{v!r}@{s}".encode()
             for a, v, s in zip(authors.tolist(), values.tolist(), stamps.tolist())}

@@ -43,7 +43,7 @@ from infra.settings import StackSettings  # noqa: E402
 from jobs.clean import unlink_keys  # noqa: E402
 from stores.redis.client import new_client  # noqa: E402
 from stores.redis import affinities  # noqa: E402
-from stores.redis.features import _WRITE_NEWER, parse_stamped  # noqa: E402
+from stamped_layout import WRITE_NEWER, parse_stamped  # noqa: E402  (bench/ is on the path)
 from stores.redis.multiread import HashReads  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def read_blob(client, prefix, viewers, names, index, bounds) -> np.ndarray:
 
 
 def write_hash(client, prefix, batch) -> int:
-    script = client.register_script(_WRITE_NEWER)
+    script = client.register_script(WRITE_NEWER)
     pipe = client.pipeline(transaction=False)
     for viewer, changes in batch.items():
         args: list = [86_400_000]

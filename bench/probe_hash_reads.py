@@ -38,7 +38,7 @@ from infra.settings import StackSettings  # noqa: E402
 from jobs.clean import unlink_keys  # noqa: E402
 from schemas.features import POST_FEATURES  # noqa: E402
 from stores.redis.client import new_client  # noqa: E402
-from stores.redis.features import parse_stamped  # noqa: E402
+from stamped_layout import parse_stamped  # noqa: E402  (bench/ is on the path)
 from stores.redis.multiread import HashReads  # noqa: E402
 
 SAME_SCRIPT = """

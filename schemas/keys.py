@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 
-from schemas.features import AUTHOR_FEATURES, POST_FEATURES
+from schemas.features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES
 
 
 def layout_tag(names: tuple[str, ...]) -> str:
@@ -20,6 +20,7 @@ def layout_tag(names: tuple[str, ...]) -> str:
 
 
 _POST_TAG, _AUTHOR_TAG = layout_tag(POST_FEATURES), layout_tag(AUTHOR_FEATURES)
+_MEDIA_TAG = layout_tag(MEDIA_TYPES)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -188,9 +189,9 @@ class KeyLayout:
         return f"{self.prefix}:feat:aff_authors:{{u:{viewer_id}}}"
 
     def content_affinity(self, viewer_id: int) -> str:
-        """HASH: viewer content-type affinity; field = media type (``PHOTO``...), value =
-        ``<score>@<stamp>``."""
-        return f"{self.prefix}:feat:aff_media:{{u:{viewer_id}}}"
+        """STRING: the viewer's affinity per media type, a slot per name of ``MEDIA_TYPES``
+        (as ``post_features``). (Before 2026-12-06 a hash at ``feat:aff_media``.)"""
+        return f"{self.prefix}:feat:aff_media.{_MEDIA_TAG}:{{u:{viewer_id}}}"
 
     # -- social facts (the online side of domain.social_features) --------------
 

@@ -1,11 +1,10 @@
 """The online (Redis) copy of engagement features, for the features pipeline, ranking and serving.
 
 ``OnlineFeatureStore`` is the one place that reads and writes the feature keys
-of ``schemas.keys.KeyLayout``, one key per entity: a post's or an author's
-features one string of a slot per feature name (``stores.redis.slots``), a
-viewer's author affinities one string of records sorted by author
-(``stores.redis.affinities``), its media affinities a hash of
-``"<value>@<write stamp us>"`` fields. Each value carries its write stamp.
+of ``schemas.keys.KeyLayout``, one binary string per entity: a post's or an
+author's features, and a viewer's affinity per media type, a slot per name
+(``stores.redis.slots``); a viewer's author affinities, records sorted by
+author (``stores.redis.affinities``). Each value carries its write stamp.
 Writes are newer-wins per value and refresh a TTL per entity type; reads drop
 values older than that TTL and decay affinities to ``now_ms``; each call is one
 round trip. Layout and rules: docs/architecture.md, "Stores".
@@ -16,13 +15,9 @@ round trip. Layout and rules: docs/architecture.md, "Stores".
 """
 from __future__ import annotations
 
-import io
-from itertools import chain
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pa_csv
 
 from stores.redis import affinities, slots
 from stores.redis.client import chunks, new_client
@@ -38,7 +33,6 @@ from schemas.features import (
     CandidateFeatures,
     FeatureTTLs,
     FeatureValue,
-    decay,
     split_pair,
 )
 from schemas.keys import KeyLayout
@@ -48,113 +42,11 @@ from stores.redis.multiread import HashReads
 #: Keys per write round trip.
 DEFAULT_CHUNK = 500
 
-# KEYS[1] a feature hash. ARGV[1] key TTL in ms, then (field, value, stamp) triples.
-# Writes a field only when its stamp is later than the stored one (or equal with
-# a greater value); returns how many fields were written.
-_WRITE_NEWER = """
-local applied = 0
-for i = 2, #ARGV, 3 do
-  local stamp = tonumber(ARGV[i + 2])
-  local stored = redis.call('HGET', KEYS[1], ARGV[i])
-  local write = true
-  if stored then
-    local at = string.find(stored, '@', 1, true)
-    local stored_stamp = tonumber(string.sub(stored, at + 1))
-    if stored_stamp > stamp then
-      write = false
-    elseif stored_stamp == stamp
-        and tonumber(string.sub(stored, 1, at - 1)) >= tonumber(ARGV[i + 1]) then
-      write = false
-    end
-  end
-  if write then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '@' .. ARGV[i + 2])
-    applied = applied + 1
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return applied
-"""
-
-
 # -- pure helpers (unit tested without Redis) ------------------------------------------
-
-
-def decode(raw: bytes | str) -> tuple[float, int]:
-    """``(value, valid_at_ms)`` of a stored field."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    value, _, stamp = text.partition("@")
-    return float(value), int(stamp) // 1000
-
-
-# Field names as str, decoded once (a few dozen names and ids recur in every read).
-_NAMES: dict[bytes, str] = {}
-
-
-def _name(field: bytes | str) -> str:
-    if not isinstance(field, bytes):
-        return field
-    name = _NAMES.get(field)
-    if name is None:
-        name = field.decode()
-        if len(_NAMES) < 100_000:
-            _NAMES[field] = name
-    return name
-
-
-def fresh_fields(raw: Mapping[bytes | str, bytes | str], now_ms: int, ttl_ms: int,
-                 half_life_ms: int | None = None) -> dict[str, float]:
-    """The fields of a hash still readable at ``now_ms`` (decayed to it when a half-life is given).
-
-    The hot path of every candidate read: bytes are split and parsed as they
-    come (``float``/``int`` take ASCII bytes), stamps compared in microseconds.
-    """
-    out: dict[str, float] = {}
-    oldest_us = (now_ms - ttl_ms) * 1000
-    for field, stored in raw.items():
-        if not isinstance(stored, bytes):
-            stored = stored.encode()
-        value, _, stamp = stored.partition(b"@")
-        stamp_us = int(stamp)
-        if stamp_us < oldest_us:
-            continue
-        number = float(value)
-        if half_life_ms is not None:
-            number = decay(number, stamp_us // 1000, now_ms, half_life_ms)
-        out[_name(field)] = number
-    return out
 
 
 def _unique(ids: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(ids))
-
-
-#: ``parse_stamped``'s reading of ``value@stamp`` lines: two columns, no quoting, no
-#: null spellings (a stored "nan" is a float NaN).
-_STAMPED_READ = pa_csv.ReadOptions(column_names=["value", "stamp"], use_threads=False)
-_STAMPED_PARSE = pa_csv.ParseOptions(delimiter="@", quote_char=False)
-_STAMPED_TYPES = pa_csv.ConvertOptions(column_types={"value": pa.float64(), "stamp": pa.int64()},
-                                       null_values=[], strings_can_be_null=False)
-
-
-def parse_stamped(raw: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """``(values, valid_at_ms)`` of stored fields ``b"<value>@<stamp us>"``, parsed in
-    one pass over all of them (the batched reads' hot path): the fields joined as
-    lines and read by Arrow's CSV reader, 3-4 times faster than NumPy's conversion of
-    the split strings (``bench/probe_hash_reads.py``)."""
-    if not raw:
-        return np.zeros(0), np.zeros(0, np.int64)
-    try:
-        table = pa_csv.read_csv(io.BytesIO(b"\n".join(raw)), read_options=_STAMPED_READ,
-                                parse_options=_STAMPED_PARSE, convert_options=_STAMPED_TYPES)
-    except pa.ArrowInvalid as exc:
-        raise ValueError(f"stored feature values are not all '<value>@<stamp>': {exc}") from None
-    return (table.column(0).to_numpy().astype(np.float64, copy=False),
-            table.column(1).to_numpy() // 1000)
-
-
-#: Stands in for an absent field: a stamp no TTL reaches, so it reads as missing.
-_ABSENT = b"0@-9000000000000000000"
 
 
 def _fresh(values: np.ndarray, valid_at: np.ndarray, now_ms: int, ttl_ms: int,
@@ -189,7 +81,6 @@ class OnlineFeatureStore:
         self.ttls = ttls or FeatureTTLs()
         self.half_life_ms = half_life_ms
         self.chunk_size = chunk_size
-        self._write_newer = client.register_script(_WRITE_NEWER)
         self._merge_affinities = client.register_script(affinities.MERGE)
         self._merge_slots = client.register_script(slots.MERGE)
 
@@ -253,15 +144,10 @@ class OnlineFeatureStore:
                         args=[ttl_ms, records, max(stamps) - affinity_ttl_us,
                               affinities.PRUNE_AT])
                     continue
-                names = _SLOT_NAMES.get(entity_type)
-                if names is not None:  # one string of a slot per feature name
-                    self._merge_slots(keys=[key], client=pipe, args=slots.merge_args(
-                        names, ttl_ms, {f: (value, stamp) for f, (stamp, value) in fields.items()}))
-                    continue
-                args: list = [ttl_ms]
-                for field, (stamp, value) in fields.items():
-                    args += (field, repr(value), stamp)  # repr round-trips a float exactly
-                self._write_newer(keys=[key], args=args, client=pipe)
+                # The others: one string of a slot per feature name (or media type).
+                self._merge_slots(keys=[key], client=pipe, args=slots.merge_args(
+                    _SLOT_NAMES[entity_type], ttl_ms,
+                    {f: (value, stamp) for f, (stamp, value) in fields.items()}))
             written += sum(pipe.execute())
         return written
 
@@ -308,13 +194,13 @@ class OnlineFeatureStore:
         if with_viewer:
             if authors:
                 pipe.get(k.author_affinity(viewer_id))
-            pipe.hgetall(k.content_affinity(viewer_id))
+            pipe.get(k.content_affinity(viewer_id))
         replies: Iterable = iter(pipe.execute() if len(pipe) else ())
         post_map = dict(zip(posts, _slot_dicts(POST_FEATURES, [next(replies) for _ in posts],
-                                               now_ms, ttl.post_ms)))
+                                               now_ms, ttl.post_ms, None)))
         author_map = (dict(zip(authors, _slot_dicts(AUTHOR_FEATURES,
                                                     [next(replies) for _ in authors],
-                                                    now_ms, ttl.author_ms)))
+                                                    now_ms, ttl.author_ms, None)))
                       if author_features else {})
         affinity_map: dict[int, float] = {}
         content: dict[str, float] = {}
@@ -324,7 +210,7 @@ class OnlineFeatureStore:
                                                    range(len(authors)), (0, len(authors)))
                 fresh = _fresh(values, stamps // 1000, now_ms, ttl.viewer_author_ms, hl, 0.0)
                 affinity_map = dict(zip(authors, fresh.tolist()))
-            content = fresh_fields(next(replies), now_ms, ttl.viewer_media_ms, hl)
+            content, = _slot_dicts(MEDIA_TYPES, [next(replies)], now_ms, ttl.viewer_media_ms, hl)
         return CandidateFeatures(
             posts=[dict(post_map[pid]) for pid in post_ids],
             authors=[dict(author_map.get(aid, {})) for aid in author_ids],
@@ -367,7 +253,7 @@ class OnlineFeatureStore:
         k = self.keys
         reads = HashReads(self.client)
         at = (reads.strings([k.author_affinity(v) for v in viewers]),
-              reads.same([k.content_affinity(v) for v in viewers], MEDIA_TYPES))
+              reads.strings([k.content_affinity(v) for v in viewers]))
         reads.send()
         return PendingFeatures(self, reads, at, now_ms, (authors, index, bounds))
 
@@ -381,10 +267,8 @@ class OnlineFeatureStore:
             authors, values, stamps = affinities.unpack(self.client.get(key))
             return {str(a): (v, s // 1000)
                     for a, v, s in zip(authors.tolist(), values.tolist(), stamps.tolist())}
-        if entity_type in _SLOT_NAMES:
-            return {name: (v, s // 1000) for name, (v, s) in
-                    slots.fields(_SLOT_NAMES[entity_type], self.client.get(key)).items()}
-        return {f.decode(): decode(v) for f, v in self.client.hgetall(key).items()}
+        return {name: (v, s // 1000) for name, (v, s) in
+                slots.fields(_SLOT_NAMES[entity_type], self.client.get(key)).items()}
 
 
 
@@ -429,8 +313,8 @@ class PendingFeatures:
         affinity_at, content_at = self._viewer_at
         entity = self._entity_reads
         try:
-            viewer = self._viewer_reads.replies()
             blobs = self._viewer_reads.take_strings(affinity_at)
+            media = self._viewer_reads.take_strings(content_at)
             post_blobs, author_blobs = ([], []) if entity is None else (
                 entity.take_strings(self._entity_at[0]), entity.take_strings(self._entity_at[1]))
         finally:
@@ -438,7 +322,7 @@ class PendingFeatures:
         posts = _fresh(*_slot_arrays(POST_FEATURES, post_blobs), now, ttl.post_ms, None, np.nan)
         authors = _fresh(*_slot_arrays(AUTHOR_FEATURES, author_blobs), now, ttl.author_ms, None,
                          np.nan)
-        content, = _parsed([viewer[content_at]], now, (ttl.viewer_media_ms,), (hl,), (0.0,))
+        content = _fresh(*_slot_arrays(MEDIA_TYPES, media), now, ttl.viewer_media_ms, hl, 0.0)
         # Each record made fresh and decayed once, then gathered per pair (0.0: none).
         records, at = affinities.locate(blobs, *self._wanted)
         fresh = _fresh(records["value"].astype(np.float64), records["stamp"] // 1000, now,
@@ -450,7 +334,7 @@ class PendingFeatures:
 
 
 #: The entity types held as a string of slots (``stores.redis.slots``), by their names.
-_SLOT_NAMES = {POST: POST_FEATURES, AUTHOR: AUTHOR_FEATURES}
+_SLOT_NAMES = {POST: POST_FEATURES, AUTHOR: AUTHOR_FEATURES, VIEWER_MEDIA: MEDIA_TYPES}
 
 
 def _slot_arrays(names, blobs) -> tuple[np.ndarray, np.ndarray]:
@@ -459,28 +343,16 @@ def _slot_arrays(names, blobs) -> tuple[np.ndarray, np.ndarray]:
     return values, stamps // 1000
 
 
-def _slot_dicts(names, blobs, now_ms: int, ttl_ms: int) -> list[dict[str, float]]:
-    """A ``{name: value}`` of the fresh slots of each string (a stored NaN included)."""
+def _slot_dicts(names, blobs, now_ms: int, ttl_ms: int,
+                half_life_ms: int | None) -> list[dict[str, float]]:
+    """A ``{name: value}`` of the fresh slots of each string (a stored NaN included),
+    decayed to ``now_ms`` when a half-life is given."""
     values, valid_at = _slot_arrays(names, blobs)
     fresh = (valid_at >= now_ms - ttl_ms).tolist()
+    if half_life_ms is not None:
+        values = _decayed(values, valid_at, now_ms, half_life_ms)
     return [{n: v for n, v, keep in zip(names, row, ok) if keep}
             for row, ok in zip(values.tolist(), fresh)]
 
 
-def _parsed(groups, now_ms: int, ttl_ms, half_life_ms, missing) -> list[np.ndarray]:
-    """The values of groups of HMGET replies, parsed in one pass, an array per group:
-    fresh ones (decayed when the group's half-life is not None), the group's
-    ``missing`` for absent or expired ones; ``ttl_ms``, ``half_life_ms`` and
-    ``missing`` have one entry per group."""
-    flat = [[v or _ABSENT for v in chain.from_iterable(g)] for g in groups]
-    values, valid_at = parse_stamped(list(chain.from_iterable(flat)))
-    out, start = [], 0
-    for some, ttl, half_life, absent in zip(flat, ttl_ms, half_life_ms, missing):
-        end = start + len(some)
-        out.append(_fresh(values[start:end], valid_at[start:end], now_ms, ttl, half_life,
-                          absent))
-        start = end
-    return out
-
-__all__ = ["OnlineFeatureStore", "PendingFeatures", "CandidateFeatures", "decode", "fresh_fields",
-           "parse_stamped", "DEFAULT_CHUNK"]
+__all__ = ["OnlineFeatureStore", "PendingFeatures", "CandidateFeatures", "DEFAULT_CHUNK"]

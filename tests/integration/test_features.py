@@ -32,8 +32,8 @@ from stores.cassandra.session import migrate
 from schemas.codec import WireCodec
 from schemas.events import (EngagementEvent, EngagementKind, MediaType, PostEvent,
                             PostEventKind, dlq_topic)
-from schemas.features import (AUTHOR_FEATURES, POST_FEATURES, VIEWER_AUTHOR, VIEWER_MEDIA,
-                              WINDOW_MS, FeatureTTLs)
+from schemas.features import (AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES, VIEWER_AUTHOR,
+                              VIEWER_MEDIA, WINDOW_MS, FeatureTTLs)
 from schemas.keys import KeyLayout
 from tests.integration.features_oracle import Oracle
 from tests.integration.test_kafka_source import _cancel, _wait_for
@@ -155,8 +155,10 @@ def _stored_fields(key: str, value) -> dict[str, tuple[float, int]]:
                 for field, (number, _, stamp) in ((f, v.partition("@")) for f, v in value.items())}
     if isinstance(value, str):
         value = value.encode()
-    if ":feat:post." in key or ":feat:author." in key:
-        return slots.fields(POST_FEATURES if ":feat:post." in key else AUTHOR_FEATURES, value)
+    for kind, names in ((":feat:post.", POST_FEATURES), (":feat:author.", AUTHOR_FEATURES),
+                        (":feat:aff_media.", MEDIA_TYPES)):
+        if kind in key:
+            return slots.fields(names, value)
     authors, values, stamps = affinities.unpack(value)
     return {str(a): (v, s) for a, v, s in zip(authors.tolist(), values.tolist(), stamps.tolist())}
 

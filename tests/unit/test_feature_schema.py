@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from stores.redis.features import decode, fresh_fields
 from schemas.features import (
     AUTHOR_FEATURES,
     MAX_VERSION,
@@ -56,16 +55,6 @@ def test_ttls_validate_and_look_up():
         FeatureTTLs(post_ms=0)
     with pytest.raises(ValueError):
         ttls.of("story")
-
-
-def test_stored_form_reads_back_fresh_and_decayed():
-    assert decode(b"0.1@5000002") == (0.1, 5000)
-    raw = {b"like_1h": b"3.0@1000000", b"view_1h": b"4.0@2000000"}
-    assert fresh_fields(raw, now_ms=2500, ttl_ms=1000) == {"view_1h": 4.0}
-    assert fresh_fields(raw, now_ms=2000, ttl_ms=1000) == {"like_1h": 3.0, "view_1h": 4.0}
-    decayed = fresh_fields({b"PHOTO": b"8.0@0"}, now_ms=20, ttl_ms=100, half_life_ms=10)
-    assert decayed == {"PHOTO": pytest.approx(2.0)}
-    assert fresh_fields({b"PHOTO": b"8.0@0"}, now_ms=200, ttl_ms=100, half_life_ms=10) == {}
 
 
 def test_feature_columns_round_trip_and_keep_the_newest_per_entity_and_name():

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from schemas.features import AUTHOR_FEATURES, POST_FEATURES
+from schemas.features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES
 from schemas.keys import KeyLayout, layout_tag
 from stores.redis.slots import EMPTY_STAMP, merge_args, pack, unpack, fields
 
@@ -44,4 +44,5 @@ def test_keys_name_their_layout():
     keys = KeyLayout("fb")
     assert layout_tag(POST_FEATURES) in keys.post_features(3)
     assert layout_tag(AUTHOR_FEATURES) in keys.author_features(3)
+    assert layout_tag(MEDIA_TYPES) in keys.content_affinity(3)
     assert layout_tag(POST_FEATURES) != layout_tag(POST_FEATURES[1:] + POST_FEATURES[:1])

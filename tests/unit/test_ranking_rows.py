@@ -1,10 +1,9 @@
 """The ranking's batch hot path without Redis: feature rows from blocks, the parsed
-feature cache, the packed HMGETs and the parse of stored values."""
+feature cache and the packed HMGETs."""
 from __future__ import annotations
 
 import hiredis
 import numpy as np
-import pytest
 
 from domain.ranking_features import (
     FEATURE_NAMES,
@@ -17,7 +16,6 @@ from domain.ranking_features import (
 )
 from schemas.features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES
 from stores.ranker import RowCache
-from stores.redis.features import parse_stamped
 from stores.redis.multiread import HashReads
 
 P, A = len(POST_FEATURES), len(AUTHOR_FEATURES)
@@ -154,18 +152,3 @@ def test_picked_fields_pack_as_the_same_fields_given_per_key():
     assert _packed(picked) == _packed(each) == b"".join(
         hiredis.pack_command(c) for c in (("HMGET", "a", 45, 1_000_000_000_123),
                                           ("HMGET", "c", 7, 1_000_000_000_123)))
-
-
-def test_stored_values_parse_with_their_stamps():
-    raw = [b"3.0@1700000000123456", b"-0.25@1700000000000999", b"1e-05@5", b"nan@1000",
-           b"12@1700000000000000", b"0@-9000000000000000000"]
-    values, valid_at = parse_stamped(raw)
-    assert np.array_equal(values, [3.0, -0.25, 1e-05, np.nan, 12.0, 0.0], equal_nan=True)
-    assert valid_at.tolist() == [1700000000123, 1700000000000, 0, 1, 1700000000000,
-                                 -9000000000000000]
-    assert parse_stamped([])[0].shape == (0,)
-
-
-def test_a_stored_value_without_its_stamp_fails_the_parse():
-    with pytest.raises(ValueError, match="<value>@<stamp>"):
-        parse_stamped([b"3.0@1700000000123456", b"3.0"])
