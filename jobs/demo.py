@@ -22,10 +22,13 @@ explains how.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,13 +190,18 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
                 f"--cassandra_keyspace={keyspace}",
                 *pipeline_extras(name, workload, settings, model_dir),
             ], pipeline=name))
-            print(f"   {name}: pid {jobs[-1].process.pid}, group {group}, log {log_path}")
+        print("   started " + ", ".join(f"{job.name} (pid {job.process.pid})" for job in jobs)
+              + f"; consumer groups and logs {jobs[0].log_path.parent}/{args.group}*.log",
+              flush=True)
         for job in jobs:
             topics_of = demo_topics(job.name, prefix)
-            caught_up_in = wait_until_applied(settings.kafka_bootstrap,
-                                              group_of(args.group, job.name), topics_of, job,
-                                              args.timeout)
-            print(f"   {job.name} caught up in {caught_up_in:.0f}s")
+            caught_up_in, applied = wait_until_applied(
+                settings.kafka_bootstrap, group_of(args.group, job.name), topics_of, job,
+                args.timeout)
+            done = (f"{applied:,} events applied" if applied
+                    else "at lag 0 by its first check")
+            print(f"   {job.name} caught up in {caught_up_in:.0f}s ({done}; "
+                  f"{', '.join(topics_of)})", flush=True)
         probe_freshness(settings, prefix, args.redis_key_prefix, workload)
         if "ranking" in names:
             wait_until_ranked(settings, args.redis_key_prefix, workload,
@@ -248,15 +256,29 @@ def ensure_model(args: argparse.Namespace, settings: StackSettings, model_dir: P
     if version is not None:
         print(f"   reusing model {version} (delete {model_dir} to train a new one)")
         return
+    feature_log = model_dir.parent / "train-feature-log"
+    # The demo's own scratch from a model trained before (whose directory was deleted
+    # to train anew, as the line above advises): a synthetic run writes a new log.
+    shutil.rmtree(feature_log, ignore_errors=True)
     argv = ["train", "--synthetic", "--users", str(args.train_users), "--days",
             f"{args.train_days:g}", "--model-dir", str(model_dir),
-            "--feature-log", str(model_dir.parent / "train-feature-log")]
+            "--feature-log", str(feature_log)]
     print(f"   feedbeam {' '.join(argv)}", flush=True)
-    status = train.run_train(build_parser().parse_args(argv), settings)
+    # Its report in short: the held-out scores beside recency, and the promotion.
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        status = train.run_train(build_parser().parse_args(argv), settings)
+    for line in report.getvalue().splitlines():
+        if status or line.lstrip().startswith(_TRAIN_SUMMARY):  # all of it on a failure
+            print("   " + line)
     if ModelRegistry(model_dir).latest() is None:
         print(f"   the model was not promoted (exit {status}); the ranking pipeline ranks by "
               "recency until one is")
 
+
+#: The lines of ``feedbeam train``'s report the demo shows (the rest is in its model
+#: directory: ``evaluation.png`` and the metrics beside it).
+_TRAIN_SUMMARY = ("model   created", "AUC", "NDCG@20", "promoted:")
 
 #: Signals that stop the demo like Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -582,13 +604,16 @@ def start_api(settings: StackSettings, args: argparse.Namespace, keyspace: str,
 
 
 def wait_until_applied(bootstrap: str, group: str, topics: list[str], job: FanoutJob,
-                       timeout_s: float) -> float:
-    """Wait until ``group`` has no lag on ``topics``; returns the seconds it took.
+                       timeout_s: float) -> tuple[float, int]:
+    """Wait until ``group`` has no lag on ``topics``; returns the seconds it took and
+    the events applied meanwhile.
 
     The source commits a bundle's offsets only after its writes are done, so
     zero lag means every event in the topics is in the stores. Prints the lag
-    as it goes down; raises ``UserFacingError`` (pointing at the job's log) if
-    the job exits or ``timeout_s`` passes first.
+    as it goes down (a line rewritten in place on a terminal, else one each
+    10 s), and clears it at the end for the caller's line; raises
+    ``UserFacingError`` (pointing at the job's log) if the job exits or
+    ``timeout_s`` passes first.
     """
     from stores.kafka.lag import GroupLag
 
@@ -610,13 +635,15 @@ def wait_until_applied(bootstrap: str, group: str, topics: list[str], job: Fanou
                     + f"   applied {first - total:,} of {first:,}"
                     + (f" ({(first - total) / elapsed:,.0f} ev/s)" if elapsed >= 1 else "")
                     + f", {elapsed:.0f}s")
+            if total == 0:
+                if tty:
+                    print("\r\x1b[K", end="", flush=True)
+                return elapsed, first
             if tty:  # one line, rewritten in place
-                print("\r" + line + "\x1b[K", end="\n" if total == 0 else "", flush=True)
-            elif total == 0 or last_print is None or now - last_print >= 10:
+                print("\r" + line + "\x1b[K", end="", flush=True)
+            elif last_print is None or now - last_print >= 10:
                 print(line, flush=True)
                 last_print = now
-            if total == 0:
-                return elapsed
             if job.process.poll() is not None:
                 raise UserFacingError(
                     f"the fan-out job exited (code {job.process.returncode}) with "
@@ -692,8 +719,8 @@ def _print_stores(settings: StackSettings, key_prefix: str, keyspace: str,
                   + (f", among them celebrit{'ies' if len(followed_celebs) > 1 else 'y'} "
                      f"{', '.join(map(str, followed_celebs))}, pulled at read time unless "
                      f"this user is a top follower" if followed_celebs else "")
-                  + f"), newest 10 of {feed_sizes[user]}:")
-            _print_entries(redis, redis.feed(user, 10))
+                  + f"), newest 5 of {feed_sizes[user]}:")
+            _print_entries(redis, redis.feed(user, 5))
         else:
             print("\n   no home feed materialized yet")
         for celeb in celebrities[:1]:

@@ -148,8 +148,8 @@ def test_a_sigterm_stops_the_jobs_the_demo_started(stack, demo_topics, keyspace,
             assert demo.poll() is None, out_path.read_text()
             assert time.monotonic() < deadline, out_path.read_text()
             time.sleep(0.5)
-            pids = [int(p) for p in re.findall(r"^   \w+: pid (\d+), group", out_path.read_text(),
-                                               re.MULTILINE)]
+            started = re.search(r"^   started (.*)$", out_path.read_text(), re.MULTILINE)
+            pids = [int(p) for p in re.findall(r"\w+ \(pid (\d+)\)", started[1])] if started else []
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(timeout=180) == 130, out_path.read_text()  # "interrupted"
         # Every job it started was stopped (and reaped) before it exited.
