@@ -106,8 +106,10 @@ return applied
 _KEY, _VALUE = struct.Struct(">Q"), struct.Struct("<dq")
 
 
-def pack(authors: Sequence[int], values: Sequence[float], stamps_us: Sequence[int]) -> bytes:
-    """The records of distinct ``authors`` (any order) as one string, sorted by author.
+def pack(authors: Sequence[int | str], values: Sequence[float],
+         stamps_us: Sequence[int]) -> bytes:
+    """The records of distinct ``authors`` (ids or their decimal text, any order) as
+    one string, sorted by author.
     (Packed with ``struct``: a write carries a few records, where NumPy's fixed cost
     per call would dominate.)"""
     records = sorted(zip(map(int, authors), map(float, values), map(int, stamps_us)))

@@ -137,7 +137,7 @@ class OnlineFeatureStore:
                 ttl_ms = self.ttls.of(entity_type)
                 if entity_type == VIEWER_AUTHOR:  # one string of records per viewer
                     stamps = [stamp for stamp, _ in fields.values()]
-                    records = affinities.pack([int(a) for a in fields],
+                    records = affinities.pack(list(fields),
                                               [value for _, value in fields.values()], stamps)
                     self._merge_affinities(
                         keys=[key], client=pipe,
@@ -206,9 +206,9 @@ class OnlineFeatureStore:
         content: dict[str, float] = {}
         if with_viewer:
             if authors:
-                values, stamps = affinities.lookup([next(replies)], authors,
-                                                   range(len(authors)), (0, len(authors)))
-                fresh = _fresh(values, stamps // 1000, now_ms, ttl.viewer_author_ms, hl, 0.0)
+                fresh = _fresh_affinities([next(replies)], (authors, range(len(authors)),
+                                                            (0, len(authors))),
+                                          now_ms, ttl.viewer_author_ms, hl)
                 affinity_map = dict(zip(authors, fresh.tolist()))
             content, = _slot_dicts(MEDIA_TYPES, [next(replies)], now_ms, ttl.viewer_media_ms, hl)
         return CandidateFeatures(
@@ -323,14 +323,22 @@ class PendingFeatures:
         authors = _fresh(*_slot_arrays(AUTHOR_FEATURES, author_blobs), now, ttl.author_ms, None,
                          np.nan)
         content = _fresh(*_slot_arrays(MEDIA_TYPES, media), now, ttl.viewer_media_ms, hl, 0.0)
-        # Each record made fresh and decayed once, then gathered per pair (0.0: none).
-        records, at = affinities.locate(blobs, *self._wanted)
-        fresh = _fresh(records["value"].astype(np.float64), records["stamp"] // 1000, now,
-                       ttl.viewer_author_ms, hl, 0.0)
-        affinity = np.append(fresh, 0.0)[at]
+        affinity = _fresh_affinities(blobs, self._wanted, now, ttl.viewer_author_ms, hl)
         return BatchFeatures(posts.reshape(-1, len(POST_FEATURES)),
                              authors.reshape(-1, len(AUTHOR_FEATURES)), affinity,
                              content.reshape(-1, len(MEDIA_TYPES)))
+
+
+def _fresh_affinities(blobs: Sequence[bytes | None], wanted, now_ms: int, ttl_ms: int,
+                      half_life_ms: int | None) -> np.ndarray:
+    """The author affinities of the pairs ``wanted`` (``affinities.locate``'s
+    ``(authors, index, bounds)`` over the viewers' strings ``blobs``), fresh and
+    decayed, 0.0 where a viewer has none: each record made fresh once, then
+    gathered per pair."""
+    records, at = affinities.locate(blobs, *wanted)
+    fresh = _fresh(records["value"].astype(np.float64), records["stamp"] // 1000, now_ms,
+                   ttl_ms, half_life_ms, 0.0)
+    return np.append(fresh, 0.0)[at]
 
 
 #: The entity types held as a string of slots (``stores.redis.slots``), by their names.

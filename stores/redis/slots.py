@@ -38,7 +38,7 @@ MERGE = """
 local n = tonumber(ARGV[2])
 local stored = redis.call('GET', KEYS[1])
 if not stored then
-  stored = string.rep(struct.pack('<d<i8', 0, -4611686018427387904), n)
+  stored = string.rep(struct.pack('<d<i8', 0, EMPTY_STAMP), n)
 elseif #stored ~= n * 16 then
   return redis.error_reply('feedbeam: feature string of ' .. #stored .. ' bytes, not ' .. n .. ' slots of 16')
 end
@@ -61,7 +61,7 @@ local parts = {}
 for at = 1, n do parts[at] = new[at] or string.sub(stored, at * 16 - 15, at * 16) end
 redis.call('SET', KEYS[1], table.concat(parts), 'PX', ARGV[1])
 return applied
-"""
+""".replace("EMPTY_STAMP", str(EMPTY_STAMP))
 
 
 def merge_args(names: Sequence[str], ttl_ms: int,
