@@ -111,8 +111,13 @@ def pack_batches(work: Sequence[tuple[Any, tuple]], batch_rows: int,
 
     groups: list[Sequence[tuple[Any, tuple]]] = []
     start, size = 0, 0
-    for i, (_, params) in enumerate(work):
-        cost = _STATEMENT_OVERHEAD + (sum(map(param_bytes, params)) if params else 0)
+    for i, (stmt, params) in enumerate(work):
+        if not params:
+            cost = _STATEMENT_OVERHEAD
+        elif _all_int64(stmt):  # bigints and timestamps: 8 bytes a value
+            cost = _STATEMENT_OVERHEAD + 8 * len(params)
+        else:
+            cost = _STATEMENT_OVERHEAD + sum(map(param_bytes, params))
         if i > start and (i - start >= batch_rows or size + cost > max_batch_bytes):
             groups.append(work[start:i])
             start, size = i, 0
@@ -163,7 +168,7 @@ def _int64_values(stmt, params) -> list[bytes] | None:
     if params is None or not _all_int64(stmt) or len(params) != len(stmt.column_metadata):
         return None
     try:
-        return [_INT64(v) for v in params]
+        return list(map(_INT64, params))
     except struct.error:  # None, a float, a datetime, out of range: the driver decides
         return None
 

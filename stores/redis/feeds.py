@@ -61,17 +61,18 @@ local k = 0
 for i = 2, #ARGV, 6 do
   local f, follow = ARGV[i], ARGV[i + 2]
   local edges, followers = KEYS[k + 1], KEYS[k + 2]
-  local status = -1
+  local status, member = -1, 0
   local stored = redis.call('HGET', edges, f)
   if not stored or tonumber(stored) < tonumber(ARGV[i + 1]) then
     redis.call('HSET', edges, f, ARGV[i + 1])
     if follow == '1' then
-      status = redis.call('ZADD', followers, ARGV[i + 3], f)
+      status, member = redis.call('ZADD', followers, ARGV[i + 3], f), 1
     else
       status = redis.call('ZREM', followers, f)
     end
+  elseif redis.call('ZSCORE', followers, f) then
+    member = 1
   end
-  local member = redis.call('ZSCORE', followers, f) and 1 or 0
   local count = redis.call('ZCARD', followers)
   local cross = 0
   if threshold > 0 then
@@ -118,17 +119,18 @@ local k = 0
 for i = 1, #ARGV, 5 do
   local a = ARGV[i]
   local edges, following, celebs = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local status = -1
+  local status, since = -1, false
   local stored = redis.call('HGET', edges, a)
   if not stored or tonumber(stored) < tonumber(ARGV[i + 1]) then
     redis.call('HSET', edges, a, ARGV[i + 1])
     if ARGV[i + 2] == '1' then
-      status = redis.call('ZADD', following, ARGV[i + 3], a)
+      status, since = redis.call('ZADD', following, ARGV[i + 3], a), ARGV[i + 3]
     else
       status = redis.call('ZREM', following, a)
     end
+  else
+    since = redis.call('ZSCORE', following, a)
   end
-  local since = redis.call('ZSCORE', following, a)
   local celeb = ARGV[i + 4]
   if since and celeb == '1' then
     redis.call('ZADD', celebs, since, a)
