@@ -76,6 +76,7 @@ from schemas.events import (  # noqa: E402
     PostEventKind,
 )
 from schemas.keys import KeyLayout  # noqa: E402
+from stores.ranked import parse_value  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "ranking.json"
@@ -434,12 +435,17 @@ def hydrate_and_score(ctx, runs: int, batch_users: int, batches: int) -> dict:
 
 
 class Watch:
-    """(user, post) pairs awaited in ranked feeds; ``poll()`` records event time -> seen."""
+    """(user, post) pairs awaited in ranked feeds; ``poll()`` records event time -> seen.
+
+    A poll reads the head of each awaited user's ranked feed (its generation
+    time) and the whole value only of those ranked again since the last poll,
+    after one of their posts: a few bytes per user, not the feed."""
 
     def __init__(self, client: redis.Redis, keys: KeyLayout):
         self.client, self.keys = client, keys
         self.pending: dict[tuple[int, int], int] = {}
         self.seen: list[float] = []
+        self._checked: dict[int, bytes] = {}  # user -> generation time last read whole
 
     def add(self, users, post: PostEvent) -> None:
         for u in users:
@@ -448,14 +454,31 @@ class Watch:
     def poll(self) -> None:
         if not self.pending:
             return
-        items = list(self.pending.items())
+        since: dict[int, int] = {}
+        for (u, _), t in self.pending.items():
+            since[u] = min(t, since.get(u, t))
+        users = list(since)
         pipe = self.client.pipeline(transaction=False)
-        for (u, p), _ in items:
-            pipe.zscore(self.keys.ranked_feed(u), str(p))
+        for u in users:
+            pipe.getrange(self.keys.ranked_feed(u), 0, 15)
+        stamps = pipe.execute()
+        changed = [u for u, stamp in zip(users, stamps)
+                   if stamp and int(stamp) >= since[u] and stamp != self._checked.get(u)]
+        if not changed:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for u in changed:
+            pipe.get(self.keys.ranked_feed(u))
         now = time.time() * 1000
-        for (pair, t), score in zip(items, pipe.execute()):
-            if score is not None:
-                del self.pending[pair]
+        ranked: dict[int, set[int]] = {}
+        for u, value in zip(changed, pipe.execute()):
+            feed = parse_value(u, value)
+            if feed is not None:
+                self._checked[u] = value[:16]
+                ranked[u] = {e.post_id for e in feed.entries}
+        for (u, p), t in list(self.pending.items()):
+            if p in ranked.get(u, ()):
+                del self.pending[(u, p)]
                 self.seen.append(now - t)
 
 

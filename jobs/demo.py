@@ -538,7 +538,7 @@ def wait_until_ranked(settings: StackSettings, key_prefix: str, workload: "DemoW
     from schemas.keys import KeyLayout
 
     user = sample_user(settings, key_prefix, workload)
-    key = KeyLayout(key_prefix).ranked_meta(user)
+    key = KeyLayout(key_prefix).ranked_feed(user)
     client = new_client(settings.redis_url)
     started = time.monotonic()
     try:

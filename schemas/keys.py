@@ -67,31 +67,20 @@ class KeyLayout:
         return f"{self.prefix}:timeline_del:{{u:{author_id}}}"
 
     def ranked_feed(self, user_id: int) -> str:
-        """ZSET: ``user_id``'s ranked feed; member post_id, score = rank score (higher
-        first; ``stores.ranked`` writes ``count - rank``, the model's
-        scores and authors go in ``ranked_meta``).
-
-        Replaced as a whole together with ``ranked_meta`` in one MULTI (same slot).
-        """
+        """STRING: ``user_id``'s ranked feed, a head (generated_at, model version) and a
+        fixed-size record per entry in rank order (``stores.ranked``), replaced
+        as a whole by one script."""
         return f"{self.prefix}:ranked:{{u:{user_id}}}"
 
-    def ranked_meta(self, user_id: int) -> str:
-        """HASH: about the ranked feed: ``model_version``, ``generated_at`` (ms),
-        ``count``, and per post_id ``"<author_id>:<score>"``."""
-        return f"{self.prefix}:ranked_meta:{{u:{user_id}}}"
-
-    def ranked_feed_staging(self, user_id: int) -> str:
-        """ZSET: a ranked feed being written, RENAMEd onto ``ranked_feed``."""
-        return f"{self.prefix}:ranked_tmp:{{u:{user_id}}}"
-
     def ranked_feed_previous(self, user_id: int) -> str:
-        """ZSET: the ranked feed replaced by the latest write, kept a few minutes
-        (with ``ranked_meta_previous``) so a reader paging through it can finish."""
+        """STRING: the ranked feed replaced by the latest write, kept a few minutes so a
+        reader paging through it can finish."""
         return f"{self.prefix}:ranked_prev:{{u:{user_id}}}"
 
-    def ranked_meta_previous(self, user_id: int) -> str:
-        """HASH: ``ranked_meta`` of ``ranked_feed_previous``."""
-        return f"{self.prefix}:ranked_meta_prev:{{u:{user_id}}}"
+    def ranked_meta(self, user_id: int) -> str:
+        """HASH of the layout before one string per ranked feed (its ZSET held the ranks,
+        this the scores): no longer written; the swap deletes it where found."""
+        return f"{self.prefix}:ranked_meta:{{u:{user_id}}}"
 
     def carried_posts(self, user_id: int) -> str:
         """HASH: new posts ``user_id``'s last ranking had only from their triggers (the

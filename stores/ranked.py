@@ -19,7 +19,6 @@ previous one for readers paging through it; Cassandra holds one row per user
 from __future__ import annotations
 
 import logging
-import math
 import struct
 from typing import Any, Iterator, Sequence
 
@@ -37,81 +36,70 @@ log = logging.getLogger(__name__)
 #: Seconds the replaced ranking stays readable for readers paging through it.
 DEFAULT_KEEP_PREVIOUS_S = 900
 
-# Redis' Lua stack holds ~8000 values: ZADD/HSET in slices of this many entries.
-_LUA_BATCH = 1000
+# In Redis a ranked feed is one string (``KeyLayout.ranked_feed``): a head, then
+# one fixed-size record per entry in rank order, so a page is one GETRANGE and a
+# replacement one SET, whatever the number of entries. The head: ``generated_at``
+# (ms) in 16 ASCII digits, the model version's length in 3, the model version
+# (UTF-8). A record: post id and author id (big-endian int64), score (big-endian
+# float64, exact).
+_STAMP_DIGITS = 16
+_VERSION_DIGITS = 3
+_HEAD = _STAMP_DIGITS + _VERSION_DIGITS
+RECORD = np.dtype([("post_id", ">i8"), ("author_id", ">i8"), ("score", ">f8")])
+_RECORD_UNPACK = struct.Struct(">qqd")
 
-# KEYS: staging, live, meta, previous, previous meta (one user's tag).
-# ARGV: generated_at ms, model_version, keep_previous_s, then the entries in rank
-# order as three comma-separated lists: post ids, author ids, scores (three
-# arguments, not three per entry: the client packs a few strings, not 600 values).
-# Returns 1 if written, 0 if the stored ranking is as new or newer (nothing
-# changed).
+# KEYS: live, previous, meta (a hash of the layout before one string per feed,
+# deleted where found). ARGV: generated_at (16 digits), the new value,
+# keep_previous_s. Returns 1 if written, 0 if the stored ranking is as new or
+# newer (nothing changed). The replaced one stays readable as ``previous``.
 _SWAP = """
-local stored = redis.call('HGET', KEYS[3], 'generated_at')
-if stored and tonumber(stored) >= tonumber(ARGV[1]) then
-  return 0
-end
-local pids, authors, details = {}, {}, {}
-for v in string.gmatch(ARGV[4], '[^,]+') do pids[#pids + 1] = v end
-for v in string.gmatch(ARGV[5], '[^,]+') do authors[#authors + 1] = v end
-local i = 0
-for v in string.gmatch(ARGV[6], '[^,]+') do
-  i = i + 1
-  details[i] = authors[i] .. ':' .. v
-end
-local n = #pids
-redis.call('DEL', KEYS[1])
-local members, fields = {}, {}
-for i = 1, n do
-  members[#members + 1] = n - i + 1
-  members[#members + 1] = pids[i]
-  fields[#fields + 1] = pids[i]
-  fields[#fields + 1] = details[i]
-  if #members >= 2 * %(batch)d or i == n then
-    redis.call('ZADD', KEYS[1], unpack(members))
-    members = {}
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then
+  if tonumber(redis.call('GETRANGE', KEYS[1], 0, %(stamp)d - 1)) >= tonumber(ARGV[1]) then
+    return 0
   end
-end
-redis.call('DEL', KEYS[4], KEYS[5])
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('RENAME', KEYS[2], KEYS[4])
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-end
-if stored then
-  redis.call('RENAME', KEYS[3], KEYS[5])
-  redis.call('EXPIRE', KEYS[5], ARGV[3])
-end
-if n > 0 then
   redis.call('RENAME', KEYS[1], KEYS[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+else
+  redis.call('DEL', KEYS[1], KEYS[3])
 end
-redis.call('HSET', KEYS[3], 'model_version', ARGV[2], 'generated_at', ARGV[1], 'count', n)
-for s = 1, #fields, 2 * %(batch)d do
-  redis.call('HSET', KEYS[3], unpack(fields, s, math.min(s + 2 * %(batch)d - 1, #fields)))
-end
+redis.call('SET', KEYS[1], ARGV[2])
 return 1
-""" % {"batch": _LUA_BATCH}
+""" % {"stamp": _STAMP_DIGITS}
 
-# KEYS: live, meta, previous, previous meta. ARGV: wanted generated_at ('' for
-# the current one), first rank, last rank (inclusive, ZREVRANGE semantics).
-# Returns {1 if the wanted version was found else 0, {model_version,
-# generated_at, count}, post ids, "<author>:<score>" per id}.
+# KEYS: live, previous. ARGV: wanted generated_at (16 digits, '' for the current
+# one), first rank, last rank (inclusive; -1 or past the end: to the end).
+# Returns {found} when there is no ranked feed, else {found, head, total,
+# records}: found is 0 when the wanted version was gone (the current one is
+# read instead). A value of another type (the layout before) reads as none.
 _READ_PAGE = """
-local z, m, found = KEYS[1], KEYS[2], 1
-if ARGV[1] ~= '' and redis.call('HGET', KEYS[2], 'generated_at') ~= ARGV[1] then
-  if redis.call('HGET', KEYS[4], 'generated_at') == ARGV[1] then
-    z, m = KEYS[3], KEYS[4]
+local function head(key)
+  local h = redis.pcall('GETRANGE', key, 0, %(head)d - 1)
+  if type(h) == 'string' and #h == %(head)d then return h end
+  return nil
+end
+local key, h, found = KEYS[1], head(KEYS[1]), 1
+if ARGV[1] ~= '' and (h == nil or string.sub(h, 1, %(stamp)d) ~= ARGV[1]) then
+  local p = head(KEYS[2])
+  if p ~= nil and string.sub(p, 1, %(stamp)d) == ARGV[1] then
+    key, h = KEYS[2], p
   else
     found = 0
   end
 end
-local head = redis.call('HMGET', m, 'model_version', 'generated_at', 'count')
-local ids = redis.call('ZREVRANGE', z, ARGV[2], ARGV[3])
-local info = {}
-if #ids > 0 then
-  info = redis.call('HMGET', m, unpack(ids))
+if h == nil then
+  return {found}
 end
-return {found, head, ids, info}
-"""
+local at = %(head)d + tonumber(string.sub(h, %(stamp)d + 1))
+local total = (redis.call('STRLEN', key) - at) / %(record)d
+local first, last = tonumber(ARGV[2]), tonumber(ARGV[3])
+if last < 0 or last >= total then last = total - 1 end
+local records = ''
+if first <= last then
+  records = redis.call('GETRANGE', key, at + %(record)d * first, at + %(record)d * last + %(record)d - 1)
+end
+return {found, redis.call('GETRANGE', key, 0, at - 1), total, records}
+""" % {"head": _HEAD, "stamp": _STAMP_DIGITS, "record": RECORD.itemsize}
 
 
 #: The page read, for clients that run it themselves (``register_script``).
@@ -121,25 +109,26 @@ READ_PAGE_SCRIPT = _READ_PAGE
 # -- pure helpers (unit tested without Redis) ------------------------------------------
 
 
-def _normal(e) -> RankedEntry:
-    if type(e) is RankedEntry and type(e[0]) is int and type(e[1]) is int and type(e[2]) is float:
-        return e
-    return RankedEntry(int(e[0]), int(e[1]), float(e[2]))
-
-
-def check_entries(entries: Sequence[RankedEntry]) -> list[RankedEntry]:
-    """``entries`` as a list of ``RankedEntry`` of plain ints and floats; ValueError on
-    a repeated post id or a score that is not a finite number."""
-    out = list(map(_normal, entries))
-    if len({e[0] for e in out}) != len(out):
-        seen: set[int] = set()
-        for e in out:
-            if e.post_id in seen:
-                raise ValueError(f"post {e.post_id} appears twice in one ranked feed")
-            seen.add(e.post_id)
-    if not all(map(math.isfinite, [e[2] for e in out])):
-        bad = next(e for e in out if not math.isfinite(e.score))
-        raise ValueError(f"post {bad.post_id} has a non-finite score {bad.score!r}")
+def entry_records(entries: Sequence[RankedEntry]) -> np.ndarray:
+    """``entries`` (rank order) as ``RECORD`` rows, the layout of the Redis value;
+    ValueError on a repeated post id, a score that is not a finite number or a
+    value that is not a number in range."""
+    try:
+        post_ids, author_ids, scores = zip(*entries) if len(entries) else ((), (), ())
+        ids = np.array(post_ids, np.int64)
+        values = np.array(scores, np.float64)
+        out = np.empty(len(ids), RECORD)
+        out["post_id"], out["author_id"], out["score"] = ids, author_ids, values
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"a ranked entry is not (post id, author id, score): {exc}") from None
+    ordered = np.sort(ids)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(repeated):
+        raise ValueError(f"post {int(repeated[0])} appears twice in one ranked feed")
+    finite = np.isfinite(values)
+    if not finite.all():
+        at = int(np.argmin(finite))
+        raise ValueError(f"post {int(ids[at])} has a non-finite score {float(values[at])!r}")
     return out
 
 
@@ -151,61 +140,75 @@ _WIRE_ENTRY = np.dtype([("size", ">i4"), ("post_size", ">i4"), ("post_id", ">i8"
                         ("score_size", ">i4"), ("score", ">f8")])
 
 
-def pack_ranked_posts(entries: Sequence[RankedEntry]) -> bytes:
-    """``entries`` serialized as the ``ranked_posts`` column, built as one NumPy array
-    (the driver's own serializer spends microseconds per field: most of a refresh's
-    write). ``RankedFeedStore`` checks it against the driver's before using it."""
-    out = np.empty(len(entries), _WIRE_ENTRY)
+def pack_ranked_posts(records: np.ndarray) -> bytes:
+    """``records`` (``entry_records``) serialized as the ``ranked_posts`` column, with
+    NumPy (the driver's own serializer spends microseconds per field: most of a
+    refresh's write). ``RankedFeedStore`` checks it against the driver's before
+    using it."""
+    out = np.empty(len(records), _WIRE_ENTRY)
     out["size"] = 36
     out["post_size"] = out["author_size"] = out["score_size"] = 8
-    out["post_id"] = [e[0] for e in entries]
-    out["author_id"] = [e[1] for e in entries]
-    out["score"] = [e[2] for e in entries]
-    return struct.pack(">i", len(entries)) + out.tobytes()
+    for name in ("post_id", "author_id", "score"):
+        out[name] = records[name]
+    return struct.pack(">i", len(records)) + out.tobytes()
 
 
-def swap_args(entries: Sequence[RankedEntry], model_version: str, generated_at_ms: int,
+def _stamp(generated_at_ms: int) -> str:
+    if not 0 <= generated_at_ms < 10 ** _STAMP_DIGITS:
+        raise ValueError(f"generated_at {generated_at_ms} is out of range")
+    return f"{int(generated_at_ms):0{_STAMP_DIGITS}d}"
+
+
+def ranked_value(records: np.ndarray, model_version: str, generated_at_ms: int) -> bytes:
+    """The Redis value of a ranked feed (see the layout above)."""
+    version = model_version.encode()
+    if not version or len(version) >= 10 ** _VERSION_DIGITS:
+        raise ValueError(f"model_version must be 1 to {10 ** _VERSION_DIGITS - 1} bytes, "
+                         f"not {len(version)}")
+    head = f"{_stamp(generated_at_ms)}{len(version):0{_VERSION_DIGITS}d}".encode()
+    return head + version + records.astype(RECORD, copy=False).tobytes()
+
+
+def parse_value(user_id: int, value: bytes | None) -> RankedFeed | None:
+    """The ``RankedFeed`` a Redis value holds (None for no value)."""
+    if value is None:
+        return None
+    at = _HEAD + int(value[_STAMP_DIGITS:_HEAD])
+    return RankedFeed(user_id, _entries(value[at:]), value[_HEAD:at].decode(),
+                      int(value[:_STAMP_DIGITS]))
+
+
+def _entries(records: bytes) -> tuple[RankedEntry, ...]:
+    return tuple(map(RankedEntry._make, _RECORD_UNPACK.iter_unpack(records)))
+
+
+def swap_args(records: np.ndarray, model_version: str, generated_at_ms: int,
               keep_previous_s: int) -> list[Any]:
-    """ARGV of ``_SWAP`` for ``entries`` (already checked): scores as ``repr``, which
-    round-trips a float exactly."""
-    if not model_version:
-        raise ValueError("model_version must not be empty")
-    return [int(generated_at_ms), model_version, int(keep_previous_s),
-            ",".join([str(e[0]) for e in entries]), ",".join([str(e[1]) for e in entries]),
-            ",".join([repr(e[2]) for e in entries])]
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
+    """ARGV of ``_SWAP`` for ``records`` (``entry_records``)."""
+    return [_stamp(generated_at_ms), ranked_value(records, model_version, generated_at_ms),
+            int(keep_previous_s)]
 
 
 def parse_page(reply: Sequence[Any], start: int) -> RankedPage | None:
     """A ``RankedPage`` from the reply of ``_READ_PAGE``; None when the user has no
     ranked feed (nothing was ever written, or it expired)."""
-    found, head, ids, info = reply
-    model_version, generated_at, count = (_text(v) for v in head)
-    if generated_at is None:
+    if len(reply) < 4:
         return None
-    entries = []
-    for pid, detail in zip(ids, info):
-        if detail is None:  # cannot happen with the script's writes; skip rather than guess
-            continue
-        author, score = _text(detail).split(":", 1)
-        entries.append(RankedEntry(int(pid), int(author), float(score)))
-    return RankedPage(tuple(entries), start, int(count or 0), model_version or "",
-                      int(generated_at), bool(found))
+    found, head, total, records = reply
+    return RankedPage(_entries(records), start, int(total), head[_HEAD:].decode(),
+                      int(head[:_STAMP_DIGITS]), bool(found))
 
 
 def page_args(generated_at_ms: int | None, start: int, count: int) -> list[Any]:
     """ARGV of ``_READ_PAGE``: ranks ``start .. start+count-1`` of the wanted version."""
     if start < 0 or count < 0:
         raise ValueError("start and count must not be negative")
-    return ["" if generated_at_ms is None else int(generated_at_ms), start, start + count - 1]
+    return ["" if generated_at_ms is None else _stamp(generated_at_ms), start,
+            start + count - 1]
 
 
 def page_keys(keys: KeyLayout, user_id: int) -> list[str]:
-    return [keys.ranked_feed(user_id), keys.ranked_meta(user_id),
-            keys.ranked_feed_previous(user_id), keys.ranked_meta_previous(user_id)]
+    return [keys.ranked_feed(user_id), keys.ranked_feed_previous(user_id)]
 
 
 def feed_from_row(user_id: int, row) -> RankedFeed | None:
@@ -299,16 +302,16 @@ class RankedFeedStore:
     def write_many(self, feeds: Sequence[RankedFeed]) -> list[bool]:
         """``write`` for many users at once: every Cassandra row concurrently, then one
         pipelined Redis round trip for all the swaps. Per feed whether Redis took it."""
-        checked = [(f, check_entries(f.entries)) for f in feeds]
-        swaps = [(f.user_id, swap_args(entries, f.model_version, f.generated_at_ms,
-                                       self.keep_previous_s)) for f, entries in checked]
+        checked = [(f, entry_records(f.entries)) for f in feeds]
+        swaps = [(f.user_id, swap_args(records, f.model_version, f.generated_at_ms,
+                                       self.keep_previous_s)) for f, records in checked]
         if self._insert is not None and checked:
             self._write_durable(checked)
         if self._swap is None:
             return [True] * len(checked)
         return self._swap_all(swaps)
 
-    def _write_durable(self, checked: Sequence[tuple[RankedFeed, list[RankedEntry]]]) -> None:
+    def _write_durable(self, checked: Sequence[tuple[RankedFeed, np.ndarray]]) -> None:
         """One row per feed, all concurrently (one attempt: the caller retries the batch).
         The ranked posts are bound pre-serialized (``pack_ranked_posts``) when that
         matches the driver's serialization of the column, else by the driver."""
@@ -318,21 +321,21 @@ class RankedFeedStore:
         stmt = self.cassandra.prepare(self._insert)
         packed = self._packs_like_driver(stmt)
         work = []
-        for f, entries in checked:
+        for f, records in checked:
             bound = BoundStatement(stmt).bind((
-                f.user_id, [] if packed else [tuple(e) for e in entries], f.model_version,
+                f.user_id, [] if packed else records.tolist(), f.model_version,
                 f.generated_at_ms, cs.event_timestamp_us(f.generated_at_ms)))
             if packed:
-                bound.values[1] = pack_ranked_posts(entries)
+                bound.values[1] = pack_ranked_posts(records)
             work.append((bound, None))
         execute_concurrent(self.cassandra.session, work, concurrency=self.cassandra.concurrency,
                            raise_on_first_error=True)
 
     def _packs_like_driver(self, stmt) -> bool:
         if self._packed is None:
-            sample = [RankedEntry(1, 2, 0.5), RankedEntry(2**40 + 7, -3, -1.25e-7)]
+            sample = entry_records([RankedEntry(1, 2, 0.5), RankedEntry(2**40 + 7, -3, -1.25e-7)])
             version = self.cassandra.session.cluster.protocol_version
-            driver = stmt.column_metadata[1].type.serialize([tuple(e) for e in sample], version)
+            driver = stmt.column_metadata[1].type.serialize(sample.tolist(), version)
             self._packed = driver == pack_ranked_posts(sample)
             if not self._packed:
                 log.warning("ranked feeds: the driver serializes ranked_posts differently "
@@ -349,9 +352,8 @@ class RankedFeedStore:
 
     def _swap_into(self, client, user_id: int, args: list[Any]):
         k = self.keys
-        return self._swap(keys=[k.ranked_feed_staging(user_id), k.ranked_feed(user_id),
-                                k.ranked_meta(user_id), k.ranked_feed_previous(user_id),
-                                k.ranked_meta_previous(user_id)], args=args, client=client)
+        return self._swap(keys=[k.ranked_feed(user_id), k.ranked_feed_previous(user_id),
+                                k.ranked_meta(user_id)], args=args, client=client)
 
     def restore(self, feeds: Sequence[RankedFeed]) -> list[bool]:
         """Write durable ranked feeds back to Redis only (``feedbeam rebuild``), through
@@ -360,7 +362,7 @@ class RankedFeedStore:
         (the running pipeline wrote a newer one meanwhile, or this one already)."""
         if self._swap is None:
             raise RuntimeError("this RankedFeedStore has no Redis side")
-        return self._swap_all([(f.user_id, swap_args(check_entries(f.entries), f.model_version,
+        return self._swap_all([(f.user_id, swap_args(entry_records(f.entries), f.model_version,
                                                      f.generated_at_ms, self.keep_previous_s))
                                for f in feeds])
 

@@ -39,7 +39,8 @@ def test_rank_order_survives_scores_out_of_order(store):
     page = store.read_page(7, start=1, count=2)
     assert page.entries == (E(12, 2, 0.5), E(13, 1, 0.9))
     assert (page.start, page.total, page.model_version, page.generated_at_ms) == (1, 4, "xgb-1", T0)
-    assert not store.redis.exists(store.keys.ranked_feed_staging(7))
+    assert store.read_page(7, start=3, count=5).entries == (E(14, 3, 0.1),)
+    assert store.read_page(7, start=4, count=5).entries == ()
 
 
 def test_older_ranking_never_replaces_newer_in_either_store(store):
@@ -84,7 +85,7 @@ def test_bad_input_is_refused_before_writing(store):
 def test_large_ranking_and_async_reader(store, stack, key_prefix):
     import redis.asyncio as aioredis
 
-    entries = [E(p, p % 17, float(p)) for p in range(2500)]  # more than one Lua batch
+    entries = [E(p, p % 17, float(p)) for p in range(2500)]
     store.write(7, entries, "m1", T0)
     assert store.read(7).entries == tuple(entries)
 
@@ -109,3 +110,14 @@ def test_connect_opens_and_closes_its_own_clients(stack, cassandra_session, keys
     finally:
         store.close()
     assert store.cassandra._cluster is None
+
+
+def test_a_feed_of_the_layout_before_reads_as_none_and_is_replaced(store):
+    # Before one string per feed: a ZSET of ranks and a meta HASH (docs/operations.md).
+    k = store.keys
+    store.redis.zadd(k.ranked_feed(6), {"9": 2.0, "8": 1.0})
+    store.redis.hset(k.ranked_meta(6), mapping={"model_version": "m0", "generated_at": T0 + 50})
+    assert store.read(6) is None
+    assert store.write(6, [E(1, 1, 1.0)], "m1", T0) is True
+    assert store.read(6) == RankedFeed(6, (E(1, 1, 1.0),), "m1", T0)
+    assert not store.redis.exists(k.ranked_meta(6))

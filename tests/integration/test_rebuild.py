@@ -249,7 +249,7 @@ def test_rebuild_restores_features_stories_and_ranked_feeds(
     assert not gone & after.keys()
     assert [m for m, _ in after[k.seen_stories(2)]] == ["501"]
     assert online.raw(VIEWER_AUTHOR, "1:0") == {"100": affinities["100"]}
-    changed = gone | {k.seen_stories(2), k.author_affinity(1), k.ranked_feed(2), k.ranked_meta(2)}
+    changed = gone | {k.seen_stories(2), k.author_affinity(1), k.ranked_feed(2)}
     kept = {key for key in before if key not in changed and ":last_read:" not in key}
     assert {key: after.get(key) for key in kept} == {key: before[key] for key in kept}
     assert k.top_followers(100) in kept and k.top_followers(101) in kept

@@ -24,13 +24,13 @@ def test_feed_zset_written_and_read_through_the_layout(redis_client, key_prefix)
 
 def test_ranked_feed_swap_in_one_transaction(redis_client, key_prefix):
     keys = KeyLayout(key_prefix)
+    redis_client.set(keys.ranked_feed(5), b"first")
     with redis_client.pipeline(transaction=True) as pipe:
-        pipe.zadd(keys.ranked_feed_staging(5), {"9": 2.0, "8": 1.0})
-        pipe.rename(keys.ranked_feed_staging(5), keys.ranked_feed(5))
-        pipe.hset(keys.ranked_meta(5), mapping={"model_version": "m1", "generated_at": 1})
+        pipe.rename(keys.ranked_feed(5), keys.ranked_feed_previous(5))
+        pipe.set(keys.ranked_feed(5), b"second")
         pipe.execute()
-    assert redis_client.zrevrange(keys.ranked_feed(5), 0, -1) == [b"9", b"8"]
-    assert not redis_client.exists(keys.ranked_feed_staging(5))
+    assert redis_client.get(keys.ranked_feed(5)) == b"second"
+    assert redis_client.get(keys.ranked_feed_previous(5)) == b"first"
 
 
 def test_prefixes_isolate(redis_client, key_prefix):

@@ -70,7 +70,7 @@ def test_the_meta_keys_are_the_prefixs_own_and_not_views():
 def test_one_users_keys_share_a_hash_tag():
     k = KeyLayout()
     per_user = [k.home_feed, k.home_feed_staging, k.ranked_feed, k.ranked_meta,
-                k.ranked_feed_staging, k.last_read, k.seen_stories, k.author_affinity,
+                k.ranked_feed_previous, k.last_read, k.seen_stories, k.author_affinity,
                 k.content_affinity, k.followers, k.following, k.author_timeline,
                 k.author_features, k.author_stories, k.carried_posts]
     assert {_hash_tag(f(9)) for f in per_user} == {"u:9"}
