@@ -24,9 +24,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from stores.redis.affinities import ABSENT_STAMP
+
 SLOT = np.dtype([("value", "<f8"), ("stamp", "<i8")])
-#: The stamp of an empty slot: older than any TTL reaches (as in ``affinities``).
-EMPTY_STAMP = -(1 << 62)
+#: The stamp of an empty slot: older than any TTL reaches, the same "never" as an
+#: author a viewer has no affinity record of.
+EMPTY_STAMP = ABSENT_STAMP
 _SLOT = struct.Struct("<dq")
 EMPTY = _SLOT.pack(0.0, EMPTY_STAMP)
 
