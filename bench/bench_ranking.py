@@ -76,7 +76,7 @@ from schemas.events import (  # noqa: E402
     PostEventKind,
 )
 from schemas.keys import KeyLayout  # noqa: E402
-from stores.ranked import parse_value  # noqa: E402
+from stores.ranked import STAMP_BYTES, generated_at_of, parse_value  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "ranking.json"
@@ -460,10 +460,11 @@ class Watch:
         users = list(since)
         pipe = self.client.pipeline(transaction=False)
         for u in users:
-            pipe.getrange(self.keys.ranked_feed(u), 0, 15)
+            pipe.getrange(self.keys.ranked_feed(u), 0, STAMP_BYTES - 1)
         stamps = pipe.execute()
         changed = [u for u, stamp in zip(users, stamps)
-                   if stamp and int(stamp) >= since[u] and stamp != self._checked.get(u)]
+                   if stamp and generated_at_of(stamp) >= since[u]
+                   and stamp != self._checked.get(u)]
         if not changed:
             return
         pipe = self.client.pipeline(transaction=False)
@@ -474,7 +475,7 @@ class Watch:
         for u, value in zip(changed, pipe.execute()):
             feed = parse_value(u, value)
             if feed is not None:
-                self._checked[u] = value[:16]
+                self._checked[u] = value[:STAMP_BYTES]
                 ranked[u] = {e.post_id for e in feed.entries}
         for (u, p), t in list(self.pending.items()):
             if p in ranked.get(u, ()):

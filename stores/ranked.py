@@ -43,6 +43,8 @@ DEFAULT_KEEP_PREVIOUS_S = 900
 # (UTF-8). A record: post id and author id (big-endian int64), score (big-endian
 # float64, exact).
 _STAMP_DIGITS = 16
+#: Bytes at the start of a value that hold its ``generated_at`` (``generated_at_of``).
+STAMP_BYTES = _STAMP_DIGITS
 _VERSION_DIGITS = 3
 _HEAD = _STAMP_DIGITS + _VERSION_DIGITS
 RECORD = np.dtype([("post_id", ">i8"), ("author_id", ">i8"), ("score", ">f8")])
@@ -169,13 +171,18 @@ def ranked_value(records: np.ndarray, model_version: str, generated_at_ms: int) 
     return head + version + records.astype(RECORD, copy=False).tobytes()
 
 
+def generated_at_of(value: bytes) -> int:
+    """The ``generated_at`` (ms) of a Redis value, or of its first ``STAMP_BYTES``."""
+    return int(value[:_STAMP_DIGITS])
+
+
 def parse_value(user_id: int, value: bytes | None) -> RankedFeed | None:
     """The ``RankedFeed`` a Redis value holds (None for no value)."""
     if value is None:
         return None
     at = _HEAD + int(value[_STAMP_DIGITS:_HEAD])
     return RankedFeed(user_id, _entries(value[at:]), value[_HEAD:at].decode(),
-                      int(value[:_STAMP_DIGITS]))
+                      generated_at_of(value))
 
 
 def _entries(records: bytes) -> tuple[RankedEntry, ...]:
@@ -185,8 +192,8 @@ def _entries(records: bytes) -> tuple[RankedEntry, ...]:
 def swap_args(records: np.ndarray, model_version: str, generated_at_ms: int,
               keep_previous_s: int) -> list[Any]:
     """ARGV of ``_SWAP`` for ``records`` (``entry_records``)."""
-    return [_stamp(generated_at_ms), ranked_value(records, model_version, generated_at_ms),
-            int(keep_previous_s)]
+    value = ranked_value(records, model_version, generated_at_ms)
+    return [value[:_STAMP_DIGITS].decode(), value, int(keep_previous_s)]
 
 
 def parse_page(reply: Sequence[Any], start: int) -> RankedPage | None:
@@ -196,7 +203,7 @@ def parse_page(reply: Sequence[Any], start: int) -> RankedPage | None:
         return None
     found, head, total, records = reply
     return RankedPage(_entries(records), start, int(total), head[_HEAD:].decode(),
-                      int(head[:_STAMP_DIGITS]), bool(found))
+                      generated_at_of(head), bool(found))
 
 
 def page_args(generated_at_ms: int | None, start: int, count: int) -> list[Any]:
