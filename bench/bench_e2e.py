@@ -7,7 +7,8 @@ the same run; writes JSON and PNG plots.
         [--ranking-args=--debounce_s=10,...] [--job-args=--max_bundle_time_mills=100,...]
         [--mix engagement=4,story=0.5,follow=0.25]
         [--api-rates 500,1000,2000] [--api-s N] [--api-post-rate N] [--serve granian:1] [--no-floor]
-        [--job-nice N] [--topology single|cluster] [--out bench/results/e2e-<stamp>]
+        [--job-nice N|fanout=N,...] [--linger-ms 5] [--topology single|cluster]
+        [--out bench/results/e2e-<stamp>]
 
 Set-up (all names unique to the run, removed at the end, also on Ctrl-C or SIGTERM):
 topics ``bench.e2e<tag>.{post,engagement,story,follow}-events`` (+ ``.dlq``), a freshly
@@ -17,8 +18,10 @@ straight into Redis (``bench_fanout.Graph``). Then, as their own processes on Pr
 ``--pipelines`` leaves them out, ``pipelines.features`` (sinks redis, cassandra,
 top_followers), ``pipelines.stories`` and ``pipelines.ranking`` (with the promoted model of
 ``--model-dir``; by default one ``feedbeam train --synthetic`` trains once and later runs
-reuse), at OS niceness ``--job-nice`` (0: as the API); and ``feedbeam serve`` on the same
-prefix and keyspace (``bench_serving.Server``).
+reuse), at OS niceness ``--job-nice`` (0: as the API; the niceness of each job's session
+group too, ``infra.processes.lower_priority``); and ``feedbeam serve`` on the same prefix
+and keyspace (``bench_serving.Server``). The load generator's producer lingers
+``--linger-ms`` (librdkafka's default, 5).
 
 ``--topology cluster`` runs the same on ``feedbeam infra up --topology cluster`` (started
 beforehand): the Redis Cluster (the graph loaded through a cluster client, the ZADD limit
@@ -61,6 +64,11 @@ Per run (``--runs``; figures are medians over the runs):
    server and workers; ``--no-floor`` skips it) at the same rate under the same flow: the
    API's limit on this machine while the pipelines run.
 
+Each ladder step and each API rate also reports where the CPU went, in shares of one core
+(``bench/cpu.py``, from ``/proc``): the stack's servers, each job's session (its private
+Prism included), the API's and the floor's servers, this process (the producer and the
+pollers) and ``other`` (the load generator, the kernel, anything else running).
+
 Ratios: the peak (over ladder steps) feed insertions/s against the ZADD limit, and the
 peak records/s consumed by all jobs together against the raw consume + decode rate. Below
 overload the offered load bounds both, so they say "how far from the limit at the load
@@ -94,10 +102,12 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
 from bench.ladder import latency_summary, median_fields, ratio, summarize_ladder  # noqa: E402
+from cpu import CpuSplit, format_shares, session_pids  # noqa: E402
 from bench_fanout import (FRESHNESS_P99_MS, Graph, Job, Producer, Tracker,  # noqa: E402
                           apply_preset, delete_benchmark_keys, delete_prefix, graph_arguments,
                           make_posts, produce_step, redis_benchmark, start_poller)
 from infra.settings import CLUSTER_CASSANDRA_NODES, TOPOLOGIES, StackSettings  # noqa: E402
+from jobs.submit import PIPELINES as SUBMIT_PIPELINES  # noqa: E402
 from domain.fanout import FanoutPolicy  # noqa: E402
 from schemas.events import (EngagementEvent, EngagementKind, FollowEvent, FollowKind,  # noqa: E402
                             MediaType, PostEvent, StoryEvent, StoryEventKind, dlq_topic)
@@ -117,6 +127,8 @@ PIPELINES = {  # module, topics read, extra options
     "ranking": ("pipelines.ranking", (PostEvent.TOPIC, EngagementEvent.TOPIC, FollowEvent.TOPIC),
                 ["--latency_log_s=10"]),  # + --model_dir
 }
+#: The jobs' niceness unless --job-nice says otherwise.
+SHARED_NICE = ",".join(f"{name}={spec.shared_nice}" for name, spec in SUBMIT_PIPELINES.items())
 RANKED_SAMPLE = 3      # followers per post whose ranked feed is watched
 RANKED_DRAIN_S = 10.0  # how long after a step its posts may still reach ranked feeds
 RANKED_QUEUE_WAIT_S = 120.0  # how long the limits wait for the ranking job's queue to empty
@@ -322,6 +334,25 @@ class Ctx:
         self.log_dir = out / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.ranked: RankedFreshness | None = None
+        self.cpu = CpuSplit(self.cpu_groups)
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        """The processes whose CPU a phase reports: the stack's servers, each job's
+        session, the API's and the floor's servers and this benchmark (its producer)."""
+        from infra import processes
+
+        groups = {}
+        for name in ("kafka", "cassandra", "redis", "prism", "flink"):
+            pid = processes.running_pid(self.settings, name)
+            if pid is not None:
+                groups[name] = session_pids(os.getsid(pid))
+        for name, (job, _) in self.jobs.items():
+            groups[name] = session_pids(os.getsid(job.proc.pid))
+        for name, server in (("api", self.server), ("floor", self.floor)):
+            if server is not None:
+                groups[name] = session_pids(os.getsid(server.proc.pid))
+        groups["bench"] = [os.getpid()]
+        return groups
 
     def post_ids(self, n: int) -> int:
         """The first of ``n`` fresh post ids."""
@@ -440,7 +471,7 @@ def start(ctx, graph: Graph, session) -> None:
             ctx.ranked = RankedFreshness(ctx.client, ctx.keys)
         job = Job(ctx.settings, prism, ctx.prefix, ctx.key_prefix, ctx.keyspace,
                   ctx.log_dir / f"{name}.log", extra=extra, module=module,
-                  nice=ctx.args.job_nice, runner=runner)
+                  nice=ctx.args.job_nice.get(name, 0), runner=runner)
         ctx.jobs[name] = (job, topics)
 
 
@@ -492,7 +523,7 @@ def ladder_run(ctx, run: int, producer, mix: Mix, graph: Graph, rng, steps: dict
     for rate in ctx.rates:
         n = int(rate * ctx.args.step_s)
         posts = make_posts(graph, ctx.keys, rng, n, ctx.post_ids(n))
-        before, t0 = positions(ctx), time.time()
+        before, t0, cpu0 = positions(ctx), time.time(), ctx.cpu.snapshot()
         on_send = mix.after_post if ctx.ranked is None else ctx.ranked.start_step(graph, mix)
         step = produce_step(producer, posts, rate, ctx.args.timeout_s, ctx.alive,
                             on_send=on_send)
@@ -504,6 +535,7 @@ def ladder_run(ctx, run: int, producer, mix: Mix, graph: Graph, rng, steps: dict
         step["pipelines"] = consumed(before, after, time.time() - t0)
         step["records_per_s"] = sum(v["records_per_s"] for v in step["pipelines"].values())
         step["load1"] = os.getloadavg()[0]
+        step["cpu"] = ctx.cpu.shares(cpu0, ctx.cpu.snapshot())
         steps[rate].append(step)
         produced += posts
         print(f"  run {run + 1} {rate:>6g} posts/s: p50 {step['p50_ms']:6.0f} ms  p99 "
@@ -515,7 +547,8 @@ def ladder_run(ctx, run: int, producer, mix: Mix, graph: Graph, rng, steps: dict
                  f"{step.get('ranked_p99_ms', float('nan')):,.0f} ms, missing "
                  f"{step['ranked_missing']}/{step['ranked_pairs']}, refreshes "
                  f"{step['refreshes_per_s']:,.0f}/s" if "ranked_pairs" in step else "")
-              + ("  OVERLOADED (stopped early)" if step["overloaded"] else ""), flush=True)
+              + ("  OVERLOADED (stopped early)" if step["overloaded"] else "")
+              + f"\n      CPU (share of one core): {format_shares(step['cpu'])}", flush=True)
         if step["overloaded"]:
             break
         time.sleep(1.0)
@@ -592,7 +625,9 @@ def api_phase(ctx, producer, mix: Mix, graph: Graph, rng, targets: Path, rate: f
         if ctx.floor is not None:
             loadgen(ctx.loadgen, floor_targets, min(ctx.api_rates), ctx.args.api_warmup_s)
         for api_rate in ctx.api_rates:
+            cpu0 = ctx.cpu.snapshot()
             res = loadgen(ctx.loadgen, targets, api_rate, ctx.args.api_s)
+            res["cpu"] = ctx.cpu.shares(cpu0, ctx.cpu.snapshot())
             res["offered_rps"] = api_rate
             non200 = sum(n for s, n in res["statuses"].items() if s != "200")
             line = (f"  API {api_rate:>6,.0f} req/s: p50 {res['p50_ms']:6.2f} ms  p99 "
@@ -601,11 +636,16 @@ def api_phase(ctx, producer, mix: Mix, graph: Graph, rng, targets: Path, rate: f
             if ctx.floor is not None:
                 # The floor at the same rate right after, the same posts still flowing:
                 # what any Python ASGI app gets from this machine under this load.
+                cpu0 = ctx.cpu.snapshot()
                 floor = loadgen(ctx.loadgen, floor_targets, api_rate, ctx.args.api_s)
+                res["floor_cpu"] = ctx.cpu.shares(cpu0, ctx.cpu.snapshot())
                 res["floor_p50_ms"], res["floor_p99_ms"] = floor["p50_ms"], floor["p99_ms"]
                 line += f"  floor p50 {floor['p50_ms']:.2f} ms p99 {floor['p99_ms']:.2f} ms"
             out.append(res)
-            print(line, flush=True)
+            print(line + f"\n      CPU during the API's run (share of one core): "
+                  f"{format_shares(res['cpu'])}"
+                  + (f"\n      CPU during the floor's run: {format_shares(res['floor_cpu'])}"
+                     if "floor_cpu" in res else ""), flush=True)
     finally:
         stop.set()
         thread.join()
@@ -636,6 +676,20 @@ def api_targets(ctx, posts: list, graph: Graph, path: Path, limit: int = 2000) -
 # ------------------------------------------------------------------ main
 
 
+def parse_nice(parser, text: str) -> dict[str, int]:
+    """``--job-nice``: one niceness for every job, or ``name=N`` pairs (others 0)."""
+    try:
+        if "=" not in text:
+            return {name: int(text) for name in PIPELINES}
+        pairs = dict(item.split("=", 1) for item in text.split(",") if item)
+        out = {name: int(n) for name, n in pairs.items()}
+    except ValueError:
+        parser.error(f"--job-nice takes N or name=N,..., not {text!r}")
+    if set(out) - set(PIPELINES) or not all(0 <= n <= 19 for n in out.values()):
+        parser.error(f"--job-nice: jobs are {', '.join(PIPELINES)}, nicenesses 0-19")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     graph_arguments(parser, QUICK)
@@ -664,12 +718,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-s", type=float, default=8.0,
                         help="seconds at the lowest rate before the ladder (not recorded)")
     parser.add_argument("--api-warmup-s", type=float, default=3.0, help="API warm-up seconds")
-    parser.add_argument("--serve", default="granian:1", help="server:workers of feedbeam serve")
+    parser.add_argument("--serve", default="granian:2",
+                        help="server:workers of feedbeam serve (and of the floor)")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the HTTP floor (bench/floor_app.py) beside the API")
-    parser.add_argument("--job-nice", type=int, default=0,
-                        help="OS niceness of the jobs' processes (the API and the servers keep 0)")
+    parser.add_argument("--job-nice", default=SHARED_NICE,
+                        help="OS niceness of the jobs (their processes and their sessions' "
+                             "scheduling groups; the API and the servers keep 0): N for all, "
+                             "or per job (default %(default)s: `feedbeam submit`'s advice "
+                             "for a machine shared with the API, jobs.submit.PipelineSpec)")
     parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--linger-ms", type=int, default=5,
+                        help="linger.ms of the load generator's producer (5: librdkafka's "
+                             "default, what an application's producer does unless told "
+                             "otherwise; 0 sends each record in a request of its own)")
     parser.add_argument("--benchmark-requests", type=int)
     parser.add_argument("--topology", choices=TOPOLOGIES,
                         help="single: the local stack, jobs on private Prism processes; "
@@ -685,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "(default bench/results/e2e-<stamp>)")
     args = parser.parse_args(argv)
     apply_preset(args, QUICK, FULL)
+    args.job_nice = parse_nice(parser, args.job_nice)
     args.pipelines = ["fanout"] + [p for p in args.pipelines.split(",") if p and p != "fanout"]
     if set(args.pipelines) - set(PIPELINES):
         parser.error(f"--pipelines takes {', '.join(PIPELINES)}")
@@ -737,7 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         start(ctx, graph, session)
         start_server(ctx, policy)
         tracker = Tracker(ctx.client, ctx.keys)
-        producer = Producer(settings.kafka_bootstrap, ctx.prefix + PostEvent.TOPIC, linger_ms=0)
+        producer = Producer(settings.kafka_bootstrap, ctx.prefix + PostEvent.TOPIC,
+                            linger_ms=args.linger_ms)
         producer.on_delivered = tracker.add
         mix = Mix(producer, ctx.prefix, graph, mix_ratios, id_base=0)
         rng = np.random.default_rng(7)
@@ -938,6 +1002,8 @@ def print_summary(r: dict) -> None:
               f"{max(loads):.2f}")
     print(f"workload: {r['graph']['users']:,} users, {r['graph']['edges']:,} edges; per post "
           f"{r['mix_per_post']}; jobs {', '.join(c['pipelines'])}; sent {r.get('events_sent')}")
+    niced = {k: v for k, v in c["job_nice"].items() if v and k in c["pipelines"]}
+    print(f"jobs' niceness: {niced or 0}; API {c['serve']}; producer linger {c['linger_ms']} ms")
     print(f"freshness (post -> follower's Redis feed), {c['step_s']:g}s per rate:")
     for row in f["rates"]:
         ok = row["p99_ms"] <= FRESHNESS_P99_MS and not row["overloaded_runs"]

@@ -319,10 +319,13 @@ class Job:
             f"--cassandra_port={settings.cassandra_port}",
             f"--cassandra_keyspace={keyspace}", *extra]
         self.log = open(log_path, "ab")
-        niced = ["nice", "-n", str(nice)] if nice else []
-        self.proc = subprocess.Popen([*niced, sys.executable, "-m", module, *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        if nice:
+            from infra.processes import lower_priority
+
+            lower_priority(self.proc.pid, nice)
 
     def poll(self):
         return self.proc.poll()

@@ -35,47 +35,9 @@ import redis  # noqa: E402
 
 from infra import processes  # noqa: E402
 from infra.settings import StackSettings  # noqa: E402
+from cpu import TICKS_PER_S, cpu_ticks, session_pids, thread_ticks  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "idle.json"
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of ``pid`` in clock ticks (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-
-
-def session_pids(session_id: int) -> list[int]:
-    """Every live process of session ``session_id`` (a job and its helpers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session_id:  # field 6 of stat: the session
-            found.append(int(entry.name))
-    return found
-
-
-def thread_ticks(pids: list[int]) -> dict[str, int]:
-    """utime + stime of every thread of ``pids``, summed per thread name (digits dropped)."""
-    per_name: dict[str, int] = {}
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                name = (task / "comm").read_text().strip().rstrip("0123456789") or "?"
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            per_name[name] = per_name.get(name, 0) + int(fields[11]) + int(fields[12])
-    return per_name
 
 
 def measure(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:

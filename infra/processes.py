@@ -47,6 +47,33 @@ def pid_file(settings: StackSettings, name: str) -> Path:
     return settings.state_dir / "pids" / f"{name}.pid"
 
 
+def lower_priority(pid: int, nice: int) -> bool:
+    """Run ``pid`` and its session at niceness ``nice`` (>= 0): it yields the CPU
+    to the processes at 0 (the servers, the serving API) when they want it.
+
+    Sets the process's own niceness (what it starts from then on inherits it)
+    and that of its session's scheduling group. With the kernel's autogroups on
+    (``/proc/sys/kernel/sched_autogroup_enabled``) each session is one group
+    that shares the CPU equally with every other, however many threads it runs,
+    and a process's niceness only weighs it against its own session's other
+    processes: a job started in a session of its own and niced with ``nice(1)``
+    keeps its full share. Writing ``/proc/<pid>/autogroup`` lowers the group's.
+    Returns whether there was a group to lower. Raising a niceness needs no
+    privileges.
+    """
+    if not 0 <= nice <= 19:
+        raise UserFacingError(f"a niceness from 0 to 19 is needed, not {nice}")
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise UserFacingError(f"cannot lower the priority of pid {pid} to niceness "
+                              f"{nice}: {exc}") from exc
+    return True
+
+
 def spawn(settings: StackSettings, name: str, cmd: list[str]) -> int:
     """Start ``cmd`` detached (own session), logging to the service log; returns its pid."""
     path = log_path(settings, name)

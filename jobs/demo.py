@@ -38,6 +38,7 @@ from pathlib import Path
 
 from infra import stack
 from infra.errors import UserFacingError
+from infra.processes import lower_priority
 from infra.settings import REPO_ROOT, StackSettings
 from schemas.events import TOPICS, FollowEvent, PostEvent, dlq_topic
 
@@ -173,6 +174,8 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
             ["generate", *workload.generate_args(start_ms, prefix)])
         generate.run_generate(gen_args, settings)
 
+    from jobs.submit import PIPELINES
+
     names = available_pipelines()
     _step(f"6/7 pipelines on Prism: {', '.join(names)}")
     jobs: list[FanoutJob] = []
@@ -189,10 +192,12 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
                 f"--topic_prefix={prefix}", f"--redis_key_prefix={args.redis_key_prefix}",
                 f"--cassandra_keyspace={keyspace}",
                 *pipeline_extras(name, workload, settings, model_dir),
-            ], pipeline=name))
+            ], pipeline=name, nice=PIPELINES[name].shared_nice))
         print("   started " + ", ".join(f"{job.name} (pid {job.process.pid})" for job in jobs)
-              + f"; consumer groups and logs {jobs[0].log_path.parent}/{args.group}*.log",
-              flush=True)
+              + " at OS niceness " + "/".join(str(PIPELINES[job.name].shared_nice)
+                                             for job in jobs)
+              + f" (the API first); consumer groups and logs "
+              f"{jobs[0].log_path.parent}/{args.group}*.log", flush=True)
         for job in jobs:
             topics_of = demo_topics(job.name, prefix)
             caught_up_in, applied = wait_until_applied(
@@ -326,7 +331,7 @@ class FanoutJob:
 
     @classmethod
     def start(cls, settings: StackSettings, log_path: Path,
-              extra: list[str], pipeline: str = "fanout") -> "FanoutJob":
+              extra: list[str], pipeline: str = "fanout", nice: int = 0) -> "FanoutJob":
         from jobs.submit import build_command
 
         argv = build_command(pipeline, "prism", settings, extra)
@@ -338,6 +343,8 @@ class FanoutJob:
             # Its own session: stop() signals the job and its workers together.
             process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        if nice:
+            lower_priority(process.pid, nice)
         return cls(process, log_path, pipeline)
 
     def stop(self, grace_s: float = 15.0) -> None:

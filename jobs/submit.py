@@ -40,6 +40,7 @@ from infra.services import (
     prism_job_endpoint,
     prism_ready,
 )
+from infra.processes import lower_priority
 from infra.settings import REPO_ROOT, StackSettings
 from pipelines.runtime import (
     OptionsError,
@@ -71,6 +72,11 @@ class PipelineSpec:
     #: Further steps of the job with consumer groups of their own: (suffix of the
     #: job's group, topics they read); ``status`` shows their lag beside the job's.
     steps: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: OS niceness on a machine shared with the serving API (``--nice``, the demo):
+    #: the fan-out, whose freshness readers see within a second, gives way to
+    #: requests but not to the other jobs; they, whose work waits (aggregates, a
+    #: story's state, re-rankings a newer post tops anyway), give way to all.
+    shared_nice: int = 19
 
 
 #: The pipelines ``submit`` can start: module, default consumer group, topics read.
@@ -80,7 +86,7 @@ PIPELINES: dict[str, PipelineSpec] = {
     # DURABLE_GROUP_SUFFIX): Cassandra's lag.
     "fanout": PipelineSpec("pipelines.fanout", "feedbeam-fanout",
                            ("post-events", "follow-events"),
-                           steps=(("-durable", ("fanout-durable",)),)),
+                           steps=(("-durable", ("fanout-durable",)),), shared_nice=10),
     "features": PipelineSpec("pipelines.features", "feedbeam-features",
                              ("engagement-events", "post-events")),
     "stories": PipelineSpec("pipelines.stories", "feedbeam-stories", ("story-events",),
@@ -331,6 +337,10 @@ def register(subparsers) -> None:
                    help="run in the background; see `feedbeam status`, stop with `feedbeam cancel`")
     p.add_argument("--print-only", action="store_true",
                    help="print the command instead of running it")
+    p.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="run the job, its runner and workers at OS niceness N (0-19), its "
+                        "session's scheduling group too: on a machine shared with the serving "
+                        "API, 10 lets requests take the CPU first (docs/operations.md)")
     p.add_argument("beam_args", nargs=argparse.REMAINDER,
                    help="pipeline and Beam options (passed through)")
     p.set_defaults(handler=run_submit)
@@ -367,8 +377,9 @@ def _scope_options(parser, target_help: str, lag: bool = False) -> None:
 
 
 def split_own_flags(args: argparse.Namespace) -> list[str]:
-    """Take ``--runner``, ``--detach`` and ``--print-only`` out of the passed-through
-    options (argparse leaves everything after the pipeline name there) onto ``args``."""
+    """Take ``--runner``, ``--nice``, ``--detach`` and ``--print-only`` out of the
+    passed-through options (argparse leaves everything after the pipeline name
+    there) onto ``args``."""
     rest: list[str] = []
     items = iter(args.beam_args)
     for a in items:
@@ -382,6 +393,13 @@ def split_own_flags(args: argparse.Namespace) -> list[str]:
                 raise UserFacingError(f"--runner must be one of {', '.join(RUNNERS)}, "
                                       f"not {value!r}")
             args.runner = value
+        elif a == "--nice" or a.startswith("--nice="):
+            value = a.split("=", 1)[1] if "=" in a else next(items, None)
+            try:
+                args.nice = int(value)
+            except (TypeError, ValueError):
+                raise UserFacingError(f"--nice takes a niceness from 0 to 19, not {value!r}") \
+                    from None
         else:
             rest.append(a)
     return rest
@@ -389,6 +407,8 @@ def split_own_flags(args: argparse.Namespace) -> list[str]:
 
 def run_submit(args: argparse.Namespace, settings: StackSettings) -> int:
     beam_args = split_own_flags(args)
+    if not 0 <= args.nice <= 19:
+        raise UserFacingError(f"--nice takes a niceness from 0 to 19, not {args.nice}")
     if wants_help(beam_args):
         print(pipeline_help(args.pipeline))
         return 0
@@ -412,6 +432,8 @@ def run_submit(args: argparse.Namespace, settings: StackSettings) -> int:
     finally:
         if out is not None:
             out.close()
+    if args.nice:
+        lower_priority(process.pid, args.nice)
     stat = proc_stat(process.pid)
     record = JobRecord(job_id, args.pipeline, args.runner, process.pid,
                        dt.datetime.now().isoformat(timespec="seconds"), str(log_path),

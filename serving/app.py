@@ -129,6 +129,7 @@ class FeedApp:
 
     async def shutdown(self) -> None:
         self.lag.stop()
+        await self.feeds.flush_reads()
         await self.redis.close()
         await self.cassandra.close()
         self._started = False

@@ -145,6 +145,8 @@ class FeedService:
         self._post_cache: dict[int, tuple[float, dict | None]] = {}  # post -> (read at, meta)
         self._last_read_redis: dict[int, float] = {}
         self._last_read_cassandra: dict[int, float] = {}
+        self._durable_reads: dict[int, int] = {}  # user -> last read (ms) not yet written
+        self._durable_flush: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._fallbacks = 0  # Cassandra fallback reads in flight
         self._rebuilt: dict[int, float] = {}  # user -> when a rebuild was last tried
@@ -590,13 +592,31 @@ class FeedService:
         table[user_id] = now_s
 
     def _record_read_durable(self, user_id: int, now_ms: int) -> None:
-        """The durable last-read write, off the request path, throttled per user."""
+        """The durable last-read write, throttled per user, off the request path:
+        written with the others of the next ``last_read_flush_s``."""
         now_s = now_ms / 1000
         if now_s - self._last_read_cassandra.get(user_id, 0.0) < self.config.last_read_cassandra_every_s:
             return
         self._remember_read(self._last_read_cassandra, user_id, now_s)
-        self.spawn(self.cassandra_extra(
-            lambda: self.cassandra.set_last_read(user_id, now_ms), None))
+        self._durable_reads[user_id] = now_ms
+        if self._durable_flush is None:
+            self._durable_flush = asyncio.ensure_future(self._flush_reads_later())
+
+    async def _flush_reads_later(self) -> None:
+        await asyncio.sleep(self.config.last_read_flush_s)
+        self._durable_flush = None
+        await self.flush_reads()
+
+    async def flush_reads(self) -> None:
+        """Write the pending durable last reads now (a failure drops them: Redis has
+        them too, and the next read of the hour writes again)."""
+        if self._durable_flush is not None:  # called at shutdown: the timer's work is done here
+            self._durable_flush.cancel()
+            self._durable_flush = None
+        pending, self._durable_reads = self._durable_reads, {}
+        if pending:
+            await self.cassandra_extra(
+                lambda: self.cassandra.set_last_reads(list(pending.items())), None)
 
     # -- rebuild ------------------------------------------------------------------------
 

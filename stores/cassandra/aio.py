@@ -20,7 +20,8 @@ from typing import Any, Sequence
 from cassandra import OperationTimedOut
 
 from domain.stories import StoryPolicy, ttl_seconds, write_timestamp_us
-from stores.cassandra.feeds import CassandraFeedStore, plan_buckets, post_from_row, to_ms
+from stores.cassandra.feeds import (CassandraFeedStore, pack_batches, plan_buckets,
+                                    post_from_row, to_ms)
 from stores.ranked import RankedFeedStore, feed_from_row
 from schemas import cassandra as cs
 from schemas.keys import KeyLayout
@@ -30,6 +31,8 @@ from schemas.stories import StoryMeta
 #: Partitions per ``IN`` query of the story reads (a coordinator fans one
 #: statement out to them; more per statement would make one slow reply likelier).
 IN_CHUNK = 100
+#: Users per unlogged batch of last-read writes (``set_last_reads``).
+LAST_READ_BATCH = 100
 
 
 def _bounded_cql(ks: str) -> dict[str, str]:
@@ -297,8 +300,16 @@ class AioCassandra:
         rows = await self._named("last_read", (user_id,))
         return to_ms(rows[0].last_feed_read_at) if rows else None
 
-    async def set_last_read(self, user_id: int, at_ms: int) -> None:
-        await self._named("set_last_read", (cs.event_timestamp_us(at_ms), at_ms, user_id))
+    async def set_last_reads(self, reads: Sequence[tuple[int, int]]) -> None:
+        """``(user_id, at_ms)`` last reads in unlogged batches of ``LAST_READ_BATCH``
+        users: one request for the driver per batch, not one per user."""
+        if self.store is None:
+            await self.execute(None, ())  # raises CassandraUnavailable
+        stmt = self.store.statement("set_last_read")
+        work = [(stmt, (cs.event_timestamp_us(at_ms), at_ms, user_id))
+                for user_id, at_ms in reads]
+        await asyncio.gather(*(self.execute(s, p) for s, p in
+                               pack_batches(work, LAST_READ_BATCH)))
 
     async def ranked(self, user_id: int) -> RankedFeed | None:
         """The durable ranked feed (``RankedFeedStore.read_durable``, asynchronously)."""

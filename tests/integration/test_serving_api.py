@@ -105,6 +105,31 @@ def test_feed_merges_pushed_and_pulled_posts_hydrated(api, stores):
     wait_until(lambda: (cassandra.last_reads([1])[0] or 0) >= NOW, 10, "durable last read")
 
 
+def test_durable_last_reads_go_together_and_none_is_lost_at_shutdown(stack, stores, key_prefix,
+                                                                    keyspace):
+    """Users' first reads of the hour reach Cassandra in batches (more users than
+    one batch holds, here in one flush window); reads still waiting for their
+    flush when the worker stops are written by its shutdown."""
+    from stores.cassandra.aio import LAST_READ_BATCH
+
+    _, _, cassandra = stores
+    users = list(range(1, 2 * LAST_READ_BATCH + 32))
+    config = serving_config(stack, key_prefix, keyspace, push_threshold=3,
+                            last_read_flush_s=2.0)
+    with running_app(config) as (client, _):
+        for user in users[:-5]:
+            assert client.get(f"/v1/users/{user}/feed", user=user)[0] == 200
+        wait_until(lambda: all((t or 0) >= NOW for t in cassandra.last_reads(users[:-5])),
+                   10, "the durable last reads")
+    late = serving_config(stack, key_prefix, keyspace, push_threshold=3,
+                          last_read_flush_s=3600.0)
+    with running_app(late) as (client, _):
+        for user in users[-5:]:
+            assert client.get(f"/v1/users/{user}/feed", user=user)[0] == 200
+        assert cassandra.last_reads(users[-5:]) == [None] * 5  # an hour from their flush
+    assert all((t or 0) >= NOW for t in cassandra.last_reads(users[-5:]))
+
+
 def test_pagination_is_stable_while_new_posts_arrive(api, stores):
     config, _, _ = stores
     run_events(config, POLICY, [follow(1, 100, T0)] +

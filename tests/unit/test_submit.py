@@ -30,16 +30,42 @@ def settings(tmp_path) -> StackSettings:
 
 def _args(*beam_args: str) -> argparse.Namespace:
     return argparse.Namespace(pipeline="fanout", runner="prism", detach=False, print_only=False,
-                              beam_args=list(beam_args))
+                              nice=0, beam_args=list(beam_args))
 
 
 def test_own_flags_are_taken_out_of_the_passed_through_options():
     args = _args("--push_threshold", "500", "--runner", "flink", "--detach", "--",
-                 "--feed_cap=200", "--print-only")
+                 "--feed_cap=200", "--print-only", "--nice", "10")
     assert submit.split_own_flags(args) == ["--push_threshold", "500", "--feed_cap=200"]
-    assert (args.runner, args.detach, args.print_only) == ("flink", True, True)
+    assert (args.runner, args.detach, args.print_only, args.nice) == ("flink", True, True, 10)
     with pytest.raises(UserFacingError, match="--runner must be one of"):
         submit.split_own_flags(_args("--runner=spark"))
+    with pytest.raises(UserFacingError, match="--nice takes a niceness"):
+        submit.split_own_flags(_args("--nice=low"))
+
+
+def test_a_lowered_priority_covers_the_process_and_its_session_group():
+    """``lower_priority`` sets the process's niceness and, where the kernel groups
+    sessions (autogroups), the niceness of its session's group: with autogroups a
+    process's own niceness only weighs it against its session."""
+    from infra.processes import lower_priority
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             start_new_session=True)
+    try:
+        grouped = lower_priority(child.pid, 7)
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == 7
+        autogroup = f"/proc/{child.pid}/autogroup"
+        if grouped:
+            with open(autogroup) as f:
+                assert f.read().split()[-1] == "7"   # "/autogroup-N nice 7"
+        else:
+            assert not os.path.exists(autogroup)
+        with pytest.raises(UserFacingError, match="from 0 to 19"):
+            lower_priority(child.pid, -1)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_prism_command_fills_in_the_local_stack_but_never_overrides(settings):
