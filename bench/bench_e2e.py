@@ -6,7 +6,7 @@ the same run; writes JSON and PNG plots.
         [--runs N] [--pipelines fanout,features,stories,ranking] [--model-dir DIR]
         [--ranking-args=--debounce_s=10,...] [--job-args=--max_bundle_time_mills=100,...]
         [--mix engagement=4,story=0.5,follow=0.25]
-        [--api-rates 500,1000,2000] [--api-s N] [--api-post-rate N] [--serve granian:1] [--no-floor]
+        [--api-rates 500,1000,2000] [--api-s N] [--api-post-rate N] [--serve granian:2] [--no-floor]
         [--job-nice N|fanout=N,...] [--linger-ms 5] [--topology single|cluster]
         [--out bench/results/e2e-<stamp>]
 
@@ -102,7 +102,7 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
 from bench.ladder import latency_summary, median_fields, ratio, summarize_ladder  # noqa: E402
-from cpu import CpuSplit, format_shares, session_pids  # noqa: E402
+from cpu import CpuSplit, format_shares, pids_by_session  # noqa: E402
 from bench_fanout import (FRESHNESS_P99_MS, Graph, Job, Producer, Tracker,  # noqa: E402
                           apply_preset, delete_benchmark_keys, delete_prefix, graph_arguments,
                           make_posts, produce_step, redis_benchmark, start_poller)
@@ -341,16 +341,20 @@ class Ctx:
         session, the API's and the floor's servers and this benchmark (its producer)."""
         from infra import processes
 
+        leaders = {name: processes.running_pid(self.settings, name)
+                   for name in ("kafka", "cassandra", "redis", "prism", "flink")}
+        leaders.update((name, job.proc.pid) for name, (job, _) in self.jobs.items())
+        leaders.update((name, server.proc.pid) for name, server in
+                       (("api", self.server), ("floor", self.floor)) if server is not None)
+        sessions = pids_by_session()  # one pass over /proc for all of them
         groups = {}
-        for name in ("kafka", "cassandra", "redis", "prism", "flink"):
-            pid = processes.running_pid(self.settings, name)
-            if pid is not None:
-                groups[name] = session_pids(os.getsid(pid))
-        for name, (job, _) in self.jobs.items():
-            groups[name] = session_pids(os.getsid(job.proc.pid))
-        for name, server in (("api", self.server), ("floor", self.floor)):
-            if server is not None:
-                groups[name] = session_pids(os.getsid(server.proc.pid))
+        for name, pid in leaders.items():
+            if pid is None:
+                continue
+            try:
+                groups[name] = sessions.get(os.getsid(pid), [])
+            except ProcessLookupError:  # gone since: nothing to count
+                groups[name] = []
         groups["bench"] = [os.getpid()]
         return groups
 

@@ -25,9 +25,9 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
 
 
-def session_pids(session_id: int) -> list[int]:
-    """Every live process of session ``session_id`` (a job and its helpers)."""
-    found = []
+def pids_by_session() -> dict[int, list[int]]:
+    """Every live process, grouped by session id (one pass over ``/proc``)."""
+    found: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -35,9 +35,13 @@ def session_pids(session_id: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == session_id:  # field 6 of stat: the session
-            found.append(int(entry.name))
+        found.setdefault(int(fields[3]), []).append(int(entry.name))  # field 6: the session
     return found
+
+
+def session_pids(session_id: int) -> list[int]:
+    """Every live process of session ``session_id`` (a job and its helpers)."""
+    return pids_by_session().get(session_id, [])
 
 
 def thread_ticks(pids: Sequence[int]) -> dict[str, int]:
