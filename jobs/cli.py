@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_beam_gcp_notice(record: logging.LogRecord) -> bool:
+    """False for the warning Beam's BigQuery client logs on the root logger when
+    apitools is absent: feedbeam never uses BigQuery."""
+    return not (record.name == "root" and str(record.msg).startswith("apitools not found"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -133,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # The Cassandra driver logs routine connection details at INFO.
         logging.getLogger("cassandra").setLevel(logging.WARNING)
-        # Importing Beam options logs optional GCP extras it cannot find.
+        # Importing Beam options logs optional GCP extras it cannot find; one of
+        # them on the root logger, so only a filter keeps it off the screen.
         logging.getLogger("apache_beam.io.gcp").setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_beam_gcp_notice)
     try:
         try:
             settings = StackSettings.from_env()

@@ -123,6 +123,10 @@ def workload_of(args: argparse.Namespace) -> DemoWorkload:
         posts_per_day=args.posts_per_day)
 
 
+#: How the summary says ``create_topics``' states of a topic.
+_STATE_WORDS = {"created": "created", "exists": "already there"}
+
+
 def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     from jobs import generate, topics
     from schemas.cassandra import DEFAULT_KEYSPACE
@@ -135,20 +139,31 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     read_topics = [prefix + PostEvent.TOPIC, prefix + FollowEvent.TOPIC]
 
     _step("1/7 local stack: Kafka, Cassandra, Redis, Prism (installs on first run)")
-    for service in stack.up(settings):
-        print("   " + service.line())
+    services = stack.up(settings)
+    print("   " + ", ".join(f"{s.name} :{s.port}" + (f" {s.rss_mb:.0f} MiB" if s.rss_mb else "")
+                            for s in services) + ": ready")
 
     _step("2/7 topics and their dead-letter twins")
     created = topics.create_topics(
         settings.kafka_bootstrap, topics.feed_topics(prefix), partitions=args.partitions)
-    print("   " + ", ".join(f"{name} ({state})" for name, state in created.items()))
+    by_state: dict[str, list[str]] = {}
+    for name, state in created.items():
+        by_state.setdefault(state, []).append(name)
+    print(f"   {len(created)} topics (the four event topics, their .dlq twins, the jobs' "
+          "own dead letters): "
+          + ", ".join(f"{len(names)} {_STATE_WORDS.get(state, state)}"
+                      for state, names in by_state.items()))
 
     _step(f"3/7 Cassandra schema (keyspace {keyspace})")
     cluster = new_cluster(settings.host, settings.cassandra_port)
     try:
         results = migrate(cluster.connect(), keyspace)
-        print("   " + ", ".join(f"{r.version:04d} {r.name} ({r.status.replace('_', ' ')})"
-                                for r in results))
+        by_status: dict[str, list[str]] = {}
+        for r in results:
+            by_status.setdefault(r.status.replace("_", " "), []).append(
+                f"{r.version:04d} {r.name}")
+        print("   " + "; ".join(f"{status}: {', '.join(names)}"
+                                for status, names in by_status.items()))
     finally:
         cluster.shutdown()
 
@@ -168,8 +183,8 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
         commit_offsets(settings.kafka_bootstrap, args.group, mark)
         duration_ms = generate.parse_duration(workload.duration)
         start_ms = int(time.time() * 1000) - duration_ms
-        print(f"   seed {workload.seed}, {workload.users} users, --start {start_ms} "
-              f"(a new window, so new event and post ids; the same graph)")
+        print(f"   --start {start_ms}: a new window (new event and post ids), the same graph",
+              flush=True)
         gen_args = build_parser().parse_args(
             ["generate", *workload.generate_args(start_ms, prefix)])
         generate.run_generate(gen_args, settings)
@@ -193,11 +208,11 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
                 f"--cassandra_keyspace={keyspace}",
                 *pipeline_extras(name, workload, settings, model_dir),
             ], pipeline=name, nice=PIPELINES[name].shared_nice))
-        print("   started " + ", ".join(f"{job.name} (pid {job.process.pid})" for job in jobs)
-              + " at OS niceness " + "/".join(str(PIPELINES[job.name].shared_nice)
-                                             for job in jobs)
-              + f" (the API first); consumer groups and logs "
-              f"{jobs[0].log_path.parent}/{args.group}*.log", flush=True)
+        print("   started " + ", ".join(f"{job.name} (pid {job.process.pid})" for job in jobs),
+              flush=True)
+        print("   at OS niceness " + "/".join(str(PIPELINES[job.name].shared_nice) for job in jobs)
+              + f" (the API first); logs {jobs[0].log_path.parent}/{args.group}*.log",
+              flush=True)
         for job in jobs:
             topics_of = demo_topics(job.name, prefix)
             caught_up_in, applied = wait_until_applied(
@@ -205,8 +220,7 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
                 args.timeout)
             done = (f"{applied:,} events applied" if applied
                     else "at lag 0 by its first check")
-            print(f"   {job.name} caught up in {caught_up_in:.0f}s ({done}; "
-                  f"{', '.join(topics_of)})", flush=True)
+            print(f"   {job.name} caught up in {caught_up_in:.0f}s ({done})", flush=True)
         probe_freshness(settings, prefix, args.redis_key_prefix, workload)
         if "ranking" in names:
             wait_until_ranked(settings, args.redis_key_prefix, workload,
@@ -302,7 +316,7 @@ def _interrupt_on(signals, handler=_raise_interrupt) -> dict:
 
 
 def _step(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+    print(f"== {text}", flush=True)
 
 
 # ---------------------------------------------------------------- the job
@@ -520,13 +534,12 @@ def probe_freshness(settings: StackSettings, prefix: str, key_prefix: str,
         client.close()
     done = sorted(latencies)
     fans = sum(len(followers[a]) for a in authors) / len(authors)
-    line = (f"   freshness probe: {len(authors)} posts produced now at {PROBE_RATE:g}/s, sent -> "
-            f"in all of their author's followers' Redis home feeds (avg {fans:.0f} followers)")
+    line = (f"   freshness probe: {len(authors)} posts produced now at {PROBE_RATE:g}/s, "
+            f"sent -> in all followers' feeds (avg {fans:.0f})")
     if sent < len(authors):
         line += f"; only {sent} sent"
     if done:
-        line += (f": p50 {done[len(done) // 2]:,.0f} ms, max {done[-1]:,.0f} ms "
-                 f"(polled every 20 ms)")
+        line += f": p50 {done[len(done) // 2]:,.0f} ms, max {done[-1]:,.0f} ms"
     if waiting:
         line += f"; {len(waiting)} not everywhere after {PROBE_WAIT_S:g} s"
     print(line)
@@ -627,7 +640,7 @@ def wait_until_applied(bootstrap: str, group: str, topics: list[str], job: Fanou
     tty = sys.stdout.isatty()
     lag_of = GroupLag(bootstrap, group, topics)
     started = time.monotonic()
-    last_print = None
+    last_print = started  # piped: a line each 10 s, none for a catch-up within 10 s
     first = None
     try:
         while True:
@@ -648,7 +661,7 @@ def wait_until_applied(bootstrap: str, group: str, topics: list[str], job: Fanou
                 return elapsed, first
             if tty:  # one line, rewritten in place
                 print("\r" + line + "\x1b[K", end="", flush=True)
-            elif last_print is None or now - last_print >= 10:
+            elif now - last_print >= 10:
                 print(line, flush=True)
                 last_print = now
             if job.process.poll() is not None:
@@ -692,6 +705,10 @@ def _iso(ms: int) -> str:
         timespec="seconds").replace("+00:00", "Z")
 
 
+#: Entries of the sample home feed and celebrity timeline the summary prints.
+SAMPLE_ENTRIES = 3
+
+
 def _print_stores(settings: StackSettings, key_prefix: str, keyspace: str,
                   workload: DemoWorkload) -> None:
     from stores.redis.feeds import RedisFeedStore
@@ -710,9 +727,9 @@ def _print_stores(settings: StackSettings, key_prefix: str, keyspace: str,
         entries = sum(feed_sizes.values())
         print(f"\n   home feeds in Redis: {materialized:,} of {workload.users:,} users "
               f"({entries:,} entries, {entries / max(materialized, 1):.1f} per feed)")
-        for table, rows in _cassandra_counts(settings, keyspace).items():
-            print(f"   Cassandra {keyspace}.{table}: "
-                  + (f"{rows:,} rows" if rows is not None else "not counted (timed out)"))
+        print(f"   Cassandra {keyspace}: " + ", ".join(
+            f"{table}: " + (f"{rows:,} rows" if rows is not None else "not counted (timed out)")
+            for table, rows in _cassandra_counts(settings, keyspace).items()))
         celebrities = sorted((u for u, n in follower_counts.items()
                               if n >= workload.push_threshold),
                              key=lambda u: (-follower_counts[u], u))
@@ -723,18 +740,17 @@ def _print_stores(settings: StackSettings, key_prefix: str, keyspace: str,
             following = set(redis.following(user))
             followed_celebs = [c for c in celebrities if c in following]
             print(f"\n   home feed of user {user} (follows {len(following)} accounts"
-                  + (f", among them celebrit{'ies' if len(followed_celebs) > 1 else 'y'} "
-                     f"{', '.join(map(str, followed_celebs))}, pulled at read time unless "
-                     f"this user is a top follower" if followed_celebs else "")
-                  + f"), newest 5 of {feed_sizes[user]}:")
-            _print_entries(redis, redis.feed(user, 5))
+                  + (f"; celebrit{'ies' if len(followed_celebs) > 1 else 'y'} "
+                     f"{', '.join(map(str, followed_celebs))} pulled at read"
+                     if followed_celebs else "")
+                  + f"), newest {SAMPLE_ENTRIES} of {feed_sizes[user]}:")
+            _print_entries(redis, redis.feed(user, SAMPLE_ENTRIES))
         else:
             print("\n   no home feed materialized yet")
         for celeb in celebrities[:1]:
-            timeline = redis.timeline(celeb, 5)
-            print(f"\n   timeline of celebrity {celeb} ({follower_counts[celeb]:,} followers, "
-                  f"above the push threshold {workload.push_threshold:,}: pulled at read "
-                  f"time, only top followers get a push), newest {len(timeline)}:")
+            timeline = redis.timeline(celeb, SAMPLE_ENTRIES)
+            print(f"\n   timeline of celebrity {celeb} ({follower_counts[celeb]:,} followers, over "
+                  f"the push threshold {workload.push_threshold:,}), newest {len(timeline)}:")
             _print_entries(redis, timeline)
     finally:
         redis.close()

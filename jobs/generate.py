@@ -319,7 +319,7 @@ def run_generate(args: argparse.Namespace, settings: StackSettings) -> int:
         started = time.perf_counter()
         # disable=None: a bar on a terminal, no log spam when piped.
         with tqdm(total=args.count, unit="ev", unit_scale=True, dynamic_ncols=True,
-                  mininterval=0.5, desc="generate", disable=None) as bar:
+                  mininterval=0.5, desc="generate", disable=None, leave=False) as bar:
             counts = pump(workload.events(), sinks, args.count, bucket, bar)
             # Closing flushes Kafka: part of the time the events took.
             for sink in sinks:
@@ -339,11 +339,9 @@ def run_generate(args: argparse.Namespace, settings: StackSettings) -> int:
                      + (f" (prefix {args.topic_prefix!r})" if args.topic_prefix else ""))
     if args.out:
         where.append(f"written to {args.out}")
-    print(f"{total} events in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} ev/s)"
+    print(f"{total:,} events in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} ev/s)"
           + (": " + ", ".join(where) if where else " (dry run)"))
-    width = max(len(t) for t in TOPICS)
-    for topic in TOPICS:
-        print(f"  {topic:<{width}}  {counts.get(topic, 0):>10}")
+    print("  " + ", ".join(f"{topic} {counts.get(topic, 0):,}" for topic in TOPICS))
     return 0
 
 

@@ -88,3 +88,15 @@ def test_spellings_put_the_one_name_first():
     assert cli.spellings(("--keyspace",)) == ["--cassandra-keyspace", "--keyspace",
                                               "--cassandra_keyspace"]
     assert cli.spellings(("-n", "--lines")) == ["-n", "--lines"]
+
+
+def test_only_beams_bigquery_notice_is_kept_off_the_screen():
+    import logging
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, (), None)
+
+    notice = "apitools not found, and bigquery client libraries are not available"
+    assert not cli._not_beam_gcp_notice(record("root", notice))
+    assert cli._not_beam_gcp_notice(record("pipelines.fanout", notice))
+    assert cli._not_beam_gcp_notice(record("root", "the fan-out job exited"))

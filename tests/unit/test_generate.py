@@ -412,7 +412,9 @@ def test_cli_writes_file_and_prints_counts(tmp_path, capsys):
                    "--count", "2000", "--rate", "0"])
     assert generate.run_generate(args, settings=None) == 0
     printed = capsys.readouterr().out
-    assert "2000 events" in printed and "follow-events" in printed
+    assert "2,000 events" in printed
+    # The graph comes first: all 2,000 are follows, counted on one line per run.
+    assert "post-events 0, engagement-events 0, story-events 0, follow-events 2,000\n" in printed
     rows = list(read_workload_file(out))
     assert len(rows) == 2_000
     config = config_from_args(args)
