@@ -88,6 +88,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -630,8 +631,10 @@ def api_phase(ctx, producer, mix: Mix, graph: Graph, rng, targets: Path, rate: f
             loadgen(ctx.loadgen, floor_targets, min(ctx.api_rates), ctx.args.api_warmup_s)
         for api_rate in ctx.api_rates:
             cpu0 = ctx.cpu.snapshot()
+            ping = start_redis_ping(ctx, ctx.args.api_s)
             res = loadgen(ctx.loadgen, targets, api_rate, ctx.args.api_s)
             res["cpu"] = ctx.cpu.shares(cpu0, ctx.cpu.snapshot())
+            res["redis_ping"] = redis_ping_result(ping)
             res["offered_rps"] = api_rate
             non200 = sum(n for s, n in res["statuses"].items() if s != "200")
             line = (f"  API {api_rate:>6,.0f} req/s: p50 {res['p50_ms']:6.2f} ms  p99 "
@@ -646,6 +649,11 @@ def api_phase(ctx, producer, mix: Mix, graph: Graph, rng, targets: Path, rate: f
                 res["floor_p50_ms"], res["floor_p99_ms"] = floor["p50_ms"], floor["p99_ms"]
                 line += f"  floor p50 {floor['p50_ms']:.2f} ms p99 {floor['p99_ms']:.2f} ms"
             out.append(res)
+            pong = res["redis_ping"]
+            if pong:
+                line += (f"\n      Redis PING meanwhile (every 5 ms, a process of its own): "
+                         f"p50 {pong['p50_ms']:.2f} ms p99 {pong['p99_ms']:.2f} ms "
+                         f"max {pong['max_ms']:.1f} ms")
             print(line + f"\n      CPU during the API's run (share of one core): "
                   f"{format_shares(res['cpu'])}"
                   + (f"\n      CPU during the floor's run: {format_shares(res['floor_cpu'])}"
@@ -660,6 +668,26 @@ def api_phase(ctx, producer, mix: Mix, graph: Graph, rng, targets: Path, rate: f
           f"ms  p99 {step['p99_ms']:.0f} ms over {step['posts']} posts"
           + ("  OVERLOADED (posts stopped early)" if step["overloaded"] else ""), flush=True)
     return {"api": out, "freshness": step, "post_rate": rate}
+
+
+def start_redis_ping(ctx, seconds: float) -> subprocess.Popen:
+    """``bench/redis_ping.py`` against the Redis the API reads (a cluster: its first
+    master) for ``seconds``: what a command waits before Redis gets to it."""
+    st = ctx.settings
+    port = st.cluster_redis_port if st.clustered else st.redis_port
+    return subprocess.Popen([sys.executable, str(REPO / "bench" / "redis_ping.py"),
+                             "--host", st.host, "--port", str(port), "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def redis_ping_result(proc: subprocess.Popen) -> dict:
+    """The probe's summary; empty (and a line saying why) if it failed."""
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode != 0:
+        print(f"  the Redis PING probe failed (exit {proc.returncode}): {err.strip()[-300:]}",
+              flush=True)
+        return {}
+    return json.loads(out)
 
 
 def api_targets(ctx, posts: list, graph: Graph, path: Path, limit: int = 2000) -> int:

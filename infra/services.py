@@ -317,8 +317,10 @@ def _start_cassandra(settings: StackSettings) -> None:
         "storage_port": settings.cassandra_storage_port,
         "data_dir": home,
     })
-    processes.spawn(settings, "cassandra", cassandra_command(
+    pid = processes.spawn(settings, "cassandra", cassandra_command(
         settings, home, config, settings.cassandra_heap_mb, settings.state_dir / "logs"))
+    if settings.cassandra_nice:
+        processes.lower_priority(pid, settings.cassandra_nice)
 
 
 def cassandra_command(settings: StackSettings, home: Path, config: Path, heap: int,

@@ -48,6 +48,12 @@ class StackSettings:
     prism_job_port: int = 8073
     prism_web_port: int = 8074
     cassandra_heap_mb: int = 1024
+    #: OS niceness of the local Cassandra (``infra.processes.lower_priority``): on
+    #: one machine with the serving API its flushes, compactions and collections
+    #: gave way to requests (API p99 at 1,000 requests/s 65-122 ms, 145-245 ms at 0:
+    #: docs/benchmarks.md); the API reads it only when Redis fails, and the jobs'
+    #: durable steps trail their Redis writes anyway. 0: as the other servers.
+    cassandra_nice: int = 10
     kafka_heap_mb: int = 512
     #: The job server embeds a Flink mini-cluster: every job's tasks share this heap
     #: (1.5 GB ran out in a full test run: the JVM spent a core in GC, jobs hung).
@@ -130,4 +136,7 @@ class StackSettings:
         if overrides.get("topology", "single") not in TOPOLOGIES:
             raise ValueError(f"FEEDBEAM_TOPOLOGY={overrides['topology']!r}: "
                              f"one of {', '.join(TOPOLOGIES)}")
+        if not 0 <= overrides.get("cassandra_nice", 0) <= 19:
+            raise ValueError(f"FEEDBEAM_CASSANDRA_NICE={overrides['cassandra_nice']}: "
+                             "a niceness from 0 to 19")
         return cls(**overrides)

@@ -60,6 +60,11 @@ def register(subparsers) -> None:
     serve.add_argument("--header-read-timeout-s", type=float, default=None,
                        help="a client must send a request's headers within this, else the "
                             "connection is closed (slow clients)")
+    serve.add_argument("--full-gc-every-s", type=float, default=None,
+                       help="each worker runs Python's full garbage collection itself this "
+                            "often, after freezing what it holds at start (default 600; 0: "
+                            "Python's own schedule, whose full collections stall a loaded "
+                            "worker for about 0.1 s)")
     serve.set_defaults(handler=handle_serve)
 
     token = subparsers.add_parser(
@@ -112,7 +117,8 @@ def build_config(args, settings: StackSettings):
                               ("max_pulled_timelines", "max_pulled_timelines", None),
                               ("tray_followees", "tray_followees", None),
                               ("max_header_bytes", "max_header_bytes", None),
-                              ("header_read_timeout_s", "header_read_timeout_s", None)):
+                              ("header_read_timeout_s", "header_read_timeout_s", None),
+                              ("full_gc_every_s", "full_gc_every_s", None)):
         value = getattr(args, arg)
         if value is not None:
             overrides[field] = value / scale if scale else value

@@ -83,6 +83,11 @@ class ServingConfig:
     post_cache_chrono_s: float = 300.0
     breaker_failures: int = 5
     breaker_reset_s: float = 1.0
+    #: A worker runs its full garbage collections itself, one each this many
+    #: seconds, after freezing what it holds once started (``serving.app.
+    #: FullCollections``): Python's own schedule stopped a loaded worker for
+    #: 83-125 ms a few times a minute. 0: Python's own schedule.
+    full_gc_every_s: float = 600.0
     #: How often a worker reads Redis' generation marker (``KeyLayout.generation``;
     #: one GET, not one per request). While it is missing Redis lost its data and
     #: the jobs are restoring it: reads go to Cassandra. 0: never checked.
@@ -108,6 +113,8 @@ class ServingConfig:
                      "header_read_timeout_s", "keep_alive_s", "last_read_flush_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.full_gc_every_s < 0:
+            raise ValueError("full_gc_every_s must be >= 0 (0: Python's own schedule)")
         if self.max_header_bytes < 8192 or self.max_body_bytes < 0:
             raise ValueError("need max_header_bytes >= 8192 (granian's least) and max_body_bytes >= 0")
 

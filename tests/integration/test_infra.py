@@ -48,6 +48,19 @@ def test_status_reports_every_server_ready(stack):
     assert "ready" in statuses["kafka"].line()
 
 
+def test_the_local_cassandra_yields_the_cpu_to_the_api(stack):
+    # The stack the tests run on was started by `feedbeam infra up` with the
+    # default settings: Cassandra's session group at its niceness, the others at 0.
+    status = _by_name(infra_stack.status(stack))
+    cassandra, redis = status["cassandra"], status["redis"]
+    assert os.getpriority(os.PRIO_PROCESS, cassandra.pid) == stack.cassandra_nice == 10
+    if os.path.exists(f"/proc/{cassandra.pid}/autogroup"):
+        with open(f"/proc/{cassandra.pid}/autogroup") as f:
+            assert f.read().split()[-1] == "10"   # "/autogroup-N nice 10"
+    if redis.state == "running":
+        assert os.getpriority(os.PRIO_PROCESS, redis.pid) == 0
+
+
 def test_readiness_probes(stack):
     assert services.kafka_ready(stack)
     assert services.cassandra_ready(stack)

@@ -45,12 +45,12 @@ def test_serve_config_round_trips_to_workers(tmp_path):
     key_file.write_text(KEY + "\n")
     args = cli.build_parser().parse_args(
         ["serve", "--jwt-key-file", str(key_file), "--keyspace", "ks1", "--key-prefix", "p1",
-         "--push-threshold", "50", "--redis-timeout-ms", "20"])
+         "--push-threshold", "50", "--redis-timeout-ms", "20", "--full-gc-every-s", "30"])
     from infra.settings import StackSettings
 
     config = build_config(args, StackSettings())
     assert (config.jwt_key, config.keyspace, config.key_prefix, config.push_threshold,
-            config.redis_timeout_s) == (KEY, "ks1", "p1", 50, 0.02)
+            config.redis_timeout_s, config.full_gc_every_s) == (KEY, "ks1", "p1", 50, 0.02, 30)
     import dataclasses
 
     env = {CONFIG_ENV: json.dumps(dataclasses.asdict(config))}
