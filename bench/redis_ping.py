@@ -2,7 +2,8 @@
 
     python bench/redis_ping.py --port 6379 --seconds 10 [--interval-ms 5]
 
-Prints one JSON object: the round trips' count, p50, p99 and max in ms. A PING
+Prints one JSON object: the round trips' count (``n``), p50, p99 and max in ms
+(``bench.ladder.latency_summary``). A PING
 costs Redis nothing, so its round trip is what any command of the serving API
 waits before Redis gets to it: the commands and scripts ahead of it, and Redis
 itself waiting for a core. ``bench_e2e.py`` runs it beside the load generator,
@@ -14,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.ladder import latency_summary  # noqa: E402
 
 PING, PONG = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"
-
-
-def percentile(sorted_ms: list[float], q: float) -> float:
-    """The ``q`` quantile (0-1) of ascending ``sorted_ms`` (nearest rank)."""
-    if not sorted_ms:
-        return float("nan")
-    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
 def sample(host: str, port: int, seconds: float, interval_s: float) -> list[float]:
@@ -50,12 +50,6 @@ def sample(host: str, port: int, seconds: float, interval_s: float) -> list[floa
     return rtts
 
 
-def summary(rtts: list[float]) -> dict:
-    done = sorted(rtts)
-    return {"pings": len(done), "p50_ms": percentile(done, 0.50),
-            "p99_ms": percentile(done, 0.99), "max_ms": done[-1] if done else float("nan")}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -65,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.interval_ms <= 0:
         parser.error("--seconds and --interval-ms must be > 0")
-    print(json.dumps(summary(sample(args.host, args.port, args.seconds,
-                                    args.interval_ms / 1000))))
+    print(json.dumps(latency_summary(sample(args.host, args.port, args.seconds,
+                                            args.interval_ms / 1000))))
     return 0
 
 

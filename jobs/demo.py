@@ -22,6 +22,7 @@ explains how.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -146,13 +147,10 @@ def run_demo(args: argparse.Namespace, settings: StackSettings) -> int:
     _step("2/7 topics and their dead-letter twins")
     created = topics.create_topics(
         settings.kafka_bootstrap, topics.feed_topics(prefix), partitions=args.partitions)
-    by_state: dict[str, list[str]] = {}
-    for name, state in created.items():
-        by_state.setdefault(state, []).append(name)
     print(f"   {len(created)} topics (the four event topics, their .dlq twins, the jobs' "
           "own dead letters): "
-          + ", ".join(f"{len(names)} {_STATE_WORDS.get(state, state)}"
-                      for state, names in by_state.items()))
+          + ", ".join(f"{n} {_STATE_WORDS.get(state, state)}"
+                      for state, n in collections.Counter(created.values()).items()))
 
     _step(f"3/7 Cassandra schema (keyspace {keyspace})")
     cluster = new_cluster(settings.host, settings.cassandra_port)
