@@ -246,13 +246,22 @@ class KeyLayout:
         """
         return f"{self.prefix}:meta:generation"
 
+    def deleted_posts(self) -> str:
+        """STREAM: the posts the fan-out deleted, one entry per batch (field ``posts``:
+        their ids, comma-separated), added after their tombstones and trimmed to
+        about ``stores.redis.feeds.DELETION_LOG_ENTRIES``. Serving workers follow it
+        to drop deleted posts from the metadata they cache
+        (``serving.logic.DeletionFollower``). Outside any hash tag."""
+        return f"{self.prefix}:meta:deleted_posts"
+
     def restore_lock(self) -> str:
         """STRING: held (SET NX PX, value = the holder's token) by the one job restoring
         this prefix from Cassandra; the others wait for ``generation``."""
         return f"{self.prefix}:meta:restore_lock"
 
     def meta_pattern(self) -> str:
-        """Glob of the meta keys (``generation``, ``restore_lock``): not views."""
+        """Glob of the meta keys (``generation``, ``restore_lock``, ``deleted_posts``):
+        not views."""
         return f"{self.prefix}:meta:*"
 
     # -- dedup -----------------------------------------------------------------

@@ -81,6 +81,13 @@ class ServingConfig:
     #: timelines, which the fan-out clears of deleted posts, so any cached copy
     #: serves (bounded only by memory).
     post_cache_chrono_s: float = 300.0
+    #: How often a worker reads the fan-out's log of deleted posts
+    #: (``KeyLayout.deleted_posts``; the read rides on a ranked page's round
+    #: trip). While it keeps up, ranked pages use cached posts for
+    #: ``post_cache_chrono_s`` too, and a deleted post leaves them about this
+    #: long after the fan-out applied the delete; otherwise they read each post
+    #: every ``post_cache_s``. 0: not followed.
+    deletion_poll_s: float = 0.25
     breaker_failures: int = 5
     breaker_reset_s: float = 1.0
     #: A worker runs its full garbage collections itself, one each this many
@@ -113,6 +120,8 @@ class ServingConfig:
                      "header_read_timeout_s", "keep_alive_s", "last_read_flush_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.deletion_poll_s < 0:
+            raise ValueError("deletion_poll_s must be >= 0 (0: the log is not followed)")
         if self.full_gc_every_s < 0:
             raise ValueError("full_gc_every_s must be >= 0 (0: Python's own schedule)")
         if self.max_header_bytes < 8192 or self.max_body_bytes < 0:

@@ -26,6 +26,7 @@ from serving.config import ServingConfig
 from serving.logic import (
     ChronoCursor,
     CircuitBreaker,
+    DeletionFollower,
     FlatSource,
     Page,
     Position,
@@ -142,7 +143,10 @@ class FeedService:
         self.log_failure = FailureLog()
         self._packed_posts: dict[int, bytes] = {}
         self._packed_timelines: dict[tuple[int, int], bytes] = {}
-        self._post_cache: dict[int, tuple[float, dict | None]] = {}  # post -> (read at, meta)
+        # post -> (monotonic time read, meta; None: deleted); see _keep_post
+        self._post_cache: dict[int, tuple[float, dict | None]] = {}
+        self._posts_since = 0.0  # the cache's last clear (monotonic): nothing read before enters
+        self.deletions = DeletionFollower(config.deletion_poll_s, config.post_cache_s)
         self._last_read_redis: dict[int, float] = {}
         self._last_read_cassandra: dict[int, float] = {}
         self._durable_reads: dict[int, int] = {}  # user -> last read (ms) not yet written
@@ -284,6 +288,8 @@ class FeedService:
             if marker != self._generation:
                 self._graphs.clear()
                 self._followee_pages.clear()
+                self._clear_posts()
+                self.deletions.reset()
                 self._generation = marker
         return self._generation is None
 
@@ -455,7 +461,12 @@ class FeedService:
             # The first chronological page's reads ride along: they give the posts
             # newer than the ranking, or the whole page when there is no ranking.
             commands += self._page_commands(user_id, graph, limit + SLACK, None)
-        replies = await self.pipeline(commands, {0: self._ranked_script})
+        sent_at = time.monotonic()
+        follow = self._deletion_reads(sent_at)
+        replies = await self.pipeline(commands + follow, {0: self._ranked_script})
+        if follow:
+            self._follow_deletions(replies[len(commands):], sent_at)
+            del replies[len(commands):]
         ranked = parse_page(replies[0], start)
         if ranked is None:
             return await self._chrono_redis(user_id, limit, None, replies[1:] if first else None)
@@ -467,7 +478,12 @@ class FeedService:
             fresh = fresh_entries(batches, ranked.generated_at_ms,
                                   (e.post_id for e in ranked.entries), limit)
         entries, cursor_out = self._ranked_slice(user_id, ranked, fresh, limit)
-        metas = await self._hydrate_redis(user_id, [(pid, 0) for pid, _ in entries])
+        # A ranked list can hold a post deleted since it was ranked: cached posts
+        # serve it for as long as chronological pages while this worker follows
+        # the log of deleted posts, for post_cache_s else.
+        max_age = (self.config.post_cache_chrono_s if self.deletions.current(time.monotonic())
+                   else self.config.post_cache_s)
+        metas = await self._hydrate_redis(user_id, [(pid, 0) for pid, _ in entries], max_age)
         return FeedResult(self._with_scores(metas, entries), cursor_out, "ranked", "redis",
                           ranked.model_version)
 
@@ -515,9 +531,11 @@ class FeedService:
         does, and fan-out removes a deleted post from feeds and timelines at
         once. So a chronological page, whose entries come from those, may use
         any cached copy (``post_cache_chrono_s``); a ranked list can hold a
-        deleted post until it is re-ranked, so a ranked page uses the short age.
+        deleted post until it is re-ranked, so a ranked page uses the long age
+        only while the worker follows the log of deleted posts (``_ranked_redis``).
         """
         now_s = time.time()
+        at = time.monotonic()
         max_age = self.config.post_cache_s if max_age_s is None else max_age_s
         cache, packed = self._post_cache, self._packed_posts
         metas: list = [None] * len(entries)
@@ -525,7 +543,7 @@ class FeedService:
         commands: list = []
         for i, (pid, _) in enumerate(entries):
             hit = cache.get(pid)
-            if hit is not None and now_s - hit[0] < max_age:
+            if hit is not None and at - hit[0] < max_age:
                 metas[i] = hit[1]
                 continue
             command = packed.get(pid)
@@ -546,16 +564,16 @@ class FeedService:
                 self._remember_read(self._last_read_redis, user_id, now_s)
                 self._record_read_durable(user_id, int(now_s * 1000))
             missing = []  # no hash at all (not a tombstone): a lost cache, try the durable copy
-            post_meta = self.cmd.post_meta
+            post_meta, keep = self.cmd.post_meta, self._keep_post
             if len(cache) >= 200_000:
-                cache.clear()
+                self._clear_posts()
             for i, reply in zip(wanted, replies):
                 pid = entries[i][0]
                 meta = metas[i] = post_meta(pid, reply)
                 if meta is None and reply[-1] is None and reply[1] is None:
                     missing.append(i)
                 else:
-                    cache[pid] = (now_s, meta)
+                    keep(pid, at, meta)
             if missing:
                 durable = await self.cassandra_extra(
                     lambda: self.cassandra.posts([entries[i][0] for i in missing]), [])
@@ -567,13 +585,13 @@ class FeedService:
         """Post metadata from Cassandra (Redis is failing). Posts hydrated within
         ``STALE_POSTS_S`` are reused: degraded mode trades a minute of staleness
         on deletes for a Cassandra read less per post."""
-        now_s = time.time()
+        at = time.monotonic()
         cache = self._post_cache
         metas: list = [None] * len(entries)
         wanted = []
         for i, (pid, _) in enumerate(entries):
             hit = cache.get(pid)
-            if hit is not None and hit[0] > now_s - STALE_POSTS_S:
+            if hit is not None and hit[0] > at - STALE_POSTS_S:
                 metas[i] = hit[1]
             else:
                 wanted.append(i)
@@ -582,8 +600,48 @@ class FeedService:
             for i, meta in zip(wanted, durable):
                 metas[i] = meta
                 if meta is not None:
-                    cache[meta["post_id"]] = (now_s, meta)
+                    self._keep_post(meta["post_id"], at, meta)
         return [m for m in metas if m is not None]
+
+    def _keep_post(self, post_id: int, at: float, meta: dict | None) -> None:
+        """Cache ``meta`` (None: deleted) of a post read at ``at`` (monotonic), unless
+        the cache was cleared since (the read may predate a delete the clear
+        forgot) or the post is marked deleted (a delete is forever: a read that
+        raced it must not bring the post back)."""
+        if at < self._posts_since:
+            return
+        old = self._post_cache.get(post_id)
+        if meta is None or old is None or old[1] is not None:
+            self._post_cache[post_id] = (at, meta)
+
+    def _clear_posts(self) -> None:
+        self._post_cache.clear()
+        self._posts_since = time.monotonic()
+
+    def _deletion_reads(self, now: float) -> list[tuple]:
+        """The read of the log of deleted posts when one is due (``DeletionFollower``)."""
+        follower = self.deletions
+        if not follower.due(now):
+            return []
+        if follower.last_id is None:
+            return [self.cmd.deletions_head()]
+        return self.cmd.deletions_after(follower.last_id, follower.batch)
+
+    def _follow_deletions(self, replies: Sequence[Any], sent_at: float) -> None:
+        """Mark the posts the log names deleted; clear the cache when it may miss some."""
+        ids, posts = self.cmd.deletions(replies[0])
+        if len(replies) == 1:  # the head: where to follow from
+            self.deletions.start(ids, sent_at)
+            self._clear_posts()
+            return
+        oldest, _ = self.cmd.deletions(replies[1])
+        if self.deletions.advance(ids, oldest, sent_at):
+            log.warning("the log of deleted posts was trimmed past this worker's place: "
+                        "cleared its post cache")
+            self._clear_posts()
+        marked_at = time.monotonic()
+        for pid in posts:
+            self._post_cache[pid] = (marked_at, None)
 
     @staticmethod
     def _remember_read(table: dict[int, float], user_id: int, now_s: float) -> None:

@@ -282,3 +282,74 @@ class CircuitBreaker:
         if self.opened_at is not None or self.failures >= self.failure_threshold:
             self.opened_at = self.clock()
             self.probing_since = None
+
+
+# -- deleted posts ----------------------------------------------------------------------
+
+
+def stream_id(entry_id: bytes) -> tuple[int, int]:
+    """A Redis stream entry id (``b"<ms>-<seq>"``) as a comparable pair."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+class DeletionFollower:
+    """Whether a worker's cached post metadata still shows every delete: it follows
+    the fan-out's log of deleted posts (``KeyLayout.deleted_posts``), one read per
+    ``poll_s`` riding on a request's round trip.
+
+    The caller asks ``due(now)`` before a round trip; when due it adds the read
+    (from the log's head at first, ``last_id`` on), hands the replies to
+    ``start``/``advance`` with the time it sent them, marks the posts they name
+    deleted in its cache, and clears the cache when told to. ``current(now)``:
+    the last read answered within ``poll_s + grace_s``, so a cached post is at
+    most about that stale; past it (Redis failing, the log unread) the caller
+    falls back to its short cache age. ``reset()`` after Redis lost its data.
+    """
+
+    #: ``last_id`` of a log that was empty when first read.
+    EMPTY = b"0-0"
+
+    def __init__(self, poll_s: float, grace_s: float, batch: int = 1000):
+        self.poll_s, self.grace_s, self.batch = poll_s, grace_s, batch
+        self.last_id: bytes | None = None  # None: not read yet
+        self._next_poll = 0.0
+        self._current_until = float("-inf")
+
+    def due(self, now: float) -> bool:
+        """Whether the round trip sent at ``now`` should carry a read of the log
+        (one per ``poll_s``; ``poll_s`` 0: never)."""
+        if self.poll_s <= 0 or now < self._next_poll:
+            return False
+        self._next_poll = now + self.poll_s
+        return True
+
+    def start(self, head: Sequence[bytes], sent_at: float) -> None:
+        """Follow from ``head``, the log's newest entry id (empty: an empty log) as
+        read at ``sent_at``. The caller clears its cache: what it holds may be
+        of posts whose deletes are logged at or before the head."""
+        self.last_id = head[0] if head else self.EMPTY
+        self._current_until = sent_at + self.poll_s + self.grace_s
+
+    def advance(self, ids: Sequence[bytes], oldest: Sequence[bytes], sent_at: float) -> bool:
+        """``ids``: the entries read after ``last_id``; ``oldest``: the log's oldest
+        entry id (empty: an empty log), both read at ``sent_at``. Returns whether
+        the log was trimmed past ``last_id`` (deletes were missed: the caller
+        clears its cache)."""
+        trimmed = (bool(oldest) and self.last_id != self.EMPTY
+                   and stream_id(oldest[0]) > stream_id(self.last_id))
+        if ids:
+            self.last_id = ids[-1]
+        if len(ids) >= self.batch:
+            self._next_poll = 0.0  # more to read: the next round trip reads on
+        else:
+            self._current_until = sent_at + self.poll_s + self.grace_s
+        return trimmed
+
+    def current(self, now: float) -> bool:
+        return now < self._current_until
+
+    def reset(self) -> None:
+        self.last_id = None
+        self._next_poll = 0.0
+        self._current_until = float("-inf")

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: Keys per pipeline round trip (fan-out chunks, MGET batches).
 DEFAULT_CHUNK = 1000
+#: Entries the log of deleted posts keeps, about (``KeyLayout.deleted_posts``; one
+#: per fan-out batch that deleted posts): a serving worker further behind than
+#: that clears its post cache.
+DELETION_LOG_ENTRIES = 100_000
 
 # -- Lua scripts ------------------------------------------------------------------
 # Each touches the keys of one hash tag only (cluster-safe) and is atomic.
@@ -836,7 +840,15 @@ class RedisFeedStore:
         return self.tombstone_posts([post])[0]
 
     def tombstone_posts(self, posts: Sequence[PostEvent]) -> list[PostMeta]:
-        """``tombstone_post`` for many posts, one round trip."""
+        """``tombstone_post`` for many posts, one round trip; then one entry for them
+        all in the log of deleted posts (``KeyLayout.deleted_posts``), a second.
+
+        The log entry goes after the tombstones, never with them (a cluster
+        pipeline reaches its nodes in any order): a serving worker that reads it
+        marks the posts deleted in its cache, and a read of the post hash after
+        that mark must find the tombstone. A re-delivered delete logs the posts
+        again, which readers take as the same news.
+        """
         if not posts:
             return []
         pipe = self._pipeline()
@@ -844,9 +856,13 @@ class RedisFeedStore:
             self._tombstone_post(keys=[self.keys.post(post.post_id)],
                                  args=[post.event_time, post.author_id, post.created_at],
                                  client=pipe)
+        befores = pipe.execute()
+        self.client.xadd(self.keys.deleted_posts(),
+                         {"posts": ",".join(str(post.post_id) for post in posts)},
+                         maxlen=DELETION_LOG_ENTRIES, approximate=True)
         return [parse_post(post.post_id, dict(zip(before[0::2], before[1::2])))
                 or post_meta_from_event(post)
-                for post, before in zip(posts, pipe.execute())]
+                for post, before in zip(posts, befores)]
 
     def deleted(self, post_ids: Sequence[int]) -> list[bool]:
         """Per post id whether it is tombstoned, one round trip."""
@@ -1276,6 +1292,29 @@ class FeedCommands:
             caption_length=None if caption is None else int(caption),
             hashtags=() if hashtags is None else tuple(orjson.loads(hashtags)),
             deleted=False)
+
+    def deletions_head(self) -> tuple:
+        """The newest entry of the log of deleted posts (where a reader starts)."""
+        return ("XREVRANGE", self.keys.deleted_posts(), "+", "-", "COUNT", 1)
+
+    def deletions_after(self, last_id: bytes, count: int) -> list[tuple]:
+        """Up to ``count`` entries of the log of deleted posts after entry ``last_id``,
+        and its oldest entry (which says whether it was trimmed past ``last_id``)."""
+        key = self.keys.deleted_posts()
+        return [("XRANGE", key, b"(" + last_id, "+", "COUNT", count),
+                ("XRANGE", key, "-", "+", "COUNT", 1)]
+
+    @staticmethod
+    def deletions(reply: Sequence[Any]) -> tuple[list[bytes], list[int]]:
+        """The entry ids and the post ids of an ``XRANGE``/``XREVRANGE`` reply over
+        the log of deleted posts."""
+        ids, posts = [], []
+        for entry_id, fields in reply:
+            ids.append(entry_id)
+            for name, value in zip(fields[0::2], fields[1::2]):
+                if name == b"posts" and value:
+                    posts += map(int, value.split(b","))
+        return ids, posts
 
     def merge_feed(self, user_id: int, entries: Sequence[tuple[int, int]], cap: int) -> list[tuple]:
         """A MULTI/EXEC batch that merges ``(post_id, score_ms)`` entries into the

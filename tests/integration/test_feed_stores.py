@@ -143,6 +143,20 @@ def test_redis_tombstone_returns_what_cleanup_needs(redis_store):
     assert (unknown["author_id"], unknown["created_at"]) == (6, T0)
 
 
+def test_redis_tombstones_are_logged_for_serving_after_they_are_written(redis_store):
+    """Each batch of tombstones adds one entry naming its posts to the log serving
+    workers follow (``KeyLayout.deleted_posts``); a re-delivered delete logs again."""
+    key = redis_store.keys.deleted_posts()
+    redis_store.tombstone_posts([post(PostEventKind.DELETED, pid, created=T0, t=T0 + 5)
+                                 for pid in (300, 301)])
+    redis_store.tombstone_post(post(PostEventKind.DELETED, 300, created=T0, t=T0 + 5))
+    entries = redis_store.client.xrange(key)
+    assert [fields for _, fields in entries] == [{b"posts": b"300,301"}, {b"posts": b"300"}]
+    assert redis_store.deleted([300, 301]) == [True, True]
+    assert redis_store.tombstone_posts([]) == [] and len(redis_store.client.xrange(key)) == 2
+    assert key not in redis_store.dump()  # a meta key: not a view two runs compare
+
+
 # -- feeds, timelines, activity (Redis) ---------------------------------------------------
 
 

@@ -10,6 +10,7 @@ Run: ``python -m pytest tests/integration/test_serving_api.py``
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -206,6 +207,39 @@ def test_ranked_feed_pages_survive_a_reranking(api, stores):
     # A ranked cursor is not a chronological one.
     status, body = api.get(f"/v1/users/1/feed/chronological?cursor={page1['next_cursor']}", user=1)
     assert status == 400 and "ranked" in body["error"]["message"]
+
+
+def test_ranked_pages_reuse_cached_posts_until_the_deletion_log_names_them(
+        stack, stores, key_prefix, keyspace, redis_client):
+    """While a worker follows the log of deleted posts, a ranked page reuses the
+    posts it cached past ``post_cache_s`` (no HMGET), and a post the fan-out deletes
+    leaves the page within a few polls though it stays in the ranked list; a worker
+    that does not follow the log reads each post again every ``post_cache_s``."""
+    config, redis, cassandra = stores
+    graph_and_posts(config)
+    ranked = RankedFeedStore(redis.client, redis.keys, cassandra)
+    ranked.write(1, [RankedEntry(21, 200, 0.9), RankedEntry(11, 100, 0.8)], "xgb-1", NOW)
+    following = serving_config(stack, key_prefix, keyspace, push_threshold=3, post_cache_s=0.2,
+                               deletion_poll_s=0.05)
+    with running_app(following) as (api, _):
+        assert ids(api.get("/v1/users/1/feed", user=1)[1]) == [21, 11]
+        time.sleep(0.5)
+        redis_client.config_resetstat()
+        status, body = api.get("/v1/users/1/feed", user=1)
+        assert status == 200 and body["kind"] == "ranked" and ids(body) == [21, 11]
+        calls = command_calls(redis_client)
+        assert "hmget" not in calls and calls.get("xrange", 0) <= 2, calls
+        run_events(config, POLICY, [delete(21, 200, T0 + 12, NOW + 1)])
+        assert redis.deleted([21]) == [True]
+        wait_until(lambda: ids(api.get("/v1/users/1/feed", user=1)[1]) == [11], 10,
+                   "the deleted post to leave the ranked page")
+    with running_app(dataclasses.replace(following, deletion_poll_s=0.0)) as (api, _):
+        assert ids(api.get("/v1/users/1/feed", user=1)[1]) == [11]
+        time.sleep(0.5)
+        redis_client.config_resetstat()
+        assert ids(api.get("/v1/users/1/feed", user=1)[1]) == [11]
+        calls = command_calls(redis_client)
+        assert calls["hmget"] == 2 and "xrange" not in calls, calls  # posts 21 and 11 again
 
 
 def test_story_tray_and_mark_seen(api, stores, redis_client, key_prefix, cassandra_session,

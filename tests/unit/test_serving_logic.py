@@ -17,6 +17,7 @@ from serving.logic import (
     CircuitBreaker,
     CursorCodec,
     CursorError,
+    DeletionFollower,
     FlatSource,
     Position,
     RankedCursor,
@@ -27,6 +28,7 @@ from serving.logic import (
     merge_page,
     needs_rebuild,
     rebuild_entries,
+    stream_id,
 )
 
 KEY = "unit-test-key-0123456789-0123456789"
@@ -240,3 +242,64 @@ def test_newer_than_keeps_the_head_above_the_ranking():
     assert newer_than(flat, 250) == [b"9", b"300"]
     assert newer_than(flat, 199) == flat[:6]
     assert newer_than(flat, 100) == flat and newer_than(flat, 300) == [] == newer_than([], 0)
+
+
+# -- the log of deleted posts ------------------------------------------------------------
+
+
+def test_deletion_reads_are_due_once_per_poll_and_never_when_off():
+    follower = DeletionFollower(poll_s=0.25, grace_s=1.0)
+    assert follower.due(10.0) and not follower.due(10.2) and follower.due(10.25)
+    assert not any(DeletionFollower(0.0, 1.0).due(t) for t in (0.0, 5.0, 1e6))
+
+
+def test_a_follower_is_current_only_within_a_poll_and_the_grace_of_its_last_answer():
+    follower = DeletionFollower(poll_s=0.25, grace_s=1.0)
+    assert not follower.current(0.0)  # never read
+    follower.start([b"1700-3"], sent_at=10.0)
+    assert follower.last_id == b"1700-3"
+    assert follower.current(11.24) and not follower.current(11.25)
+    assert follower.advance([b"1800-0"], [b"1000-0"], sent_at=11.0) is False
+    assert follower.last_id == b"1800-0" and follower.current(12.2)
+    follower.reset()
+    assert follower.last_id is None and not follower.current(12.2) and follower.due(12.2)
+
+
+def test_an_empty_log_is_followed_from_its_first_entry_without_a_clear():
+    follower = DeletionFollower(poll_s=0.25, grace_s=1.0)
+    follower.start([], sent_at=0.0)
+    assert follower.last_id == DeletionFollower.EMPTY
+    # The first entry ever is newer than "0-0": no entries were missed.
+    assert follower.advance([b"5-0"], [b"5-0"], sent_at=0.3) is False
+    assert follower.last_id == b"5-0"
+
+
+def test_a_log_trimmed_past_the_followers_place_says_clear():
+    follower = DeletionFollower(poll_s=0.25, grace_s=1.0)
+    follower.start([b"100-0"], sent_at=0.0)
+    assert follower.advance([b"900-0", b"901-0"], [b"900-0"], sent_at=0.3) is True
+    assert follower.last_id == b"901-0"
+    # Still holding its place: no clear, whatever the oldest entry's sequence.
+    assert follower.advance([], [b"901-0"], sent_at=0.6) is False
+    assert stream_id(b"10-2") > stream_id(b"9-9") and stream_id(b"10-10") > stream_id(b"10-9")
+
+
+def test_a_full_read_reads_on_at_once_and_is_not_yet_current():
+    follower = DeletionFollower(poll_s=0.25, grace_s=1.0, batch=2)
+    follower.start([b"1-0"], sent_at=0.0)
+    assert follower.due(0.1)
+    follower.advance([b"2-0", b"3-0"], [b"1-0"], sent_at=5.0)  # as many as asked: more may wait
+    assert not follower.current(5.0) and follower.due(5.0)
+    follower.advance([b"4-0"], [b"1-0"], sent_at=5.1)
+    assert follower.current(5.1) and not follower.due(5.2)
+
+
+def test_deletion_replies_parse_to_entry_and_post_ids():
+    from schemas.keys import KeyLayout
+    from stores.redis.feeds import FeedCommands
+
+    reply = [[b"7-0", [b"posts", b"11,12"]], [b"7-1", [b"posts", b"13"]], [b"8-0", [b"other", b"1"]]]
+    assert FeedCommands.deletions(reply) == ([b"7-0", b"7-1", b"8-0"], [11, 12, 13])
+    assert FeedCommands.deletions([]) == ([], [])
+    commands = FeedCommands(KeyLayout("fb")).deletions_after(b"7-1", 50)
+    assert commands[0] == ("XRANGE", "fb:meta:deleted_posts", b"(7-1", "+", "COUNT", 50)
