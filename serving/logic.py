@@ -312,9 +312,7 @@ class DeletionFollower:
 
     def __init__(self, poll_s: float, grace_s: float, batch: int = 1000):
         self.poll_s, self.grace_s, self.batch = poll_s, grace_s, batch
-        self.last_id: bytes | None = None  # None: not read yet
-        self._next_poll = 0.0
-        self._current_until = float("-inf")
+        self.reset()
 
     def due(self, now: float) -> bool:
         """Whether the round trip sent at ``now`` should carry a read of the log
@@ -350,6 +348,7 @@ class DeletionFollower:
         return now < self._current_until
 
     def reset(self) -> None:
-        self.last_id = None
+        """Not read yet: the next due read starts from the log's head."""
+        self.last_id: bytes | None = None
         self._next_poll = 0.0
         self._current_until = float("-inf")
