@@ -77,12 +77,17 @@ def figures_line(res: dict) -> str:
             f"Redis server {res['redis_us']:.1f} us (edge scripts {res['scripts_us']:.1f} us)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_follow_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--users``, ``--follows`` and ``--batch``: which follows, and how many a call."""
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--follows", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=50_000,
                         help="events a call (a backlog bundle holds up to 50,000 records)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_follow_arguments(parser)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     if min(args.users, args.follows, args.batch, args.runs) < 1:

@@ -14,9 +14,11 @@ lists them for ``--help`` and refuses any option neither they nor Beam declare.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
+import os
 import sys
 
 from apache_beam.metrics import Metrics
@@ -33,6 +35,8 @@ from stores.config import (
     DEFAULT_REDIS_URL,
     StoreConfig,
 )
+
+log = logging.getLogger(__name__)
 
 #: ``{topic: {partition: (start, stop)}}``: offsets a bounded re-run reads, stop exclusive.
 Ranges = dict[str, dict[int, tuple[int, int]]]
@@ -154,6 +158,40 @@ def parse_replay_ranges(text: str) -> Ranges:
                                  f"[{start}, {stop})")
             out[topic][p] = (start, stop)
     return out
+
+
+#: ``gc.set_threshold`` in a pipeline worker: Python's young generations (a
+#: collection every 700 container allocations, an older one every 10 of those),
+#: but a full collection every 1,000 of these instead of every 10. A worker builds
+#: a bundle's batch (up to 50,000 records, their events and store commands) as
+#: millions of containers that live until the batch is written; with Python's
+#: thresholds they kept reaching the old generation, and each full collection
+#: scanned all of them and the SDK harness: a third of the fan-out's Python time
+#: on follows went to collections, nearly all of it full ones
+#: (``bench/probe_worker_gc.py``; docs/benchmarks.md, "garbage collection").
+WORKER_GC_THRESHOLDS = (700, 10, 1000)
+#: Set to ``python`` to leave a worker's collections as Python schedules them.
+WORKER_GC_ENV = "FEEDBEAM_WORKER_GC"
+_worker_gc_set = False
+
+
+def collect_for_batches() -> None:
+    """Give this worker process ``WORKER_GC_THRESHOLDS``, once (a store sink's
+    ``setup`` calls it; the setting is the process's, whichever DoFn sets it).
+
+    Cycles are still found as soon as before while they are young (the young
+    generations keep Python's schedule); those that reached the old generation
+    wait for the next full collection, which still runs, only less often."""
+    global _worker_gc_set
+    if _worker_gc_set:
+        return
+    _worker_gc_set = True
+    if os.environ.get(WORKER_GC_ENV, "").strip().lower() == "python":
+        log.info("worker garbage collection: Python's thresholds %s (%s=python)",
+                 gc.get_threshold(), WORKER_GC_ENV)
+        return
+    gc.set_threshold(*WORKER_GC_THRESHOLDS)
+    log.info("worker garbage collection: thresholds %s", WORKER_GC_THRESHOLDS)
 
 
 class Counters:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.common import Counters
+from pipelines.common import Counters, collect_for_batches
 from pipelines.io.deadletter import CodecFactory, DeadLetterProducer, build_codec
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import producer_config_of
@@ -115,6 +115,7 @@ class BatchSinkFn(beam.DoFn):
         self._flush_early = flush_early
 
     def setup(self):
+        collect_for_batches()
         self._applier = self._config.open()
         self._counters = Counters(self._namespace)
         self._consecutive = 0

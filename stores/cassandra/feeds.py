@@ -104,73 +104,82 @@ def pack_batches(work: Sequence[tuple[Any, tuple]], batch_rows: int,
     A lone statement stays as it is, so one larger than ``max_batch_bytes`` is
     sent on its own (no batch limit applies to it). Batches are marked
     idempotent (their statements are), so the driver may retry them.
+
+    Rows of bigints and timestamps only (the graph and feed rows) are serialized
+    here, 8 bytes big-endian a value as the driver's bind would: about a
+    twentieth of its per-row ``bind``. Any other row, or a value that is not an
+    int of its range (None, a float, a datetime), the driver binds and checks
+    (``tests/unit/test_cassandra_batches.py`` checks the bytes are equal).
     """
     if batch_rows <= 1:
         return list(work)
-    from cassandra.query import BatchStatement, BatchType
-
-    groups: list[Sequence[tuple[Any, tuple]]] = []
-    start, size = 0, 0
-    for i, (stmt, params) in enumerate(work):
+    if batch_rows > 0xFFFF:
+        raise ValueError(f"batch_rows {batch_rows} above the protocol's 65,535 statements")
+    widths: dict[Any, int] = {}  # statement -> its marker count if all are 8-byte ints, else 0
+    packed: list[tuple[Any, tuple | None]] = []
+    rows: list[tuple[Any, tuple, list | None]] = []  # the batch being filled
+    size = 0
+    for stmt, params in work:
+        width = widths.get(stmt)
+        if width is None:
+            width = widths[stmt] = _int64_width(stmt)
+        values = None
         if not params:
             cost = _STATEMENT_OVERHEAD
-        elif _all_int64(stmt):  # bigints and timestamps: 8 bytes a value
+        elif width:
             cost = _STATEMENT_OVERHEAD + 8 * len(params)
+            if len(params) == width:
+                try:
+                    values = list(map(_INT64, params))
+                except struct.error:  # the driver decides (and refuses what it must)
+                    pass
         else:
             cost = _STATEMENT_OVERHEAD + sum(map(param_bytes, params))
-        if i > start and (i - start >= batch_rows or size + cost > max_batch_bytes):
-            groups.append(work[start:i])
-            start, size = i, 0
+        if rows and (len(rows) >= batch_rows or size + cost > max_batch_bytes):
+            packed.append(_unlogged(rows))
+            rows, size = [], 0
+        rows.append((stmt, params, values))
         size += cost
-    if start < len(work):
-        groups.append(work[start:])
-    packed: list[tuple[Any, tuple | None]] = []
-    for group in groups:
-        if len(group) == 1:
-            packed.append(group[0])
-            continue
-        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-        stmt, params = group[0]
-        batch.add(stmt, params)  # bound by the driver: the batch's keyspace and routing key
-        for stmt, params in group[1:]:
-            values = _int64_values(stmt, params)
-            if values is None:
-                batch.add(stmt, params)
-            else:
-                batch._add_statement_and_params(True, stmt.query_id, values)
-        batch.is_idempotent = True
-        packed.append((batch, None))
+    if rows:
+        packed.append(_unlogged(rows))
     return packed
+
+
+def _unlogged(rows: list[tuple[Any, tuple, list | None]]) -> tuple[Any, tuple | None]:
+    """One ``pack_batches`` group: a lone statement as it is, else an idempotent
+    unlogged batch whose first row the driver binds (that sets the batch's
+    keyspace and routing key) and whose pre-serialized rows join it as they are."""
+    from cassandra.query import BatchStatement, BatchType
+
+    stmt, params, _ = rows[0]
+    if len(rows) == 1:
+        return stmt, params
+    batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+    batch.add(stmt, params)
+    entries = batch._statements_and_parameters
+    for stmt, params, values in rows[1:]:
+        if values is None:
+            batch.add(stmt, params)
+        else:
+            entries.append((True, stmt.query_id, values))
+    batch.is_idempotent = True
+    return batch, None
 
 
 _INT64 = struct.Struct(">q").pack
 
 
 @functools.lru_cache(maxsize=256)
-def _all_int64(stmt) -> bool:
-    """Whether every bind marker of the prepared ``stmt`` is a bigint or a timestamp
-    (and no column is encrypted by the driver)."""
+def _int64_width(stmt) -> int:
+    """The number of bind markers of the prepared ``stmt`` if every one is a bigint
+    or a timestamp (and no column is encrypted by the driver); else 0."""
     from cassandra.cqltypes import DateType, LongType
     from cassandra.query import PreparedStatement
 
     if not isinstance(stmt, PreparedStatement) or stmt.column_encryption_policy is not None:
-        return False
+        return 0
     meta = stmt.column_metadata
-    return bool(meta) and all(c.type in (LongType, DateType) for c in meta)
-
-
-def _int64_values(stmt, params) -> list[bytes] | None:
-    """``params`` of ``stmt`` serialized as the driver's bind would (8 bytes big-endian
-    each), when every marker is a bigint or a timestamp and every value an int of its
-    range; else None, and the driver binds the row. The graph and feed rows are all
-    ints: binding them here costs about a twentieth of the driver's per-row
-    ``bind`` (``tests/unit/test_cassandra_batches.py`` checks the bytes are equal)."""
-    if params is None or not _all_int64(stmt) or len(params) != len(stmt.column_metadata):
-        return None
-    try:
-        return list(map(_INT64, params))
-    except struct.error:  # None, a float, a datetime, out of range: the driver decides
-        return None
+    return len(meta) if meta and all(c.type in (LongType, DateType) for c in meta) else 0
 
 
 def to_ms(value: datetime | None) -> int | None:

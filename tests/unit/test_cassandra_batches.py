@@ -102,3 +102,8 @@ def test_a_value_the_driver_refuses_fails_with_the_driver_s_error():
     for bad in (2**63, 1.5, "7"):
         with pytest.raises(TypeError, match="invalid type for column"):
             pack_batches([(ints, (1,)), (ints, (bad,))], batch_rows=50)
+
+
+def test_more_rows_a_batch_than_the_protocol_carries_are_refused():
+    with pytest.raises(ValueError, match="65,535"):
+        pack_batches([(ROW, (1, "x", ()))] * 3, batch_rows=70_000)
