@@ -14,11 +14,11 @@ lists them for ``--help`` and refuses any option neither they nor Beam declare.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib
 import json
 import logging
-import os
 import sys
 
 from apache_beam.metrics import Metrics
@@ -72,6 +72,12 @@ class StoreOptions(PipelineOptions):
                                choices=CONSISTENCY_NAMES,
                                help=f"consistency level of Cassandra {kind}s; auto: LOCAL_QUORUM "
                                     "when the keyspace has more than one replica, else LOCAL_ONE")
+        group.add_argument("--worker_gc", type=_worker_gc_option,
+                           default=",".join(map(str, WORKER_GC_THRESHOLDS)),
+                           help="garbage-collection thresholds of the worker processes "
+                                "(gc.set_threshold a,b,c: a young collection every a container "
+                                "allocations, an older one every b of those, a full one every "
+                                f"c of these); {PYTHON_GC}: Python's own (700,10,10)")
         group = parser.add_argument_group("Redis restore")
         group.add_argument("--restore_log_wait_s", type=float, default=60.0,
                            help="how long a restore of a Redis that lost its data (run by "
@@ -160,38 +166,58 @@ def parse_replay_ranges(text: str) -> Ranges:
     return out
 
 
-#: ``gc.set_threshold`` in a pipeline worker: Python's young generations (a
-#: collection every 700 container allocations, an older one every 10 of those),
-#: but a full collection every 1,000 of these instead of every 10. A worker builds
-#: a bundle's batch (up to 50,000 records, their events and store commands) as
-#: millions of containers that live until the batch is written; with Python's
-#: thresholds they kept reaching the old generation, and each full collection
-#: scanned all of them and the SDK harness: a third of the fan-out's Python time
-#: on follows went to collections, nearly all of it full ones
-#: (``bench/probe_worker_gc.py``; docs/benchmarks.md, "garbage collection").
+#: ``gc.set_threshold`` in a pipeline worker (``--worker_gc``): Python's young
+#: generations (a collection every 700 container allocations, an older one every
+#: 10 of those), but a full collection every 1,000 of these instead of every 10.
+#: A worker holds a bundle's batch (up to 50,000 records, their events and store
+#: commands) until it is written, so its containers reach the old generation, and
+#: with Python's thresholds each full collection scanned all of them and the SDK
+#: harness again (docs/benchmarks.md, "Garbage collection in the workers").
 WORKER_GC_THRESHOLDS = (700, 10, 1000)
-#: Set to ``python`` to leave a worker's collections as Python schedules them.
-WORKER_GC_ENV = "FEEDBEAM_WORKER_GC"
+#: ``--worker_gc`` value that leaves the worker's collections as Python schedules them.
+PYTHON_GC = "python"
 _worker_gc_set = False
 
 
-def collect_for_batches() -> None:
-    """Give this worker process ``WORKER_GC_THRESHOLDS``, once (a store sink's
-    ``setup`` calls it; the setting is the process's, whichever DoFn sets it).
+def worker_gc_thresholds(value: str) -> tuple[int, int, int] | None:
+    """``--worker_gc``'s value as ``gc.set_threshold`` arguments; None for ``python``.
+    Raises ValueError for anything but ``python`` or three integers ``a,b,c``
+    (``a`` at least 1)."""
+    text = value.strip().lower()
+    if text == PYTHON_GC:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1:
+        raise ValueError(f"--worker_gc takes {PYTHON_GC!r} or three integers a,b,c "
+                         f"(a >= 1), not {value!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def _worker_gc_option(value: str) -> str:
+    try:
+        worker_gc_thresholds(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def collect_for_batches(thresholds: tuple[int, int, int] | None) -> None:
+    """Give this worker process ``thresholds`` (``gc.set_threshold``), once: a store
+    sink's ``setup`` calls it, and the setting is the process's, whichever sink
+    sets it first. None leaves Python's thresholds.
 
     Cycles are still found as soon as before while they are young (the young
-    generations keep Python's schedule); those that reached the old generation
-    wait for the next full collection, which still runs, only less often."""
+    generations keep Python's schedule by default); those that reached the old
+    generation wait for the next full collection, which still runs, less often."""
     global _worker_gc_set
     if _worker_gc_set:
         return
     _worker_gc_set = True
-    if os.environ.get(WORKER_GC_ENV, "").strip().lower() == "python":
-        log.info("worker garbage collection: Python's thresholds %s (%s=python)",
-                 gc.get_threshold(), WORKER_GC_ENV)
+    if thresholds is None:
+        log.info("worker garbage collection: Python's thresholds %s", gc.get_threshold())
         return
-    gc.set_threshold(*WORKER_GC_THRESHOLDS)
-    log.info("worker garbage collection: thresholds %s", WORKER_GC_THRESHOLDS)
+    gc.set_threshold(*thresholds)
+    log.info("worker garbage collection: thresholds %s", thresholds)
 
 
 class Counters:

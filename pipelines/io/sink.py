@@ -36,7 +36,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.common import Counters, collect_for_batches
+from pipelines.common import (Counters, StoreOptions, WORKER_GC_THRESHOLDS, collect_for_batches,
+                              worker_gc_thresholds)
 from pipelines.io.deadletter import CodecFactory, DeadLetterProducer, build_codec
 from pipelines.io.kafka import KafkaReadOptions
 from pipelines.io.source import producer_config_of
@@ -104,10 +105,12 @@ class BatchSinkFn(beam.DoFn):
     def __init__(self, config: ApplierConfig, namespace: str, max_batch: int = 500,
                  retry: RetryPolicy = RetryPolicy(),
                  dead_letters: DeadLetterTarget | None = None,
-                 flush_early: Callable[[list], bool] | None = None):
+                 flush_early: Callable[[list], bool] | None = None,
+                 gc_thresholds: tuple[int, int, int] | None = WORKER_GC_THRESHOLDS):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._config = config
+        self._gc_thresholds = gc_thresholds
         self._namespace = namespace
         self._max_batch = max_batch
         self._retry = retry
@@ -115,7 +118,7 @@ class BatchSinkFn(beam.DoFn):
         self._flush_early = flush_early
 
     def setup(self):
-        collect_for_batches()
+        collect_for_batches(self._gc_thresholds)
         self._applier = self._config.open()
         self._counters = Counters(self._namespace)
         self._consecutive = 0
@@ -261,7 +264,9 @@ class ApplyInBatches(beam.PTransform):
     pipeline's options when the transform is applied), or None (a permanent
     error fails the bundle). ``flush_early(pending)``: whether to apply the
     elements buffered so far before ``max_batch`` (picklable; e.g.
-    ``PartialPolls``).
+    ``PartialPolls``). The sink's ``setup`` gives the worker process the
+    garbage-collection thresholds of the pipeline's ``--worker_gc``
+    (``pipelines.common.collect_for_batches``).
     """
 
     def __init__(self, config: ApplierConfig, namespace: str, max_batch: int = 500,
@@ -283,8 +288,11 @@ class ApplyInBatches(beam.PTransform):
         target = self._dead_letters
         if target == FROM_OPTIONS:
             target = DeadLetterTarget.from_options(elements.pipeline.options)
+        thresholds = worker_gc_thresholds(
+            elements.pipeline.options.view_as(StoreOptions).worker_gc)
         apply = beam.ParDo(BatchSinkFn(*self._args, dead_letters=target,
-                                       flush_early=self._flush_early))
+                                       flush_early=self._flush_early,
+                                       gc_thresholds=thresholds))
         if self._output_type is not None:
             apply = apply.with_output_types(self._output_type)
         return elements | "ApplyInBatches" >> apply
