@@ -104,13 +104,12 @@ def is_active(last_read_ms: int | None, at_ms: int, inactive_ms: int) -> bool:
     return last_read_ms is None or last_read_ms >= at_ms - inactive_ms
 
 
-def active_users(user_ids: Sequence[int], last_reads: Sequence[int | None], at_ms: int,
+def active_users(user_ids: Sequence[int], last_read: Mapping[int, int | None], at_ms: int,
                  inactive_ms: int) -> list[int]:
-    """``user_ids`` (order kept) that are active at ``at_ms``; ``last_reads`` is aligned."""
-    if len(user_ids) != len(last_reads):
-        raise ValueError("user_ids and last_reads differ in length")
+    """``user_ids`` (order kept) that are active at ``at_ms``; ``last_read`` has each
+    one's last read (None: never). A user missing from it is a ``KeyError``."""
     since = at_ms - inactive_ms  # is_active, inlined: this runs once per follower of a post
-    return [u for u, last in zip(user_ids, last_reads) if last is None or last >= since]
+    return [u for u in user_ids if (last := last_read[u]) is None or last >= since]
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

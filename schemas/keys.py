@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from typing import Iterable
 
 from schemas.features import AUTHOR_FEATURES, MEDIA_TYPES, POST_FEATURES
 
@@ -46,6 +47,12 @@ class KeyLayout:
         so a re-delivered post never appears twice.
         """
         return f"{self.prefix}:feed:{{u:{user_id}}}"
+
+    def home_feeds(self, user_ids: Iterable[int]) -> list[str]:
+        """``[home_feed(u) for u in user_ids]``, without a method call per user (the
+        fan-out builds one per feed insert)."""
+        head = f"{self.prefix}:feed:{{u:"
+        return [f"{head}{u}}}" for u in user_ids]
 
     def home_feed_staging(self, user_id: int) -> str:
         """ZSET: a feed being rebuilt, RENAMEd onto ``home_feed`` when complete."""
@@ -91,6 +98,11 @@ class KeyLayout:
     def last_read(self, user_id: int) -> str:
         """STRING: when ``user_id`` last read a feed (ms); absent or old means inactive."""
         return f"{self.prefix}:last_read:{{u:{user_id}}}"
+
+    def last_reads(self, user_ids: Iterable[int]) -> list[str]:
+        """``[last_read(u) for u in user_ids]``, without a method call per user."""
+        head = f"{self.prefix}:last_read:{{u:"
+        return [f"{head}{u}}}" for u in user_ids]
 
     # -- posts and graph -------------------------------------------------------
 
@@ -253,6 +265,16 @@ class KeyLayout:
         to drop deleted posts from the metadata they cache
         (``serving.logic.DeletionFollower``). Outside any hash tag."""
         return f"{self.prefix}:meta:deleted_posts"
+
+    def unfollowed(self, user_id: int) -> str:
+        """STRING: a number that grows with every unfollow applied to ``user_id`` (the
+        fan-out's ``_EDGES_IN``), so a push that read it with the followers and reads it
+        again after writing knows whether an unfollow may have raced it. Starts at the
+        server's time in microseconds when absent and expires a day after the last
+        unfollow, so a value never comes back once gone. Bookkeeping, not data: under
+        ``meta``, with ``user_id``'s hash tag (read in the script that reads the
+        followers)."""
+        return f"{self.prefix}:meta:unfollowed:{{u:{user_id}}}"
 
     def restore_lock(self) -> str:
         """STRING: held (SET NX PX, value = the holder's token) by the one job restoring

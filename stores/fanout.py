@@ -364,16 +364,16 @@ class FeedFanout:
             a: t.followers if t.push else select_celebrity_targets(t.followers, t.oldest,
                                                                    p.celebrity_top_n)
             for a, t in targets_of.items()}
-        users = list(dict.fromkeys(u for us in candidates_of.values() for u in us))
+        users = list(set().union(*candidates_of.values()))
         last_read = dict(zip(users, redis.last_reads(users)))
-        pushes = [active_users(candidates_of[post.author_id],
-                               [last_read[u] for u in candidates_of[post.author_id]],
-                               post.event_time, p.inactive_ms) for post in live]
+        pushes = [active_users(candidates_of[post.author_id], last_read, post.event_time,
+                               p.inactive_ms) for post in live]
         # An UNFOLLOW applied while we pushed may have cleaned its feed before
         # our write: whoever no longer follows loses the post again.
         gone = redis.push_posts([(post.author_id, targets, post.post_id, post.created_at)
                                  for targets, post in zip(pushes, live)],
-                                p.feed_cap, p.push_chunk_size)
+                                p.feed_cap, p.push_chunk_size,
+                                {a: t.unfollows for a, t in targets_of.items()})
         written_at_ms = self._now_ms()
         redis.remove_entries([(u, [post.post_id]) for users, post in zip(gone, live)
                               for u in users])

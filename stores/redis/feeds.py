@@ -41,10 +41,12 @@ DELETION_LOG_ENTRIES = 100_000
 # is one script call per chunk of edges: a loop of per-edge steps that each
 # touch one user's keys (a cluster would call it per hash slot, see _PUSH).
 
-# The followee side. KEYS, 5 per edge: edge versions, followers, timeline,
-# deleted timeline and celebrity flag of the followee. ARGV: the push threshold
-# (0: leave the flag alone), then 6 per edge: follower id, edge version, '1'
-# follow / '0' unfollow, event time ms, merge limit, removal cap.
+# The followee side. KEYS, 6 per edge: edge versions, followers, timeline,
+# deleted timeline, celebrity flag and unfollow counter of the followee. ARGV:
+# the push threshold (0: leave the flag alone), the unfollow counter's time to
+# live in seconds, then 6 per edge: follower id, edge version, '1' follow /
+# '0' unfollow, event time ms, merge limit, removal cap. An unfollow that
+# removes a follower counts up the counter (``KeyLayout.unfollowed``).
 # Returns per edge {status, member, count, cross, entries}: status -1 not newer
 # than the stored version (no-op), 1 membership changed, 0 applied without a
 # change; member and count after the edge; cross 1 / -1 while a crossing of
@@ -59,10 +61,10 @@ DELETION_LOG_ENTRIES = 100_000
 # not a member the newest `removal cap` posts of the timeline and of its
 # deleted set (a delete moves a post between the two atomically).
 _EDGES_IN = """
-local threshold = tonumber(ARGV[1])
+local threshold, stamp_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
 local k = 0
-for i = 2, #ARGV, 6 do
+for i = 3, #ARGV, 6 do
   local f, follow = ARGV[i], ARGV[i + 2]
   local edges, followers = KEYS[k + 1], KEYS[k + 2]
   local status, member = -1, 0
@@ -73,6 +75,15 @@ for i = 2, #ARGV, 6 do
       status, member = redis.call('ZADD', followers, ARGV[i + 3], f), 1
     else
       status = redis.call('ZREM', followers, f)
+      if status == 1 then
+        local counter = KEYS[k + 6]
+        if redis.call('EXISTS', counter) == 0 then
+          local now = redis.call('TIME')
+          redis.call('SET', counter, now[1] .. string.format('%06d', tonumber(now[2])))
+        end
+        redis.call('INCR', counter)
+        redis.call('EXPIRE', counter, stamp_ttl)
+      end
     end
   elseif redis.call('ZSCORE', followers, f) then
     member = 1
@@ -106,7 +117,7 @@ for i = 2, #ARGV, 6 do
     end
   end
   out[#out + 1] = {status, member, count, cross, entries}
-  k = k + 5
+  k = k + 6
 end
 return out
 """
@@ -256,12 +267,13 @@ return top_engaged(KEYS[1], KEYS[2], tonumber(ARGV[1]))
 
 # New posts onto their authors' timelines, and whom to push them to, in one
 # atomic step: a follow applied beside it either is among the followers read
-# here or reads the timeline with the post on it. KEYS, 3 per post: timeline,
-# followers and top followers of the author. ARGV: push threshold, timeline
-# cap, top N, then 3 per post: post id, created_at ms, '1' to return targets
-# ('0' for a further post of an author already asked for). Returns per post {}
-# or {1, followers...} below the threshold, {0, n_engaged, engaged...,
-# oldest N...} at or above it.
+# here or reads the timeline with the post on it. KEYS, 4 per post: timeline,
+# followers, top followers and unfollow counter of the author. ARGV: push
+# threshold, timeline cap, top N, then 3 per post: post id, created_at ms, '1'
+# to return targets ('0' for a further post of an author already asked for).
+# Returns per post {} or {1, counter, followers...} below the threshold, {0,
+# counter, n_engaged, engaged..., oldest N...} at or above it; counter is the
+# unfollow counter as read with the followers ('' when absent).
 _ADD_TO_TIMELINES = _TOP_ENGAGED + """
 local threshold, cap, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
@@ -274,12 +286,14 @@ for i = 4, #ARGV, 3 do
   end
   local targets = {}
   if ARGV[i + 2] == '1' then
+    local counter = redis.call('GET', KEYS[k + 4]) or ''
     if redis.call('ZCARD', followers) < threshold then
       targets = redis.call('ZRANGE', followers, 0, -1)
+      table.insert(targets, 1, counter)
       table.insert(targets, 1, 1)
     else
       local engaged = n > 0 and top_engaged(KEYS[k + 3], followers, n) or {}
-      targets = {0, #engaged}
+      targets = {0, counter, #engaged}
       for _, u in ipairs(engaged) do targets[#targets + 1] = u end
       if n > 0 then
         for _, u in ipairs(redis.call('ZRANGE', followers, 0, n - 1)) do
@@ -289,7 +303,7 @@ for i = 4, #ARGV, 3 do
     end
   end
   out[#out + 1] = targets
-  k = k + 3
+  k = k + 4
 end
 return out
 """
@@ -324,15 +338,20 @@ return out
 """
 
 # KEYS: followers zsets. ARGV, per key: how many users, then the users.
-# Returns per key the users that are not (or no longer) followers.
+# Returns per key the users that are not (or no longer) followers. One ZMSCORE
+# per 4,000 users (unpack puts its values on Lua's stack, which has a limit).
 _NOT_FOLLOWING = """
 local out = {}
 local j = 1
 for _, key in ipairs(KEYS) do
   local gone = {}
   local n = tonumber(ARGV[j])
-  for x = j + 1, j + n do
-    if not redis.call('ZSCORE', key, ARGV[x]) then gone[#gone + 1] = ARGV[x] end
+  for lo = j + 1, j + n, 4000 do
+    local hi = math.min(lo + 3999, j + n)
+    local scores = redis.call('ZMSCORE', key, unpack(ARGV, lo, hi))
+    for x = 1, hi - lo + 1 do
+      if not scores[x] then gone[#gone + 1] = ARGV[lo + x - 1] end
+    end
   end
   out[#out + 1] = gone
   j = j + n + 1
@@ -506,6 +525,7 @@ class PushTargets(NamedTuple):
     push: bool               # below the threshold: ``followers`` are every follower
     followers: list[int]     # every follower (push), else the most engaged who still follow
     oldest: list[int]        # at or above the threshold: the oldest followers
+    unfollows: bytes = b""   # the author's unfollow counter read with them (b"": absent)
 
 
 class EdgeState(NamedTuple):
@@ -521,6 +541,11 @@ class EdgeState(NamedTuple):
 # -- the store ------------------------------------------------------------------
 
 
+#: How long an author's unfollow counter outlives the last unfollow
+#: (``KeyLayout.unfollowed``): far beyond any push's time between its two reads.
+UNFOLLOWED_TTL_S = 86_400
+
+
 class RedisFeedStore:
     """Feeds, timelines, post metadata, graph and activity in Redis (see module doc)."""
 
@@ -530,7 +555,7 @@ class RedisFeedStore:
         # The batch scripts take many users' keys per call; on a Redis Cluster their
         # calls are split by hash slot along these layouts (``BatchLayout``).
         batch = functools.partial(register_batch_script, client)
-        self._edges_in = batch(_EDGES_IN, BatchLayout(1, 5, args_per_item=6))
+        self._edges_in = batch(_EDGES_IN, BatchLayout(2, 6, args_per_item=6))
         self._edges_out = batch(_EDGES_OUT, BatchLayout(0, 3, args_per_item=5))
         self._set_celebrity = batch(_SET_CELEBRITY, BatchLayout(2, 2))
         self._settle_celebrities = batch(_SETTLE_CELEBRITIES,
@@ -539,7 +564,7 @@ class RedisFeedStore:
         self._tombstone_post = client.register_script(_TOMBSTONE_POST)
         self._set_last_read = client.register_script(_SET_LAST_READ)
         self._top_followers = client.register_script(_TOP_FOLLOWERS)
-        self._add_to_timelines = batch(_ADD_TO_TIMELINES, BatchLayout(3, 3, args_per_item=3))
+        self._add_to_timelines = batch(_ADD_TO_TIMELINES, BatchLayout(3, 4, args_per_item=3))
         self._remove_from_timelines = batch(_REMOVE_FROM_TIMELINES,
                                             BatchLayout(3, 4, args_per_item=2))
         self._not_following = batch(_NOT_FOLLOWING, BatchLayout(0, 1, counted=(1,)))
@@ -626,12 +651,12 @@ class RedisFeedStore:
         k = self.keys
         for lo in range(0, len(edges), chunk_size):
             keys: list[str] = []
-            args: list[Any] = [push_threshold]
+            args: list[Any] = [push_threshold, UNFOLLOWED_TTL_S]
             for e, (merge_limit, removal_cap) in zip(edges[lo:lo + chunk_size],
                                                      plans[lo:lo + chunk_size]):
                 a = e.followee_id
                 keys += [k.follower_edges(a), k.followers(a), k.author_timeline(a),
-                         k.timeline_deleted(a), k.celebrity(a)]
+                         k.timeline_deleted(a), k.celebrity(a), k.unfollowed(a)]
                 args += [e.follower_id, edge_version(e),
                          1 if e.kind is FollowKind.FOLLOW else 0, e.event_time,
                          merge_limit, removal_cap]
@@ -902,22 +927,34 @@ class RedisFeedStore:
         return len(user_ids)
 
     def push_posts(self, pushes: Sequence[tuple[int, Sequence[int], int, int]], cap: int,
-                   chunk_size: int = DEFAULT_CHUNK) -> list[list[int]]:
+                   chunk_size: int = DEFAULT_CHUNK,
+                   unfollows: Mapping[int, bytes] | None = None) -> list[list[int]]:
         """Push each ``(author_id, user_ids, post_id, score_ms)``, then read which of its
-        users no longer follow the author, one round trip.
+        users no longer follow the author.
 
         The read comes after the writes: an unfollow applied meanwhile may have
         cleaned its feed before the push landed, so the caller takes the post out
-        of those feeds again. Returns per push the users that left.
+        of those feeds again. Given ``unfollows`` (per author its unfollow counter
+        as ``add_posts_to_timelines`` read it with the followers), only the pushes
+        of authors whose counter has moved since are checked: the counters cost
+        one round trip for the batch, the check one member test per target.
+        Returns per push the users that left.
         """
         trim_stop(cap)  # validates cap
-        home_feed = self.keys.home_feed
+        home_feeds = self.keys.home_feeds
         pipe = self._pipeline()
         for _, user_ids, post_id, score_ms in pushes:
             for chunk in chunks(user_ids, chunk_size):
-                self._push(keys=[home_feed(uid) for uid in chunk], args=[post_id, score_ms, cap],
-                           client=pipe)
-        checks = [(author, user_ids) for author, user_ids, _, _ in pushes if user_ids]
+                self._push(keys=home_feeds(chunk), args=[post_id, score_ms, cap], client=pipe)
+        pipe.execute()
+        authors = {author for author, user_ids, _, _ in pushes if user_ids}
+        if unfollows is not None and authors:
+            authors = self._unfollowed_since(authors, unfollows, chunk_size)
+        checks = [(author, user_ids) for author, user_ids, _, _ in pushes
+                  if user_ids and author in authors]
+        if not checks:
+            return [[] for _ in pushes]
+        pipe = self._pipeline()
         for lo in range(0, len(checks), chunk_size):
             keys: list[str] = []
             args: list[Any] = []
@@ -925,12 +962,20 @@ class RedisFeedStore:
                 keys.append(self.keys.followers(author))
                 args += [len(user_ids), *user_ids]
             self._not_following(keys=keys, args=args, client=pipe)
-        if not checks:
-            return [[] for _ in pushes]
-        calls = -(-len(checks) // chunk_size)
-        gone = iter([[int(u) for u in users]
-                     for reply in pipe.execute()[-calls:] for users in reply])
-        return [next(gone) if user_ids else [] for _, user_ids, _, _ in pushes]
+        gone = iter([[int(u) for u in users] for reply in pipe.execute() for users in reply])
+        return [next(gone) if user_ids and author in authors else []
+                for author, user_ids, _, _ in pushes]
+
+    def _unfollowed_since(self, authors: set[int], unfollows: Mapping[int, bytes],
+                          chunk_size: int) -> set[int]:
+        """The ``authors`` whose unfollow counter is not the one in ``unfollows`` (or
+        who are not in it)."""
+        ordered = list(authors)
+        pipe = self._pipeline()
+        for chunk in chunks(ordered, chunk_size):
+            pipe.mget([self.keys.unfollowed(a) for a in chunk])
+        now = (value or b"" for reply in pipe.execute() for value in reply)
+        return {a for a, value in zip(ordered, now) if unfollows.get(a) != value}
 
     def push_many(self, entries: Sequence[tuple[int, int, int]], cap: int,
                   chunk_size: int = DEFAULT_CHUNK) -> int:
@@ -1060,7 +1105,8 @@ class RedisFeedStore:
             keys: list[str] = []
             args: list[Any] = [push_threshold, cap, top_n]
             for author, post_id, created_at in chunk:
-                keys += [k.author_timeline(author), k.followers(author), k.top_followers(author)]
+                keys += [k.author_timeline(author), k.followers(author), k.top_followers(author),
+                         k.unfollowed(author)]
                 ask = author not in asked
                 asked.setdefault(author)
                 args += [post_id, created_at, int(ask)]
@@ -1069,10 +1115,11 @@ class RedisFeedStore:
         out: dict[int, PushTargets] = {}
         for author, reply in zip(asked, replies):
             if reply[0] == 1:
-                out[author] = PushTargets(True, [int(u) for u in reply[1:]], [])
+                out[author] = PushTargets(True, [int(u) for u in reply[2:]], [], reply[1])
             else:
-                engaged = [int(u) for u in reply[2:2 + reply[1]]]
-                out[author] = PushTargets(False, engaged, [int(u) for u in reply[2 + reply[1]:]])
+                cut = 3 + reply[2]
+                out[author] = PushTargets(False, [int(u) for u in reply[3:cut]],
+                                          [int(u) for u in reply[cut:]], reply[1])
         return out
 
     def remove_posts_from_timelines(self, posts: Sequence[tuple[int, int, int]], cap: int,
@@ -1145,10 +1192,9 @@ class RedisFeedStore:
         """Last feed read (ms) per user, None if never recorded; MGET per chunk, one round trip."""
         if not user_ids:
             return []
-        last_read = self.keys.last_read
         pipe = self._pipeline()
         for chunk in chunks(user_ids, chunk_size):
-            pipe.mget([last_read(u) for u in chunk])
+            pipe.mget(self.keys.last_reads(chunk))
         return [None if v is None else int(v) for values in pipe.execute() for v in values]
 
     # -- tests and tools ----------------------------------------------------------

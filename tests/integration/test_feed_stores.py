@@ -400,12 +400,17 @@ def test_post_steps_push_targets_and_recheck(redis_store):
     s.set_follower_engagement(1, {12: 5.0, 99: 9.0})
     targets = s.add_posts_to_timelines([(1, 100, T0), (2, 200, T0 + 1), (1, 101, T0 + 2)],
                                        cap=10, push_threshold=3, top_n=2)
-    assert targets[2] == (True, [10, 11], [])            # below the threshold: all followers
-    assert targets[1] == (False, [12], [10, 11])         # at it: engaged, then the oldest
+    assert targets[2][:3] == (True, [10, 11], [])        # below the threshold: all followers
+    assert targets[1][:3] == (False, [12], [10, 11])     # at it: engaged, then the oldest
+    assert targets[1].unfollows == targets[2].unfollows == b""   # never unfollowed
     assert s.timeline(1, 10) == [(101, T0 + 2), (100, T0)] and s.timeline(2, 10) == [(200, T0 + 1)]
     s.apply_edges([edge(UNFOLLOW, 11, 2, T0 + 50)])
-    gone = s.push_posts([(2, [10, 11], 200, T0 + 1), (1, [], 100, T0)], cap=5)
+    unfollows = {a: t.unfollows for a, t in targets.items()}
+    gone = s.push_posts([(2, [10, 11], 200, T0 + 1), (1, [], 100, T0)], cap=5,
+                        unfollows=unfollows)
     assert gone == [[11], []]
+    gone = s.push_posts([(2, [10, 11], 200, T0 + 1)], cap=5)   # no counters: every push checked
+    assert gone == [[11]]
     assert s.feed(10, 10) == [(200, T0 + 1)] and s.feed(11, 10) == [(200, T0 + 1)]
     s.merge_into_feeds([(10, [(100, T0), (101, T0 + 2)]), (13, [(101, T0 + 2)]), (14, [])],
                        cap=2)
@@ -419,3 +424,53 @@ def test_post_steps_push_targets_and_recheck(redis_store):
     assert s.celebrity_targets([1, 2], 2) == {1: ([12], [10, 11]), 2: ([], [10])}
     metas = s.tombstone_posts([post(PostEventKind.DELETED, 300, author=2, created=T0)])
     assert metas[0]["author_id"] == 2 and s.deleted([300]) == [True]
+
+
+def test_unfollow_counter_moves_only_with_an_unfollow(redis_store):
+    """A push checks its targets only when an unfollow of its author was applied
+    since its followers were read: the counter read with them tells."""
+    s = redis_store
+    s.apply_edges([edge(FOLLOW, u, 1, T0 + u) for u in (10, 11)] + [edge(FOLLOW, 10, 2, T0)])
+    first = s.add_posts_to_timelines([(1, 100, T0), (2, 200, T0)], cap=10,
+                                     push_threshold=100, top_n=2)
+    stamps = {a: t.unfollows for a, t in first.items()}
+    assert stamps == {1: b"", 2: b""}
+    # Neither a follow nor an unfollow of someone who did not follow moves it.
+    s.apply_edges([edge(FOLLOW, 12, 1, T0 + 20), edge(UNFOLLOW, 13, 1, T0 + 20)])
+    assert s.client.get(s.keys.unfollowed(1)) is None
+    # Unchanged counters: no member test, so a target that never followed stays.
+    assert s.push_posts([(1, [10, 99], 100, T0), (2, [10], 200, T0)], cap=5,
+                        unfollows=stamps) == [[], []]
+    assert s.feed(99, 10) == [(100, T0)]
+    # An unfollow applied after the read moves author 1's counter only; its pushes
+    # are checked, author 2's are not.
+    s.apply_edges([edge(UNFOLLOW, 11, 1, T0 + 30)])
+    moved = s.client.get(s.keys.unfollowed(1))
+    assert moved is not None and s.client.get(s.keys.unfollowed(2)) is None
+    assert s.push_posts([(1, [10, 11, 99], 101, T0 + 1), (2, [10], 201, T0 + 1)], cap=5,
+                        unfollows=stamps) == [[11, 99], []]
+    # It starts at the server's time in microseconds, grows by one per unfollow and
+    # expires (a day) after the last.
+    assert int(moved) > T0 * 1000
+    s.apply_edges([edge(FOLLOW, 11, 1, T0 + 40)])
+    s.apply_edges([edge(UNFOLLOW, 11, 1, T0 + 50)])
+    assert int(s.client.get(s.keys.unfollowed(1))) == int(moved) + 1
+    assert 0 < s.client.ttl(s.keys.unfollowed(1)) <= 86_400
+    # Read again with the followers, it is the new value, and nothing is checked.
+    again = s.add_posts_to_timelines([(1, 102, T0 + 2)], cap=10, push_threshold=100, top_n=2)
+    assert again[1].unfollows == s.client.get(s.keys.unfollowed(1))
+    assert s.push_posts([(1, [10, 98], 102, T0 + 2)], cap=5,
+                        unfollows={1: again[1].unfollows}) == [[]]
+    # Bookkeeping, not data: outside what dump() compares.
+    assert not any("unfollowed" in key for key in s.dump())
+
+
+def test_the_recheck_reads_every_target_past_one_zmscore(redis_store):
+    """The member test of a post with more targets than one ZMSCORE slice (4,000)."""
+    s = redis_store
+    followers = list(range(1_000, 5_500))
+    s.apply_edges([edge(FOLLOW, u, 1, T0) for u in followers])
+    s.apply_edges([edge(UNFOLLOW, u, 1, T0 + 1) for u in (1_000, 4_999, 5_499)])
+    targets = [*followers, 77]
+    gone = s.push_posts([(1, targets, 100, T0)], cap=5)
+    assert gone == [[1_000, 4_999, 5_499, 77]]

@@ -77,10 +77,11 @@ def test_active_rule_is_relative_to_the_event_and_never_read_is_active():
     assert not is_active(now - inactive_ms - 1, now, inactive_ms)
     assert is_active(now + 5, now, inactive_ms)  # read after the post
     users = [1, 2, 3, 4]
-    reads = [None, now, now - 31 * DAY_MS, now - 29 * DAY_MS]
+    reads = dict(zip(users, [None, now, now - 31 * DAY_MS, now - 29 * DAY_MS]))
     assert active_users(users, reads, now, inactive_ms) == [1, 2, 4]
-    with pytest.raises(ValueError):
-        active_users([1], [], now, inactive_ms)
+    assert active_users([4, 2, 1], reads, now, inactive_ms) == [4, 2, 1]   # order kept
+    with pytest.raises(KeyError):
+        active_users([5], reads, now, inactive_ms)
 
 
 def test_chunks():

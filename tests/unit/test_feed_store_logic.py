@@ -81,7 +81,7 @@ def test_new_keys_share_the_users_tag():
     k = KeyLayout("fb")
     tags = {re.search(r"\{([^}]*)\}", f(7)).group(1)
             for f in (k.followers, k.follower_edges, k.top_followers, k.following,
-                      k.following_edges, k.home_feed)}
+                      k.following_edges, k.home_feed, k.unfollowed)}
     assert tags == {"u:7"}
     assert len({k.follower_edges(7), k.following_edges(7), k.top_followers(7)}) == 3
 
