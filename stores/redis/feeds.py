@@ -380,14 +380,17 @@ return #KEYS
 
 # KEYS: home feeds of many users. ARGV: cap, then per key how many posts and
 # that many (score, post id) pairs: each feed gets its posts and is trimmed to
-# the newest cap (follow merges of a whole batch in one call).
+# the newest cap (follow merges of a whole batch in one call). A ZADD per 2,000
+# pairs (unpack's stack limit, as in _NOT_FOLLOWING).
 _MERGE = """
 local cap = tonumber(ARGV[1])
 local j = 2
 for _, key in ipairs(KEYS) do
   local n = tonumber(ARGV[j])
   if n > 0 then
-    redis.call('ZADD', key, unpack(ARGV, j + 1, j + 2 * n))
+    for lo = j + 1, j + 2 * n, 4000 do
+      redis.call('ZADD', key, unpack(ARGV, lo, math.min(lo + 3999, j + 2 * n)))
+    end
     if redis.call('ZCARD', key) > cap then
       redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1)
     end

@@ -474,3 +474,12 @@ def test_the_recheck_reads_every_target_past_one_zmscore(redis_store):
     targets = [*followers, 77]
     gone = s.push_posts([(1, targets, 100, T0)], cap=5)
     assert gone == [[1_000, 4_999, 5_499, 77]]
+
+
+def test_a_merge_of_more_posts_than_one_zadd_takes(redis_store):
+    """The merge script adds a feed's posts 2,000 at a time: all of them, then the cap."""
+    s = redis_store
+    entries = [(100 + i, T0 + i) for i in range(4_500)]
+    s.merge_into_feeds([(10, entries), (11, entries[:3])], cap=4_000)
+    assert s.feed(10, 5_000) == sorted(entries, key=lambda e: -e[1])[:4_000]
+    assert s.feed(11, 10) == sorted(entries[:3], key=lambda e: -e[1])
