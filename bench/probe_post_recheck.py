@@ -1,7 +1,8 @@
-"""Probe: what the push's check for unfollows costs the fan-out's Redis step on posts.
+"""Probe: what the push's check for unfollows, and the pushes' grouping by feed, cost
+the fan-out's Redis step on posts.
 
     .venv/bin/python bench/probe_post_recheck.py [--users 100000] [--posts 3000]
-        [--post-batch 1000] [--runs 4] [--designs counter,recheck]
+        [--post-batch 1000] [--runs 4] [--designs counter,per_post,recheck]
 
 ``--posts`` new posts by authors of 200 random followers each (of ``--users``;
 their follows applied first, untimed) go through the fan-out's Redis step
@@ -11,9 +12,14 @@ around every run; the feeds are emptied after each. Designs:
 
 * ``counter``: the store as it is: the pushes read which targets no longer
   follow only for authors whose unfollow counter moved since their followers
-  were read (``KeyLayout.unfollowed``), here none;
+  were read (``KeyLayout.unfollowed``), here none; a batch whose feeds get
+  ``GROUP_PUSHES_FROM`` posts each or more on average is written feed by feed;
+* ``per_post``: the same, but every batch written post by post (one ``ZADD``
+  and trim per post and feed, the design before the grouping);
+* ``by_feed``: the same, but every batch written feed by feed (one ``ZADD`` of
+  the feed's posts and one trim per feed), however few posts a feed gets;
 * ``recheck``: every push reads which of its targets no longer follow (one
-  member test per target, the design before the counter).
+  member test per target, the design before the counter), post by post.
 
 Per design: feed inserts/s, the Redis server's CPU per insert (from ``/proc``),
 this process' CPU per insert, and the Redis commands' own time per insert
@@ -47,7 +53,21 @@ from stores.redis.feeds import RedisFeedStore  # noqa: E402
 SHOWN = ("evalsha", "zadd", "zcard", "zmscore", "mget", "zrange")
 
 
-class RecheckEveryPush(RedisFeedStore):
+class PerPost(RedisFeedStore):
+    """The store before the grouping by feed: every batch pushed post by post."""
+
+    def __init__(self, client, keys: KeyLayout):
+        super().__init__(client, keys, group_pushes_from=float("inf"))
+
+
+class ByFeed(RedisFeedStore):
+    """Every batch pushed feed by feed."""
+
+    def __init__(self, client, keys: KeyLayout):
+        super().__init__(client, keys, group_pushes_from=0.0)
+
+
+class RecheckEveryPush(PerPost):
     """The store before the unfollow counter: every push reads all its targets back."""
 
     def push_posts(self, pushes, cap, chunk_size=1000, unfollows=None):
@@ -80,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--posts", type=int, default=3_000)
     parser.add_argument("--post-batch", type=int, default=1_000)
     parser.add_argument("--runs", type=int, default=4)
-    parser.add_argument("--designs", default="counter,recheck")
+    parser.add_argument("--designs", default="counter,per_post,recheck")
     args = parser.parse_args(argv)
     designs = [d for d in args.designs.split(",") if d]
-    stores = {"counter": RedisFeedStore, "recheck": RecheckEveryPush}
+    stores = {"counter": RedisFeedStore, "per_post": PerPost, "by_feed": ByFeed,
+              "recheck": RecheckEveryPush}
     if not designs or any(d not in stores for d in designs):
         parser.error(f"--designs: comma-separated of {', '.join(stores)}")
     if min(args.users, args.posts, args.post_batch, args.runs) < 1:

@@ -13,16 +13,19 @@ sets, a last read that only moves forward); how: docs/architecture.md, "Stores".
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence, TypedDict
 
+import numpy as np
 import orjson
 import redis
 
 from schemas.events import FollowEvent, FollowKind, PostEvent
 from schemas.keys import KeyLayout
-from stores.redis.client import BatchLayout, chunks, new_client, register_batch_script
+from stores.redis.client import (BatchLayout, ScriptSafeRedisCluster, chunks, new_client,
+                                 register_batch_script)
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +380,46 @@ end
 return #KEYS
 """
 
+# KEYS: home feeds of many users. ARGV: cap, the batch's posts as one JSON list of
+# strings [score, post id, score, post id, ...], then per key the indices (from 0)
+# of its posts in that list, 4 bytes big-endian each. Each feed gets all its posts in one
+# ZADD (2,000 at a time, as in _MERGE) and one trim: where feeds get several of
+# a batch's posts each (a backlog), a ZADD and a ZCARD per feed instead of per
+# post and feed. On a Redis Cluster the list would go to every slot's call, so
+# there the pushes stay per post (``RedisFeedStore.push_posts``).
+_PUSH_BY_FEED = """
+local cap = tonumber(ARGV[1])
+local posts = cjson.decode(ARGV[2])
+local byte = string.byte
+for n, key in ipairs(KEYS) do
+  local indices = ARGV[n + 2]
+  if #indices == 4 then
+    local a, b, c, d = byte(indices, 1, 4)
+    local i = 2 * (((a * 256 + b) * 256 + c) * 256 + d)
+    redis.call('ZADD', key, posts[i + 1], posts[i + 2])
+  else
+    local entries, m = {}, 0
+    for k = 1, #indices, 4 do
+      local a, b, c, d = byte(indices, k, k + 3)
+      local i = 2 * (((a * 256 + b) * 256 + c) * 256 + d)
+      entries[m + 1], entries[m + 2] = posts[i + 1], posts[i + 2]
+      m = m + 2
+      if m == 4000 then
+        redis.call('ZADD', key, unpack(entries))
+        entries, m = {}, 0
+      end
+    end
+    if m > 0 then
+      redis.call('ZADD', key, unpack(entries))
+    end
+  end
+  if redis.call('ZCARD', key) > cap then
+    redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1)
+  end
+end
+return #KEYS
+"""
+
 
 # KEYS: home feeds of many users. ARGV: cap, then per key how many posts and
 # that many (score, post id) pairs: each feed gets its posts and is trimmed to
@@ -513,6 +556,30 @@ def trim_stop(cap: int) -> int:
     return -(cap + 1)
 
 
+def _posts_by_feed(user_lists: Sequence[Sequence[int]], min_posts: float
+                   ) -> tuple[list[int], list[bytes]] | None:
+    """The users of ``user_lists`` (one list per post), each once and in ascending
+    order, and per user the indices of the lists it is in, ascending, each as 4
+    bytes big-endian (``_PUSH_BY_FEED``); None when the users are in fewer than
+    ``min_posts`` lists each on average (or in none)."""
+    lengths = np.fromiter(map(len, user_lists), np.int64, len(user_lists))
+    total = int(lengths.sum())
+    if total == 0 or min_posts == float("inf"):
+        return None
+    users = np.fromiter(itertools.chain.from_iterable(user_lists), np.int64, total)
+    order = np.argsort(users, kind="stable")  # a user's indices ascending
+    users = users[order]
+    first = np.ones(total, dtype=bool)  # the first entry of each user
+    np.not_equal(users[1:], users[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    if total < min_posts * len(starts):
+        return None
+    packed = np.repeat(np.arange(len(user_lists), dtype=">u4"), lengths)[order].tobytes()
+    bounds = (starts * 4).tolist() + [total * 4]
+    return (users[starts].tolist(),
+            [packed[lo:hi] for lo, hi in zip(bounds, itertools.islice(bounds, 1, None))])
+
+
 def _ids_with_scores(pairs: Iterable[tuple[bytes, float]]) -> list[tuple[int, int]]:
     return [(int(member), int(score)) for member, score in pairs]
 
@@ -544,6 +611,13 @@ class EdgeState(NamedTuple):
 # -- the store ------------------------------------------------------------------
 
 
+#: Posts per feed, on average over a batch's feeds, from which ``push_posts`` writes
+#: the batch feed by feed (``_PUSH_BY_FEED``) instead of post by post: grouping
+#: costs this process a sort of the batch's targets, and pays only where a feed's
+#: ZADD and trim are shared by several posts (docs/benchmarks.md, "Pushes grouped
+#: by feed").
+GROUP_PUSHES_FROM = 2.0
+
 #: How long an author's unfollow counter outlives the last unfollow
 #: (``KeyLayout.unfollowed``): far beyond any push's time between its two reads.
 UNFOLLOWED_TTL_S = 86_400
@@ -552,9 +626,13 @@ UNFOLLOWED_TTL_S = 86_400
 class RedisFeedStore:
     """Feeds, timelines, post metadata, graph and activity in Redis (see module doc)."""
 
-    def __init__(self, client: "redis.Redis", keys: KeyLayout):
+    def __init__(self, client: "redis.Redis", keys: KeyLayout,
+                 group_pushes_from: float = GROUP_PUSHES_FROM):
         self.client = client
         self.keys = keys
+        # A cluster gets the pushes post by post (see _PUSH_BY_FEED).
+        self.group_pushes_from = (float("inf") if isinstance(client, ScriptSafeRedisCluster)
+                                  else group_pushes_from)
         # The batch scripts take many users' keys per call; on a Redis Cluster their
         # calls are split by hash slot along these layouts (``BatchLayout``).
         batch = functools.partial(register_batch_script, client)
@@ -572,6 +650,7 @@ class RedisFeedStore:
                                             BatchLayout(3, 4, args_per_item=2))
         self._not_following = batch(_NOT_FOLLOWING, BatchLayout(0, 1, counted=(1,)))
         self._push = batch(_PUSH, BatchLayout(3, 1, reply="sum"))
+        self._push_by_feed = batch(_PUSH_BY_FEED, BatchLayout(2, 1, args_per_item=1, reply="sum"))
         self._merge = batch(_MERGE, BatchLayout(1, 1, counted=(2,), reply="sum"))
         self._unpush = batch(_UNPUSH, BatchLayout(0, 1, counted=(1,), reply="sum"))
         self._apply_engagement = client.register_script(_APPLY_ENGAGEMENT)
@@ -941,14 +1020,30 @@ class RedisFeedStore:
         as ``add_posts_to_timelines`` read it with the followers), only the pushes
         of authors whose counter has moved since are checked: the counters cost
         one round trip for the batch, the check one member test per target.
+        Where the batch's feeds get ``group_pushes_from`` posts each or more on
+        average (a backlog), the posts are written feed by feed: one ZADD and one
+        trim per feed (``_PUSH_BY_FEED``), else one per post and feed.
+
         Returns per push the users that left.
         """
         trim_stop(cap)  # validates cap
         home_feeds = self.keys.home_feeds
         pipe = self._pipeline()
-        for _, user_ids, post_id, score_ms in pushes:
-            for chunk in chunks(user_ids, chunk_size):
-                self._push(keys=home_feeds(chunk), args=[post_id, score_ms, cap], client=pipe)
+        by_feed = _posts_by_feed([user_ids for _, user_ids, _, _ in pushes],
+                                 self.group_pushes_from)
+        if by_feed is not None:
+            feeds, indices = by_feed
+            posts = orjson.dumps([str(v) for _, _, post_id, score_ms in pushes
+                                  for v in (score_ms, post_id)])
+            keys = home_feeds(feeds)
+            for lo in range(0, len(keys), chunk_size):
+                self._push_by_feed(keys=keys[lo:lo + chunk_size],
+                                   args=[cap, posts, *indices[lo:lo + chunk_size]], client=pipe)
+        else:
+            for _, user_ids, post_id, score_ms in pushes:
+                for chunk in chunks(user_ids, chunk_size):
+                    self._push(keys=home_feeds(chunk), args=[post_id, score_ms, cap],
+                               client=pipe)
         pipe.execute()
         authors = {author for author, user_ids, _, _ in pushes if user_ids}
         if unfollows is not None and authors:

@@ -483,3 +483,62 @@ def test_a_merge_of_more_posts_than_one_zadd_takes(redis_store):
     s.merge_into_feeds([(10, entries), (11, entries[:3])], cap=4_000)
     assert s.feed(10, 5_000) == sorted(entries, key=lambda e: -e[1])[:4_000]
     assert s.feed(11, 10) == sorted(entries[:3], key=lambda e: -e[1])
+
+
+def _zcard_calls(client) -> int:
+    return client.info("commandstats").get("cmdstat_zcard", {}).get("calls", 0)
+
+
+def test_pushes_grouped_by_feed_leave_the_feeds_of_pushes_post_by_post(redis_client, key_prefix):
+    """Written feed by feed (one ZADD and one trim per feed) or post by post, a batch
+    leaves the same capped feeds, post ids beyond a double's precision included."""
+    per_post = RedisFeedStore(redis_client, KeyLayout(key_prefix + "p"),
+                              group_pushes_from=float("inf"))
+    by_feed = RedisFeedStore(redis_client, KeyLayout(key_prefix + "f"), group_pushes_from=0)
+    big = 2**62
+    users = range(1, 9)
+    earlier = [(1, list(users), big, T0 + 50), (1, [1, 2], big + 1, T0 - 50)]
+    batch = [(1, [u for u in users if u % 2 == 0], big + 10, T0 + 10),
+             (2, [1, 2, 3], big + 11, T0 + 60),
+             (3, [], big + 12, T0 + 70),
+             (1, [2, 4, 5, 7, 8], big + 13, T0 - 60),            # older than what is kept
+             (2, [1, 2, 3], big + 11, T0 + 60),                  # twice in the batch
+             (4, [3, 4, 5, 6, 7, 8], big + 14, T0 + 20)]
+    calls = {}
+    unfollows = dict.fromkeys(range(1, 5), b"")   # none: no member test
+    for store in (per_post, by_feed):
+        store.push_posts(earlier, cap=3, unfollows=unfollows)
+        redis_client.config_resetstat()
+        assert store.push_posts(batch, cap=3, chunk_size=3,
+                                unfollows=unfollows) == [[]] * len(batch)
+        calls[store] = _zcard_calls(redis_client)
+    assert calls == {per_post: sum(len(t) for _, t, _, _ in batch), by_feed: len(users)}
+    for user in users:
+        assert by_feed.feed(user, 10) == per_post.feed(user, 10)
+        assert len(by_feed.feed(user, 10)) <= 3
+    assert by_feed.feed(2, 10) == [(big + 11, T0 + 60), (big, T0 + 50), (big + 10, T0 + 10)]
+
+
+def test_a_batch_is_pushed_feed_by_feed_from_two_posts_a_feed(redis_store):
+    """The default: feed by feed once the batch's feeds get two posts each on
+    average, post by post below that."""
+    s, client = redis_store, redis_store.client
+    client.config_resetstat()
+    s.push_posts([(1, [10, 11, 12], 100, T0), (1, [10, 11, 12], 101, T0 + 1)], cap=5,
+                 unfollows={1: b""})
+    assert _zcard_calls(client) == 3
+    client.config_resetstat()
+    s.push_posts([(1, [10, 11, 12], 102, T0 + 2), (1, [10, 11, 13], 103, T0 + 3)], cap=5,
+                 unfollows={1: b""})
+    assert _zcard_calls(client) == 6
+    assert s.feed(10, 10) == [(103, T0 + 3), (102, T0 + 2), (101, T0 + 1), (100, T0)]
+    assert s.feed(13, 10) == [(103, T0 + 3)]
+
+
+def test_a_feed_gets_more_posts_of_a_batch_than_one_zadd_takes(redis_store):
+    """Grouped by feed, a feed's posts go 2,000 to a ZADD: all of them, then the cap."""
+    s = redis_store
+    pushes = [(1, [10], 100 + i, T0 + i) for i in range(4_500)] + [(1, [11], 99, T0)]
+    assert s.push_posts(pushes, cap=4_000, unfollows={1: b""}) == [[]] * len(pushes)
+    assert s.feed(10, 5_000) == [(100 + i, T0 + i) for i in reversed(range(500, 4_500))]
+    assert s.feed(11, 10) == [(99, T0)]

@@ -62,6 +62,30 @@ def test_chunks_and_trim_stop():
         rstore.trim_stop(0)
 
 
+def test_pushes_group_by_feed_only_where_feeds_share_posts():
+    """Per user (ascending) the indices of its posts, ascending, 4 bytes big-endian
+    each, as ``_PUSH_BY_FEED`` reads them; nothing where the users get fewer posts
+    each than asked on average."""
+    def indices(*values: int) -> bytes:
+        return b"".join(v.to_bytes(4, "big") for v in values)
+
+    lists = [[30, 10], [10], [], [20, 30, 10]]
+    assert rstore._posts_by_feed(lists, 2.0) == (
+        [10, 20, 30], [indices(0, 1, 3), indices(3), indices(0, 3)])
+    assert rstore._posts_by_feed(lists, 2.0 + 1e-9) is None     # 6 entries for 3 users
+    assert rstore._posts_by_feed([[7], [8]], 1.0) == ([7, 8], [indices(0), indices(1)])
+    assert rstore._posts_by_feed([[], []], 0.0) is None
+    assert rstore._posts_by_feed(lists, float("inf")) is None
+    many = [[5]] * 70_000 + [[6]]                   # indices past two bytes
+    assert rstore._posts_by_feed(many, 1.0) == ([5, 6], [indices(*range(70_000)),
+                                                          indices(70_000)])
+    big = [list(range(u, 2_000, 3)) for u in range(12)]
+    feeds, packed = rstore._posts_by_feed(big, 1.0)
+    assert feeds == list(range(2_000))
+    for user, posts in zip(feeds, packed):
+        assert posts == indices(*[i for i in range(12) if i % 3 == user % 3 and user >= i])
+
+
 def test_post_hash_round_trip():
     event = PostEvent("p1", T0 + 5, PostEventKind.CREATED, 100, 3, T0, MediaType.REEL, 42,
                       ("a", "b,c"))
