@@ -1027,23 +1027,8 @@ class RedisFeedStore:
         Returns per push the users that left.
         """
         trim_stop(cap)  # validates cap
-        home_feeds = self.keys.home_feeds
         pipe = self._pipeline()
-        by_feed = _posts_by_feed([user_ids for _, user_ids, _, _ in pushes],
-                                 self.group_pushes_from)
-        if by_feed is not None:
-            feeds, indices = by_feed
-            posts = orjson.dumps([str(v) for _, _, post_id, score_ms in pushes
-                                  for v in (score_ms, post_id)])
-            keys = home_feeds(feeds)
-            for lo in range(0, len(keys), chunk_size):
-                self._push_by_feed(keys=keys[lo:lo + chunk_size],
-                                   args=[cap, posts, *indices[lo:lo + chunk_size]], client=pipe)
-        else:
-            for _, user_ids, post_id, score_ms in pushes:
-                for chunk in chunks(user_ids, chunk_size):
-                    self._push(keys=home_feeds(chunk), args=[post_id, score_ms, cap],
-                               client=pipe)
+        self._queue_pushes(pipe, pushes, cap, chunk_size)
         pipe.execute()
         authors = {author for author, user_ids, _, _ in pushes if user_ids}
         if unfollows is not None and authors:
@@ -1063,6 +1048,27 @@ class RedisFeedStore:
         gone = iter([[int(u) for u in users] for reply in pipe.execute() for users in reply])
         return [next(gone) if user_ids and author in authors else []
                 for author, user_ids, _, _ in pushes]
+
+    def _queue_pushes(self, pipe, pushes: Sequence[tuple[int, Sequence[int], int, int]],
+                      cap: int, chunk_size: int) -> None:
+        """Queue the writes of ``push_posts``: feed by feed where the batch's feeds get
+        ``group_pushes_from`` posts each or more on average, else post by post."""
+        home_feeds = self.keys.home_feeds
+        by_feed = _posts_by_feed([user_ids for _, user_ids, _, _ in pushes],
+                                 self.group_pushes_from)
+        if by_feed is None:
+            for _, user_ids, post_id, score_ms in pushes:
+                for chunk in chunks(user_ids, chunk_size):
+                    self._push(keys=home_feeds(chunk), args=[post_id, score_ms, cap],
+                               client=pipe)
+            return
+        feeds, indices = by_feed
+        posts = orjson.dumps([str(v) for _, _, post_id, score_ms in pushes
+                              for v in (score_ms, post_id)])
+        keys = home_feeds(feeds)
+        for lo in range(0, len(keys), chunk_size):
+            self._push_by_feed(keys=keys[lo:lo + chunk_size],
+                               args=[cap, posts, *indices[lo:lo + chunk_size]], client=pipe)
 
     def _unfollowed_since(self, authors: set[int], unfollows: Mapping[int, bytes],
                           chunk_size: int) -> set[int]:
