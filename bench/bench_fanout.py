@@ -636,12 +636,13 @@ def plain_follows(ctx, events: list[FollowEvent], chunk: int = 1000) -> dict:
     """The limit of the follows figure: the graph rows of ``events`` written by a plain
     loop, no Beam, no Kafka, no reads: per ``chunk`` events one Redis pipeline (the
     followers and following sets) and one ``execute_concurrent`` of unlogged batches
-    of 50 rows (both directions of each edge, the followee's count), the tables and
-    statements the store writes, each table's rows in partition order and packed
-    (``pack_batches``) as the store sends them."""
+    of the stores' default size (both directions of each edge, the followee's
+    count), the tables and statements the store writes, each table's rows in
+    partition order and packed (``pack_batches``) as the store sends them."""
     from cassandra.concurrent import execute_concurrent
 
     from stores.cassandra.feeds import pack_batches
+    from stores.config import DEFAULT_CASSANDRA_BATCH_ROWS
     from schemas.cassandra import (FOLLOWER_COUNTS, FOLLOWERS_BY_USER, FOLLOWING_BY_USER,
                                    event_timestamp_us)
 
@@ -668,7 +669,8 @@ def plain_follows(ctx, events: list[FollowEvent], chunk: int = 1000) -> dict:
         pipe.execute()
         rows = [(follow_in, row) for row in sorted(into)] + [(follow_out, row) for row in sorted(out)]
         rows += [(count, (event_timestamp_us(at), 1, user)) for user, at in counts.items()]
-        for ok, result in execute_concurrent(session, pack_batches(rows, 50), concurrency=64,
+        work = pack_batches(rows, DEFAULT_CASSANDRA_BATCH_ROWS)
+        for ok, result in execute_concurrent(session, work, concurrency=64,
                                              raise_on_first_error=False):
             if not ok:
                 raise result

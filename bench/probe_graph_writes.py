@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/probe_graph_writes.py [--edges 200000] [--users 100000] [--runs 3]
         [--designs event-50,event-200,event-350,grouped-50,grouped-200,store-50]
+        (also tables-N, keyed-N)
 
 Writes ``--edges`` random follow edges (power-law followees, as a social graph
 has) with the statements of ``CassandraFeedStore`` into a fresh keyspace of the
@@ -10,7 +11,11 @@ edges/s with the CPU seconds this process and the Cassandra server spent per
 1,000 edges (from ``/proc``). A design is an order and the rows per unlogged
 batch: ``event-N`` both rows of each edge in event order, ``grouped-N`` each
 table's rows in the order of its partition key (a batch holds fewer
-partitions), ``store-N`` the store's own ``write_edges``. The keyspace is
+partitions), ``store-N`` the store's own ``write_edges``; with each
+followee's count as the fan-out writes it, ``tables-N`` each table's rows in
+partition order one table after the other (the store's order), ``keyed-N``
+all rows in the order of their partition key, so that a user's rows of the
+three tables share a batch (one mutation per partition). The keyspace is
 dropped afterwards. The figures: docs/benchmarks.md ("Cassandra graph rows by
 design").
 """
@@ -34,6 +39,7 @@ from stores.cassandra.feeds import CassandraFeedStore, pack_batches  # noqa: E40
 from stores.cassandra.session import migrate, new_cluster  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
+ORDERS = ("event", "grouped", "store", "tables", "keyed")
 
 
 def cassandra_pid() -> int:
@@ -83,13 +89,24 @@ def edges(n: int, users: int, seed: int) -> list[tuple[int, int, int, bool]]:
 
 
 def work_of(store: CassandraFeedStore, rows: list, order: str) -> list:
-    """Both directions of ``rows`` as ``(statement, params)``: in event order, or each
-    table's rows in partition order."""
+    """Both directions of ``rows`` as ``(statement, params)`` (and the followees'
+    counts for ``tables`` and ``keyed``) in the order of ``order``."""
     follow_in, follow_out = store.statement("follow_in"), store.statement("follow_out")
     ins = [(followee, follower, t, t * 1000) for follower, followee, t, _ in rows]
     outs = [(follower, followee, t, t * 1000) for follower, followee, t, _ in rows]
     if order == "grouped":
         return [(follow_in, p) for p in sorted(ins)] + [(follow_out, p) for p in sorted(outs)]
+    if order in ("tables", "keyed"):
+        count = store.statement("set_count")
+        newest = {followee: t for _, followee, t, _ in rows}
+        counts = [(followee, (t * 1000, 1, followee)) for followee, t in sorted(newest.items())]
+        if order == "tables":
+            return ([(follow_in, p) for p in sorted(ins)] + [(follow_out, p) for p in sorted(outs)]
+                    + [(count, p) for _, p in counts])
+        keyed = ([(p[0], 0, follow_in, p) for p in ins] + [(p[0], 1, follow_out, p) for p in outs]
+                 + [(user, 2, count, p) for user, p in counts])
+        keyed.sort(key=lambda r: (r[0], r[1], r[3]))
+        return [(stmt, p) for _, _, stmt, p in keyed]
     return [pair for a, b in zip(ins, outs) for pair in ((follow_in, a), (follow_out, b))]
 
 
@@ -131,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = edges(args.edges, args.users, seed=run)
             for design in args.designs.split(","):
                 order, _, batch_rows = design.partition("-")
-                if order not in ("event", "grouped", "store") or not batch_rows.isdigit():
-                    parser.error(f"not a design: {design!r} (event-N, grouped-N or store-N)")
+                if order not in ORDERS or not batch_rows.isdigit():
+                    parser.error(f"not a design: {design!r} (one of {', '.join(ORDERS)}, "
+                                 "a dash and the rows per batch)")
                 store = CassandraFeedStore(session, keyspace, batch_rows=int(batch_rows))
                 got = run_once(store, server, rows, args.chunk, order)
                 figures.setdefault(design, []).append(got)

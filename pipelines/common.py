@@ -31,8 +31,10 @@ from stores.config import (
     DEFAULT_CASSANDRA_HOST,
     DEFAULT_CASSANDRA_PORT,
     DEFAULT_KEY_PREFIX,
+    DEFAULT_CASSANDRA_BATCH_ROWS,
     DEFAULT_KEYSPACE,
     DEFAULT_REDIS_URL,
+    MAX_CASSANDRA_BATCH_ROWS,
     StoreConfig,
 )
 
@@ -72,6 +74,11 @@ class StoreOptions(PipelineOptions):
                                choices=CONSISTENCY_NAMES,
                                help=f"consistency level of Cassandra {kind}s; auto: LOCAL_QUORUM "
                                     "when the keyspace has more than one replica, else LOCAL_ONE")
+        group.add_argument("--cassandra_batch_rows", type=_batch_rows_option,
+                           default=DEFAULT_CASSANDRA_BATCH_ROWS,
+                           help="statements per unlogged batch of the Cassandra writes (1: "
+                                "each row on its own, routed to its replicas; on a cluster of "
+                                "many nodes a small number spares the coordinator)")
         group.add_argument("--worker_gc", type=_worker_gc_option,
                            default=",".join(map(str, WORKER_GC_THRESHOLDS)),
                            help="garbage-collection thresholds of the worker processes "
@@ -97,7 +104,8 @@ class StoreOptions(PipelineOptions):
                            self.cassandra_port, self.cassandra_keyspace,
                            self.cassandra_read_consistency, self.cassandra_write_consistency,
                            self.restore_log(self.fanout_consumer_group,
-                                            self.stories_consumer_group))
+                                            self.stories_consumer_group),
+                           self.cassandra_batch_rows)
 
     def restore_log(self, fanout_group: str, stories_group: str | None = None):
         """The wait a restore runs before reading Cassandra: the durable steps of the
@@ -191,6 +199,17 @@ def worker_gc_thresholds(value: str) -> tuple[int, int, int] | None:
         raise ValueError(f"--worker_gc takes {PYTHON_GC!r} or three integers a,b,c "
                          f"(a >= 1), not {value!r}")
     return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def _batch_rows_option(value: str) -> int:
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if not 1 <= rows <= MAX_CASSANDRA_BATCH_ROWS:
+        raise argparse.ArgumentTypeError(f"--cassandra_batch_rows takes an integer 1-"
+                                         f"{MAX_CASSANDRA_BATCH_ROWS:,}, not {value!r}")
+    return rows
 
 
 def _worker_gc_option(value: str) -> str:

@@ -128,7 +128,7 @@ def _open_durable(c: FeatureSinkConfig):
     from stores.cassandra.features import CassandraFeatureStore
 
     store = CassandraFeatureStore.connect(c.stores.cassandra_host, c.stores.cassandra_port,
-                                          c.stores.cassandra_keyspace, **c.stores.cassandra_levels)
+                                          c.stores.cassandra_keyspace, **c.stores.cassandra_options)
     return store, store.write
 
 

@@ -225,7 +225,7 @@ class StoryDurableApplierConfig:
         s = self.stores
         cassandra = CassandraStoryStore.connect(
             s.cassandra_host, s.cassandra_port, s.cassandra_keyspace, self.policy,
-            **s.cassandra_levels)
+            **s.cassandra_options)
         try:
             waiter = None if self.give_way is None else self.give_way.open()
         except Exception:

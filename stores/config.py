@@ -12,6 +12,11 @@ DEFAULT_KEY_PREFIX = "fb"
 DEFAULT_CASSANDRA_HOST = "127.0.0.1"
 DEFAULT_CASSANDRA_PORT = 9042
 DEFAULT_KEYSPACE = "feedbeam"
+#: Statements per unlogged batch of the Cassandra stores (``CassandraFeedStore``'s
+#: ``batch_rows``): docs/architecture.md, "Stores".
+DEFAULT_CASSANDRA_BATCH_ROWS = 200
+#: The most statements the native protocol allows in one batch.
+MAX_CASSANDRA_BATCH_ROWS = 0xFFFF
 
 
 #: Consistency level chosen by the keyspace's replication (``stores.cassandra.session``).
@@ -37,9 +42,17 @@ class StoreConfig:
     cassandra_read_consistency: str = AUTO_CONSISTENCY
     cassandra_write_consistency: str = AUTO_CONSISTENCY
     restore_log: LogCatchUp | None = None
+    cassandra_batch_rows: int = DEFAULT_CASSANDRA_BATCH_ROWS
+
+    def __post_init__(self):
+        if not 1 <= self.cassandra_batch_rows <= MAX_CASSANDRA_BATCH_ROWS:
+            raise ValueError(f"cassandra_batch_rows must be 1-{MAX_CASSANDRA_BATCH_ROWS:,}, "
+                             f"not {self.cassandra_batch_rows}")
 
     @property
-    def cassandra_levels(self) -> dict[str, str]:
-        """The levels as the keyword arguments of the Cassandra stores' ``connect``."""
+    def cassandra_options(self) -> dict:
+        """The levels and rows per batch as keyword arguments of the Cassandra
+        stores' ``connect``."""
         return {"read_consistency": self.cassandra_read_consistency,
-                "write_consistency": self.cassandra_write_consistency}
+                "write_consistency": self.cassandra_write_consistency,
+                "batch_rows": self.cassandra_batch_rows}

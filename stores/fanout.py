@@ -68,7 +68,7 @@ class FeedStores:
     def open_cassandra(config: StoreConfig) -> CassandraFeedStore:
         """A new client of the Cassandra store ``config`` names (``close()`` it)."""
         return CassandraFeedStore.connect(config.cassandra_host, config.cassandra_port,
-                                          config.cassandra_keyspace, **config.cassandra_levels)
+                                          config.cassandra_keyspace, **config.cassandra_options)
 
     def close(self) -> None:
         try:

@@ -86,7 +86,7 @@ def open_restore(config: StoreConfig, settings: RestoreSettings) -> Iterator[Res
     try:
         cassandra = CassandraFeedStore.connect(config.cassandra_host, config.cassandra_port,
                                                config.cassandra_keyspace,
-                                               **config.cassandra_levels)
+                                               **config.cassandra_options)
         try:
             yield RestoreContext(redis, cassandra, settings)
         finally:

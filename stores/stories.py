@@ -192,7 +192,7 @@ def open_story_writer(stores: StoreConfig, policy: StoryPolicy = StoryPolicy()) 
     try:
         cassandra_store = CassandraStoryStore.connect(
             stores.cassandra_host, stores.cassandra_port, stores.cassandra_keyspace, policy,
-            **stores.cassandra_levels)
+            **stores.cassandra_options)
     except Exception:
         redis_store.close()
         raise

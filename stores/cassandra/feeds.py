@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 from schemas import cassandra as cs
+from stores.config import DEFAULT_CASSANDRA_BATCH_ROWS
 from stores.retry import RetryPolicy, is_transient
 from stores.cassandra import session as cassandra_session
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
@@ -276,7 +277,7 @@ class CassandraFeedStore:
     """
 
     def __init__(self, session, keyspace: str, concurrency: int = 64,
-                 retry: RetryPolicy = NO_RETRY, batch_rows: int = 50,
+                 retry: RetryPolicy = NO_RETRY, batch_rows: int = DEFAULT_CASSANDRA_BATCH_ROWS,
                  users_per_statement: int = 200):
         if batch_rows < 1 or users_per_statement < 1:
             raise ValueError("batch_rows and users_per_statement must be >= 1")

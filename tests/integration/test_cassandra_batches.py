@@ -7,6 +7,8 @@ import pytest
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
 from stores.cassandra.feeds import CassandraFeedStore
 from stores.cassandra.session import migrate
+from stores.config import DEFAULT_CASSANDRA_BATCH_ROWS, StoreConfig
+from stores.fanout import FeedStores
 
 pytestmark = pytest.mark.integration
 
@@ -29,3 +31,22 @@ def test_a_huge_post_among_ordinary_writes_is_stored(stack, keyspace, cassandra_
     assert stored[0]["hashtags"] == huge.hashtags
     assert stored[1] is not None and stored[2] is not None
     assert sorted(store.followers(2)) == list(range(1, 30))
+
+
+@pytest.mark.parametrize("rows", [DEFAULT_CASSANDRA_BATCH_ROWS, 7])
+def test_a_store_opened_from_the_config_writes_in_its_batches(stack, keyspace, cassandra_session,
+                                                              rows):
+    """The rows per batch a job is given (``--cassandra_batch_rows``, default or not)
+    reach its store, and the server takes batches of that many graph rows whole."""
+    migrate(cassandra_session, keyspace)
+    store = FeedStores.open_cassandra(StoreConfig(
+        stack.redis_url, "fb", stack.cassandra_host, stack.cassandra_port, keyspace,
+        cassandra_batch_rows=rows))
+    try:
+        assert store.batch_rows == rows
+        store.apply_edges([FollowEvent(f"f{i}", T0 + i, FollowKind.FOLLOW, i, 3)
+                           for i in range(1, 1001)])
+        assert store.followers(3) == list(range(1, 1001))
+        assert all(store.following(i) == [3] for i in (1, 500, 1000))
+    finally:
+        store.close()

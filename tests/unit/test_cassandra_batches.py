@@ -107,3 +107,29 @@ def test_a_value_the_driver_refuses_fails_with_the_driver_s_error():
 def test_more_rows_a_batch_than_the_protocol_carries_are_refused():
     with pytest.raises(ValueError, match="65,535"):
         pack_batches([(ROW, (1, "x", ()))] * 3, batch_rows=70_000)
+
+
+def test_the_batch_rows_flag_reaches_the_stores_and_a_default_batch_of_graph_rows_is_full():
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from cassandra.cqltypes import DateType, LongType
+
+    from pipelines.common import StoreOptions
+    from stores.config import DEFAULT_CASSANDRA_BATCH_ROWS, StoreConfig
+
+    def config(*flags):
+        return PipelineOptions(list(flags)).view_as(StoreOptions).config()
+
+    assert config().cassandra_options["batch_rows"] == DEFAULT_CASSANDRA_BATCH_ROWS
+    assert config("--cassandra_batch_rows=1").cassandra_options["batch_rows"] == 1
+    for bad in ("0", "65536", "many"):
+        with pytest.raises(SystemExit):  # argparse refuses it when the job starts
+            config(f"--cassandra_batch_rows={bad}")
+    with pytest.raises(ValueError, match="cassandra_batch_rows"):
+        StoreConfig(cassandra_batch_rows=0)
+    # A follow row (followee, follower, since, write time): the byte bound leaves
+    # the default batch whole.
+    edge = _prepared([LongType, LongType, DateType, LongType])
+    work = [(edge, (i, 7, 1_780_000_000_000, 1_780_000_000_000_000))
+            for i in range(2 * DEFAULT_CASSANDRA_BATCH_ROWS + 3)]
+    assert _sizes(pack_batches(work, DEFAULT_CASSANDRA_BATCH_ROWS)) == [
+        DEFAULT_CASSANDRA_BATCH_ROWS, DEFAULT_CASSANDRA_BATCH_ROWS, 3]
