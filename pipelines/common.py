@@ -28,14 +28,14 @@ from pipelines.runtime import OptionsError, check_options, options_help, wants_h
 from stores.cassandra.session import CONSISTENCY_NAMES
 from stores.config import (
     AUTO_CONSISTENCY,
+    DEFAULT_CASSANDRA_BATCH_ROWS,
     DEFAULT_CASSANDRA_HOST,
     DEFAULT_CASSANDRA_PORT,
     DEFAULT_KEY_PREFIX,
-    DEFAULT_CASSANDRA_BATCH_ROWS,
     DEFAULT_KEYSPACE,
     DEFAULT_REDIS_URL,
-    MAX_CASSANDRA_BATCH_ROWS,
     StoreConfig,
+    check_batch_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,9 @@ def worker_gc_thresholds(value: str) -> tuple[int, int, int] | None:
 
 def _batch_rows_option(value: str) -> int:
     try:
-        rows = int(value)
-    except ValueError:
-        rows = 0
-    if not 1 <= rows <= MAX_CASSANDRA_BATCH_ROWS:
-        raise argparse.ArgumentTypeError(f"--cassandra_batch_rows takes an integer 1-"
-                                         f"{MAX_CASSANDRA_BATCH_ROWS:,}, not {value!r}")
-    return rows
+        return check_batch_rows(int(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _worker_gc_option(value: str) -> str:

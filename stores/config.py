@@ -19,6 +19,14 @@ DEFAULT_CASSANDRA_BATCH_ROWS = 200
 MAX_CASSANDRA_BATCH_ROWS = 0xFFFF
 
 
+def check_batch_rows(rows: int) -> int:
+    """``rows`` if a batch may hold that many statements; else ValueError."""
+    if not 1 <= rows <= MAX_CASSANDRA_BATCH_ROWS:
+        raise ValueError(f"--cassandra_batch_rows takes an integer 1-"
+                         f"{MAX_CASSANDRA_BATCH_ROWS:,}, not {rows!r}")
+    return rows
+
+
 #: Consistency level chosen by the keyspace's replication (``stores.cassandra.session``).
 AUTO_CONSISTENCY = "auto"
 
@@ -45,9 +53,7 @@ class StoreConfig:
     cassandra_batch_rows: int = DEFAULT_CASSANDRA_BATCH_ROWS
 
     def __post_init__(self):
-        if not 1 <= self.cassandra_batch_rows <= MAX_CASSANDRA_BATCH_ROWS:
-            raise ValueError(f"cassandra_batch_rows must be 1-{MAX_CASSANDRA_BATCH_ROWS:,}, "
-                             f"not {self.cassandra_batch_rows}")
+        check_batch_rows(self.cassandra_batch_rows)
 
     @property
     def cassandra_options(self) -> dict:

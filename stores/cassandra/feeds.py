@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 from schemas import cassandra as cs
-from stores.config import DEFAULT_CASSANDRA_BATCH_ROWS
+from stores.config import DEFAULT_CASSANDRA_BATCH_ROWS, MAX_CASSANDRA_BATCH_ROWS
 from stores.retry import RetryPolicy, is_transient
 from stores.cassandra import session as cassandra_session
 from schemas.events import FollowEvent, FollowKind, MediaType, PostEvent, PostEventKind
@@ -114,8 +114,9 @@ def pack_batches(work: Sequence[tuple[Any, tuple]], batch_rows: int,
     """
     if batch_rows <= 1:
         return list(work)
-    if batch_rows > 0xFFFF:
-        raise ValueError(f"batch_rows {batch_rows} above the protocol's 65,535 statements")
+    if batch_rows > MAX_CASSANDRA_BATCH_ROWS:
+        raise ValueError(f"batch_rows {batch_rows} above the protocol's "
+                         f"{MAX_CASSANDRA_BATCH_ROWS:,} statements")
     widths: dict[Any, int] = {}  # statement -> its marker count if all are 8-byte ints, else 0
     packed: list[tuple[Any, tuple | None]] = []
     rows: list[tuple[Any, tuple, list | None]] = []  # the batch being filled
